@@ -1,0 +1,41 @@
+"""deltatune: adapt frozen pretrained models through parameter deltas.
+
+    import deltatune as dt
+    dt.attach(model, dt.LoRA(r=8, alpha=16, targets=["query", "value"]), name="default")
+    dt.save_adapter(model, "out/adapter", name="default", format="peft")
+"""
+
+from __future__ import annotations
+
+from .core import (
+    DeltaError,
+    DeltaFileError,
+    DeltaSpec,
+    SpecError,
+    StateError,
+    TargetError,
+    TrainableSummary,
+    active,
+    attach,
+    delta_names,
+    detach,
+    disabled,
+    get_spec,
+    merge,
+    route,
+    set_active,
+    trainable_summary,
+    unmerge,
+)
+from .io import load_adapter, read_adapter_info, save_adapter
+from .methods import *  # noqa: F401,F403  (every registered method spec: LoRA, ...)
+from .methods import __all__ as _method_names
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DeltaError", "DeltaFileError", "DeltaSpec", "SpecError", "StateError", "TargetError",
+    "TrainableSummary", "active", "attach", "delta_names", "detach", "disabled", "get_spec",
+    "load_adapter", "merge", "read_adapter_info", "route", "save_adapter", "set_active",
+    "trainable_summary", "unmerge", *_method_names,
+]

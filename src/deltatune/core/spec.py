@@ -1,0 +1,186 @@
+"""Method specs: small frozen dataclasses, validated on creation, serialisable to JSON.
+
+A spec is one point of the unified view (function, position, insertion, scaling). Each method file
+defines a spec subclass with ``method = "<name>"`` and registers it with :func:`register`; the spec
+knows which host kinds it supports and builds the per-host :class:`~deltatune.core.delta.Delta`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, ClassVar, get_args, get_origin, Literal
+
+from .errors import SpecError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch.nn as nn
+
+    from .delta import Delta
+    from .host import DeltaHost
+
+_REGISTRY: dict[str, type["DeltaSpec"]] = {}
+
+
+def register(cls: type["DeltaSpec"]) -> type["DeltaSpec"]:
+    """Class decorator: make a spec loadable by its ``method`` name (used by saved configs)."""
+    if not cls.method:
+        raise TypeError(f"{cls.__name__} needs a non-empty class attribute `method`")
+    _REGISTRY[cls.method] = cls
+    return cls
+
+
+def registered_methods() -> dict[str, type["DeltaSpec"]]:
+    return dict(_REGISTRY)
+
+
+def spec_from_dict(data: dict[str, Any]) -> "DeltaSpec":
+    """Rebuild a spec from :meth:`DeltaSpec.to_dict`; unknown keys (from newer versions) warn."""
+    data = dict(data)
+    method = data.pop("method", None)
+    if method not in _REGISTRY:
+        known = ", ".join(sorted(_REGISTRY))
+        raise SpecError(f"unknown method {method!r} in config; known methods: {known}")
+    cls = _REGISTRY[method]
+    names = {f.name for f in fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        warnings.warn(
+            f"ignoring unknown {method} config keys {unknown} (written by a newer deltatune?)",
+            stacklevel=2,
+        )
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+@dataclass(frozen=True)
+class DeltaSpec:
+    """Common fields of every method: *where* the delta goes (position in the unified view).
+
+    - ``targets``: module names or name suffixes (``"query"`` matches ``...attention.self.query``).
+    - ``target_regex``: a regular expression that must match a module's full name.
+    - ``target_types``: module class names (``"Linear"``, ``"Conv2d"``); alone, selects every such module.
+    - ``exclude``: names/suffixes to leave out.
+    - ``trainable_modules``: modules (e.g. a new classification head) that train beside the delta; each
+      delta gets its own copy, saved with it.
+    With no selector given, the method's ``default_targets`` are used.
+    """
+
+    method: ClassVar[str] = ""
+    #: host kinds the method supports (see ``DeltaHost.kind``)
+    host_kinds: ClassVar[tuple[str, ...]] = ("linear",)
+    #: default target suffixes tried in order; the first group that matches anything is used
+    default_targets: ClassVar[tuple[tuple[str, ...], ...]] = ()
+
+    #: peft's ``peft_type`` for methods with a peft file layout (None: deltatune format only)
+    peft_type: ClassVar[str | None] = None
+
+    targets: tuple[str, ...] | None = None
+    target_regex: str | None = None
+    target_types: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    trainable_modules: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):
+                object.__setattr__(self, f.name, _freeze(value))
+        if isinstance(self.targets, str):
+            object.__setattr__(self, "targets", (self.targets,))
+        for name in ("target_types", "exclude", "trainable_modules"):
+            if isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, (getattr(self, name),))
+        if self.target_regex is not None:
+            try:
+                re.compile(self.target_regex)
+            except re.error as exc:
+                self.fail("target_regex", f"is not a valid regular expression ({exc})")
+        self._check_literals()
+        self.validate()
+
+    # -- validation -------------------------------------------------------------------------
+    def fail(self, field: str, problem: str) -> None:
+        """Raise the one-line error for a bad field value."""
+        value = getattr(self, field, None)
+        raise SpecError(f"{type(self).__name__}.{field}={value!r} {problem}")
+
+    def _check_literals(self) -> None:
+        hints = _type_hints(type(self))
+        for f in fields(self):
+            hint = hints.get(f.name)
+            if hint is not None and get_origin(hint) is Literal:
+                allowed = get_args(hint)
+                if getattr(self, f.name) not in allowed:
+                    self.fail(f.name, f"is not one of {', '.join(map(repr, allowed))}")
+
+    def validate(self) -> None:
+        """Method-specific checks; call :meth:`fail` on a bad value."""
+
+    # -- building -----------------------------------------------------------------------------
+    def make_delta(self, host: "DeltaHost", module_name: str) -> "Delta":
+        """Build the delta for one host (override in methods that use hosts)."""
+        raise NotImplementedError
+
+    def inject(self, model: "nn.Module", name: str) -> list[str]:
+        """Put this delta into ``model`` under ``name``; return the full names of the hosts used.
+
+        The default selects target modules, wraps each in a :class:`DeltaHost` and adds one delta per
+        host. Methods that insert elsewhere (prompts, side networks) override this.
+        """
+        from .host import add_delta
+        from .targets import select_targets
+
+        chosen = select_targets(model, self)
+        built: list[str] = []
+        try:
+            for path in chosen:
+                add_delta(model, path, name, self)
+                built.append(path)
+        except Exception:
+            from .host import remove_delta
+
+            for path in built:
+                remove_delta(model, path, name)
+            raise
+        return chosen
+
+    # -- peft interop (methods with a peft layout override these) --------------------------------
+    def to_peft_config(self, deltas: dict[str, "Delta"]) -> dict[str, Any]:
+        """peft's adapter_config.json for this spec, given the built deltas by host path."""
+        raise NotImplementedError(f"{type(self).__name__} has no peft file layout; save with format='deltatune'")
+
+    @classmethod
+    def from_peft_config(cls, config: dict[str, Any], targets: list[str]) -> "DeltaSpec":
+        """The spec for a peft config whose tensors sit on the modules ``targets``."""
+        raise NotImplementedError
+
+    #: peft tensor-name suffixes that follow a host's module path (e.g. ``"lora_A.weight"``)
+    peft_suffixes: ClassVar[tuple[str, ...]] = ()
+
+    # -- serialisation ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"method": self.method}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def replace(self, **changes: Any) -> "DeltaSpec":
+        return dataclasses.replace(self, **changes)
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    import typing
+
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # pragma: no cover - unresolvable forward refs
+        return {}

@@ -1,0 +1,155 @@
+"""peft's adapter layout: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Keys are ``base_model.model.<module path>.<suffix>``; the suffixes and the config belong to each
+method (``DeltaSpec.peft_suffixes``, ``to_peft_config``, ``Delta.to_peft/from_peft``), this module
+only does the common part: prefixes, trainable module copies (peft's ``modules_to_save``), aligning
+module paths when peft wrapped a different root, and rollback on failure.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..core.errors import DeltaFileError, StateError
+from ..core.host import get_module
+from ..core.model import attach, delta_names, detach, get_spec
+from ..core.spec import DeltaSpec, registered_methods
+from ..core.targets import iter_candidates
+from .adapter import PEFT_JSON, PEFT_TENSORS, load_module_states, parts_of
+from .files import load_tensors, read_json, save_tensors, write_json
+
+PREFIX = "base_model.model."
+
+
+def save_peft(model: nn.Module, path: Path, name: str) -> None:
+    spec = get_spec(model, name)
+    if spec.peft_type is None:
+        raise DeltaFileError(f"{type(spec).__name__} has no peft file layout; save it with format='deltatune'")
+    deltas, copies = parts_of(model, name)
+    tensors: dict[str, torch.Tensor] = {}
+    for hp, delta in deltas.items():
+        for suffix, value in delta.to_peft(get_module(model, hp)).items():
+            key = f"{hp}.{suffix}" if suffix not in ("bias",) else f"{hp}.bias"
+            tensors[PREFIX + key] = value
+    for mp, module in copies.items():
+        for key, value in module.state_dict().items():
+            tensors[f"{PREFIX}{mp}.{key}"] = value
+    config = spec.to_peft_config(deltas)
+    if copies:
+        config["modules_to_save"] = sorted(copies)
+    save_tensors(path / PEFT_TENSORS, tensors, metadata={"format": "pt"})
+    write_json(path / PEFT_JSON, config)
+
+
+def _spec_class(config: dict) -> type[DeltaSpec]:
+    peft_type = config.get("peft_type")
+    for cls in registered_methods().values():
+        if cls.peft_type is not None and cls.peft_type == peft_type:
+            return cls
+    known = sorted({c.peft_type for c in registered_methods().values() if c.peft_type})
+    raise DeltaFileError(f"peft_type {peft_type!r} is not supported; deltatune reads {', '.join(known)}")
+
+
+def _align(paths: list[str], model: nn.Module) -> dict[str, str]:
+    """Map peft module paths onto this model's paths (peft may have wrapped a different root)."""
+    names = {n for n, _ in iter_candidates(model)}
+    if all(p in names for p in paths):
+        return {p: p for p in paths}
+    probe = paths[0]
+    for candidate in names:  # try adding a prefix: "encoder.layer.0..." → "bert.encoder.layer.0..."
+        if candidate.endswith("." + probe):
+            pre = candidate[: -len(probe)]
+            if all(pre + p in names for p in paths):
+                return {p: pre + p for p in paths}
+    parts = probe.split(".")
+    for cut in range(1, len(parts)):  # or dropping one: "bert.encoder..." → "encoder..."
+        pre = ".".join(parts[:cut]) + "."
+        if all(p.startswith(pre) and p[len(pre):] in names for p in paths):
+            return {p: p[len(pre):] for p in paths}
+    missing = next(p for p in paths if p not in names)
+    raise DeltaFileError(f"the peft adapter targets module {missing!r}, which this model lacks; load it on the base model it was made for")
+
+
+def _base_of(model: nn.Module, path: str) -> nn.Module | None:
+    for name, module in iter_candidates(model):
+        if name == path or name.endswith("." + path):
+            return module
+    return None
+
+
+def load_peft(model: nn.Module, path: Path, name: str, *, activate: bool = True) -> str:
+    config = read_json(path / PEFT_JSON)
+    cls = _spec_class(config)
+    raw = load_tensors(path / PEFT_TENSORS)
+    if name in delta_names(model):
+        raise StateError(f"a delta named {name!r} is already attached; pass another name= or detach it first")
+    body = {}
+    for key, value in raw.items():
+        if not key.startswith(PREFIX):
+            raise DeltaFileError(f"{path / PEFT_TENSORS}: key {key!r} lacks peft's {PREFIX!r} prefix; not a peft adapter file")
+        body[key[len(PREFIX):]] = value
+    # Split keys into host tensors (known suffixes), module copies and plain bias tensors.
+    saved_modules = list(config.get("modules_to_save") or [])
+    per_host: dict[str, dict[str, torch.Tensor]] = {}
+    rest: dict[str, torch.Tensor] = {}
+    for key, value in body.items():
+        suffix = next((s for s in cls.peft_suffixes if key.endswith("." + s)), None)
+        if suffix is not None and suffix != "base_layer.bias":
+            per_host.setdefault(key[: -len(suffix) - 1], {})[suffix] = value
+        else:
+            rest[key] = value
+    for key in list(rest):
+        if key.endswith(".base_layer.weight"):
+            # peft stores whole embedding matrices beside embedding LoRA ("save_embedding_layers"):
+            # a copy of the base weight carries no information; a changed one cannot be a delta here.
+            module = _base_of(model, key[: -len(".base_layer.weight")])
+            if module is None or not torch.equal(module.weight.detach().cpu(), rest[key].to(module.weight.dtype)):
+                raise DeltaFileError(
+                    f"{path / PEFT_TENSORS} carries a modified full weight {key!r} (resized or trained "
+                    "embeddings); deltatune only loads deltas onto an unchanged base: save the adapter without it"
+                )
+            del rest[key]
+        elif key.endswith(".base_layer.bias"):
+            per_host.setdefault(key[: -len(".base_layer.bias")], {})["base_layer.bias"] = rest.pop(key)
+    if not per_host:
+        raise DeltaFileError(f"{path / PEFT_TENSORS} holds no {config.get('peft_type')} tensors; the file is empty or for another method")
+    copy_keys = {k: v for k, v in rest.items() if any(k.startswith(m + ".") or (("." + m + ".") in "." + k) for m in saved_modules)}
+    bias_keys = {k[: -len(".bias")]: v for k, v in rest.items() if k not in copy_keys and k.endswith(".bias")}
+    unknown = sorted(set(rest) - set(copy_keys) - {k + ".bias" for k in bias_keys})
+    if unknown:
+        raise DeltaFileError(f"{path / PEFT_TENSORS}: unexpected tensors {unknown[:3]}; the file is not a {config.get('peft_type')} adapter deltatune can read")
+    mapping = _align(sorted(per_host) + sorted(bias_keys), model)
+    spec = cls.from_peft_config(config, [mapping[p] for p in sorted(per_host)])
+    attach(model, spec, name, activate=activate)
+    try:
+        deltas, copies = parts_of(model, name)
+        states: dict[str, torch.Tensor] = {}
+        for peft_path, tensors in per_host.items():
+            hp = mapping[peft_path]
+            host = get_module(model, hp)
+            for k, v in deltas[hp].from_peft(host, tensors).items():
+                states[f"{hp}.{k}"] = v
+        for peft_path, value in bias_keys.items():
+            hp = mapping[peft_path]
+            if hp not in deltas:
+                raise DeltaFileError(f"{path}: bias of {hp!r} has no place in this model's delta; the adapter is for another model")
+            for k, v in deltas[hp].from_peft(get_module(model, hp), {"bias": value}).items():
+                states[f"{hp}.{k}"] = v
+        for cp, module in copies.items():
+            for k in module.state_dict():
+                hits = [key for key in copy_keys if key.endswith(f"{cp.rsplit('.', 1)[-1]}.{k}")]
+                if not hits:
+                    raise DeltaFileError(f"{path}: trainable module {cp!r} tensor {k!r} is missing from the file")
+                states[f"{cp}.{k}"] = copy_keys[hits[0]]
+        # Hosts the spec created that the file does not fill (e.g. bias="all" on a bias-free module).
+        for hp, delta in deltas.items():
+            for k, v in delta.state_dict().items():
+                states.setdefault(f"{hp}.{k}", v)
+        load_module_states(path, {**deltas, **copies}, states)
+    except Exception:
+        detach(model, name)
+        raise
+    return name

@@ -1,0 +1,243 @@
+"""LoRA family: LoRA, rsLoRA, DoRA; Linear / GPT-2 Conv1D, Conv1d/2d/3d and Embedding hosts.
+
+Function: low-rank linear map ``B·A`` (rank ``r``); insertion: parallel on the module's input,
+``h + s·B·A·x``; scaling ``s = alpha / r`` (rsLoRA: ``alpha / sqrt(r)``). DoRA re-normalises the merged
+weight per output and learns its magnitude. Variants (init schemes, DoRA) are strategy objects in
+:mod:`deltatune.methods.lora_variants`.
+
+Papers: LoRA https://arxiv.org/abs/2106.09685 · rsLoRA https://arxiv.org/abs/2312.03732 ·
+DoRA https://arxiv.org/abs/2402.09353 · PiSSA https://arxiv.org/abs/2404.02948 ·
+OLoRA https://arxiv.org/abs/2406.01775
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.delta import Delta
+from ..core.errors import TargetError
+from ..core.host import DeltaHost, add_delta, iter_hosts, remove_delta
+from ..core.spec import DeltaSpec, register
+from ..core.targets import iter_candidates, name_matches
+from .bias import BiasDelta
+from .lora_variants import INITS, variant_for
+
+
+def _pattern_value(path: str, patterns: dict, default):
+    for key, value in patterns.items():
+        if name_matches(path, key) or re.fullmatch(key, path):
+            return value
+    return default
+
+
+@register
+@dataclass(frozen=True)
+class LoRA(DeltaSpec):
+    """Low-rank adaptation. ``rank_pattern``/``alpha_pattern`` map a name suffix or regex to a
+    per-module rank/alpha (as produced by rank allocation)."""
+
+    method = "lora"
+    host_kinds = ("linear", "conv", "embedding")
+    default_targets = (("query", "value"), ("q_proj", "v_proj"), ("c_attn",), ("qkv",), ("q", "v"))
+
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    rslora: bool = False
+    dora: bool = False
+    init: Literal["default", "gaussian", "pissa", "olora"] = "default"
+    bias: Literal["none", "lora_only", "all"] = "none"
+    fan_in_fan_out: bool | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            self.fail("r", "must be a positive integer (the rank)")
+        if not self.alpha > 0:
+            self.fail("alpha", "must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            self.fail("dropout", "must be in [0, 1)")
+        for key, value in self.rank_pattern.items():
+            if not isinstance(value, int) or value < 1:
+                self.fail("rank_pattern", f"gives {key!r} rank {value!r}; ranks must be positive integers")
+
+    def rank_for(self, path: str) -> int:
+        return _pattern_value(path, self.rank_pattern, self.r)
+
+    def scaling_for(self, path: str) -> float:
+        r = self.rank_for(path)
+        alpha = _pattern_value(path, self.alpha_pattern, self.alpha)
+        return alpha / math.sqrt(r) if self.rslora else alpha / r
+
+    def make_delta(self, host: DeltaHost, module_name: str) -> Delta:
+        if host.fan_in_fan_out != bool(host.fan_in_fan_out if self.fan_in_fan_out is None else self.fan_in_fan_out):
+            raise TargetError(
+                f"LoRA.fan_in_fan_out={self.fan_in_fan_out} does not fit {module_name!r} "
+                f"({type(host.base).__name__}); leave it unset to detect it"
+            )
+        return LoRADelta(self, host, module_name)
+
+    def inject(self, model: nn.Module, name: str) -> list[str]:
+        targets = super().inject(model, name)
+        if self.bias == "all":
+            try:
+                for path, module in list(iter_candidates(model)):
+                    if path not in targets and isinstance(getattr(module, "bias", None), nn.Parameter):
+                        add_delta(model, path, name, _BiasOnly(lora=self))
+            except Exception:
+                for path, host in list(iter_hosts(model)):
+                    if name in host.delta_names():
+                        remove_delta(model, path, name)
+                raise
+        return targets
+
+
+@dataclass(frozen=True)
+class _BiasOnly(DeltaSpec):
+    """Internal: the bias shifts of ``LoRA(bias="all")`` on modules LoRA does not target."""
+
+    lora: LoRA | None = None
+    host_kinds = ("linear", "conv", "embedding", "other")
+
+    def make_delta(self, host: DeltaHost, module_name: str) -> Delta:
+        delta = BiasDelta(self.lora, host)
+        return delta
+
+
+class LoRADelta(Delta):
+    """``h + s·B(A(dropout(x)))`` with the variant (plain / DoRA) deciding the final combination."""
+
+    foldable = True
+
+    def __init__(self, spec: LoRA, host: DeltaHost, path: str) -> None:
+        super().__init__(spec)
+        r = spec.rank_for(path)
+        self.r = r
+        self.scaling = spec.scaling_for(path)
+        self.kind = host.kind
+        self._fifo = host.fan_in_fan_out
+        base = host.base
+        ref = host.weight
+        dtype = ref.dtype if ref.dtype in (torch.float32, torch.float64) else torch.float32
+        if self.kind == "linear":
+            a_shape, b_shape = (r, host.in_features), (host.out_features, r)
+        elif self.kind == "conv":
+            if base.groups != 1 or base.padding_mode != "zeros":
+                raise TargetError(f"LoRA on {path!r} needs groups=1 and zero padding (depthwise/grouped convs are not supported); exclude it")
+            a_shape = (r, base.in_channels, *base.kernel_size)
+            b_shape = (base.out_channels, r) + (1,) * len(base.kernel_size)
+        else:  # embedding: A maps token ids (one-hot) to r, B maps r to the embedding
+            a_shape, b_shape = (r, host.in_features), (host.out_features, r)
+        self.lora_A = nn.Parameter(torch.empty(a_shape, dtype=dtype, device=ref.device))
+        self.lora_B = nn.Parameter(torch.empty(b_shape, dtype=dtype, device=ref.device))
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else None
+        if spec.bias == "lora_only" and getattr(base, "bias", None) is not None:
+            self.lora_bias = nn.Parameter(torch.zeros_like(base.bias, dtype=dtype))
+        else:
+            self.lora_bias = None
+        INITS[spec.init](self, host)
+        self.variant = variant_for(spec)
+        self.variant.setup(self, host)
+
+    # -- pieces -------------------------------------------------------------------------------
+    def lora_out(self, x: torch.Tensor, host: DeltaHost) -> torch.Tensor:
+        """``B(A(x))`` unscaled, in the output's layout."""
+        if self.kind == "linear":
+            return F.linear(F.linear(x, self.lora_A), self.lora_B)
+        if self.kind == "conv":
+            conv = _CONV[len(self.lora_A.shape) - 2]
+            b = host.base
+            z = conv(x, self.lora_A, None, b.stride, b.padding, b.dilation)
+            return conv(z, self.lora_B)
+        b = host.base
+        z = F.embedding(x, self.lora_A.t(), b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse)
+        return z @ self.lora_B.t()
+
+    def product(self) -> torch.Tensor:
+        """``s·B·A`` in the base weight's layout (the weight change of the trainable factors)."""
+        return self._product(self.lora_A, self.lora_B)
+
+    def _product(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self.kind == "conv":
+            if all(k == 1 for k in a.shape[2:]):
+                w = (b.flatten(1) @ a.flatten(1)).view(b.shape[0], a.shape[1], *a.shape[2:])
+            else:
+                conv = _CONV[a.dim() - 2]
+                w = conv(a.transpose(0, 1), b).transpose(0, 1)
+        else:
+            w = b @ a  # (out, in)
+        if self.kind == "embedding" or (self.kind == "linear" and self.fan_in_fan_out):
+            w = w.t()
+        return w * self.scaling
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return self._fifo
+
+    # -- Delta contract -------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, h: torch.Tensor, host: DeltaHost) -> torch.Tensor:
+        xd = x if self.kind == "embedding" else x.to(self.lora_A.dtype)
+        if self.dropout is not None:
+            xd = self.dropout(xd)
+        out = self.variant.combine(self, xd, h, host)
+        if self.lora_bias is not None:
+            out = out + _bias_view(self.lora_bias, out, self.kind).to(out.dtype)
+        return out
+
+    def delta_weight(self, host: DeltaHost) -> dict[str, torch.Tensor]:
+        change = {"weight": self.variant.weight_change(self, host)}
+        if self.lora_bias is not None:
+            change["bias"] = self.lora_bias.detach()
+        return change
+
+    @torch.no_grad()
+    def merge_into(self, host: DeltaHost) -> None:
+        self.variant.merge(self, host)
+        if self.lora_bias is not None:
+            host.base.bias.add_(self.lora_bias.to(host.base.bias.dtype))
+
+    @torch.no_grad()
+    def unmerge_from(self, host: DeltaHost) -> None:
+        self.variant.unmerge(self, host)
+        if self.lora_bias is not None:
+            host.base.bias.sub_(self.lora_bias.to(host.base.bias.dtype))
+
+    def release(self, host: DeltaHost) -> None:
+        self.variant.release(self, host)
+
+    def after_load(self, host: DeltaHost) -> None:
+        self.variant.after_load(self, host)
+
+    @classmethod
+    def routed_forward(cls, deltas: Sequence["LoRADelta"], index, x, h, host):
+        if host.kind != "linear" or any(d.variant.name != "plain" or d.lora_bias is not None or d.training and d.dropout is not None for d in deltas):
+            return super().routed_forward(deltas, index, x, h, host)
+        # One gathered computation for every sample: A_i, B_i of sample i's adapter (zero-padded to
+        # the largest rank, which leaves B·A unchanged) and a per-sample scale (0 for the base).
+        rmax = max(d.r for d in deltas)
+        a = torch.stack([F.pad(d.lora_A, (0, 0, 0, rmax - d.r)) for d in deltas])  # (n, rmax, in)
+        b = torch.stack([F.pad(d.lora_B, (0, rmax - d.r)) for d in deltas])  # (n, out, rmax)
+        scale = torch.tensor([d.scaling for d in deltas] + [0.0], dtype=a.dtype, device=a.device)
+        sel = index.clamp(min=0)
+        xs = x.to(a.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
+        z = torch.bmm(xs, a[sel].transpose(1, 2))  # (B, T, rmax)
+        y = torch.bmm(z, b[sel].transpose(1, 2))  # (B, T, out)
+        y = y * scale[index].view(-1, 1, 1)  # index -1 → scale[-1] = 0
+        return h + y.view(h.shape).to(h.dtype)
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _bias_view(bias: torch.Tensor, like: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "conv":
+        return bias.view(1, -1, *([1] * (like.dim() - 2)))
+    return bias
