@@ -202,6 +202,11 @@ class DeltaHost(Host):
         if self.disabled:
             return h
         if self._plan is not None:
+            if self._plan and self._plan[0][2].shape[0] != x.shape[0]:
+                raise StateError(
+                    f"route() was given {self._plan[0][2].shape[0]} entries but the batch has {x.shape[0]} "
+                    "samples; pass one delta name (or None) per sample"
+                )
             for cls, members, index in self._plan:
                 h = cls.routed_forward(members, index, x, h, self)
             return h
@@ -302,6 +307,7 @@ def add_delta(model: nn.Module, path: str, name: str, spec: "DeltaSpec") -> Delt
     ref = next(iter(module.parameters()), None)
     if ref is not None:
         delta.to(device=ref.device)
+    delta.train(module.training)  # a delta added to a model in eval mode must not start dropping out
     host.add(name, delta)
     if host is not module:
         set_module(model, path, host)

@@ -90,7 +90,8 @@ class LoRA(DeltaSpec):
         if self.bias == "all":
             try:
                 for path, module in list(iter_candidates(model)):
-                    if path not in targets and isinstance(getattr(module, "bias", None), nn.Parameter):
+                    kept_whole = any(name_matches(path, t) or path.startswith(t + ".") for t in self.trainable_modules)
+                    if path not in targets and not kept_whole and isinstance(getattr(module, "bias", None), nn.Parameter):
                         add_delta(model, path, name, _BiasOnly(lora=self))
             except Exception:
                 for path, host in list(iter_hosts(model)):
