@@ -38,6 +38,13 @@ class Host(nn.Module):
     def delta_names(self) -> list[str]:
         raise NotImplementedError
 
+    def part(self, name: str) -> nn.Module:
+        """The module holding delta ``name``'s tensors here (saved under this host's path)."""
+        raise NotImplementedError
+
+    def spec_of(self, name: str) -> "DeltaSpec":
+        return self.part(name).spec
+
     def set_active(self, names: Sequence[str]) -> None:
         raise NotImplementedError
 
@@ -117,6 +124,9 @@ class DeltaHost(Host):
     # -- state ------------------------------------------------------------------------------------
     def delta_names(self) -> list[str]:
         return list(self.deltas.keys())
+
+    def part(self, name: str) -> Delta:
+        return self.deltas[name]
 
     @property
     def active(self) -> list[str]:
@@ -233,6 +243,12 @@ class ModuleCopy(Host):
 
     def delta_names(self) -> list[str]:
         return list(self.copies.keys())
+
+    def part(self, name: str) -> nn.Module:
+        return self.copies[name]
+
+    def spec_of(self, name: str) -> "DeltaSpec":
+        return self.specs[name]
 
     def add(self, name: str, spec: "DeltaSpec") -> nn.Module:
         import copy

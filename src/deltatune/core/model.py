@@ -29,10 +29,11 @@ def delta_names(model: nn.Module) -> list[str]:
 
 def get_spec(model: nn.Module, name: str) -> DeltaSpec:
     for _, host in iter_hosts(model):
-        if isinstance(host, DeltaHost) and name in host.deltas:
-            return host.deltas[name].spec
-        if isinstance(host, ModuleCopy) and name in host.copies:
-            return host.specs[name]
+        if name in host.delta_names() and not isinstance(host, ModuleCopy):
+            return host.spec_of(name)
+    for _, host in iter_hosts(model):
+        if name in host.delta_names():
+            return host.spec_of(name)
     raise StateError(_unknown_name(model, name))
 
 
@@ -104,8 +105,8 @@ def freeze_base(model: nn.Module) -> None:
     """Only delta parameters (and trainable module copies) keep ``requires_grad``."""
     delta_ids: set[int] = set()
     for _, host in iter_hosts(model):
-        for sub in (host.deltas.values() if isinstance(host, DeltaHost) else host.copies.values()):
-            delta_ids.update(id(p) for p in sub.parameters())
+        for n in host.delta_names():
+            delta_ids.update(id(p) for p in host.part(n).parameters())
     for p in model.parameters():
         if id(p) not in delta_ids:
             p.requires_grad_(False)

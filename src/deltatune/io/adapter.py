@@ -44,10 +44,8 @@ def parts_of(model: nn.Module, name: str) -> tuple[dict[str, Any], dict[str, nn.
     """(deltas by host path, trainable module copies by path) of delta ``name``."""
     deltas, copies = {}, {}
     for path, host in iter_hosts(model):
-        if isinstance(host, DeltaHost) and name in host.deltas:
-            deltas[path] = host.deltas[name]
-        elif isinstance(host, ModuleCopy) and name in host.copies:
-            copies[path] = host.copies[name]
+        if name in host.delta_names():
+            (copies if isinstance(host, ModuleCopy) else deltas)[path] = host.part(name)
     return deltas, copies
 
 
@@ -193,7 +191,8 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, *,
             raise DeltaFileError(f"{path}: its spec selects different modules on this model than it was saved from; load it on the original base")
         load_module_states(path, {**deltas, **copies}, tensors)
         for hp, delta in deltas.items():
-            delta.after_load(get_module(model, hp))
+            if hasattr(delta, "after_load"):
+                delta.after_load(get_module(model, hp))
     except Exception:
         detach(model, name)
         raise
