@@ -1,0 +1,1 @@
+"""The `deltatune` command line: one typer app, one module per job (see app.py)."""
