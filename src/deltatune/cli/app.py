@@ -27,7 +27,16 @@ def build_app():
         add_completion=False,
         pretty_exceptions_enable=False,
     )
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+    @app.callback()
+    def _root() -> None:
+        """deltatune: create, train, combine, shrink and maintain parameter deltas of frozen models.
+
+        Every job prints progress, writes results.json beside its outputs, and exits non-zero with a
+        one-line reason on bad input. `deltatune JOB --help` shows each job's options and examples.
+        """
+
+    package = importlib.import_module(__package__)
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
         if info.name in ("app", "common") or info.name.startswith("_"):
             continue
         module = importlib.import_module(f"{__package__}.{info.name}")
