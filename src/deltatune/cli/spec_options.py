@@ -1,0 +1,57 @@
+"""Turning command-line / YAML method options into a validated method spec."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from ..core.errors import SpecError
+from ..core.spec import DeltaSpec, registered_methods
+
+
+def method_names() -> list[str]:
+    import deltatune.methods  # noqa: F401  (registers every method)
+
+    return sorted(n for n in registered_methods() if not n.startswith("_"))
+
+
+def parse_value(text: str) -> Any:
+    """``"8"`` → 8, ``"true"`` → True, ``"[a,b]"``/``"a,b"`` stay strings unless valid JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def build_spec(method: str, options: dict[str, Any], *, default_targets=None, head=()) -> DeltaSpec:
+    """The spec of ``method`` with ``options`` (unknown option → one-line error listing valid ones)."""
+    import deltatune.methods  # noqa: F401
+
+    methods = registered_methods()
+    if method not in methods or method.startswith("_"):
+        raise SpecError(f"unknown method {method!r}; choose one of: {', '.join(method_names())}")
+    cls = methods[method]
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    aliases = {"rank": "r", "lora_alpha": "alpha", "target_modules": "targets"}
+    kwargs: dict[str, Any] = {}
+    for key, value in options.items():
+        if value is None:
+            continue
+        key = key.replace("-", "_")
+        key = aliases.get(key, key) if aliases.get(key) in fields else key
+        if key not in fields:
+            raise SpecError(f"{cls.__name__} has no option {key!r}; valid options: {', '.join(sorted(fields))}")
+        if key in ("targets", "exclude", "trainable_modules", "target_types") and isinstance(value, str):
+            value = tuple(v.strip() for v in value.split(",") if v.strip())
+        kwargs[key] = value
+    if "targets" in fields and "targets" not in kwargs and "target_regex" not in kwargs and "target_types" not in kwargs and default_targets:
+        # the model entry knows the usual positions; a method with its own defaults keeps them
+        if not cls.default_targets:
+            kwargs["targets"] = tuple(default_targets)
+    if head and "trainable_modules" in fields:
+        kwargs["trainable_modules"] = tuple(dict.fromkeys([*kwargs.get("trainable_modules", ()), *head]))
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise SpecError(f"bad options for {cls.__name__}: {exc}") from None

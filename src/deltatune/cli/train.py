@@ -1,0 +1,262 @@
+"""`deltatune train | eval | export`: fit a delta on a model + data, evaluate it, ship it merged."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from .common import CLIError, prepare_out, write_results
+
+TASK_FILE = "task.json"  # beside the adapter: which model/labels it was trained for
+
+
+# -- the jobs as plain functions (used by the CLI, the demo and the tests) ---------------------------
+def resolve_targets(model, method: str, entry_targets) -> Optional[list[str]]:
+    """The model entry's usual positions when the method's own defaults match nothing here."""
+    from ..core.spec import registered_methods
+    from ..core.targets import iter_candidates, name_matches
+
+    cls = registered_methods()[method]
+    names = [n for n, _ in iter_candidates(model)]
+    for group in cls.default_targets:
+        if any(name_matches(n, t) for n in names for t in group):
+            return None
+    return list(entry_targets) or None
+
+
+def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
+    """Train a delta; ``cfg`` holds model, data, method, method options, train options and out."""
+    import deltatune as dt
+
+    from ..data import load_data
+    from ..models import load_model
+    from ..train import TrainConfig, evaluate, fit
+    from .spec_options import build_spec
+
+    out = prepare_out(Path(cfg["out"]), cfg.get("overwrite", False), resume=cfg.get("resume", False))
+    seed = int(cfg.get("seed", 0))
+    train_data = load_data(cfg["data"], "train", seed=seed, limit=cfg.get("limit"))
+    val_data = load_data(cfg["data"], "val", seed=seed, limit=cfg.get("limit"))
+    test_data = load_data(cfg["data"], "test", seed=seed, limit=cfg.get("limit"))
+    labels = list(getattr(train_data, "label_names", []) or [])
+    entry = load_model(cfg["model"], num_labels=len(labels) or None)
+    options = dict(cfg.get("method_options") or {})
+    if "targets" not in options and "target_regex" not in options:
+        targets = resolve_targets(entry.model, cfg["method"], entry.default_targets)
+        if targets:
+            options["targets"] = targets
+    spec = build_spec(cfg["method"], options, head=entry.head)
+    dt.attach(entry.model, spec, name="default")
+    summary = dt.trainable_summary(entry.model)
+    _say(console, f"[bold]{cfg['method']}[/] on {entry.name}: {summary.trainable:,} trainable of {summary.total:,} parameters ({summary.percent:.3f}%)")
+    tc = TrainConfig(**{k: v for k, v in (cfg.get("train") or {}).items() if v is not None}, seed=seed)
+    t0 = time.time()
+    result = fit(entry.model, train_data, entry.collate, tc, eval_data=val_data, out_dir=out,
+                 resume=cfg.get("resume", False), task=entry.task)
+    test = evaluate(entry.model, test_data, entry.collate, task=entry.task, batch_size=tc.eval_batch_size)
+    adapter_dir = out / "adapter"
+    dt.save_adapter(entry.model, adapter_dir, name="default", format=cfg.get("format", "deltatune"))
+    from ..io.files import write_json
+
+    write_json(adapter_dir / TASK_FILE, {"model": cfg["model"], "data": cfg["data"], "task": entry.task, "label_names": labels})
+    results = {
+        "job": "train", "model": cfg["model"], "data": cfg["data"], "method": cfg["method"],
+        "spec": spec.to_dict(), "seed": seed, "trainable_params": summary.trainable,
+        "total_params": summary.total, "trainable_percent": summary.percent,
+        "train": _as_dict(result), "test": test, "seconds": time.time() - t0,
+        "adapter": str(adapter_dir),
+    }
+    write_results(out, results)
+    return results
+
+
+def _as_dict(obj) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
+
+
+def load_trained(model_name: Optional[str], adapter: Path):
+    """A model entry with the adapter at ``adapter`` loaded (labels from its task.json)."""
+    import deltatune as dt
+
+    from ..models import load_model
+
+    task_file = Path(adapter) / TASK_FILE
+    task = json.loads(task_file.read_text()) if task_file.is_file() else {}
+    model_name = model_name or task.get("model")
+    if not model_name:
+        raise CLIError(f"{adapter} has no {TASK_FILE}; pass --model to say which base model it belongs to")
+    labels = task.get("label_names") or []
+    entry = load_model(model_name, num_labels=len(labels) or None)
+    dt.load_adapter(entry.model, adapter)
+    entry.model.eval()
+    return entry, labels
+
+
+def run_eval(model_name: Optional[str], adapter: Path, data: str, split: str = "test", seed: int = 0, limit=None) -> dict[str, Any]:
+    from ..data import load_data
+    from ..train import evaluate
+
+    entry, labels = load_trained(model_name, adapter)
+    dataset = load_data(data, split, seed=seed, limit=limit)
+    names = list(getattr(dataset, "label_names", []) or [])
+    if labels and names and names != labels:
+        unseen = [n for n in names if n not in labels]
+        if unseen:
+            raise CLIError(f"labels {unseen} of {data!r} were not seen in training (trained on {labels}); evaluate on data with the training labels")
+        dataset = _remap(dataset, names, labels)
+    metrics = evaluate(entry.model, dataset, entry.collate, task=entry.task)
+    return {"job": "eval", "model": model_name, "adapter": str(adapter), "data": data, "split": split, **metrics}
+
+
+def _remap(dataset, names: list[str], labels: list[str]):
+    """Relabel a dataset whose label order differs from the training order (same label set)."""
+    order = [labels.index(n) for n in names]
+    for ex in dataset.examples:  # a freshly loaded dataset: relabelling in place is safe
+        if "label" in ex:
+            ex["label"] = order[ex["label"]]
+    dataset.label_names = labels
+    return dataset
+
+
+def _say(console, text: str) -> None:
+    if console is not None:
+        console.print(text)
+
+
+# -- CLI ----------------------------------------------------------------------------------------------
+def _load_yaml(path: Optional[Path]) -> dict[str, Any]:
+    if path is None:
+        return {}
+    import yaml
+
+    if not path.is_file():
+        raise CLIError(f"--config {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise CLIError(f"--config {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise CLIError(f"--config {path} must hold a mapping of options")
+    return data
+
+
+def register(app: typer.Typer) -> None:
+    @app.command(
+        "train",
+        epilog=(
+            "Examples:\n\n"
+            "  deltatune train --model minilm --data bbc-news --method lora --rank 8 --epochs 3 --out runs/bbc\n\n"
+            "  deltatune train --model minilm --data tweet-sentiment:apple --method lora --max-steps 200 --save-every 50 --out runs/apple\n\n"
+            "  deltatune train --config run.yaml --resume\n\n"
+            "  deltatune train --model efficientnet-lite0 --data mnist --method lora --targets conv_stem --out runs/mnist"
+        ),
+    )
+    def train(
+        model: Optional[str] = typer.Option(None, help="model name (minilm, smollm2, efficientnet-lite0, small-cnn) or a transformers directory"),
+        data: Optional[str] = typer.Option(None, help="dataset name (bbc-news, tweet-sentiment[:domain], mnist, ...) or a CSV/JSONL/folder path"),
+        method: Optional[str] = typer.Option(None, help="delta method (lora, ia3, bottleneck, ...)"),
+        rank: Optional[int] = typer.Option(None, "--rank", "-r", help="rank (LoRA family)"),
+        alpha: Optional[float] = typer.Option(None, help="LoRA alpha (scaling = alpha / rank)"),
+        dropout: Optional[float] = typer.Option(None, help="dropout on the delta's input"),
+        targets: Optional[str] = typer.Option(None, help="comma-separated module names/suffixes (default: the model's usual ones)"),
+        opt: list[str] = typer.Option([], "--opt", help="any other method option as KEY=VALUE (repeatable), e.g. --opt dora=true"),
+        epochs: Optional[int] = typer.Option(None, help="training epochs (default 3)"),
+        max_steps: Optional[int] = typer.Option(None, help="stop after this many optimizer steps"),
+        batch_size: Optional[int] = typer.Option(None, help="training batch size (default 16)"),
+        lr: Optional[float] = typer.Option(None, help="learning rate (default 5e-4)"),
+        grad_accum: Optional[int] = typer.Option(None, help="gradient accumulation steps"),
+        schedule: Optional[str] = typer.Option(None, help="linear | cosine | constant"),
+        seed: Optional[int] = typer.Option(None, help="random seed (data split, init, order)"),
+        save_every: Optional[int] = typer.Option(None, help="write a resumable checkpoint every N steps"),
+        resume: bool = typer.Option(False, help="continue from --out's checkpoint"),
+        limit: Optional[int] = typer.Option(None, help="use at most N examples per split (quick runs)"),
+        fmt: str = typer.Option("deltatune", "--format", help="adapter file layout: deltatune | peft"),
+        config: Optional[Path] = typer.Option(None, help="YAML file with these options; flags override it"),
+        out: Optional[Path] = typer.Option(None, help="output directory (adapter/, metrics.json, results.json)"),
+        overwrite: bool = typer.Option(False, help="replace a non-empty --out"),
+    ) -> None:
+        """Train a delta on a frozen model; save the adapter, metrics, curve and results.json."""
+        from rich.console import Console
+
+        cfg = _load_yaml(config)
+        method_options = dict(cfg.pop("method_options", {}) or {})
+        for item in opt:
+            if "=" not in item:
+                raise CLIError(f"--opt {item!r} must look like KEY=VALUE")
+            key, value = item.split("=", 1)
+            from .spec_options import parse_value
+
+            method_options[key.strip()] = parse_value(value)
+        for key, value in {"r": rank, "alpha": alpha, "dropout": dropout, "targets": targets}.items():
+            if value is not None:
+                method_options[key] = value
+        train_opts = dict(cfg.pop("train", {}) or {})
+        for key, value in {"epochs": epochs, "max_steps": max_steps, "batch_size": batch_size, "lr": lr,
+                           "grad_accum": grad_accum, "schedule": schedule, "save_every": save_every}.items():
+            if value is not None:
+                train_opts[key] = value
+        for key, value in {"model": model, "data": data, "method": method, "seed": seed, "out": out, "limit": limit}.items():
+            if value is not None:
+                cfg[key] = value
+        cfg.setdefault("method", "lora")
+        for required in ("model", "data", "out"):
+            if not cfg.get(required):
+                raise CLIError(f"--{required} is required (or set `{required}:` in --config)")
+        cfg.update(method_options=method_options, train=train_opts, resume=resume, overwrite=overwrite, format=fmt)
+        console = Console()
+        results = run_train(cfg, console=console)
+        test = results["test"]
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in test.items() if isinstance(v, float))
+        console.print(f"[green]done[/]: test {shown}; adapter in {results['adapter']}")
+
+    @app.command("eval", epilog="Examples:\n\n  deltatune eval --adapter runs/bbc/adapter --data bbc-news\n\n  deltatune eval --model minilm --adapter runs/apple/adapter --data tweet-sentiment:cars --split test")
+    def eval_(
+        adapter: Path = typer.Option(..., help="adapter directory written by `deltatune train` (or any delta dir)"),
+        data: str = typer.Option(..., help="dataset name or path"),
+        model: Optional[str] = typer.Option(None, help="base model (default: the one recorded beside the adapter)"),
+        split: str = typer.Option("test", help="train | val | test"),
+        seed: int = typer.Option(0, help="seed of the data split"),
+        limit: Optional[int] = typer.Option(None, help="use at most N examples"),
+        out: Optional[Path] = typer.Option(None, help="where to write results.json (default: ADAPTER/../eval-SPLIT)"),
+    ) -> None:
+        """Evaluate a trained delta: accuracy and loss (perplexity for language models)."""
+        results = run_eval(model, adapter, data, split, seed, limit)
+        out = out or Path(adapter).parent / f"eval-{split}"
+        out.mkdir(parents=True, exist_ok=True)
+        write_results(out, results)
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in results.items() if isinstance(v, float))
+        print(f"{data} [{split}]: {shown}  (results: {out / 'results.json'})")
+
+    @app.command("export", epilog="Examples:\n\n  deltatune export --adapter runs/bbc/adapter --out runs/bbc/merged")
+    def export(
+        adapter: Path = typer.Option(..., help="adapter directory"),
+        out: Path = typer.Option(..., help="directory for the merged model (safetensors)"),
+        model: Optional[str] = typer.Option(None, help="base model (default: the one recorded beside the adapter)"),
+        overwrite: bool = typer.Option(False, help="replace a non-empty --out"),
+    ) -> None:
+        """Merge a delta into its base model and save the full model as safetensors."""
+        results = run_export(model, adapter, out, overwrite)
+        print(f"merged model written to {out} ({results['num_tensors']} tensors, {results['bytes'] / 2**20:.1f} MiB)")
+
+
+def run_export(model_name: Optional[str], adapter: Path, out: Path, overwrite: bool = False) -> dict[str, Any]:
+    import deltatune as dt
+
+    from ..io.files import save_tensors, write_json
+
+    entry, labels = load_trained(model_name, adapter)
+    out = prepare_out(out, overwrite)
+    dt.merge(entry.model, unload=True)
+    state = {k: v for k, v in entry.model.state_dict().items()}
+    save_tensors(out / "model.safetensors", state, metadata={"format": "pt", "source": entry.source})
+    write_json(out / "deltatune_export.json", {"model": model_name or entry.name, "adapter": str(adapter), "label_names": labels, "task": entry.task})
+    results = {"job": "export", "adapter": str(adapter), "num_tensors": len(state),
+               "bytes": (out / "model.safetensors").stat().st_size}
+    write_results(out, results)
+    return results
