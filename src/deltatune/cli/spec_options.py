@@ -24,7 +24,7 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def build_spec(method: str, options: dict[str, Any], *, default_targets=None, head=()) -> DeltaSpec:
+def build_spec(method: str, options: dict[str, Any], *, head=()) -> DeltaSpec:
     """The spec of ``method`` with ``options`` (unknown option → one-line error listing valid ones)."""
     import deltatune.methods  # noqa: F401
 
@@ -45,10 +45,6 @@ def build_spec(method: str, options: dict[str, Any], *, default_targets=None, he
         if key in ("targets", "exclude", "trainable_modules", "target_types") and isinstance(value, str):
             value = tuple(v.strip() for v in value.split(",") if v.strip())
         kwargs[key] = value
-    if "targets" in fields and "targets" not in kwargs and "target_regex" not in kwargs and "target_types" not in kwargs and default_targets:
-        # the model entry knows the usual positions; a method with its own defaults keeps them
-        if not cls.default_targets:
-            kwargs["targets"] = tuple(default_targets)
     if head and "trainable_modules" in fields:
         kwargs["trainable_modules"] = tuple(dict.fromkeys([*kwargs.get("trainable_modules", ()), *head]))
     try:

@@ -20,7 +20,9 @@ def resolve_targets(model, method: str, entry_targets) -> Optional[list[str]]:
     from ..core.spec import registered_methods
     from ..core.targets import iter_candidates, name_matches
 
-    cls = registered_methods()[method]
+    cls = registered_methods().get(method)
+    if cls is None or not cls.default_targets:
+        return None  # unknown (reported later) or a method that picks its own positions (BitFit, SSF, ...)
     names = [n for n, _ in iter_candidates(model)]
     for group in cls.default_targets:
         if any(name_matches(n, t) for n in names for t in group):

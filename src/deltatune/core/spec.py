@@ -165,6 +165,18 @@ class DeltaSpec:
     #: peft tensor-name suffixes that follow a host's module path (e.g. ``"lora_A.weight"``)
     peft_suffixes: ClassVar[tuple[str, ...]] = ()
 
+    #: full peft keys of tensors shared by all hosts (VeRA's ``base_model.vera_A``); on loading they
+    #: are passed to every host's ``Delta.from_peft`` beside its own tensors
+    peft_shared_keys: ClassVar[tuple[str, ...]] = ()
+
+    def peft_shared_tensors(self, deltas: dict[str, "Delta"]) -> dict[str, Any]:
+        """Tensors of the peft layout shared by all hosts, by full key (none unless overridden)."""
+        return {}
+
+    #: peft's prompt-learning layout: the delta's tensors sit at the file's root without a module path
+    #: (``prompt_embeddings``), trainable modules under ``base_model.`` (not ``base_model.model.``)
+    peft_root_tensors: ClassVar[bool] = False
+
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.method}

@@ -1,0 +1,108 @@
+"""`deltatune merge CONFIG --out DIR`: merge checkpoints from a mergekit-style YAML, streamed to disk."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from .common import CLIError, write_results
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"``, ``"500MiB"``, ``"2e9"`` → bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise CLIError(f"--shard-size {text!r} is not a size; use e.g. 5GB, 500MB or a number of bytes")
+    size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if size < 1:
+        raise CLIError(f"--shard-size must be positive, got {text!r}")
+    return size
+
+
+def run_merge(config: Path, out: Path, *, overwrite: bool = False, shard_size: str = "5GB",
+              seed: Optional[int] = None, console: Any = None) -> dict[str, Any]:
+    """The merge job as a plain function (the CLI, the benchmark and the tests call it)."""
+    from ..algebra import load_merge_config, merge_checkpoints
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} is a file; give a directory path")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CLIError(f"--out {out} exists and is not empty; pass --overwrite to replace it or choose another directory")
+    max_bytes = parse_size(shard_size)
+    cfg = load_merge_config(config)
+    if seed is not None:
+        cfg.seed = seed
+
+    def finalize(tmp: Path, summary: dict[str, Any]) -> None:
+        write_results(tmp, {"job": "merge", "config": str(config), "out": str(out), **summary})
+
+    progress = _progress(console)
+    try:
+        summary = merge_checkpoints(cfg, out, overwrite=overwrite, max_shard_bytes=max_bytes,
+                                    progress=progress.update if progress else None, finalize=finalize)
+    finally:
+        if progress:
+            progress.close()
+    return summary
+
+
+class _Bar:
+    def __init__(self, console: Any) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            TextColumn("{task.description}"), console=console, transient=True)
+        self.task = None
+
+    def update(self, done: int, total: int, name: str) -> None:
+        if self.task is None:
+            self.bar.start()
+            self.task = self.bar.add_task(name, total=total)
+        self.bar.update(self.task, completed=done, description=name)
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.bar.stop()
+
+
+def _progress(console: Any) -> Optional[_Bar]:
+    return None if console is False else _Bar(console)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command(
+        "merge",
+        epilog=(
+            "Examples:\n\n  deltatune merge ties.yaml --out merged/\n\n"
+            "  deltatune merge dare.yaml --out merged/ --overwrite --seed 0 --shard-size 2GB\n\n"
+            "The YAML is mergekit's (merge_method, base_model, models with parameters such as weight and "
+            "density, parameters, dtype, out_dtype) plus deltatune's methods (fisher, regmean: add "
+            "'stats: FILE' to each model)."
+        ),
+    )
+    def merge(
+        config: Path = typer.Argument(..., help="merge config (mergekit-style YAML)"),
+        out: Path = typer.Option(..., "--out", "-o", help="output directory for the merged safetensors shards"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output directory"),
+        shard_size: str = typer.Option("5GB", "--shard-size", help="maximum bytes per output shard (5GB, 500MB, ...)"),
+        seed: Optional[int] = typer.Option(None, "--seed", help="seed for the random methods (DARE, DELLA)"),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    ) -> None:
+        """Merge model checkpoints (TIES, DARE, task arithmetic, SLERP, ...) one tensor at a time."""
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        summary = run_merge(config, out, overwrite=overwrite, shard_size=shard_size, seed=seed,
+                            console=False if quiet else console)
+        if not quiet:
+            console.print(
+                f"[bold]{summary['method']}[/]: {summary['tensors']} tensors → {out} "
+                f"({summary['shards']} shard(s), {summary['total_bytes'] / 1e6:.1f} MB) in {summary['seconds']:.1f}s, "
+                f"peak memory {summary['peak_rss_mb']:.0f} MiB"
+            )

@@ -1,0 +1,138 @@
+"""LN tuning: train the weight and bias of the normalisation layers (peft's ``LN_TUNING``).
+
+Unified view: function = a change ``(Δw, Δb)`` of a layer's own affine parameters; position = every
+norm layer (LayerNorm, RMSNorm, BatchNorm, GroupNorm, ...) by default, or any layer with a weight the
+selectors pick (peft allows that too: it is then full tuning of that layer); insertion = on the
+weights, ``h' = f(x; w + Δw, b + Δb)``. Foldable and exactly additive: merging adds ``Δw``/``Δb``.
+The deltas start at zero, so the model equals the base at init.
+
+Paper: Zhao et al., "Tuning LayerNorm in Attention: Towards Efficient Multi-Modal LLM Finetuning",
+ICLR 2024, https://arxiv.org/abs/2312.11420 (the idea goes back to tuning only normalisation
+parameters, e.g. Frankle et al., https://arxiv.org/abs/2003.00152)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ..core.delta import Delta
+from ..core.errors import DeltaFileError, TargetError
+from ..core.host import DeltaHost
+from ..core.spec import DeltaSpec, register
+from .bias import add_deltas, select_modules
+
+_TORCH_NORMS = (
+    nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm
+)
+# Layers whose output is linear in (weight, bias): f(x; w + Δw, b + Δb) = f(x; w, b) + f(x; Δw, Δb),
+# so the change of the output is one call with the deltas as parameters.
+_LINEAR_IN_PARAMS = (*_TORCH_NORMS, nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A normalisation layer with a learnable per-channel weight (torch's, or e.g. ``LlamaRMSNorm``)."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, nn.Parameter) or weight.dim() != 1:
+        return False
+    return isinstance(module, _TORCH_NORMS) or type(module).__name__.endswith("Norm")
+
+
+def _has_weight(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "weight", None), nn.Parameter)
+
+
+@register
+@dataclass(frozen=True)
+class LNTuning(DeltaSpec):
+    """Norm-layer tuning. With no selector every norm layer trains; ``targets`` may also name other
+    layers with weights (they are then tuned whole, as peft's LN_TUNING does)."""
+
+    method = "ln_tuning"
+    host_kinds = ("linear", "conv", "embedding", "other")
+    peft_type = "LN_TUNING"
+    peft_suffixes = ("ln_tuning_layers.weight", "ln_tuning_layers.bias")
+
+    def make_delta(self, host: DeltaHost, module_name: str) -> Delta:
+        if not _has_weight(host.base):
+            raise TargetError(f"LNTuning needs a layer with a weight at {module_name!r} "
+                              f"({type(host.base).__name__}); pick a norm layer")
+        return NormDelta(self, host)
+
+    def inject(self, model: nn.Module, name: str) -> list[str]:
+        narrowed = self.targets is not None or self.target_regex is not None or bool(self.target_types)
+        accept, what = (_has_weight, "layer with a weight") if narrowed else (is_norm, "norm layer")
+        paths = select_modules(model, self, accept, what)
+        return add_deltas(model, name, self, paths)
+
+    def to_peft_config(self, deltas: dict[str, Delta]) -> dict[str, Any]:
+        return {
+            "peft_type": "LN_TUNING",
+            "task_type": None,
+            "target_modules": sorted(deltas),
+            "exclude_modules": None,
+            "modules_to_save": list(self.trainable_modules) or None,
+            "inference_mode": True,
+            "base_model_name_or_path": None,
+        }
+
+    @classmethod
+    def from_peft_config(cls, config: dict[str, Any], targets: list[str]) -> "LNTuning":
+        return cls(targets=tuple(targets), trainable_modules=tuple(config.get("modules_to_save") or ()))
+
+
+class NormDelta(Delta):
+    """Trainable changes ``weight``/``bias`` of a layer's own parameters (the originals stay untouched)."""
+
+    foldable = True
+
+    def __init__(self, spec: DeltaSpec, host: DeltaHost) -> None:
+        super().__init__(spec)
+        base = host.base
+        self._names = [n for n in ("weight", "bias") if isinstance(getattr(base, n, None), nn.Parameter)]
+        for n in self._names:
+            ref = getattr(base, n)
+            dtype = ref.dtype if ref.dtype in (torch.float32, torch.float64) else torch.float32
+            self.register_parameter(n, nn.Parameter(torch.zeros(ref.shape, dtype=dtype, device=ref.device)))
+        self._linear = isinstance(base, _LINEAR_IN_PARAMS) or type(base).__name__ == "Conv1D"
+
+    @staticmethod
+    def _call(base: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        if base.training:  # BatchNorm updates its running statistics in place: let it update copies
+            params = {**params, **{n: b.clone() for n, b in base.named_buffers(recurse=False)}}
+        return functional_call(base, params, (x,))
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, host: DeltaHost) -> torch.Tensor:
+        base = host.base
+        deltas = {n: getattr(self, n).to(getattr(base, n).dtype) for n in self._names}
+        if self._linear:
+            return h + self._call(base, deltas, x)
+        # Any other layer: the difference of two calls (e.g. Gemma's RMSNorm scales by 1 + w).
+        moved = {n: getattr(base, n) + d for n, d in deltas.items()}
+        return h + (self._call(base, moved, x) - self._call(base, {}, x))
+
+    def delta_weight(self, host: DeltaHost) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, n).detach() for n in self._names}
+
+    # peft's LN_TUNING stores a full trained copy of the layer: its tensors are base + delta.
+    def to_peft(self, host: DeltaHost) -> dict[str, torch.Tensor]:
+        out = {}
+        for n in self._names:
+            base = getattr(host.base, n).detach()
+            out[f"ln_tuning_layers.{n}"] = base + getattr(self, n).detach().to(base.dtype)
+        return out
+
+    def from_peft(self, host: DeltaHost, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for n in self._names:
+            key = f"ln_tuning_layers.{n}"
+            if key not in tensors:
+                raise DeltaFileError(f"peft LN_TUNING file lacks {key!r} for a {type(host.base).__name__}; "
+                                     "the file is incomplete")
+            mine = getattr(self, n)
+            out[n] = tensors[key].to(mine.dtype) - getattr(host.base, n).detach().to(mine.dtype)
+        return out

@@ -1,0 +1,204 @@
+"""VeRA: one pair of frozen random matrices shared by all layers, and two trained vectors per layer.
+
+Unified view: function = low-rank linear map ``Λ_b·B·Λ_d·A`` where ``A`` (r × in) and ``B`` (out × r)
+are random, frozen and shared by every adapted layer (sliced to each layer's size) and only the
+diagonals ``Λ_d`` (r) and ``Λ_b`` (out) train; insertion = parallel, ``h + Λ_b·B·Λ_d·A·x``.
+Foldable (additive: ``ΔW = (λ_b ⊙ B)(λ_d ⊙ A)``). ``Λ_b`` starts at 0, so the model equals the base.
+
+``A`` and ``B`` are drawn exactly as peft draws them (Kaiming-uniform from a ``torch.Generator``
+seeded with ``projection_seed``, sized to the largest adapted layer), so they can be regenerated
+instead of stored (``save_projection=False``, the default here; peft's default stores them).
+
+Paper: Kopiczko et al., "VeRA: Vector-based Random Matrix Adaptation", ICLR 2024,
+https://arxiv.org/abs/2310.11454
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.delta import Delta
+from ..core.errors import DeltaFileError
+from ..core.host import DeltaHost, Host, get_module
+from ..core.spec import DeltaSpec, register
+from ..core.targets import select_targets
+from .bias import add_deltas
+
+_SHARED_A, _SHARED_B = "base_model.vera_A", "base_model.vera_B"
+
+
+def projection(r: int, max_in: int, max_out: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared ``A`` (r × max_in) and ``B`` (max_out × r): Kaiming-uniform (gain √2, fan-in mode),
+    drawn in this order from one CPU generator seeded with ``seed`` (peft's ``projection_prng_key``)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def kaiming(shape: tuple[int, int]) -> torch.Tensor:
+        bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[1])
+        return torch.empty(shape).uniform_(-bound, bound, generator=gen)
+
+    a = kaiming((r, max_in))
+    return a, kaiming((max_out, r))
+
+
+def _in_out(module: nn.Module) -> tuple[int, int]:
+    module = module.base if isinstance(module, Host) else module
+    w = module.weight
+    if type(module).__name__ == "Conv1D":  # GPT-2 stores (in, out)
+        return w.shape[0], w.shape[1]
+    return w.shape[1], w.shape[0]
+
+
+@register
+@dataclass(frozen=True)
+class VeRA(DeltaSpec):
+    """Vector-based random matrix adaptation on Linear / GPT-2 Conv1D layers.
+
+    ``init="identity"`` (λ_b = 0, λ_d = d_initial) or ``"random"`` (peft's ``init_weights=False``: λ_b = 1,
+    λ_d ~ N(0, 1); for tests)."""
+
+    method = "vera"
+    default_targets = (("query", "value"), ("q_proj", "v_proj"), ("c_attn",), ("qkv",), ("q", "v"))
+    peft_type = "VERA"
+    peft_suffixes = ("vera_lambda_b", "vera_lambda_d")
+    peft_shared_keys = (_SHARED_A, _SHARED_B)
+
+    r: int = 256
+    dropout: float = 0.0
+    d_initial: float = 0.1
+    projection_seed: int = 0
+    save_projection: bool = False
+    init: Literal["identity", "random"] = "identity"
+
+    def validate(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            self.fail("r", "must be a positive integer (the rank of the shared projection)")
+        if not 0.0 <= self.dropout < 1.0:
+            self.fail("dropout", "must be in [0, 1)")
+        if not math.isfinite(self.d_initial):
+            self.fail("d_initial", "must be a finite number")
+        if not isinstance(self.projection_seed, int) or self.projection_seed < 0:
+            self.fail("projection_seed", "must be a non-negative integer")
+
+    def inject(self, model: nn.Module, name: str) -> list[str]:
+        paths = select_targets(model, self)
+        sizes = [_in_out(get_module(model, p)) for p in paths]
+        a, b = projection(self.r, max(s[0] for s in sizes), max(s[1] for s in sizes), self.projection_seed)
+        return add_deltas(model, name, _VeRAPart(vera=self, shared=(a, b)), paths)
+
+    # -- peft layout ------------------------------------------------------------------------------
+    def to_peft_config(self, deltas: dict[str, Delta]) -> dict[str, Any]:
+        return {
+            "peft_type": "VERA",
+            "task_type": None,
+            "r": self.r,
+            "target_modules": sorted(deltas),
+            "projection_prng_key": self.projection_seed,
+            "save_projection": self.save_projection,
+            "vera_dropout": self.dropout,
+            "d_initial": self.d_initial,
+            "fan_in_fan_out": any(d.fan_in_fan_out for d in deltas.values()),
+            "bias": "none",
+            "init_weights": True,
+            "layers_to_transform": None,
+            "layers_pattern": None,
+            "modules_to_save": list(self.trainable_modules) or None,
+            "inference_mode": True,
+            "base_model_name_or_path": None,
+        }
+
+    @classmethod
+    def from_peft_config(cls, config: dict[str, Any], targets: list[str]) -> "VeRA":
+        if config.get("layers_to_transform"):
+            raise DeltaFileError("peft option layers_to_transform is not supported by deltatune; "
+                                 "save the adapter without it")
+        if config.get("bias", "none") != "none":
+            raise DeltaFileError(f"peft VeRA with bias={config['bias']!r} is not supported; "
+                                 "use bias='none' (or BitFit beside it)")
+        return cls(
+            r=int(config.get("r", 256)),
+            dropout=float(config.get("vera_dropout", 0.0)),
+            d_initial=float(config.get("d_initial", 0.1)),
+            projection_seed=int(config.get("projection_prng_key", 0)),
+            save_projection=bool(config.get("save_projection", True)),
+            targets=tuple(targets),
+            trainable_modules=tuple(config.get("modules_to_save") or ()),
+        )
+
+    def peft_shared_tensors(self, deltas: dict[str, Delta]) -> dict[str, torch.Tensor]:
+        if not self.save_projection:
+            return {}
+        parts = list(deltas.values())
+        a = torch.zeros(self.r, max(d.vera_A.shape[1] for d in parts))
+        b = torch.zeros(max(d.vera_B.shape[0] for d in parts), self.r)
+        for d in parts:  # every slice starts at 0, so together they rebuild the shared matrices
+            a[:, : d.vera_A.shape[1]] = d.vera_A.detach().cpu()
+            b[: d.vera_B.shape[0]] = d.vera_B.detach().cpu()
+        return {_SHARED_A: a, _SHARED_B: b}
+
+
+@dataclass(frozen=True)
+class _VeRAPart(DeltaSpec):
+    """Internal: builds one layer's delta from the projection drawn once per attach."""
+
+    vera: VeRA | None = None
+    shared: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def make_delta(self, host: DeltaHost, module_name: str) -> Delta:
+        return VeRADelta(self.vera, host, *self.shared)
+
+
+class VeRADelta(Delta):
+    """``h + λ_b ⊙ B·(λ_d ⊙ A·dropout(x))`` with ``A``, ``B`` views of the shared projection."""
+
+    foldable = True
+
+    def __init__(self, spec: VeRA, host: DeltaHost, a: torch.Tensor, b: torch.Tensor) -> None:
+        super().__init__(spec)
+        self.fan_in_fan_out = host.fan_in_fan_out
+        n_in, n_out = host.in_features, host.out_features
+        # Views, not copies: every layer reads the same matrices (saved only with save_projection).
+        self.register_buffer("vera_A", a[:, :n_in], persistent=spec.save_projection)
+        self.register_buffer("vera_B", b[:n_out, :], persistent=spec.save_projection)
+        if spec.init == "identity":
+            self.vera_lambda_b = nn.Parameter(torch.zeros(n_out))
+            self.vera_lambda_d = nn.Parameter(torch.full((spec.r,), float(spec.d_initial)))
+        else:  # peft's init_weights=False: both vectors non-trivial (for tests)
+            self.vera_lambda_b = nn.Parameter(torch.ones(n_out))
+            self.vera_lambda_d = nn.Parameter(torch.randn(spec.r))
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, host: DeltaHost) -> torch.Tensor:
+        z = F.linear(self.dropout(x.to(self.vera_A.dtype)), self.vera_A) * self.vera_lambda_d
+        return h + (F.linear(z, self.vera_B) * self.vera_lambda_b).to(h.dtype)
+
+    def delta_weight(self, host: DeltaHost) -> dict[str, torch.Tensor]:
+        w = (self.vera_lambda_b[:, None] * self.vera_B) @ (self.vera_lambda_d[:, None] * self.vera_A)
+        return {"weight": (w.t() if self.fan_in_fan_out else w).detach()}
+
+    def to_peft(self, host: DeltaHost) -> dict[str, torch.Tensor]:
+        return {"vera_lambda_b": self.vera_lambda_b.detach(), "vera_lambda_d": self.vera_lambda_d.detach()}
+
+    def from_peft(self, host: DeltaHost, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        try:
+            out = {"vera_lambda_b": tensors["vera_lambda_b"], "vera_lambda_d": tensors["vera_lambda_d"]}
+        except KeyError as exc:
+            raise DeltaFileError(f"peft VeRA file lacks {exc.args[0]!r} for a module; "
+                                 "the file is incomplete") from exc
+        if self.spec.save_projection:
+            if _SHARED_A not in tensors or _SHARED_B not in tensors:
+                raise DeltaFileError("peft VeRA config says save_projection=true but the file lacks "
+                                     "vera_A/vera_B; the file is incomplete")
+            a, b = tensors[_SHARED_A], tensors[_SHARED_B]
+            n_out, n_in = self.vera_B.shape[0], self.vera_A.shape[1]
+            r = self.spec.r
+            if a.shape[0] != r or a.shape[1] < n_in or b.shape[0] < n_out or b.shape[1] != r:
+                raise DeltaFileError(f"peft VeRA projection shapes {tuple(a.shape)}/{tuple(b.shape)} do not "
+                                     f"fit a {n_out}x{n_in} layer at r={r}")
+            out["vera_A"], out["vera_B"] = a[:, :n_in], b[:n_out, :]
+        return out
