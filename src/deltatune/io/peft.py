@@ -22,6 +22,7 @@ from .adapter import PEFT_JSON, PEFT_TENSORS, load_module_states, parts_of
 from .files import load_tensors, read_json, save_tensors, write_json
 
 PREFIX = "base_model.model."
+ROOT_PREFIX = "base_model."  # trainable modules of prompt-learning adapters
 
 
 def save_peft(model: nn.Module, path: Path, name: str) -> None:
@@ -33,10 +34,11 @@ def save_peft(model: nn.Module, path: Path, name: str) -> None:
     for hp, delta in deltas.items():
         for suffix, value in delta.to_peft(get_module(model, hp)).items():
             key = f"{hp}.{suffix}" if suffix not in ("bias",) else f"{hp}.bias"
-            tensors[PREFIX + key] = value
+            tensors[suffix if spec.peft_root_tensors else PREFIX + key] = value
     for mp, module in copies.items():
         for key, value in module.state_dict().items():
-            tensors[f"{PREFIX}{mp}.{key}"] = value
+            tensors[f"{ROOT_PREFIX if spec.peft_root_tensors else PREFIX}{mp}.{key}"] = value
+    tensors.update(spec.peft_shared_tensors(deltas))
     config = spec.to_peft_config(deltas)
     if copies:
         config["modules_to_save"] = sorted(copies)
@@ -84,8 +86,11 @@ def load_peft(model: nn.Module, path: Path, name: str, *, activate: bool = True)
     config = read_json(path / PEFT_JSON)
     cls = _spec_class(config)
     raw = load_tensors(path / PEFT_TENSORS)
+    shared = {k: raw.pop(k) for k in cls.peft_shared_keys if k in raw}
     if name in delta_names(model):
         raise StateError(f"a delta named {name!r} is already attached; pass another name= or detach it first")
+    if cls.peft_root_tensors:
+        return _load_root(model, path, name, cls, config, raw, activate=activate)
     body = {}
     for key, value in raw.items():
         if not key.startswith(PREFIX):
@@ -130,7 +135,7 @@ def load_peft(model: nn.Module, path: Path, name: str, *, activate: bool = True)
         for peft_path, tensors in per_host.items():
             hp = mapping[peft_path]
             host = get_module(model, hp)
-            for k, v in deltas[hp].from_peft(host, tensors).items():
+            for k, v in deltas[hp].from_peft(host, {**tensors, **shared}).items():
                 states[f"{hp}.{k}"] = v
         for peft_path, value in bias_keys.items():
             hp = mapping[peft_path]
@@ -148,6 +153,33 @@ def load_peft(model: nn.Module, path: Path, name: str, *, activate: bool = True)
         for hp, delta in deltas.items():
             for k, v in delta.state_dict().items():
                 states.setdefault(f"{hp}.{k}", v)
+        load_module_states(path, {**deltas, **copies}, states)
+    except Exception:
+        detach(model, name)
+        raise
+    return name
+
+
+def _load_root(model: nn.Module, path: Path, name: str, cls: type[DeltaSpec], config: dict, raw: dict, *, activate: bool) -> str:
+    """Prompt-learning layout: root tensors go to the spec's single host, ``base_model.<m>.*`` to copies."""
+    own = {k: v for k, v in raw.items() if not k.startswith(ROOT_PREFIX)}
+    kept = {k[len(ROOT_PREFIX):]: v for k, v in raw.items() if k.startswith(ROOT_PREFIX)}
+    # peft lists candidate heads ("classifier", "score") whether or not the model has them: keep those saved.
+    saved = [m for m in dict.fromkeys(config.get("modules_to_save") or []) if any(k.startswith(m + ".") for k in kept)]
+    spec = cls.from_peft_config({**config, "modules_to_save": saved}, [])
+    attach(model, spec, name, activate=activate)
+    try:
+        deltas, copies = parts_of(model, name)
+        if len(deltas) != 1:
+            raise DeltaFileError(f"{path}: a {config.get('peft_type')} adapter needs one host, this model gives {sorted(deltas)}")
+        (hp, delta), = deltas.items()
+        states = {f"{hp}.{k}": v for k, v in delta.from_peft(get_module(model, hp), own).items()}
+        for cp, module in copies.items():
+            for k in module.state_dict():
+                hits = [key for key in kept if key == f"{cp}.{k}" or key.endswith(f".{cp.rsplit('.', 1)[-1]}.{k}")]
+                if not hits:
+                    raise DeltaFileError(f"{path}: trainable module {cp!r} tensor {k!r} is missing from the file")
+                states[f"{cp}.{k}"] = kept[hits[0]]
         load_module_states(path, {**deltas, **copies}, states)
     except Exception:
         detach(model, name)
