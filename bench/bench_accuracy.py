@@ -1,0 +1,103 @@
+"""Accuracy benchmark (issue 4): LoRA vs full fine-tuning vs peft's LoRA vs a linear probe, MiniLM.
+
+    .venv/bin/python bench/bench_accuracy.py                      # BBC News + tweet-sentiment, 3 seeds
+    .venv/bin/python bench/bench_accuracy.py --data bbc-news --seeds 0 --epochs 1 --limit 400   # reduced
+
+Same split, epochs, batch size, max length (128) and learning-rate schedule for every variant; only
+the learning rate differs by variant (full fine-tuning needs a smaller one). Each run goes through
+deltatune's trainer; peft's LoRA is applied with peft itself to the same encoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+VARIANTS = {
+    "lora": {"lr": 1e-3, "about": "deltatune LoRA r=8, alpha=16, query+value, head trained"},
+    "peft-lora": {"lr": 1e-3, "about": "peft LoRA, same settings"},
+    "full": {"lr": 5e-5, "about": "full fine-tuning"},
+    "probe": {"lr": 5e-3, "about": "frozen encoder + linear head"},
+}
+
+
+def run(variant: str, data: str, seed: int, epochs: int, limit: int | None, batch_size: int) -> dict:
+    import torch
+
+    import deltatune as dt
+    from deltatune.data import load_data
+    from deltatune.models import load_model
+    from deltatune.train import TrainConfig, evaluate, fit
+
+    torch.manual_seed(seed)
+    train = load_data(data, "train", seed=seed, limit=limit)
+    val = load_data(data, "val", seed=seed, limit=limit)
+    test = load_data(data, "test", seed=seed, limit=limit)
+    entry = load_model("minilm", num_labels=len(train.label_names))
+    model = entry.model
+    if variant == "lora":
+        dt.attach(model, dt.LoRA(r=8, alpha=16, targets=["query", "value"], trainable_modules=["classifier"]))
+    elif variant == "peft-lora":
+        from peft import LoraConfig, get_peft_model
+
+        model.encoder = get_peft_model(model.encoder, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]))
+        for p in model.classifier.parameters():
+            p.requires_grad_(True)
+    elif variant == "probe":
+        model.encoder.requires_grad_(False)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=VARIANTS[variant]["lr"], seed=seed, progress=False)
+    t0 = time.time()
+    fit(model, train, entry.collate, cfg, eval_data=val, task=entry.task)
+    metrics = evaluate(model, test, entry.collate, task=entry.task)
+    return {"variant": variant, "data": data, "seed": seed, "accuracy": metrics["accuracy"],
+            "trainable_percent": 100 * trainable / total, "seconds": time.time() - t0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", nargs="+", default=["bbc-news", "tweet-sentiment"])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--limit", type=int, default=None, help="examples per split (reduced runs)")
+    ap.add_argument("--out", default="bench/accuracy_runs.jsonl")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    rows = []
+    for data in args.data:
+        for seed in args.seeds:
+            for variant in args.variants:
+                row = run(variant, data, seed, args.epochs, args.limit, args.batch_size)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                with open(ROOT / args.out, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+    lines = ["| data | variant | test accuracy (mean ± std) | trainable % | seeds |", "|---|---|---|---|---|"]
+    for data in args.data:
+        for variant in args.variants:
+            accs = [r["accuracy"] * 100 for r in rows if r["data"] == data and r["variant"] == variant]
+            pct = next(r["trainable_percent"] for r in rows if r["data"] == data and r["variant"] == variant)
+            std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            lines.append(f"| {data} | {variant} | {statistics.mean(accs):.2f} ± {std:.2f} | {pct:.3f} | {len(accs)} |")
+    cmd = "`.venv/bin/python bench/bench_accuracy.py " + " ".join(sys.argv[1:]) + "`"
+    body = (f"Command: {cmd} (MiniLM-L6, max 128 tokens, batch {args.batch_size}, {args.epochs} epochs, "
+            f"limit={args.limit}, learning rates: " + ", ".join(f"{k} {v['lr']}" for k, v in VARIANTS.items()) + ").\n\n" + "\n".join(lines))
+    print(body)
+    if not args.no_write:
+        from _results import write_section
+
+        write_section("Accuracy: LoRA vs full fine-tuning vs peft vs linear probe (issue 4)", body)
+
+
+if __name__ == "__main__":
+    main()
