@@ -1,0 +1,73 @@
+"""Narrow training hooks that *return* values (continual-learning strategies plug in here).
+
+Nothing is shared behind the trainer's back (avalanche's ``strategy.loss`` is the anti-pattern): a
+callback returns a penalty to add to the loss, an extra batch to train on, or extra metrics to record,
+and the trainer decides what to do with them. Every hook is optional: implement any subset, or
+subclass :class:`BaseCallback` for no-op defaults.
+
+Order per optimizer step, for each micro-batch: forward on the batch → ``penalty`` added to its loss
+→ backward; then ``extra_batch`` (if not None) → its own forward/backward, its loss weighted by its
+share of the examples. After the optimizer step: ``on_step_end``. After each evaluation at an epoch
+end: ``on_epoch_end`` (its returned dict is stored with that epoch's metrics).
+
+The ``model`` given to hooks is the user's module (never the DDP wrapper), on the training device.
+Callback state is not part of trainer checkpoints: on ``resume`` ``on_train_start`` is called again.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@runtime_checkable
+class Callback(Protocol):
+    def on_train_start(self, model: nn.Module) -> None:
+        """Once before the first step (and again when a run resumes): e.g. snapshot anchor weights."""
+
+    def penalty(self, model: nn.Module, batch: Mapping[str, Any], outputs: torch.Tensor) -> torch.Tensor | None:
+        """A scalar added to each micro-batch's loss (EWC/SI/MAS anchors, distillation), or None.
+
+        ``outputs`` are the logits of ``batch`` (labels included in ``batch``)."""
+
+    def extra_batch(self) -> dict[str, Any] | None:
+        """A collated batch to train on beside each micro-batch (replay), or None."""
+
+    def on_step_end(self, model: nn.Module, step: int) -> None:
+        """After optimizer step ``step`` (1-based)."""
+
+    def on_epoch_end(self, model: nn.Module, epoch: int, metrics: dict[str, float]) -> dict[str, float] | None:
+        """After epoch ``epoch`` (1-based) with its evaluation ``metrics``; may return extra metrics."""
+
+
+class BaseCallback:
+    """No-op defaults for every hook: subclass and override the ones you need."""
+
+    def on_train_start(self, model: nn.Module) -> None:
+        return None
+
+    def penalty(self, model: nn.Module, batch: Mapping[str, Any], outputs: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def extra_batch(self) -> dict[str, Any] | None:
+        return None
+
+    def on_step_end(self, model: nn.Module, step: int) -> None:
+        return None
+
+    def on_epoch_end(self, model: nn.Module, epoch: int, metrics: dict[str, float]) -> dict[str, float] | None:
+        return None
+
+
+def call(callbacks, hook: str, *args: Any) -> list[Any]:
+    """Call ``hook`` on every callback that has it; the non-None results, in callback order."""
+    results = []
+    for cb in callbacks:
+        fn = getattr(cb, hook, None)
+        if fn is not None:
+            value = fn(*args)
+            if value is not None:
+                results.append(value)
+    return results

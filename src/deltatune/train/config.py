@@ -1,0 +1,108 @@
+"""Training options (validated on creation), the task kinds the trainer knows, and its errors."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+SCHEDULES = ("linear", "cosine", "constant")
+
+# Options that change the optimisation trajectory: a resumed run must use the values it started with,
+# otherwise "resume" would silently train a different model than the interrupted run.
+TRAJECTORY_FIELDS = ("epochs", "max_steps", "batch_size", "lr", "weight_decay", "warmup_ratio",
+                     "schedule", "grad_accum", "max_grad_norm", "seed", "metric")
+
+
+class TrainError(ValueError):
+    """Bad input to the trainer (config, data, model outputs); the message names the fix."""
+
+
+class CheckpointError(TrainError):
+    """A checkpoint that cannot be resumed from (missing, truncated, corrupt or incompatible)."""
+
+
+@dataclass
+class TrainConfig:
+    """How to train; every field is checked in ``__post_init__`` with a message naming it."""
+
+    epochs: int = 3
+    max_steps: int | None = None  # optimizer steps in total; overrides epochs when set
+    batch_size: int = 16  # examples per process and micro-batch
+    eval_batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 0.0  # AdamW decoupled decay; never applied to biases and norm weights
+    warmup_ratio: float = 0.06  # fraction of the optimizer steps with a linear warmup
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm; None = no clipping
+    seed: int = 0
+    save_every: int | None = None  # optimizer steps between resumable checkpoints
+    eval_each_epoch: bool = True
+    keep_best: bool = True  # restore the best evaluated trainable tensors at the end
+    metric: str = "accuracy"  # model selection; loss/perplexity are minimised, LMs use loss
+    progress: bool = True  # rich progress bar with loss and samples/s (main process only)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                self._bad(name, "must be a positive integer")
+        for name in ("max_steps", "save_every"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                self._bad(name, "must be a positive integer or None")
+        if not _is_int(self.seed):
+            self._bad("seed", "must be an integer")
+        if not _is_real(self.lr) or not self.lr > 0:
+            self._bad("lr", "must be a finite number > 0 (e.g. 5e-4)")
+        if not _is_real(self.weight_decay) or self.weight_decay < 0:
+            self._bad("weight_decay", "must be a finite number >= 0")
+        if not _is_real(self.warmup_ratio) or not 0 <= self.warmup_ratio < 1:
+            self._bad("warmup_ratio", "must be in [0, 1)")
+        if self.schedule not in SCHEDULES:
+            self._bad("schedule", f"must be one of {', '.join(SCHEDULES)}")
+        if self.max_grad_norm is not None and (not _is_real(self.max_grad_norm) or self.max_grad_norm <= 0):
+            self._bad("max_grad_norm", "must be a number > 0, or None to disable clipping")
+        if not isinstance(self.metric, str) or not self.metric:
+            self._bad("metric", "must be a metric name such as accuracy or loss")
+        for name in ("eval_each_epoch", "keep_best", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                self._bad(name, "must be true or false")
+
+    def _bad(self, name: str, problem: str) -> None:
+        raise TrainError(f"TrainConfig.{name}={getattr(self, name)!r} {problem}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def task_kind(task: str) -> Literal["classification", "causal-lm"]:
+    """The loss family of a task name: ``causal-lm``, or any ``*classification`` task."""
+    if task == "causal-lm":
+        return "causal-lm"
+    if isinstance(task, str) and task.endswith("classification"):
+        return "classification"
+    raise TrainError(f"task={task!r} is not supported; use text-classification, image-classification or causal-lm")
+
+
+def selection_metric(metric: str, kind: str) -> tuple[str, bool]:
+    """The evaluation key used to pick the best state, and whether higher is better."""
+    if kind == "causal-lm":
+        if metric in ("loss", "perplexity"):
+            return metric, False
+        if metric == "accuracy":  # the default: language models are selected by loss instead
+            return "loss", False
+        raise TrainError(f"TrainConfig.metric={metric!r} is not computed for causal-lm; use loss or perplexity")
+    if metric == "accuracy":
+        return metric, True
+    if metric == "loss":
+        return metric, False
+    raise TrainError(f"TrainConfig.metric={metric!r} is not computed for classification; use accuracy or loss")

@@ -1,0 +1,122 @@
+"""Batches in, logits out, losses and evaluation sums; shared by ``fit`` and ``evaluate``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TrainError, task_kind
+
+IGNORE_INDEX = -100
+
+
+def to_device(batch: Any, device: torch.device) -> dict[str, Any]:
+    if not isinstance(batch, Mapping):
+        raise TrainError(f"collate must return a dict of tensors (with 'labels'), got {type(batch).__name__}")
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def labels_of(batch: Mapping[str, Any], kind: str) -> torch.Tensor:
+    if "labels" in batch:
+        return batch["labels"]
+    if kind == "causal-lm" and "input_ids" in batch:  # plain LM data: predict the input itself
+        labels = batch["input_ids"].clone()
+        if "attention_mask" in batch:
+            labels[batch["attention_mask"] == 0] = IGNORE_INDEX
+        return labels
+    raise TrainError(f"the batch has no 'labels' (keys: {sorted(batch)}); make collate return them")
+
+
+def forward(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+    """``model(**inputs)`` without the labels, reduced to its logits tensor."""
+    out = model(**{k: v for k, v in batch.items() if k != "labels"})
+    if torch.is_tensor(out):
+        return out
+    if isinstance(out, Mapping) and "logits" in out:
+        return out["logits"]
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
+        return out[0]
+    raise TrainError(f"the model returned {type(out).__name__}; it must return logits (a tensor or .logits)")
+
+
+def _flat(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C) logits and (N,) targets; for LMs the logits at t predict the token at t + 1."""
+    if kind == "causal-lm":
+        if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+            raise TrainError(f"causal-lm needs logits (batch, time, vocab) and labels (batch, time); "
+                             f"got {tuple(logits.shape)} and {tuple(labels.shape)}")
+        return logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
+        raise TrainError(f"classification needs logits (batch, classes) and labels (batch,); "
+                         f"got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    return logits, labels
+
+
+def compute_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
+    """Mean cross-entropy (shifted next-token CE for ``causal-lm``), ignoring label -100."""
+    flat, target = _flat(logits, labels, task_kind(task))
+    if not bool((target != IGNORE_INDEX).any()):
+        return flat.sum() * 0.0  # nothing to predict here: a zero loss that still has a graph
+    return F.cross_entropy(flat.float(), target, ignore_index=IGNORE_INDEX)
+
+
+def eval_sums(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
+    """float64 [loss sum, correct, counted targets] for one batch (summed across batches/ranks)."""
+    flat, target = _flat(logits, labels, kind)
+    keep = target != IGNORE_INDEX
+    loss = F.cross_entropy(flat.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+    correct = ((flat.argmax(-1) == target) & keep).sum()
+    return torch.stack([loss.double(), correct.double(), keep.sum().double()])
+
+
+def metrics_from_sums(sums: torch.Tensor, kind: str) -> dict[str, float]:
+    loss_sum, correct, count = (float(v) for v in sums.cpu())
+    loss = loss_sum / count if count else float("nan")
+    if kind == "causal-lm":
+        return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(count)}
+    return {"accuracy": correct / count if count else float("nan"), "loss": loss, "n": int(count)}
+
+
+@torch.no_grad()
+def evaluate_shard(model: nn.Module, data, collate: Callable, kind: str, batch_size: int, device: torch.device,
+                   rank: int = 0, world: int = 1,
+                   reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+    """Evaluate examples ``rank::world`` of ``data`` and sum the results over ranks with ``reduce``."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    indices = list(range(rank, len(data), world))
+    try:
+        for start in range(0, len(indices), batch_size):
+            batch = to_device(collate([data[i] for i in indices[start:start + batch_size]]), device)
+            sums += eval_sums(forward(model, batch), labels_of(batch, kind), kind)
+    finally:
+        model.train(was_training)
+    if reduce is not None:
+        sums = reduce(sums)
+    return metrics_from_sums(sums, kind)
+
+
+def evaluate(model: nn.Module, data, collate: Callable, *, task: str, batch_size: int = 64,
+             device: torch.device | str | None = None) -> dict[str, float]:
+    """Evaluate ``model`` on ``data`` (examples → ``collate`` → ``model(**batch)``).
+
+    Classification: ``accuracy``, mean ``loss`` and ``n``; causal-lm: token-mean ``loss``,
+    ``perplexity`` = exp(loss) and ``tokens`` (labels -100 are not counted). The model's
+    train/eval mode is restored afterwards.
+    """
+    kind = task_kind(task)
+    if len(data) == 0:
+        raise TrainError("evaluate() got an empty dataset; check the split and the limit")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise TrainError(f"batch_size={batch_size!r} must be a positive integer")
+    if device is None:
+        first = next(iter(model.parameters()), None)
+        device = first.device if first is not None else torch.device("cpu")
+    return evaluate_shard(model, data, collate, kind, batch_size, torch.device(device))

@@ -1,0 +1,318 @@
+"""``fit``: train the parameters that have ``requires_grad`` (the deltas) on any model + dataset + collate.
+
+AdamW with warmup + linear/cosine decay, gradient accumulation and clipping, a seeded per-epoch
+permutation (so a resumed run continues mid-epoch on exactly the batches it would have seen),
+evaluation each epoch with best-state keeping, atomic resumable checkpoints, metrics.json and a
+learning curve. It runs on accelerate: one CPU or GPU, or ``accelerate launch`` DDP unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from . import checkpoint, rng
+from .callbacks import call
+from .config import CheckpointError, TrainConfig, TrainError, selection_metric, task_kind
+from .losses import compute_loss, evaluate_shard, forward, labels_of, to_device
+from .optim import Plan, build_optimizer, lr_factor, norm_buffers, trainable_parameters
+from .report import ProgressBar, TrainResult, peak_rss_mb, plot_curve, write_metrics
+from .state import TrainState, check_compatible, restore, snapshot
+
+
+def fit(model: nn.Module, train_data, collate: Callable[[list], dict], config: TrainConfig | None = None, *,
+        eval_data=None, out_dir: str | Path | None = None, resume: bool = False, callbacks: Sequence[Any] = (),
+        task: str = "text-classification") -> TrainResult:
+    """Train ``model``'s trainable parameters on ``train_data`` and return what happened.
+
+    ``train_data[i]`` are examples; ``collate(list_of_examples)`` makes a dict batch whose
+    ``labels`` are removed before ``model(**batch)``, which returns logits: (batch, classes) for a
+    ``*classification`` task, (batch, time, vocab) for ``causal-lm`` (shifted next-token loss,
+    labels -100 ignored). With ``out_dir``: ``metrics.json``, ``learning_curve.png`` and, every
+    ``config.save_every`` steps, ``checkpoint/``; ``resume=True`` continues from that checkpoint
+    (bit-identical to an uninterrupted run on CPU) or starts fresh, with a warning, if there is none.
+    The model ends on the training device in eval mode, holding the best evaluated tensors when
+    ``config.keep_best`` (else the last ones). See :mod:`deltatune.train.callbacks` for ``callbacks``.
+    """
+    cfg = TrainConfig() if config is None else config
+    if not isinstance(cfg, TrainConfig):
+        raise TrainError(f"config must be a TrainConfig, not {type(cfg).__name__}")
+    kind = task_kind(task)
+    metric, higher = selection_metric(cfg.metric, kind)
+    if len(train_data) == 0:
+        raise TrainError("the training data is empty; check the dataset name, split and limit")
+    if eval_data is not None and len(eval_data) == 0:
+        raise TrainError("eval_data is empty; pass None to train without evaluation")
+    trainable_parameters(model)  # fails early when there is nothing to train
+    out = Path(out_dir) if out_dir is not None else None
+    if out is None and (resume or cfg.save_every):
+        raise TrainError("resume and TrainConfig.save_every need out_dir (where checkpoints are written)")
+    run = _Run(model, train_data, collate, cfg, eval_data, out, list(callbacks), task, kind, metric, higher)
+    if resume:
+        run.resume()
+    return run.train()
+
+
+class _Run:
+    """One call of :func:`fit`: the live objects and the loop over optimizer steps."""
+
+    def __init__(self, model, train_data, collate, cfg: TrainConfig, eval_data, out: Path | None,
+                 callbacks: list, task: str, kind: str, metric: str, higher: bool) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.model, self.train_data, self.collate, self.cfg = model, train_data, collate, cfg
+        self.eval_data, self.out, self.callbacks = eval_data, out, callbacks
+        self.task, self.kind, self.metric, self.higher = task, kind, metric, higher
+        # accelerate sets up gloo DDP on CPU only when told cpu=True; on a GPU machine it picks the GPU.
+        self.acc = Accelerator(cpu=not _has_accelerator())
+        self.world, self.rank, self.device = self.acc.num_processes, self.acc.process_index, self.acc.device
+        # Each process gets its own seed (seed + rank): different dropout masks on different data.
+        set_seed(cfg.seed, device_specific=True)
+        model.to(self.device)
+        # The DDP wrapper under accelerate launch. Wrapping may replace buffer tensors, so every
+        # reference to the model's tensors is taken after it.
+        self.wrapped: nn.Module = self.acc.prepare_model(model)
+        self.named = trainable_parameters(model)
+        self.buffers = norm_buffers(model)
+        self.opt = build_optimizer(self.named, cfg)
+        self.plan = Plan(len(train_data), cfg.batch_size, self.world, cfg.grad_accum)
+        self.total = cfg.max_steps or cfg.epochs * self.plan.steps_per_epoch
+        self.warmup = math.ceil(cfg.warmup_ratio * self.total)
+        self.state = TrainState()
+        self.best: dict[str, torch.Tensor] = {}
+        self.rng_files: tuple[dict, dict] | None = None
+        self.resumed_from: int | None = None
+        self.info = {"task": task, "task_kind": kind, "world_size": self.world, "n_train": len(train_data),
+                     "config": cfg.to_dict(), "total_steps": self.total, "warmup_steps": self.warmup}
+
+    # -- resume -------------------------------------------------------------------------------------
+    def resume(self) -> None:
+        found = checkpoint.find(self.out)
+        if found is None:
+            warnings.warn(f"resume=True but {self.out} has no checkpoint; training from the start", stacklevel=3)
+            return
+        files, meta = checkpoint.load(found)
+        check_compatible(meta, self.cfg, self.info)
+        self.state, self.best = restore(files, meta, self.named, self.buffers, self.opt)
+        self.rng_files = (files.get("rng", {}), meta.get("rng", {}))
+        self.resumed_from = self.state.step
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        cfg, st, plan = self.cfg, self.state, self.plan
+        call(self.callbacks, "on_train_start", self.model)
+        if self.rng_files is not None:  # last, so nothing between here and the next step draws
+            try:
+                rng.restore(*self.rng_files, self.rank, self.device)
+            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                raise CheckpointError(f"the checkpoint's random states are malformed ({exc}); delete it or "
+                                      "train without resume") from None
+        bar = ProgressBar(cfg.progress and self.acc.is_main_process, self.total, st.step)
+        started, self.train_seconds, samples_before = time.perf_counter(), 0.0, st.samples
+        try:
+            while st.step < self.total:
+                order = plan.order(cfg.seed, st.epoch)
+                while st.micro < plan.micro_per_epoch and st.step < self.total:
+                    tick = time.perf_counter()
+                    record = self._step(order)
+                    self.train_seconds += time.perf_counter() - tick
+                    rate = (st.samples - samples_before) / max(self.train_seconds, 1e-9)
+                    bar.update(st.step, record["loss"], rate)
+                    call(self.callbacks, "on_step_end", self.model, st.step)
+                    if cfg.save_every and st.step % cfg.save_every == 0:
+                        self._save()
+                if st.micro >= plan.micro_per_epoch:
+                    self._end_epoch(bar)
+            self._final_evaluation(bar)
+            if cfg.save_every:
+                self._save()
+        finally:
+            bar.close()
+        return self._finish(time.perf_counter() - started, st.samples - samples_before)
+
+    def _step(self, order: torch.Tensor) -> dict[str, Any]:
+        """One optimizer step over up to ``grad_accum`` micro-batches of the epoch's permutation."""
+        cfg, st = self.cfg, self.state
+        first = st.micro
+        last = min(first + cfg.grad_accum, self.plan.micro_per_epoch)
+        self.wrapped.train()
+        self.opt.zero_grad(set_to_none=True)
+        losses, penalties = [], []
+        for micro in range(first, last):
+            indices, fresh = self.plan.micro_batch(order, micro, self.rank)
+            parts = [to_device(self.collate([self.train_data[i] for i in indices]), self.device)]
+            parts += [to_device(b, self.device) for b in call(self.callbacks, "extra_batch")]
+            sizes = [_batch_size(b) for b in parts]
+            for j, batch in enumerate(parts):
+                # DDP all-reduces gradients only on the very last backward of the step.
+                sync = micro == last - 1 and j == len(parts) - 1
+                with nullcontext() if sync else self.acc.no_sync(self.wrapped):
+                    logits = forward(self.wrapped, batch)
+                    loss = compute_loss(logits, labels_of(batch, self.kind), self.kind)
+                    objective = loss * (sizes[j] / sum(sizes))  # replayed examples count like the others
+                    if j == 0:
+                        losses.append(loss.detach())
+                        for pen in call(self.callbacks, "penalty", self.model, batch, logits):
+                            if not torch.is_tensor(pen) or pen.numel() != 1:
+                                raise TrainError("a callback's penalty() must return a scalar tensor or None")
+                            objective = objective + pen.reshape(())
+                            penalties.append(pen.detach().reshape(()))
+                    self.acc.backward(objective / (last - first))
+            st.samples += fresh
+        st.micro = last
+        record: dict[str, Any] = {"step": st.step + 1, "epoch": st.epoch + 1, "loss": self._mean(losses)}
+        if not math.isfinite(record["loss"]):  # before the update: the model keeps its last good state
+            raise TrainError(f"the training loss became {record['loss']} at step {st.step + 1}; lower the learning "
+                             f"rate (TrainConfig.lr={cfg.lr}) or check the data and labels")
+        if cfg.max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.named], cfg.max_grad_norm)
+            record["grad_norm"] = float(norm)
+        lr = cfg.lr * lr_factor(st.step, self.total, self.warmup, cfg.schedule)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        st.step += 1
+        record["lr"] = lr
+        if penalties:
+            record["penalty"] = self._mean(penalties)
+        st.steps.append(record)
+        return record
+
+    def _mean(self, values: list[torch.Tensor]) -> float:
+        mean = torch.stack(values).float().mean()
+        return float(self.acc.reduce(mean, "mean") if self.world > 1 else mean)
+
+    # -- evaluation, best state, checkpoints, reports -------------------------------------------------
+    def _end_epoch(self, bar: ProgressBar, partial: bool = False) -> None:
+        """Close an epoch (or, ``partial``, the run in the middle of one): evaluate, record, report."""
+        st = self.state
+        epoch = st.epoch + 1
+        losses = [s["loss"] for s in st.steps if s["epoch"] == epoch]
+        record: dict[str, Any] = {"epoch": epoch, "step": st.step}
+        if partial:
+            record["partial"] = True
+        if losses:
+            record["train_loss"] = sum(losses) / len(losses)
+        self._sync_buffers()
+        metrics = self._evaluate(record, bar) if self.eval_data is not None and (self.cfg.eval_each_epoch or partial) else {}
+        if not partial:
+            for extra in call(self.callbacks, "on_epoch_end", self.model, epoch, dict(metrics)):
+                record.update(extra)
+            st.epoch, st.micro = epoch, 0
+        st.evals.append(record)
+        self._consider_best(record)
+        self._write_reports(finished=False, plot=False)
+
+    def _final_evaluation(self, bar: ProgressBar) -> None:
+        """Evaluate the end state once when no evaluation happened at the last step."""
+        st = self.state
+        if self.eval_data is None or any(e["step"] == st.step and "loss" in e for e in st.evals):
+            return
+        if st.evals and st.evals[-1]["step"] == st.step:  # an epoch just ended, unevaluated
+            self._sync_buffers()
+            self._evaluate(st.evals[-1], bar)
+            self._consider_best(st.evals[-1])
+        else:  # max_steps stopped the run in the middle of an epoch
+            self._end_epoch(bar, partial=True)
+
+    def _evaluate(self, record: dict[str, Any], bar: ProgressBar) -> dict[str, Any]:
+        reduce = (lambda t: self.acc.reduce(t, "sum")) if self.world > 1 else None
+        metrics = evaluate_shard(self.model, self.eval_data, self.collate, self.kind, self.cfg.eval_batch_size,
+                                 self.device, self.rank, self.world, reduce)
+        record.update(metrics)
+        bar.note(f"epoch {record['epoch']}{' (partial)' if record.get('partial') else ''} step {record['step']}: "
+                 + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+        return metrics
+
+    def _consider_best(self, record: dict[str, Any]) -> None:
+        if self.metric in record and self._better(record[self.metric]):
+            self.state.best = dict(record)
+            if self.cfg.keep_best:
+                self.best = {n: t.detach().to("cpu", copy=True) for n, t in [*self.named, *self.buffers]}
+
+    def _sync_buffers(self) -> None:
+        # DDP copies rank 0's buffers to the others at the start of each forward, so after the last
+        # step each process holds its own BatchNorm statistics; make rank 0's the common ones.
+        if self.world > 1:
+            for _, buf in self.buffers:
+                torch.distributed.broadcast(buf.data, src=0)
+
+    def _better(self, value: float) -> bool:
+        if self.state.best is None:
+            return True
+        best = self.state.best[self.metric]
+        return value > best if self.higher else value < best
+
+    def _save(self) -> None:
+        # Gathering the RNG states is a collective: every process takes part, only rank 0 writes.
+        states = rng.gather(rng.capture(self.device), self.world, self.device, self.acc.gather)
+        if self.acc.is_main_process:
+            files, meta = snapshot(self.named, self.buffers, self.opt, self.state, self.best, states, self.info)
+            checkpoint.save(self.out, files, meta)
+        self.acc.wait_for_everyone()
+
+    def _finish(self, seconds: float, samples: int) -> TrainResult:
+        st = self.state
+        self._sync_buffers()
+        if self.cfg.keep_best and self.best:
+            with torch.no_grad():
+                for name, tensor in [*self.named, *self.buffers]:
+                    tensor.copy_(self.best[name])
+        self.model.eval()
+        evaluated = [e for e in st.evals if "loss" in e]
+        train_losses = [e["train_loss"] for e in st.evals if "train_loss" in e]
+        result = TrainResult(
+            steps=st.step, epochs_done=st.epoch, seconds=seconds, train_seconds=self.train_seconds,
+            samples=samples, samples_per_second=samples / max(self.train_seconds, 1e-9),
+            final=dict(evaluated[-1]) if evaluated else {}, best=dict(st.best or {}),
+            train_loss=train_losses[-1] if train_losses else None, peak_rss_mb=peak_rss_mb(),
+            resumed_from_step=self.resumed_from, out_dir=str(self.out) if self.out else None,
+        )
+        if self.out is not None:
+            result.metrics_path = str(self.out / "metrics.json")
+            result.checkpoint_path = str(self.out / checkpoint.NAME) if self.cfg.save_every else None
+            curve = self._write_reports(finished=True, plot=True, result=result)
+            result.curve_path = str(curve) if curve else None
+        self.acc.wait_for_everyone()
+        return result
+
+    def _write_reports(self, finished: bool, plot: bool, result: TrainResult | None = None) -> Path | None:
+        if self.out is None or not self.acc.is_main_process:
+            return None
+        st = self.state
+        metrics = {
+            **{k: v for k, v in self.info.items() if k != "config"}, "metric": self.metric,
+            "steps_per_epoch": self.plan.steps_per_epoch,
+            "trainable_parameters": sum(p.numel() for _, p in self.named), "finished": finished,
+            "resumed_from_step": self.resumed_from, "config": self.info["config"],
+            "best": st.best, "final": result.final if result else None, "epochs": st.evals, "steps": st.steps,
+        }
+        if result is not None:
+            metrics["throughput"] = {"samples": result.samples, "train_seconds": result.train_seconds,
+                                     "samples_per_second": result.samples_per_second, "seconds": result.seconds}
+            metrics["peak_rss_mb"] = result.peak_rss_mb
+        write_metrics(self.out, metrics)
+        return plot_curve(self.out, st.steps, [e for e in st.evals if "loss" in e], self.metric) if plot else None
+
+
+def _batch_size(batch: dict[str, Any]) -> int:
+    for value in batch.values():
+        if torch.is_tensor(value) and value.dim() > 0:
+            return int(value.shape[0])
+    raise TrainError("a batch holds no tensors; collate (or extra_batch) must return tensors")
+
+
+def _has_accelerator() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return (torch.cuda.is_available() or bool(mps and mps.is_available())
+            or bool(xpu and xpu.is_available()))
