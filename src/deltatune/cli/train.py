@@ -39,7 +39,6 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     from ..train import TrainConfig, evaluate, fit
     from .spec_options import build_spec
 
-    out = prepare_out(Path(cfg["out"]), cfg.get("overwrite", False), resume=cfg.get("resume", False))
     seed = int(cfg.get("seed", 0))
     train_data = load_data(cfg["data"], "train", seed=seed, limit=cfg.get("limit"))
     val_data = load_data(cfg["data"], "val", seed=seed, limit=cfg.get("limit"))
@@ -52,10 +51,12 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
         if targets:
             options["targets"] = targets
     spec = build_spec(cfg["method"], options, head=entry.head)
+    tc = TrainConfig(**{k: v for k, v in (cfg.get("train") or {}).items() if v is not None}, seed=seed)
     dt.attach(entry.model, spec, name="default")
+    # every name and option is checked before anything is written
+    out = prepare_out(Path(cfg["out"]), cfg.get("overwrite", False), resume=cfg.get("resume", False))
     summary = dt.trainable_summary(entry.model)
     _say(console, f"[bold]{cfg['method']}[/] on {entry.name}: {summary.trainable:,} trainable of {summary.total:,} parameters ({summary.percent:.3f}%)")
-    tc = TrainConfig(**{k: v for k, v in (cfg.get("train") or {}).items() if v is not None}, seed=seed)
     t0 = time.time()
     result = fit(entry.model, train_data, entry.collate, tc, eval_data=val_data, out_dir=out,
                  resume=cfg.get("resume", False), task=entry.task)

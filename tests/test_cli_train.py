@@ -1,0 +1,87 @@
+"""CLI train / eval / export / info end to end on the bundled MiniLM and BBC News (tiny limits),
+and every bad-input path of issue 4."""
+
+import json
+
+import pytest
+
+from deltatune.cli.app import main
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) >= 1 and err[-1].startswith("error:"), err
+    return err[-1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "bbc"
+    rc = main(["train", "--model", "minilm", "--data", "bbc-news", "--method", "lora", "--rank", "4", "--alpha", "8",
+               "--max-steps", "6", "--batch-size", "8", "--limit", "40", "--lr", "2e-3", "--out", str(out)])
+    assert rc == 0
+    return out
+
+
+@pytest.mark.slow
+def test_train_writes_adapter_metrics_and_results(trained):
+    results = json.loads((trained / "results.json").read_text())
+    assert results["method"] == "lora" and 0 < results["trainable_percent"] < 1
+    assert 0.0 <= results["test"]["accuracy"] <= 1.0 and results["train"]["steps"] == 6
+    assert (trained / "adapter" / "delta.safetensors").is_file() and (trained / "adapter" / "task.json").is_file()
+    assert (trained / "metrics.json").is_file() and (trained / "learning_curve.png").is_file()
+
+
+@pytest.mark.slow
+def test_eval_info_export_roundtrip(trained, capsys, tmp_path):
+    assert main(["eval", "--adapter", str(trained / "adapter"), "--data", "bbc-news", "--limit", "40", "--out", str(tmp_path / "ev")]) == 0
+    capsys.readouterr()
+    ev = json.loads((tmp_path / "ev" / "results.json").read_text())
+    train_results = json.loads((trained / "results.json").read_text())
+    assert ev["accuracy"] == pytest.approx(train_results["test"]["accuracy"])  # reload gives the same accuracy
+    assert main(["info", str(trained / "adapter"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "lora"
+    assert main(["export", "--adapter", str(trained / "adapter"), "--out", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "model.safetensors").stat().st_size > 40e6
+
+
+@pytest.mark.slow
+def test_out_dir_not_empty_is_refused(trained, capsys):
+    rc = main(["train", "--model", "minilm", "--data", "bbc-news", "--max-steps", "1", "--limit", "10", "--out", str(trained)])
+    assert rc == 2 and "--overwrite" in _err(capsys)
+
+
+@pytest.mark.slow
+def test_eval_labels_unseen_in_training(trained, capsys, tmp_path):
+    csv = tmp_path / "other.csv"
+    csv.write_text("text,label\n" + "\n".join(f"some text {i},{'sports' if i % 2 else 'weather'}" for i in range(40)))
+    rc = main(["eval", "--adapter", str(trained / "adapter"), "--data", str(csv), "--split", "test"])
+    assert rc == 2 and "weather" in _err(capsys)
+
+
+def test_unknown_model_and_data_list_valid_ones(capsys, tmp_path):
+    rc = main(["train", "--model", "bert-huge", "--data", "bbc-news", "--out", str(tmp_path / "a"), "--limit", "10"])
+    assert rc == 2 and "minilm" in _err(capsys)
+    assert not (tmp_path / "a").exists()  # nothing written on bad input
+    rc = main(["train", "--model", "minilm", "--data", "imdb", "--out", str(tmp_path / "b")])
+    assert rc == 2 and "bbc-news" in _err(capsys)
+
+
+def test_missing_file_and_csv_without_label(capsys, tmp_path):
+    rc = main(["train", "--model", "minilm", "--data", str(tmp_path / "none.csv"), "--out", str(tmp_path / "a")])
+    assert rc == 2 and "does not exist" in _err(capsys)
+    csv = tmp_path / "nolabel.csv"
+    csv.write_text("text,topic\nhello,a\nworld,b\n")
+    rc = main(["train", "--model", "minilm", "--data", str(csv), "--out", str(tmp_path / "b")])
+    assert rc == 2 and "label" in _err(capsys)
+
+
+def test_bad_method_option_and_missing_required(capsys, tmp_path):
+    rc = main(["train", "--model", "minilm", "--data", "bbc-news", "--method", "lora", "--rank", "0", "--out", str(tmp_path / "a"), "--limit", "10"])
+    assert rc == 2 and "LoRA.r=0" in _err(capsys)
+    rc = main(["train", "--data", "bbc-news", "--out", str(tmp_path / "b")])
+    assert rc == 2 and "--model is required" in _err(capsys)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: [unclosed\n")
+    rc = main(["train", "--config", str(cfg)])
+    assert rc == 2 and "not valid YAML" in _err(capsys)
