@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Sequence, TypeVar
 
 from torch.utils.data import Dataset as _TorchDataset
 
@@ -32,31 +32,39 @@ class Dataset(_TorchDataset):
 
     @property
     def labels(self) -> list[int]:
-        return [ex["label"] for ex in self.examples]
+        return [ex["label"] for ex in self.examples if "label" in ex]
 
     def __repr__(self) -> str:
         return f"Dataset({self.name!r}, task={self.task}, n={len(self)}, labels={self.label_names})"
 
 
-def stratified_split(keys: Sequence[Any], seed: int, fractions=(0.8, 0.1, 0.1)) -> dict[str, list[int]]:
-    """Indices of train/val/test with every stratum (label, or label+domain) split in the same
-    proportions; depends only on ``keys`` order and ``seed``."""
+def stratified_split(keys: Sequence[Any], seed: int, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+                     groups: Sequence[Any] | None = None) -> dict[str, list[int]]:
+    """Indices of train/val/test with every stratum (``keys``: label, or domain+label) split in the
+    same proportions; depends only on the order of ``keys`` and on ``seed``.
+
+    Items sharing a group (e.g. the same text: the BBC corpus repeats 98 articles, the tweets 915
+    retweets) all land in the split of the group's first item, so no duplicate leaks from train
+    into test.
+    """
+    first: dict[Any, int] = {}
+    owner = [first.setdefault(g, i) for i, g in enumerate(groups)] if groups is not None else list(range(len(keys)))
     by_key: dict[Any, list[int]] = {}
     for i, k in enumerate(keys):
-        by_key.setdefault(k, []).append(i)
+        if owner[i] == i:
+            by_key.setdefault(k, []).append(i)
     rng = random.Random(seed)
-    out: dict[str, list[int]] = {s: [] for s in SPLITS}
+    where: dict[int, str] = {}
     for k in sorted(by_key, key=repr):
         idx = by_key[k][:]
         rng.shuffle(idx)
-        n = len(idx)
-        n_val = round(n * fractions[1])
-        n_test = round(n * fractions[2])
-        out["test"] += idx[:n_test]
-        out["val"] += idx[n_test : n_test + n_val]
-        out["train"] += idx[n_test + n_val :]
-    for s in SPLITS:
-        out[s].sort()
+        n_val, n_test = round(len(idx) * fractions[1]), round(len(idx) * fractions[2])
+        where.update({i: "test" for i in idx[:n_test]})
+        where.update({i: "val" for i in idx[n_test : n_test + n_val]})
+        where.update({i: "train" for i in idx[n_test + n_val :]})
+    out: dict[str, list[int]] = {s: [] for s in SPLITS}
+    for i in range(len(keys)):
+        out[where[owner[i]]].append(i)
     return out
 
 
@@ -65,8 +73,11 @@ def check_split(split: str) -> None:
         raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
 
 
-def take(examples: list[dict], limit: int | None, seed: int) -> list[dict]:
-    """At most ``limit`` examples, a seeded random subset that keeps the original order."""
+T = TypeVar("T")
+
+
+def take(examples: list[T], limit: int | None, seed: int) -> list[T]:
+    """At most ``limit`` items, a seeded random subset that keeps the original order."""
     if limit is None or limit >= len(examples):
         return examples
     if limit < 1:

@@ -1,47 +1,93 @@
-"""Datasets written with ``datasets.save_to_disk`` (a Dataset or a DatasetDict directory)."""
+"""Datasets written with ``datasets.save_to_disk`` (a Dataset or a DatasetDict directory).
+
+Read with pyarrow directly (the ``.arrow`` shards listed in ``state.json``, features from
+``dataset_info.json``) so that the ``datasets`` package itself is not needed; images stored as
+encoded bytes are decoded with PIL. Nothing is unpickled.
+"""
 
 from __future__ import annotations
 
+import io
+import json
 from pathlib import Path
+from typing import Any
 
 from .base import DataError, Dataset, stratified_split, take
 
+_SPLIT_ALIASES = {"train": ("train",), "val": ("validation", "val", "valid", "dev"), "test": ("test",)}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path} is unreadable ({exc}); save the dataset again with save_to_disk") from None
+
+
+def _read_table(folder: Path):
+    try:
+        import pyarrow as pa
+    except ImportError:
+        raise DataError(f"{folder} is a datasets.save_to_disk directory; reading it needs "
+                        "`pip install datasets` (or pyarrow)") from None
+    state = _read_json(folder / "state.json") if (folder / "state.json").is_file() else {}
+    files = [folder / f["filename"] for f in state.get("_data_files", [])] or sorted(folder.glob("*.arrow"))
+    if not files:
+        raise DataError(f"{folder} holds no .arrow files; save the dataset again with save_to_disk")
+    tables = []
+    for f in files:
+        with pa.memory_map(str(f)) as source:
+            tables.append(pa.ipc.open_stream(source).read_all())
+    return pa.concat_tables(tables)
+
+
+def _decode_image(cell: Any, where: Path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    data = cell.get("bytes") if isinstance(cell, dict) else None
+    if not data:
+        raise DataError(f"{where}: an image is stored by path only; save it with the image bytes embedded")
+    with Image.open(io.BytesIO(data)) as im:
+        arr = np.asarray(im.convert("RGB"))
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (3, H, W) uint8
+
 
 def load_saved(path: Path, split: str, seed: int, limit: int | None) -> Dataset:
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"{path} is a datasets.save_to_disk directory; reading it needs `pip install datasets`") from None
-    obj = datasets.load_from_disk(str(path))
-    if isinstance(obj, datasets.DatasetDict):
-        aliases = {"val": ("validation", "val", "valid", "dev")}.get(split, (split,))
-        key = next((k for k in aliases if k in obj), None)
+    """One split of a saved Dataset (seeded 80/10/10 split) or DatasetDict (its own splits)."""
+    folder, presplit = path, False
+    if (path / "dataset_dict.json").is_file():
+        splits = _read_json(path / "dataset_dict.json").get("splits", [])
+        key = next((k for k in _SPLIT_ALIASES[split] if k in splits), None)
         if key is None:
-            raise DataError(f"{path} has splits {list(obj)}; it lacks {split!r}")
-        table, presplit = obj[key], True
-    else:
-        table, presplit = obj, False
+            names = " or ".join(_SPLIT_ALIASES[split])
+            raise DataError(f"{path} has splits {splits} but none named {names}; add one or pick another split")
+        folder, presplit = path / key, True
+    info = folder / "dataset_info.json"
+    features = _read_json(info).get("features", {}) if info.is_file() else {}
+    table = _read_table(folder)
     cols = table.column_names
     if "label" not in cols:
-        raise DataError(f"{path} has no 'label' column (columns: {', '.join(cols)})")
-    feature = table.features["label"]
-    names = list(getattr(feature, "names", []) or [])
-    labels = table["label"]
-    if not names:
-        names = sorted({str(v) for v in labels})
-        labels = [names.index(str(v)) for v in labels]
+        raise DataError(f"{path} has no 'label' column (columns: {', '.join(cols)}); add one")
+    raw = table.column("label").to_pylist()
+    names = list(features.get("label", {}).get("names", []))
+    if names:
+        labels = [int(v) for v in raw]  # ClassLabel stores indices into names
+    else:
+        names = sorted({str(v) for v in raw})
+        labels = [names.index(str(v)) for v in raw]
     if "text" in cols:
-        examples = [{"text": t, "label": int(l)} for t, l in zip(table["text"], labels)]
-        task = "text-classification"
+        task, field = "text-classification", "text"
     elif "image" in cols:
-        import numpy as np
-        import torch
-
-        examples = [{"image": torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1), "label": int(l)} for im, l in zip(table["image"], labels)]
-        task = "image-classification"
+        task, field = "image-classification", "image"
     else:
         raise DataError(f"{path} needs a 'text' or 'image' column (columns: {', '.join(cols)})")
-    if not presplit:
-        idx = stratified_split([e["label"] for e in examples], seed)[split]
-        examples = [examples[i] for i in idx]
-    return Dataset(path.name, task, take(examples, limit, seed), names)
+    idx = list(range(len(labels))) if presplit else stratified_split(labels, seed)[split]
+    idx = take(idx, limit, seed)
+    values = table.column(field).take(idx).to_pylist() if idx else []
+    if field == "text":
+        examples = [{"text": str(v), "label": labels[i]} for v, i in zip(values, idx)]
+    else:
+        examples = [{"image": _decode_image(v, path), "label": labels[i]} for v, i in zip(values, idx)]
+    return Dataset(path.name, task, examples, names)

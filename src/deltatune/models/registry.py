@@ -1,46 +1,83 @@
+"""Bundled models by name (each with its task and options), or a local transformers directory."""
+
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .entry import ModelEntry, ModelError
+from .entry import TASKS, ModelEntry, ModelError
+
+
+@dataclass(frozen=True)
+class _Bundled:
+    description: str
+    task: str
+    builder: str  # "module:function", imported on use so that transformers loads only when needed
+    options: tuple[str, ...]
+    takes_labels: bool = True
+
 
 _MODELS = {
-    "minilm": "all-MiniLM-L6-v2 encoder (22.7M) + mean pooling + linear head: text classification",
-    "smollm2": "SmolLM2-135M-Instruct from its bundled GGUF file: causal language model",
-    "efficientnet-lite0": "EfficientNet-Lite0, ImageNet weights (4.65M), new head: image classification",
-    "small-cnn": "a small BatchNorm CNN for 28x28 digits, trained from scratch",
+    "minilm": _Bundled("all-MiniLM-L6-v2 encoder (22.7M) + mean pooling + linear head: text classification",
+                       "text-classification", "text:minilm", ("max_length",)),
+    "smollm2": _Bundled("SmolLM2-135M-Instruct from its bundled GGUF file: causal language model",
+                        "causal-lm", "gguf:smollm2", ("max_length", "cache"), takes_labels=False),
+    "efficientnet-lite0": _Bundled("EfficientNet-Lite0, ImageNet weights (4.65M), new head: image classification",
+                                   "image-classification", "vision:efficientnet_lite0", ("image_size",)),
+    "small-cnn": _Bundled("a small BatchNorm CNN for 28x28 digits (60k), trained from scratch: image classification",
+                          "image-classification", "vision:small_cnn", ("image_size",)),
 }
 
 
 def available_models() -> list[str]:
+    """Bundled model names (a local transformers directory path works too)."""
     return list(_MODELS)
 
 
 def describe_models() -> dict[str, str]:
-    return dict(_MODELS)
+    """Bundled model names with a one-line description each (CLI help)."""
+    return {name: m.description for name, m in _MODELS.items()}
 
 
-def load_model(spec: str, *, num_labels: int | None = None, task: str | None = None, **options) -> ModelEntry:
-    """A model entry by bundled name or local transformers directory (never downloads)."""
-    if spec == "minilm":
-        from .text import minilm
+def load_model(spec: str, *, num_labels: int | None = None, task: str | None = None, **options: Any) -> ModelEntry:
+    """A model entry by bundled name or local transformers directory (never downloads).
 
-        return minilm(num_labels, **options)
-    if spec == "smollm2":
-        from .text import smollm2
-
-        return smollm2(**options)
-    if spec == "efficientnet-lite0":
-        from .vision import efficientnet_lite0
-
-        return efficientnet_lite0(num_labels, **options)
-    if spec == "small-cnn":
-        from .vision import small_cnn
-
-        return small_cnn(num_labels)
+    ``num_labels`` sizes a new classification head; ``task`` picks what a transformers directory
+    becomes (and is checked against a bundled model's task); ``options`` are per model:
+    ``max_length`` (text), ``image_size`` (images), ``cache`` (smollm2).
+    """
+    if num_labels is not None and num_labels < 1:
+        raise ModelError(f"num_labels must be positive, got {num_labels}")
+    if task is not None and task not in TASKS:
+        raise ModelError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+    bundled = _MODELS.get(spec)
+    if bundled is not None:
+        if task is not None and task != bundled.task:
+            raise ModelError(f"{spec} is a {bundled.task} model, not {task}; pick a {task} model")
+        _check_options(spec, options, bundled.options)
+        module, _, func = bundled.builder.partition(":")
+        build = getattr(importlib.import_module(f".{module}", __package__), func)
+        if not bundled.takes_labels:
+            if num_labels:
+                raise ModelError(f"{spec} is a {bundled.task} model and takes no num_labels; drop it")
+            return build(**options)
+        return build(num_labels, **options)
     path = Path(spec)
     if path.is_dir():
         from .text import transformers_dir
 
-        return transformers_dir(path, None if task == "causal-lm" else num_labels)
+        if task == "image-classification":
+            raise ModelError(f"{spec}: only text transformers directories are supported; use a bundled image model")
+        _check_options(spec, options, ("max_length",))
+        return transformers_dir(path, num_labels, task, **options)
+    if "/" in spec or "\\" in spec:
+        raise ModelError(f"{spec} does not exist; pass a local transformers directory or a bundled model name")
     raise ModelError(f"unknown model {spec!r}; bundled: {', '.join(_MODELS)} (or a local transformers directory)")
+
+
+def _check_options(spec: str, options: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ModelError(f"{spec} has no option(s) {unknown}; it takes {', '.join(allowed) or 'none'}")

