@@ -1,0 +1,34 @@
+"""After deployment: notice distribution shift, estimate accuracy without labels, adapt at test time.
+
+    import deltatune.deploy as dd
+    dd.detect(clean_features, new_features, test="mmd")          # DetectionResult(p_value, drift, ...)
+    est = dd.fit_accuracy_estimator(val_logits, val_labels)      # temperature scaling + ATC/DoC
+    est.estimate(new_logits)["atc"]
+    tta = dd.adapt(model, "tent", lr=1e-3)                       # any method by name; same call signature
+    preds = tta(x).argmax(-1)
+    tta.reset()                                                  # back to the source model
+"""
+
+from __future__ import annotations
+
+from . import bn, cotta, entropy, output  # noqa: F401  (register the methods)
+from .accuracy import AccuracyEstimator, fit_accuracy_estimator, fit_temperature
+from .base import METHODS, GradientTTA, TTAWrapper, adapt, method_options, register_method, unwrap, wrapper_of
+from .batch import softmax_entropy
+from .bn import AlphaBN, BNAdapt
+from .cotta import CoTTA, image_augment
+from .detect import DetectionResult, DriftMonitor, detect, embed
+from .entropy import EATA, SAR, Tent
+from .errors import BatchError, DeployError
+from .norm import BatchNormStats, norm_param_names
+from .output import LAME, EMPrior, em_prior
+from .params import collect_params
+from .stats import TESTS, adjust_pvalues
+
+__all__ = [
+    "METHODS", "TESTS", "AccuracyEstimator", "AlphaBN", "BNAdapt", "BatchError", "BatchNormStats", "CoTTA",
+    "DeployError", "DetectionResult", "DriftMonitor", "EATA", "EMPrior", "GradientTTA", "LAME", "SAR", "TTAWrapper",
+    "Tent", "adapt", "adjust_pvalues", "collect_params", "detect", "em_prior", "embed", "fit_accuracy_estimator",
+    "fit_temperature", "image_augment", "method_options", "norm_param_names", "register_method", "softmax_entropy",
+    "unwrap", "wrapper_of",
+]

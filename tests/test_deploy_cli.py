@@ -1,0 +1,100 @@
+"""`deltatune detect` / `deltatune adapt` on feature files: results.json, PNG, one-line errors."""
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from deltatune.cli.app import main
+
+pytest.importorskip("scipy")
+pytest.importorskip("matplotlib")
+
+
+@pytest.fixture
+def features(tmp_path):
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(150, 4)).astype(np.float32)
+    same = rng.normal(size=(150, 4)).astype(np.float32)
+    moved = np.concatenate([rng.normal(size=(150, 4)), rng.normal(size=(150, 4)) + 1.0]).astype(np.float32)
+    np.save(tmp_path / "ref.npy", ref)
+    np.save(tmp_path / "same.npy", same)
+    save_file({"feats": moved, "other": moved[:, :2].copy()}, str(tmp_path / "moved.safetensors"))
+    return tmp_path
+
+
+def test_detect_writes_results_and_png(features, capsys):
+    out = features / "run"
+    code = main(["detect", "--reference", str(features / "ref.npy"), "--target", str(features / "same.npy"),
+                 "--permutations", "200", "--out", str(out)])
+    assert code == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["job"] == "detect" and res["test"] == "mmd" and not res["drift"] and res["p_value"] > 0.05
+    assert res["n_reference"] == 150 and res["features"] == 4
+    assert (out / "detect.png").read_bytes()[:4] == b"\x89PNG"
+    assert "no drift" in capsys.readouterr().err
+
+
+def test_detect_streams_windows(features):
+    out = features / "stream"
+    code = main(["detect", "--reference", str(features / "ref.npy"), "--target", str(features / "moved.safetensors"),
+                 "--key", "feats", "--window", "100", "--test", "ks", "--batch-size", "50", "--out", str(out)])
+    assert code == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["windows"] == 3 and [h["drift"] for h in res["history"]][-1] is True
+    assert (out / "p_values.png").is_file()
+
+
+def test_detect_bad_input_is_one_line(features, capsys):
+    args = ["detect", "--reference", str(features / "ref.npy"), "--out", str(features / "x")]
+    assert main(args + ["--target", str(features / "moved.safetensors")]) == 2
+    assert "holds 2 tensors (feats, other); pick one with --key" in capsys.readouterr().err
+    assert main(args + ["--target", str(features / "missing.npy")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["detect", "--reference", str(features / "ref.npy"), "--target", "mnist", "--out", str(features / "y")]) == 2
+    assert "both be feature files" in capsys.readouterr().err
+    (features / "x").mkdir(exist_ok=True)
+    (features / "x" / "keep").write_text("1")
+    assert main(args + ["--target", str(features / "same.npy")]) == 2
+    err = capsys.readouterr().err
+    assert "exists and is not empty" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def digits_available():
+    pytest.importorskip("corrupt_tta")
+    pytest.importorskip("mnist")
+
+
+def test_detect_with_a_model_on_real_datasets(tmp_path, digits_available):
+    out = tmp_path / "det"
+    code = main(["detect", "--model", "small-cnn", "--reference", "mnist", "--target", "mnist-c:brightness:3",
+                 "--limit", "128", "--test", "bbsd", "--out", str(out)])
+    assert code == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["n_reference"] == res["n_target"] == 128 and res["features"] == 10  # softmax outputs of 10 classes
+    assert res["drift"] and (out / "detect.png").is_file()
+
+
+def test_adapt_streams_a_real_dataset_and_reports_errors(tmp_path, digits_available):
+    import torch
+
+    from deltatune.data import load_data
+    from deltatune.models import load_model
+
+    out = tmp_path / "tta"
+    code = main(["adapt", "--model", "small-cnn", "--data", "mnist-c:fog:3", "--method", "tent", "--opt", "lr=0.01",
+                 "--limit", "96", "--batch-size", "32", "--out", str(out)])
+    assert code == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["batches"] == 3 and len(res["curves"]["adapted"]) == 3 and res["options"] == {"lr": 0.01}
+    assert 0 <= res["error"] <= 100 and (out / "adapt.png").read_bytes()[:4] == b"\x89PNG"
+    # the unadapted pass is the plain model on the same batches (the job builds small-cnn after seeding 0)
+    torch.manual_seed(0)
+    entry = load_model("small-cnn")
+    batch = entry.collate(load_data("mnist-c:fog:3", "test", limit=96).examples)
+    with torch.no_grad():
+        wrong = int((entry.model.eval()(batch["pixel_values"]).argmax(-1) != batch["labels"]).sum())
+    assert res["source_error"] == pytest.approx(100 * wrong / 96)
+    assert main(["adapt", "--model", "small-cnn", "--data", "mnist", "--method", "tnet", "--out", str(tmp_path / "b")]) == 2
