@@ -31,6 +31,9 @@ test-fast: setup
 
 bench: setup
 	$(PY) bench/bench_engine.py
+	$(PY) bench/bench_merge.py
+	$(PY) bench/bench_tta.py
+	$(PY) bench/bench_accuracy.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
