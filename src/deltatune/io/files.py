@@ -13,27 +13,35 @@ import torch
 from ..core.errors import DeltaFileError
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+def ordinary_mode(path: str | os.PathLike) -> None:
+    """Give a file or directory made by ``tempfile`` (0600/0700) the mode a plain open/mkdir would."""
+    umask = os.umask(0)  # the only portable way to read it is to set it
+    os.umask(umask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` for a temp file beside ``path``, then rename it over ``path``.
 
     A crash at any point leaves either the old file or the new one, never a partial file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-write
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
+        ordinary_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return path
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from .config import CheckpointError
-from .files import ordinary_mode
+from ..io.files import ordinary_mode
 
 NAME = "checkpoint"
 FORMAT = "deltatune-train-checkpoint"

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_file
+from ..io.files import atomic_write
 
 METRICS = "metrics.json"
 CURVE = "learning_curve.png"
@@ -48,7 +48,7 @@ def peak_rss_mb() -> float | None:
 def write_metrics(out_dir: Path, metrics: dict[str, Any]) -> Path:
     path = Path(out_dir) / METRICS
     text = json.dumps(metrics, indent=1, default=str) + "\n"
-    atomic_file(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return path
 
 
@@ -95,7 +95,7 @@ def plot_curve(out_dir: Path, steps: list[dict[str, Any]], evals: list[dict[str,
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(out_dir) / CURVE
-    atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
 
