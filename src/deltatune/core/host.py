@@ -338,3 +338,17 @@ def remove_delta(model: nn.Module, path: str, name: str) -> None:
     host.remove(name)
     if not host.delta_names():
         set_module(model, path, host.base)
+
+
+def add_deltas(model: nn.Module, name: str, spec: "DeltaSpec", paths: list[str]) -> list[str]:
+    """Add ``spec``'s delta at every path; on any failure remove the ones already added."""
+    built: list[str] = []
+    try:
+        for path in paths:
+            add_delta(model, path, name, spec)
+            built.append(path)
+    except Exception:
+        for path in built:
+            remove_delta(model, path, name)
+        raise
+    return paths

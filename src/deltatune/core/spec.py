@@ -135,22 +135,10 @@ class DeltaSpec:
         The default selects target modules, wraps each in a :class:`DeltaHost` and adds one delta per
         host. Methods that insert elsewhere (prompts, side networks) override this.
         """
-        from .host import add_delta
+        from .host import add_deltas
         from .targets import select_targets
 
-        chosen = select_targets(model, self)
-        built: list[str] = []
-        try:
-            for path in chosen:
-                add_delta(model, path, name, self)
-                built.append(path)
-        except Exception:
-            from .host import remove_delta
-
-            for path in built:
-                remove_delta(model, path, name)
-            raise
-        return chosen
+        return add_deltas(model, name, self, select_targets(model, self))
 
     # -- peft interop (methods with a peft layout override these) --------------------------------
     def to_peft_config(self, deltas: dict[str, "Delta"]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..core.delta import Delta
 from ..core.errors import TargetError
-from ..core.host import DeltaHost, add_delta, module_kind, remove_delta
+from ..core.host import DeltaHost, module_kind
 from ..core.spec import DeltaSpec
 from ..core.targets import iter_candidates, name_matches
 
@@ -107,17 +107,3 @@ def select_modules(
         where = "among the selected modules" if narrowed else "in the model"
         raise TargetError(f"{type(spec).__name__} found no {what} {where}; pick targets that include some")
     return chosen
-
-
-def add_deltas(model: nn.Module, name: str, spec: DeltaSpec, paths: list[str]) -> list[str]:
-    """Add ``spec``'s delta at every path; on any failure remove the ones already added."""
-    built: list[str] = []
-    try:
-        for path in paths:
-            add_delta(model, path, name, spec)
-            built.append(path)
-    except Exception:
-        for path in built:
-            remove_delta(model, path, name)
-        raise
-    return paths

@@ -20,7 +20,8 @@ from torch import nn
 from ..core.delta import Delta
 from ..core.host import DeltaHost, module_kind
 from ..core.spec import DeltaSpec, register
-from .bias import BiasDelta, add_deltas, select_modules
+from ..core.host import add_deltas
+from .bias import BiasDelta, select_modules
 from .lntuning import is_norm
 
 

@@ -24,7 +24,8 @@ from ..core.delta import Delta
 from ..core.errors import DeltaFileError, TargetError
 from ..core.host import DeltaHost
 from ..core.spec import DeltaSpec, register
-from .bias import add_deltas, select_modules
+from ..core.host import add_deltas
+from .bias import select_modules
 
 _TORCH_NORMS = (
     nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm

@@ -33,7 +33,8 @@ from ..core.errors import DeltaFileError, SpecError, TargetError
 from ..core.host import DeltaHost, Host, get_module, module_kind
 from ..core.model import attach, detach
 from ..core.spec import DeltaSpec, register
-from .bias import add_deltas, select_modules
+from ..core.host import add_deltas
+from .bias import select_modules
 
 _DATA_MASKS = ("fish", "given")
 #: ``loss_fn(model, batch)`` → scalar loss of one batch

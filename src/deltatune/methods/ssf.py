@@ -22,7 +22,8 @@ from ..core.delta import Delta
 from ..core.errors import TargetError
 from ..core.host import DeltaHost, module_kind
 from ..core.spec import DeltaSpec, register
-from .bias import add_deltas, broadcast, channel_dim, select_modules
+from ..core.host import add_deltas
+from .bias import broadcast, channel_dim, select_modules
 from .lntuning import is_norm
 
 

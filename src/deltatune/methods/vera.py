@@ -28,7 +28,7 @@ from ..core.errors import DeltaFileError
 from ..core.host import DeltaHost, Host, get_module
 from ..core.spec import DeltaSpec, register
 from ..core.targets import select_targets
-from .bias import add_deltas
+from ..core.host import add_deltas
 
 _SHARED_A, _SHARED_B = "base_model.vera_A", "base_model.vera_B"
 
