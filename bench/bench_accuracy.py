@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_accuracy.py                      # BBC News + tweet-sentiment, 3 seeds
     .venv/bin/python bench/bench_accuracy.py --data bbc-news --seeds 0 --epochs 1 --limit 400   # reduced
+    .venv/bin/python bench/bench_accuracy.py --epochs 1 --limit tweet-sentiment=4000           # as in RESULTS.md
 
 Same split, epochs, batch size, max length (128) and learning-rate schedule for every variant; only
 the learning rate differs by variant (full fine-tuning needs a smaller one). Each run goes through
@@ -62,22 +63,36 @@ def run(variant: str, data: str, seed: int, epochs: int, limit: int | None, batc
             "trainable_percent": 100 * trainable / total, "seconds": time.time() - t0}
 
 
+def parse_limits(values: list[str], datasets: list[str]) -> dict[str, int | None]:
+    """``["4000"]`` → every data set 4000; ``["tweet-sentiment=4000"]`` → only that one."""
+    limits: dict[str, int | None] = {d: None for d in datasets}
+    for value in values:
+        name, _, number = value.rpartition("=")
+        for d in ([name] if name else datasets):
+            if d not in limits:
+                raise SystemExit(f"--limit names {d!r}, which is not in --data {datasets}")
+            limits[d] = int(number)
+    return limits
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", nargs="+", default=["bbc-news", "tweet-sentiment"])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--limit", type=int, default=None, help="examples per split (reduced runs)")
+    ap.add_argument("--limit", nargs="*", default=[],
+                    help="examples per split (reduced runs): N for every data set, or DATA=N for one")
     ap.add_argument("--out", default="bench/accuracy_runs.jsonl")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
+    limits = parse_limits(args.limit, args.data)
     rows = []
     for data in args.data:
         for seed in args.seeds:
             for variant in args.variants:
-                row = run(variant, data, seed, args.epochs, args.limit, args.batch_size)
+                row = run(variant, data, seed, args.epochs, limits[data], args.batch_size)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 with open(ROOT / args.out, "a") as fh:
@@ -91,7 +106,8 @@ def main() -> None:
             lines.append(f"| {data} | {variant} | {statistics.mean(accs):.2f} ± {std:.2f} | {pct:.3f} | {len(accs)} |")
     cmd = "`.venv/bin/python bench/bench_accuracy.py " + " ".join(sys.argv[1:]) + "`"
     body = (f"Command: {cmd} (MiniLM-L6, max 128 tokens, batch {args.batch_size}, {args.epochs} epochs, "
-            f"limit={args.limit}, learning rates: " + ", ".join(f"{k} {v['lr']}" for k, v in VARIANTS.items()) + ").\n\n" + "\n".join(lines))
+            "examples per split: " + ", ".join(f"{d} {limits[d] or 'all'}" for d in args.data)
+            + "; learning rates: " + ", ".join(f"{k} {v['lr']}" for k, v in VARIANTS.items()) + ").\n\n" + "\n".join(lines))
     print(body)
     if not args.no_write:
         from _results import write_section

@@ -6,6 +6,7 @@ Methods without a row are skipped with the reason (their owners add a row when t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import sys
 
@@ -54,12 +55,19 @@ CONTRACT = {
                 ({"counts": {"fc1": 0}}, "counts"), ({"seed": -1}, "seed")], 1e-5),
 }
 
-METHODS = sorted(n for n in registered_methods() if not n.startswith("_"))
+ALL_METHODS = sorted(n for n in registered_methods() if not n.startswith("_"))
+#: methods that sit at transformer positions (attention, FFN, embeddings, the whole stack): their
+#: contract runs on tiny BERT and Llama models in tests/test_methods_modules.py::test_contract
+MODULE_METHODS = {"bottleneck", "compacter", "prompt", "prefix", "side", "mam", "unipelt", "unified"}
+METHODS = sorted(CONTRACT)
+
+
+def test_every_method_has_a_contract():
+    missing = set(ALL_METHODS) - set(CONTRACT) - MODULE_METHODS
+    assert not missing, f"add a CONTRACT row (or a module-method contract) for {sorted(missing)}"
 
 
 def _row(method: str):
-    if method not in CONTRACT:
-        pytest.skip(f"no contract row for {method!r} (its owner adds one to tests/test_contract.py::CONTRACT)")
     return CONTRACT[method]
 
 
@@ -158,6 +166,15 @@ def test_bad_spec_values_name_the_field(method):
     for kwargs, field in bad:
         with pytest.raises(dt.SpecError, match=f"{cls.__name__}.{field}="):
             cls(**kwargs)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_misspelt_option_is_a_spec_error(method):
+    cls = registered_methods()[method]
+    with pytest.raises(dt.SpecError, match=f"{cls.__name__} has no option 'targetz'; did you mean targets"):
+        cls(targetz=("x",))
+    with pytest.raises(dt.SpecError, match="pass options by name"):
+        cls(*range(len(dataclasses.fields(cls)) + 1))
 
 
 @pytest.mark.parametrize("method", METHODS)

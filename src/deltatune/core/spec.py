@@ -8,6 +8,7 @@ knows which host kinds it supports and builds the per-host :class:`~deltatune.co
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import warnings
 from dataclasses import dataclass, fields
@@ -81,6 +82,20 @@ class DeltaSpec:
 
     #: peft's ``peft_type`` for methods with a peft file layout (None: deltatune format only)
     peft_type: ClassVar[str | None] = None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "DeltaSpec":
+        # The dataclass __init__ would raise a bare TypeError for a misspelt option; name the field
+        # and the closest real ones instead (specs are built from user configs and CLI flags).
+        names = [f.name for f in fields(cls)] if dataclasses.is_dataclass(cls) else []
+        for key in kwargs:
+            if names and key not in names:
+                close = difflib.get_close_matches(key, names, n=3)
+                hint = f"did you mean {', '.join(close)}?" if close else f"valid options: {', '.join(names)}"
+                raise SpecError(f"{cls.__name__} has no option {key!r}; {hint}")
+        if names and len(args) > len(names):
+            raise SpecError(f"{cls.__name__} takes at most {len(names)} options, got {len(args)} positional values;"
+                            " pass options by name")
+        return super().__new__(cls)
 
     targets: tuple[str, ...] | None = None
     target_regex: str | None = None
