@@ -104,7 +104,8 @@ def main() -> None:
             pct = next(r["trainable_percent"] for r in rows if r["data"] == data and r["variant"] == variant)
             std = statistics.stdev(accs) if len(accs) > 1 else 0.0
             lines.append(f"| {data} | {variant} | {statistics.mean(accs):.2f} ± {std:.2f} | {pct:.3f} | {len(accs)} |")
-    cmd = "`.venv/bin/python bench/bench_accuracy.py " + " ".join(sys.argv[1:]) + "`"
+    shown = [a for i, a in enumerate(sys.argv[1:]) if a != "--out" and (i == 0 or sys.argv[i] != "--out")]
+    cmd = "`.venv/bin/python bench/bench_accuracy.py " + " ".join(shown) + "`"
     body = (f"Command: {cmd} (MiniLM-L6, max 128 tokens, batch {args.batch_size}, {args.epochs} epochs, "
             "examples per split: " + ", ".join(f"{d} {limits[d] or 'all'}" for d in args.data)
             + "; learning rates: " + ", ".join(f"{k} {v['lr']}" for k, v in VARIANTS.items()) + ").\n\n" + "\n".join(lines))

@@ -75,9 +75,9 @@ def run_case(case: str, steps: int, threads: int) -> dict:
         model.embeddings.register_forward_hook(lambda m, i, o: o.detach().requires_grad_(True))
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4) if case != "floor" else None
-    times = []
+    times, cpu = [], []
     for step in range(steps + 2):  # 2 warm-up steps
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = model(input_ids=ids, attention_mask=mask).last_hidden_state
         loss = _loss(torch, out, mask, head, labels)
         loss.backward()
@@ -86,18 +86,23 @@ def run_case(case: str, steps: int, threads: int) -> dict:
             opt.zero_grad(set_to_none=True)
         if step >= 2:
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB on Linux
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"case": case, "step_s": statistics.median(times), "peak_rss_mb": rss, "trainable": trainable}
+    return {"case": case, "step_s": statistics.median(times), "best_s": min(times), "cpu_s": statistics.median(cpu),
+            "peak_rss_mb": rss, "trainable": trainable}
 
 
 def _timeit(torch, fn, reps: int) -> float:
+    """Fastest of ``reps`` calls: other processes on a shared machine only ever add time."""
     with torch.no_grad():
         fn()
-        t0 = time.perf_counter()
+        best = float("inf")
         for _ in range(reps):
+            t0 = time.perf_counter()
             fn()
-        return (time.perf_counter() - t0) / reps
+            best = min(best, time.perf_counter() - t0)
+        return best
 
 
 def run_inference(rounds: int, reps: int, threads: int, n_adapters: int) -> dict:
@@ -205,15 +210,20 @@ def main() -> None:
             rows[c].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"round {r} {c}: {rows[c][-1]}", flush=True)
     med = lambda c, k: statistics.median(x[k] for x in rows[c])  # noqa: E731
+    best = lambda c: min(x["best_s"] for x in rows[c])  # noqa: E731
     pair = lambda a, b, k: statistics.median(x[k] / y[k] for x, y in zip(rows[a], rows[b]))  # noqa: E731
     inf = run_inference(rounds=max(args.rounds, 3), reps=2 if args.quick else 4, threads=args.threads, n_adapters=32)
     print(json.dumps(inf, indent=2))
     table = [
         "| figure | deltatune | peer / reference | ratio | aim |",
         "|---|---|---|---|---|",
-        f"| LoRA training step (s) vs peft | {med('dt','step_s'):.3f} | peft {med('peft','step_s'):.3f} | {pair('dt','peft','step_s'):.3f} | ≤ 1.0 |",
-        f"| LoRA training step vs floor (frozen fwd+bwd to embeddings) | {med('dt','step_s'):.3f} | floor {med('floor','step_s'):.3f} | {pair('dt','floor','step_s'):.3f} | ≤ 1.1 |",
-        f"| full fine-tuning step (s), reference | — | {med('full','step_s'):.3f} | {pair('dt','full','step_s'):.3f} | — |",
+        f"| LoRA training step (s, fastest) vs peft | {best('dt'):.3f} | peft {best('peft'):.3f} | {best('dt') / best('peft'):.3f} | ≤ 1.0 |",
+        f"| LoRA training step (s, fastest) vs floor (frozen fwd+bwd to embeddings) | {best('dt'):.3f} | floor {best('floor'):.3f} | {best('dt') / best('floor'):.3f} | ≤ 1.1 |",
+        f"| LoRA training step (s, median; ratio per round) vs peft | {med('dt','step_s'):.3f} | peft {med('peft','step_s'):.3f} | {pair('dt','peft','step_s'):.3f} | ≤ 1.0 |",
+        f"| LoRA training step (s, median; ratio per round) vs floor | {med('dt','step_s'):.3f} | floor {med('floor','step_s'):.3f} | {pair('dt','floor','step_s'):.3f} | ≤ 1.1 |",
+        f"| LoRA training step, process CPU time (s) vs peft | {med('dt','cpu_s'):.3f} | peft {med('peft','cpu_s'):.3f} | {pair('dt','peft','cpu_s'):.3f} | — |",
+        f"| LoRA training step, process CPU time (s) vs floor | {med('dt','cpu_s'):.3f} | floor {med('floor','cpu_s'):.3f} | {pair('dt','floor','cpu_s'):.3f} | — |",
+        f"| full fine-tuning step (s, fastest), reference | — | {best('full'):.3f} | {best('dt') / best('full'):.3f} | — |",
         f"| peak RSS of the training process (MiB) vs peft | {med('dt','peak_rss_mb'):.0f} | peft {med('peft','peak_rss_mb'):.0f} | {pair('dt','peft','peak_rss_mb'):.3f} | ≤ 1.0 |",
         f"| merged inference (hosts in place) vs base model | {inf['median_s']['merged']:.3f} s | base {inf['median_s']['base']:.3f} s | {inf['merged_vs_base']:.3f} | ≤ 1.02 |",
         f"| merged + unloaded inference vs base model | {inf['median_s']['merged_unloaded']:.3f} s | base {inf['median_s']['base']:.3f} s | {inf['unloaded_vs_base']:.3f} | ≤ 1.02 |",
@@ -224,8 +234,10 @@ def main() -> None:
     body = (
         "Command: `.venv/bin/python bench/bench_engine.py` (MiniLM-L6 from the bundled package, batch "
         f"{BATCH} x {SEQ} tokens, LoRA r={RANK} alpha={ALPHA} on query,value, {args.threads} CPU threads, "
-        f"{args.rounds} interleaved rounds x {args.steps} timed steps, each training case in its own process; "
-        "medians, ratios taken round by round).\n\n" + "\n".join(table) +
+        f"{args.rounds} interleaved rounds x {args.steps} timed steps, each training case in its own process). "
+        "The machine is shared, and other processes only ever add time, so the first rows compare each case's "
+        "fastest step over all rounds (as `timeit` does); medians with round-by-round ratios and process CPU "
+        "time follow; inference rows are the fastest of 4 calls, ratios per round.\n\n" + "\n".join(table) +
         f"\n\nLoRA trainable parameters in the encoder: {trainable:,} (peft: {rows['peft'][0]['trainable']:,}). "
         f"Routed output vs the sample run alone with its adapter: max |diff| {inf['route_max_abs_err']:.2e}.\n"
     )

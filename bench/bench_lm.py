@@ -53,7 +53,7 @@ def main() -> None:
     seconds = time.time() - t0
     after = evaluate(entry.model, test, entry.collate, task=entry.task, batch_size=8)
 
-    cmd = "`.venv/bin/python bench/bench_lm.py " + " ".join(sys.argv[1:]) + "`"
+    cmd = "`.venv/bin/python bench/bench_lm.py" + "".join(" " + a for a in sys.argv[1:]) + "`"
     body = (f"Command: {cmd} (SmolLM2-135M-Instruct from the bundled GGUF, LoRA r={args.rank} alpha={2 * args.rank} "
             f"on q_proj,v_proj, {args.steps} steps x batch {args.batch_size}, {args.max_length} tokens per article, "
             f"{len(train)} training articles, lr {args.lr}, CPU).\n\n"

@@ -1,0 +1,209 @@
+"""Method-zoo benchmark (issue 5): every method on tweet-sentiment (MiniLM) and the conv-capable ones on
+MNIST (EfficientNet-Lite0), against the frozen backbone + linear probe.
+
+    .venv/bin/python bench/bench_methods.py                              # as in RESULTS.md
+    .venv/bin/python bench/bench_methods.py --seeds 0 --only lora ia3    # a few rows
+    .venv/bin/python bench/bench_methods.py --part text --train-limit 8000 --eval-limit 3000   # larger
+
+Every method trains through deltatune's trainer with the same split, the same number of optimizer steps
+(one epoch over the training subset) and batch size; only the learning rate is per method (the values
+the methods' papers and peft's examples use). The classification head trains beside every delta.
+Each (data, method, seed) runs in its own process, so the peak RSS is that run's own; rows are
+appended to a cache file, and a rerun skips the rows it already has (delete the file to start over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+CACHE = ROOT / ".cache" / "bench_methods" / "rows.jsonl"
+
+#: method → (spec options, learning rate); "probe" trains the head alone
+TEXT = {
+    "probe": ({}, 5e-3),
+    "lora": ({"r": 8, "alpha": 16}, 1e-3),
+    "ia3": ({}, 5e-3),
+    "ssf": ({}, 5e-3),
+    "bitfit": ({}, 5e-3),
+    "ln_tuning": ({}, 5e-3),
+    "vera": ({"r": 256}, 5e-3),
+    "oft": ({}, 1e-3),
+    "boft": ({"butterfly_factor": 2}, 1e-3),
+    "sparse": ({"density": 0.005}, 1e-3),
+    "bottleneck": ({"style": "houlsby", "reduction_factor": 16}, 1e-3),
+    "bottleneck-pfeiffer": ({"style": "pfeiffer", "reduction_factor": 16}, 1e-3),
+    "bottleneck-parallel": ({"style": "parallel", "reduction_factor": 16, "scaling": 4.0}, 1e-3),
+    "compacter": ({}, 3e-3),
+    "prompt": ({"num_virtual_tokens": 10}, 3e-2),
+    "prefix": ({"num_virtual_tokens": 10}, 5e-3),
+    "side": ({}, 1e-3),
+    "mam": ({}, 1e-3),
+    "unipelt": ({}, 1e-3),
+}
+#: conv-capable methods on EfficientNet-Lite0 (its expand/project 1x1 convolutions by default)
+IMAGE = {
+    "probe": ({}, 5e-3),
+    "lora": ({"r": 8, "alpha": 16, "targets": ("_expand_conv", "_project_conv")}, 1e-3),
+    "ssf": ({}, 5e-3),
+    "bitfit": ({}, 5e-3),
+    "ia3": ({"targets": ("_expand_conv", "_project_conv"), "feedforward": ()}, 5e-3),
+    "sparse": ({"density": 0.005}, 1e-3),
+}
+PARTS = {"text": ("tweet-sentiment", "minilm", TEXT, 16), "image": ("mnist", "efficientnet-lite0", IMAGE, 32)}
+
+
+class StepTimer:
+    """Trainer callback: wall time between consecutive optimizer steps (the first step is warm-up)."""
+
+    def __init__(self) -> None:
+        self.last: float | None = None
+        self.times: list[float] = []
+
+    def on_train_start(self, model) -> None:
+        self.last = None
+
+    def on_step_end(self, model, step: int) -> None:
+        now = time.perf_counter()
+        if self.last is not None:
+            self.times.append(now - self.last)
+        self.last = now
+
+    def median(self) -> float:
+        return statistics.median(self.times) if self.times else float("nan")
+
+
+def run_one(part: str, method: str, seed: int, train_limit: int, eval_limit: int) -> dict:
+    """Train one delta in this process and return its row (called in a child process)."""
+    import torch
+
+    import deltatune as dt
+    from deltatune.cli.spec_options import build_spec
+    from deltatune.data import load_data
+    from deltatune.models import load_model
+    from deltatune.train import TrainConfig, evaluate, fit
+
+    data, model_name, table, batch = PARTS[part]
+    options, lr = table[method]
+    torch.manual_seed(seed)
+    train = load_data(data, "train", seed=0, limit=train_limit)
+    test = load_data(data, "test", seed=0, limit=eval_limit)
+    entry = load_model(model_name, num_labels=len(train.label_names))
+    model = entry.model
+    head = "classifier" if part == "text" else "net._fc"
+    if method == "probe":
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(head))
+    else:
+        base = method.split("-")[0]
+        dt.attach(model, build_spec(base, dict(options), head=[head]))
+    summary = dt.trainable_summary(model)
+    timer = StepTimer()
+    cfg = TrainConfig(epochs=1, batch_size=batch, lr=lr, seed=seed, progress=False, eval_each_epoch=False,
+                      keep_best=False)
+    t0 = time.time()
+    fit(model, train, entry.collate, cfg, task=entry.task, callbacks=[timer])
+    seconds = time.time() - t0
+    metrics = evaluate(model, test, entry.collate, task=entry.task)
+    return {"part": part, "method": method, "seed": seed, "train_limit": train_limit, "eval_limit": eval_limit,
+            "accuracy": metrics["accuracy"], "trainable": summary.trainable, "total": summary.total,
+            "trainable_percent": summary.percent, "step_s": timer.median(), "train_s": seconds,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _cached() -> list[dict]:
+    if not CACHE.exists():
+        return []
+    return [json.loads(line) for line in CACHE.read_text().splitlines() if line.strip()]
+
+
+def _table(part: str, rows: list[dict]) -> tuple[list[str], list[str]]:
+    methods = [m for m in PARTS[part][2] if any(r["method"] == m for r in rows)]
+    probe = [r["accuracy"] * 100 for r in rows if r["method"] == "probe"]
+    probe_mean = statistics.mean(probe) if probe else None
+    lines = ["| method | test accuracy % (mean ± std) | trainable | trainable % | peak RSS (MiB) | step (s) | seeds | beats probe |",
+             "|---|---|---|---|---|---|---|---|"]
+    losers = []
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m]
+        accs = [r["accuracy"] * 100 for r in mine]
+        mean, std = statistics.mean(accs), (statistics.stdev(accs) if len(accs) > 1 else 0.0)
+        beats = "—" if m == "probe" or probe_mean is None else ("yes" if mean > probe_mean else "**no**")
+        if beats == "**no**":
+            losers.append(m)
+        lines.append(f"| {m} | {mean:.2f} ± {std:.2f} | {mine[0]['trainable']:,} | {mine[0]['trainable_percent']:.3f} | "
+                     f"{statistics.median(r['peak_rss_mb'] for r in mine):.0f} | "
+                     f"{statistics.median(r['step_s'] for r in mine):.3f} | {len(mine)} | {beats} |")
+    return lines, losers
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--part", nargs="+", choices=list(PARTS), default=list(PARTS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--only", nargs="+", help="methods to run (default: all of the part)")
+    ap.add_argument("--train-limit", type=int, default=3000, help="training examples (one epoch)")
+    ap.add_argument("--eval-limit", type=int, default=1500, help="test examples")
+    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        part, method, seed = args.child
+        print(json.dumps(run_one(part, method, int(seed), args.train_limit, args.eval_limit)))
+        return
+    CACHE.parent.mkdir(parents=True, exist_ok=True)
+    key = lambda r: (r["part"], r["method"], r["seed"], r["train_limit"], r["eval_limit"])  # noqa: E731
+    done = {key(r): r for r in _cached()}
+    rows: dict[str, list[dict]] = {p: [] for p in args.part}
+    for part in args.part:
+        for seed in args.seeds:
+            for method in args.only or PARTS[part][2]:
+                if method not in PARTS[part][2]:
+                    continue
+                k = (part, method, seed, args.train_limit, args.eval_limit)
+                if k not in done:
+                    cmd = [sys.executable, __file__, "--child", part, method, str(seed),
+                           "--train-limit", str(args.train_limit), "--eval-limit", str(args.eval_limit)]
+                    proc = subprocess.run(cmd, capture_output=True, text=True)
+                    if proc.returncode != 0:
+                        print(f"{part} {method} seed {seed} FAILED:\n{proc.stderr[-3000:]}", flush=True)
+                        continue
+                    done[k] = json.loads(proc.stdout.strip().splitlines()[-1])
+                    with CACHE.open("a") as fh:
+                        fh.write(json.dumps(done[k]) + "\n")
+                rows[part].append(done[k])
+                print(json.dumps(done[k]), flush=True)
+    shown = "".join(" " + a for a in sys.argv[1:])
+    body = [f"Command: `.venv/bin/python bench/bench_methods.py{shown}`"]
+    body.append(f"(one epoch over {args.train_limit} training examples of the seed-0 split, batch 16 text / 32 images, "
+                f"{args.eval_limit} test examples; seeds {', '.join(map(str, args.seeds))} change the initialisation and "
+                "data order; 2 CPU threads, shared machine, so step times are indicative). Learning rates: "
+                + "; ".join(f"{p}: " + ", ".join(f"{m} {lr:g}" for m, (_, lr) in PARTS[p][2].items()) for p in args.part) + ".")
+    for part in args.part:
+        if not rows[part]:
+            continue
+        data, model_name, _, _ = PARTS[part]
+        lines, losers = _table(part, rows[part])
+        body.append(f"\n**{data}, {model_name}**\n\n" + "\n".join(lines))
+        body.append("\nEvery method beats the linear probe." if not losers else
+                    f"\nBelow the linear probe: {', '.join(losers)}.")
+    text = "\n".join(body)
+    print(text)
+    if not args.no_write:
+        from _results import write_section
+
+        write_section("Method zoo: every method vs the linear probe (issue 5)", text)
+
+
+if __name__ == "__main__":
+    main()
