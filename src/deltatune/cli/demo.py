@@ -63,10 +63,10 @@ def run_demo(out: Path, epochs: int, limit: Optional[int], seed: int, console) -
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("demo", epilog="Examples:\n\n  deltatune demo\n\n  deltatune demo --epochs 1 --limit 200 --out /tmp/demo   # a one-minute smoke run")
+    @app.command("demo", epilog="Examples:\n\n  deltatune demo\n\n  deltatune demo --epochs 1 --limit 200 --out demo-quick   # a one-minute smoke run")
     def demo(
         out: Path = typer.Option(Path("runs/demo"), help="output directory (replaced on each run)"),
-        epochs: int = typer.Option(3, help="training epochs"),
+        epochs: int = typer.Option(2, help="training epochs"),
         limit: Optional[int] = typer.Option(None, help="use at most N examples per split (quick runs)"),
         seed: int = typer.Option(0, help="random seed"),
     ) -> None:
