@@ -118,7 +118,8 @@ def run_one(part: str, method: str, seed: int, train_limit: int, eval_limit: int
     return {"part": part, "method": method, "seed": seed, "train_limit": train_limit, "eval_limit": eval_limit,
             "accuracy": metrics["accuracy"], "trainable": summary.trainable, "total": summary.total,
             "trainable_percent": summary.percent, "step_s": timer.median(), "train_s": seconds,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "threads": torch.get_num_threads()}
 
 
 def _cached() -> list[dict]:
@@ -187,7 +188,9 @@ def main() -> None:
     body = [f"Command: `.venv/bin/python bench/bench_methods.py{shown}`"]
     body.append(f"(one epoch over {args.train_limit} training examples of the seed-0 split, batch 16 text / 32 images, "
                 f"{args.eval_limit} test examples; seeds {', '.join(map(str, args.seeds))} change the initialisation and "
-                "data order; 2 CPU threads, shared machine, so step times are indicative). Learning rates: "
+                "data order; "
+                f"{'/'.join(sorted({str(r.get('threads', '?')) for p in rows.values() for r in p}))} CPU thread(s) per run at low "
+                "priority on the shared machine, so step times are indicative only). Learning rates: "
                 + "; ".join(f"{p}: " + ", ".join(f"{m} {lr:g}" for m, (_, lr) in PARTS[p][2].items()) for p in args.part) + ".")
     for part in args.part:
         if not rows[part]:

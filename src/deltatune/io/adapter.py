@@ -133,6 +133,12 @@ def read_adapter_info(path: str | Path) -> dict[str, Any]:
     fmt = detect_format(path)
     config = read_json(path / (DELTA_JSON if fmt == "deltatune" else PEFT_JSON))
     tensor_file = path / (DELTA_TENSORS if fmt == "deltatune" else PEFT_TENSORS)
+    if fmt == "deltatune" and config.get("compressed"):
+        from ..compress.container import describe
+
+        return {**describe(path), "name": config.get("name"), "method": config.get("method"), "spec": config.get("spec"),
+                "hosts": config.get("hosts"), "trainable_modules": config.get("trainable_modules"),
+                "fingerprint": config.get("fingerprint"), "format_version": config.get("format_version")}
     from safetensors import safe_open
 
     sizes: dict[str, Any] = {"file_bytes": tensor_file.stat().st_size if tensor_file.exists() else None}
@@ -179,7 +185,12 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, *,
             f"{path} was written by a newer deltatune (format version {version} > {FORMAT_VERSION}); upgrade deltatune to load it"
         )
     check_fingerprint(model, config.get("fingerprint", {}), path)
-    tensors = load_tensors(path / DELTA_TENSORS)
+    if config.get("compressed"):  # written by `deltatune compress`: decode the packed tensors
+        from ..compress.container import read_adapter_tensors
+
+        tensors = read_adapter_tensors(path)
+    else:
+        tensors = load_tensors(path / DELTA_TENSORS)
     spec = spec_from_dict(config["spec"])
     name = name or config.get("name") or "default"
     if name in delta_names(model):
