@@ -89,10 +89,12 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="dare: random seed"),
         values: str = typer.Option("float32", "--values", help="dare: dtype of the kept values (float32, float16)"),
         min_numel: int = typer.Option(1024, "--min-numel", help="smaller tensors and vectors stay uncompressed"),
+        keep: str = typer.Option("", "--keep", help="comma-separated name prefixes kept uncompressed, e.g. classifier"),
         overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output directory"),
     ) -> None:
         """Compress a delta: ComPEFT, BitDelta, DARE, int8/int4, or low-rank extraction."""
         r = run_compress(source, codec, out, base=base, overwrite=overwrite, density=density, rank=rank, scale=scale,
-                         alpha=alpha, seed=seed, values=values, min_numel=min_numel)
+                         alpha=alpha, seed=seed, values=values, min_numel=min_numel,
+                         keep=tuple(k.strip() for k in keep.split(",") if k.strip()))
         typer.echo(f"{codec}: {r['bytes_before'] / 1024:.1f} KiB -> {r['bytes_after'] / 1024:.1f} KiB "
                    f"({r['ratio']:.1f}x), {r['tensors']} tensors -> {out}")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -128,8 +128,9 @@ class CompressedDelta:
 
 def compress_tensors(tensors: Mapping[str, torch.Tensor], codec: str, *, density: float = 0.1, rank: int = 16,
                      scale: str = "mean", alpha: float = 1.0, seed: int = 0, values: str = "float32",
-                     min_numel: int = 1024, source: dict[str, Any] | None = None) -> CompressedDelta:
-    """Encode every eligible tensor of ``tensors`` with ``codec`` (see the module docstring)."""
+                     min_numel: int = 1024, keep: Sequence[str] = (), source: dict[str, Any] | None = None) -> CompressedDelta:
+    """Encode every eligible tensor of ``tensors`` with ``codec`` (see the module docstring); tensors
+    whose names start with one of ``keep`` (e.g. ``"classifier"``, a new head) stay raw."""
     check_options(codec, density, rank, scale, alpha, values)
     if not tensors:
         raise CompressError("nothing to compress: the delta holds no tensors")
@@ -145,6 +146,7 @@ def compress_tensors(tensors: Mapping[str, torch.Tensor], codec: str, *, density
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CompressError(f"tensor {name!r} holds NaN or inf values; fix the delta before compressing it")
         use = t.is_floating_point() and t.dim() >= 2 and t.numel() >= min_numel
+        use = use and not any(name == k or name.startswith(k + ".") for k in keep)
         if use and codec == "lowrank" and t.dim() != 2:
             use = False  # conv kernels etc. stay raw; lowrank is for matrices
         chosen = codec if use else "raw"
