@@ -1,0 +1,367 @@
+"""Continual-learning strategies, each a small object that plugs into the trainer through callbacks.
+
+Every strategy trains a parameter-efficient delta (any deltatune spec; ``None`` = full fine-tuning)
+plus the model's classification head, task after task:
+
+- ``sequential`` — fine-tune the same delta on each task (the lower bound);
+- ``joint`` — one run on all tasks' data (the upper bound; see :func:`~deltatune.continual.run_stream`);
+- ``replay`` — experience replay from a reservoir buffer (Chaudhry et al., https://arxiv.org/abs/1902.10486);
+- ``ewc`` — elastic weight consolidation, online Fisher (Kirkpatrick et al., https://arxiv.org/abs/1612.00796);
+- ``lwf`` — learning without forgetting: distil the previous model's outputs (Li & Hoiem, https://arxiv.org/abs/1606.09282);
+- ``lae`` — online delta + offline EMA delta, ensembled at inference (Gao et al., https://arxiv.org/abs/2303.10070);
+- ``merge`` — one delta per task, merged (averaged task vectors) after each task (task arithmetic,
+  Ilharco et al., https://arxiv.org/abs/2212.04089);
+- ``olora`` — a new LoRA per task, kept orthogonal to the frozen earlier ones (O-LoRA, Wang et al.,
+  https://arxiv.org/abs/2310.14152).
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.host import get_module, iter_hosts
+from ..core.model import attach, detach, set_active
+from .streams import ContinualError, Task
+
+
+def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+class Strategy:
+    """Sequential fine-tuning; the other strategies override the hooks they need."""
+
+    name = "sequential"
+
+    def __init__(self, **options: Any) -> None:
+        unknown = set(options) - set(self.options())
+        if unknown:
+            raise ContinualError(f"strategy {self.name!r} has no option {sorted(unknown)[0]!r}; "
+                                 f"options: {', '.join(self.options()) or 'none'}")
+        self.__dict__.update({**self.options(), **options})
+        self.seen: list[int] = []
+
+    @classmethod
+    def options(cls) -> dict[str, Any]:
+        return {}
+
+    def setup(self, model: nn.Module, spec, head: list[str], collate: Callable) -> None:
+        self.model, self.spec, self.head, self.collate = model, spec, head, collate
+        if spec is None:
+            model.requires_grad_(True)
+        else:
+            attach(model, spec, "pet")
+            self._unfreeze_head()
+
+    def _unfreeze_head(self) -> None:
+        for h in self.head:
+            try:
+                get_module(self.model, h).requires_grad_(True)
+            except AttributeError:
+                raise ContinualError(f"the model has no head module {h!r}; pass the classifier's name") from None
+
+    def before_task(self, t: int, task: Task) -> None:
+        pass
+
+    def callbacks(self, t: int, task: Task) -> list:
+        return []
+
+    def after_task(self, t: int, task: Task) -> None:
+        self.seen = sorted(set(self.seen) | set(task.classes))
+
+    def predictor(self) -> nn.Module:
+        return self.model
+
+
+# -- replay ---------------------------------------------------------------------------------------
+class Reservoir:
+    """A fixed-size sample of everything offered so far (uniform, or the same quota per class)."""
+
+    def __init__(self, size: int, balanced: bool = False, seed: int = 0) -> None:
+        if size < 1:
+            raise ContinualError(f"replay buffer size must be positive, got {size}")
+        self.size, self.balanced, self.items, self.offered = size, balanced, [], 0
+        self.rng = random.Random(seed)
+
+    def add(self, examples) -> None:
+        for ex in examples:
+            self.offered += 1
+            if len(self.items) < self.size:
+                self.items.append(ex)
+            else:
+                j = self.rng.randrange(self.offered)
+                if j < self.size:
+                    self.items[j] = ex
+        if self.balanced:
+            self._rebalance()
+
+    def _rebalance(self) -> None:
+        by: dict[int, list] = {}
+        for ex in self.items:
+            by.setdefault(ex["label"], []).append(ex)
+        quota = max(1, self.size // max(len(by), 1))
+        self.items = [ex for exs in by.values() for ex in exs[:quota]]
+
+    def sample(self, n: int) -> list:
+        return self.rng.sample(self.items, min(n, len(self.items)))
+
+
+class _ReplayCallback:
+    def __init__(self, buffer: Reservoir, collate: Callable, batch_size: int) -> None:
+        self.buffer, self.collate, self.batch_size = buffer, collate, batch_size
+
+    def extra_batch(self):
+        return self.collate(self.buffer.sample(self.batch_size)) if self.buffer.items else None
+
+
+class Replay(Strategy):
+    name = "replay"
+
+    @classmethod
+    def options(cls):
+        return {"buffer_size": 200, "balanced": True, "replay_batch": 16, "seed": 0}
+
+    def setup(self, model, spec, head, collate) -> None:
+        super().setup(model, spec, head, collate)
+        self.buffer = Reservoir(self.buffer_size, self.balanced, self.seed)
+
+    def callbacks(self, t, task):
+        return [_ReplayCallback(self.buffer, self.collate, self.replay_batch)]
+
+    def after_task(self, t, task) -> None:
+        super().after_task(t, task)
+        self.buffer.add(task.train.examples)
+
+
+# -- EWC ------------------------------------------------------------------------------------------
+class _Penalty:
+    def __init__(self, fn) -> None:
+        self.penalty = fn
+
+
+class EWC(Strategy):
+    name = "ewc"
+
+    @classmethod
+    def options(cls):
+        return {"lam": 100.0, "fisher_batches": 8, "decay": 1.0}
+
+    fisher: dict[str, torch.Tensor] | None = None
+
+    def penalty_value(self, model=None, batch=None, outputs=None) -> torch.Tensor | None:
+        """λ/2 · Σ F (θ − θ*)² over the trainable parameters (zero at the anchor)."""
+        if not self.fisher:
+            return None
+        params = _trainable(self.model)
+        total = sum(((params[n] - self.anchor[n]).square() * f).sum() for n, f in self.fisher.items() if n in params)
+        return 0.5 * self.lam * total
+
+    def callbacks(self, t, task):
+        return [_Penalty(self.penalty_value)]
+
+    def after_task(self, t, task) -> None:
+        super().after_task(t, task)
+        from ..algebra import diagonal_fisher
+
+        ex = task.train.examples[: 16 * self.fisher_batches]
+        batches = [self.collate(ex[i:i + 16]) for i in range(0, len(ex), 16)]
+        names = list(_trainable(self.model))
+        new = diagonal_fisher(self.model, batches, params=names, labels=lambda b: b["labels"])
+        new = {n: f / (f.mean() + 1e-12) for n, f in new.items()}  # scale-free: λ means the same for any model
+        old = self.fisher or {}
+        self.fisher = {n: self.decay * old.get(n, 0) + f for n, f in new.items()}
+        self.anchor = {n: p.detach().clone() for n, p in _trainable(self.model).items()}
+
+
+# -- LwF ------------------------------------------------------------------------------------------
+class LwF(Strategy):
+    name = "lwf"
+
+    @classmethod
+    def options(cls):
+        return {"lam": 1.0, "temperature": 2.0}
+
+    teacher: nn.Module | None = None
+
+    def before_task(self, t, task) -> None:
+        self.teacher = copy.deepcopy(self.model).eval() if t > 0 else None
+        self.old = list(self.seen)
+
+    def _kd(self, model, batch, outputs):
+        if self.teacher is None:
+            return None
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with torch.no_grad():
+            target = self.teacher(**inputs)
+        cols = self.old if self.old and outputs.shape[-1] > len(self.old) else slice(None)
+        T = self.temperature
+        return self.lam * T * T * F.kl_div(F.log_softmax(outputs[:, cols] / T, -1), F.softmax(target[:, cols] / T, -1),
+                                           reduction="batchmean")
+
+    def callbacks(self, t, task):
+        return [_Penalty(self._kd)]
+
+
+# -- LAE ------------------------------------------------------------------------------------------
+class _EMA:
+    def __init__(self, strategy: "LAE") -> None:
+        self.s = strategy
+
+    def on_step_end(self, model, step) -> None:
+        self.s.ema_update()
+
+
+class _Ensemble(nn.Module):
+    """LAE's inference: the online and offline deltas' class probabilities, element-wise max."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, **batch):
+        probs = []
+        for name in ("online", "offline"):
+            set_active(self.model, [name])
+            probs.append(F.softmax(self.model(**batch), -1))
+        set_active(self.model, ["online"])
+        return torch.log(torch.maximum(*probs).clamp(min=1e-12))
+
+
+class LAE(Strategy):
+    name = "lae"
+
+    @classmethod
+    def options(cls):
+        return {"momentum": 0.999}
+
+    def setup(self, model, spec, head, collate) -> None:
+        if spec is None:
+            raise ContinualError("LAE needs a parameter-efficient method (--method lora, ...), not full fine-tuning")
+        self.model, self.spec, self.head, self.collate = model, spec, head, collate
+        attach(model, spec, "online")
+        attach(model, spec, "offline", activate=False)
+        self._pairs = [(host.part("online"), host.part("offline")) for _, host in iter_hosts(model)
+                       if "online" in host.delta_names()]
+        with torch.no_grad():
+            for on, off in self._pairs:
+                off.load_state_dict(on.state_dict())
+                off.requires_grad_(False)
+        set_active(model, ["online"])
+        self._unfreeze_head()
+
+    @torch.no_grad()
+    def ema_update(self) -> None:
+        for on, off in self._pairs:
+            for p_off, p_on in zip(off.parameters(), on.parameters()):
+                p_off.mul_(self.momentum).add_(p_on, alpha=1 - self.momentum)
+
+    def callbacks(self, t, task):
+        return [_EMA(self)]
+
+    def predictor(self) -> nn.Module:
+        return _Ensemble(self.model)
+
+
+# -- per-task deltas: merged, or orthogonal --------------------------------------------------------
+class _PerTask(Strategy):
+    def setup(self, model, spec, head, collate) -> None:
+        from ..methods.lora import LoRA
+
+        if not isinstance(spec, LoRA):
+            raise ContinualError(f"strategy {self.name!r} keeps one LoRA per task; use --method lora")
+        self.model, self.spec, self.head, self.collate = model, spec, head, collate
+        model.requires_grad_(False)
+        self._unfreeze_head()
+        self.names: list[str] = []
+
+    def before_task(self, t, task) -> None:
+        name = f"task{t}"
+        attach(self.model, self.spec, name)
+        self.names.append(name)
+
+
+class Merge(_PerTask):
+    name = "merge"
+
+    def before_task(self, t, task) -> None:
+        if "merged" in self._attached():
+            detach(self.model, "merged")
+        super().before_task(t, task)
+        set_active(self.model, [self.names[-1]])
+
+    def _attached(self) -> set[str]:
+        return {n for _, h in iter_hosts(self.model) for n in h.delta_names()}
+
+    def after_task(self, t, task) -> None:
+        """The merged delta: one LoRA of rank n·r whose factors are the task LoRAs' stacked, B scaled by 1/n,
+        i.e. exactly the average of the task vectors (works for conv LoRA too)."""
+        super().after_task(t, task)
+        import dataclasses
+        import math
+
+        n, spec = len(self.names), self.spec
+        alpha = spec.alpha * (math.sqrt(n) if spec.rslora else n)  # the same scaling at rank n·r
+        attach(self.model, dataclasses.replace(spec, r=n * spec.r, alpha=alpha), "merged")
+        with torch.no_grad():
+            for _, host in iter_hosts(self.model):
+                if "merged" not in host.delta_names():
+                    continue
+                parts = [host.part(name) for name in self.names]
+                merged = host.part("merged")
+                merged.lora_A.copy_(torch.cat([p.lora_A for p in parts], 0))
+                merged.lora_B.copy_(torch.cat([p.lora_B for p in parts], 1) / n)
+                for p in parts:
+                    p.requires_grad_(False)
+                merged.requires_grad_(False)
+        set_active(self.model, ["merged"])
+
+
+class OLoRA(_PerTask):
+    name = "olora"
+
+    @classmethod
+    def options(cls):
+        return {"lam": 0.5}
+
+    def before_task(self, t, task) -> None:
+        for name in self.names:  # earlier LoRAs stay active and frozen
+            for _, host in iter_hosts(self.model):
+                if name in host.delta_names():
+                    host.part(name).requires_grad_(False)
+        super().before_task(t, task)
+        set_active(self.model, list(self.names))
+
+    def orthogonality(self, model=None, batch=None, outputs=None) -> torch.Tensor | None:
+        """λ · Σ_hosts Σ_old ‖A_old A_newᵀ‖₁ (O-LoRA's subspace penalty); None on the first task."""
+        if len(self.names) < 2:
+            return None
+        new = self.names[-1]
+        total = 0.0
+        for _, host in iter_hosts(self.model):
+            if new not in host.delta_names():
+                continue
+            a_new = host.part(new).lora_A.flatten(1)
+            for old in self.names[:-1]:
+                total = total + (host.part(old).lora_A.flatten(1) @ a_new.t()).abs().sum()
+        return self.lam * total
+
+    def callbacks(self, t, task):
+        return [_Penalty(self.orthogonality)]
+
+
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Strategy, Replay, EWC, LwF, LAE, Merge, OLoRA)}
+STRATEGIES["joint"] = Strategy  # trained once on all tasks by run_stream
+
+
+def make_strategy(name: str, **options: Any) -> Strategy:
+    if name not in STRATEGIES:
+        raise ContinualError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}")
+    strategy = STRATEGIES[name](**options)
+    strategy.joint = name == "joint"
+    return strategy
