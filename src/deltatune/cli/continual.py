@@ -32,6 +32,7 @@ def run_continual(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
             if targets:
                 options["targets"] = targets
         spec = build_spec(cfg["method"], options)
+    strategy.validate(spec)
     tc = TrainConfig(epochs=cfg.get("epochs") or 1, max_steps=cfg.get("max_steps"), batch_size=cfg.get("batch_size", 16),
                      lr=cfg.get("lr", 1e-3), seed=cfg.get("seed", 0), progress=False, eval_each_epoch=False,
                      keep_best=False)

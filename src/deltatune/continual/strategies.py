@@ -51,7 +51,11 @@ class Strategy:
     def options(cls) -> dict[str, Any]:
         return {}
 
+    def validate(self, spec) -> None:
+        """Raise if this strategy cannot work with ``spec`` (None = full fine-tuning)."""
+
     def setup(self, model: nn.Module, spec, head: list[str], collate: Callable) -> None:
+        self.validate(spec)
         self.model, self.spec, self.head, self.collate = model, spec, head, collate
         if spec is None:
             model.requires_grad_(True)
@@ -81,35 +85,42 @@ class Strategy:
 
 # -- replay ---------------------------------------------------------------------------------------
 class Reservoir:
-    """A fixed-size sample of everything offered so far (uniform, or the same quota per class)."""
+    """A fixed-size uniform sample of everything offered so far (reservoir sampling); ``balanced``
+    keeps one reservoir per class with an equal share of the size (re-shared as classes arrive)."""
 
     def __init__(self, size: int, balanced: bool = False, seed: int = 0) -> None:
         if size < 1:
             raise ContinualError(f"replay buffer size must be positive, got {size}")
-        self.size, self.balanced, self.items, self.offered = size, balanced, [], 0
+        self.size, self.balanced, self.offered = size, balanced, 0
         self.rng = random.Random(seed)
+        self._pools: dict[Any, tuple[list, list[int]]] = {}  # key → (items, [offered])
+
+    @property
+    def items(self) -> list:
+        return [ex for items, _ in self._pools.values() for ex in items]
 
     def add(self, examples) -> None:
         for ex in examples:
             self.offered += 1
-            if len(self.items) < self.size:
-                self.items.append(ex)
+            key = ex["label"] if self.balanced else None
+            if key not in self._pools:
+                self._pools[key] = ([], [0])
+                cap = self.size // len(self._pools)
+                for items, _ in self._pools.values():
+                    del items[cap:]
+            items, seen = self._pools[key]
+            cap = self.size // len(self._pools)
+            seen[0] += 1
+            if len(items) < cap:
+                items.append(ex)
             else:
-                j = self.rng.randrange(self.offered)
-                if j < self.size:
-                    self.items[j] = ex
-        if self.balanced:
-            self._rebalance()
-
-    def _rebalance(self) -> None:
-        by: dict[int, list] = {}
-        for ex in self.items:
-            by.setdefault(ex["label"], []).append(ex)
-        quota = max(1, self.size // max(len(by), 1))
-        self.items = [ex for exs in by.values() for ex in exs[:quota]]
+                j = self.rng.randrange(seen[0])
+                if j < cap:
+                    items[j] = ex
 
     def sample(self, n: int) -> list:
-        return self.rng.sample(self.items, min(n, len(self.items)))
+        items = self.items
+        return self.rng.sample(items, min(n, len(items)))
 
 
 class _ReplayCallback:
@@ -240,9 +251,12 @@ class LAE(Strategy):
     def options(cls):
         return {"momentum": 0.999}
 
-    def setup(self, model, spec, head, collate) -> None:
+    def validate(self, spec) -> None:
         if spec is None:
             raise ContinualError("LAE needs a parameter-efficient method (--method lora, ...), not full fine-tuning")
+
+    def setup(self, model, spec, head, collate) -> None:
+        self.validate(spec)
         self.model, self.spec, self.head, self.collate = model, spec, head, collate
         attach(model, spec, "online")
         attach(model, spec, "offline", activate=False)
@@ -270,11 +284,14 @@ class LAE(Strategy):
 
 # -- per-task deltas: merged, or orthogonal --------------------------------------------------------
 class _PerTask(Strategy):
-    def setup(self, model, spec, head, collate) -> None:
+    def validate(self, spec) -> None:
         from ..methods.lora import LoRA
 
         if not isinstance(spec, LoRA):
             raise ContinualError(f"strategy {self.name!r} keeps one LoRA per task; use --method lora")
+
+    def setup(self, model, spec, head, collate) -> None:
+        self.validate(spec)
         self.model, self.spec, self.head, self.collate = model, spec, head, collate
         model.requires_grad_(False)
         self._unfreeze_head()
