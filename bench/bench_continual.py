@@ -1,0 +1,111 @@
+"""Continual adaptation benchmark (issue 9): every strategy on three streams; average accuracy and forgetting.
+
+    .venv/bin/python bench/bench_continual.py                         # reduced form, as in RESULTS.md
+    .venv/bin/python bench/bench_continual.py --steps 150 --limit 4000 --max-length 128   # larger
+    .venv/bin/python bench/bench_continual.py --streams mnist-corruptions --strategies replay lae
+
+Streams: BBC News topics in 3 class-incremental tasks (MiniLM, task id hidden at test time), tweet
+sentiment over the domains airlines -> nfl -> apple -> cars (MiniLM), MNIST under fog -> zoom blur ->
+contrast -> impulse noise at severity 3 (the small BatchNorm CNN). Every strategy trains LoRA (r=8 on
+query,value for MiniLM; r=4 on the CNN's convolutions) plus the classification head, the same number of
+optimizer steps per task; joint trains once on all tasks with that many steps per task in total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+STRATEGIES = ["sequential", "joint", "replay", "ewc", "lwf", "lae", "merge", "olora"]
+#: stream → (model, LoRA options, learning rate, batch size)
+STREAMS = {
+    "bbc-news-classinc": ("minilm", {"r": 8, "alpha": 16, "targets": ("query", "value")}, 1e-3, 16),
+    "tweet-domains": ("minilm", {"r": 8, "alpha": 16, "targets": ("query", "value")}, 1e-3, 16),
+    "mnist-corruptions": ("small-cnn", {"r": 4, "alpha": 8, "target_types": ("Conv2d",)}, 3e-3, 32),
+}
+PET = ("replay", "ewc", "lwf", "lae", "merge", "olora")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--streams", nargs="+", default=list(STREAMS), choices=list(STREAMS))
+    ap.add_argument("--strategies", nargs="+", default=STRATEGIES, choices=STRATEGIES)
+    ap.add_argument("--steps", type=int, default=40, help="optimizer steps per task")
+    ap.add_argument("--limit", type=int, default=2000, help="training examples drawn per data set (then split by task)")
+    ap.add_argument("--limit-test", type=int, default=600, help="test examples drawn per data set")
+    ap.add_argument("--max-length", type=int, default=64, help="MiniLM tokens")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+
+    import torch
+
+    import deltatune as dt
+    from deltatune import continual as cl
+    from deltatune.models import load_model
+    from deltatune.train import TrainConfig
+
+    sections = []
+    t_all = time.time()
+    for name in args.streams:
+        model_name, lora, lr, batch = STREAMS[name]
+        stream = cl.make_stream(name, limit_train=args.limit, limit_test=args.limit_test)
+        rows = {}
+        for strategy in args.strategies:
+            torch.manual_seed(0)
+            options = {"max_length": args.max_length} if model_name == "minilm" else {}
+            entry = load_model(model_name, num_labels=len(stream.label_names), **options)
+            cfg = TrainConfig(max_steps=args.steps, batch_size=batch, lr=lr, seed=0, progress=False,
+                              eval_each_epoch=False, keep_best=False)
+            r = cl.run_stream(entry.model, entry.collate, stream, cl.make_strategy(strategy), cfg,
+                              spec=dt.LoRA(**lora), head=entry.head)
+            rows[strategy] = r
+            print(name, strategy, f"avg {r.average_accuracy:.4f} forgetting {r.forgetting}", f"{r.seconds:.0f}s", flush=True)
+        lines = ["| strategy | average accuracy % | forgetting (pt) | backward transfer (pt) | final row (%) | time (s) |",
+                 "|---|---|---|---|---|---|"]
+        for s, r in rows.items():
+            f = "—" if r.forgetting is None else f"{100 * r.forgetting:.1f}"
+            b = "—" if r.backward_transfer is None else f"{100 * r.backward_transfer:.1f}"
+            lines.append(f"| {s} | {100 * r.average_accuracy:.2f} | {f} | {b} | "
+                         f"{' / '.join(f'{100 * a:.0f}' for a in r.accuracy_matrix[-1])} | {r.seconds:.0f} |")
+        verdict = _verdict(rows)
+        sections.append(f"**{name}** ({stream.scenario}-incremental, {model_name}; tasks: "
+                        f"{' -> '.join(t.name for t in stream.tasks)}; train/test examples per task: "
+                        f"{', '.join(f'{len(t.train)}/{len(t.test)}' for t in stream.tasks)})\n\n"
+                        + "\n".join(lines) + f"\n\n{verdict}")
+    cmd = "`.venv/bin/python bench/bench_continual.py" + "".join(" " + a for a in sys.argv[1:]) + "`"
+    body = (f"Command: {cmd} ({args.steps} optimizer steps per task, MiniLM at {args.max_length} tokens, "
+            f"{time.time() - t_all:.0f} s in all on the shared 2-core machine). "
+            + __doc__.split("Streams:")[1].strip().replace("\n", " ")
+            + " Forgetting = mean over earlier tasks of (best accuracy before the last task − final accuracy).\n\n"
+            + "\n\n".join(sections))
+    print(body)
+    if not args.no_write:
+        from _results import write_section
+
+        write_section("Continual adaptation (issue 9)", body)
+
+
+def _verdict(rows) -> str:
+    seq, joint = rows.get("sequential"), rows.get("joint")
+    pets = {s: r for s, r in rows.items() if s in PET}
+    if not (seq and joint and pets):
+        return ""
+    best = max(pets, key=lambda s: pets[s].average_accuracy)
+    r = pets[best]
+    ok_f = r.forgetting is not None and seq.forgetting is not None and r.forgetting <= seq.forgetting / 2
+    ok_a = joint.average_accuracy - r.average_accuracy <= 0.05
+    return (f"Best PET strategy by average accuracy: **{best}** — forgetting {100 * r.forgetting:.1f} pt vs sequential "
+            f"{100 * seq.forgetting:.1f} pt ({'≤' if ok_f else '>'} half: aim {'met' if ok_f else 'NOT met'}); "
+            f"average accuracy {100 * r.average_accuracy:.1f}% vs joint {100 * joint.average_accuracy:.1f}% "
+            f"({'within' if ok_a else 'more than'} 5 points: aim {'met' if ok_a else 'NOT met'}).")
+
+
+if __name__ == "__main__":
+    main()
