@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 CACHE = ROOT / ".cache" / "bench_compress"
 
-CODECS = [("compeft", {"density": 0.1}), ("compeft+alpha", {"density": 0.1}), ("compeft", {"density": 0.05}), ("bitdelta", {}),
+CODECS = [("compeft", {"density": 0.1}), ("compeft+alpha", {"density": 0.1}), ("compeft", {"density": 0.05}),
+          ("compeft", {"density": 0.25}), ("compeft+alpha", {"density": 0.25}), ("bitdelta", {}),
           ("bitdelta+calibrated", {}), ("dare", {"density": 0.1}), ("int8", {}), ("int4", {}),
           ("lowrank", {"rank": 16}), ("lowrank", {"rank": 64})]
 
@@ -150,6 +151,7 @@ def main() -> None:
         rows.append((kind, "uncompressed float32", 1.0, ref, 1.0))
     lines = ["| delta | codec | size ratio vs fp32 | test accuracy % | accuracy retained | aim |", "|---|---|---|---|---|---|"]
     aims = {"compeft (density=0.1)": "≥ 8x, ≥ 99%", "compeft+alpha (density=0.1)": "≥ 8x, ≥ 99%",
+            "compeft (density=0.25)": "≥ 8x, ≥ 99%", "compeft+alpha (density=0.25)": "≥ 8x, ≥ 99%",
             "bitdelta": "≥ 16x, ≥ 97%", "bitdelta+calibrated": "≥ 16x, ≥ 97%"}
     for kind, label, ratio, acc, kept in rows:
         lines.append(f"| {'full fine-tuning' if kind == 'full' else 'LoRA r=8'} | {label} | {ratio:.1f}x | {100 * acc:.2f} | "
