@@ -387,3 +387,53 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert metrics["final"]["n"] == len(W.EVAL)  # evaluation shards summed over both processes
     _, meta = ckpt.load(tmp_path / "checkpoint")
     assert set(meta["rng"]) == {"rank0", "rank1"} and meta["rng"]["rank0"] != meta["rng"]["rank1"]
+
+
+def test_lisa_trains_only_the_drawn_blocks_and_redraws():
+    from deltatune.train.lisa import LISA, find_blocks
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(4, 8)
+            self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x, **_):
+            h = self.inp(x)
+            for layer in self.layers:
+                h = torch.relu(layer(h))
+            return self.head(h)
+
+    torch.manual_seed(0)
+    net = Net()
+    assert find_blocks(net)[0] == "layers"
+    cb = LISA(layers=1, interval=2, seed=0)
+    cb.on_train_start(net)
+    drawn = [list(cb.active)]
+    trainable = [i for i, b in enumerate(net.layers) if b.weight.requires_grad]
+    assert trainable == cb.active and net.inp.weight.requires_grad and net.head.weight.requires_grad
+    for step in range(1, 21):
+        cb.on_step_end(net, step)
+        drawn.append(list(cb.active))
+    assert len({tuple(d) for d in drawn}) > 1, "blocks are re-drawn"
+    again = LISA(layers=1, interval=2, seed=0)
+    again.on_train_start(net)
+    again.on_step_end(net, 14)
+    assert again.active == drawn[14], "the draw depends only on seed and step: resume draws the same blocks"
+    again.on_train_end(net)
+    cb.on_train_end(net)
+    assert all(p.requires_grad for p in net.parameters()), "flags restored at the end"
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
+    data = [{"x": x[i], "label": int(y[i])} for i in range(32)]
+    collate = lambda ex: {"x": torch.stack([e["x"] for e in ex]), "labels": torch.tensor([e["label"] for e in ex])}  # noqa: E731
+    fit(net, data, collate, TrainConfig(max_steps=1, batch_size=32, lr=0.1, progress=False, eval_each_epoch=False,
+                                        lisa_layers=2, lisa_interval=5), task="text-classification")
+    moved = {i for i, b in enumerate(net.layers) if not torch.equal(b.weight, before[f"layers.{i}.weight"])}
+    assert len(moved) == 2 and not torch.equal(net.head.weight, before["head.weight"])
+    assert all(p.requires_grad for p in net.parameters()), "fit gives the flags back"
+    with pytest.raises(TrainError, match="lisa_layers=9 but layers has only 4 blocks"):
+        LISA(layers=9).on_train_start(net)
+    with pytest.raises(TrainError, match="lisa_interval"):
+        TrainConfig(lisa_interval=0)

@@ -8,7 +8,8 @@ subclass :class:`BaseCallback` for no-op defaults.
 Order per optimizer step, for each micro-batch: forward on the batch → ``penalty`` added to its loss
 → backward; then ``extra_batch`` (if not None) → its own forward/backward, its loss weighted by its
 share of the examples. After the optimizer step: ``on_step_end``. After each evaluation at an epoch
-end: ``on_epoch_end`` (its returned dict is stored with that epoch's metrics).
+end: ``on_epoch_end`` (its returned dict is stored with that epoch's metrics). When ``fit`` returns or
+raises: ``on_train_end`` (e.g. undo what ``on_train_start`` changed).
 
 The ``model`` given to hooks is the user's module (never the DDP wrapper), on the training device.
 Callback state is not part of trainer checkpoints: on ``resume`` ``on_train_start`` is called again.
@@ -41,6 +42,9 @@ class Callback(Protocol):
     def on_epoch_end(self, model: nn.Module, epoch: int, metrics: dict[str, float]) -> dict[str, float] | None:
         """After epoch ``epoch`` (1-based) with its evaluation ``metrics``; may return extra metrics."""
 
+    def on_train_end(self, model: nn.Module) -> None:
+        """Once when ``fit`` returns or raises."""
+
 
 class BaseCallback:
     """No-op defaults for every hook: subclass and override the ones you need."""
@@ -58,6 +62,9 @@ class BaseCallback:
         return None
 
     def on_epoch_end(self, model: nn.Module, epoch: int, metrics: dict[str, float]) -> dict[str, float] | None:
+        return None
+
+    def on_train_end(self, model: nn.Module) -> None:
         return None
 
 

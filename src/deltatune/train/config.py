@@ -11,7 +11,7 @@ SCHEDULES = ("linear", "cosine", "constant")
 # Options that change the optimisation trajectory: a resumed run must use the values it started with,
 # otherwise "resume" would silently train a different model than the interrupted run.
 TRAJECTORY_FIELDS = ("epochs", "max_steps", "batch_size", "lr", "weight_decay", "warmup_ratio",
-                     "schedule", "grad_accum", "max_grad_norm", "seed", "metric")
+                     "schedule", "grad_accum", "max_grad_norm", "seed", "metric", "lisa_layers", "lisa_interval")
 
 
 class TrainError(ValueError):
@@ -42,15 +42,19 @@ class TrainConfig:
     keep_best: bool = True  # restore the best evaluated trainable tensors at the end
     metric: str = "accuracy"  # model selection; loss/perplexity are minimised, LMs use loss
     progress: bool = True  # rich progress bar with loss and samples/s (main process only)
+    lisa_layers: int | None = None  # LISA: train only this many randomly drawn blocks at a time (see train/lisa.py)
+    lisa_interval: int = 20  # LISA: optimizer steps between draws
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 self._bad(name, "must be a positive integer")
-        for name in ("max_steps", "save_every"):
+        for name in ("max_steps", "save_every", "lisa_layers"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 1):
                 self._bad(name, "must be a positive integer or None")
+        if not _is_int(self.lisa_interval) or self.lisa_interval < 1:
+            self._bad("lisa_interval", "must be a positive integer")
         if not _is_int(self.seed):
             self._bad("seed", "must be an integer")
         if not _is_real(self.lr) or not self.lr > 0:

@@ -95,8 +95,9 @@ def check_compatible(meta: dict[str, Any], cfg: TrainConfig, info: dict[str, Any
     if meta.get("task_kind") != info["task_kind"]:
         raise CheckpointError(f"the checkpoint is for task kind {meta.get('task_kind')!r}, not {info['task_kind']!r}")
     saved = meta.get("config") or {}
+    defaults = TrainConfig().to_dict()
     for name in TRAJECTORY_FIELDS:
-        if saved.get(name) != getattr(cfg, name):
+        if saved.get(name, defaults[name]) != getattr(cfg, name):  # a field newer than the checkpoint: its default
             raise TrainError(f"TrainConfig.{name}={getattr(cfg, name)!r} differs from the checkpoint's "
                              f"{saved.get(name)!r}; resume with the original value or start a new run")
 

@@ -54,10 +54,18 @@ def fit(model: nn.Module, train_data, collate: Callable[[list], dict], config: T
     out = Path(out_dir) if out_dir is not None else None
     if out is None and (resume or cfg.save_every):
         raise TrainError("resume and TrainConfig.save_every need out_dir (where checkpoints are written)")
-    run = _Run(model, train_data, collate, cfg, eval_data, out, list(callbacks), task, kind, metric, higher)
+    callbacks = list(callbacks)
+    if cfg.lisa_layers:
+        from .lisa import LISA
+
+        callbacks.insert(0, LISA(cfg.lisa_layers, cfg.lisa_interval, cfg.seed))
+    run = _Run(model, train_data, collate, cfg, eval_data, out, callbacks, task, kind, metric, higher)
     if resume:
         run.resume()
-    return run.train()
+    try:
+        return run.train()
+    finally:
+        call(callbacks, "on_train_end", model)
 
 
 class _Run:
