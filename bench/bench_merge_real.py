@@ -1,0 +1,292 @@
+"""Merging on real data (issue 6): multi-task (BBC topics + tweet sentiment, each with its own head) and
+multi-domain (one tweet-sentiment LoRA per domain) merges of MiniLM deltas.
+
+    .venv/bin/python bench/bench_merge_real.py               # reduced form, as in RESULTS.md
+    .venv/bin/python bench/bench_merge_real.py --max-length 128 --epochs 2 --limit 4000
+
+(a) multi-task: one LoRA (r=8, query,value) and one full fine-tuning per task, each with its own new
+head; the encoder changes are merged into one body and every task is evaluated with the merged body
+and its own head. (b) multi-domain: one LoRA + head per domain (airlines, nfl, apple, cars) from the
+same seeded head; the whole deltas (head included) are merged and evaluated on every domain and on
+the held-out `other` domain. Normalised accuracy = merged accuracy / the task's own fine-tuned model's
+accuracy, averaged over the tasks (domains). Hyper-parameters (TA λ, TIES/DARE density) are picked on
+the validation splits; learned merging fits per-block coefficients by entropy minimisation on
+unlabeled validation examples. Trained deltas are cached in `.cache/bench_merge_real/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+CACHE = ROOT / ".cache" / "bench_merge_real"
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+DOMAINS = ("airlines", "nfl", "apple", "cars")
+
+
+class MultiHead(nn.Module):
+    """One encoder (attribute ``encoder``, as in MeanPoolClassifier), a head per task; ``task`` picks it."""
+
+    def __init__(self, encoder: nn.Module, heads: dict[str, nn.Linear]) -> None:
+        super().__init__()
+        self.encoder, self.heads = encoder, nn.ModuleDict(heads)
+
+    def forward(self, input_ids, attention_mask, task: str, labels=None, **_):
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return self.heads[task]((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0))
+
+
+class Bound(nn.Module):
+    def __init__(self, model: MultiHead, task: str) -> None:
+        super().__init__()
+        self.model, self.task = model, task
+
+    def forward(self, **batch):
+        return self.model(task=self.task, **batch)
+
+
+def entry(num_labels: int, max_length: int):
+    from deltatune.models import load_model
+
+    torch.manual_seed(0)  # the same new head for every delta of a task
+    return load_model("minilm", num_labels=num_labels, max_length=max_length)
+
+
+def train(name: str, data: str, kind: str, args) -> dict:
+    """Train (or load from the cache) one delta: its encoder task vector, head tensors and own accuracy."""
+    import deltatune as dt
+    from deltatune.algebra import TaskVector
+    from deltatune.data import load_data
+    from deltatune.io import load_tensors, save_tensors
+    from deltatune.train import TrainConfig, fit
+
+    out = CACHE / f"{name}-{kind}-L{args.max_length}-e{args.epochs}-n{args.limit}"
+    if not (out / "tv.safetensors").exists():
+        train_set = load_data(data, "train", limit=args.limit)
+        e = entry(len(train_set.label_names), args.max_length)
+        base = {k: v.clone() for k, v in e.model.state_dict().items()}
+        if kind == "lora":
+            dt.attach(e.model, dt.LoRA(r=8, alpha=16, targets=["query", "value"], trainable_modules=["classifier"]))
+        cfg = TrainConfig(epochs=args.epochs, batch_size=16, lr=1e-3 if kind == "lora" else 5e-5, seed=0,
+                          progress=False, eval_each_epoch=False, keep_best=False)
+        fit(e.model, train_set, e.collate, cfg, task=e.task)
+        if kind == "lora":
+            tv = TaskVector.from_adapter(e.model, "default")
+        else:
+            tv = TaskVector.from_state_dicts(base, e.model.state_dict())
+        tv.save(out / "tv.safetensors")
+        save_tensors(out / "labels.safetensors", {"n": torch.tensor([len(train_set.label_names)])})
+    tv = TaskVectorLoad(out / "tv.safetensors")
+    n = int(load_tensors(out / "labels.safetensors")["n"][0])
+    return {"name": name, "data": data, "tv": tv, "labels": n}
+
+
+def TaskVectorLoad(path):  # noqa: N802 - a loader with the class's name reads best at the call site
+    from deltatune.algebra import TaskVector
+
+    return TaskVector.load(path)
+
+
+def split_head(tv):
+    """(encoder task vector, head change) of a delta: the head is everything under ``classifier``."""
+    from deltatune.algebra import TaskVector
+
+    body = TaskVector({k: v for k, v in tv.items() if not k.startswith("classifier.")})
+    head = {k.removeprefix("classifier."): v for k, v in tv.items() if k.startswith("classifier.")}
+    return body, head
+
+
+def build(tasks: list[dict], body_tv, heads: dict[str, dict], max_length: int) -> tuple[MultiHead, dict]:
+    """A MultiHead on the base encoder + ``body_tv``, one head per task (seeded init + its change)."""
+    mods, collate = {}, None
+    base = None
+    for t in tasks:
+        e = entry(t["labels"], max_length)
+        base = base or e
+        head = e.model.classifier
+        with torch.no_grad():
+            for k, v in heads[t["name"]].items():
+                getattr(head, k).add_(v)
+        mods[t["name"]] = head
+    model = MultiHead(base.model.encoder, mods)
+    body_tv.apply_to(model)
+    return model.eval(), {"collate": base.collate, "task": base.task}
+
+
+def evaluate_all(model: MultiHead, meta: dict, evals: dict[str, tuple[str, object]]) -> dict[str, float]:
+    from deltatune.train import evaluate
+
+    return {name: evaluate(Bound(model, head), data, meta["collate"], task=meta["task"])["accuracy"]
+            for name, (head, data) in evals.items()}
+
+
+def stats_batches(data, collate, n: int, task: str):
+    ex = data.examples[:n]
+    out = []
+    for i in range(0, len(ex), 8):
+        b = collate(ex[i:i + 8])
+        b["task"] = task
+        out.append(b)
+    return out
+
+
+def merges(tasks, base_model_fn, evals_val, evals_test, args, share_head: bool):
+    """Every merge method's merged accuracies (test), with hyper-parameters picked on validation."""
+    from deltatune.algebra import TaskVector, diagonal_fisher, gram_matrices, learn_merge_coefficients
+    from deltatune.algebra import merge_state_dicts, merge_task_vectors
+
+    bodies, heads = {}, {}
+    for t in tasks:
+        bodies[t["name"]], heads[t["name"]] = split_head(t["tv"])
+    vectors = [bodies[t["name"]] for t in tasks]
+    if share_head:  # domains: one head, merged like the body (average of the head changes)
+        mean_head = {k: sum(heads[t["name"]][k] for t in tasks) / len(tasks) for k in heads[tasks[0]["name"]]}
+        heads = {"shared": mean_head}
+        head_tasks = [{"name": "shared", "labels": tasks[0]["labels"]}]
+    else:
+        head_tasks = tasks
+    results, chosen = {}, {}
+
+    def score(tv, which):
+        model, meta = build(head_tasks, tv, heads, args.max_length)
+        accs = evaluate_all(model, meta, which)
+        return accs
+
+    def pick(method, grid):
+        best = None
+        for params in grid:
+            tv = merge_task_vectors(vectors, method, **params)
+            val = score(tv, evals_val)
+            mean = sum(val.values()) / len(val)
+            if best is None or mean > best[0]:
+                best = (mean, params, tv)
+        chosen[method] = best[1]
+        return score(best[2], evals_test)
+
+    results["task arithmetic"] = pick("task_arithmetic", [{"lambda_": lam, "weight": 1.0} for lam in (0.5, 1.0)])
+    results["TIES"] = pick("ties", [{"density": d, "weight": 1.0, "lambda_": 1.0} for d in (0.2, 0.5)])
+    results["DARE-TIES"] = pick("dare_ties", [{"density": d, "weight": 1.0, "seed": 0} for d in (0.3, 0.6)])
+    # Fisher and RegMean need each fine-tuned model's statistics on its own training data
+    names = sorted({k for v in vectors for k in v})
+    sds, fishers, grams = [], [], []
+    base_model, meta = build(head_tasks, TaskVector({}), heads, args.max_length)
+    base_sd = {k: v.detach().clone() for k, v in base_model.state_dict().items() if k in names}
+    for t, tv in zip(tasks, vectors):
+        model, _ = build(head_tasks, tv, heads, args.max_length)
+        head = "shared" if share_head else t["name"]
+        from deltatune.data import load_data
+
+        data = load_data(t["data"], "train", limit=args.stats)
+        batches = stats_batches(data, meta["collate"], args.stats, head)
+        fishers.append(diagonal_fisher(model, batches, params=names, labels=lambda b: b["labels"], max_samples=args.stats))
+        grams.append(gram_matrices(model, batches))
+        sds.append({k: v.detach().clone() for k, v in model.state_dict().items() if k in names})
+    to_tv = lambda sd: TaskVector({k: sd[k].float() - base_sd[k].float() for k in names})  # noqa: E731
+    results["Fisher"] = score(to_tv(merge_state_dicts("fisher", sds, stats=fishers)), evals_test)
+    results["RegMean"] = score(to_tv(merge_state_dicts("regmean", sds, base=base_sd,
+                                                       stats=[{k: g for k, g in gr.items() if k in names} for gr in grams])),
+                               evals_test)
+    # learned merging on unlabeled validation examples of every task
+    unlabeled = []
+    for name, (head, data) in evals_val.items():
+        for b in stats_batches(data, meta["collate"], args.stats, head):
+            b.pop("labels", None)
+            unlabeled.append(b)
+    learned = learn_merge_coefficients(base_model, vectors, unlabeled, granularity="block", steps=args.learn_steps)
+    tv = TaskVector({k: learned.state[k].float() - base_sd[k].float() for k in names if k in learned.state})
+    results["learned (AdaMerging, per block)"] = score(tv, evals_test)
+    return results, chosen
+
+
+def table(rows: dict[str, dict[str, float]], own: dict[str, float], cols: list[str]) -> tuple[list[str], float]:
+    lines = ["| method | " + " | ".join(cols) + " | normalised accuracy (mean) |", "|---" * (len(cols) + 2) + "|"]
+    best = 0.0
+    for method, accs in rows.items():
+        norm = sum(accs[c] / own[c] for c in cols) / len(cols)
+        best = max(best, norm) if method != "individual" else best
+        lines.append(f"| {method} | " + " | ".join(f"{100 * accs[c]:.1f}" for c in cols) + f" | {100 * norm:.1f}% |")
+    return lines, best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--limit", type=int, default=2000, help="training examples per task / domain")
+    ap.add_argument("--eval-limit", type=int, default=400, help="validation and test examples per task")
+    ap.add_argument("--stats", type=int, default=64, help="examples for Fisher / Gram / learned merging")
+    ap.add_argument("--learn-steps", type=int, default=30)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    from deltatune.data import load_data
+
+    t0 = time.time()
+    sections = []
+    # (a) multi-task
+    for kind in ("lora", "full"):
+        tasks = [train("bbc", "bbc-news", kind, args), train("tweets", "tweet-sentiment", kind, args)]
+        ev = {t["name"]: {s: (t["name"], load_data(t["data"], s, limit=args.eval_limit)) for s in ("val", "test")}
+              for t in tasks}
+        val = {n: e["val"] for n, e in ev.items()}
+        test = {n: e["test"] for n, e in ev.items()}
+        own = {}
+        for t in tasks:
+            body, head = split_head(t["tv"])
+            model, meta = build([t], body, {t["name"]: head}, args.max_length)
+            own[t["name"]] = evaluate_all(model, meta, {t["name"]: test[t["name"]]})[t["name"]]
+        rows, chosen = merges(tasks, None, val, test, args, share_head=False)
+        lines, best = table({"individual": own, **rows}, own, ["bbc", "tweets"])
+        sections.append(f"**(a) multi-task, {'LoRA r=8' if kind == 'lora' else 'full fine-tuning'}** (test accuracy %; "
+                        f"picked on validation: {chosen})\n\n" + "\n".join(lines)
+                        + f"\n\nBest normalised accuracy: **{100 * best:.1f}%** (aim ≥ 90%).")
+        print(sections[-1], flush=True)
+    # (b) multi-domain
+    tasks = [train(d, f"tweet-sentiment:{d}", "lora", args) for d in DOMAINS]
+    val = {d: ("shared", load_data(f"tweet-sentiment:{d}", "val", limit=args.eval_limit)) for d in DOMAINS}
+    test = {d: ("shared", load_data(f"tweet-sentiment:{d}", "test", limit=args.eval_limit)) for d in (*DOMAINS, "other")}
+    singles = {}
+    for t in tasks:
+        body, head = split_head(t["tv"])
+        model, meta = build([{"name": "shared", "labels": t["labels"]}], body, {"shared": head}, args.max_length)
+        singles[t["name"]] = evaluate_all(model, meta, test)
+    own = {d: singles[d][d] for d in DOMAINS}
+    own["other"] = max(singles[d]["other"] for d in DOMAINS)
+    rows, chosen = merges(tasks, None, val, test, args, share_head=True)
+    cols = [*DOMAINS, "other"]
+    lines, _ = table({**{f"single: {d}": singles[d] for d in DOMAINS}, **rows}, own, list(DOMAINS))
+    lines[0] = lines[0].replace(" | normalised accuracy (mean) |", " | other | normalised accuracy (mean over the 4 domains) |")
+    lines[1] = "|---" * (len(cols) + 2) + "|"
+    fixed = lines[:2]
+    for line, (method, accs) in zip(lines[2:], list({**{f"single: {d}": singles[d] for d in DOMAINS}, **rows}.items())):
+        head, _, norm = line.rpartition(" | ")
+        fixed.append(f"{head} | {100 * accs['other']:.1f} | {norm}")
+    best_method = max(rows, key=lambda m: sum(rows[m][d] / own[d] for d in DOMAINS))
+    best_single_other = max(singles[d]["other"] for d in DOMAINS)
+    beats = [m for m in rows if rows[m]["other"] > best_single_other]
+    sections.append(f"**(b) multi-domain, tweet sentiment, LoRA r=8 per domain** (test accuracy %; picked on validation: "
+                    f"{chosen})\n\n" + "\n".join(fixed) + f"\n\nBest single-domain delta on `other`: "
+                    f"{100 * best_single_other:.1f}%. Merges above it on `other`: {', '.join(beats) or 'none'} "
+                    f"(aim: the domain merge beats every single-domain delta). Best normalised accuracy: {best_method}.")
+    print(sections[-1], flush=True)
+    cmd = "`.venv/bin/python bench/bench_merge_real.py" + "".join(" " + a for a in sys.argv[1:]) + "`"
+    body = (f"Command: {cmd} (MiniLM at {args.max_length} tokens, {args.epochs} epoch(s), {args.limit} training "
+            f"examples per task/domain, {args.eval_limit} validation/test examples per task; {time.time() - t0:.0f} s). "
+            + __doc__.split("(a)")[1].join(["(a)", ""]).strip().replace("\n", " ") + "\n\n" + "\n\n".join(sections))
+    if not args.no_write:
+        from _results import write_section
+
+        write_section("Merging on real data: multi-task and multi-domain (issue 6)", body)
+
+
+if __name__ == "__main__":
+    main()
