@@ -79,13 +79,17 @@ def main() -> None:
                         f"{' -> '.join(t.name for t in stream.tasks)}; train/test examples per task: "
                         f"{', '.join(f'{len(t.train)}/{len(t.test)}' for t in stream.tasks)})\n\n"
                         + "\n".join(lines) + f"\n\n{verdict}")
+        _write(sections, args, time.time() - t_all)  # after each stream, so a long run leaves its tables
+
+
+def _write(sections: list[str], args, seconds: float) -> None:
     cmd = "`.venv/bin/python bench/bench_continual.py" + "".join(" " + a for a in sys.argv[1:]) + "`"
     body = (f"Command: {cmd} ({args.steps} optimizer steps per task, MiniLM at {args.max_length} tokens, "
-            f"{time.time() - t_all:.0f} s in all on the shared 2-core machine). "
+            f"{seconds:.0f} s in all on the shared 2-core machine). "
             + __doc__.split("Streams:")[1].strip().replace("\n", " ")
             + " Forgetting = mean over earlier tasks of (best accuracy before the last task − final accuracy).\n\n"
             + "\n\n".join(sections))
-    print(body)
+    print(body, flush=True)
     if not args.no_write:
         from _results import write_section
 
