@@ -33,7 +33,13 @@ bench: setup
 	$(PY) bench/bench_engine.py
 	$(PY) bench/bench_merge.py
 	$(PY) bench/bench_tta.py
-	$(PY) bench/bench_accuracy.py
+	$(PY) bench/bench_accuracy.py --epochs 1 --limit tweet-sentiment=4000
+	$(PY) bench/bench_lm.py
+	$(PY) bench/bench_compress.py
+	$(PY) bench/bench_continual.py
+	$(PY) bench/bench_merge_real.py
+	$(PY) bench/bench_methods.py
+	$(PY) bench/bench_lisa.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
