@@ -86,10 +86,14 @@ def main() -> None:
                     help="examples per split (reduced runs): N for every data set, or DATA=N for one")
     ap.add_argument("--out", default="bench/accuracy_runs.jsonl")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--rows-from", help="render the table from the runs recorded in this JSONL file (no training)")
     args = ap.parse_args()
     limits = parse_limits(args.limit, args.data)
     rows = []
-    for data in args.data:
+    if args.rows_from:
+        recorded = [json.loads(line) for line in Path(args.rows_from).read_text().splitlines() if line.strip()]
+        rows = [r for r in recorded if r["data"] in args.data and r["variant"] in args.variants and r["seed"] in args.seeds]
+    for data in ([] if args.rows_from else args.data):
         for seed in args.seeds:
             for variant in args.variants:
                 row = run(variant, data, seed, args.epochs, limits[data], args.batch_size)
@@ -104,7 +108,8 @@ def main() -> None:
             pct = next(r["trainable_percent"] for r in rows if r["data"] == data and r["variant"] == variant)
             std = statistics.stdev(accs) if len(accs) > 1 else 0.0
             lines.append(f"| {data} | {variant} | {statistics.mean(accs):.2f} ± {std:.2f} | {pct:.3f} | {len(accs)} |")
-    shown = [a for i, a in enumerate(sys.argv[1:]) if a != "--out" and (i == 0 or sys.argv[i] != "--out")]
+    hidden = ("--out", "--rows-from")
+    shown = [a for i, a in enumerate(sys.argv[1:]) if a not in hidden and (i == 0 or sys.argv[i] not in hidden)]
     cmd = "`.venv/bin/python bench/bench_accuracy.py " + " ".join(shown) + "`"
     body = (f"Command: {cmd} (MiniLM-L6, max 128 tokens, batch {args.batch_size}, {args.epochs} epochs, "
             "examples per split: " + ", ".join(f"{d} {limits[d] or 'all'}" for d in args.data)
