@@ -129,6 +129,7 @@ def test_olora_penalty_vanishes_for_orthogonal_subspaces():
         host.part("task1").lora_A.copy_(torch.eye(6)[1:3])
     assert s.orthogonality().item() == pytest.approx(1.0)
     assert not host.part("task0").lora_A.requires_grad and host.part("task1").lora_A.requires_grad
+    assert model[2].weight.requires_grad, "the shared head keeps training after a new task's LoRA is attached"
 
 
 def test_merge_is_the_average_of_the_task_deltas():
@@ -146,6 +147,7 @@ def test_merge_is_the_average_of_the_task_deltas():
         s.after_task(t, cl.Task(f"t{t}", None, None, [t]))
     with torch.no_grad():
         assert torch.allclose(model[0](x), (outs[0] + outs[1]) / 2, atol=1e-5)  # ΔW averaged, layer 0 is linear
+    assert model[2].weight.requires_grad
 
 
 @pytest.mark.parametrize("strategy", ["sequential", "joint", "replay", "ewc", "lwf", "lae", "merge", "olora"])

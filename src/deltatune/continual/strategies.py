@@ -301,6 +301,7 @@ class _PerTask(Strategy):
         name = f"task{t}"
         attach(self.model, self.spec, name)
         self.names.append(name)
+        self._unfreeze_head()  # attach freezes every non-delta parameter; the shared head keeps training
 
 
 class Merge(_PerTask):
@@ -325,6 +326,7 @@ class Merge(_PerTask):
         n, spec = len(self.names), self.spec
         alpha = spec.alpha * (math.sqrt(n) if spec.rslora else n)  # the same scaling at rank n·r
         attach(self.model, dataclasses.replace(spec, r=n * spec.r, alpha=alpha), "merged")
+        self._unfreeze_head()
         with torch.no_grad():
             for _, host in iter_hosts(self.model):
                 if "merged" not in host.delta_names():
