@@ -15,6 +15,7 @@ optimizer steps per task; joint trains once on all tasks with that many steps pe
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -24,14 +25,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-STRATEGIES = ["sequential", "joint", "replay", "ewc", "lwf", "lae", "merge", "olora"]
+STRATEGIES = ["sequential", "joint", "replay", "ewc", "lwf", "lae", "zscl", "merge", "olora"]
 #: stream → (model, LoRA options, learning rate, batch size)
 STREAMS = {
     "bbc-news-classinc": ("minilm", {"r": 8, "alpha": 16, "targets": ("query", "value")}, 1e-3, 16),
     "tweet-domains": ("minilm", {"r": 8, "alpha": 16, "targets": ("query", "value")}, 1e-3, 16),
     "mnist-corruptions": ("small-cnn", {"r": 4, "alpha": 8, "target_types": ("Conv2d",)}, 3e-3, 32),
 }
-PET = ("replay", "ewc", "lwf", "lae", "merge", "olora")
+PET = ("replay", "ewc", "lwf", "lae", "zscl", "merge", "olora")
+#: strategy options per stream (ZSCL's reference set: unlabeled data from outside the stream's tasks)
+OPTIONS = {
+    ("tweet-domains", "zscl"): {"reference": "tweet-sentiment:other", "reference_size": 512},
+    ("bbc-news-classinc", "zscl"): {"reference": "tweet-sentiment:other", "reference_size": 512},
+    ("mnist-corruptions", "zscl"): {"reference": "digits", "reference_size": 512},
+}
+CACHE = ROOT / ".cache" / "bench_continual"
 
 
 def main() -> None:
@@ -43,7 +51,11 @@ def main() -> None:
     ap.add_argument("--limit-test", type=int, default=600, help="test examples drawn per data set")
     ap.add_argument("--max-length", type=int, default=64, help="MiniLM tokens")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--fresh", action="store_true", help="re-run every (stream, strategy) instead of reusing cached rows")
     args = ap.parse_args()
+    settings = f"steps{args.steps}-limit{args.limit}-test{args.limit_test}-len{args.max_length}"
+    cache_file = CACHE / f"rows-{settings}.json"
+    cached = {} if args.fresh or not cache_file.exists() else json.loads(cache_file.read_text())
 
     import torch
 
@@ -59,6 +71,10 @@ def main() -> None:
         stream = cl.make_stream(name, limit_train=args.limit, limit_test=args.limit_test)
         rows = {}
         for strategy in args.strategies:
+            key = f"{name}/{strategy}"
+            if key in cached:  # rows of an earlier run with the same settings (so runs resume stream by stream)
+                rows[strategy] = cl.ContinualResult(**cached[key])
+                continue
             torch.manual_seed(0)
             options = {"max_length": args.max_length} if model_name == "minilm" else {}
             entry = load_model(model_name, num_labels=len(stream.label_names), **options)
@@ -66,9 +82,15 @@ def main() -> None:
                 entry.model.load_state_dict(_pretrained_cnn(entry))
             cfg = TrainConfig(max_steps=args.steps, batch_size=batch, lr=lr, seed=0, progress=False,
                               eval_each_epoch=False, keep_best=False)
-            r = cl.run_stream(entry.model, entry.collate, stream, cl.make_strategy(strategy), cfg,
+            r = cl.run_stream(entry.model, entry.collate, stream,
+                              cl.make_strategy(strategy, **OPTIONS.get((name, strategy), {})), cfg,
                               spec=dt.LoRA(**lora), head=entry.head)
             rows[strategy] = r
+            cached[key] = r.to_dict()
+            CACHE.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(cached))
+            tmp.replace(cache_file)
             print(name, strategy, f"avg {r.average_accuracy:.4f} forgetting {r.forgetting}", f"{r.seconds:.0f}s", flush=True)
         lines = ["| strategy | average accuracy % | forgetting (pt) | backward transfer (pt) | final row (%) | time (s) |",
                  "|---|---|---|---|---|---|"]

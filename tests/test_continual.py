@@ -13,7 +13,7 @@ from torch import nn
 import deltatune as dt
 from deltatune import continual as cl
 from deltatune.core.host import iter_hosts
-from deltatune.data import Dataset
+from deltatune.data import Dataset, load_data
 from deltatune.models import load_model
 from deltatune.train import TrainConfig
 
@@ -113,6 +113,99 @@ def test_lae_offline_delta_is_the_ema_of_the_online_one():
     assert torch.allclose(off.lora_A, 0.9 * before + 0.1 * on.lora_A)
 
 
+def test_lae_momentum_follows_the_steps_per_task_unless_given():
+    s = cl.make_strategy("lae")
+    s.configure(TrainConfig(**CFG), 200)
+    assert s.ema_momentum == pytest.approx(1 - 1 / 200)
+    s.configure(TrainConfig(**CFG), 3)
+    assert s.ema_momentum == pytest.approx(0.9)  # clipped: a 3-step task still keeps an offline memory
+    assert cl.make_strategy("lae", momentum=0.999).ema_momentum == 0.999
+    with pytest.raises(cl.ContinualError, match="momentum must be in"):
+        cl.make_strategy("lae", momentum=1.5).validate(dt.LoRA(r=2))
+
+
+def _batch_collate(examples):
+    batch = {"x": torch.stack([e["x"] for e in examples])}
+    if "label" in examples[0]:
+        batch["labels"] = torch.tensor([e["label"] for e in examples])
+    return batch
+
+
+class _XModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x, labels=None):
+        return self.head(torch.relu(self.body(x)))
+
+
+def test_zscl_distils_only_from_the_second_task_and_is_zero_at_the_teacher():
+    torch.manual_seed(0)
+    model = _XModel()
+    s = cl.make_strategy("zscl", reference_batch=8)
+    s.setup(model, None, ["head"], _batch_collate)
+    data = Dataset("d", "x", [{"x": torch.randn(4), "label": i % 3} for i in range(32)], ["a", "b", "c"])
+    task = cl.Task("t", data, data, [0, 1, 2])
+    s.before_task(0, task)
+    assert s.distillation(model) is None  # no teacher before the first task
+    s.before_task(1, task)
+    assert s.distillation(model).item() == pytest.approx(0.0, abs=1e-7)  # student == teacher
+    with torch.no_grad():
+        model.head.weight.add_(torch.randn_like(model.head.weight))
+    kd = s.distillation(model)
+    assert kd.item() > 1e-3 and kd.requires_grad  # it pulls the student back
+    assert not any(p.requires_grad for p in s.teacher.parameters())
+
+
+def test_zscl_weight_ensemble_is_the_mean_of_the_trajectory():
+    model = _XModel()
+    s = cl.make_strategy("zscl", we_interval=1)
+    s.setup(model, None, ["head"], _batch_collate)
+    start = model.head.weight.detach().clone()
+    s.we_start(include_start=True)
+    seen = [start]
+    for step in range(3):
+        with torch.no_grad():
+            model.head.weight.add_(1.0)
+        seen.append(model.head.weight.detach().clone())
+        s.we_add()
+    s.we_finish()  # the final weights are counted once more: (w0 + w1 + w2 + w3 + w3) / 5
+    expected = (sum(seen) + seen[-1]) / 5
+    assert torch.allclose(model.head.weight, expected)
+    with pytest.raises(cl.ContinualError, match="we_interval must be"):
+        cl.make_strategy("zscl", we_interval=0).validate(None)
+
+
+def test_zscl_reference_of_another_kind_is_refused():
+    entry = load_model("small-cnn", num_labels=10)
+    s = cl.make_strategy("zscl", reference="tweet-sentiment:other", reference_size=8)
+    with pytest.raises(cl.ContinualError, match="does not fit this model's inputs"):
+        s.setup(entry.model, dt.LoRA(r=2, target_types=["Conv2d"]), entry.head, entry.collate)
+
+
+def test_user_stream_from_a_task_column(tmp_path):
+    rows = ["text,label,task"]
+    for i in range(60):
+        rows.append(f"example {i} {'good' if i % 2 else 'bad'},{'pos' if i % 2 else 'neg'},{['b', 'a', 'c'][i % 3]}")
+    csv = tmp_path / "tasks.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    st = cl.make_stream(f"{csv}@task")
+    assert st.scenario == "domain" and [t.name for t in st.tasks] == ["a", "b", "c"]  # sorted
+    assert all(e["task"] == t.name for t in st.tasks for e in t.train.examples + t.test.examples)
+    assert sum(len(t.train) for t in st.tasks) == len(load_data(str(csv), "train"))
+    st = cl.make_stream(f"{csv}@task=c,a")
+    assert [t.name for t in st.tasks] == ["c", "a"]
+    with pytest.raises(cl.ContinualError, match=r"value\(s\) \['z'\] do not occur"):
+        cl.make_stream(f"{csv}@task=c,z")
+    with pytest.raises(cl.ContinualError, match="has no 'region' column"):
+        cl.make_stream(f"{csv}@region")
+    with pytest.raises(cl.ContinualError, match="repeats a value"):
+        cl.make_stream(f"{csv}@task=a,a")
+    dom = cl.make_stream("tweet-sentiment@domain=apple,cars", limit_train=400, limit_test=200)
+    assert [t.name for t in dom.tasks] == ["apple", "cars"]
+
+
 def test_olora_penalty_vanishes_for_orthogonal_subspaces():
     model = _mlp()
     s = cl.make_strategy("olora", lam=1.0)
@@ -150,7 +243,7 @@ def test_merge_is_the_average_of_the_task_deltas():
     assert model[2].weight.requires_grad
 
 
-@pytest.mark.parametrize("strategy", ["sequential", "joint", "replay", "ewc", "lwf", "lae", "merge", "olora"])
+@pytest.mark.parametrize("strategy", ["sequential", "joint", "replay", "ewc", "lwf", "lae", "zscl", "merge", "olora"])
 def test_every_strategy_runs_a_stream(stream, strategy):
     torch.manual_seed(0)
     entry = load_model("small-cnn", num_labels=10)

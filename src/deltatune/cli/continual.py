@@ -57,9 +57,12 @@ def register(app: typer.Typer) -> None:
             "  deltatune continual --model small-cnn --stream split-mnist --strategy replay --method lora --max-steps 100 --out runs/cl\n\n"
             "  deltatune continual --model minilm --stream tweet-domains --strategy lae --method lora --epochs 1 --limit 2000 --out runs/lae\n\n"
             "  deltatune continual --model minilm --stream my.csv@0,1;2,3 --strategy ewc --method lora --max-steps 200 --out runs/mine\n\n"
+            "  deltatune continual --model minilm --stream tweet-domains --strategy zscl --opt reference=tweet-sentiment:other "
+            "--max-steps 40 --out runs/zscl\n\n"
             "Streams: split-mnist, bbc-news-classinc (class-incremental), tweet-domains, mnist-corruptions "
-            "(domain-incremental), or PATH@classes;classes. Strategies: sequential, joint, replay, ewc, lwf, lae, "
-            "merge, olora. Writes results.json (accuracy_matrix, average_accuracy, forgetting, backward_transfer, "
+            "(domain-incremental), PATH@classes;classes (class-incremental) or PATH@task[=a,b,...] (one task per value "
+            "of a task column). Strategies: sequential, joint, replay, ewc, lwf, lae, zscl, merge, olora "
+            "(options with --opt KEY=VALUE). Writes results.json (accuracy_matrix, average_accuracy, forgetting, backward_transfer, "
             "forward_transfer) and accuracy_matrix.png."
         ),
     )
@@ -77,7 +80,9 @@ def register(app: typer.Typer) -> None:
         limit_test: Optional[int] = typer.Option(None, "--limit-test", help="test examples drawn per data split"),
         task_ids: bool = typer.Option(False, "--task-ids", help="evaluate with the task's classes only (task-incremental)"),
         buffer_size: Optional[int] = typer.Option(None, "--buffer-size", help="replay: examples kept"),
-        lam: Optional[float] = typer.Option(None, "--lam", help="ewc/lwf/olora: penalty weight"),
+        lam: Optional[float] = typer.Option(None, "--lam", help="ewc/lwf/olora/zscl: penalty weight"),
+        opt: list[str] = typer.Option([], "--opt", help="any strategy option as KEY=VALUE (repeatable), e.g. "
+                                      "--opt reference=tweet-sentiment:other (zscl), --opt momentum=0.99 (lae)"),
         seed: int = typer.Option(0, "--seed"),
         out: Path = typer.Option(..., "--out", "-o", help="output directory"),
         overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output directory"),
@@ -85,7 +90,10 @@ def register(app: typer.Typer) -> None:
         """Adapt to one task after another with a delta, and measure forgetting."""
         from rich.console import Console
 
-        options = {k: v for k, v in {"buffer_size": buffer_size, "lam": lam}.items() if v is not None}
+        from .spec_options import parse_options
+
+        options = {**parse_options(opt), **{k: v for k, v in {"buffer_size": buffer_size, "lam": lam}.items()
+                                            if v is not None}}
         r = run_continual({"model": model, "stream": stream, "strategy": strategy, "method": method,
                            "method_options": {"r": rank} if rank else {}, "epochs": epochs, "max_steps": max_steps,
                            "batch_size": batch_size, "lr": lr, "limit": limit, "limit_test": limit_test,

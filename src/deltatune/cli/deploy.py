@@ -319,14 +319,9 @@ def register(app: typer.Typer) -> None:
         """Adapt a model at test time on a data stream; report error (or entropy) over the stream."""
         from rich.console import Console
 
-        from .spec_options import parse_value
+        from .spec_options import parse_options
 
-        options = {}
-        for item in opt:
-            if "=" not in item:
-                raise CLIError(f"--opt {item!r} must look like KEY=VALUE")
-            k, v = item.split("=", 1)
-            options[k.strip()] = parse_value(v)
+        options = parse_options(opt)
         console = Console(stderr=True)
         res = run_adapt(model, data, out=out or _default_out("adapt"), method=method, options=options, adapter=adapter,
                         split=split, batch_size=batch_size, limit=limit, compare=compare, seed=seed,

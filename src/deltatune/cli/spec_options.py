@@ -24,6 +24,19 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def parse_options(items: list[str], flag: str = "--opt") -> dict[str, Any]:
+    """``["lr=1e-3", "reference=tweet-sentiment:other"]`` → ``{"lr": 0.001, "reference": "..."}``."""
+    from .common import CLIError
+
+    options: dict[str, Any] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise CLIError(f"{flag} {item!r} must look like KEY=VALUE")
+        options[key.strip()] = parse_value(value)
+    return options
+
+
 def build_spec(method: str, options: dict[str, Any], *, head=()) -> DeltaSpec:
     """The spec of ``method`` with ``options`` (unknown option → one-line error listing valid ones)."""
     import deltatune.methods  # noqa: F401

@@ -188,14 +188,9 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         cfg = _load_yaml(config)
-        method_options = dict(cfg.pop("method_options", {}) or {})
-        for item in opt:
-            if "=" not in item:
-                raise CLIError(f"--opt {item!r} must look like KEY=VALUE")
-            key, value = item.split("=", 1)
-            from .spec_options import parse_value
+        from .spec_options import parse_options
 
-            method_options[key.strip()] = parse_value(value)
+        method_options = {**(cfg.pop("method_options", {}) or {}), **parse_options(opt)}
         for key, value in {"r": rank, "alpha": alpha, "dropout": dropout, "targets": targets}.items():
             if value is not None:
                 method_options[key] = value

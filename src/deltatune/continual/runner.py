@@ -9,6 +9,7 @@ the accuracy of the model before any training.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -98,6 +99,12 @@ def run_stream(model: nn.Module, collate: Callable, stream: Stream, strategy: St
             row.append(evaluate(p, task.test, collate, task=stream.task_kind)["accuracy"])
         return row
 
+    if config.max_steps:
+        steps = config.max_steps
+    else:  # optimizer steps a task takes on average (LAE's EMA, ZSCL's ensemble scale with it)
+        per = [math.ceil(len(t.train) / (config.batch_size * config.grad_accum)) * config.epochs for t in stream.tasks]
+        steps = max(1, round(sum(per) / len(per)))
+    strategy.configure(config, steps)
     strategy.setup(model, spec, head, collate)
     initial = accuracies(strategy.predictor())
     matrix: list[list[float]] = []

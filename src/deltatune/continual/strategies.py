@@ -9,6 +9,8 @@ plus the model's classification head, task after task:
 - ``ewc`` — elastic weight consolidation, online Fisher (Kirkpatrick et al., https://arxiv.org/abs/1612.00796);
 - ``lwf`` — learning without forgetting: distil the previous model's outputs (Li & Hoiem, https://arxiv.org/abs/1606.09282);
 - ``lae`` — online delta + offline EMA delta, ensembled at inference (Gao et al., https://arxiv.org/abs/2303.10070);
+- ``zscl`` — distil the previous model on a reference set (not the task's labelled data) and average the
+  weights along each task's trajectory (ZSCL, Zheng et al., https://arxiv.org/abs/2303.06628);
 - ``merge`` — one delta per task, merged (averaged task vectors) after each task (task arithmetic,
   Ilharco et al., https://arxiv.org/abs/2212.04089);
 - ``olora`` — a new LoRA per task, kept orthogonal to the frozen earlier ones (O-LoRA, Wang et al.,
@@ -25,62 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.host import get_module, iter_hosts
-from ..core.model import attach, detach, set_active
-from .streams import ContinualError, Task
-
-
-def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-class Strategy:
-    """Sequential fine-tuning; the other strategies override the hooks they need."""
-
-    name = "sequential"
-
-    def __init__(self, **options: Any) -> None:
-        unknown = set(options) - set(self.options())
-        if unknown:
-            raise ContinualError(f"strategy {self.name!r} has no option {sorted(unknown)[0]!r}; "
-                                 f"options: {', '.join(self.options()) or 'none'}")
-        self.__dict__.update({**self.options(), **options})
-        self.seen: list[int] = []
-
-    @classmethod
-    def options(cls) -> dict[str, Any]:
-        return {}
-
-    def validate(self, spec) -> None:
-        """Raise if this strategy cannot work with ``spec`` (None = full fine-tuning)."""
-
-    def setup(self, model: nn.Module, spec, head: list[str], collate: Callable) -> None:
-        self.validate(spec)
-        self.model, self.spec, self.head, self.collate = model, spec, head, collate
-        if spec is None:
-            model.requires_grad_(True)
-        else:
-            attach(model, spec, "pet")
-            self._unfreeze_head()
-
-    def _unfreeze_head(self) -> None:
-        for h in self.head:
-            try:
-                get_module(self.model, h).requires_grad_(True)
-            except AttributeError:
-                raise ContinualError(f"the model has no head module {h!r}; pass the classifier's name") from None
-
-    def before_task(self, t: int, task: Task) -> None:
-        pass
-
-    def callbacks(self, t: int, task: Task) -> list:
-        return []
-
-    def after_task(self, t: int, task: Task) -> None:
-        self.seen = sorted(set(self.seen) | set(task.classes))
-
-    def predictor(self) -> nn.Module:
-        return self.model
+from ..core.host import iter_hosts
+from ..core.model import attach, set_active
+from .base import Strategy, _Penalty, _trainable
+from .pertask import Merge, OLoRA
+from .streams import ContinualError
+from .zscl import ZSCL
 
 
 # -- replay ---------------------------------------------------------------------------------------
@@ -151,11 +103,6 @@ class Replay(Strategy):
 
 
 # -- EWC ------------------------------------------------------------------------------------------
-class _Penalty:
-    def __init__(self, fn) -> None:
-        self.penalty = fn
-
-
 class EWC(Strategy):
     name = "ewc"
 
@@ -249,11 +196,22 @@ class LAE(Strategy):
 
     @classmethod
     def options(cls):
-        return {"momentum": 0.999}
+        # None: 1 − 1/steps per task (clipped to [0.9, 0.9999]), so the offline delta's time constant is one
+        # task whatever the run length; the paper's 0.999 assumes ~1000 steps per task.
+        return {"momentum": None}
 
     def validate(self, spec) -> None:
         if spec is None:
             raise ContinualError("LAE needs a parameter-efficient method (--method lora, ...), not full fine-tuning")
+        if self.momentum is not None and not 0 <= self.momentum < 1:
+            raise ContinualError(f"LAE momentum must be in [0, 1), got {self.momentum}")
+
+    @property
+    def ema_momentum(self) -> float:
+        if self.momentum is not None:
+            return float(self.momentum)
+        steps = getattr(self, "steps_per_task", None) or 1000
+        return min(max(1.0 - 1.0 / steps, 0.9), 0.9999)
 
     def setup(self, model, spec, head, collate) -> None:
         self.validate(spec)
@@ -271,9 +229,10 @@ class LAE(Strategy):
 
     @torch.no_grad()
     def ema_update(self) -> None:
+        m = self.ema_momentum
         for on, off in self._pairs:
             for p_off, p_on in zip(off.parameters(), on.parameters()):
-                p_off.mul_(self.momentum).add_(p_on, alpha=1 - self.momentum)
+                p_off.mul_(m).add_(p_on, alpha=1 - m)
 
     def callbacks(self, t, task):
         return [_EMA(self)]
@@ -282,99 +241,10 @@ class LAE(Strategy):
         return _Ensemble(self.model)
 
 
-# -- per-task deltas: merged, or orthogonal --------------------------------------------------------
-class _PerTask(Strategy):
-    def validate(self, spec) -> None:
-        from ..methods.lora import LoRA
+__all__ = ["Strategy", "Reservoir", "Replay", "EWC", "LwF", "LAE", "ZSCL", "Merge", "OLoRA", "STRATEGIES",
+           "make_strategy"]
 
-        if not isinstance(spec, LoRA):
-            raise ContinualError(f"strategy {self.name!r} keeps one LoRA per task; use --method lora")
-
-    def setup(self, model, spec, head, collate) -> None:
-        self.validate(spec)
-        self.model, self.spec, self.head, self.collate = model, spec, head, collate
-        model.requires_grad_(False)
-        self._unfreeze_head()
-        self.names: list[str] = []
-
-    def before_task(self, t, task) -> None:
-        name = f"task{t}"
-        attach(self.model, self.spec, name)
-        self.names.append(name)
-        self._unfreeze_head()  # attach freezes every non-delta parameter; the shared head keeps training
-
-
-class Merge(_PerTask):
-    name = "merge"
-
-    def before_task(self, t, task) -> None:
-        if "merged" in self._attached():
-            detach(self.model, "merged")
-        super().before_task(t, task)
-        set_active(self.model, [self.names[-1]])
-
-    def _attached(self) -> set[str]:
-        return {n for _, h in iter_hosts(self.model) for n in h.delta_names()}
-
-    def after_task(self, t, task) -> None:
-        """The merged delta: one LoRA of rank n·r whose factors are the task LoRAs' stacked, B scaled by 1/n,
-        i.e. exactly the average of the task vectors (works for conv LoRA too)."""
-        super().after_task(t, task)
-        import dataclasses
-        import math
-
-        n, spec = len(self.names), self.spec
-        alpha = spec.alpha * (math.sqrt(n) if spec.rslora else n)  # the same scaling at rank n·r
-        attach(self.model, dataclasses.replace(spec, r=n * spec.r, alpha=alpha), "merged")
-        self._unfreeze_head()
-        with torch.no_grad():
-            for _, host in iter_hosts(self.model):
-                if "merged" not in host.delta_names():
-                    continue
-                parts = [host.part(name) for name in self.names]
-                merged = host.part("merged")
-                merged.lora_A.copy_(torch.cat([p.lora_A for p in parts], 0))
-                merged.lora_B.copy_(torch.cat([p.lora_B for p in parts], 1) / n)
-                for p in parts:
-                    p.requires_grad_(False)
-                merged.requires_grad_(False)
-        set_active(self.model, ["merged"])
-
-
-class OLoRA(_PerTask):
-    name = "olora"
-
-    @classmethod
-    def options(cls):
-        return {"lam": 0.5}
-
-    def before_task(self, t, task) -> None:
-        for name in self.names:  # earlier LoRAs stay active and frozen
-            for _, host in iter_hosts(self.model):
-                if name in host.delta_names():
-                    host.part(name).requires_grad_(False)
-        super().before_task(t, task)
-        set_active(self.model, list(self.names))
-
-    def orthogonality(self, model=None, batch=None, outputs=None) -> torch.Tensor | None:
-        """λ · Σ_hosts Σ_old ‖A_old A_newᵀ‖₁ (O-LoRA's subspace penalty); None on the first task."""
-        if len(self.names) < 2:
-            return None
-        new = self.names[-1]
-        total = 0.0
-        for _, host in iter_hosts(self.model):
-            if new not in host.delta_names():
-                continue
-            a_new = host.part(new).lora_A.flatten(1)
-            for old in self.names[:-1]:
-                total = total + (host.part(old).lora_A.flatten(1) @ a_new.t()).abs().sum()
-        return self.lam * total
-
-    def callbacks(self, t, task):
-        return [_Penalty(self.orthogonality)]
-
-
-STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Strategy, Replay, EWC, LwF, LAE, Merge, OLoRA)}
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Strategy, Replay, EWC, LwF, LAE, ZSCL, Merge, OLoRA)}
 STRATEGIES["joint"] = Strategy  # trained once on all tasks by run_stream
 
 

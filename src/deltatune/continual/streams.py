@@ -6,7 +6,10 @@
   airlines → nfl → apple → cars; ``mnist-corruptions``: MNIST under a sequence of corruptions).
 
 A user stream is a CSV/JSONL/folder data set plus a class order: ``my.csv@0,1;2,3`` (classes by
-label index, tasks separated by ``;``).
+label index, tasks separated by ``;``), class-incremental; or a data set plus a task column:
+``my.csv@task`` (one task per value of the file's ``task`` column, in sorted order) or
+``my.csv@task=a,b,c`` (those values in that order), domain-incremental. Bundled data with a
+``domain`` field work the same way: ``tweet-sentiment@domain=apple,cars``.
 """
 
 from __future__ import annotations
@@ -91,6 +94,31 @@ def _domain_stream(name: str, specs: list[tuple[str, str]], limit_train, limit_t
     return Stream(name, "domain", tasks, names, tasks[0].train.task)
 
 
+def _column_stream(name: str, spec: str, column: str, values: list[str] | None, limit_train, limit_test,
+                   seed) -> Stream:
+    """Domain-incremental: one task per value of an example field (a user file's ``task`` column, ...)."""
+    train, test = load_data(spec, "train", seed=seed, limit=limit_train), load_data(spec, "test", seed=seed, limit=limit_test)
+    if not train.examples or column not in train.examples[0]:
+        have = sorted(k for k in (train.examples[0] if train.examples else {}) if k not in ("text", "label", "image"))
+        raise ContinualError(f"{spec} has no {column!r} column to split tasks by (it has: {', '.join(have) or 'none'}); "
+                             "add a 'task' column to the file, or give a class order like PATH@0,1;2,3")
+    present = sorted({str(e[column]) for e in train.examples})  # the split is shuffled: file order is gone
+    if values is None:
+        values = present
+    missing = [v for v in values if v not in present]
+    if missing:
+        raise ContinualError(f"{column} value(s) {missing} do not occur in the training split of {spec}; "
+                             f"values: {', '.join(present)}")
+    if len(set(values)) != len(values):
+        raise ContinualError(f"the task order {values} repeats a value; name every task once")
+    tasks = []
+    for v in values:
+        tr = Dataset(f"{train.name}[{v}]", train.task, [e for e in train.examples if str(e[column]) == v], train.label_names)
+        te = Dataset(f"{test.name}[{v}]", test.task, [e for e in test.examples if str(e[column]) == v], test.label_names)
+        tasks.append(Task(v, tr, te, sorted(set(tr.labels))))
+    return Stream(name, "domain", tasks, train.label_names, train.task)
+
+
 def make_stream(spec: str, *, limit_train: int | None = None, limit_test: int | None = None, seed: int = 0) -> Stream:
     """A bundled stream by name (see ``STREAMS``) or ``PATH@c,c;c,c`` for a user's data set."""
     if spec == "split-mnist":
@@ -104,7 +132,13 @@ def make_stream(spec: str, *, limit_train: int | None = None, limit_test: int | 
     path, sep, order = spec.rpartition("@")
     if not sep:
         raise ContinualError(f"unknown stream {spec!r}; bundled: {', '.join(STREAMS)}, or PATH@0,1;2,3 for your data "
-                             "(classes by label index, tasks separated by ';')")
+                             "(classes by label index, tasks separated by ';'), or PATH@task for a task column")
+    column, eq, values = order.partition("=")
+    if column.strip() and not column.strip()[0].isdigit():
+        wanted = [v.strip() for v in values.split(",") if v.strip()] if eq else None
+        if eq and not wanted:
+            raise ContinualError(f"stream {spec!r} names no values after '='; write {path}@{column}=a,b")
+        return _column_stream(spec, path, column.strip(), wanted, limit_train, limit_test, seed)
     try:
         groups = [[int(c) for c in part.split(",") if c.strip()] for part in order.split(";")]
     except ValueError:

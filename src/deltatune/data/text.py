@@ -26,6 +26,7 @@ TWEET_DOMAINS: list[tuple[str, str]] = [
 ]
 DOMAIN_NAMES = ["airlines", "nfl", "apple", "cars", "other"]
 SENTIMENTS = ["negative", "neutral", "positive"]
+GROUP_COLUMNS = ("task", "domain")  # a user file's columns kept per example, for task streams
 
 
 def _package_dir(module: str) -> Path:
@@ -139,7 +140,8 @@ def _label_order(values: set[str]) -> list[str]:
 
 def user_text(path: Path, split: str, seed: int, limit: int | None) -> Dataset:
     """A CSV/JSONL file with ``text`` and ``label`` columns; an optional ``split`` column
-    (train/val/test, val also as validation/valid/dev) fixes the split, else a seeded 80/10/10 one."""
+    (train/val/test, val also as validation/valid/dev) fixes the split, else a seeded 80/10/10 one.
+    Optional ``task`` / ``domain`` columns are kept in each example (continual task streams)."""
     check_split(split)
     if not path.is_file():
         raise DataError(f"{path} does not exist; check the path")
@@ -154,6 +156,10 @@ def user_text(path: Path, split: str, seed: int, limit: int | None) -> Dataset:
             raise DataError(f"{path}: row {n} lacks a text or label value; fill it in or remove the row")
     names = _label_order({str(r["label"]).strip() for r in rows})
     examples = [{"text": str(r["text"]), "label": names.index(str(r["label"]).strip())} for r in rows]
+    for col in GROUP_COLUMNS:  # kept for task streams (deltatune.continual: PATH@task)
+        if col in columns:
+            for e, r in zip(examples, rows):
+                e[col] = str(r.get(col) if r.get(col) is not None else "").strip()
     if "split" in columns:
         given = [str(r.get("split") or "").strip().lower() for r in rows]
         given = ["val" if g in _VAL_NAMES else g for g in given]

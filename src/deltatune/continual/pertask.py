@@ -1,0 +1,101 @@
+"""Per-task deltas: one LoRA per task, merged after each task (task arithmetic) or kept orthogonal (O-LoRA)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.host import iter_hosts
+from ..core.model import attach, detach, set_active
+from .base import Strategy, _Penalty
+from .streams import ContinualError
+
+
+class _PerTask(Strategy):
+    def validate(self, spec) -> None:
+        from ..methods.lora import LoRA
+
+        if not isinstance(spec, LoRA):
+            raise ContinualError(f"strategy {self.name!r} keeps one LoRA per task; use --method lora")
+
+    def setup(self, model, spec, head, collate) -> None:
+        self.validate(spec)
+        self.model, self.spec, self.head, self.collate = model, spec, head, collate
+        model.requires_grad_(False)
+        self._unfreeze_head()
+        self.names: list[str] = []
+
+    def before_task(self, t, task) -> None:
+        name = f"task{t}"
+        attach(self.model, self.spec, name)
+        self.names.append(name)
+        self._unfreeze_head()  # attach freezes every non-delta parameter; the shared head keeps training
+
+
+class Merge(_PerTask):
+    name = "merge"
+
+    def before_task(self, t, task) -> None:
+        if "merged" in self._attached():
+            detach(self.model, "merged")
+        super().before_task(t, task)
+        set_active(self.model, [self.names[-1]])
+
+    def _attached(self) -> set[str]:
+        return {n for _, h in iter_hosts(self.model) for n in h.delta_names()}
+
+    def after_task(self, t, task) -> None:
+        """The merged delta: one LoRA of rank n·r whose factors are the task LoRAs' stacked, B scaled by 1/n,
+        i.e. exactly the average of the task vectors (works for conv LoRA too)."""
+        super().after_task(t, task)
+        import dataclasses
+        import math
+
+        n, spec = len(self.names), self.spec
+        alpha = spec.alpha * (math.sqrt(n) if spec.rslora else n)  # the same scaling at rank n·r
+        attach(self.model, dataclasses.replace(spec, r=n * spec.r, alpha=alpha), "merged")
+        self._unfreeze_head()
+        with torch.no_grad():
+            for _, host in iter_hosts(self.model):
+                if "merged" not in host.delta_names():
+                    continue
+                parts = [host.part(name) for name in self.names]
+                merged = host.part("merged")
+                merged.lora_A.copy_(torch.cat([p.lora_A for p in parts], 0))
+                merged.lora_B.copy_(torch.cat([p.lora_B for p in parts], 1) / n)
+                for p in parts:
+                    p.requires_grad_(False)
+                merged.requires_grad_(False)
+        set_active(self.model, ["merged"])
+
+
+class OLoRA(_PerTask):
+    name = "olora"
+
+    @classmethod
+    def options(cls):
+        return {"lam": 0.5}
+
+    def before_task(self, t, task) -> None:
+        for name in self.names:  # earlier LoRAs stay active and frozen
+            for _, host in iter_hosts(self.model):
+                if name in host.delta_names():
+                    host.part(name).requires_grad_(False)
+        super().before_task(t, task)
+        set_active(self.model, list(self.names))
+
+    def orthogonality(self, model=None, batch=None, outputs=None) -> torch.Tensor | None:
+        """λ · Σ_hosts Σ_old ‖A_old A_newᵀ‖₁ (O-LoRA's subspace penalty); None on the first task."""
+        if len(self.names) < 2:
+            return None
+        new = self.names[-1]
+        total = 0.0
+        for _, host in iter_hosts(self.model):
+            if new not in host.delta_names():
+                continue
+            a_new = host.part(new).lora_A.flatten(1)
+            for old in self.names[:-1]:
+                total = total + (host.part(old).lora_A.flatten(1) @ a_new.t()).abs().sum()
+        return self.lam * total
+
+    def callbacks(self, t, task):
+        return [_Penalty(self.orthogonality)]
