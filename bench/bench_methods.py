@@ -59,6 +59,7 @@ IMAGE = {
     "bitfit": ({}, 5e-3),
     "ia3": ({"targets": ("_expand_conv", "_project_conv"), "feedforward": ()}, 5e-3),
     "sparse": ({"density": 0.005}, 1e-3),
+    "bottleneck": ({"style": "pfeiffer", "reduction_factor": 4, "targets": ("_project_conv",)}, 1e-3),
 }
 PARTS = {"text": ("tweet-sentiment", "minilm", TEXT, 16), "image": ("mnist", "efficientnet-lite0", IMAGE, 32)}
 

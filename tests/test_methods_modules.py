@@ -430,3 +430,46 @@ def test_positions_the_model_lacks(mlp):
     with pytest.raises(dt.SpecError, match="phm_dim"):
         dt.attach(model, dt.Compacter(phm_dim=3))  # 16 is not a multiple of 3
     assert dt.delta_names(model) == [] and torch.equal(run(model), y)  # nothing left behind
+
+
+# -- adapters on convolutional features -----------------------------------------------------------
+def small_cnn():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 3, padding=1, stride=2), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 4),
+    ).eval()
+
+
+@pytest.mark.parametrize("style", ["pfeiffer", "parallel"])
+def test_bottleneck_on_conv_features(style, tmp_path):
+    model, x = small_cnn(), torch.randn(2, 3, 8, 8)
+    base = model(x)
+    targets = ["0"] if style == "parallel" else None  # parallel needs the spatial size kept (conv 0: stride 1)
+    spec = dt.Bottleneck(style=style, reduction_factor=2, target_types=() if targets else ("Conv2d",),
+                         targets=targets)
+    paths = dt.attach(model, spec)
+    assert paths == (["0"] if targets else ["0", "3"])
+    assert torch.equal(model(x), base)  # the up projection starts at zero
+    adapter = model[0].part("default")
+    assert adapter.down.in_features == (3 if style == "parallel" else 8) and adapter.up.out_features == 8
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    changed = model(x)
+    assert not torch.allclose(changed, base)
+    dt.save_adapter(model, tmp_path / "conv")
+    other = small_cnn()
+    dt.load_adapter(other, tmp_path / "conv")
+    assert torch.equal(other(x), changed)
+    with pytest.raises(dt.DeltaError, match="not foldable|cannot merge|merge"):
+        dt.merge(model)
+
+
+def test_parallel_conv_adapter_on_a_strided_conv_is_a_clear_error():
+    model = small_cnn()
+    dt.attach(model, dt.Bottleneck(style="parallel", targets=["3"], reduction_factor=2))
+    with pytest.raises(dt.DeltaError, match="keep the spatial size"):
+        model(torch.randn(1, 3, 8, 8))

@@ -52,8 +52,10 @@ FAMILIES = {
 def module_dims(module: nn.Module) -> tuple[int, int]:
     """(input width, output width) of a Linear-like module, or of a block's first/last Linear."""
     base = module.base if isinstance(module, DeltaHost) else module
-    if isinstance(module, DeltaHost) and module.kind == "linear":
-        return module.in_features, module.out_features
+    if isinstance(module, DeltaHost) and module.kind in ("linear", "conv"):
+        return module.in_features, module.out_features  # conv: channels
+    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return base.in_channels, base.out_channels
     linears = [m for m in base.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise TargetError(
@@ -92,10 +94,12 @@ def nearest(paths: list[str], anchor: str) -> str | None:
 class Bottleneck(DeltaSpec):
     """Bottleneck adapter. ``targets`` overrides the style's default positions (BERT- and
     Llama-family defaults are built in); ``input_from`` names the module whose input feeds a
-    parallel adapter (default: the target's own input; BERT's FFN: ``intermediate``)."""
+    parallel adapter (default: the target's own input; BERT's FFN: ``intermediate``).
+    On convolutions (``target_types=["Conv2d"]`` or named conv targets) the adapter acts on the
+    channels at every position (1x1 down/up projections), as in conv adapters for CNNs."""
 
     method = "bottleneck"
-    host_kinds = ("linear", "other")
+    host_kinds = ("linear", "conv", "other")
     #: documentation of the built-in positions; :meth:`positions` picks them per style
     default_targets = tuple((f.attention_out, f.ffn_out) for f in FAMILIES.values())
 
@@ -243,6 +247,7 @@ class AdapterDelta(Delta):
         self.parallel = spec.style == "parallel"
         self.slot = slot
         d_host_in, d_out = module_dims(host)
+        self.channels = host.kind == "conv"  # feature maps (N, C, ...): adapt the channel dimension
         if slot is not None:
             d_in = slot.width
         else:
@@ -282,5 +287,14 @@ class AdapterDelta(Delta):
         else:
             src = x if self.parallel else out
         dtype = next(self.down.parameters()).dtype
-        new = out + self.adapter(src.to(dtype)).to(out.dtype)
+        if self.channels:  # (N, C, *spatial) → channels last for the projections, and back
+            delta = self.adapter(src.to(dtype).movedim(1, -1)).movedim(-1, 1)
+            if delta.shape[2:] != out.shape[2:]:
+                raise StateError(
+                    f"a parallel conv adapter needs the convolution to keep the spatial size "
+                    f"(input {tuple(src.shape[2:])}, output {tuple(out.shape[2:])}); use a sequential style"
+                )
+        else:
+            delta = self.adapter(src.to(dtype))
+        new = out + delta.to(out.dtype)
         return (new, *h[1:]) if isinstance(h, tuple) else new
