@@ -437,3 +437,59 @@ def test_lisa_trains_only_the_drawn_blocks_and_redraws():
         LISA(layers=9).on_train_start(net)
     with pytest.raises(TrainError, match="lisa_interval"):
         TrainConfig(lisa_interval=0)
+
+
+def _bn_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+class _Images(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, pixel_values, labels=None):
+        return self.net(pixel_values)
+
+
+def _image_data(n=48):
+    g = torch.Generator().manual_seed(0)
+    return [{"pixel_values": 3.0 + 2.0 * torch.randn(1, 6, 6, generator=g), "label": i % 3} for i in range(n)]
+
+
+def _image_collate(examples):
+    return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+            "labels": torch.tensor([e["label"] for e in examples])}
+
+
+@pytest.mark.parametrize("mode", ["auto", "update", "freeze"])
+def test_norm_stats_of_frozen_batchnorm_stay_put_under_a_delta(mode, tmp_path):
+    import deltatune as dt
+
+    model = _Images(_bn_cnn())
+    dt.attach(model, dt.LoRA(r=2, target_types=["Conv2d"], trainable_modules=["net.5"]))
+    before = model.net[1].running_mean.clone()
+    cfg = TrainConfig(max_steps=3, batch_size=16, lr=1e-2, progress=False, eval_each_epoch=False, keep_best=False,
+                      norm_stats=mode)
+    fit(model, _image_data(), _image_collate, cfg, task="image-classification")
+    moved = not torch.equal(model.net[1].running_mean, before)
+    assert moved == (mode == "update")  # inputs have mean 3: train-mode BatchNorm would move its mean
+    if mode == "auto":  # the saved delta alone reproduces the trained model
+        dt.save_adapter(model, tmp_path / "a")
+        fresh = _Images(_bn_cnn())
+        dt.load_adapter(fresh, tmp_path / "a")
+        x = _image_collate(_image_data(4))["pixel_values"]
+        assert torch.allclose(fresh.eval()(x), model.eval()(x), atol=1e-6)
+
+
+def test_norm_stats_auto_updates_batchnorm_that_trains():
+    model = _Images(_bn_cnn())  # full fine-tuning: every BatchNorm has trainable affine parameters
+    before = model.net[1].running_mean.clone()
+    fit(model, _image_data(), _image_collate, TrainConfig(max_steps=2, batch_size=16, progress=False,
+                                                          eval_each_epoch=False, keep_best=False),
+        task="image-classification")
+    assert not torch.equal(model.net[1].running_mean, before)
+    with pytest.raises(TrainError, match="norm_stats"):
+        TrainConfig(norm_stats="sometimes")

@@ -11,7 +11,9 @@ SCHEDULES = ("linear", "cosine", "constant")
 # Options that change the optimisation trajectory: a resumed run must use the values it started with,
 # otherwise "resume" would silently train a different model than the interrupted run.
 TRAJECTORY_FIELDS = ("epochs", "max_steps", "batch_size", "lr", "weight_decay", "warmup_ratio",
-                     "schedule", "grad_accum", "max_grad_norm", "seed", "metric", "lisa_layers", "lisa_interval")
+                     "schedule", "grad_accum", "max_grad_norm", "seed", "metric", "lisa_layers", "lisa_interval",
+                     "norm_stats")
+NORM_STATS = ("auto", "update", "freeze")
 
 
 class TrainError(ValueError):
@@ -44,6 +46,10 @@ class TrainConfig:
     progress: bool = True  # rich progress bar with loss and samples/s (main process only)
     lisa_layers: int | None = None  # LISA: train only this many randomly drawn blocks at a time (see train/lisa.py)
     lisa_interval: int = 20  # LISA: optimizer steps between draws
+    # BatchNorm running statistics while training: "auto" keeps those of norm layers with no trainable
+    # parameter fixed (a frozen layer stays frozen, buffers included, so a saved delta reproduces the
+    # trained model); "update" always updates them (PyTorch's train mode), "freeze" never does.
+    norm_stats: Literal["auto", "update", "freeze"] = "auto"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum"):
@@ -67,6 +73,8 @@ class TrainConfig:
             self._bad("schedule", f"must be one of {', '.join(SCHEDULES)}")
         if self.max_grad_norm is not None and (not _is_real(self.max_grad_norm) or self.max_grad_norm <= 0):
             self._bad("max_grad_norm", "must be a number > 0, or None to disable clipping")
+        if self.norm_stats not in NORM_STATS:
+            self._bad("norm_stats", f"must be one of {', '.join(NORM_STATS)}")
         if not isinstance(self.metric, str) or not self.metric:
             self._bad("metric", "must be a metric name such as accuracy or loss")
         for name in ("eval_each_epoch", "keep_best", "progress"):

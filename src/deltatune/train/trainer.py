@@ -152,6 +152,7 @@ class _Run:
         first = st.micro
         last = min(first + cfg.grad_accum, self.plan.micro_per_epoch)
         self.wrapped.train()
+        self._hold_norm_stats()
         self.opt.zero_grad(set_to_none=True)
         losses, penalties = [], []
         for micro in range(first, last):
@@ -194,6 +195,16 @@ class _Run:
             record["penalty"] = self._mean(penalties)
         st.steps.append(record)
         return record
+
+    def _hold_norm_stats(self) -> None:
+        """Put the norm layers whose running statistics must not move into eval mode (see ``norm_stats``)."""
+        mode = self.cfg.norm_stats
+        if mode == "update":
+            return
+        for module in self.model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._NormBase) and module.track_running_stats:
+                if mode == "freeze" or not any(p.requires_grad for p in module.parameters(recurse=False)):
+                    module.eval()
 
     def _mean(self, values: list[torch.Tensor]) -> float:
         mean = torch.stack(values).float().mean()
