@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_accuracy.py                      # BBC News + tweet-sentiment, 3 seeds
     .venv/bin/python bench/bench_accuracy.py --data bbc-news --seeds 0 --epochs 1 --limit 400   # reduced
-    .venv/bin/python bench/bench_accuracy.py --epochs 1 --limit tweet-sentiment=4000           # as in RESULTS.md
+    .venv/bin/python bench/bench_accuracy.py --epochs bbc-news=2 tweet-sentiment=1 --limit tweet-sentiment=4000   # as in RESULTS.md
 
 Same split, epochs, batch size, max length (128) and learning-rate schedule for every variant; only
 the learning rate differs by variant (full fine-tuning needs a smaller one). Each run goes through
@@ -59,18 +59,19 @@ def run(variant: str, data: str, seed: int, epochs: int, limit: int | None, batc
     t0 = time.time()
     fit(model, train, entry.collate, cfg, eval_data=val, task=entry.task)
     metrics = evaluate(model, test, entry.collate, task=entry.task)
-    return {"variant": variant, "data": data, "seed": seed, "accuracy": metrics["accuracy"],
+    return {"variant": variant, "data": data, "seed": seed, "epochs": epochs, "limit": limit, "accuracy": metrics["accuracy"],
             "trainable_percent": 100 * trainable / total, "seconds": time.time() - t0}
 
 
-def parse_limits(values: list[str], datasets: list[str]) -> dict[str, int | None]:
+def parse_limits(values: list[str], datasets: list[str], flag: str = "--limit",
+                 default: int | None = None) -> dict[str, int | None]:
     """``["4000"]`` → every data set 4000; ``["tweet-sentiment=4000"]`` → only that one."""
-    limits: dict[str, int | None] = {d: None for d in datasets}
+    limits: dict[str, int | None] = {d: default for d in datasets}
     for value in values:
         name, _, number = value.rpartition("=")
         for d in ([name] if name else datasets):
             if d not in limits:
-                raise SystemExit(f"--limit names {d!r}, which is not in --data {datasets}")
+                raise SystemExit(f"{flag} names {d!r}, which is not in --data {datasets}")
             limits[d] = int(number)
     return limits
 
@@ -80,7 +81,7 @@ def main() -> None:
     ap.add_argument("--data", nargs="+", default=["bbc-news", "tweet-sentiment"])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--epochs", nargs="*", default=[], help="epochs: N for every data set, or DATA=N for one (default 1)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--limit", nargs="*", default=[],
                     help="examples per split (reduced runs): N for every data set, or DATA=N for one")
@@ -89,29 +90,43 @@ def main() -> None:
     ap.add_argument("--rows-from", help="render the table from the runs recorded in this JSONL file (no training)")
     args = ap.parse_args()
     limits = parse_limits(args.limit, args.data)
+    epochs = parse_limits(args.epochs, args.data, "--epochs", default=1)
     rows = []
     if args.rows_from:
         recorded = [json.loads(line) for line in Path(args.rows_from).read_text().splitlines() if line.strip()]
-        rows = [r for r in recorded if r["data"] in args.data and r["variant"] in args.variants and r["seed"] in args.seeds]
+        # rows recorded before epochs/limit were stored are 1-epoch runs at the limits given now
+        rows = [r for r in recorded if r["data"] in args.data and r["variant"] in args.variants and r["seed"] in args.seeds
+                and r.get("epochs", 1) == epochs[r["data"]] and r.get("limit", limits[r["data"]]) == limits[r["data"]]]
     for data in ([] if args.rows_from else args.data):
         for seed in args.seeds:
             for variant in args.variants:
-                row = run(variant, data, seed, args.epochs, limits[data], args.batch_size)
+                row = run(variant, data, seed, epochs[data], limits[data], args.batch_size)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 with open(ROOT / args.out, "a") as fh:
                     fh.write(json.dumps(row) + "\n")
-    lines = ["| data | variant | test accuracy (mean ± std) | trainable % | seeds |", "|---|---|---|---|---|"]
+    lines = ["| data | epochs | variant | test accuracy (mean ± std) | trainable % | seeds |", "|---|---|---|---|---|---|"]
     for data in args.data:
         for variant in args.variants:
             accs = [r["accuracy"] * 100 for r in rows if r["data"] == data and r["variant"] == variant]
             pct = next(r["trainable_percent"] for r in rows if r["data"] == data and r["variant"] == variant)
             std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            lines.append(f"| {data} | {variant} | {statistics.mean(accs):.2f} ± {std:.2f} | {pct:.3f} | {len(accs)} |")
+            lines.append(f"| {data} | {epochs[data]} | {variant} | {statistics.mean(accs):.2f} ± {std:.2f} | {pct:.3f} | {len(accs)} |")
+    verdicts = []
+    for data in args.data:
+        mean = {v: statistics.mean(r["accuracy"] * 100 for r in rows if r["data"] == data and r["variant"] == v)
+                for v in args.variants if any(r["data"] == data and r["variant"] == v for r in rows)}
+        if {"lora", "full", "peft-lora", "probe"} <= set(mean):
+            d_full, d_peft, d_probe = mean["lora"] - mean["full"], mean["lora"] - mean["peft-lora"], mean["lora"] - mean["probe"]
+            verdicts.append(f"{data}: LoRA − full fine-tuning {d_full:+.2f} pt (aim ≥ −0.5: {'met' if d_full >= -0.5 else 'NOT met'}), "
+                            f"LoRA − peft {d_peft:+.2f} pt (aim |·| ≤ 0.5: {'met' if abs(d_peft) <= 0.5 else 'NOT met'}), "
+                            f"LoRA − probe {d_probe:+.2f} pt (aim > 0: {'met' if d_probe > 0 else 'NOT met'}).")
+    lines += [""] + verdicts if verdicts else []
     hidden = ("--out", "--rows-from")
     shown = [a for i, a in enumerate(sys.argv[1:]) if a not in hidden and (i == 0 or sys.argv[i] not in hidden)]
     cmd = "`.venv/bin/python bench/bench_accuracy.py " + " ".join(shown) + "`"
-    body = (f"Command: {cmd} (MiniLM-L6, max 128 tokens, batch {args.batch_size}, {args.epochs} epochs, "
+    body = (f"Command: {cmd} (MiniLM-L6, max 128 tokens, batch {args.batch_size}, epochs: "
+            + ", ".join(f"{d} {epochs[d]}" for d in args.data) + "; "
             "examples per split: " + ", ".join(f"{d} {limits[d] or 'all'}" for d in args.data)
             + "; learning rates: " + ", ".join(f"{k} {v['lr']}" for k, v in VARIANTS.items()) + ").\n\n" + "\n".join(lines))
     print(body)
