@@ -1,8 +1,21 @@
 """Parameter budgets: where deltas go and how big (see docs/budgets.md).
 
-Built so far: SPT-style sensitivity allocation (:func:`allocate_sensitivity`, `deltatune allocate`).
+- SPT-style sensitivity allocation without training (:func:`allocate_sensitivity`, `deltatune allocate`);
+- AdaLoRA's pruning schedule (:class:`AdaLoRASchedule`) and IncreLoRA's growth (:class:`IncreLoRASchedule`),
+  trainer callbacks for the ``AdaLoRA`` / ``IncreLoRA`` specs; :func:`to_lora` exports the result;
+- multi-objective config search (:mod:`deltatune.budget.search`, `deltatune search`; needs optuna).
 """
 
-from .sensitivity import Allocation, BudgetError, Row, allocate_sensitivity, candidate_paths, parse_budget
+from .adalora import AdaLoRASchedule, allocation_of, final_ranks, orthogonality_penalty, to_lora
+from .increlora import IncreLoRASchedule
+from .sensitivity import (
+           Allocation,
+           BudgetError,
+           Row,
+           allocate_sensitivity,
+           candidate_paths,
+           parse_budget,
+)
 
-__all__ = ["Allocation", "BudgetError", "Row", "allocate_sensitivity", "candidate_paths", "parse_budget"]
+__all__ = ["AdaLoRASchedule", "Allocation", "BudgetError", "IncreLoRASchedule", "Row", "allocate_sensitivity",
+           "allocation_of", "candidate_paths", "final_ranks", "orthogonality_penalty", "parse_budget", "to_lora"]

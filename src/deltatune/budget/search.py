@@ -1,0 +1,284 @@
+"""Multi-objective search over delta configurations: highest validation accuracy, fewest parameters.
+
+The search space is a small grid over the unified view's dimensions (He et al.,
+https://arxiv.org/abs/2110.04366): the method (function + insertion: LoRA, AdaLoRA, (IA)³,
+bottleneck adapters), its position (named groups of modules, e.g. attention q/v or the FFN), its
+size (rank, reduction factor) and its scaling. Every candidate is built on the model once to count
+its trainable parameters, and only those within the budget are searched, so an impossible space
+fails before anything trains. Optuna's multi-objective TPE sampler (https://arxiv.org/abs/2304.11127)
+then picks candidates; each trial trains in its own ``trial_N/`` directory with its own
+``results.json``; the study lives in ``study.db`` (SQLite) beside them, so rerunning with
+``resume=True`` continues where it stopped. See :mod:`deltatune.budget.search_report` for the
+Pareto plot and tables.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from torch import nn
+
+from .sensitivity import BudgetError
+
+#: named positions as regular expressions over module paths (BERT-style encoders; Llama-style too)
+POSITIONS: dict[str, str] = {
+    "qv": r".*\.(query|value|q_proj|v_proj)",
+    "attn": r".*\.(attention\.self\.(query|key|value)|attention\.output\.dense|self_attn\.[qkvo]_proj)",
+    "ffn": r".*layers?\.\d+\.(intermediate\.dense|output\.dense|mlp\.(gate|up|down)_proj)",
+    "all": r".*layers?\.\d+\..*(query|key|value|dense|[qkvo]_proj|(gate|up|down)_proj)",
+}
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The grid searched. Options per method; ``positions`` name entries of :data:`POSITIONS` (or a
+    user-given ``custom`` group of name suffixes); ``lr`` is the learning rate per method."""
+
+    methods: tuple[str, ...] = ("lora", "adalora", "ia3", "bottleneck")
+    positions: tuple[str, ...] = ("qv", "attn", "ffn", "all")
+    lora_ranks: tuple[int, ...] = (1, 2, 4, 8, 16)
+    lora_scales: tuple[float, ...] = (1.0, 2.0)  # alpha = scale × rank
+    adalora_target_ranks: tuple[int, ...] = (2, 4, 8)  # init_r = 1.5 × target
+    bottleneck_factors: tuple[float, ...] = (8.0, 16.0, 32.0, 64.0)
+    bottleneck_styles: tuple[str, ...] = ("pfeiffer", "houlsby")
+    custom_targets: tuple[str, ...] = ()  # name suffixes: adds (and only searches) position "custom"
+    lr: dict[str, float] = field(default_factory=lambda: {"lora": 5e-4, "adalora": 1e-3, "ia3": 3e-3, "bottleneck": 5e-4})
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One configuration: a method, its spec options (no head), and its trainable delta parameters."""
+
+    key: str
+    method: str
+    options: dict[str, Any]
+    params: int
+
+    def spec(self, head: tuple[str, ...] = ()):
+        from ..core.spec import registered_methods
+
+        return registered_methods()[self.method](**self.options, trainable_modules=tuple(head))
+
+
+def _grid(space: SearchSpace) -> list[tuple[str, str, dict[str, Any]]]:
+    """(key, method, options) of every point of the space, before the budget filter."""
+    positions = ("custom",) if space.custom_targets else space.positions
+    unknown = [p for p in positions if p != "custom" and p not in POSITIONS]
+    if unknown:
+        raise BudgetError(f"unknown position {unknown[0]!r}; choose from {', '.join(POSITIONS)}")
+    where = {p: ({"targets": tuple(space.custom_targets)} if p == "custom" else {"target_regex": POSITIONS[p]}) for p in positions}
+    out = []
+    for method in space.methods:
+        if method == "lora":
+            out += [(f"lora r={r} alpha={s * r:g} @{p}", "lora", {"r": r, "alpha": s * r, **where[p]})
+                    for p in positions for r in space.lora_ranks for s in space.lora_scales]
+        elif method == "adalora":
+            out += [(f"adalora target_r={t} init_r={(3 * t + 1) // 2} @{p}", "adalora",
+                     {"target_r": t, "init_r": (3 * t + 1) // 2, "alpha": float((3 * t + 1) // 2), **where[p]})
+                    for p in positions for t in space.adalora_target_ranks]
+        elif method == "ia3":
+            out.append(("ia3 @key,value,ffn-out", "ia3", {}))  # (IA)³ has one natural position
+        elif method == "bottleneck":
+            out += [(f"bottleneck {st} factor={f:g}", "bottleneck", {"style": st, "reduction_factor": f})
+                    for st in space.bottleneck_styles for f in space.bottleneck_factors]
+        else:
+            raise BudgetError(f"method {method!r} is not searchable; choose from lora, adalora, ia3, bottleneck")
+    return out
+
+
+def delta_parameters(model: nn.Module, name: str) -> int:
+    """Trainable parameters of delta ``name`` without trainable module copies (a head trains in every
+    configuration). SVD-form deltas count their live triplets at the end (AdaLoRA: ``target_r`` per
+    module on average), ``rank × (in + out + 1)``."""
+    from ..core.host import DeltaHost, iter_hosts
+    from ..methods.adalora import SVDDelta
+
+    total = 0
+    for _, host in iter_hosts(model):
+        if isinstance(host, DeltaHost) and name in host.delta_names():
+            d = host.part(name)
+            if isinstance(d, SVDDelta):
+                per = d.lora_A.shape[1] + d.lora_B.shape[0] + 1
+                r = d.spec.target_r if d.spec.method == "adalora" else d.rank
+                total += r * per
+            else:
+                total += sum(p.numel() for p in d.parameters() if p.requires_grad)
+    return total
+
+
+def candidates(model: nn.Module, space: SearchSpace, budget: int, head: tuple[str, ...] = ()) -> list[Candidate]:
+    """Every point of ``space`` that fits ``budget`` on ``model`` (parameters counted by attaching it);
+    ``head``: modules that are not delta positions (a new classifier)."""
+    from ..core.errors import SpecError, TargetError
+    from ..core.model import attach, detach
+    from .sensitivity import candidate_paths
+
+    linear = [p for p in candidate_paths(model, space.custom_targets or None)  # unknown targets: one-line error
+              if not any(p == h or p.startswith(h + ".") for h in head)]
+    if not linear:
+        raise BudgetError("the search space's positions hold no Linear layer outside the head")
+    shapes = dict(model.named_modules())
+    smallest = min(sum(shapes[p].weight.shape) for p in linear)
+    if budget < smallest:
+        raise BudgetError(f"budget of {budget:,} parameters is smaller than one rank-1 delta here ({smallest:,}); "
+                          "give a larger budget")
+    fits, over = [], []
+    for key, method, options in _grid(space):
+        cand = Candidate(key, method, options, 0)
+        try:
+            attach(model, cand.spec(), "_probe")
+        except (TargetError, SpecError):
+            continue  # a position this model lacks, or a size it cannot take
+        try:
+            n = delta_parameters(model, "_probe")
+        finally:
+            detach(model, "_probe")
+        (fits if n <= budget else over).append(Candidate(key, method, options, n))
+    if not fits:
+        if not over:
+            raise BudgetError("no configuration of the search space can be built on this model (every position "
+                              "matches nothing); check --positions / --targets")
+        least = min(over, key=lambda c: c.params)
+        raise BudgetError(f"no configuration of the search space fits the budget of {budget:,} parameters (the smallest, "
+                          f"{least.key}, needs {least.params:,}); raise the budget or add smaller options")
+    return fits
+
+
+@dataclass
+class SearchSetup:
+    """What a search runs on; recorded in ``search.json`` and checked again on ``resume``."""
+
+    model: str
+    data: str
+    budget: int
+    trials: int
+    max_steps: int = 100
+    limit: int | None = None
+    batch_size: int = 16
+    seed: int = 0
+    keys: list[str] = field(default_factory=list)
+
+    def same_run(self, other: dict[str, Any]) -> str | None:
+        """The first field (other than ``trials``) in which a recorded setup differs, or None."""
+        mine = asdict(self)
+        return next((k for k in mine if k != "trials" and other.get(k) != mine[k]), None)
+
+
+TrialFn = Callable[[Candidate, Path], dict[str, Any]]
+
+
+def check_backend(backend: str) -> None:
+    """Fail early, in one line, when the search backend cannot run here."""
+    from importlib.util import find_spec
+
+    if backend == "ray":
+        if find_spec("ray") is None:
+            raise BudgetError('the ray backend needs Ray Tune: pip install "deltatune[search]"')
+        raise BudgetError("the ray backend is not built in this version; use the optuna backend")
+    if backend != "optuna":
+        raise BudgetError(f"unknown search backend {backend!r}; use optuna or ray")
+    if find_spec("optuna") is None:
+        raise BudgetError('deltatune search needs optuna: pip install "deltatune[search]"')
+
+
+def run_search(setup: SearchSetup, cands: list[Candidate], train_trial: TrialFn, out: Path, *, resume: bool = False,
+               backend: Literal["optuna", "ray"] = "optuna", progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run (or continue) the study until ``setup.trials`` distinct configurations are trained (or the
+    whole grid, if smaller); return the summary.
+
+    ``train_trial(candidate, trial_dir)`` trains one configuration and returns its metrics (it must
+    hold ``val_accuracy``); it writes ``trial_dir/results.json`` and whatever else it wants there."""
+    check_backend(backend)
+    import optuna
+
+    from ..io.files import write_json
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    setup.keys = [c.key for c in cands]
+    record = out / "search.json"
+    if resume and record.is_file():
+        differs = setup.same_run(json.loads(record.read_text()))
+        if differs:
+            raise BudgetError(f"--resume: {out} holds a search with a different {differs}; use another --out or the same options")
+    write_json(record, asdict(setup))
+    by_key = {c.key: c for c in cands}
+    sampler = optuna.samplers.TPESampler(seed=setup.seed, n_startup_trials=min(10, len(cands)))
+    study = optuna.create_study(study_name="deltatune-search", storage=f"sqlite:///{out / 'study.db'}",
+                                directions=["maximize", "minimize"], sampler=sampler, load_if_exists=True)
+    State = optuna.trial.TrialState
+    for t in study.get_trials(deepcopy=False, states=[State.RUNNING]):
+        study.tell(t.number, state=State.FAIL)  # interrupted by a crash or Ctrl-C: it runs again under a new number
+    seen = {t.params["config"] for t in study.get_trials(deepcopy=False, states=[State.COMPLETE])}
+    rng = random.Random(setup.seed + len(study.trials))
+    # Ask/tell rather than optimize(): a configuration the sampler proposes again is told PRUNED (the
+    # sampler ignores it; its number is skipped in trial_N) and, after a few repeats, an unseen one is
+    # enqueued, so every trial trains something new. The study ends early once the whole grid is done.
+    repeats = 0
+    while len(seen) < min(setup.trials, len(cands)):
+        trial = study.ask()
+        key = trial.suggest_categorical("config", setup.keys)
+        if key in seen:
+            study.tell(trial, state=State.PRUNED)
+            repeats += 1
+            if repeats >= 3:
+                study.enqueue_trial({"config": rng.choice([k for k in setup.keys if k not in seen])})
+                repeats = 0
+            continue
+        repeats = 0
+        cand = by_key[key]
+        try:
+            metrics = train_trial(cand, out / f"trial_{trial.number}")
+        except BaseException:
+            study.tell(trial, state=State.FAIL)
+            raise
+        for k, v in metrics.items():
+            trial.set_user_attr(k, v)
+        study.tell(trial, [float(metrics["val_accuracy"]), float(cand.params)])
+        seen.add(key)
+        if progress:
+            progress(f"trial {trial.number}: {key}: val accuracy {metrics['val_accuracy']:.4f}, {cand.params:,} parameters")
+    from .search_report import summarise
+
+    return summarise(study, setup, out)
+
+
+def text_trainer(setup: SearchSetup, space: SearchSpace) -> TrialFn:
+    """The usual trial: a fresh model, the candidate's delta (a new head trains beside it), ``fit`` for
+    ``setup.max_steps`` steps (AdaLoRA with its schedule), validation and test accuracy, and
+    ``trial_dir/results.json``. The data is loaded once, here."""
+    import torch
+
+    from ..core.model import attach
+    from ..data import load_data
+    from ..io.files import write_json
+    from ..models import load_model
+    from ..train import TrainConfig, evaluate, fit
+    from .adalora import AdaLoRASchedule, final_ranks
+
+    splits = {s: load_data(setup.data, s, seed=setup.seed, limit=setup.limit) for s in ("train", "val", "test")}
+    labels = list(getattr(splits["train"], "label_names", []) or [])
+
+    def train_trial(cand: Candidate, trial_dir: Path) -> dict[str, Any]:
+        torch.manual_seed(setup.seed)  # the new head's init must not depend on what ran before this trial
+        entry = load_model(setup.model, num_labels=len(labels) or None)
+        attach(entry.model, cand.spec(tuple(entry.head)), "default")
+        callbacks = [AdaLoRASchedule("default", total_step=setup.max_steps)] if cand.method == "adalora" else []
+        cfg = TrainConfig(max_steps=setup.max_steps, batch_size=setup.batch_size, lr=space.lr.get(cand.method, 5e-4),
+                          seed=setup.seed, progress=False)
+        result = fit(entry.model, splits["train"], entry.collate, cfg, eval_data=splits["val"], out_dir=trial_dir,
+                     task=entry.task, callbacks=callbacks)
+        val = result.best.get("accuracy", result.final.get("accuracy", 0.0))
+        test = evaluate(entry.model, splits["test"], entry.collate, task=entry.task)
+        metrics = {"key": cand.key, "method": cand.method, "options": cand.options, "params": cand.params,
+                   "val_accuracy": float(val), "test_accuracy": float(test.get("accuracy", 0.0)), "steps": result.steps}
+        if cand.method == "adalora":
+            metrics["ranks"] = final_ranks(entry.model, "default")
+        write_json(trial_dir / "results.json", {"job": "search-trial", "trial": int(trial_dir.name.split("_")[-1]), **metrics})
+        return metrics
+
+    return train_trial

@@ -1,0 +1,218 @@
+"""AdaLoRA: LoRA in SVD form, ``ΔW = s·P·diag(λ)·Q``, whose rank budget is re-allocated during training.
+
+Function: ``Q`` (``lora_A``, r×in) and ``P`` (``lora_B``, out×r) are the singular vectors, ``λ``
+(``lora_E``, r×1) the singular values; insertion: parallel, ``h + s·P·diag(λ)·Q·x`` with
+``s = alpha / (init_r + 1e-5)`` (peft's scaling, kept for numerical parity). Every module starts
+with ``init_r`` triplets ``(P_i, λ_i, Q_i)``; during training the schedule in
+:mod:`deltatune.budget.adalora` scores each triplet by its smoothed sensitivity × uncertainty and
+zeroes the ``λ_i`` of the least important ones until only ``target_r × modules`` are left
+(a cubic budget schedule). Which triplets are kept is the ``rank_mask`` buffer, saved with the delta.
+The orthogonality regulariser ``‖QQᵀ − I‖ + ‖PᵀP − I‖`` is the schedule's ``penalty``.
+
+Paper: Zhang et al., "Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning" (AdaLoRA),
+https://arxiv.org/abs/2303.10512 · peft's file layout (``lora_A``/``lora_B``/``lora_E`` +
+``rank_pattern``) is read and written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.delta import Delta
+from ..core.errors import DeltaFileError
+from ..core.host import DeltaHost
+from ..core.spec import DeltaSpec, register
+
+PEFT_EPS = 1e-5  # peft divides by (ranknum + 1e-5); kept so that outputs match peft's to float precision
+
+
+class _SVDSpecMixin:
+    """Validation shared by the SVD-form LoRA specs (AdaLoRA, IncreLoRA)."""
+
+    def _check_common(self) -> None:
+        spec: Any = self
+        if not spec.alpha > 0:
+            spec.fail("alpha", "must be > 0 (scaling = alpha / preallocated rank)")
+        if not 0.0 <= spec.dropout < 1.0:
+            spec.fail("dropout", "must be in [0, 1)")
+        for name in ("beta1", "beta2"):
+            if not 0.0 < getattr(spec, name) < 1.0:
+                spec.fail(name, "must be in (0, 1) (the EMA factor of the importance scores)")
+        for name in ("tinit", "tfinal"):
+            if not _is_int(getattr(spec, name)) or getattr(spec, name) < 0:
+                spec.fail(name, "must be an integer >= 0 (steps)")
+        if not _is_int(spec.delta_t) or spec.delta_t < 1:
+            spec.fail("delta_t", "must be a positive integer (steps between two allocations)")
+        if not spec.orth_reg_weight >= 0:
+            spec.fail("orth_reg_weight", "must be >= 0")
+        if spec.total_step is not None and (not _is_int(spec.total_step) or spec.total_step <= spec.tinit + spec.tfinal):
+            spec.fail("total_step", f"must be an integer > tinit + tfinal = {spec.tinit + spec.tfinal} "
+                                        "(the schedule needs a budgeting phase)")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@register
+@dataclass(frozen=True)
+class AdaLoRA(_SVDSpecMixin, DeltaSpec):
+    """SVD-form LoRA with adaptive rank allocation (train with :class:`deltatune.budget.AdaLoRASchedule`).
+
+    ``init_r`` triplets per module, pruned to ``target_r`` per module on average (in total) between
+    step ``tinit`` and ``total_step - tfinal``, every ``delta_t`` steps; ``beta1``/``beta2`` smooth the
+    sensitivity and its uncertainty; ``orth_reg_weight`` weighs the orthogonality penalty."""
+
+    method = "adalora"
+    host_kinds = ("linear",)
+    default_targets = (("query", "value"), ("q_proj", "v_proj"), ("c_attn",), ("qkv",), ("q", "v"))
+
+    init_r: int = 12
+    target_r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    tinit: int = 0
+    tfinal: int = 0
+    delta_t: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    total_step: int | None = None  # optimizer steps of the run (the schedule can also be told them)
+
+    def validate(self) -> None:
+        if not _is_int(self.init_r) or self.init_r < 1:
+            self.fail("init_r", "must be a positive integer (the starting rank of every module)")
+        if not _is_int(self.target_r) or not 1 <= self.target_r <= self.init_r:
+            self.fail("target_r", f"must be an integer in [1, init_r={self.init_r}] (the average final rank)")
+        self._check_common()
+
+    # preallocated triplets per module, the ones active at the start, and the scaling
+    def capacity(self) -> int:
+        return self.init_r
+
+    def start_rank(self) -> int:
+        return self.init_r
+
+    def scaling(self) -> float:
+        return self.alpha / (self.init_r + PEFT_EPS)
+
+    def make_delta(self, host: DeltaHost, module_name: str) -> Delta:
+        return SVDDelta(self, host, module_name)
+
+    # -- peft's layout ------------------------------------------------------------------------
+    peft_type: ClassVar[str | None] = "ADALORA"
+    peft_suffixes: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "lora_E")
+
+    def to_peft_config(self, deltas: dict[str, Any]) -> dict[str, Any]:
+        svd = {p: d for p, d in deltas.items() if isinstance(d, SVDDelta)}
+        total = self.total_step or self.tinit + self.tfinal + 1
+        return {
+            "peft_type": "ADALORA", "task_type": None, "init_r": self.init_r, "target_r": self.target_r,
+            "lora_alpha": self.alpha, "lora_dropout": self.dropout, "target_modules": sorted(svd),
+            "tinit": self.tinit, "tfinal": self.tfinal, "deltaT": self.delta_t, "beta1": self.beta1,
+            "beta2": self.beta2, "orth_reg_weight": self.orth_reg_weight, "total_step": total,
+            # peft resizes each module to sum(mask) on loading; its tensors hold only the kept triplets
+            "rank_pattern": {f"{p}.lora_E": [bool(v) for v in d.rank_mask.tolist()] for p, d in svd.items()},
+            "fan_in_fan_out": any(d.fan_in_fan_out for d in svd.values()), "bias": "none",
+            "modules_to_save": list(self.trainable_modules) or None, "inference_mode": True,
+            "init_lora_weights": True, "base_model_name_or_path": None,
+        }
+
+    @classmethod
+    def from_peft_config(cls, config: dict[str, Any], targets: list[str]) -> AdaLoRA:
+        for key in ("layers_to_transform", "layer_replication", "use_dora", "loftq_config"):
+            if config.get(key):
+                raise DeltaFileError(f"peft option {key}={config[key]!r} is not supported by deltatune's AdaLoRA")
+        if config.get("bias", "none") != "none":
+            raise DeltaFileError(f"peft AdaLoRA bias={config['bias']!r} is not supported; save the adapter with bias='none'")
+        alpha = float(config.get("lora_alpha", 8))
+        init_r = int(config.get("init_r", 12))
+        total = config.get("total_step")
+        tinit, tfinal = int(config.get("tinit", 0)), int(config.get("tfinal", 0))
+        return cls(init_r=init_r, target_r=min(int(config.get("target_r", 8)), init_r),
+                   alpha=alpha if alpha > 0 else float(init_r), dropout=float(config.get("lora_dropout", 0.0)),
+                   tinit=tinit, tfinal=tfinal, delta_t=int(config.get("deltaT", 1)),
+                   beta1=float(config.get("beta1", 0.85)), beta2=float(config.get("beta2", 0.85)),
+                   orth_reg_weight=float(config.get("orth_reg_weight", 0.5)),
+                   total_step=int(total) if total and int(total) > tinit + tfinal else None,
+                   targets=tuple(targets), trainable_modules=tuple(config.get("modules_to_save") or ()))
+
+
+class SVDDelta(Delta):
+    """``h + s·P·diag(λ)·Q·x`` over ``capacity`` preallocated triplets; ``rank_mask`` marks the live ones.
+
+    ``gated = False`` (AdaLoRA, as peft): pruning zeroes ``λ_i`` in place and the forward uses ``λ``
+    as it is, so a pruned triplet can be revived by a later allocation. ``gated = True`` (IncreLoRA):
+    the forward multiplies ``λ`` by the mask, so inactive triplets are exactly off and get no gradient.
+    """
+
+    foldable = True
+    gated: ClassVar[bool] = False
+
+    def __init__(self, spec: Any, host: DeltaHost, path: str) -> None:
+        super().__init__(spec)
+        r = spec.capacity()
+        ref = host.weight
+        dtype = ref.dtype if ref.dtype in (torch.float32, torch.float64) else torch.float32
+        self._fifo = host.fan_in_fan_out
+        self.scaling = spec.scaling()
+        # peft's init: λ = 0 (so ΔW = 0 at the start), P and Q ~ N(0, 0.02²)
+        self.lora_A = nn.Parameter(torch.randn(r, host.in_features, dtype=dtype, device=ref.device) * 0.02)  # Q: (r, in)
+        self.lora_E = nn.Parameter(torch.zeros(r, 1, dtype=dtype, device=ref.device))  # λ: (r, 1)
+        self.lora_B = nn.Parameter(torch.randn(host.out_features, r, dtype=dtype, device=ref.device) * 0.02)  # P: (out, r)
+        mask = torch.zeros(r, dtype=torch.bool, device=ref.device)
+        mask[: spec.start_rank()] = True
+        self.register_buffer("rank_mask", mask)
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else None
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return self._fifo
+
+    @property
+    def rank(self) -> int:
+        """Live triplets."""
+        return int(self.rank_mask.sum())
+
+    def values(self) -> torch.Tensor:
+        """``λ`` as the forward uses it, (r, 1)."""
+        return self.lora_E * self.rank_mask.unsqueeze(1) if self.gated else self.lora_E
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, host: DeltaHost) -> torch.Tensor:
+        xd = x.to(self.lora_A.dtype)
+        if self.dropout is not None:
+            xd = self.dropout(xd)
+        y = F.linear(F.linear(xd, self.lora_A * self.values()), self.lora_B)  # (..., out)
+        return h + (y * self.scaling).to(h.dtype)
+
+    def delta_weight(self, host: DeltaHost) -> dict[str, torch.Tensor]:
+        w = (self.lora_B @ (self.lora_A * self.values())) * self.scaling  # (out, in)
+        return {"weight": (w.t() if self._fifo else w).detach()}
+
+    # -- peft ----------------------------------------------------------------------------------------
+    def to_peft(self, host: DeltaHost) -> dict[str, torch.Tensor]:
+        keep = self.rank_mask
+        return {"lora_A": self.lora_A.detach()[keep], "lora_E": self.values().detach()[keep],
+                "lora_B": self.lora_B.detach()[:, keep]}
+
+    def from_peft(self, host: DeltaHost, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        try:
+            a, e, b = tensors["lora_A"], tensors["lora_E"], tensors["lora_B"]
+        except KeyError as exc:
+            raise DeltaFileError(f"peft file lacks tensor {exc.args[0]!r} for an AdaLoRA module; the file is incomplete") from exc
+        r, cap = a.shape[0], self.lora_A.shape[0]
+        if r > cap or e.shape != (r, 1) or b.shape != (self.lora_B.shape[0], r) or a.shape[1] != self.lora_A.shape[1]:
+            raise DeltaFileError(f"peft AdaLoRA tensors of shapes A{tuple(a.shape)} E{tuple(e.shape)} B{tuple(b.shape)} do "
+                                 f"not fit a module of init_r={cap} and weight {self.lora_B.shape[0]}x{self.lora_A.shape[1]}")
+        # The kept triplets go to the first r slots (their order does not change ΔW); the rest are off.
+        # built on the CPU beside the file's tensors; loading moves them to the delta's device
+        out = {"lora_A": self.lora_A.detach().cpu().clone(), "lora_E": torch.zeros(self.lora_E.shape, dtype=self.lora_E.dtype),
+               "lora_B": self.lora_B.detach().cpu().clone(), "rank_mask": torch.zeros(self.rank_mask.shape, dtype=torch.bool)}
+        out["lora_A"][:r], out["lora_E"][:r], out["lora_B"][:, :r] = a.cpu(), e.cpu(), b.cpu()
+        out["rank_mask"][:r] = True
+        return out
