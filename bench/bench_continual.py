@@ -35,6 +35,9 @@ STREAMS = {
 PET = ("replay", "ewc", "lwf", "lae", "zscl", "merge", "olora")
 #: strategy options per stream (ZSCL's reference set: unlabeled data from outside the stream's tasks)
 OPTIONS = {
+    ("mnist-corruptions", "replay"): {"buffer_size": 500, "replay_batch": 32},
+    ("tweet-domains", "replay"): {"buffer_size": 500},
+    ("bbc-news-classinc", "replay"): {"buffer_size": 500},
     ("tweet-domains", "zscl"): {"reference": "tweet-sentiment:other", "reference_size": 512},
     ("bbc-news-classinc", "zscl"): {"reference": "tweet-sentiment:other", "reference_size": 512},
     ("mnist-corruptions", "zscl"): {"reference": "digits", "reference_size": 512},
@@ -71,7 +74,8 @@ def main() -> None:
         stream = cl.make_stream(name, limit_train=args.limit, limit_test=args.limit_test)
         rows = {}
         for strategy in args.strategies:
-            key = f"{name}/{strategy}"
+            opts = OPTIONS.get((name, strategy), {})
+            key = f"{name}/{strategy}/{json.dumps(opts, sort_keys=True)}"
             if key in cached:  # rows of an earlier run with the same settings (so runs resume stream by stream)
                 rows[strategy] = cl.ContinualResult(**cached[key])
                 continue
@@ -83,7 +87,7 @@ def main() -> None:
             cfg = TrainConfig(max_steps=args.steps, batch_size=batch, lr=lr, seed=0, progress=False,
                               eval_each_epoch=False, keep_best=False)
             r = cl.run_stream(entry.model, entry.collate, stream,
-                              cl.make_strategy(strategy, **OPTIONS.get((name, strategy), {})), cfg,
+                              cl.make_strategy(strategy, **opts), cfg,
                               spec=dt.LoRA(**lora), head=entry.head)
             rows[strategy] = r
             cached[key] = r.to_dict()
@@ -112,6 +116,9 @@ def _write(sections: list[str], args, seconds: float) -> None:
     body = (f"Command: {cmd} ({args.steps} optimizer steps per task, MiniLM at {args.max_length} tokens, "
             f"{seconds:.0f} s in all on the shared 2-core machine). "
             + __doc__.split("Streams:")[1].strip().replace("\n", " ")
+            + " Strategy options (the others at their defaults): "
+            + "; ".join(f"{st} on {name}: {o}" for (name, st), o in OPTIONS.items() if name in args.streams) + "."
+            + " BatchNorm statistics of the frozen CNN stay fixed (the trainer's default `norm_stats=\"auto\"`)."
             + " Forgetting = mean over earlier tasks of (best accuracy before the last task − final accuracy).\n\n"
             + "\n\n".join(sections))
     print(body, flush=True)
