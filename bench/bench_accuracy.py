@@ -87,6 +87,8 @@ def main() -> None:
                     help="examples per split (reduced runs): N for every data set, or DATA=N for one")
     ap.add_argument("--out", default="bench/accuracy_runs.jsonl")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--resume", action="store_true", help="skip the runs already recorded in --out (same settings)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")
     ap.add_argument("--rows-from", help="render the table from the runs recorded in this JSONL file (no training)")
     args = ap.parse_args()
     limits = parse_limits(args.limit, args.data)
@@ -97,13 +99,26 @@ def main() -> None:
         # rows recorded before epochs/limit were stored are 1-epoch runs at the limits given now
         rows = [r for r in recorded if r["data"] in args.data and r["variant"] in args.variants and r["seed"] in args.seeds
                 and r.get("epochs", 1) == epochs[r["data"]] and r.get("limit", limits[r["data"]]) == limits[r["data"]]]
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    out_file = ROOT / args.out
+    done = []
+    if args.resume and out_file.exists():
+        done = [json.loads(line) for line in out_file.read_text().splitlines() if line.strip()]
     for data in ([] if args.rows_from else args.data):
         for seed in args.seeds:
             for variant in args.variants:
+                same = [r for r in done if (r["variant"], r["data"], r["seed"]) == (variant, data, seed)
+                        and r.get("epochs", 1) == epochs[data] and r.get("limit", limits[data]) == limits[data]]
+                if same:
+                    rows.append(same[-1])
+                    continue
                 row = run(variant, data, seed, epochs[data], limits[data], args.batch_size)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                with open(ROOT / args.out, "a") as fh:
+                with open(out_file, "a") as fh:
                     fh.write(json.dumps(row) + "\n")
     lines = ["| data | epochs | variant | test accuracy (mean ± std) | trainable % | seeds |", "|---|---|---|---|---|---|"]
     for data in args.data:
@@ -122,8 +137,8 @@ def main() -> None:
                             f"LoRA − peft {d_peft:+.2f} pt (aim |·| ≤ 0.5: {'met' if abs(d_peft) <= 0.5 else 'NOT met'}), "
                             f"LoRA − probe {d_probe:+.2f} pt (aim > 0: {'met' if d_probe > 0 else 'NOT met'}).")
     lines += [""] + verdicts if verdicts else []
-    hidden = ("--out", "--rows-from")
-    shown = [a for i, a in enumerate(sys.argv[1:]) if a not in hidden and (i == 0 or sys.argv[i] not in hidden)]
+    valued, flags = ("--out", "--rows-from", "--threads"), ("--resume",)  # how a run was executed, not what it measures
+    shown = [a for i, a in enumerate(sys.argv[1:]) if a not in valued + flags and sys.argv[i] not in valued]
     cmd = "`.venv/bin/python bench/bench_accuracy.py " + " ".join(shown) + "`"
     body = (f"Command: {cmd} (MiniLM-L6, max 128 tokens, batch {args.batch_size}, epochs: "
             + ", ".join(f"{d} {epochs[d]}" for d in args.data) + "; "

@@ -325,3 +325,47 @@ def test_bad_input_is_one_line_and_names_the_problem():
         AdaLoRASchedule("ada").on_train_start(model)
     with pytest.raises(BudgetError, match="no SVDDelta delta named 'other'"):
         AdaLoRASchedule("other").on_train_start(model)
+
+
+def test_fit_adds_the_schedules_the_specs_ask_for(recwarn):
+    from deltatune.train import callbacks_from_specs
+
+    cfg = TrainConfig(max_steps=6, batch_size=8, lr=1e-2, progress=False, eval_each_epoch=False, keep_best=False)
+    model = Net()
+    dt.attach(model, dt.AdaLoRA(init_r=4, target_r=1, targets=["fc1", "fc2"]), "ada")  # no total_step: fit's length
+    fit(model, _tiny_task(), _collate, cfg)
+    assert sum(final_ranks(model, "ada").values()) == 8, "without spec_callbacks nothing prunes"
+    model = Net()
+    dt.attach(model, dt.AdaLoRA(init_r=4, target_r=1, targets=["fc1", "fc2"]), "ada")
+    fit(model, _tiny_task(), _collate, cfg, spec_callbacks=True)
+    assert sum(final_ranks(model, "ada").values()) == 2, "pruned to target_r × modules at the run's last step"
+    assert not [w for w in recwarn if "final allocation" in str(w.message)], "the schedule knew the run's length"
+
+    found = callbacks_from_specs(model, 50)
+    assert [(type(c), c.name, c._total) for c in found] == [(AdaLoRASchedule, "ada", 50)]
+    assert callbacks_from_specs(model, 50, given=[AdaLoRASchedule("ada")]) == [], "a given schedule is not doubled"
+    dt.attach(model, dt.IncreLoRA(init_r=1, max_r=3, target_r=2, delta_t=1, targets=["fc3"]), "inc", activate=False)
+    assert [c.name for c in callbacks_from_specs(model, 50)] == ["ada"], "inactive deltas are not trained"
+    dt.set_active(model, ["inc"])
+    assert [type(c) for c in callbacks_from_specs(model, 50)] == [IncreLoRASchedule]
+    fit(model, _tiny_task(), _collate, cfg, spec_callbacks=True)
+    assert final_ranks(model, "inc") == {"fc3": 2}, "IncreLoRA grew to its budget (target_r on fc3)"
+
+
+def test_core_does_not_import_the_outer_layers():
+    """Specs name their trainer callbacks, but core must not import train/budget/cli to do it."""
+    import ast
+    from pathlib import Path
+
+    from deltatune import core
+
+    outer = ("train", "budget", "cli")
+    for f in Path(core.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom):
+                package = {0: "", 1: "deltatune.core.", 2: "deltatune."}[node.level]  # relative to deltatune/core/
+                names = [package + (node.module or "")]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            assert not any(n.startswith(f"deltatune.{o}") for n in names for o in outer), f"{f.name} imports {names}"

@@ -85,3 +85,24 @@ def test_bad_method_option_and_missing_required(capsys, tmp_path):
     cfg.write_text("model: [unclosed\n")
     rc = main(["train", "--config", str(cfg)])
     assert rc == 2 and "not valid YAML" in _err(capsys)
+
+
+@pytest.mark.slow
+def test_train_adalora_runs_its_schedule_and_the_adapter_reloads(tmp_path):
+    """`deltatune train --method adalora` adds AdaLoRA's pruning (the spec asks for it): the saved
+    adapter holds target_r × modules live triplets and reloads to the same test accuracy."""
+    from deltatune.budget import final_ranks
+    from deltatune.cli.train import load_trained, run_eval
+
+    out = tmp_path / "ada"
+    rc = main(["train", "--model", "minilm", "--data", "bbc-news", "--method", "adalora", "--opt", "init_r=3",
+               "--opt", "target_r=1", "--max-steps", "4", "--batch-size", "8", "--limit", "16", "--lr", "2e-3",
+               "--out", str(out)])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["spec"]["method"] == "adalora" and results["train"]["steps"] == 4
+    entry, _ = load_trained(None, out / "adapter")
+    ranks = final_ranks(entry.model, "default")
+    assert len(ranks) == 12 and sum(ranks.values()) == 12, "pruned from 3 to 1 triplet per module on average"
+    ev = run_eval(None, out / "adapter", "bbc-news", limit=16)
+    assert ev["accuracy"] == pytest.approx(results["test"]["accuracy"])

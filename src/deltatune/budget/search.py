@@ -176,75 +176,123 @@ def check_backend(backend: str) -> None:
     """Fail early, in one line, when the search backend cannot run here."""
     from importlib.util import find_spec
 
-    if backend == "ray":
-        if find_spec("ray") is None:
-            raise BudgetError('the ray backend needs Ray Tune: pip install "deltatune[search]"')
-        raise BudgetError("the ray backend is not built in this version; use the optuna backend")
-    if backend != "optuna":
+    if backend not in ("optuna", "ray"):
         raise BudgetError(f"unknown search backend {backend!r}; use optuna or ray")
     if find_spec("optuna") is None:
         raise BudgetError('deltatune search needs optuna: pip install "deltatune[search]"')
+    if backend == "ray" and find_spec("ray") is None:
+        raise BudgetError('the ray backend needs Ray Tune: pip install "deltatune[search]"')
+
+
+class Study:
+    """The search definition both backends share: the Optuna study in ``out/study.db`` (multi-objective
+    TPE over the candidate keys, maximise val accuracy, minimise parameters) and the rule that every
+    trial trains a configuration not trained (or in flight) before.
+
+    Ask/tell rather than ``optimize()``: a configuration the sampler proposes again is told PRUNED (the
+    sampler ignores it; its number is skipped in ``trial_N``) and, after a few repeats, an unseen one is
+    enqueued. Trials left RUNNING by a crash or Ctrl-C are marked failed and run again under a new number."""
+
+    def __init__(self, setup: SearchSetup, cands: list[Candidate], out: Path, resume: bool) -> None:
+        import optuna
+
+        from ..io.files import write_json
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        setup.keys = [c.key for c in cands]
+        record = out / "search.json"
+        if resume and record.is_file():
+            differs = setup.same_run(json.loads(record.read_text()))
+            if differs:
+                raise BudgetError(f"--resume: {out} holds a search with a different {differs}; use another --out or the same options")
+        write_json(record, asdict(setup))
+        self.setup, self.out, self.by_key = setup, out, {c.key: c for c in cands}
+        self.State = optuna.trial.TrialState
+        sampler = optuna.samplers.TPESampler(seed=setup.seed, n_startup_trials=min(10, len(cands)))
+        self.study = optuna.create_study(study_name="deltatune-search", storage=f"sqlite:///{out / 'study.db'}",
+                                         directions=["maximize", "minimize"], sampler=sampler, load_if_exists=True)
+        for t in self.study.get_trials(deepcopy=False, states=[self.State.RUNNING]):
+            self.study.tell(t.number, state=self.State.FAIL)
+        self.seen = {t.params["config"] for t in self.study.get_trials(deepcopy=False, states=[self.State.COMPLETE])}
+        self.pending: dict[int, Any] = {}  # trial number -> optuna trial, asked and not yet told
+        self.rng = random.Random(setup.seed + len(self.study.trials))
+        self.target = min(setup.trials, len(cands))
+
+    def done(self) -> bool:
+        return len(self.seen) >= self.target
+
+    def room(self) -> bool:
+        """Whether another trial may start now (the target counts the ones in flight)."""
+        return len(self.seen) + len(self.pending) < self.target
+
+    def propose(self) -> tuple[int, Candidate]:
+        """Ask the sampler until it gives a configuration neither trained nor in flight (call only when
+        :meth:`room`); returns (trial number, candidate)."""
+        repeats = 0
+        while True:
+            trial = self.study.ask()
+            key = trial.suggest_categorical("config", self.setup.keys)
+            if key not in self._busy():
+                self.pending[trial.number] = trial
+                return trial.number, self.by_key[key]
+            self.study.tell(trial, state=self.State.PRUNED)
+            repeats += 1
+            if repeats >= 3:
+                self.study.enqueue_trial({"config": self.rng.choice([k for k in self.setup.keys if k not in self._busy()])})
+                repeats = 0
+
+    def _busy(self) -> set[str]:
+        return self.seen | {t.params["config"] for t in self.pending.values()}
+
+    def complete(self, number: int, metrics: dict[str, Any]) -> None:
+        trial = self.pending.pop(number)
+        for k, v in metrics.items():
+            trial.set_user_attr(k, v)
+        key = trial.params["config"]
+        self.study.tell(trial, [float(metrics["val_accuracy"]), float(self.by_key[key].params)])
+        self.seen.add(key)
+
+    def fail(self, number: int) -> None:
+        self.study.tell(self.pending.pop(number), state=self.State.FAIL)
+
+    def summary(self) -> dict[str, Any]:
+        from .search_report import summarise
+
+        return summarise(self.study, self.setup, self.out)
 
 
 def run_search(setup: SearchSetup, cands: list[Candidate], train_trial: TrialFn, out: Path, *, resume: bool = False,
-               backend: Literal["optuna", "ray"] = "optuna", progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+               backend: Literal["optuna", "ray"] = "optuna", workers: int = 2,
+               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run (or continue) the study until ``setup.trials`` distinct configurations are trained (or the
     whole grid, if smaller); return the summary.
 
     ``train_trial(candidate, trial_dir)`` trains one configuration and returns its metrics (it must
-    hold ``val_accuracy``); it writes ``trial_dir/results.json`` and whatever else it wants there."""
+    hold ``val_accuracy``); it writes ``trial_dir/results.json`` and whatever else it wants there.
+    ``backend="optuna"`` runs the trials one after another in this process; ``"ray"`` runs ``workers``
+    of them at a time in local Ray Tune worker processes (:mod:`deltatune.budget.search_ray`), from
+    the same study, so the two backends resume each other's studies and write the same files."""
     check_backend(backend)
-    import optuna
+    if backend == "ray" and workers < 1:
+        raise BudgetError(f"workers={workers}: the ray backend needs at least 1 worker")
+    out = Path(out).resolve()
+    study = Study(setup, cands, out, resume)
+    if backend == "ray":
+        from .search_ray import run_ray
 
-    from ..io.files import write_json
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    setup.keys = [c.key for c in cands]
-    record = out / "search.json"
-    if resume and record.is_file():
-        differs = setup.same_run(json.loads(record.read_text()))
-        if differs:
-            raise BudgetError(f"--resume: {out} holds a search with a different {differs}; use another --out or the same options")
-    write_json(record, asdict(setup))
-    by_key = {c.key: c for c in cands}
-    sampler = optuna.samplers.TPESampler(seed=setup.seed, n_startup_trials=min(10, len(cands)))
-    study = optuna.create_study(study_name="deltatune-search", storage=f"sqlite:///{out / 'study.db'}",
-                                directions=["maximize", "minimize"], sampler=sampler, load_if_exists=True)
-    State = optuna.trial.TrialState
-    for t in study.get_trials(deepcopy=False, states=[State.RUNNING]):
-        study.tell(t.number, state=State.FAIL)  # interrupted by a crash or Ctrl-C: it runs again under a new number
-    seen = {t.params["config"] for t in study.get_trials(deepcopy=False, states=[State.COMPLETE])}
-    rng = random.Random(setup.seed + len(study.trials))
-    # Ask/tell rather than optimize(): a configuration the sampler proposes again is told PRUNED (the
-    # sampler ignores it; its number is skipped in trial_N) and, after a few repeats, an unseen one is
-    # enqueued, so every trial trains something new. The study ends early once the whole grid is done.
-    repeats = 0
-    while len(seen) < min(setup.trials, len(cands)):
-        trial = study.ask()
-        key = trial.suggest_categorical("config", setup.keys)
-        if key in seen:
-            study.tell(trial, state=State.PRUNED)
-            repeats += 1
-            if repeats >= 3:
-                study.enqueue_trial({"config": rng.choice([k for k in setup.keys if k not in seen])})
-                repeats = 0
-            continue
-        repeats = 0
-        cand = by_key[key]
+        run_ray(study, train_trial, workers=workers, progress=progress)
+        return study.summary()
+    while not study.done():
+        number, cand = study.propose()
         try:
-            metrics = train_trial(cand, out / f"trial_{trial.number}")
+            metrics = train_trial(cand, out / f"trial_{number}")
         except BaseException:
-            study.tell(trial, state=State.FAIL)
+            study.fail(number)
             raise
-        for k, v in metrics.items():
-            trial.set_user_attr(k, v)
-        study.tell(trial, [float(metrics["val_accuracy"]), float(cand.params)])
-        seen.add(key)
+        study.complete(number, metrics)
         if progress:
-            progress(f"trial {trial.number}: {key}: val accuracy {metrics['val_accuracy']:.4f}, {cand.params:,} parameters")
-    from .search_report import summarise
-
-    return summarise(study, setup, out)
+            progress(f"trial {number}: {cand.key}: val accuracy {metrics['val_accuracy']:.4f}, {cand.params:,} parameters")
+    return study.summary()
 
 
 def text_trainer(setup: SearchSetup, space: SearchSpace) -> TrialFn:
@@ -258,7 +306,7 @@ def text_trainer(setup: SearchSetup, space: SearchSpace) -> TrialFn:
     from ..io.files import write_json
     from ..models import load_model
     from ..train import TrainConfig, evaluate, fit
-    from .adalora import AdaLoRASchedule, final_ranks
+    from .adalora import final_ranks
 
     splits = {s: load_data(setup.data, s, seed=setup.seed, limit=setup.limit) for s in ("train", "val", "test")}
     labels = list(getattr(splits["train"], "label_names", []) or [])
@@ -267,11 +315,10 @@ def text_trainer(setup: SearchSetup, space: SearchSpace) -> TrialFn:
         torch.manual_seed(setup.seed)  # the new head's init must not depend on what ran before this trial
         entry = load_model(setup.model, num_labels=len(labels) or None)
         attach(entry.model, cand.spec(tuple(entry.head)), "default")
-        callbacks = [AdaLoRASchedule("default", total_step=setup.max_steps)] if cand.method == "adalora" else []
         cfg = TrainConfig(max_steps=setup.max_steps, batch_size=setup.batch_size, lr=space.lr.get(cand.method, 5e-4),
                           seed=setup.seed, progress=False)
         result = fit(entry.model, splits["train"], entry.collate, cfg, eval_data=splits["val"], out_dir=trial_dir,
-                     task=entry.task, callbacks=callbacks)
+                     task=entry.task, spec_callbacks=True)  # AdaLoRA's schedule
         val = result.best.get("accuracy", result.final.get("accuracy", 0.0))
         test = evaluate(entry.model, splits["test"], entry.collate, task=entry.task)
         metrics = {"key": cand.key, "method": cand.method, "options": cand.options, "params": cand.params,

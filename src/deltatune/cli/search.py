@@ -14,7 +14,7 @@ from .common import CLIError, prepare_out, write_results
 def run_search_job(model: str, data: str, budget: str, trials: int, out: Path, *, max_steps: int = 100,
                    limit: Optional[int] = None, methods: Optional[str] = None, positions: Optional[str] = None,
                    targets: Optional[str] = None, batch_size: int = 16, seed: int = 0, backend: str = "optuna",
-                   resume: bool = False, overwrite: bool = False, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   workers: int = 2, resume: bool = False, overwrite: bool = False, say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Check everything (names, budget, a non-empty space), then run or continue the study in ``out``."""
     from ..budget import parse_budget
     from ..budget.search import (
@@ -28,8 +28,8 @@ def run_search_job(model: str, data: str, budget: str, trials: int, out: Path, *
     from ..data import load_data
     from ..models import load_model
 
-    if trials < 1 or max_steps < 1:
-        raise CLIError("--trials and --max-steps must be positive")
+    if trials < 1 or max_steps < 1 or workers < 1:
+        raise CLIError("--trials, --max-steps and --workers must be positive")
     check_backend(backend)  # a missing backend fails before anything loads
     space_args: dict[str, Any] = {}
     if methods:
@@ -47,9 +47,11 @@ def run_search_job(model: str, data: str, budget: str, trials: int, out: Path, *
                         batch_size=batch_size, seed=seed)
     out = prepare_out(Path(out), overwrite, resume=resume)
     if say:
-        say(f"{len(cands)} configurations fit the budget of {count:,} parameters; {trials} trials, "
+        parallel = f", {workers} at a time (Ray Tune)" if backend == "ray" else ""
+        say(f"{len(cands)} configurations fit the budget of {count:,} parameters; {trials} trials{parallel}, "
             f"{max_steps} steps each; study in {out / 'study.db'}")
-    summary = run_search(setup, cands, text_trainer(setup, space), out, resume=resume, progress=say)
+    summary = run_search(setup, cands, text_trainer(setup, space), out, resume=resume, backend=backend,  # type: ignore[arg-type]
+                         workers=workers, progress=say)
     results = {**summary, "space": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(space).items()},
                "candidates": len(cands)}
     write_results(out, results)
@@ -64,6 +66,7 @@ def register(app: typer.Typer) -> None:
                 "  deltatune search --model minilm --data bbc-news --budget 50k --trials 8 --max-steps 50 --limit 400 "
                 "--methods lora,ia3 --out runs/quick\n\n"
                 "  deltatune search ... --out runs/search --resume   (continue an interrupted or longer study)\n\n"
+                "  deltatune search ... --backend ray --workers 4   (trials in parallel, local Ray Tune)\n\n"
                 "Each trial trains in OUT/trial_N/ (results.json, metrics.json); OUT/study.db holds the Optuna study, "
                 "OUT/pareto.png and OUT/pareto.md the Pareto front, OUT/trials.json every trial."),
     )
@@ -80,14 +83,16 @@ def register(app: typer.Typer) -> None:
         targets: Optional[str] = typer.Option(None, "--targets", help="search only this position: comma-separated module name suffixes"),
         batch_size: int = typer.Option(16, "--batch-size"),
         seed: int = typer.Option(0, "--seed"),
-        backend: str = typer.Option("optuna", "--backend", help="optuna (built in) | ray (needs deltatune[search])"),
+        backend: str = typer.Option("optuna", "--backend", help="optuna: one trial at a time | ray: --workers trials in parallel (local Ray Tune)"),
+        workers: int = typer.Option(2, "--workers", help="trials run at the same time with --backend ray"),
         resume: bool = typer.Option(False, "--resume", help="continue the study in --out"),
         overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty --out"),
     ) -> None:
         """Search delta configurations under a parameter budget: Pareto front of val accuracy vs parameters."""
         results = run_search_job(model, data, budget, trials, out, max_steps=max_steps, limit=limit, methods=methods,
                                  positions=positions, targets=targets, batch_size=batch_size, seed=seed,
-                                 backend=backend, resume=resume, overwrite=overwrite, say=typer.echo)
+                                 backend=backend, workers=workers, resume=resume, overwrite=overwrite,
+                                 say=typer.echo)
         typer.echo(results["table"].rstrip())
         best = results["best"]
         if best:

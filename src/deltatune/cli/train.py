@@ -59,7 +59,7 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     _say(console, f"[bold]{cfg['method']}[/] on {entry.name}: {summary.trainable:,} trainable of {summary.total:,} parameters ({summary.percent:.3f}%)")
     t0 = time.time()
     result = fit(entry.model, train_data, entry.collate, tc, eval_data=val_data, out_dir=out,
-                 resume=cfg.get("resume", False), task=entry.task)
+                 resume=cfg.get("resume", False), task=entry.task, spec_callbacks=True)  # AdaLoRA / IncreLoRA schedules
     test = evaluate(entry.model, test_data, entry.collate, task=entry.task, batch_size=tc.eval_batch_size)
     adapter_dir = out / "adapter"
     dt.save_adapter(entry.model, adapter_dir, name="default", format=cfg.get("format", "deltatune"))

@@ -155,6 +155,15 @@ class DeltaSpec:
 
         return add_deltas(model, name, self, select_targets(model, self))
 
+    # -- training ------------------------------------------------------------------------------
+    def training_callbacks(self, name: str, total_steps: int) -> list[Any]:
+        """Trainer callbacks this method needs to train as its paper does, for delta ``name`` in a run
+        of ``total_steps`` optimizer steps (AdaLoRA's pruning, IncreLoRA's growth); none for most.
+
+        ``deltatune.train.fit`` adds them for every attached delta (``spec_callbacks=True``). They follow
+        the protocol of :mod:`deltatune.train.callbacks`; core only passes them on, it never imports them."""
+        return []
+
     # -- peft interop (methods with a peft layout override these) --------------------------------
     def to_peft_config(self, deltas: dict[str, "Delta"]) -> dict[str, Any]:
         """peft's adapter_config.json for this spec, given the built deltas by host path."""

@@ -82,6 +82,18 @@ def _base_of(model: nn.Module, path: str) -> nn.Module | None:
     return None
 
 
+def _under(module: str, key: str) -> bool:
+    """Whether tensor ``key`` belongs to module ``module`` (a path, or a name at any depth)."""
+    return key.startswith(module + ".") or ("." + module + ".") in "." + key
+
+
+def _saved_modules(config: dict, keys) -> list[str]:
+    """``modules_to_save`` entries that have tensors among ``keys``: peft lists every candidate head of
+    its task type (``["classifier", "score"]`` for ``SEQ_CLS``) whether or not the model has it."""
+    keys = list(keys)
+    return [m for m in dict.fromkeys(config.get("modules_to_save") or []) if any(_under(m, k) for k in keys)]
+
+
 def load_peft(model: nn.Module, path: Path, name: str, *, activate: bool = True) -> str:
     config = read_json(path / PEFT_JSON)
     cls = _spec_class(config)
@@ -97,7 +109,6 @@ def load_peft(model: nn.Module, path: Path, name: str, *, activate: bool = True)
             raise DeltaFileError(f"{path / PEFT_TENSORS}: key {key!r} lacks peft's {PREFIX!r} prefix; not a peft adapter file")
         body[key[len(PREFIX):]] = value
     # Split keys into host tensors (known suffixes), module copies and plain bias tensors.
-    saved_modules = list(config.get("modules_to_save") or [])
     per_host: dict[str, dict[str, torch.Tensor]] = {}
     rest: dict[str, torch.Tensor] = {}
     for key, value in body.items():
@@ -121,13 +132,14 @@ def load_peft(model: nn.Module, path: Path, name: str, *, activate: bool = True)
             per_host.setdefault(key[: -len(".base_layer.bias")], {})["base_layer.bias"] = rest.pop(key)
     if not per_host:
         raise DeltaFileError(f"{path / PEFT_TENSORS} holds no {config.get('peft_type')} tensors; the file is empty or for another method")
-    copy_keys = {k: v for k, v in rest.items() if any(k.startswith(m + ".") or (("." + m + ".") in "." + k) for m in saved_modules)}
+    saved_modules = _saved_modules(config, rest)
+    copy_keys = {k: v for k, v in rest.items() if any(_under(m, k) for m in saved_modules)}
     bias_keys = {k[: -len(".bias")]: v for k, v in rest.items() if k not in copy_keys and k.endswith(".bias")}
     unknown = sorted(set(rest) - set(copy_keys) - {k + ".bias" for k in bias_keys})
     if unknown:
         raise DeltaFileError(f"{path / PEFT_TENSORS}: unexpected tensors {unknown[:3]}; the file is not a {config.get('peft_type')} adapter deltatune can read")
     mapping = _align(sorted(per_host) + sorted(bias_keys), model)
-    spec = cls.from_peft_config(config, [mapping[p] for p in sorted(per_host)])
+    spec = cls.from_peft_config({**config, "modules_to_save": saved_modules}, [mapping[p] for p in sorted(per_host)])
     attach(model, spec, name, activate=activate)
     try:
         deltas, copies = parts_of(model, name)
@@ -164,8 +176,7 @@ def _load_root(model: nn.Module, path: Path, name: str, cls: type[DeltaSpec], co
     """Prompt-learning layout: root tensors go to the spec's single host, ``base_model.<m>.*`` to copies."""
     own = {k: v for k, v in raw.items() if not k.startswith(ROOT_PREFIX)}
     kept = {k[len(ROOT_PREFIX):]: v for k, v in raw.items() if k.startswith(ROOT_PREFIX)}
-    # peft lists candidate heads ("classifier", "score") whether or not the model has them: keep those saved.
-    saved = [m for m in dict.fromkeys(config.get("modules_to_save") or []) if any(k.startswith(m + ".") for k in kept)]
+    saved = _saved_modules(config, kept)
     spec = cls.from_peft_config({**config, "modules_to_save": saved}, [])
     attach(model, spec, name, activate=activate)
     try:

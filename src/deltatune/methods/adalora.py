@@ -104,6 +104,13 @@ class AdaLoRA(_SVDSpecMixin, DeltaSpec):
     def make_delta(self, host: DeltaHost, module_name: str) -> Delta:
         return SVDDelta(self, host, module_name)
 
+    def training_callbacks(self, name: str, total_steps: int) -> list[Any]:
+        """AdaLoRA's pruning schedule over the run (the spec's ``total_step`` wins when set)."""
+        # the schedule lives in the outer budget layer (which imports this one): import it here
+        from ..budget.adalora import AdaLoRASchedule
+
+        return [AdaLoRASchedule(name, total_step=self.total_step or total_steps)]
+
     # -- peft's layout ------------------------------------------------------------------------
     peft_type: ClassVar[str | None] = "ADALORA"
     peft_suffixes: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "lora_E")

@@ -18,7 +18,7 @@ Fine-tuning", https://arxiv.org/abs/2308.12043
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -85,6 +85,13 @@ class IncreLoRA(_SVDSpecMixin, DeltaSpec):
 
     def make_delta(self, host: DeltaHost, module_name: str) -> Delta:
         return GatedSVDDelta(self, host, module_name)
+
+    def training_callbacks(self, name: str, total_steps: int) -> list[Any]:
+        """IncreLoRA's growth schedule over the run (the spec's ``total_step`` wins when set)."""
+        # the schedule lives in the outer budget layer (which imports this one): import it here
+        from ..budget.increlora import IncreLoRASchedule
+
+        return [IncreLoRASchedule(name, total_step=self.total_step or total_steps)]
 
     def budget_for(self, costs: dict[str, int]) -> int:
         """The live-parameter budget given each module's rank-1 cost."""

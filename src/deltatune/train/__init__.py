@@ -8,11 +8,11 @@
 Only the parameters with ``requires_grad`` are trained; see docs/training.md.
 """
 
-from .callbacks import BaseCallback, Callback
+from .callbacks import BaseCallback, Callback, callbacks_from_specs
 from .config import CheckpointError, TrainConfig, TrainError
 from .losses import compute_loss, evaluate
 from .report import TrainResult
 from .trainer import fit
 
 __all__ = ["BaseCallback", "Callback", "CheckpointError", "TrainConfig", "TrainError", "TrainResult",
-           "compute_loss", "evaluate", "fit"]
+           "callbacks_from_specs", "compute_loss", "evaluate", "fit"]

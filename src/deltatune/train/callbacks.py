@@ -11,13 +11,18 @@ share of the examples. After the optimizer step: ``on_step_end``. After each eva
 end: ``on_epoch_end`` (its returned dict is stored with that epoch's metrics). When ``fit`` returns or
 raises: ``on_train_end`` (e.g. undo what ``on_train_start`` changed).
 
+A method can need callbacks to train as designed (AdaLoRA prunes ranks, IncreLoRA grows them): its spec
+says so in ``DeltaSpec.training_callbacks``, and ``fit(..., spec_callbacks=True)`` (what ``deltatune
+train`` uses) adds them for every active delta through :func:`callbacks_from_specs`.
+
 The ``model`` given to hooks is the user's module (never the DDP wrapper), on the training device.
 Callback state is not part of trainer checkpoints: on ``resume`` ``on_train_start`` is called again.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol, runtime_checkable
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -78,3 +83,17 @@ def call(callbacks, hook: str, *args: Any) -> list[Any]:
             if value is not None:
                 results.append(value)
     return results
+
+
+def callbacks_from_specs(model: nn.Module, total_steps: int, given: Sequence[Any] = ()) -> list[Any]:
+    """The callbacks the specs of ``model``'s active deltas ask for (``DeltaSpec.training_callbacks``)
+    in a run of ``total_steps`` optimizer steps, leaving out any a ``given`` callback already provides
+    (one of the same class for the same delta ``name``), so nothing runs twice."""
+    from ..core.model import active, get_spec
+
+    found = []
+    for name in active(model):
+        for cb in get_spec(model, name).training_callbacks(name, total_steps):
+            if not any(type(g) is type(cb) and getattr(g, "name", None) == name for g in given):
+                found.append(cb)
+    return found

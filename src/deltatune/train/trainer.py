@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, rng
-from .callbacks import call
+from .callbacks import call, callbacks_from_specs
 from .config import CheckpointError, TrainConfig, TrainError, selection_metric, task_kind
 from .losses import compute_loss, evaluate_shard, forward, labels_of, to_device
 from .optim import Plan, build_optimizer, lr_factor, norm_buffers, trainable_parameters
@@ -29,7 +29,7 @@ from .state import TrainState, check_compatible, restore, snapshot
 
 def fit(model: nn.Module, train_data, collate: Callable[[list], dict], config: TrainConfig | None = None, *,
         eval_data=None, out_dir: str | Path | None = None, resume: bool = False, callbacks: Sequence[Any] = (),
-        task: str = "text-classification") -> TrainResult:
+        spec_callbacks: bool = False, task: str = "text-classification") -> TrainResult:
     """Train ``model``'s trainable parameters on ``train_data`` and return what happened.
 
     ``train_data[i]`` are examples; ``collate(list_of_examples)`` makes a dict batch whose
@@ -39,7 +39,9 @@ def fit(model: nn.Module, train_data, collate: Callable[[list], dict], config: T
     ``config.save_every`` steps, ``checkpoint/``; ``resume=True`` continues from that checkpoint
     (bit-identical to an uninterrupted run on CPU) or starts fresh, with a warning, if there is none.
     The model ends on the training device in eval mode, holding the best evaluated tensors when
-    ``config.keep_best`` (else the last ones). See :mod:`deltatune.train.callbacks` for ``callbacks``.
+    ``config.keep_best`` (else the last ones). See :mod:`deltatune.train.callbacks` for ``callbacks``;
+    ``spec_callbacks=True`` adds the ones the active deltas' specs need (AdaLoRA's pruning, IncreLoRA's
+    growth, over this run's length) unless ``callbacks`` already holds them.
     """
     cfg = TrainConfig() if config is None else config
     if not isinstance(cfg, TrainConfig):
@@ -60,6 +62,8 @@ def fit(model: nn.Module, train_data, collate: Callable[[list], dict], config: T
 
         callbacks.insert(0, LISA(cfg.lisa_layers, cfg.lisa_interval, cfg.seed))
     run = _Run(model, train_data, collate, cfg, eval_data, out, callbacks, task, kind, metric, higher)
+    if spec_callbacks:  # after _Run: they need the run's length; run.callbacks is this same list
+        callbacks += callbacks_from_specs(model, run.total, callbacks)
     if resume:
         run.resume()
     try:
