@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..core.host import get_module
@@ -72,3 +74,13 @@ class Strategy:
 class _Penalty:
     def __init__(self, fn) -> None:
         self.penalty = fn
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, old: list[int], temperature: float,
+                      lam: float) -> torch.Tensor:
+    """λ·T²·KL(teacher ‖ student) at temperature T over the classes seen before (``old``; all when empty
+    or when the head has no other classes), as in LwF and ZSCL."""
+    cols = old if old and student.shape[-1] > len(old) else slice(None)
+    T = temperature
+    return lam * T * T * F.kl_div(F.log_softmax(student[:, cols] / T, -1), F.softmax(teacher[:, cols] / T, -1),
+                                  reduction="batchmean")

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..core.host import iter_hosts
 from ..core.model import attach, set_active
-from .base import Strategy, _Penalty, _trainable
+from .base import Strategy, _Penalty, _trainable, distillation_loss
 from .pertask import Merge, OLoRA
 from .streams import ContinualError
 from .zscl import ZSCL
@@ -157,10 +157,7 @@ class LwF(Strategy):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         with torch.no_grad():
             target = self.teacher(**inputs)
-        cols = self.old if self.old and outputs.shape[-1] > len(self.old) else slice(None)
-        T = self.temperature
-        return self.lam * T * T * F.kl_div(F.log_softmax(outputs[:, cols] / T, -1), F.softmax(target[:, cols] / T, -1),
-                                           reduction="batchmean")
+        return distillation_loss(outputs, target, self.old, self.temperature, self.lam)
 
     def callbacks(self, t, task):
         return [_Penalty(self._kd)]

@@ -10,10 +10,9 @@ import copy
 import random
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .base import Strategy, _Penalty, _trainable
+from .base import Strategy, _Penalty, _trainable, distillation_loss
 from .streams import ContinualError
 
 
@@ -85,10 +84,7 @@ class ZSCL(Strategy):
         student = model(**ref)
         with torch.no_grad():
             target = self.teacher(**ref)
-        cols = self.old if self.old and student.shape[-1] > len(self.old) else slice(None)
-        T = self.temperature
-        return self.lam * T * T * F.kl_div(F.log_softmax(student[:, cols] / T, -1), F.softmax(target[:, cols] / T, -1),
-                                           reduction="batchmean")
+        return distillation_loss(student, target, self.old, self.temperature, self.lam)
 
     @torch.no_grad()
     def we_start(self, include_start: bool) -> None:
