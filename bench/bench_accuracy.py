@@ -29,6 +29,17 @@ VARIANTS = {
 }
 
 
+#: learning rates that differ by data set, picked on the validation split of seed 0 (see RESULTS.md):
+#: on tweet-sentiment LoRA at 1e-3 reached 72.1% validation accuracy after one epoch, at 3e-3 76.1%
+LR_BY_DATA = {("tweet-sentiment", "lora"): 3e-3, ("tweet-sentiment", "peft-lora"): 3e-3}
+#: what the rows recorded before the learning rate was stored were run with
+_OLD_LR = {k: v["lr"] for k, v in VARIANTS.items()}
+
+
+def lr_of(variant: str, data: str) -> float:
+    return LR_BY_DATA.get((data, variant), VARIANTS[variant]["lr"])
+
+
 def run(variant: str, data: str, seed: int, epochs: int, limit: int | None, batch_size: int) -> dict:
     import torch
 
@@ -55,11 +66,12 @@ def run(variant: str, data: str, seed: int, epochs: int, limit: int | None, batc
         model.encoder.requires_grad_(False)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=VARIANTS[variant]["lr"], seed=seed, progress=False)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr_of(variant, data), seed=seed, progress=False)
     t0 = time.time()
     fit(model, train, entry.collate, cfg, eval_data=val, task=entry.task)
     metrics = evaluate(model, test, entry.collate, task=entry.task)
-    return {"variant": variant, "data": data, "seed": seed, "epochs": epochs, "limit": limit, "accuracy": metrics["accuracy"],
+    return {"variant": variant, "data": data, "seed": seed, "epochs": epochs, "limit": limit, "lr": cfg.lr,
+            "accuracy": metrics["accuracy"],
             "trainable_percent": 100 * trainable / total, "seconds": time.time() - t0}
 
 
@@ -98,7 +110,8 @@ def main() -> None:
         recorded = [json.loads(line) for line in Path(args.rows_from).read_text().splitlines() if line.strip()]
         # rows recorded before epochs/limit were stored are 1-epoch runs at the limits given now
         rows = [r for r in recorded if r["data"] in args.data and r["variant"] in args.variants and r["seed"] in args.seeds
-                and r.get("epochs", 1) == epochs[r["data"]] and r.get("limit", limits[r["data"]]) == limits[r["data"]]]
+                and r.get("epochs", 1) == epochs[r["data"]] and r.get("limit", limits[r["data"]]) == limits[r["data"]]
+                and r.get("lr", _OLD_LR[r["variant"]]) == lr_of(r["variant"], r["data"])]
     if args.threads:
         import torch
 
@@ -111,7 +124,8 @@ def main() -> None:
         for seed in args.seeds:
             for variant in args.variants:
                 same = [r for r in done if (r["variant"], r["data"], r["seed"]) == (variant, data, seed)
-                        and r.get("epochs", 1) == epochs[data] and r.get("limit", limits[data]) == limits[data]]
+                        and r.get("epochs", 1) == epochs[data] and r.get("limit", limits[data]) == limits[data]
+                        and r.get("lr", _OLD_LR[variant]) == lr_of(variant, data)]
                 if same:
                     rows.append(same[-1])
                     continue
@@ -154,7 +168,8 @@ def main() -> None:
     body = (f"Command: {cmd} (MiniLM-L6, max 128 tokens, batch {args.batch_size}, epochs: "
             + ", ".join(f"{d} {epochs[d]}" for d in args.data) + "; "
             "examples per split: " + ", ".join(f"{d} {limits[d] or 'all'}" for d in args.data)
-            + "; learning rates: " + ", ".join(f"{k} {v['lr']}" for k, v in VARIANTS.items()) + ").\n\n" + "\n".join(lines))
+            + "; learning rates: " + "; ".join(f"{d}: " + ", ".join(f"{v} {lr_of(v, d):g}" for v in VARIANTS) for d in args.data)
+            + ").\n\n" + "\n".join(lines))
     print(body)
     if not args.no_write:
         from _results import write_section
