@@ -123,6 +123,8 @@ def main() -> None:
     for data in ([] if args.rows_from else args.data):
         for seed in args.seeds:
             for variant in args.variants:
+                if args.resume and out_file.exists():  # another process may have recorded it meanwhile
+                    done = [json.loads(line) for line in out_file.read_text().splitlines() if line.strip()]
                 same = [r for r in done if (r["variant"], r["data"], r["seed"]) == (variant, data, seed)
                         and r.get("epochs", 1) == epochs[data] and r.get("limit", limits[data]) == limits[data]
                         and r.get("lr", _OLD_LR[variant]) == lr_of(variant, data)]
