@@ -108,24 +108,26 @@ def main() -> None:
                         f"{' -> '.join(t.name for t in stream.tasks)}; train/test examples per task: "
                         f"{', '.join(f'{len(t.train)}/{len(t.test)}' for t in stream.tasks)})\n\n"
                         + "\n".join(lines) + f"\n\n{verdict}")
-        _write(sections, args, time.time() - t_all)  # after each stream, so a long run leaves its tables
+        _write(name, sections[-1], args, time.time() - t_all)  # after each stream, so a long run leaves its tables
 
 
-def _write(sections: list[str], args, seconds: float) -> None:
+def _write(stream: str, section: str, args, seconds: float) -> None:
+    """One RESULTS.md section per stream, so a run of some streams leaves the others' tables in place."""
     cmd = "`.venv/bin/python bench/bench_continual.py" + "".join(" " + a for a in sys.argv[1:]) + "`"
     body = (f"Command: {cmd} ({args.steps} optimizer steps per task, MiniLM at {args.max_length} tokens, "
-            f"{seconds:.0f} s in all on the shared 2-core machine). "
+            f"{seconds:.0f} s from the start of the run to the end of this stream, on the shared 2-core machine; cached "
+            "rows of an earlier run with the same settings are reused). "
             + __doc__.split("Streams:")[1].strip().replace("\n", " ")
             + " Strategy options (the others at their defaults): "
-            + "; ".join(f"{st} on {name}: {o}" for (name, st), o in OPTIONS.items() if name in args.streams) + "."
+            + "; ".join(f"{st}: {o}" for (name, st), o in OPTIONS.items() if name == stream) + "."
             + " BatchNorm statistics of the frozen CNN stay fixed (the trainer's default `norm_stats=\"auto\"`)."
             + " Forgetting = mean over earlier tasks of (best accuracy before the last task − final accuracy).\n\n"
-            + "\n\n".join(sections))
+            + section)
     print(body, flush=True)
     if not args.no_write:
         from _results import write_section
 
-        write_section("Continual adaptation (issue 9)", body)
+        write_section(f"Continual adaptation (issue 9): {stream}", body)
 
 
 def _pretrained_cnn(entry) -> dict:
