@@ -257,8 +257,7 @@ def run(work: Path, args: argparse.Namespace) -> None:
         f"{parity.get('max_abs_diff', float('nan')):.2e}, fraction of entries differing = {parity.get('fraction_differing', float('nan')):.2e} "
         "(top-k ties at the density boundary aside, the two agree). Sharded case: inputs in "
         f"{len(shard_sizes)} shards (largest {largest:.1f} MiB: the embedding table and the lm_head each fill one), output in {streamed['out_shards']} shard(s); the process held {streamed['rss_before_mb']:.0f} MiB after "
-        "importing Python and torch, before the merge started. The real-data merging figures of issue 6 (BBC/tweets "
-        "LoRAs merged by TA, TIES, DARE, Fisher, RegMean and learned merging) are not measured here yet.\n"
+        "importing Python and torch, before the merge started. The real-data merging figures of issue 6 are in the section *Merging on real data* (bench/bench_merge_real.py).\n"
     )
     print(body)
     if not args.no_write:
