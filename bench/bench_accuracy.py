@@ -164,7 +164,7 @@ def main() -> None:
         if parts:
             verdicts.append(f"{data}: " + ", ".join(parts) + ".")
     lines += [""] + verdicts if verdicts else []
-    valued, flags = ("--out", "--rows-from", "--threads"), ("--resume",)  # how a run was executed, not what it measures
+    valued, flags = ("--out", "--rows-from", "--threads"), ("--resume", "--no-write")  # how a run was executed, not what it measures
     shown = [a for i, a in enumerate(sys.argv[1:]) if a not in valued + flags and sys.argv[i] not in valued]
     cmd = "`.venv/bin/python bench/bench_accuracy.py " + " ".join(shown) + "`"
     body = (f"Command: {cmd} (MiniLM-L6, max 128 tokens, batch {args.batch_size}, epochs: "
