@@ -125,7 +125,7 @@ def plot_ranks(rows: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from deltatune.io.files import atomic_write
+    from deltatune.io.files import save_png
 
     ada = next((r["ranks"] for r in rows if r["variant"] == "adalora" and r["ranks"]), {})
     sens = next((r["ranks"] for r in rows if r["variant"] == "sensitivity" and r["ranks"]), {})
@@ -143,11 +143,7 @@ def plot_ranks(rows: list[dict], path: Path) -> Path:
     ax.set_ylabel("rank")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    finally:
-        plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=120)
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..io.files import atomic_write, write_json
+from ..io.files import atomic_write, save_png, write_json
 
 
 def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -45,11 +45,7 @@ def plot_front(rows: list[dict[str, Any]], front: list[dict[str, Any]], budget: 
     ax.set_ylabel("validation accuracy")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    finally:
-        plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=120)
 
 
 def summarise(study: Any, setup: Any, out: Path) -> dict[str, Any]:

@@ -9,7 +9,6 @@ the accuracy of the model before any training.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from ..data import Dataset
+from ..train.optim import Plan
 from .strategies import Strategy
 from .streams import ContinualError, Stream
 
@@ -102,7 +102,8 @@ def run_stream(model: nn.Module, collate: Callable, stream: Stream, strategy: St
     if config.max_steps:
         steps = config.max_steps
     else:  # optimizer steps a task takes on average (LAE's EMA, ZSCL's ensemble scale with it)
-        per = [math.ceil(len(t.train) / (config.batch_size * config.grad_accum)) * config.epochs for t in stream.tasks]
+        per = [Plan(len(t.train), config.batch_size, 1, config.grad_accum).steps_per_epoch * config.epochs
+               for t in stream.tasks]
         steps = max(1, round(sum(per) / len(per)))
     strategy.configure(config, steps)
     strategy.setup(model, spec, head, collate)
@@ -142,7 +143,7 @@ def plot_matrix(result: ContinualResult, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io.files import atomic_write
+    from ..io.files import save_png
 
     m = result.accuracy_matrix
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(result.tasks), 1.0 + 0.7 * len(m)))
@@ -156,6 +157,4 @@ def plot_matrix(result: ContinualResult, path: str | Path) -> Path:
     ax.set_title(f"{result.strategy} on {result.stream}: test accuracy %", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.04)
     fig.tight_layout()
-    out = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-    return out
+    return save_png(fig, path, dpi=110)

@@ -85,3 +85,13 @@ def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") ->
             f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]}); it is corrupt or "
             "truncated: save or copy it again"
         ) from exc
+
+
+def save_png(fig, path: str | os.PathLike, *, dpi: int = 120) -> Path:
+    """Write a matplotlib figure as a PNG atomically, and close it (also when writing fails)."""
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)

@@ -19,15 +19,20 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return named
 
 
+def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The BatchNorm-style layers that track running statistics, by name."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+
+
 def norm_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """BatchNorm running statistics: not parameters, yet training changes them, so they are saved
     with the trainable tensors (a resumed or best-restored model must have the same statistics)."""
     out = []
-    for mod_name, mod in model.named_modules():
-        if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.track_running_stats:
-            for buf_name, buf in mod.named_buffers(recurse=False):
-                if buf is not None:
-                    out.append((f"{mod_name}.{buf_name}" if mod_name else buf_name, buf))
+    for mod_name, mod in norm_layers(model):
+        for buf_name, buf in mod.named_buffers(recurse=False):
+            if buf is not None:
+                out.append((f"{mod_name}.{buf_name}" if mod_name else buf_name, buf))
     return out
 
 

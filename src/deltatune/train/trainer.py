@@ -22,7 +22,7 @@ from . import checkpoint, rng
 from .callbacks import call, callbacks_from_specs
 from .config import CheckpointError, TrainConfig, TrainError, selection_metric, task_kind
 from .losses import compute_loss, evaluate_shard, forward, labels_of, to_device
-from .optim import Plan, build_optimizer, lr_factor, norm_buffers, trainable_parameters
+from .optim import Plan, build_optimizer, lr_factor, norm_buffers, norm_layers, trainable_parameters
 from .report import ProgressBar, TrainResult, peak_rss_mb, plot_curve, write_metrics
 from .state import TrainState, check_compatible, restore, snapshot
 
@@ -94,6 +94,7 @@ class _Run:
         self.wrapped: nn.Module = self.acc.prepare_model(model)
         self.named = trainable_parameters(model)
         self.buffers = norm_buffers(model)
+        self.norms = [m for _, m in norm_layers(model)]  # found once; _hold_norm_stats runs every step
         self.opt = build_optimizer(self.named, cfg)
         self.plan = Plan(len(train_data), cfg.batch_size, self.world, cfg.grad_accum)
         self.total = cfg.max_steps or cfg.epochs * self.plan.steps_per_epoch
@@ -205,10 +206,9 @@ class _Run:
         mode = self.cfg.norm_stats
         if mode == "update":
             return
-        for module in self.model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._NormBase) and module.track_running_stats:
-                if mode == "freeze" or not any(p.requires_grad for p in module.parameters(recurse=False)):
-                    module.eval()
+        for module in self.norms:  # requires_grad is read each step: LISA changes it during a run
+            if mode == "freeze" or not any(p.requires_grad for p in module.parameters(recurse=False)):
+                module.eval()
 
     def _mean(self, values: list[torch.Tensor]) -> float:
         mean = torch.stack(values).float().mean()
