@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -84,7 +85,7 @@ class StepTimer:
         return statistics.median(self.times) if self.times else float("nan")
 
 
-def run_one(part: str, method: str, seed: int, train_limit: int, eval_limit: int) -> dict:
+def run_one(part: str, method: str, seed: int, train_limit: int, eval_limit: int, max_length: int = 128) -> dict:
     """Train one delta in this process and return its row (called in a child process)."""
     import torch
 
@@ -99,7 +100,8 @@ def run_one(part: str, method: str, seed: int, train_limit: int, eval_limit: int
     torch.manual_seed(seed)
     train = load_data(data, "train", seed=0, limit=train_limit)
     test = load_data(data, "test", seed=0, limit=eval_limit)
-    entry = load_model(model_name, num_labels=len(train.label_names))
+    opts = {"max_length": max_length} if part == "text" else {}
+    entry = load_model(model_name, num_labels=len(train.label_names), **opts)
     model = entry.model
     head = "classifier" if part == "text" else "net._fc"
     if method == "probe":
@@ -117,6 +119,7 @@ def run_one(part: str, method: str, seed: int, train_limit: int, eval_limit: int
     seconds = time.time() - t0
     metrics = evaluate(model, test, entry.collate, task=entry.task)
     return {"part": part, "method": method, "seed": seed, "train_limit": train_limit, "eval_limit": eval_limit,
+            "max_length": max_length,
             "accuracy": metrics["accuracy"], "trainable": summary.trainable, "total": summary.total,
             "trainable_percent": summary.percent, "step_s": timer.median(), "train_s": seconds,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -156,38 +159,46 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", help="methods to run (default: all of the part)")
     ap.add_argument("--train-limit", type=int, default=3000, help="training examples (one epoch)")
     ap.add_argument("--eval-limit", type=int, default=1500, help="test examples")
+    ap.add_argument("--max-length", type=int, default=128, help="MiniLM tokens (text part)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once (each in its own process)")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         part, method, seed = args.child
-        print(json.dumps(run_one(part, method, int(seed), args.train_limit, args.eval_limit)))
+        print(json.dumps(run_one(part, method, int(seed), args.train_limit, args.eval_limit, args.max_length)))
         return
     CACHE.parent.mkdir(parents=True, exist_ok=True)
-    key = lambda r: (r["part"], r["method"], r["seed"], r["train_limit"], r["eval_limit"])  # noqa: E731
+    key = lambda r: (r["part"], r["method"], r["seed"], r["train_limit"], r["eval_limit"], r.get("max_length", 128))  # noqa: E731
     done = {key(r): r for r in _cached()}
     rows: dict[str, list[dict]] = {p: [] for p in args.part}
-    for part in args.part:
-        for seed in args.seeds:
-            for method in args.only or PARTS[part][2]:
-                if method not in PARTS[part][2]:
-                    continue
-                k = (part, method, seed, args.train_limit, args.eval_limit)
-                if k not in done:
-                    cmd = [sys.executable, __file__, "--child", part, method, str(seed),
-                           "--train-limit", str(args.train_limit), "--eval-limit", str(args.eval_limit)]
-                    proc = subprocess.run(cmd, capture_output=True, text=True)
-                    if proc.returncode != 0:
-                        print(f"{part} {method} seed {seed} FAILED:\n{proc.stderr[-3000:]}", flush=True)
-                        continue
-                    done[k] = json.loads(proc.stdout.strip().splitlines()[-1])
-                    with CACHE.open("a") as fh:
-                        fh.write(json.dumps(done[k]) + "\n")
-                rows[part].append(done[k])
-                print(json.dumps(done[k]), flush=True)
+    wanted = [(part, method, seed, args.train_limit, args.eval_limit, args.max_length)
+              for part in args.part for seed in args.seeds for method in (args.only or PARTS[part][2])
+              if method in PARTS[part][2]]
+
+    def child(k: tuple) -> subprocess.CompletedProcess:
+        part, method, seed = k[:3]
+        cmd = [sys.executable, __file__, "--child", part, method, str(seed), "--train-limit", str(args.train_limit),
+               "--eval-limit", str(args.eval_limit), "--max-length", str(args.max_length)]
+        return subprocess.run(cmd, capture_output=True, text=True, check=False)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each run is its own process; threads only wait
+        running = {pool.submit(child, k): k for k in wanted if k not in done}
+        for future in as_completed(running):
+            k, proc = running[future], future.result()
+            if proc.returncode != 0:
+                print(f"{k[0]} {k[1]} seed {k[2]} FAILED:\n{proc.stderr[-3000:]}", flush=True)
+                continue
+            done[k] = json.loads(proc.stdout.strip().splitlines()[-1])
+            with CACHE.open("a") as fh:
+                fh.write(json.dumps(done[k]) + "\n")
+            print(json.dumps(done[k]), flush=True)
+    for k in wanted:
+        if k in done:
+            rows[k[0]].append(done[k])
     shown = "".join(" " + a for a in sys.argv[1:])
     body = [f"Command: `.venv/bin/python bench/bench_methods.py{shown}`"]
-    body.append(f"(one epoch over {args.train_limit} training examples of the seed-0 split, batch 16 text / 32 images, "
+    body.append(f"(one epoch over {args.train_limit} training examples of the seed-0 split, batch 16 text at {args.max_length} tokens / 32 images, "
                 f"{args.eval_limit} test examples; seeds {', '.join(map(str, args.seeds))} change the initialisation and "
                 "data order; "
                 f"{'/'.join(sorted({str(r.get('threads', '?')) for p in rows.values() for r in p}))} CPU thread(s) per run at low "

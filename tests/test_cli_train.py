@@ -18,7 +18,7 @@ def _err(capsys) -> str:
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "bbc"
     rc = main(["train", "--model", "minilm", "--data", "bbc-news", "--method", "lora", "--rank", "4", "--alpha", "8",
-               "--max-steps", "6", "--batch-size", "8", "--limit", "40", "--lr", "2e-3", "--out", str(out)])
+               "--max-steps", "6", "--batch-size", "8", "--limit", "40", "--lr", "2e-3", "--class-weights", "balanced", "--out", str(out)])
     assert rc == 0
     return out
 
@@ -30,6 +30,7 @@ def test_train_writes_adapter_metrics_and_results(trained):
     assert 0.0 <= results["test"]["accuracy"] <= 1.0 and results["train"]["steps"] == 6
     assert (trained / "adapter" / "delta.safetensors").is_file() and (trained / "adapter" / "task.json").is_file()
     assert (trained / "metrics.json").is_file() and (trained / "learning_curve.png").is_file()
+    assert json.loads((trained / "metrics.json").read_text())["config"]["class_weights"] == "balanced"
 
 
 @pytest.mark.slow
@@ -106,3 +107,8 @@ def test_train_adalora_runs_its_schedule_and_the_adapter_reloads(tmp_path):
     assert len(ranks) == 12 and sum(ranks.values()) == 12, "pruned from 3 to 1 triplet per module on average"
     ev = run_eval(None, out / "adapter", "bbc-news", limit=16)
     assert ev["accuracy"] == pytest.approx(results["test"]["accuracy"])
+
+
+def test_bad_class_weights_flag(capsys, tmp_path):
+    rc = main(["train", "--model", "minilm", "--data", "bbc-news", "--class-weights", "heavy", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "--class-weights 'heavy'" in _err(capsys) and not (tmp_path / "o").exists()

@@ -149,6 +149,15 @@ def _load_yaml(path: Optional[Path]) -> dict[str, Any]:
     return data
 
 
+def _parse_class_weights(value: Optional[str]) -> str | list[float] | None:
+    if value is None or value == "balanced":
+        return value
+    try:
+        return [float(w) for w in value.split(",")]
+    except ValueError:
+        raise CLIError(f"--class-weights {value!r}: give 'balanced' or comma-separated numbers, e.g. 1,2,1") from None
+
+
 def register(app: typer.Typer) -> None:
     @app.command(
         "train",
@@ -156,6 +165,7 @@ def register(app: typer.Typer) -> None:
             "Examples:\n\n"
             "  deltatune train --model minilm --data bbc-news --method lora --rank 8 --epochs 3 --out runs/bbc\n\n"
             "  deltatune train --model minilm --data tweet-sentiment:apple --method lora --max-steps 200 --save-every 50 --out runs/apple\n\n"
+            "  deltatune train --model minilm --data tweet-sentiment:cars --class-weights balanced --out runs/cars\n\n"
             "  deltatune train --config run.yaml --resume\n\n"
             "  deltatune train --model efficientnet-lite0 --data mnist --method lora --targets conv_stem --out runs/mnist"
         ),
@@ -177,6 +187,8 @@ def register(app: typer.Typer) -> None:
         schedule: Optional[str] = typer.Option(None, help="linear | cosine | constant"),
         seed: Optional[int] = typer.Option(None, help="random seed (data split, init, order)"),
         save_every: Optional[int] = typer.Option(None, help="write a resumable checkpoint every N steps"),
+        class_weights: Optional[str] = typer.Option(None, help="loss weight per class: 'balanced' (N / (C * n_c), for "
+                                                    "skewed labels) or comma-separated weights, one per class"),
         resume: bool = typer.Option(False, help="continue from --out's checkpoint"),
         limit: Optional[int] = typer.Option(None, help="use at most N examples per split (quick runs)"),
         fmt: str = typer.Option("deltatune", "--format", help="adapter file layout: deltatune | peft"),
@@ -196,7 +208,8 @@ def register(app: typer.Typer) -> None:
                 method_options[key] = value
         train_opts = dict(cfg.pop("train", {}) or {})
         for key, value in {"epochs": epochs, "max_steps": max_steps, "batch_size": batch_size, "lr": lr,
-                           "grad_accum": grad_accum, "schedule": schedule, "save_every": save_every}.items():
+                           "grad_accum": grad_accum, "schedule": schedule, "save_every": save_every,
+                           "class_weights": _parse_class_weights(class_weights)}.items():
             if value is not None:
                 train_opts[key] = value
         for key, value in {"model": model, "data": data, "method": method, "seed": seed, "out": out, "limit": limit}.items():

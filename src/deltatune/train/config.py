@@ -50,6 +50,9 @@ class TrainConfig:
     # parameter fixed (a frozen layer stays frozen, buffers included, so a saved delta reproduces the
     # trained model); "update" always updates them (PyTorch's train mode), "freeze" never does.
     norm_stats: Literal["auto", "update", "freeze"] = "auto"
+    # classification loss weights: None (plain mean cross-entropy), "balanced" (class c weighs
+    # N / (C * n_c), from the training labels: every class counts as much in total) or one weight per class
+    class_weights: str | list[float] | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum"):
@@ -75,6 +78,12 @@ class TrainConfig:
             self._bad("max_grad_norm", "must be a number > 0, or None to disable clipping")
         if self.norm_stats not in NORM_STATS:
             self._bad("norm_stats", f"must be one of {', '.join(NORM_STATS)}")
+        cw = self.class_weights
+        if isinstance(cw, tuple):
+            self.class_weights = cw = list(cw)
+        if not (cw is None or cw == "balanced" or (isinstance(cw, list) and cw and all(_is_real(w) and w >= 0 for w in cw)
+                                                   and any(w > 0 for w in cw))):
+            self._bad("class_weights", "must be None, 'balanced' or a list of one weight >= 0 per class (not all 0)")
         if not isinstance(self.metric, str) or not self.metric:
             self._bad("metric", "must be a metric name such as accuracy or loss")
         for name in ("eval_each_epoch", "keep_best", "progress"):

@@ -58,12 +58,40 @@ def _flat(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> tuple[torch.
     return logits, labels
 
 
-def compute_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
-    """Mean cross-entropy (shifted next-token CE for ``causal-lm``), ignoring label -100."""
+def compute_loss(logits: torch.Tensor, labels: torch.Tensor, task: str,
+                 weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy (shifted next-token CE for ``causal-lm``), ignoring label -100.
+
+    ``weight`` (one per class, classification only) gives the weighted mean, as in ``F.cross_entropy``.
+    """
     flat, target = _flat(logits, labels, task_kind(task))
     if not bool((target != IGNORE_INDEX).any()):
         return flat.sum() * 0.0  # nothing to predict here: a zero loss that still has a graph
-    return F.cross_entropy(flat.float(), target, ignore_index=IGNORE_INDEX)
+    if weight is not None and weight.numel() != flat.shape[-1]:
+        raise TrainError(f"TrainConfig.class_weights has {weight.numel()} weights but the model predicts "
+                         f"{flat.shape[-1]} classes; give one weight per class")
+    if weight is not None and float(weight[target[target != IGNORE_INDEX]].sum()) == 0:
+        return flat.sum() * 0.0  # only zero-weight classes in this batch
+    return F.cross_entropy(flat.float(), target, weight=weight, ignore_index=IGNORE_INDEX)
+
+
+def class_weights(spec: str | list[float] | None, labels: list[int], n_classes: int | None) -> torch.Tensor | None:
+    """The per-class loss weights of ``TrainConfig.class_weights`` for training labels ``labels``.
+
+    ``"balanced"``: class c weighs N / (C * n_c), so every class present adds up to the same total
+    weight (scikit-learn's ``class_weight="balanced"``); a class absent from the labels gets weight 1.
+    """
+    if spec is None:
+        return None
+    if spec != "balanced":
+        return torch.tensor([float(w) for w in spec])
+    if not labels:
+        raise TrainError("TrainConfig.class_weights='balanced' needs labelled training examples (a 'label' field)")
+    c = max(n_classes or 0, max(labels) + 1)
+    counts = torch.bincount(torch.tensor(labels), minlength=c).double()
+    present = int((counts > 0).sum())
+    weights = torch.where(counts > 0, len(labels) / (present * counts.clamp_min(1)), torch.ones_like(counts))
+    return weights.float()
 
 
 def eval_sums(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:

@@ -21,7 +21,7 @@ from torch import nn
 from . import checkpoint, rng
 from .callbacks import call, callbacks_from_specs
 from .config import CheckpointError, TrainConfig, TrainError, selection_metric, task_kind
-from .losses import compute_loss, evaluate_shard, forward, labels_of, to_device
+from .losses import class_weights, compute_loss, evaluate_shard, forward, labels_of, to_device
 from .optim import Plan, build_optimizer, lr_factor, norm_buffers, norm_layers, trainable_parameters
 from .report import ProgressBar, TrainResult, peak_rss_mb, plot_curve, write_metrics
 from .state import TrainState, check_compatible, restore, snapshot
@@ -96,6 +96,7 @@ class _Run:
         self.buffers = norm_buffers(model)
         self.norms = [m for _, m in norm_layers(model)]  # found once; _hold_norm_stats runs every step
         self.opt = build_optimizer(self.named, cfg)
+        self.weight = self._class_weights()
         self.plan = Plan(len(train_data), cfg.batch_size, self.world, cfg.grad_accum)
         self.total = cfg.max_steps or cfg.epochs * self.plan.steps_per_epoch
         self.warmup = math.ceil(cfg.warmup_ratio * self.total)
@@ -105,6 +106,19 @@ class _Run:
         self.resumed_from: int | None = None
         self.info = {"task": task, "task_kind": kind, "world_size": self.world, "n_train": len(train_data),
                      "config": cfg.to_dict(), "total_steps": self.total, "warmup_steps": self.warmup}
+
+    def _class_weights(self) -> torch.Tensor | None:
+        spec = self.cfg.class_weights
+        if spec is None:
+            return None
+        if self.kind == "causal-lm":
+            raise TrainError("TrainConfig.class_weights applies to classification; a causal LM has no classes")
+        labels = list(getattr(self.train_data, "labels", None) or [])
+        if spec == "balanced" and not labels:
+            labels = [ex["label"] for ex in (self.train_data[i] for i in range(len(self.train_data)))
+                      if isinstance(ex, dict) and "label" in ex]
+        names = getattr(self.train_data, "label_names", None)
+        return class_weights(spec, labels, len(names) if names else None).to(self.device)
 
     # -- resume -------------------------------------------------------------------------------------
     def resume(self) -> None:
@@ -170,7 +184,7 @@ class _Run:
                 sync = micro == last - 1 and j == len(parts) - 1
                 with nullcontext() if sync else self.acc.no_sync(self.wrapped):
                     logits = forward(self.wrapped, batch)
-                    loss = compute_loss(logits, labels_of(batch, self.kind), self.kind)
+                    loss = compute_loss(logits, labels_of(batch, self.kind), self.kind, self.weight)
                     objective = loss * (sizes[j] / sum(sizes))  # replayed examples count like the others
                     if j == 0:
                         losses.append(loss.detach())
