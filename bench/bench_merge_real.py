@@ -2,6 +2,7 @@
 multi-domain (one tweet-sentiment LoRA per domain) merges of MiniLM deltas.
 
     .venv/bin/python bench/bench_merge_real.py               # reduced form, as in RESULTS.md
+    .venv/bin/python bench/bench_merge_real.py --parts multi-domain   # one part (its own RESULTS section)
     .venv/bin/python bench/bench_merge_real.py --max-length 128 --epochs 2 --limit 4000
 
 (a) multi-task: one LoRA (r=8, query,value) and one full fine-tuning per task, each with its own new
@@ -31,6 +32,19 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 DOMAINS = ("airlines", "nfl", "apple", "cars")
+PARTS = ("multi-task", "multi-domain")
+ABOUT = {
+    "multi-task": "(a) one LoRA (r=8, query,value) and one full fine-tuning per task, each with its own new head; the "
+                  "encoder changes are merged into one body and every task is evaluated with the merged body and its own head.",
+    "multi-domain": "(b) one LoRA + head per domain (airlines, nfl, apple, cars) from the same seeded head; the whole "
+                    "deltas (head included) are merged and evaluated on every domain and on the held-out `other` domain.",
+    "common": "Normalised accuracy = merged accuracy / the task's own fine-tuned model's accuracy, averaged over the tasks "
+              "(domains). Hyper-parameters (TA λ, TIES/DARE density) are picked on the validation splits; learned merging "
+              "fits per-block coefficients by entropy minimisation on unlabeled validation examples. Trained deltas are "
+              "cached in `.cache/bench_merge_real/`.",
+}
+HEADINGS = {"multi-task": "Merging on real data: multi-task (issue 6)",
+            "multi-domain": "Merging on real data: multi-domain (issue 6)"}
 
 
 class MultiHead(nn.Module):
@@ -62,7 +76,7 @@ def entry(num_labels: int, max_length: int):
     return load_model("minilm", num_labels=num_labels, max_length=max_length)
 
 
-def train(name: str, data: str, kind: str, args) -> dict:
+def train(name: str, data: str, kind: str, args, lr: float | None = None, class_weights: str | None = None) -> dict:
     """Train (or load from the cache) one delta: its encoder task vector, head tensors and own accuracy."""
     import deltatune as dt
     from deltatune.algebra import TaskVector
@@ -70,15 +84,17 @@ def train(name: str, data: str, kind: str, args) -> dict:
     from deltatune.io import load_tensors, save_tensors
     from deltatune.train import TrainConfig, fit
 
-    out = CACHE / f"{name}-{kind}-L{args.max_length}-e{args.epochs}-n{args.limit}"
+    lr = lr if lr is not None else (1e-3 if kind == "lora" else 5e-5)
+    out = CACHE / (f"{name}-{kind}-L{args.max_length}-e{args.epochs}-n{args.limit}-lr{lr:g}"
+                   + (f"-cw{class_weights}" if class_weights else ""))
     if not (out / "tv.safetensors").exists():
         train_set = load_data(data, "train", limit=args.limit)
         e = entry(len(train_set.label_names), args.max_length)
         base = {k: v.clone() for k, v in e.model.state_dict().items()}
         if kind == "lora":
             dt.attach(e.model, dt.LoRA(r=8, alpha=16, targets=["query", "value"], trainable_modules=["classifier"]))
-        cfg = TrainConfig(epochs=args.epochs, batch_size=16, lr=1e-3 if kind == "lora" else 5e-5, seed=0,
-                          progress=False, eval_each_epoch=False, keep_best=False)
+        cfg = TrainConfig(epochs=args.epochs, batch_size=16, lr=lr, seed=0,
+                          progress=False, eval_each_epoch=False, keep_best=False, class_weights=class_weights)
         fit(e.model, train_set, e.collate, cfg, task=e.task)
         if kind == "lora":
             tv = TaskVector.from_adapter(e.model, "default")
@@ -226,13 +242,36 @@ def main() -> None:
     ap.add_argument("--eval-limit", type=int, default=400, help="validation and test examples per task")
     ap.add_argument("--stats", type=int, default=64, help="examples for Fisher / Gram / learned merging")
     ap.add_argument("--learn-steps", type=int, default=30)
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    ap.add_argument("--domain-lr", type=float, default=3e-3,
+                    help="learning rate of the per-domain LoRAs (tweet-sentiment's, picked on validation in bench_accuracy)")
+    ap.add_argument("--domain-class-weights", choices=["balanced", "none"], default="balanced",
+                    help="loss weights of the per-domain LoRAs: balanced (the domains' label priors differ, and the "
+                         "held-out domain's is unknown) or none")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
+    for part in args.parts:
+        t0 = time.time()
+        sections = multi_task(args) if part == "multi-task" else multi_domain(args)
+        for text in sections:
+            print(text, flush=True)
+        shown = [a for a in sys.argv[1:] if a not in PARTS and a != "--parts"]
+        cmd = "`.venv/bin/python bench/bench_merge_real.py --parts " + part + "".join(" " + a for a in shown) + "`"
+        lr = (f", per-domain LoRA learning rate {args.domain_lr:g}, class weights {args.domain_class_weights}"
+              if part == "multi-domain" else "")
+        text = (f"Command: {cmd} (MiniLM at {args.max_length} tokens, {args.epochs} epoch(s), {args.limit} training "
+                f"examples per task/domain{lr}, {args.eval_limit} validation/test examples per task; "
+                f"{time.time() - t0:.0f} s). " + ABOUT[part] + " " + ABOUT["common"] + "\n\n" + "\n\n".join(sections))
+        if not args.no_write:
+            from _results import write_section
+
+            write_section(HEADINGS[part], text)
+
+
+def multi_task(args) -> list[str]:
     from deltatune.data import load_data
 
-    t0 = time.time()
     sections = []
-    # (a) multi-task
     for kind in ("lora", "full"):
         tasks = [train("bbc", "bbc-news", kind, args), train("tweets", "tweet-sentiment", kind, args)]
         ev = {t["name"]: {s: (t["name"], load_data(t["data"], s, limit=args.eval_limit)) for s in ("val", "test")}
@@ -249,9 +288,14 @@ def main() -> None:
         sections.append(f"**(a) multi-task, {'LoRA r=8' if kind == 'lora' else 'full fine-tuning'}** (test accuracy %; "
                         f"picked on validation: {chosen})\n\n" + "\n".join(lines)
                         + f"\n\nBest normalised accuracy: **{100 * best:.1f}%** (aim ≥ 90%).")
-        print(sections[-1], flush=True)
-    # (b) multi-domain
-    tasks = [train(d, f"tweet-sentiment:{d}", "lora", args) for d in DOMAINS]
+    return sections
+
+
+def multi_domain(args) -> list[str]:
+    from deltatune.data import load_data
+
+    tasks = [train(d, f"tweet-sentiment:{d}", "lora", args, lr=args.domain_lr,
+                   class_weights=None if args.domain_class_weights == "none" else args.domain_class_weights) for d in DOMAINS]
     val = {d: ("shared", load_data(f"tweet-sentiment:{d}", "val", limit=args.eval_limit)) for d in DOMAINS}
     test = {d: ("shared", load_data(f"tweet-sentiment:{d}", "test", limit=args.eval_limit)) for d in (*DOMAINS, "other")}
     singles = {}
@@ -273,19 +317,10 @@ def main() -> None:
     best_method = max(rows, key=lambda m: sum(rows[m][d] / own[d] for d in DOMAINS))
     best_single_other = max(singles[d]["other"] for d in DOMAINS)
     beats = [m for m in rows if rows[m]["other"] > best_single_other]
-    sections.append(f"**(b) multi-domain, tweet sentiment, LoRA r=8 per domain** (test accuracy %; picked on validation: "
-                    f"{chosen})\n\n" + "\n".join(fixed) + f"\n\nBest single-domain delta on `other`: "
-                    f"{100 * best_single_other:.1f}%. Merges above it on `other`: {', '.join(beats) or 'none'} "
-                    f"(aim: the domain merge beats every single-domain delta). Best normalised accuracy: {best_method}.")
-    print(sections[-1], flush=True)
-    cmd = "`.venv/bin/python bench/bench_merge_real.py" + "".join(" " + a for a in sys.argv[1:]) + "`"
-    body = (f"Command: {cmd} (MiniLM at {args.max_length} tokens, {args.epochs} epoch(s), {args.limit} training "
-            f"examples per task/domain, {args.eval_limit} validation/test examples per task; {time.time() - t0:.0f} s). "
-            + __doc__.split("(a)")[1].join(["(a)", ""]).strip().replace("\n", " ") + "\n\n" + "\n\n".join(sections))
-    if not args.no_write:
-        from _results import write_section
-
-        write_section("Merging on real data: multi-task and multi-domain (issue 6)", body)
+    return [f"**(b) multi-domain, tweet sentiment, LoRA r=8 per domain** (test accuracy %; picked on validation: "
+            f"{chosen})\n\n" + "\n".join(fixed) + f"\n\nBest single-domain delta on `other`: "
+            f"{100 * best_single_other:.1f}%. Merges above it on `other`: {', '.join(beats) or 'none'} "
+            f"(aim: the domain merge beats every single-domain delta). Best normalised accuracy: {best_method}."]
 
 
 if __name__ == "__main__":
