@@ -125,7 +125,7 @@ def plot_ranks(rows: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from deltatune.io.files import save_png
+    from deltatune.io.files import save_figure
 
     ada = next((r["ranks"] for r in rows if r["variant"] == "adalora" and r["ranks"]), {})
     sens = next((r["ranks"] for r in rows if r["variant"] == "sensitivity" and r["ranks"]), {})
@@ -143,7 +143,7 @@ def plot_ranks(rows: list[dict], path: Path) -> Path:
     ax.set_ylabel("rank")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return save_png(fig, path, dpi=120)
+    return save_figure(fig, path, dpi=120)
 
 
 def main() -> None:

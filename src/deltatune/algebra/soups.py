@@ -141,7 +141,7 @@ def plot_wise_ft(rows: Sequence[Mapping[str, float]], path: str | os.PathLike, *
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io.files import atomic_write
+    from ..io.files import save_figure
 
     if not rows or any(x not in r or y not in r for r in rows):
         raise MergeError(f"every row needs {x!r} and {y!r} scores to plot; got {list(rows[0]) if rows else 'no rows'}")
@@ -158,7 +158,4 @@ def plot_wise_ft(rows: Sequence[Mapping[str, float]], path: str | os.PathLike, *
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..io.files import atomic_write, save_png, write_json
+from ..io.files import atomic_write, save_figure, write_json
 
 
 def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -45,7 +45,7 @@ def plot_front(rows: list[dict[str, Any]], front: list[dict[str, Any]], budget: 
     ax.set_ylabel("validation accuracy")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return save_png(fig, path, dpi=120)
+    return save_figure(fig, path, dpi=120)
 
 
 def summarise(study: Any, setup: Any, out: Path) -> dict[str, Any]:

@@ -189,9 +189,9 @@ def run_adapt(model: str, data: str, *, out: Path, method: str = "tent", options
 
 # -- plots -------------------------------------------------------------------------------------------
 def _save(fig, path: Path) -> None:
-    from ..io.files import atomic_write
+    from ..io.files import save_figure
 
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    save_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
 def _pyplot():
@@ -211,7 +211,6 @@ def _plot_stream(path: Path, history: list[dict], alpha: float, title: str) -> N
     ax.set(xlabel="target samples seen", ylabel="p-value", title=title)
     ax.legend()
     _save(fig, path)
-    plt.close(fig)
 
 
 def _plot_result(path: Path, result) -> None:
@@ -233,7 +232,6 @@ def _plot_result(path: Path, result) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
     _save(fig, path)
-    plt.close(fig)
 
 
 def _plot_adapt(path: Path, curves: dict, method: str, has_labels: bool) -> None:
@@ -247,7 +245,6 @@ def _plot_adapt(path: Path, curves: dict, method: str, has_labels: bool) -> None
     ax.set(xlabel="batch", ylabel=label, title=f"test-time adaptation: {method}")
     ax.legend()
     _save(fig, path)
-    plt.close(fig)
 
 
 # -- CLI ---------------------------------------------------------------------------------------------

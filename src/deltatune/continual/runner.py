@@ -143,7 +143,7 @@ def plot_matrix(result: ContinualResult, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io.files import save_png
+    from ..io.files import save_figure
 
     m = result.accuracy_matrix
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(result.tasks), 1.0 + 0.7 * len(m)))
@@ -157,4 +157,4 @@ def plot_matrix(result: ContinualResult, path: str | Path) -> Path:
     ax.set_title(f"{result.strategy} on {result.stream}: test accuracy %", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.04)
     fig.tight_layout()
-    return save_png(fig, path, dpi=110)
+    return save_figure(fig, path, dpi=110)

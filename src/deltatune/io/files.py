@@ -87,10 +87,12 @@ def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         ) from exc
 
 
-def save_png(fig, path: str | os.PathLike, *, dpi: int = 120) -> Path:
-    """Write a matplotlib figure as a PNG atomically, and close it (also when writing fails)."""
+def save_figure(fig, path: str | os.PathLike, *, dpi: int = 120, **savefig: Any) -> Path:
+    """Write a matplotlib figure atomically, in the format of ``path``'s suffix (PNG without one), and
+    close it (also when writing fails); ``savefig`` goes to ``fig.savefig`` (e.g. ``bbox_inches``)."""
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
     try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi, **savefig))
     finally:
         import matplotlib.pyplot as plt
 

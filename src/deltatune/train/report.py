@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..io.files import atomic_write
+from ..io.files import atomic_write, save_figure
 
 METRICS = "metrics.json"
 CURVE = "learning_curve.png"
@@ -95,9 +95,7 @@ def plot_curve(out_dir: Path, steps: list[dict[str, Any]], evals: list[dict[str,
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(out_dir) / CURVE
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 class ProgressBar:
