@@ -70,9 +70,12 @@ def compute_loss(logits: torch.Tensor, labels: torch.Tensor, task: str,
     if weight is not None and weight.numel() != flat.shape[-1]:
         raise TrainError(f"TrainConfig.class_weights has {weight.numel()} weights but the model predicts "
                          f"{flat.shape[-1]} classes; give one weight per class")
-    if weight is not None and float(weight[target[target != IGNORE_INDEX]].sum()) == 0:
-        return flat.sum() * 0.0  # only zero-weight classes in this batch
-    return F.cross_entropy(flat.float(), target, weight=weight, ignore_index=IGNORE_INDEX)
+    if weight is None:
+        return F.cross_entropy(flat.float(), target, ignore_index=IGNORE_INDEX)
+    # the weighted mean of F.cross_entropy(weight=...), but 0 rather than NaN for a batch of zero-weight classes
+    per = F.cross_entropy(flat.float(), target, ignore_index=IGNORE_INDEX, reduction="none")
+    w = weight.to(per)[target.clamp_min(0)] * (target != IGNORE_INDEX)
+    return (per * w).sum() / w.sum().clamp_min(torch.finfo(per.dtype).tiny)
 
 
 def class_weights(spec: str | list[float] | None, labels: list[int], n_classes: int | None) -> torch.Tensor | None:
