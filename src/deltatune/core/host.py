@@ -68,6 +68,9 @@ class Host(nn.Module):
         return []
 
 
+_PLAIN_CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+
+
 class DeltaHost(Host):
     """Wraps a Linear / Conv / Embedding / GPT-2 Conv1D (or any module, for output-level deltas).
 
@@ -120,6 +123,21 @@ class DeltaHost(Host):
         if self.kind == "embedding":
             return b.embedding_dim
         raise AttributeError("out_features")
+
+    def conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The wrapped convolution applied to ``x`` with ``weight`` instead of its own and no bias.
+
+        A plain ``nn.ConvNd`` is ``_conv_forward``; a subclass with its own ``forward`` (TensorFlow
+        'SAME' padding in EfficientNet ports, timm's ``Conv2dSame``) runs that forward with the weight
+        swapped in, so a delta sees the input padding the layer really uses.
+        """
+        b = self.base
+        if type(b).forward in _PLAIN_CONV_FORWARDS:
+            return b._conv_forward(x, weight, None)
+        params = {"weight": weight}
+        if getattr(b, "bias", None) is not None:
+            params["bias"] = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        return torch.func.functional_call(b, params, (x,))
 
     # -- state ------------------------------------------------------------------------------------
     def delta_names(self) -> list[str]:

@@ -190,6 +190,6 @@ def _weight_only(host: DeltaHost, x: torch.Tensor) -> torch.Tensor:
     """The base layer applied to ``x`` without its bias."""
     b = host.base
     if host.kind == "conv":
-        return b._conv_forward(x, b.weight, None)
+        return host.conv(x, b.weight)
     w = b.weight.t() if host.fan_in_fan_out else b.weight
     return torch.nn.functional.linear(x, w)

@@ -155,8 +155,7 @@ class LoRADelta(Delta):
             return F.linear(F.linear(x, self.lora_A), self.lora_B)
         if self.kind == "conv":
             conv = _CONV[len(self.lora_A.shape) - 2]
-            b = host.base
-            z = conv(x, self.lora_A, None, b.stride, b.padding, b.dilation)
+            z = host.conv(x, self.lora_A)  # the layer's own stride, padding and dilation
             return conv(z, self.lora_B)
         b = host.base
         z = F.embedding(x, self.lora_A.t(), b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse)

@@ -185,7 +185,7 @@ class DoRA(PlainLoRA):
 def _plain_call(host: "DeltaHost", x: torch.Tensor) -> torch.Tensor:
     b = host.base
     if host.kind == "conv":
-        return b._conv_forward(x, b.weight, None)
+        return host.conv(x, b.weight)
     w = b.weight.t() if host.fan_in_fan_out else b.weight
     return torch.nn.functional.linear(x, w.to(x.dtype))
 

@@ -149,7 +149,7 @@ class RotationDelta(Delta):
         w = self._w(host)
         change = (self.new_weight(w, dropout=self.training) - w).to(x.dtype)
         if host.kind == "conv":
-            return h + host.base._conv_forward(x, change.view(host.weight.shape), None).to(h.dtype)
+            return h + host.conv(x, change.view(host.weight.shape)).to(h.dtype)
         return h + F.linear(x, change).to(h.dtype)
 
     def delta_weight(self, host: DeltaHost) -> dict[str, torch.Tensor]:

@@ -116,7 +116,7 @@ class SparseDelta(Delta):
     def forward(self, x: torch.Tensor, h: torch.Tensor, host: DeltaHost) -> torch.Tensor:
         dw = self.dense()
         if self.kind == "conv":
-            return h + host.base._conv_forward(x.to(dw.dtype), dw, None).to(h.dtype)
+            return h + host.conv(x.to(dw.dtype), dw).to(h.dtype)
         if self.kind == "embedding":
             b = host.base
             out = F.embedding(x, dw, b.padding_idx, None, 2.0, b.scale_grad_by_freq, b.sparse)
