@@ -40,10 +40,10 @@ TEXT = {
     "ln_tuning": ({}, 5e-3),
     "vera": ({"r": 256}, 5e-3),
     "oft": ({}, 1e-3),
-    "boft": ({"butterfly_factor": 2}, 1e-3),
-    "sparse": ({"density": 0.005}, 1e-3),
+    "boft": ({"butterfly_factor": 2}, 5e-3),  # 1e-3: 60.3% validation accuracy, 5e-3: 71.3%
+    "sparse": ({"density": 0.005}, 1e-2),  # 1e-3: 60.7% validation accuracy, 1e-2: 71.0% (probe 66.2%)
     "bottleneck": ({"style": "houlsby", "reduction_factor": 16}, 1e-3),
-    "bottleneck-pfeiffer": ({"style": "pfeiffer", "reduction_factor": 16}, 1e-3),
+    "bottleneck-pfeiffer": ({"style": "pfeiffer", "reduction_factor": 16}, 3e-3),  # 1e-3: 63.2%, 3e-3: 70.8%
     "bottleneck-parallel": ({"style": "parallel", "reduction_factor": 16, "scaling": 4.0}, 1e-3),
     "compacter": ({}, 3e-3),
     "prompt": ({"num_virtual_tokens": 10}, 3e-2),
@@ -59,10 +59,17 @@ IMAGE = {
     "ssf": ({}, 5e-3),
     "bitfit": ({}, 5e-3),
     "ia3": ({"targets": ("_expand_conv", "_project_conv"), "feedforward": ()}, 5e-3),
-    "sparse": ({"density": 0.005}, 1e-3),
+    "sparse": ({"density": 0.005}, 1e-2),  # 1e-3: 80.0% validation accuracy, 1e-2: 87.8% (probe 79.7%)
     "bottleneck": ({"style": "pfeiffer", "reduction_factor": 4, "targets": ("_project_conv",)}, 1e-3),
 }
 PARTS = {"text": ("tweet-sentiment", "minilm", TEXT, 16), "image": ("mnist", "efficientnet-lite0", IMAGE, 32)}
+#: learning rates that rows cached before the rate was recorded ran with (picked since on validation, seed 0)
+_OLD_LR = {("text", "sparse"): 1e-3, ("text", "bottleneck-pfeiffer"): 1e-3, ("text", "boft"): 1e-3,
+           ("image", "sparse"): 1e-3}
+
+
+def lr_of_row(r: dict) -> float:
+    return r.get("lr", _OLD_LR.get((r["part"], r["method"]), PARTS[r["part"]][2][r["method"]][1]))
 
 
 class StepTimer:
@@ -119,7 +126,7 @@ def run_one(part: str, method: str, seed: int, train_limit: int, eval_limit: int
     seconds = time.time() - t0
     metrics = evaluate(model, test, entry.collate, task=entry.task)
     return {"part": part, "method": method, "seed": seed, "train_limit": train_limit, "eval_limit": eval_limit,
-            "max_length": max_length,
+            "max_length": max_length, "lr": lr,
             "accuracy": metrics["accuracy"], "trainable": summary.trainable, "total": summary.total,
             "trainable_percent": summary.percent, "step_s": timer.median(), "train_s": seconds,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -174,10 +181,11 @@ def main() -> None:
         print(json.dumps(run_one(part, method, int(seed), args.train_limit, args.eval_limit, args.max_length)))
         return
     CACHE.parent.mkdir(parents=True, exist_ok=True)
-    key = lambda r: (r["part"], r["method"], r["seed"], r["train_limit"], r["eval_limit"], r.get("max_length", 128))  # noqa: E731
+    key = lambda r: (r["part"], r["method"], r["seed"], r["train_limit"], r["eval_limit"], r.get("max_length", 128),  # noqa: E731
+                     lr_of_row(r))
     done = {key(r): r for r in _cached()}
     rows: dict[str, list[dict]] = {p: [] for p in args.part}
-    wanted = [(part, method, seed, args.train_limit, args.eval_limit, args.max_length)
+    wanted = [(part, method, seed, args.train_limit, args.eval_limit, args.max_length, PARTS[part][2][method][1])
               for part in args.part for seed in args.seeds for method in (args.only or PARTS[part][2])
               if method in PARTS[part][2]]
 
