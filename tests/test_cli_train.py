@@ -112,3 +112,9 @@ def test_train_adalora_runs_its_schedule_and_the_adapter_reloads(tmp_path):
 def test_bad_class_weights_flag(capsys, tmp_path):
     rc = main(["train", "--model", "minilm", "--data", "bbc-news", "--class-weights", "heavy", "--out", str(tmp_path / "o")])
     assert rc == 2 and "--class-weights 'heavy'" in _err(capsys) and not (tmp_path / "o").exists()
+
+
+def test_class_weight_count_is_checked_before_anything_is_written(capsys, tmp_path):
+    rc = main(["train", "--model", "minilm", "--data", "bbc-news", "--limit", "20", "--max-steps", "1",
+               "--class-weights", "1,2", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "2 weights but the data has 5 classes" in _err(capsys) and not (tmp_path / "o").exists()

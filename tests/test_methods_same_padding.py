@@ -54,7 +54,6 @@ def test_delta_on_a_same_padding_conv_runs_and_merges_exactly(spec):
 def test_bundled_efficientnet_stem_takes_lora_and_sparse_deltas():
     from deltatune.models import load_model
 
-    torch.set_num_threads(1)
     entry = load_model("efficientnet-lite0", num_labels=10, image_size=32)
     model = entry.model.eval()
     x = torch.randn(2, 3, 32, 32)

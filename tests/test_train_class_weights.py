@@ -56,8 +56,7 @@ def _minority_recall(model, data) -> float:
 
 
 def test_balanced_training_raises_minority_recall():
-    torch.set_num_threads(1)
-    train, test = _skewed(400, 0), [e for e in W.make_data(600, 1)]
+    train, test = _skewed(400, 0), W.make_data(600, 1)
     recalls = {}
     for cw in (None, "balanced"):
         model = W.build_model()
@@ -81,3 +80,5 @@ def test_class_weights_errors_in_fit():
     with pytest.raises(TrainError, match="3 classes; give one weight per class"):
         fit(W.build_model(), W.make_data(32, 0), W.clean_collate,
             TrainConfig(epochs=1, progress=False, class_weights=[1.0, 2.0]), task=TASK)
+    with pytest.raises(TrainError, match="2 weights but the data has 3 classes"):
+        class_weights([1.0, 2.0], [], n_classes=3)

@@ -37,6 +37,7 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     from ..data import load_data
     from ..models import load_model
     from ..train import TrainConfig, evaluate, fit
+    from ..train.losses import class_weights
     from .spec_options import build_spec
 
     seed = int(cfg.get("seed", 0))
@@ -52,6 +53,7 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
             options["targets"] = targets
     spec = build_spec(cfg["method"], options, head=entry.head)
     tc = TrainConfig(**{k: v for k, v in (cfg.get("train") or {}).items() if v is not None}, seed=seed)
+    class_weights(tc.class_weights if isinstance(tc.class_weights, list) else None, [], len(labels))  # their count
     dt.attach(entry.model, spec, name="default")
     # every name and option is checked before anything is written
     out = prepare_out(Path(cfg["out"]), cfg.get("overwrite", False), resume=cfg.get("resume", False))

@@ -87,6 +87,9 @@ def class_weights(spec: str | list[float] | None, labels: list[int], n_classes: 
     if spec is None:
         return None
     if spec != "balanced":
+        if n_classes and len(spec) != n_classes:
+            raise TrainError(f"TrainConfig.class_weights has {len(spec)} weights but the data has {n_classes} "
+                             "classes; give one weight per class")
         return torch.tensor([float(w) for w in spec])
     if not labels:
         raise TrainError("TrainConfig.class_weights='balanced' needs labelled training examples (a 'label' field)")

@@ -113,10 +113,11 @@ class _Run:
             return None
         if self.kind == "causal-lm":
             raise TrainError("TrainConfig.class_weights applies to classification; a causal LM has no classes")
-        labels = list(getattr(self.train_data, "labels", None) or [])
-        if spec == "balanced" and not labels:
-            labels = [ex["label"] for ex in (self.train_data[i] for i in range(len(self.train_data)))
-                      if isinstance(ex, dict) and "label" in ex]
+        labels = []
+        if spec == "balanced":  # Dataset.labels, else the 'label' field of every example
+            labels = list(getattr(self.train_data, "labels", None) or [
+                ex["label"] for ex in (self.train_data[i] for i in range(len(self.train_data)))
+                if isinstance(ex, dict) and "label" in ex])
         names = getattr(self.train_data, "label_names", None)
         return class_weights(spec, labels, len(names) if names else None).to(self.device)
 
