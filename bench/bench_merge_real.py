@@ -37,7 +37,10 @@ ABOUT = {
     "multi-task": "(a) one LoRA (r=8, query,value) and one full fine-tuning per task, each with its own new head; the "
                   "encoder changes are merged into one body and every task is evaluated with the merged body and its own head.",
     "multi-domain": "(b) one LoRA + head per domain (airlines, nfl, apple, cars) from the same seeded head; the whole "
-                    "deltas (head included) are merged and evaluated on every domain and on the held-out `other` domain.",
+                    "deltas (head included) are merged and evaluated on every domain and on the held-out `other` domain. Fisher and "
+                    "RegMean merge the shared head with the body's statistics (each domain's statistics from its own model, "
+                    "own head included); the other methods average the head changes. The joint-training row is a "
+                    "reference, not a merge: one LoRA trained on the four domains' training examples together.",
     "common": "Normalised accuracy = merged accuracy / the task's own fine-tuned model's accuracy, averaged over the tasks "
               "(domains). Hyper-parameters (TA λ, TIES/DARE density) are picked on the validation splits; learned merging "
               "fits per-block coefficients by entropy minimisation on unlabeled validation examples. Trained deltas are "
@@ -76,8 +79,10 @@ def entry(num_labels: int, max_length: int):
     return load_model("minilm", num_labels=num_labels, max_length=max_length)
 
 
-def train(name: str, data: str, kind: str, args, lr: float | None = None, class_weights: str | None = None) -> dict:
-    """Train (or load from the cache) one delta: its encoder task vector, head tensors and own accuracy."""
+def train(name: str, data: str | list[str], kind: str, args, lr: float | None = None,
+          class_weights: str | None = None) -> dict:
+    """Train (or load from the cache) one delta: its encoder task vector, head tensors and own accuracy.
+    ``data`` may be several data sets, trained on together (``--limit`` examples of each)."""
     import deltatune as dt
     from deltatune.algebra import TaskVector
     from deltatune.data import load_data
@@ -88,7 +93,14 @@ def train(name: str, data: str, kind: str, args, lr: float | None = None, class_
     out = CACHE / (f"{name}-{kind}-L{args.max_length}-e{args.epochs}-n{args.limit}-lr{lr:g}"
                    + (f"-cw{class_weights}" if class_weights else ""))
     if not (out / "tv.safetensors").exists():
-        train_set = load_data(data, "train", limit=args.limit)
+        if isinstance(data, str):
+            train_set = load_data(data, "train", limit=args.limit)
+        else:
+            from deltatune.data import Dataset
+
+            parts = [load_data(d, "train", limit=args.limit) for d in data]
+            train_set = Dataset(" + ".join(data), parts[0].task, [ex for p in parts for ex in p.examples],
+                                parts[0].label_names)
         e = entry(len(train_set.label_names), args.max_length)
         base = {k: v.clone() for k, v in e.model.state_dict().items()}
         if kind == "lora":
@@ -165,7 +177,8 @@ def merges(tasks, base_model_fn, evals_val, evals_test, args, share_head: bool):
     for t in tasks:
         bodies[t["name"]], heads[t["name"]] = split_head(t["tv"])
     vectors = [bodies[t["name"]] for t in tasks]
-    if share_head:  # domains: one head, merged like the body (average of the head changes)
+    own_heads = dict(heads)
+    if share_head:  # domains: one head; the average of the head changes (Fisher, RegMean: merged like the body)
         mean_head = {k: sum(heads[t["name"]][k] for t in tasks) / len(tasks) for k in heads[tasks[0]["name"]]}
         heads = {"shared": mean_head}
         head_tasks = [{"name": "shared", "labels": tasks[0]["labels"]}]
@@ -173,8 +186,8 @@ def merges(tasks, base_model_fn, evals_val, evals_test, args, share_head: bool):
         head_tasks = tasks
     results, chosen = {}, {}
 
-    def score(tv, which):
-        model, meta = build(head_tasks, tv, heads, args.max_length)
+    def score(tv, which, head_changes=None):
+        model, meta = build(head_tasks, tv, heads if head_changes is None else head_changes, args.max_length)
         accs = evaluate_all(model, meta, which)
         return accs
 
@@ -189,17 +202,22 @@ def merges(tasks, base_model_fn, evals_val, evals_test, args, share_head: bool):
         chosen[method] = best[1]
         return score(best[2], evals_test)
 
-    results["task arithmetic"] = pick("task_arithmetic", [{"lambda_": lam, "weight": 1.0} for lam in (0.5, 1.0)])
+    # λ = 1/n is the plain average of the deltas (a uniform soup); 0.5 and 1 add them up more strongly
+    lambdas = sorted({round(1 / len(tasks), 4), 0.5, 1.0})
+    results["task arithmetic"] = pick("task_arithmetic", [{"lambda_": lam, "weight": 1.0} for lam in lambdas])
     results["TIES"] = pick("ties", [{"density": d, "weight": 1.0, "lambda_": 1.0} for d in (0.2, 0.5)])
     results["DARE-TIES"] = pick("dare_ties", [{"density": d, "weight": 1.0, "seed": 0} for d in (0.3, 0.6)])
     # Fisher and RegMean need each fine-tuned model's statistics on its own training data
     names = sorted({k for v in vectors for k in v})
+    if share_head:  # the shared head is merged with the body's statistics, each model keeping its own head
+        names += [f"heads.shared.{k}" for k in heads["shared"]]
     sds, fishers, grams = [], [], []
-    base_model, meta = build(head_tasks, TaskVector({}), heads, args.max_length)
+    base_model, meta = build(head_tasks, TaskVector({}), {n: {} for n in heads}, args.max_length)
     base_sd = {k: v.detach().clone() for k, v in base_model.state_dict().items() if k in names}
+    base_model, meta = build(head_tasks, TaskVector({}), heads, args.max_length)
     for t, tv in zip(tasks, vectors):
-        model, _ = build(head_tasks, tv, heads, args.max_length)
         head = "shared" if share_head else t["name"]
+        model, _ = build(head_tasks, tv, {"shared": own_heads[t["name"]]} if share_head else heads, args.max_length)
         from deltatune.data import load_data
 
         data = load_data(t["data"], "train", limit=args.stats)
@@ -208,10 +226,11 @@ def merges(tasks, base_model_fn, evals_val, evals_test, args, share_head: bool):
         grams.append(gram_matrices(model, batches))
         sds.append({k: v.detach().clone() for k, v in model.state_dict().items() if k in names})
     to_tv = lambda sd: TaskVector({k: sd[k].float() - base_sd[k].float() for k in names})  # noqa: E731
-    results["Fisher"] = score(to_tv(merge_state_dicts("fisher", sds, stats=fishers)), evals_test)
+    merged_head = {"shared": {}} if share_head else None  # the merged shared head is in the task vector
+    results["Fisher"] = score(to_tv(merge_state_dicts("fisher", sds, stats=fishers)), evals_test, merged_head)
     results["RegMean"] = score(to_tv(merge_state_dicts("regmean", sds, base=base_sd,
                                                        stats=[{k: g for k, g in gr.items() if k in names} for gr in grams])),
-                               evals_test)
+                               evals_test, merged_head)
     # learned merging on unlabeled validation examples of every task
     unlabeled = []
     for name, (head, data) in evals_val.items():
@@ -305,13 +324,20 @@ def multi_domain(args) -> list[str]:
         singles[t["name"]] = evaluate_all(model, meta, test)
     own = {d: singles[d][d] for d in DOMAINS}
     own["other"] = max(singles[d]["other"] for d in DOMAINS)
+    # reference, not a merge: one LoRA trained on the four domains' training examples together
+    joint = train("joint-" + "-".join(DOMAINS), [f"tweet-sentiment:{d}" for d in DOMAINS], "lora", args,
+                  lr=args.domain_lr, class_weights=None if args.domain_class_weights == "none" else args.domain_class_weights)
+    body, head = split_head(joint["tv"])
+    model, meta = build([{"name": "shared", "labels": joint["labels"]}], body, {"shared": head}, args.max_length)
+    references = {f"single: {d}": singles[d] for d in DOMAINS}
+    references["joint training (reference, not a merge)"] = evaluate_all(model, meta, test)
     rows, chosen = merges(tasks, None, val, test, args, share_head=True)
     cols = [*DOMAINS, "other"]
-    lines, _ = table({**{f"single: {d}": singles[d] for d in DOMAINS}, **rows}, own, list(DOMAINS))
+    lines, _ = table({**references, **rows}, own, list(DOMAINS))
     lines[0] = lines[0].replace(" | normalised accuracy (mean) |", " | other | normalised accuracy (mean over the 4 domains) |")
     lines[1] = "|---" * (len(cols) + 2) + "|"
     fixed = lines[:2]
-    for line, (method, accs) in zip(lines[2:], list({**{f"single: {d}": singles[d] for d in DOMAINS}, **rows}.items())):
+    for line, (method, accs) in zip(lines[2:], list({**references, **rows}.items())):
         head, _, norm = line.rpartition(" | ")
         fixed.append(f"{head} | {100 * accs['other']:.1f} | {norm}")
     best_method = max(rows, key=lambda m: sum(rows[m][d] / own[d] for d in DOMAINS))
