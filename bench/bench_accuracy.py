@@ -192,6 +192,12 @@ def main() -> None:
         if parts:
             verdicts.append(f"{data}: " + ", ".join(parts) + ".")
     lines += [""] + verdicts if verdicts else []
+    if args.rows_from:  # what the command asks for that is not recorded yet
+        missing = [f"{d} {v} seed {seed}" for d in args.data for v in args.variants for seed in args.seeds
+                   if not any((r["data"], r["variant"], r["seed"]) == (d, v, seed) for r in rows)]
+        if missing:
+            lines += ["", "Not recorded yet (the command trains them; this table was rendered from the recorded runs): "
+                      + ", ".join(missing) + "."]
     if args.rows_from:  # the same settings at other learning rates, as recorded (e.g. before one was picked)
         others = {}
         for r in recorded:
