@@ -177,15 +177,29 @@ def main() -> None:
         if "lora" not in mean:
             continue
         parts = []
+
+        def paired(other: str) -> str:
+            """95% t-interval of the per-seed difference LoRA − other (seeds both have)."""
+            acc = {(r["variant"], r["seed"]): r["accuracy"] * 100 for r in rows if r["data"] == data}
+            diffs = [acc["lora", s] - acc[other, s] for (v, s) in acc if v == "lora" and (other, s) in acc]
+            if len(diffs) < 2 or statistics.stdev(diffs) == 0:
+                return ""
+            from scipy import stats
+
+            half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+            return f"; per-seed 95% CI [{statistics.mean(diffs) - half:+.2f}, {statistics.mean(diffs) + half:+.2f}]"
+
         if "full" in mean:
             d = mean["lora"] - mean["full"]
-            parts.append(f"LoRA − full fine-tuning {d:+.2f} pt (aim ≥ −0.5: {'met' if d >= -0.5 else 'NOT met'})")
+            parts.append(f"LoRA − full fine-tuning {d:+.2f} pt (aim ≥ −0.5: {'met' if d >= -0.5 else 'NOT met'}"
+                         f"{paired('full')})")
         if "peft-lora-same-init" in mean:
             d = mean["lora"] - mean["peft-lora-same-init"]
             parts.append(f"LoRA − peft from the same init {d:+.2f} pt (aim |·| ≤ 0.5: {'met' if abs(d) <= 0.5 else 'NOT met'})")
         if "peft-lora" in mean:
             d = mean["lora"] - mean["peft-lora"]
-            parts.append(f"LoRA − peft with its own draw of A {d:+.2f} pt (|·| ≤ 0.5: {'met' if abs(d) <= 0.5 else 'NOT met'})")
+            parts.append(f"LoRA − peft with its own draw of A {d:+.2f} pt (|·| ≤ 0.5: {'met' if abs(d) <= 0.5 else 'NOT met'}"
+                         f"{paired('peft-lora')})")
         if "probe" in mean:
             d = mean["lora"] - mean["probe"]
             parts.append(f"LoRA − probe {d:+.2f} pt (aim > 0: {'met' if d > 0 else 'NOT met'})")
