@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_accuracy.py                      # BBC News + tweet-sentiment, 3 seeds
     .venv/bin/python bench/bench_accuracy.py --data bbc-news --seeds 0 --epochs 1 --limit 400   # reduced
-    .venv/bin/python bench/bench_accuracy.py --epochs bbc-news=2 tweet-sentiment=1 --limit tweet-sentiment=4000   # as in RESULTS.md
+    .venv/bin/python bench/bench_accuracy.py --epochs bbc-news=2 tweet-sentiment=1 --limit tweet-sentiment=4000 --seeds 0 1 2 3 4   # as in RESULTS.md
 
 Same split, epochs, batch size, max length (128) and learning-rate schedule for every variant; only
 the learning rate differs by variant (full fine-tuning needs a smaller one). Each run goes through
@@ -178,7 +178,7 @@ def main() -> None:
             continue
         parts = []
 
-        def paired(other: str) -> str:
+        def paired(other: str, data: str = data) -> str:
             """95% t-interval of the per-seed difference LoRA − other (seeds both have)."""
             acc = {(r["variant"], r["seed"]): r["accuracy"] * 100 for r in rows if r["data"] == data}
             diffs = [acc["lora", s] - acc[other, s] for (v, s) in acc if v == "lora" and (other, s) in acc]

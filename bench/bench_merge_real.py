@@ -213,9 +213,9 @@ def merges(tasks, base_model_fn, evals_val, evals_test, args, share_head: bool):
     if share_head:  # the shared head is merged with the body's statistics, each model keeping its own head
         names += [f"heads.shared.{k}" for k in heads["shared"]]
     sds, fishers, grams = [], [], []
-    base_model, meta = build(head_tasks, TaskVector({}), {n: {} for n in heads}, args.max_length)
-    base_sd = {k: v.detach().clone() for k, v in base_model.state_dict().items() if k in names}
-    base_model, meta = build(head_tasks, TaskVector({}), heads, args.max_length)
+    untouched, _ = build(head_tasks, TaskVector({}), {n: {} for n in heads}, args.max_length)  # the seeded heads as drawn
+    base_sd = {k: v.detach().clone() for k, v in untouched.state_dict().items() if k in names}
+    base_model, meta = build(head_tasks, TaskVector({}), heads, args.max_length)  # learned merging starts from it
     for t, tv in zip(tasks, vectors):
         head = "shared" if share_head else t["name"]
         model, _ = build(head_tasks, tv, {"shared": own_heads[t["name"]]} if share_head else heads, args.max_length)
@@ -240,7 +240,7 @@ def merges(tasks, base_model_fn, evals_val, evals_test, args, share_head: bool):
     results["RegMean"] = score(best[2], evals_test, merged_head)
     # learned merging on unlabeled validation examples of every task
     per_task = []
-    for name, (head, data) in evals_val.items():
+    for head, data in evals_val.values():
         per_task.append(stats_batches(data, meta["collate"], args.stats, head))
         for b in per_task[-1]:
             b.pop("labels", None)
