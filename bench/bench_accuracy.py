@@ -128,29 +128,33 @@ def main() -> None:
     args = ap.parse_args()
     limits = parse_limits(args.limit, args.data)
     epochs = parse_limits(args.epochs, args.data, "--epochs", default=1)
+
+    def asked(r: dict) -> bool:
+        """A recorded run of a data set, variant and seed asked for, at the epochs and limit asked for (rows
+        recorded before epochs/limit were stored are 1-epoch runs at the limits given now)."""
+        return (r["data"] in args.data and r["variant"] in args.variants and r["seed"] in args.seeds
+                and r.get("epochs", 1) == epochs[r["data"]] and r.get("limit", limits[r["data"]]) == limits[r["data"]])
+
+    def run_lr(r: dict) -> float:
+        return r.get("lr", _OLD_LR[r["variant"]])
+
     rows = []
     if args.rows_from:
         recorded = [json.loads(line) for line in Path(args.rows_from).read_text().splitlines() if line.strip()]
-        # rows recorded before epochs/limit were stored are 1-epoch runs at the limits given now
-        rows = [r for r in recorded if r["data"] in args.data and r["variant"] in args.variants and r["seed"] in args.seeds
-                and r.get("epochs", 1) == epochs[r["data"]] and r.get("limit", limits[r["data"]]) == limits[r["data"]]
-                and r.get("lr", _OLD_LR[r["variant"]]) == lr_of(r["variant"], r["data"])]
+        rows = [r for r in recorded if asked(r) and run_lr(r) == lr_of(r["variant"], r["data"])]
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     out_file = ROOT / args.out
     done = []
-    if args.resume and out_file.exists():
-        done = [json.loads(line) for line in out_file.read_text().splitlines() if line.strip()]
     for data in ([] if args.rows_from else args.data):
         for seed in args.seeds:
             for variant in args.variants:
                 if args.resume and out_file.exists():  # another process may have recorded it meanwhile
                     done = [json.loads(line) for line in out_file.read_text().splitlines() if line.strip()]
                 same = [r for r in done if (r["variant"], r["data"], r["seed"]) == (variant, data, seed)
-                        and r.get("epochs", 1) == epochs[data] and r.get("limit", limits[data]) == limits[data]
-                        and r.get("lr", _OLD_LR[variant]) == lr_of(variant, data)]
+                        and asked(r) and run_lr(r) == lr_of(variant, data)]
                 if same:
                     rows.append(same[-1])
                     continue
@@ -215,10 +219,8 @@ def main() -> None:
     if args.rows_from:  # the same settings at other learning rates, as recorded (e.g. before one was picked)
         others = {}
         for r in recorded:
-            if (r["data"] in args.data and r["variant"] in args.variants and r["seed"] in args.seeds
-                    and r.get("epochs", 1) == epochs[r["data"]] and r.get("limit", limits[r["data"]]) == limits[r["data"]]
-                    and r.get("lr", _OLD_LR[r["variant"]]) != lr_of(r["variant"], r["data"])):
-                others.setdefault((r["data"], r["variant"], r.get("lr", _OLD_LR[r["variant"]])), {})[r["seed"]] = r["accuracy"] * 100
+            if asked(r) and run_lr(r) != lr_of(r["variant"], r["data"]):
+                others.setdefault((r["data"], r["variant"], run_lr(r)), {})[r["seed"]] = r["accuracy"] * 100
         if others:
             lines += ["", "Recorded runs of the same settings at other learning rates (not in the table above): " + "; ".join(
                 f"{d} {v} lr {lr:g}: {statistics.mean(acc.values()):.2f}"

@@ -192,16 +192,18 @@ def merges(tasks, base_model_fn, evals_val, evals_test, args, share_head: bool):
         accs = evaluate_all(model, meta, which)
         return accs
 
-    def pick(method, grid):
+    def pick(method, grid, merge=None, head_changes=None):
+        """Test accuracies of the grid point best on validation; ``merge(params)`` builds the task vector
+        (default: ``merge_task_vectors`` with ``method``)."""
         best = None
         for params in grid:
-            tv = merge_task_vectors(vectors, method, **params)
-            val = score(tv, evals_val)
+            tv = merge(params) if merge else merge_task_vectors(vectors, method, **params)
+            val = score(tv, evals_val, head_changes)
             mean = sum(val.values()) / len(val)
             if best is None or mean > best[0]:
                 best = (mean, params, tv)
         chosen[method] = best[1]
-        return score(best[2], evals_test)
+        return score(best[2], evals_test, head_changes)
 
     # λ = 1/n is the plain average of the deltas (a uniform soup); 0.5 and 1 add them up more strongly
     lambdas = sorted({round(1 / len(tasks), 4), 0.5, 1.0})
@@ -230,14 +232,9 @@ def merges(tasks, base_model_fn, evals_val, evals_test, args, share_head: bool):
     merged_head = {"shared": {}} if share_head else None  # the merged shared head is in the task vector
     results["Fisher"] = score(to_tv(merge_state_dicts("fisher", sds, stats=fishers)), evals_test, merged_head)
     gram_stats = [{k: g for k, g in gr.items() if k in names} for gr in grams]
-    best = None
-    for alpha in (0.5, 0.9, 1.0):  # RegMean's scaling of the Gram off-diagonals (the paper's default 0.9)
-        tv = to_tv(merge_state_dicts("regmean", sds, base=base_sd, stats=gram_stats, alpha=alpha))
-        val = score(tv, evals_val, merged_head)
-        if best is None or sum(val.values()) / len(val) > best[0]:
-            best = (sum(val.values()) / len(val), alpha, tv)
-    chosen["regmean"] = {"alpha": best[1]}
-    results["RegMean"] = score(best[2], evals_test, merged_head)
+    # α scales the Gram off-diagonals (the paper's default 0.9)
+    results["RegMean"] = pick("regmean", [{"alpha": a} for a in (0.5, 0.9, 1.0)], head_changes=merged_head,
+                              merge=lambda p: to_tv(merge_state_dicts("regmean", sds, base=base_sd, stats=gram_stats, **p)))
     # learned merging on unlabeled validation examples of every task
     per_task = []
     for head, data in evals_val.values():

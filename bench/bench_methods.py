@@ -75,6 +75,12 @@ def lr_of_row(r: dict) -> float:
     return r.get("lr", _OLD_LR.get((r["part"], r["method"]), PARTS[r["part"]][2][r["method"]][1]))
 
 
+def options_of_row(r: dict) -> str:
+    """The spec options a row ran with, as canonical JSON (rows cached before they were recorded: today's;
+    the one method whose options changed since, MAM, changed its learning rate too)."""
+    return json.dumps(r.get("options", PARTS[r["part"]][2][r["method"]][0]), sort_keys=True)
+
+
 class StepTimer:
     """Trainer callback: wall time between consecutive optimizer steps (the first step is warm-up)."""
 
@@ -129,7 +135,7 @@ def run_one(part: str, method: str, seed: int, train_limit: int, eval_limit: int
     seconds = time.time() - t0
     metrics = evaluate(model, test, entry.collate, task=entry.task)
     return {"part": part, "method": method, "seed": seed, "train_limit": train_limit, "eval_limit": eval_limit,
-            "max_length": max_length, "lr": lr,
+            "max_length": max_length, "lr": lr, "options": json.loads(json.dumps(options)),
             "accuracy": metrics["accuracy"], "trainable": summary.trainable, "total": summary.total,
             "trainable_percent": summary.percent, "step_s": timer.median(), "train_s": seconds,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -146,8 +152,8 @@ def _table(part: str, rows: list[dict]) -> tuple[list[str], list[str]]:
     """The part's table; each method is compared with the probe on the seeds both have (paired)."""
     methods = [m for m in PARTS[part][2] if any(r["method"] == m for r in rows)]
     probe = {r["seed"]: r["accuracy"] * 100 for r in rows if r["method"] == "probe"}
-    lines = ["| method | test accuracy % (mean ± std) | vs probe (pt, same seeds) | trainable | trainable % | peak RSS (MiB) | "
-             "step (s) | seeds | beats probe |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| method | test accuracy % (mean ± std) | vs probe (pt, same seeds) | trainable | trainable % | "
+              "peak RSS (MiB) | step (s) | seeds | beats probe |"), "|---|---|---|---|---|---|---|---|---|"]
     losers = []
     for m in methods:
         mine = sorted((r for r in rows if r["method"] == m), key=lambda r: r["seed"])
@@ -185,10 +191,11 @@ def main() -> None:
         return
     CACHE.parent.mkdir(parents=True, exist_ok=True)
     key = lambda r: (r["part"], r["method"], r["seed"], r["train_limit"], r["eval_limit"], r.get("max_length", 128),  # noqa: E731
-                     lr_of_row(r))
+                     lr_of_row(r), options_of_row(r))
     done = {key(r): r for r in _cached()}
     rows: dict[str, list[dict]] = {p: [] for p in args.part}
-    wanted = [(part, method, seed, args.train_limit, args.eval_limit, args.max_length, PARTS[part][2][method][1])
+    wanted = [(part, method, seed, args.train_limit, args.eval_limit, args.max_length, PARTS[part][2][method][1],
+               json.dumps(PARTS[part][2][method][0], sort_keys=True))
               for part in args.part for seed in args.seeds for method in (args.only or PARTS[part][2])
               if method in PARTS[part][2]]
 

@@ -53,7 +53,8 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
             options["targets"] = targets
     spec = build_spec(cfg["method"], options, head=entry.head)
     tc = TrainConfig(**{k: v for k, v in (cfg.get("train") or {}).items() if v is not None}, seed=seed)
-    class_weights(tc.class_weights if isinstance(tc.class_weights, list) else None, [], len(labels))  # their count
+    # a list of class weights must match the data's classes: checked here, before --out is created
+    class_weights(tc.class_weights if isinstance(tc.class_weights, list) else None, [], len(labels))
     dt.attach(entry.model, spec, name="default")
     # every name and option is checked before anything is written
     out = prepare_out(Path(cfg["out"]), cfg.get("overwrite", False), resume=cfg.get("resume", False))
