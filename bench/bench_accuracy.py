@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_accuracy.py                      # BBC News + tweet-sentiment, 3 seeds
     .venv/bin/python bench/bench_accuracy.py --data bbc-news --seeds 0 --epochs 1 --limit 400   # reduced
     .venv/bin/python bench/bench_accuracy.py --epochs bbc-news=2 tweet-sentiment=1 --limit tweet-sentiment=4000 --seeds 0 1 2 3 4   # as in RESULTS.md
+    .venv/bin/python bench/bench_accuracy.py --data bbc-news --epochs 2 --fractions bbc-news=0.7,0.1,0.2   # BBC, 20% test split
 
 Same split, epochs, batch size, max length (128) and learning-rate schedule for every variant; only
 the learning rate differs by variant (full fine-tuning needs a smaller one). Each run goes through
@@ -50,7 +51,8 @@ def lr_of(variant: str, data: str) -> float:
     return LR_BY_DATA.get((data, variant), VARIANTS[variant]["lr"])
 
 
-def run(variant: str, data: str, seed: int, epochs: int, limit: int | None, batch_size: int) -> dict:
+def run(variant: str, data: str, seed: int, epochs: int, limit: int | None, batch_size: int,
+        fractions: list[float] | None = None) -> dict:
     import copy
 
     import torch
@@ -61,9 +63,9 @@ def run(variant: str, data: str, seed: int, epochs: int, limit: int | None, batc
     from deltatune.train import TrainConfig, evaluate, fit
 
     torch.manual_seed(seed)
-    train = load_data(data, "train", seed=seed, limit=limit)
-    val = load_data(data, "val", seed=seed, limit=limit)
-    test = load_data(data, "test", seed=seed, limit=limit)
+    train = load_data(data, "train", seed=seed, limit=limit, fractions=fractions)
+    val = load_data(data, "val", seed=seed, limit=limit, fractions=fractions)
+    test = load_data(data, "test", seed=seed, limit=limit, fractions=fractions)
     entry = load_model("minilm", num_labels=len(train.label_names))
     model = entry.model
     spec = dt.LoRA(r=8, alpha=16, targets=["query", "value"], trainable_modules=["classifier"])
@@ -93,7 +95,8 @@ def run(variant: str, data: str, seed: int, epochs: int, limit: int | None, batc
     t0 = time.time()
     fit(model, train, entry.collate, cfg, eval_data=val, task=entry.task)
     metrics = evaluate(model, test, entry.collate, task=entry.task)
-    return {"variant": variant, "data": data, "seed": seed, "epochs": epochs, "limit": limit, "lr": cfg.lr,
+    return {"variant": variant, "data": data, "seed": seed, "epochs": epochs, "limit": limit,
+            **({"fractions": fractions} if fractions else {}), "lr": cfg.lr, "n_test": len(test),
             "accuracy": metrics["accuracy"], "test_loss": metrics["loss"],
             "trainable_percent": 100 * trainable / total, "seconds": time.time() - t0}
 
@@ -120,6 +123,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--limit", nargs="*", default=[],
                     help="examples per split (reduced runs): N for every data set, or DATA=N for one")
+    ap.add_argument("--fractions", nargs="*", default=[],
+                    help="train,val,test split fractions: DATA=0.7,0.1,0.2 for one data set (default 0.8,0.1,0.1)")
     ap.add_argument("--out", default="bench/accuracy_runs.jsonl")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--resume", action="store_true", help="skip the runs already recorded in --out (same settings)")
@@ -128,12 +133,19 @@ def main() -> None:
     args = ap.parse_args()
     limits = parse_limits(args.limit, args.data)
     epochs = parse_limits(args.epochs, args.data, "--epochs", default=1)
+    fractions: dict[str, list[float] | None] = {d: None for d in args.data}
+    for value in args.fractions:
+        name, _, numbers = value.partition("=")
+        if name not in fractions or not numbers:
+            raise SystemExit(f"--fractions takes DATA=TRAIN,VAL,TEST for a data set in --data {args.data}, not {value!r}")
+        fractions[name] = [float(x) for x in numbers.split(",")]
 
     def asked(r: dict) -> bool:
         """A recorded run of a data set, variant and seed asked for, at the epochs and limit asked for (rows
         recorded before epochs/limit were stored are 1-epoch runs at the limits given now)."""
         return (r["data"] in args.data and r["variant"] in args.variants and r["seed"] in args.seeds
-                and r.get("epochs", 1) == epochs[r["data"]] and r.get("limit", limits[r["data"]]) == limits[r["data"]])
+                and r.get("epochs", 1) == epochs[r["data"]] and r.get("limit", limits[r["data"]]) == limits[r["data"]]
+                and r.get("fractions") == fractions[r["data"]])
 
     def run_lr(r: dict) -> float:
         return r.get("lr", _OLD_LR[r["variant"]])
@@ -158,7 +170,7 @@ def main() -> None:
                 if same:
                     rows.append(same[-1])
                     continue
-                row = run(variant, data, seed, epochs[data], limits[data], args.batch_size)
+                row = run(variant, data, seed, epochs[data], limits[data], args.batch_size, fractions[data])
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 with open(out_file, "a") as fh:
@@ -232,6 +244,8 @@ def main() -> None:
     body = (f"Command: {cmd} (MiniLM-L6, max 128 tokens, batch {args.batch_size}, epochs: "
             + ", ".join(f"{d} {epochs[d]}" for d in args.data) + "; "
             "examples per split: " + ", ".join(f"{d} {limits[d] or 'all'}" for d in args.data)
+            + "; split train/val/test: " + ", ".join(
+                f"{d} " + "/".join(f"{100 * f:.0f}" for f in (fractions[d] or (0.8, 0.1, 0.1))) for d in args.data)
             + "; learning rates: " + "; ".join(f"{d}: " + ", ".join(f"{v} {lr_of(v, d):g}" for v in VARIANTS) for d in args.data)
             + ").\n\n" + "\n".join(lines))
     print(body)

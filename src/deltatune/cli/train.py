@@ -41,9 +41,10 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     from .spec_options import build_spec
 
     seed = int(cfg.get("seed", 0))
-    train_data = load_data(cfg["data"], "train", seed=seed, limit=cfg.get("limit"))
-    val_data = load_data(cfg["data"], "val", seed=seed, limit=cfg.get("limit"))
-    test_data = load_data(cfg["data"], "test", seed=seed, limit=cfg.get("limit"))
+    fractions = _parse_fractions(cfg.get("split_fractions"))
+    train_data = load_data(cfg["data"], "train", seed=seed, limit=cfg.get("limit"), fractions=fractions)
+    val_data = load_data(cfg["data"], "val", seed=seed, limit=cfg.get("limit"), fractions=fractions)
+    test_data = load_data(cfg["data"], "test", seed=seed, limit=cfg.get("limit"), fractions=fractions)
     labels = list(getattr(train_data, "label_names", []) or [])
     entry = load_model(cfg["model"], num_labels=len(labels) or None)
     options = dict(cfg.get("method_options") or {})
@@ -71,7 +72,8 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     write_json(adapter_dir / TASK_FILE, {"model": cfg["model"], "data": cfg["data"], "task": entry.task, "label_names": labels})
     results = {
         "job": "train", "model": cfg["model"], "data": cfg["data"], "method": cfg["method"],
-        "spec": spec.to_dict(), "seed": seed, "trainable_params": summary.trainable,
+        "spec": spec.to_dict(), "seed": seed, **({"split_fractions": list(fractions)} if fractions else {}),
+        "trainable_params": summary.trainable,
         "total_params": summary.total, "trainable_percent": summary.percent,
         "train": _as_dict(result), "test": test, "seconds": time.time() - t0,
         "adapter": str(adapter_dir),
@@ -104,12 +106,14 @@ def load_trained(model_name: Optional[str], adapter: Path):
     return entry, labels
 
 
-def run_eval(model_name: Optional[str], adapter: Path, data: str, split: str = "test", seed: int = 0, limit=None) -> dict[str, Any]:
+def run_eval(model_name: Optional[str], adapter: Path, data: str, split: str = "test", seed: int = 0, limit=None,
+             split_fractions: Any = None) -> dict[str, Any]:
     from ..data import load_data
     from ..train import evaluate
 
+    fractions = _parse_fractions(split_fractions)
     entry, labels = load_trained(model_name, adapter)
-    dataset = load_data(data, split, seed=seed, limit=limit)
+    dataset = load_data(data, split, seed=seed, limit=limit, fractions=fractions)
     names = list(getattr(dataset, "label_names", []) or [])
     if labels and names and names != labels:
         unseen = [n for n in names if n not in labels]
@@ -150,6 +154,18 @@ def _load_yaml(path: Optional[Path]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CLIError(f"--config {path} must hold a mapping of options")
     return data
+
+
+def _parse_fractions(value: Any) -> list[float] | None:
+    """``"0.7,0.1,0.2"`` (flag) or ``[0.7, 0.1, 0.2]`` (YAML) → three floats; ``None`` stays ``None``."""
+    if value is None:
+        return None
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        return [float(x) for x in parts]
+    except (TypeError, ValueError):
+        raise CLIError(f"--split-fractions takes three comma-separated numbers (train,val,test), e.g. 0.7,0.1,0.2; "
+                       f"got {value!r}") from None
 
 
 def _parse_class_weights(value: Optional[str]) -> str | list[float] | None:
@@ -194,6 +210,8 @@ def register(app: typer.Typer) -> None:
                                                     "skewed labels) or comma-separated weights, one per class"),
         resume: bool = typer.Option(False, help="continue from --out's checkpoint"),
         limit: Optional[int] = typer.Option(None, help="use at most N examples per split (quick runs)"),
+        split_fractions: Optional[str] = typer.Option(None, help="train,val,test fractions of the data split "
+                                                      "deltatune draws (default 0.8,0.1,0.1), e.g. 0.7,0.1,0.2"),
         fmt: str = typer.Option("deltatune", "--format", help="adapter file layout: deltatune | peft"),
         config: Optional[Path] = typer.Option(None, help="YAML file with these options; flags override it"),
         out: Optional[Path] = typer.Option(None, help="output directory (adapter/, metrics.json, results.json)"),
@@ -215,7 +233,8 @@ def register(app: typer.Typer) -> None:
                            "class_weights": _parse_class_weights(class_weights)}.items():
             if value is not None:
                 train_opts[key] = value
-        for key, value in {"model": model, "data": data, "method": method, "seed": seed, "out": out, "limit": limit}.items():
+        for key, value in {"model": model, "data": data, "method": method, "seed": seed, "out": out, "limit": limit,
+                           "split_fractions": split_fractions}.items():
             if value is not None:
                 cfg[key] = value
         cfg.setdefault("method", "lora")
@@ -237,10 +256,12 @@ def register(app: typer.Typer) -> None:
         split: str = typer.Option("test", help="train | val | test"),
         seed: int = typer.Option(0, help="seed of the data split"),
         limit: Optional[int] = typer.Option(None, help="use at most N examples"),
+        split_fractions: Optional[str] = typer.Option(None, help="train,val,test fractions, as given to `train` "
+                                                      "(default 0.8,0.1,0.1)"),
         out: Optional[Path] = typer.Option(None, help="where to write results.json (default: ADAPTER/../eval-SPLIT)"),
     ) -> None:
         """Evaluate a trained delta: accuracy and loss (perplexity for language models)."""
-        results = run_eval(model, adapter, data, split, seed, limit)
+        results = run_eval(model, adapter, data, split, seed, limit, split_fractions)
         out = out or Path(adapter).parent / f"eval-{split}"
         out.mkdir(parents=True, exist_ok=True)
         write_results(out, results)

@@ -8,12 +8,21 @@ class-per-folder image tree, or a ``datasets.save_to_disk`` directory). See docs
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
-from .base import SPLITS, DataError, Dataset, stratified_split
+from .base import DEFAULT_FRACTIONS, SPLITS, DataError, Dataset, check_fractions, stratified_split
 from .corrupt import CORRUPTIONS, EXTRA_CORRUPTIONS, corruption_names
 from .images import digits, image_folder, mnist, restricted_load
-from .text import DOMAIN_NAMES, SENTIMENTS, bbc_news, bbc_news_text, tweet_domain, tweet_sentiment, user_text
+from .text import (
+    DOMAIN_NAMES,
+    SENTIMENTS,
+    bbc_news,
+    bbc_news_text,
+    tweet_domain,
+    tweet_sentiment,
+    user_text,
+)
 
 _BUNDLED = {
     "bbc-news": "BBC News articles, 5 topics (text classification)",
@@ -38,16 +47,30 @@ def describe_datasets() -> dict[str, str]:
     return dict(_BUNDLED)
 
 
-def load_data(spec: str, split: str = "train", *, seed: int = 0, limit: int | None = None) -> Dataset:
+def load_data(spec: str, split: str = "train", *, seed: int = 0, limit: int | None = None,
+              fractions: Sequence[float] | None = None) -> Dataset:
     """A split of a bundled dataset by name, or of the user's data at a path (see module docstring).
 
-    The split depends only on ``seed``; ``limit`` keeps a seeded random subset of that split.
+    The split depends only on ``seed`` (and ``fractions``); ``limit`` keeps a seeded random subset of
+    that split. ``fractions`` (train, val, test; default 0.8, 0.1, 0.1) applies to the data sets
+    deltatune splits itself: bbc-news, bbc-news-text, tweet-sentiment and CSV/JSONL files without a
+    ``split`` column.
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     if limit is not None and limit < 1:
         raise DataError(f"limit must be a positive number of examples, got {limit}")
     name, _, arg = spec.partition(":")
+    if fractions is not None:
+        fr = check_fractions(fractions)
+        if name in ("bbc-news", "bbc-news-text") and not arg:
+            return _SIMPLE[name](split, seed, limit, fr)
+        if name == "tweet-sentiment":
+            return tweet_sentiment(split, seed, limit, arg or None, fr)
+        if Path(spec).is_file() and Path(spec).suffix.lower() in _TEXT_SUFFIXES:
+            return user_text(Path(spec), split, seed, limit, fr)
+        raise DataError(f"split fractions apply to bbc-news, bbc-news-text, tweet-sentiment and CSV/JSONL files; "
+                        f"{spec!r} has its own split: drop the fractions")
     if name in _SIMPLE and not arg:
         return _SIMPLE[name](split, seed, limit)
     if name == "tweet-sentiment":
@@ -76,7 +99,19 @@ def load_data(spec: str, split: str = "train", *, seed: int = 0, limit: int | No
 
 
 __all__ = [
-    "CORRUPTIONS", "DOMAIN_NAMES", "DataError", "Dataset", "EXTRA_CORRUPTIONS", "SENTIMENTS", "SPLITS",
-    "available_datasets", "corruption_names", "describe_datasets", "load_data", "restricted_load",
-    "stratified_split", "tweet_domain",
+    "CORRUPTIONS",
+    "DEFAULT_FRACTIONS",
+    "DOMAIN_NAMES",
+    "EXTRA_CORRUPTIONS",
+    "SENTIMENTS",
+    "SPLITS",
+    "DataError",
+    "Dataset",
+    "available_datasets",
+    "corruption_names",
+    "describe_datasets",
+    "load_data",
+    "restricted_load",
+    "stratified_split",
+    "tweet_domain",
 ]

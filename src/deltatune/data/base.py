@@ -38,7 +38,25 @@ class Dataset(_TorchDataset):
         return f"Dataset({self.name!r}, task={self.task}, n={len(self)}, labels={self.label_names})"
 
 
-def stratified_split(keys: Sequence[Any], seed: int, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+#: train/val/test fractions of the splits deltatune draws itself
+DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
+
+
+def check_fractions(fractions: Sequence[float] | None) -> tuple[float, float, float]:
+    """``fractions`` as a (train, val, test) tuple, or :data:`DEFAULT_FRACTIONS` for ``None``."""
+    if fractions is None:
+        return DEFAULT_FRACTIONS
+    try:
+        out = tuple(float(f) for f in fractions)
+    except (TypeError, ValueError):
+        raise DataError(f"split fractions must be three numbers (train, val, test), got {fractions!r}") from None
+    if len(out) != 3 or any(not 0 < f < 1 for f in out) or abs(sum(out) - 1) > 1e-6:
+        raise DataError(f"split fractions must be three numbers in (0, 1) summing to 1 (train, val, test), "
+                        f"e.g. 0.7,0.1,0.2; got {fractions!r}")
+    return out  # type: ignore[return-value]
+
+
+def stratified_split(keys: Sequence[Any], seed: int, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
                      groups: Sequence[Any] | None = None) -> dict[str, list[int]]:
     """Indices of train/val/test with every stratum (``keys``: label, or domain+label) split in the
     same proportions; depends only on the order of ``keys`` and on ``seed``.

@@ -9,7 +9,7 @@ import json
 import re
 from pathlib import Path
 
-from .base import DataError, Dataset, check_split, stratified_split, take
+from .base import DEFAULT_FRACTIONS, DataError, Dataset, check_split, stratified_split, take
 
 # Keyword rules recovering the corpus's source collections (first match wins; lower-cased text).
 # The airline tweets all address an airline's account; the explicit "other" rule keeps Coachella and
@@ -48,18 +48,19 @@ def _bbc_all() -> tuple[list[dict], list[str]]:
     return examples, topics
 
 
-def bbc_news(split: str, seed: int, limit: int | None) -> Dataset:
+def bbc_news(split: str, seed: int, limit: int | None, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> Dataset:
     """BBC News (Greene & Cunningham 2006, http://mlg.ucd.ie/datasets/bbc.html): 2,225 articles
-    in 5 topics, topics and files in sorted order, seeded stratified 80/10/10 split."""
+    in 5 topics, topics and files in sorted order, seeded stratified split (80/10/10 by default)."""
     check_split(split)
     examples, topics = _bbc_all()
-    idx = stratified_split([e["label"] for e in examples], seed, groups=[e["text"] for e in examples])[split]
+    idx = stratified_split([e["label"] for e in examples], seed, fractions, groups=[e["text"] for e in examples])[split]
     return Dataset("bbc-news", "text-classification", take([dict(examples[i]) for i in idx], limit, seed), topics)
 
 
-def bbc_news_text(split: str, seed: int, limit: int | None) -> Dataset:
+def bbc_news_text(split: str, seed: int, limit: int | None,
+                  fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> Dataset:
     """BBC News articles as plain text (causal-LM tuning and perplexity)."""
-    ds = bbc_news(split, seed, limit)
+    ds = bbc_news(split, seed, limit, fractions)
     return Dataset("bbc-news-text", "text", [{"text": e["text"]} for e in ds.examples], [])
 
 
@@ -81,7 +82,8 @@ def _tweets_all() -> list[dict]:
             for r in rows]
 
 
-def tweet_sentiment(split: str, seed: int, limit: int | None, domains: str | None = None) -> Dataset:
+def tweet_sentiment(split: str, seed: int, limit: int | None, domains: str | None = None,
+                    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> Dataset:
     """38,158 tweets, 3-class sentiment, each with its ``domain``; split stratified by domain and
     label (so one domain's split is the same whether selected alone or with others)."""
     check_split(split)
@@ -92,7 +94,7 @@ def tweet_sentiment(split: str, seed: int, limit: int | None, domains: str | Non
         bad = [d for d in wanted if d not in DOMAIN_NAMES]
         if bad:
             raise DataError(f"unknown tweet domain(s) {bad}; choose from {', '.join(DOMAIN_NAMES)}")
-    idx = stratified_split([(r["domain"], r["label"]) for r in rows], seed, groups=[r["text"] for r in rows])[split]
+    idx = stratified_split([(r["domain"], r["label"]) for r in rows], seed, fractions, groups=[r["text"] for r in rows])[split]
     examples = [dict(rows[i]) for i in idx if wanted is None or rows[i]["domain"] in wanted]
     name = "tweet-sentiment" + (f":{domains}" if domains else "")
     return Dataset(name, "text-classification", take(examples, limit, seed), list(SENTIMENTS))
@@ -138,7 +140,8 @@ def _label_order(values: set[str]) -> list[str]:
     return sorted(values)
 
 
-def user_text(path: Path, split: str, seed: int, limit: int | None) -> Dataset:
+def user_text(path: Path, split: str, seed: int, limit: int | None,
+              fractions: tuple[float, float, float] | None = None) -> Dataset:
     """A CSV/JSONL file with ``text`` and ``label`` columns; an optional ``split`` column
     (train/val/test, val also as validation/valid/dev) fixes the split, else a seeded 80/10/10 one.
     Optional ``task`` / ``domain`` columns are kept in each example (continual task streams)."""
@@ -160,6 +163,8 @@ def user_text(path: Path, split: str, seed: int, limit: int | None) -> Dataset:
         if col in columns:
             for e, r in zip(examples, rows):
                 e[col] = str(r.get(col) if r.get(col) is not None else "").strip()
+    if "split" in columns and fractions is not None:
+        raise DataError(f"{path} has a split column, which fixes the split: drop the split fractions")
     if "split" in columns:
         given = [str(r.get("split") or "").strip().lower() for r in rows]
         given = ["val" if g in _VAL_NAMES else g for g in given]
@@ -170,6 +175,6 @@ def user_text(path: Path, split: str, seed: int, limit: int | None) -> Dataset:
         if not chosen:
             raise DataError(f"{path} has no rows with split {split!r}; add some or drop the split column")
     else:
-        idx = stratified_split([e["label"] for e in examples], seed, groups=[e["text"] for e in examples])[split]
+        idx = stratified_split([e["label"] for e in examples], seed, fractions or DEFAULT_FRACTIONS, groups=[e["text"] for e in examples])[split]
         chosen = [examples[i] for i in idx]
     return Dataset(path.name, "text-classification", take(chosen, limit, seed), names)
