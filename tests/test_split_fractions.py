@@ -53,6 +53,20 @@ def test_bad_fractions_are_refused(bad):
 def test_fractions_on_data_with_its_own_split_are_refused():
     with pytest.raises(DataError, match="has its own split"):
         load_data("mnist", "test", fractions=(0.7, 0.1, 0.2))
+    with pytest.raises(DataError, match="has its own split"):
+        load_data("mnist-c:fog:3", "test", fractions=(0.7, 0.1, 0.2))
+
+
+def test_digits_and_image_folders_take_fractions(tmp_path):
+    from PIL import Image
+
+    assert len(load_data("digits", "test", fractions=(0.6, 0.1, 0.3))) > 2.5 * len(load_data("digits", "test"))
+    for c in ("cat", "dog"):
+        (tmp_path / c).mkdir()
+        for i in range(20):
+            Image.new("RGB", (4, 4), (i, i, i)).save(tmp_path / c / f"{i}.png")
+    assert len(load_data(str(tmp_path), "test", fractions=(0.5, 0.25, 0.25))) == 10
+    assert len(load_data(str(tmp_path), "test")) == 4
 
 
 def test_cli_refuses_bad_fractions_before_writing(capsys, tmp_path):

@@ -52,45 +52,47 @@ def load_data(spec: str, split: str = "train", *, seed: int = 0, limit: int | No
     """A split of a bundled dataset by name, or of the user's data at a path (see module docstring).
 
     The split depends only on ``seed`` (and ``fractions``); ``limit`` keeps a seeded random subset of
-    that split. ``fractions`` (train, val, test; default 0.8, 0.1, 0.1) applies to the data sets
-    deltatune splits itself: bbc-news, bbc-news-text, tweet-sentiment and CSV/JSONL files without a
-    ``split`` column.
+    that split. ``fractions`` (train, val, test; default 0.8, 0.1, 0.1) are the proportions of the
+    splits deltatune draws itself (everything but mnist, the ``-c`` sets, saved DatasetDicts and
+    CSV/JSONL files with a ``split`` column, which refuse them).
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     if limit is not None and limit < 1:
         raise DataError(f"limit must be a positive number of examples, got {limit}")
     name, _, arg = spec.partition(":")
-    if fractions is not None:
-        fr = check_fractions(fractions)
-        if name in ("bbc-news", "bbc-news-text") and not arg:
-            return _SIMPLE[name](split, seed, limit, fr)
-        if name == "tweet-sentiment":
-            return tweet_sentiment(split, seed, limit, arg or None, fr)
-        if Path(spec).is_file() and Path(spec).suffix.lower() in _TEXT_SUFFIXES:
-            return user_text(Path(spec), split, seed, limit, fr)
-        raise DataError(f"split fractions apply to bbc-news, bbc-news-text, tweet-sentiment and CSV/JSONL files; "
-                        f"{spec!r} has its own split: drop the fractions")
+    drawn = check_fractions(fractions)  # the proportions of a split deltatune draws itself
+
+    def own_split(what: str) -> None:
+        if fractions is not None:
+            raise DataError(f"{what} has its own split: drop the split fractions")
+
+    if name == "mnist" and not arg:
+        own_split("mnist (the file's 50k/10k/10k)")
+        return mnist(split, seed, limit)
     if name in _SIMPLE and not arg:
-        return _SIMPLE[name](split, seed, limit)
+        return _SIMPLE[name](split, seed, limit, drawn)
     if name == "tweet-sentiment":
-        return tweet_sentiment(split, seed, limit, arg or None)
+        return tweet_sentiment(split, seed, limit, arg or None, drawn)
     if name.endswith("-c") and name in _BUNDLED:
         from .corrupt import corrupted
 
+        own_split(f"{spec} (the test images of its source set)")
         return corrupted(spec, split, seed, limit)
     path = Path(spec)
     if path.is_file():
         if path.suffix.lower() in _TEXT_SUFFIXES:
-            return user_text(path, split, seed, limit)
+            return user_text(path, split, seed, limit, None if fractions is None else drawn)
         raise DataError(f"{path}: unsupported file type; pass a .csv/.jsonl file, an image folder "
                         "or a datasets.save_to_disk directory")
     if path.is_dir():
         if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
             from .hf_disk import load_saved
 
-            return load_saved(path, split, seed, limit)
-        return image_folder(path, split, seed, limit)
+            if (path / "dataset_dict.json").is_file():
+                own_split(f"{path} (a DatasetDict)")
+            return load_saved(path, split, seed, limit, drawn)
+        return image_folder(path, split, seed, limit, drawn)
     if name in _SIMPLE:
         raise DataError(f"{name} takes no ':' argument; use {name!r}")
     if "/" in spec or "\\" in spec or spec.lower().endswith(_TEXT_SUFFIXES):

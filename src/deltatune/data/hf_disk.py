@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .base import DataError, Dataset, stratified_split, take
+from .base import DEFAULT_FRACTIONS, DataError, Dataset, stratified_split, take
 
 _SPLIT_ALIASES = {"train": ("train",), "val": ("validation", "val", "valid", "dev"), "test": ("test",)}
 
@@ -54,8 +54,9 @@ def _decode_image(cell: Any, where: Path):
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (3, H, W) uint8
 
 
-def load_saved(path: Path, split: str, seed: int, limit: int | None) -> Dataset:
-    """One split of a saved Dataset (seeded 80/10/10 split) or DatasetDict (its own splits)."""
+def load_saved(path: Path, split: str, seed: int, limit: int | None,
+               fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> Dataset:
+    """One split of a saved Dataset (seeded split, 80/10/10 by default) or DatasetDict (its own splits)."""
     folder, presplit = path, False
     if (path / "dataset_dict.json").is_file():
         splits = _read_json(path / "dataset_dict.json").get("splits", [])
@@ -83,7 +84,7 @@ def load_saved(path: Path, split: str, seed: int, limit: int | None) -> Dataset:
         task, field = "image-classification", "image"
     else:
         raise DataError(f"{path} needs a 'text' or 'image' column (columns: {', '.join(cols)})")
-    idx = list(range(len(labels))) if presplit else stratified_split(labels, seed)[split]
+    idx = list(range(len(labels))) if presplit else stratified_split(labels, seed, fractions)[split]
     idx = take(idx, limit, seed)
     values = table.column(field).take(idx).to_pylist() if idx else []
     if field == "text":

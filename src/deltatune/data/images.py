@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import DataError, Dataset, check_split, stratified_split, take
+from .base import DEFAULT_FRACTIONS, DataError, Dataset, check_split, stratified_split, take
 from .text import _package_dir
 
 DIGITS = [str(i) for i in range(10)]
@@ -113,21 +113,23 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return (images * 255).round().clamp(0, 255).to(torch.uint8).numpy(), d.target.astype(np.int64)
 
 
-def digits_split(split: str, seed: int, limit: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def digits_split(split: str, seed: int, limit: int | None,
+                 fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     check_split(split)
     x, y = digits_arrays()
-    idx = np.asarray(stratified_split(list(y), seed)[split], dtype=np.int64)
+    idx = np.asarray(stratified_split(list(y), seed, fractions)[split], dtype=np.int64)
     idx = idx[sample_indices(len(idx), limit, seed)]
     return x[idx], y[idx], idx
 
 
-def digits(split: str, seed: int, limit: int | None) -> Dataset:
-    """sklearn digits as 28x28 MNIST look-alikes (a second digits domain), seeded 80/10/10 split."""
-    x, y, _ = digits_split(split, seed, limit)
+def digits(split: str, seed: int, limit: int | None, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> Dataset:
+    """sklearn digits as 28x28 MNIST look-alikes (a second digits domain), seeded split (80/10/10 by default)."""
+    x, y, _ = digits_split(split, seed, limit, fractions)
     return Dataset("digits", "image-classification", image_examples(x, y), list(DIGITS))
 
 
-def image_folder(path: Path, split: str, seed: int, limit: int | None) -> Dataset:
+def image_folder(path: Path, split: str, seed: int, limit: int | None,
+                 fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> Dataset:
     """A class-per-folder image tree (``root/<class>/<image>``) as RGB, seeded stratified split."""
     check_split(split)
     from PIL import Image
@@ -140,7 +142,7 @@ def image_folder(path: Path, split: str, seed: int, limit: int | None) -> Datase
     if not files:
         kinds = ", ".join(s[1:] for s in IMAGE_SUFFIXES)
         raise DataError(f"{path} holds no image files ({kinds}) in its class folders")
-    idx = stratified_split([c for _, c in files], seed)[split]
+    idx = stratified_split([c for _, c in files], seed, fractions)[split]
     examples = []
     for i in take(idx, limit, seed):  # choose first, then decode only what is used
         f, c = files[i]
