@@ -155,7 +155,49 @@ def test_atc_doc_and_confidence_estimates():
     on_hard = est.estimate(hard[0] * 2)
     assert true_hard < true_same - 0.05 and on_hard["atc"] < true_same - 0.05
     assert on_hard["confidence"] == pytest.approx(true_hard, abs=0.03)  # calibrated: confidence is exact
-    assert set(est.to_dict()) == {"temperature", "threshold", "score", "source_accuracy", "source_confidence"}
+    assert set(est.to_dict()) == {"temperature", "threshold", "score", "source_accuracy", "source_confidence",
+                                  "source_prior"}
+    assert sum(est.source_prior) == pytest.approx(1.0) and len(est.source_prior) == 5
+
+
+def test_cot_sees_a_confident_collapse_that_atc_cannot():
+    pytest.importorskip("ot")
+    z, y = mixture(4000, 0.6, 1)
+    est = dd.fit_accuracy_estimator(z, y)
+    # a target set with the source's (balanced) labels that the model maps to class 0 with confidence ~1
+    g = torch.Generator().manual_seed(3)
+    collapsed = torch.randn(2000, 5, generator=g)
+    collapsed[:, 0] += 12.0
+    labels = torch.arange(2000) % 5
+    true = float((collapsed.argmax(-1) == labels).double().mean())
+    got = est.estimate(collapsed)
+    assert true == pytest.approx(0.2, abs=0.01)
+    assert got["atc"] > 0.95 and got["confidence"] > 0.95  # every confidence-based estimate is fooled
+    # COT must send 80% of the mass to classes 1-4, whose probabilities are ~0: about 20% accuracy
+    assert got["cot"] == pytest.approx(true, abs=0.02)
+    # predictions that follow the source prior: the transport keeps every sample on its own argmax, so
+    # COT equals the average confidence
+    same = mixture(4000, 0.6, 7)[0]
+    est_uniform = dd.fit_accuracy_estimator(z, y, prior=torch.bincount(same.argmax(-1), minlength=5))
+    both = est_uniform.estimate(same, methods=("confidence", "cot"))
+    assert set(both) == {"confidence", "cot"} and both["cot"] == pytest.approx(both["confidence"], abs=1e-9)
+
+
+def test_cot_transport_cost_matches_a_linear_program():
+    pytest.importorskip("ot")
+    from scipy.optimize import linprog
+
+    from deltatune.deploy.accuracy import transport_cost
+
+    g = torch.Generator().manual_seed(0)
+    probs = (torch.randn(37, 4, generator=g) * 2).softmax(-1).double()
+    prior = [0.1, 0.2, 0.3, 0.4]
+    n, k = probs.shape
+    a_eq = np.vstack([np.kron(np.eye(n), np.ones(k)), np.kron(np.ones(n), np.eye(k))])
+    b_eq = np.concatenate([np.full(n, 1 / n), prior])
+    lp = linprog((1 - probs.numpy()).ravel(), A_eq=a_eq, b_eq=b_eq, bounds=(0, None), method="highs")
+    assert lp.status == 0
+    assert transport_cost(probs, prior) == pytest.approx(lp.fun, abs=1e-9)
 
 
 def test_accuracy_estimation_rejects_bad_input():
@@ -165,3 +207,15 @@ def test_accuracy_estimation_rejects_bad_input():
         dd.fit_accuracy_estimator(torch.randn(5, 3), torch.full((5,), 7))
     with pytest.raises(dd.DeployError, match="shape \\(samples, classes >= 2\\)"):
         dd.fit_temperature(torch.randn(5), torch.zeros(5))
+    z, y = mixture(200, 0.6, 1)
+    with pytest.raises(dd.DeployError, match="prior must be 5 non-negative class frequencies"):
+        dd.fit_accuracy_estimator(z, y, prior=[1, 2, 3])
+    with pytest.raises(dd.DeployError, match="prior must be 5 non-negative"):
+        dd.fit_accuracy_estimator(z, y, prior=[1, -1, 1, 1, 1])
+    est = dd.fit_accuracy_estimator(z, y)
+    with pytest.raises(dd.DeployError, match="unknown accuracy estimate 'coat'; choose from confidence, atc, doc, cot"):
+        est.estimate(z, methods=("atc", "coat"))
+    with pytest.raises(dd.DeployError, match="fitted for 5 classes, the logits have 3"):
+        est.estimate(torch.randn(4, 3))
+    with pytest.raises(dd.DeployError, match="NaN or inf"):
+        est.estimate(torch.full((4, 5), float("nan")))

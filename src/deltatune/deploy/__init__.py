@@ -2,7 +2,7 @@
 
     import deltatune.deploy as dd
     dd.detect(clean_features, new_features, test="mmd")          # DetectionResult(p_value, drift, ...)
-    est = dd.fit_accuracy_estimator(val_logits, val_labels)      # temperature scaling + ATC/DoC
+    est = dd.fit_accuracy_estimator(val_logits, val_labels)      # temperature scaling + ATC/DoC/COT
     est.estimate(new_logits)["atc"]
     tta = dd.adapt(model, "tent", lr=1e-3)                       # any method by name; same call signature
     preds = tta(x).argmax(-1)

@@ -1,16 +1,22 @@
-"""Label-free accuracy estimation: average confidence, ATC, DoC, with temperature scaling.
+"""Label-free accuracy estimation: average confidence, ATC, DoC and COT, with temperature scaling.
 
 Fit once on labelled source validation outputs, then estimate the accuracy on any unlabelled
 target outputs::
 
-    est = fit_accuracy_estimator(val_logits, val_labels)      # temperature + ATC threshold
-    est.estimate(target_logits)                                # {"confidence": .., "atc": .., "doc": ..}
+    est = fit_accuracy_estimator(val_logits, val_labels)      # temperature, ATC threshold, label prior
+    est.estimate(target_logits)                    # {"confidence": .., "atc": .., "doc": .., "cot": ..}
+
+The estimators fail in different ways. Average confidence, DoC and ATC read each sample's
+confidence, so they cannot see errors the model makes with full confidence (a model that maps a
+whole corrupted set to one class, confidently). COT compares the *distribution* of the predictions
+with the source label distribution, so it sees that collapse, but it assumes the target has the
+source's label distribution and so misreads a real label shift as error.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 
@@ -18,6 +24,7 @@ from .batch import to_tensor
 from .errors import DeployError
 
 Score = Literal["entropy", "confidence"]
+ESTIMATES = ("confidence", "atc", "doc", "cot")
 
 
 def _logits(value: Any, name: str) -> torch.Tensor:
@@ -79,6 +86,13 @@ class AccuracyEstimator:
       threshold at which the source validation fraction equals the source accuracy.
     - ``doc``: Difference of Confidences (Guillory et al., ICCV 2021, https://arxiv.org/abs/2107.03315):
       source accuracy minus the drop in mean confidence from source to target.
+    - ``cot``: Confidence Optimal Transport (Lu et al., NeurIPS 2023, https://arxiv.org/abs/2305.15640):
+      one minus the optimal-transport cost between the target's softmax vectors and the source label
+      distribution (one-hot vectors weighted by ``source_prior``), under the cost ``1 - p_y`` of
+      sending prediction ``p`` to class ``y``. When the predicted classes follow the source prior it
+      equals average confidence; when the model piles its predictions into few classes, the
+      transport has to send them to other classes at a high cost, and the estimate drops. Assumes
+      the target's label distribution is the source's. Needs the POT package (``deltatune[stats]``).
     """
 
     temperature: float
@@ -86,23 +100,72 @@ class AccuracyEstimator:
     score: Score
     source_accuracy: float
     source_confidence: float
+    source_prior: tuple[float, ...] = ()
 
-    def estimate(self, logits: Any) -> dict[str, float]:
+    def estimate(self, logits: Any, methods: Sequence[str] = ESTIMATES) -> dict[str, float]:
+        """Estimated accuracy (a fraction) of the model whose outputs are ``logits``, by each of ``methods``."""
+        unknown = [m for m in methods if m not in ESTIMATES]
+        if unknown:
+            raise DeployError(f"unknown accuracy estimate {unknown[0]!r}; choose from {', '.join(ESTIMATES)}")
         z = _logits(logits, "target logits")
         conf = float(scores(z, self.temperature, "confidence").mean())
-        atc = float((scores(z, self.temperature, self.score) > self.threshold).double().mean())
-        return {"confidence": conf, "atc": atc, "doc": self.source_accuracy - (self.source_confidence - conf)}
+        out = {"confidence": conf,
+               "atc": float((scores(z, self.temperature, self.score) > self.threshold).double().mean()),
+               "doc": self.source_accuracy - (self.source_confidence - conf)}
+        if "cot" in methods:
+            out["cot"] = self.cot(z)
+        return {m: out[m] for m in methods}
+
+    def cot(self, logits: Any) -> float:
+        """COT's estimated accuracy of ``logits`` (see the class docs)."""
+        z = _logits(logits, "target logits")
+        if len(self.source_prior) != z.shape[1]:
+            raise DeployError(f"the estimator was fitted for {len(self.source_prior)} classes, the logits have "
+                              f"{z.shape[1]}; fit it on this model's validation outputs")
+        return 1.0 - transport_cost((z / self.temperature).softmax(-1), self.source_prior)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+def transport_cost(probs: torch.Tensor, prior: Sequence[float]) -> float:
+    """Exact optimal-transport cost between the rows of ``probs`` (softmax vectors, equal weights) and
+    the one-hot class vectors weighted by ``prior``, under the cost ``1 - p_y`` (POT's network simplex)."""
+    try:
+        import ot
+    except ImportError as exc:
+        raise DeployError("COT needs the POT package: pip install 'deltatune[stats]' (or leave 'cot' out of "
+                          "methods)") from exc
+    import numpy as np
+
+    p = probs.detach().double().cpu().numpy()
+    b = np.asarray(prior, dtype=np.float64)
+    b = b / b.sum()
+    cost = 1.0 - p
+    plan = ot.emd(np.full(len(p), 1.0 / len(p)), b, cost, numItermax=max(100_000, 50 * p.size))
+    return float((plan * cost).sum())
+
+
+def _prior(value: Any, y: torch.Tensor, classes: int) -> tuple[float, ...]:
+    if value is None:
+        counts = torch.bincount(y, minlength=classes).double()
+    else:
+        counts = to_tensor(value).double().flatten()
+        if counts.numel() != classes or not torch.isfinite(counts).all() or (counts < 0).any() or counts.sum() <= 0:
+            raise DeployError(f"prior must be {classes} non-negative class frequencies (counts or shares), "
+                              f"got {counts.numel()} values")
+    return tuple(float(v) for v in counts / counts.sum())
+
+
 def fit_accuracy_estimator(
-    logits: Any, labels: Any, *, calibrate: bool = True, score: Score = "entropy"
+    logits: Any, labels: Any, *, calibrate: bool = True, score: Score = "entropy", prior: Any = None
 ) -> AccuracyEstimator:
-    """Fit temperature scaling (``calibrate``) and the ATC threshold on labelled source validation outputs."""
+    """Fit temperature scaling (``calibrate``) and the ATC threshold on labelled source validation
+    outputs. ``prior``: the source label distribution COT transports to (class counts or shares);
+    by default the class frequencies of ``labels``."""
     z = _logits(logits, "validation logits")
     y = _labels(labels, len(z), z.shape[1])
+    source_prior = _prior(prior, y, z.shape[1])
     t = fit_temperature(z, y) if calibrate else 1.0
     acc = float((z.argmax(-1) == y).double().mean())
     s = scores(z, t, score)
@@ -116,4 +179,4 @@ def fit_accuracy_estimator(
     else:
         threshold = float((ordered[k - 1] + ordered[k]) / 2)
     conf = float(scores(z, t, "confidence").mean())
-    return AccuracyEstimator(t, threshold, score, acc, conf)
+    return AccuracyEstimator(t, threshold, score, acc, conf, source_prior)
