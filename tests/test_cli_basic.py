@@ -19,6 +19,19 @@ def test_root_help_lists_jobs(capsys):
         assert job in out
 
 
+def test_every_job_help_shows_its_examples_verbatim(capsys):
+    """rich turns ``:name:`` into an emoji when ``name`` is one (``mnist-c:fog:3`` showed a fog glyph):
+    no job's --help may contain a character rich substituted."""
+    from deltatune.cli.app import build_app
+
+    jobs = [c.name for c in build_app().registered_commands]
+    assert {"detect", "estimate", "adapt", "train"} <= set(jobs)
+    for job in jobs:
+        assert main([job, "--help"]) == 0
+        out = capsys.readouterr().out
+        assert not [ch for ch in out if ord(ch) >= 0x1F000 or 0x2600 <= ord(ch) < 0x2800], job
+
+
 def test_info_shows_a_saved_delta(tmp_path, capsys):
     m = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2))
     dt.attach(m, dt.LoRA(r=2, targets=["0", "1"]))

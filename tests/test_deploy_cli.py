@@ -98,3 +98,84 @@ def test_adapt_streams_a_real_dataset_and_reports_errors(tmp_path, digits_availa
         wrong = int((entry.model.eval()(batch["pixel_values"]).argmax(-1) != batch["labels"]).sum())
     assert res["source_error"] == pytest.approx(100 * wrong / 96)
     assert main(["adapt", "--model", "small-cnn", "--data", "mnist", "--method", "tnet", "--out", str(tmp_path / "b")]) == 2
+
+
+@pytest.fixture
+def logits(tmp_path):
+    """Reference logits of a calibrated 5-class model with their labels, and a target the model maps to
+    class 0 with confidence ~1 (true accuracy 20%)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3000, 5, generator=g) * 3
+    y = torch.multinomial(z.softmax(-1), 1, generator=g).squeeze(-1)
+    collapsed = torch.randn(1000, 5, generator=g)
+    collapsed[:, 0] += 12
+    np.save(tmp_path / "ref.npy", z.numpy())
+    np.save(tmp_path / "ref_labels.npy", y.numpy())
+    np.save(tmp_path / "tgt.npy", collapsed.numpy())
+    np.save(tmp_path / "tgt_labels.npy", (np.arange(1000) % 5).astype(np.int64))
+    return tmp_path
+
+
+def test_estimate_on_logit_files(logits, capsys):
+    pytest.importorskip("ot")
+    out = logits / "est"
+    code = main(["estimate", "--reference", str(logits / "ref.npy"), "--reference-labels", str(logits / "ref_labels.npy"),
+                 "--target", str(logits / "tgt.npy"), "--target-labels", str(logits / "tgt_labels.npy"), "--out", str(out)])
+    assert code == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["job"] == "estimate" and res["n_reference"] == 3000 and res["n_target"] == 1000 and res["classes"] == 5
+    est = res["estimated_accuracy"]
+    assert set(est) == {"confidence", "atc", "doc", "cot"} and res["true_accuracy"] == pytest.approx(20.0)
+    assert est["atc"] > 95 and abs(est["cot"] - 20.0) < 2  # the collapse fools ATC, not COT
+    assert res["estimator"]["temperature"] == pytest.approx(1.0, rel=0.1)
+    assert (out / "estimate.png").read_bytes()[:4] == b"\x89PNG"
+    err = capsys.readouterr().err
+    assert "estimated accuracy on" in err and "true 20.0%" in err
+    # only the estimates asked for; no target labels -> no true accuracy
+    out2 = logits / "est2"
+    assert main(["estimate", "--reference", str(logits / "ref.npy"), "--reference-labels", str(logits / "ref_labels.npy"),
+                 "--target", str(logits / "tgt.npy"), "--methods", "atc,doc", "--score", "confidence", "--out", str(out2)]) == 0
+    res2 = json.loads((out2 / "results.json").read_text())
+    assert set(res2["estimated_accuracy"]) == {"atc", "doc"} and res2["true_accuracy"] is None
+    assert res2["estimator"]["score"] == "confidence"
+
+
+def test_estimate_bad_input_is_one_line_and_writes_nothing(logits, capsys):
+    base = ["estimate", "--reference", str(logits / "ref.npy"), "--target", str(logits / "tgt.npy")]
+    cases = [
+        (base + ["--out", str(logits / "a")], "need --reference-labels"),
+        (base + ["--reference-labels", str(logits / "tgt_labels.npy"), "--out", str(logits / "b")],
+         "holds 1000 labels for 3000 reference samples"),
+        (base + ["--reference-labels", str(logits / "ref_labels.npy"), "--methods", "atc,coat", "--out", str(logits / "c")],
+         "unknown estimate 'coat' in --methods; choose from confidence, atc, doc, cot"),
+        (base + ["--reference-labels", str(logits / "ref_labels.npy"), "--score", "margin", "--out", str(logits / "d")],
+         "--score must be entropy or confidence"),
+        (["estimate", "--reference", str(logits / "ref.npy"), "--target", "mnist", "--out", str(logits / "e")],
+         "both be logit files"),
+        (["estimate", "--reference", "mnist", "--target", "mnist-c:contrast:3", "--out", str(logits / "f")],
+         "datasets need --model"),
+        (base + ["--reference-labels", str(logits / "ref.npy"), "--out", str(logits / "g")], "must be class indices"),
+    ]
+    np.save(logits / "three.npy", np.zeros((10, 3), dtype=np.float32))
+    cases.append((["estimate", "--reference", str(logits / "ref.npy"), "--reference-labels", str(logits / "ref_labels.npy"),
+                   "--target", str(logits / "three.npy"), "--out", str(logits / "h")], "with the same classes"))
+    for args, message in cases:
+        assert main(args) == 2, message
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (message, err)
+        assert not (logits / args[-1]).exists(), message  # nothing written
+
+
+def test_estimate_with_a_model_on_real_datasets(tmp_path, digits_available):
+    pytest.importorskip("ot")
+    out = tmp_path / "est"
+    code = main(["estimate", "--model", "small-cnn", "--reference", "mnist", "--target", "mnist-c:contrast:3",
+                 "--limit", "128", "--out", str(out)])
+    assert code == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["n_reference"] == res["n_target"] == 128 and res["classes"] == 10 and res["reference_split"] == "val"
+    assert res["true_accuracy"] is not None and all(0 <= v <= 100 for v in res["estimated_accuracy"].values())
+    assert main(["estimate", "--model", "small-cnn", "--reference", "mnist", "--target", "mnist", "--split", "tset",
+                 "--out", str(tmp_path / "bad")]) == 2

@@ -1,4 +1,5 @@
-"""`deltatune detect` and `deltatune adapt`: shift detection and test-time adaptation after deployment."""
+"""`deltatune detect`, `deltatune estimate` and `deltatune adapt`: shift detection, label-free accuracy
+estimation and test-time adaptation after deployment."""
 
 from __future__ import annotations
 
@@ -137,6 +138,97 @@ def run_detect(reference: str, target: str, *, out: Path, test: str = "mmd", alp
     return results
 
 
+def model_logits(entry, loader) -> tuple[Any, Any]:
+    """Logits of ``entry.model`` over ``loader`` and the batches' labels (None when the data has none)."""
+    import torch
+
+    from ..deploy.batch import call_model, get_logits
+
+    logits, labels = [], []
+    was_training = entry.model.training
+    entry.model.eval()
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                logits.append(get_logits(call_model(entry.model, batch)).float().cpu())
+                y = batch_labels(batch)
+                labels.append(None if y is None else torch.as_tensor(y).long().cpu().flatten())
+    finally:
+        entry.model.train(was_training)
+    if not logits:
+        raise CLIError("the data yielded no samples; check the dataset name, --split and --limit")
+    has = [y is not None for y in labels]
+    return torch.cat(logits), (torch.cat(labels) if all(has) else None)
+
+
+def _read_labels(path: Optional[Path], n: int, what: str):
+    if path is None:
+        return None
+    y = read_features(path).flatten()
+    if y.is_floating_point() and not bool((y == y.round()).all()):
+        raise CLIError(f"{path} holds non-integer values; {what} labels must be class indices")
+    if y.numel() != n:
+        raise CLIError(f"{path} holds {y.numel()} labels for {n} {what} samples; give one label per row")
+    return y.long()
+
+
+def run_estimate(reference: str, target: str, *, out: Path, model: Optional[str] = None,
+                 adapter: Optional[Path] = None, reference_labels: Optional[Path] = None,
+                 target_labels: Optional[Path] = None, reference_split: str = "val", split: str = "test",
+                 methods: Optional[list[str]] = None, score: str = "entropy", calibrate: bool = True,
+                 key: Optional[str] = None, limit: Optional[int] = None, batch_size: int = 64, seed: int = 0,
+                 overwrite: bool = False) -> dict[str, Any]:
+    """Fit the estimators on labelled reference outputs; estimate the target's accuracy without its labels."""
+    from .. import deploy as dd
+    from ..deploy.accuracy import ESTIMATES
+
+    methods = list(methods or ESTIMATES)
+    unknown = [m for m in methods if m not in ESTIMATES]
+    if unknown:
+        raise CLIError(f"unknown estimate {unknown[0]!r} in --methods; choose from {', '.join(ESTIMATES)}")
+    if score not in ("entropy", "confidence"):
+        raise CLIError(f"--score must be entropy or confidence, not {score!r}")
+    files = [_is_feature_file(v) for v in (reference, target)]
+    if any(files) and not all(files):
+        raise CLIError("--reference and --target must both be logit files (.npy/.safetensors) or both datasets")
+    if not all(files) and model is None:
+        raise CLIError("datasets need --model to compute logits; or pass .npy/.safetensors logit files")
+    if all(files):
+        if reference_labels is None:
+            raise CLIError("logit files need --reference-labels (the reference's class indices, .npy/.safetensors)")
+        ref_z, tgt_z = read_features(Path(reference), key), read_features(Path(target), key)
+        ref_y = _read_labels(reference_labels, len(ref_z), "reference")
+        tgt_y = _read_labels(target_labels, len(tgt_z), "target")
+    else:
+        import torch
+
+        if reference_labels is not None or target_labels is not None:
+            raise CLIError("--reference-labels/--target-labels go with logit files; datasets bring their own labels")
+        torch.manual_seed(seed)  # before the model: a bundled model built from scratch gets a reproducible init
+        entry = load_entry(model, adapter)
+        ref_z, ref_y = model_logits(entry, data_batches(reference, entry, reference_split, batch_size, limit, seed))
+        tgt_z, tgt_y = model_logits(entry, data_batches(target, entry, split, batch_size, limit, seed))
+        if ref_y is None:
+            raise CLIError(f"the reference {reference!r} ({reference_split} split) has no labels; the estimators are "
+                           "fitted on labelled reference data")
+    if ref_z.dim() != 2 or tgt_z.dim() != 2 or ref_z.shape[1] != tgt_z.shape[1]:
+        raise CLIError(f"reference and target logits must be (samples, classes) with the same classes, got "
+                       f"{tuple(ref_z.shape)} and {tuple(tgt_z.shape)}")
+    out = prepare_out(out, overwrite)
+    t0 = time.time()
+    est = dd.fit_accuracy_estimator(ref_z, ref_y, calibrate=calibrate, score=score)
+    estimates = est.estimate(tgt_z, methods=methods)
+    true = float((tgt_z.argmax(-1) == tgt_y).double().mean()) if tgt_y is not None else None
+    results = {"job": "estimate", "reference": reference, "target": target, "model": model,
+               "adapter": str(adapter) if adapter else None, "reference_split": reference_split, "split": split,
+               "n_reference": len(ref_z), "n_target": len(tgt_z), "classes": int(ref_z.shape[1]),
+               "estimator": est.to_dict(), "estimated_accuracy": {m: 100.0 * v for m, v in estimates.items()},
+               "true_accuracy": None if true is None else 100.0 * true, "seconds": time.time() - t0}
+    _plot_estimate(out / "estimate.png", results)
+    write_results(out, results)
+    return results
+
+
 def run_adapt(model: str, data: str, *, out: Path, method: str = "tent", options: Optional[dict] = None,
               adapter: Optional[Path] = None, split: str = "test", batch_size: int = 64, limit: Optional[int] = None,
               compare: bool = True, seed: int = 0, overwrite: bool = False, console=None) -> dict[str, Any]:
@@ -234,6 +326,20 @@ def _plot_result(path: Path, result) -> None:
     _save(fig, path)
 
 
+def _plot_estimate(path: Path, results: dict) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    est = results["estimated_accuracy"]
+    bars = ax.bar(list(est), list(est.values()), color="tab:blue", label="estimated (no target labels)")
+    ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.axhline(100 * results["estimator"]["source_accuracy"], color="grey", ls=":", label="reference accuracy")
+    if results["true_accuracy"] is not None:
+        ax.axhline(results["true_accuracy"], color="red", ls="--", label="true target accuracy")
+    ax.set(ylabel="accuracy (%)", ylim=(0, 100), title=f"accuracy of {results['target']}")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    _save(fig, path)
+
+
 def _plot_adapt(path: Path, curves: dict, method: str, has_labels: bool) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.2))
@@ -259,7 +365,7 @@ def register(app: typer.Typer) -> None:
                 "  deltatune detect --reference clean.npy --target new.npy --test mmd --out runs/drift\n\n"
                 "  deltatune detect --reference clean.npy --target stream.npy --window 200 --out runs/stream\n\n"
                 "  deltatune detect --model small-cnn --adapter runs/mnist/adapter --reference mnist "
-                "--target mnist-c:fog:3 --test bbsd"),
+                "--target mnist-c:brightness:3 --test bbsd"),
     )
     def detect(
         reference: str = typer.Option(..., help="reference features (.npy/.safetensors) or a dataset name with --model"),
@@ -293,9 +399,53 @@ def register(app: typer.Typer) -> None:
             console.print(f"{test}: p = {res['p_value']:.4g} -> {'DRIFT' if res['drift'] else 'no drift'} (alpha {alpha})")
 
     @app.command(
+        "estimate",
+        epilog=("Examples:\n\n"
+                "  deltatune estimate --model small-cnn --adapter runs/mnist/adapter --reference mnist "
+                "--target mnist-c:contrast:3\n\n"
+                "  deltatune estimate --model minilm --adapter runs/airlines/adapter --reference tweet-sentiment:airlines "
+                "--target tweet-sentiment:apple --methods atc,cot\n\n"
+                "  deltatune estimate --reference val_logits.npy --reference-labels val_labels.npy --target new_logits.npy"),
+    )
+    def estimate(
+        reference: str = typer.Option(..., help="labelled reference: a dataset name with --model, or a logit file"),
+        target: str = typer.Option(..., help="the data whose accuracy to estimate (its labels are not used)"),
+        model: Optional[str] = typer.Option(None, help="model name, to compute logits of datasets"),
+        adapter: Optional[Path] = typer.Option(None, help="a saved delta to load into --model first"),
+        reference_labels: Optional[Path] = typer.Option(None, help="class indices of the reference logit file"),
+        target_labels: Optional[Path] = typer.Option(None, help="class indices of the target logit file, to compare "
+                                                     "with (optional)"),
+        reference_split: str = typer.Option("val", help="split of the reference dataset"),
+        split: str = typer.Option("test", help="split of the target dataset"),
+        methods: str = typer.Option("confidence,atc,doc,cot", help="comma-separated: confidence, atc, doc, cot"),
+        score: str = typer.Option("entropy", help="ATC's score: entropy (ATC-NE) or confidence (max probability)"),
+        calibrate: bool = typer.Option(True, help="temperature-scale on the reference first"),
+        key: Optional[str] = typer.Option(None, help="tensor name inside .safetensors logit files"),
+        limit: Optional[int] = typer.Option(None, help="at most N samples per dataset"),
+        batch_size: int = typer.Option(64, help="batch size of the model forward"),
+        seed: int = typer.Option(0, help="random seed (subsampling, a bundled model's init)"),
+        out: Optional[Path] = typer.Option(None, help="output directory (results.json, PNG); default runs/estimate-<time>"),
+        overwrite: bool = typer.Option(False, help="replace a non-empty --out"),
+    ) -> None:
+        """Estimate a model's accuracy on unlabelled data: ATC, COT, DoC and average confidence, fitted on
+        labelled reference data (results.json, PNG)."""
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        chosen = [m.strip() for m in methods.split(",") if m.strip()]
+        res = run_estimate(reference, target, out=out or _default_out("estimate"), model=model, adapter=adapter,
+                           reference_labels=reference_labels, target_labels=target_labels,
+                           reference_split=reference_split, split=split, methods=chosen, score=score,
+                           calibrate=calibrate, key=key, limit=limit, batch_size=batch_size, seed=seed,
+                           overwrite=overwrite)
+        line = ", ".join(f"{m} {v:.1f}%" for m, v in res["estimated_accuracy"].items())
+        true = f"; true {res['true_accuracy']:.1f}%" if res["true_accuracy"] is not None else ""
+        console.print(f"estimated accuracy on {target} ({res['n_target']} samples): {line}{true}")
+
+    @app.command(
         "adapt",
         epilog=("Examples:\n\n"
-                "  deltatune adapt --model small-cnn --adapter runs/mnist/adapter --data mnist-c:fog:3 --method tent\n\n"
+                "  deltatune adapt --model small-cnn --adapter runs/mnist/adapter --data mnist-c:zoom_blur:3 --method tent\n\n"
                 "  deltatune adapt --model minilm --adapter runs/airlines/adapter --data tweet-sentiment:apple "
                 "--method lame --opt knn=5"),
     )
