@@ -11,9 +11,9 @@ method is run (a) reset to the source model at the start of each corruption, (b)
 the 15-corruption sequence at severity 5 without any reset, (c) episodically on the last one, and
 (d) on clean label-shifted streams. Detection: MMD on the classifier's input features, 200-sample
 windows of severity-3 corrupted test images vs. a clean reference (detection rate), and clean vs.
-clean windows (false positives). Accuracy estimation: temperature scaling + ATC / DoC / average
-confidence fitted on clean validation images, against the true accuracy on every corrupted set;
-then the same estimation for source models of both architectures trained from other seeds
+clean windows (false positives). Accuracy estimation: temperature scaling + ATC / COT / DoC /
+average confidence fitted on clean validation images, against the true accuracy on every corrupted
+set; then the same estimation for source models of both architectures trained from other seeds
 (``--draws``), since how well ATC does here depends on how the trained model fails.
 
 The trained weights (safetensors) and the corrupted arrays (.npy) are cached in ``--cache``
@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 from deltatune.data import CORRUPTIONS  # noqa: E402  (the 15 standard corruptions, in benchmark order)
+from deltatune.deploy.accuracy import ESTIMATES  # noqa: E402
 
 SHORT = {"gaussian_noise": "gauss", "shot_noise": "shot", "impulse_noise": "impul", "defocus_blur": "defoc",
          "glass_blur": "glass", "motion_blur": "motn", "zoom_blur": "zoom", "snow": "snow", "frost": "frost",
@@ -142,7 +143,9 @@ ABOUT = {"gap": "4-block BatchNorm CNN with global average pooling",
 
 def trained_model(data: dict, cache: Path, epochs: int, seed: int = 0, arch: str = "gap") -> nn.Module:
     """:class:`Net` (or another of ``ARCHITECTURES``) trained on MNIST (Adam, one-cycle schedule) from
-    ``seed``, cached as safetensors."""
+    ``seed``, cached as safetensors. Trained on one CPU thread whatever ``--threads`` says: summed in
+    another order, the floating-point sums differ, and the trained model (and how it fails under
+    corruption) with them."""
     from safetensors.torch import load_file, save_file
 
     torch.manual_seed(seed)
@@ -153,6 +156,8 @@ def trained_model(data: dict, cache: Path, epochs: int, seed: int = 0, arch: str
         model.load_state_dict(load_file(str(path)))
         return model.eval()
     x, y = pixels(data["train"][0]), torch.from_numpy(data["train"][1])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     steps = epochs * (len(x) // 128)
     opt = torch.optim.Adam(model.parameters(), lr=5e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=5e-3, total_steps=steps)
@@ -168,6 +173,7 @@ def trained_model(data: dict, cache: Path, epochs: int, seed: int = 0, arch: str
             opt.step()
             sched.step()
         print(f"  epoch {epoch + 1}/{epochs}: loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
+    torch.set_num_threads(threads)
     model.eval()
     tmp = path.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
@@ -305,8 +311,10 @@ def run_draws(data: dict, args, val: tuple[torch.Tensor, torch.Tensor], sets, ma
                 for sev in (3, 5):
                     row[name, sev, "true"] = mean_over_corruptions(rows, sev, "true")
                     row[name, sev, "atc"] = mean_over_corruptions(rows, sev, "atc")
-            print(f"  {arch} seed {seed}: ATC error source {row['source', 3, 'atc']:.1f} / {row['source', 5, 'atc']:.1f}, "
-                  f"bn {row['bn', 3, 'atc']:.1f} / {row['bn', 5, 'atc']:.1f}", flush=True)
+                    row[name, sev, "cot"] = mean_over_corruptions(rows, sev, "cot")
+            print(f"  {arch} seed {seed}: ATC / COT error source {row['source', 3, 'atc']:.1f} / {row['source', 3, 'cot']:.1f} "
+                  f"(s3), {row['source', 5, 'atc']:.1f} / {row['source', 5, 'cot']:.1f} (s5); bn {row['bn', 3, 'atc']:.1f} / "
+                  f"{row['bn', 3, 'cot']:.1f} (s3), {row['bn', 5, 'atc']:.1f} / {row['bn', 5, 'cot']:.1f} (s5)", flush=True)
             out.append(row)
     return out
 
@@ -371,28 +379,42 @@ def report(args, clean_err: float, feature_dim: int, tta: dict, rates: dict, fpr
             _table({"detected (%)": rates}, CORRUPTIONS, "MMD, alpha 0.05"), "",
             f"Mean detection rate **{np.mean(list(rates.values())):.1f}%**; clean-vs-clean false positives **{fpr:.1f}%**."]
     out += ["", f"**Label-free accuracy estimation** (temperature scaling and the ATC threshold fitted on {args.estimator_val:,} clean "
-            "validation images, ATC with negative-entropy scores), for the unadapted model and for the BN-adapted model "
-            "(prediction-time BN, fitted on its own validation outputs). Mean absolute error of the estimate over the 15 "
-            "corruptions, in accuracy points (aim for ATC: <= 5):", "",
-            "| model | severity | true accuracy (mean) | ATC | DoC | average confidence |", "|---|---|---|---|---|---|"]
+            "validation images, ATC with negative-entropy scores; COT transports to the validation label distribution), for the "
+            "unadapted model and for the BN-adapted model (prediction-time BN, fitted on its own validation outputs). Mean "
+            "absolute error of the estimate over the 15 corruptions, in accuracy points (aim for ATC: <= 5):", "",
+            "| model | severity | true accuracy (mean) | ATC | COT | DoC | average confidence |", "|---|---|---|---|---|---|---|"]
     for name, (est, rows) in estimates.items():
         for sev in (3, 5):
-            mae = {e: mean_over_corruptions(rows, sev, e) for e in ("atc", "doc", "confidence")}
+            mae = {e: mean_over_corruptions(rows, sev, e) for e in ESTIMATES}
             out.append(f"| {name} (T={est.temperature:.2f}) | {sev} | {mean_over_corruptions(rows, sev, 'true'):.1f} | "
-                       f"{mae['atc']:.1f} | {mae['doc']:.1f} | {mae['confidence']:.1f} |")
+                       f"{mae['atc']:.1f} | {mae['cot']:.1f} | {mae['doc']:.1f} | {mae['confidence']:.1f} |")
     for name, (_, rows) in estimates.items():
-        out += ["", f"{name}, severity 3, true / ATC accuracy (%): "
-                + ", ".join(f"{SHORT[c]} {rows[(c, 3)]['true']:.0f}/{rows[(c, 3)]['atc']:.0f}" for c in CORRUPTIONS) + "."]
+        for sev in (3, 5):
+            out += ["", f"{name}, severity {sev}, true / ATC / COT accuracy (%): "
+                    + ", ".join(f"{SHORT[c]} {rows[(c, sev)]['true']:.0f}/{rows[(c, sev)]['atc']:.0f}/{rows[(c, sev)]['cot']:.0f}"
+                                for c in CORRUPTIONS) + "."]
     if draws:
-        out += ["", f"**How much ATC depends on the trained model**: the same estimation for source models trained from seeds "
-                f"0-{args.draws - 1} (same data, schedule and epochs; {args.arch} seed 0 is the model above), for "
-                + " and ".join(f"`{a}` ({ABOUT[a]})" for a in args.draw_architectures) + ". True accuracy (mean over the 15 corruptions) and ATC's mean absolute error, in points "
-                "(aim <= 5):", "",
-                "| model | seed | clean error % | source acc s3 | ATC err s3 | source acc s5 | ATC err s5 | bn acc s3 | "
-                "ATC err s3 | bn acc s5 | ATC err s5 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        cells = [(name, sev) for name in ("source", "bn") for sev in (3, 5)]
+        out += ["", f"**How much the estimates depend on the trained model**: the same estimation for source models trained from "
+                f"seeds 0-{args.draws - 1} (same data, schedule and epochs; {args.arch} seed 0 is the model above), for "
+                + " and ".join(f"`{a}` ({ABOUT[a]})" for a in args.draw_architectures) + ". Each cell: true accuracy (mean "
+                "over the 15 corruptions) / ATC's / COT's mean absolute error, in points (aim for ATC: <= 5):", "",
+                "| model | seed | clean error % | " + " | ".join(f"{n} s{v}: acc / ATC / COT" for n, v in cells) + " |",
+                "|---|---|---|" + "---|" * len(cells)]
         for r in draws:
             out.append(f"| {r['arch']} | {r['seed']} | {r['clean_err']:.2f} | " + " | ".join(
-                f"{r[name, sev, 'true']:.1f} | {r[name, sev, 'atc']:.1f}" for name in ("source", "bn") for sev in (3, 5)) + " |")
+                f"{r[n, v, 'true']:.1f} / {r[n, v, 'atc']:.1f} / {r[n, v, 'cot']:.1f}" for n, v in cells) + " |")
+        for arch in args.draw_architectures:
+            mine = [r for r in draws if r["arch"] == arch]
+
+            def span(n: str, v: int, e: str) -> str:
+                vals = [r[n, v, e] for r in mine]
+                return f"{min(vals):.1f}-{max(vals):.1f}"
+
+            out += ["", f"`{arch}`, range over the {len(mine)} seeds (points of mean absolute error): ATC on the unadapted model "
+                    f"{span('source', 3, 'atc')} (s3) / {span('source', 5, 'atc')} (s5), on the BN-adapted model "
+                    f"{span('bn', 3, 'atc')} / {span('bn', 5, 'atc')}; COT on the unadapted model {span('source', 3, 'cot')} / "
+                    f"{span('source', 5, 'cot')}, on the BN-adapted model {span('bn', 3, 'cot')} / {span('bn', 5, 'cot')}."]
     return "\n".join(out)
 
 
