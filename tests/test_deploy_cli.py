@@ -179,3 +179,12 @@ def test_estimate_with_a_model_on_real_datasets(tmp_path, digits_available):
     assert res["true_accuracy"] is not None and all(0 <= v <= 100 for v in res["estimated_accuracy"].values())
     assert main(["estimate", "--model", "small-cnn", "--reference", "mnist", "--target", "mnist", "--split", "tset",
                  "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_estimate_refuses_bad_labels_without_leaving_a_directory(logits, capsys):
+    np.save(logits / "bad_labels.npy", np.full(3000, 9, dtype=np.int64))  # class 9 of a 5-class model
+    out = logits / "bad"
+    assert main(["estimate", "--reference", str(logits / "ref.npy"), "--reference-labels", str(logits / "bad_labels.npy"),
+                 "--target", str(logits / "tgt.npy"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "class indices in [0, 4]" in err[0] and not out.exists()

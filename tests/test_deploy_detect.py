@@ -181,6 +181,7 @@ def test_cot_sees_a_confident_collapse_that_atc_cannot():
     est_uniform = dd.fit_accuracy_estimator(z, y, prior=torch.bincount(same.argmax(-1), minlength=5))
     both = est_uniform.estimate(same, methods=("confidence", "cot"))
     assert set(both) == {"confidence", "cot"} and both["cot"] == pytest.approx(both["confidence"], abs=1e-9)
+    assert set(est_uniform.estimate(same, methods="cot")) == {"cot"}  # one name as a plain string
 
 
 def test_cot_transport_cost_matches_a_linear_program():

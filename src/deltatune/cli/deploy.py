@@ -214,10 +214,10 @@ def run_estimate(reference: str, target: str, *, out: Path, model: Optional[str]
     if ref_z.dim() != 2 or tgt_z.dim() != 2 or ref_z.shape[1] != tgt_z.shape[1]:
         raise CLIError(f"reference and target logits must be (samples, classes) with the same classes, got "
                        f"{tuple(ref_z.shape)} and {tuple(tgt_z.shape)}")
-    out = prepare_out(out, overwrite)
     t0 = time.time()
     est = dd.fit_accuracy_estimator(ref_z, ref_y, calibrate=calibrate, score=score)
     estimates = est.estimate(tgt_z, methods=methods)
+    out = prepare_out(out, overwrite)  # after the fit: bad labels or logits leave no directory behind
     true = float((tgt_z.argmax(-1) == tgt_y).double().mean()) if tgt_y is not None else None
     results = {"job": "estimate", "reference": reference, "target": target, "model": model,
                "adapter": str(adapter) if adapter else None, "reference_split": reference_split, "split": split,

@@ -10,7 +10,7 @@ The estimators fail in different ways. Average confidence, DoC and ATC read each
 confidence, so they cannot see errors the model makes with full confidence (a model that maps a
 whole corrupted set to one class, confidently). COT compares the *distribution* of the predictions
 with the source label distribution, so it sees that collapse, but it assumes the target has the
-source's label distribution and so misreads a real label shift as error.
+source's label distribution, and a real label shift can throw it off either way.
 """
 
 from __future__ import annotations
@@ -104,6 +104,7 @@ class AccuracyEstimator:
 
     def estimate(self, logits: Any, methods: Sequence[str] = ESTIMATES) -> dict[str, float]:
         """Estimated accuracy (a fraction) of the model whose outputs are ``logits``, by each of ``methods``."""
+        methods = (methods,) if isinstance(methods, str) else tuple(methods)
         unknown = [m for m in methods if m not in ESTIMATES]
         if unknown:
             raise DeployError(f"unknown accuracy estimate {unknown[0]!r}; choose from {', '.join(ESTIMATES)}")
@@ -142,7 +143,10 @@ def transport_cost(probs: torch.Tensor, prior: Sequence[float]) -> float:
     b = np.asarray(prior, dtype=np.float64)
     b = b / b.sum()
     cost = 1.0 - p
-    plan = ot.emd(np.full(len(p), 1.0 / len(p)), b, cost, numItermax=max(100_000, 50 * p.size))
+    plan, log = ot.emd(np.full(len(p), 1.0 / len(p)), b, cost, numItermax=max(100_000, 50 * p.size), log=True)
+    if log.get("warning"):
+        raise DeployError(f"the optimal transport for COT did not converge ({log['warning']}); "
+                          "estimate on fewer samples at a time")
     return float((plan * cost).sum())
 
 
