@@ -118,3 +118,35 @@ def test_class_weight_count_is_checked_before_anything_is_written(capsys, tmp_pa
     rc = main(["train", "--model", "minilm", "--data", "bbc-news", "--limit", "20", "--max-steps", "1",
                "--class-weights", "1,2", "--out", str(tmp_path / "o")])
     assert rc == 2 and "2 weights but the data has 5 classes" in _err(capsys) and not (tmp_path / "o").exists()
+
+
+def test_a_delta_on_a_random_base_keeps_its_base(tmp_path, capsys):
+    """small-cnn has no checkpoint: the adapter holds the random base it was trained on, so eval, export,
+    detect, estimate and adapt see the trained model (before, eval rebuilt another random base: 10%)."""
+    pytest.importorskip("mnist")
+    import torch
+
+    out = tmp_path / "cnn"
+    # the global RNG is moved on first: the reload must not depend on how the training process drew it
+    torch.manual_seed(1234)
+    torch.rand(17)
+    assert main(["train", "--model", "small-cnn", "--data", "mnist", "--method", "lora", "--rank", "4", "--lr", "1e-2",
+                 "--max-steps", "200", "--batch-size", "32", "--limit", "800", "--out", str(out)]) == 0
+    adapter = out / "adapter"
+    task = json.loads((adapter / "task.json").read_text())
+    assert task["base_weights"] == "base.safetensors" and (adapter / "base.safetensors").is_file()
+    trained_acc = json.loads((out / "results.json").read_text())["test"]["accuracy"]
+    assert trained_acc > 0.3  # learnt something: a random base gives ~0.1, so a wrong base would show
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(adapter), "--data", "mnist", "--limit", "800", "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads((tmp_path / "ev" / "results.json").read_text())["accuracy"] == pytest.approx(trained_acc)
+    # an adapter without its base, or with another model's weights as the base: one-line errors
+    (adapter / "base.safetensors").rename(tmp_path / "base.safetensors")
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(adapter), "--data", "mnist", "--limit", "40", "--out", str(tmp_path / "e2")]) == 2
+    assert "holds no base.safetensors" in _err(capsys)
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(2, 2)}, str(adapter / "base.safetensors"))
+    assert main(["eval", "--adapter", str(adapter), "--data", "mnist", "--limit", "40", "--out", str(tmp_path / "e3")]) == 2
+    assert "holds the weights of another model than small-cnn" in _err(capsys)

@@ -440,7 +440,9 @@ def register(app: typer.Typer) -> None:
                            overwrite=overwrite)
         line = ", ".join(f"{m} {v:.1f}%" for m, v in res["estimated_accuracy"].items())
         true = f"; true {res['true_accuracy']:.1f}%" if res["true_accuracy"] is not None else ""
-        console.print(f"estimated accuracy on {target} ({res['n_target']} samples): {line}{true}")
+        # the data spec printed as given (rich would turn mnist-c:fog:3 into an emoji)
+        console.print(f"estimated accuracy on {target} ({res['n_target']} samples): {line}{true}", markup=False,
+                      emoji=False)
 
     @app.command(
         "adapt",

@@ -12,6 +12,9 @@ import typer
 from .common import CLIError, prepare_out, write_results
 
 TASK_FILE = "task.json"  # beside the adapter: which model/labels it was trained for
+# beside the adapter (and in the run directory while training) when the base model is a random
+# initialisation (small-cnn): the frozen base weights the delta was trained on, which no checkpoint holds
+BASE_FILE = "base.safetensors"
 
 
 # -- the jobs as plain functions (used by the CLI, the demo and the tests) ---------------------------
@@ -53,12 +56,27 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
         if targets:
             options["targets"] = targets
     spec = build_spec(cfg["method"], options, head=entry.head)
-    tc = TrainConfig(**{k: v for k, v in (cfg.get("train") or {}).items() if v is not None}, seed=seed)
+    train_opts = {k: v for k, v in (cfg.get("train") or {}).items() if v is not None}
+    if entry.from_scratch:
+        # a random base never saw data: its BatchNorm statistics must follow the training data (they go
+        # into the saved base weights below), or BN-based test-time adaptation starts from a meaningless
+        # source model
+        train_opts.setdefault("norm_stats", "update")
+    tc = TrainConfig(**train_opts, seed=seed)
     # a list of class weights must match the data's classes: checked here, before --out is created
     class_weights(tc.class_weights if isinstance(tc.class_weights, list) else None, [], len(labels))
+    base_file = Path(cfg["out"]) / BASE_FILE
+    if entry.from_scratch and cfg.get("resume", False) and base_file.is_file():
+        _load_base(entry, base_file)  # resume on the very base the interrupted run started from
+    # a random base has no checkpoint: keep its weights (taken before the delta wraps its modules)
+    base_state = {k: v.detach().clone() for k, v in entry.model.state_dict().items()} if entry.from_scratch else None
     dt.attach(entry.model, spec, name="default")
     # every name and option is checked before anything is written
     out = prepare_out(Path(cfg["out"]), cfg.get("overwrite", False), resume=cfg.get("resume", False))
+    if base_state is not None and not base_file.is_file():
+        from ..io.files import save_tensors
+
+        save_tensors(base_file, base_state)
     summary = dt.trainable_summary(entry.model)
     _say(console, f"[bold]{cfg['method']}[/] on {entry.name}: {summary.trainable:,} trainable of {summary.total:,} parameters ({summary.percent:.3f}%)")
     t0 = time.time()
@@ -69,7 +87,14 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     dt.save_adapter(entry.model, adapter_dir, name="default", format=cfg.get("format", "deltatune"))
     from ..io.files import write_json
 
-    write_json(adapter_dir / TASK_FILE, {"model": cfg["model"], "data": cfg["data"], "task": entry.task, "label_names": labels})
+    task_info = {"model": cfg["model"], "data": cfg["data"], "task": entry.task, "label_names": labels}
+    if base_state is not None:
+        from ..io.files import save_tensors
+
+        live = entry.model.state_dict()  # the base's BatchNorm statistics as training left them
+        save_tensors(adapter_dir / BASE_FILE, {k: live.get(k, v) for k, v in base_state.items()})
+        task_info["base_weights"] = BASE_FILE
+    write_json(adapter_dir / TASK_FILE, task_info)
     results = {
         "job": "train", "model": cfg["model"], "data": cfg["data"], "method": cfg["method"],
         "spec": spec.to_dict(), "seed": seed, **({"split_fractions": list(fractions)} if fractions else {}),
@@ -101,9 +126,26 @@ def load_trained(model_name: Optional[str], adapter: Path):
         raise CLIError(f"{adapter} has no {TASK_FILE}; pass --model to say which base model it belongs to")
     labels = task.get("label_names") or []
     entry = load_model(model_name, num_labels=len(labels) or None)
+    if entry.from_scratch:
+        base_file = Path(adapter) / BASE_FILE
+        if not base_file.is_file():
+            raise CLIError(f"{adapter} was trained on a randomly initialised {model_name} but holds no {BASE_FILE} "
+                           "with those base weights (adapters saved before deltatune kept them); train it again")
+        _load_base(entry, base_file)
     dt.load_adapter(entry.model, adapter)
     entry.model.eval()
     return entry, labels
+
+
+def _load_base(entry, path: Path) -> None:
+    from ..io.files import load_tensors
+
+    state = load_tensors(path)
+    try:
+        entry.model.load_state_dict(state, strict=True)
+    except RuntimeError:
+        raise CLIError(f"{path} holds the weights of another model than {entry.name}; load the adapter on the "
+                       "model it was trained for") from None
 
 
 def run_eval(model_name: Optional[str], adapter: Path, data: str, split: str = "test", seed: int = 0, limit=None,

@@ -15,6 +15,9 @@ class ModelError(ValueError):
     """Unknown model name, missing model package or directory, bad options."""
 
 
+BUILT_IN_CODE = "built in code"  # ``source`` of a model initialised at random, with no checkpoint
+
+
 @dataclass
 class ModelEntry:
     """A model with what it needs around it.
@@ -30,3 +33,8 @@ class ModelEntry:
     default_targets: list[str] = field(default_factory=list)  # usual delta positions (name suffixes)
     head: list[str] = field(default_factory=list)  # freshly initialised modules that must train
     source: str = ""  # where the weights came from: a package or directory name, never an absolute path
+
+    @property
+    def from_scratch(self) -> bool:
+        """True when the weights are a random initialisation (no pretrained checkpoint to rebuild them from)."""
+        return self.source == BUILT_IN_CODE

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .entry import ModelEntry, ModelError
+from .entry import BUILT_IN_CODE, ModelEntry, ModelError
 
 
 def image_collate(size: int, channels: int = 3) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
@@ -96,4 +96,4 @@ def small_cnn(num_labels: int | None, image_size: int = 28) -> ModelEntry:
     """A randomly initialised :class:`SmallCNN` (seed torch first for a reproducible init)."""
     return ModelEntry("small-cnn", "image-classification", SmallCNN(num_labels or 10),
                       image_collate(image_size, channels=1),
-                      ["features.0", "features.4", "features.8"], ["classifier"], "built in code")
+                      ["features.0", "features.4", "features.8"], ["classifier"], BUILT_IN_CODE)
