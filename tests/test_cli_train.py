@@ -150,3 +150,21 @@ def test_a_delta_on_a_random_base_keeps_its_base(tmp_path, capsys):
     save_file({"weight": torch.zeros(2, 2)}, str(adapter / "base.safetensors"))
     assert main(["eval", "--adapter", str(adapter), "--data", "mnist", "--limit", "40", "--out", str(tmp_path / "e3")]) == 2
     assert "holds the weights of another model than small-cnn" in _err(capsys)
+
+
+def test_the_same_seed_trains_the_same_delta(tmp_path):
+    """--seed fixes the initialisation as well as the data (torch's global generator starts from a random
+    seed in each process, so two unseeded runs differed: 34.6% vs 23.2% after 60 steps)."""
+    pytest.importorskip("mnist")
+    from safetensors.torch import load_file
+
+    runs = []
+    for i, seed in enumerate((3, 3, 4)):
+        out = tmp_path / f"r{i}"
+        assert main(["train", "--model", "small-cnn", "--data", "mnist", "--method", "lora", "--rank", "2",
+                     "--max-steps", "5", "--batch-size", "16", "--limit", "160", "--seed", str(seed), "--out", str(out)]) == 0
+        runs.append({**load_file(str(out / "adapter" / "delta.safetensors")),
+                     **{f"base.{k}": v for k, v in load_file(str(out / "adapter" / "base.safetensors")).items()}})
+    assert runs[0].keys() == runs[1].keys()
+    assert all((runs[0][k] == runs[1][k]).all() for k in runs[0])
+    assert not all((runs[0][k] == runs[2][k]).all() for k in runs[0])

@@ -49,6 +49,11 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     val_data = load_data(cfg["data"], "val", seed=seed, limit=cfg.get("limit"), fractions=fractions)
     test_data = load_data(cfg["data"], "test", seed=seed, limit=cfg.get("limit"), fractions=fractions)
     labels = list(getattr(train_data, "label_names", []) or [])
+    import torch
+
+    # --seed fixes the initialisation too (a new head, a random base, the delta's own init): torch's
+    # global generator starts from a random seed in every process
+    torch.manual_seed(seed)
     entry = load_model(cfg["model"], num_labels=len(labels) or None)
     options = dict(cfg.get("method_options") or {})
     if "targets" not in options and "target_regex" not in options:
