@@ -208,7 +208,7 @@ def estimates(val: tuple[torch.Tensor, torch.Tensor], sets: dict[str, tuple[torc
     for domain, (logits, y) in sets.items():
         e = ne.estimate(logits)
         rows[domain] = {"true": float((logits.argmax(-1) == y).float().mean()), "atc_ne": e["atc"],
-                        "atc_mc": mc.estimate(logits)["atc"], "cot": e["cot"], "doc": e["doc"], "confidence": e["confidence"]}
+                        "atc_mc": mc.estimate(logits, methods="atc")["atc"], "cot": e["cot"], "doc": e["doc"], "confidence": e["confidence"]}
     return ne, {d: {k: 100.0 * v for k, v in r.items()} for d, r in rows.items()}
 
 

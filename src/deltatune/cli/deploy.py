@@ -48,6 +48,17 @@ def _is_feature_file(value: str) -> bool:
     return Path(value).suffix in FEATURE_SUFFIXES
 
 
+def _both_files(reference: str, target: str, model: Optional[str], what: str) -> bool:
+    """True when --reference and --target are both ``what`` files (.npy/.safetensors), False when both are
+    datasets (which need --model); a one-line error for a mix, or datasets without a model."""
+    files = [_is_feature_file(v) for v in (reference, target)]
+    if any(files) and not all(files):
+        raise CLIError(f"--reference and --target must both be {what} files (.npy/.safetensors) or both datasets")
+    if not all(files) and model is None:
+        raise CLIError(f"datasets need --model to compute {what}s; or pass .npy/.safetensors {what} files")
+    return all(files)
+
+
 def load_entry(model: str, adapter: Optional[Path]):
     """The model entry from ``deltatune.models`` (with ``adapter`` loaded when given)."""
     try:
@@ -94,14 +105,10 @@ def run_detect(reference: str, target: str, *, out: Path, test: str = "mmd", alp
                overwrite: bool = False, console=None) -> dict[str, Any]:
     from .. import deploy as dd
 
-    files = [_is_feature_file(v) for v in (reference, target)]
-    if any(files) and not all(files):
-        raise CLIError("--reference and --target must both be feature files (.npy/.safetensors) or both datasets")
-    if not all(files) and model is None:
-        raise CLIError("datasets need --model to compute features; or pass .npy/.safetensors feature files")
+    files = _both_files(reference, target, model, "feature")
     out = prepare_out(out, overwrite)
     options: dict[str, Any] = {"n_permutations": permutations} if test == "mmd" else {}
-    if all(files):
+    if files:
         ref, tgt = read_features(Path(reference), key), read_features(Path(target), key)
     else:
         import torch
@@ -139,26 +146,27 @@ def run_detect(reference: str, target: str, *, out: Path, test: str = "mmd", alp
 
 
 def model_logits(entry, loader) -> tuple[Any, Any]:
-    """Logits of ``entry.model`` over ``loader`` and the batches' labels (None when the data has none)."""
+    """Logits of ``entry.model`` over ``loader`` and the batches' labels (None when the data has none),
+    in one pass over the data."""
     import torch
 
-    from ..deploy.batch import call_model, get_logits
+    from .. import deploy as dd
 
-    logits, labels = [], []
-    was_training = entry.model.training
-    entry.model.eval()
+    labels: list = []
+
+    def batches():
+        for batch in loader:
+            y = batch_labels(batch)
+            labels.append(None if y is None else torch.as_tensor(y).long().cpu().flatten())
+            yield batch
+
     try:
-        with torch.no_grad():
-            for batch in loader:
-                logits.append(get_logits(call_model(entry.model, batch)).float().cpu())
-                y = batch_labels(batch)
-                labels.append(None if y is None else torch.as_tensor(y).long().cpu().flatten())
-    finally:
-        entry.model.train(was_training)
-    if not logits:
-        raise CLIError("the data yielded no samples; check the dataset name, --split and --limit")
-    has = [y is not None for y in labels]
-    return torch.cat(logits), (torch.cat(labels) if all(has) else None)
+        logits = dd.embed(entry.model, batches(), outputs=True, softmax=False)
+    except dd.DeployError:
+        if not labels:
+            raise CLIError("the data yielded no samples; check the dataset name, --split and --limit") from None
+        raise
+    return logits, (torch.cat(labels) if all(y is not None for y in labels) else None)
 
 
 def _read_labels(path: Optional[Path], n: int, what: str):
@@ -188,12 +196,7 @@ def run_estimate(reference: str, target: str, *, out: Path, model: Optional[str]
         raise CLIError(f"unknown estimate {unknown[0]!r} in --methods; choose from {', '.join(ESTIMATES)}")
     if score not in ("entropy", "confidence"):
         raise CLIError(f"--score must be entropy or confidence, not {score!r}")
-    files = [_is_feature_file(v) for v in (reference, target)]
-    if any(files) and not all(files):
-        raise CLIError("--reference and --target must both be logit files (.npy/.safetensors) or both datasets")
-    if not all(files) and model is None:
-        raise CLIError("datasets need --model to compute logits; or pass .npy/.safetensors logit files")
-    if all(files):
+    if _both_files(reference, target, model, "logit"):
         if reference_labels is None:
             raise CLIError("logit files need --reference-labels (the reference's class indices, .npy/.safetensors)")
         ref_z, tgt_z = read_features(Path(reference), key), read_features(Path(target), key)

@@ -38,6 +38,7 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     import deltatune as dt
 
     from ..data import load_data
+    from ..io.files import save_tensors, write_json
     from ..models import load_model
     from ..train import TrainConfig, evaluate, fit
     from ..train.losses import class_weights
@@ -79,8 +80,6 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     # every name and option is checked before anything is written
     out = prepare_out(Path(cfg["out"]), cfg.get("overwrite", False), resume=cfg.get("resume", False))
     if base_state is not None and not base_file.is_file():
-        from ..io.files import save_tensors
-
         save_tensors(base_file, base_state)
     summary = dt.trainable_summary(entry.model)
     _say(console, f"[bold]{cfg['method']}[/] on {entry.name}: {summary.trainable:,} trainable of {summary.total:,} parameters ({summary.percent:.3f}%)")
@@ -90,12 +89,9 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     test = evaluate(entry.model, test_data, entry.collate, task=entry.task, batch_size=tc.eval_batch_size)
     adapter_dir = out / "adapter"
     dt.save_adapter(entry.model, adapter_dir, name="default", format=cfg.get("format", "deltatune"))
-    from ..io.files import write_json
 
     task_info = {"model": cfg["model"], "data": cfg["data"], "task": entry.task, "label_names": labels}
     if base_state is not None:
-        from ..io.files import save_tensors
-
         live = entry.model.state_dict()  # the base's BatchNorm statistics as training left them
         save_tensors(adapter_dir / BASE_FILE, {k: live.get(k, v) for k, v in base_state.items()})
         task_info["base_weights"] = BASE_FILE

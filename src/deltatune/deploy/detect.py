@@ -44,9 +44,10 @@ class DetectionResult:
 
 
 def embed(model: nn.Module, data: Any, *, outputs: bool = False, layer: str | None = None, batch_size: int = 256,
-          logits_fn: Any = None) -> torch.Tensor:
+          logits_fn: Any = None, softmax: bool = True) -> torch.Tensor:
     """Features (input of ``layer``, default the last ``nn.Linear``) or softmax outputs of ``model``
-    over ``data`` (a tensor of inputs or an iterable of batches), as one (N, d) tensor."""
+    (the raw logits with ``softmax=False``) over ``data`` (a tensor of inputs or an iterable of
+    batches), as one (N, d) tensor."""
     was_training = model.training
     model.eval()
     rows: list[torch.Tensor] = []
@@ -54,7 +55,8 @@ def embed(model: nn.Module, data: Any, *, outputs: bool = False, layer: str | No
         with torch.no_grad():
             for batch in iter_batches(data, batch_size):
                 if outputs:
-                    rows.append(get_logits(call_model(model, batch), logits_fn).float().softmax(-1).cpu())
+                    z = get_logits(call_model(model, batch), logits_fn).float()
+                    rows.append((z.softmax(-1) if softmax else z).cpu())
                 else:
                     with tap_input(model, layer or last_linear(model)) as seen:
                         call_model(model, batch)
