@@ -21,8 +21,8 @@ from .text import (
     bbc_news_text,
     tweet_domain,
     tweet_sentiment,
-    user_text,
 )
+from .user_files import user_text
 
 _BUNDLED = {
     "bbc-news": "BBC News articles, 5 topics (text classification)",
@@ -48,13 +48,14 @@ def describe_datasets() -> dict[str, str]:
 
 
 def load_data(spec: str, split: str = "train", *, seed: int = 0, limit: int | None = None,
-              fractions: Sequence[float] | None = None) -> Dataset:
+              fractions: Sequence[float] | None = None, encoding: str | None = None) -> Dataset:
     """A split of a bundled dataset by name, or of the user's data at a path (see module docstring).
 
     The split depends only on ``seed`` (and ``fractions``); ``limit`` keeps a seeded random subset of
     that split. ``fractions`` (train, val, test; default 0.8, 0.1, 0.1) are the proportions of the
     splits deltatune draws itself (everything but mnist, the ``-c`` sets, saved DatasetDicts and
-    CSV/JSONL files with a ``split`` column, which refuse them).
+    CSV/JSONL files with a ``split`` column, which refuse them). ``encoding`` is that of a CSV/JSON(L)
+    file (default UTF-8, decoded strictly; e.g. ``"latin-1"``); other data ignore it.
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
@@ -82,7 +83,7 @@ def load_data(spec: str, split: str = "train", *, seed: int = 0, limit: int | No
     path = Path(spec)
     if path.is_file():
         if path.suffix.lower() in _TEXT_SUFFIXES:
-            return user_text(path, split, seed, limit, None if fractions is None else drawn)
+            return user_text(path, split, seed, limit, None if fractions is None else drawn, encoding)
         raise DataError(f"{path}: unsupported file type; pass a .csv/.jsonl file, an image folder "
                         "or a datasets.save_to_disk directory")
     if path.is_dir():

@@ -102,3 +102,15 @@ def take(examples: list[T], limit: int | None, seed: int) -> list[T]:
         raise DataError(f"limit must be positive, got {limit}")
     idx = sorted(random.Random(seed + 7).sample(range(len(examples)), limit))
     return [examples[i] for i in idx]
+
+
+def require_classes(where: str, split: str, labels: Sequence[int], names: Sequence[str]) -> None:
+    """Refuse a training split with fewer than two classes: a one-class classifier reaches accuracy
+    1.0 while learning nothing. Evaluation splits may hold one class (e.g. a file of one domain)."""
+    if split != "train":
+        return
+    present = sorted(set(labels))
+    if len(present) < 2:
+        found = ", ".join(repr(names[i]) if 0 <= i < len(names) else repr(i) for i in present) or "none"
+        raise DataError(f"{where}: the training data holds {len(present)} class ({found}); a classifier needs "
+                        "at least 2 classes, so add examples of the others")

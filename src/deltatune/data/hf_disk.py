@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .base import DEFAULT_FRACTIONS, DataError, Dataset, stratified_split, take
+from .base import DEFAULT_FRACTIONS, DataError, Dataset, require_classes, stratified_split, take
 
 _SPLIT_ALIASES = {"train": ("train",), "val": ("validation", "val", "valid", "dev"), "test": ("test",)}
 
@@ -36,9 +36,16 @@ def _read_table(folder: Path):
         raise DataError(f"{folder} holds no .arrow files; save the dataset again with save_to_disk")
     tables = []
     for f in files:
-        with pa.memory_map(str(f)) as source:
-            tables.append(pa.ipc.open_stream(source).read_all())
-    return pa.concat_tables(tables)
+        try:
+            with pa.memory_map(str(f)) as source:
+                tables.append(pa.ipc.open_stream(source).read_all())
+        except (OSError, pa.ArrowException) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataError(f"{f} is not a readable Arrow stream ({reason}); save the dataset again with save_to_disk") from None
+    try:
+        return pa.concat_tables(tables)
+    except pa.ArrowException:
+        raise DataError(f"{folder}: its .arrow files hold different columns; save the dataset again with save_to_disk") from None
 
 
 def _decode_image(cell: Any, where: Path):
@@ -49,8 +56,11 @@ def _decode_image(cell: Any, where: Path):
     data = cell.get("bytes") if isinstance(cell, dict) else None
     if not data:
         raise DataError(f"{where}: an image is stored by path only; save it with the image bytes embedded")
-    with Image.open(io.BytesIO(data)) as im:
-        arr = np.asarray(im.convert("RGB"))
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except Exception as exc:  # noqa: BLE001 - any decoder failure means a bad image
+        raise DataError(f"{where}: an image is not readable ({exc}); fix or drop that row") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (3, H, W) uint8
 
 
@@ -72,12 +82,31 @@ def load_saved(path: Path, split: str, seed: int, limit: int | None,
     if "label" not in cols:
         raise DataError(f"{path} has no 'label' column (columns: {', '.join(cols)}); add one")
     raw = table.column("label").to_pylist()
-    names = list(features.get("label", {}).get("names", []))
+    feature = features.get("label", {})
+    names = [str(n) for n in feature.get("names", [])] if isinstance(feature, dict) else []
+    # datasets marks a missing label as None, or -1 in a ClassLabel column (unlabelled test splits)
+    missing = [i for i, v in enumerate(raw) if v is None or (names and v == -1) or (isinstance(v, float) and v != v)]
+    if missing:
+        raise DataError(f"{path}: row {missing[0]} has no label ({len(missing)} row(s) in all); "
+                        "label them or filter them out before save_to_disk")
+    bad = next((v for v in raw if isinstance(v, (dict, list, bytes))), None)
+    if bad is not None:
+        raise DataError(f"{path}: the label column holds {type(bad).__name__} values; labels are strings or numbers")
     if names:
-        labels = [int(v) for v in raw]  # ClassLabel stores indices into names
+        out_of_range = [v for v in raw if not isinstance(v, int) or not 0 <= v < len(names)]
+        if out_of_range:
+            raise DataError(f"{path}: label {out_of_range[0]!r} is outside the {len(names)} ClassLabel names; fix the labels")
+        labels = list(raw)  # ClassLabel stores indices into names
     else:
-        names = sorted({str(v) for v in raw})
-        labels = [names.index(str(v)) for v in raw]
+        from .user_files import label_key, label_order
+
+        keys = [label_key(v) for v in raw]
+        if None in keys:  # "" or "nan"
+            raise DataError(f"{path}: row {keys.index(None)} has an empty label ({keys.count(None)} row(s) in all); "
+                            "label them or filter them out before save_to_disk")
+        names = label_order(set(keys))
+        index = {n: i for i, n in enumerate(names)}
+        labels = [index[k] for k in keys]
     if "text" in cols:
         task, field = "text-classification", "text"
     elif "image" in cols:
@@ -85,9 +114,13 @@ def load_saved(path: Path, split: str, seed: int, limit: int | None,
     else:
         raise DataError(f"{path} needs a 'text' or 'image' column (columns: {', '.join(cols)})")
     idx = list(range(len(labels))) if presplit else stratified_split(labels, seed, fractions)[split]
+    require_classes(str(path), split, [labels[i] for i in idx], names)
     idx = take(idx, limit, seed)
     values = table.column(field).take(idx).to_pylist() if idx else []
     if field == "text":
+        blank = next((i for v, i in zip(values, idx) if not isinstance(v, str) or not v.strip()), None)
+        if blank is not None:
+            raise DataError(f"{path}: row {blank} has no text (or an empty one); fill it in or filter it out")
         examples = [{"text": str(v), "label": labels[i]} for v, i in zip(values, idx)]
     else:
         examples = [{"image": _decode_image(v, path), "label": labels[i]} for v, i in zip(values, idx)]

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import DEFAULT_FRACTIONS, DataError, Dataset, check_split, stratified_split, take
+from .base import DEFAULT_FRACTIONS, DataError, Dataset, check_split, require_classes, stratified_split, take
 from .text import _package_dir
 
 DIGITS = [str(i) for i in range(10)]
@@ -139,10 +139,16 @@ def image_folder(path: Path, split: str, seed: int, limit: int | None,
         raise DataError(f"{path} has no class sub-folders; expected {path.name}/<class>/<image files>")
     files = [(f, c) for c, name in enumerate(classes) for f in sorted((path / name).iterdir())
              if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+    kinds = ", ".join(s[1:] for s in IMAGE_SUFFIXES)
     if not files:
-        kinds = ", ".join(s[1:] for s in IMAGE_SUFFIXES)
         raise DataError(f"{path} holds no image files ({kinds}) in its class folders")
+    present = {c for _, c in files}
+    empty = [name for c, name in enumerate(classes) if c not in present]
+    if empty:  # an empty class would size the model's head with a class it never sees
+        raise DataError(f"{path}: class folder(s) {', '.join(empty)} hold no image files ({kinds}); "
+                        "add images or remove the folder")
     idx = stratified_split([c for _, c in files], seed, fractions)[split]
+    require_classes(str(path), split, [files[i][1] for i in idx], classes)
     examples = []
     for i in take(idx, limit, seed):  # choose first, then decode only what is used
         f, c = files[i]

@@ -1,11 +1,10 @@
-"""Text data: BBC News topics, tweet sentiment with natural domains, and the user's CSV/JSONL."""
+"""Text data: BBC News topics and tweet sentiment with natural domains (the user's CSV/JSONL: user_files)."""
 
 from __future__ import annotations
 
 import csv
 import functools
 import importlib.util
-import json
 import re
 from pathlib import Path
 
@@ -26,7 +25,6 @@ TWEET_DOMAINS: list[tuple[str, str]] = [
 ]
 DOMAIN_NAMES = ["airlines", "nfl", "apple", "cars", "other"]
 SENTIMENTS = ["negative", "neutral", "positive"]
-GROUP_COLUMNS = ("task", "domain")  # a user file's columns kept per example, for task streams
 
 
 def _package_dir(module: str) -> Path:
@@ -98,83 +96,3 @@ def tweet_sentiment(split: str, seed: int, limit: int | None, domains: str | Non
     examples = [dict(rows[i]) for i in idx if wanted is None or rows[i]["domain"] in wanted]
     name = "tweet-sentiment" + (f":{domains}" if domains else "")
     return Dataset(name, "text-classification", take(examples, limit, seed), list(SENTIMENTS))
-
-
-_VAL_NAMES = {"val", "valid", "validation", "dev"}
-
-
-def _read_rows(path: Path) -> tuple[list[dict], list[str]]:
-    """Rows and column names of a CSV (header row), JSONL (one object a line) or JSON array file."""
-    if path.suffix.lower() == ".csv":
-        # utf-8-sig: spreadsheet exports start with a byte-order mark that would rename the first column
-        with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
-            reader = csv.DictReader(fh)
-            return list(reader), list(reader.fieldnames or [])
-    text = path.read_text(encoding="utf-8-sig", errors="replace")
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); fix the file") from None
-        numbered = list(enumerate(rows, 1))
-    else:
-        numbered = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    numbered.append((n, json.loads(line)))
-                except json.JSONDecodeError:
-                    raise DataError(f"{path}:{n} is not valid JSON; JSONL needs one object per line") from None
-    for n, row in numbered:
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: record {n} is not a JSON object; "
-                            'write one {"text": ..., "label": ...} per line')
-    rows = [row for _, row in numbered]
-    return rows, sorted({k for r in rows for k in r})
-
-
-def _label_order(values: set[str]) -> list[str]:
-    """Label names sorted; all-integer labels numerically (so "10" follows "9")."""
-    if all(v.lstrip("-").isdigit() for v in values):
-        return sorted(values, key=int)
-    return sorted(values)
-
-
-def user_text(path: Path, split: str, seed: int, limit: int | None,
-              fractions: tuple[float, float, float] | None = None) -> Dataset:
-    """A CSV/JSONL file with ``text`` and ``label`` columns; an optional ``split`` column
-    (train/val/test, val also as validation/valid/dev) fixes the split, else a seeded 80/10/10 one.
-    Optional ``task`` / ``domain`` columns are kept in each example (continual task streams)."""
-    check_split(split)
-    if not path.is_file():
-        raise DataError(f"{path} does not exist; check the path")
-    rows, columns = _read_rows(path)
-    if not rows:
-        raise DataError(f"{path} holds no rows; it needs a header and one row per example")
-    for col in ("text", "label"):
-        if col not in columns:
-            raise DataError(f"{path} has no {col!r} column (columns: {', '.join(columns) or 'none'}); add one")
-    for n, r in enumerate(rows, 1):
-        if r.get("text") is None or r.get("label") is None or str(r["label"]).strip() == "":
-            raise DataError(f"{path}: row {n} lacks a text or label value; fill it in or remove the row")
-    names = _label_order({str(r["label"]).strip() for r in rows})
-    examples = [{"text": str(r["text"]), "label": names.index(str(r["label"]).strip())} for r in rows]
-    for col in GROUP_COLUMNS:  # kept for task streams (deltatune.continual: PATH@task)
-        if col in columns:
-            for e, r in zip(examples, rows):
-                e[col] = str(r.get(col) if r.get(col) is not None else "").strip()
-    if "split" in columns and fractions is not None:
-        raise DataError(f"{path} has a split column, which fixes the split: drop the split fractions")
-    if "split" in columns:
-        given = [str(r.get("split") or "").strip().lower() for r in rows]
-        given = ["val" if g in _VAL_NAMES else g for g in given]
-        bad = sorted(set(given) - {"train", "val", "test"})
-        if bad:
-            raise DataError(f"{path}: split column has {bad}; use train, val (or validation/dev) or test")
-        chosen = [e for e, g in zip(examples, given) if g == split]
-        if not chosen:
-            raise DataError(f"{path} has no rows with split {split!r}; add some or drop the split column")
-    else:
-        idx = stratified_split([e["label"] for e in examples], seed, fractions or DEFAULT_FRACTIONS, groups=[e["text"] for e in examples])[split]
-        chosen = [examples[i] for i in idx]
-    return Dataset(path.name, "text-classification", take(chosen, limit, seed), names)

@@ -133,19 +133,53 @@ def _fresh_modules(missing_keys: list[str], model: nn.Module, prefix: str) -> li
     return sorted(fresh)
 
 
+_PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse, before anything is read, a directory whose weights are not safetensors: a pickled
+    ``pytorch_model.bin`` can run code when loaded, so deltatune never unpickles it."""
+    if any(path.glob("*.safetensors")):
+        return
+    pickled = sorted(f.name for pattern in _PICKLED for f in path.glob(pattern))
+    if pickled:
+        raise ModelError(
+            f"{path} holds only pickled PyTorch weights ({', '.join(pickled[:3])}); deltatune reads only safetensors "
+            "weights (unpickling a file can run code): where you trust the file, convert it with "
+            "`AutoModel.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)` or `model.save_pretrained` "
+            "in the tool that trained it")
+    raise ModelError(f"{path} holds no model.safetensors weights; save the model with save_pretrained "
+                     "(safetensors is its default)")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 def transformers_dir(path: Path, num_labels: int | None, task: str | None, max_length: int = 128) -> ModelEntry:
     """A local transformers directory: a sequence classifier when ``num_labels`` is given (or the
     config is one), else a causal LM. Never runs remote code; never downloads."""
     if not (path / "config.json").is_file():
         raise ModelError(f"{path} is not a transformers model directory (no config.json); "
                          "pass a bundled model name or such a directory")
+    check_safetensors(path)
     tf = offline_transformers()
-    config = tf.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-    tokenizer = tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    try:
+        config = tf.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"{path}/config.json is not a usable transformers config ({_first_line(exc)})") from None
+    try:
+        tokenizer = tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{path} holds no usable tokenizer ({_first_line(exc)}); save one beside the model "
+                         "with tokenizer.save_pretrained") from None
     ensure_pad_token(tokenizer)
     if task is None:
         task = "text-classification" if num_labels else "causal-lm"
-    common = {"local_files_only": True, "trust_remote_code": False, "output_loading_info": True}
+    # use_safetensors=True: transformers must never fall back to a pickled pytorch_model.bin
+    common = {"local_files_only": True, "trust_remote_code": False, "output_loading_info": True,
+              "use_safetensors": True}
     if task == "text-classification":
         kwargs = {"num_labels": num_labels} if num_labels else {}
         inner, info = tf.AutoModelForSequenceClassification.from_pretrained(

@@ -13,14 +13,23 @@ from .entry import BUILT_IN_CODE, ModelEntry, ModelError
 
 def image_collate(size: int, channels: int = 3) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
     """uint8 ``(C, H, W)`` images → a float ``pixel_values`` batch of ``channels`` x ``size`` x ``size``,
-    normalised with mean = std = 0.5 (to [-1, 1]); grey is repeated to RGB, RGB averaged to grey."""
+    normalised with mean = std = 0.5 (to [-1, 1]); grey is repeated to RGB, RGB averaged to grey.
+
+    Resize rule: each image on its own is resized to ``size`` x ``size`` (bilinear, antialiased), the
+    whole image stretched to the square without cropping, so a folder of mixed sizes and aspect
+    ratios batches; an image already at that size is left as it is.
+    """
     if size < 8:
         raise ModelError(f"image_size must be at least 8 pixels, got {size}")
 
+    def fit(image: torch.Tensor) -> torch.Tensor:
+        img = _fit_channels(image, channels).float().div(255.0)  # (C, H, W) in [0, 1], a copy
+        if img.shape[-2:] != (size, size):
+            img = F.interpolate(img[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+        return img
+
     def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
-        imgs = torch.stack([_fit_channels(e["image"], channels) for e in examples]).float().div_(255.0)
-        if imgs.shape[-2:] != (size, size):
-            imgs = F.interpolate(imgs, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        imgs = torch.stack([fit(e["image"]) for e in examples])  # (B, C, size, size)
         out = {"pixel_values": (imgs - 0.5) / 0.5}
         if "label" in examples[0]:
             out["labels"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
