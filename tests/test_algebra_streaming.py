@@ -149,16 +149,25 @@ def test_bad_input_is_one_line_and_leaves_nothing(ckpts, case, match):
     assert not (root / "out").exists() and _no_leftovers(root)
 
 
-def test_existing_output_needs_overwrite_and_is_replaced_whole(ckpts):
+def test_existing_output_needs_overwrite_and_only_deltatunes_files_are_replaced(ckpts):
+    from deltatune.io.outdir import OutputError
+
     root, _ = ckpts
     out = root / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
     with pytest.raises(MergeError, match="exists; pass overwrite=True"):
         alg.merge_checkpoints(config(root), out)
-    assert (out / "old.txt").exists()
-    alg.merge_checkpoints(config(root), out, overwrite=True)
-    assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file() and _no_leftovers(root)
+    with pytest.raises(OutputError, match="holds files deltatune did not write"):
+        alg.merge_checkpoints(config(root), out, overwrite=True)
+    assert (out / "old.txt").read_text() == "old"
+    (out / "old.txt").unlink()
+    alg.merge_checkpoints(config(root), out)
+    (out / "mine.txt").write_text("mine")
+    (out / "model.safetensors").write_bytes(b"stale")
+    alg.merge_checkpoints(config(root), out, overwrite=True)  # the merge's files replaced, the user's kept
+    assert (out / "mine.txt").read_text() == "mine" and (out / "model.safetensors").stat().st_size > 5
+    assert _no_leftovers(root)
 
 
 def test_config_errors(tmp_path, ckpts):

@@ -20,7 +20,8 @@ from typing import Any, Callable
 
 import torch
 
-from .checkpoint import METADATA_FILES, Checkpoint, ShardWriter, dtype_from_name
+from ..io.files import write_json
+from .checkpoint import Checkpoint, ShardWriter, dtype_from_name
 from .config import MergeConfig, layer_count, layer_position, resolve_all
 from .errors import MergeError
 from .registry import MergeMethod, get_method
@@ -71,6 +72,9 @@ class _Prepared:
         self.names = self.reference.names()
         self._check()
         self.n_layers = layer_count(self.names)
+        # every tensor's parameters, resolved and range-checked before anything is written
+        self.kwargs = {n: self.params_for(n) for n in self.names if self.reference.dtype(n).is_floating_point}
+        self.side_files = self.reference.side_files()
 
     def _label(self, ckpt: Checkpoint) -> str:
         return "base_model" if ckpt is self.base else str(ckpt.path)
@@ -115,7 +119,7 @@ class _Prepared:
         if self.config.seed is not None and "seed" in self.method.shared_params and "seed" not in shared:
             shared["seed"] = self.config.seed
         per_model = [resolve_all(e.parameters, name, t) for e in self.entries]
-        return self.method.resolve(per_model, shared)
+        return self.method.resolve(per_model, shared, f"tensor {name}: ")
 
 
 def plan_merge(config: MergeConfig) -> _Prepared:
@@ -138,13 +142,21 @@ def merge_checkpoints(
     a summary: method, inputs, tensors, shards, bytes, seconds and peak memory.
     """
     out = Path(out)
+    from ..io.outdir import check_replace
+
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise MergeError(f"output {out} exists; pass overwrite=True (--overwrite) or choose another directory")
+    # never an input, the current or home directory, or a directory deltatune did not write
+    check_replace(out, overwrite, [config.base, *(m.path for m in config.models)])
     start, rss_before = time.perf_counter(), rss_mb()
     prep = plan_merge(config)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    target = Path(os.path.abspath(out))  # "." or "..": the staging directory goes beside the real name
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise MergeError(f"cannot create the output directory {out} ({exc.strerror or exc}); choose a writable path") from None
     plan = [(n, prep.reference.shape(n), prep.out_dtype_of(n)) for n in prep.names]
     writer = ShardWriter(tmp, plan, max_shard_bytes)
     try:
@@ -153,7 +165,7 @@ def merge_checkpoints(
                 progress(i, len(prep.names), name)
             _merge_one(prep, name, writer.tensor(name))
         shards = writer.finish()
-        _copy_metadata(prep.reference, tmp, prep.out_dtype or prep.dtype)
+        _copy_metadata(prep.side_files, tmp, prep.out_dtype or prep.dtype)
         summary = {
             **config.describe(),
             "tensors": len(prep.names),
@@ -164,7 +176,7 @@ def merge_checkpoints(
         }
         if finalize is not None:
             finalize(tmp, summary)
-        _replace_dir(tmp, out)
+        _replace_dir(tmp, out, overwrite)
     except BaseException:
         writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -179,7 +191,7 @@ def _merge_one(prep: _Prepared, name: str, sink: ShardWriter) -> None:
     if not ref.dtype(name).is_floating_point:
         _copy_exact(prep, name, sink)
         return
-    kwargs = prep.params_for(name)
+    kwargs = dict(prep.kwargs[name])
     if prep.stats is not None:
         kwargs["stats"] = [s.source(name) for s in prep.stats] if name in prep.stats[0] else None
     base = prep.base.source(name, prep.dtype) if prep.base is not None else None
@@ -199,35 +211,28 @@ def _copy_exact(prep: _Prepared, name: str, sink: ShardWriter) -> None:
         sink.write(rows)
 
 
-def _copy_metadata(ref: Checkpoint, tmp: Path, dtype: torch.dtype | None) -> None:
-    for fname in METADATA_FILES:
-        src = ref.directory / fname
-        if ref.path.is_dir() and src.is_file():
-            shutil.copyfile(src, tmp / fname)
+def _copy_metadata(side_files: dict[str, Path], tmp: Path, dtype: torch.dtype | None) -> None:
+    """Copy the reference's config and tokenizer files (already checked to lie inside its directory)."""
+    for fname, src in side_files.items():
+        shutil.copyfile(src, tmp / fname)
     cfg = tmp / "config.json"
     if dtype is not None and cfg.is_file():
         try:
             data = json.loads(cfg.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             return
+        if not isinstance(data, dict):
+            return
         name = str(dtype).replace("torch.", "")
         for key in ("torch_dtype", "dtype"):
             if key in data:
                 data[key] = name
-        cfg.write_text(json.dumps(data, indent=2) + "\n")
+        write_json(cfg, data)
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished directory into place; an old one is swapped out first, then deleted."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished directory into place (an earlier deltatune output there is swapped out, then
+    deleted; files deltatune did not write in it are kept)."""
+    from ..io.outdir import publish
+
+    publish(tmp, out, job="merge", overwrite=overwrite)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from ..io.files import write_json
+from ..io.outdir import claim, output_job  # noqa: F401 - output_job is used by every job module
 
 
 class CLIError(ValueError):
@@ -46,17 +47,12 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def prepare_out(out: Path, overwrite: bool, *, resume: bool = False) -> Path:
-    """Refuse a non-empty output directory unless --overwrite (or --resume continues it)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} is a file; give a directory path")
-    if out.exists() and any(out.iterdir()) and not (overwrite or resume):
-        raise CLIError(f"--out {out} exists and is not empty; pass --overwrite to replace it or choose another directory")
-    if out.exists() and overwrite and not resume:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+def prepare_out(out: Path, overwrite: bool, *, resume: bool = False, inputs: Iterable[Any] = (),
+                keep_on_error: Iterable[str] = ()) -> Path:
+    """Claim ``out`` for the running job (see :mod:`deltatune.io.outdir`): refuse the current or home
+    directory and any directory holding an input, lock it, and replace only what deltatune wrote there
+    (with ``overwrite``); the job's ``@output_job`` finishes it or rolls it back."""
+    return claim(out, overwrite=overwrite, resume=resume, inputs=inputs, keep_on_error=keep_on_error)
 
 
 def write_results(out: Path, results: dict[str, Any]) -> Path:

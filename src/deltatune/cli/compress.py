@@ -11,6 +11,7 @@ from typing import Any, Optional
 import typer
 
 from .common import CLIError, write_results
+from .train import BASE_FILE, TASK_FILE
 
 CODEC_NAMES = ("compeft", "bitdelta", "dare", "int8", "int4", "lowrank")
 
@@ -21,18 +22,17 @@ def run_compress(source: Path, codec: str, out: Path, *, base: Optional[Path] = 
     result is written into a temporary directory beside it and renamed into place."""
     from ..compress import compress_adapter, compress_checkpoint
     from ..compress.container import DELTA_JSON
+    from ..io.outdir import check_replace, publish
 
     source, out = Path(source), Path(out)
     if codec not in CODEC_NAMES:
         raise CLIError(f"unknown codec {codec!r}; choose one of: {', '.join(CODEC_NAMES)}")
     if not source.exists():
         raise CLIError(f"{source} does not exist; pass an adapter directory or a fine-tuned checkpoint")
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} is a file; give a directory path")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise CLIError(f"--out {out} exists and is not empty; pass --overwrite to replace it or choose another directory")
-    if out.resolve() == source.resolve():
-        raise CLIError("--out must differ from the source; the original delta is never overwritten")
+    check_replace(out, overwrite, [source, base])  # the source is never replaced, nor a directory holding it
+    if int(options.get("min_numel", 0)) < 0:
+        raise CLIError(f"--min-numel must be 0 or more (tensors with fewer entries stay uncompressed), got "
+                       f"{options['min_numel']}")
     t0 = time.perf_counter()
     if (source / DELTA_JSON).is_file():
         if base is not None:
@@ -43,19 +43,21 @@ def run_compress(source: Path, codec: str, out: Path, *, base: Optional[Path] = 
             raise CLIError(f"{source} is not an adapter directory; for a full fine-tuned checkpoint pass --base BASE "
                            "(the checkpoint it was fine-tuned from)")
         compressed = compress_checkpoint(source, base, codec, **options)
+    _check_keep(options.get("keep") or (), compressed.names())
     seconds = time.perf_counter() - t0
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         compressed.save(tmp)
+        for name in (TASK_FILE, BASE_FILE):  # what eval/export need to rebuild the model it was trained for
+            if (source / name).is_file():
+                shutil.copy2(source / name, tmp / name)
         file_bytes = sum(f.stat().st_size for f in tmp.iterdir())
         results = {"job": "compress", "source": str(source), "base": str(base) if base else None, "out": str(out),
                    **compressed.summary(), "bytes_before": compressed.original_bytes, "bytes_after": compressed.packed_bytes,
                    "file_bytes": file_bytes, "seconds": round(seconds, 3)}
         write_results(tmp, results)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        publish(tmp, out, job="compress", overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -63,6 +65,16 @@ def run_compress(source: Path, codec: str, out: Path, *, base: Optional[Path] = 
 
     ordinary_mode(out)
     return results
+
+
+def _check_keep(keep, names: list[str]) -> None:
+    """Every --keep prefix must name a tensor (or a module holding some) of the delta: a typo would
+    silently compress the tensors the user meant to keep."""
+    for k in keep:
+        if not any(n == k or n.startswith(k + ".") for n in names):
+            modules = sorted({n.rsplit(".", 1)[0] for n in names})
+            raise CLIError(f"--keep {k!r} matches no tensor of the delta; its modules are "
+                           f"{', '.join(modules[:6])}{', ...' if len(modules) > 6 else ''}")
 
 
 def register(app: typer.Typer) -> None:

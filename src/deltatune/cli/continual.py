@@ -7,9 +7,10 @@ from typing import Any, Optional
 
 import typer
 
-from .common import CLIError, prepare_out, write_results
+from .common import CLIError, output_job, prepare_out, write_results
 
 
+@output_job("continual")
 def run_continual(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     """The job as a plain function: every name and option is checked before ``out`` is touched."""
     from ..continual import make_strategy, make_stream, plot_matrix, run_stream
@@ -36,7 +37,7 @@ def run_continual(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     tc = TrainConfig(epochs=cfg.get("epochs") or 1, max_steps=cfg.get("max_steps"), batch_size=cfg.get("batch_size", 16),
                      lr=cfg.get("lr", 1e-3), seed=cfg.get("seed", 0), progress=False, eval_each_epoch=False,
                      keep_best=False)
-    out = prepare_out(Path(cfg["out"]), cfg.get("overwrite", False))
+    out = prepare_out(Path(cfg["out"]), cfg.get("overwrite", False), inputs=[cfg["model"], *_stream_files(cfg["stream"])])
     say = (lambda m: console.print(m)) if console else None
     result = run_stream(entry.model, entry.collate, stream, strategy, tc, spec=spec, head=entry.head,
                         task_ids=cfg.get("task_ids", False), log=say)
@@ -47,6 +48,13 @@ def run_continual(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
                **result.to_dict(), "plot": str(png)}
     write_results(out, results)
     return results
+
+
+def _stream_files(stream: str) -> list[str]:
+    """The user's files a stream spec names (``my.csv@task``, ``a.csv;b.csv``): inputs --out must not hold."""
+    import re
+
+    return [p for p in re.split(r"[@;,]", stream) if p and Path(p).exists()]
 
 
 def register(app: typer.Typer) -> None:

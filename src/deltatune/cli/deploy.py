@@ -3,13 +3,14 @@ estimation and test-time adaptation after deployment."""
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from .common import CLIError, prepare_out, write_results
+from .common import CLIError, output_job, prepare_out, write_results
 
 FEATURE_SUFFIXES = (".npy", ".safetensors")
 
@@ -27,10 +28,14 @@ def read_features(path: Path, key: Optional[str] = None):
         )
     if path.suffix == ".npy":
         try:
-            return torch.from_numpy(np.load(path, allow_pickle=False))
-        except ValueError as exc:
+            array = np.load(path, allow_pickle=False)  # never unpickle: an object array is refused here
+        except (ValueError, OSError, EOFError) as exc:
             reason = str(exc).splitlines()[0]
             raise CLIError(f"{path} is not a plain numeric .npy array ({reason}); save it with np.save") from None
+        if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
+            kind = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
+            raise CLIError(f"{path} holds {kind} values, not numbers; save a numeric array with np.save")
+        return torch.from_numpy(np.asarray(array, dtype=array.dtype.newbyteorder("=")))  # torch: native order only
     from ..io.files import load_tensors
 
     tensors = load_tensors(path)
@@ -42,6 +47,33 @@ def read_features(path: Path, key: Optional[str] = None):
     if key not in tensors:
         raise CLIError(f"{path} has no tensor {key!r}; it holds {', '.join(list(tensors)[:8])}")
     return tensors[key]
+
+
+#: below these sample counts a test or estimate is unreliable: a one-line warning on stderr
+MIN_DETECT_SAMPLES = 30  # per side; the two-sample tests have little power below it
+MIN_ESTIMATE_REFERENCE, MIN_ESTIMATE_TARGET = 100, 30  # calibration and thresholds need the reference
+
+
+def _warn_few(n_reference: int, n_target: int, minimum: int | tuple[int, int], what: str) -> None:
+    low_ref, low_tgt = minimum if isinstance(minimum, tuple) else (minimum, minimum)
+    few = [f"{name} has {n} samples (fewer than {low})" for name, n, low in
+           (("the reference", n_reference, low_ref), ("the target", n_target, low_tgt)) if n < low]
+    if few:
+        print(f"warning: {' and '.join(few)}; {what} is unreliable on so few; use more data (--limit, or "
+              "another --split / --reference-split)", file=sys.stderr)
+
+
+def _check_features(ref, tgt, reference: str, target: str):
+    """Feature files as (samples, features...) with the same features on both sides; a 1-D array is one
+    feature per sample."""
+    for t, name in ((ref, reference), (tgt, target)):
+        if t.dim() == 0 or len(t) == 0:
+            raise CLIError(f"{name} holds an array of shape {tuple(t.shape)}; features must be (samples, features)")
+    ref, tgt = (t.reshape(-1, 1) if t.dim() == 1 else t for t in (ref, tgt))
+    if ref.shape[1:] != tgt.shape[1:]:
+        raise CLIError(f"reference and target features differ in shape: {tuple(ref.shape)} vs {tuple(tgt.shape)}; "
+                       "compute both with the same model and layer")
+    return ref, tgt
 
 
 def _is_feature_file(value: str) -> bool:
@@ -77,7 +109,8 @@ def load_entry(model: str, adapter: Optional[Path]):
     return entry
 
 
-def data_batches(spec: str, entry, split: str, batch_size: int, limit: Optional[int], seed: int = 0):
+def data_batches(spec: str, entry, split: str, batch_size: int, limit: Optional[int], seed: int = 0,
+                 encoding: Optional[str] = None):
     """Batches of dataset ``spec`` (``deltatune.data.load_data``) collated for the model, in order."""
     try:
         from ..data import load_data
@@ -85,7 +118,7 @@ def data_batches(spec: str, entry, split: str, batch_size: int, limit: Optional[
         raise CLIError("deltatune.data is not available in this installation; pass feature files instead") from None
     from torch.utils.data import DataLoader
 
-    dataset = load_data(spec, split, seed=seed, limit=limit)
+    dataset = load_data(spec, split, seed=seed, limit=limit, encoding=encoding)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=entry.collate)
 
 
@@ -98,26 +131,33 @@ def batch_labels(batch: Any):
 
 
 # -- the jobs as plain functions ---------------------------------------------------------------------
+@output_job("detect")
 def run_detect(reference: str, target: str, *, out: Path, test: str = "mmd", alpha: float = 0.05,
                model: Optional[str] = None, adapter: Optional[Path] = None, layer: Optional[str] = None,
                window: Optional[int] = None, key: Optional[str] = None, permutations: int = 500,
                split: str = "test", limit: Optional[int] = None, batch_size: int = 64, seed: int = 0,
-               overwrite: bool = False, console=None) -> dict[str, Any]:
+               overwrite: bool = False, console=None, reference_split: Optional[str] = None,
+               encoding: Optional[str] = None) -> dict[str, Any]:
     from .. import deploy as dd
 
     files = _both_files(reference, target, model, "feature")
-    out = prepare_out(out, overwrite)
-    options: dict[str, Any] = {"n_permutations": permutations} if test == "mmd" else {}
-    if files:
+    if window is not None and window < 1:
+        raise CLIError(f"--window must be a positive number of samples, got {window}")
+    reference_split = reference_split or split
+    if files:  # read and checked before --out is created: a bad file leaves nothing behind
         ref, tgt = read_features(Path(reference), key), read_features(Path(target), key)
-    else:
+        ref, tgt = _check_features(ref, tgt, reference, target)
+    out = prepare_out(out, overwrite, inputs=[reference, target, model, adapter])
+    options: dict[str, Any] = {"n_permutations": permutations} if test == "mmd" else {}
+    if not files:
         import torch
 
         torch.manual_seed(seed)  # before the model: a bundled model built from scratch gets a reproducible init
         entry = load_entry(model, adapter)
         outputs = test in ("bbsd", "label")
-        ref, tgt = (dd.embed(entry.model, data_batches(spec, entry, split, batch_size, limit, seed), outputs=outputs,
-                             layer=layer) for spec in (reference, target))
+        ref, tgt = (dd.embed(entry.model, data_batches(spec, entry, s, batch_size, limit, seed, encoding), outputs=outputs,
+                             layer=layer) for spec, s in ((reference, reference_split), (target, split)))
+    _warn_few(len(ref), len(tgt), MIN_DETECT_SAMPLES, f"the {test} test")
     t0 = time.time()
     if window:
         monitor = dd.DriftMonitor(ref, test, alpha, window=window, seed=seed, **options)
@@ -139,6 +179,7 @@ def run_detect(reference: str, target: str, *, out: Path, test: str = "mmd", alp
         _plot_result(out / "detect.png", result)
     results = {"job": "detect", "reference": reference, "target": target, "model": model,
                "adapter": str(adapter) if adapter else None, "test": test, "alpha": alpha,
+               **({} if files else {"reference_split": reference_split, "split": split}),
                "n_reference": len(ref), "n_target": len(tgt), "features": int(ref.reshape(len(ref), -1).shape[1]),
                **summary, "seconds": time.time() - t0}
     write_results(out, results)
@@ -180,12 +221,13 @@ def _read_labels(path: Optional[Path], n: int, what: str):
     return y.long()
 
 
+@output_job("estimate")
 def run_estimate(reference: str, target: str, *, out: Path, model: Optional[str] = None,
                  adapter: Optional[Path] = None, reference_labels: Optional[Path] = None,
                  target_labels: Optional[Path] = None, reference_split: str = "val", split: str = "test",
                  methods: Optional[list[str]] = None, score: str = "entropy", calibrate: bool = True,
                  key: Optional[str] = None, limit: Optional[int] = None, batch_size: int = 64, seed: int = 0,
-                 overwrite: bool = False) -> dict[str, Any]:
+                 overwrite: bool = False, encoding: Optional[str] = None) -> dict[str, Any]:
     """Fit the estimators on labelled reference outputs; estimate the target's accuracy without its labels."""
     from .. import deploy as dd
     from ..deploy.accuracy import ESTIMATES
@@ -209,18 +251,25 @@ def run_estimate(reference: str, target: str, *, out: Path, model: Optional[str]
             raise CLIError("--reference-labels/--target-labels go with logit files; datasets bring their own labels")
         torch.manual_seed(seed)  # before the model: a bundled model built from scratch gets a reproducible init
         entry = load_entry(model, adapter)
-        ref_z, ref_y = model_logits(entry, data_batches(reference, entry, reference_split, batch_size, limit, seed))
-        tgt_z, tgt_y = model_logits(entry, data_batches(target, entry, split, batch_size, limit, seed))
+        ref_z, ref_y = model_logits(entry, data_batches(reference, entry, reference_split, batch_size, limit, seed,
+                                                        encoding))
+        tgt_z, tgt_y = model_logits(entry, data_batches(target, entry, split, batch_size, limit, seed, encoding))
         if ref_y is None:
             raise CLIError(f"the reference {reference!r} ({reference_split} split) has no labels; the estimators are "
                            "fitted on labelled reference data")
     if ref_z.dim() != 2 or tgt_z.dim() != 2 or ref_z.shape[1] != tgt_z.shape[1]:
         raise CLIError(f"reference and target logits must be (samples, classes) with the same classes, got "
                        f"{tuple(ref_z.shape)} and {tuple(tgt_z.shape)}")
+    classes = int(ref_z.shape[1])
+    for y, what in ((ref_y, "--reference-labels"), (tgt_y, "--target-labels")):
+        if y is not None and len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
+            raise CLIError(f"{what} holds class {int(y.min()) if int(y.min()) < 0 else int(y.max())}, outside the "
+                           f"logits' {classes} classes (0..{classes - 1})")
+    _warn_few(len(ref_z), len(tgt_z), (MIN_ESTIMATE_REFERENCE, MIN_ESTIMATE_TARGET), "accuracy estimation")
     t0 = time.time()
     est = dd.fit_accuracy_estimator(ref_z, ref_y, calibrate=calibrate, score=score)
     estimates = est.estimate(tgt_z, methods=methods)
-    out = prepare_out(out, overwrite)  # after the fit: bad labels or logits leave no directory behind
+    out = prepare_out(out, overwrite, inputs=[reference, target, model, adapter, reference_labels, target_labels])  # after the fit: bad labels or logits leave no directory behind
     true = float((tgt_z.argmax(-1) == tgt_y).double().mean()) if tgt_y is not None else None
     results = {"job": "estimate", "reference": reference, "target": target, "model": model,
                "adapter": str(adapter) if adapter else None, "reference_split": reference_split, "split": split,
@@ -232,18 +281,20 @@ def run_estimate(reference: str, target: str, *, out: Path, model: Optional[str]
     return results
 
 
+@output_job("adapt")
 def run_adapt(model: str, data: str, *, out: Path, method: str = "tent", options: Optional[dict] = None,
               adapter: Optional[Path] = None, split: str = "test", batch_size: int = 64, limit: Optional[int] = None,
-              compare: bool = True, seed: int = 0, overwrite: bool = False, console=None) -> dict[str, Any]:
+              compare: bool = True, seed: int = 0, overwrite: bool = False, console=None,
+              encoding: Optional[str] = None) -> dict[str, Any]:
     import torch
 
     from .. import deploy as dd
     from ..deploy.batch import call_model, get_logits
 
-    out = prepare_out(out, overwrite)
+    out = prepare_out(out, overwrite, inputs=[data, model, adapter])
     torch.manual_seed(seed)  # before the model: a bundled model built from scratch gets a reproducible init
     entry = load_entry(model, adapter)
-    loader = data_batches(data, entry, split, batch_size, limit, seed)
+    loader = data_batches(data, entry, split, batch_size, limit, seed, encoding)
     wrapper = dd.adapt(entry.model, method, **(options or {}))
     curves: dict[str, list[float]] = {}
     t0 = time.time()
@@ -385,6 +436,8 @@ def register(app: typer.Typer) -> None:
         limit: Optional[int] = typer.Option(None, help="at most N samples per dataset"),
         batch_size: int = typer.Option(64, help="batch size (model forward, stream step)"),
         seed: int = typer.Option(0, help="random seed (permutations, subsampling)"),
+        encoding: Optional[str] = typer.Option(None, help="text encoding of CSV/JSONL data files (default utf-8, "
+                                               "read strictly), e.g. latin-1"),
         out: Optional[Path] = typer.Option(None, help="output directory (results.json, PNG); default runs/detect-<time>"),
         overwrite: bool = typer.Option(False, help="replace a non-empty --out"),
     ) -> None:
@@ -394,7 +447,8 @@ def register(app: typer.Typer) -> None:
         console = Console(stderr=True)
         res = run_detect(reference, target, out=out or _default_out("detect"), test=test, alpha=alpha, model=model,
                          adapter=adapter, layer=layer, window=window, key=key, permutations=permutations, split=split,
-                         limit=limit, batch_size=batch_size, seed=seed, overwrite=overwrite, console=console)
+                         limit=limit, batch_size=batch_size, seed=seed, overwrite=overwrite, console=console,
+                         encoding=encoding)
         if window:
             console.print(f"{res['drift_windows']} of {res['windows']} windows drifted (alpha {alpha}); "
                           f"min p = {res['min_p_value']:.3g}")
@@ -427,6 +481,8 @@ def register(app: typer.Typer) -> None:
         limit: Optional[int] = typer.Option(None, help="at most N samples per dataset"),
         batch_size: int = typer.Option(64, help="batch size of the model forward"),
         seed: int = typer.Option(0, help="random seed (subsampling, a bundled model's init)"),
+        encoding: Optional[str] = typer.Option(None, help="text encoding of CSV/JSONL data files (default utf-8, "
+                                               "read strictly), e.g. latin-1"),
         out: Optional[Path] = typer.Option(None, help="output directory (results.json, PNG); default runs/estimate-<time>"),
         overwrite: bool = typer.Option(False, help="replace a non-empty --out"),
     ) -> None:
@@ -440,7 +496,7 @@ def register(app: typer.Typer) -> None:
                            reference_labels=reference_labels, target_labels=target_labels,
                            reference_split=reference_split, split=split, methods=chosen, score=score,
                            calibrate=calibrate, key=key, limit=limit, batch_size=batch_size, seed=seed,
-                           overwrite=overwrite)
+                           overwrite=overwrite, encoding=encoding)
         line = ", ".join(f"{m} {v:.1f}%" for m, v in res["estimated_accuracy"].items())
         true = f"; true {res['true_accuracy']:.1f}%" if res["true_accuracy"] is not None else ""
         # the data spec printed as given (rich would turn mnist-c:fog:3 into an emoji)
@@ -465,6 +521,8 @@ def register(app: typer.Typer) -> None:
         limit: Optional[int] = typer.Option(None, help="at most N samples"),
         compare: bool = typer.Option(True, help="also stream the unadapted model for comparison"),
         seed: int = typer.Option(0, help="random seed"),
+        encoding: Optional[str] = typer.Option(None, help="text encoding of a CSV/JSONL --data file (default utf-8, "
+                                               "read strictly), e.g. latin-1"),
         out: Optional[Path] = typer.Option(None, help="output directory (results.json, PNG); default runs/adapt-<time>"),
         overwrite: bool = typer.Option(False, help="replace a non-empty --out"),
     ) -> None:
@@ -477,7 +535,7 @@ def register(app: typer.Typer) -> None:
         console = Console(stderr=True)
         res = run_adapt(model, data, out=out or _default_out("adapt"), method=method, options=options, adapter=adapter,
                         split=split, batch_size=batch_size, limit=limit, compare=compare, seed=seed,
-                        overwrite=overwrite, console=console)
+                        overwrite=overwrite, console=console, encoding=encoding)
         if res["error"] is not None:
             src = f" (unadapted {res['source_error']:.2f}%)" if res["source_error"] is not None else ""
             console.print(f"{method}: error {res['error']:.2f}%{src} over {res['batches']} batches")

@@ -30,15 +30,15 @@ def run_merge(config: Path, out: Path, *, overwrite: bool = False, shard_size: s
     intra-op threads for this process (None: leave them)."""
     from ..algebra import load_merge_config, merge_checkpoints
 
+    from ..io.outdir import check_replace
+
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} is a file; give a directory path")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise CLIError(f"--out {out} exists and is not empty; pass --overwrite to replace it or choose another directory")
     max_bytes = parse_size(shard_size)
     if threads is not None and threads < 1:
         raise CLIError(f"--threads must be at least 1, got {threads}")
     cfg = load_merge_config(config)
+    check_replace(out, overwrite, [config, cfg.base, *(m.path for m in cfg.models),
+                                   *(m.stats for m in cfg.models if m.stats)])  # an input is never replaced
     if seed is not None:
         cfg.seed = seed
 

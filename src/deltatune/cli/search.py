@@ -8,9 +8,10 @@ from typing import Any, Optional
 
 import typer
 
-from .common import CLIError, prepare_out, write_results
+from .common import CLIError, output_job, prepare_out, write_results
 
 
+@output_job("search")
 def run_search_job(model: str, data: str, budget: str, trials: int, out: Path, *, max_steps: int = 100,
                    limit: Optional[int] = None, methods: Optional[str] = None, positions: Optional[str] = None,
                    targets: Optional[str] = None, batch_size: int = 16, seed: int = 0, backend: str = "optuna",
@@ -45,7 +46,8 @@ def run_search_job(model: str, data: str, budget: str, trials: int, out: Path, *
     cands = candidates(entry.model, space, count, tuple(entry.head))  # every candidate over budget: a one-line error here
     setup = SearchSetup(model=model, data=data, budget=count, trials=trials, max_steps=max_steps, limit=limit,
                         batch_size=batch_size, seed=seed)
-    out = prepare_out(Path(out), overwrite, resume=resume)
+    out = prepare_out(Path(out), overwrite, resume=resume, inputs=[data, model],
+                      keep_on_error=("study.db", "search.json"))  # what --resume continues
     if say:
         parallel = f", {workers} at a time (Ray Tune)" if backend == "ray" else ""
         say(f"{len(cands)} configurations fit the budget of {count:,} parameters; {trials} trials{parallel}, "

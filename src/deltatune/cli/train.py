@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
+import re
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from .common import CLIError, prepare_out, write_results
+from .common import CLIError, output_job, prepare_out, write_results
 
 TASK_FILE = "task.json"  # beside the adapter: which model/labels it was trained for
 # beside the adapter (and in the run directory while training) when the base model is a random
 # initialisation (small-cnn): the frozen base weights the delta was trained on, which no checkpoint holds
 BASE_FILE = "base.safetensors"
+CHECKPOINT = "checkpoint"  # train/checkpoint.py's directory name (and CHECKPOINT.old during a save)
+ADAPTER_FORMATS = ("deltatune", "peft")  # dt.save_adapter's layouts
 
 
 # -- the jobs as plain functions (used by the CLI, the demo and the tests) ---------------------------
@@ -33,6 +37,7 @@ def resolve_targets(model, method: str, entry_targets) -> Optional[list[str]]:
     return list(entry_targets) or None
 
 
+@output_job("train")
 def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     """Train a delta; ``cfg`` holds model, data, method, method options, train options and out."""
     import deltatune as dt
@@ -44,11 +49,15 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     from ..train.losses import class_weights
     from .spec_options import build_spec
 
+    fmt = cfg.get("format", "deltatune")
+    if fmt not in ADAPTER_FORMATS:  # checked before the data loads and the training runs, not when saving
+        raise CLIError(f"--format {fmt!r} is not an adapter layout; choose one of: {', '.join(ADAPTER_FORMATS)}")
     seed = int(cfg.get("seed", 0))
     fractions = _parse_fractions(cfg.get("split_fractions"))
-    train_data = load_data(cfg["data"], "train", seed=seed, limit=cfg.get("limit"), fractions=fractions)
-    val_data = load_data(cfg["data"], "val", seed=seed, limit=cfg.get("limit"), fractions=fractions)
-    test_data = load_data(cfg["data"], "test", seed=seed, limit=cfg.get("limit"), fractions=fractions)
+    read = {"seed": seed, "limit": cfg.get("limit"), "fractions": fractions, "encoding": cfg.get("encoding")}
+    train_data = load_data(cfg["data"], "train", **read)
+    val_data = load_data(cfg["data"], "val", **read)
+    test_data = load_data(cfg["data"], "test", **read)
     labels = list(getattr(train_data, "label_names", []) or [])
     import torch
 
@@ -78,7 +87,11 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     base_state = {k: v.detach().clone() for k, v in entry.model.state_dict().items()} if entry.from_scratch else None
     dt.attach(entry.model, spec, name="default")
     # every name and option is checked before anything is written
-    out = prepare_out(Path(cfg["out"]), cfg.get("overwrite", False), resume=cfg.get("resume", False))
+    if cfg.get("resume", False):
+        _check_resumable(Path(cfg["out"]))
+    out = prepare_out(Path(cfg["out"]), cfg.get("overwrite", False), resume=cfg.get("resume", False),
+                      inputs=[cfg["data"], cfg["model"], cfg.get("from_adapter")],
+                      keep_on_error=(CHECKPOINT, f"{CHECKPOINT}.old", BASE_FILE))  # what --resume continues from
     if base_state is not None and not base_file.is_file():
         save_tensors(base_file, base_state)
     summary = dt.trainable_summary(entry.model)
@@ -90,7 +103,10 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     adapter_dir = out / "adapter"
     dt.save_adapter(entry.model, adapter_dir, name="default", format=cfg.get("format", "deltatune"))
 
-    task_info = {"model": cfg["model"], "data": cfg["data"], "task": entry.task, "label_names": labels}
+    # the split the delta was trained on: eval draws the same one by default, so its test split never
+    # overlaps the training examples
+    task_info = {"model": cfg["model"], "data": cfg["data"], "task": entry.task, "label_names": labels,
+                 "split": {"seed": seed, "limit": cfg.get("limit"), "fractions": list(fractions) if fractions else None}}
     if base_state is not None:
         live = entry.model.state_dict()  # the base's BatchNorm statistics as training left them
         save_tensors(adapter_dir / BASE_FILE, {k: live.get(k, v) for k, v in base_state.items()})
@@ -108,25 +124,45 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     return results
 
 
+def _check_resumable(out: Path) -> None:
+    """--resume continues a checkpoint; a finished run without one would be trained again from scratch
+    and its adapter replaced, so it is refused."""
+    from ..train.checkpoint import find
+
+    if find(out) is None and out.is_dir() and any((out / name).exists() for name in ("adapter", "results.json")):
+        raise CLIError(f"--resume: {out} holds a finished run (adapter/, results.json) and no checkpoint to continue; "
+                       "pass --overwrite to train it again, or choose another --out")
+
+
 def _as_dict(obj) -> dict:
     import dataclasses
 
     return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
 
 
-def load_trained(model_name: Optional[str], adapter: Path):
-    """A model entry with the adapter at ``adapter`` loaded (labels from its task.json)."""
+def read_task(adapter: Path) -> dict[str, Any]:
+    """The adapter's task.json (which model, labels and data split it was trained with), or ``{}``."""
+    task_file = Path(adapter) / TASK_FILE
+    return json.loads(task_file.read_text()) if task_file.is_file() else {}
+
+
+def load_trained(model_name: Optional[str], adapter: Path, *, num_labels: Optional[int] = None):
+    """A model entry with the adapter at ``adapter`` loaded (labels from its task.json; ``num_labels``
+    sizes the head of an adapter without one, e.g. a peft adapter trained elsewhere)."""
     import deltatune as dt
 
     from ..models import load_model
 
-    task_file = Path(adapter) / TASK_FILE
-    task = json.loads(task_file.read_text()) if task_file.is_file() else {}
+    task = read_task(adapter)
     model_name = model_name or task.get("model")
     if not model_name:
-        raise CLIError(f"{adapter} has no {TASK_FILE}; pass --model to say which base model it belongs to")
+        raise CLIError(f"{adapter} has no {TASK_FILE}; pass --model to say which base model it belongs to "
+                       "(and --num-labels for a classifier)")
     labels = task.get("label_names") or []
-    entry = load_model(model_name, num_labels=len(labels) or None)
+    if num_labels is not None and labels and num_labels != len(labels):
+        raise CLIError(f"--num-labels {num_labels} contradicts {adapter / TASK_FILE}, which lists {len(labels)} "
+                       f"labels ({', '.join(labels[:5])}); drop --num-labels")
+    entry = load_model(model_name, num_labels=len(labels) or num_labels)
     if entry.from_scratch:
         base_file = Path(adapter) / BASE_FILE
         if not base_file.is_file():
@@ -149,14 +185,18 @@ def _load_base(entry, path: Path) -> None:
                        "model it was trained for") from None
 
 
-def run_eval(model_name: Optional[str], adapter: Path, data: str, split: str = "test", seed: int = 0, limit=None,
-             split_fractions: Any = None) -> dict[str, Any]:
+def run_eval(model_name: Optional[str], adapter: Path, data: str, split: str = "test", seed: Optional[int] = None,
+             limit=None, split_fractions: Any = None, *, num_labels: Optional[int] = None,
+             encoding: Optional[str] = None) -> dict[str, Any]:
+    """Evaluate the adapter on ``split`` of ``data``. On the data it was trained on, the split is drawn
+    with the seed, limit and fractions recorded in its task.json unless given here."""
     from ..data import load_data
     from ..train import evaluate
 
     fractions = _parse_fractions(split_fractions)
-    entry, labels = load_trained(model_name, adapter)
-    dataset = load_data(data, split, seed=seed, limit=limit, fractions=fractions)
+    seed, limit, fractions = _training_split(read_task(adapter), data, seed, limit, fractions)
+    entry, labels = load_trained(model_name, adapter, num_labels=num_labels)
+    dataset = load_data(data, split, seed=seed, limit=limit, fractions=fractions, encoding=encoding)
     names = list(getattr(dataset, "label_names", []) or [])
     if labels and names and names != labels:
         unseen = [n for n in names if n not in labels]
@@ -164,7 +204,61 @@ def run_eval(model_name: Optional[str], adapter: Path, data: str, split: str = "
             raise CLIError(f"labels {unseen} of {data!r} were not seen in training (trained on {labels}); evaluate on data with the training labels")
         dataset = _remap(dataset, names, labels)
     metrics = evaluate(entry.model, dataset, entry.collate, task=entry.task)
-    return {"job": "eval", "model": model_name, "adapter": str(adapter), "data": data, "split": split, **metrics}
+    return {"job": "eval", "model": model_name, "adapter": str(adapter), "data": data, "split": split, "seed": seed,
+            "limit": limit, "split_fractions": list(fractions) if fractions else None, **metrics}
+
+
+def _training_split(task: dict[str, Any], data: str, seed: Optional[int], limit: Optional[int],
+                    fractions: Optional[list[float]]) -> tuple[int, Optional[int], Optional[list[float]]]:
+    """Seed, limit and fractions for evaluating on ``data``: those of the training run (task.json) when it
+    is the training data and they were not given; a warning when a given seed or fractions differ (the
+    evaluation split may then overlap the examples the delta was trained on)."""
+    from ..data import check_fractions
+
+    recorded = task.get("split") if task.get("data") == data else None
+    if not isinstance(recorded, dict):
+        return (0 if seed is None else seed), limit, fractions
+    same = {"--seed": seed == recorded.get("seed", 0),
+            "--split-fractions": fractions is None or check_fractions(fractions) == check_fractions(recorded.get("fractions"))}
+    for flag, given, trained in (("--seed", seed, recorded.get("seed", 0)),
+                                 ("--split-fractions", fractions, recorded.get("fractions") or "default")):
+        if given is not None and not same[flag]:
+            print(f"warning: {flag} {given} differs from the training run's {trained}: the evaluation split may "
+                  f"overlap the examples the delta was trained on", file=sys.stderr)
+    return (recorded.get("seed", 0) if seed is None else seed,
+            recorded.get("limit") if limit is None else limit,
+            recorded.get("fractions") if fractions is None else fractions)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an output path that is a file, or a non-empty directory without ``overwrite``; creates nothing."""
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} is a file; give a directory path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise CLIError(f"--out {out} exists and is not empty; pass --overwrite to replace it or choose another directory")
+
+
+def _new_eval_dir(adapter: Path, data: str, split: str) -> Path:
+    """``ADAPTER/../eval-DATA-SPLIT`` (``-2``, ``-3``, ... when taken): each evaluation keeps its own
+    directory, so evaluating on another data set never replaces an earlier result."""
+    name = Path(data).stem if Path(data).exists() else data  # a file path: its name, not its folders
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:60] or "data"
+    base = adapter.resolve().parent / f"eval-{name}-{split}"
+    out, n = base, 1
+    while out.exists() and (not out.is_dir() or any(out.iterdir())):
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
+
+
+@output_job("eval")
+def _save_eval(out: Optional[Path], overwrite: bool, results: dict[str, Any], adapter: Path, data: str,
+               split: str) -> Path:
+    """Write eval's results.json into ``out``, or into a new directory beside the adapter."""
+    out = prepare_out(out if out is not None else _new_eval_dir(adapter, data, split), overwrite,
+                      inputs=[adapter, data])
+    write_results(out, results)
+    return out
 
 
 def _remap(dataset, names: list[str], labels: list[str]):
@@ -255,6 +349,8 @@ def register(app: typer.Typer) -> None:
         limit: Optional[int] = typer.Option(None, help="use at most N examples per split (quick runs)"),
         split_fractions: Optional[str] = typer.Option(None, help="train,val,test fractions of the data split "
                                                       "deltatune draws (default 0.8,0.1,0.1), e.g. 0.7,0.1,0.2"),
+        encoding: Optional[str] = typer.Option(None, help="text encoding of a CSV/JSONL --data file (default "
+                                               "utf-8, read strictly), e.g. latin-1"),
         fmt: str = typer.Option("deltatune", "--format", help="adapter file layout: deltatune | peft"),
         config: Optional[Path] = typer.Option(None, help="YAML file with these options; flags override it"),
         out: Optional[Path] = typer.Option(None, help="output directory (adapter/, metrics.json, results.json)"),
@@ -277,7 +373,7 @@ def register(app: typer.Typer) -> None:
             if value is not None:
                 train_opts[key] = value
         for key, value in {"model": model, "data": data, "method": method, "seed": seed, "out": out, "limit": limit,
-                           "split_fractions": split_fractions}.items():
+                           "split_fractions": split_fractions, "encoding": encoding}.items():
             if value is not None:
                 cfg[key] = value
         cfg.setdefault("method", "lora")
@@ -297,17 +393,25 @@ def register(app: typer.Typer) -> None:
         data: str = typer.Option(..., help="dataset name or path"),
         model: Optional[str] = typer.Option(None, help="base model (default: the one recorded beside the adapter)"),
         split: str = typer.Option("test", help="train | val | test"),
-        seed: int = typer.Option(0, help="seed of the data split"),
-        limit: Optional[int] = typer.Option(None, help="use at most N examples"),
-        split_fractions: Optional[str] = typer.Option(None, help="train,val,test fractions, as given to `train` "
-                                                      "(default 0.8,0.1,0.1)"),
-        out: Optional[Path] = typer.Option(None, help="where to write results.json (default: ADAPTER/../eval-SPLIT)"),
+        seed: Optional[int] = typer.Option(None, help="seed of the data split (default: the training run's, "
+                                           "recorded in the adapter's task.json, else 0)"),
+        limit: Optional[int] = typer.Option(None, help="use at most N examples (default: the training run's)"),
+        split_fractions: Optional[str] = typer.Option(None, help="train,val,test fractions (default: the training "
+                                                      "run's, else 0.8,0.1,0.1)"),
+        num_labels: Optional[int] = typer.Option(None, help="classes of the adapter's head, for an adapter without "
+                                                 "task.json (e.g. a peft adapter; with --model)"),
+        encoding: Optional[str] = typer.Option(None, help="text encoding of a CSV/JSONL --data file (default "
+                                               "utf-8, read strictly), e.g. latin-1"),
+        out: Optional[Path] = typer.Option(None, help="where to write results.json (default: a new "
+                                           "ADAPTER/../eval-DATA-SPLIT directory)"),
+        overwrite: bool = typer.Option(False, help="replace a non-empty --out"),
     ) -> None:
         """Evaluate a trained delta: accuracy and loss (perplexity for language models)."""
-        results = run_eval(model, adapter, data, split, seed, limit, split_fractions)
-        out = out or Path(adapter).parent / f"eval-{split}"
-        out.mkdir(parents=True, exist_ok=True)
-        write_results(out, results)
+        if out is not None:  # checked before the evaluation, which can take long
+            _check_out(out, overwrite)
+        results = run_eval(model, adapter, data, split, seed, limit, split_fractions, num_labels=num_labels,
+                           encoding=encoding)
+        out = _save_eval(out, overwrite, results, Path(adapter), data, split)
         shown = ", ".join(f"{k}={v:.4f}" for k, v in results.items() if isinstance(v, float))
         print(f"{data} [{split}]: {shown}  (results: {out / 'results.json'})")
 
@@ -323,13 +427,14 @@ def register(app: typer.Typer) -> None:
         print(f"merged model written to {out} ({results['num_tensors']} tensors, {results['bytes'] / 2**20:.1f} MiB)")
 
 
+@output_job("export")
 def run_export(model_name: Optional[str], adapter: Path, out: Path, overwrite: bool = False) -> dict[str, Any]:
     import deltatune as dt
 
     from ..io.files import save_tensors, write_json
 
     entry, labels = load_trained(model_name, adapter)
-    out = prepare_out(out, overwrite)
+    out = prepare_out(out, overwrite, inputs=[adapter, model_name])
     dt.merge(entry.model, unload=True)
     state = {k: v for k, v in entry.model.state_dict().items()}
     save_tensors(out / "model.safetensors", state, metadata={"format": "pt", "source": entry.source})
