@@ -388,7 +388,7 @@ def test_sparse_corrupt_indices_are_refused(tmp_path, mlp):
     torch.manual_seed(0)
     fresh = MLP()
     with pytest.raises(dt.DeltaFileError, match="out of range"):
-        dt.load_adapter(fresh, tmp_path / "s")
+        dt.load_adapter(fresh, tmp_path / "s", verify=False)  # past the checksum, which also refuses the edit
     assert not dt.delta_names(fresh)
 
 

@@ -124,6 +124,20 @@ class DeltaHost(Host):
             return b.embedding_dim
         raise AttributeError("out_features")
 
+    @property
+    def max_rank(self) -> int | None:
+        """Largest rank a weight change of this layer can have: min(fan-in, fan-out) of its weight
+        seen as a matrix (None for a module without one)."""
+        b = self.base
+        if self.kind in ("linear", "embedding"):
+            return min(self.in_features, self.out_features)
+        if self.kind == "conv":
+            fan_in = b.in_channels // b.groups
+            for k in b.kernel_size:
+                fan_in *= k
+            return min(fan_in, b.out_channels)
+        return None
+
     def conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The wrapped convolution applied to ``x`` with ``weight`` instead of its own and no bias.
 
@@ -359,14 +373,37 @@ def remove_delta(model: nn.Module, path: str, name: str) -> None:
 
 
 def add_deltas(model: nn.Module, name: str, spec: "DeltaSpec", paths: list[str]) -> list[str]:
-    """Add ``spec``'s delta at every path; on any failure remove the ones already added."""
+    """Add ``spec``'s delta at every path; on any failure remove the ones already added.
+
+    Sizes are checked at every path (``spec.check_host``) before the first tensor is allocated; a
+    delta with more parameters than the layer it adapts gets one warning for the whole call."""
+    check = getattr(spec, "check_host", None)  # internal builders (not specs) have none
+    for path in paths if check is not None else ():
+        module = get_module(model, path)
+        if not isinstance(module, ModuleCopy):
+            check(module if isinstance(module, DeltaHost) else DeltaHost(module), path)
     built: list[str] = []
+    larger: list[tuple[str, int, int]] = []
     try:
         for path in paths:
-            add_delta(model, path, name, spec)
+            delta = add_delta(model, path, name, spec)
             built.append(path)
+            own = sum(p.numel() for p in delta.parameters())
+            base = sum(p.numel() for p in get_module(model, path).base.parameters())
+            if own > base > 0:
+                larger.append((path, own, base))
     except Exception:
         for path in built:
             remove_delta(model, path, name)
         raise
+    if larger:
+        import warnings
+
+        path, own, base = larger[0]
+        warnings.warn(
+            f"delta {name!r} ({getattr(spec, 'method', '') or type(spec).__name__}) is larger than the layer it adapts "
+            f"on {len(larger)} of {len(paths)} modules (e.g. {path}: {own:,} parameters vs {base:,}); a smaller "
+            "rank or width gives the same kind of delta at a fraction of the size",
+            stacklevel=3,
+        )
     return paths

@@ -38,10 +38,15 @@ def registered_methods() -> dict[str, type["DeltaSpec"]]:
 
 
 def spec_from_dict(data: dict[str, Any]) -> "DeltaSpec":
-    """Rebuild a spec from :meth:`DeltaSpec.to_dict`; unknown keys (from newer versions) warn."""
+    """Rebuild a spec from :meth:`DeltaSpec.to_dict`; unknown keys (from newer versions) warn.
+
+    The values come from a file, so each is checked against its field's type first: a wrong one is a
+    one-line :class:`SpecError` naming the field, never a ``TypeError`` from inside validation."""
+    if not isinstance(data, dict):
+        raise SpecError(f"a spec config must be an object of options, not {type(data).__name__}")
     data = dict(data)
     method = data.pop("method", None)
-    if method not in _REGISTRY:
+    if not isinstance(method, str) or method not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY))
         raise SpecError(f"unknown method {method!r} in config; known methods: {known}")
     cls = _REGISTRY[method]
@@ -52,7 +57,54 @@ def spec_from_dict(data: dict[str, Any]) -> "DeltaSpec":
             f"ignoring unknown {method} config keys {unknown} (written by a newer deltatune?)",
             stacklevel=2,
         )
-    return cls(**{k: v for k, v in data.items() if k in names})
+    kwargs = {k: v for k, v in data.items() if k in names}
+    hints = _type_hints(cls)
+    for key, value in kwargs.items():
+        if key in hints and not _fits(value, hints[key]):
+            raise SpecError(f"{cls.__name__}.{key}={value!r} has the wrong type for this option"[:300])
+    try:
+        return cls(**kwargs)
+    except (TypeError, AttributeError, KeyError) as exc:  # a type the check above cannot describe
+        raise SpecError(f"{cls.__name__} config holds a value of the wrong type ({exc})") from None
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value can stand for a field annotated ``hint`` (unknown hints: let validate decide)."""
+    import types
+    from typing import Union
+
+    origin = get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_fits(value, arg) for arg in get_args(hint))
+    if origin is Literal:
+        return True  # checked with a better message by _check_literals
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            return True  # a single name is accepted where a tuple of names is expected
+        if not isinstance(value, (list, tuple)):
+            return False
+        args = get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis or origin is list and args:
+            return all(_fits(v, args[0]) for v in value)
+        return True
+    if origin is dict:
+        if not isinstance(value, dict):
+            return False
+        args = get_args(hint)
+        return not args or all(isinstance(k, str) and _fits(v, args[1]) for k, v in value.items())
+    return True
 
 
 def _freeze(value: Any) -> Any:
@@ -140,6 +192,13 @@ class DeltaSpec:
         """Method-specific checks; call :meth:`fail` on a bad value."""
 
     # -- building -----------------------------------------------------------------------------
+    def check_host(self, host: "DeltaHost", module_name: str) -> None:
+        """Check this spec's sizes against one host's dimensions before any delta tensor exists.
+
+        Called for every selected module before the first delta is built, so an impossible size
+        (a rank above the layer's) costs no memory; methods with a size option override it and
+        raise :class:`SpecError` naming the layer, the size and the limit."""
+
     def make_delta(self, host: "DeltaHost", module_name: str) -> "Delta":
         """Build the delta for one host (override in methods that use hosts)."""
         raise NotImplementedError

@@ -2,9 +2,10 @@
 
 deltatune format — a directory with
   ``delta.safetensors``  only the delta's tensors, keys ``<module path>.<tensor>``;
-  ``delta.json``         format + version, the spec, and the base-model fingerprint (the shapes of
+  ``delta.json``         format + version, the spec, the base-model fingerprint (the shapes of
                          every hosting module's parameters), so a delta is never silently loaded onto
-                         another base.
+                         another base, and the sha256 of ``delta.safetensors`` (``"checksums"``), so
+                         a corrupt copy is refused (see :mod:`.checks`).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.errors import DeltaFileError, StateError
+from ..core.errors import DeltaFileError, SpecError, StateError
 from ..core.host import DeltaHost, ModuleCopy, get_module, iter_hosts
 from ..core.model import attach, delta_names, detach, get_spec
-from ..core.spec import spec_from_dict
+from ..core.spec import DeltaSpec, spec_from_dict
+from .checks import check_header, check_value, file_sha256, tensor_header, validate_delta_config, verify_file
 from .files import load_tensors, read_json, save_tensors, write_json
 
 FORMAT = "deltatune-delta"
@@ -60,8 +62,8 @@ def fingerprint(model: nn.Module, paths: list[str]) -> dict[str, Any]:
     return {"sha256_16": digest, "modules": shapes}
 
 
-def check_fingerprint(model: nn.Module, fp: dict[str, Any], source: Path) -> None:
-    for path, params in fp.get("modules", {}).items():
+def check_fingerprint(model: nn.Module, fp: dict[str, Any] | None, source: Path) -> None:
+    for path, params in (fp or {}).get("modules", {}).items():
         try:
             module = get_module(model, path)
         except AttributeError:
@@ -112,6 +114,7 @@ def save_adapter(model: nn.Module, path: str | Path, name: str | None = None, fo
         "num_parameters": int(sum(t.numel() for t in tensors.values())),
     }
     save_tensors(path / DELTA_TENSORS, tensors, metadata={"format": FORMAT, "name": name})
+    config["checksums"] = {DELTA_TENSORS: file_sha256(path / DELTA_TENSORS)}  # of the bytes on disk
     write_json(path / DELTA_JSON, config)
     return path
 
@@ -127,35 +130,81 @@ def detect_format(path: str | Path) -> str:
     raise DeltaFileError(f"{path} holds neither {DELTA_JSON} nor {PEFT_JSON}; pass a saved delta directory")
 
 
-def read_adapter_info(path: str | Path) -> dict[str, Any]:
-    """What a delta directory holds (format, method, targets, sizes, fingerprint), without a model."""
+def read_delta_config(path: Path) -> dict[str, Any]:
+    """``path/delta.json``, its whole structure checked (one-line errors naming the file and the field)."""
+    file = path / DELTA_JSON
+    config = read_json(file)
+    validate_delta_config(config, file, format=FORMAT, max_version=FORMAT_VERSION)
+    return config
+
+
+def spec_of_config(config: dict[str, Any], file: Path) -> DeltaSpec:
+    """The spec recorded in a validated config; a bad option names the file and the field."""
+    try:
+        return spec_from_dict(config["spec"])
+    except DeltaFileError:
+        raise
+    except ValueError as exc:  # SpecError and friends: the message names the option
+        raise DeltaFileError(f"{file}: field 'spec' is invalid: {exc}; save the delta again") from None
+
+
+def verify_adapter(path: str | Path) -> None:
+    """Compare a delta directory's tensor file with the sha256 recorded when it was saved (no-op for
+    directories saved without one: older deltatune, peft itself, ``deltatune compress`` output)."""
+    path = Path(path)
+    if detect_format(path) == "deltatune":
+        config = read_delta_config(path)
+        if not config.get("compressed"):
+            verify_file(path / DELTA_TENSORS, (config.get("checksums") or {}).get(DELTA_TENSORS), path / DELTA_JSON)
+    else:
+        from .checks import PEFT_CHECKSUMS, peft_checksums
+
+        verify_file(path / PEFT_TENSORS, peft_checksums(path).get(PEFT_TENSORS), path / PEFT_CHECKSUMS)
+
+
+def read_adapter_info(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
+    """What a delta directory holds (format, method, targets, sizes, fingerprint), without a model.
+
+    The config's structure is checked and, with ``verify``, the tensor file against its recorded sha256."""
     path = Path(path)
     fmt = detect_format(path)
-    config = read_json(path / (DELTA_JSON if fmt == "deltatune" else PEFT_JSON))
+    keys = ("name", "method", "spec", "hosts", "trainable_modules", "fingerprint", "format_version")
+    if fmt == "deltatune":
+        config = read_delta_config(path)
+    else:
+        from .checks import validate_peft_config
+
+        config = read_json(path / PEFT_JSON)
+        validate_peft_config(config, path / PEFT_JSON)
+    if verify:
+        verify_adapter(path)
     tensor_file = path / (DELTA_TENSORS if fmt == "deltatune" else PEFT_TENSORS)
     if fmt == "deltatune" and config.get("compressed"):
         from ..compress.container import describe
 
-        return {**describe(path), "name": config.get("name"), "method": config.get("method"), "spec": config.get("spec"),
-                "hosts": config.get("hosts"), "trainable_modules": config.get("trainable_modules"),
-                "fingerprint": config.get("fingerprint"), "format_version": config.get("format_version")}
+        return {**describe(path), **{k: config.get(k) for k in keys}}
+    header = tensor_header(tensor_file)
+    info: dict[str, Any] = {"path": str(path), "format": fmt, "file_bytes": tensor_file.stat().st_size,
+                            "num_tensors": len(header), "num_parameters": sum(_prod(s) for _, s in header.values()),
+                            "metadata": _metadata(tensor_file)}
+    if fmt == "deltatune":
+        info.update({k: config.get(k) for k in keys})
+        info["checksum"] = "recorded" if config.get("checksums") else "none recorded"
+    else:
+        from .checks import peft_checksums
+
+        info.update({"method": str(config.get("peft_type", "?")).lower(), "spec": config, "hosts": None,
+                     "checksum": "recorded" if peft_checksums(path) else "none recorded"})
+    if verify and info["checksum"] == "recorded":
+        info["checksum"] = "verified"
+    return info
+
+
+def _metadata(file: Path) -> dict[str, str]:
     from safetensors import safe_open
 
-    sizes: dict[str, Any] = {"file_bytes": tensor_file.stat().st_size if tensor_file.exists() else None}
-    try:
-        with safe_open(str(tensor_file), framework="pt") as fh:
-            keys = list(fh.keys())
-            sizes["num_tensors"] = len(keys)
-            sizes["num_parameters"] = sum(_prod(fh.get_slice(k).get_shape()) for k in keys)
-            sizes["metadata"] = fh.metadata() or {}
-    except Exception as exc:  # noqa: BLE001 - any reader failure is a corrupt file here
-        raise DeltaFileError(f"{tensor_file} is not a readable safetensors file ({exc}); save it again") from exc
-    info = {"path": str(path), "format": fmt, **sizes}
-    if fmt == "deltatune":
-        info.update({k: config.get(k) for k in ("name", "method", "spec", "hosts", "trainable_modules", "fingerprint", "format_version")})
-    else:
-        info.update({"method": str(config.get("peft_type", "?")).lower(), "spec": config, "hosts": None})
-    return info
+    with safe_open(str(file), framework="pt") as fh:  # the header was read once already: it parses
+        return fh.metadata() or {}
 
 
 def _prod(shape) -> int:
@@ -165,42 +214,47 @@ def _prod(shape) -> int:
     return out
 
 
-def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, *, activate: bool = True) -> str:
+def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, *, activate: bool = True,
+                 verify: bool = True) -> str:
     """Load a saved delta (format detected) into ``model`` as ``name``; returns the name used.
 
-    Everything is checked before the model changes; on any failure the model is left as it was.
+    Everything is checked before the model changes, and sizes before anything is allocated: the
+    config's structure, the tensor file's sha256 (``verify=False`` skips it, for hand-edited files),
+    the spec's sizes against the layers, the header's tensor names, shapes and dtypes against what the
+    spec builds, then the values (finite, of the right kind). On any failure the model is left as it was.
     """
     path = Path(path)
     fmt = detect_format(path)
     if fmt == "peft":
         from .peft import load_peft
 
-        return load_peft(model, path, name or "default", activate=activate)
-    config = read_json(path / DELTA_JSON)
-    if config.get("format") != FORMAT:
-        raise DeltaFileError(f"{path / DELTA_JSON} is not a deltatune delta config (format={config.get('format')!r})")
-    version = config.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise DeltaFileError(
-            f"{path} was written by a newer deltatune (format version {version} > {FORMAT_VERSION}); upgrade deltatune to load it"
-        )
-    check_fingerprint(model, config.get("fingerprint", {}), path)
-    if config.get("compressed"):  # written by `deltatune compress`: decode the packed tensors
-        from ..compress.container import read_adapter_tensors
-
-        tensors = read_adapter_tensors(path)
-    else:
-        tensors = load_tensors(path / DELTA_TENSORS)
-    spec = spec_from_dict(config["spec"])
+        return load_peft(model, path, name or "default", activate=activate, verify=verify)
+    config = read_delta_config(path)
+    check_fingerprint(model, config.get("fingerprint"), path)
+    spec = spec_of_config(config, path / DELTA_JSON)
+    tensor_file = path / DELTA_TENSORS
+    header = None
+    if not config.get("compressed"):
+        header = tensor_header(tensor_file)  # first: a truncated file is named as such
+        if verify:
+            verify_file(tensor_file, (config.get("checksums") or {}).get(DELTA_TENSORS), path / DELTA_JSON)
     name = name or config.get("name") or "default"
     if name in delta_names(model):
         raise StateError(f"a delta named {name!r} is already attached; pass another name= or detach it first")
-    attach(model, spec, name, activate=activate)
+    attach_from_file(model, spec, name, path / DELTA_JSON, activate=activate)
     try:
         deltas, copies = parts_of(model, name)
-        if sorted(deltas) != sorted(config.get("hosts", [])) or sorted(copies) != sorted(config.get("trainable_modules", [])):
+        if sorted(deltas) != sorted(config["hosts"]) or sorted(copies) != sorted(config.get("trainable_modules", [])):
             raise DeltaFileError(f"{path}: its spec selects different modules on this model than it was saved from; load it on the original base")
-        load_module_states(path, {**deltas, **copies}, tensors)
+        modules = {**deltas, **copies}
+        if header is not None:  # names, shapes, dtypes: before the file's data is read
+            check_header(tensor_file, header, {f"{p}.{k}": v for p, m in modules.items() for k, v in m.state_dict().items()})
+            tensors = load_tensors(tensor_file)
+        else:  # written by `deltatune compress`: decode the packed tensors
+            from ..compress.container import read_adapter_tensors
+
+            tensors = read_adapter_tensors(path)
+        load_module_states(path, modules, tensors)
         for hp, delta in deltas.items():
             if hasattr(delta, "after_load"):
                 delta.after_load(get_module(model, hp))
@@ -208,6 +262,15 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, *,
         detach(model, name)
         raise
     return name
+
+
+def attach_from_file(model: nn.Module, spec: DeltaSpec, name: str, file: Path, *, activate: bool) -> None:
+    """``attach`` for a spec read from ``file``: a size that does not fit a layer (checked before any
+    tensor is allocated) names the file, since the fix is there."""
+    try:
+        attach(model, spec, name, activate=activate)
+    except SpecError as exc:
+        raise DeltaFileError(f"{file}: field 'spec' is invalid: {exc}; the file was edited or is for another model") from None
 
 
 def load_module_states(source: Path, modules: dict[str, nn.Module], tensors: dict[str, torch.Tensor]) -> None:
@@ -226,8 +289,10 @@ def load_module_states(source: Path, modules: dict[str, nn.Module], tensors: dic
                 f"{source}: tensor {key} has shape {tuple(value.shape)} but the model needs {tuple(current.shape)}; "
                 "it was saved for another base model or rank"
             )
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise DeltaFileError(f"{source}: tensor {key} holds NaN or inf values; the delta is corrupt")
-        per_module.setdefault(id(module), {})[local] = value.to(device=current.device, dtype=current.dtype)
+        check_value(source, key, value, current)
+        value = value.to(device=current.device, dtype=current.dtype)
+        if value.is_floating_point() and not torch.isfinite(value).all():  # e.g. float64 beyond float32's range
+            raise DeltaFileError(f"{source}: tensor {key} overflows {current.dtype} when loaded; the delta is corrupt")
+        per_module.setdefault(id(module), {})[local] = value
     for module in modules.values():
         module.load_state_dict(per_module.get(id(module), {}), strict=True)

@@ -4,6 +4,11 @@ Keys are ``base_model.model.<module path>.<suffix>``; the suffixes and the confi
 method (``DeltaSpec.peft_suffixes``, ``to_peft_config``, ``Delta.to_peft/from_peft``), this module
 only does the common part: prefixes, trainable module copies (peft's ``modules_to_save``), aligning
 module paths when peft wrapped a different root, and rollback on failure.
+
+Integrity: ``adapter_config.json`` stays exactly what peft reads, so the sha256 of the tensor file
+goes to a side file, ``adapter_checksums.json`` (peft ignores it), checked on loading. A directory
+without it (written by peft itself) loads unverified; one whose tensors were rewritten by another
+tool after deltatune saved it fails the check: delete the side file or load with ``verify=False``.
 """
 
 from __future__ import annotations
@@ -15,10 +20,11 @@ from torch import nn
 
 from ..core.errors import DeltaFileError, StateError
 from ..core.host import get_module
-from ..core.model import attach, delta_names, detach, get_spec
+from ..core.model import delta_names, detach, get_spec
 from ..core.spec import DeltaSpec, registered_methods
 from ..core.targets import iter_candidates
-from .adapter import PEFT_JSON, PEFT_TENSORS, load_module_states, parts_of
+from .adapter import PEFT_JSON, PEFT_TENSORS, attach_from_file, load_module_states, parts_of
+from .checks import CHECKSUM_FORMAT, PEFT_CHECKSUMS, file_sha256, peft_checksums, validate_peft_config, verify_file
 from .files import load_tensors, read_json, save_tensors, write_json
 
 PREFIX = "base_model.model."
@@ -43,6 +49,7 @@ def save_peft(model: nn.Module, path: Path, name: str) -> None:
     if copies:
         config["modules_to_save"] = sorted(copies)
     save_tensors(path / PEFT_TENSORS, tensors, metadata={"format": "pt"})
+    write_json(path / PEFT_CHECKSUMS, {"format": CHECKSUM_FORMAT, "checksums": {PEFT_TENSORS: file_sha256(path / PEFT_TENSORS)}})
     write_json(path / PEFT_JSON, config)
 
 
@@ -94,9 +101,25 @@ def _saved_modules(config: dict, keys) -> list[str]:
     return [m for m in dict.fromkeys(config.get("modules_to_save") or []) if any(_under(m, k) for k in keys)]
 
 
-def load_peft(model: nn.Module, path: Path, name: str, *, activate: bool = True) -> str:
+def _from_config(cls: type[DeltaSpec], config: dict, targets: list[str], file: Path) -> DeltaSpec:
+    """``cls.from_peft_config`` with any failure on a malformed value as one line naming the file."""
+    try:
+        return cls.from_peft_config(config, targets)
+    except DeltaFileError:
+        raise
+    except ValueError as exc:  # SpecError: names the option
+        raise DeltaFileError(f"{file}: {exc}; fix the config or save the adapter again") from None
+    except (KeyError, TypeError, AttributeError) as exc:
+        what = f"field {exc.args[0]!r} is missing" if isinstance(exc, KeyError) else f"a field has the wrong type ({exc})"
+        raise DeltaFileError(f"{file}: {what}; fix the config or save the adapter again") from None
+
+
+def load_peft(model: nn.Module, path: Path, name: str, *, activate: bool = True, verify: bool = True) -> str:
     config = read_json(path / PEFT_JSON)
+    validate_peft_config(config, path / PEFT_JSON)
     cls = _spec_class(config)
+    if verify:
+        verify_file(path / PEFT_TENSORS, peft_checksums(path).get(PEFT_TENSORS), path / PEFT_CHECKSUMS)
     raw = load_tensors(path / PEFT_TENSORS)
     shared = {k: raw.pop(k) for k in cls.peft_shared_keys if k in raw}
     if name in delta_names(model):
@@ -139,8 +162,8 @@ def load_peft(model: nn.Module, path: Path, name: str, *, activate: bool = True)
     if unknown:
         raise DeltaFileError(f"{path / PEFT_TENSORS}: unexpected tensors {unknown[:3]}; the file is not a {config.get('peft_type')} adapter deltatune can read")
     mapping = _align(sorted(per_host) + sorted(bias_keys), model)
-    spec = cls.from_peft_config({**config, "modules_to_save": saved_modules}, [mapping[p] for p in sorted(per_host)])
-    attach(model, spec, name, activate=activate)
+    spec = _from_config(cls, {**config, "modules_to_save": saved_modules}, [mapping[p] for p in sorted(per_host)], path / PEFT_JSON)
+    attach_from_file(model, spec, name, path / PEFT_JSON, activate=activate)
     try:
         deltas, copies = parts_of(model, name)
         states: dict[str, torch.Tensor] = {}
@@ -177,8 +200,8 @@ def _load_root(model: nn.Module, path: Path, name: str, cls: type[DeltaSpec], co
     own = {k: v for k, v in raw.items() if not k.startswith(ROOT_PREFIX)}
     kept = {k[len(ROOT_PREFIX):]: v for k, v in raw.items() if k.startswith(ROOT_PREFIX)}
     saved = _saved_modules(config, kept)
-    spec = cls.from_peft_config({**config, "modules_to_save": saved}, [])
-    attach(model, spec, name, activate=activate)
+    spec = _from_config(cls, {**config, "modules_to_save": saved}, [], path / PEFT_JSON)
+    attach_from_file(model, spec, name, path / PEFT_JSON, activate=activate)
     try:
         deltas, copies = parts_of(model, name)
         if len(deltas) != 1:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.delta import Delta
-from ..core.errors import DeltaFileError
+from ..core.errors import DeltaFileError, SpecError
 from ..core.host import DeltaHost
 from ..core.spec import DeltaSpec, register
 
@@ -33,6 +33,14 @@ PEFT_EPS = 1e-5  # peft divides by (ranknum + 1e-5); kept so that outputs match 
 
 class _SVDSpecMixin:
     """Validation shared by the SVD-form LoRA specs (AdaLoRA, IncreLoRA)."""
+
+    def check_host(self, host: DeltaHost, module_name: str) -> None:
+        spec: Any = self
+        r, limit = spec.capacity(), host.max_rank
+        if limit is not None and r > limit:
+            field = "max_r" if hasattr(spec, "max_r") else "init_r"
+            raise SpecError(f"{type(spec).__name__}.{field}: rank {r} on {module_name!r} exceeds that layer's limit "
+                            f"{limit} (min of its input and output sizes); use {field} <= {limit}")
 
     def _check_common(self) -> None:
         spec: Any = self

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..core.delta import Delta
-from ..core.errors import StateError, TargetError
+from ..core.errors import SpecError, StateError, TargetError
 from ..core.host import DeltaHost, add_delta, get_module, iter_hosts, remove_delta
 from ..core.spec import DeltaSpec, register
 from ..core.targets import iter_candidates, name_matches, select_targets
@@ -183,8 +183,23 @@ class Bottleneck(DeltaSpec):
         """State shared by this delta's adapters across layers (Compacter's rules); None here."""
         return None
 
+    def check_widths(self, model: nn.Module, positions: list[tuple[str, str | None]]) -> None:
+        """Every adapter's width against its input, before any adapter tensor is allocated."""
+        def dims(path: str) -> tuple[int, int]:
+            module = get_module(model, path)
+            return module_dims(module if isinstance(module, DeltaHost) else DeltaHost(module))
+
+        for path, tap_path in positions:
+            d_host_in, d_out = dims(path)
+            d_in = dims(tap_path)[0] if tap_path else d_host_in if self.style == "parallel" else d_out
+            width = int(d_in // self.reduction_factor)
+            if width > d_in:
+                raise SpecError(f"{type(self).__name__}.reduction_factor={self.reduction_factor!r} makes the adapter on "
+                                f"{path!r} {width} wide, wider than its input ({d_in}); use reduction_factor >= 1")
+
     def inject(self, model: nn.Module, name: str) -> list[str]:
         positions = self.positions(model)
+        self.check_widths(model, positions)
         shared = self.shared_state()
         done: list[str] = []
         try:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.delta import Delta
-from ..core.errors import TargetError
+from ..core.errors import SpecError, TargetError
 from ..core.host import DeltaHost, add_delta, iter_hosts, remove_delta
 from ..core.spec import DeltaSpec, register
 from ..core.targets import iter_candidates, name_matches
@@ -76,6 +76,13 @@ class LoRA(DeltaSpec):
         r = self.rank_for(path)
         alpha = _pattern_value(path, self.alpha_pattern, self.alpha)
         return alpha / math.sqrt(r) if self.rslora else alpha / r
+
+    def check_host(self, host: DeltaHost, module_name: str) -> None:
+        r, limit = self.rank_for(module_name), host.max_rank
+        if limit is not None and r > limit:
+            field = "r" if r == self.r else "rank_pattern"
+            raise SpecError(f"LoRA.{field}: rank {r} on {module_name!r} exceeds that layer's limit {limit} "
+                            f"(min of its input and output sizes); use a rank <= {limit}")
 
     def make_delta(self, host: DeltaHost, module_name: str) -> Delta:
         if host.fan_in_fan_out != bool(host.fan_in_fan_out if self.fan_in_fan_out is None else self.fan_in_fan_out):

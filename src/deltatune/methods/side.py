@@ -72,6 +72,9 @@ class SideTuning(DeltaSpec):
         width = int(hidden // self.reduction_factor)
         if width < 1:
             self.fail("reduction_factor", f"leaves no side width for hidden width {hidden}")
+        if width > hidden:
+            self.fail("reduction_factor", f"makes the side network {width} wide, wider than the backbone's "
+                      f"{hidden} at {paths[0]!r}; use reduction_factor >= 1")
         ladder = _Ladder()
         try:
             for i, path in enumerate(paths):

@@ -88,6 +88,12 @@ class VeRA(DeltaSpec):
     def inject(self, model: nn.Module, name: str) -> list[str]:
         paths = select_targets(model, self)
         sizes = [_in_out(get_module(model, p)) for p in paths]
+        # the shared frozen projection is r × (max in + max out): bound it by the layers it serves
+        limit = sum(i * o for i, o in sizes) // (max(s[0] for s in sizes) + max(s[1] for s in sizes))
+        if self.r > max(limit, 1):
+            k = max(range(len(paths)), key=lambda j: sizes[j][0] * sizes[j][1])
+            self.fail("r", f"makes the shared projection larger than the {len(paths)} layers it adapts together "
+                      f"(largest: {paths[k]!r}, {sizes[k][0]}x{sizes[k][1]}); use r <= {max(limit, 1)}")
         a, b = projection(self.r, max(s[0] for s in sizes), max(s[1] for s in sizes), self.projection_seed)
         return add_deltas(model, name, _VeRAPart(vera=self, shared=(a, b)), paths)
 
