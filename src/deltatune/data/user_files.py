@@ -28,6 +28,11 @@ _INTEGRAL = re.compile(r"[+-]?\d+\.0*")  # "3.0": a float column written by pand
 Row = tuple[str, dict[str, Any]]  # (where: "line 7" or "record 3", the row's fields)
 
 
+def _shown(columns: list[str]) -> str:
+    """Column names for a one-line message (control characters escaped)."""
+    return ", ".join(c if c.isprintable() else repr(c) for c in columns) or "none"
+
+
 def decode(path: Path, encoding: str | None = None) -> str:
     """The file's text, decoded strictly (UTF-8 unless ``encoding``), a leading byte-order mark dropped."""
     name = encoding or "utf-8"
@@ -69,7 +74,7 @@ def _csv_rows(path: Path, text: str) -> tuple[list[Row], list[str]]:
                 continue  # blank lines (and ",,," lines from spreadsheets)
             if len(fields) != len(header):
                 raise DataError(f"{path}: line {start} has {len(fields)} fields but the header has {len(header)} "
-                                f"({', '.join(header)}); quote fields that contain commas")
+                                f"({_shown(header)}); quote fields that contain commas")
             rows.append((f"line {start}", dict(zip(header, fields))))
     except csv.Error as exc:
         raise DataError(f"{path}: line {reader.line_num} is not valid CSV ({exc})") from None
@@ -207,7 +212,7 @@ def user_text(path: Path, split: str, seed: int, limit: int | None,
         raise DataError(f"{path} holds no rows; it needs a header and one row per example")
     for col in ("text", "label"):
         if col not in columns:
-            raise DataError(f"{path} has no {col!r} column (columns: {', '.join(columns) or 'none'}); add one")
+            raise DataError(f"{path} has no {col!r} column (columns: {_shown(columns)}); add one")
     texts, keys = _labelled(path, rows, typed=path.suffix.lower() != ".csv")
     names = label_order(set(keys))
     index = {name: i for i, name in enumerate(names)}

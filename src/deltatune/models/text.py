@@ -157,6 +157,18 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def _from_pretrained(auto: Any, path: Path, task: str, **kwargs: Any) -> Any:
+    """``auto.from_pretrained`` with a damaged weights file or an architecture that cannot do ``task``
+    reported in one line."""
+    from safetensors import SafetensorError
+
+    try:
+        return auto.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        raise ModelError(f"{path} cannot be loaded as a {task} model ({_first_line(exc)}); save it again "
+                         "with save_pretrained") from None
+
+
 def transformers_dir(path: Path, num_labels: int | None, task: str | None, max_length: int = 128) -> ModelEntry:
     """A local transformers directory: a sequence classifier when ``num_labels`` is given (or the
     config is one), else a causal LM. Never runs remote code; never downloads."""
@@ -182,14 +194,14 @@ def transformers_dir(path: Path, num_labels: int | None, task: str | None, max_l
               "use_safetensors": True}
     if task == "text-classification":
         kwargs = {"num_labels": num_labels} if num_labels else {}
-        inner, info = tf.AutoModelForSequenceClassification.from_pretrained(
-            str(path), pad_token_id=tokenizer.pad_token_id, **kwargs, **common)
+        inner, info = _from_pretrained(tf.AutoModelForSequenceClassification, path, task,
+                                       pad_token_id=tokenizer.pad_token_id, **kwargs, **common)
         model = LogitsOnly(inner, "classifier_model")
         head = _fresh_modules(list(info.get("missing_keys", [])), inner, "classifier_model")
         return ModelEntry(path.name, task, model, text_collate(tokenizer, max_length),
                           attention_targets(config), head, path.name)
     if task == "causal-lm":
-        inner, _ = tf.AutoModelForCausalLM.from_pretrained(str(path), **common)
+        inner, _ = _from_pretrained(tf.AutoModelForCausalLM, path, task, **common)
         return ModelEntry(path.name, task, LogitsOnly(inner, "lm"), text_collate(tokenizer, max_length, lm=True),
                           attention_targets(config), [], path.name)
     raise ModelError(f"task {task!r} does not fit a transformers text directory; use text-classification or causal-lm")
