@@ -279,3 +279,23 @@ def test_damaged_safetensors_and_config_give_one_line(tmp_path):
     (model_dir / "config.json").write_text("{not json")
     with pytest.raises(ModelError, match="config.json is not a usable transformers config"):
         load_model(str(model_dir), num_labels=2)
+
+
+# --- the CLI ----------------------------------------------------------------------------------------
+
+
+def test_cli_encoding_option_and_one_line_errors(tmp_path, capsys):
+    from deltatune.cli.app import main
+
+    rows = "".join(f"caf\u00e9 {i},a\n" for i in range(20))  # latin-1 and one class
+    path = _csv(tmp_path, "text,label\n" + rows, encoding="latin-1")
+    out = tmp_path / "run"
+    assert main(["train", "--model", "minilm", "--data", path, "--max-steps", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "--encoding latin-1" in err
+    # with the encoding the file decodes, and the next problem (one class) is what is reported
+    assert main(["train", "--model", "minilm", "--data", path, "--encoding", "latin-1", "--max-steps", "1",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "1 class ('a')" in err and "utf-8" not in err
+    assert not out.exists()  # refused before --out is created
