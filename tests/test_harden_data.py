@@ -232,6 +232,29 @@ def test_mixed_image_sizes_batch_for_small_cnn(tmp_path):
     assert torch.allclose(batch["pixel_values"][0], alone) and torch.equal(data.examples[0]["image"], first)
 
 
+def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    ramp = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 257)  # 0 .. 65535 over the image
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(ramp).save(tmp_path / "imgs" / cls / f"{i}.png")
+    assert Image.open(next((tmp_path / "imgs" / "a").iterdir())).mode.startswith("I")
+    img = load_data(str(tmp_path / "imgs"), "train")[0]["image"]
+    assert img.shape == (3, 16, 16) and img.dtype == torch.uint8
+    # PIL's convert("RGB") clips at 255: 255 of the 256 pixels would be white
+    assert int(img[0, 0, 0]) == 0 and int(img[0, 15, 15]) == 255 and int(img[0, 8, 0]) == 128
+
+
+def test_unclosed_quote_and_huge_float_labels(tmp_path):
+    path = _csv(tmp_path, 'text,label\n"unterminated,a\nb,b\n')
+    _refused(path, "line 2 has 1 fields", "quote opened there may be unclosed")
+    jl = tmp_path / "f.jsonl"
+    jl.write_text("".join(json.dumps({"text": f"t{i}", "label": [0.5, 1e300][i % 2]}) + "\n" for i in range(10)))
+    assert load_data(str(jl), "train").label_names == ["0.5", "1e+300"]
+
+
 # --- 9. pickled model weights -----------------------------------------------------------------------
 
 

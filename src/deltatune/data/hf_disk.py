@@ -49,16 +49,17 @@ def _read_table(folder: Path):
 
 
 def _decode_image(cell: Any, where: Path):
-    import numpy as np
     import torch
     from PIL import Image
+
+    from .images import to_rgb
 
     data = cell.get("bytes") if isinstance(cell, dict) else None
     if not data:
         raise DataError(f"{where}: an image is stored by path only; save it with the image bytes embedded")
     try:
         with Image.open(io.BytesIO(data)) as im:
-            arr = np.asarray(im.convert("RGB"))
+            arr = to_rgb(im)
     except Exception as exc:  # noqa: BLE001 - any decoder failure means a bad image
         raise DataError(f"{where}: an image is not readable ({exc}); fix or drop that row") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (3, H, W) uint8

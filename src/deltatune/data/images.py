@@ -128,6 +128,21 @@ def digits(split: str, seed: int, limit: int | None, fractions: tuple[float, flo
     return Dataset("digits", "image-classification", image_examples(x, y), list(DIGITS))
 
 
+def to_rgb(im: Any) -> np.ndarray:
+    """A PIL image as ``(H, W, 3)`` uint8. 16/32-bit grey (PNG, TIFF) and float images are scaled to
+    8 bits: PIL's own ``convert("RGB")`` clips them at 255, which turns a 16-bit image white."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = float(arr.max()) if arr.size else 0.0
+        if im.mode.startswith("I;16") or 255 < top <= 65535:
+            arr = arr / 257.0  # 65535 -> 255
+        elif im.mode == "F" and top <= 1.0:
+            arr = arr * 255.0  # floats in [0, 1]
+        grey = np.clip(arr, 0, 255).round().astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    return np.asarray(im.convert("RGB"))
+
+
 def image_folder(path: Path, split: str, seed: int, limit: int | None,
                  fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> Dataset:
     """A class-per-folder image tree (``root/<class>/<image>``) as RGB, seeded stratified split."""
@@ -154,7 +169,7 @@ def image_folder(path: Path, split: str, seed: int, limit: int | None,
         f, c = files[i]
         try:
             with Image.open(f) as im:
-                arr = np.asarray(im.convert("RGB"))
+                arr = to_rgb(im)
         except Exception as exc:  # noqa: BLE001 - any decoder failure means a bad image file
             raise DataError(f"{f} is not a readable image ({exc}); remove or replace it") from None
         examples.append({"image": torch.from_numpy(arr.copy()).permute(2, 0, 1), "label": c})

@@ -73,8 +73,10 @@ def _csv_rows(path: Path, text: str) -> tuple[list[Row], list[str]]:
             if not any(f.strip() for f in fields):
                 continue  # blank lines (and ",,," lines from spreadsheets)
             if len(fields) != len(header):
+                hint = ("a quote opened there may be unclosed" if any("\n" in f for f in fields)
+                        else "quote fields that contain commas")
                 raise DataError(f"{path}: line {start} has {len(fields)} fields but the header has {len(header)} "
-                                f"({_shown(header)}); quote fields that contain commas")
+                                f"({_shown(header)}); {hint}")
             rows.append((f"line {start}", dict(zip(header, fields))))
     except csv.Error as exc:
         raise DataError(f"{path}: line {reader.line_num} is not valid CSV ({exc})") from None
@@ -147,7 +149,8 @@ def label_key(value: Any) -> str | None:
     if isinstance(value, float):
         if math.isnan(value):
             return None
-        return str(int(value)) if value.is_integer() else repr(value)
+        # integral floats below 2**53 are exact integers ("1.0" is class "1"); larger ones stay floats
+        return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
     if isinstance(value, str):
         s = value.strip()
         if not s or s.lower() == "nan":
