@@ -50,6 +50,7 @@ class Checkpoint:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        self.root = _root(self.path)
         files = self._files()
         self._where: dict[str, tuple[Path, tuple[int, ...], torch.dtype]] = {}
         for file, wanted in files.items():
@@ -77,6 +78,7 @@ class Checkpoint:
         if (p / INDEX).is_file():
             from ..io.files import read_json
 
+            self._inside(p / INDEX)
             try:
                 index = read_json(p / INDEX)
             except ValueError as exc:
@@ -86,20 +88,43 @@ class Checkpoint:
                 raise CheckpointError(f"{p / INDEX} has no weight_map; the index is corrupt")
             files: dict[Path, set[str] | None] = {}
             for name, fname in wmap.items():
-                files.setdefault(p / str(fname), set()).add(name)
+                files.setdefault(self._inside(p / str(fname)), set()).add(name)
             for f in files:
                 if not f.is_file():
                     raise CheckpointError(f"{p / INDEX} lists shard {f.name} but it is missing; copy the checkpoint again")
             return files
         if (p / "model.safetensors").is_file():
-            return {p / "model.safetensors": None}
+            return {self._inside(p / "model.safetensors"): None}
         shards = sorted(p.glob("*.safetensors"))
         if shards:
-            return {f: None for f in shards}
+            return {self._inside(f): None for f in shards}
         pickles = sorted(f.name for f in p.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt"))
         if pickles:
             raise CheckpointError(f"{p} holds only pickled weights ({pickles[0]}); deltatune never unpickles: save the model with safetensors")
         raise CheckpointError(f"{p} holds no .safetensors files; pass a model directory or file")
+
+    def _inside(self, path: Path) -> Path:
+        """``path`` with its links resolved, refused when that leaves the checkpoint's directory: a
+        linked shard or tokenizer file would read (and copy into the output) a file from elsewhere."""
+        real = path.resolve()
+        if real != self.root and self.root not in real.parents:
+            raise CheckpointError(f"{path} resolves to {real}, outside the model directory {self.root}; "
+                                  "keep a checkpoint's files inside its directory (copy them, do not link them)")
+        return real
+
+    def side_files(self) -> dict[str, Path]:
+        """The config and tokenizer files beside a directory checkpoint (name → real path), which a
+        merge copies into its output; one that links out of the directory is refused."""
+        if not self.path.is_dir():
+            return {}
+        found = {}
+        for fname in METADATA_FILES:
+            src = self.path / fname
+            if src.is_symlink() or src.exists():
+                real = self._inside(src)
+                if real.is_file():
+                    found[fname] = real
+        return found
 
     # -- what is inside -----------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -170,6 +195,16 @@ class LazyTensor:
         return part if part.dtype == self.dtype else part.to(self.dtype)
 
 
+def _root(path: Path) -> Path:
+    """The directory a checkpoint's files must lie in (links resolved). In the Hugging Face cache a
+    snapshot's files link to ``../../blobs/``, so there it is the repository folder holding both."""
+    real = path.resolve()
+    root = real if real.is_dir() else real.parent
+    if root.parent.name == "snapshots" and (root.parent.parent / "blobs").is_dir():
+        return root.parent.parent
+    return root
+
+
 def _read_header(file: Path) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     from safetensors import SafetensorError, safe_open
 
@@ -230,7 +265,15 @@ class ShardWriter:
         return self
 
     def write(self, chunk: torch.Tensor) -> None:
-        data = chunk.detach().to("cpu", self._dtype).contiguous().reshape(-1).view(torch.uint8)
+        chunk = chunk.detach().to("cpu", self._dtype).contiguous()
+        # one reduction: NaN/inf make the sum non-finite (an overflowing sum is re-checked exactly)
+        if chunk.is_floating_point() and not bool(torch.isfinite(chunk.sum())) \
+                and not bool(torch.isfinite(chunk).all()):
+            raise MergeError(
+                f"merged tensor {self._order[self._next - 1][1][0]} has NaN or inf values, so no output was written; "
+                "check the weights and parameters (or use an out_dtype wide enough for the values)"
+            )
+        data = chunk.reshape(-1).view(torch.uint8)
         if data.numel() > self._remaining:
             raise MergeError("a merge method produced more data than its tensor holds")
         self._fh.write(data.numpy())

@@ -71,11 +71,14 @@ def load_merge_config(path: str | Path) -> MergeConfig:
 
     path = Path(path)
     if not path.is_file():
-        raise MergeConfigError(f"config {path} does not exist; pass a YAML merge config")
+        what = "is not a file" if path.exists() else "does not exist"
+        raise MergeConfigError(f"config {path} {what}; pass a YAML merge config")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise MergeConfigError(f"{path} is not valid YAML ({str(exc).splitlines()[0]}); fix the syntax") from None
+    except (UnicodeDecodeError, OSError) as exc:
+        raise MergeConfigError(f"cannot read config {path} ({exc}); pass a UTF-8 YAML merge config") from None
     return parse_merge_config(data, root=path.parent, source=str(path))
 
 
@@ -117,7 +120,7 @@ def parse_merge_config(data: Any, root: str | Path = ".", source: str = "config"
     seed = data.get("random_seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise MergeConfigError(f"{source}: random_seed must be an integer, got {seed!r}")
-    return MergeConfig(
+    config = MergeConfig(
         method=method,
         models=entries,
         base=None if base is None else _local(base, root, source),
@@ -126,6 +129,38 @@ def parse_merge_config(data: Any, root: str | Path = ".", source: str = "config"
         out_dtype=_opt_str(data.get("out_dtype"), "out_dtype", source),
         seed=seed,
     )
+    check_parameters(config, source)
+    return config
+
+
+def check_parameters(config: MergeConfig, source: str = "config") -> None:
+    """Check every parameter value against the method's declared types and ranges now, before any
+    tensor is read (one line naming the model, the parameter and the accepted values). Checks across
+    parameters (weights that sum to 0 under normalize) run here when every value is a plain number,
+    and for each tensor when the merge is planned otherwise (gradients, filters)."""
+    from .registry import get_method, shown
+
+    spec = get_method(config.method)
+    known = set(spec.model_params) | set(spec.shared_params)
+    scopes = [(f"{source}: parameters: ", config.parameters)]
+    scopes += [(f"{source}: models[{i}] ({e.label}): ", e.parameters) for i, e in enumerate(config.models)]
+    for where, params in scopes:
+        for key, setting in params.items():
+            if key not in known:
+                raise MergeConfigError(f"{where}merge method {spec.name!r} has no parameter {shown(key)!r}; "
+                                       f"it takes: {', '.join(sorted(map(shown, known))) or 'none'}")
+            try:
+                values = setting_values(setting)
+            except MergeConfigError as exc:
+                raise MergeConfigError(f"{where}{shown(key)}: {exc}") from None
+            for value in values:
+                spec.value(key, value, where)
+    entries = config.non_base() if spec.needs_base else config.models
+    if entries and all(_plain(v) for _, params in scopes for v in params.values()):
+        def given(params: dict[str, Setting]) -> dict[str, Setting]:
+            return {k: v for k, v in params.items() if v is not None}  # null: the default, as per tensor
+
+        spec.resolve([given(e.parameters) for e in entries], given(config.parameters), f"{source}: ")
 
 
 def _opt_str(value: Any, key: str, source: str) -> str | None:
@@ -194,6 +229,30 @@ def resolve_setting(setting: Setting, tensor: str, t: float) -> Any:
         if flt is None or flt == "*" or str(flt) in tensor:
             return resolve_setting(cond["value"], tensor, t)
     return None
+
+
+def setting_values(setting: Setting) -> list[Any]:
+    """Every plain value a setting can take: the scalar, a gradient's points (values between them are
+    interpolated, so they lie inside any interval holding the points) or the filter entries' values."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, (bool, int, float, str)) or setting is None:
+        return [setting]
+    if not isinstance(setting, list):
+        raise MergeConfigError(f"parameter value {setting!r} must be a number, a list (gradient) or filter entries")
+    if all(isinstance(v, (bool, int, float, str)) for v in setting):
+        return list(setting)
+    values = []
+    for cond in setting:
+        if not isinstance(cond, dict) or "value" not in cond:
+            raise MergeConfigError(f"conditional parameter entries need a 'value' (and optional 'filter'); "
+                                   f"got {cond!r}")
+        values += setting_values(cond["value"])
+    return values
+
+
+def _plain(setting: Setting) -> bool:
+    return isinstance(setting, (bool, int, float, str)) or setting is None
 
 
 def _number(value: Any) -> float | None:

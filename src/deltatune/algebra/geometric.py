@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 
 from .errors import MergeError
-from .registry import common_shape, merge_method
+from .registry import UNIT, common_shape, merge_method
 from .tensors import ChunkSink, TensorLike, map_rows, read_rows, reduce_rows, work_dtype
 
 
@@ -32,7 +32,7 @@ def slerp_coefficients(norm0: float, norm1: float, dot: float, t: float, thresho
 
 
 @merge_method("slerp", paper="https://dl.acm.org/doi/10.1145/325165.325242", needs_base=True, min_models=1,
-              max_models=1, shared_params={"t": 0.5}, mergekit=True)
+              max_models=1, shared_params={"t": 0.5}, mergekit=True, limits={"t": UNIT})
 def slerp(base, models, *, t=0.5, out=None):
     """Spherical interpolation from the base (t = 0) to the other model (t = 1) (Shoemake, 1985)."""
     shape = common_shape(base, models)

@@ -9,11 +9,12 @@ mergekit's generalized task arithmetic; its parameters keep mergekit's names (``
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
-from .registry import common_shape, merge_method
+from .errors import MergeConfigError
+from .registry import FINITE, FRACTION, SEED, Limit, check_weight_sum, common_shape, merge_method
 from .sparsify import SparsifierName, chunk_for, fit_sparsifier
 from .tensors import ChunkSink, TensorLike, map_rows, read_rows, resolve_seed, work_dtype
 
@@ -120,17 +121,29 @@ def _last_block(read):
 
 _GTA = {"weight": 1.0, "density": 1.0}
 _SHARED = {"normalize": False, "rescale": False, "lambda_": 1.0, "int8_mask": False}
+_LIMITS = {"weight": FINITE, "density": FRACTION, "lambda_": FINITE, "seed": SEED,
+           "gamma": Limit(0.0, 1.0, hi_open=True), "epsilon": Limit(0.0, 0.5, hi_open=True)}
+
+
+def _check_della(kwargs: Mapping[str, Any]) -> None:
+    check_weight_sum(kwargs)
+    for density, epsilon in zip(kwargs["density"], kwargs["epsilon"]):
+        if density < 1 and not (0 < density - epsilon and density + epsilon < 1):  # density 1 keeps all
+            raise MergeConfigError(f"della needs density ± epsilon inside (0, 1); got density={density}, "
+                                   f"epsilon={epsilon}: lower epsilon")
 
 
 @merge_method("task_arithmetic", paper="https://arxiv.org/abs/2212.04089", needs_base=True,
-              model_params={"weight": 1.0}, shared_params=_SHARED, mergekit=True)
+              model_params={"weight": 1.0}, shared_params=_SHARED, mergekit=True,
+              limits=_LIMITS, check=check_weight_sum)
 def task_arithmetic(base, models, *, weight, normalize=False, rescale=False, lambda_=1.0, int8_mask=False, out=None):
     """Task arithmetic: base + λ Σ w_k τ_k (Ilharco et al., Editing Models with Task Arithmetic)."""
     return generalized_task_arithmetic(base, models, weight=weight, normalize=normalize, lambda_=lambda_, out=out)
 
 
 @merge_method("ties", paper="https://arxiv.org/abs/2306.01708", needs_base=True, model_params=_GTA,
-              shared_params={**_SHARED, "normalize": True}, mergekit=True)
+              shared_params={**_SHARED, "normalize": True}, mergekit=True,
+              limits=_LIMITS, check=check_weight_sum)
 def ties(base, models, *, weight, density, normalize=True, rescale=False, lambda_=1.0, int8_mask=False, out=None):
     """TIES: trim to the top-density magnitudes, elect signs, disjoint mean (Yadav et al.)."""
     return generalized_task_arithmetic(base, models, weight=weight, density=density, sparsifier="magnitude",
@@ -138,7 +151,8 @@ def ties(base, models, *, weight, density, normalize=True, rescale=False, lambda
 
 
 @merge_method("dare_ties", paper="https://arxiv.org/abs/2311.03099", needs_base=True, model_params=_GTA,
-              shared_params={**_SHARED, "rescale": True, "seed": None}, mergekit=True)
+              shared_params={**_SHARED, "rescale": True, "seed": None}, mergekit=True,
+              limits=_LIMITS, check=check_weight_sum)
 def dare_ties(base, models, *, weight, density, normalize=False, rescale=True, lambda_=1.0, int8_mask=False, seed=None, out=None):
     """DARE + TIES: random drop with rescale, then sign election (Yu et al., Language Models are Super Mario)."""
     return generalized_task_arithmetic(base, models, weight=weight, density=density, sparsifier="random", consensus="sum",
@@ -146,7 +160,8 @@ def dare_ties(base, models, *, weight, density, normalize=False, rescale=True, l
 
 
 @merge_method("dare_linear", paper="https://arxiv.org/abs/2311.03099", needs_base=True, model_params=_GTA,
-              shared_params={**_SHARED, "rescale": True, "seed": None}, mergekit=True)
+              shared_params={**_SHARED, "rescale": True, "seed": None}, mergekit=True,
+              limits=_LIMITS, check=check_weight_sum)
 def dare_linear(base, models, *, weight, density, normalize=False, rescale=True, lambda_=1.0, int8_mask=False, seed=None, out=None):
     """DARE: drop each task-vector entry with probability 1 − density and rescale the rest (Yu et al.)."""
     return generalized_task_arithmetic(base, models, weight=weight, density=density, sparsifier="random",
@@ -157,7 +172,8 @@ _CRUMBS = {**_GTA, "gamma": 0.01}
 
 
 @merge_method("breadcrumbs", paper="https://arxiv.org/abs/2312.06795", needs_base=True, model_params=_CRUMBS,
-              shared_params=_SHARED, mergekit=True)
+              shared_params=_SHARED, mergekit=True,
+              limits=_LIMITS, check=check_weight_sum)
 def breadcrumbs(base, models, *, weight, density, gamma, normalize=False, rescale=False, lambda_=1.0, int8_mask=False, out=None):
     """Model Breadcrumbs: drop the smallest entries and the largest outliers (fraction gamma)."""
     return generalized_task_arithmetic(base, models, weight=weight, density=density, gamma=gamma, sparsifier="magnitude_outliers",
@@ -165,7 +181,8 @@ def breadcrumbs(base, models, *, weight, density, gamma, normalize=False, rescal
 
 
 @merge_method("breadcrumbs_ties", paper="https://arxiv.org/abs/2312.06795", needs_base=True, model_params=_CRUMBS,
-              shared_params=_SHARED, mergekit=True)
+              shared_params=_SHARED, mergekit=True,
+              limits=_LIMITS, check=check_weight_sum)
 def breadcrumbs_ties(base, models, *, weight, density, gamma, normalize=False, rescale=False, lambda_=1.0, int8_mask=False, out=None):
     """Model Breadcrumbs sparsification followed by TIES sign election."""
     return generalized_task_arithmetic(base, models, weight=weight, density=density, gamma=gamma, sparsifier="magnitude_outliers",
@@ -176,7 +193,8 @@ _DELLA = {**_GTA, "epsilon": 0.15}
 
 
 @merge_method("della", paper="https://arxiv.org/abs/2406.11617", needs_base=True, model_params=_DELLA,
-              shared_params={**_SHARED, "normalize": True, "rescale": True, "seed": None}, mergekit=True)
+              shared_params={**_SHARED, "normalize": True, "rescale": True, "seed": None}, mergekit=True,
+              limits=_LIMITS, check=_check_della)
 def della(base, models, *, weight, density, epsilon, normalize=True, rescale=True, lambda_=1.0, int8_mask=False, seed=None, out=None):
     """DELLA: magnitude-ranked random drop (MagPrune), then TIES sign election (Deep et al.)."""
     return generalized_task_arithmetic(base, models, weight=weight, density=density, epsilon=epsilon, sparsifier="della",
@@ -184,7 +202,8 @@ def della(base, models, *, weight, density, epsilon, normalize=True, rescale=Tru
 
 
 @merge_method("della_linear", paper="https://arxiv.org/abs/2406.11617", needs_base=True, model_params=_DELLA,
-              shared_params={**_SHARED, "rescale": True, "seed": None}, mergekit=True)
+              shared_params={**_SHARED, "rescale": True, "seed": None}, mergekit=True,
+              limits=_LIMITS, check=_check_della)
 def della_linear(base, models, *, weight, density, epsilon, normalize=False, rescale=True, lambda_=1.0, int8_mask=False, seed=None, out=None):
     """DELLA's MagPrune without sign election."""
     return generalized_task_arithmetic(base, models, weight=weight, density=density, epsilon=epsilon, sparsifier="della",
@@ -192,7 +211,8 @@ def della_linear(base, models, *, weight, density, epsilon, normalize=False, res
 
 
 @merge_method("linear", paper="https://arxiv.org/abs/2203.05482", needs_base=False, model_params={"weight": 1.0},
-              shared_params={"normalize": True}, mergekit=True)
+              shared_params={"normalize": True}, mergekit=True,
+              limits=_LIMITS, check=check_weight_sum)
 def linear(base, models, *, weight, normalize=True, out=None):
     """Weighted average of the models' weights (model soups, Wortsman et al.); the base is not used."""
     shape = common_shape(None, models)

@@ -12,6 +12,7 @@ functions serve in-memory merges, the streaming checkpoint merger and the mergek
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -19,6 +20,59 @@ import torch
 
 from .errors import MergeConfigError, MergeError
 from .tensors import TensorLike, shape_of
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The values a numeric parameter accepts: finite, between ``lo`` and ``hi`` (open ends excluded)."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+    integer: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        try:
+            number = float(value)
+        except OverflowError:  # a YAML integer with hundreds of digits
+            return False
+        if not math.isfinite(number) or (self.integer and not number.is_integer()):
+            return False
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return above and below
+
+    def __str__(self) -> str:
+        kind = "an integer" if self.integer else "a finite number"
+        if self.lo == -math.inf and self.hi == math.inf:
+            return kind
+        if self.hi == math.inf:
+            return f"{kind} {'>' if self.lo_open else '>='} {self.lo:g}"
+        if self.lo == -math.inf:
+            return f"{kind} {'<' if self.hi_open else '<='} {self.hi:g}"
+        return f"{kind} in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+#: a finite number of any size and sign (every numeric parameter is at least this)
+FINITE = Limit()
+#: a fraction of the entries kept (density): more than none, at most all
+FRACTION = Limit(0.0, 1.0, lo_open=True)
+#: an interpolation factor or mixing share
+UNIT = Limit(0.0, 1.0)
+#: a random seed (hashed with each chunk's identity, so any integer)
+SEED = Limit(integer=True)
+
+
+def check_weight_sum(kwargs: Mapping[str, Any]) -> None:
+    """Normalising divides by the summed weights: a zero sum would make every merged value inf or NaN
+    (methods without a ``normalize`` switch always normalise)."""
+    weights = kwargs.get("weight")
+    if not weights or not kwargs.get("normalize", True):
+        return
+    if abs(math.fsum(weights)) <= 1e-8 * max(1.0, *(abs(w) for w in weights)):
+        raise MergeConfigError(f"the weights {list(weights)} sum to 0 and are normalised by their sum; "
+                               "change a weight or set normalize: false")
 
 
 @dataclass(frozen=True)
@@ -37,6 +91,10 @@ class MergeMethod:
     stats: str | None = None
     #: mergekit 0.1.5 has a method of this name with the same semantics
     mergekit: bool = False
+    #: accepted ranges of numeric parameters (any other numeric parameter must be finite)
+    limits: Mapping[str, Limit] = field(default_factory=dict)
+    #: checks across parameters of one tensor's resolved keyword arguments (raise MergeConfigError)
+    check: Callable[[Mapping[str, Any]], None] | None = None
 
     @property
     def summary(self) -> str:
@@ -54,21 +112,44 @@ class MergeMethod:
         if self.max_models is not None and n_models > self.max_models:
             raise MergeError(f"merge method {self.name!r} takes at most {self.max_models} models besides the base; got {n_models}")
 
-    def resolve(self, per_model: Sequence[Mapping[str, Any]], shared: Mapping[str, Any]) -> dict[str, Any]:
-        """Keyword arguments for :attr:`fn` from per-model and shared settings (defaults filled in)."""
+    def resolve(self, per_model: Sequence[Mapping[str, Any]], shared: Mapping[str, Any],
+                where: str = "") -> dict[str, Any]:
+        """Keyword arguments for :attr:`fn` from per-model and shared settings (defaults filled in),
+        each value checked against its declared range; ``where`` prefixes errors (e.g. the tensor)."""
         known = set(self.model_params) | set(self.shared_params)
         for scope in [shared, *per_model]:
             unknown = sorted(set(scope) - known)
             if unknown:
                 raise MergeConfigError(
-                    f"merge method {self.name!r} has no parameter {unknown[0]!r}; it takes: {', '.join(sorted(known)) or 'none'}"
+                    f"{where}merge method {self.name!r} has no parameter {shown(unknown[0])!r}; it takes: "
+                    f"{', '.join(sorted(map(shown, known))) or 'none'}"
                 )
         kwargs: dict[str, Any] = {}
         for key, default in self.model_params.items():
-            kwargs[key] = [_typed(self.name, key, m.get(key, shared.get(key, default)), default) for m in per_model]
+            kwargs[key] = [self.value(key, m.get(key, shared.get(key, default)), where) for m in per_model]
         for key, default in self.shared_params.items():
-            kwargs[key] = _typed(self.name, key, shared.get(key, default), default)
+            kwargs[key] = self.value(key, shared.get(key, default), where)
+        if self.check is not None:
+            try:
+                self.check(kwargs)
+            except MergeConfigError as exc:
+                raise MergeConfigError(f"{where}{exc}") from None
         return kwargs
+
+    def value(self, key: str, value: Any, where: str = "") -> Any:
+        """One parameter value converted to its type and checked against its range (a one-line
+        error naming ``where``, the parameter and the accepted values otherwise)."""
+        limit = self.limits.get(key, FINITE)
+        default = self.model_params.get(key, self.shared_params.get(key))
+        if default is None and limit.integer and value is not None:
+            default = 0  # an optional integer (seed): None or an integer
+        try:
+            typed = _typed(self.name, key, value, default)
+        except MergeConfigError as exc:
+            raise MergeConfigError(f"{where}{exc}") from None
+        if isinstance(typed, (int, float)) and not isinstance(typed, bool) and typed not in limit:
+            raise MergeConfigError(f"{where}{self.name} parameter {shown(key)!r} must be {limit}, got {_short(value)}")
+        return typed
 
 
 def _typed(method: str, key: str, value: Any, default: Any) -> Any:
@@ -89,12 +170,26 @@ def _typed(method: str, key: str, value: Any, default: Any) -> Any:
                 number = None
         if isinstance(number, (int, float)) and not isinstance(number, bool):
             if isinstance(default, float):
-                return float(number)
-            if float(number).is_integer():
+                try:
+                    return float(number)
+                except OverflowError:  # an integer beyond float range: out of every limit
+                    return math.inf if number > 0 else -math.inf
+            if not isinstance(number, float) or (math.isfinite(number) and number.is_integer()):
                 return int(number)
     else:
         return value
-    raise MergeConfigError(f"{method} parameter {key!r} must be a {type(default).__name__}, got {value!r}")
+    kind = "true or false" if isinstance(default, bool) else "a float" if isinstance(default, float) else "an integer"
+    raise MergeConfigError(f"{method} parameter {shown(key)!r} must be {kind}, got {_short(value)}")
+
+
+def shown(key: str) -> str:
+    """A parameter's name as the config spells it (``lambda_`` is mergekit's ``lambda``)."""
+    return key.rstrip("_")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 _METHODS: dict[str, MergeMethod] = {}
@@ -111,6 +206,8 @@ def merge_method(
     max_models: int | None = None,
     stats: str | None = None,
     mergekit: bool = False,
+    limits: Mapping[str, Limit] | None = None,
+    check: Callable[[Mapping[str, Any]], None] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: register ``fn`` as merge method ``name`` (see the module docstring for the call shape)."""
 
@@ -119,7 +216,7 @@ def merge_method(
             raise ValueError(f"merge method {name!r} is already registered")
         _METHODS[name] = MergeMethod(
             name, fn, paper, needs_base, dict(model_params or {}), dict(shared_params or {}),
-            min_models, max_models, stats, mergekit,
+            min_models, max_models, stats, mergekit, dict(limits or {}), check,
         )
         return fn
 

@@ -65,9 +65,9 @@ def fit_sparsifier(
     DARE this equals the paper's 1/density in expectation). Random masks are regenerated per chunk
     from ``seed`` and ``index`` (the model's position), so fitting and applying see the same mask.
     """
-    if density >= 1:
-        return Fitted(None)
     n = numel(shape)
+    if density >= 1 or n == 0:  # nothing dropped (an empty tensor has nothing to drop)
+        return Fitted(None)
     if name == "magnitude":
         if density <= 0 or n == 0:
             return Fitted(None, zero=True)

@@ -17,14 +17,15 @@ import torch
 from torch import nn
 
 from .errors import MergeError
-from .registry import common_shape, merge_method
+from .registry import UNIT, Limit, check_weight_sum, common_shape, merge_method
 from .tensors import TensorLike, map_rows, read_rows, shape_of, work_dtype
 
 Forward = Callable[[nn.Module, Any], torch.Tensor]
 
 
 @merge_method("fisher", paper="https://arxiv.org/abs/2111.09832", needs_base=False, model_params={"weight": 1.0},
-              shared_params={"floor": 1e-6}, stats="fisher")
+              shared_params={"floor": 1e-6}, stats="fisher",
+              limits={"floor": Limit(0.0)}, check=check_weight_sum)
 def fisher(base, models, *, weight, stats: Sequence[TensorLike] | None = None, floor: float = 1e-6, out=None):
     """Fisher-weighted average: Σ w_k (F_k + floor) θ_k / Σ w_k (F_k + floor); a plain average without F."""
     shape = common_shape(None, models)
@@ -44,7 +45,8 @@ def fisher(base, models, *, weight, stats: Sequence[TensorLike] | None = None, f
 
 
 @merge_method("regmean", paper="https://arxiv.org/abs/2212.09849", needs_base=False, model_params={"weight": 1.0},
-              shared_params={"alpha": 0.9}, stats="gram")
+              shared_params={"alpha": 0.9}, stats="gram",
+              limits={"alpha": UNIT}, check=check_weight_sum)
 def regmean(base, models, *, weight, stats: Sequence[TensorLike] | None = None, alpha: float = 0.9, out=None):
     """RegMean: the Linear weight minimising Σ_k ||X_k W − X_k W_k||², from each model's Gram matrix
     G_k = X_kᵀX_k (off-diagonals scaled by ``alpha``); tensors without Gram matrices are averaged."""
