@@ -278,3 +278,90 @@ def test_real_model_rank_beyond_hidden_size_is_refused():
     with pytest.raises(dt.SpecError, match=r"rank 100000 on '.*query' exceeds that layer's limit 384"):
         dt.attach(entry.model, dt.LoRA(r=100000))
     assert dt.delta_names(entry.model) == []
+
+
+# -- 5. the CLI: --no-verify and `deltatune info` on any file ------------------------------------------
+def _cli(capsys, *args) -> tuple[int, str, str]:
+    from deltatune.cli.app import main
+
+    rc = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_info_shows_base_model_task_and_labels(tmp_path, capsys):
+    _, path = _saved(tmp_path)
+    (path / "task.json").write_text(json.dumps({"model": "minilm", "data": "bbc-news", "task": "classification",
+                                                "label_names": ["[PAD]", "sport", "tech"]}))
+    rc, out, _ = _cli(capsys, "info", path)
+    assert rc == 0
+    assert "minilm" in out and "classification on bbc-news" in out and "3: [PAD], sport, tech" in out
+    assert "verified" in out
+    rc, out, _ = _cli(capsys, "info", path, "--json")
+    assert rc == 0 and json.loads(out)["task_info"]["label_names"] == ["[PAD]", "sport", "tech"]
+    (path / "task.json").write_text("{not json")  # a broken task.json is reported, the rest still shown
+    rc, out, _ = _cli(capsys, "info", path)
+    assert rc == 0 and "not valid JSON" in out and "lora" in out
+
+
+@pytest.mark.parametrize("how", ["no spec", "hosts 5", "list fingerprint", "version string", "corrupt json",
+                                 "flipped bytes", "peft r", "peft not object", "truncated tensors"])
+def test_info_never_crashes_on_a_malformed_adapter(tmp_path, capsys, how):
+    _, path = _saved(tmp_path, fmt="peft" if how.startswith("peft") else "deltatune")
+    if how == "corrupt json":
+        (path / "delta.json").write_text('{"format": ')
+    elif how == "flipped bytes":
+        _flip_data_byte(path / "delta.safetensors")
+    elif how == "truncated tensors":
+        data = (path / "delta.safetensors").read_bytes()
+        (path / "delta.safetensors").write_bytes(data[: len(data) // 3])
+    elif how == "peft r":
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        cfg["r"] = "four"
+        (path / "adapter_config.json").write_text(json.dumps(cfg))
+    elif how == "peft not object":
+        (path / "adapter_config.json").write_text("[1, 2]")
+    else:
+        cfg = json.loads((path / "delta.json").read_text())
+        _edit_config(cfg, how)
+        (path / "delta.json").write_text(json.dumps(cfg))
+    rc, out, err = _cli(capsys, "info", path)
+    assert rc == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(path) in lines[0], err
+    if how == "flipped bytes":
+        assert "--no-verify" in lines[0]
+        rc, out, _ = _cli(capsys, "info", path, "--no-verify")
+        assert rc == 0 and "lora" in out
+
+
+def _small_cnn_adapter(tmp_path):
+    """An adapter as `deltatune train` leaves it for a from-scratch base: delta, base weights, task.json."""
+    from deltatune.io.files import save_tensors
+    from deltatune.models import load_model
+
+    torch.manual_seed(0)
+    entry = load_model("small-cnn")
+    base = {k: v.clone() for k, v in entry.model.state_dict().items()}
+    dt.attach(entry.model, dt.LoRA(r=2, target_types=["Linear"]))
+    randomize(entry.model, std=0.05)
+    path = dt.save_adapter(entry.model, tmp_path / "adapter")
+    save_tensors(path / "base.safetensors", base)
+    (path / "task.json").write_text(json.dumps({"model": "small-cnn", "task": "classification",
+                                                "label_names": [str(i) for i in range(10)]}))
+    return path
+
+
+def test_jobs_that_load_adapters_verify_and_take_no_verify(tmp_path, capsys):
+    path = _small_cnn_adapter(tmp_path)
+    _flip_data_byte(path / "delta.safetensors")
+    for job in (["export", "--adapter", path, "--out", tmp_path / "merged"],
+                ["compress", path, "--codec", "int8", "--min-numel", "0", "--out", tmp_path / "int8"]):
+        rc, _, err = _cli(capsys, *job)
+        assert rc == 2 and "does not match the sha256" in err and len(err.strip().splitlines()) == 1, err
+        rc, _, err = _cli(capsys, *job, "--no-verify")
+        assert rc == 0, err
+    assert (tmp_path / "merged" / "model.safetensors").is_file() and (tmp_path / "int8" / "delta.json").is_file()
+    for job in ("eval", "detect", "estimate", "adapt"):
+        rc, out, _ = _cli(capsys, job, "--help")
+        assert rc == 0 and "--no-verify" in out, job

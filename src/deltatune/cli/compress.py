@@ -17,7 +17,7 @@ CODEC_NAMES = ("compeft", "bitdelta", "dare", "int8", "int4", "lowrank")
 
 
 def run_compress(source: Path, codec: str, out: Path, *, base: Optional[Path] = None, overwrite: bool = False,
-                 **options: Any) -> dict[str, Any]:
+                 verify: bool = True, **options: Any) -> dict[str, Any]:
     """The compress job as a plain function: everything is computed before ``out`` is touched, then the
     result is written into a temporary directory beside it and renamed into place."""
     from ..compress import compress_adapter, compress_checkpoint
@@ -37,6 +37,10 @@ def run_compress(source: Path, codec: str, out: Path, *, base: Optional[Path] = 
     if (source / DELTA_JSON).is_file():
         if base is not None:
             raise CLIError("--base is for full fine-tuned checkpoints; an adapter directory is a delta already")
+        if verify:  # the sha256 recorded when it was saved (a corrupt copy is not compressed into a new file)
+            from ..io.adapter import verify_adapter
+
+            verify_adapter(source)
         compressed = compress_adapter(source, codec, **options)
     else:
         if base is None:
@@ -103,9 +107,10 @@ def register(app: typer.Typer) -> None:
         min_numel: int = typer.Option(1024, "--min-numel", help="smaller tensors and vectors stay uncompressed"),
         keep: str = typer.Option("", "--keep", help="comma-separated name prefixes kept uncompressed, e.g. classifier"),
         overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output directory"),
+        no_verify: bool = typer.Option(False, "--no-verify", help="skip the adapter's sha256 check (files edited on purpose)"),
     ) -> None:
         """Compress a delta: ComPEFT, BitDelta, DARE, int8/int4, or low-rank extraction."""
-        r = run_compress(source, codec, out, base=base, overwrite=overwrite, density=density, rank=rank, scale=scale,
+        r = run_compress(source, codec, out, base=base, overwrite=overwrite, verify=not no_verify, density=density, rank=rank, scale=scale,
                          alpha=alpha, seed=seed, values=values, min_numel=min_numel,
                          keep=tuple(k.strip() for k in keep.split(",") if k.strip()))
         typer.echo(f"{codec}: {r['bytes_before'] / 1024:.1f} KiB -> {r['bytes_after'] / 1024:.1f} KiB "

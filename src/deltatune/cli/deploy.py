@@ -91,8 +91,9 @@ def _both_files(reference: str, target: str, model: Optional[str], what: str) ->
     return all(files)
 
 
-def load_entry(model: str, adapter: Optional[Path]):
-    """The model entry from ``deltatune.models`` (with ``adapter`` loaded when given)."""
+def load_entry(model: str, adapter: Optional[Path], verify: bool = True):
+    """The model entry from ``deltatune.models`` (with ``adapter`` loaded when given; ``verify=False``
+    skips its sha256 check)."""
     try:
         from ..models import load_model  # noqa: F401
     except ImportError:
@@ -100,7 +101,7 @@ def load_entry(model: str, adapter: Optional[Path]):
     if adapter is not None:
         from .train import load_trained
 
-        entry, _ = load_trained(model, adapter)
+        entry, _ = load_trained(model, adapter, verify=verify)
         return entry
     from ..models import load_model
 
@@ -137,7 +138,7 @@ def run_detect(reference: str, target: str, *, out: Path, test: str = "mmd", alp
                window: Optional[int] = None, key: Optional[str] = None, permutations: int = 500,
                split: str = "test", limit: Optional[int] = None, batch_size: int = 64, seed: int = 0,
                overwrite: bool = False, console=None, reference_split: Optional[str] = None,
-               encoding: Optional[str] = None) -> dict[str, Any]:
+               encoding: Optional[str] = None, verify: bool = True) -> dict[str, Any]:
     from .. import deploy as dd
 
     files = _both_files(reference, target, model, "feature")
@@ -153,7 +154,7 @@ def run_detect(reference: str, target: str, *, out: Path, test: str = "mmd", alp
         import torch
 
         torch.manual_seed(seed)  # before the model: a bundled model built from scratch gets a reproducible init
-        entry = load_entry(model, adapter)
+        entry = load_entry(model, adapter, verify)
         outputs = test in ("bbsd", "label")
         ref, tgt = (dd.embed(entry.model, data_batches(spec, entry, s, batch_size, limit, seed, encoding), outputs=outputs,
                              layer=layer) for spec, s in ((reference, reference_split), (target, split)))
@@ -227,7 +228,7 @@ def run_estimate(reference: str, target: str, *, out: Path, model: Optional[str]
                  target_labels: Optional[Path] = None, reference_split: str = "val", split: str = "test",
                  methods: Optional[list[str]] = None, score: str = "entropy", calibrate: bool = True,
                  key: Optional[str] = None, limit: Optional[int] = None, batch_size: int = 64, seed: int = 0,
-                 overwrite: bool = False, encoding: Optional[str] = None) -> dict[str, Any]:
+                 overwrite: bool = False, encoding: Optional[str] = None, verify: bool = True) -> dict[str, Any]:
     """Fit the estimators on labelled reference outputs; estimate the target's accuracy without its labels."""
     from .. import deploy as dd
     from ..deploy.accuracy import ESTIMATES
@@ -250,7 +251,7 @@ def run_estimate(reference: str, target: str, *, out: Path, model: Optional[str]
         if reference_labels is not None or target_labels is not None:
             raise CLIError("--reference-labels/--target-labels go with logit files; datasets bring their own labels")
         torch.manual_seed(seed)  # before the model: a bundled model built from scratch gets a reproducible init
-        entry = load_entry(model, adapter)
+        entry = load_entry(model, adapter, verify)
         ref_z, ref_y = model_logits(entry, data_batches(reference, entry, reference_split, batch_size, limit, seed,
                                                         encoding))
         tgt_z, tgt_y = model_logits(entry, data_batches(target, entry, split, batch_size, limit, seed, encoding))
@@ -285,7 +286,7 @@ def run_estimate(reference: str, target: str, *, out: Path, model: Optional[str]
 def run_adapt(model: str, data: str, *, out: Path, method: str = "tent", options: Optional[dict] = None,
               adapter: Optional[Path] = None, split: str = "test", batch_size: int = 64, limit: Optional[int] = None,
               compare: bool = True, seed: int = 0, overwrite: bool = False, console=None,
-              encoding: Optional[str] = None) -> dict[str, Any]:
+              encoding: Optional[str] = None, verify: bool = True) -> dict[str, Any]:
     import torch
 
     from .. import deploy as dd
@@ -293,7 +294,7 @@ def run_adapt(model: str, data: str, *, out: Path, method: str = "tent", options
 
     out = prepare_out(out, overwrite, inputs=[data, model, adapter])
     torch.manual_seed(seed)  # before the model: a bundled model built from scratch gets a reproducible init
-    entry = load_entry(model, adapter)
+    entry = load_entry(model, adapter, verify)
     loader = data_batches(data, entry, split, batch_size, limit, seed, encoding)
     wrapper = dd.adapt(entry.model, method, **(options or {}))
     curves: dict[str, list[float]] = {}
@@ -440,6 +441,7 @@ def register(app: typer.Typer) -> None:
                                                "read strictly), e.g. latin-1"),
         out: Optional[Path] = typer.Option(None, help="output directory (results.json, PNG); default runs/detect-<time>"),
         overwrite: bool = typer.Option(False, help="replace a non-empty --out"),
+        no_verify: bool = typer.Option(False, "--no-verify", help="skip the adapter's sha256 check (files edited on purpose)"),
     ) -> None:
         """Test whether target data drifted from reference data (p-value, decision, PNG, results.json)."""
         from rich.console import Console
@@ -448,7 +450,7 @@ def register(app: typer.Typer) -> None:
         res = run_detect(reference, target, out=out or _default_out("detect"), test=test, alpha=alpha, model=model,
                          adapter=adapter, layer=layer, window=window, key=key, permutations=permutations, split=split,
                          limit=limit, batch_size=batch_size, seed=seed, overwrite=overwrite, console=console,
-                         encoding=encoding)
+                         encoding=encoding, verify=not no_verify)
         if window:
             console.print(f"{res['drift_windows']} of {res['windows']} windows drifted (alpha {alpha}); "
                           f"min p = {res['min_p_value']:.3g}")
@@ -485,6 +487,7 @@ def register(app: typer.Typer) -> None:
                                                "read strictly), e.g. latin-1"),
         out: Optional[Path] = typer.Option(None, help="output directory (results.json, PNG); default runs/estimate-<time>"),
         overwrite: bool = typer.Option(False, help="replace a non-empty --out"),
+        no_verify: bool = typer.Option(False, "--no-verify", help="skip the adapter's sha256 check (files edited on purpose)"),
     ) -> None:
         """Estimate a model's accuracy on unlabelled data: ATC, COT, DoC and average confidence, fitted on
         labelled reference data (results.json, PNG)."""
@@ -496,7 +499,7 @@ def register(app: typer.Typer) -> None:
                            reference_labels=reference_labels, target_labels=target_labels,
                            reference_split=reference_split, split=split, methods=chosen, score=score,
                            calibrate=calibrate, key=key, limit=limit, batch_size=batch_size, seed=seed,
-                           overwrite=overwrite, encoding=encoding)
+                           overwrite=overwrite, encoding=encoding, verify=not no_verify)
         line = ", ".join(f"{m} {v:.1f}%" for m, v in res["estimated_accuracy"].items())
         true = f"; true {res['true_accuracy']:.1f}%" if res["true_accuracy"] is not None else ""
         # the data spec printed as given (rich would turn mnist-c:fog:3 into an emoji)
@@ -525,6 +528,7 @@ def register(app: typer.Typer) -> None:
                                                "read strictly), e.g. latin-1"),
         out: Optional[Path] = typer.Option(None, help="output directory (results.json, PNG); default runs/adapt-<time>"),
         overwrite: bool = typer.Option(False, help="replace a non-empty --out"),
+        no_verify: bool = typer.Option(False, "--no-verify", help="skip the adapter's sha256 check (files edited on purpose)"),
     ) -> None:
         """Adapt a model at test time on a data stream; report error (or entropy) over the stream."""
         from rich.console import Console
@@ -535,7 +539,7 @@ def register(app: typer.Typer) -> None:
         console = Console(stderr=True)
         res = run_adapt(model, data, out=out or _default_out("adapt"), method=method, options=options, adapter=adapter,
                         split=split, batch_size=batch_size, limit=limit, compare=compare, seed=seed,
-                        overwrite=overwrite, console=console, encoding=encoding)
+                        overwrite=overwrite, console=console, encoding=encoding, verify=not no_verify)
         if res["error"] is not None:
             src = f" (unadapted {res['source_error']:.2f}%)" if res["source_error"] is not None else ""
             console.print(f"{method}: error {res['error']:.2f}%{src} over {res['batches']} batches")

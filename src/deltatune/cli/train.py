@@ -146,9 +146,10 @@ def read_task(adapter: Path) -> dict[str, Any]:
     return json.loads(task_file.read_text()) if task_file.is_file() else {}
 
 
-def load_trained(model_name: Optional[str], adapter: Path, *, num_labels: Optional[int] = None):
+def load_trained(model_name: Optional[str], adapter: Path, *, num_labels: Optional[int] = None, verify: bool = True):
     """A model entry with the adapter at ``adapter`` loaded (labels from its task.json; ``num_labels``
-    sizes the head of an adapter without one, e.g. a peft adapter trained elsewhere)."""
+    sizes the head of an adapter without one, e.g. a peft adapter trained elsewhere; ``verify=False``
+    skips the adapter's sha256 check, for files edited on purpose)."""
     import deltatune as dt
 
     from ..models import load_model
@@ -169,7 +170,7 @@ def load_trained(model_name: Optional[str], adapter: Path, *, num_labels: Option
             raise CLIError(f"{adapter} was trained on a randomly initialised {model_name} but holds no {BASE_FILE} "
                            "with those base weights (adapters saved before deltatune kept them); train it again")
         _load_base(entry, base_file)
-    dt.load_adapter(entry.model, adapter)
+    dt.load_adapter(entry.model, adapter, verify=verify)
     entry.model.eval()
     return entry, labels
 
@@ -187,7 +188,7 @@ def _load_base(entry, path: Path) -> None:
 
 def run_eval(model_name: Optional[str], adapter: Path, data: str, split: str = "test", seed: Optional[int] = None,
              limit=None, split_fractions: Any = None, *, num_labels: Optional[int] = None,
-             encoding: Optional[str] = None) -> dict[str, Any]:
+             encoding: Optional[str] = None, verify: bool = True) -> dict[str, Any]:
     """Evaluate the adapter on ``split`` of ``data``. On the data it was trained on, the split is drawn
     with the seed, limit and fractions recorded in its task.json unless given here."""
     from ..data import load_data
@@ -195,7 +196,7 @@ def run_eval(model_name: Optional[str], adapter: Path, data: str, split: str = "
 
     fractions = _parse_fractions(split_fractions)
     seed, limit, fractions = _training_split(read_task(adapter), data, seed, limit, fractions)
-    entry, labels = load_trained(model_name, adapter, num_labels=num_labels)
+    entry, labels = load_trained(model_name, adapter, num_labels=num_labels, verify=verify)
     dataset = load_data(data, split, seed=seed, limit=limit, fractions=fractions, encoding=encoding)
     names = list(getattr(dataset, "label_names", []) or [])
     if labels and names and names != labels:
@@ -405,12 +406,13 @@ def register(app: typer.Typer) -> None:
         out: Optional[Path] = typer.Option(None, help="where to write results.json (default: a new "
                                            "ADAPTER/../eval-DATA-SPLIT directory)"),
         overwrite: bool = typer.Option(False, help="replace a non-empty --out"),
+        no_verify: bool = typer.Option(False, "--no-verify", help="skip the adapter's sha256 check (files edited on purpose)"),
     ) -> None:
         """Evaluate a trained delta: accuracy and loss (perplexity for language models)."""
         if out is not None:  # checked before the evaluation, which can take long
             _check_out(out, overwrite)
         results = run_eval(model, adapter, data, split, seed, limit, split_fractions, num_labels=num_labels,
-                           encoding=encoding)
+                           encoding=encoding, verify=not no_verify)
         out = _save_eval(out, overwrite, results, Path(adapter), data, split)
         shown = ", ".join(f"{k}={v:.4f}" for k, v in results.items() if isinstance(v, float))
         print(f"{data} [{split}]: {shown}  (results: {out / 'results.json'})")
@@ -421,19 +423,21 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., help="directory for the merged model (safetensors)"),
         model: Optional[str] = typer.Option(None, help="base model (default: the one recorded beside the adapter)"),
         overwrite: bool = typer.Option(False, help="replace a non-empty --out"),
+        no_verify: bool = typer.Option(False, "--no-verify", help="skip the adapter's sha256 check (files edited on purpose)"),
     ) -> None:
         """Merge a delta into its base model and save the full model as safetensors."""
-        results = run_export(model, adapter, out, overwrite)
+        results = run_export(model, adapter, out, overwrite, verify=not no_verify)
         print(f"merged model written to {out} ({results['num_tensors']} tensors, {results['bytes'] / 2**20:.1f} MiB)")
 
 
 @output_job("export")
-def run_export(model_name: Optional[str], adapter: Path, out: Path, overwrite: bool = False) -> dict[str, Any]:
+def run_export(model_name: Optional[str], adapter: Path, out: Path, overwrite: bool = False, *,
+               verify: bool = True) -> dict[str, Any]:
     import deltatune as dt
 
     from ..io.files import save_tensors, write_json
 
-    entry, labels = load_trained(model_name, adapter)
+    entry, labels = load_trained(model_name, adapter, verify=verify)
     out = prepare_out(out, overwrite, inputs=[adapter, model_name])
     dt.merge(entry.model, unload=True)
     state = {k: v for k, v in entry.model.state_dict().items()}
