@@ -17,9 +17,25 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+HELP_WIDTH = 120  # columns of --help when stdout is not a terminal
+
+
+def _help_width() -> None:
+    """typer draws --help with rich at the terminal's width, and at 80 columns when stdout is not a
+    terminal (``| cat``, a file, CI), which cuts option help into slivers and ends words in "…"; use
+    HELP_WIDTH there unless the user set a width (COLUMNS, or typer's TERMINAL_WIDTH)."""
+    try:
+        import typer.rich_utils as rich_utils
+    except ImportError:  # typer without rich: plain click help, which wraps by itself
+        return
+    if rich_utils.MAX_WIDTH is None and not os.environ.get("COLUMNS") and not sys.stdout.isatty():
+        rich_utils.MAX_WIDTH = HELP_WIDTH
+
+
 def build_app():
     import typer
 
+    _help_width()
     app = typer.Typer(
         name="deltatune",
         help="Adapt frozen pretrained models through parameter deltas: train, combine, shrink, deploy.",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -22,7 +21,7 @@ def run_compress(source: Path, codec: str, out: Path, *, base: Optional[Path] = 
     result is written into a temporary directory beside it and renamed into place."""
     from ..compress import compress_adapter, compress_checkpoint
     from ..compress.container import DELTA_JSON
-    from ..io.outdir import check_replace, publish
+    from ..io.outdir import check_replace, publish, staging_dir
 
     source, out = Path(source), Path(out)
     if codec not in CODEC_NAMES:
@@ -49,8 +48,7 @@ def run_compress(source: Path, codec: str, out: Path, *, base: Optional[Path] = 
         compressed = compress_checkpoint(source, base, codec, **options)
     _check_keep(options.get("keep") or (), compressed.names())
     seconds = time.perf_counter() - t0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = staging_dir(out)  # beside out; clears what a killed compress left there
     try:
         compressed.save(tmp)
         for name in (TASK_FILE, BASE_FILE):  # what eval/export need to rebuild the model it was trained for

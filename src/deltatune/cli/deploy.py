@@ -262,10 +262,11 @@ def run_estimate(reference: str, target: str, *, out: Path, model: Optional[str]
         raise CLIError(f"reference and target logits must be (samples, classes) with the same classes, got "
                        f"{tuple(ref_z.shape)} and {tuple(tgt_z.shape)}")
     classes = int(ref_z.shape[1])
-    for y, what in ((ref_y, "--reference-labels"), (tgt_y, "--target-labels")):
-        if y is not None and len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
-            raise CLIError(f"{what} holds class {int(y.min()) if int(y.min()) < 0 else int(y.max())}, outside the "
-                           f"logits' {classes} classes (0..{classes - 1})")
+    # the fit checks the reference labels; the target's are only compared with, so they are checked here
+    if tgt_y is not None and len(tgt_y) and (int(tgt_y.min()) < 0 or int(tgt_y.max()) >= classes):
+        bad = int(tgt_y.min()) if int(tgt_y.min()) < 0 else int(tgt_y.max())
+        raise CLIError(f"--target-labels must be class indices in [0, {classes - 1}] (the logits have {classes} "
+                       f"classes); it holds {bad}")
     _warn_few(len(ref_z), len(tgt_z), (MIN_ESTIMATE_REFERENCE, MIN_ESTIMATE_TARGET), "accuracy estimation")
     t0 = time.time()
     est = dd.fit_accuracy_estimator(ref_z, ref_y, calibrate=calibrate, score=score)

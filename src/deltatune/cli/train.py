@@ -44,6 +44,7 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
 
     from ..data import load_data
     from ..io.files import save_tensors, write_json
+    from ..io.outdir import staging_dir, swap_in
     from ..models import load_model
     from ..train import TrainConfig, evaluate, fit
     from ..train.losses import class_weights
@@ -101,7 +102,10 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
                  resume=cfg.get("resume", False), task=entry.task, spec_callbacks=True)  # AdaLoRA / IncreLoRA schedules
     test = evaluate(entry.model, test_data, entry.collate, task=entry.task, batch_size=tc.eval_batch_size)
     adapter_dir = out / "adapter"
-    dt.save_adapter(entry.model, adapter_dir, name="default", format=cfg.get("format", "deltatune"))
+    # built whole under a temporary name, then swapped in: a kill leaves no adapter, the old one or the new
+    # one, never delta files without their task.json and base weights
+    staged = staging_dir(adapter_dir)
+    dt.save_adapter(entry.model, staged, name="default", format=cfg.get("format", "deltatune"))
 
     # the split the delta was trained on: eval draws the same one by default, so its test split never
     # overlaps the training examples
@@ -109,9 +113,10 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
                  "split": {"seed": seed, "limit": cfg.get("limit"), "fractions": list(fractions) if fractions else None}}
     if base_state is not None:
         live = entry.model.state_dict()  # the base's BatchNorm statistics as training left them
-        save_tensors(adapter_dir / BASE_FILE, {k: live.get(k, v) for k, v in base_state.items()})
+        save_tensors(staged / BASE_FILE, {k: live.get(k, v) for k, v in base_state.items()})
         task_info["base_weights"] = BASE_FILE
-    write_json(adapter_dir / TASK_FILE, task_info)
+    write_json(staged / TASK_FILE, task_info)
+    swap_in(staged, adapter_dir)
     results = {
         "job": "train", "model": cfg["model"], "data": cfg["data"], "method": cfg["method"],
         "spec": spec.to_dict(), "seed": seed, **({"split_fractions": list(fractions)} if fractions else {}),
@@ -430,6 +435,45 @@ def register(app: typer.Typer) -> None:
         print(f"merged model written to {out} ({results['num_tensors']} tensors, {results['bytes'] / 2**20:.1f} MiB)")
 
 
+def _save_transformers(entry, out: Path, labels: list[str]) -> Optional[dict[str, Any]]:
+    """Save a merged transformers model so that ``transformers`` loads ``out`` by itself: config.json,
+    model.safetensors (save_pretrained) and the tokenizer. A sequence classifier or causal LM is the whole
+    model (``AutoModelForSequenceClassification`` / ``AutoModelForCausalLM``); MiniLM's encoder loads with
+    ``AutoModel``, and its mean-pooling head is in ``classifier.safetensors`` (logits = classifier(masked
+    mean of last_hidden_state)). ``None`` for a model that is not built on transformers."""
+    from ..io.files import save_tensors
+    from ..models.text import LogitsOnly, MeanPoolClassifier
+
+    model = entry.model
+    if isinstance(model, MeanPoolClassifier):
+        inner, layout = model.encoder, {"transformers": "AutoModel", "head": "classifier.safetensors",
+                                        "pooling": "mean"}
+    elif isinstance(model, LogitsOnly):
+        inner = getattr(model, model._attr)
+        layout = {"transformers": "AutoModelForCausalLM" if entry.task == "causal-lm"
+                  else "AutoModelForSequenceClassification"}
+    else:
+        return None
+    if labels and entry.task == "text-classification" and isinstance(model, LogitsOnly):
+        inner.config.id2label = dict(enumerate(labels))  # pipelines and users see the class names
+        inner.config.label2id = {name: i for i, name in enumerate(labels)}
+    config = inner.config
+    quant = getattr(config, "quantization_config", None)
+    try:
+        if quant is not None:  # a GGUF-loaded model is plain float32 by now; save_pretrained refuses the marker
+            del config.quantization_config
+        inner.save_pretrained(str(out), safe_serialization=True)
+    finally:
+        if quant is not None:
+            config.quantization_config = quant
+    tokenizer = getattr(entry.collate, "tokenizer", None)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    if isinstance(model, MeanPoolClassifier):
+        save_tensors(out / "classifier.safetensors", model.classifier.state_dict())
+    return layout
+
+
 @output_job("export")
 def run_export(model_name: Optional[str], adapter: Path, out: Path, overwrite: bool = False, *,
                verify: bool = True) -> dict[str, Any]:
@@ -437,13 +481,24 @@ def run_export(model_name: Optional[str], adapter: Path, out: Path, overwrite: b
 
     from ..io.files import save_tensors, write_json
 
+    from ..io.outdir import publish, stage
+
     entry, labels = load_trained(model_name, adapter, verify=verify)
-    out = prepare_out(out, overwrite, inputs=[adapter, model_name])
+    final = Path(out)
+    # written whole into a staging directory beside --out and published with one rename: a kill or a full
+    # disk leaves no half export (model.safetensors without its config files)
+    out = stage(final, overwrite=overwrite, inputs=[adapter, model_name])
     dt.merge(entry.model, unload=True)
     state = {k: v for k, v in entry.model.state_dict().items()}
-    save_tensors(out / "model.safetensors", state, metadata={"format": "pt", "source": entry.source})
-    write_json(out / "deltatune_export.json", {"model": model_name or entry.name, "adapter": str(adapter), "label_names": labels, "task": entry.task})
+    info = {"model": model_name or entry.name, "adapter": str(adapter), "label_names": labels, "task": entry.task}
+    layout = _save_transformers(entry, out, labels)
+    if layout is None:  # not a transformers model (small-cnn, efficientnet): the state dict as it is
+        save_tensors(out / "model.safetensors", state, metadata={"format": "pt", "source": entry.source})
+    else:
+        info.update(layout)
+    write_json(out / "deltatune_export.json", info)
     results = {"job": "export", "adapter": str(adapter), "num_tensors": len(state),
-               "bytes": (out / "model.safetensors").stat().st_size}
+               "bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")), **(layout or {})}
     write_results(out, results)
+    publish(out, final, job="export", overwrite=overwrite)
     return results

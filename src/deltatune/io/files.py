@@ -45,7 +45,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
-    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+    """Write strict JSON: NaN and ±inf become ``null`` (Python's json would write bare ``NaN``, which
+    other JSON readers reject); ``allow_nan=False`` makes sure nothing non-finite slips through."""
+
+    def finite(value: Any) -> Any:
+        if isinstance(value, float):
+            return value if value == value and value not in (float("inf"), float("-inf")) else None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+
+    text = json.dumps(finite(data), indent=2, sort_keys=False, allow_nan=False) + "\n"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 

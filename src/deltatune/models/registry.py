@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,8 +63,10 @@ def load_model(spec: str, *, num_labels: int | None = None, task: str | None = N
         if not bundled.takes_labels:
             if num_labels:
                 raise ModelError(f"{spec} is a {bundled.task} model and takes no num_labels; drop it")
-            return build(**options)
-        return build(num_labels, **options)
+            with _quiet_transformers(module in _TRANSFORMERS_BUILDERS):
+                return build(**options)
+        with _quiet_transformers(module in _TRANSFORMERS_BUILDERS):
+            return build(num_labels, **options)
     path = Path(spec)
     if path.is_dir():
         from .text import transformers_dir
@@ -71,10 +74,35 @@ def load_model(spec: str, *, num_labels: int | None = None, task: str | None = N
         if task == "image-classification":
             raise ModelError(f"{spec}: only text transformers directories are supported; use a bundled image model")
         _check_options(spec, options, ("max_length",))
-        return transformers_dir(path, num_labels, task, **options)
+        with _quiet_transformers(True):
+            return transformers_dir(path, num_labels, task, **options)
     if "/" in spec or "\\" in spec:
         raise ModelError(f"{spec} does not exist; pass a local transformers directory or a bundled model name")
     raise ModelError(f"unknown model {spec!r}; bundled: {', '.join(_MODELS)} (or a local transformers directory)")
+
+
+_TRANSFORMERS_BUILDERS = ("text", "gguf")  # builder modules that load through transformers
+
+
+@contextmanager
+def _quiet_transformers(active: bool):
+    """transformers' own progress bars ("Loading weights") and info/warning logs off while a model
+    loads; deltatune's own bars are untouched and transformers' settings come back afterwards."""
+    if not active:
+        yield
+        return
+    from .text import offline_transformers
+
+    log = offline_transformers().utils.logging
+    bars, verbosity = log.is_progress_bar_enabled(), log.get_verbosity()
+    log.disable_progress_bar()
+    log.set_verbosity_error()
+    try:
+        yield
+    finally:
+        log.set_verbosity(verbosity)
+        if bars:
+            log.enable_progress_bar()
 
 
 def _check_options(spec: str, options: dict[str, Any], allowed: tuple[str, ...]) -> None:

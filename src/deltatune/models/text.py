@@ -81,6 +81,7 @@ def text_collate(tokenizer: Any, max_length: int, *, lm: bool = False) -> Collat
             out["labels"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
         return out
 
+    collate.tokenizer = tokenizer  # type: ignore[attr-defined] - for export (tokenizer.save_pretrained)
     return collate
 
 
