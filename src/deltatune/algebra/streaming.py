@@ -14,7 +14,6 @@ import os
 import resource
 import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -142,7 +141,7 @@ def merge_checkpoints(
     a summary: method, inputs, tensors, shards, bytes, seconds and peak memory.
     """
     out = Path(out)
-    from ..io.outdir import check_replace
+    from ..io.outdir import check_replace, staging_dir
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise MergeError(f"output {out} exists; pass overwrite=True (--overwrite) or choose another directory")
@@ -150,11 +149,8 @@ def merge_checkpoints(
     check_replace(out, overwrite, [config.base, *(m.path for m in config.models)])
     start, rss_before = time.perf_counter(), rss_mb()
     prep = plan_merge(config)
-    target = Path(os.path.abspath(out))  # "." or "..": the staging directory goes beside the real name
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
+        tmp = staging_dir(out)  # beside out ("." or ".." resolved); clears what a killed merge left there
     except OSError as exc:
         raise MergeError(f"cannot create the output directory {out} ({exc.strerror or exc}); choose a writable path") from None
     plan = [(n, prep.reference.shape(n), prep.out_dtype_of(n)) for n in prep.names]

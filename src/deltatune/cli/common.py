@@ -29,6 +29,9 @@ def run_cli(app, argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a file-size limit, no permission: the job rolled its output back
+        print(f"error: {_os_error(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
@@ -38,8 +41,24 @@ def run_cli(app, argv: list[str] | None = None) -> int:
             return int(exc.exit_code)
         if type(exc).__name__ == "Abort":
             return 1
+        if type(exc).__name__ == "SafetensorError" and "I/O error" in str(exc):  # safetensors' own write error
+            print(f"error: could not write a safetensors file ({_one_line(exc)}){_DISK_HINT}", file=sys.stderr)
+            return 1
         raise
     return 0
+
+
+_DISK_HINT = "; free disk space (or raise the file-size limit) and run the job again"
+
+
+def _os_error(exc: OSError) -> str:
+    """One line for an operating-system error while reading or writing files."""
+    import errno
+
+    what = exc.strerror or _one_line(exc)
+    where = f": {exc.filename}" if exc.filename else ""
+    hint = _DISK_HINT if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else ""
+    return f"{what}{where}{hint}"
 
 
 def _one_line(exc: BaseException) -> str:

@@ -83,11 +83,27 @@ def check_fingerprint(model: nn.Module, fp: dict[str, Any] | None, source: Path)
 
 
 def save_adapter(model: nn.Module, path: str | Path, name: str | None = None, format: str = "deltatune") -> Path:
-    """Write delta ``name`` to directory ``path`` (``format="deltatune"`` or ``"peft"``); atomic per file."""
+    """Write delta ``name`` to directory ``path`` (``format="deltatune"`` or ``"peft"``). A new directory is
+    written whole under a temporary name and renamed into place; into an existing one, atomic per file
+    (the config, holding the tensors' checksum, last)."""
     name = _pick_name(model, name)
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise DeltaFileError(f"{path} exists and is not a directory; choose a directory path")
+    if not path.exists() and format in ("deltatune", "peft"):
+        # a crash then leaves no directory or a whole adapter, never tensors without their config
+        import shutil
+
+        from .outdir import staging_dir, swap_in
+
+        tmp = staging_dir(path)
+        try:
+            save_adapter(model, tmp, name, format)
+            swap_in(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
     if format == "peft":
         from .peft import save_peft
 

@@ -23,9 +23,11 @@ import contextvars
 import functools
 import json
 import os
+import re
 import shutil
 import socket
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +62,7 @@ class _Claim:
 class _Job:
     name: str
     claims: list[_Claim] = field(default_factory=list)
+    staged: list[Path] = field(default_factory=list)  # staging directories (see stage), removed on failure
 
 
 _CURRENT: contextvars.ContextVar[_Job | None] = contextvars.ContextVar("deltatune_output_job", default=None)
@@ -81,6 +84,8 @@ def output_job(name: str) -> Callable[[F], F]:
             except BaseException:
                 for claim in reversed(job.claims):
                     _roll_back(claim)
+                for tmp in job.staged:
+                    _remove(tmp)
                 raise
             finally:
                 _CURRENT.reset(token)
@@ -186,6 +191,86 @@ def check_replace(out: str | os.PathLike, overwrite: bool, inputs: Iterable[Any]
                               "another directory")
 
 
+def stage(out: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable[Any] = ()) -> Path:
+    """For a job that builds its whole output before showing it: refuse ``out`` as :func:`check_replace`
+    does, and return a new staging directory beside it to :func:`publish`; the running :func:`output_job`
+    removes the staging directory if the job fails."""
+    check_replace(out, overwrite, inputs)
+    tmp = staging_dir(out)
+    job = _CURRENT.get()
+    if job is not None:
+        job.staged.append(tmp)
+    return tmp
+
+
+def staging_dir(out: str | os.PathLike) -> Path:
+    """A new empty directory beside ``out`` (``.NAME.tmp-PID-RANDOM``) to build it in. What jobs killed
+    while writing ``out`` left beside it is cleared first (see :func:`recover`)."""
+    out = Path(os.path.abspath(out))  # "." or "..": the staging directory goes beside the real name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recover(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def swap_in(tmp: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Rename the finished directory ``tmp`` to ``out``. An existing ``out`` is renamed aside first
+    (``.NAME.old-PID-...``) and deleted after; a kill between the two renames leaves it there, and
+    :func:`recover` puts it back, so ``out`` is always the whole old directory or the whole new one."""
+    tmp, out = Path(tmp), Path(out)
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def recover(out: str | os.PathLike) -> None:
+    """Clear what jobs killed while writing ``out`` left beside it: their staging directories, and the
+    earlier output a kill caught between the two renames of :func:`publish` / :func:`swap_in` (put back
+    when ``out`` is missing, deleted otherwise). Entries of live processes are left alone."""
+    out = Path(os.path.abspath(out))
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)-[^/]*")
+    try:
+        names = sorted(os.listdir(out.parent))
+    except OSError:
+        return
+    for name in names:
+        m = pattern.fullmatch(name)
+        if not m or _alive(int(m.group(2))):
+            continue
+        path = out.parent / name
+        if m.group(1) == "old":
+            if not os.path.lexists(out):
+                os.replace(path, out)
+                continue
+            record = read_record(path)  # killed while carrying the user's files over: finish that
+            if record is not None and out.is_dir():
+                _carry_user_files(path, out, set(record["written"]))
+        _remove(path)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def publish(tmp: str | os.PathLike, out: str | os.PathLike, *, job: str, overwrite: bool = False) -> Path:
     """Move the finished directory ``tmp`` into place as ``out`` in one rename.
 
@@ -197,20 +282,23 @@ def publish(tmp: str | os.PathLike, out: str | os.PathLike, *, job: str, overwri
     held = False
     for _ in range(3):
         try:
-            os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
             held = True
             break
         except FileExistsError:
             try:
-                if time.time() - lock.stat().st_mtime < 60:
+                if _publisher_alive(lock):
                     raise OutputError(f"--out {out} is being written by another deltatune job; wait for it or "
                                       "choose another directory") from None
-                lock.unlink()  # left by a killed job: publishing takes well under a minute
+                lock.unlink()  # left by a killed job
             except FileNotFoundError:
                 pass
     if not held:
         raise OutputError(f"--out {out}: could not take the lock {lock}; remove it if no deltatune job is running")
     try:
+        recover(out)  # a publish killed between its renames: the old output back first
         check_replace(out, overwrite)  # again: another job may have written it since the first check
         previous = read_record(out)
         mine = set(previous["written"]) if previous else set()
@@ -227,13 +315,26 @@ def publish(tmp: str | os.PathLike, out: str | os.PathLike, *, job: str, overwri
                 os.replace(old, out)
             raise
         if old is not None:
-            for name in _entries(old):
-                if name not in mine and not (out / name).exists():
-                    os.replace(old / name, out / name)  # the user's own file in the old output: kept
+            _carry_user_files(old, out, mine)
             shutil.rmtree(old, ignore_errors=True)
     finally:
         lock.unlink(missing_ok=True)
     return out
+
+
+def _carry_user_files(old: Path, out: Path, mine: set[str]) -> None:
+    for name in _entries(old):
+        if name not in mine and not (out / name).exists():
+            os.replace(old / name, out / name)  # the user's own file in the old output: kept
+
+
+def _publisher_alive(lock: Path) -> bool:
+    """Whether the job holding a publish lock is still running: its pid, or (a lock being written this
+    moment, or one from before locks held a pid) its age under a minute."""
+    try:
+        return _alive(int(lock.read_text()))
+    except ValueError:
+        return time.time() - lock.stat().st_mtime < 60
 
 
 def read_record(out: str | os.PathLike) -> dict | None:
