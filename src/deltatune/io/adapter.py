@@ -90,6 +90,7 @@ def save_adapter(model: nn.Module, path: str | Path, name: str | None = None, fo
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise DeltaFileError(f"{path} exists and is not a directory; choose a directory path")
+    _check_finite(model, name)
     if not path.exists() and format in ("deltatune", "peft"):
         # a crash then leaves no directory or a whole adapter, never tensors without their config
         import shutil
@@ -133,6 +134,16 @@ def save_adapter(model: nn.Module, path: str | Path, name: str | None = None, fo
     config["checksums"] = {DELTA_TENSORS: file_sha256(path / DELTA_TENSORS)}  # of the bytes on disk
     write_json(path / DELTA_JSON, config)
     return path
+
+
+def _check_finite(model: nn.Module, name: str) -> None:
+    """A delta with NaN/inf values is never saved: it would load (and evaluate) as a broken model."""
+    deltas, copies = parts_of(model, name)
+    for prefix, module in [*deltas.items(), *copies.items()]:
+        for key, value in module.state_dict().items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise StateError(f"delta {name!r} holds NaN or inf values in {prefix}.{key}; nothing was saved "
+                                 "(training diverged: lower the learning rate, or check the data)")
 
 
 def detect_format(path: str | Path) -> str:

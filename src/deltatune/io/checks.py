@@ -167,8 +167,11 @@ def validate_peft_config(config: dict[str, Any], file: Path) -> None:
             _bad(file, field, f"must be {_WHAT[kind]}, not {config[field]!r}"[:200])
     for field in ("rank_pattern", "alpha_pattern"):
         for key, value in (config.get(field) or {}).items():
-            if not (_is_int(value) if field == "rank_pattern" else _is_num(value)):
-                _bad(file, f"{field}.{key}", f"must be a number, not {value!r}")
+            # AdaLoRA's rank_pattern holds each layer's kept-rank mask (a list of booleans)
+            mask = field == "rank_pattern" and isinstance(value, list) and all(isinstance(v, bool) for v in value)
+            if not (mask or (_is_int(value) if field == "rank_pattern" else _is_num(value))):
+                what = "a rank or a list of true/false" if field == "rank_pattern" else "a number"
+                _bad(file, f"{field}.{key}", f"must be {what}, not {value!r}"[:200])
 
 
 # -- tensors ---------------------------------------------------------------------------------------

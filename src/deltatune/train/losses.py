@@ -129,7 +129,12 @@ def evaluate_shard(model: nn.Module, data, collate: Callable, kind: str, batch_s
     try:
         for start in range(0, len(indices), batch_size):
             batch = to_device(collate([data[i] for i in indices[start:start + batch_size]]), device)
-            sums += eval_sums(forward(model, batch), labels_of(batch, kind), kind)
+            logits = forward(model, batch)
+            if not bool(torch.isfinite(logits).all()):  # a broken model must not report an accuracy
+                raise TrainError(f"the model's outputs hold NaN or inf values (examples {indices[start]}-"
+                                 f"{indices[min(start + batch_size, len(indices)) - 1]}); its weights or the "
+                                 "adapter are broken, or the inputs overflow its dtype")
+            sums += eval_sums(logits, labels_of(batch, kind), kind)
     finally:
         model.train(was_training)
     if reduce is not None:
