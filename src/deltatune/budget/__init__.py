@@ -2,12 +2,13 @@
 
 - SPT-style sensitivity allocation without training (:func:`allocate_sensitivity`, `deltatune allocate`);
 - AdaLoRA's pruning schedule (:class:`AdaLoRASchedule`) and IncreLoRA's growth (:class:`IncreLoRASchedule`),
-  trainer callbacks for the ``AdaLoRA`` / ``IncreLoRA`` specs; :func:`to_lora` exports the result;
+  trainer callbacks for the ``AdaLoRA`` / ``IncreLoRA`` specs (defined with their methods in
+  ``deltatune.methods``, re-exported here); :func:`to_lora` exports the result;
 - multi-objective config search (:mod:`deltatune.budget.search`, `deltatune search`; needs optuna).
 """
 
+from ..methods.increlora_schedule import IncreLoRASchedule
 from .adalora import AdaLoRASchedule, allocation_of, final_ranks, orthogonality_penalty, to_lora
-from .increlora import IncreLoRASchedule
 from .sensitivity import (
            Allocation,
            BudgetError,

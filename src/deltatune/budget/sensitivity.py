@@ -16,12 +16,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from ..core.errors import DeltaError
+from ..core.errors import BudgetError
 from ..core.host import get_module
-
-
-class BudgetError(DeltaError):
-    """A budget that cannot be spent (too small, malformed) or targets that do not exist."""
 
 
 def parse_budget(budget: str | int | float, model: nn.Module) -> int:

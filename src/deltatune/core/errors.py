@@ -21,3 +21,10 @@ class StateError(DeltaError):
 
 class DeltaFileError(DeltaError):
     """A delta file or directory is missing, corrupt, from a newer format, or for another base model."""
+
+
+class BudgetError(DeltaError):
+    """A budget that cannot be spent (too small, malformed) or targets that do not exist.
+
+    Defined here, not in ``budget``, because the methods whose training schedules spend a budget
+    (AdaLoRA, IncreLoRA) raise it too and may import nothing but ``core``."""

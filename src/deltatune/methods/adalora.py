@@ -4,10 +4,11 @@ Function: ``Q`` (``lora_A``, r×in) and ``P`` (``lora_B``, out×r) are the singu
 (``lora_E``, r×1) the singular values; insertion: parallel, ``h + s·P·diag(λ)·Q·x`` with
 ``s = alpha / (init_r + 1e-5)`` (peft's scaling, kept for numerical parity). Every module starts
 with ``init_r`` triplets ``(P_i, λ_i, Q_i)``; during training the schedule in
-:mod:`deltatune.budget.adalora` scores each triplet by its smoothed sensitivity × uncertainty and
-zeroes the ``λ_i`` of the least important ones until only ``target_r × modules`` are left
-(a cubic budget schedule). Which triplets are kept is the ``rank_mask`` buffer, saved with the delta.
-The orthogonality regulariser ``‖QQᵀ − I‖ + ‖PᵀP − I‖`` is the schedule's ``penalty``.
+:mod:`deltatune.methods.adalora_schedule` scores each triplet by its smoothed sensitivity ×
+uncertainty and zeroes the ``λ_i`` of the least important ones until only ``target_r × modules``
+are left (a cubic budget schedule). Which triplets are kept is the ``rank_mask`` buffer, saved
+with the delta. The orthogonality regulariser ``‖QQᵀ − I‖ + ‖PᵀP − I‖`` is the schedule's
+``penalty``.
 
 Paper: Zhang et al., "Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning" (AdaLoRA),
 https://arxiv.org/abs/2303.10512 · peft's file layout (``lora_A``/``lora_B``/``lora_E`` +
@@ -114,8 +115,8 @@ class AdaLoRA(_SVDSpecMixin, DeltaSpec):
 
     def training_callbacks(self, name: str, total_steps: int) -> list[Any]:
         """AdaLoRA's pruning schedule over the run (the spec's ``total_step`` wins when set)."""
-        # the schedule lives in the outer budget layer (which imports this one): import it here
-        from ..budget.adalora import AdaLoRASchedule
+        # the schedule's module imports this one: import it when it is needed
+        from .adalora_schedule import AdaLoRASchedule
 
         return [AdaLoRASchedule(name, total_step=self.total_step or total_steps)]
 

@@ -3,11 +3,11 @@
 Function and insertion as AdaLoRA (:mod:`deltatune.methods.adalora`): ``h + s·P·diag(λ⊙m)·Q·x``,
 with a *gated* mask ``m``: only live triplets contribute and get gradients. Every module starts with
 ``init_r`` live triplets out of ``max_r`` preallocated ones; the schedule in
-:mod:`deltatune.budget.increlora` adds rank-1 triplets every ``delta_t`` steps to the modules with the
-highest importance (smoothed sensitivity × uncertainty, as AdaLoRA) until the parameter budget is
-spent. Preallocating means the optimizer keeps working unchanged when ranks grow: a new triplet's
-parameters were always there (with zero gradients, hence zero Adam moments); its ``λ`` is zero when
-it is switched on, so the output does not jump. Live parameters, not preallocated ones, are what the
+:mod:`deltatune.methods.increlora_schedule` adds rank-1 triplets every ``delta_t`` steps to the
+modules with the highest importance (smoothed sensitivity × uncertainty, as AdaLoRA) until the
+parameter budget is spent. Preallocating means the optimizer keeps working unchanged when ranks
+grow: a new triplet's parameters were always there (with zero gradients, hence zero Adam moments);
+its ``λ`` is zero when it is switched on, so the output does not jump. Live parameters, not preallocated ones, are what the
 budget counts (``rank × (in + out + 1)`` per module). The scaling ``s = alpha / max_r`` is fixed, so
 growing a rank never rescales the others.
 
@@ -88,8 +88,8 @@ class IncreLoRA(_SVDSpecMixin, DeltaSpec):
 
     def training_callbacks(self, name: str, total_steps: int) -> list[Any]:
         """IncreLoRA's growth schedule over the run (the spec's ``total_step`` wins when set)."""
-        # the schedule lives in the outer budget layer (which imports this one): import it here
-        from ..budget.increlora import IncreLoRASchedule
+        # the schedule's module imports this one: import it when it is needed
+        from .increlora_schedule import IncreLoRASchedule
 
         return [IncreLoRASchedule(name, total_step=self.total_step or total_steps)]
 

@@ -1,8 +1,8 @@
-"""IncreLoRA's growth schedule as a trainer callback.
+"""IncreLoRA's growth schedule as a trainer callback; it lives with its method (increlora.py).
 
 Every ``delta_t`` steps after ``tinit`` (and up to ``total_step − tfinal`` when the run's length is
 known), the ``grow_per_step`` modules with the highest importance — the mean score of their live
-triplets, scored as in AdaLoRA (smoothed sensitivity × uncertainty, :class:`~.adalora.Importance`) —
+triplets, scored as in AdaLoRA (smoothed sensitivity × uncertainty, :class:`~.adalora_schedule.Importance`) —
 each switch on one more preallocated triplet, as long as its cost (``in + out + 1`` parameters) fits
 in what is left of the budget and the module has a free slot. A new triplet's ``λ`` is set to zero
 when it is switched on, so the model's output does not change at that step; its ``Q`` and ``P`` keep
@@ -18,14 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.errors import BudgetError
 from ..core.host import get_module
-from ..methods.increlora import GatedSVDDelta, IncreLoRA, triplet_cost
-from ..train.callbacks import BaseCallback
-from .adalora import GradTap, Importance, orthogonality_penalty, svd_deltas
-from .sensitivity import BudgetError
+from .adalora_schedule import GradTap, Importance, orthogonality_penalty, svd_deltas
+from .increlora import GatedSVDDelta, IncreLoRA, triplet_cost
 
 
-class IncreLoRASchedule(BaseCallback):
+class IncreLoRASchedule:
     """Trainer callback growing IncreLoRA delta ``name`` (see the module doc). ``history`` records
     ``(step, live parameters, {path: new rank})`` at every growth."""
 
