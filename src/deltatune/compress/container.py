@@ -24,6 +24,7 @@ import torch
 
 from ..core.errors import DeltaFileError
 from ..io.files import atomic_write, read_json, write_json
+from ..io.packed import PackedReader, register_packed_reader
 from .codecs import CODECS, SCALED, CompressError, check_options, decode
 
 FORMAT, FORMAT_VERSION = "deltatune-compressed", 1
@@ -170,7 +171,10 @@ def compress_adapter(path: str | Path, codec: str, **options: Any) -> Compressed
     config = read_json(path / DELTA_JSON)
     if config.get("compressed"):
         raise CompressError(f"{path} is already compressed ({config['compressed'].get('codec')}); compress the original")
-    if codec == "lowrank" and config.get("method") in ("lora", "vera", "adalora"):
+    from ..core.spec import registered_methods
+
+    method = registered_methods().get(str(config.get("method")))
+    if codec == "lowrank" and method is not None and method.factored:
         raise CompressError(f"{path} holds a {config['method']} delta, already low-rank factors; lowrank extraction is "
                             "for full fine-tuning deltas (use compeft, bitdelta, dare, int8 or int4)")
     tensors = load_tensors(path / DELTA_TENSORS)
@@ -234,7 +238,8 @@ def load_compressed(path: str | Path) -> CompressedDelta:
 
 
 def read_adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """The decoded tensors of a compressed adapter directory (used by ``dt.load_adapter``)."""
+    """The decoded tensors of a compressed adapter directory (``dt.load_adapter`` calls it through
+    the reader registered below)."""
     try:
         return load_compressed(path).tensors()
     except CompressError as exc:
@@ -248,3 +253,6 @@ def describe(path: str | Path) -> dict[str, Any]:
             "file_bytes": (Path(path) / TENSOR_NAME).stat().st_size,
             "method": c.source.get("method") or c.source.get("adapter_config", {}).get("method")}
 
+
+# io may not import compress: this is how `dt.load_adapter` and `deltatune info` read the container
+register_packed_reader(FORMAT, PackedReader(read_adapter_tensors, describe))

@@ -207,9 +207,9 @@ def read_adapter_info(path: str | Path, *, verify: bool = True) -> dict[str, Any
         verify_adapter(path)
     tensor_file = path / (DELTA_TENSORS if fmt == "deltatune" else PEFT_TENSORS)
     if fmt == "deltatune" and config.get("compressed"):
-        from ..compress.container import describe
+        from .packed import packed_reader
 
-        return {**describe(path), **{k: config.get(k) for k in keys}}
+        return {**packed_reader(path, config).describe(path), **{k: config.get(k) for k in keys}}
     header = tensor_header(tensor_file)
     info: dict[str, Any] = {"path": str(path), "format": fmt, "file_bytes": tensor_file.stat().st_size,
                             "num_tensors": len(header), "num_parameters": sum(_prod(s) for _, s in header.values()),
@@ -277,10 +277,10 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, *,
         if header is not None:  # names, shapes, dtypes: before the file's data is read
             check_header(tensor_file, header, {f"{p}.{k}": v for p, m in modules.items() for k, v in m.state_dict().items()})
             tensors = load_tensors(tensor_file)
-        else:  # written by `deltatune compress`: decode the packed tensors
-            from ..compress.container import read_adapter_tensors
+        else:  # written by `deltatune compress`: decoded by the reader it registered
+            from .packed import packed_reader
 
-            tensors = read_adapter_tensors(path)
+            tensors = packed_reader(path, config).tensors(path)
         load_module_states(path, modules, tensors)
         for hp, delta in deltas.items():
             if hasattr(delta, "after_load"):
