@@ -17,7 +17,7 @@ from torch import nn
 
 from ..core.errors import StateError
 from ..core.host import DeltaHost, ModuleCopy, iter_hosts
-from ..core.model import active, attach, delta_names, get_spec, merge, set_active, unmerge
+from ..core.model import active, attach, delta_names, detach, get_spec, merge, set_active, unmerge
 from .errors import MergeError
 from .lowrank import LowRank
 from .task_vector import TaskVector, merge_task_vectors
@@ -116,8 +116,6 @@ def attach_lowrank(model: nn.Module, vector: TaskVector, name: str, *, activate:
                 delta.lora_A.copy_(entry.A.to(delta.lora_A.dtype))
                 delta.lora_B.copy_((entry.B * entry.scale).to(delta.lora_B.dtype))
     except Exception:
-        from ..core.model import detach
-
         detach(model, name)
         raise
     return hosts
@@ -160,42 +158,36 @@ def hot_swap(model: nn.Module, name: str, path: str | os.PathLike) -> None:
     The base model is not reloaded and no module is replaced (compiled graphs and optimizers holding
     the parameters stay valid). The saved delta must have the same spec (method, rank, targets...);
     merged deltas are unmerged for the swap and merged again. Nothing changes on error.
+
+    The saved delta (either format, checked as ``dt.load_adapter`` checks it) is loaded beside
+    ``name`` for the swap and detached after: io is used through its public loader only.
     """
-    from ..io.adapter import DELTA_JSON, DELTA_TENSORS, FORMAT, detect_format, load_adapter, load_module_states, parts_of
-    from ..io.files import load_tensors, read_json
+    from ..io import load_adapter
 
     if name not in delta_names(model):
         raise StateError(f"no delta named {name!r} is attached; attach it once, then hot-swap its weights")
     current = get_spec(model, name).to_dict()
-    deltas, copies = parts_of(model, name)
-    if detect_format(path) == "deltatune":
-        config = read_json(os.path.join(path, DELTA_JSON))
-        if config.get("format") != FORMAT:
-            raise MergeError(f"{path} is not a deltatune delta directory")
-        _same_spec(current, config.get("spec", {}), path)
-        if sorted(config.get("hosts", [])) != sorted(deltas) or sorted(config.get("trainable_modules", [])) != sorted(copies):
-            raise MergeError(f"{path} changes other modules than delta {name!r}; attach it as a new delta instead")
-        tensors = load_tensors(os.path.join(path, DELTA_TENSORS))
-        with _unmerged(model):
-            load_module_states(path, {**deltas, **copies}, tensors)
-            hosts = dict(iter_hosts(model))
-            for hp, delta in deltas.items():
-                delta.after_load(hosts[hp])
-        return
+    parts = _parts(model, name)
     tmp = "_hotswap_tmp"
     load_adapter(model, path, name=tmp, activate=False)
     try:
         _same_spec(current, get_spec(model, tmp).to_dict(), path)
-        new_deltas, new_copies = parts_of(model, tmp)
-        if sorted(new_deltas) != sorted(deltas) or sorted(new_copies) != sorted(copies):
+        new = _parts(model, tmp)
+        if sorted(new) != sorted(parts):
             raise MergeError(f"{path} changes other modules than delta {name!r}; attach it as a new delta instead")
         with _unmerged(model), torch.no_grad():
-            for p, module in {**deltas, **copies}.items():
-                module.load_state_dict({**new_deltas, **new_copies}[p].state_dict())
+            for p, module in parts.items():
+                module.load_state_dict(new[p].state_dict())
+            for p, host in iter_hosts(model):
+                if p in parts and not isinstance(host, ModuleCopy):
+                    parts[p].after_load(host)  # re-derive what is computed from the tensors
     finally:
-        from ..core.model import detach
-
         detach(model, tmp)
+
+
+def _parts(model: nn.Module, name: str) -> dict[str, nn.Module]:
+    """Delta ``name``'s part in every host holding it (deltas and trainable copies), by path."""
+    return {p: h.part(name) for p, h in iter_hosts(model) if name in h.delta_names()}
 
 
 def _same_spec(current: Mapping[str, Any], saved: Mapping[str, Any], path: Any) -> None:
