@@ -7,6 +7,7 @@
     tta = dd.adapt(model, "tent", lr=1e-3)                       # any method by name; same call signature
     preds = tta(x).argmax(-1)
     tta.reset()                                                  # back to the source model
+    dd.evaluate_stream(dd.adapt(model, "tent"), loader)          # running error: adapted vs source
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from .norm import BatchNormStats, norm_param_names
 from .output import LAME, EMPrior, em_prior
 from .params import collect_params
 from .stats import TESTS, adjust_pvalues
+from .stream import batch_labels, evaluate_stream
 
 __all__ = [
     "METHODS", "TESTS", "AccuracyEstimator", "AlphaBN", "BNAdapt", "BatchError", "BatchNormStats", "CoTTA",
     "DeployError", "DetectionResult", "DriftMonitor", "EATA", "EMPrior", "GradientTTA", "LAME", "SAR", "TTAWrapper",
-    "Tent", "adapt", "adjust_pvalues", "collect_params", "detect", "em_prior", "embed", "fit_accuracy_estimator",
-    "fit_temperature", "image_augment", "method_options", "norm_param_names", "register_method", "softmax_entropy",
-    "unwrap", "wrapper_of",
+    "Tent", "adapt", "adjust_pvalues", "batch_labels", "collect_params", "detect", "em_prior", "embed",
+    "evaluate_stream", "fit_accuracy_estimator", "fit_temperature", "image_augment", "method_options",
+    "norm_param_names", "register_method", "softmax_entropy", "unwrap", "wrapper_of",
 ]
