@@ -21,12 +21,12 @@ import torch
 from torch import nn
 
 from ..core.errors import DeltaFileError, TargetError
+from ..core.example import Example
 from ..core.host import Host, iter_hosts
 from ..core.spec import DeltaSpec, register
-from .prompt import (
-    EMBEDDING_TARGETS, VirtualTokenHost, VirtualTokens, from_peft_prompt_config, inject_virtual,
-    peft_prompt_config, root_tensor,
-)
+from ..core.virtual import VirtualTokenHost, VirtualTokens
+from .prompt import (EMBEDDING_TARGETS, from_peft_prompt_config, inject_virtual, peft_prompt_config,
+                     root_tensor)
 
 
 @register
@@ -38,6 +38,10 @@ class PrefixTuning(DeltaSpec):
     base model's)."""
 
     method = "prefix"
+    example = Example(dict(num_virtual_tokens=3, projection=True, projection_hidden=8),
+                      model="transformer", identity_at_init=False, merges=False,
+                      bad=(({"num_virtual_tokens": 0}, "num_virtual_tokens"),
+                           ({"init_std": 0.0}, "init_std")))
     host_kinds = ("embedding",)
     default_targets = EMBEDDING_TARGETS
     peft_type = "PREFIX_TUNING"
@@ -127,6 +131,7 @@ class PrefixKV(VirtualTokens):
     ``transform`` computing it; ``gate_logits``: ``(layers,)`` when gated."""
 
     kind = "prefix"
+    peft_task: str = "FEATURE_EXTRACTION"  # peft's task_type for the model's class, set on attach
 
     def __init__(
         self, spec: PrefixTuning, host: VirtualTokenHost, table: torch.Tensor | None = None
