@@ -1,4 +1,4 @@
-"""dd.evaluate_stream: the adapted-vs-source evaluation of `deltatune adapt`, as a library function."""
+"""dd.evaluate_stream: the adapted-vs-source evaluation of `deltatune adapt`, as a function."""
 
 import pytest
 import torch
@@ -30,8 +30,9 @@ def stream(n_batches=4, labels=True):
     g = torch.Generator().manual_seed(1)
     out = []
     for _ in range(n_batches):
-        x = torch.randn(16, 5, generator=g) * 3 + 1  # shifted: BN adaptation changes the predictions
-        out.append({"x": x, "labels": torch.randint(0, 3, (16,), generator=g)} if labels else {"x": x})
+        x = torch.randn(16, 5, generator=g) * 3 + 1  # shifted: BN adaptation changes predictions
+        y = torch.randint(0, 3, (16,), generator=g)
+        out.append({"x": x, "labels": y} if labels else {"x": x})
     return out
 
 
@@ -63,7 +64,7 @@ def test_curves_match_a_hand_computed_stream_and_the_model_comes_back(net):
     assert curves["source"] == pytest.approx(running_error(source, batches))
     want_entropy = [float(dd.softmax_entropy(z).mean()) for z in source]
     assert curves["source_entropy"] == pytest.approx(want_entropy)
-    assert curves["adapted_entropy"] != pytest.approx(want_entropy)  # BN adaptation did change something
+    assert curves["adapted_entropy"] != pytest.approx(want_entropy)  # adaptation changed something
     # the wrapper is off and the source weights and statistics are back
     assert dd.wrapper_of(model) is None and not model.training
     for k, v in model.state_dict().items():
@@ -72,7 +73,8 @@ def test_curves_match_a_hand_computed_stream_and_the_model_comes_back(net):
 
 def test_without_labels_only_entropy_and_without_compare_one_pass(net):
     curves = dd.evaluate_stream(dd.adapt(net, "tent", lr=1e-3), stream(labels=False), compare=False)
-    assert curves["adapted"] == [] and len(curves["adapted_entropy"]) == 4 and "source" not in curves
+    assert curves["adapted"] == [] and len(curves["adapted_entropy"]) == 4
+    assert "source" not in curves
     assert dd.wrapper_of(net) is None
 
 

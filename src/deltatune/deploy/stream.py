@@ -20,7 +20,7 @@ Progress = Callable[[Iterable[Any], str], Iterable[Any]]
 
 
 def batch_labels(batch: Any) -> Any:
-    """The labels a batch carries (``labels``/``label`` of a dict, the second item of a tuple), or None."""
+    """The labels a batch carries (a dict's ``labels``/``label``, a tuple's 2nd item), or None."""
     if isinstance(batch, dict):
         return batch.get("labels", batch.get("label"))
     if isinstance(batch, (tuple, list)) and len(batch) > 1:

@@ -1,11 +1,11 @@
 """Adapters whose tensors are stored packed (written by ``deltatune compress``), read without io
 knowing any codec.
 
-A compressed adapter directory holds ``delta.json`` marked ``"compressed": {...}`` beside a container
-of packed tensors. Decoding is the compressing package's business, and io may import only ``core``
-and ``methods``, so the package that writes such a container registers how to read it here:
-``compress`` does so when it is imported, and ``deltatune/__init__`` imports it, so the reader is in
-place before any adapter is loaded.
+A compressed adapter directory holds ``delta.json`` marked ``"compressed": {...}`` beside a
+container of packed tensors. Decoding is the compressing package's business, and io may import
+only ``core`` and ``methods``, so the package that writes such a container registers how to read
+it here: ``compress`` does so when it is imported, and ``deltatune/__init__`` imports it, so the
+reader is in place before any adapter is loaded.
 """
 
 from __future__ import annotations
@@ -43,6 +43,6 @@ def packed_reader(path: Path, config: dict[str, Any]) -> PackedReader:
     entry = config.get("compressed")
     fmt = entry.get("format", DEFAULT_FORMAT) if isinstance(entry, dict) else DEFAULT_FORMAT
     if fmt not in _READERS:
-        raise DeltaFileError(f"{path} holds tensors packed as {fmt!r}, which this deltatune cannot read; "
-                             "import deltatune.compress, or upgrade deltatune")
+        raise DeltaFileError(f"{path} holds tensors packed as {fmt!r}, which this deltatune "
+                             "cannot read; import deltatune.compress, or upgrade deltatune")
     return _READERS[fmt]
