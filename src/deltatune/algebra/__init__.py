@@ -31,7 +31,7 @@ from .methods import (
     task_arithmetic,
     ties,
 )
-from .registry import MergeMethod, get_method, merge_method, merge_methods
+from .registry import MERGE_METHODS, MergeMethod, get_method, merge_method, merge_methods
 from .soups import SoupResult, greedy_soup, loaded, merge_state_dicts, plot_wise_ft, uniform_soup, wise_ft, wise_ft_sweep
 from .sparsify import elect_signs, fit_sparsifier
 from .statistical import diagonal_fisher, fisher, gram_matrices, regmean
@@ -39,6 +39,7 @@ from .streaming import merge_checkpoints, plan_merge
 from .task_vector import TaskVector, merge_task_vectors
 
 __all__ = [
+    "MERGE_METHODS",
     "AdapterFusion", "Checkpoint", "CheckpointError", "LearnedMerge", "LoRAMixture", "LowRank", "MergeConfig",
     "MergeConfigError", "MergeError", "MergeMethod", "ModelEntry", "ShardWriter", "SoupResult", "TaskVector",
     "WeightedSum", "attach_lowrank", "block_of", "breadcrumbs", "breadcrumbs_ties", "concat_lora", "dare_linear",

@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from ..core.registry import Registry
 from .errors import MergeConfigError, MergeError
 from .tensors import TensorLike, shape_of
 
@@ -192,7 +193,13 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-_METHODS: dict[str, MergeMethod] = {}
+def _load_methods() -> None:
+    from . import methods  # noqa: F401  (registration side effect)
+
+
+#: every merge method by name (filled by the ``@merge_method`` lines of the algebra modules)
+MERGE_METHODS: Registry[MergeMethod] = Registry(
+    "merge method", MergeConfigError, load=_load_methods)
 
 
 def merge_method(
@@ -212,30 +219,22 @@ def merge_method(
     """Decorator: register ``fn`` as merge method ``name`` (see the module docstring for the call shape)."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        if name in _METHODS:
-            raise ValueError(f"merge method {name!r} is already registered")
-        _METHODS[name] = MergeMethod(
+        MERGE_METHODS.register(name, MergeMethod(
             name, fn, paper, needs_base, dict(model_params or {}), dict(shared_params or {}),
             min_models, max_models, stats, mergekit, dict(limits or {}), check,
-        )
+        ))
         return fn
 
     return wrap
 
 
 def get_method(name: str) -> MergeMethod:
-    from . import methods  # noqa: F401  (registration side effect)
-
-    if name not in _METHODS:
-        raise MergeConfigError(f"unknown merge method {name!r}; known: {', '.join(sorted(_METHODS))}")
-    return _METHODS[name]
+    return MERGE_METHODS.get(name)
 
 
 def merge_methods() -> dict[str, MergeMethod]:
     """Every registered method by name."""
-    from . import methods  # noqa: F401
-
-    return dict(_METHODS)
+    return dict(MERGE_METHODS.items())
 
 
 def common_shape(base: TensorLike | None, models: Sequence[TensorLike]) -> torch.Size:

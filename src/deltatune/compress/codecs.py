@@ -20,12 +20,13 @@ positions are stored as a bitmask (n/8 bytes) or as int32 indices (4 bytes each)
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
 
 from ..core.errors import DeltaError
+from ..core.registry import Registry
 
 Parts = dict[str, torch.Tensor]
 
@@ -196,22 +197,31 @@ def decode_raw(meta: dict, parts: Parts) -> torch.Tensor:
 
 
 Encoder = Callable[..., tuple[Parts, dict]]
-CODECS: dict[str, tuple[Encoder, Callable[[dict, Parts], torch.Tensor]]] = {
-    "compeft": (encode_compeft, decode_compeft),
-    "bitdelta": (encode_bitdelta, decode_bitdelta),
-    "dare": (encode_dare, decode_dare),
-    "int8": (lambda d, **_: _encode_int(d, 8), lambda m, p: _decode_int(m, p, 8)),
-    "int4": (lambda d, **_: _encode_int(d, 4), lambda m, p: _decode_int(m, p, 4)),
-    "lowrank": (encode_lowrank, decode_lowrank),
-    "raw": (encode_raw, decode_raw),
-}
+
+
+class Codec(NamedTuple):
+    """One codec: ``encode(δ, **options) -> (parts, meta)``, ``decode(meta, parts) -> flat δ̂``."""
+
+    encode: Encoder
+    decode: Callable[[dict, Parts], torch.Tensor]
+
+
+#: every codec by name; ``raw`` (tensors kept as they are) is internal: decoded, never chosen
+CODECS: Registry[Codec] = Registry("codec", CompressError)
+CODECS.register("compeft", Codec(encode_compeft, decode_compeft))
+CODECS.register("bitdelta", Codec(encode_bitdelta, decode_bitdelta))
+CODECS.register("dare", Codec(encode_dare, decode_dare))
+CODECS.register("int8", Codec(lambda d, **_: _encode_int(d, 8), lambda m, p: _decode_int(m, p, 8)))
+CODECS.register("int4", Codec(lambda d, **_: _encode_int(d, 4), lambda m, p: _decode_int(m, p, 4)))
+CODECS.register("lowrank", Codec(encode_lowrank, decode_lowrank))
+CODECS.register("raw", Codec(encode_raw, decode_raw), internal=True)
 #: codecs whose ``scale`` part is one number per tensor that can be rescaled or calibrated
 SCALED = ("compeft", "bitdelta")
 
 
 def check_options(codec: str, density: float, rank: int, scale: str, alpha: float, values: str) -> None:
-    if codec not in CODECS or codec == "raw":
-        raise CompressError(f"unknown codec {codec!r}; choose one of: {', '.join(c for c in CODECS if c != 'raw')}")
+    if codec not in CODECS.names():
+        raise CompressError(CODECS.unknown(codec))
     if not (isinstance(density, (int, float)) and 0 < density <= 1):
         raise CompressError(f"density={density!r} must be in (0, 1], e.g. 0.1 keeps 10% of the entries")
     if not (isinstance(rank, int) and rank >= 1):
@@ -230,7 +240,7 @@ def decode(meta: dict, parts: Parts) -> torch.Tensor:
     if codec not in CODECS:
         raise CompressError(f"unknown codec {codec!r} in the compressed file; it was written by a newer deltatune")
     try:
-        flat = CODECS[codec][1](meta, parts)
+        flat = CODECS.get(codec).decode(meta, parts)
     except KeyError as exc:
         raise CompressError(f"a {codec} entry lacks its part {exc}; the compressed file is corrupt") from None
     shape = tuple(meta["shape"])

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..core.host import iter_hosts
 from ..core.model import attach, set_active
+from ..core.registry import Registry
 from .base import Strategy, _Penalty, _trainable, distillation_loss
 from .pertask import Merge, OLoRA
 from .streams import ContinualError
@@ -241,13 +242,14 @@ class LAE(Strategy):
 __all__ = ["Strategy", "Reservoir", "Replay", "EWC", "LwF", "LAE", "ZSCL", "Merge", "OLoRA", "STRATEGIES",
            "make_strategy"]
 
-STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Strategy, Replay, EWC, LwF, LAE, ZSCL, Merge, OLoRA)}
-STRATEGIES["joint"] = Strategy  # trained once on all tasks by run_stream
+#: every strategy class by name
+STRATEGIES: Registry[type[Strategy]] = Registry("strategy", ContinualError, key=lambda s: s.name)
+for _strategy in (Strategy, Replay, EWC, LwF, LAE, ZSCL, Merge, OLoRA):
+    STRATEGIES.register(_strategy)
+STRATEGIES.register("joint", Strategy)  # trained once on all tasks by run_stream
 
 
 def make_strategy(name: str, **options: Any) -> Strategy:
-    if name not in STRATEGIES:
-        raise ContinualError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}")
-    strategy = STRATEGIES[name](**options)
+    strategy = STRATEGIES.get(name)(**options)
     strategy.joint = name == "joint"
     return strategy

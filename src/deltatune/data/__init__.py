@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..core.registry import Registry
 from .base import DEFAULT_FRACTIONS, SPLITS, DataError, Dataset, check_fractions, stratified_split
 from .corrupt import CORRUPTIONS, EXTRA_CORRUPTIONS, corruption_names
 from .images import digits, image_folder, mnist, restricted_load
@@ -24,27 +25,32 @@ from .text import (
 )
 from .user_files import user_text
 
-_BUNDLED = {
-    "bbc-news": "BBC News articles, 5 topics (text classification)",
-    "bbc-news-text": "BBC News articles as plain text (causal-LM tuning)",
-    "tweet-sentiment": "38k tweets, negative/neutral/positive; ':airlines,nfl,apple,cars,other' selects domains",
-    "mnist": "MNIST digits 28x28 grey (50k/10k/10k)",
-    "digits": "sklearn 8x8 digits drawn at MNIST size (a second digits domain)",
-    "mnist-c": "'mnist-c:<corruption>:<severity>' MNIST under a corrupt-tta corruption",
-    "digits-c": "'digits-c:<corruption>:<severity>' sklearn digits under a corrupt-tta corruption",
-}
+#: every bundled dataset by name, with its one-line description
+DATASETS: Registry[str] = Registry(
+    "dataset", DataError,
+    message="unknown {kind} {name!r}; bundled: {known} (or pass a CSV/JSONL/folder path){hint}")
+DATASETS.register("bbc-news", "BBC News articles, 5 topics (text classification)")
+DATASETS.register("bbc-news-text", "BBC News articles as plain text (causal-LM tuning)")
+DATASETS.register("tweet-sentiment", "38k tweets, negative/neutral/positive; "
+                  "':airlines,nfl,apple,cars,other' selects domains")
+DATASETS.register("mnist", "MNIST digits 28x28 grey (50k/10k/10k)")
+DATASETS.register("digits", "sklearn 8x8 digits drawn at MNIST size (a second digits domain)")
+DATASETS.register("mnist-c",
+                  "'mnist-c:<corruption>:<severity>' MNIST under a corrupt-tta corruption")
+DATASETS.register("digits-c", "'digits-c:<corruption>:<severity>' sklearn digits "
+                  "under a corrupt-tta corruption")
 _SIMPLE = {"bbc-news": bbc_news, "bbc-news-text": bbc_news_text, "mnist": mnist, "digits": digits}
 _TEXT_SUFFIXES = (".csv", ".jsonl", ".json")
 
 
 def available_datasets() -> list[str]:
     """Bundled dataset names (the ``-c`` sets take ``:<corruption>:<severity>``)."""
-    return list(_BUNDLED)
+    return list(DATASETS.names())
 
 
 def describe_datasets() -> dict[str, str]:
     """Bundled dataset names with a one-line description each (CLI help)."""
-    return dict(_BUNDLED)
+    return dict(DATASETS.items())
 
 
 def load_data(spec: str, split: str = "train", *, seed: int = 0, limit: int | None = None,
@@ -75,7 +81,7 @@ def load_data(spec: str, split: str = "train", *, seed: int = 0, limit: int | No
         return _SIMPLE[name](split, seed, limit, drawn)
     if name == "tweet-sentiment":
         return tweet_sentiment(split, seed, limit, arg or None, drawn)
-    if name.endswith("-c") and name in _BUNDLED:
+    if name.endswith("-c") and name in DATASETS:
         from .corrupt import corrupted
 
         own_split(f"{spec} (the test images of its source set)")
@@ -98,11 +104,12 @@ def load_data(spec: str, split: str = "train", *, seed: int = 0, limit: int | No
         raise DataError(f"{name} takes no ':' argument; use {name!r}")
     if "/" in spec or "\\" in spec or spec.lower().endswith(_TEXT_SUFFIXES):
         raise DataError(f"{spec} does not exist; check the path")
-    raise DataError(f"unknown dataset {spec!r}; bundled: {', '.join(_BUNDLED)} (or pass a CSV/JSONL/folder path)")
+    raise DataError(DATASETS.unknown(spec))
 
 
 __all__ = [
     "CORRUPTIONS",
+    "DATASETS",
     "DEFAULT_FRACTIONS",
     "DOMAIN_NAMES",
     "EXTRA_CORRUPTIONS",

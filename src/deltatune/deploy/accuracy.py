@@ -16,15 +16,42 @@ source's label distribution, and a real label shift can throw it off either way.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 
+from ..core.registry import Registry
 from .batch import to_tensor
 from .errors import DeployError
 
 Score = Literal["entropy", "confidence"]
-ESTIMATES = ("confidence", "atc", "doc", "cot")
+#: every label-free estimate by name: ``fn(estimator, target_logits) -> estimated accuracy``
+ESTIMATORS: Registry[Callable[["AccuracyEstimator", torch.Tensor], float]] = Registry(
+    "accuracy estimate", DeployError, message="unknown {kind} {name!r}; choose from {known}{hint}")
+
+
+@ESTIMATORS.register("confidence")
+def _confidence(est: "AccuracyEstimator", z: torch.Tensor) -> float:
+    return float(scores(z, est.temperature, "confidence").mean())
+
+
+@ESTIMATORS.register("atc")
+def _atc(est: "AccuracyEstimator", z: torch.Tensor) -> float:
+    return float((scores(z, est.temperature, est.score) > est.threshold).double().mean())
+
+
+@ESTIMATORS.register("doc")
+def _doc(est: "AccuracyEstimator", z: torch.Tensor) -> float:
+    return est.source_accuracy - (est.source_confidence - _confidence(est, z))
+
+
+@ESTIMATORS.register("cot")
+def _cot(est: "AccuracyEstimator", z: torch.Tensor) -> float:
+    return est.cot(z)
+
+
+#: the estimate names, in the order reports list them
+ESTIMATES: tuple[str, ...] = ESTIMATORS.names()
 
 
 def _logits(value: Any, name: str) -> torch.Tensor:
@@ -105,17 +132,9 @@ class AccuracyEstimator:
     def estimate(self, logits: Any, methods: Sequence[str] = ESTIMATES) -> dict[str, float]:
         """Estimated accuracy (a fraction) of the model whose outputs are ``logits``, by each of ``methods``."""
         methods = (methods,) if isinstance(methods, str) else tuple(methods)
-        unknown = [m for m in methods if m not in ESTIMATES]
-        if unknown:
-            raise DeployError(f"unknown accuracy estimate {unknown[0]!r}; choose from {', '.join(ESTIMATES)}")
+        chosen = {m: ESTIMATORS.get(m) for m in methods}  # every name checked before any work
         z = _logits(logits, "target logits")
-        conf = float(scores(z, self.temperature, "confidence").mean())
-        out = {"confidence": conf,
-               "atc": float((scores(z, self.temperature, self.score) > self.threshold).double().mean()),
-               "doc": self.source_accuracy - (self.source_confidence - conf)}
-        if "cot" in methods:
-            out["cot"] = self.cot(z)
-        return {m: out[m] for m in methods}
+        return {m: fn(self, z) for m, fn in chosen.items()}
 
     def cot(self, logits: Any) -> float:
         """COT's estimated accuracy of ``logits`` (see the class docs)."""

@@ -12,7 +12,6 @@ own); ``episodic=False`` (continual) keeps adapting across batches until ``reset
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import weakref
 from typing import Any, Callable, ClassVar, Literal
@@ -20,12 +19,15 @@ from typing import Any, Callable, ClassVar, Literal
 import torch
 from torch import nn
 
+from ..core.registry import Registry
 from .batch import LogitsFn, check_batch, get_logits
 from .errors import BatchError, DeployError
 from .norm import BatchNormStats, StatsMode, batchnorm_layers
 from .params import ParamChoice, collect_params
 
-METHODS: dict[str, type["TTAWrapper"]] = {}
+#: every test-time method by name (``@register_method`` on each wrapper class)
+METHODS: Registry[type["TTAWrapper"]] = Registry(
+    "test-time method", DeployError, quote=False, key=lambda cls: cls.method)
 # The wrapper currently around each model (by id; the wrapper holds the model, so the entry lives as
 # long as both). Two wrappers on one model would stack hooks and requires_grad choices, so a second
 # one is refused. A wrapper with BatchNorm hooks is kept alive by them, so unwrap() can still find it.
@@ -35,8 +37,7 @@ OptimizerChoice = Literal["sgd", "adam"] | Callable[[list[nn.Parameter]], torch.
 
 
 def register_method(cls: type["TTAWrapper"]) -> type["TTAWrapper"]:
-    METHODS[cls.method] = cls
-    return cls
+    return METHODS.register(cls)
 
 
 class TTAWrapper(nn.Module):
@@ -344,10 +345,6 @@ def adapt(model: nn.Module, method: str = "tent", **options: Any) -> TTAWrapper:
     if not isinstance(model, nn.Module):
         raise DeployError(f"adapt() needs a torch.nn.Module, not {type(model).__name__}")
     cls = METHODS.get(method)
-    if cls is None:
-        close = difflib.get_close_matches(str(method), list(METHODS), n=2)
-        hint = f"; did you mean {' or '.join(close)}?" if close else ""
-        raise DeployError(f"unknown test-time method {method!r}{hint} (known: {', '.join(sorted(METHODS))})")
     accepted = method_options(cls)
     unknown = [k for k in options if k not in accepted]
     if unknown:

@@ -6,15 +6,18 @@ Inputs are float64 tensors of shape (n, d) and (m, d) already checked by :mod:`.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
 
+from ..core.registry import Registry
 from .errors import DeployError
 
 Correction = Literal["bonferroni", "bh"]
 TestOutput = tuple[float, float, dict[str, Any]]
+#: every two-sample shift test by name: ``fn(x, y, **options) -> (statistic, p-value, details)``
+TESTS: Registry[Callable[..., TestOutput]] = Registry("shift test", DeployError)
 
 
 def _scipy_stats():
@@ -48,6 +51,7 @@ def _mmd2_many(k: torch.Tensor, is_x: torch.Tensor) -> torch.Tensor:
     return xx + yy - 2 * xy
 
 
+@TESTS.register("mmd")
 def mmd_test(
     x: torch.Tensor, y: torch.Tensor, *, n_permutations: int = 500, bandwidth: float | None = None, seed: int = 0
 ) -> TestOutput:
@@ -86,6 +90,7 @@ def adjust_pvalues(p: np.ndarray, correction: Correction) -> np.ndarray:
     raise DeployError(f"correction must be 'bonferroni' or 'bh', not {correction!r}")
 
 
+@TESTS.register("ks")
 def ks_test(x: torch.Tensor, y: torch.Tensor, *, correction: Correction = "bonferroni") -> TestOutput:
     """One Kolmogorov-Smirnov test per feature, combined by a multiple-testing correction; the
     p-value is the smallest adjusted one. Rabanser et al., "Failing Loudly", NeurIPS 2019,
@@ -107,6 +112,7 @@ def to_probs(outputs: torch.Tensor) -> torch.Tensor:
     return outputs if is_simplex else outputs.softmax(-1)
 
 
+@TESTS.register("bbsd")
 def bbsd_test(x: torch.Tensor, y: torch.Tensor, *, correction: Correction = "bonferroni") -> TestOutput:
     """Black-box shift detection: per-class KS tests on the softmax outputs of the model.
     Lipton et al., "Detecting and Correcting for Label Shift with Black Box Predictors", ICML 2018,
@@ -126,6 +132,7 @@ def _labels(v: torch.Tensor) -> torch.Tensor:
     return v.argmax(1)
 
 
+@TESTS.register("label")
 def label_test(x: torch.Tensor, y: torch.Tensor) -> TestOutput:
     """Label-shift test: chi-squared test of homogeneity on the predicted label counts
     (the "BBSDh" test of Rabanser et al. 2019). Inputs are outputs (argmax taken) or label columns.
@@ -140,6 +147,7 @@ def label_test(x: torch.Tensor, y: torch.Tensor) -> TestOutput:
     return float(res.statistic), float(res.pvalue), {"counts": table.tolist(), "dof": int(res.dof)}
 
 
+@TESTS.register("classifier")
 def classifier_test(x: torch.Tensor, y: torch.Tensor, *, seed: int = 0, hidden: int = 0, epochs: int = 200,
                     weight_decay: float = 1e-3) -> TestOutput:
     """Classifier two-sample test: train a classifier (logistic regression, or an MLP with ``hidden``
@@ -174,5 +182,3 @@ def classifier_test(x: torch.Tensor, y: torch.Tensor, *, seed: int = 0, hidden: 
     p = float(_scipy_stats().binomtest(correct, n_test, 0.5, alternative="greater").pvalue)
     return correct / n_test, p, {"n_test": n_test}
 
-
-TESTS = {"mmd": mmd_test, "ks": ks_test, "classifier": classifier_test, "bbsd": bbsd_test, "label": label_test}

@@ -9,6 +9,7 @@ directory. See docs/data-and-models.md.
 from __future__ import annotations
 
 from .entry import TASKS, ModelEntry, ModelError
-from .registry import available_models, describe_models, load_model
+from .registry import MODELS, available_models, describe_models, load_model
 
-__all__ = ["TASKS", "ModelEntry", "ModelError", "available_models", "describe_models", "load_model"]
+__all__ = ["MODELS", "TASKS", "ModelEntry", "ModelError", "available_models", "describe_models",
+           "load_model"]

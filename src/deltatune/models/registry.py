@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..core.registry import Registry
 from .entry import TASKS, ModelEntry, ModelError
 
 
@@ -20,26 +21,32 @@ class _Bundled:
     takes_labels: bool = True
 
 
-_MODELS = {
-    "minilm": _Bundled("all-MiniLM-L6-v2 encoder (22.7M) + mean pooling + linear head: text classification",
-                       "text-classification", "text:minilm", ("max_length",)),
-    "smollm2": _Bundled("SmolLM2-135M-Instruct from its bundled GGUF file: causal language model",
-                        "causal-lm", "gguf:smollm2", ("max_length", "cache"), takes_labels=False),
-    "efficientnet-lite0": _Bundled("EfficientNet-Lite0, ImageNet weights (4.65M), new head: image classification",
-                                   "image-classification", "vision:efficientnet_lite0", ("image_size",)),
-    "small-cnn": _Bundled("a small BatchNorm CNN for 28x28 digits (60k), trained from scratch: image classification",
-                          "image-classification", "vision:small_cnn", ("image_size",)),
-}
+#: every bundled model by name
+MODELS: Registry[_Bundled] = Registry(
+    "model", ModelError,
+    message="unknown {kind} {name!r}; bundled: {known} (or a local transformers directory){hint}")
+MODELS.register("minilm", _Bundled(
+    "all-MiniLM-L6-v2 encoder (22.7M) + mean pooling + linear head: text classification",
+    "text-classification", "text:minilm", ("max_length",)))
+MODELS.register("smollm2", _Bundled(
+    "SmolLM2-135M-Instruct from its bundled GGUF file: causal language model",
+    "causal-lm", "gguf:smollm2", ("max_length", "cache"), takes_labels=False))
+MODELS.register("efficientnet-lite0", _Bundled(
+    "EfficientNet-Lite0, ImageNet weights (4.65M), new head: image classification",
+    "image-classification", "vision:efficientnet_lite0", ("image_size",)))
+MODELS.register("small-cnn", _Bundled(
+    "a small BatchNorm CNN for 28x28 digits (60k), trained from scratch: image classification",
+    "image-classification", "vision:small_cnn", ("image_size",)))
 
 
 def available_models() -> list[str]:
     """Bundled model names (a local transformers directory path works too)."""
-    return list(_MODELS)
+    return list(MODELS.names())
 
 
 def describe_models() -> dict[str, str]:
     """Bundled model names with a one-line description each (CLI help)."""
-    return {name: m.description for name, m in _MODELS.items()}
+    return {name: m.description for name, m in MODELS.items()}
 
 
 def load_model(spec: str, *, num_labels: int | None = None, task: str | None = None, **options: Any) -> ModelEntry:
@@ -53,8 +60,8 @@ def load_model(spec: str, *, num_labels: int | None = None, task: str | None = N
         raise ModelError(f"num_labels must be positive, got {num_labels}")
     if task is not None and task not in TASKS:
         raise ModelError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
-    bundled = _MODELS.get(spec)
-    if bundled is not None:
+    if spec in MODELS:
+        bundled = MODELS.get(spec)
         if task is not None and task != bundled.task:
             raise ModelError(f"{spec} is a {bundled.task} model, not {task}; pick a {task} model")
         _check_options(spec, options, bundled.options)
@@ -78,7 +85,7 @@ def load_model(spec: str, *, num_labels: int | None = None, task: str | None = N
             return transformers_dir(path, num_labels, task, **options)
     if "/" in spec or "\\" in spec:
         raise ModelError(f"{spec} does not exist; pass a local transformers directory or a bundled model name")
-    raise ModelError(f"unknown model {spec!r}; bundled: {', '.join(_MODELS)} (or a local transformers directory)")
+    raise ModelError(MODELS.unknown(spec))
 
 
 _TRANSFORMERS_BUILDERS = ("text", "gguf")  # builder modules that load through transformers
