@@ -80,8 +80,10 @@ IDENTITY_AT_INIT = {"houlsby", "pfeiffer", "parallel", "compacter", "side"}
 
 
 @pytest.mark.parametrize("family", sorted(MODELS))
-@pytest.mark.parametrize("method", sorted(SPECS))
+@pytest.mark.parametrize("method", ["pfeiffer", "parallel"])
 def test_contract(tmp_path, family, method):
+    """The adapter styles beyond each method's own example (every registered method runs this
+    contract from its declared example in tests/test_contract.py::test_transformer_contract)."""
     model = MODELS[family]()
     originals = dict(model.named_modules())
     y0 = run(model)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, get_args, get_origin, Literal
 
 from .errors import SpecError
+from .example import Example
+from .registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
@@ -22,19 +24,23 @@ if TYPE_CHECKING:  # pragma: no cover
     from .delta import Delta
     from .host import DeltaHost
 
-_REGISTRY: dict[str, type["DeltaSpec"]] = {}
+#: every method spec by its ``method`` name (the name saved configs use)
+METHODS: Registry[type["DeltaSpec"]] = Registry(
+    "method", SpecError, message="unknown method {name!r} in config{hint} (known methods: {known})",
+    key=lambda cls: cls.method,
+)
 
 
 def register(cls: type["DeltaSpec"]) -> type["DeltaSpec"]:
     """Class decorator: make a spec loadable by its ``method`` name (used by saved configs)."""
     if not cls.method:
         raise TypeError(f"{cls.__name__} needs a non-empty class attribute `method`")
-    _REGISTRY[cls.method] = cls
-    return cls
+    return METHODS.register(cls)
 
 
 def registered_methods() -> dict[str, type["DeltaSpec"]]:
-    return dict(_REGISTRY)
+    """Every registered (public) spec class by method name."""
+    return dict(METHODS.items())
 
 
 def spec_from_dict(data: dict[str, Any]) -> "DeltaSpec":
@@ -46,10 +52,7 @@ def spec_from_dict(data: dict[str, Any]) -> "DeltaSpec":
         raise SpecError(f"a spec config must be an object of options, not {type(data).__name__}")
     data = dict(data)
     method = data.pop("method", None)
-    if not isinstance(method, str) or method not in _REGISTRY:
-        known = ", ".join(sorted(_REGISTRY))
-        raise SpecError(f"unknown method {method!r} in config; known methods: {known}")
-    cls = _REGISTRY[method]
+    cls = METHODS.get(method)
     names = {f.name for f in fields(cls) if f.init}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -134,6 +137,10 @@ class DeltaSpec:
 
     #: peft's ``peft_type`` for methods with a peft file layout (None: deltatune format only)
     peft_type: ClassVar[str | None] = None
+
+    #: the method's own test example and tolerance for the shared contract tests (every
+    #: registered method declares one; see :class:`~deltatune.core.example.Example`)
+    example: ClassVar[Example | None] = None
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "DeltaSpec":
         # The dataclass __init__ would raise a bare TypeError for a misspelt option; name the field

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..core.delta import Delta
 from ..core.errors import DeltaFileError, SpecError
+from ..core.example import Example
 from ..core.host import DeltaHost
 from ..core.spec import DeltaSpec, register
 
@@ -78,6 +79,9 @@ class AdaLoRA(_SVDSpecMixin, DeltaSpec):
     sensitivity and its uncertainty; ``orth_reg_weight`` weighs the orthogonality penalty."""
 
     method = "adalora"
+    example = Example(dict(init_r=3, target_r=2, targets=("fc1", "fc2")), bad=(
+        ({"target_r": 4, "init_r": 3}, "target_r"), ({"beta1": 1.0}, "beta1"),
+        ({"delta_t": 0}, "delta_t")))
     host_kinds = ("linear",)
     default_targets = (("query", "value"), ("q_proj", "v_proj"), ("c_attn",), ("qkv",), ("q", "v"))
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..core.delta import Delta
+from ..core.example import Example
 from ..core.host import DeltaHost, module_kind
 from ..core.spec import DeltaSpec, register
 from ..core.host import add_deltas
@@ -40,6 +41,7 @@ class BitFit(DeltaSpec):
     ``targets=["query", "intermediate.dense"]`` gives the paper's two-bias variant."""
 
     method = "bitfit"
+    example = Example(bad=(({"target_regex": "("}, "target_regex"),))
     host_kinds = ("linear", "conv", "other")
 
     def make_delta(self, host: DeltaHost, module_name: str) -> Delta:

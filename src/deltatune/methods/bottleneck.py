@@ -22,6 +22,7 @@ from torch import nn
 
 from ..core.delta import Delta
 from ..core.errors import SpecError, StateError, TargetError
+from ..core.example import Example
 from ..core.host import DeltaHost, add_delta, get_module, iter_hosts, remove_delta
 from ..core.spec import DeltaSpec, register
 from ..core.targets import iter_candidates, name_matches, select_targets
@@ -99,6 +100,9 @@ class Bottleneck(DeltaSpec):
     channels at every position (1x1 down/up projections), as in conv adapters for CNNs."""
 
     method = "bottleneck"
+    example = Example(dict(style="houlsby", reduction_factor=4), model="transformer", merges=False,
+                      bad=(({"reduction_factor": 0}, "reduction_factor"),
+                           ({"dropout": 1.0}, "dropout")))
     host_kinds = ("linear", "conv", "other")
     #: documentation of the built-in positions; :meth:`positions` picks them per style
     default_targets = tuple((f.attention_out, f.ffn_out) for f in FAMILIES.values())

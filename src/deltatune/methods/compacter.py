@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..core.example import Example
 from ..core.spec import register
 from .bottleneck import Bottleneck
 
@@ -75,6 +76,8 @@ class Compacter(Bottleneck):
     the fast weights (``factorized``), ``shared_rules``: share the slow rules across layers."""
 
     method = "compacter"
+    example = Example(dict(reduction_factor=2), model="transformer", merges=False,
+                      bad=(({"phm_dim": 1}, "phm_dim"), ({"phm_rank": 0}, "phm_rank")))
 
     phm_dim: int = 4
     phm_rank: int = 1

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..core.delta import Delta
 from ..core.errors import DeltaFileError, StateError, TargetError
+from ..core.example import Example
 from ..core.host import DeltaHost
 from ..core.spec import DeltaSpec, register
 from ..core.targets import name_matches
@@ -41,6 +42,8 @@ class IA3(DeltaSpec):
     """
 
     method = "ia3"
+    example = Example(dict(targets=("fc1", "fc2", "head"), feedforward=("fc2",)),
+                      bad=(({"init": "zeros"}, "init"), ({"feedforward": ("",)}, "feedforward")))
     host_kinds = ("linear", "conv")
     default_targets = (
         ("key", "value", "output.dense"),

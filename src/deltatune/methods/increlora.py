@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from ..core.delta import Delta
+from ..core.example import Example
 from ..core.host import DeltaHost, get_module, remove_delta
 from ..core.spec import DeltaSpec, register
 from .adalora import SVDDelta, _is_int, _SVDSpecMixin
@@ -43,6 +44,9 @@ class IncreLoRA(_SVDSpecMixin, DeltaSpec):
     ``tinit`` and ``total_step - tfinal``)."""
 
     method = "increlora"
+    example = Example(dict(init_r=1, max_r=3, target_r=2, targets=("fc1", "fc2")), bad=(
+        ({"init_r": 0}, "init_r"), ({"budget": -5}, "budget"),
+        ({"grow_per_step": 0}, "grow_per_step")))
     host_kinds = ("linear",)
     default_targets = (("query", "value"), ("q_proj", "v_proj"), ("c_attn",), ("qkv",), ("q", "v"))
 

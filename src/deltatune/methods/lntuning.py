@@ -22,6 +22,7 @@ from torch.func import functional_call
 
 from ..core.delta import Delta
 from ..core.errors import DeltaFileError, TargetError
+from ..core.example import Example
 from ..core.host import DeltaHost
 from ..core.spec import DeltaSpec, register
 from ..core.host import add_deltas
@@ -54,6 +55,7 @@ class LNTuning(DeltaSpec):
     layers with weights (they are then tuned whole, as peft's LN_TUNING does)."""
 
     method = "ln_tuning"
+    example = Example(bad=(({"target_regex": "(["}, "target_regex"),))
     host_kinds = ("linear", "conv", "embedding", "other")
     peft_type = "LN_TUNING"
     peft_suffixes = ("ln_tuning_layers.weight", "ln_tuning_layers.bias")

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..core.delta import Delta
 from ..core.errors import SpecError, TargetError
+from ..core.example import Example
 from ..core.host import DeltaHost, add_delta, iter_hosts, remove_delta
 from ..core.spec import DeltaSpec, register
 from ..core.targets import iter_candidates, name_matches
@@ -44,6 +45,7 @@ class LoRA(DeltaSpec):
     per-module rank/alpha (as produced by rank allocation)."""
 
     method = "lora"
+    example = Example(dict(r=2, targets=("fc1", "fc2")), bad=(({"r": 0}, "r"),))
     host_kinds = ("linear", "conv", "embedding")
     default_targets = (("query", "value"), ("q_proj", "v_proj"), ("c_attn",), ("qkv",), ("q", "v"))
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..core.delta import Delta
 from ..core.errors import DeltaFileError, TargetError
+from ..core.example import Example
 from ..core.host import DeltaHost
 from ..core.spec import DeltaSpec, register
 
@@ -180,6 +181,10 @@ class OFT(DeltaSpec):
     random blocks by the identity while training (peft's ``module_dropout``)."""
 
     method = "oft"
+    example = Example(dict(block_size=4, targets=("fc1", "fc2")), bad=(
+        ({"block_size": -4}, "block_size"), ({"r": 2}, "r"),
+        ({"neumann_terms": 0}, "neumann_terms"), ({"eps": 0.0}, "eps"),
+        ({"dropout": -0.1}, "dropout")))
     host_kinds = ("linear", "conv")
     default_targets = _ATTENTION
     peft_type = "OFT"
@@ -291,6 +296,9 @@ class BOFT(DeltaSpec):
     multiplicative ``boft_dropout``."""
 
     method = "boft"
+    example = Example(dict(block_size=4, butterfly_factor=2, targets=("fc2", "head")), bad=(
+        ({"butterfly_factor": 0}, "butterfly_factor"), ({"block_num": 2}, "block_num"),
+        ({"block_size": -2}, "block_size")))
     host_kinds = ("linear", "conv")
     default_targets = _ATTENTION
     peft_type = "BOFT"

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..core.errors import DeltaFileError, TargetError
+from ..core.example import Example
 from ..core.host import Host, iter_hosts
 from ..core.spec import DeltaSpec, register
 from ..core.virtual import VirtualTokenHost, VirtualTokens
@@ -37,6 +38,10 @@ class PrefixTuning(DeltaSpec):
     base model's)."""
 
     method = "prefix"
+    example = Example(dict(num_virtual_tokens=3, projection=True, projection_hidden=8),
+                      model="transformer", identity_at_init=False, merges=False,
+                      bad=(({"num_virtual_tokens": 0}, "num_virtual_tokens"),
+                           ({"init_std": 0.0}, "init_std")))
     host_kinds = ("embedding",)
     default_targets = EMBEDDING_TARGETS
     peft_type = "PREFIX_TUNING"

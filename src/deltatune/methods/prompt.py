@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..core.errors import DeltaFileError
+from ..core.example import Example
 from ..core.host import Host
 from ..core.spec import DeltaSpec, register
 from ..core.virtual import VirtualTokenHost, VirtualTokens, add_virtual_tokens
@@ -88,6 +89,8 @@ class PromptTuning(DeltaSpec):
     ``tokenizer`` directory and kept as ``init_token_ids``, so loading needs no tokenizer)."""
 
     method = "prompt"
+    example = Example(dict(num_virtual_tokens=3), model="transformer", identity_at_init=False,
+                      merges=False, bad=(({"num_virtual_tokens": 0}, "num_virtual_tokens"),))
     host_kinds = ("embedding",)
     default_targets = EMBEDDING_TARGETS
     peft_type = "PROMPT_TUNING"

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..core.delta import Delta
 from ..core.errors import TargetError
+from ..core.example import Example
 from ..core.host import DeltaHost, add_delta, get_module, iter_hosts, remove_delta
 from ..core.spec import DeltaSpec, register
 from ..core.targets import iter_candidates
@@ -38,6 +39,8 @@ class SideTuning(DeltaSpec):
     ``reduction_factor``."""
 
     method = "side"
+    example = Example(dict(reduction_factor=4), model="transformer", merges=False,
+                      bad=(({"reduction_factor": 0}, "reduction_factor"),))
     host_kinds = ("other",)
 
     reduction_factor: float = 8.0

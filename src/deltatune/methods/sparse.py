@@ -30,6 +30,7 @@ from torch import nn
 
 from ..core.delta import Delta
 from ..core.errors import DeltaFileError, SpecError, TargetError
+from ..core.example import Example
 from ..core.host import DeltaHost, Host, get_module, module_kind
 from ..core.model import attach, detach
 from ..core.spec import DeltaSpec, register
@@ -49,6 +50,10 @@ class SparseFT(DeltaSpec):
     of all chosen entries (``fish``). ``counts`` is filled by :func:`attach_masked` (entries per layer)."""
 
     method = "sparse"
+    example = Example(dict(density=0.2), bad=(
+        ({"density": 0.0}, "density"), ({"density": 1.5}, "density"),
+        ({"selection": "top"}, "selection"), ({"counts": {"fc1": 0}}, "counts"),
+        ({"seed": -1}, "seed")))
     host_kinds = ("linear", "conv", "embedding")
 
     density: float = 0.01

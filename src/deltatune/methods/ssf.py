@@ -20,6 +20,7 @@ from torch import nn
 
 from ..core.delta import Delta
 from ..core.errors import TargetError
+from ..core.example import Example
 from ..core.host import DeltaHost, module_kind
 from ..core.spec import DeltaSpec, register
 from ..core.host import add_deltas
@@ -40,6 +41,7 @@ class SSF(DeltaSpec):
     ``"normal"`` (the paper's γ ~ N(1, init_std), β ~ N(0, init_std))."""
 
     method = "ssf"
+    example = Example(bad=(({"init": "uniform"}, "init"), ({"init_std": -1.0}, "init_std")))
     host_kinds = ("linear", "conv", "other")
 
     init: Literal["identity", "normal"] = "identity"

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..core.delta import Delta
 from ..core.errors import SpecError
+from ..core.example import Example
 from ..core.host import DeltaHost, iter_hosts, remove_delta
 from ..core.spec import DeltaSpec, register, spec_from_dict
 from .bottleneck import Bottleneck, InputTap, module_dims, param_dtype
@@ -125,6 +126,9 @@ class Unified(_Composite):
     """Any composition: ``members`` (specs or their ``to_dict()`` forms); ``gated`` as UniPELT."""
 
     method = "unified"
+    example = Example(dict(members=(LoRA(r=2), Bottleneck(style="pfeiffer", reduction_factor=4)),
+                           gated=True), model="transformer", merges=False,
+                      bad=(({"members": ()}, "members"), ({"targets": ("x",)}, "targets")))
 
     members: tuple[Any, ...] = ()
     gated: bool = False
@@ -155,6 +159,8 @@ class MAM(_Composite):
     wide adapter (bottleneck 512 on 1024-wide models, i.e. reduction 2)."""
 
     method = "mam"
+    example = Example(dict(num_virtual_tokens=3, reduction_factor=4), model="transformer",
+                      identity_at_init=False, merges=False, bad=(({"targets": ("x",)}, "targets"),))
 
     num_virtual_tokens: int = 30
     prefix_projection: bool = False
@@ -178,6 +184,8 @@ class UniPELT(_Composite):
     r = 8, 10 tokens and bottleneck 48 on 768-wide models (reduction 16)."""
 
     method = "unipelt"
+    example = Example(dict(r=2, num_virtual_tokens=3, reduction_factor=4), model="transformer",
+                      identity_at_init=False, merges=False, bad=(({"exclude": ("x",)}, "exclude"),))
 
     r: int = 8
     alpha: float = 16.0

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..core.delta import Delta
 from ..core.errors import DeltaFileError
+from ..core.example import Example
 from ..core.host import DeltaHost, Host, get_module
 from ..core.spec import DeltaSpec, register
 from ..core.targets import select_targets
@@ -63,6 +64,9 @@ class VeRA(DeltaSpec):
     λ_d ~ N(0, 1); for tests)."""
 
     method = "vera"
+    example = Example(dict(r=4, targets=("fc1", "fc2")), bad=(
+        ({"r": 0}, "r"), ({"dropout": 1.0}, "dropout"),
+        ({"projection_seed": -1}, "projection_seed"), ({"init": "ones"}, "init")))
     default_targets = (("query", "value"), ("q_proj", "v_proj"), ("c_attn",), ("qkv",), ("q", "v"))
     peft_type = "VERA"
     peft_suffixes = ("vera_lambda_b", "vera_lambda_d")
