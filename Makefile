@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast fuzz bench clean
 
 $(STAMP): pyproject.toml requirements/data.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,12 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# Fuzzing at full size (tests/test_fuzz.py, profile `fuzz`: 1,000 cases per loader); `make test` runs the
+# same properties at CI size. Cases run per loader go to bench/fuzz_counts.json (bench/RESULTS.md, Reliability).
+fuzz: setup
+	DELTATUNE_FUZZ=1 DELTATUNE_FUZZ_REPORT=bench/fuzz_counts.json $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py
+	$(PY) -c "import json; [print(f'{k:32} {v[\"cases\"]:6} cases') for k, v in sorted(json.load(open('bench/fuzz_counts.json')).items())]"
 
 bench: setup
 	$(PY) bench/bench_engine.py

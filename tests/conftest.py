@@ -72,3 +72,17 @@ def randomize(model: nn.Module, std: float = 0.5) -> None:
         for name, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+try:  # fuzzing profiles (tests/test_fuzz.py): `ci` in `make test`, `fuzz` (1,000 cases per loader) in `make fuzz`
+    from hypothesis import HealthCheck, settings
+
+    _FUZZ_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
+                    HealthCheck.function_scoped_fixture]
+    settings.register_profile("ci", max_examples=25, deadline=20_000, database=None, derandomize=True,
+                              suppress_health_check=_FUZZ_HEALTH, print_blob=True)
+    settings.register_profile("fuzz", max_examples=1000, deadline=20_000, database=None,
+                              suppress_health_check=_FUZZ_HEALTH, print_blob=True)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("fuzz" if os.environ.get("DELTATUNE_FUZZ") else "ci"))
+except ImportError:  # hypothesis comes with the test extra
+    pass

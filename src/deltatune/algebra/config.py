@@ -79,6 +79,8 @@ def load_merge_config(path: str | Path) -> MergeConfig:
         raise MergeConfigError(f"{path} is not valid YAML ({str(exc).splitlines()[0]}); fix the syntax") from None
     except (UnicodeDecodeError, OSError) as exc:
         raise MergeConfigError(f"cannot read config {path} ({exc}); pass a UTF-8 YAML merge config") from None
+    except RecursionError:  # the YAML parser recurses per nesting level ([[[[...]]]])
+        raise MergeConfigError(f"{path} nests too deeply to be a merge config; fix the file") from None
     return parse_merge_config(data, root=path.parent, source=str(path))
 
 

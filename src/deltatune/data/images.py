@@ -160,7 +160,8 @@ def image_folder(path: Path, split: str, seed: int, limit: int | None,
     present = {c for _, c in files}
     empty = [name for c, name in enumerate(classes) if c not in present]
     if empty:  # an empty class would size the model's head with a class it never sees
-        raise DataError(f"{path}: class folder(s) {', '.join(empty)} hold no image files ({kinds}); "
+        shown = ", ".join(n if n.isprintable() else repr(n) for n in empty)  # a name may hold a newline
+        raise DataError(f"{path}: class folder(s) {shown} hold no image files ({kinds}); "
                         "add images or remove the folder")
     idx = stratified_split([c for _, c in files], seed, fractions)[split]
     require_classes(str(path), split, [files[i][1] for i in idx], classes)
@@ -171,6 +172,8 @@ def image_folder(path: Path, split: str, seed: int, limit: int | None,
             with Image.open(f) as im:
                 arr = to_rgb(im)
         except Exception as exc:  # noqa: BLE001 - any decoder failure means a bad image file
-            raise DataError(f"{f} is not a readable image ({exc}); remove or replace it") from None
+            shown = str(f) if str(f).isprintable() else repr(str(f))
+            raise DataError(f"{shown} is not a readable image ({' '.join(str(exc).split())}); "
+                            "remove or replace it") from None
         examples.append({"image": torch.from_numpy(arr.copy()).permute(2, 0, 1), "label": c})
     return Dataset(path.name, "image-classification", examples, classes)

@@ -37,9 +37,12 @@ def decode(path: Path, encoding: str | None = None) -> str:
     """The file's text, decoded strictly (UTF-8 unless ``encoding``), a leading byte-order mark dropped."""
     name = encoding or "utf-8"
     try:
-        codec = codecs.lookup(name).name
+        info = codecs.lookup(name)
     except LookupError:
         raise DataError(f"unknown encoding {name!r} for {path}; use e.g. utf-8, latin-1 or cp1252") from None
+    if not getattr(info, "_is_text_encoding", True):  # rot13, hex, base64, zlib: bytes/str transforms
+        raise DataError(f"{name!r} is not a text encoding (read {path}); use e.g. utf-8, latin-1 or cp1252")
+    codec = info.name
     data = path.read_bytes()
     if encoding is None and b"\x00" in data:
         at = data.index(b"\x00")
@@ -52,6 +55,9 @@ def decode(path: Path, encoding: str | None = None) -> str:
         line = data.count(b"\n", 0, exc.start) + 1
         raise DataError(f"{path} is not valid {name} text: byte 0x{data[exc.start]:02x} at offset {exc.start} "
                         f"(line {line}); pass --encoding latin-1 (or the file's own encoding)") from None
+    except UnicodeError as exc:  # codecs such as idna/punycode raise the base class, without a position
+        raise DataError(f"{path} is not valid {name} text ({' '.join(str(exc).split())}); "
+                        "pass --encoding latin-1 (or the file's own encoding)") from None
 
 
 def _csv_rows(path: Path, text: str) -> tuple[list[Row], list[str]]:

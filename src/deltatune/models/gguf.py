@@ -36,6 +36,35 @@ def smollm2_gguf() -> Path:
     return files[0]
 
 
+def gguf_info(path: str | os.PathLike) -> dict:
+    """Architecture and tensors (``{name: (type, shape)}``) of a GGUF file, read with the ``gguf``
+    package's reader (memory-mapped, no tensor data loaded); a file that is not a readable GGUF file
+    gives one :class:`ModelError` line instead of the reader's struct or index errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path} does not exist; pass a .gguf file")
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head[:4] != b"GGUF":
+        raise ModelError(f"{path} is not a GGUF file (it does not start with 'GGUF'); check the file")
+    version = int.from_bytes(head[4:8], "little") if len(head) == 8 else None
+    if version not in (2, 3):
+        raise ModelError(f"{path} is GGUF version {version}, which cannot be read (2 or 3); the file is corrupt or too new")
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(path)
+        arch = reader.fields["general.architecture"].contents() if "general.architecture" in reader.fields else None
+        tensors = {t.name: (t.tensor_type.name, tuple(int(d) for d in t.shape)) for t in reader.tensors}
+    except Exception as exc:  # noqa: BLE001 - any failure of the third-party parser means a corrupt file
+        first = str(exc).splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path} is not a readable GGUF file ({first}); it is corrupt or truncated: "
+                         "copy or reinstall it") from None
+    if not isinstance(arch, str) or not arch:
+        raise ModelError(f"{path} names no model architecture (general.architecture); the file is corrupt")
+    return {"architecture": arch, "version": version, "tensors": tensors}
+
+
 def _cache_dir(gguf: Path, version: str) -> Path:
     stat = gguf.stat()
     key = zlib.crc32(f"{gguf.name}:{stat.st_size}:{int(stat.st_mtime)}:{version}".encode())
@@ -78,9 +107,13 @@ def smollm2(max_length: int = 256, cache: bool = True) -> ModelEntry:
         lm = tf.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
         tokenizer = tf.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     else:
-        lm = tf.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                     local_files_only=True, dtype=torch.float32)
-        tokenizer = tf.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+        try:
+            lm = tf.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                         local_files_only=True, dtype=torch.float32)
+            tokenizer = tf.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+        except Exception:
+            gguf_info(gguf)  # a corrupt or truncated file gets one line naming it (reinstall the package)
+            raise
         if cache:
             _write_cache(folder, lm, tokenizer)
     ensure_pad_token(tokenizer)
