@@ -52,6 +52,7 @@ from typing import Callable, Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
+SRC = ROOT / "src"  # the deltatune under test (--src: e.g. a `git archive` of a commit)
 CLI = [sys.executable, "-m", "deltatune.cli.app"]
 TRAIN_ARGS = ["--model", "small-cnn", "--data", "mnist", "--limit", "200", "--max-steps", "30", "--save-every", "5",
               "--batch-size", "4", "--seed", "0"]
@@ -81,7 +82,7 @@ class Run:
 def run_job(argv: list[str], cwd: Path, log: Path, *, kill_after: Optional[float] = None,
             fsize: Optional[int] = None, timeout: float = 900) -> Run:
     """Run one CLI job; with ``kill_after`` SIGKILL its process group after that many seconds."""
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(SRC)}
     t0 = time.perf_counter()
     with open(log, "w") as err:
         proc = subprocess.Popen(CLI + argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=err, env=env,
@@ -412,7 +413,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=None, help="working directory (default: a new temp dir)")
     ap.add_argument("--no-write", action="store_true", help="do not write bench/RESULTS.md")
+    ap.add_argument("--src", type=Path, default=None, help="the deltatune source tree to test (default: src/ "
+                    "here; a snapshot keeps a long run away from edits in progress)")
     args = ap.parse_args()
+    if args.src is not None:
+        global SRC
+        SRC = args.src.resolve()
+        sys.path.insert(0, str(SRC))  # the checks in this process load adapters with the same code
     kills = dict((k, int(v)) for k, v in (kv.split("=") for kv in args.kills.split(",")))
     if args.quick:
         kills = {k: min(v, 3) for k, v in kills.items()}
@@ -427,7 +434,8 @@ def main() -> None:
     jobs = build_jobs(work)
     names = args.jobs.split(",")
     if any(n in names for n in ("compress", "export")) and "train" not in names:
-        names = ["train", *names]
+        clean_run(jobs["train"], work)  # only the adapter they read
+
     rng = random.Random(args.seed)
     t_all = time.perf_counter()
     tallies: dict[str, Tally] = {}
