@@ -50,6 +50,15 @@ def gguf_info(path: str | os.PathLike) -> dict:
     version = int.from_bytes(head[4:8], "little") if len(head) == 8 else None
     if version not in (2, 3):
         raise ModelError(f"{path} is GGUF version {version}, which cannot be read (2 or 3); the file is corrupt or too new")
+    with open(path, "rb") as fh:
+        fh.seek(8)
+        counts = fh.read(16)
+    size = path.stat().st_size
+    # a tensor entry takes >= 24 bytes and a key/value >= 13: larger counts are corrupt, and the reader
+    # would loop (and allocate) for each of them
+    if len(counts) < 16 or int.from_bytes(counts[:8], "little") * 24 > size or int.from_bytes(counts[8:], "little") * 13 > size:
+        raise ModelError(f"{path} is not a readable GGUF file (its tensor or key counts exceed the file); "
+                         "it is corrupt or truncated: copy or reinstall it")
     try:
         from gguf import GGUFReader
 
