@@ -265,18 +265,14 @@ def _add(a: Entry, b: Entry) -> Entry:
 
 
 def _lowrank_of(delta: Any, host: Any) -> LowRank | None:
-    """A plain LoRA's factors (no DoRA, no conv), else None (the dense ΔW is used). PiSSA/OLoRA
-    changes are s·(BA − B₀A₀): exact as one LowRank of twice the rank."""
-    variant = getattr(getattr(delta, "variant", None), "name", None)
-    if variant != "plain" or not hasattr(delta, "lora_A") or host.kind not in ("linear", "embedding"):
+    """The delta's weight change kept factored when the delta contract gives it as low-rank terms
+    (``Delta.factors``), else None (the dense ΔW is used); several terms are one LowRank of the
+    summed rank, exactly."""
+    terms = delta.factors(host)
+    if not terms:
         return None
-    transposed = host.kind == "embedding" or bool(host.fan_in_fan_out)
-    low = LowRank(delta.lora_A.detach().float().clone(), delta.lora_B.detach().float().clone(), float(delta.scaling), transposed)
-    init_a = getattr(delta, "init_A", None)
-    if init_a is not None:
-        start = LowRank(init_a.detach().float().clone(), delta.init_B.detach().float().clone(), -float(delta.scaling), transposed)
-        low = concat_lora([low, start])
-    return low
+    lows = [LowRank(t.A.float().clone(), t.B.float().clone(), float(t.scale), t.transposed) for t in terms]
+    return lows[0] if len(lows) == 1 else concat_lora(lows)
 
 
 def _base_param(model: nn.Module, name: str) -> torch.Tensor:

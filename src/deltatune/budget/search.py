@@ -96,19 +96,9 @@ def delta_parameters(model: nn.Module, name: str) -> int:
     configuration). SVD-form deltas count their live triplets at the end (AdaLoRA: ``target_r`` per
     module on average), ``rank × (in + out + 1)``."""
     from ..core.host import DeltaHost, iter_hosts
-    from ..methods.adalora import SVDDelta
 
-    total = 0
-    for _, host in iter_hosts(model):
-        if isinstance(host, DeltaHost) and name in host.delta_names():
-            d = host.part(name)
-            if isinstance(d, SVDDelta):
-                per = d.lora_A.shape[1] + d.lora_B.shape[0] + 1
-                r = d.spec.target_r if d.spec.method == "adalora" else d.rank
-                total += r * per
-            else:
-                total += sum(p.numel() for p in d.parameters() if p.requires_grad)
-    return total
+    return sum(host.part(name).budget_parameters() for _, host in iter_hosts(model)
+               if isinstance(host, DeltaHost) and name in host.delta_names())
 
 
 def candidates(model: nn.Module, space: SearchSpace, budget: int, head: tuple[str, ...] = ()) -> list[Candidate]:

@@ -25,15 +25,13 @@ ADAPTER_FORMATS = ("deltatune", "peft")  # dt.save_adapter's layouts
 def resolve_targets(model, method: str, entry_targets) -> Optional[list[str]]:
     """The model entry's usual positions when the method's own defaults match nothing here."""
     from ..core.spec import registered_methods
-    from ..core.targets import iter_candidates, name_matches
+    from ..core.targets import default_group
 
     cls = registered_methods().get(method)
     if cls is None or not cls.default_targets:
         return None  # unknown (reported later) or a method that picks its own positions (BitFit, SSF, ...)
-    names = [n for n, _ in iter_candidates(model)]
-    for group in cls.default_targets:
-        if any(name_matches(n, t) for n in names for t in group):
-            return None
+    if default_group(model, cls.default_targets) is not None:
+        return None
     return list(entry_targets) or None
 
 

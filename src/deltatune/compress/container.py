@@ -171,7 +171,10 @@ def compress_adapter(path: str | Path, codec: str, **options: Any) -> Compressed
     config = read_json(path / DELTA_JSON)
     if config.get("compressed"):
         raise CompressError(f"{path} is already compressed ({config['compressed'].get('codec')}); compress the original")
-    if codec == "lowrank" and config.get("method") in ("lora", "vera", "adalora"):
+    from ..core.spec import registered_methods
+
+    method = registered_methods().get(str(config.get("method")))
+    if codec == "lowrank" and method is not None and method.factored:
         raise CompressError(f"{path} holds a {config['method']} delta, already low-rank factors; lowrank extraction is "
                             "for full fine-tuning deltas (use compeft, bitdelta, dare, int8 or int4)")
     tensors = load_tensors(path / DELTA_TENSORS)

@@ -44,27 +44,28 @@ class Merge(_PerTask):
         return {n for _, h in iter_hosts(self.model) for n in h.delta_names()}
 
     def after_task(self, t, task) -> None:
-        """The merged delta: one LoRA of rank n·r whose factors are the task LoRAs' stacked, B scaled by 1/n,
-        i.e. exactly the average of the task vectors (works for conv LoRA too)."""
+        """The merged delta: one LoRA holding exactly the average of the task deltas' weight changes
+        (rank n·r, capped at each layer's own rank, where the average is still exact; conv LoRA too)."""
         super().after_task(t, task)
         import dataclasses
-        import math
+
+        from ..core.host import DeltaHost
 
         n, spec = len(self.names), self.spec
-        alpha = spec.alpha * (math.sqrt(n) if spec.rslora else n)  # the same scaling at rank n·r
-        attach(self.model, dataclasses.replace(spec, r=n * spec.r, alpha=alpha), "merged")
+        hosts = [(p, h) for p, h in iter_hosts(self.model) if isinstance(h, DeltaHost) and self.names[-1] in h.delta_names()]
+        ranks = {p: min(n * spec.rank_for(p), h.max_rank or n * spec.rank_for(p)) for p, h in hosts}
+        attach(self.model, dataclasses.replace(spec, r=max(ranks.values()), rank_pattern=ranks), "merged")
         self._unfreeze_head()
         with torch.no_grad():
             for _, host in iter_hosts(self.model):
-                if "merged" not in host.delta_names():
+                if "merged" not in host.delta_names() or not isinstance(host, DeltaHost):
                     continue
                 parts = [host.part(name) for name in self.names]
-                merged = host.part("merged")
-                merged.lora_A.copy_(torch.cat([p.lora_A for p in parts], 0))
-                merged.lora_B.copy_(torch.cat([p.lora_B for p in parts], 1) / n)
+                average = sum(p.delta_weight(host)["weight"].double() for p in parts) / n
+                host.part("merged").set_weight_change(average)
                 for p in parts:
                     p.requires_grad_(False)
-                merged.requires_grad_(False)
+                host.part("merged").requires_grad_(False)
         set_active(self.model, ["merged"])
 
 

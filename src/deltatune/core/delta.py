@@ -8,6 +8,7 @@ multiplicative ones ``h ⊙ v``. Foldable deltas also express themselves as a we
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Sequence
 
 import torch
@@ -18,6 +19,17 @@ from .errors import StateError
 if TYPE_CHECKING:  # pragma: no cover
     from .host import DeltaHost
     from .spec import DeltaSpec
+
+
+@dataclass(frozen=True)
+class Factor:
+    """One low-rank term of a weight change: ``scale · B @ A`` with ``A`` (r, in) and ``B`` (out, r),
+    transposed when the base stores its weight as (in, out) (GPT-2 Conv1D, Embedding)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float = 1.0
+    transposed: bool = False
 
 
 class Delta(nn.Module):
@@ -62,6 +74,17 @@ class Delta(nn.Module):
         for pname, change in self.delta_weight(host).items():
             param = host.base_param(pname)
             param.sub_(change.to(param.dtype))
+
+    def factors(self, host: "DeltaHost") -> list[Factor] | None:
+        """The weight change as a sum of low-rank terms, when it is exactly one (plain LoRA); ``None``
+        otherwise. Algebra keeps such changes factored (exact sums by concatenation, SVD re-factoring)
+        instead of forming the dense ``out × in`` matrix."""
+        return None
+
+    def budget_parameters(self) -> int:
+        """Parameters this delta counts against a budget: its trainable ones (SVD-form deltas count the
+        triplets they keep at the end of their schedule)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     # -- peft interop -----------------------------------------------------------------------------
     def to_peft(self, host: "DeltaHost") -> dict[str, torch.Tensor]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -11,7 +11,7 @@ from .delta import Delta
 from .errors import StateError, TargetError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .spec import DeltaSpec
+    from .spec import DeltaSpec, Site
 
 
 def module_kind(module: nn.Module) -> str:
@@ -48,6 +48,11 @@ class Host(nn.Module):
     def set_active(self, names: Sequence[str]) -> None:
         raise NotImplementedError
 
+    @property
+    def active(self) -> list[str]:
+        """The active delta names here, in order."""
+        return list(getattr(self, "_active", []))
+
     def set_disabled(self, disabled: bool) -> None:
         self.disabled = disabled
 
@@ -60,7 +65,7 @@ class Host(nn.Module):
     def merge(self) -> list[str]:
         return []
 
-    def unmerge(self) -> None:
+    def unmerge(self, names: Sequence[str] | None = None) -> None:
         return None
 
     @property
@@ -194,26 +199,30 @@ class DeltaHost(Host):
     def merge(self) -> list[str]:
         """Fold the active deltas into the base weights (in order); return the names merged."""
         done = []
-        for name in self._active:
-            if name in self._merged:
-                continue
+        for name in self._active:  # all or nothing: checked before anything is folded in
             delta = self.deltas[name]
-            if not delta.foldable:
+            if name not in self._merged and not delta.foldable:
                 raise StateError(
                     f"delta {name!r} ({delta.spec.method}) cannot be merged into the weights; "
                     "deactivate it before merging or keep it unmerged"
                 )
+        for name in self._active:
+            if name in self._merged:
+                continue
+            delta = self.deltas[name]
             delta.merge_into(self)
             self._merged.append(name)
             done.append(name)
         self._refresh()
         return done
 
-    def unmerge(self) -> None:
+    def unmerge(self, names: Sequence[str] | None = None) -> None:
+        """Undo the merges (of ``names`` only: the last ones merged, which is what can be undone exactly)."""
         # Reverse order: each merge saw the weights left by the previous one.
-        for name in reversed(self._merged):
+        todo = [n for n in reversed(self._merged) if names is None or n in names]
+        for name in todo:
             self.deltas[name].unmerge_from(self)
-        self._merged = []
+        self._merged = [n for n in self._merged if n not in todo]
         self._refresh()
 
     # -- routing ----------------------------------------------------------------------------------
@@ -341,8 +350,8 @@ def iter_hosts(model: nn.Module) -> Iterator[tuple[str, Host]]:
             yield name, module
 
 
-def add_delta(model: nn.Module, path: str, name: str, spec: "DeltaSpec") -> Delta:
-    """Wrap ``model.<path>`` in a host (once) and add ``spec``'s delta under ``name``."""
+def add_delta(model: nn.Module, path: str, name: str, build: Callable[["DeltaHost", str], Delta]) -> Delta:
+    """Wrap ``model.<path>`` in a host (once) and add the delta ``build(host, path)`` under ``name``."""
     module = get_module(model, path)
     if isinstance(module, ModuleCopy):
         raise TargetError(f"{path!r} is already kept trainable as a whole module; it cannot also host a delta")
@@ -351,7 +360,7 @@ def add_delta(model: nn.Module, path: str, name: str, spec: "DeltaSpec") -> Delt
         host = DeltaHost(module)
     if name in host.deltas:
         raise StateError(f"delta {name!r} is already attached to {path!r}; detach it first or choose another name")
-    delta = spec.make_delta(host, path)
+    delta = build(host, path)
     ref = next(iter(module.parameters()), None)
     if ref is not None:
         delta.to(device=ref.device)
@@ -372,38 +381,34 @@ def remove_delta(model: nn.Module, path: str, name: str) -> None:
         set_module(model, path, host.base)
 
 
-def add_deltas(model: nn.Module, name: str, spec: "DeltaSpec", paths: list[str]) -> list[str]:
-    """Add ``spec``'s delta at every path; on any failure remove the ones already added.
+def add_sites(model: nn.Module, name: str, spec: "DeltaSpec", sites: Sequence["Site"]) -> list[str]:
+    """The engine's surgery for one attach: add each site's part under ``name``; return the paths used.
 
-    Sizes are checked at every path (``spec.check_host``) before the first tensor is allocated; a
-    delta with more parameters than the layer it adapts gets one warning for the whole call."""
-    check = getattr(spec, "check_host", None)  # internal builders (not specs) have none
-    for path in paths if check is not None else ():
-        module = get_module(model, path)
-        if not isinstance(module, ModuleCopy):
-            check(module if isinstance(module, DeltaHost) else DeltaHost(module), path)
-    built: list[str] = []
+    Sizes are checked at every site (``spec.check_host``) before the first tensor is allocated; a
+    delta with more parameters than the layer it adapts gets one warning for the whole call. A failure
+    part-way is undone by :func:`deltatune.attach`, which restores the model exactly."""
+    for site in sites:
+        module = get_module(model, site.path)
+        if site.check and not isinstance(module, ModuleCopy):
+            spec.check_host(module if isinstance(module, DeltaHost) else DeltaHost(module), site.path)
+    paths: list[str] = []
     larger: list[tuple[str, int, int]] = []
-    try:
-        for path in paths:
-            delta = add_delta(model, path, name, spec)
-            built.append(path)
-            own = sum(p.numel() for p in delta.parameters())
-            base = sum(p.numel() for p in get_module(model, path).base.parameters())
-            if own > base > 0:
-                larger.append((path, own, base))
-    except Exception:
-        for path in built:
-            remove_delta(model, path, name)
-        raise
+    for site in sites:
+        delta = add_delta(model, site.path, name, site.build)
+        if site.path not in paths:
+            paths.append(site.path)
+        own = sum(p.numel() for p in delta.parameters())
+        base = sum(p.numel() for p in get_module(model, site.path).base.parameters())
+        if own > base > 0:
+            larger.append((site.path, own, base))
     if larger:
         import warnings
 
         path, own, base = larger[0]
         warnings.warn(
-            f"delta {name!r} ({getattr(spec, 'method', '') or type(spec).__name__}) is larger than the layer it adapts "
+            f"delta {name!r} ({spec.method or type(spec).__name__}) is larger than the layer it adapts "
             f"on {len(larger)} of {len(paths)} modules (e.g. {path}: {own:,} parameters vs {base:,}); a smaller "
             "rank or width gives the same kind of delta at a fraction of the size",
-            stacklevel=3,
+            stacklevel=4,
         )
     return paths

@@ -67,8 +67,9 @@ def attach(model: nn.Module, spec: DeltaSpec, name: str = "default", *, activate
     if name in delta_names(model):
         raise StateError(f"a delta named {name!r} is already attached; dt.detach(model, {name!r}) first or pick another name")
     keep = _resolve_modules(model, spec.trainable_modules)
-    paths = spec.inject(model, name)
+    snapshot = _Snapshot(model)
     try:
+        paths = spec.inject(model, name)
         for path in keep:
             module = get_module(model, path)
             if isinstance(module, DeltaHost):
@@ -77,13 +78,41 @@ def attach(model: nn.Module, spec: DeltaSpec, name: str = "default", *, activate
             holder.add(name, spec)
             if holder is not module:
                 set_module(model, path, holder)
-    except Exception:
-        detach(model, name)
+    except BaseException:
+        snapshot.restore(name)  # all or nothing: no host, parameter or hook is left behind
         raise
     freeze_base(model)
     if activate:
         set_active(model, [name])
     return paths
+
+
+class _Snapshot:
+    """The model's module tree and hooks before an attach, to put back exactly if the attach fails.
+
+    Methods never roll back themselves: whatever an ``inject`` did before failing (hosts wrapped,
+    deltas added to existing hosts, forward hooks registered), this undoes."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.children = [(parent, child_name, child) for parent in model.modules()
+                         for child_name, child in parent.named_children()]
+        self.hooks = {id(m): (m, {k: dict(v) for k, v in vars(m).items() if "hook" in k and isinstance(v, dict)})
+                      for m in model.modules()}
+
+    def restore(self, name: str) -> None:
+        for path, host in list(iter_hosts(self.model)):  # existing hosts drop the new delta's parts
+            if name in host.delta_names():
+                host.remove(name)
+        for parent, child_name, child in self.children:  # every replaced module is put back
+            if parent._modules.get(child_name) is not child:
+                parent._modules[child_name] = child
+        for module, hooks in self.hooks.values():
+            for key, before in hooks.items():
+                current = getattr(module, key)
+                for hook_id in [k for k in current if k not in before]:
+                    del current[hook_id]
+
 
 
 def _resolve_modules(model: nn.Module, wanted: Sequence[str]) -> list[str]:
@@ -123,7 +152,7 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
 def active(model: nn.Module) -> list[str]:
     out: dict[str, None] = {}
     for _, host in iter_hosts(model):
-        for n in getattr(host, "_active", []):
+        for n in host.active:
             out.setdefault(n, None)
     return list(out)
 
@@ -179,13 +208,29 @@ def merge(model: nn.Module, names: Sequence[str] | None = None, *, unload: bool 
     if names is not None:
         set_active(model, names)
     done: dict[str, None] = {}
-    for _, host in iter_hosts(model):
-        for n in host.merge():
-            done.setdefault(n, None)
+    for path, host in iter_hosts(model):  # refused before any weight changes
+        if isinstance(host, DeltaHost):
+            for n in host.active:
+                delta = host.part(n)
+                if n not in host.merged and not delta.foldable:
+                    raise StateError(f"delta {n!r} ({delta.spec.method}) at {path!r} cannot be merged into the "
+                                     "weights; deactivate it before merging or keep it unmerged")
+    merged: list[tuple[Host, list[str]]] = []
+    try:
+        for _, host in iter_hosts(model):
+            now = host.merge()
+            merged.append((host, now))
+            for n in now:
+                done.setdefault(n, None)
+    except BaseException:
+        # all or nothing: a delta that cannot fold (an adapter beside a LoRA) leaves no host merged
+        for host, now in reversed(merged):
+            host.unmerge(now)
+        raise
     if unload:
         for path, host in list(iter_hosts(model)):
-            if isinstance(host, ModuleCopy) and host._active:
-                set_module(model, path, host.copies[host._active[0]])
+            if isinstance(host, ModuleCopy) and host.active:
+                set_module(model, path, host.copies[host.active[0]])
             else:
                 set_module(model, path, host.base)
     return list(done)

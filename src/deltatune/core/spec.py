@@ -12,7 +12,7 @@ import difflib
 import re
 import warnings
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, ClassVar, get_args, get_origin, Literal
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, get_args, get_origin
 
 from .errors import SpecError
 from .example import Example
@@ -135,6 +135,15 @@ class DeltaSpec:
     #: default target suffixes tried in order; the first group that matches anything is used
     default_targets: ClassVar[tuple[tuple[str, ...], ...]] = ()
 
+    #: with no selector: ``"defaults"`` takes the first group of ``default_targets`` that matches;
+    #: ``"every"`` takes every module :meth:`hosts_by_default` admits (whole-layer methods: BitFit, SSF)
+    default_scope: ClassVar[Literal["defaults", "every"]] = "defaults"
+    #: what the method can host, in words, for messages (default: built from ``host_kinds``)
+    host_what: ClassVar[str] = ""
+    #: the saved tensors are low-rank factors already (LoRA, VeRA, AdaLoRA): low-rank compression of
+    #: them gains nothing
+    factored: ClassVar[bool] = False
+
     #: peft's ``peft_type`` for methods with a peft file layout (None: deltatune format only)
     peft_type: ClassVar[str | None] = None
 
@@ -198,28 +207,66 @@ class DeltaSpec:
     def validate(self) -> None:
         """Method-specific checks; call :meth:`fail` on a bad value."""
 
-    # -- building -----------------------------------------------------------------------------
+    # -- where it goes and how it is built (the engine does the surgery) -----------------------------
+    def can_host(self, module: "nn.Module") -> bool:
+        """Whether this method can put a delta on ``module`` (default: its kind is in ``host_kinds``)."""
+        from .host import module_kind
+
+        return module_kind(module) in self.host_kinds
+
+    def hosts_by_default(self, module: "nn.Module") -> bool:
+        """With ``default_scope = "every"`` and no selector, the modules the method takes."""
+        return self.can_host(module)
+
+    def hosts_what(self, default: bool = False) -> str:
+        """What the method hosts, in words (``default``: what it takes when no selector is given)."""
+        if self.host_what:
+            return self.host_what
+        return " / ".join(self.host_kinds) + " modules"
+
     def check_host(self, host: "DeltaHost", module_name: str) -> None:
         """Check this spec's sizes against one host's dimensions before any delta tensor exists.
 
-        Called for every selected module before the first delta is built, so an impossible size
-        (a rank above the layer's) costs no memory; methods with a size option override it and
-        raise :class:`SpecError` naming the layer, the size and the limit."""
+        Called for every site before the first delta is built, so an impossible size (a rank above
+        the layer's) costs no memory; methods with a size option override it and raise
+        :class:`SpecError` naming the layer, the size and the limit."""
+
+    def check_targets(self, model: "nn.Module", paths: list[str]) -> None:
+        """Checks over the whole selection before anything is built (a budget over all the layers, the
+        size of state shared by them); raise :class:`SpecError` with :meth:`fail`."""
+
+    def shared_state(self, model: "nn.Module", paths: list[str]) -> Any:
+        """State shared by all the hosts of one attach (VeRA's frozen projection), built once and passed
+        to :meth:`make_delta` as its third argument; ``None`` (the default) passes nothing."""
+        return None
 
     def make_delta(self, host: "DeltaHost", module_name: str) -> "Delta":
-        """Build the delta for one host (override in methods that use hosts)."""
+        """Build the delta for one host (methods with :meth:`shared_state` take it as a third argument)."""
         raise NotImplementedError
+
+    def sites(self, model: "nn.Module") -> list["Site"]:
+        """Where the delta goes and how each part is built: by default the selected modules, each with
+        :meth:`make_delta`. Methods whose delta spans several modules per position (an adapter with an
+        input tap, a side network's rungs, LoRA's extra bias shifts) override this, and only this."""
+        from .targets import select_targets
+
+        paths = select_targets(model, self)
+        self.check_targets(model, paths)
+        shared = self.shared_state(model, paths)
+        if shared is None:
+            return [Site(p, self.make_delta) for p in paths]
+        return [Site(p, lambda host, path, shared=shared: self.make_delta(host, path, shared)) for p in paths]
 
     def inject(self, model: "nn.Module", name: str) -> list[str]:
         """Put this delta into ``model`` under ``name``; return the full names of the hosts used.
 
-        The default selects target modules, wraps each in a :class:`DeltaHost` and adds one delta per
-        host. Methods that insert elsewhere (prompts, side networks) override this.
+        The engine's surgery: wrap every site's module in a :class:`DeltaHost` and add its part. Only
+        deltas that are not host deltas override it (virtual tokens: prompt and prefix tuning; a
+        composition of such members). :func:`deltatune.attach` undoes everything on any failure.
         """
-        from .host import add_deltas
-        from .targets import select_targets
+        from .host import add_sites
 
-        return add_deltas(model, name, self, select_targets(model, self))
+        return add_sites(model, name, self, self.sites(model))
 
     # -- training ------------------------------------------------------------------------------
     def training_callbacks(self, name: str, total_steps: int) -> list[Any]:
@@ -265,6 +312,16 @@ class DeltaSpec:
 
     def replace(self, **changes: Any) -> "DeltaSpec":
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Site:
+    """One place a delta goes: a module path and how its part is built there (``build(host, path)``).
+    ``check=False`` skips the spec's :meth:`DeltaSpec.check_host` there (a tap that only records)."""
+
+    path: str
+    build: Callable[["DeltaHost", str], "Delta"]
+    check: bool = True
 
 
 def _type_hints(cls: type) -> dict[str, Any]:

@@ -45,11 +45,30 @@ def _selected(name: str, module: nn.Module, targets, regex, types) -> bool:
     return by_name and (by_type is None or by_type)
 
 
+#: target groups shared by the methods that go on attention projections by default, tried in order:
+#: BERT-style, LLaMA-style, GPT-2 (fused), timm ViT (fused), T5
+ATTENTION_QV: tuple[tuple[str, ...], ...] = (("query", "value"), ("q_proj", "v_proj"), ("c_attn",), ("qkv",), ("q", "v"))
+
+
+def narrowed(spec: "DeltaSpec") -> bool:
+    """Whether the spec names its targets (names, a regex or module types) instead of using defaults."""
+    return spec.targets is not None or spec.target_regex is not None or bool(spec.target_types)
+
+
 def select_targets(model: nn.Module, spec: "DeltaSpec") -> list[str]:
-    """Full names of the modules ``spec`` selects; a clear error when nothing (supported) matches."""
+    """Full names of the modules ``spec`` selects; a clear error when nothing (supported) matches.
+
+    The one selector of the engine. With no selector, a spec whose ``default_scope`` is ``"every"``
+    (whole-layer methods: BitFit, LN tuning, SSF, sparse) takes every module it can host by default;
+    the others take the first group of ``default_targets`` that matches. Modules kept trainable as a
+    whole (``trainable_modules``) and everything inside them are never selected by such a whole-layer
+    method.
+    """
     candidates = list(iter_candidates(model))
+    if spec.default_scope == "every":
+        return _select_every(spec, candidates)
     targets, regex, types = spec.targets, spec.target_regex, tuple(spec.target_types)
-    if targets is None and regex is None and not types:
+    if not narrowed(spec):
         targets = _default_targets(spec, candidates)
     chosen = [
         (name, module)
@@ -59,23 +78,59 @@ def select_targets(model: nn.Module, spec: "DeltaSpec") -> list[str]:
     ]
     if not chosen:
         raise TargetError(_no_match_message(spec, targets, regex, types, candidates))
-    unsupported = [(n, m) for n, m in chosen if module_kind(m) not in spec.host_kinds]
+    unsupported = [(n, m) for n, m in chosen if not spec.can_host(m)]
     if unsupported and (targets is not None or regex is not None):
-        name, module = unsupported[0]
-        kinds = ", ".join(spec.host_kinds)
-        raise TargetError(
-            f"{type(spec).__name__} cannot host {name!r} ({type(module).__name__}); "
-            f"it supports {kinds} modules: pick other targets"
-        )
-    chosen = [(n, m) for n, m in chosen if module_kind(m) in spec.host_kinds]
+        raise TargetError(_cannot_host(spec, *unsupported[0]))
+    chosen = [(n, m) for n, m in chosen if spec.can_host(m)]
     if not chosen:
-        raise TargetError(
-            f"none of the selected modules can host {type(spec).__name__} "
-            f"(supports {', '.join(spec.host_kinds)}): pick other targets"
-        )
+        raise TargetError(f"none of the selected modules can host {type(spec).__name__} "
+                          f"(it hosts {spec.hosts_what()}): pick other targets")
     # A selected module nested inside another selected one would be wrapped twice: keep the outer.
     names = [n for n, _ in chosen]
     return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+
+
+def _select_every(spec: "DeltaSpec", candidates) -> list[str]:
+    by = narrowed(spec)
+    accept = spec.can_host if by else spec.hosts_by_default
+    chosen = [
+        path
+        for path, module in candidates
+        if accept(module)
+        and (not by or _selected(path, module, spec.targets, spec.target_regex, tuple(spec.target_types)))
+        and not any(name_matches(path, e) for e in spec.exclude)
+        and not any(_within(path, t) for t in spec.trainable_modules)
+    ]
+    for path, module in candidates:  # a module named explicitly must be one it can host
+        if any(name_matches(path, t) for t in spec.targets or ()) and not spec.can_host(module):
+            raise TargetError(_cannot_host(spec, path, module))
+    if not chosen:
+        where = "among the selected modules" if by else "in the model"
+        what = spec.hosts_what() if by else spec.hosts_what(default=True)
+        raise TargetError(f"{type(spec).__name__} found no {what} {where}; pick targets that include some")
+    return chosen
+
+
+def _cannot_host(spec: "DeltaSpec", path: str, module: nn.Module) -> str:
+    kind = module_kind(module)
+    what = "" if kind == "other" else f", a {kind} module"
+    return (f"{type(spec).__name__} cannot host {path!r} ({type(module).__name__}{what}): it hosts "
+            f"{spec.hosts_what()}; pick other targets")
+
+
+def _within(path: str, pattern: str) -> bool:
+    """``path`` is the module ``pattern`` names or lies inside it."""
+    parts = path.split(".")
+    return any(name_matches(".".join(parts[:i]), pattern) for i in range(1, len(parts) + 1))
+
+
+def default_group(model: nn.Module, groups: tuple[tuple[str, ...], ...]) -> tuple[str, ...] | None:
+    """The first of ``groups`` (a spec's ``default_targets``) that matches a module of ``model``."""
+    names = [n for n, _ in iter_candidates(model)]
+    for group in groups:
+        if any(name_matches(n, t) for n in names for t in group):
+            return group
+    return None
 
 
 def _default_targets(spec: "DeltaSpec", candidates) -> tuple[str, ...]:

@@ -29,6 +29,7 @@ from ..core.errors import DeltaFileError, SpecError
 from ..core.example import Example
 from ..core.host import DeltaHost
 from ..core.spec import DeltaSpec, register
+from ..core.targets import ATTENTION_QV
 
 PEFT_EPS = 1e-5  # peft divides by (ranknum + 1e-5); kept so that outputs match peft's to float precision
 
@@ -83,7 +84,8 @@ class AdaLoRA(_SVDSpecMixin, DeltaSpec):
         ({"target_r": 4, "init_r": 3}, "target_r"), ({"beta1": 1.0}, "beta1"),
         ({"delta_t": 0}, "delta_t")))
     host_kinds = ("linear",)
-    default_targets = (("query", "value"), ("q_proj", "v_proj"), ("c_attn",), ("qkv",), ("q", "v"))
+    default_targets = ATTENTION_QV
+    factored = True
 
     init_r: int = 12
     target_r: int = 8
@@ -198,6 +200,12 @@ class SVDDelta(Delta):
     def rank(self) -> int:
         """Live triplets."""
         return int(self.rank_mask.sum())
+
+    def budget_parameters(self) -> int:
+        """The triplets kept at the end, ``rank × (in + out + 1)``: AdaLoRA prunes to ``target_r`` per
+        module on average, IncreLoRA (gated) keeps the live ones."""
+        r = self.rank if self.gated else self.spec.target_r
+        return int(r) * (self.lora_A.shape[1] + self.lora_B.shape[0] + 1)
 
     def values(self) -> torch.Tensor:
         """``λ`` as the forward uses it, (r, 1)."""

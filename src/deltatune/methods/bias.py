@@ -2,23 +2,15 @@
 
 Shared by BitFit (:mod:`.bitfit`) and LoRA's ``bias="all"`` mode. Foldable: merging adds ``b`` to the
 module's own bias. Paper (BitFit): https://arxiv.org/abs/2106.10199
-
-Also home of the module selection shared by the whole-layer deltas (bias, norm, scale & shift).
 """
 
 from __future__ import annotations
-
-import re
-from typing import Callable
 
 import torch
 from torch import nn
 
 from ..core.delta import Delta
-from ..core.errors import TargetError
-from ..core.host import DeltaHost, module_kind
-from ..core.spec import DeltaSpec
-from ..core.targets import iter_candidates, name_matches
+from ..core.host import DeltaHost
 
 _CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 
@@ -59,51 +51,3 @@ class BiasDelta(Delta):
 
     def from_peft(self, host: DeltaHost, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"bias": (tensors["bias"].to(self.bias.dtype) - host.base.bias.detach().to(self.bias.dtype))}
-
-
-# -- selection for whole-layer deltas (bias, norm, scale & shift) ---------------------------------
-def _by_selectors(path: str, module: nn.Module, spec: DeltaSpec) -> bool:
-    """The spec's ``targets``/``target_regex`` (either may match) and ``target_types`` (must match)."""
-    by_name = None
-    if spec.targets is not None or spec.target_regex is not None:
-        by_name = any(name_matches(path, t) for t in spec.targets or ()) or (
-            spec.target_regex is not None and re.fullmatch(spec.target_regex, path) is not None
-        )
-    by_type = None
-    if spec.target_types:
-        by_type = type(module).__name__ in spec.target_types or module_kind(module) in spec.target_types
-    return bool(by_name if by_type is None else by_type if by_name is None else by_name and by_type)
-
-
-def _within(path: str, pattern: str) -> bool:
-    """``path`` is the module ``pattern`` names or lies inside it."""
-    parts = path.split(".")
-    return any(name_matches(".".join(parts[:i]), pattern) for i in range(1, len(parts) + 1))
-
-
-def select_modules(
-    model: nn.Module, spec: DeltaSpec, accept: Callable[[nn.Module], bool], what: str
-) -> list[str]:
-    """Paths of the modules ``accept`` admits, narrowed by the spec's selectors when it has any.
-
-    Whole-layer methods (BitFit, LN tuning, SSF) go everywhere they can by default, so unlike the
-    suffix defaults of LoRA no selector means *every* admissible module. Modules kept trainable as a
-    whole (``trainable_modules``) and everything inside them are left out.
-    """
-    narrowed = spec.targets is not None or spec.target_regex is not None or bool(spec.target_types)
-    chosen = [
-        path
-        for path, module in iter_candidates(model)
-        if accept(module)
-        and (not narrowed or _by_selectors(path, module, spec))
-        and not any(name_matches(path, e) for e in spec.exclude)
-        and not any(_within(path, t) for t in spec.trainable_modules)
-    ]
-    for path, module in iter_candidates(model):  # a module named explicitly must be one it can host
-        if any(name_matches(path, t) for t in spec.targets or ()) and not accept(module):
-            raise TargetError(f"{type(spec).__name__} cannot host {path!r} ({type(module).__name__}): "
-                              f"it needs a {what}; pick other targets")
-    if not chosen:
-        where = "among the selected modules" if narrowed else "in the model"
-        raise TargetError(f"{type(spec).__name__} found no {what} {where}; pick targets that include some")
-    return chosen

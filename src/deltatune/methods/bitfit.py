@@ -21,8 +21,7 @@ from ..core.delta import Delta
 from ..core.example import Example
 from ..core.host import DeltaHost, module_kind
 from ..core.spec import DeltaSpec, register
-from ..core.host import add_deltas
-from .bias import BiasDelta, select_modules
+from .bias import BiasDelta
 from .lntuning import is_norm
 
 
@@ -43,10 +42,12 @@ class BitFit(DeltaSpec):
     method = "bitfit"
     example = Example(bad=(({"target_regex": "("}, "target_regex"),))
     host_kinds = ("linear", "conv", "other")
+    default_scope = "every"
+    host_what = "layer with a bias"
+
+    def can_host(self, module: nn.Module) -> bool:
+        return has_output_bias(module)
 
     def make_delta(self, host: DeltaHost, module_name: str) -> Delta:
         return BiasDelta(self, host)
 
-    def inject(self, model: nn.Module, name: str) -> list[str]:
-        paths = select_modules(model, self, has_output_bias, "layer with a bias")
-        return add_deltas(model, name, self, paths)

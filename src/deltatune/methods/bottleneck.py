@@ -23,8 +23,8 @@ from torch import nn
 from ..core.delta import Delta
 from ..core.errors import SpecError, StateError, TargetError
 from ..core.example import Example
-from ..core.host import DeltaHost, add_delta, get_module, iter_hosts, remove_delta
-from ..core.spec import DeltaSpec, register
+from ..core.host import DeltaHost, get_module
+from ..core.spec import DeltaSpec, Site, register
 from ..core.targets import iter_candidates, name_matches, select_targets
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -183,7 +183,7 @@ class Bottleneck(DeltaSpec):
             self.fail("reduction_factor", f"leaves no bottleneck for width {d_in}; use less")
         return width
 
-    def shared_state(self) -> object | None:
+    def shared_state(self, model: nn.Module, paths: list[str]) -> object | None:
         """State shared by this delta's adapters across layers (Compacter's rules); None here."""
         return None
 
@@ -201,38 +201,20 @@ class Bottleneck(DeltaSpec):
                 raise SpecError(f"{type(self).__name__}.reduction_factor={self.reduction_factor!r} makes the adapter on "
                                 f"{path!r} {width} wide, wider than its input ({d_in}); use reduction_factor >= 1")
 
-    def inject(self, model: nn.Module, name: str) -> list[str]:
+    def sites(self, model: nn.Module) -> list[Site]:
+        """An adapter at each position and, for a sequential adapter that reads another module's input
+        (Houlsby/Pfeiffer on a fused block), a tap there that hands it over: two kinds of site."""
         positions = self.positions(model)
         self.check_widths(model, positions)
-        shared = self.shared_state()
-        done: list[str] = []
-        try:
-            for path, tap_path in positions:
-                slot = None
-                if tap_path is not None:
-                    slot = _Slot(module_dims(get_module(model, tap_path))[0])
-                    tap = DeltaBuilder(lambda host, p, s=slot: InputTap(self, s))
-                    add_delta(model, tap_path, name, tap)
-                    done.append(tap_path)
-                adapter = DeltaBuilder(lambda host, p, s=slot: AdapterDelta(self, host, s, shared))
-                add_delta(model, path, name, adapter)
-                done.append(path)
-        except Exception:
-            for path, host in list(iter_hosts(model)):
-                if name in host.delta_names():
-                    remove_delta(model, path, name)
-            raise
-        return done
-
-
-@dataclass(frozen=True)
-class DeltaBuilder:
-    """Internal: lets ``add_delta`` build a delta with extra context (taps, shared weights)."""
-
-    build: Callable[[DeltaHost, str], Delta]
-
-    def make_delta(self, host: DeltaHost, path: str) -> Delta:
-        return self.build(host, path)
+        shared = self.shared_state(model, [p for p, _ in positions])
+        sites: list[Site] = []
+        for path, tap_path in positions:
+            slot = None
+            if tap_path is not None:
+                slot = _Slot(module_dims(get_module(model, tap_path))[0])
+                sites.append(Site(tap_path, lambda host, p, s=slot: InputTap(self, s), check=False))
+            sites.append(Site(path, lambda host, p, s=slot: AdapterDelta(self, host, s, shared), check=False))
+        return sites
 
 
 class _Slot:

@@ -97,7 +97,7 @@ class Compacter(Bottleneck):
         width = super().bottleneck_width(d_in)
         return max(self.phm_dim, width // self.phm_dim * self.phm_dim)
 
-    def shared_state(self) -> dict[str, PHMRule]:
+    def shared_state(self, model: nn.Module, paths: list[str]) -> dict[str, PHMRule]:
         # Filled on first use (then the dtype and device of the base are known); one rule per
         # direction, shared by every layer's down (resp. up) projection.
         return {}

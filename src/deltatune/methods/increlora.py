@@ -24,9 +24,14 @@ from torch import nn
 
 from ..core.delta import Delta
 from ..core.example import Example
-from ..core.host import DeltaHost, get_module, remove_delta
+from ..core.host import DeltaHost, get_module
 from ..core.spec import DeltaSpec, register
+from ..core.targets import ATTENTION_QV
 from .adalora import SVDDelta, _is_int, _SVDSpecMixin
+
+
+def _as_host(module: nn.Module) -> DeltaHost:
+    return module if isinstance(module, DeltaHost) else DeltaHost(module)
 
 
 def triplet_cost(host: DeltaHost) -> int:
@@ -48,7 +53,7 @@ class IncreLoRA(_SVDSpecMixin, DeltaSpec):
         ({"init_r": 0}, "init_r"), ({"budget": -5}, "budget"),
         ({"grow_per_step": 0}, "grow_per_step")))
     host_kinds = ("linear",)
-    default_targets = (("query", "value"), ("q_proj", "v_proj"), ("c_attn",), ("qkv",), ("q", "v"))
+    default_targets = ATTENTION_QV
 
     init_r: int = 1
     max_r: int = 8
@@ -101,9 +106,8 @@ class IncreLoRA(_SVDSpecMixin, DeltaSpec):
         """The live-parameter budget given each module's rank-1 cost."""
         return self.budget if self.budget is not None else self.target_r * sum(costs.values())
 
-    def inject(self, model: nn.Module, name: str) -> list[str]:
-        paths = super().inject(model, name)
-        costs = {p: triplet_cost(get_module(model, p)) for p in paths}
+    def check_targets(self, model: nn.Module, paths: list[str]) -> None:
+        costs = {p: triplet_cost(_as_host(get_module(model, p))) for p in paths}
         budget, start = self.budget_for(costs), self.init_r * sum(costs.values())
         problem = None
         if budget < min(costs.values()):
@@ -111,12 +115,9 @@ class IncreLoRA(_SVDSpecMixin, DeltaSpec):
         elif budget < start:
             problem = f"is smaller than the starting ranks (init_r={self.init_r} on {len(paths)} modules: {start:,} parameters)"
         if problem:
-            for p in paths:
-                remove_delta(model, p, name)
             field = "budget" if self.budget is not None else "target_r"
             self.fail(field, f"gives a budget of {budget:,} parameters, which " + problem
                       + "; give a larger budget, fewer targets or a smaller init_r")
-        return paths
 
 
 class GatedSVDDelta(SVDDelta):

@@ -25,8 +25,6 @@ from ..core.errors import DeltaFileError, TargetError
 from ..core.example import Example
 from ..core.host import DeltaHost
 from ..core.spec import DeltaSpec, register
-from ..core.host import add_deltas
-from .bias import select_modules
 
 _TORCH_NORMS = (
     nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm
@@ -66,11 +64,17 @@ class LNTuning(DeltaSpec):
                               f"({type(host.base).__name__}); pick a norm layer")
         return NormDelta(self, host)
 
-    def inject(self, model: nn.Module, name: str) -> list[str]:
-        narrowed = self.targets is not None or self.target_regex is not None or bool(self.target_types)
-        accept, what = (_has_weight, "layer with a weight") if narrowed else (is_norm, "norm layer")
-        paths = select_modules(model, self, accept, what)
-        return add_deltas(model, name, self, paths)
+    # every norm layer by default; selectors may also name other layers with a weight
+    default_scope = "every"
+
+    def can_host(self, module: nn.Module) -> bool:
+        return _has_weight(module)
+
+    def hosts_by_default(self, module: nn.Module) -> bool:
+        return is_norm(module)
+
+    def hosts_what(self, default: bool = False) -> str:
+        return "norm layer" if default else "layer with a weight"
 
     def to_peft_config(self, deltas: dict[str, Delta]) -> dict[str, Any]:
         return {

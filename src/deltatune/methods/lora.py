@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.delta import Delta
+from ..core.delta import Delta, Factor
 from ..core.errors import SpecError, TargetError
 from ..core.example import Example
-from ..core.host import DeltaHost, add_delta, iter_hosts, remove_delta
-from ..core.spec import DeltaSpec, register
-from ..core.targets import iter_candidates, name_matches
+from ..core.host import DeltaHost
+from ..core.spec import DeltaSpec, Site, register
+from ..core.targets import ATTENTION_QV, iter_candidates, name_matches
 from .bias import BiasDelta
 from .lora_variants import INITS, variant_for
 
@@ -47,7 +47,8 @@ class LoRA(DeltaSpec):
     method = "lora"
     example = Example(dict(r=2, targets=("fc1", "fc2")), bad=(({"r": 0}, "r"),))
     host_kinds = ("linear", "conv", "embedding")
-    default_targets = (("query", "value"), ("q_proj", "v_proj"), ("c_attn",), ("qkv",), ("q", "v"))
+    default_targets = ATTENTION_QV
+    factored = True
 
     r: int = 8
     alpha: float = 8.0
@@ -94,32 +95,17 @@ class LoRA(DeltaSpec):
             )
         return LoRADelta(self, host, module_name)
 
-    def inject(self, model: nn.Module, name: str) -> list[str]:
-        targets = super().inject(model, name)
+    def sites(self, model: nn.Module) -> list[Site]:
+        """The LoRA layers, and with ``bias="all"`` a bias shift on every other module with a bias (two
+        kinds of site: why LoRA declares its sites)."""
+        sites = super().sites(model)
         if self.bias == "all":
-            try:
-                for path, module in list(iter_candidates(model)):
-                    kept_whole = any(name_matches(path, t) or path.startswith(t + ".") for t in self.trainable_modules)
-                    if path not in targets and not kept_whole and isinstance(getattr(module, "bias", None), nn.Parameter):
-                        add_delta(model, path, name, _BiasOnly(lora=self))
-            except Exception:
-                for path, host in list(iter_hosts(model)):
-                    if name in host.delta_names():
-                        remove_delta(model, path, name)
-                raise
-        return targets
-
-
-@dataclass(frozen=True)
-class _BiasOnly(DeltaSpec):
-    """Internal: the bias shifts of ``LoRA(bias="all")`` on modules LoRA does not target."""
-
-    lora: LoRA | None = None
-    host_kinds = ("linear", "conv", "embedding", "other")
-
-    def make_delta(self, host: DeltaHost, module_name: str) -> Delta:
-        delta = BiasDelta(self.lora, host)
-        return delta
+            targets = {s.path for s in sites}
+            for path, module in iter_candidates(model):
+                kept_whole = any(name_matches(path, t) or path.startswith(t + ".") for t in self.trainable_modules)
+                if path not in targets and not kept_whole and isinstance(getattr(module, "bias", None), nn.Parameter):
+                    sites.append(Site(path, lambda host, p: BiasDelta(self, host), check=False))
+        return sites
 
 
 class LoRADelta(Delta):
@@ -200,6 +186,40 @@ class LoRADelta(Delta):
         if self.lora_bias is not None:
             out = out + _bias_view(self.lora_bias, out, self.kind).to(out.dtype)
         return out
+
+    def factors(self, host: DeltaHost) -> list[Factor] | None:
+        """Plain LoRA on a Linear / Conv1D / Embedding: ``s·B·A``, and ``−s·B₀·A₀`` for the PiSSA/OLoRA
+        inits that start from nonzero factors. DoRA (a norm-dependent change) and convolutions: None."""
+        if self.variant.name != "plain" or self.kind not in ("linear", "embedding"):
+            return None
+        transposed = self.kind == "embedding" or bool(self.fan_in_fan_out)
+        out = [Factor(self.lora_A.detach(), self.lora_B.detach(), float(self.scaling), transposed)]
+        init_a = getattr(self, "init_A", None)
+        if init_a is not None:
+            out.append(Factor(init_a.detach(), self.init_B.detach(), -float(self.scaling), transposed))
+        return out
+
+    @torch.no_grad()
+    def set_weight_change(self, change: torch.Tensor) -> float:
+        """Set the factors so that ``s·B·A`` is the best rank-r approximation of ``change`` (in the base
+        weight's layout, as ``delta_weight`` gives it); exact when its rank is at most r. Returns the
+        relative Frobenius error. Plain LoRA only."""
+        if self.variant.name != "plain" or getattr(self, "init_A", None) is not None:
+            raise SpecError("set_weight_change needs a plain LoRA (no DoRA, no PiSSA/OLoRA init)")
+        w = change.detach().double()
+        if self.kind == "embedding" or (self.kind == "linear" and self.fan_in_fan_out):
+            w = w.t()  # (out, in) as B·A
+        m = w.reshape(w.shape[0], -1)  # conv: (out, in·k·k); B is a 1x1 kernel
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        r = min(self.r, s.numel())
+        a = torch.zeros(self.lora_A.shape, dtype=torch.float64)
+        b = torch.zeros(self.lora_B.shape, dtype=torch.float64)
+        a.view(self.lora_A.shape[0], -1)[:r] = vh[:r]
+        b.view(b.shape[0], -1)[:, :r] = u[:, :r] * (s[:r] / self.scaling)
+        self.lora_A.copy_(a.to(self.lora_A.dtype))
+        self.lora_B.copy_(b.to(self.lora_B.dtype))
+        rest = float(s[r:].square().sum().sqrt())
+        return rest / max(float(s.square().sum().sqrt()), 1e-30)
 
     def delta_weight(self, host: DeltaHost) -> dict[str, torch.Tensor]:
         change = {"weight": self.variant.weight_change(self, host)}

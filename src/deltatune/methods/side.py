@@ -25,10 +25,10 @@ from torch import nn
 from ..core.delta import Delta
 from ..core.errors import TargetError
 from ..core.example import Example
-from ..core.host import DeltaHost, add_delta, get_module, iter_hosts, remove_delta
-from ..core.spec import DeltaSpec, register
+from ..core.host import DeltaHost, get_module
+from ..core.spec import DeltaSpec, Site, register
 from ..core.targets import iter_candidates
-from .bottleneck import ACTIVATIONS, DeltaBuilder, module_dims, param_dtype
+from .bottleneck import ACTIVATIONS, module_dims, param_dtype
 
 
 @register
@@ -69,7 +69,9 @@ class SideTuning(DeltaSpec):
             )
         return [f"{path}.{i}" for i in range(len(lists[path]))]
 
-    def inject(self, model: nn.Module, name: str) -> list[str]:
+    def sites(self, model: nn.Module) -> list[Site]:
+        """One rung per backbone block, all sharing the ladder that carries the side state from rung to
+        rung (its first rung starts it, its last one merges it back): a chain of sites."""
         paths = self.block_paths(model)
         hidden = module_dims(get_module(model, paths[0]))[1]
         width = int(hidden // self.reduction_factor)
@@ -79,18 +81,9 @@ class SideTuning(DeltaSpec):
             self.fail("reduction_factor", f"makes the side network {width} wide, wider than the backbone's "
                       f"{hidden} at {paths[0]!r}; use reduction_factor >= 1")
         ladder = _Ladder()
-        try:
-            for i, path in enumerate(paths):
-                first, last = i == 0, i == len(paths) - 1
-                rung = DeltaBuilder(lambda host, p, f=first, l=last: SideRung(
-                    self, host, ladder, hidden, width, first=f, last=l))
-                add_delta(model, path, name, rung)
-        except Exception:
-            for path, host in list(iter_hosts(model)):
-                if name in host.delta_names():
-                    remove_delta(model, path, name)
-            raise
-        return paths
+        return [Site(path, lambda host, p, f=i == 0, l=i == len(paths) - 1: SideRung(
+                    self, host, ladder, hidden, width, first=f, last=l), check=False)
+                for i, path in enumerate(paths)]
 
 
 class _Ladder:

@@ -34,8 +34,7 @@ from ..core.example import Example
 from ..core.host import DeltaHost, Host, get_module, module_kind
 from ..core.model import attach, detach
 from ..core.spec import DeltaSpec, register
-from ..core.host import add_deltas
-from .bias import select_modules
+from ..core.targets import select_targets
 
 _DATA_MASKS = ("fish", "given")
 #: ``loss_fn(model, batch)`` → scalar loss of one batch
@@ -55,6 +54,13 @@ class SparseFT(DeltaSpec):
         ({"selection": "top"}, "selection"), ({"counts": {"fc1": 0}}, "counts"),
         ({"seed": -1}, "seed")))
     host_kinds = ("linear", "conv", "embedding")
+    default_scope = "every"  # every Linear / Conv layer by default; Embeddings only when targeted
+
+    def hosts_by_default(self, module: nn.Module) -> bool:
+        return module_kind(module) in ("linear", "conv")
+
+    def hosts_what(self, default: bool = False) -> str:
+        return "Linear or Conv layer" if default else "Linear, Conv or Embedding layer"
 
     density: float = 0.01
     selection: Literal["magnitude", "random", "fish", "given"] = "magnitude"
@@ -72,12 +78,7 @@ class SparseFT(DeltaSpec):
 
     def paths(self, model: nn.Module) -> list[str]:
         """The layers this spec puts a sparse delta on."""
-        narrowed = self.targets is not None or self.target_regex is not None or bool(self.target_types)
-        kinds = self.host_kinds if narrowed else ("linear", "conv")
-        return select_modules(model, self, lambda m: module_kind(m) in kinds, "Linear or Conv layer")
-
-    def inject(self, model: nn.Module, name: str) -> list[str]:
-        return add_deltas(model, name, self, self.paths(model))
+        return select_targets(model, self)
 
     def make_delta(self, host: DeltaHost, module_name: str) -> Delta:
         if self.selection in _DATA_MASKS and module_name not in self.counts:

@@ -23,8 +23,7 @@ from ..core.errors import TargetError
 from ..core.example import Example
 from ..core.host import DeltaHost, module_kind
 from ..core.spec import DeltaSpec, register
-from ..core.host import add_deltas
-from .bias import broadcast, channel_dim, select_modules
+from .bias import broadcast, channel_dim
 from .lntuning import is_norm
 
 
@@ -43,6 +42,11 @@ class SSF(DeltaSpec):
     method = "ssf"
     example = Example(bad=(({"init": "uniform"}, "init"), ({"init_std": -1.0}, "init_std")))
     host_kinds = ("linear", "conv", "other")
+    default_scope = "every"
+    host_what = "Linear, Conv or norm layer"
+
+    def can_host(self, module: nn.Module) -> bool:
+        return _foldable_host(module)
 
     init: Literal["identity", "normal"] = "identity"
     init_std: float = 0.02
@@ -58,10 +62,6 @@ class SSF(DeltaSpec):
                 "Conv or a norm layer with weight and bias; exclude it"
             )
         return SSFDelta(self, host)
-
-    def inject(self, model: nn.Module, name: str) -> list[str]:
-        paths = select_modules(model, self, _foldable_host, "Linear, Conv or norm layer")
-        return add_deltas(model, name, self, paths)
 
 
 class SSFDelta(Delta):

@@ -26,7 +26,7 @@ from torch import nn
 from ..core.delta import Delta
 from ..core.errors import SpecError
 from ..core.example import Example
-from ..core.host import DeltaHost, iter_hosts, remove_delta
+from ..core.host import DeltaHost, iter_hosts
 from ..core.spec import DeltaSpec, register, spec_from_dict
 from .bottleneck import Bottleneck, InputTap, module_dims, param_dtype
 from .lora import LoRA
@@ -90,24 +90,19 @@ class _Composite(DeltaSpec):
                 )
 
     def inject(self, model: nn.Module, name: str) -> list[str]:
+        # a composition of members that may not be host deltas (prefix tuning): why it injects itself
         paths: list[str] = []
-        try:
-            for member in self.member_specs():
-                paths += [p for p in member.inject(model, name) if p not in paths]
-            for _, host in list(iter_hosts(model)):
-                if name not in host.delta_names():
-                    continue
-                part = host.part(name)
-                # taps only record inputs: nothing to gate there
-                gate = self.is_gated() and isinstance(host, DeltaHost)
-                if gate and not isinstance(part, InputTap):
-                    part = host.deltas[name] = GatedDelta(self, part, host)
-                part.spec = self  # saving and loading go through the composite
-        except Exception:
-            for path, host in list(iter_hosts(model)):
-                if name in host.delta_names():
-                    remove_delta(model, path, name)
-            raise
+        for member in self.member_specs():
+            paths += [p for p in member.inject(model, name) if p not in paths]
+        for _, host in list(iter_hosts(model)):
+            if name not in host.delta_names():
+                continue
+            part = host.part(name)
+            # taps only record inputs: nothing to gate there
+            gate = self.is_gated() and isinstance(host, DeltaHost)
+            if gate and not isinstance(part, InputTap):
+                part = host.deltas[name] = GatedDelta(self, part, host)
+            part.spec = self  # saving and loading go through the composite
         return paths
 
     def without_projection(self) -> "Unified":

@@ -28,8 +28,7 @@ from ..core.errors import DeltaFileError
 from ..core.example import Example
 from ..core.host import DeltaHost, Host, get_module
 from ..core.spec import DeltaSpec, register
-from ..core.targets import select_targets
-from ..core.host import add_deltas
+from ..core.targets import ATTENTION_QV
 
 _SHARED_A, _SHARED_B = "base_model.vera_A", "base_model.vera_B"
 
@@ -67,7 +66,8 @@ class VeRA(DeltaSpec):
     example = Example(dict(r=4, targets=("fc1", "fc2")), bad=(
         ({"r": 0}, "r"), ({"dropout": 1.0}, "dropout"),
         ({"projection_seed": -1}, "projection_seed"), ({"init": "ones"}, "init")))
-    default_targets = (("query", "value"), ("q_proj", "v_proj"), ("c_attn",), ("qkv",), ("q", "v"))
+    default_targets = ATTENTION_QV
+    factored = True
     peft_type = "VERA"
     peft_suffixes = ("vera_lambda_b", "vera_lambda_d")
     peft_shared_keys = (_SHARED_A, _SHARED_B)
@@ -89,8 +89,7 @@ class VeRA(DeltaSpec):
         if not isinstance(self.projection_seed, int) or self.projection_seed < 0:
             self.fail("projection_seed", "must be a non-negative integer")
 
-    def inject(self, model: nn.Module, name: str) -> list[str]:
-        paths = select_targets(model, self)
+    def check_targets(self, model: nn.Module, paths: list[str]) -> None:
         sizes = [_in_out(get_module(model, p)) for p in paths]
         # the shared frozen projection is r × (max in + max out): bound it by the layers it serves
         limit = sum(i * o for i, o in sizes) // (max(s[0] for s in sizes) + max(s[1] for s in sizes))
@@ -98,8 +97,14 @@ class VeRA(DeltaSpec):
             k = max(range(len(paths)), key=lambda j: sizes[j][0] * sizes[j][1])
             self.fail("r", f"makes the shared projection larger than the {len(paths)} layers it adapts together "
                       f"(largest: {paths[k]!r}, {sizes[k][0]}x{sizes[k][1]}); use r <= {max(limit, 1)}")
-        a, b = projection(self.r, max(s[0] for s in sizes), max(s[1] for s in sizes), self.projection_seed)
-        return add_deltas(model, name, _VeRAPart(vera=self, shared=(a, b)), paths)
+
+    def shared_state(self, model: nn.Module, paths: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen random projection (A, B) every layer slices: drawn once per attach."""
+        sizes = [_in_out(get_module(model, p)) for p in paths]
+        return projection(self.r, max(s[0] for s in sizes), max(s[1] for s in sizes), self.projection_seed)
+
+    def make_delta(self, host: DeltaHost, module_name: str, shared: Any = None) -> Delta:
+        return VeRADelta(self, host, *shared)
 
     # -- peft layout ------------------------------------------------------------------------------
     def to_peft_config(self, deltas: dict[str, Delta]) -> dict[str, Any]:
@@ -150,17 +155,6 @@ class VeRA(DeltaSpec):
             a[:, : d.vera_A.shape[1]] = d.vera_A.detach().cpu()
             b[: d.vera_B.shape[0]] = d.vera_B.detach().cpu()
         return {_SHARED_A: a, _SHARED_B: b}
-
-
-@dataclass(frozen=True)
-class _VeRAPart(DeltaSpec):
-    """Internal: builds one layer's delta from the projection drawn once per attach."""
-
-    vera: VeRA | None = None
-    shared: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def make_delta(self, host: DeltaHost, module_name: str) -> Delta:
-        return VeRADelta(self.vera, host, *self.shared)
 
 
 class VeRADelta(Delta):
