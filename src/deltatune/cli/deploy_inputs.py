@@ -1,5 +1,5 @@
 """What the deployment jobs (`deltatune detect`, `estimate`, `adapt`) share: reading feature and
-logit files, loading a model entry and a dataset's batches, small-sample warnings, plots' plumbing."""
+logit files, loading a model entry and a dataset's batches, small-sample warnings, plot plumbing."""
 
 from __future__ import annotations
 

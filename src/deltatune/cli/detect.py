@@ -1,4 +1,4 @@
-"""`deltatune detect`: has the data drifted from the reference? (two-sample tests, stream windows)"""
+"""`deltatune detect`: has the data drifted from the reference? (two-sample tests, windows)"""
 
 from __future__ import annotations
 
