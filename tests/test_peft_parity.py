@@ -107,7 +107,8 @@ def test_peft_adapter_on_a_wrapped_root_aligns_paths(tmp_path):
 
 def test_unsupported_peft_type(tmp_path):
     torch.manual_seed(0)
-    pm = peft.get_peft_model(_bert(), peft.LoHaConfig(r=2, target_modules=["query"]))
-    pm.save_pretrained(tmp_path / "loha")
-    with pytest.raises(dt.DeltaFileError, match="peft_type 'LOHA' is not supported"):
-        dt.load_adapter(_bert(), tmp_path / "loha")
+    # Poly (multi-task routing of LoRA modules) has no deltatune counterpart
+    pm = peft.get_peft_model(_bert(), peft.PolyConfig(r=2, target_modules=["query"], n_tasks=1))
+    pm.save_pretrained(tmp_path / "poly")
+    with pytest.raises(dt.DeltaFileError, match="peft_type 'POLY' is not supported"):
+        dt.load_adapter(_bert(), tmp_path / "poly")

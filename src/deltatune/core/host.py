@@ -358,13 +358,16 @@ def add_delta(model: nn.Module, path: str, name: str, build: Callable[["DeltaHos
     host = module if isinstance(module, DeltaHost) else None
     if host is None:
         host = DeltaHost(module)
+        # follow the model's mode (new modules start in train mode); flags only: train() would also
+        # reset submodules of the base that are deliberately in the other mode
+        host.training = host.deltas.training = module.training
     if name in host.deltas:
         raise StateError(f"delta {name!r} is already attached to {path!r}; detach it first or choose another name")
     delta = build(host, path)
     ref = next(iter(module.parameters()), None)
     if ref is not None:
         delta.to(device=ref.device)
-    delta.train(module.training)  # a delta added to a model in eval mode must not start dropping out
+    delta.train(host.training)  # a delta added to a model in eval mode must not start dropping out
     host.add(name, delta)
     if host is not module:
         set_module(model, path, host)
