@@ -391,7 +391,11 @@ def clean_run(job: Job, work: Path) -> None:
     r = run_job(job.argv(out, False, False), work, work / "logs" / f"{job.name}-clean.log")
     if r.rc != 0:
         raise SystemExit(f"{job.name}: the clean run failed:\n{r.stderr[-3000:]}")
-    job.seconds = r.seconds
+    # the shortest of two clean runs: a load spike in one would put kill points after the job's end
+    again = run_job(job.argv(work / "out" / f"{job.name}-timing", False, False), work,
+                    work / "logs" / f"{job.name}-timing.log")
+    shutil.rmtree(work / "out" / f"{job.name}-timing", ignore_errors=True)
+    job.seconds = min(r.seconds, again.seconds) if again.rc == 0 else r.seconds
     job.clean_snap = snapshot(out, job.finals)
     job.clean_files = set(job.clean_snap)
     job.largest = max(p.stat().st_size for p in out.rglob("*") if p.is_file())

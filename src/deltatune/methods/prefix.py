@@ -66,6 +66,8 @@ class PrefixTuning(DeltaSpec):
             self.fail("init_std", "must be > 0")
 
     def inject(self, model: nn.Module, name: str) -> list[str]:
+        """Virtual key/value tokens in every attention call: not a delta on a module's output, so it
+        goes through the virtual-token host instead of the engine's DeltaHost surgery."""
         return inject_virtual(self, model, name, lambda host: PrefixKV(self, host))
 
     def without_projection(self) -> "PrefixTuning":

@@ -118,6 +118,8 @@ class PromptTuning(DeltaSpec):
             self.fail("init_token_ids", "must be non-negative token ids")
 
     def inject(self, model: nn.Module, name: str) -> list[str]:
+        """Virtual input tokens before the embeddings: not a delta on a module's output, so it goes
+        through the virtual-token host instead of the engine's DeltaHost surgery."""
         return inject_virtual(self, model, name, lambda host: SoftPrompt(self, host))
 
     def to_peft_config(self, deltas: dict[str, Any]) -> dict[str, Any]:
