@@ -72,8 +72,11 @@ def export(rev: str, into: Path) -> Path:
 
 def _comment(path: Path, line: int) -> str:
     """The comment on the first line of a method body (the reason an override gives), if any."""
-    text = path.read_text().splitlines()[line - 1]
-    return text.split("#", 1)[1].strip() if "#" in text else ""
+    lines = path.read_text().splitlines()
+    for text in (lines[line - 1], lines[line - 2]):  # on the statement, or on its own line above it
+        if "#" in text:
+            return text.split("#", 1)[1].strip()
+    return ""
 
 
 def overrides(src: Path) -> tuple[list[str], list[tuple[str, str]], list[tuple[str, str]]]:
