@@ -34,9 +34,18 @@ from . import compress as _compress  # noqa: F401  registers how io reads compre
 
 __version__ = "0.1.0"
 
+
+def to_lora(model, name: str = "default", *, rank: int = 8, lora_name: str | None = None, activate: bool = True):
+    """Any foldable delta as a LoRA (truncated SVD of each layer's weight change), with its relative
+    error: see :func:`deltatune.algebra.to_lora.to_lora`."""
+    from .algebra.to_lora import to_lora as convert
+
+    return convert(model, name, rank=rank, lora_name=lora_name, activate=activate)
+
+
 __all__ = [
     "DeltaError", "DeltaFileError", "DeltaSpec", "SpecError", "StateError", "TargetError",
     "TrainableSummary", "active", "attach", "delta_names", "detach", "disabled", "get_spec",
     "load_adapter", "merge", "read_adapter_info", "route", "save_adapter", "set_active",
-    "trainable_summary", "unmerge", *_method_names,
+    "to_lora", "trainable_summary", "unmerge", *_method_names,
 ]

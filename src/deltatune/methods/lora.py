@@ -200,10 +200,15 @@ class LoRADelta(Delta):
         return out
 
     @torch.no_grad()
-    def set_weight_change(self, change: torch.Tensor) -> float:
+    def set_weight_change(self, change: torch.Tensor, bias: torch.Tensor | None = None) -> float:
         """Set the factors so that ``s·B·A`` is the best rank-r approximation of ``change`` (in the base
-        weight's layout, as ``delta_weight`` gives it); exact when its rank is at most r. Returns the
-        relative Frobenius error. Plain LoRA only."""
+        weight's layout, as ``delta_weight`` gives it); exact when its rank is at most r. ``bias``: the
+        bias change (needs ``bias="lora_only"``). Returns the relative Frobenius error of the weight.
+        Plain LoRA only."""
+        if bias is not None:
+            if self.lora_bias is None:
+                raise SpecError("a bias change needs LoRA(bias='lora_only'); this LoRA has no bias of its own")
+            self.lora_bias.copy_(bias.to(self.lora_bias.dtype))
         if self.variant.name != "plain" or getattr(self, "init_A", None) is not None:
             raise SpecError("set_weight_change needs a plain LoRA (no DoRA, no PiSSA/OLoRA init)")
         w = change.detach().double()
