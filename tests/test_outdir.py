@@ -246,3 +246,26 @@ def test_merge_refuses_to_replace_an_input_model(tmp_path, capsys):
         assert main(["merge", str(cfg), "--out", str(out), "--overwrite", "-q"]) == 2
         assert "input" in _err(capsys)
     assert {p.name: p.read_bytes() for p in (tmp_path / "m1").iterdir()} == before
+
+
+def test_a_failed_job_keeps_companions_only_with_what_resume_continues(tmp_path):
+    """A random base written beside a checkpoint is kept for --resume; without a checkpoint it goes too."""
+    with pytest.raises(ValueError):
+        _job(tmp_path / "o", write=("base.safetensors", "metrics.json"), fail=True,
+             keep=("checkpoint", "base.safetensors"))
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ValueError):
+        _job(tmp_path / "p", write=("checkpoint", "base.safetensors"), fail=True,
+             keep=("checkpoint", "base.safetensors"))
+    assert outdir.entries(tmp_path / "p") == ["base.safetensors", "checkpoint"]
+
+
+def test_data_the_model_cannot_read_is_refused_before_out(tmp_path, capsys):
+    data = tmp_path / "t.csv"
+    data.write_text("text,label\n" + "".join(f"sample {i},{'ab'[i % 2]}\n" for i in range(40)))
+    out = tmp_path / "run"
+    assert main(["train", "--model", "small-cnn", "--data", str(data), "--max-steps", "1", "--out", str(out)]) == 2
+    assert "this model takes images, but the data holds fields 'text', 'label'" in _err(capsys)
+    assert not out.exists()
+    assert main(["allocate", "--model", "small-cnn", "--data", str(data), "--budget", "1%"]) == 2
+    assert "this model takes images" in _err(capsys)

@@ -28,6 +28,8 @@ def run_allocate(model: str, data: str, budget: str, *, method: str = "sensitivi
         raise CLIError("--batches, --batch-size and --steps must be positive")
     train = load_data(data, "train", seed=seed, limit=batches * batch_size)
     entry = load_model(model, num_labels=len(train.label_names) or None)
+    if len(train):
+        entry.collate([train[0]])  # data the model cannot read (text for an image model): one line, now
     count = parse_budget(budget, entry.model)
     head = tuple(entry.head)
     paths = [p for p in candidate_paths(entry.model, targets.split(",") if targets else None)

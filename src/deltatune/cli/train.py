@@ -86,6 +86,8 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     base_state = {k: v.detach().clone() for k, v in entry.model.state_dict().items()} if entry.from_scratch else None
     dt.attach(entry.model, spec, name="default")
     # every name and option is checked before anything is written
+    if len(train_data):
+        entry.collate([train_data[0]])  # data the model cannot read (text for an image model): before --out
     if cfg.get("resume", False):
         _check_resumable(Path(cfg["out"]))
     out = prepare_out(Path(cfg["out"]), cfg.get("overwrite", False), resume=cfg.get("resume", False),

@@ -483,6 +483,11 @@ def _roll_back(c: _Claim) -> None:
                 kept.append(name)  # e.g. a checkpoint that --resume continues from
             else:
                 _remove(c.path / name)
+        primary = c.keep_on_error[0] if c.keep_on_error else None
+        if kept and not any(n == primary or n.startswith(f"{primary}.") for n in kept):
+            for name in kept:  # companions (a random base) without what --resume continues: not kept
+                _remove(c.path / name)
+            kept = []
         _restore(c.path, kept)
         now = _entries(c.path)
         written = [e for e in c.written if e in now] + kept

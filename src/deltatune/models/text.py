@@ -70,6 +70,10 @@ def text_collate(tokenizer: Any, max_length: int, *, lm: bool = False) -> Collat
         raise ModelError(f"max_length must be positive, got {max_length}")
 
     def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
+        if examples and "text" not in examples[0]:
+            fields = ", ".join(repr(k) for k in examples[0]) or "no fields"
+            raise ModelError(f"this model takes text, but the data holds {fields}; give a text data set "
+                             "(bbc-news, tweet-sentiment, a CSV with a text column) or an image model")
         texts = [e["text"] for e in examples]
         batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         out = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

@@ -29,6 +29,9 @@ def image_collate(size: int, channels: int = 3) -> Callable[[list[dict]], dict[s
         return img
 
     def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
+        if examples and "image" not in examples[0]:
+            raise ModelError(f"this model takes images, but the data holds {_fields(examples[0])}; give an image "
+                             "data set (mnist, an image folder) or a text model (minilm)")
         imgs = torch.stack([fit(e["image"]) for e in examples])  # (B, C, size, size)
         out = {"pixel_values": (imgs - 0.5) / 0.5}
         if "label" in examples[0]:
@@ -36,6 +39,10 @@ def image_collate(size: int, channels: int = 3) -> Callable[[list[dict]], dict[s
         return out
 
     return collate
+
+
+def _fields(example: dict) -> str:
+    return "fields " + ", ".join(repr(k) for k in example) if example else "no fields"
 
 
 def _fit_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
