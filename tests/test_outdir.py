@@ -269,3 +269,11 @@ def test_data_the_model_cannot_read_is_refused_before_out(tmp_path, capsys):
     assert not out.exists()
     assert main(["allocate", "--model", "small-cnn", "--data", str(data), "--budget", "1%"]) == 2
     assert "this model takes images" in _err(capsys)
+
+
+def test_allocate_on_a_model_without_candidate_layers_is_one_line(capsys):
+    """Found by the CLI fuzzer: AdaLoRA allocation on small-cnn divided by zero candidates."""
+    pytest.importorskip("mnist")
+    assert main(["allocate", "--model", "small-cnn", "--data", "mnist", "--budget", "1%", "--method", "adalora",
+                 "--steps", "1", "--batches", "1"]) == 2
+    assert "has no layer to allocate a budget to" in _err(capsys)

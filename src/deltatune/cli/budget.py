@@ -34,6 +34,9 @@ def run_allocate(model: str, data: str, budget: str, *, method: str = "sensitivi
     head = tuple(entry.head)
     paths = [p for p in candidate_paths(entry.model, targets.split(",") if targets else None)
              if not any(p == h or p.startswith(h + ".") for h in head)]
+    if not paths:
+        raise CLIError(f"{model} has no layer to allocate a budget to outside its head {list(head)}; pass --targets "
+                       "naming Linear layers")
     if method == "adalora":
         return _adalora_warmup(entry, train, count, paths, steps=steps, batch_size=batch_size, seed=seed)
     kind = task_kind(entry.task)
