@@ -214,10 +214,12 @@ def staging_dir(out: str | os.PathLike) -> Path:
     return tmp
 
 
-def swap_in(tmp: str | os.PathLike, out: str | os.PathLike) -> Path:
+def swap_in(tmp: str | os.PathLike, out: str | os.PathLike,
+            keep: Callable[[Path, Path], None] | None = None) -> Path:
     """Rename the finished directory ``tmp`` to ``out``. An existing ``out`` is renamed aside first
-    (``.NAME.old-PID-...``) and deleted after; a kill between the two renames leaves it there, and
-    :func:`recover` puts it back, so ``out`` is always the whole old directory or the whole new one."""
+    (``.NAME.old-PID-...``) and deleted after (``keep(old, out)`` may move files out of it first); a
+    kill between the two renames leaves it there, and :func:`recover` puts it back, so ``out`` is
+    always the whole old directory or the whole new one."""
     tmp, out = Path(tmp), Path(out)
     old = None
     if out.exists():
@@ -230,6 +232,8 @@ def swap_in(tmp: str | os.PathLike, out: str | os.PathLike) -> Path:
             os.replace(old, out)
         raise
     if old is not None:
+        if keep is not None:
+            keep(old, out)
         shutil.rmtree(old, ignore_errors=True)
     return out
 
@@ -304,19 +308,7 @@ def publish(tmp: str | os.PathLike, out: str | os.PathLike, *, job: str, overwri
         mine = set(previous["written"]) if previous else set()
         new = _entries(tmp)
         _write_record(_Claim(tmp, job, False, set(), [], [], ()), new)
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}-{int(time.time() * 1e6)}"
-            os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            if old is not None:
-                os.replace(old, out)
-            raise
-        if old is not None:
-            _carry_user_files(old, out, mine)
-            shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, out, keep=lambda old, new_out: _carry_user_files(old, new_out, mine))
     finally:
         lock.unlink(missing_ok=True)
     return out
