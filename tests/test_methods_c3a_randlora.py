@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import copy
 import json
-import warnings
 import zlib
 
 import pytest
 import torch
+from tiny_transformers import IDS, one_thread, tiny_bert  # noqa: F401 (one_thread: autouse fixture)
+from tiny_transformers import output as _out
+from tiny_transformers import tiny_gpt2 as _gpt2
+from tiny_transformers import tiny_llama as _llama
 
 import deltatune as dt
 from deltatune.core import iter_hosts
@@ -17,42 +20,9 @@ from deltatune.core import iter_hosts
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-IDS = torch.randint(0, 100, (3, 9), generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _bert():
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=2, intermediate_size=48)
-    return transformers.BertModel(cfg).eval()
-
-
-def _llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2,
-                                   intermediate_size=40)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def _gpt2():
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2)
-    return transformers.GPT2Model(cfg).eval()
-
-
-def _out(model) -> torch.Tensor:
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return model(input_ids=IDS)[0]
+    return tiny_bert(intermediate_size=48)
 
 
 def _shake(named, prefixes: tuple[str, ...], seed: int) -> None:
