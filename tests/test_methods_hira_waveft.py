@@ -7,7 +7,6 @@ The parity tests print the max |output difference| they measure (``pytest -s`` s
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -21,6 +20,9 @@ from deltatune.methods import waveft as waveft_mod
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 from test_peft_parity import _bert, _gpt2, _llama  # tiny models built from configs
+from tiny_transformers import dt_to_peft, peft_to_dt
+from tiny_transformers import model_out as _out
+from tiny_transformers import scramble as _scramble
 
 IDS = torch.randint(0, 100, (3, 9), generator=torch.Generator().manual_seed(0))
 
@@ -31,53 +33,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _out(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(input_ids=inputs)
-    return out if isinstance(out, torch.Tensor) else out[0]
-
-
-def _scramble(model: nn.Module, seed: int = 1, std: float = 1.0) -> None:
-    """Give every trainable (adapter) parameter a random value, so the adapter moves the outputs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
-def dt_to_peft(tmp_path, make, spec, std) -> float:
-    """Attach in deltatune, randomise, save in peft's layout, load with PeftModel.from_pretrained"""
-    torch.manual_seed(0)
-    base = make().eval()
-    ours = copy.deepcopy(base)
-    dt.attach(ours, spec)
-    _scramble(ours, std=std)
-    y_ours = _out(ours, IDS)
-    assert (y_ours - _out(base, IDS)).abs().max() > 1e-3
-    dt.save_adapter(ours, tmp_path / "from_dt", format="peft")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "from_dt").eval()
-    return (_out(back, IDS) - y_ours).abs().max().item()
-
-
-def peft_to_dt(tmp_path, make, config, std) -> float:
-    """A peft model with randomised adapter weights, saved by peft, loaded by dt.load_adapter."""
-    torch.manual_seed(0)
-    base = make().eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # fan_in_fan_out notices
-        pm = peft.get_peft_model(copy.deepcopy(base), config).eval()
-    _scramble(pm, seed=2, std=std)
-    y_peft = _out(pm, IDS)
-    assert (y_peft - _out(base, IDS)).abs().max() > 1e-3
-    pm.save_pretrained(tmp_path / "from_peft")
-    ours = copy.deepcopy(base)
-    dt.load_adapter(ours, tmp_path / "from_peft")
-    return (_out(ours, IDS) - y_peft).abs().max().item()
 
 
 # (model, deltatune spec, the same adapter as a peft config, std of the random adapter values)
@@ -125,8 +80,8 @@ PARITY = {
 @pytest.mark.parametrize("case", sorted(PARITY))
 def test_peft_parity_both_directions(tmp_path, case):
     make, spec, config, std = PARITY[case]
-    ours_in_peft = dt_to_peft(tmp_path / "a", make, spec(), std)
-    peft_in_ours = peft_to_dt(tmp_path / "b", make, config(), std)
+    ours_in_peft = dt_to_peft(tmp_path / "a", make, IDS, spec(), std)
+    peft_in_ours = peft_to_dt(tmp_path / "b", make, IDS, config(), std)
     print(f"\n{case}: deltatune -> peft max|diff| {ours_in_peft:.2e}, "
           f"peft -> deltatune max|diff| {peft_in_ours:.2e}")
     assert ours_in_peft <= 1e-5 and peft_in_ours <= 1e-5, (ours_in_peft, peft_in_ours)

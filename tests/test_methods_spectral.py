@@ -7,7 +7,6 @@ The parity tests print the max |output difference| they measure (``pytest -s`` s
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -22,6 +21,9 @@ from deltatune.methods import hra as hra_mod
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 from test_peft_parity import _bert, _gpt2, _llama  # tiny models built from configs
+from tiny_transformers import dt_to_peft, peft_to_dt
+from tiny_transformers import model_out as _out
+from tiny_transformers import scramble as _scramble
 
 IDS = torch.randint(0, 100, (3, 9), generator=torch.Generator().manual_seed(0))
 IMAGES = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -33,53 +35,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _out(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(input_ids=inputs) if inputs.dtype == torch.long else model(inputs)
-    return out if isinstance(out, torch.Tensor) else out[0]
-
-
-def _scramble(model: nn.Module, seed: int = 1) -> None:
-    """Give every trainable (adapter) parameter a random value, so the adapter moves the outputs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g))
-
-
-def dt_to_peft(tmp_path, make, inputs, spec) -> float:
-    """Attach in deltatune, randomise, save in peft's layout, load with PeftModel.from_pretrained"""
-    torch.manual_seed(0)
-    base = make().eval()
-    ours = copy.deepcopy(base)
-    dt.attach(ours, spec)
-    _scramble(ours)
-    y_ours = _out(ours, inputs)
-    assert (y_ours - _out(base, inputs)).abs().max() > 1e-3
-    dt.save_adapter(ours, tmp_path / "from_dt", format="peft")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "from_dt").eval()
-    return (_out(back, inputs) - y_ours).abs().max().item()
-
-
-def peft_to_dt(tmp_path, make, inputs, config) -> float:
-    """A peft model with randomised adapter weights, saved by peft, loaded by dt.load_adapter."""
-    torch.manual_seed(0)
-    base = make().eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # fan_in_fan_out / odd-r notices
-        pm = peft.get_peft_model(copy.deepcopy(base), config).eval()
-    _scramble(pm, seed=2)
-    y_peft = _out(pm, inputs)
-    assert (y_peft - _out(base, inputs)).abs().max() > 1e-3
-    pm.save_pretrained(tmp_path / "from_peft")
-    ours = copy.deepcopy(base)
-    dt.load_adapter(ours, tmp_path / "from_peft")
-    return (_out(ours, inputs) - y_peft).abs().max().item()
 
 
 # (model, inputs, deltatune spec, the same adapter as a peft config)

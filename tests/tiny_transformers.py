@@ -48,3 +48,64 @@ def output(model) -> torch.Tensor:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return model(input_ids=IDS)[0]
+
+
+# -- peft parity in both directions ---------------------------------------------------------------
+def model_out(model, inputs: torch.Tensor) -> torch.Tensor:
+    """The first output for token ids (``input_ids=``) or images (positional), without grad."""
+    with torch.no_grad():
+        out = model(input_ids=inputs) if inputs.dtype == torch.long else model(inputs)
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def scramble(model, seed: int = 1, std: float = 1.0) -> None:
+    """Give every trainable (adapter) parameter a random value, so the adapter moves the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def dt_to_peft(tmp_path, make, inputs, spec, std: float = 1.0) -> float:
+    """Attach in deltatune, randomise, save in peft's layout, load with PeftModel.from_pretrained;
+    the max |output difference|."""
+    import copy
+
+    import deltatune as dt
+
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = make().eval()
+    ours = copy.deepcopy(base)
+    dt.attach(ours, spec)
+    scramble(ours, std=std)
+    y_ours = model_out(ours, inputs)
+    assert (y_ours - model_out(base, inputs)).abs().max() > 1e-3
+    dt.save_adapter(ours, tmp_path / "from_dt", format="peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "from_dt").eval()
+    return (model_out(back, inputs) - y_ours).abs().max().item()
+
+
+def peft_to_dt(tmp_path, make, inputs, config, std: float = 1.0) -> float:
+    """A peft model with randomised adapter weights, saved by peft, loaded by dt.load_adapter; the
+    max |output difference|."""
+    import copy
+
+    import deltatune as dt
+
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = make().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fan_in_fan_out / odd-r notices
+        pm = peft.get_peft_model(copy.deepcopy(base), config).eval()
+    scramble(pm, seed=2, std=std)
+    y_peft = model_out(pm, inputs)
+    assert (y_peft - model_out(base, inputs)).abs().max() > 1e-3
+    pm.save_pretrained(tmp_path / "from_peft")
+    ours = copy.deepcopy(base)
+    dt.load_adapter(ours, tmp_path / "from_peft")
+    return (model_out(ours, inputs) - y_peft).abs().max().item()
