@@ -90,7 +90,6 @@ def save_adapter(model: nn.Module, path: str | Path, name: str | None = None, fo
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise DeltaFileError(f"{path} exists and is not a directory; choose a directory path")
-    _check_finite(model, name)
     if not path.exists() and format in ("deltatune", "peft"):
         # a crash then leaves no directory or a whole adapter, never tensors without their config
         import shutil
@@ -105,6 +104,7 @@ def save_adapter(model: nn.Module, path: str | Path, name: str | None = None, fo
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return path
+    _check_finite(model, name)  # after staging: a new directory comes back through this call
     if format == "peft":
         from .peft import save_peft
 
