@@ -116,7 +116,7 @@ def claim(out: str | os.PathLike, *, overwrite: bool = False, resume: bool = Fal
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        _lock(out, job.name)
+        _lock(out / LOCK, out, job.name)
     except BaseException:
         if created:
             _remove_empty(out)
@@ -283,24 +283,7 @@ def publish(tmp: str | os.PathLike, out: str | os.PathLike, *, job: str, overwri
     """
     tmp, out = Path(tmp), Path(out)
     lock = out.parent / f".{out.name}{LOCK}"
-    held = False
-    for _ in range(3):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            os.write(fd, str(os.getpid()).encode())
-            os.close(fd)
-            held = True
-            break
-        except FileExistsError:
-            try:
-                if _publisher_alive(lock):
-                    raise OutputError(f"--out {out} is being written by another deltatune job; wait for it or "
-                                      "choose another directory") from None
-                lock.unlink()  # left by a killed job
-            except FileNotFoundError:
-                pass
-    if not held:
-        raise OutputError(f"--out {out}: could not take the lock {lock}; remove it if no deltatune job is running")
+    _lock(lock, out, job)  # the same lock as claim()'s, beside the directory it replaces whole
     try:
         recover(out)  # a publish killed between its renames: the old output back first
         check_replace(out, overwrite)  # again: another job may have written it since the first check
@@ -318,15 +301,6 @@ def _carry_user_files(old: Path, out: Path, mine: set[str]) -> None:
     for name in _entries(old):
         if name not in mine and not (out / name).exists():
             os.replace(old / name, out / name)  # the user's own file in the old output: kept
-
-
-def _publisher_alive(lock: Path) -> bool:
-    """Whether the job holding a publish lock is still running: its pid, or (a lock being written this
-    moment, or one from before locks held a pid) its age under a minute."""
-    try:
-        return _alive(int(lock.read_text()))
-    except ValueError:
-        return time.time() - lock.stat().st_mtime < 60
 
 
 def read_record(out: str | os.PathLike) -> dict | None:
@@ -363,8 +337,8 @@ def _same(a: Path, b: Path) -> bool:
     return _real(a) == _real(b)
 
 
-def _lock(out: Path, job: str) -> None:
-    path = out / LOCK
+def _lock(path: Path, out: Path, job: str) -> None:
+    """Take the lock file ``path`` for writing ``out`` (its owner's pid, host and job inside)."""
     body = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "job": job, "since": time.time()})
     for _ in range(3):
         try:
@@ -376,7 +350,7 @@ def _lock(out: Path, job: str) -> None:
                                   "or choose another directory") from None
             # the owner is gone (killed): take the lock over. Rename first so that two jobs racing for a
             # stale lock cannot both remove it and both create a new one.
-            stale = out / f"{LOCK}.{os.getpid()}.stale"
+            stale = path.with_name(f"{path.name}.{os.getpid()}.stale")
             try:
                 os.replace(path, stale)
                 stale.unlink()
