@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 import yaml
 from test_algebra_streaming import make_state, save_ckpt
 

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from deltatune import algebra as alg
 from deltatune.algebra import tensors
-from deltatune.algebra.errors import CheckpointError, MergeConfigError, MergeError
+from deltatune.algebra.errors import MergeConfigError, MergeError
 
 SHAPES = {
     "model.embed_tokens.weight": (40, 16),

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import deltatune as dt
 from deltatune.budget import BudgetError, allocate_sensitivity, candidate_paths, parse_budget
 
 

@@ -13,7 +13,7 @@ import torch
 
 from .errors import MergeError
 from .registry import UNIT, common_shape, merge_method
-from .tensors import ChunkSink, TensorLike, map_rows, read_rows, reduce_rows, work_dtype
+from .tensors import map_rows, read_rows, reduce_rows, work_dtype
 
 
 def slerp_coefficients(norm0: float, norm1: float, dot: float, t: float, threshold: float = 0.9995, eps: float = 1e-8) -> tuple[float, float]:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..core.errors import DeltaFileError, SpecError, StateError
-from ..core.host import DeltaHost, ModuleCopy, get_module, iter_hosts
+from ..core.host import ModuleCopy, get_module, iter_hosts
 from ..core.model import attach, delta_names, detach, get_spec
 from ..core.spec import DeltaSpec, spec_from_dict
 from .checks import check_header, check_value, file_sha256, tensor_header, validate_delta_config, verify_file
