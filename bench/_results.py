@@ -6,7 +6,9 @@ import re
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-HEADER = "# Benchmark results\n\nEvery figure below was measured by the command shown in its section.\n"
+HEADER = (
+    "# Benchmark results\n\nEvery figure below was measured by the command shown in its section.\n"
+)
 
 
 def write_section(heading: str, body: str, path: Path = RESULTS) -> None:

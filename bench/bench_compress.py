@@ -25,10 +25,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 CACHE = ROOT / ".cache" / "bench_compress"
 
-CODECS = [("compeft", {"density": 0.1}), ("compeft+alpha", {"density": 0.1}), ("compeft", {"density": 0.05}),
-          ("compeft", {"density": 0.25}), ("compeft+alpha", {"density": 0.25}), ("bitdelta", {}),
-          ("bitdelta+calibrated", {}), ("dare", {"density": 0.1}), ("int8", {}), ("int4", {}),
-          ("lowrank", {"rank": 16}), ("lowrank", {"rank": 64})]
+CODECS = [
+    ("compeft", {"density": 0.1}),
+    ("compeft+alpha", {"density": 0.1}),
+    ("compeft", {"density": 0.05}),
+    ("compeft", {"density": 0.25}),
+    ("compeft+alpha", {"density": 0.25}),
+    ("bitdelta", {}),
+    ("bitdelta+calibrated", {}),
+    ("dare", {"density": 0.1}),
+    ("int8", {}),
+    ("int4", {}),
+    ("lowrank", {"rank": 16}),
+    ("lowrank", {"rank": 64}),
+]
 
 
 def _model():
@@ -54,10 +64,26 @@ def train(kind: str, epochs: int, limit: int | None = None):
     entry = _model()
     base = {k: v.clone() for k, v in entry.model.state_dict().items()}
     if kind == "lora":
-        dt.attach(entry.model, dt.LoRA(r=8, alpha=16, targets=["query", "value"], trainable_modules=["classifier"]))
-    cfg = TrainConfig(epochs=epochs, batch_size=16, lr=1e-3 if kind == "lora" else 5e-5, seed=0, progress=False,
-                      eval_each_epoch=False, keep_best=False)
-    fit(entry.model, load_data("bbc-news", "train", limit=limit), entry.collate, cfg, task=entry.task)
+        dt.attach(
+            entry.model,
+            dt.LoRA(r=8, alpha=16, targets=["query", "value"], trainable_modules=["classifier"]),
+        )
+    cfg = TrainConfig(
+        epochs=epochs,
+        batch_size=16,
+        lr=1e-3 if kind == "lora" else 5e-5,
+        seed=0,
+        progress=False,
+        eval_each_epoch=False,
+        keep_best=False,
+    )
+    fit(
+        entry.model,
+        load_data("bbc-news", "train", limit=limit),
+        entry.collate,
+        cfg,
+        task=entry.task,
+    )
     if kind == "lora":
         dt.save_adapter(entry.model, out / "adapter")
     else:
@@ -93,7 +119,9 @@ def score(c, kind: str, data) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--calibration-steps", type=int, default=30, help="BitDelta scale distillation steps")
+    ap.add_argument(
+        "--calibration-steps", type=int, default=30, help="BitDelta scale distillation steps"
+    )
     ap.add_argument("--train-limit", type=int, default=None, help="training articles (smoke runs)")
     ap.add_argument("--test-limit", type=int, default=None, help="test articles (smoke runs)")
     ap.add_argument("--no-write", action="store_true")
@@ -120,7 +148,9 @@ def main() -> None:
             entry.model.load_state_dict(load_tensors(src / "finetuned.safetensors"))
         ref = accuracy(entry.model, entry, test)
         teacher_model = entry.model.eval()
-        batches = [entry.collate([calib[i] for i in range(j, j + 16)]) for j in range(0, len(calib), 16)]
+        batches = [
+            entry.collate([calib[i] for i in range(j, j + 16)]) for j in range(0, len(calib), 16)
+        ]
         for b in batches:
             b.pop("labels", None)
         for codec, opts in CODECS:
@@ -130,8 +160,13 @@ def main() -> None:
             if kind == "lora":
                 c = dc.compress_adapter(src / "adapter", name, keep=("classifier",), **opts)
             else:
-                c = dc.compress_checkpoint(src / "finetuned.safetensors", src / "base.safetensors", name,
-                                           keep=("classifier",), **opts)
+                c = dc.compress_checkpoint(
+                    src / "finetuned.safetensors",
+                    src / "base.safetensors",
+                    name,
+                    keep=("classifier",),
+                    **opts,
+                )
             if codec.endswith("+calibrated"):
                 if kind == "lora":
                     continue  # BitDelta calibrates the scales of full weight deltas (the paper's setting)
@@ -139,29 +174,51 @@ def main() -> None:
                 base_sd = dict(base_model.state_dict())
                 with torch.no_grad():
                     targets = {id(b): teacher_model(**b) for b in batches}
-                c = dc.calibrate_scales(c, base_model, base_sd, teacher=lambda b: targets[id(b)], batches=batches,
-                                        steps=args.calibration_steps, lr=1e-4)
+                c = dc.calibrate_scales(
+                    c,
+                    base_model,
+                    base_sd,
+                    teacher=lambda b: targets[id(b)],
+                    batches=batches,
+                    steps=args.calibration_steps,
+                    lr=1e-4,
+                )
             if codec.endswith("+alpha"):  # ComPEFT's scale search, on the validation split
-                c, scores = dc.search_alpha(c, lambda cd: score(cd, kind, val), grid=(0.5, 1.0, 1.5, 2.0, 3.0))
+                c, scores = dc.search_alpha(
+                    c, lambda cd: score(cd, kind, val), grid=(0.5, 1.0, 1.5, 2.0, 3.0)
+                )
                 print("alpha search (val accuracy):", scores, flush=True)
             acc = score(c, kind, test)
             label = codec + (f" ({', '.join(f'{k}={v}' for k, v in opts.items())})" if opts else "")
             rows.append((kind, label, c.ratio, acc, acc / ref))
-            print(kind, label, f"ratio {c.ratio:.1f}x acc {acc:.4f} retained {acc / ref:.4f}", flush=True)
+            print(
+                kind,
+                label,
+                f"ratio {c.ratio:.1f}x acc {acc:.4f} retained {acc / ref:.4f}",
+                flush=True,
+            )
         rows.append((kind, "uncompressed float32", 1.0, ref, 1.0))
-    lines = ["| delta | codec | size ratio vs fp32 | test accuracy % | accuracy retained | aim |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| delta | codec | size ratio vs fp32 | test accuracy % | accuracy retained | aim |",
+        "|---|---|---|---|---|---|",
+    ]
     aims = {"compeft (density=0.1)": "≥ 8x, ≥ 99%", "compeft+alpha (density=0.1)": "≥ 8x, ≥ 99%",
             "compeft (density=0.25)": "≥ 8x, ≥ 99%", "compeft+alpha (density=0.25)": "≥ 8x, ≥ 99%",
             "bitdelta": "≥ 16x, ≥ 97%", "bitdelta+calibrated": "≥ 16x, ≥ 97%"}
     for kind, label, ratio, acc, kept in rows:
-        lines.append(f"| {'full fine-tuning' if kind == 'full' else 'LoRA r=8'} | {label} | {ratio:.1f}x | {100 * acc:.2f} | "
-                     f"{100 * kept:.1f}% | {aims.get(label, '')} |")
+        lines.append(
+            f"| {'full fine-tuning' if kind == 'full' else 'LoRA r=8'} | {label} | {ratio:.1f}x | {100 * acc:.2f} | "
+            f"{100 * kept:.1f}% | {aims.get(label, '')} |"
+        )
     cmd = "`.venv/bin/python bench/bench_compress.py" + "".join(" " + a for a in sys.argv[1:]) + "`"
-    body = (f"Command: {cmd} (MiniLM on BBC News, {args.epochs} epoch(s), seed 0, {len(test)} test articles; "
-            f"{time.time() - t0:.0f} s after training). " + __doc__.split("Training:")[1].strip().replace("\n", " ")
-            + f" BitDelta calibration: {args.calibration_steps} Adam steps distilling the logits of the uncompressed "
-            "model on 64 training articles (only the per-matrix scales move). `compeft+alpha`: the scale multiplier picked from 0.5-3 by "
-            "validation accuracy.\n\n" + "\n".join(lines))
+    body = (
+        f"Command: {cmd} (MiniLM on BBC News, {args.epochs} epoch(s), seed 0, {len(test)} test articles; "
+        f"{time.time() - t0:.0f} s after training). "
+        + __doc__.split("Training:")[1].strip().replace("\n", " ")
+        + f" BitDelta calibration: {args.calibration_steps} Adam steps distilling the logits of the uncompressed "
+        "model on 64 training articles (only the per-matrix scales move). `compeft+alpha`: the scale multiplier picked from 0.5-3 by "
+        "validation accuracy.\n\n" + "\n".join(lines)
+    )
     print(body)
     if not args.no_write:
         from _results import write_section

@@ -50,11 +50,20 @@ def main() -> None:
     ap.add_argument("--streams", nargs="+", default=list(STREAMS), choices=list(STREAMS))
     ap.add_argument("--strategies", nargs="+", default=STRATEGIES, choices=STRATEGIES)
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps per task")
-    ap.add_argument("--limit", type=int, default=2000, help="training examples drawn per data set (then split by task)")
+    ap.add_argument(
+        "--limit",
+        type=int,
+        default=2000,
+        help="training examples drawn per data set (then split by task)",
+    )
     ap.add_argument("--limit-test", type=int, default=600, help="test examples drawn per data set")
     ap.add_argument("--max-length", type=int, default=64, help="MiniLM tokens")
     ap.add_argument("--no-write", action="store_true")
-    ap.add_argument("--fresh", action="store_true", help="re-run every (stream, strategy) instead of reusing cached rows")
+    ap.add_argument(
+        "--fresh",
+        action="store_true",
+        help="re-run every (stream, strategy) instead of reusing cached rows",
+    )
     args = ap.parse_args()
     settings = f"steps{args.steps}-limit{args.limit}-test{args.limit_test}-len{args.max_length}"
     cache_file = CACHE / f"rows-{settings}.json"
@@ -76,13 +85,17 @@ def main() -> None:
         for strategy in args.strategies:
             opts = OPTIONS.get((name, strategy), {})
             key = f"{name}/{strategy}/{json.dumps(opts, sort_keys=True)}"
-            if key in cached:  # rows of an earlier run with the same settings (so runs resume stream by stream)
+            if (
+                key in cached
+            ):  # rows of an earlier run with the same settings (so runs resume stream by stream)
                 rows[strategy] = cl.ContinualResult(**cached[key])
                 continue
             torch.manual_seed(0)
             options = {"max_length": args.max_length} if model_name == "minilm" else {}
             entry = load_model(model_name, num_labels=len(stream.label_names), **options)
-            if model_name == "small-cnn":  # the CNN has no bundled weights: pretrain it on clean MNIST once
+            if (
+                model_name == "small-cnn"
+            ):  # the CNN has no bundled weights: pretrain it on clean MNIST once
                 entry.model.load_state_dict(_pretrained_cnn(entry))
             cfg = TrainConfig(max_steps=args.steps, batch_size=batch, lr=lr, seed=0, progress=False,
                               eval_each_epoch=False, keep_best=False)
@@ -95,34 +108,54 @@ def main() -> None:
             tmp = cache_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(cached))
             tmp.replace(cache_file)
-            print(name, strategy, f"avg {r.average_accuracy:.4f} forgetting {r.forgetting}", f"{r.seconds:.0f}s", flush=True)
-        lines = ["| strategy | average accuracy % | forgetting (pt) | backward transfer (pt) | final row (%) | time (s) |",
-                 "|---|---|---|---|---|---|"]
+            print(
+                name,
+                strategy,
+                f"avg {r.average_accuracy:.4f} forgetting {r.forgetting}",
+                f"{r.seconds:.0f}s",
+                flush=True,
+            )
+        lines = [
+            "| strategy | average accuracy % | forgetting (pt) | backward transfer (pt) | final row (%) | time (s) |",
+            "|---|---|---|---|---|---|",
+        ]
         for s, r in rows.items():
             f = "—" if r.forgetting is None else f"{100 * r.forgetting:.1f}"
             b = "—" if r.backward_transfer is None else f"{100 * r.backward_transfer:.1f}"
-            lines.append(f"| {s} | {100 * r.average_accuracy:.2f} | {f} | {b} | "
-                         f"{' / '.join(f'{100 * a:.0f}' for a in r.accuracy_matrix[-1])} | {r.seconds:.0f} |")
+            lines.append(
+                f"| {s} | {100 * r.average_accuracy:.2f} | {f} | {b} | "
+                f"{' / '.join(f'{100 * a:.0f}' for a in r.accuracy_matrix[-1])} | {r.seconds:.0f} |"
+            )
         verdict = _verdict(rows)
-        sections.append(f"**{name}** ({stream.scenario}-incremental, {model_name}; tasks: "
-                        f"{' -> '.join(t.name for t in stream.tasks)}; train/test examples per task: "
-                        f"{', '.join(f'{len(t.train)}/{len(t.test)}' for t in stream.tasks)})\n\n"
-                        + "\n".join(lines) + f"\n\n{verdict}")
-        _write(name, sections[-1], args, time.time() - t_all)  # after each stream, so a long run leaves its tables
+        sections.append(
+            f"**{name}** ({stream.scenario}-incremental, {model_name}; tasks: "
+            f"{' -> '.join(t.name for t in stream.tasks)}; train/test examples per task: "
+            f"{', '.join(f'{len(t.train)}/{len(t.test)}' for t in stream.tasks)})\n\n"
+            + "\n".join(lines)
+            + f"\n\n{verdict}"
+        )
+        _write(
+            name, sections[-1], args, time.time() - t_all
+        )  # after each stream, so a long run leaves its tables
 
 
 def _write(stream: str, section: str, args, seconds: float) -> None:
     """One RESULTS.md section per stream, so a run of some streams leaves the others' tables in place."""
-    cmd = "`.venv/bin/python bench/bench_continual.py" + "".join(" " + a for a in sys.argv[1:]) + "`"
-    body = (f"Command: {cmd} ({args.steps} optimizer steps per task, MiniLM at {args.max_length} tokens, "
-            f"{seconds:.0f} s from the start of the run to the end of this stream, on the shared 2-core machine; cached "
-            "rows of an earlier run with the same settings are reused). "
-            + __doc__.split("Streams:")[1].strip().replace("\n", " ")
-            + " Strategy options (the others at their defaults): "
-            + "; ".join(f"{st}: {o}" for (name, st), o in OPTIONS.items() if name == stream) + "."
-            + " BatchNorm statistics of the frozen CNN stay fixed (the trainer's default `norm_stats=\"auto\"`)."
-            + " Forgetting = mean over earlier tasks of (best accuracy before the last task − final accuracy).\n\n"
-            + section)
+    cmd = (
+        "`.venv/bin/python bench/bench_continual.py" + "".join(" " + a for a in sys.argv[1:]) + "`"
+    )
+    body = (
+        f"Command: {cmd} ({args.steps} optimizer steps per task, MiniLM at {args.max_length} tokens, "
+        f"{seconds:.0f} s from the start of the run to the end of this stream, on the shared 2-core machine; cached "
+        "rows of an earlier run with the same settings are reused). "
+        + __doc__.split("Streams:")[1].strip().replace("\n", " ")
+        + " Strategy options (the others at their defaults): "
+        + "; ".join(f"{st}: {o}" for (name, st), o in OPTIONS.items() if name == stream)
+        + "."
+        + ' BatchNorm statistics of the frozen CNN stay fixed (the trainer\'s default `norm_stats="auto"`).'
+        + " Forgetting = mean over earlier tasks of (best accuracy before the last task − final accuracy).\n\n"
+        + section
+    )
     print(body, flush=True)
     if not args.no_write:
         from _results import write_section
@@ -141,9 +174,20 @@ def _pretrained_cnn(entry) -> dict:
     path = ROOT / ".cache" / "bench_continual" / "small-cnn-mnist.safetensors"
     if not path.exists():
         torch.manual_seed(0)
-        fit(entry.model, load_data("mnist", "train", limit=20000), entry.collate,
-            TrainConfig(epochs=2, batch_size=64, lr=3e-3, progress=False, eval_each_epoch=False, keep_best=False),
-            task=entry.task)
+        fit(
+            entry.model,
+            load_data("mnist", "train", limit=20000),
+            entry.collate,
+            TrainConfig(
+                epochs=2,
+                batch_size=64,
+                lr=3e-3,
+                progress=False,
+                eval_each_epoch=False,
+                keep_best=False,
+            ),
+            task=entry.task,
+        )
         save_tensors(path, entry.model.state_dict())
     return load_tensors(path)
 
@@ -155,12 +199,18 @@ def _verdict(rows) -> str:
         return ""
     best = max(pets, key=lambda s: pets[s].average_accuracy)
     r = pets[best]
-    ok_f = r.forgetting is not None and seq.forgetting is not None and r.forgetting <= seq.forgetting / 2
+    ok_f = (
+        r.forgetting is not None
+        and seq.forgetting is not None
+        and r.forgetting <= seq.forgetting / 2
+    )
     ok_a = joint.average_accuracy - r.average_accuracy <= 0.05
-    return (f"Best PET strategy by average accuracy: **{best}** — forgetting {100 * r.forgetting:.1f} pt vs sequential "
-            f"{100 * seq.forgetting:.1f} pt ({'≤' if ok_f else '>'} half: aim {'met' if ok_f else 'NOT met'}); "
-            f"average accuracy {100 * r.average_accuracy:.1f}% vs joint {100 * joint.average_accuracy:.1f}% "
-            f"({'within' if ok_a else 'more than'} 5 points: aim {'met' if ok_a else 'NOT met'}).")
+    return (
+        f"Best PET strategy by average accuracy: **{best}** — forgetting {100 * r.forgetting:.1f} pt vs sequential "
+        f"{100 * seq.forgetting:.1f} pt ({'≤' if ok_f else '>'} half: aim {'met' if ok_f else 'NOT met'}); "
+        f"average accuracy {100 * r.average_accuracy:.1f}% vs joint {100 * joint.average_accuracy:.1f}% "
+        f"({'within' if ok_a else 'more than'} 5 points: aim {'met' if ok_a else 'NOT met'})."
+    )
 
 
 if __name__ == "__main__":

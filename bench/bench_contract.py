@@ -113,14 +113,21 @@ def long_lines(tree: Path) -> dict[str, int]:
 
 def registries(tree: Path) -> dict[str, str]:
     env_path = str(tree / "src")
-    out = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(REGISTRIES)], capture_output=True, text=True,
-                         env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, json.dumps(REGISTRIES)],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+    )
     return json.loads(out.stdout) if out.returncode == 0 else {"error": out.stderr[-300:]}
 
 
 def method_lines(tree: Path) -> dict[str, int]:
-    return {p.stem: len(p.read_text().splitlines()) for p in sorted((tree / "src/deltatune/methods").glob("*.py"))
-            if not p.stem.startswith("_")}
+    return {
+        p.stem: len(p.read_text().splitlines())
+        for p in sorted((tree / "src/deltatune/methods").glob("*.py"))
+        if not p.stem.startswith("_")
+    }
 
 
 def measure(rev: str, work: Path) -> dict:
@@ -129,29 +136,52 @@ def measure(rev: str, work: Path) -> dict:
     n_cycles, n_violations = layers(tree)
     regs = registries(tree)
     kinds = {v.split(": ", 1)[-1] for v in regs.values()}
-    return {"rev": rev, "inject": injects, "inject_reasons": reasons, "sites": sites, "cycles": n_cycles, "violations": n_violations,
-            "long_lines": long_lines(tree), "registries": regs, "registry_types": sorted(kinds),
-            "method_lines": method_lines(tree)}
+    return {
+        "rev": rev,
+        "inject": injects,
+        "inject_reasons": reasons,
+        "sites": sites,
+        "cycles": n_cycles,
+        "violations": n_violations,
+        "long_lines": long_lines(tree),
+        "registries": regs,
+        "registry_types": sorted(kinds),
+        "method_lines": method_lines(tree),
+    }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--before", default="4de194b", help="git revision before the change")
     ap.add_argument("--after", default="HEAD", help="git revision after it")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         before, after = (measure(rev, Path(tmp)) for rev in (args.before, args.after))
     rows = [
-        ("specs overriding `inject` (engine surgery)", f"{len(before['inject'])}: {', '.join(before['inject'])}",
-         f"{len(after['inject'])}: {', '.join(after['inject'])}"),
-        ("specs declaring `sites()` (several kinds of site)", "-",
-         f"{len(after['sites'])}: {', '.join(n for n, _ in after['sites'])}"),
-        ("registry types among the nine look-up tables", f"{len(before['registry_types'])}: "
-         f"{', '.join(before['registry_types'])}", f"{len(after['registry_types'])}: {', '.join(after['registry_types'])}"),
+        (
+            "specs overriding `inject` (engine surgery)",
+            f"{len(before['inject'])}: {', '.join(before['inject'])}",
+            f"{len(after['inject'])}: {', '.join(after['inject'])}",
+        ),
+        (
+            "specs declaring `sites()` (several kinds of site)",
+            "-",
+            f"{len(after['sites'])}: {', '.join(n for n, _ in after['sites'])}",
+        ),
+        (
+            "registry types among the nine look-up tables",
+            f"{len(before['registry_types'])}: {', '.join(before['registry_types'])}",
+            f"{len(after['registry_types'])}: {', '.join(after['registry_types'])}",
+        ),
         ("package import cycles", before["cycles"], after["cycles"]),
         ("layer violations (package edges)", before["violations"], after["violations"]),
-        ("lines over 100 columns (src / tests / bench)", " / ".join(map(str, before["long_lines"].values())),
-         " / ".join(map(str, after["long_lines"].values()))),
+        (
+            "lines over 100 columns (src / tests / bench)",
+            " / ".join(map(str, before["long_lines"].values())),
+            " / ".join(map(str, after["long_lines"].values())),
+        ),
     ]
     print(f"| measure | before ({args.before}) | after ({args.after}) |\n|---|---|---|")
     for name, a, b in rows:
@@ -164,7 +194,10 @@ def main() -> None:
         print(f"- {name}: {doc}")
     new = sorted(set(after["method_lines"]) - set(before["method_lines"]))
     if new:
-        print("\nNew method files (lines): " + ", ".join(f"{n} {after['method_lines'][n]}" for n in new))
+        print(
+            "\nNew method files (lines): "
+            + ", ".join(f"{n} {after['method_lines'][n]}" for n in new)
+        )
     print("\nRegistries (after): " + "; ".join(f"{k}: {v}" for k, v in after["registries"].items()))
 
 

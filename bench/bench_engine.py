@@ -67,7 +67,9 @@ def run_case(case: str, steps: int, threads: int) -> dict:
     elif case == "peft":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["query", "value"]))
+        model = get_peft_model(
+            model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["query", "value"])
+        )
     elif case in ("floor",):
         for p in model.parameters():
             p.requires_grad_(False)
@@ -89,8 +91,14 @@ def run_case(case: str, steps: int, threads: int) -> dict:
             cpu.append(time.process_time() - c0)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB on Linux
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"case": case, "step_s": statistics.median(times), "best_s": min(times), "cpu_s": statistics.median(cpu),
-            "peak_rss_mb": rss, "trainable": trainable}
+    return {
+        "case": case,
+        "step_s": statistics.median(times),
+        "best_s": min(times),
+        "cpu_s": statistics.median(cpu),
+        "peak_rss_mb": rss,
+        "trainable": trainable,
+    }
 
 
 def _timeit(torch, fn, reps: int) -> float:
@@ -130,7 +138,11 @@ def run_inference(rounds: int, reps: int, threads: int, n_adapters: int) -> dict
         dt.attach(routed, dt.LoRA(r=RANK, alpha=ALPHA, targets=["query", "value"]), name=n)
     _randomize(torch, routed)
     routed.eval()
-    pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["query", "value"]), adapter_name=names[0])
+    pm = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["query", "value"]),
+        adapter_name=names[0],
+    )
     for n in names[1:]:
         pm.add_adapter(n, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["query", "value"]))
     _randomize(torch, pm)
@@ -205,26 +217,41 @@ def main() -> None:
     rows: dict[str, list[dict]] = {c: [] for c in cases}
     for r in range(args.rounds):
         for c in cases:
-            out = subprocess.run([sys.executable, __file__, "--case", c, "--steps", str(args.steps), "--threads", str(args.threads)],
-                                 capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--case",
+                    c,
+                    "--steps",
+                    str(args.steps),
+                    "--threads",
+                    str(args.threads),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             rows[c].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"round {r} {c}: {rows[c][-1]}", flush=True)
     med = lambda c, k: statistics.median(x[k] for x in rows[c])  # noqa: E731
     best = lambda c: min(x["best_s"] for x in rows[c])  # noqa: E731
     pair = lambda a, b, k: statistics.median(x[k] / y[k] for x, y in zip(rows[a], rows[b]))  # noqa: E731
-    inf = run_inference(rounds=max(args.rounds, 3), reps=2 if args.quick else 4, threads=args.threads, n_adapters=32)
+    inf = run_inference(
+        rounds=max(args.rounds, 3), reps=2 if args.quick else 4, threads=args.threads, n_adapters=32
+    )
     print(json.dumps(inf, indent=2))
     table = [
         "| figure | deltatune | peer / reference | ratio | aim |",
         "|---|---|---|---|---|",
         f"| LoRA training step (s, fastest) vs peft | {best('dt'):.3f} | peft {best('peft'):.3f} | {best('dt') / best('peft'):.3f} | ≤ 1.0 |",
         f"| LoRA training step (s, fastest) vs floor (frozen fwd+bwd to embeddings) | {best('dt'):.3f} | floor {best('floor'):.3f} | {best('dt') / best('floor'):.3f} | ≤ 1.1 |",
-        f"| LoRA training step (s, median; ratio per round) vs peft | {med('dt','step_s'):.3f} | peft {med('peft','step_s'):.3f} | {pair('dt','peft','step_s'):.3f} | ≤ 1.0 |",
-        f"| LoRA training step (s, median; ratio per round) vs floor | {med('dt','step_s'):.3f} | floor {med('floor','step_s'):.3f} | {pair('dt','floor','step_s'):.3f} | ≤ 1.1 |",
-        f"| LoRA training step, process CPU time (s) vs peft | {med('dt','cpu_s'):.3f} | peft {med('peft','cpu_s'):.3f} | {pair('dt','peft','cpu_s'):.3f} | — |",
-        f"| LoRA training step, process CPU time (s) vs floor | {med('dt','cpu_s'):.3f} | floor {med('floor','cpu_s'):.3f} | {pair('dt','floor','cpu_s'):.3f} | — |",
+        f"| LoRA training step (s, median; ratio per round) vs peft | {med('dt', 'step_s'):.3f} | peft {med('peft', 'step_s'):.3f} | {pair('dt', 'peft', 'step_s'):.3f} | ≤ 1.0 |",
+        f"| LoRA training step (s, median; ratio per round) vs floor | {med('dt', 'step_s'):.3f} | floor {med('floor', 'step_s'):.3f} | {pair('dt', 'floor', 'step_s'):.3f} | ≤ 1.1 |",
+        f"| LoRA training step, process CPU time (s) vs peft | {med('dt', 'cpu_s'):.3f} | peft {med('peft', 'cpu_s'):.3f} | {pair('dt', 'peft', 'cpu_s'):.3f} | — |",
+        f"| LoRA training step, process CPU time (s) vs floor | {med('dt', 'cpu_s'):.3f} | floor {med('floor', 'cpu_s'):.3f} | {pair('dt', 'floor', 'cpu_s'):.3f} | — |",
         f"| full fine-tuning step (s, fastest), reference | — | {best('full'):.3f} | {best('dt') / best('full'):.3f} | — |",
-        f"| peak RSS of the training process (MiB) vs peft | {med('dt','peak_rss_mb'):.0f} | peft {med('peft','peak_rss_mb'):.0f} | {pair('dt','peft','peak_rss_mb'):.3f} | ≤ 1.0 |",
+        f"| peak RSS of the training process (MiB) vs peft | {med('dt', 'peak_rss_mb'):.0f} | peft {med('peft', 'peak_rss_mb'):.0f} | {pair('dt', 'peft', 'peak_rss_mb'):.3f} | ≤ 1.0 |",
         f"| merged inference (hosts in place) vs base model | {inf['median_s']['merged']:.3f} s | base {inf['median_s']['base']:.3f} s | {inf['merged_vs_base']:.3f} | ≤ 1.02 |",
         f"| merged + unloaded inference vs base model | {inf['median_s']['merged_unloaded']:.3f} s | base {inf['median_s']['base']:.3f} s | {inf['unloaded_vs_base']:.3f} | ≤ 1.02 |",
         f"| 32 samples → 32 adapters: throughput vs peft adapter_names | {inf['median_s']['route_dt']:.3f} s | peft {inf['median_s']['route_peft']:.3f} s | {inf['route_throughput_vs_peft']:.2f}x | ≥ 1.0 |",
@@ -237,8 +264,9 @@ def main() -> None:
         f"{args.rounds} interleaved rounds x {args.steps} timed steps, each training case in its own process). "
         "The machine is shared, and other processes only ever add time, so the first rows compare each case's "
         "fastest step over all rounds (as `timeit` does); medians with round-by-round ratios and process CPU "
-        "time follow; inference rows are the fastest of 4 calls, ratios per round.\n\n" + "\n".join(table) +
-        f"\n\nLoRA trainable parameters in the encoder: {trainable:,} (peft: {rows['peft'][0]['trainable']:,}). "
+        "time follow; inference rows are the fastest of 4 calls, ratios per round.\n\n"
+        + "\n".join(table)
+        + f"\n\nLoRA trainable parameters in the encoder: {trainable:,} (peft: {rows['peft'][0]['trainable']:,}). "
         f"Routed output vs the sample run alone with its adapter: max |diff| {inf['route_max_abs_err']:.2e}.\n"
     )
     print(body)

@@ -45,8 +45,16 @@ def run(case: str) -> dict:
     entry = load_model("minilm", num_labels=5)
     data = load_data("bbc-news", "train", limit=12 * 16)
     timer = _Timer()
-    cfg = TrainConfig(max_steps=12, batch_size=16, lr=5e-5, progress=False, eval_each_epoch=False, keep_best=False,
-                      lisa_layers=2 if case == "lisa" else None, lisa_interval=4)
+    cfg = TrainConfig(
+        max_steps=12,
+        batch_size=16,
+        lr=5e-5,
+        progress=False,
+        eval_each_epoch=False,
+        keep_best=False,
+        lisa_layers=2 if case == "lisa" else None,
+        lisa_interval=4,
+    )
     fit(entry.model, data, entry.collate, cfg, task=entry.task, callbacks=[timer])
     return {"case": case, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "step_s": statistics.median(timer.times)}
@@ -58,16 +66,21 @@ def main() -> None:
         return
     rows = {}
     for case in ("full", "lisa"):
-        out = subprocess.run([sys.executable, __file__, "--case", case], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--case", case], capture_output=True, text=True, check=True
+        )
         rows[case] = json.loads(out.stdout.strip().splitlines()[-1])
         print(rows[case], flush=True)
     f, l = rows["full"], rows["lisa"]
-    body = ("Command: `.venv/bin/python bench/bench_lisa.py` " + __doc__.split("\n\n")[2].strip().replace("\n", " ")
-            + "\n\n| case | peak RSS (MiB) | step (s, median) |\n|---|---|---|\n"
-            f"| full fine-tuning | {f['peak_rss_mb']:.0f} | {f['step_s']:.2f} |\n"
-            f"| LISA, 2 of 6 layers | {l['peak_rss_mb']:.0f} | {l['step_s']:.2f} |\n\n"
-            f"LISA / full: peak RSS {l['peak_rss_mb'] / f['peak_rss_mb']:.3f}x, step time {l['step_s'] / f['step_s']:.2f}x "
-            "(shared 2-core machine: step times indicative).")
+    body = (
+        "Command: `.venv/bin/python bench/bench_lisa.py` "
+        + __doc__.split("\n\n")[2].strip().replace("\n", " ")
+        + "\n\n| case | peak RSS (MiB) | step (s, median) |\n|---|---|---|\n"
+        f"| full fine-tuning | {f['peak_rss_mb']:.0f} | {f['step_s']:.2f} |\n"
+        f"| LISA, 2 of 6 layers | {l['peak_rss_mb']:.0f} | {l['step_s']:.2f} |\n\n"
+        f"LISA / full: peak RSS {l['peak_rss_mb'] / f['peak_rss_mb']:.3f}x, step time {l['step_s'] / f['step_s']:.2f}x "
+        "(shared 2-core machine: step times indicative)."
+    )
     print(body)
     from _results import write_section
 

@@ -54,15 +54,17 @@ def main() -> None:
     after = evaluate(entry.model, test, entry.collate, task=entry.task, batch_size=8)
 
     cmd = "`.venv/bin/python bench/bench_lm.py" + "".join(" " + a for a in sys.argv[1:]) + "`"
-    body = (f"Command: {cmd} (SmolLM2-135M-Instruct from the bundled GGUF, LoRA r={args.rank} alpha={2 * args.rank} "
-            f"on q_proj,v_proj, {args.steps} steps x batch {args.batch_size}, {args.max_length} tokens per article, "
-            f"{len(train)} training articles, lr {args.lr}, CPU).\n\n"
-            "| held-out BBC News text | perplexity | token-mean loss | tokens |\n|---|---|---|---|\n"
-            f"| base model | {before['perplexity']:.2f} | {before['loss']:.4f} | {before['tokens']} |\n"
-            f"| + LoRA | {after['perplexity']:.2f} | {after['loss']:.4f} | {after['tokens']} |\n\n"
-            f"Trainable: {summary.trainable:,} of {summary.total:,} parameters ({summary.percent:.3f}%); "
-            f"training took {seconds:.0f} s. Perplexity ratio after/before: "
-            f"{after['perplexity'] / before['perplexity']:.3f}.")
+    body = (
+        f"Command: {cmd} (SmolLM2-135M-Instruct from the bundled GGUF, LoRA r={args.rank} alpha={2 * args.rank} "
+        f"on q_proj,v_proj, {args.steps} steps x batch {args.batch_size}, {args.max_length} tokens per article, "
+        f"{len(train)} training articles, lr {args.lr}, CPU).\n\n"
+        "| held-out BBC News text | perplexity | token-mean loss | tokens |\n|---|---|---|---|\n"
+        f"| base model | {before['perplexity']:.2f} | {before['loss']:.4f} | {before['tokens']} |\n"
+        f"| + LoRA | {after['perplexity']:.2f} | {after['loss']:.4f} | {after['tokens']} |\n\n"
+        f"Trainable: {summary.trainable:,} of {summary.total:,} parameters ({summary.percent:.3f}%); "
+        f"training took {seconds:.0f} s. Perplexity ratio after/before: "
+        f"{after['perplexity'] / before['perplexity']:.3f}."
+    )
     print(body)
     if not args.no_write:
         from _results import write_section

@@ -68,15 +68,26 @@ def prepare(work: Path, shard_bytes: int) -> None:
             q + "post_attention_layernorm.weight": bert[p + "output.LayerNorm.weight"],
         })
     llama_cfg = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-        "intermediate_size": cfg["intermediate_size"], "num_hidden_layers": layers,
-        "num_attention_heads": cfg["num_attention_heads"], "num_key_value_heads": cfg["num_attention_heads"],
-        "vocab_size": cfg["vocab_size"], "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": False, "torch_dtype": "float32", "hidden_act": "silu",
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": cfg["intermediate_size"],
+        "num_hidden_layers": layers,
+        "num_attention_heads": cfg["num_attention_heads"],
+        "num_key_value_heads": cfg["num_attention_heads"],
+        "vocab_size": cfg["vocab_size"],
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "hidden_act": "silu",
     }
     for k, name in enumerate(NAMES):
         gen = torch.Generator().manual_seed(k)
-        model = {n: (t + 0.01 * torch.randn(t.shape, generator=gen) if k else t).contiguous() for n, t in state.items()}
+        model = {
+            n: (t + 0.01 * torch.randn(t.shape, generator=gen) if k else t).contiguous()
+            for n, t in state.items()
+        }
         for layout in ("whole", "sharded"):
             d = work / layout / name
             d.mkdir(parents=True)
@@ -98,15 +109,24 @@ def prepare(work: Path, shard_bytes: int) -> None:
                 save_file({n: model[n] for n in names}, str(d / fname), metadata={"format": "pt"})
                 wmap.update({n: fname for n in names})
             total = sum(t.numel() * t.element_size() for t in model.values())
-            (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": wmap}))
+            (d / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": wmap})
+            )
 
 
 def write_config(work: Path, layout: str) -> Path:
     import yaml
 
-    cfg = {"merge_method": "ties", "base_model": str(work / layout / "base"), "dtype": "float32",
-           "parameters": {"normalize": True},
-           "models": [{"model": str(work / layout / n), "parameters": {"weight": 1.0, "density": 0.5}} for n in NAMES[1:]]}
+    cfg = {
+        "merge_method": "ties",
+        "base_model": str(work / layout / "base"),
+        "dtype": "float32",
+        "parameters": {"normalize": True},
+        "models": [
+            {"model": str(work / layout / n), "parameters": {"weight": 1.0, "density": 0.5}}
+            for n in NAMES[1:]
+        ],
+    }
     path = work / f"ties_{layout}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -127,8 +147,12 @@ def sharded_child(config: Path, out: Path) -> dict:
     before = status("VmRSS")
     t0 = time.perf_counter()
     summary = merge_checkpoints(load_merge_config(config), out)
-    return {"seconds": time.perf_counter() - t0, "rss_before_mb": before, "peak_rss_mb": status("VmHWM"),
-            "out_shards": summary["shards"]}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "rss_before_mb": before,
+        "peak_rss_mb": status("VmHWM"),
+        "out_shards": summary["shards"],
+    }
 
 
 def compare(a: Path, b: Path) -> dict:
@@ -147,8 +171,13 @@ def compare(a: Path, b: Path) -> dict:
         off += int((d > 1e-6 + 1e-5 * q.abs()).sum())
         total += q.numel()
         del p, q, d
-    return {"same_names": True, "max_abs_diff": worst, "fraction_differing": off / max(total, 1), "tensors": len(y.names()),
-            "torch": torch.__version__}
+    return {
+        "same_names": True,
+        "max_abs_diff": worst,
+        "fraction_differing": off / max(total, 1),
+        "tensors": len(y.names()),
+        "torch": torch.__version__,
+    }
 
 
 # -- the parent: stays small, runs everything else in children -------------------------------------
@@ -169,7 +198,14 @@ def timed(cmd: list[str]) -> dict:
 
 
 def mergekit_cmd(config: Path, out: Path) -> list[str]:
-    return [str(BIN / "mergekit-yaml"), str(config), str(out), "--no-write-model-card", "--no-copy-tokenizer", "--quiet"]
+    return [
+        str(BIN / "mergekit-yaml"),
+        str(config),
+        str(out),
+        "--no-write-model-card",
+        "--no-copy-tokenizer",
+        "--quiet",
+    ]
 
 
 def deltatune_cmd(config: Path, out: Path) -> list[str]:
@@ -177,7 +213,9 @@ def deltatune_cmd(config: Path, out: Path) -> list[str]:
 
 
 def child(*args: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", *args], capture_output=True, text=True
+    )
     if out.returncode != 0:
         raise SystemExit(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -225,9 +263,14 @@ def run(work: Path, args: argparse.Namespace) -> None:
             out = work / f"out_{name}"
             shutil.rmtree(out, ignore_errors=True)
             rows[name].append(timed(cmd(whole, out)))
-            print(f"round {r} {name}: {rows[name][-1]['seconds']:.2f} s, {rows[name][-1]['peak_rss_mb']:.0f} MiB", flush=True)
+            print(
+                f"round {r} {name}: {rows[name][-1]['seconds']:.2f} s, {rows[name][-1]['peak_rss_mb']:.0f} MiB",
+                flush=True,
+            )
     parity = child("compare", str(work / "out_deltatune"), str(work / "out_mergekit"))
-    shard_sizes = sorted((p.stat().st_size for p in (work / "sharded" / "ft1").glob("*.safetensors")), reverse=True)
+    shard_sizes = sorted(
+        (p.stat().st_size for p in (work / "sharded" / "ft1").glob("*.safetensors")), reverse=True
+    )
     shutil.rmtree(work / "out_sharded", ignore_errors=True)
     streamed = child("sharded", str(sharded), str(work / "out_sharded"))
     own = streamed["peak_rss_mb"] - streamed["rss_before_mb"]
@@ -235,7 +278,9 @@ def run(work: Path, args: argparse.Namespace) -> None:
     shutil.rmtree(work / "out_mk_sharded", ignore_errors=True)
     mk_sharded = timed(mergekit_cmd(sharded, work / "out_mk_sharded"))
     med = lambda c, k: statistics.median(x[k] for x in rows[c])  # noqa: E731
-    ratio = lambda k: statistics.median(d[k] / m[k] for d, m in zip(rows["deltatune"], rows["mergekit"]))  # noqa: E731
+    ratio = lambda k: statistics.median(
+        d[k] / m[k] for d, m in zip(rows["deltatune"], rows["mergekit"])
+    )  # noqa: E731
     ckpt_mb = sum(p.stat().st_size for p in (work / "whole" / "base").glob("*.safetensors")) / 2**20
     table = [
         "| figure | deltatune | mergekit 0.1.5 | ratio | aim |",

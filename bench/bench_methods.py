@@ -33,7 +33,10 @@ CACHE = ROOT / ".cache" / "bench_methods" / "rows.jsonl"
 #: method → (spec options, learning rate); "probe" trains the head alone
 TEXT = {
     "probe": ({}, 5e-3),
-    "lora": ({"r": 8, "alpha": 16}, 3e-3),  # picked on tweet-sentiment validation in bench_accuracy.py
+    "lora": (
+        {"r": 8, "alpha": 16},
+        3e-3,
+    ),  # picked on tweet-sentiment validation in bench_accuracy.py
     "ia3": ({}, 5e-3),
     "ssf": ({}, 5e-3),
     "bitfit": ({}, 5e-3),
@@ -41,9 +44,15 @@ TEXT = {
     "vera": ({"r": 256}, 5e-3),
     "oft": ({}, 1e-3),
     "boft": ({"butterfly_factor": 2}, 5e-3),  # 1e-3: 60.3% validation accuracy, 5e-3: 71.3%
-    "sparse": ({"density": 0.005}, 1e-2),  # 1e-3: 60.7% validation accuracy, 1e-2: 71.0% (probe 66.2%)
+    "sparse": (
+        {"density": 0.005},
+        1e-2,
+    ),  # 1e-3: 60.7% validation accuracy, 1e-2: 71.0% (probe 66.2%)
     "bottleneck": ({"style": "houlsby", "reduction_factor": 16}, 1e-3),
-    "bottleneck-pfeiffer": ({"style": "pfeiffer", "reduction_factor": 16}, 3e-3),  # 1e-3: 63.2%, 3e-3: 70.8%
+    "bottleneck-pfeiffer": (
+        {"style": "pfeiffer", "reduction_factor": 16},
+        3e-3,
+    ),  # 1e-3: 63.2%, 3e-3: 70.8%
     "bottleneck-parallel": ({"style": "parallel", "reduction_factor": 16, "scaling": 4.0}, 1e-3),
     "compacter": ({}, 3e-3),
     "prompt": ({"num_virtual_tokens": 10}, 3e-2),
@@ -62,10 +71,19 @@ IMAGE = {
     "ssf": ({}, 5e-3),
     "bitfit": ({}, 5e-3),
     "ia3": ({"targets": ("_expand_conv", "_project_conv"), "feedforward": ()}, 5e-3),
-    "sparse": ({"density": 0.005}, 1e-2),  # 1e-3: 80.0% validation accuracy, 1e-2: 87.8% (probe 79.7%)
-    "bottleneck": ({"style": "pfeiffer", "reduction_factor": 4, "targets": ("_project_conv",)}, 1e-3),
+    "sparse": (
+        {"density": 0.005},
+        1e-2,
+    ),  # 1e-3: 80.0% validation accuracy, 1e-2: 87.8% (probe 79.7%)
+    "bottleneck": (
+        {"style": "pfeiffer", "reduction_factor": 4, "targets": ("_project_conv",)},
+        1e-3,
+    ),
 }
-PARTS = {"text": ("tweet-sentiment", "minilm", TEXT, 16), "image": ("mnist", "efficientnet-lite0", IMAGE, 32)}
+PARTS = {
+    "text": ("tweet-sentiment", "minilm", TEXT, 16),
+    "image": ("mnist", "efficientnet-lite0", IMAGE, 32),
+}
 #: learning rates that rows cached before the rate was recorded ran with (picked since on validation, seed 0)
 _OLD_LR = {("text", "sparse"): 1e-3, ("text", "bottleneck-pfeiffer"): 1e-3, ("text", "boft"): 1e-3,
            ("image", "sparse"): 1e-3, ("text", "mam"): 1e-3}
@@ -101,7 +119,9 @@ class StepTimer:
         return statistics.median(self.times) if self.times else float("nan")
 
 
-def run_one(part: str, method: str, seed: int, train_limit: int, eval_limit: int, max_length: int = 128) -> dict:
+def run_one(
+    part: str, method: str, seed: int, train_limit: int, eval_limit: int, max_length: int = 128
+) -> dict:
     """Train one delta in this process and return its row (called in a child process)."""
     import torch
 
@@ -128,18 +148,37 @@ def run_one(part: str, method: str, seed: int, train_limit: int, eval_limit: int
         dt.attach(model, build_spec(base, dict(options), head=[head]))
     summary = dt.trainable_summary(model)
     timer = StepTimer()
-    cfg = TrainConfig(epochs=1, batch_size=batch, lr=lr, seed=seed, progress=False, eval_each_epoch=False,
-                      keep_best=False)
+    cfg = TrainConfig(
+        epochs=1,
+        batch_size=batch,
+        lr=lr,
+        seed=seed,
+        progress=False,
+        eval_each_epoch=False,
+        keep_best=False,
+    )
     t0 = time.time()
     fit(model, train, entry.collate, cfg, task=entry.task, callbacks=[timer])
     seconds = time.time() - t0
     metrics = evaluate(model, test, entry.collate, task=entry.task)
-    return {"part": part, "method": method, "seed": seed, "train_limit": train_limit, "eval_limit": eval_limit,
-            "max_length": max_length, "lr": lr, "options": json.loads(json.dumps(options)),
-            "accuracy": metrics["accuracy"], "trainable": summary.trainable, "total": summary.total,
-            "trainable_percent": summary.percent, "step_s": timer.median(), "train_s": seconds,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "threads": torch.get_num_threads()}
+    return {
+        "part": part,
+        "method": method,
+        "seed": seed,
+        "train_limit": train_limit,
+        "eval_limit": eval_limit,
+        "max_length": max_length,
+        "lr": lr,
+        "options": json.loads(json.dumps(options)),
+        "accuracy": metrics["accuracy"],
+        "trainable": summary.trainable,
+        "total": summary.total,
+        "trainable_percent": summary.percent,
+        "step_s": timer.median(),
+        "train_s": seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def _cached() -> list[dict]:
@@ -152,8 +191,13 @@ def _table(part: str, rows: list[dict]) -> tuple[list[str], list[str]]:
     """The part's table; each method is compared with the probe on the seeds both have (paired)."""
     methods = [m for m in PARTS[part][2] if any(r["method"] == m for r in rows)]
     probe = {r["seed"]: r["accuracy"] * 100 for r in rows if r["method"] == "probe"}
-    lines = [("| method | test accuracy % (mean ± std) | vs probe (pt, same seeds) | trainable | trainable % | "
-              "peak RSS (MiB) | step (s) | seeds | beats probe |"), "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            "| method | test accuracy % (mean ± std) | vs probe (pt, same seeds) | trainable | trainable % | "
+            "peak RSS (MiB) | step (s) | seeds | beats probe |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     losers = []
     for m in methods:
         mine = sorted((r for r in rows if r["method"] == m), key=lambda r: r["seed"])
@@ -164,10 +208,12 @@ def _table(part: str, rows: list[dict]) -> tuple[list[str], list[str]]:
         beats = "—" if m == "probe" or gap is None else ("yes" if gap > 0 else "**no**")
         if beats == "**no**":
             losers.append(m)
-        lines.append(f"| {m} | {mean:.2f} ± {std:.2f} | {'—' if m == 'probe' or gap is None else f'{gap:+.2f}'} | "
-                     f"{mine[0]['trainable']:,} | {mine[0]['trainable_percent']:.3f} | "
-                     f"{statistics.median(r['peak_rss_mb'] for r in mine):.0f} | "
-                     f"{min(r['step_s'] for r in mine):.3f} | {len(mine)} | {beats} |")
+        lines.append(
+            f"| {m} | {mean:.2f} ± {std:.2f} | {'—' if m == 'probe' or gap is None else f'{gap:+.2f}'} | "
+            f"{mine[0]['trainable']:,} | {mine[0]['trainable_percent']:.3f} | "
+            f"{statistics.median(r['peak_rss_mb'] for r in mine):.0f} | "
+            f"{min(r['step_s'] for r in mine):.3f} | {len(mine)} | {beats} |"
+        )
     return lines, losers
 
 
@@ -180,36 +226,81 @@ def main() -> None:
     ap.add_argument("--eval-limit", type=int, default=1500, help="test examples")
     ap.add_argument("--max-length", type=int, default=128, help="MiniLM tokens (text part)")
     ap.add_argument("--jobs", type=int, default=1, help="runs at once (each in its own process)")
-    ap.add_argument("--cached-only", action="store_true",
-                    help="render the table from the cached rows only (list the missing ones instead of running them)")
+    ap.add_argument(
+        "--cached-only",
+        action="store_true",
+        help="render the table from the cached rows only (list the missing ones instead of running them)",
+    )
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         part, method, seed = args.child
-        print(json.dumps(run_one(part, method, int(seed), args.train_limit, args.eval_limit, args.max_length)))
+        print(
+            json.dumps(
+                run_one(part, method, int(seed), args.train_limit, args.eval_limit, args.max_length)
+            )
+        )
         return
     CACHE.parent.mkdir(parents=True, exist_ok=True)
-    key = lambda r: (r["part"], r["method"], r["seed"], r["train_limit"], r["eval_limit"], r.get("max_length", 128),  # noqa: E731
-                     lr_of_row(r), options_of_row(r))
+    key = lambda r: (
+        r["part"],
+        r["method"],
+        r["seed"],
+        r["train_limit"],
+        r["eval_limit"],
+        r.get("max_length", 128),  # noqa: E731
+        lr_of_row(r),
+        options_of_row(r),
+    )
     done = {key(r): r for r in _cached()}
     rows: dict[str, list[dict]] = {p: [] for p in args.part}
-    wanted = [(part, method, seed, args.train_limit, args.eval_limit, args.max_length, PARTS[part][2][method][1],
-               json.dumps(PARTS[part][2][method][0], sort_keys=True))
-              for part in args.part for seed in args.seeds for method in (args.only or PARTS[part][2])
-              if method in PARTS[part][2]]
+    wanted = [
+        (
+            part,
+            method,
+            seed,
+            args.train_limit,
+            args.eval_limit,
+            args.max_length,
+            PARTS[part][2][method][1],
+            json.dumps(PARTS[part][2][method][0], sort_keys=True),
+        )
+        for part in args.part
+        for seed in args.seeds
+        for method in (args.only or PARTS[part][2])
+        if method in PARTS[part][2]
+    ]
 
     def child(k: tuple) -> subprocess.CompletedProcess:
         part, method, seed = k[:3]
-        cmd = [sys.executable, __file__, "--child", part, method, str(seed), "--train-limit", str(args.train_limit),
-               "--eval-limit", str(args.eval_limit), "--max-length", str(args.max_length)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            part,
+            method,
+            str(seed),
+            "--train-limit",
+            str(args.train_limit),
+            "--eval-limit",
+            str(args.eval_limit),
+            "--max-length",
+            str(args.max_length),
+        ]
         return subprocess.run(cmd, capture_output=True, text=True, check=False)
 
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each run is its own process; threads only wait
+    with ThreadPoolExecutor(
+        max_workers=args.jobs
+    ) as pool:  # each run is its own process; threads only wait
         missing = [k for k in wanted if k not in done]
         if args.cached_only:
             if missing:
-                print("not run (--cached-only): " + ", ".join(f"{k[0]} {k[1]} seed {k[2]}" for k in missing), flush=True)
+                print(
+                    "not run (--cached-only): "
+                    + ", ".join(f"{k[0]} {k[1]} seed {k[2]}" for k in missing),
+                    flush=True,
+                )
             missing = []
         running = {pool.submit(child, k): k for k in missing}
         for future in as_completed(running):
@@ -226,16 +317,25 @@ def main() -> None:
             rows[k[0]].append(done[k])
     shown = "".join(" " + a for a in sys.argv[1:] if a not in ("--cached-only", "--no-write"))
     body = [f"Command: `.venv/bin/python bench/bench_methods.py{shown}`"]
-    body.append(f"(one epoch over {args.train_limit} training examples of the seed-0 split, batch 16 text at {args.max_length} tokens / 32 images, "
-                f"{args.eval_limit} test examples; seeds {', '.join(map(str, args.seeds))} change the initialisation and "
-                "data order; "
-                f"{'/'.join(sorted({str(r.get('threads', '?')) for p in rows.values() for r in p}))} CPU thread(s) per run at low "
-                "priority on the shared machine beside other benchmarks, so step times (the median step of the least "
-                "loaded run) are indicative only). Learning rates: "
-                + "; ".join(f"{p}: " + ", ".join(f"{m} {lr:g}" for m, (_, lr) in PARTS[p][2].items()) for p in args.part) + ". "
-                "Spec options (the others at their defaults): "
-                + "; ".join(f"{p}: " + ", ".join(f"{m} {json.dumps(o)}" for m, (o, _) in PARTS[p][2].items() if o)
-                            for p in args.part) + ".")
+    body.append(
+        f"(one epoch over {args.train_limit} training examples of the seed-0 split, batch 16 text at {args.max_length} tokens / 32 images, "
+        f"{args.eval_limit} test examples; seeds {', '.join(map(str, args.seeds))} change the initialisation and "
+        "data order; "
+        f"{'/'.join(sorted({str(r.get('threads', '?')) for p in rows.values() for r in p}))} CPU thread(s) per run at low "
+        "priority on the shared machine beside other benchmarks, so step times (the median step of the least "
+        "loaded run) are indicative only). Learning rates: "
+        + "; ".join(
+            f"{p}: " + ", ".join(f"{m} {lr:g}" for m, (_, lr) in PARTS[p][2].items())
+            for p in args.part
+        )
+        + ". "
+        "Spec options (the others at their defaults): "
+        + "; ".join(
+            f"{p}: " + ", ".join(f"{m} {json.dumps(o)}" for m, (o, _) in PARTS[p][2].items() if o)
+            for p in args.part
+        )
+        + "."
+    )
     for part in args.part:
         if not rows[part]:
             continue

@@ -54,8 +54,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src"  # the deltatune under test (--src: e.g. a `git archive` of a commit)
 CLI = [sys.executable, "-m", "deltatune.cli.app"]
-TRAIN_ARGS = ["--model", "small-cnn", "--data", "mnist", "--limit", "200", "--max-steps", "30", "--save-every", "5",
-              "--batch-size", "4", "--seed", "0"]
+TRAIN_ARGS = [
+    "--model",
+    "small-cnn",
+    "--data",
+    "mnist",
+    "--limit",
+    "200",
+    "--max-steps",
+    "30",
+    "--save-every",
+    "5",
+    "--batch-size",
+    "4",
+    "--seed",
+    "0",
+]
 HIDDEN_OK = {".deltatune.json"}  # the output record: bookkeeping, not output
 
 
@@ -111,10 +125,20 @@ def snapshot(root: Path, names: Optional[tuple[str, ...]] = None) -> dict[str, s
     """relative path -> SHA-256 of every file of the final output (hidden bookkeeping left out)."""
     if not root.is_dir():
         return {}
-    tops = [root / n for n in names] if names else [p for p in root.iterdir() if not p.name.startswith(".")]
+    tops = (
+        [root / n for n in names]
+        if names
+        else [p for p in root.iterdir() if not p.name.startswith(".")]
+    )
     snap = {}
     for top in tops:
-        files = [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file()) if top.is_dir() else []
+        files = (
+            [top]
+            if top.is_file()
+            else sorted(p for p in top.rglob("*") if p.is_file())
+            if top.is_dir()
+            else []
+        )
         for f in files:
             snap[str(f.relative_to(root))] = _sha(f)
     return snap
@@ -150,7 +174,11 @@ def _shards_ok(out: Path, keys: set[str]) -> Optional[str]:
                     found.add(k)
         except Exception as exc:  # noqa: BLE001
             return f"{f.name} does not load ({str(exc).splitlines()[0][:120]})"
-    return None if found == keys else f"tensors differ from the clean run's ({len(found)} vs {len(keys)})"
+    return (
+        None
+        if found == keys
+        else f"tensors differ from the clean run's ({len(found)} vs {len(keys)})"
+    )
 
 
 @dataclass
@@ -185,7 +213,10 @@ def classify(job: Job, out: Path, old: Optional[dict[str, str]]) -> tuple[str, s
         problem = _json_ok(out / "results.json")
         return ("VIOLATION", problem) if problem else ("new", "")
     if set(snap) != job.clean_files:
-        return "VIOLATION", f"files {sorted(set(snap) ^ job.clean_files)} differ from the clean run's"
+        return (
+            "VIOLATION",
+            f"files {sorted(set(snap) ^ job.clean_files)} differ from the clean run's",
+        )
     problem = job.check(out)
     return ("VIOLATION", problem) if problem else ("new", "")
 
@@ -195,7 +226,11 @@ def leftovers(out: Path) -> list[str]:
     --out, and bookkeeping inside it other than the record."""
     found = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
     if out.is_dir():
-        found += [f"{out.name}/{p.name}" for p in out.iterdir() if p.name.startswith(".") and p.name not in HIDDEN_OK]
+        found += [
+            f"{out.name}/{p.name}"
+            for p in out.iterdir()
+            if p.name.startswith(".") and p.name not in HIDDEN_OK
+        ]
     return found
 
 
@@ -206,14 +241,23 @@ def make_checkpoints(work: Path) -> None:
 
     g = torch.Generator().manual_seed(0)
     base = {f"layers.{i}.weight": torch.randn(512, 512, generator=g) for i in range(4)}
-    for name, state in (("base", base), *((f"ft{j}", {k: v + 0.01 * torch.randn(v.shape, generator=g)
-                                                      for k, v in base.items()}) for j in (1, 2))):
+    for name, state in (
+        ("base", base),
+        *(
+            (f"ft{j}", {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()})
+            for j in (1, 2)
+        ),
+    ):
         (work / name).mkdir(exist_ok=True)
         save_file(state, str(work / name / "model.safetensors"))
     for cfg, weights in (("ties.yaml", (1.0, 1.0)), ("ties-old.yaml", (0.5, 0.3))):
-        text = ("merge_method: ties\nbase_model: base\nparameters:\n  normalize: true\nmodels:\n" +
-                "".join(f"  - model: ft{j}\n    parameters:\n      weight: {w}\n      density: 0.5\n"
-                        for j, w in zip((1, 2), weights)))
+        text = (
+            "merge_method: ties\nbase_model: base\nparameters:\n  normalize: true\nmodels:\n"
+            + "".join(
+                f"  - model: ft{j}\n    parameters:\n      weight: {w}\n      density: 0.5\n"
+                for j, w in zip((1, 2), weights)
+            )
+        )
         (work / cfg).write_text(text)
 
 
@@ -223,12 +267,31 @@ def build_jobs(work: Path, train_args: list[str] = TRAIN_ARGS) -> dict[str, Job]
                 *(["--resume"] if resume else [])]
 
     def merge(out, overwrite, resume, cfg="ties.yaml"):
-        return ["merge", str(work / cfg), "--out", str(out), "--shard-size", "1MB", "--seed", "0", "-q",
-                *(["--overwrite"] if overwrite else [])]
+        return [
+            "merge",
+            str(work / cfg),
+            "--out",
+            str(out),
+            "--shard-size",
+            "1MB",
+            "--seed",
+            "0",
+            "-q",
+            *(["--overwrite"] if overwrite else []),
+        ]
 
     def compress(out, overwrite, resume, density="0.1"):
-        return ["compress", str(work / "trained" / "adapter"), "--codec", "compeft", "--density", density,
-                "--out", str(out), *(["--overwrite"] if overwrite else [])]
+        return [
+            "compress",
+            str(work / "trained" / "adapter"),
+            "--codec",
+            "compeft",
+            "--density",
+            density,
+            "--out",
+            str(out),
+            *(["--overwrite"] if overwrite else []),
+        ]
 
     def export(out, overwrite, resume):
         return ["export", "--adapter", str(work / "trained" / "adapter"), "--out", str(out),
@@ -250,7 +313,9 @@ def build_jobs(work: Path, train_args: list[str] = TRAIN_ARGS) -> dict[str, Job]
                 or _shards_ok(out, keys))
 
     return {
-        "train": Job("train", train, lambda out: None, finals=("adapter", "results.json"), resumable=True),
+        "train": Job(
+            "train", train, lambda out: None, finals=("adapter", "results.json"), resumable=True
+        ),
         "merge": Job("merge", merge, merge_ok),
         "compress": Job("compress", compress, compress_ok),
         "export": Job("export", export, export_ok),
@@ -264,7 +329,9 @@ def old_output(job: Job, work: Path) -> Path:
         return tpl
     tpl.parent.mkdir(exist_ok=True)
     if job.name == "train":
-        shutil.copytree(work / "trained", tpl)  # the same run: --resume must still reach the clean adapter
+        shutil.copytree(
+            work / "trained", tpl
+        )  # the same run: --resume must still reach the clean adapter
     else:
         args = job.argv(tpl, False, False)
         if job.name == "merge":
@@ -297,7 +364,9 @@ class Tally:
 def recover(job: Job, out: Path, work: Path, tally: Tally, tag: str) -> None:
     """--resume (train) or a plain rerun with --overwrite: must finish with a complete new output."""
     tally.recoveries += 1
-    r = run_job(job.argv(out, not job.resumable, job.resumable), work, work / "logs" / f"{tag}-recover.log")
+    r = run_job(
+        job.argv(out, not job.resumable, job.resumable), work, work / "logs" / f"{tag}-recover.log"
+    )
     outcome, detail = classify(job, out, None)
     if r.rc != 0 or outcome != "new":
         tally.violations.append(f"{tag}: recovery rc={r.rc} {outcome} {detail} {_last(r.stderr)}")
@@ -308,7 +377,9 @@ def recover(job: Job, out: Path, work: Path, tally: Tally, tag: str) -> None:
         if not diff:
             tally.identical += 1
         else:
-            tally.violations.append(f"{tag}: resumed adapter differs from the clean run's in {diff}")
+            tally.violations.append(
+                f"{tag}: resumed adapter differs from the clean run's in {diff}"
+            )
     for name in leftovers(out):
         tally.leftovers[name] += 1
         tally.violations.append(f"{tag}: left behind {name}")
@@ -330,8 +401,12 @@ def adapter_diff(a: Path, b: Path) -> list[str]:
         elif name.endswith(".safetensors"):
             ta, tb = load_file(str(fa)), load_file(str(fb))
             bits = lambda t: t.contiguous().reshape(-1).view(torch.uint8)  # noqa: E731
-            if ta.keys() != tb.keys() or any(ta[k].dtype != tb[k].dtype or ta[k].shape != tb[k].shape
-                                             or not torch.equal(bits(ta[k]), bits(tb[k])) for k in ta):
+            if ta.keys() != tb.keys() or any(
+                ta[k].dtype != tb[k].dtype
+                or ta[k].shape != tb[k].shape
+                or not torch.equal(bits(ta[k]), bits(tb[k]))
+                for k in ta
+            ):
                 diff.append(name)
         elif name.endswith(".json"):
             ja, jb = json.loads(fa.read_text()), json.loads(fb.read_text())
@@ -360,14 +435,24 @@ def run_case(job: Job, work: Path, tally: Tally, i: int, delay: Optional[float],
         shutil.copytree(tpl, out)
         old = snapshot(out, job.finals)
     tally.runs += fsize is None
-    r = run_job(job.argv(out, with_old, False), work, work / "logs" / f"{tag}.log", kill_after=delay, fsize=fsize)
+    r = run_job(
+        job.argv(out, with_old, False),
+        work,
+        work / "logs" / f"{tag}.log",
+        kill_after=delay,
+        fsize=fsize,
+    )
     outcome, detail = classify(job, out, old)
     if fsize is not None:
         tally.fsize += 1
         tally.fsize_outcomes[outcome] += 1
-        one_line = r.rc != 0 and "Traceback" not in r.stderr and _last(r.stderr).startswith("error:")
+        one_line = (
+            r.rc != 0 and "Traceback" not in r.stderr and _last(r.stderr).startswith("error:")
+        )
         if outcome not in ("absent", "old") or not one_line:
-            tally.violations.append(f"{tag} (limit {fsize} B): rc={r.rc} {outcome} {detail} | {_last(r.stderr)}")
+            tally.violations.append(
+                f"{tag} (limit {fsize} B): rc={r.rc} {outcome} {detail} | {_last(r.stderr)}"
+            )
         else:
             tally.fsize_ok += 1
         if job.resumable:
@@ -378,7 +463,9 @@ def run_case(job: Job, work: Path, tally: Tally, i: int, delay: Optional[float],
     else:
         tally.finished_first += 1
         if r.rc != 0:
-            tally.violations.append(f"{tag}: finished before the kill with rc={r.rc}: {_last(r.stderr)}")
+            tally.violations.append(
+                f"{tag}: finished before the kill with rc={r.rc}: {_last(r.stderr)}"
+            )
     tally.outcomes[outcome] += 1
     if outcome == "VIOLATION":
         tally.violations.append(f"{tag} (killed at {delay:.2f}s, old={with_old}): {detail}")
@@ -409,16 +496,25 @@ def clean_run(job: Job, work: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="a few cases per job; RESULTS.md untouched")
+    ap.add_argument(
+        "--quick", action="store_true", help="a few cases per job; RESULTS.md untouched"
+    )
     ap.add_argument("--kills", type=str, default="train=20,merge=30,compress=30,export=30",
                     help="kill points per job (JOB=N,...)")
     ap.add_argument("--fsize", type=int, default=3, help="RLIMIT_FSIZE cases per job")
     ap.add_argument("--jobs", default="train,merge,compress,export")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--work", type=Path, default=None, help="working directory (default: a new temp dir)")
+    ap.add_argument(
+        "--work", type=Path, default=None, help="working directory (default: a new temp dir)"
+    )
     ap.add_argument("--no-write", action="store_true", help="do not write bench/RESULTS.md")
-    ap.add_argument("--src", type=Path, default=None, help="the deltatune source tree to test (default: src/ "
-                    "here; a snapshot keeps a long run away from edits in progress)")
+    ap.add_argument(
+        "--src",
+        type=Path,
+        default=None,
+        help="the deltatune source tree to test (default: src/ "
+        "here; a snapshot keeps a long run away from edits in progress)",
+    )
     args = ap.parse_args()
     if args.src is not None:
         global SRC
@@ -457,9 +553,12 @@ def main() -> None:
         for i in range(args.fsize):
             limit = max(512, int(job.largest * (i + 1) / (args.fsize + 1)))
             run_case(job, work, tally, i, None, with_old=i % 2 == 1, fsize=limit)
-        print(f"{name}: clean {job.seconds:.1f}s, {tally.kills} killed of {tally.runs}, {dict(tally.outcomes)}, "
-              f"recovered {tally.recovered}/{tally.recoveries}, fsize {tally.fsize_ok}/{tally.fsize} "
-              f"[{time.perf_counter() - t0:.0f}s]", flush=True)
+        print(
+            f"{name}: clean {job.seconds:.1f}s, {tally.kills} killed of {tally.runs}, {dict(tally.outcomes)}, "
+            f"recovered {tally.recovered}/{tally.recoveries}, fsize {tally.fsize_ok}/{tally.fsize} "
+            f"[{time.perf_counter() - t0:.0f}s]",
+            flush=True,
+        )
         for v in tally.violations:
             print("  VIOLATION", v, flush=True)
     minutes = (time.perf_counter() - t_all) / 60
@@ -478,25 +577,32 @@ def main() -> None:
 
 def table(jobs: dict[str, Job], tallies: dict[str, Tally], minutes: float, args) -> str:
     cmd = "    .venv/bin/python bench/bench_reliability.py" + (" --quick" if args.quick else "")
-    rows = ["| job | clean run | runs | killed (finished first) | absent | old | new | adapter only | VIOLATION "
-            "| recovered | resume bit-identical | leftovers | RLIMIT_FSIZE: one-line error, no partial output |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| job | clean run | runs | killed (finished first) | absent | old | new | adapter only | VIOLATION "
+        "| recovered | resume bit-identical | leftovers | RLIMIT_FSIZE: one-line error, no partial output |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     total = Counter()
     for name, t in tallies.items():
         o = t.outcomes
         ident = f"{t.identical}/{t.recoveries}" if jobs[name].resumable else "-"
-        rows.append(f"| {name} | {jobs[name].seconds:.1f} s | {t.runs} | {t.kills} ({t.finished_first}) | "
-                    f"{o['absent']} | {o['old']} | {o['new']} | {o['adapter only'] if name == 'train' else '-'} | "
-                    f"{o['VIOLATION']} | {t.recovered}/{t.recoveries} | {ident} | {sum(t.leftovers.values())} | "
-                    f"{t.fsize_ok}/{t.fsize} |")
+        rows.append(
+            f"| {name} | {jobs[name].seconds:.1f} s | {t.runs} | {t.kills} ({t.finished_first}) | "
+            f"{o['absent']} | {o['old']} | {o['new']} | {o['adapter only'] if name == 'train' else '-'} | "
+            f"{o['VIOLATION']} | {t.recovered}/{t.recoveries} | {ident} | {sum(t.leftovers.values())} | "
+            f"{t.fsize_ok}/{t.fsize} |"
+        )
         total.update(runs=t.runs, kills=t.kills, violations=len(t.violations))
-    return (f"{cmd}\n\nSIGKILL of the job's process group at {total['kills']} points (stratified uniform over each "
-            f"job's clean duration, seed {args.seed}; every other run replaces an old output with --overwrite), "
-            f"then recovery (train: --resume; others: the same job again). Outcome of the final output after the "
-            f"kill: absent, byte-identical old, or complete new (adapter only: train's new adapter complete, its "
-            f"results.json not yet written). RLIMIT_FSIZE at k/{args.fsize + 1} (k = 1..{args.fsize}) of the "
-            f"job's largest output file, every other case over an old output. "
-            f"{total['violations']} violations; {minutes:.1f} min on 2 shared CPU cores.\n\n" + "\n".join(rows))
+    return (
+        f"{cmd}\n\nSIGKILL of the job's process group at {total['kills']} points (stratified uniform over each "
+        f"job's clean duration, seed {args.seed}; every other run replaces an old output with --overwrite), "
+        f"then recovery (train: --resume; others: the same job again). Outcome of the final output after the "
+        f"kill: absent, byte-identical old, or complete new (adapter only: train's new adapter complete, its "
+        f"results.json not yet written). RLIMIT_FSIZE at k/{args.fsize + 1} (k = 1..{args.fsize}) of the "
+        f"job's largest output file, every other case over an old output. "
+        f"{total['violations']} violations; {minutes:.1f} min on 2 shared CPU cores.\n\n"
+        + "\n".join(rows)
+    )
 
 
 if __name__ == "__main__":

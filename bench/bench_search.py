@@ -37,9 +37,26 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(tempfile.mkdtemp(prefix="bench_search_")) / "search"
     cli = str(Path(sys.executable).with_name("deltatune"))
-    cmd = [cli, "search", "--model", "minilm", "--data", "tweet-sentiment", "--budget", args.budget,
-           "--trials", str(args.trials), "--max-steps", str(args.max_steps), "--limit", str(args.limit),
-           "--backend", args.backend, "--out", str(out)]
+    cmd = [
+        cli,
+        "search",
+        "--model",
+        "minilm",
+        "--data",
+        "tweet-sentiment",
+        "--budget",
+        args.budget,
+        "--trials",
+        str(args.trials),
+        "--max-steps",
+        str(args.max_steps),
+        "--limit",
+        str(args.limit),
+        "--backend",
+        args.backend,
+        "--out",
+        str(out),
+    ]
     load = os.getloadavg()[0]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -49,19 +66,22 @@ def main() -> None:
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     results = json.loads((out / "results.json").read_text())
     shown = " ".join(a for a in cmd[1:] if not a.startswith(str(out.parent)))
-    body = (f"Command: `.venv/bin/python bench/bench_search.py{''.join(' ' + a for a in sys.argv[1:] if a != '--no-write')}` "
-            f"(runs `deltatune {shown.replace(' --out', '')} --out DIR` as one process; load average {load:.1f} at the "
-            f"start and {os.getloadavg()[0]:.1f} at the end on the shared 2-core machine).\n\n"
-            f"| figure | value | aim |\n|---|---|---|\n"
-            f"| trials completed | {results['trials_done']} of {args.trials} ({results['candidates']} configurations fit the "
-            f"budget of {results['budget']:,} parameters) | {args.trials} |\n"
-            f"| wall time of the whole search | {seconds / 60:.1f} min | ≤ 30 min |\n"
-            f"| peak RSS of the largest process | {peak:.0f} MiB | — |\n"
-            f"| configurations on the Pareto front | {len(results['pareto'])} | ≥ 1 |\n\n"
-            + results["table"].split("\n\n", 1)[1].strip() + "\n\n"
-            f"Best validation accuracy: {results['best']['key']} ({results['best']['val_accuracy']:.4f}); with "
-            f"{args.max_steps} steps on {args.limit} examples every accuracy is a short-run estimate: the reduced form shows the search's machinery and cost, "
-            "bench/bench_budget.py compares configurations trained properly.")
+    body = (
+        f"Command: `.venv/bin/python bench/bench_search.py{''.join(' ' + a for a in sys.argv[1:] if a != '--no-write')}` "
+        f"(runs `deltatune {shown.replace(' --out', '')} --out DIR` as one process; load average {load:.1f} at the "
+        f"start and {os.getloadavg()[0]:.1f} at the end on the shared 2-core machine).\n\n"
+        f"| figure | value | aim |\n|---|---|---|\n"
+        f"| trials completed | {results['trials_done']} of {args.trials} ({results['candidates']} configurations fit the "
+        f"budget of {results['budget']:,} parameters) | {args.trials} |\n"
+        f"| wall time of the whole search | {seconds / 60:.1f} min | ≤ 30 min |\n"
+        f"| peak RSS of the largest process | {peak:.0f} MiB | — |\n"
+        f"| configurations on the Pareto front | {len(results['pareto'])} | ≥ 1 |\n\n"
+        + results["table"].split("\n\n", 1)[1].strip()
+        + "\n\n"
+        f"Best validation accuracy: {results['best']['key']} ({results['best']['val_accuracy']:.4f}); with "
+        f"{args.max_steps} steps on {args.limit} examples every accuracy is a short-run estimate: the reduced form shows the search's machinery and cost, "
+        "bench/bench_budget.py compares configurations trained properly."
+    )
     print(body)
     if not args.no_write:
         from _results import write_section

@@ -42,12 +42,30 @@ sys.path.insert(0, str(ROOT / "bench"))
 from deltatune.data import CORRUPTIONS  # noqa: E402  (the 15 standard corruptions, in benchmark order)
 from deltatune.deploy.accuracy import ESTIMATES  # noqa: E402
 
-SHORT = {"gaussian_noise": "gauss", "shot_noise": "shot", "impulse_noise": "impul", "defocus_blur": "defoc",
-         "glass_blur": "glass", "motion_blur": "motn", "zoom_blur": "zoom", "snow": "snow", "frost": "frost",
-         "fog": "fog", "brightness": "brit", "contrast": "contr", "elastic_transform": "elast",
-         "pixelate": "pixel", "jpeg_compression": "jpeg"}
+SHORT = {
+    "gaussian_noise": "gauss",
+    "shot_noise": "shot",
+    "impulse_noise": "impul",
+    "defocus_blur": "defoc",
+    "glass_blur": "glass",
+    "motion_blur": "motn",
+    "zoom_blur": "zoom",
+    "snow": "snow",
+    "frost": "frost",
+    "fog": "fog",
+    "brightness": "brit",
+    "contrast": "contr",
+    "elastic_transform": "elast",
+    "pixelate": "pixel",
+    "jpeg_compression": "jpeg",
+}
 BATCH = 64
-STATELESS = {"source", "bn", "alpha_bn", "lame"}  # same predictions in every mode (bn with momentum 1)
+STATELESS = {
+    "source",
+    "bn",
+    "alpha_bn",
+    "lame",
+}  # same predictions in every mode (bn with momentum 1)
 # Method settings for 10 classes and batches of 64 (the papers' CIFAR-10 settings where they give them).
 METHODS: dict[str, dict] = {
     "source": {},
@@ -70,7 +88,10 @@ def load_mnist() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     out = {}
     for split in ("train", "val", "test"):
         ds = load_data("mnist", split)
-        out[split] = (torch.stack([ex["image"][0] for ex in ds.examples]).numpy(), np.asarray(ds.labels, dtype=np.int64))
+        out[split] = (
+            torch.stack([ex["image"][0] for ex in ds.examples]).numpy(),
+            np.asarray(ds.labels, dtype=np.int64),
+        )
     return out
 
 
@@ -79,7 +100,9 @@ def pixels(images: np.ndarray) -> torch.Tensor:
     return (torch.from_numpy(images).float()[:, None] / 255.0 - 0.5) / 0.5
 
 
-def corrupted(images: np.ndarray, indices: np.ndarray, name: str, severity: int, cache: Path, tag: str) -> np.ndarray:
+def corrupted(
+    images: np.ndarray, indices: np.ndarray, name: str, severity: int, cache: Path, tag: str
+) -> np.ndarray:
     """``deltatune.data``'s seeded corrupt-tta corruption of test images ``indices`` (cached as .npy)."""
     path = cache / f"mnistc_{tag}_{name}_s{severity}.npy"
     if path.exists():
@@ -105,9 +128,15 @@ class Net(nn.Module):
         super().__init__()
 
         def block(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
-            return [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+            return [
+                nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(),
+            ]
 
-        self.features = nn.Sequential(*block(1, 16, 1), *block(16, 32, 2), *block(32, 64, 2), *block(64, 64, 1))
+        self.features = nn.Sequential(
+            *block(1, 16, 1), *block(16, 32, 2), *block(32, 64, 2), *block(64, 64, 1)
+        )
         self.classifier = nn.Linear(64, 10)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -126,10 +155,21 @@ class MaxPoolNet(nn.Module):
         super().__init__()
 
         def block(c_in: int, c_out: int) -> list[nn.Module]:
-            return [nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)]
+            return [
+                nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
 
-        self.features = nn.Sequential(*block(1, 32), *block(32, 64), nn.Flatten(),
-                                      nn.Linear(64 * 7 * 7, 128, bias=False), nn.BatchNorm1d(128), nn.ReLU())
+        self.features = nn.Sequential(
+            *block(1, 32),
+            *block(32, 64),
+            nn.Flatten(),
+            nn.Linear(64 * 7 * 7, 128, bias=False),
+            nn.BatchNorm1d(128),
+            nn.ReLU(),
+        )
         self.classifier = nn.Linear(128, 10)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -137,11 +177,15 @@ class MaxPoolNet(nn.Module):
 
 
 ARCHITECTURES = {"gap": Net, "maxpool": MaxPoolNet}
-ABOUT = {"gap": "4-block BatchNorm CNN with global average pooling",
-         "maxpool": "max-pooling BatchNorm CNN (two conv-BN-ReLU-maxpool blocks, a 128-unit BatchNorm hidden layer)"}
+ABOUT = {
+    "gap": "4-block BatchNorm CNN with global average pooling",
+    "maxpool": "max-pooling BatchNorm CNN (two conv-BN-ReLU-maxpool blocks, a 128-unit BatchNorm hidden layer)",
+}
 
 
-def trained_model(data: dict, cache: Path, epochs: int, seed: int = 0, arch: str = "gap") -> nn.Module:
+def trained_model(
+    data: dict, cache: Path, epochs: int, seed: int = 0, arch: str = "gap"
+) -> nn.Module:
     """:class:`Net` (or another of ``ARCHITECTURES``) trained on MNIST (Adam, one-cycle schedule) from
     ``seed``, cached as safetensors. Trained on one CPU thread whatever ``--threads`` says: summed in
     another order, the floating-point sums differ, and the trained model (and how it fails under
@@ -172,7 +216,10 @@ def trained_model(data: dict, cache: Path, epochs: int, seed: int = 0, arch: str
             loss.backward()
             opt.step()
             sched.step()
-        print(f"  epoch {epoch + 1}/{epochs}: loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
+        print(
+            f"  epoch {epoch + 1}/{epochs}: loss {loss.item():.3f} ({time.time() - t0:.0f}s)",
+            flush=True,
+        )
     torch.set_num_threads(threads)
     model.eval()
     tmp = path.with_suffix(".tmp")
@@ -191,7 +238,9 @@ def stream_error(predict, x: torch.Tensor, y: torch.Tensor) -> float:
     return 100.0 * wrong / len(x)
 
 
-def make_method(model: nn.Module, name: str, fisher_batches: list[torch.Tensor], prior: torch.Tensor):
+def make_method(
+    model: nn.Module, name: str, fisher_batches: list[torch.Tensor], prior: torch.Tensor
+):
     import deltatune.deploy as dd
 
     if name == "source":
@@ -233,13 +282,20 @@ def run_tta(model, sets, label_sets, methods, fisher_batches, prior) -> dict[str
             wrapper.remove()
         res["seconds"] = time.time() - t0
         out[name] = res
-        mean = {sev: np.mean([v for (c, s), v in res["reset"].items() if s == sev]) for sev in (3, 5)}
-        print(f"  {name:9s} mean error sev3 {mean[3]:5.1f}  sev5 {mean[5]:5.1f}  continual "
-              f"{np.mean(list(res['continual'].values())):5.1f}  ({res['seconds']:.0f}s)", flush=True)
+        mean = {
+            sev: np.mean([v for (c, s), v in res["reset"].items() if s == sev]) for sev in (3, 5)
+        }
+        print(
+            f"  {name:9s} mean error sev3 {mean[3]:5.1f}  sev5 {mean[5]:5.1f}  continual "
+            f"{np.mean(list(res['continual'].values())):5.1f}  ({res['seconds']:.0f}s)",
+            flush=True,
+        )
     return out
 
 
-def run_detection(model, reference: torch.Tensor, clean_pool: torch.Tensor, sets, trials: int, seed: int = 0):
+def run_detection(
+    model, reference: torch.Tensor, clean_pool: torch.Tensor, sets, trials: int, seed: int = 0
+):
     """MMD detection rate on 200-sample windows (severity 3) and the clean-vs-clean false-positive rate."""
     import deltatune.deploy as dd
 
@@ -247,12 +303,23 @@ def run_detection(model, reference: torch.Tensor, clean_pool: torch.Tensor, sets
     rates = {}
     for c in CORRUPTIONS:
         feats = dd.embed(model, sets[(c, 3)][0], layer="classifier")
-        flags = [dd.detect(ref, feats[i : i + 200], "mmd", n_permutations=200, seed=i).drift for i in range(0, len(feats) - 199, 200)]
+        flags = [
+            dd.detect(ref, feats[i : i + 200], "mmd", n_permutations=200, seed=i).drift
+            for i in range(0, len(feats) - 199, 200)
+        ]
         rates[c] = 100.0 * np.mean(flags)
     pool = dd.embed(model, clean_pool, layer="classifier")
     gen = torch.Generator().manual_seed(seed)
-    clean_flags = [dd.detect(ref, pool[torch.randperm(len(pool), generator=gen)[:200]], "mmd", n_permutations=200, seed=t).drift
-                   for t in range(trials)]
+    clean_flags = [
+        dd.detect(
+            ref,
+            pool[torch.randperm(len(pool), generator=gen)[:200]],
+            "mmd",
+            n_permutations=200,
+            seed=t,
+        ).drift
+        for t in range(trials)
+    ]
     return rates, 100.0 * np.mean(clean_flags)
 
 
@@ -291,7 +358,9 @@ def mean_over_corruptions(rows: dict, sev: int, estimate: str) -> float:
     return float(np.mean([abs(rows[c, sev][estimate] - rows[c, sev]["true"]) for c in CORRUPTIONS]))
 
 
-def run_draws(data: dict, args, val: tuple[torch.Tensor, torch.Tensor], sets, main: tuple[float, dict]) -> list[dict]:
+def run_draws(
+    data: dict, args, val: tuple[torch.Tensor, torch.Tensor], sets, main: tuple[float, dict]
+) -> list[dict]:
     """How much the estimates depend on the trained model: ATC's mean absolute error (accuracy points)
     over the 15 corruptions for source models of both architectures trained from several seeds.
     ``main``: the clean error and estimates of the benchmark's own model (``args.arch``, seed 0), reused."""
@@ -312,39 +381,70 @@ def run_draws(data: dict, args, val: tuple[torch.Tensor, torch.Tensor], sets, ma
                     row[name, sev, "true"] = mean_over_corruptions(rows, sev, "true")
                     row[name, sev, "atc"] = mean_over_corruptions(rows, sev, "atc")
                     row[name, sev, "cot"] = mean_over_corruptions(rows, sev, "cot")
-            print(f"  {arch} seed {seed}: ATC / COT error source {row['source', 3, 'atc']:.1f} / {row['source', 3, 'cot']:.1f} "
-                  f"(s3), {row['source', 5, 'atc']:.1f} / {row['source', 5, 'cot']:.1f} (s5); bn {row['bn', 3, 'atc']:.1f} / "
-                  f"{row['bn', 3, 'cot']:.1f} (s3), {row['bn', 5, 'atc']:.1f} / {row['bn', 5, 'cot']:.1f} (s5)", flush=True)
+            print(
+                f"  {arch} seed {seed}: ATC / COT error source {row['source', 3, 'atc']:.1f} / {row['source', 3, 'cot']:.1f} "
+                f"(s3), {row['source', 5, 'atc']:.1f} / {row['source', 5, 'cot']:.1f} (s5); bn {row['bn', 3, 'atc']:.1f} / "
+                f"{row['bn', 3, 'cot']:.1f} (s3), {row['bn', 5, 'atc']:.1f} / {row['bn', 5, 'cot']:.1f} (s5)",
+                flush=True,
+            )
             out.append(row)
     return out
 
 
-def label_shift_sets(x: torch.Tensor, y: torch.Tensor, n: int, seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def label_shift_sets(
+    x: torch.Tensor, y: torch.Tensor, n: int, seed: int = 0
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Clean images under label shift: a long-tailed class prior (i.i.d. order) and a class-ordered stream."""
     gen = np.random.RandomState(seed)
     prior = 0.6 ** np.arange(10)
     prior /= prior.sum()
     labels = y.numpy()
-    take = np.concatenate([gen.choice(np.flatnonzero(labels == k), int(round(p * n)), replace=False) for k, p in enumerate(prior)])
+    take = np.concatenate(
+        [
+            gen.choice(np.flatnonzero(labels == k), int(round(p * n)), replace=False)
+            for k, p in enumerate(prior)
+        ]
+    )
     tail = gen.permutation(take)
-    ordered = np.concatenate([gen.choice(np.flatnonzero(labels == k), n // 10, replace=False) for k in range(10)])
+    ordered = np.concatenate(
+        [gen.choice(np.flatnonzero(labels == k), n // 10, replace=False) for k in range(10)]
+    )
     return {"long-tailed": (x[tail], y[tail]), "class-ordered": (x[ordered], y[ordered])}
 
 
 # --- report ----------------------------------------------------------------------------------------
 def _table(rows: dict[str, dict], keys: list, label: str, mean: bool = True) -> str:
-    head = f"| {label} | " + " | ".join(SHORT.get(k, k) for k in keys) + (" | mean |" if mean else " |")
+    head = (
+        f"| {label} | "
+        + " | ".join(SHORT.get(k, k) for k in keys)
+        + (" | mean |" if mean else " |")
+    )
     lines = [head, "|" + "---|" * (len(keys) + 1 + mean)]
     for name, vals in rows.items():
         cells = [vals[k] for k in keys]
-        lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in cells) + (f" | **{np.mean(cells):.1f}** |" if mean else " |"))
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{v:.1f}" for v in cells)
+            + (f" | **{np.mean(cells):.1f}** |" if mean else " |")
+        )
     return "\n".join(lines)
 
 
-def report(args, clean_err: float, feature_dim: int, tta: dict, rates: dict, fpr: float, estimates: dict,
-           draws: list[dict], minutes: float) -> str:
+def report(
+    args,
+    clean_err: float,
+    feature_dim: int,
+    tta: dict,
+    rates: dict,
+    fpr: float,
+    estimates: dict,
+    draws: list[dict],
+    minutes: float,
+) -> str:
     last = CORRUPTIONS[-1]
-    settings = "; ".join(f"{k} {v}" if v else k for k, v in METHODS.items() if k != "source").replace("'", "")
+    settings = "; ".join(
+        f"{k} {v}" if v else k for k, v in METHODS.items() if k != "source"
+    ).replace("'", "")
     out = [
         f"Command: `.venv/bin/python bench/bench_tta.py` ({minutes:.1f} min on {args.threads} CPU threads, shared machine). "
         f"Model: {ABOUT[args.arch]}, {args.epochs} epochs on MNIST, clean test error "
@@ -354,56 +454,112 @@ def report(args, clean_err: float, feature_dim: int, tta: dict, rates: dict, fpr
     ]
     for sev in (3, 5):
         rows = {m: {c: tta[m]["reset"][(c, sev)] for c in CORRUPTIONS} for m in tta}
-        out += ["", f"**Error (%) at severity {sev}, model reset at the start of each corruption**", "",
-                _table(rows, CORRUPTIONS, "method")]
+        out += [
+            "",
+            f"**Error (%) at severity {sev}, model reset at the start of each corruption**",
+            "",
+            _table(rows, CORRUPTIONS, "method"),
+        ]
     if "source" in tta:
         base = {s: np.mean([tta["source"]["reset"][(c, s)] for c in CORRUPTIONS]) for s in (3, 5)}
-        cut = {m: {s: 100 * (1 - np.mean([tta[m]["reset"][(c, s)] for c in CORRUPTIONS]) / base[s]) for s in (3, 5)} for m in tta}
-        out += ["", "Relative cut of the mean error vs. the unadapted model, severity 3 / 5 (aim for Tent and BN: >= 25%): "
-                + ", ".join(f"{m} {cut[m][3]:.0f}% / {cut[m][5]:.0f}%" for m in tta if m != "source") + "."]
-    out += ["", "**Continual: the 15 corruptions at severity 5 in sequence, no reset** (error %; `reset` = reset at each "
-            "corruption as above, `episodic` = reset before every batch; " + ", ".join(sorted(STATELESS))
-            + " carry nothing from batch to batch, so their three modes coincide)", "",
-            f"| method | continual mean | reset mean | continual last ({SHORT[last]}) | reset last | episodic last | time (s) |",
-            "|---|---|---|---|---|---|---|"]
+        cut = {
+            m: {
+                s: 100 * (1 - np.mean([tta[m]["reset"][(c, s)] for c in CORRUPTIONS]) / base[s])
+                for s in (3, 5)
+            }
+            for m in tta
+        }
+        out += [
+            "",
+            "Relative cut of the mean error vs. the unadapted model, severity 3 / 5 (aim for Tent and BN: >= 25%): "
+            + ", ".join(f"{m} {cut[m][3]:.0f}% / {cut[m][5]:.0f}%" for m in tta if m != "source")
+            + ".",
+        ]
+    out += [
+        "",
+        "**Continual: the 15 corruptions at severity 5 in sequence, no reset** (error %; `reset` = reset at each "
+        "corruption as above, `episodic` = reset before every batch; "
+        + ", ".join(sorted(STATELESS))
+        + " carry nothing from batch to batch, so their three modes coincide)",
+        "",
+        f"| method | continual mean | reset mean | continual last ({SHORT[last]}) | reset last | episodic last | time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for m, r in tta.items():
-        out.append(f"| {m} | {np.mean(list(r['continual'].values())):.1f} | {np.mean([r['reset'][(c, 5)] for c in CORRUPTIONS]):.1f} | "
-                   f"{r['continual'][last]:.1f} | {r['reset'][(last, 5)]:.1f} | {r['episodic_last']:.1f} | {r['seconds']:.0f} |")
+        out.append(
+            f"| {m} | {np.mean(list(r['continual'].values())):.1f} | {np.mean([r['reset'][(c, 5)] for c in CORRUPTIONS]):.1f} | "
+            f"{r['continual'][last]:.1f} | {r['reset'][(last, 5)]:.1f} | {r['episodic_last']:.1f} | {r['seconds']:.0f} |"
+        )
     label_keys = list(next(iter(tta.values()))["label"])
-    out += ["", f"**Label shift on clean images** (error %): {args.n} test images with class prior ∝ 0.6^k in random order, "
-            "and 100 per class sorted by class (a non-i.i.d. stream)", "",
-            _table({m: r["label"] for m, r in tta.items()}, label_keys, "method", mean=False)]
-    out += ["", f"**Shift detection**: MMD (Gaussian kernel, median heuristic, 200 permutations) on the {feature_dim}-d input of the "
-            "classifier head; reference = 500 clean test images (disjoint from the others); 200-sample windows. Detection "
-            f"rate at severity 3 (aim >= 90%) and false-positive rate over {args.trials} clean-vs-clean windows (aim <= 5%):", "",
-            _table({"detected (%)": rates}, CORRUPTIONS, "MMD, alpha 0.05"), "",
-            f"Mean detection rate **{np.mean(list(rates.values())):.1f}%**; clean-vs-clean false positives **{fpr:.1f}%**."]
-    out += ["", f"**Label-free accuracy estimation** (temperature scaling and the ATC threshold fitted on {args.estimator_val:,} clean "
-            "validation images, ATC with negative-entropy scores; COT transports to the validation label distribution), for the "
-            "unadapted model and for the BN-adapted model (prediction-time BN, fitted on its own validation outputs). Mean "
-            "absolute error of the estimate over the 15 corruptions, in accuracy points (aim for ATC: <= 5):", "",
-            "| model | severity | true accuracy (mean) | ATC | COT | DoC | average confidence |", "|---|---|---|---|---|---|---|"]
+    out += [
+        "",
+        f"**Label shift on clean images** (error %): {args.n} test images with class prior ∝ 0.6^k in random order, "
+        "and 100 per class sorted by class (a non-i.i.d. stream)",
+        "",
+        _table({m: r["label"] for m, r in tta.items()}, label_keys, "method", mean=False),
+    ]
+    out += [
+        "",
+        f"**Shift detection**: MMD (Gaussian kernel, median heuristic, 200 permutations) on the {feature_dim}-d input of the "
+        "classifier head; reference = 500 clean test images (disjoint from the others); 200-sample windows. Detection "
+        f"rate at severity 3 (aim >= 90%) and false-positive rate over {args.trials} clean-vs-clean windows (aim <= 5%):",
+        "",
+        _table({"detected (%)": rates}, CORRUPTIONS, "MMD, alpha 0.05"),
+        "",
+        f"Mean detection rate **{np.mean(list(rates.values())):.1f}%**; clean-vs-clean false positives **{fpr:.1f}%**.",
+    ]
+    out += [
+        "",
+        f"**Label-free accuracy estimation** (temperature scaling and the ATC threshold fitted on {args.estimator_val:,} clean "
+        "validation images, ATC with negative-entropy scores; COT transports to the validation label distribution), for the "
+        "unadapted model and for the BN-adapted model (prediction-time BN, fitted on its own validation outputs). Mean "
+        "absolute error of the estimate over the 15 corruptions, in accuracy points (aim for ATC: <= 5):",
+        "",
+        "| model | severity | true accuracy (mean) | ATC | COT | DoC | average confidence |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, (est, rows) in estimates.items():
         for sev in (3, 5):
             mae = {e: mean_over_corruptions(rows, sev, e) for e in ESTIMATES}
-            out.append(f"| {name} (T={est.temperature:.2f}) | {sev} | {mean_over_corruptions(rows, sev, 'true'):.1f} | "
-                       f"{mae['atc']:.1f} | {mae['cot']:.1f} | {mae['doc']:.1f} | {mae['confidence']:.1f} |")
+            out.append(
+                f"| {name} (T={est.temperature:.2f}) | {sev} | {mean_over_corruptions(rows, sev, 'true'):.1f} | "
+                f"{mae['atc']:.1f} | {mae['cot']:.1f} | {mae['doc']:.1f} | {mae['confidence']:.1f} |"
+            )
     for name, (_, rows) in estimates.items():
         for sev in (3, 5):
-            out += ["", f"{name}, severity {sev}, true / ATC / COT accuracy (%): "
-                    + ", ".join(f"{SHORT[c]} {rows[(c, sev)]['true']:.0f}/{rows[(c, sev)]['atc']:.0f}/{rows[(c, sev)]['cot']:.0f}"
-                                for c in CORRUPTIONS) + "."]
+            out += [
+                "",
+                f"{name}, severity {sev}, true / ATC / COT accuracy (%): "
+                + ", ".join(
+                    f"{SHORT[c]} {rows[(c, sev)]['true']:.0f}/{rows[(c, sev)]['atc']:.0f}/{rows[(c, sev)]['cot']:.0f}"
+                    for c in CORRUPTIONS
+                )
+                + ".",
+            ]
     if draws:
         cells = [(name, sev) for name in ("source", "bn") for sev in (3, 5)]
-        out += ["", f"**How much the estimates depend on the trained model**: the same estimation for source models trained from "
-                f"seeds 0-{args.draws - 1} (same data, schedule and epochs; {args.arch} seed 0 is the model above), for "
-                + " and ".join(f"`{a}` ({ABOUT[a]})" for a in args.draw_architectures) + ". Each cell: true accuracy (mean "
-                "over the 15 corruptions) / ATC's / COT's mean absolute error, in points (aim for ATC: <= 5):", "",
-                "| model | seed | clean error % | " + " | ".join(f"{n} s{v}: acc / ATC / COT" for n, v in cells) + " |",
-                "|---|---|---|" + "---|" * len(cells)]
+        out += [
+            "",
+            f"**How much the estimates depend on the trained model**: the same estimation for source models trained from "
+            f"seeds 0-{args.draws - 1} (same data, schedule and epochs; {args.arch} seed 0 is the model above), for "
+            + " and ".join(f"`{a}` ({ABOUT[a]})" for a in args.draw_architectures)
+            + ". Each cell: true accuracy (mean "
+            "over the 15 corruptions) / ATC's / COT's mean absolute error, in points (aim for ATC: <= 5):",
+            "",
+            "| model | seed | clean error % | "
+            + " | ".join(f"{n} s{v}: acc / ATC / COT" for n, v in cells)
+            + " |",
+            "|---|---|---|" + "---|" * len(cells),
+        ]
         for r in draws:
-            out.append(f"| {r['arch']} | {r['seed']} | {r['clean_err']:.2f} | " + " | ".join(
-                f"{r[n, v, 'true']:.1f} / {r[n, v, 'atc']:.1f} / {r[n, v, 'cot']:.1f}" for n, v in cells) + " |")
+            out.append(
+                f"| {r['arch']} | {r['seed']} | {r['clean_err']:.2f} | "
+                + " | ".join(
+                    f"{r[n, v, 'true']:.1f} / {r[n, v, 'atc']:.1f} / {r[n, v, 'cot']:.1f}"
+                    for n, v in cells
+                )
+                + " |"
+            )
         for arch in args.draw_architectures:
             mine = [r for r in draws if r["arch"] == arch]
 
@@ -411,10 +567,13 @@ def report(args, clean_err: float, feature_dim: int, tta: dict, rates: dict, fpr
                 vals = [r[n, v, e] for r in mine]
                 return f"{min(vals):.1f}-{max(vals):.1f}"
 
-            out += ["", f"`{arch}`, range over the {len(mine)} seeds (points of mean absolute error): ATC on the unadapted model "
-                    f"{span('source', 3, 'atc')} (s3) / {span('source', 5, 'atc')} (s5), on the BN-adapted model "
-                    f"{span('bn', 3, 'atc')} / {span('bn', 5, 'atc')}; COT on the unadapted model {span('source', 3, 'cot')} / "
-                    f"{span('source', 5, 'cot')}, on the BN-adapted model {span('bn', 3, 'cot')} / {span('bn', 5, 'cot')}."]
+            out += [
+                "",
+                f"`{arch}`, range over the {len(mine)} seeds (points of mean absolute error): ATC on the unadapted model "
+                f"{span('source', 3, 'atc')} (s3) / {span('source', 5, 'atc')} (s5), on the BN-adapted model "
+                f"{span('bn', 3, 'atc')} / {span('bn', 5, 'atc')}; COT on the unadapted model {span('source', 3, 'cot')} / "
+                f"{span('source', 5, 'cot')}, on the BN-adapted model {span('bn', 3, 'cot')} / {span('bn', 5, 'cot')}.",
+            ]
     return "\n".join(out)
 
 
@@ -424,14 +583,34 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--trials", type=int, default=200, help="clean-vs-clean detection windows")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "deltatune-bench-tta")
+    ap.add_argument(
+        "--cache", type=Path, default=Path(tempfile.gettempdir()) / "deltatune-bench-tta"
+    )
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--arch", default="maxpool", choices=list(ARCHITECTURES), help="the source CNN (default: maxpool)")
-    ap.add_argument("--estimator-val", type=int, default=10000,
-                    help="clean validation images the temperature and the ATC threshold are fitted on (default: all 10,000)")
-    ap.add_argument("--draws", type=int, default=3, help="source-model seeds in the accuracy-estimation draws (0: skip them)")
-    ap.add_argument("--draw-architectures", nargs="+", default=["maxpool", "gap"], choices=list(ARCHITECTURES))
-    ap.add_argument("--quick", action="store_true", help="200 images per corruption, 40 trials, print only")
+    ap.add_argument(
+        "--arch",
+        default="maxpool",
+        choices=list(ARCHITECTURES),
+        help="the source CNN (default: maxpool)",
+    )
+    ap.add_argument(
+        "--estimator-val",
+        type=int,
+        default=10000,
+        help="clean validation images the temperature and the ATC threshold are fitted on (default: all 10,000)",
+    )
+    ap.add_argument(
+        "--draws",
+        type=int,
+        default=3,
+        help="source-model seeds in the accuracy-estimation draws (0: skip them)",
+    )
+    ap.add_argument(
+        "--draw-architectures", nargs="+", default=["maxpool", "gap"], choices=list(ARCHITECTURES)
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="200 images per corruption, 40 trials, print only"
+    )
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = ap.parse_args()
     if args.quick:
@@ -448,12 +627,24 @@ def main() -> None:
     # One fixed random split of the test set: the first half of MNIST's test set is written by other
     # people than the second half, so a contiguous split would itself be a (detectable) shift.
     perm = torch.from_numpy(np.random.RandomState(0).permutation(len(x_test)))
-    corrupt_idx, ref_idx, pool_idx = perm[: args.n], perm[args.n : args.n + 500], perm[args.n + 500 :]
+    corrupt_idx, ref_idx, pool_idx = (
+        perm[: args.n],
+        perm[args.n : args.n + 500],
+        perm[args.n + 500 :],
+    )
     print(f"  clean test error {clean_err:.2f}%\ncorruptions ({args.n} images each)", flush=True)
     t0 = time.time()
     images = data["test"][0][corrupt_idx.numpy()]
-    sets = {(c, s): (pixels(corrupted(images, corrupt_idx.numpy(), c, s, args.cache, f"dtdata-perm0n{args.n}")), y_test[corrupt_idx])
-            for s in (3, 5) for c in CORRUPTIONS}
+    sets = {
+        (c, s): (
+            pixels(
+                corrupted(images, corrupt_idx.numpy(), c, s, args.cache, f"dtdata-perm0n{args.n}")
+            ),
+            y_test[corrupt_idx],
+        )
+        for s in (3, 5)
+        for c in CORRUPTIONS
+    }
     print(f"  {time.time() - t0:.0f}s", flush=True)
     label_sets = label_shift_sets(x_test[pool_idx], y_test[pool_idx], args.n)
     fisher_batches = list(pixels(data["val"][0][:512]).split(BATCH))
@@ -463,11 +654,24 @@ def main() -> None:
     tta = run_tta(model, sets, label_sets, methods, fisher_batches, prior)
     print("detection and accuracy estimation", flush=True)
     rates, fpr = run_detection(model, x_test[ref_idx], x_test[pool_idx], sets, args.trials)
-    est_val = (pixels(data["val"][0][: args.estimator_val]), torch.from_numpy(data["val"][1][: args.estimator_val]))
+    est_val = (
+        pixels(data["val"][0][: args.estimator_val]),
+        torch.from_numpy(data["val"][1][: args.estimator_val]),
+    )
     estimates = run_accuracy_estimation(model, est_val, sets)
     print("accuracy estimation over model draws", flush=True)
     draws = run_draws(data, args, est_val, sets, (clean_err, estimates)) if args.draws > 0 else []
-    body = report(args, clean_err, model.classifier.in_features, tta, rates, fpr, estimates, draws, (time.time() - t_start) / 60)
+    body = report(
+        args,
+        clean_err,
+        model.classifier.in_features,
+        tta,
+        rates,
+        fpr,
+        estimates,
+        draws,
+        (time.time() - t_start) / 60,
+    )
     print(body)
     if not args.no_write:
         from _results import write_section

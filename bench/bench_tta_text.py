@@ -32,7 +32,9 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared machine: no busy-waiting OpenMP threads
+os.environ.setdefault(
+    "OMP_WAIT_POLICY", "PASSIVE"
+)  # shared machine: no busy-waiting OpenMP threads
 
 import numpy as np
 import torch
@@ -42,7 +44,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 SOURCE, TARGETS = "airlines", ["apple", "cars", "nfl"]
 BATCH = 64
-LORA_TTA = "tta"  # name of the fresh LoRA that "tent-lora" adapts (B = 0 at the start: the source model)
+LORA_TTA = (
+    "tta"  # name of the fresh LoRA that "tent-lora" adapts (B = 0 at the start: the source model)
+)
 # Gradient methods use the MNIST half's settings (bench_tta.py) where they exist, chosen before any
 # text run; nothing here was tuned on target labels.
 METHODS: dict[str, dict] = {
@@ -57,13 +61,13 @@ METHODS: dict[str, dict] = {
 ABOUT = {
     "tent": "Tent on the LayerNorm affine parameters (LN-Tent)",
     "eata": "EATA on LayerNorm, reliable samples only (entropy < 0.4 ln 3); with 3 classes the softmax "
-            "cosine redundancy filter would drop nearly every sample, so d_margin = 1 (off); Fisher from 512 "
-            "airlines validation tweets",
+    "cosine redundancy filter would drop nearly every sample, so d_margin = 1 (off); Fisher from 512 "
+    "airlines validation tweets",
     "sar": "SAR on LayerNorm (SAM step, reliable samples, collapse reset)",
     "tent-lora": f"Tent on a fresh LoRA r=4 (query, value) attached as {LORA_TTA!r}, the rest frozen",
     "lame": "LAME, kNN affinity on the pooled features",
     "em": "EM prior correction (Saerens et al.), source prior = training label frequencies, temperature "
-          "from airlines validation, prior estimated over the domain's stream so far",
+    "from airlines validation, prior estimated over the domain's stream so far",
 }
 
 
@@ -72,7 +76,11 @@ def domain_pool(domain: str, seed: int = 0) -> list[dict]:
     """Every tweet of an unseen domain (its train, val and test splits), in one seeded random order."""
     from deltatune.data import load_data
 
-    rows = [ex for split in ("train", "val", "test") for ex in load_data(f"tweet-sentiment:{domain}", split, seed=0).examples]
+    rows = [
+        ex
+        for split in ("train", "val", "test")
+        for ex in load_data(f"tweet-sentiment:{domain}", split, seed=0).examples
+    ]
     random.Random(seed).shuffle(rows)
     return rows
 
@@ -97,14 +105,19 @@ def trained_model(train: list[dict], val: list[dict], args) -> tuple[object, flo
 
     torch.manual_seed(0)
     entry = load_model("minilm", num_labels=3)
-    path = args.cache / f"minilm_{SOURCE}_full_n{len(train)}_e{args.epochs}_lr{args.lr:g}.safetensors"
+    path = (
+        args.cache / f"minilm_{SOURCE}_full_n{len(train)}_e{args.epochs}_lr{args.lr:g}.safetensors"
+    )
     if path.exists():
         entry.model.load_state_dict(load_file(str(path)))
         entry.model.eval()
         return entry, 0.0
     t0 = time.time()
     cfg = TrainConfig(epochs=args.epochs, batch_size=16, lr=args.lr, seed=0, progress=False)
-    data = [Dataset(f"tweet-sentiment:{SOURCE}", "text-classification", ex, list(SENTIMENTS)) for ex in (train, val)]
+    data = [
+        Dataset(f"tweet-sentiment:{SOURCE}", "text-classification", ex, list(SENTIMENTS))
+        for ex in (train, val)
+    ]
     fit(entry.model, data[0], entry.collate, cfg, eval_data=data[1], task=entry.task)
     entry.model.eval()
     tmp = path.with_suffix(".tmp")
@@ -136,7 +149,9 @@ def make_method(model, name: str, extra: dict):
     return dd.adapt(model, name.split("-")[0], **options)
 
 
-def run_tta(model, streams: dict[str, list[dict]], methods: list[str], extra: dict) -> dict[str, dict]:
+def run_tta(
+    model, streams: dict[str, list[dict]], methods: list[str], extra: dict
+) -> dict[str, dict]:
     """Error (%) per domain for every method, reset to the source model at the start of each domain."""
     import deltatune as dt
 
@@ -151,7 +166,9 @@ def run_tta(model, streams: dict[str, list[dict]], methods: list[str], extra: di
                 wrapper.reset()
             wrong = total = 0
             for batch in stream:
-                logits = wrapper(**batch) if wrapper is not None else torch.no_grad()(model)(**batch)
+                logits = (
+                    wrapper(**batch) if wrapper is not None else torch.no_grad()(model)(**batch)
+                )
                 wrong += int((logits.argmax(-1) != batch["labels"]).sum())
                 total += len(batch["labels"])
             errors[domain] = 100.0 * wrong / total
@@ -164,13 +181,19 @@ def run_tta(model, streams: dict[str, list[dict]], methods: list[str], extra: di
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
         out[name] = {"error": errors, "seconds": time.time() - t0, "em_prior": em_priors}
-        print(f"  {name:9s} " + "  ".join(f"{d} {e:5.1f}" for d, e in errors.items())
-              + f"  target mean {np.mean([errors[d] for d in TARGETS]):5.1f}  ({out[name]['seconds']:.0f}s)", flush=True)
+        print(
+            f"  {name:9s} "
+            + "  ".join(f"{d} {e:5.1f}" for d, e in errors.items())
+            + f"  target mean {np.mean([errors[d] for d in TARGETS]):5.1f}  ({out[name]['seconds']:.0f}s)",
+            flush=True,
+        )
     return out
 
 
 # --- detection and accuracy estimation ------------------------------------------------------------
-def window_rates(ref: dict[str, torch.Tensor], wins: dict[str, torch.Tensor], window: int, seed: int) -> dict[str, float]:
+def window_rates(
+    ref: dict[str, torch.Tensor], wins: dict[str, torch.Tensor], window: int, seed: int
+) -> dict[str, float]:
     """Fraction (%) of disjoint ``window``-sample windows flagged by each test at alpha 0.05."""
     import deltatune.deploy as dd
 
@@ -178,13 +201,19 @@ def window_rates(ref: dict[str, torch.Tensor], wins: dict[str, torch.Tensor], wi
     flags: dict[str, list[bool]] = {"mmd": [], "bbsd": [], "label": []}
     for i in range(n):
         part = slice(i * window, (i + 1) * window)
-        flags["mmd"].append(dd.detect(ref["features"], wins["features"][part], "mmd", n_permutations=500, seed=seed + i).drift)
+        flags["mmd"].append(
+            dd.detect(
+                ref["features"], wins["features"][part], "mmd", n_permutations=500, seed=seed + i
+            ).drift
+        )
         for test in ("bbsd", "label"):
             flags[test].append(dd.detect(ref["probs"], wins["probs"][part], test).drift)
     return {t: 100.0 * float(np.mean(f)) for t, f in flags.items()} | {"windows": n}
 
 
-def resampled_rates(ref: dict[str, torch.Tensor], pool: dict[str, torch.Tensor], window: int, trials: int) -> dict[str, float]:
+def resampled_rates(
+    ref: dict[str, torch.Tensor], pool: dict[str, torch.Tensor], window: int, trials: int
+) -> dict[str, float]:
     """Like :func:`window_rates` over ``trials`` random ``window``-subsets of ``pool`` (a finer false-positive rate)."""
     import deltatune.deploy as dd
 
@@ -192,13 +221,19 @@ def resampled_rates(ref: dict[str, torch.Tensor], pool: dict[str, torch.Tensor],
     flags: dict[str, list[bool]] = {"mmd": [], "bbsd": [], "label": []}
     for t in range(trials):
         idx = torch.randperm(len(pool["features"]), generator=gen)[:window]
-        flags["mmd"].append(dd.detect(ref["features"], pool["features"][idx], "mmd", n_permutations=500, seed=1000 + t).drift)
+        flags["mmd"].append(
+            dd.detect(
+                ref["features"], pool["features"][idx], "mmd", n_permutations=500, seed=1000 + t
+            ).drift
+        )
         for test in ("bbsd", "label"):
             flags[test].append(dd.detect(ref["probs"], pool["probs"][idx], test).drift)
     return {t: 100.0 * float(np.mean(f)) for t, f in flags.items()}
 
 
-def estimates(val: tuple[torch.Tensor, torch.Tensor], sets: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+def estimates(
+    val: tuple[torch.Tensor, torch.Tensor], sets: dict[str, tuple[torch.Tensor, torch.Tensor]]
+):
     """True accuracy and the label-free estimates on each domain, fitted on airlines validation outputs."""
     import deltatune.deploy as dd
 
@@ -207,8 +242,14 @@ def estimates(val: tuple[torch.Tensor, torch.Tensor], sets: dict[str, tuple[torc
     rows = {}
     for domain, (logits, y) in sets.items():
         e = ne.estimate(logits)
-        rows[domain] = {"true": float((logits.argmax(-1) == y).float().mean()), "atc_ne": e["atc"],
-                        "atc_mc": mc.estimate(logits, methods="atc")["atc"], "cot": e["cot"], "doc": e["doc"], "confidence": e["confidence"]}
+        rows[domain] = {
+            "true": float((logits.argmax(-1) == y).float().mean()),
+            "atc_ne": e["atc"],
+            "atc_mc": mc.estimate(logits, methods="atc")["atc"],
+            "cot": e["cot"],
+            "doc": e["doc"],
+            "confidence": e["confidence"],
+        }
     return ne, {d: {k: 100.0 * v for k, v in r.items()} for d, r in rows.items()}
 
 
@@ -218,15 +259,21 @@ KEYS = ("atc_ne", "atc_mc", "cot", "doc", "confidence")  # the accuracy estimate
 
 def report(args, info: dict, tta: dict, rates: dict, est, est_rows: dict, minutes: float) -> str:
     domains = [SOURCE, *TARGETS]
-    cmd = "`.venv/bin/python bench/bench_tta_text.py" + "".join(f" {a}" for a in sys.argv[1:] if a != "--no-write") + "`"
+    cmd = (
+        "`.venv/bin/python bench/bench_tta_text.py"
+        + "".join(f" {a}" for a in sys.argv[1:] if a != "--no-write")
+        + "`"
+    )
     pri = ", ".join(f"{d} " + "/".join(f"{100 * p:.0f}" for p in info["prior"][d]) for d in domains)
     out = [
-        (f"Command: {cmd} ({minutes:.1f} min on {args.threads} CPU thread(s), shared machine; training "
-        f"{info['train_s'] / 60:.1f} min of it, 0 when the cached weights were used). Source model: MiniLM-L6 "
-        f"(mean pooling, linear head) fully fine-tuned on {info['n_train']} airlines tweets (1 epoch, batch 16, lr "
-        f"{args.lr:g}, max 128 tokens), airlines test error {100 - est_rows[SOURCE]['true']:.1f}%. Each domain: {info['n_eval']} tweets (airlines: its test split; apple, cars, nfl: unseen domains, "
-        f"drawn from all their splits), streamed in batches of {BATCH}, every method reset at the start of each "
-        f"domain. Label prior negative/neutral/positive (%): {pri}."),
+        (
+            f"Command: {cmd} ({minutes:.1f} min on {args.threads} CPU thread(s), shared machine; training "
+            f"{info['train_s'] / 60:.1f} min of it, 0 when the cached weights were used). Source model: MiniLM-L6 "
+            f"(mean pooling, linear head) fully fine-tuned on {info['n_train']} airlines tweets (1 epoch, batch 16, lr "
+            f"{args.lr:g}, max 128 tokens), airlines test error {100 - est_rows[SOURCE]['true']:.1f}%. Each domain: {info['n_eval']} tweets (airlines: its test split; apple, cars, nfl: unseen domains, "
+            f"drawn from all their splits), streamed in batches of {BATCH}, every method reset at the start of each "
+            f"domain. Label prior negative/neutral/positive (%): {pri}."
+        ),
         "",
         "**Error (%) per domain** (airlines = in-domain control; mean over the three shifted domains)",
         "",
@@ -237,31 +284,74 @@ def report(args, info: dict, tta: dict, rates: dict, est, est_rows: dict, minute
         e = r["error"]
         out.append(f"| {m} | " + " | ".join(f"{e[d]:.1f}" for d in domains)
                    + f" | **{np.mean([e[d] for d in TARGETS]):.1f}** | {r['seconds']:.0f} |")
-    out += ["", "Methods: " + "; ".join(f"`{m}` = {ABOUT[m]} ({', '.join(f'{k} {v}' for k, v in METHODS[m].items())})"
-                                        if METHODS[m] else f"`{m}` = {ABOUT[m]}" for m in tta if m in ABOUT) + "."]
+    out += [
+        "",
+        "Methods: "
+        + "; ".join(
+            f"`{m}` = {ABOUT[m]} ({', '.join(f'{k} {v}' for k, v in METHODS[m].items())})"
+            if METHODS[m]
+            else f"`{m}` = {ABOUT[m]}"
+            for m in tta
+            if m in ABOUT
+        )
+        + ".",
+    ]
     if "em" in tta:
-        out += ["", "EM's estimated target prior at the end of each stream vs. the truth (neg/neu/pos %): "
-                + ", ".join(f"{d} " + "/".join(f"{100 * p:.0f}" for p in tta["em"]["em_prior"][d]) + " (true "
-                            + "/".join(f"{100 * p:.0f}" for p in info["eval_prior"][d]) + ")" for d in domains) + "."]
-    out += ["", (f"**Shift detection**, airlines validation tweets ({info['n_ref']}, subsampled to 1,000) as the "
+        out += [
+            "",
+            "EM's estimated target prior at the end of each stream vs. the truth (neg/neu/pos %): "
+            + ", ".join(
+                f"{d} "
+                + "/".join(f"{100 * p:.0f}" for p in tta["em"]["em_prior"][d])
+                + " (true "
+                + "/".join(f"{100 * p:.0f}" for p in info["eval_prior"][d])
+                + ")"
+                for d in domains
+            )
+            + ".",
+        ]
+    out += [
+        "",
+        (
+            f"**Shift detection**, airlines validation tweets ({info['n_ref']}, subsampled to 1,000) as the "
             f"reference, disjoint windows of {args.window} tweets, alpha 0.05: MMD (Gaussian kernel, median heuristic, "
             "500 permutations) on the 384-d pooled features, BBSD (per-class KS on the softmax, Bonferroni) and the "
             "chi-squared test on the predicted labels. Airlines = windows of unseen airlines training tweets "
             f"(false-positive rate; `resampled`: {args.trials} random {args.window}-tweet subsets of those tweets); the "
-            "others are detection rates (%)."), "",
-            f"| test | airlines, resampled ({args.trials}) | " + " | ".join(f"{d} ({rates[d]['windows']} windows)" for d in domains) + " |",
-            "|---|---|" + "---|" * len(domains)]
+            "others are detection rates (%)."
+        ),
+        "",
+        f"| test | airlines, resampled ({args.trials}) | "
+        + " | ".join(f"{d} ({rates[d]['windows']} windows)" for d in domains)
+        + " |",
+        "|---|---|" + "---|" * len(domains),
+    ]
     for test in ("mmd", "bbsd", "label"):
-        out.append(f"| {test} | {rates['resampled'][test]:.0f} | " + " | ".join(f"{rates[d][test]:.0f}" for d in domains) + " |")
+        out.append(
+            f"| {test} | {rates['resampled'][test]:.0f} | "
+            + " | ".join(f"{rates[d][test]:.0f}" for d in domains)
+            + " |"
+        )
     maes = {k: np.mean([abs(est_rows[d][k] - est_rows[d]["true"]) for d in TARGETS]) for k in KEYS}
-    out += ["", (f"**Label-free accuracy estimation** of the unadapted model (temperature T={est.temperature:.2f} and "
+    out += [
+        "",
+        (
+            f"**Label-free accuracy estimation** of the unadapted model (temperature T={est.temperature:.2f} and "
             "the ATC thresholds fitted on the airlines validation outputs; COT transports to the airlines validation label "
-            "distribution, so it assumes the domains keep that label distribution), accuracy (%):"), "",
-            "| domain | true | ATC (neg. entropy) | ATC (max conf.) | COT | DoC | average confidence |", "|---|---|---|---|---|---|---|"]
+            "distribution, so it assumes the domains keep that label distribution), accuracy (%):"
+        ),
+        "",
+        "| domain | true | ATC (neg. entropy) | ATC (max conf.) | COT | DoC | average confidence |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for d in domains:
         r = est_rows[d]
         out.append(f"| {d} | {r['true']:.1f} | " + " | ".join(f"{r[k]:.1f}" for k in KEYS) + " |")
-    out.append("| mean abs. error, shifted domains | | " + " | ".join(f"**{maes[k]:.1f}**" for k in KEYS) + " |")
+    out.append(
+        "| mean abs. error, shifted domains | | "
+        + " | ".join(f"**{maes[k]:.1f}**" for k in KEYS)
+        + " |"
+    )
     return "\n".join(out)
 
 
@@ -270,14 +360,27 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=4000, help="airlines training tweets")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--lr", type=float, default=5e-5)
-    ap.add_argument("--limit", type=int, default=1000, help="tweets per domain for adaptation and estimation")
+    ap.add_argument(
+        "--limit", type=int, default=1000, help="tweets per domain for adaptation and estimation"
+    )
     ap.add_argument("--window", type=int, default=200)
-    ap.add_argument("--windows", type=int, default=15, help="disjoint detection windows per domain (at most)")
-    ap.add_argument("--trials", type=int, default=100, help="random airlines windows for the false-positive rate")
+    ap.add_argument(
+        "--windows", type=int, default=15, help="disjoint detection windows per domain (at most)"
+    )
+    ap.add_argument(
+        "--trials",
+        type=int,
+        default=100,
+        help="random airlines windows for the false-positive rate",
+    )
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--cache", type=Path, default=ROOT / ".cache" / "bench_tta_text")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--quick", action="store_true", help="800 training tweets, 192 per domain, 3 windows, 10 trials, print only")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="800 training tweets, 192 per domain, 3 windows, 10 trials, print only",
+    )
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = ap.parse_args()
     if args.quick:
@@ -298,22 +401,35 @@ def main() -> None:
     entry, train_s = trained_model(train, val, args)
     model, collate = entry.model, entry.collate
     need = args.windows * args.window
-    evals, wins = {SOURCE: random.Random(1).sample(test, min(args.limit, len(test)))}, {SOURCE: clean_pool[:need]}
+    evals, wins = (
+        {SOURCE: random.Random(1).sample(test, min(args.limit, len(test)))},
+        {SOURCE: clean_pool[:need]},
+    )
     for d in TARGETS:
         pool = domain_pool(d)
         evals[d], wins[d] = pool[: args.limit], pool[args.limit : args.limit + need]
     streams = {d: batches(collate, ex) for d, ex in evals.items()}
-    info = {"n_train": len(train), "n_eval": args.limit, "n_ref": len(val), "train_s": train_s,
-            "prior": {d: priors([e["label"] for e in (train if d == SOURCE else domain_pool(d))]) for d in evals},
-            "eval_prior": {d: priors([e["label"] for e in ex]) for d, ex in evals.items()}}
+    info = {
+        "n_train": len(train),
+        "n_eval": args.limit,
+        "n_ref": len(val),
+        "train_s": train_s,
+        "prior": {
+            d: priors([e["label"] for e in (train if d == SOURCE else domain_pool(d))])
+            for d in evals
+        },
+        "eval_prior": {d: priors([e["label"] for e in ex]) for d, ex in evals.items()},
+    }
     print("features", flush=True)
     val_feats, val_logits = features(model, batches(collate, val))
     val_y = torch.tensor([e["label"] for e in val])
     import deltatune.deploy as dd
 
     temperature = dd.fit_temperature(val_logits, val_y)
-    extra = {"eata": {"fisher_data": batches(collate, val[:512])},
-             "em": {"source_prior": priors([e["label"] for e in train]), "temperature": temperature}}
+    extra = {
+        "eata": {"fisher_data": batches(collate, val[:512])},
+        "em": {"source_prior": priors([e["label"] for e in train]), "temperature": temperature},
+    }
     ref = {"features": val_feats, "probs": val_logits.softmax(-1)}
     print("detection", flush=True)
     rates = {}
@@ -321,11 +437,15 @@ def main() -> None:
         f, z = features(model, batches(collate, ex))
         rates[d] = window_rates(ref, {"features": f, "probs": z.softmax(-1)}, args.window, seed=0)
         if d == SOURCE:
-            rates["resampled"] = resampled_rates(ref, {"features": f, "probs": z.softmax(-1)}, args.window, args.trials)
+            rates["resampled"] = resampled_rates(
+                ref, {"features": f, "probs": z.softmax(-1)}, args.window, args.trials
+            )
             print(f"  {d} resampled: {rates['resampled']}", flush=True)
         print(f"  {d}: {rates[d]}", flush=True)
     print("accuracy estimation", flush=True)
-    sets = {d: (features(model, s)[1], torch.cat([b["labels"] for b in s])) for d, s in streams.items()}
+    sets = {
+        d: (features(model, s)[1], torch.cat([b["labels"] for b in s])) for d, s in streams.items()
+    }
     est, est_rows = estimates((val_logits, val_y), sets)
     for d, r in est_rows.items():
         print(f"  {d}: " + "  ".join(f"{k} {v:.1f}" for k, v in r.items()), flush=True)

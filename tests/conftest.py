@@ -79,10 +79,20 @@ try:  # fuzzing profiles (tests/test_fuzz.py): `ci` in `make test`, `fuzz` (1,00
 
     _FUZZ_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
                     HealthCheck.function_scoped_fixture]
-    settings.register_profile("ci", max_examples=25, deadline=20_000, database=None, derandomize=True,
-                              suppress_health_check=_FUZZ_HEALTH, print_blob=True)
+    settings.register_profile(
+        "ci",
+        max_examples=25,
+        deadline=20_000,
+        database=None,
+        derandomize=True,
+        suppress_health_check=_FUZZ_HEALTH,
+        print_blob=True,
+    )
     settings.register_profile("fuzz", max_examples=1000, deadline=20_000, database=None,
                               suppress_health_check=_FUZZ_HEALTH, print_blob=True)
-    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("fuzz" if os.environ.get("DELTATUNE_FUZZ") else "ci"))
+    settings.load_profile(
+        os.environ.get("HYPOTHESIS_PROFILE")
+        or ("fuzz" if os.environ.get("DELTATUNE_FUZZ") else "ci")
+    )
 except ImportError:  # hypothesis comes with the test extra
     pass

@@ -60,7 +60,10 @@ def tree(*roots: Path) -> dict[str, tuple[int, int]]:
                     s = p.lstat()
                 except OSError:
                     continue
-                out[str(p)] = (s.st_size if name in filenames else 0, s.st_mtime_ns if name in filenames else 0)
+                out[str(p)] = (
+                    s.st_size if name in filenames else 0,
+                    s.st_mtime_ns if name in filenames else 0,
+                )
     return out
 
 
@@ -88,7 +91,9 @@ HOSTILE_SCALARS = st.one_of(
 )
 HOSTILE_JSON = st.recursive(
     HOSTILE_SCALARS,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
     max_leaves=8,
 )
 
@@ -129,14 +134,18 @@ def mutate_json(data: st.DataObject, obj: Any) -> Any:
         elif op == "delete":
             del parent[key]
         elif op == "add" and isinstance(value, dict):
-            value[data.draw(st.text(max_size=8), label="key")] = data.draw(HOSTILE_JSON, label="value")
+            value[data.draw(st.text(max_size=8), label="key")] = data.draw(
+                HOSTILE_JSON, label="value"
+            )
         elif op == "add" and isinstance(value, list):
             value.append(data.draw(HOSTILE_JSON, label="value"))
         elif op == "wrap":
             parent[key] = [value]
         elif op == "retype":
             if isinstance(value, str):
-                parent[key] = data.draw(st.sampled_from([0, -1, 1.5, float("nan"), None, True, [value], {}]))
+                parent[key] = data.draw(
+                    st.sampled_from([0, -1, 1.5, float("nan"), None, True, [value], {}])
+                )
             else:
                 parent[key] = json.dumps(value) if value is not None else "null"
     return obj
@@ -144,8 +153,10 @@ def mutate_json(data: st.DataObject, obj: Any) -> Any:
 
 def mutate_bytes(data: st.DataObject, raw: bytes) -> bytes:
     """``raw`` truncated, with bytes flipped, inserted, deleted or spliced; or emptied / replaced."""
-    op = data.draw(st.sampled_from(["truncate", "flip", "insert", "delete", "splice", "empty", "random"]),
-                   label="byte op")
+    op = data.draw(
+        st.sampled_from(["truncate", "flip", "insert", "delete", "splice", "empty", "random"]),
+        label="byte op",
+    )
     n = len(raw)
     pos = lambda: data.draw(st.integers(0, max(n - 1, 0)), label="pos")  # noqa: E731
     if op == "truncate":
@@ -176,44 +187,105 @@ def split_safetensors(raw: bytes) -> tuple[dict, bytes]:
     return json.loads(raw[8: 8 + n]), raw[8 + n:]
 
 
-SAFETENSORS_DTYPES = ["F32", "F16", "BF16", "F64", "I64", "I32", "I16", "I8", "U8", "U16", "U32", "U64", "BOOL",
-                      "F8_E4M3", "F8_E5M2", "C64", "F4", "X", "", "f32", "F32 "]
+SAFETENSORS_DTYPES = [
+    "F32",
+    "F16",
+    "BF16",
+    "F64",
+    "I64",
+    "I32",
+    "I16",
+    "I8",
+    "U8",
+    "U16",
+    "U32",
+    "U64",
+    "BOOL",
+    "F8_E4M3",
+    "F8_E5M2",
+    "C64",
+    "F4",
+    "X",
+    "",
+    "f32",
+    "F32 ",
+]
 HOSTILE_DIMS = st.one_of(
     st.lists(st.integers(-2, 6), max_size=4),
-    st.sampled_from([[2**32, 2**32], [2**63], [2**64], [0, 2**60], [-1], [1.5], ["2"], [None], 3, "2,2", None, {}]),
+    st.sampled_from(
+        [
+            [2**32, 2**32],
+            [2**63],
+            [2**64],
+            [0, 2**60],
+            [-1],
+            [1.5],
+            ["2"],
+            [None],
+            3,
+            "2,2",
+            None,
+            {},
+        ]
+    ),
 )
 
 
 def mutate_safetensors(data: st.DataObject, raw: bytes) -> bytes:
     """A safetensors file with its header edited (dtype, shape, offsets, metadata, the length prefix)
     or its bytes mutated."""
-    kind = data.draw(st.sampled_from(["field", "json", "length", "bytes"]), label="safetensors edit")
+    kind = data.draw(
+        st.sampled_from(["field", "json", "length", "bytes"]), label="safetensors edit"
+    )
     if kind == "bytes":
         return mutate_bytes(data, raw)
     header, body = split_safetensors(raw)
     if kind == "field":
         names = [k for k in header if k != "__metadata__"]
         name = data.draw(st.sampled_from(names), label="tensor")
-        field = data.draw(st.sampled_from(["dtype", "shape", "data_offsets", "__metadata__", "drop"]), label="field")
+        field = data.draw(
+            st.sampled_from(["dtype", "shape", "data_offsets", "__metadata__", "drop"]),
+            label="field",
+        )
         if field == "dtype":
             header[name]["dtype"] = data.draw(st.sampled_from(SAFETENSORS_DTYPES) | HOSTILE_SCALARS)
         elif field == "shape":
             header[name]["shape"] = data.draw(HOSTILE_DIMS)
         elif field == "data_offsets":
             a, b = header[name]["data_offsets"]
-            header[name]["data_offsets"] = data.draw(st.sampled_from(
-                [[b, a], [a, a], [a, b + 1], [a - 1, b], [0, len(body) + 8], [a, 2**64], [-1, b], [a], [a, b, b], "x"]))
+            header[name]["data_offsets"] = data.draw(
+                st.sampled_from(
+                    [
+                        [b, a],
+                        [a, a],
+                        [a, b + 1],
+                        [a - 1, b],
+                        [0, len(body) + 8],
+                        [a, 2**64],
+                        [-1, b],
+                        [a],
+                        [a, b, b],
+                        "x",
+                    ]
+                )
+            )
         elif field == "__metadata__":
-            header["__metadata__"] = data.draw(st.dictionaries(st.text(max_size=5), HOSTILE_SCALARS, max_size=3)
-                                               | HOSTILE_JSON)
+            header["__metadata__"] = data.draw(
+                st.dictionaries(st.text(max_size=5), HOSTILE_SCALARS, max_size=3) | HOSTILE_JSON
+            )
         else:
             del header[name]
     elif kind == "json":
         header = mutate_json(data, header)
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
-    length = data.draw(st.sampled_from([len(text)] * 6 + [0, 1, len(text) + 8, len(text) - 8, 2**63, 2**64 - 1,
-                                                          len(text) + len(body) + 1]), label="length")
+    length = data.draw(
+        st.sampled_from(
+            [len(text)] * 6
+            + [0, 1, len(text) + 8, len(text) - 8, 2**63, 2**64 - 1, len(text) + len(body) + 1]
+        ),
+        label="length",
+    )
     return struct.pack("<Q", length % 2**64) + text + body
 
 
@@ -246,7 +318,10 @@ def mutate_gguf(data: st.DataObject, raw: bytes) -> bytes:
         return mutate_bytes(data, raw)
     b = bytearray(raw)
     at = data.draw(st.sampled_from([4, 8, 16]) | st.integers(0, len(raw) - 8), label="offset")
-    value = data.draw(st.sampled_from([0, 1, 2, 3, 4, 7, 255, 2**31, 2**32 - 1, 2**40, 2**63, 2**64 - 1]), label="word")
+    value = data.draw(
+        st.sampled_from([0, 1, 2, 3, 4, 7, 255, 2**31, 2**32 - 1, 2**40, 2**63, 2**64 - 1]),
+        label="word",
+    )
     if at == 4 or data.draw(st.booleans(), label="u32"):
         b[at: at + 4] = struct.pack("<I", value % 2**32)
     else:

@@ -38,15 +38,34 @@ def _one_line_error(capsys, match):
 def test_merge_writes_shards_and_results(setup, capsys):
     root, write = setup
     out = root / "out"
-    assert main(["merge", write(), "--out", str(out), "--shard-size", "4KB", "--seed", "3", "-q"]) == 0
+    assert (
+        main(["merge", write(), "--out", str(out), "--shard-size", "4KB", "--seed", "3", "-q"]) == 0
+    )
     results = json.loads((out / "results.json").read_text())
-    assert results["job"] == "merge" and results["method"] == "dare_ties" and results["tensors"] == 13
+    assert (
+        results["job"] == "merge" and results["method"] == "dare_ties" and results["tensors"] == 13
+    )
     assert results["shards"] > 1 and results["seconds"] >= 0 and results["peak_rss_mb"] > 0
     assert [m["parameters"]["density"] for m in results["models"]] == [0.5, 0.7]
     shard = "model-00001-of-%05d.safetensors" % results["shards"]
     first = (out / shard).read_bytes()
     # same seed → same random drops
-    assert main(["merge", write(), "--out", str(root / "again"), "--shard-size", "4KB", "--seed", "3", "-q"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                write(),
+                "--out",
+                str(root / "again"),
+                "--shard-size",
+                "4KB",
+                "--seed",
+                "3",
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert (root / "again" / shard).read_bytes() == first
 
 
@@ -86,7 +105,9 @@ def test_bad_input_exits_2_with_one_line_and_no_output(setup, capsys, changes, m
         open(path, "w").write(yaml.safe_dump(cfg))
     assert main(["merge", path, "--out", str(root / "out"), "-q"]) == 2
     _one_line_error(capsys, match)
-    assert not (root / "out").exists() and not [p for p in root.iterdir() if p.name.startswith(".out")]
+    assert not (root / "out").exists() and not [
+        p for p in root.iterdir() if p.name.startswith(".out")
+    ]
 
 
 def test_bad_shard_size_and_help(setup, capsys):

@@ -19,7 +19,13 @@ def _two_adapters(mlp, **kw):
 
 def test_weighted_sum_equals_merging_the_weighted_task_vectors(mlp):
     base = {k: v.clone() for k, v in MLP().state_dict().items()}
-    base.update({k.replace(".base", ""): v.clone() for k, v in mlp.state_dict().items() if "deltas" not in k})
+    base.update(
+        {
+            k.replace(".base", ""): v.clone()
+            for k, v in mlp.state_dict().items()
+            if "deltas" not in k
+        }
+    )
     _two_adapters(mlp)
     x = torch.randn(6, 8)
     dt.set_active(mlp, ["a"])
@@ -27,7 +33,9 @@ def test_weighted_sum_equals_merging_the_weighted_task_vectors(mlp):
         y = mlp(x)
         assert dt.active(mlp) == ["a", "b"]
     assert dt.active(mlp) == ["a"]
-    tv = 0.7 * alg.TaskVector.from_adapter(mlp, "a") + (-0.4) * alg.TaskVector.from_adapter(mlp, "b")
+    tv = 0.7 * alg.TaskVector.from_adapter(mlp, "a") + (-0.4) * alg.TaskVector.from_adapter(
+        mlp, "b"
+    )
     ref = MLP().eval()
     ref.load_state_dict(tv.apply_to(base))
     assert torch.allclose(y, ref(x), atol=1e-5)
@@ -71,7 +79,9 @@ def test_adapter_fusion_starts_at_the_mean_and_trains_only_fusion(mlp, tmp_path)
             losses.append(loss.item())
         trained = mlp(x).detach()
         att = fusion.attention()
-        assert set(att) == {"fc1", "fc2"} and torch.allclose(att["fc1"].sum(), torch.tensor(1.0), atol=1e-5)
+        assert set(att) == {"fc1", "fc2"} and torch.allclose(
+            att["fc1"].sum(), torch.tensor(1.0), atol=1e-5
+        )
     assert losses[-1] < losses[0] - 0.05
     fusion.save(tmp_path / "fusion.safetensors")
     fresh = alg.AdapterFusion(mlp, ["a", "b"])
@@ -94,7 +104,9 @@ def test_lora_mixture_routes_top_k_and_reports_balance(mlp):
         gates = mix.layers["fc1"].last_gates
         assert ((gates > 0).sum(-1) == 1).all()  # exactly one adapter per sample
         usage = mix.usage()["fc1"]
-        assert torch.allclose(usage.sum(), torch.tensor(1.0)) and mix.aux_loss().item() >= 1.0 - 1e-5
+        assert (
+            torch.allclose(usage.sum(), torch.tensor(1.0)) and mix.aux_loss().item() >= 1.0 - 1e-5
+        )
     both = alg.LoRAMixture(mlp, ["a", "b"], top_k=2)
     with both:
         with torch.no_grad():  # a uniform router over both adapters: their average

@@ -21,9 +21,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="module")
 def llamas(tmp_path_factory):
     root = tmp_path_factory.mktemp("llamas")
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                   tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg)
     model.save_pretrained(root / "base")
@@ -147,14 +154,18 @@ def _run_mergekit(data, out):
 def test_same_yaml_same_tensors(llamas, name):
     path, data = _write(llamas, name, CONFIGS[name])
     _run_mergekit(data, llamas / f"mk_{name}")
-    alg.merge_checkpoints(alg.load_merge_config(path), llamas / f"dt_{name}", max_shard_bytes=20_000)
+    alg.merge_checkpoints(
+        alg.load_merge_config(path), llamas / f"dt_{name}", max_shard_bytes=20_000
+    )
     ours = alg.Checkpoint(llamas / f"dt_{name}")
     theirs = alg.Checkpoint(llamas / f"mk_{name}")
     assert set(ours.names()) == set(theirs.names())
     assert len(ours.files) > 1  # streamed into several shards
     for key in theirs.names():
         a, b = ours.load(key), theirs.load(key)
-        assert a.dtype == b.dtype and torch.allclose(a, b, atol=2e-6, rtol=1e-5), f"{name}: {key} differs by {(a - b).abs().max()}"
+        assert a.dtype == b.dtype and torch.allclose(a, b, atol=2e-6, rtol=1e-5), (
+            f"{name}: {key} differs by {(a - b).abs().max()}"
+        )
 
 
 def test_bfloat16_ties_matches_to_bf16_precision(llamas):
@@ -177,7 +188,9 @@ def test_bfloat16_ties_matches_to_bf16_precision(llamas):
 def test_merged_llama_loads_and_runs_in_transformers(llamas):
     path, _ = _write(llamas, "load", CONFIGS["ties"])
     alg.merge_checkpoints(alg.load_merge_config(path), llamas / "dt_load", max_shard_bytes=30_000)
-    assert json.loads((llamas / "dt_load" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert json.loads((llamas / "dt_load" / "model.safetensors.index.json").read_text())[
+        "weight_map"
+    ]
     model = transformers.AutoModelForCausalLM.from_pretrained(llamas / "dt_load")
     ids = torch.tensor([[1, 5, 9, 3]])
     assert torch.isfinite(model(ids).logits).all()
@@ -186,8 +199,14 @@ def test_merged_llama_loads_and_runs_in_transformers(llamas):
 def test_bert_family_checkpoint_merges_where_mergekit_fails(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=32, max_position_embeddings=24)
+    cfg = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=24,
+    )
     torch.manual_seed(0)
     bert = transformers.BertModel(cfg)
     for i, name in enumerate(["base", "a", "b"]):
@@ -196,14 +215,25 @@ def test_bert_family_checkpoint_merges_where_mergekit_fails(tmp_path):
                 p.add_(0.01 * torch.randn(p.shape)) if i else None
         bert.save_pretrained(tmp_path / name)
         state = load_file(str(tmp_path / name / "model.safetensors"))
-        state["embeddings.position_ids"] = torch.arange(24).view(1, 24)  # as sentence-transformers' files hold
+        state["embeddings.position_ids"] = torch.arange(24).view(
+            1, 24
+        )  # as sentence-transformers' files hold
         save_file(state, str(tmp_path / name / "model.safetensors"))
-    data = {"merge_method": "ties", "base_model": str(tmp_path / "base"),
-            "models": [{"model": str(tmp_path / m), "parameters": {"weight": 1.0, "density": 0.5}} for m in ("a", "b")]}
+    data = {
+        "merge_method": "ties",
+        "base_model": str(tmp_path / "base"),
+        "models": [
+            {"model": str(tmp_path / m), "parameters": {"weight": 1.0, "density": 0.5}}
+            for m in ("a", "b")
+        ],
+    }
     with pytest.raises(TypeError, match="can only concatenate list"):
         _run_mergekit(data, tmp_path / "mk")
     alg.merge_checkpoints(alg.parse_merge_config(data), tmp_path / "dt")
     merged = transformers.BertModel.from_pretrained(tmp_path / "dt")
     out = merged(input_ids=torch.tensor([[2, 7, 11]])).last_hidden_state
     assert torch.isfinite(out).all()
-    assert torch.equal(alg.Checkpoint(tmp_path / "dt").load("embeddings.position_ids"), torch.arange(24).view(1, 24))
+    assert torch.equal(
+        alg.Checkpoint(tmp_path / "dt").load("embeddings.position_ids"),
+        torch.arange(24).view(1, 24),
+    )

@@ -16,8 +16,19 @@ def t(*values):
 
 def test_registry_lists_methods_with_papers():
     methods = alg.merge_methods()
-    for name in ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "slerp",
-                 "model_stock", "fisher", "regmean", "della"):
+    for name in (
+        "linear",
+        "task_arithmetic",
+        "ties",
+        "dare_ties",
+        "dare_linear",
+        "breadcrumbs",
+        "slerp",
+        "model_stock",
+        "fisher",
+        "regmean",
+        "della",
+    ):
         assert name in methods and methods[name].paper.startswith("https://")
     assert methods["ties"].needs_base and not methods["linear"].needs_base
     with pytest.raises(MergeConfigError, match="unknown merge method 'tie'"):
@@ -27,7 +38,13 @@ def test_registry_lists_methods_with_papers():
     with pytest.raises(MergeConfigError, match="must be a float"):
         methods["ties"].resolve([{"density": "half"}], {})
     assert methods["ties"].resolve([{"density": "0.5"}], {"normalize": "false"}) == {
-        "weight": [1.0], "density": [0.5], "normalize": False, "rescale": False, "lambda_": 1.0, "int8_mask": False}
+        "weight": [1.0],
+        "density": [0.5],
+        "normalize": False,
+        "rescale": False,
+        "lambda_": 1.0,
+        "int8_mask": False,
+    }
 
 
 def test_task_arithmetic_by_hand():
@@ -35,7 +52,9 @@ def test_task_arithmetic_by_hand():
     out = alg.task_arithmetic(base, [t(2, 2, 3), t(1, 0, 5)], weight=[1.0, 0.5], lambda_=2.0)
     # base + 2·(1·[1,0,0] + 0.5·[0,-2,2]) = [3, 0, 5]
     assert torch.equal(out, t(3, 0, 5))
-    normalized = alg.task_arithmetic(base, [t(2, 2, 3), t(1, 0, 5)], weight=[1.0, 0.5], normalize=True)
+    normalized = alg.task_arithmetic(
+        base, [t(2, 2, 3), t(1, 0, 5)], weight=[1.0, 0.5], normalize=True
+    )
     assert torch.allclose(normalized, base + (t(1, 0, 0) + 0.5 * t(0, -2, 2)) / 1.5)
 
 
@@ -47,17 +66,29 @@ def test_ties_trim_elect_disjoint_mean_by_hand():
     # entry 0 keeps only 3, entry 1 only -2, entry 2 nothing, entry 3 only 2 (each divided by 1)
     assert torch.equal(out, t(3, -2, 0, 2))
     # density 1, agreeing signs, normalize: plain mean of the task vectors
-    assert torch.allclose(alg.ties(torch.zeros(2), [t(1, 2), t(3, 4)], weight=[1.0, 1.0], density=[1.0, 1.0]), t(2, 3))
+    assert torch.allclose(
+        alg.ties(torch.zeros(2), [t(1, 2), t(3, 4)], weight=[1.0, 1.0], density=[1.0, 1.0]), t(2, 3)
+    )
 
 
 def test_elect_signs_sum_and_count():
     stacked = torch.stack([t(3, -1, 0), t(-1, -1, 0), t(-1, 5, 0)])
-    assert torch.equal(alg.elect_signs(stacked, "sum"), torch.tensor([[True, False, False], [False, False, False], [False, True, False]]))
+    assert torch.equal(
+        alg.elect_signs(stacked, "sum"),
+        torch.tensor([[True, False, False], [False, False, False], [False, True, False]]),
+    )
     # count: two of three negative in column 0 → negatives agree; column 1 too
-    assert torch.equal(alg.elect_signs(stacked, "count")[:, :2], torch.tensor([[False, True], [True, True], [True, False]]))
-    merged = alg.generalized_task_arithmetic(torch.zeros(3), list(stacked), weight=[1.0] * 3, consensus="count", normalize=True)
+    assert torch.equal(
+        alg.elect_signs(stacked, "count")[:, :2],
+        torch.tensor([[False, True], [True, True], [True, False]]),
+    )
+    merged = alg.generalized_task_arithmetic(
+        torch.zeros(3), list(stacked), weight=[1.0] * 3, consensus="count", normalize=True
+    )
     assert torch.equal(merged, t(-1, -1, 0))
-    merged = alg.generalized_task_arithmetic(torch.zeros(3), list(stacked), weight=[1.0] * 3, consensus="sum", normalize=True)
+    merged = alg.generalized_task_arithmetic(
+        torch.zeros(3), list(stacked), weight=[1.0] * 3, consensus="sum", normalize=True
+    )
     assert torch.equal(merged, t(3, 5, 0))
 
 
@@ -78,10 +109,16 @@ def test_dare_drops_and_rescales_reproducibly():
     kept = (out - base) != 0
     assert 0.27 < kept.float().mean() < 0.33
     assert torch.isclose((out - base).abs().sum(), tau.abs().sum(), rtol=1e-4)  # L1 kept (rescale)
-    assert torch.allclose((out - base)[kept] / tau[kept], torch.full((int(kept.sum()),), float((out - base).abs().sum() / tau[kept].abs().sum())), rtol=1e-3)
+    assert torch.allclose(
+        (out - base)[kept] / tau[kept],
+        torch.full((int(kept.sum()),), float((out - base).abs().sum() / tau[kept].abs().sum())),
+        rtol=1e-3,
+    )
     assert torch.equal(out, alg.dare_linear(base, [ft], weight=[1.0], density=[0.3], seed=7))
     assert not torch.equal(out, alg.dare_linear(base, [ft], weight=[1.0], density=[0.3], seed=8))
-    assert torch.allclose(alg.dare_ties(base, [ft, ft], weight=[1.0, 1.0], density=[1.0, 1.0], normalize=True), ft)
+    assert torch.allclose(
+        alg.dare_ties(base, [ft, ft], weight=[1.0, 1.0], density=[1.0, 1.0], normalize=True), ft
+    )
 
 
 def test_slerp_geometry():
@@ -89,7 +126,9 @@ def test_slerp_geometry():
     assert torch.allclose(alg.slerp(e0, [e1], t=0.0), e0)
     assert torch.allclose(alg.slerp(e0, [e1], t=1.0), e1)
     mid = alg.slerp(e0, [e1], t=0.5)
-    assert torch.allclose(mid, t(1, 1) / math.sqrt(2)) and math.isclose(float(mid.norm()), 1.0, rel_tol=1e-6)
+    assert torch.allclose(mid, t(1, 1) / math.sqrt(2)) and math.isclose(
+        float(mid.norm()), 1.0, rel_tol=1e-6
+    )
     # nearly collinear: linear interpolation
     assert torch.allclose(alg.slerp(t(1, 0), [t(2, 0)], t=0.25), t(1.25, 0))
 
@@ -103,7 +142,9 @@ def test_model_stock_ratio():
     # cos = 0.5 for two models: t = 2·0.5 / 1.5 = 2/3
     a, b = t(1, 0), t(0.5, math.sqrt(3) / 2)
     assert torch.allclose(alg.model_stock(base, [a, b]), (a + b) / 2 * (2 / 3), atol=1e-6)
-    rows = alg.model_stock(torch.zeros(2, 2), [torch.stack([a, t(1, 1)]), torch.stack([b, t(1, 1)])], filter_wise=True)
+    rows = alg.model_stock(
+        torch.zeros(2, 2), [torch.stack([a, t(1, 1)]), torch.stack([b, t(1, 1)])], filter_wise=True
+    )
     assert torch.allclose(rows, torch.stack([(a + b) / 3, t(1, 1)]), atol=1e-6)
 
 
@@ -152,14 +193,28 @@ def test_kth_largest_is_exact_by_bracket_and_by_radix():
         assert tensors._radix(blocks, lambda a, b: x[a:b], k) == ref
 
 
-@pytest.mark.parametrize("method,params", [
-    ("ties", {"weight": [1.0, 0.5, 2.0], "density": [0.2, 0.5, 0.9]}),
-    ("breadcrumbs_ties", {"weight": [1.0, 0.5, 2.0], "density": [0.3, 0.5, 0.7], "gamma": [0.05, 0.1, 0.01]}),
-    ("dare_ties", {"weight": [1.0, 0.5, 2.0], "density": [0.3, 0.5, 0.7], "seed": 3}),
-    ("della", {"weight": [1.0, 1.0, 1.0], "density": [0.4, 0.5, 0.6], "epsilon": [0.1, 0.1, 0.1], "seed": 1}),
-    ("model_stock", {}),
-    ("task_arithmetic", {"weight": [0.3, 0.3, 0.3]}),
-])
+@pytest.mark.parametrize(
+    "method,params",
+    [
+        ("ties", {"weight": [1.0, 0.5, 2.0], "density": [0.2, 0.5, 0.9]}),
+        (
+            "breadcrumbs_ties",
+            {"weight": [1.0, 0.5, 2.0], "density": [0.3, 0.5, 0.7], "gamma": [0.05, 0.1, 0.01]},
+        ),
+        ("dare_ties", {"weight": [1.0, 0.5, 2.0], "density": [0.3, 0.5, 0.7], "seed": 3}),
+        (
+            "della",
+            {
+                "weight": [1.0, 1.0, 1.0],
+                "density": [0.4, 0.5, 0.6],
+                "epsilon": [0.1, 0.1, 0.1],
+                "seed": 1,
+            },
+        ),
+        ("model_stock", {}),
+        ("task_arithmetic", {"weight": [0.3, 0.3, 0.3]}),
+    ],
+)
 def test_chunked_equals_whole_tensor(monkeypatch, method, params):
     g = torch.Generator().manual_seed(0)
     base = torch.randn(120, 40, generator=g)

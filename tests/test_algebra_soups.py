@@ -22,7 +22,9 @@ def test_uniform_soup_and_wise_ft_endpoints():
     assert all(torch.allclose(soup[k], (a[k] + b[k]) / 2) for k in a)
     assert all(torch.allclose(alg.wise_ft(a, b, 0.0)[k], a[k]) for k in a)
     assert all(torch.allclose(alg.wise_ft(a, b, 1.0)[k], b[k]) for k in a)
-    assert all(torch.allclose(alg.wise_ft(a, b, 0.25)[k], 0.75 * a[k] + 0.25 * b[k], atol=1e-6) for k in a)
+    assert all(
+        torch.allclose(alg.wise_ft(a, b, 0.25)[k], 0.75 * a[k] + 0.25 * b[k], atol=1e-6) for k in a
+    )
     with pytest.raises(MergeError, match=r"alpha must be in \[0, 1\]"):
         alg.wise_ft(a, b, 1.5)
 
@@ -73,11 +75,20 @@ def test_learned_merging_lowers_entropy_on_target_data(mlp):
     sharpen = {"head.weight": base["head.weight"] * 4.0, "head.bias": torch.zeros(3)}
     noise = {n: torch.randn(p.shape) * 0.01 for n, p in base.items()}
     batches = [torch.randn(32, 8) for _ in range(4)]
-    result = alg.learn_merge_coefficients(mlp, [sharpen, noise], batches, granularity="global", steps=20, lr=0.1, init=0.1)
+    result = alg.learn_merge_coefficients(
+        mlp, [sharpen, noise], batches, granularity="global", steps=20, lr=0.1, init=0.1
+    )
     assert result.coefficients.shape == (2, 1) and result.groups == ["all"]
     assert result.coefficients[0, 0] > 0.5 and result.losses[-1] < result.losses[0]
-    assert torch.allclose(result.state["head.weight"], base["head.weight"] * (1 + 4 * result.coefficients[0, 0]) + result.coefficients[1, 0] * noise["head.weight"], atol=1e-5)
-    assert all(torch.equal(p, base[n]) for n, p in mlp.named_parameters())  # the model itself is untouched
+    assert torch.allclose(
+        result.state["head.weight"],
+        base["head.weight"] * (1 + 4 * result.coefficients[0, 0])
+        + result.coefficients[1, 0] * noise["head.weight"],
+        atol=1e-5,
+    )
+    assert all(
+        torch.equal(p, base[n]) for n, p in mlp.named_parameters()
+    )  # the model itself is untouched
     per_tensor = alg.learn_merge_coefficients(mlp, [noise], batches, granularity="tensor", steps=1)
     assert per_tensor.coefficients.shape == (1, len(base))
     assert alg.block_of("encoder.layer.3.attention.self.query.weight") == "layer.3"
@@ -108,4 +119,6 @@ def test_gram_matrices_and_regmean_merge_of_state_dicts(mlp):
     a, b = _states(2)
     merged = alg.merge_state_dicts("regmean", [a, b], stats=[grams, grams], alpha=1.0)
     assert torch.allclose(merged["fc1.weight"], (a["fc1.weight"] + b["fc1.weight"]) / 2, atol=1e-4)
-    assert torch.allclose(merged["fc1.bias"], (a["fc1.bias"] + b["fc1.bias"]) / 2)  # no Gram: averaged
+    assert torch.allclose(
+        merged["fc1.bias"], (a["fc1.bias"] + b["fc1.bias"]) / 2
+    )  # no Gram: averaged

@@ -28,7 +28,9 @@ def make_state(seed, base=None, scale=0.1):
     state = {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
     if base is not None:
         state = {k: base[k] + scale * v for k, v in state.items()}
-    state["embeddings.position_ids"] = torch.arange(12).view(1, 12)  # an integer buffer, as BERT saves
+    state["embeddings.position_ids"] = torch.arange(12).view(
+        1, 12
+    )  # an integer buffer, as BERT saves
     return state
 
 
@@ -44,7 +46,9 @@ def save_ckpt(path, state, shards=1):
             fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
             save_file({k: state[k] for k in part}, str(path / fname))
             wmap.update({k: fname for k in part})
-        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wmap}))
+        (path / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": wmap})
+        )
     (path / "config.json").write_text(json.dumps({"model_type": "toy", "torch_dtype": "float32"}))
     return path
 
@@ -59,7 +63,12 @@ def ckpts(tmp_path):
 
 
 def config(root, method="ties", models=("m1", "m2", "m3"), base="base", **extra):
-    data = {"merge_method": method, "models": [{"model": str(root / m), "parameters": {"weight": 1.0, "density": 0.5}} for m in models]}
+    data = {
+        "merge_method": method,
+        "models": [
+            {"model": str(root / m), "parameters": {"weight": 1.0, "density": 0.5}} for m in models
+        ],
+    }
     if base:
         data["base_model"] = str(root / base)
     data.update(extra)
@@ -73,7 +82,10 @@ def read(path):
 def test_streamed_ties_equals_in_memory_per_tensor(ckpts, monkeypatch):
     root, states = ckpts
     cfg = config(root)
-    cfg.models[1].parameters = {"weight": [0.2, 1.0], "density": [{"filter": "mlp", "value": 0.9}, {"value": 0.3}]}
+    cfg.models[1].parameters = {
+        "weight": [0.2, 1.0],
+        "density": [{"filter": "mlp", "value": 0.9}, {"value": 0.3}],
+    }
     summary = alg.merge_checkpoints(cfg, root / "out", max_shard_bytes=3000)
     out = root / "out"
     assert summary["shards"] > 1 and (out / "model.safetensors.index.json").is_file()
@@ -89,7 +101,9 @@ def test_streamed_ties_equals_in_memory_per_tensor(ckpts, monkeypatch):
         want = alg.ties(states["base"][name], [states[m][name] for m in ("m1", "m2", "m3")],
                         weight=[1.0, w1, 1.0], density=[0.5, d1, 0.5])
         assert torch.allclose(merged[name], want, atol=1e-6), name
-    monkeypatch.setattr(tensors, "CHUNK_ELEMENTS", 200)  # big tensors read and written in several blocks
+    monkeypatch.setattr(
+        tensors, "CHUNK_ELEMENTS", 200
+    )  # big tensors read and written in several blocks
     alg.merge_checkpoints(cfg, root / "out2")
     again = read(root / "out2")
     assert all(torch.allclose(again[k].float(), merged[k].float(), atol=1e-6) for k in merged)
@@ -102,9 +116,14 @@ def test_dtype_and_out_dtype(ckpts):
     with pytest.raises(MergeError, match="mixed dtypes: .* set 'dtype: float32'"):
         alg.merge_checkpoints(config(root, models=("m1bf", "m2")), root / "o")
     assert not (root / "o").exists()
-    alg.merge_checkpoints(config(root, models=("m1bf", "m2"), dtype="float32", out_dtype="bfloat16"), root / "o")
+    alg.merge_checkpoints(
+        config(root, models=("m1bf", "m2"), dtype="float32", out_dtype="bfloat16"), root / "o"
+    )
     out = read(root / "o")
-    assert out["lm_head.weight"].dtype == torch.bfloat16 and out["embeddings.position_ids"].dtype == torch.int64
+    assert (
+        out["lm_head.weight"].dtype == torch.bfloat16
+        and out["embeddings.position_ids"].dtype == torch.int64
+    )
     assert json.loads((root / "o" / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
@@ -165,8 +184,12 @@ def test_existing_output_needs_overwrite_and_only_deltatunes_files_are_replaced(
     alg.merge_checkpoints(config(root), out)
     (out / "mine.txt").write_text("mine")
     (out / "model.safetensors").write_bytes(b"stale")
-    alg.merge_checkpoints(config(root), out, overwrite=True)  # the merge's files replaced, the user's kept
-    assert (out / "mine.txt").read_text() == "mine" and (out / "model.safetensors").stat().st_size > 5
+    alg.merge_checkpoints(
+        config(root), out, overwrite=True
+    )  # the merge's files replaced, the user's kept
+    assert (out / "mine.txt").read_text() == "mine" and (
+        out / "model.safetensors"
+    ).stat().st_size > 5
     assert _no_leftovers(root)
 
 
@@ -194,13 +217,22 @@ def test_fisher_merge_from_stats_files(ckpts):
         f = {k: torch.rand(v.shape) for k, v in states[m].items() if v.is_floating_point()}
         save_file(f, str(root / f"{m}_fisher.safetensors"))
         stats[m] = f
-    cfg = alg.parse_merge_config({"merge_method": "fisher", "models": [
-        {"model": str(root / m), "stats": str(root / f"{m}_fisher.safetensors")} for m in ("m1", "m2")]})
+    cfg = alg.parse_merge_config(
+        {
+            "merge_method": "fisher",
+            "models": [
+                {"model": str(root / m), "stats": str(root / f"{m}_fisher.safetensors")}
+                for m in ("m1", "m2")
+            ],
+        }
+    )
     alg.merge_checkpoints(cfg, root / "fisher")
     out = read(root / "fisher")
     k = "lm_head.weight"
     f1, f2 = stats["m1"][k] + 1e-6, stats["m2"][k] + 1e-6
-    assert torch.allclose(out[k], (f1 * states["m1"][k] + f2 * states["m2"][k]) / (f1 + f2), atol=1e-5)
+    assert torch.allclose(
+        out[k], (f1 * states["m1"][k] + f2 * states["m2"][k]) / (f1 + f2), atol=1e-5
+    )
     cfg.models[1].stats = None
     with pytest.raises(MergeError, match="needs a fisher statistics file per model"):
         alg.merge_checkpoints(cfg, root / "fisher2")
@@ -211,10 +243,16 @@ def test_peak_memory_stays_under_twice_the_largest_shard(tmp_path):
     """Checkpoints in 8 shards of 4 MB: the merge adds less than 2 × 4 MB of resident memory (after a
     tiny warm-up merge has paged in the interpreter's and torch's code)."""
     for i, name in enumerate(["tiny_base", "tiny"]):
-        save_ckpt(tmp_path / name, {"w": torch.randn(64, 64, generator=torch.Generator().manual_seed(i))})
+        save_ckpt(
+            tmp_path / name, {"w": torch.randn(64, 64, generator=torch.Generator().manual_seed(i))}
+        )
     for i, name in enumerate(["base", "a", "b"]):
         g = torch.Generator().manual_seed(i)
-        parts = {f"layers.{s}.w{j}": torch.randn(512, 1024, generator=g) for s in range(8) for j in range(2)}
+        parts = {
+            f"layers.{s}.w{j}": torch.randn(512, 1024, generator=g)
+            for s in range(8)
+            for j in range(2)
+        }
         save_ckpt(tmp_path / name, parts, shards=8)
     script = textwrap.dedent(f"""
         import json, torch, safetensors.torch
@@ -237,7 +275,9 @@ def test_peak_memory_stays_under_twice_the_largest_shard(tmp_path):
         peak = status("VmHWM")
         print(json.dumps({{"delta_mb": peak - rss, "out_shards": len(list((root / "out").glob("*.safetensors")))}}))
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     shard_mb = max(p.stat().st_size for p in (tmp_path / "a").glob("*.safetensors")) / 2**20

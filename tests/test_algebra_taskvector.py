@@ -36,8 +36,12 @@ def test_from_checkpoints_sharded_and_file(tmp_path, mlp):
     d = tmp_path / "ft"
     d.mkdir()
     names = list(ft)
-    save_file({k: ft[k].contiguous() for k in names[:3]}, str(d / "model-00001-of-00002.safetensors"))
-    save_file({k: ft[k].contiguous() for k in names[3:]}, str(d / "model-00002-of-00002.safetensors"))
+    save_file(
+        {k: ft[k].contiguous() for k in names[:3]}, str(d / "model-00001-of-00002.safetensors")
+    )
+    save_file(
+        {k: ft[k].contiguous() for k in names[3:]}, str(d / "model-00002-of-00002.safetensors")
+    )
     import json
 
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
@@ -64,7 +68,10 @@ def test_from_adapter_dense_and_factored_match_merge(mlp):
     fresh.load_state_dict(base)
     dense.apply_to(fresh)
     assert torch.allclose(fresh(x), y, atol=1e-5)
-    assert set(alg.TaskVector.from_adapter(mlp, "default", copies=False)) == {"fc1.weight", "fc2.weight"}
+    assert set(alg.TaskVector.from_adapter(mlp, "default", copies=False)) == {
+        "fc1.weight",
+        "fc2.weight",
+    }
 
 
 def test_from_adapter_dir_leaves_model_unchanged(tmp_path, mlp):
@@ -73,11 +80,15 @@ def test_from_adapter_dir_leaves_model_unchanged(tmp_path, mlp):
     want = alg.TaskVector.from_adapter(mlp, "default")
     dt.save_adapter(mlp, tmp_path / "peft", format="peft")
     other = MLP().eval()
-    other.load_state_dict({k.replace(".base", ""): v for k, v in mlp.state_dict().items() if "deltas" not in k})
+    other.load_state_dict(
+        {k.replace(".base", ""): v for k, v in mlp.state_dict().items() if "deltas" not in k}
+    )
     before = {k: v.clone() for k, v in other.state_dict().items()}
     got = alg.TaskVector.from_adapter_dir(other, tmp_path / "peft", factored=True)
     assert torch.allclose(got.dense()["fc1.weight"], want["fc1.weight"], atol=1e-6)
-    assert dt.delta_names(other) == [] and all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+    assert dt.delta_names(other) == [] and all(
+        torch.equal(before[k], v) for k, v in other.state_dict().items()
+    )
 
 
 def test_save_load_round_trip_keeps_factors(tmp_path, mlp):
@@ -86,7 +97,10 @@ def test_save_load_round_trip_keeps_factors(tmp_path, mlp):
     tv = alg.TaskVector.from_adapter(mlp, "default", factored=True)
     tv.save(tmp_path / "tv.safetensors")
     back = alg.TaskVector.load(tmp_path / "tv.safetensors")
-    assert isinstance(back["fc2.weight"], alg.LowRank) and back["fc2.weight"].scale == tv["fc2.weight"].scale
+    assert (
+        isinstance(back["fc2.weight"], alg.LowRank)
+        and back["fc2.weight"].scale == tv["fc2.weight"].scale
+    )
     assert all(torch.allclose(back.dense()[k], tv.dense()[k]) for k in tv)
     save_file({"x": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(MergeError, match="not a deltatune task vector"):
@@ -100,7 +114,11 @@ def test_merge_task_vectors_lora_concat_exact_and_svd(mlp):
     ta, tb = (alg.TaskVector.from_adapter(mlp, n, factored=True) for n in ("a", "b"))
     cat = alg.merge_task_vectors([ta, tb], "lora_concat", weight=[0.5, 2.0])
     assert cat["fc1.weight"].rank == 5
-    assert torch.allclose(cat["fc1.weight"].dense(), 0.5 * ta["fc1.weight"].dense() + 2 * tb["fc1.weight"].dense(), atol=1e-5)
+    assert torch.allclose(
+        cat["fc1.weight"].dense(),
+        0.5 * ta["fc1.weight"].dense() + 2 * tb["fc1.weight"].dense(),
+        atol=1e-5,
+    )
     svd = alg.merge_task_vectors([ta, tb], "lora_svd", rank=2)
     assert svd["fc2.weight"].rank == 2
     with pytest.raises(MergeError, match="needs rank"):
@@ -108,7 +126,13 @@ def test_merge_task_vectors_lora_concat_exact_and_svd(mlp):
     # dense methods on task vectors equal the method on checkpoints (base + τ)
     base = {k: torch.randn(v.shape) for k, v in ta.dense().items()}
     merged = alg.merge_task_vectors([ta, tb], "ties", density=0.5, weight=[1.0, 0.7])
-    direct = alg.merge_state_dicts("ties", [ta.dense().apply_to(base), tb.dense().apply_to(base)], base, density=0.5, weight=[1.0, 0.7])
+    direct = alg.merge_state_dicts(
+        "ties",
+        [ta.dense().apply_to(base), tb.dense().apply_to(base)],
+        base,
+        density=0.5,
+        weight=[1.0, 0.7],
+    )
     assert all(torch.allclose(merged.apply_to(base)[k], direct[k], atol=1e-5) for k in base)
 
 

@@ -41,9 +41,16 @@ def _one_thread():
 
 def _bert(dtype=torch.float32):
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=37, num_labels=3, hidden_dropout_prob=0.0,
-                                  attention_probs_dropout_prob=0.0)
+    cfg = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return transformers.BertForSequenceClassification(cfg).to(dtype).eval()
 
 
@@ -54,8 +61,16 @@ def _logits(model):
 
 
 def _peft_adalora(base, **config):
-    cfg = {"init_r": 4, "target_r": 2, "tinit": 2, "tfinal": 2, "deltaT": 1, "total_step": 10, "lora_alpha": 8,
-           "target_modules": TARGETS}
+    cfg = {
+        "init_r": 4,
+        "target_r": 2,
+        "tinit": 2,
+        "tfinal": 2,
+        "deltaT": 1,
+        "total_step": 10,
+        "lora_alpha": 8,
+        "target_modules": TARGETS,
+    }
     return peft.get_peft_model(copy.deepcopy(base), peft.AdaLoraConfig(**{**cfg, **config}))
 
 
@@ -71,7 +86,9 @@ def _train_peft(pm, steps, lr=0.5):
         opt.step()
         pm.base_model.update_and_allocate(step)
         opt.zero_grad()
-        masks.append({n: (p.detach().view(-1) != 0) for n, p in pm.named_parameters() if "lora_E" in n})
+        masks.append(
+            {n: (p.detach().view(-1) != 0) for n, p in pm.named_parameters() if "lora_E" in n}
+        )
     return masks
 
 
@@ -81,7 +98,9 @@ def test_peft_adapter_loads_and_matches_both_ways(tmp_path):
     _train_peft(pm, 10)  # ends pruned: per-module ranks differ, peft stores only the kept triplets
     pm.eval()
     g = torch.Generator().manual_seed(2)
-    with torch.no_grad():  # ten small steps barely move the outputs: give the kept triplets large values
+    with (
+        torch.no_grad()
+    ):  # ten small steps barely move the outputs: give the kept triplets large values
         for n, p in pm.named_parameters():
             if "lora_E" in n:
                 p.copy_(torch.where(p != 0, torch.randn(p.shape, generator=g), p))
@@ -132,7 +151,11 @@ def test_peft_adapter_with_a_trained_head_matches_both_ways(tmp_path):
 
 def _copy_from_peft(ours, pm):
     """Start deltatune's AdaLoRA from peft's random P, Q (λ = 0 in both)."""
-    theirs = {n.replace("base_model.model.", "").replace(".default", ""): p for n, p in pm.named_parameters() if "lora_" in n}
+    theirs = {
+        n.replace("base_model.model.", "").replace(".default", ""): p
+        for n, p in pm.named_parameters()
+        if "lora_" in n
+    }
     with torch.no_grad():
         for n, p in ours.named_parameters():
             if "lora_" in n:
@@ -145,8 +168,19 @@ def test_schedule_matches_peft_update_and_allocate_step_by_step():
     base = _bert(torch.float64)  # float64: near-threshold scores cannot flip between the two codes
     pm = _peft_adalora(base, orth_reg_weight=0.1)
     ours = copy.deepcopy(base)
-    dt.attach(ours, dt.AdaLoRA(init_r=4, target_r=2, tinit=2, tfinal=2, total_step=10, orth_reg_weight=0.1,
-                               targets=TARGETS), "ada")
+    dt.attach(
+        ours,
+        dt.AdaLoRA(
+            init_r=4,
+            target_r=2,
+            tinit=2,
+            tfinal=2,
+            total_step=10,
+            orth_reg_weight=0.1,
+            targets=TARGETS,
+        ),
+        "ada",
+    )
     _copy_from_peft(ours, pm)
     peft_masks = _train_peft(pm, 10)
 
@@ -160,7 +194,9 @@ def test_schedule_matches_peft_update_and_allocate_step_by_step():
         loss = F.cross_entropy(out, LABELS) + sched.penalty(ours, {}, out)
         loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)  # as the trainer does, before on_step_end: the tap keeps the gradient
+        opt.zero_grad(
+            set_to_none=True
+        )  # as the trainer does, before on_step_end: the tap keeps the gradient
         sched.on_step_end(ours, step)
         budgets.append(sched.budget_schedule(step)[0])
         for n, mask in peft_masks[step - 1].items():
@@ -168,13 +204,25 @@ def test_schedule_matches_peft_update_and_allocate_step_by_step():
             d = get_module(ours, path).part("ada")
             assert torch.equal(d.lora_E.detach().view(-1) != 0, mask), (step, path)
     sched.on_train_end(ours)
-    theirs = {n.replace("base_model.model.", "").replace(".default", ""): p for n, p in pm.named_parameters() if "lora_" in n}
+    theirs = {
+        n.replace("base_model.model.", "").replace(".default", ""): p
+        for n, p in pm.named_parameters()
+        if "lora_" in n
+    }
     for n, p in ours.named_parameters():
         if "lora_" in n:
-            assert torch.allclose(p, theirs[n.replace(".deltas.ada.", ".").replace(".base.", ".")], atol=1e-9), n
+            assert torch.allclose(
+                p, theirs[n.replace(".deltas.ada.", ".").replace(".base.", ".")], atol=1e-9
+            ), n
     # the cubic schedule: constant during tinit, never rising, the target (2 × 6 modules) from total − tfinal on
-    assert budgets[:2] == [24, 24] and all(a >= b for a, b in itertools.pairwise(budgets)) and budgets[7:] == [12] * 3
-    assert sched.live_rank() == 12 and [h[2] for h in sched.history] == [h[1] for h in sched.history]
+    assert (
+        budgets[:2] == [24, 24]
+        and all(a >= b for a, b in itertools.pairwise(budgets))
+        and budgets[7:] == [12] * 3
+    )
+    assert sched.live_rank() == 12 and [h[2] for h in sched.history] == [
+        h[1] for h in sched.history
+    ]
 
 
 def _tiny_task(n=64):
@@ -188,18 +236,33 @@ class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.fc1, self.fc2, self.fc3, self.head = nn.Linear(12, 24), nn.Linear(24, 24), nn.Linear(24, 16), nn.Linear(16, 3)
+        self.fc1, self.fc2, self.fc3, self.head = (
+            nn.Linear(12, 24),
+            nn.Linear(24, 24),
+            nn.Linear(24, 16),
+            nn.Linear(16, 3),
+        )
 
     def forward(self, x):
         return self.head(torch.relu(self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))))
 
 
 def _collate(batch):
-    return {"x": torch.stack([b["x"] for b in batch]), "labels": torch.stack([b["labels"] for b in batch])}
+    return {
+        "x": torch.stack([b["x"] for b in batch]),
+        "labels": torch.stack([b["labels"] for b in batch]),
+    }
 
 
 def _fit(model, callbacks, steps):
-    cfg = TrainConfig(max_steps=steps, batch_size=8, lr=1e-2, progress=False, eval_each_epoch=False, keep_best=False)
+    cfg = TrainConfig(
+        max_steps=steps,
+        batch_size=8,
+        lr=1e-2,
+        progress=False,
+        eval_each_epoch=False,
+        keep_best=False,
+    )
     return fit(model, _tiny_task(), _collate, cfg, callbacks=callbacks)
 
 
@@ -237,14 +300,18 @@ def test_adalora_in_the_trainer_reaches_the_target_and_exports_a_plain_lora(tmp_
     fresh = Net()
     dt.load_adapter(fresh, tmp_path / "lora")
     spec = dt.get_spec(fresh, name)
-    assert isinstance(spec, dt.LoRA) and sorted(spec.rank_pattern.values()) == sorted(r for r in rec.ranks[-1].values() if r)
+    assert isinstance(spec, dt.LoRA) and sorted(spec.rank_pattern.values()) == sorted(
+        r for r in rec.ranks[-1].values() if r
+    )
     with torch.no_grad():
         assert torch.allclose(fresh(x), y, atol=1e-5)
 
 
 def test_adalora_stopped_early_is_pruned_to_the_target_with_a_warning():
     model = Net()
-    dt.attach(model, dt.AdaLoRA(init_r=4, target_r=1, total_step=100, targets=["fc1", "fc2"]), "ada")
+    dt.attach(
+        model, dt.AdaLoRA(init_r=4, target_r=1, total_step=100, targets=["fc1", "fc2"]), "ada"
+    )
     sched = AdaLoRASchedule("ada")
     with pytest.warns(UserWarning, match="before AdaLoRA's final allocation"):
         _fit(model, [sched], 5)
@@ -254,7 +321,9 @@ def test_adalora_stopped_early_is_pruned_to_the_target_with_a_warning():
 def test_increlora_grows_within_budget_without_output_jumps():
     model = Net()
     costs = {"fc1": 12 + 24 + 1, "fc2": 24 + 24 + 1, "fc3": 24 + 16 + 1}
-    budget = sum(costs.values()) + 4 * costs["fc2"]  # init rank 1 everywhere, then about four more triplets
+    budget = (
+        sum(costs.values()) + 4 * costs["fc2"]
+    )  # init rank 1 everywhere, then about four more triplets
     dt.attach(model, dt.IncreLoRA(init_r=1, max_r=4, budget=budget, delta_t=2, grow_per_step=2,
                                   targets=list(costs)), "inc")
     x = torch.stack([e["x"] for e in _tiny_task(8)])
@@ -290,7 +359,9 @@ def test_increlora_grows_within_budget_without_output_jumps():
     assert all(u <= budget for u in probe.used) and probe.used[-1] > sum(costs.values())
     for a, b in itertools.pairwise(probe.ranks):
         assert all(b[p] >= a[p] for p in a), "ranks only grow"
-    assert budget - probe.used[-1] < max(costs.values()) or all(r == 4 for r in probe.ranks[-1].values())
+    assert budget - probe.used[-1] < max(costs.values()) or all(
+        r == 4 for r in probe.ranks[-1].values()
+    )
 
 
 def test_increlora_gates_inactive_triplets_and_the_optimizer_keeps_its_state():
@@ -303,19 +374,26 @@ def test_increlora_gates_inactive_triplets_and_the_optimizer_keeps_its_state():
     model(x).sum().backward()
     assert torch.all(d.lora_E.grad[1:] == 0) and d.lora_E.grad[0].abs().sum() > 0
     ids = {id(p) for p in d.parameters()}
-    d.rank_mask[1] = True  # growth switches a slot on: the same Parameter objects, no new optimizer state
+    d.rank_mask[1] = (
+        True  # growth switches a slot on: the same Parameter objects, no new optimizer state
+    )
     assert {id(p) for p in d.parameters()} == ids and d.rank == 2
 
 
 def test_bad_input_is_one_line_and_names_the_problem():
-    with pytest.raises(dt.SpecError, match=r"AdaLoRA.target_r=9 must be an integer in \[1, init_r=4\]"):
+    with pytest.raises(
+        dt.SpecError, match=r"AdaLoRA.target_r=9 must be an integer in \[1, init_r=4\]"
+    ):
         dt.AdaLoRA(init_r=4, target_r=9)
     with pytest.raises(dt.SpecError, match="AdaLoRA.total_step=3 must be an integer > tinit"):
         dt.AdaLoRA(tinit=2, tfinal=1, total_step=3)
     with pytest.raises(dt.SpecError, match="IncreLoRA.init_r=5"):
         dt.IncreLoRA(init_r=5, max_r=4)
     model = Net()
-    with pytest.raises(dt.SpecError, match="IncreLoRA.budget=10 gives a budget of 10 parameters, which is smaller than one rank-1 delta"):
+    with pytest.raises(
+        dt.SpecError,
+        match="IncreLoRA.budget=10 gives a budget of 10 parameters, which is smaller than one rank-1 delta",
+    ):
         dt.attach(model, dt.IncreLoRA(budget=10, targets=["fc1"]), "inc")
     assert not dt.delta_names(model), "a failed attach leaves the model unchanged"
     with pytest.raises(dt.TargetError):
@@ -330,22 +408,39 @@ def test_bad_input_is_one_line_and_names_the_problem():
 def test_fit_adds_the_schedules_the_specs_ask_for(recwarn):
     from deltatune.train import callbacks_from_specs
 
-    cfg = TrainConfig(max_steps=6, batch_size=8, lr=1e-2, progress=False, eval_each_epoch=False, keep_best=False)
+    cfg = TrainConfig(
+        max_steps=6, batch_size=8, lr=1e-2, progress=False, eval_each_epoch=False, keep_best=False
+    )
     model = Net()
-    dt.attach(model, dt.AdaLoRA(init_r=4, target_r=1, targets=["fc1", "fc2"]), "ada")  # no total_step: fit's length
+    dt.attach(
+        model, dt.AdaLoRA(init_r=4, target_r=1, targets=["fc1", "fc2"]), "ada"
+    )  # no total_step: fit's length
     fit(model, _tiny_task(), _collate, cfg)
     assert sum(final_ranks(model, "ada").values()) == 8, "without spec_callbacks nothing prunes"
     model = Net()
     dt.attach(model, dt.AdaLoRA(init_r=4, target_r=1, targets=["fc1", "fc2"]), "ada")
     fit(model, _tiny_task(), _collate, cfg, spec_callbacks=True)
-    assert sum(final_ranks(model, "ada").values()) == 2, "pruned to target_r × modules at the run's last step"
-    assert not [w for w in recwarn if "final allocation" in str(w.message)], "the schedule knew the run's length"
+    assert sum(final_ranks(model, "ada").values()) == 2, (
+        "pruned to target_r × modules at the run's last step"
+    )
+    assert not [w for w in recwarn if "final allocation" in str(w.message)], (
+        "the schedule knew the run's length"
+    )
 
     found = callbacks_from_specs(model, 50)
     assert [(type(c), c.name, c._total) for c in found] == [(AdaLoRASchedule, "ada", 50)]
-    assert callbacks_from_specs(model, 50, given=[AdaLoRASchedule("ada")]) == [], "a given schedule is not doubled"
-    dt.attach(model, dt.IncreLoRA(init_r=1, max_r=3, target_r=2, delta_t=1, targets=["fc3"]), "inc", activate=False)
-    assert [c.name for c in callbacks_from_specs(model, 50)] == ["ada"], "inactive deltas are not trained"
+    assert callbacks_from_specs(model, 50, given=[AdaLoRASchedule("ada")]) == [], (
+        "a given schedule is not doubled"
+    )
+    dt.attach(
+        model,
+        dt.IncreLoRA(init_r=1, max_r=3, target_r=2, delta_t=1, targets=["fc3"]),
+        "inc",
+        activate=False,
+    )
+    assert [c.name for c in callbacks_from_specs(model, 50)] == ["ada"], (
+        "inactive deltas are not trained"
+    )
     dt.set_active(model, ["inc"])
     assert [type(c) for c in callbacks_from_specs(model, 50)] == [IncreLoRASchedule]
     fit(model, _tiny_task(), _collate, cfg, spec_callbacks=True)
@@ -364,8 +459,12 @@ def test_core_does_not_import_the_outer_layers():
         for node in ast.walk(ast.parse(f.read_text())):
             names = []
             if isinstance(node, ast.ImportFrom):
-                package = {0: "", 1: "deltatune.core.", 2: "deltatune."}[node.level]  # relative to deltatune/core/
+                package = {0: "", 1: "deltatune.core.", 2: "deltatune."}[
+                    node.level
+                ]  # relative to deltatune/core/
                 names = [package + (node.module or "")]
             elif isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
-            assert not any(n.startswith(f"deltatune.{o}") for n in names for o in outer), f"{f.name} imports {names}"
+            assert not any(n.startswith(f"deltatune.{o}") for n in names for o in outer), (
+                f"{f.name} imports {names}"
+            )

@@ -30,14 +30,22 @@ def _one_thread():
 
 def _bert():
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=37, num_labels=3)
+    cfg = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        num_labels=3,
+    )
     return transformers.BertForSequenceClassification(cfg).eval()
 
 
 def test_candidates_fit_the_budget_and_count_parameters_exactly():
     model = _bert()
-    space = SearchSpace(methods=("lora", "adalora", "ia3", "bottleneck"), lora_ranks=(1, 4), lora_scales=(1.0,))
+    space = SearchSpace(
+        methods=("lora", "adalora", "ia3", "bottleneck"), lora_ranks=(1, 4), lora_scales=(1.0,)
+    )
     cands = candidates(model, space, 2_000, head=("classifier",))
     by_key = {c.key: c for c in cands}
     assert all(c.params <= 2_000 for c in cands)
@@ -45,21 +53,30 @@ def test_candidates_fit_the_budget_and_count_parameters_exactly():
     assert by_key["lora r=1 alpha=1 @qv"].params == 4 * 64
     assert "lora r=4 alpha=4 @all" not in by_key
     ffn = by_key["lora r=1 alpha=1 @ffn"].params
-    assert ffn == 2 * 2 * (32 + 37), "ffn = intermediate.dense + output.dense, not attention.output.dense"
+    assert ffn == 2 * 2 * (32 + 37), (
+        "ffn = intermediate.dense + output.dense, not attention.output.dense"
+    )
     # AdaLoRA counts its final live triplets: target_r × (in + out + 1) per module
     assert by_key["adalora target_r=2 init_r=3 @qv"].params == 2 * 4 * 65
     assert {c.method for c in cands} == {"lora", "adalora", "ia3", "bottleneck"}
-    assert list(model.named_modules()) and not any("_probe" in n for n, _ in model.named_modules()), "probes detached"
+    assert list(model.named_modules()) and not any(
+        "_probe" in n for n, _ in model.named_modules()
+    ), "probes detached"
 
 
 def test_bad_spaces_and_budgets_are_one_line_errors():
     model = _bert()
     with pytest.raises(BudgetError, match=r"smaller than one rank-1 delta here \(64\)"):
         candidates(model, SearchSpace(), 50, head=("classifier",))
-    with pytest.raises(BudgetError, match="no configuration of the search space fits the budget of 100 parameters "
-                                          r"\(the smallest, .*, needs \d"):
+    with pytest.raises(
+        BudgetError,
+        match="no configuration of the search space fits the budget of 100 parameters "
+        r"\(the smallest, .*, needs \d",
+    ):
         candidates(model, SearchSpace(methods=("lora", "ia3")), 100, head=("classifier",))
-    with pytest.raises(BudgetError, match="no Linear layer matches \\['quary'\\]; closest names: query"):
+    with pytest.raises(
+        BudgetError, match="no Linear layer matches \\['quary'\\]; closest names: query"
+    ):
         candidates(model, SearchSpace(custom_targets=("quary",)), 10_000)
     with pytest.raises(BudgetError, match="unknown position 'mlp'"):
         candidates(model, SearchSpace(positions=("mlp",)), 10_000)
@@ -81,62 +98,130 @@ def _fake_trainer(calls):
         acc = 0.5 + 0.03 * math.log(cand.params) + (0.05 if cand.method == "lora" else 0.0)
         trial_dir.mkdir(parents=True, exist_ok=True)
         (trial_dir / "results.json").write_text(json.dumps({"key": cand.key, "val_accuracy": acc}))
-        return {"key": cand.key, "method": cand.method, "params": cand.params, "val_accuracy": acc, "test_accuracy": acc}
+        return {
+            "key": cand.key,
+            "method": cand.method,
+            "params": cand.params,
+            "val_accuracy": acc,
+            "test_accuracy": acc,
+        }
 
     return train
 
 
 def test_study_writes_trial_dirs_a_front_and_resumes(tmp_path):
     model = _bert()
-    cands = candidates(model, SearchSpace(methods=("lora", "ia3"), lora_scales=(1.0,)), 5_000, head=("classifier",))
+    cands = candidates(
+        model, SearchSpace(methods=("lora", "ia3"), lora_scales=(1.0,)), 5_000, head=("classifier",)
+    )
     setup = SearchSetup(model="tiny", data="fake", budget=5_000, trials=4)
     calls: list[str] = []
     summary = run_search(setup, cands, _fake_trainer(calls), tmp_path)
     assert len(calls) == 4 and len(set(calls)) == 4, "every trial trains a new configuration"
     dirs = sorted(p.name for p in tmp_path.glob("trial_*"))
     assert len(dirs) == 4 and all((tmp_path / d / "results.json").is_file() for d in dirs)
-    assert (tmp_path / "study.db").is_file() and (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "study.db").is_file() and (tmp_path / "pareto.png").read_bytes()[
+        :4
+    ] == b"\x89PNG"
     rows = json.loads((tmp_path / "trials.json").read_text())["trials"]
     assert len(rows) == 4 and summary["trials_done"] == 4
     for r in summary["pareto"]:  # nothing on the front is dominated by any trial
-        assert not any(o["val_accuracy"] > r["val_accuracy"] and o["params"] <= r["params"] for o in rows)
+        assert not any(
+            o["val_accuracy"] > r["val_accuracy"] and o["params"] <= r["params"] for o in rows
+        )
     assert summary["best"]["val_accuracy"] == max(r["val_accuracy"] for r in rows)
     assert "| config | delta parameters |" in (tmp_path / "pareto.md").read_text()
 
     # the same command again changes nothing; a larger --trials continues the same study
-    run_search(SearchSetup(model="tiny", data="fake", budget=5_000, trials=4), cands, _fake_trainer(calls), tmp_path, resume=True)
+    run_search(
+        SearchSetup(model="tiny", data="fake", budget=5_000, trials=4),
+        cands,
+        _fake_trainer(calls),
+        tmp_path,
+        resume=True,
+    )
     assert len(calls) == 4
-    more = run_search(SearchSetup(model="tiny", data="fake", budget=5_000, trials=6), cands, _fake_trainer(calls), tmp_path, resume=True)
+    more = run_search(
+        SearchSetup(model="tiny", data="fake", budget=5_000, trials=6),
+        cands,
+        _fake_trainer(calls),
+        tmp_path,
+        resume=True,
+    )
     assert len(calls) == 6 and len(set(calls)) == 6 and more["trials_done"] == 6
     with pytest.raises(BudgetError, match="holds a search with a different max_steps"):
-        run_search(SearchSetup(model="tiny", data="fake", budget=5_000, trials=6, max_steps=7), cands,
-                   _fake_trainer(calls), tmp_path, resume=True)
+        run_search(
+            SearchSetup(model="tiny", data="fake", budget=5_000, trials=6, max_steps=7),
+            cands,
+            _fake_trainer(calls),
+            tmp_path,
+            resume=True,
+        )
 
 
 def test_a_small_grid_is_searched_exhaustively_once(tmp_path):
     model = _bert()
-    cands = candidates(model, SearchSpace(methods=("lora",), positions=("qv",), lora_ranks=(1, 2), lora_scales=(1.0,)),
-                       5_000, head=("classifier",))
+    cands = candidates(
+        model,
+        SearchSpace(methods=("lora",), positions=("qv",), lora_ranks=(1, 2), lora_scales=(1.0,)),
+        5_000,
+        head=("classifier",),
+    )
     calls: list[str] = []
-    summary = run_search(SearchSetup(model="tiny", data="fake", budget=5_000, trials=10), cands, _fake_trainer(calls), tmp_path)
-    assert sorted(calls) == sorted(c.key for c in cands) and summary["trials_done"] == len(cands) == 2
+    summary = run_search(
+        SearchSetup(model="tiny", data="fake", budget=5_000, trials=10),
+        cands,
+        _fake_trainer(calls),
+        tmp_path,
+    )
+    assert (
+        sorted(calls) == sorted(c.key for c in cands) and summary["trials_done"] == len(cands) == 2
+    )
 
 
 def test_pareto_front_keeps_only_non_dominated_rows():
-    rows = [{"trial": 0, "key": "a", "params": 10, "val_accuracy": 0.5}, {"trial": 1, "key": "b", "params": 20, "val_accuracy": 0.7},
-            {"trial": 2, "key": "c", "params": 30, "val_accuracy": 0.6}, {"trial": 3, "key": "d", "params": 10, "val_accuracy": 0.4}]
+    rows = [
+        {"trial": 0, "key": "a", "params": 10, "val_accuracy": 0.5},
+        {"trial": 1, "key": "b", "params": 20, "val_accuracy": 0.7},
+        {"trial": 2, "key": "c", "params": 30, "val_accuracy": 0.6},
+        {"trial": 3, "key": "d", "params": 10, "val_accuracy": 0.4},
+    ]
     assert [r["key"] for r in pareto_front(rows)] == ["a", "b"]
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "deltatune.cli.app", *args], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "deltatune.cli.app", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        check=False,
+    )
 
 
 def test_cli_search_end_to_end_on_minilm(tmp_path):
     out = tmp_path / "s"
-    base = ["search", "--model", "minilm", "--data", "tweet-sentiment", "--budget", "0.5%", "--max-steps", "2",
-            "--limit", "16", "--batch-size", "8", "--methods", "lora,adalora", "--positions", "qv", "--out", str(out)]
+    base = [
+        "search",
+        "--model",
+        "minilm",
+        "--data",
+        "tweet-sentiment",
+        "--budget",
+        "0.5%",
+        "--max-steps",
+        "2",
+        "--limit",
+        "16",
+        "--batch-size",
+        "8",
+        "--methods",
+        "lora,adalora",
+        "--positions",
+        "qv",
+        "--out",
+        str(out),
+    ]
     proc = _cli(*base, "--trials", "2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
@@ -149,16 +234,50 @@ def test_cli_search_end_to_end_on_minilm(tmp_path):
     resumed = _cli(*base, "--trials", "3", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads((out / "results.json").read_text())["trials_done"] == 3
-    bad = _cli("search", "--model", "minilm", "--data", "tweet-sentiment", "--budget", "1000", "--trials", "2",
-               "--out", str(tmp_path / "b"))
-    assert bad.returncode == 2 and "no configuration of the search space fits the budget of 1,000" in bad.stderr
+    bad = _cli(
+        "search",
+        "--model",
+        "minilm",
+        "--data",
+        "tweet-sentiment",
+        "--budget",
+        "1000",
+        "--trials",
+        "2",
+        "--out",
+        str(tmp_path / "b"),
+    )
+    assert (
+        bad.returncode == 2
+        and "no configuration of the search space fits the budget of 1,000" in bad.stderr
+    )
     # one line (transformers' own loading bar aside), and nothing written
-    assert bad.stderr.strip().splitlines()[-1].startswith("error: no configuration") and not (tmp_path / "b").exists()
+    assert (
+        bad.stderr.strip().splitlines()[-1].startswith("error: no configuration")
+        and not (tmp_path / "b").exists()
+    )
 
 
 def test_cli_allocate_adalora_runs_a_warmup_and_prints_ranks():
-    proc = _cli("allocate", "--model", "minilm", "--data", "tweet-sentiment", "--budget", "0.3%", "--method", "adalora",
-                "--steps", "4", "--batches", "2", "--batch-size", "4", "--targets", "query,value")
+    proc = _cli(
+        "allocate",
+        "--model",
+        "minilm",
+        "--data",
+        "tweet-sentiment",
+        "--budget",
+        "0.3%",
+        "--method",
+        "adalora",
+        "--steps",
+        "4",
+        "--batches",
+        "2",
+        "--batch-size",
+        "4",
+        "--targets",
+        "query,value",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 12 + 1 and lines[-1].startswith("budget 68,143 parameters")

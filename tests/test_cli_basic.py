@@ -38,7 +38,11 @@ def test_info_shows_a_saved_delta(tmp_path, capsys):
     dt.save_adapter(m, tmp_path / "a")
     assert main(["info", str(tmp_path / "a"), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["method"] == "lora" and data["hosts"] == ["0", "1"] and data["num_parameters"] == 2 * (4 + 6) + 2 * (6 + 2)
+    assert (
+        data["method"] == "lora"
+        and data["hosts"] == ["0", "1"]
+        and data["num_parameters"] == 2 * (4 + 6) + 2 * (6 + 2)
+    )
     assert main(["info", str(tmp_path / "a")]) == 0
     assert "lora" in capsys.readouterr().out
 
@@ -50,13 +54,24 @@ def test_info_on_missing_dir_is_one_line_error(tmp_path, capsys):
 
 
 def test_console_script_exit_status(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "deltatune.cli.app", "info", str(tmp_path / "nope")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "deltatune.cli.app", "info", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "error:" in proc.stderr
 
 
 def test_build_spec_options():
-    spec = build_spec("lora", {"rank": 4, "alpha": 8, "targets": "query,value", "dora": True}, head=["classifier"])
-    assert spec.r == 4 and spec.targets == ("query", "value") and spec.dora and spec.trainable_modules == ("classifier",)
+    spec = build_spec(
+        "lora", {"rank": 4, "alpha": 8, "targets": "query,value", "dora": True}, head=["classifier"]
+    )
+    assert (
+        spec.r == 4
+        and spec.targets == ("query", "value")
+        and spec.dora
+        and spec.trainable_modules == ("classifier",)
+    )
     with pytest.raises(dt.SpecError, match="unknown method 'lorax'"):
         build_spec("lorax", {})
     with pytest.raises(dt.SpecError, match="has no option 'rnk'"):

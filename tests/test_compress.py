@@ -58,7 +58,9 @@ def test_compeft_keeps_top_k_signs_with_one_scale():
 def test_bitdelta_is_sign_times_mean_magnitude():
     d = _delta()
     out = dc.compress_tensors({"w": d}, "bitdelta").tensor("w")
-    assert torch.equal(torch.sign(out), torch.sign(d)) and torch.allclose(out.abs(), d.abs().mean().expand_as(d))
+    assert torch.equal(torch.sign(out), torch.sign(d)) and torch.allclose(
+        out.abs(), d.abs().mean().expand_as(d)
+    )
 
 
 def test_dare_is_seeded_unbiased_and_rescaled():
@@ -83,23 +85,35 @@ def test_lowrank_is_the_truncated_svd():
     u = torch.randn(48, 6, generator=torch.Generator().manual_seed(0))
     v = torch.randn(6, 40, generator=torch.Generator().manual_seed(1))
     exact = u @ v
-    assert torch.allclose(dc.compress_tensors({"w": exact}, "lowrank", rank=6).tensor("w"), exact, atol=1e-4)
+    assert torch.allclose(
+        dc.compress_tensors({"w": exact}, "lowrank", rank=6).tensor("w"), exact, atol=1e-4
+    )
     d = _delta()
     c = dc.compress_tensors({"w": d}, "lowrank", rank=4)
     s = torch.linalg.svdvals(d)
-    assert torch.allclose(torch.linalg.matrix_norm(c.tensor("w") - d), s[4:].square().sum().sqrt(), rtol=1e-4)
-    assert c.metas["w"]["energy"] == pytest.approx(float(s[:4].square().sum() / s.square().sum()), rel=1e-5)
+    assert torch.allclose(
+        torch.linalg.matrix_norm(c.tensor("w") - d), s[4:].square().sum().sqrt(), rtol=1e-4
+    )
+    assert c.metas["w"]["energy"] == pytest.approx(
+        float(s[:4].square().sum() / s.square().sum()), rel=1e-5
+    )
 
 
 @pytest.mark.parametrize("codec", CODECS)
 def test_save_load_round_trip_is_bit_exact(tmp_path, codec):
-    tensors = {"layer.weight": _delta(), "layer.bias": torch.randn(48), "conv.weight": torch.randn(8, 4, 3, 3)}
+    tensors = {
+        "layer.weight": _delta(),
+        "layer.bias": torch.randn(48),
+        "conv.weight": torch.randn(8, 4, 3, 3),
+    }
     c = dc.compress_tensors(tensors, codec, min_numel=64)
     c.save(tmp_path / "c")
     back = dc.load_compressed(tmp_path / "c")
     for name in tensors:
         assert torch.equal(back.tensor(name), c.tensor(name))
-    assert torch.equal(back.tensor("layer.bias"), tensors["layer.bias"])  # vectors stay raw (lossless)
+    assert torch.equal(
+        back.tensor("layer.bias"), tensors["layer.bias"]
+    )  # vectors stay raw (lossless)
     assert back.metas["layer.weight"]["codec"] == codec
     assert back.ratio == pytest.approx(c.ratio) and c.packed_bytes < c.original_bytes
 
@@ -130,7 +144,9 @@ def test_compressed_adapter_attaches_like_any_other(tmp_path, codec):
             key = n.replace(".deltas.a.", ".")  # the tensors the adapter holds are the decoded ones
             if "lora_" in n:
                 assert torch.equal(p, decoded[key])
-        if codec.startswith("int"):  # quantisation keeps the outputs close; the sparse/sign codecs need data
+        if codec.startswith(
+            "int"
+        ):  # quantisation keeps the outputs close; the sparse/sign codecs need data
             assert torch.allclose(other(x), model(x), atol=0.05)
     info = dt.io.read_adapter_info(tmp_path / "c")
     assert info["codec"] == codec and info["ratio"] > 1 and info["method"] == "lora"
@@ -144,7 +160,9 @@ def test_task_vector_from_checkpoints_applies_and_extracts_to_lora(tmp_path):
         ft[0].bias.add_(0.1)
     save_tensors(tmp_path / "base.safetensors", base.state_dict())
     save_tensors(tmp_path / "ft.safetensors", ft.state_dict())
-    c = dc.compress_checkpoint(tmp_path / "ft.safetensors", tmp_path / "base.safetensors", "lowrank", rank=8, min_numel=256)
+    c = dc.compress_checkpoint(
+        tmp_path / "ft.safetensors", tmp_path / "base.safetensors", "lowrank", rank=8, min_numel=256
+    )
     assert c.metas["0.weight"]["codec"] == "lowrank" and c.metas["0.bias"]["codec"] == "raw"
     tv = c.to_task_vector()
     x = torch.randn(5, 64)
@@ -159,7 +177,9 @@ def test_task_vector_from_checkpoints_applies_and_extracts_to_lora(tmp_path):
     dt.save_adapter(model, tmp_path / "lora", format="peft")  # a plain LoRA, peft layout too
     fresh = _mlp()
     dt.load_adapter(fresh, tmp_path / "lora")
-    with torch.no_grad():  # the LoRA holds the matrices; the dropped bias change is all that is missing
+    with (
+        torch.no_grad()
+    ):  # the LoRA holds the matrices; the dropped bias change is all that is missing
         fresh[0].base.bias.add_(0.1)
         assert torch.allclose(fresh(x), exact(x), atol=1e-4)
 
@@ -178,18 +198,27 @@ def test_scales_can_be_searched_and_calibrated():
         return (cd.to_task_vector().apply_to(_mlp())(x) - target).square().mean().item()
 
     best, scores = dc.search_alpha(c, lambda cd: -error(cd))
-    assert set(scores) == {0.5, 0.75, 1.0, 1.25, 1.5, 2.0} and error(best) == pytest.approx(-max(scores.values()))
-    calibrated = dc.calibrate_scales(c, _mlp(), dict(base.state_dict()), teacher=lambda b: ft(b), batches=[x],
-                                     steps=30, lr=1e-3)
+    assert set(scores) == {0.5, 0.75, 1.0, 1.25, 1.5, 2.0} and error(best) == pytest.approx(
+        -max(scores.values())
+    )
+    calibrated = dc.calibrate_scales(
+        c, _mlp(), dict(base.state_dict()), teacher=lambda b: ft(b), batches=[x], steps=30, lr=1e-3
+    )
     assert error(calibrated) < error(c)
-    assert torch.equal(torch.sign(calibrated.tensor("0.weight")), torch.sign(c.tensor("0.weight")))  # signs fixed
+    assert torch.equal(
+        torch.sign(calibrated.tensor("0.weight")), torch.sign(c.tensor("0.weight"))
+    )  # signs fixed
 
 
 def test_real_minilm_lora_compressed_stays_close(tmp_path):
     from deltatune.models import load_model
 
     entry = load_model("minilm", num_labels=5, max_length=32)
-    dt.attach(entry.model, dt.LoRA(r=8, targets=["query", "value"], trainable_modules=["classifier"]), name="a")
+    dt.attach(
+        entry.model,
+        dt.LoRA(r=8, targets=["query", "value"], trainable_modules=["classifier"]),
+        name="a",
+    )
     with torch.no_grad():
         for n, p in entry.model.named_parameters():
             if "lora_B" in n:
@@ -202,7 +231,9 @@ def test_real_minilm_lora_compressed_stays_close(tmp_path):
     other = load_model("minilm", num_labels=5, max_length=32).model
     dt.load_adapter(other, tmp_path / "c")
     with torch.no_grad():
-        assert torch.allclose(other(**batch), entry.model(**batch), atol=5e-3)  # int8: ~0.4% of each row max
+        assert torch.allclose(
+            other(**batch), entry.model(**batch), atol=5e-3
+        )  # int8: ~0.4% of each row max
 
 
 # -- bad input -----------------------------------------------------------------------------------------
@@ -215,7 +246,9 @@ def test_bad_input_is_one_clear_error(tmp_path):
         dc.compress_tensors({"w": _delta()}, "lowrank", rank=100, min_numel=1)
     with pytest.raises(dc.CompressError, match="NaN or inf"):
         dc.compress_tensors({"w": torch.full((40, 40), float("nan"))}, "int8")
-    with pytest.raises(dc.CompressError, match="no tensor of this delta can take the bitdelta codec"):
+    with pytest.raises(
+        dc.CompressError, match="no tensor of this delta can take the bitdelta codec"
+    ):
         dc.compress_tensors({"bias": torch.randn(40)}, "bitdelta")
     model = _mlp()
     dt.attach(model, dt.LoRA(r=4, targets=["0"]), name="a")
@@ -245,26 +278,43 @@ def test_corrupt_or_truncated_packed_files_are_refused(tmp_path):
 
 # -- CLI ----------------------------------------------------------------------------------------------
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "deltatune.cli.app", *map(str, args)], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "deltatune.cli.app", *map(str, args)], capture_output=True, text=True
+    )
 
 
 def test_cli_compress_info_and_errors(tmp_path):
     model = _mlp()
     dt.attach(model, dt.LoRA(r=8, targets=["0", "2"]), name="a")
     dt.save_adapter(model, tmp_path / "a")
-    proc = _cli("compress", tmp_path / "a", "--codec", "bitdelta", "--min-numel", "256", "--out", tmp_path / "b")
+    proc = _cli(
+        "compress",
+        tmp_path / "a",
+        "--codec",
+        "bitdelta",
+        "--min-numel",
+        "256",
+        "--out",
+        tmp_path / "b",
+    )
     assert proc.returncode == 0, proc.stderr
     results = json.loads((tmp_path / "b" / "results.json").read_text())
     assert results["codec"] == "bitdelta" and results["bytes_before"] > results["bytes_after"] > 0
-    assert results["ratio"] == pytest.approx(results["bytes_before"] / results["bytes_after"], rel=1e-3)
+    assert results["ratio"] == pytest.approx(
+        results["bytes_before"] / results["bytes_after"], rel=1e-3
+    )
     info = _cli("info", tmp_path / "b")
     assert info.returncode == 0 and "bitdelta" in info.stdout and "packed" in info.stdout
     again = _cli("compress", tmp_path / "a", "--codec", "bitdelta", "--out", tmp_path / "b")
     assert again.returncode == 2 and "not empty" in again.stderr
     bad = _cli("compress", tmp_path / "a", "--codec", "lowrank", "--out", tmp_path / "c")
-    assert bad.returncode == 2 and "already low-rank" in bad.stderr and not (tmp_path / "c").exists()
+    assert (
+        bad.returncode == 2 and "already low-rank" in bad.stderr and not (tmp_path / "c").exists()
+    )
     unknown = _cli("compress", tmp_path / "a", "--codec", "gzip", "--out", tmp_path / "c")
     assert unknown.returncode == 2 and "unknown codec" in unknown.stderr
-    nobase = _cli("compress", tmp_path / "a" / "delta.safetensors", "--codec", "int8", "--out", tmp_path / "c")
+    nobase = _cli(
+        "compress", tmp_path / "a" / "delta.safetensors", "--codec", "int8", "--out", tmp_path / "c"
+    )
     assert nobase.returncode == 2 and "--base" in nobase.stderr and not (tmp_path / "c").exists()
     assert not list(tmp_path.glob(".c.*")), "no temporary directory left behind"

@@ -17,7 +17,9 @@ from deltatune.data import Dataset, load_data
 from deltatune.models import load_model
 from deltatune.train import TrainConfig
 
-CFG = dict(max_steps=3, batch_size=16, lr=1e-2, progress=False, eval_each_epoch=False, keep_best=False)
+CFG = dict(
+    max_steps=3, batch_size=16, lr=1e-2, progress=False, eval_each_epoch=False, keep_best=False
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,17 +38,27 @@ def test_metrics_of_a_known_matrix():
 
 def test_streams_split_classes_and_domains(stream):
     assert [t.classes for t in stream.tasks] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
-    assert all(set(t.train.labels) <= set(t.classes) and set(t.test.labels) <= set(t.classes) for t in stream.tasks)
+    assert all(
+        set(t.train.labels) <= set(t.classes) and set(t.test.labels) <= set(t.classes)
+        for t in stream.tasks
+    )
     assert stream.scenario == "class" and len(stream.label_names) == 10
     dom = cl.make_stream("tweet-domains", limit_train=400, limit_test=100)
-    assert [t.name for t in dom.tasks] == ["airlines", "nfl", "apple", "cars"] and dom.scenario == "domain"
+    assert [t.name for t in dom.tasks] == [
+        "airlines",
+        "nfl",
+        "apple",
+        "cars",
+    ] and dom.scenario == "domain"
 
 
 def test_bad_streams_and_strategies_are_one_line_errors(stream, tmp_path):
     tasks = stream.tasks
     with pytest.raises(cl.ContinualError, match="repeats classes"):
         cl.Stream("x", "class", [tasks[0], tasks[0]], stream.label_names, stream.task_kind)
-    empty = cl.Task("none", Dataset("e", stream.task_kind, [], stream.label_names), tasks[0].test, [0])
+    empty = cl.Task(
+        "none", Dataset("e", stream.task_kind, [], stream.label_names), tasks[0].test, [0]
+    )
     with pytest.raises(cl.ContinualError, match="no training or test examples"):
         cl.Stream("x", "class", [tasks[0], empty], stream.label_names, stream.task_kind)
     with pytest.raises(cl.ContinualError, match="unknown stream 'nope'"):
@@ -62,9 +74,18 @@ def test_bad_streams_and_strategies_are_one_line_errors(stream, tmp_path):
     with pytest.raises(cl.ContinualError, match="has no option 'lam'"):
         cl.make_strategy("replay", lam=1.0)
     entry = load_model("small-cnn", num_labels=4)
-    with pytest.raises(cl.ContinualError, match="head has 4 outputs but stream 'split-mnist' has 10 classes"):
-        cl.run_stream(entry.model, entry.collate, stream, cl.make_strategy("sequential"), TrainConfig(**CFG),
-                      spec=dt.LoRA(r=2, target_types=["Conv2d"]), head=entry.head)
+    with pytest.raises(
+        cl.ContinualError, match="head has 4 outputs but stream 'split-mnist' has 10 classes"
+    ):
+        cl.run_stream(
+            entry.model,
+            entry.collate,
+            stream,
+            cl.make_strategy("sequential"),
+            TrainConfig(**CFG),
+            spec=dt.LoRA(r=2, target_types=["Conv2d"]),
+            head=entry.head,
+        )
     with pytest.raises(cl.ContinualError, match="LAE needs a parameter-efficient method"):
         cl.make_strategy("lae").setup(entry.model, None, entry.head, entry.collate)
 
@@ -96,7 +117,9 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_grows_away():
     assert s.penalty_value().item() == 0.0
     with torch.no_grad():
         model[2].weight.add_(0.1)
-    assert s.penalty_value().item() == pytest.approx(0.5 * 10.0 * 0.01 * model[2].weight.numel(), rel=1e-4)
+    assert s.penalty_value().item() == pytest.approx(
+        0.5 * 10.0 * 0.01 * model[2].weight.numel(), rel=1e-4
+    )
 
 
 def test_lae_offline_delta_is_the_ema_of_the_online_one():
@@ -118,7 +141,9 @@ def test_lae_momentum_follows_the_steps_per_task_unless_given():
     s.configure(TrainConfig(**CFG), 200)
     assert s.ema_momentum == pytest.approx(1 - 1 / 200)
     s.configure(TrainConfig(**CFG), 3)
-    assert s.ema_momentum == pytest.approx(0.9)  # clipped: a 3-step task still keeps an offline memory
+    assert s.ema_momentum == pytest.approx(
+        0.9
+    )  # clipped: a 3-step task still keeps an offline memory
     assert cl.make_strategy("lae", momentum=0.999).ema_momentum == 0.999
     with pytest.raises(cl.ContinualError, match="momentum must be in"):
         cl.make_strategy("lae", momentum=1.5).validate(dt.LoRA(r=2))
@@ -145,7 +170,9 @@ def test_zscl_distils_only_from_the_second_task_and_is_zero_at_the_teacher():
     model = _XModel()
     s = cl.make_strategy("zscl", reference_batch=8)
     s.setup(model, None, ["head"], _batch_collate)
-    data = Dataset("d", "x", [{"x": torch.randn(4), "label": i % 3} for i in range(32)], ["a", "b", "c"])
+    data = Dataset(
+        "d", "x", [{"x": torch.randn(4), "label": i % 3} for i in range(32)], ["a", "b", "c"]
+    )
     task = cl.Task("t", data, data, [0, 1, 2])
     s.before_task(0, task)
     assert s.distillation(model) is None  # no teacher before the first task
@@ -187,7 +214,9 @@ def test_zscl_reference_of_another_kind_is_refused():
 def test_user_stream_from_a_task_column(tmp_path):
     rows = ["text,label,task"]
     for i in range(60):
-        rows.append(f"example {i} {'good' if i % 2 else 'bad'},{'pos' if i % 2 else 'neg'},{['b', 'a', 'c'][i % 3]}")
+        rows.append(
+            f"example {i} {'good' if i % 2 else 'bad'},{'pos' if i % 2 else 'neg'},{['b', 'a', 'c'][i % 3]}"
+        )
     csv = tmp_path / "tasks.csv"
     csv.write_text("\n".join(rows) + "\n")
     st = cl.make_stream(f"{csv}@task")
@@ -222,7 +251,9 @@ def test_olora_penalty_vanishes_for_orthogonal_subspaces():
         host.part("task1").lora_A.copy_(torch.eye(6)[1:3])
     assert s.orthogonality().item() == pytest.approx(1.0)
     assert not host.part("task0").lora_A.requires_grad and host.part("task1").lora_A.requires_grad
-    assert model[2].weight.requires_grad, "the shared head keeps training after a new task's LoRA is attached"
+    assert model[2].weight.requires_grad, (
+        "the shared head keeps training after a new task's LoRA is attached"
+    )
 
 
 def test_merge_is_the_average_of_the_task_deltas():
@@ -239,16 +270,27 @@ def test_merge_is_the_average_of_the_task_deltas():
             outs.append(model[0](x))
         s.after_task(t, cl.Task(f"t{t}", None, None, [t]))
     with torch.no_grad():
-        assert torch.allclose(model[0](x), (outs[0] + outs[1]) / 2, atol=1e-5)  # ΔW averaged, layer 0 is linear
+        assert torch.allclose(
+            model[0](x), (outs[0] + outs[1]) / 2, atol=1e-5
+        )  # ΔW averaged, layer 0 is linear
     assert model[2].weight.requires_grad
 
 
-@pytest.mark.parametrize("strategy", ["sequential", "joint", "replay", "ewc", "lwf", "lae", "zscl", "merge", "olora"])
+@pytest.mark.parametrize(
+    "strategy", ["sequential", "joint", "replay", "ewc", "lwf", "lae", "zscl", "merge", "olora"]
+)
 def test_every_strategy_runs_a_stream(stream, strategy):
     torch.manual_seed(0)
     entry = load_model("small-cnn", num_labels=10)
-    result = cl.run_stream(entry.model, entry.collate, stream, cl.make_strategy(strategy), TrainConfig(**CFG),
-                           spec=dt.LoRA(r=2, target_types=["Conv2d"]), head=entry.head)
+    result = cl.run_stream(
+        entry.model,
+        entry.collate,
+        stream,
+        cl.make_strategy(strategy),
+        TrainConfig(**CFG),
+        spec=dt.LoRA(r=2, target_types=["Conv2d"]),
+        head=entry.head,
+    )
     rows = 1 if strategy == "joint" else 5
     assert len(result.accuracy_matrix) == rows and all(len(r) == 5 for r in result.accuracy_matrix)
     assert all(0 <= a <= 1 for r in result.accuracy_matrix for a in r)
@@ -257,15 +299,66 @@ def test_every_strategy_runs_a_stream(stream, strategy):
 
 
 def test_cli_continual_writes_matrix_and_plot(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "deltatune.cli.app", "continual", "--model", "small-cnn",
-                           "--stream", "split-mnist", "--strategy", "replay", "--method", "lora", "--rank", "2",
-                           "--max-steps", "2", "--limit", "300", "--limit-test", "100", "--buffer-size", "20",
-                           "--out", str(tmp_path / "cl")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deltatune.cli.app",
+            "continual",
+            "--model",
+            "small-cnn",
+            "--stream",
+            "split-mnist",
+            "--strategy",
+            "replay",
+            "--method",
+            "lora",
+            "--rank",
+            "2",
+            "--max-steps",
+            "2",
+            "--limit",
+            "300",
+            "--limit-test",
+            "100",
+            "--buffer-size",
+            "20",
+            "--out",
+            str(tmp_path / "cl"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     r = json.loads((tmp_path / "cl" / "results.json").read_text())
-    assert len(r["accuracy_matrix"]) == 5 and {"average_accuracy", "forgetting", "backward_transfer"} <= set(r)
+    assert len(r["accuracy_matrix"]) == 5 and {
+        "average_accuracy",
+        "forgetting",
+        "backward_transfer",
+    } <= set(r)
     assert (tmp_path / "cl" / "accuracy_matrix.png").stat().st_size > 1000
-    bad = subprocess.run([sys.executable, "-m", "deltatune.cli.app", "continual", "--model", "small-cnn", "--stream",
-                          "split-mnist", "--strategy", "lae", "--method", "full", "--max-steps", "2", "--limit", "100",
-                          "--out", str(tmp_path / "bad")], capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deltatune.cli.app",
+            "continual",
+            "--model",
+            "small-cnn",
+            "--stream",
+            "split-mnist",
+            "--strategy",
+            "lae",
+            "--method",
+            "full",
+            "--max-steps",
+            "2",
+            "--limit",
+            "100",
+            "--out",
+            str(tmp_path / "bad"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "LAE needs" in bad.stderr and not (tmp_path / "bad").exists()

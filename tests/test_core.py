@@ -137,7 +137,9 @@ def test_embedding_lora(tiny_lm):
     dt.unmerge(tiny_lm)
     with dt.route(tiny_lm, ["default", None, "default"]):
         routed = tiny_lm(ids)
-    assert torch.allclose(routed[0], y[0], atol=1e-5) and torch.allclose(routed[1], y0[1], atol=1e-5)
+    assert torch.allclose(routed[0], y[0], atol=1e-5) and torch.allclose(
+        routed[1], y0[1], atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
@@ -152,7 +154,9 @@ def test_svd_inits_keep_outputs_and_detach_restores(mlp, init):
     y = mlp(x)
     change = mlp.fc2.deltas["default"].delta_weight(mlp.fc2)["weight"]
     merged_view = mlp.fc2.base.weight + mlp.fc2.deltas["default"].product()
-    assert torch.allclose(w + change, merged_view, atol=1e-5)  # delta_weight is relative to the original W
+    assert torch.allclose(
+        w + change, merged_view, atol=1e-5
+    )  # delta_weight is relative to the original W
     dt.merge(mlp)
     assert torch.allclose(mlp(x), y, atol=1e-5)
     dt.unmerge(mlp)
@@ -212,9 +216,17 @@ def test_route_batch_size_mismatch(mlp):
             mlp(torch.randn(3, 8))
 
 
-@pytest.mark.parametrize("kw,field", [({"r": 0}, "r"), ({"alpha": -1}, "alpha"), ({"dropout": 1.5}, "dropout"),
-                                      ({"init": "magic"}, "init"), ({"bias": "some"}, "bias"),
-                                      ({"target_regex": "("}, "target_regex")])
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        ({"r": 0}, "r"),
+        ({"alpha": -1}, "alpha"),
+        ({"dropout": 1.5}, "dropout"),
+        ({"init": "magic"}, "init"),
+        ({"bias": "some"}, "bias"),
+        ({"target_regex": "("}, "target_regex"),
+    ],
+)
 def test_bad_spec_values_name_the_field(kw, field):
     with pytest.raises(dt.SpecError, match=f"LoRA.{field}="):
         dt.LoRA(**kw)

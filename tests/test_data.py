@@ -32,7 +32,11 @@ def test_bbc_news_counts_split_and_stratification():
     assert parts["train"].label_names == ["business", "entertainment", "politics", "sports", "tech"]
     assert parts["train"].task == "text-classification"
     texts = {s: {e["text"] for e in d.examples} for s, d in parts.items()}
-    assert not texts["train"] & texts["test"] and not texts["val"] & texts["test"] and not texts["train"] & texts["val"]
+    assert (
+        not texts["train"] & texts["test"]
+        and not texts["val"] & texts["test"]
+        and not texts["train"] & texts["val"]
+    )
     total = collections.Counter(parts["train"].labels + parts["val"].labels + parts["test"].labels)
     for split in ("val", "test"):  # every topic in the same 10% share
         counts = collections.Counter(parts[split].labels)
@@ -46,8 +50,12 @@ def test_split_depends_only_on_seed():
     assert [e["text"] for e in a.examples] == [e["text"] for e in b.examples]
     assert [e["text"] for e in a.examples] != [e["text"] for e in c.examples]
     small = load_data("bbc-news", "test", limit=20)
-    assert len(small) == 20 and {e["text"] for e in small.examples} <= {e["text"] for e in a.examples}
-    assert [e["text"] for e in small.examples] == [e["text"] for e in load_data("bbc-news", "test", limit=20).examples]
+    assert len(small) == 20 and {e["text"] for e in small.examples} <= {
+        e["text"] for e in a.examples
+    }
+    assert [e["text"] for e in small.examples] == [
+        e["text"] for e in load_data("bbc-news", "test", limit=20).examples
+    ]
 
 
 def test_bbc_news_text_is_plain_text_for_lm():
@@ -62,7 +70,9 @@ def test_tweet_domains_counts_and_labels():
     assert len(rows) == 38158 and parts[0].label_names == ["negative", "neutral", "positive"]
     counts = collections.Counter(e["domain"] for e in rows)
     assert counts == {"airlines": 14638, "nfl": 9434, "other": 5482, "cars": 4806, "apple": 3798}
-    by_domain = {d: collections.Counter(e["label"] for e in rows if e["domain"] == d) for d in DOMAIN_NAMES}
+    by_domain = {
+        d: collections.Counter(e["label"] for e in rows if e["domain"] == d) for d in DOMAIN_NAMES
+    }
     assert by_domain["airlines"].most_common(1)[0][0] == 0  # airlines: mostly negative
     assert by_domain["cars"].most_common(1)[0][0] == 1  # self-driving cars: mostly neutral
     # stratified by domain and label: each domain keeps about its 10% share of the test split
@@ -76,7 +86,9 @@ def test_tweet_domains_counts_and_labels():
 
 def test_tweet_domain_selection():
     apple = load_data("tweet-sentiment:apple", "test")
-    assert apple.name == "tweet-sentiment:apple" and {e["domain"] for e in apple.examples} == {"apple"}
+    assert apple.name == "tweet-sentiment:apple" and {e["domain"] for e in apple.examples} == {
+        "apple"
+    }
     assert 340 <= len(apple) <= 390
     pair = load_data("tweet-sentiment:airlines,nfl", "val")
     assert {e["domain"] for e in pair.examples} == {"airlines", "nfl"}
@@ -134,7 +146,9 @@ def test_digits_look_like_mnist():
     assert _sizes("digits") == {"train": 1439, "val": 179, "test": 179}
     imgs = torch.stack([e["image"] for e in load_data("digits", "train").examples]).float()
     assert imgs.shape[1:] == (1, 28, 28)
-    assert imgs[..., :4, :].max() == 0 and imgs[..., :, -4:].max() == 0  # 4 px empty margin like MNIST
+    assert (
+        imgs[..., :4, :].max() == 0 and imgs[..., :, -4:].max() == 0
+    )  # 4 px empty margin like MNIST
     assert imgs.max() == 255 and 20 < imgs.mean() < 60  # MNIST's mean is 33
 
 
@@ -145,7 +159,9 @@ def test_corruption_names_match_corrupt_tta():
     import corrupt_tta
 
     assert len(corruption_names(extra=False)) == 15 and corruption_names(extra=False) == CORRUPTIONS
-    assert len(corruption_names()) == 19 and set(corruption_names()) == set(corrupt_tta.corruption_dict)
+    assert len(corruption_names()) == 19 and set(corruption_names()) == set(
+        corrupt_tta.corruption_dict
+    )
 
 
 def test_mnist_c_is_deterministic_and_cached():
@@ -167,17 +183,24 @@ def test_corruption_per_image_seeding_and_severity():
     idx = np.array([10, 20, 30, 40])
     full = corrupt_images(images, idx, "impulse_noise", 3, seed=0)  # skimage rng made deterministic
     part = corrupt_images(images[2:], idx[2:], "impulse_noise", 3, seed=0)
-    assert np.array_equal(full[2:], part) and np.array_equal(full, corrupt_images(images, idx, "impulse_noise", 3, seed=0))
+    assert np.array_equal(full[2:], part) and np.array_equal(
+        full, corrupt_images(images, idx, "impulse_noise", 3, seed=0)
+    )
     mild = np.abs(corrupt_images(images, idx, "gaussian_noise", 1, 0).astype(float) - images).mean()
-    harsh = np.abs(corrupt_images(images, idx, "gaussian_noise", 5, 0).astype(float) - images).mean()
+    harsh = np.abs(
+        corrupt_images(images, idx, "gaussian_noise", 5, 0).astype(float) - images
+    ).mean()
     assert harsh > 2 * mild > 0
 
 
 def test_digits_c_and_corruption_errors():
     d = load_data("digits-c:fog:2", "test", limit=3)
     assert len(d) == 3 and d[0]["image"].shape == (1, 28, 28)
-    for spec, msg in [("mnist-c:foo:3", "unknown corruption"), ("mnist-c:fog:9", "severity must be 1-5"),
-                      ("mnist-c:fog", "mnist-c:<corruption>:<severity>")]:
+    for spec, msg in [
+        ("mnist-c:foo:3", "unknown corruption"),
+        ("mnist-c:fog:9", "severity must be 1-5"),
+        ("mnist-c:fog", "mnist-c:<corruption>:<severity>"),
+    ]:
         with pytest.raises(DataError, match=msg):
             load_data(spec, "test")
 
@@ -192,19 +215,29 @@ def _write(path, text: str):
 
 def test_csv_string_labels_sorted_and_seeded_split(tmp_path):
     rows = "".join(f'"text number {i}",{["spam", "ham", "eggs"][i % 3]}\n' for i in range(60))
-    path = _write(tmp_path / "d.csv", "\ufefftext,label\n" + rows)  # a spreadsheet's byte-order mark
+    path = _write(
+        tmp_path / "d.csv", "\ufefftext,label\n" + rows
+    )  # a spreadsheet's byte-order mark
     parts = {s: load_data(path, s) for s in ("train", "val", "test")}
     assert parts["train"].label_names == ["eggs", "ham", "spam"]
     assert {s: len(d) for s, d in parts.items()} == {"train": 48, "val": 6, "test": 6}
-    dup = _write(tmp_path / "dup.csv", "text,label\n" + "same text,a\n" * 10 + "".join(f"t{i},b\n" for i in range(10)))
-    placed = [[e["text"] for e in load_data(dup, s).examples].count("same text") for s in ("train", "val", "test")]
+    dup = _write(
+        tmp_path / "dup.csv",
+        "text,label\n" + "same text,a\n" * 10 + "".join(f"t{i},b\n" for i in range(10)),
+    )
+    placed = [
+        [e["text"] for e in load_data(dup, s).examples].count("same text")
+        for s in ("train", "val", "test")
+    ]
     assert sorted(placed) == [0, 0, 10]  # duplicates are kept together
     assert collections.Counter(parts["test"].labels) == {0: 2, 1: 2, 2: 2}
     assert parts["train"][0]["text"].startswith("text number")
 
 
 def test_csv_numeric_labels_and_split_column(tmp_path):
-    lines = ["text,label,split"] + [f"t{i},{[2, 10, 9][i % 3]},{['train', 'validation', 'test'][i % 3]}" for i in range(9)]
+    lines = ["text,label,split"] + [
+        f"t{i},{[2, 10, 9][i % 3]},{['train', 'validation', 'test'][i % 3]}" for i in range(9)
+    ]
     path = _write(tmp_path / "d.csv", "\n".join(lines) + "\n")
     val = load_data(path, "val")
     assert val.label_names == ["2", "9", "10"]  # numerically, not as strings
@@ -226,8 +259,13 @@ def test_csv_errors(tmp_path, content, msg):
 
 
 def test_jsonl_and_file_errors(tmp_path):
-    path = _write(tmp_path / "d.jsonl", "".join(json.dumps({"text": f"t{i}", "label": i % 2}) + "\n" for i in range(20)))
-    assert load_data(path, "train").label_names == ["0", "1"] and len(load_data(path, "train")) == 16
+    path = _write(
+        tmp_path / "d.jsonl",
+        "".join(json.dumps({"text": f"t{i}", "label": i % 2}) + "\n" for i in range(20)),
+    )
+    assert (
+        load_data(path, "train").label_names == ["0", "1"] and len(load_data(path, "train")) == 16
+    )
     with pytest.raises(DataError, match="d2.jsonl:2 is not valid JSON"):
         load_data(_write(tmp_path / "d2.jsonl", '{"text": "a", "label": 1}\nnot json\n'))
     with pytest.raises(DataError, match="not a JSON object"):
@@ -245,10 +283,14 @@ def test_image_folder(tmp_path):
     for cls in ("cat", "dog"):
         (tmp_path / "imgs" / cls).mkdir(parents=True)
         for i in range(10):
-            Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+            Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).save(
+                tmp_path / "imgs" / cls / f"{i}.png"
+            )
     root = str(tmp_path / "imgs")
     train, test = load_data(root, "train"), load_data(root, "test")
-    assert train.label_names == ["cat", "dog"] and len(train) == 16 and sorted(test.labels) == [0, 1]
+    assert (
+        train.label_names == ["cat", "dog"] and len(train) == 16 and sorted(test.labels) == [0, 1]
+    )
     assert train.task == "image-classification" and train[0]["image"].shape == (3, 12, 16)
     assert len(load_data(root, "train", limit=5)) == 5
     (tmp_path / "imgs" / "dog" / "broken.png").write_bytes(b"not a png")
@@ -260,12 +302,23 @@ def test_image_folder(tmp_path):
 
 def test_datasets_save_to_disk(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
-    feats = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
-    ds = datasets.Dataset.from_dict({"text": [f"t{i}" for i in range(20)], "label": [i % 2 for i in range(20)]}, features=feats)
-    datasets.DatasetDict({"train": ds, "validation": ds.select(range(4))}).save_to_disk(str(tmp_path / "dict"))
+    feats = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])}
+    )
+    ds = datasets.Dataset.from_dict(
+        {"text": [f"t{i}" for i in range(20)], "label": [i % 2 for i in range(20)]}, features=feats
+    )
+    datasets.DatasetDict({"train": ds, "validation": ds.select(range(4))}).save_to_disk(
+        str(tmp_path / "dict")
+    )
     ds.save_to_disk(str(tmp_path / "single"))
     val = load_data(str(tmp_path / "dict"), "val")
-    assert val.label_names == ["neg", "pos"] and [e["text"] for e in val.examples] == ["t0", "t1", "t2", "t3"]
+    assert val.label_names == ["neg", "pos"] and [e["text"] for e in val.examples] == [
+        "t0",
+        "t1",
+        "t2",
+        "t3",
+    ]
     assert val.labels == [0, 1, 0, 1]
     with pytest.raises(DataError, match="none named test"):
         load_data(str(tmp_path / "dict"), "test")
@@ -287,6 +340,10 @@ def test_unknown_names_splits_and_limits():
         load_data("bbc-news", limit=0)
     with pytest.raises(DataError, match="takes no ':'"):
         load_data("mnist:3")
-    assert {"bbc-news", "tweet-sentiment", "mnist", "digits", "mnist-c"} <= set(available_datasets())
-    assert issubclass(DataError, ValueError) and isinstance(load_data("bbc-news", limit=2), torch.utils.data.Dataset)
+    assert {"bbc-news", "tweet-sentiment", "mnist", "digits", "mnist-c"} <= set(
+        available_datasets()
+    )
+    assert issubclass(DataError, ValueError) and isinstance(
+        load_data("bbc-news", limit=2), torch.utils.data.Dataset
+    )
     assert isinstance(load_data("bbc-news", limit=2), Dataset)

@@ -36,8 +36,14 @@ def test_mmd_statistic_matches_the_unbiased_estimator_by_hand():
 def test_mmd_detects_a_mean_shift_and_holds_its_level():
     res = dd.detect(gauss(100), gauss(100, shift=0.5, seed=1), "mmd", n_permutations=200)
     assert res.drift and res.p_value < 0.01 and res.test == "mmd"
-    p = np.array([dd.detect(gauss(40, seed=2 * s), gauss(40, seed=2 * s + 1), "mmd", n_permutations=100, seed=s).p_value
-                  for s in range(100)])
+    p = np.array(
+        [
+            dd.detect(
+                gauss(40, seed=2 * s), gauss(40, seed=2 * s + 1), "mmd", n_permutations=100, seed=s
+            ).p_value
+            for s in range(100)
+        ]
+    )
     assert (p < 0.05).sum() <= 10  # nominal 5 of 100; P(more than 10) < 2% for an exact test
     assert 0.4 < p.mean() < 0.6  # p-values under no shift are roughly uniform
 
@@ -47,7 +53,11 @@ def test_ks_matches_scipy_with_bonferroni_and_bh():
     y[:, 2] += 0.8
     res = dd.detect(x, y, "ks")
     raw = stats.ks_2samp(x.double().numpy(), y.double().numpy(), axis=0).pvalue
-    assert res.p_value == pytest.approx(min(1.0, raw.min() * 4)) and res.details["feature"] == 2 and res.drift
+    assert (
+        res.p_value == pytest.approx(min(1.0, raw.min() * 4))
+        and res.details["feature"] == 2
+        and res.drift
+    )
     p = np.array([0.01, 0.04, 0.03, 0.005])
     assert dd.adjust_pvalues(p, "bh") == pytest.approx([0.02, 0.04, 0.04, 0.02])
     assert dd.adjust_pvalues(p, "bonferroni") == pytest.approx([0.04, 0.16, 0.12, 0.02])
@@ -69,9 +79,16 @@ def test_bbsd_and_label_tests_on_outputs():
     assert dd.detect(ref, tgt, "bbsd").drift
     assert not dd.detect(ref, torch.randn(300, 3, generator=g), "bbsd").drift
     probs = ref.softmax(-1)
-    assert dd.detect(probs, tgt.softmax(-1), "bbsd").p_value == pytest.approx(dd.detect(ref, tgt, "bbsd").p_value)
+    assert dd.detect(probs, tgt.softmax(-1), "bbsd").p_value == pytest.approx(
+        dd.detect(ref, tgt, "bbsd").p_value
+    )
     res = dd.detect(ref, tgt, "label")
-    table = np.stack([np.bincount(ref.argmax(1).numpy(), minlength=3), np.bincount(tgt.argmax(1).numpy(), minlength=3)])
+    table = np.stack(
+        [
+            np.bincount(ref.argmax(1).numpy(), minlength=3),
+            np.bincount(tgt.argmax(1).numpy(), minlength=3),
+        ]
+    )
     assert res.p_value == pytest.approx(stats.chi2_contingency(table).pvalue) and res.drift
     labels = torch.tensor([0, 1, 2] * 20)
     assert not dd.detect(labels, labels.flip(0), "label").drift  # 1-column class indices
@@ -84,7 +101,9 @@ def test_detect_with_a_model_uses_penultimate_features(cnn):
     assert feats.shape == (64, 12)  # the input of the head
     assert dd.detect(clean, noisy, "mmd", model=cnn, batch_size=16).drift
     assert dd.detect(clean, noisy, "bbsd", model=cnn).n_target == 64
-    batches = [(clean[i : i + 16], torch.zeros(16)) for i in range(0, 64, 16)]  # DataLoader-style (x, y)
+    batches = [
+        (clean[i : i + 16], torch.zeros(16)) for i in range(0, 64, 16)
+    ]  # DataLoader-style (x, y)
     assert torch.allclose(dd.embed(cnn, batches), feats)
 
 
@@ -146,7 +165,9 @@ def test_atc_doc_and_confidence_estimates():
     assert est.temperature == pytest.approx(2.0, rel=0.1)
     acc = float((z.argmax(-1) == y).double().mean())
     on_source = est.estimate(z * 2)
-    assert on_source["atc"] == pytest.approx(acc, abs=1e-3) and on_source["doc"] == pytest.approx(acc, abs=1e-9)
+    assert on_source["atc"] == pytest.approx(acc, abs=1e-3) and on_source["doc"] == pytest.approx(
+        acc, abs=1e-9
+    )
     same = mixture(4000, 0.6, 7)
     true_same = float((same[0].argmax(-1) == same[1]).double().mean())
     assert est.estimate(same[0] * 2)["atc"] == pytest.approx(true_same, abs=0.02)
@@ -154,9 +175,17 @@ def test_atc_doc_and_confidence_estimates():
     true_hard = float((hard[0].argmax(-1) == hard[1]).double().mean())
     on_hard = est.estimate(hard[0] * 2)
     assert true_hard < true_same - 0.05 and on_hard["atc"] < true_same - 0.05
-    assert on_hard["confidence"] == pytest.approx(true_hard, abs=0.03)  # calibrated: confidence is exact
-    assert set(est.to_dict()) == {"temperature", "threshold", "score", "source_accuracy", "source_confidence",
-                                  "source_prior"}
+    assert on_hard["confidence"] == pytest.approx(
+        true_hard, abs=0.03
+    )  # calibrated: confidence is exact
+    assert set(est.to_dict()) == {
+        "temperature",
+        "threshold",
+        "score",
+        "source_accuracy",
+        "source_confidence",
+        "source_prior",
+    }
     assert sum(est.source_prior) == pytest.approx(1.0) and len(est.source_prior) == 5
 
 
@@ -172,15 +201,21 @@ def test_cot_sees_a_confident_collapse_that_atc_cannot():
     true = float((collapsed.argmax(-1) == labels).double().mean())
     got = est.estimate(collapsed)
     assert true == pytest.approx(0.2, abs=0.01)
-    assert got["atc"] > 0.95 and got["confidence"] > 0.95  # every confidence-based estimate is fooled
+    assert (
+        got["atc"] > 0.95 and got["confidence"] > 0.95
+    )  # every confidence-based estimate is fooled
     # COT must send 80% of the mass to classes 1-4, whose probabilities are ~0: about 20% accuracy
     assert got["cot"] == pytest.approx(true, abs=0.02)
     # predictions that follow the source prior: the transport keeps every sample on its own argmax, so
     # COT equals the average confidence
     same = mixture(4000, 0.6, 7)[0]
-    est_uniform = dd.fit_accuracy_estimator(z, y, prior=torch.bincount(same.argmax(-1), minlength=5))
+    est_uniform = dd.fit_accuracy_estimator(
+        z, y, prior=torch.bincount(same.argmax(-1), minlength=5)
+    )
     both = est_uniform.estimate(same, methods=("confidence", "cot"))
-    assert set(both) == {"confidence", "cot"} and both["cot"] == pytest.approx(both["confidence"], abs=1e-9)
+    assert set(both) == {"confidence", "cot"} and both["cot"] == pytest.approx(
+        both["confidence"], abs=1e-9
+    )
     assert set(est_uniform.estimate(same, methods="cot")) == {"cot"}  # one name as a plain string
 
 
@@ -196,7 +231,9 @@ def test_cot_transport_cost_matches_a_linear_program():
     n, k = probs.shape
     a_eq = np.vstack([np.kron(np.eye(n), np.ones(k)), np.kron(np.ones(n), np.eye(k))])
     b_eq = np.concatenate([np.full(n, 1 / n), prior])
-    lp = linprog((1 - probs.numpy()).ravel(), A_eq=a_eq, b_eq=b_eq, bounds=(0, None), method="highs")
+    lp = linprog(
+        (1 - probs.numpy()).ravel(), A_eq=a_eq, b_eq=b_eq, bounds=(0, None), method="highs"
+    )
     assert lp.status == 0
     assert transport_cost(probs, prior) == pytest.approx(lp.fun, abs=1e-9)
 
@@ -214,7 +251,10 @@ def test_accuracy_estimation_rejects_bad_input():
     with pytest.raises(dd.DeployError, match="prior must be 5 non-negative"):
         dd.fit_accuracy_estimator(z, y, prior=[1, -1, 1, 1, 1])
     est = dd.fit_accuracy_estimator(z, y)
-    with pytest.raises(dd.DeployError, match="unknown accuracy estimate 'coat'; choose from confidence, atc, doc, cot"):
+    with pytest.raises(
+        dd.DeployError,
+        match="unknown accuracy estimate 'coat'; choose from confidence, atc, doc, cot",
+    ):
         est.estimate(z, methods=("atc", "coat"))
     with pytest.raises(dd.DeployError, match="fitted for 5 classes, the logits have 3"):
         est.estimate(torch.randn(4, 3))

@@ -24,18 +24,30 @@ VOCAB = 64
 @pytest.fixture
 def textnet() -> MeanPoolClassifier:
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64, max_position_embeddings=32)
+    cfg = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
     return MeanPoolClassifier(transformers.BertModel(cfg), 3).eval()
 
 
-def text_batch(n: int = 16, low: int = 1, high: int = VOCAB, seed: int = 0) -> dict[str, torch.Tensor]:
+def text_batch(
+    n: int = 16, low: int = 1, high: int = VOCAB, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Token ids in [low, high), right padding of random length, labels included (as collate makes them)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(low, high, (n, 12), generator=g)
     lengths = torch.randint(4, 13, (n,), generator=g)
     mask = (torch.arange(12)[None] < lengths[:, None]).long()
-    return {"input_ids": ids * mask, "attention_mask": mask, "labels": torch.randint(0, 3, (n,), generator=g)}
+    return {
+        "input_ids": ids * mask,
+        "attention_mask": mask,
+        "labels": torch.randint(0, 3, (n,), generator=g),
+    }
 
 
 def state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -53,7 +65,9 @@ def test_ln_tent_changes_only_layernorm_affine_and_lowers_entropy(textnet):
         source = textnet(**batch)
     tent = dd.adapt(textnet, "tent", optimizer="adam", lr=1e-2)
     assert tent.param_names and all("LayerNorm" in n for n in tent.param_names)
-    assert len(tent.param_names) == 2 * (1 + 2 * 2)  # weight+bias of the embedding LN and 2 per layer
+    assert len(tent.param_names) == 2 * (
+        1 + 2 * 2
+    )  # weight+bias of the embedding LN and 2 per layer
     first = tent(**batch)  # labels in the batch are ignored: nothing supervised happens
     assert torch.allclose(first, source, atol=1e-5)  # the prediction comes before the first update
     for _ in range(5):
@@ -69,8 +83,12 @@ def test_ln_tent_changes_only_layernorm_affine_and_lowers_entropy(textnet):
 @pytest.mark.parametrize("method", ["tent", "eata", "sar", "cotta"])
 def test_reset_and_remove_restore_the_text_model_exactly(textnet, method):
     fisher = [text_batch(8, seed=s) for s in (10, 11)]
-    options = {"tent": {"optimizer": "adam", "lr": 1e-2}, "eata": {"lr": 1e-2, "d_margin": 1.0, "e_margin": 1.0,
-               "fisher_data": fisher}, "sar": {"lr": 0.1, "e_margin": 1.0}, "cotta": {"lr": 1e-2, "n_augment": 4}}[method]
+    options = {
+        "tent": {"optimizer": "adam", "lr": 1e-2},
+        "eata": {"lr": 1e-2, "d_margin": 1.0, "e_margin": 1.0, "fisher_data": fisher},
+        "sar": {"lr": 0.1, "e_margin": 1.0},
+        "cotta": {"lr": 1e-2, "n_augment": 4},
+    }[method]
     flags = {n: p.requires_grad for n, p in textnet.named_parameters()}
     before = state(textnet)
     batch = text_batch(seed=2, low=32)
@@ -79,7 +97,9 @@ def test_reset_and_remove_restore_the_text_model_exactly(textnet, method):
     w = dd.adapt(textnet, method, **options)
     for s in range(3):
         w(**text_batch(seed=3 + s, low=32))
-    assert any(not torch.equal(v, before[k]) for k, v in textnet.state_dict().items()), "nothing was adapted"
+    assert any(not torch.equal(v, before[k]) for k, v in textnet.state_dict().items()), (
+        "nothing was adapted"
+    )
     w.reset()
     assert all(torch.equal(v, before[k]) for k, v in textnet.state_dict().items())
     if method != "cotta":  # cotta returns its teacher, which equals the source right after reset
@@ -126,14 +146,18 @@ def test_embed_and_detect_take_dict_batches_with_labels(textnet):
     assert feats.shape == (128, 32)
     with torch.no_grad():  # the classifier's input is the masked mean of the last hidden states
         b = clean[0]
-        hidden = textnet.encoder(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+        hidden = textnet.encoder(
+            input_ids=b["input_ids"], attention_mask=b["attention_mask"]
+        ).last_hidden_state
         m = b["attention_mask"][..., None].float()
         assert torch.allclose(feats[:32], (hidden * m).sum(1) / m.sum(1), atol=1e-5)
         assert torch.allclose(textnet.classifier(feats[:32]), textnet(**b), atol=1e-5)
     shifted_p = dd.detect(clean, shifted_set, "mmd", model=textnet, n_permutations=200).p_value
     clean_p = dd.detect(clean, clean_too, "mmd", model=textnet, n_permutations=200).p_value
     assert shifted_p == pytest.approx(1 / 201)  # no permutation reaches the observed statistic
-    assert clean_p > 0.02  # (the calibration of the null itself is checked in test_deploy_detect.py)
+    assert (
+        clean_p > 0.02
+    )  # (the calibration of the null itself is checked in test_deploy_detect.py)
     probs = dd.embed(textnet, clean, outputs=True)
     assert probs.shape == (128, 3) and torch.allclose(probs.sum(-1), torch.ones(128), atol=1e-5)
 
@@ -156,9 +180,13 @@ def gaussian_posteriors(prior: list[float], source_prior: list[float], n: int, s
     """Samples x ~ N(mu_y, I) in 2-d with y ~ ``prior``, and the exact log-posteriors under ``source_prior``."""
     g = torch.Generator().manual_seed(seed)
     mu = torch.tensor([[2.0, 0.0], [-1.0, 1.7], [-1.0, -1.7]], dtype=torch.float64)
-    y = torch.multinomial(torch.tensor(prior, dtype=torch.float64), n, replacement=True, generator=g)
+    y = torch.multinomial(
+        torch.tensor(prior, dtype=torch.float64), n, replacement=True, generator=g
+    )
     x = mu[y] + torch.randn(n, 2, generator=g, dtype=torch.float64)
-    logits = x @ mu.T - 0.5 * (mu**2).sum(-1) + torch.tensor(source_prior, dtype=torch.float64).log()
+    logits = (
+        x @ mu.T - 0.5 * (mu**2).sum(-1) + torch.tensor(source_prior, dtype=torch.float64).log()
+    )
     return x, y, logits, mu
 
 
@@ -196,7 +224,9 @@ def test_em_with_the_wrong_temperature_misestimates_the_prior():
     target, source = [0.1, 0.8, 0.1], [1 / 3, 1 / 3, 1 / 3]
     _, _, logits, _ = gaussian_posteriors(target, source, 6000, seed=2)
     good = dd.em_prior(logits.softmax(-1), torch.tensor(source, dtype=torch.float64))
-    bad = dd.em_prior((logits * 0.3).softmax(-1), torch.tensor(source, dtype=torch.float64))  # under-confident
+    bad = dd.em_prior(
+        (logits * 0.3).softmax(-1), torch.tensor(source, dtype=torch.float64)
+    )  # under-confident
     truth = torch.tensor(target, dtype=torch.float64)
     assert (good - truth).abs().max() < 0.02 < (bad - truth).abs().max()
     assert math.isclose(float(good.sum()), 1.0, abs_tol=1e-9)

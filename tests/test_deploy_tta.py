@@ -59,7 +59,9 @@ def test_bn_uses_batch_statistics_like_train_mode_and_keeps_buffers(bnnet):
     reference = copy.deepcopy(bnnet).train()(x)
     out = dd.adapt(bnnet, "bn")(x)
     assert torch.allclose(out, reference, atol=1e-6)
-    assert all(torch.equal(v, before[k]) for k, v in bnnet.state_dict().items())  # source stats untouched
+    assert all(
+        torch.equal(v, before[k]) for k, v in bnnet.state_dict().items()
+    )  # source stats untouched
 
 
 def test_alpha_bn_interpolates_between_source_and_batch(bnnet):
@@ -183,7 +185,10 @@ def test_named_delta_is_adapted_instead_of_norm_layers(mlp):
     with pytest.raises(dd.DeployError, match="already wrapped by 'tent'"):
         dd.adapt(mlp, "tent", delta="tta")
     dd.unwrap(mlp)
-    assert dd.wrapper_of(mlp) is None and {n: p.requires_grad for n, p in mlp.named_parameters()} == flags
+    assert (
+        dd.wrapper_of(mlp) is None
+        and {n: p.requires_grad for n, p in mlp.named_parameters()} == flags
+    )
     with pytest.raises(dd.DeployError, match="no delta named 'nope'"):
         dd.adapt(mlp, "tent", delta="nope")
     with pytest.raises(dd.DeployError, match="wrapper was removed"):
@@ -208,7 +213,9 @@ def test_bad_batches_give_clear_errors(bnnet):
     src = dd.adapt(bnnet, "bn", small_batch="source")
     assert torch.allclose(src(one), expected)  # unadapted, source statistics
     with pytest.raises(dd.BatchError, match="1 value per channel"):
-        dd.adapt(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).eval(), "bn", min_batch=1)(torch.randn(1, 4))
+        dd.adapt(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).eval(), "bn", min_batch=1)(
+            torch.randn(1, 4)
+        )
 
 
 def test_adapt_rejects_unknown_methods_options_and_models(bnnet):
@@ -235,7 +242,16 @@ def test_nonfinite_loss_stops_before_the_update(bnnet):
 def test_sar_step_matches_a_hand_computed_sam_step(bnnet):
     x = shifted()
     ref = copy.deepcopy(bnnet)
-    w = dd.adapt(bnnet, "sar", optimizer="sgd", lr=0.1, momentum=0.0, rho=0.05, e_margin=1.0, reset_constant=-1.0)
+    w = dd.adapt(
+        bnnet,
+        "sar",
+        optimizer="sgd",
+        lr=0.1,
+        momentum=0.0,
+        rho=0.05,
+        e_margin=1.0,
+        reset_constant=-1.0,
+    )
     w(x)
     # by hand: gradient at w + rho * g / ||g||, applied at w
     ref.bn.train()
@@ -256,7 +272,9 @@ def test_sar_step_matches_a_hand_computed_sam_step(bnnet):
 
 def test_sar_recovers_the_source_model_on_collapse(bnnet):
     before = state(bnnet)
-    w = dd.adapt(bnnet, "sar", lr=0.5, e_margin=1.0, reset_constant=100.0)  # any entropy counts as collapse
+    w = dd.adapt(
+        bnnet, "sar", lr=0.5, e_margin=1.0, reset_constant=100.0
+    )  # any entropy counts as collapse
     w(shifted())
     assert w.recoveries == 1
     assert all(torch.equal(before[k], v) for k, v in bnnet.state_dict().items())
@@ -277,13 +295,19 @@ def test_eata_filters_samples_and_anchors_with_fisher(bnnet):
     anchored = dd.adapt(bnnet, "eata", lr=0.2, momentum=0.0, e_margin=1.0, d_margin=1.0,
                         fisher_data=[shifted(seed=5)], fisher_alpha=FISHER_ALPHA)
     assert anchored.fisher is not None and all((f >= 0).all() for f in anchored.fisher.values())
-    assert max(float(f.max()) for f in anchored.fisher.values()) * FISHER_ALPHA * 0.2 * 2 < 1  # a stable penalty step
+    assert (
+        max(float(f.max()) for f in anchored.fisher.values()) * FISHER_ALPHA * 0.2 * 2 < 1
+    )  # a stable penalty step
     for _ in range(3):
         free(x), anchored(x)
-    drift = {name: sum(float((p.detach() - m._source[n]).abs().sum()) for n, p in m.named_adapted()) for name, m in
-             (("free", free), ("anchored", anchored))}
+    drift = {
+        name: sum(float((p.detach() - m._source[n]).abs().sum()) for n, p in m.named_adapted())
+        for name, m in (("free", free), ("anchored", anchored))
+    }
     assert 0 < drift["anchored"] < drift["free"]
-    assert free.last_selected == len(x)  # first batch: no running mean yet; later |cos| < 1 keeps all
+    assert free.last_selected == len(
+        x
+    )  # first batch: no running mean yet; later |cos| < 1 keeps all
 
 
 def test_cotta_teacher_is_an_ema_and_restore_resets_weights(bnnet):
@@ -294,11 +318,17 @@ def test_cotta_teacher_is_an_ema_and_restore_resets_weights(bnnet):
     for n, p in w.named_adapted():
         assert torch.allclose(w.teacher[n], 0.9 * source[n] + 0.1 * p.detach(), atol=1e-6)
     w.reset()
-    teacher_out = w(x)  # the first prediction is the teacher's, i.e. the source model with batch statistics
+    teacher_out = w(
+        x
+    )  # the first prediction is the teacher's, i.e. the source model with batch statistics
     assert torch.allclose(teacher_out, out, atol=1e-6)
-    full = dd.adapt(copy.deepcopy(bnnet), "cotta", lr=0.5, restore_prob=1.0, n_augment=2, anchor_threshold=1.1)
+    full = dd.adapt(
+        copy.deepcopy(bnnet), "cotta", lr=0.5, restore_prob=1.0, n_augment=2, anchor_threshold=1.1
+    )
     full(x)
-    assert all(torch.equal(p, full._source[n]) for n, p in full.named_adapted())  # everything restored
+    assert all(
+        torch.equal(p, full._source[n]) for n, p in full.named_adapted()
+    )  # everything restored
 
 
 def test_image_augment_is_seeded_and_keeps_shape():
@@ -312,7 +342,9 @@ def test_lame_makes_neighbours_agree_and_leaves_single_samples():
     from deltatune.deploy.output import knn_affinity, laplacian_adjust
 
     probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.45, 0.55], [0.1, 0.9]])
-    assert torch.allclose(laplacian_adjust(probs, torch.zeros(4, 4)), probs)  # no affinity: unchanged
+    assert torch.allclose(
+        laplacian_adjust(probs, torch.zeros(4, 4)), probs
+    )  # no affinity: unchanged
     feats = torch.tensor([[0.0], [0.1], [0.2], [5.0]])
     w = knn_affinity(feats, 2)
     assert w.tolist()[2] == [1.0, 1.0, 0.0, 0.0]
@@ -326,7 +358,9 @@ def test_lame_makes_neighbours_agree_and_leaves_single_samples():
     assert lame.layer == "fc"
     x = shifted()
     adjusted = lame(x)
-    assert adjusted.shape == (16, 4) and torch.allclose(adjusted.exp().sum(-1), torch.ones(16), atol=1e-5)
+    assert adjusted.shape == (16, 4) and torch.allclose(
+        adjusted.exp().sum(-1), torch.ones(16), atol=1e-5
+    )
     assert torch.equal(lame(x[:1]), net(x[:1]))
 
 
@@ -356,8 +390,15 @@ def test_em_recovers_a_shifted_class_prior():
 
 def test_tiny_bert_text_model_keeps_its_output_type():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=32, num_labels=3, max_position_embeddings=32)
+    cfg = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(0)
     model = transformers.BertForSequenceClassification(cfg).eval()
     ids = torch.randint(1, 64, (4, 10))
@@ -366,7 +407,9 @@ def test_tiny_bert_text_model_keeps_its_output_type():
     tent = dd.adapt(model, "tent", lr=0.05)
     assert all("LayerNorm" in n for n in tent.param_names)
     out = tent(input_ids=ids, attention_mask=mask)
-    assert type(out).__name__ == "SequenceClassifierOutput" and torch.allclose(out.logits, source, atol=1e-5)
+    assert type(out).__name__ == "SequenceClassifierOutput" and torch.allclose(
+        out.logits, source, atol=1e-5
+    )
     tent(input_ids=ids, attention_mask=mask)
     assert not torch.equal(model(input_ids=ids, attention_mask=mask).logits, source)
     assert not torch.equal(model.bert.encoder.layer[0].output.LayerNorm.weight, torch.ones(16))
@@ -394,7 +437,9 @@ def test_real_mnist_corruptions_bn_and_tent_cut_the_error():
 
 def _real_mnist_check(load_data, load_model):
     torch.manual_seed(0)
-    entry = load_model("small-cnn")  # for its collate (pixel_values in [-1, 1]); the net is smaller, for speed
+    entry = load_model(
+        "small-cnn"
+    )  # for its collate (pixel_values in [-1, 1]); the net is smaller, for speed
     net = nn.Sequential(
         nn.Conv2d(1, 16, 3, 1, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),  # 28 -> 14
         nn.Conv2d(16, 32, 3, 1, 1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),  # 14 -> 7
@@ -412,7 +457,10 @@ def _real_mnist_check(load_data, load_model):
     x, xc, labels = clean["pixel_values"], shifted_set["pixel_values"], clean["labels"]
 
     def error(predict, inputs):
-        wrong = sum(int((predict(xb).argmax(-1) != yb).sum()) for xb, yb in zip(inputs.split(64), labels.split(64)))
+        wrong = sum(
+            int((predict(xb).argmax(-1) != yb).sum())
+            for xb, yb in zip(inputs.split(64), labels.split(64))
+        )
         return 100.0 * wrong / len(labels)
 
     with torch.no_grad():
@@ -420,10 +468,17 @@ def _real_mnist_check(load_data, load_model):
         source = error(net, xc)
     errors = {}
     for method in ("bn", "tent"):
-        w = dd.adapt(net, method, optimizer="adam", lr=1e-3) if method == "tent" else dd.adapt(net, method)
+        w = (
+            dd.adapt(net, method, optimizer="adam", lr=1e-3)
+            if method == "tent"
+            else dd.adapt(net, method)
+        )
         errors[method] = error(w, xc)
         w.remove()
-    assert source > 30 and errors["bn"] < 0.6 * source and errors["tent"] < 0.6 * source, (source, errors)
+    assert source > 30 and errors["bn"] < 0.6 * source and errors["tent"] < 0.6 * source, (
+        source,
+        errors,
+    )
     ref = dd.embed(net, x[0::2])
     shifted_p = dd.detect(ref, dd.embed(net, xc[1::2]), "mmd", n_permutations=200).p_value
     clean_p = dd.detect(ref, dd.embed(net, x[1::2]), "mmd", n_permutations=200).p_value

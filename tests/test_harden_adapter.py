@@ -18,7 +18,9 @@ import deltatune as dt
 def _saved(tmp_path, fmt="deltatune", **kw):
     torch.manual_seed(0)
     model = MLP().eval()
-    dt.attach(model, dt.LoRA(r=4, alpha=8, targets=["fc1", "fc2"], trainable_modules=["head"], **kw))
+    dt.attach(
+        model, dt.LoRA(r=4, alpha=8, targets=["fc1", "fc2"], trainable_modules=["head"], **kw)
+    )
     randomize(model)
     path = dt.save_adapter(model, tmp_path / "a", format=fmt)
     return model, path
@@ -53,10 +55,14 @@ def test_flipped_bytes_are_refused_and_verify_false_loads_them(tmp_path):
     _flip_data_byte(path / "delta.safetensors")
     fresh = _fresh()
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
-    with pytest.raises(dt.DeltaFileError, match="delta.safetensors does not match the sha256") as exc:
+    with pytest.raises(
+        dt.DeltaFileError, match="delta.safetensors does not match the sha256"
+    ) as exc:
         dt.load_adapter(fresh, path)
     assert "verify=False" in _one_line(exc)
-    assert dt.delta_names(fresh) == [] and all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+    assert dt.delta_names(fresh) == [] and all(
+        torch.equal(before[k], v) for k, v in fresh.state_dict().items()
+    )
     assert dt.load_adapter(fresh, path, verify=False) == "default"  # hand-edited on purpose
     assert torch.allclose(fresh(x), want, atol=1e-4)  # one mantissa bit: nearly the same outputs
 
@@ -81,7 +87,9 @@ def test_peft_layout_keeps_its_config_and_checks_a_side_file(tmp_path):
     assert isinstance(peft.PeftConfig.from_pretrained(str(path)), peft.LoraConfig)
     assert dt.read_adapter_info(path)["checksum"] == "verified"
     _flip_data_byte(path / "adapter_model.safetensors")
-    with pytest.raises(dt.DeltaFileError, match="adapter_model.safetensors does not match .*adapter_checksums.json"):
+    with pytest.raises(
+        dt.DeltaFileError, match="adapter_model.safetensors does not match .*adapter_checksums.json"
+    ):
         dt.load_adapter(_fresh(), path)
     dt.load_adapter(_fresh(), path, verify=False)
     (path / "adapter_checksums.json").unlink()  # as written by peft itself: nothing to verify
@@ -105,16 +113,23 @@ def test_huge_or_non_finite_values_are_refused(tmp_path, damage, message):
     _edit_tensors(path, damage)
     fresh = _fresh()
     with pytest.raises(dt.DeltaFileError, match=message) as exc:
-        dt.load_adapter(fresh, path, verify=False)  # past the checksum, which refuses the edit first
+        dt.load_adapter(
+            fresh, path, verify=False
+        )  # past the checksum, which refuses the edit first
     assert str(path) in _one_line(exc)
     assert dt.delta_names(fresh) == []
 
 
 def test_integer_tensor_is_refused_not_cast(tmp_path):
     _, path = _saved(tmp_path)
-    _edit_tensors(path, lambda t: t.update({"fc1.lora_B": torch.ones(t["fc1.lora_B"].shape, dtype=torch.int64)}))
+    _edit_tensors(
+        path,
+        lambda t: t.update({"fc1.lora_B": torch.ones(t["fc1.lora_B"].shape, dtype=torch.int64)}),
+    )
     fresh = _fresh()
-    with pytest.raises(dt.DeltaFileError, match=r"tensor fc1.lora_B is I64 but must be float32") as exc:
+    with pytest.raises(
+        dt.DeltaFileError, match=r"tensor fc1.lora_B is I64 but must be float32"
+    ) as exc:
         dt.load_adapter(fresh, path, verify=False)
     _one_line(exc)
     assert dt.delta_names(fresh) == []
@@ -144,10 +159,18 @@ def _edit_config(cfg: dict, how: str) -> None:
         cfg["name"] = 7
 
 
-FIELDS = {"no spec": "'spec'", "hosts 5": "'hosts'", "list fingerprint": "'fingerprint'",
-          "fingerprint shape": "'fingerprint.modules.fc1'", "spec r string": "LoRA.r", "spec alpha list": "LoRA.alpha",
-          "spec not object": "'spec'", "version string": "'format_version'", "checksums list": "'checksums'",
-          "name number": "'name'"}
+FIELDS = {
+    "no spec": "'spec'",
+    "hosts 5": "'hosts'",
+    "list fingerprint": "'fingerprint'",
+    "fingerprint shape": "'fingerprint.modules.fc1'",
+    "spec r string": "LoRA.r",
+    "spec alpha list": "LoRA.alpha",
+    "spec not object": "'spec'",
+    "version string": "'format_version'",
+    "checksums list": "'checksums'",
+    "name number": "'name'",
+}
 
 
 @pytest.mark.parametrize("how", sorted(FIELDS))
@@ -175,10 +198,16 @@ def test_corrupt_json_names_the_file(tmp_path):
     assert str(path / "delta.json") in _one_line(exc)
 
 
-@pytest.mark.parametrize("field, value, named", [
-    ("r", "abc", "'r'"), ("lora_alpha", [8], "'lora_alpha'"), ("target_modules", 5, "'target_modules'"),
-    ("peft_type", None, "'peft_type'"), ("rank_pattern", {"fc1": "x"}, "'rank_pattern.fc1'"),
-])
+@pytest.mark.parametrize(
+    "field, value, named",
+    [
+        ("r", "abc", "'r'"),
+        ("lora_alpha", [8], "'lora_alpha'"),
+        ("target_modules", 5, "'target_modules'"),
+        ("peft_type", None, "'peft_type'"),
+        ("rank_pattern", {"fc1": "x"}, "'rank_pattern.fc1'"),
+    ],
+)
 def test_malformed_peft_config_names_file_and_field(tmp_path, field, value, named):
     _, path = _saved(tmp_path, fmt="peft")
     cfg = json.loads((path / "adapter_config.json").read_text())
@@ -196,20 +225,33 @@ def test_malformed_peft_config_names_file_and_field(tmp_path, field, value, name
 def test_rank_above_the_layer_is_refused_before_allocating():
     model = _fresh()
     # 10**12 × 8 floats cannot be allocated: a SpecError (not an allocation error) proves the order
-    with pytest.raises(dt.SpecError, match=r"LoRA.r: rank 1000000000000 on 'fc1' exceeds that layer's limit 8") as exc:
+    with pytest.raises(
+        dt.SpecError, match=r"LoRA.r: rank 1000000000000 on 'fc1' exceeds that layer's limit 8"
+    ) as exc:
         dt.attach(model, dt.LoRA(r=10**12, targets=["fc1", "fc2"]))
     _one_line(exc)
     assert dt.delta_names(model) == [] and isinstance(model.fc1, nn.Linear)
-    with pytest.raises(dt.SpecError, match=r"rank_pattern: rank 17 on 'fc2' exceeds that layer's limit 16"):
+    with pytest.raises(
+        dt.SpecError, match=r"rank_pattern: rank 17 on 'fc2' exceeds that layer's limit 16"
+    ):
         dt.attach(model, dt.LoRA(r=4, targets=["fc1", "fc2"], rank_pattern={"fc2": 17}))
     dt.attach(model, dt.LoRA(r=8, targets=["fc1"]))  # exactly the limit is fine
 
 
-@pytest.mark.parametrize("spec, message", [
-    (lambda: dt.AdaLoRA(init_r=10**9, target_r=2, targets=["fc1"]), r"AdaLoRA.init_r: rank 1000000000 on 'fc1' .* limit 8"),
-    (lambda: dt.IncreLoRA(init_r=1, max_r=10**9, target_r=2, targets=["fc1"]), r"IncreLoRA.max_r: .* limit 8"),
-    (lambda: dt.LoRA(r=10**9, targets=["conv2"]), r"on 'conv2' exceeds that layer's limit 8"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (
+            lambda: dt.AdaLoRA(init_r=10**9, target_r=2, targets=["fc1"]),
+            r"AdaLoRA.init_r: rank 1000000000 on 'fc1' .* limit 8",
+        ),
+        (
+            lambda: dt.IncreLoRA(init_r=1, max_r=10**9, target_r=2, targets=["fc1"]),
+            r"IncreLoRA.max_r: .* limit 8",
+        ),
+        (lambda: dt.LoRA(r=10**9, targets=["conv2"]), r"on 'conv2' exceeds that layer's limit 8"),
+    ],
+)
 def test_every_rank_option_is_checked_against_its_layer(spec, message):
     from conftest import SmallCNN
 
@@ -220,10 +262,15 @@ def test_every_rank_option_is_checked_against_its_layer(spec, message):
 
 
 def test_vera_and_bottleneck_sizes_are_checked():
-    with pytest.raises(dt.SpecError, match=r"VeRA.r=1000000000 makes the shared projection larger .* use r <= "):
+    with pytest.raises(
+        dt.SpecError, match=r"VeRA.r=1000000000 makes the shared projection larger .* use r <= "
+    ):
         dt.attach(_fresh(), dt.VeRA(r=10**9, targets=["fc1", "fc2"]))
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
-    with pytest.raises(dt.SpecError, match=r"reduction_factor=1e-09 makes the adapter on '0' \d+ wide, wider than its input \(8\)"):
+    with pytest.raises(
+        dt.SpecError,
+        match=r"reduction_factor=1e-09 makes the adapter on '0' \d+ wide, wider than its input \(8\)",
+    ):
         dt.attach(model, dt.Bottleneck(reduction_factor=1e-9, targets=["0"]))
     assert dt.delta_names(model) == []
 
@@ -234,7 +281,11 @@ def test_delta_larger_than_its_layer_warns_once():
         warnings.simplefilter("always")
         dt.attach(model, dt.LoRA(r=8, targets=["fc1", "fc2"]))  # fc1: 8·8 + 16·8 = 192 > 144
     larger = [w for w in caught if "larger than the layer it adapts" in str(w.message)]
-    assert len(larger) == 1 and "1 of 2 modules" in str(larger[0].message) and "fc1: 192 parameters vs 144" in str(larger[0].message)
+    assert (
+        len(larger) == 1
+        and "1 of 2 modules" in str(larger[0].message)
+        and "fc1: 192 parameters vs 144" in str(larger[0].message)
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         dt.attach(_fresh(), dt.LoRA(r=2, targets=["fc1", "fc2"]))
@@ -247,7 +298,9 @@ def test_edited_rank_in_delta_json_is_refused_before_allocating(tmp_path):
     cfg["spec"]["r"] = 10**12
     (path / "delta.json").write_text(json.dumps(cfg))
     fresh = _fresh()
-    with pytest.raises(dt.DeltaFileError, match=r"delta.json: field 'spec' is invalid: LoRA.r: rank 1000000000000") as exc:
+    with pytest.raises(
+        dt.DeltaFileError, match=r"delta.json: field 'spec' is invalid: LoRA.r: rank 1000000000000"
+    ) as exc:
         dt.load_adapter(fresh, path)
     _one_line(exc)
     assert dt.delta_names(fresh) == [] and isinstance(fresh.fc1, nn.Linear)
@@ -265,7 +318,10 @@ def test_header_shapes_are_compared_before_the_data_is_read(tmp_path, monkeypatc
 
     monkeypatch.setattr(adapter, "load_tensors", no_read)
     fresh = _fresh()
-    with pytest.raises(dt.DeltaFileError, match=r"tensor fc1.lora_A has shape \(4, 8\) but the spec builds \(6, 8\)"):
+    with pytest.raises(
+        dt.DeltaFileError,
+        match=r"tensor fc1.lora_A has shape \(4, 8\) but the spec builds \(6, 8\)",
+    ):
         dt.load_adapter(fresh, path)
     assert dt.delta_names(fresh) == []
 
@@ -275,7 +331,9 @@ def test_real_model_rank_beyond_hidden_size_is_refused():
     from deltatune.models import load_model
 
     entry = load_model("minilm", num_labels=3)
-    with pytest.raises(dt.SpecError, match=r"rank 100000 on '.*query' exceeds that layer's limit 384"):
+    with pytest.raises(
+        dt.SpecError, match=r"rank 100000 on '.*query' exceeds that layer's limit 384"
+    ):
         dt.attach(entry.model, dt.LoRA(r=100000))
     assert dt.delta_names(entry.model) == []
 
@@ -291,21 +349,45 @@ def _cli(capsys, *args) -> tuple[int, str, str]:
 
 def test_info_shows_base_model_task_and_labels(tmp_path, capsys):
     _, path = _saved(tmp_path)
-    (path / "task.json").write_text(json.dumps({"model": "minilm", "data": "bbc-news", "task": "classification",
-                                                "label_names": ["[PAD]", "sport", "tech"]}))
+    (path / "task.json").write_text(
+        json.dumps(
+            {
+                "model": "minilm",
+                "data": "bbc-news",
+                "task": "classification",
+                "label_names": ["[PAD]", "sport", "tech"],
+            }
+        )
+    )
     rc, out, _ = _cli(capsys, "info", path)
     assert rc == 0
-    assert "minilm" in out and "classification on bbc-news" in out and "3: [PAD], sport, tech" in out
+    assert (
+        "minilm" in out and "classification on bbc-news" in out and "3: [PAD], sport, tech" in out
+    )
     assert "verified" in out
     rc, out, _ = _cli(capsys, "info", path, "--json")
     assert rc == 0 and json.loads(out)["task_info"]["label_names"] == ["[PAD]", "sport", "tech"]
-    (path / "task.json").write_text("{not json")  # a broken task.json is reported, the rest still shown
+    (path / "task.json").write_text(
+        "{not json"
+    )  # a broken task.json is reported, the rest still shown
     rc, out, _ = _cli(capsys, "info", path)
     assert rc == 0 and "not valid JSON" in out and "lora" in out
 
 
-@pytest.mark.parametrize("how", ["no spec", "hosts 5", "list fingerprint", "version string", "corrupt json",
-                                 "flipped bytes", "peft r", "peft not object", "truncated tensors"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "no spec",
+        "hosts 5",
+        "list fingerprint",
+        "version string",
+        "corrupt json",
+        "flipped bytes",
+        "peft r",
+        "peft not object",
+        "truncated tensors",
+    ],
+)
 def test_info_never_crashes_on_a_malformed_adapter(tmp_path, capsys, how):
     _, path = _saved(tmp_path, fmt="peft" if how.startswith("peft") else "deltatune")
     if how == "corrupt json":
@@ -355,13 +437,19 @@ def _small_cnn_adapter(tmp_path):
 def test_jobs_that_load_adapters_verify_and_take_no_verify(tmp_path, capsys):
     path = _small_cnn_adapter(tmp_path)
     _flip_data_byte(path / "delta.safetensors")
-    for job in (["export", "--adapter", path, "--out", tmp_path / "merged"],
-                ["compress", path, "--codec", "int8", "--min-numel", "0", "--out", tmp_path / "int8"]):
+    for job in (
+        ["export", "--adapter", path, "--out", tmp_path / "merged"],
+        ["compress", path, "--codec", "int8", "--min-numel", "0", "--out", tmp_path / "int8"],
+    ):
         rc, _, err = _cli(capsys, *job)
-        assert rc == 2 and "does not match the sha256" in err and len(err.strip().splitlines()) == 1, err
+        assert (
+            rc == 2 and "does not match the sha256" in err and len(err.strip().splitlines()) == 1
+        ), err
         rc, _, err = _cli(capsys, *job, "--no-verify")
         assert rc == 0, err
-    assert (tmp_path / "merged" / "model.safetensors").is_file() and (tmp_path / "int8" / "delta.json").is_file()
+    assert (tmp_path / "merged" / "model.safetensors").is_file() and (
+        tmp_path / "int8" / "delta.json"
+    ).is_file()
     for job in ("eval", "detect", "estimate", "adapt"):
         rc, out, _ = _cli(capsys, job, "--help")
         assert rc == 0 and "--no-verify" in out, job

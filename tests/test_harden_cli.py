@@ -22,8 +22,32 @@ def cnn(tmp_path_factory):
     """A tiny small-cnn LoRA run on MNIST (seed 3, limit 64): a few seconds."""
     pytest.importorskip("mnist")
     out = tmp_path_factory.mktemp("harden") / "cnn"
-    assert main(["train", "--model", "small-cnn", "--data", "mnist", "--method", "lora", "--rank", "2",
-                 "--max-steps", "3", "--batch-size", "16", "--limit", "64", "--seed", "3", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "small-cnn",
+                "--data",
+                "mnist",
+                "--method",
+                "lora",
+                "--rank",
+                "2",
+                "--max-steps",
+                "3",
+                "--batch-size",
+                "16",
+                "--limit",
+                "64",
+                "--seed",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -31,15 +55,50 @@ def cnn(tmp_path_factory):
 def test_compress_refuses_unknown_keep_and_negative_min_numel(cnn, capsys, tmp_path):
     adapter = cnn / "adapter"
     out = tmp_path / "c"
-    assert main(["compress", str(adapter), "--codec", "int8", "--min-numel", "100", "--keep", "clasifier",
-                 "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "compress",
+                str(adapter),
+                "--codec",
+                "int8",
+                "--min-numel",
+                "100",
+                "--keep",
+                "clasifier",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     err = _err(capsys)
-    assert "--keep 'clasifier' matches no tensor" in err and "classifier" in err and not out.exists()
-    assert main(["compress", str(adapter), "--codec", "int8", "--min-numel", "-1", "--out", str(out)]) == 2
+    assert (
+        "--keep 'clasifier' matches no tensor" in err and "classifier" in err and not out.exists()
+    )
+    assert (
+        main(["compress", str(adapter), "--codec", "int8", "--min-numel", "-1", "--out", str(out)])
+        == 2
+    )
     assert "--min-numel must be 0 or more" in _err(capsys) and not out.exists()
     # a real module prefix is accepted and stays raw
-    assert main(["compress", str(adapter), "--codec", "int8", "--min-numel", "100", "--keep", "classifier",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                str(adapter),
+                "--codec",
+                "int8",
+                "--min-numel",
+                "100",
+                "--keep",
+                "classifier",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     entries = json.loads((out / "compressed.json").read_text())["entries"]
     assert all(e["codec"] == "raw" for name, e in entries.items() if name.startswith("classifier."))
 
@@ -51,7 +110,19 @@ def test_train_refuses_an_unknown_format_before_loading_data(capsys, tmp_path, m
         raise AssertionError("load_data called before --format was checked")
 
     monkeypatch.setattr(data, "load_data", boom)
-    rc = main(["train", "--model", "small-cnn", "--data", "mnist", "--format", "onnx", "--out", str(tmp_path / "o")])
+    rc = main(
+        [
+            "train",
+            "--model",
+            "small-cnn",
+            "--data",
+            "mnist",
+            "--format",
+            "onnx",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert rc == 2 and "--format 'onnx'" in _err(capsys) and not (tmp_path / "o").exists()
 
 
@@ -64,12 +135,18 @@ def test_eval_refuses_an_existing_file_as_out_before_evaluating(cnn, capsys, tmp
     monkeypatch.setattr(cli_train, "run_eval", boom)
     target = tmp_path / "results.txt"
     target.write_text("keep me")
-    assert main(["eval", "--adapter", str(cnn / "adapter"), "--data", "mnist", "--out", str(target)]) == 2
+    assert (
+        main(["eval", "--adapter", str(cnn / "adapter"), "--data", "mnist", "--out", str(target)])
+        == 2
+    )
     assert "is a file" in _err(capsys) and target.read_text() == "keep me"
     full = tmp_path / "full"
     full.mkdir()
     (full / "x").write_text("1")
-    assert main(["eval", "--adapter", str(cnn / "adapter"), "--data", "mnist", "--out", str(full)]) == 2
+    assert (
+        main(["eval", "--adapter", str(cnn / "adapter"), "--data", "mnist", "--out", str(full)])
+        == 2
+    )
     assert "--overwrite" in _err(capsys)
 
 
@@ -85,9 +162,15 @@ def arrays(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("bad, message", [("words.npy", "not numbers"), ("objects.npy", "not a plain numeric"),
-                                          ("scalar.npy", "features must be (samples, features)"),
-                                          ("wide.npy", "differ in shape")])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("words.npy", "not numbers"),
+        ("objects.npy", "not a plain numeric"),
+        ("scalar.npy", "features must be (samples, features)"),
+        ("wide.npy", "differ in shape"),
+    ],
+)
 def test_detect_refuses_non_numeric_or_misshaped_arrays(arrays, capsys, bad, message):
     out = arrays / "run"
     assert main(["detect", "--reference", str(arrays / "ref.npy"), "--target", str(arrays / bad),
@@ -98,8 +181,22 @@ def test_detect_refuses_non_numeric_or_misshaped_arrays(arrays, capsys, bad, mes
 @pytest.mark.parametrize("window", ["0", "-5"])
 def test_detect_refuses_a_non_positive_window(arrays, capsys, window):
     out = arrays / "run"
-    assert main(["detect", "--reference", str(arrays / "ref.npy"), "--target", str(arrays / "tgt.npy"),
-                 "--window", window, "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "detect",
+                "--reference",
+                str(arrays / "ref.npy"),
+                "--target",
+                str(arrays / "tgt.npy"),
+                "--window",
+                window,
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "--window must be a positive" in _err(capsys) and not out.exists()
 
 
@@ -111,11 +208,40 @@ def test_estimate_refuses_labels_outside_the_classes_and_text_arrays(arrays, cap
     np.save(arrays / "tgt_y.npy", np.array([0, 1, 2, 7] * 10))
     np.save(arrays / "neg_t.npy", np.array([-1] + [0] * 39))
     out = arrays / "est"
-    base = ["estimate", "--reference", str(arrays / "ref_z.npy"), "--target", str(arrays / "tgt_z.npy"),
-            "--out", str(out)]
-    assert main(base + ["--reference-labels", str(arrays / "ref_y.npy"), "--target-labels", str(arrays / "tgt_y.npy")]) == 2
+    base = [
+        "estimate",
+        "--reference",
+        str(arrays / "ref_z.npy"),
+        "--target",
+        str(arrays / "tgt_z.npy"),
+        "--out",
+        str(out),
+    ]
+    assert (
+        main(
+            base
+            + [
+                "--reference-labels",
+                str(arrays / "ref_y.npy"),
+                "--target-labels",
+                str(arrays / "tgt_y.npy"),
+            ]
+        )
+        == 2
+    )
     assert "--target-labels must be class indices in [0, 2]" in _err(capsys) and not out.exists()
-    assert main(base + ["--reference-labels", str(arrays / "ref_y.npy"), "--target-labels", str(arrays / "neg_t.npy")]) == 2
+    assert (
+        main(
+            base
+            + [
+                "--reference-labels",
+                str(arrays / "ref_y.npy"),
+                "--target-labels",
+                str(arrays / "neg_t.npy"),
+            ]
+        )
+        == 2
+    )
     assert "it holds -1" in _err(capsys) and not out.exists()
     np.save(arrays / "str_y.npy", np.array(["x"] * 120))
     assert main(base + ["--reference-labels", str(arrays / "str_y.npy")]) == 2
@@ -126,12 +252,46 @@ def test_estimate_refuses_labels_outside_the_classes_and_text_arrays(arrays, cap
 def test_small_samples_warn_in_one_line(arrays, capsys):
     out = arrays / "few"
     np.save(arrays / "few.npy", np.random.default_rng(2).normal(size=(12, 3)).astype(np.float32))
-    assert main(["detect", "--reference", str(arrays / "ref.npy"), "--target", str(arrays / "few.npy"),
-                 "--test", "ks", "--out", str(out)]) == 0
-    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and "the target has 12 samples" in warnings[0] and "reference" not in warnings[0].split(";")[0]
-    assert main(["detect", "--reference", str(arrays / "ref.npy"), "--target", str(arrays / "tgt.npy"),
-                 "--test", "ks", "--out", str(arrays / "enough")]) == 0
+    assert (
+        main(
+            [
+                "detect",
+                "--reference",
+                str(arrays / "ref.npy"),
+                "--target",
+                str(arrays / "few.npy"),
+                "--test",
+                "ks",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    warnings = [
+        line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")
+    ]
+    assert (
+        len(warnings) == 1
+        and "the target has 12 samples" in warnings[0]
+        and "reference" not in warnings[0].split(";")[0]
+    )
+    assert (
+        main(
+            [
+                "detect",
+                "--reference",
+                str(arrays / "ref.npy"),
+                "--target",
+                str(arrays / "tgt.npy"),
+                "--test",
+                "ks",
+                "--out",
+                str(arrays / "enough"),
+            ]
+        )
+        == 0
+    )
     assert "warning:" not in capsys.readouterr().err
 
 
@@ -159,10 +319,14 @@ def test_eval_defaults_to_the_training_split_and_its_own_directory(cnn, capsys):
     assert main(["eval", "--adapter", str(adapter), "--data", "mnist"]) == 0
     first = json.loads((cnn / "eval-mnist-test" / "results.json").read_text())
     # the training run's seed 3 and limit 64: the very test split the training run measured
-    assert first["seed"] == 3 and first["limit"] == 64 and first["accuracy"] == pytest.approx(trained)
+    assert (
+        first["seed"] == 3 and first["limit"] == 64 and first["accuracy"] == pytest.approx(trained)
+    )
     assert "warning" not in capsys.readouterr().err
     # another data set and a repeat get their own directories; nothing is overwritten
-    assert main(["eval", "--adapter", str(adapter), "--data", "mnist-c:fog:3", "--limit", "32"]) == 0
+    assert (
+        main(["eval", "--adapter", str(adapter), "--data", "mnist-c:fog:3", "--limit", "32"]) == 0
+    )
     assert (cnn / "eval-mnist-c-fog-3-test" / "results.json").is_file()
     assert main(["eval", "--adapter", str(adapter), "--data", "mnist", "--seed", "5"]) == 0
     assert "--seed 5 differs from the training run's 3" in capsys.readouterr().err
@@ -172,21 +336,64 @@ def test_eval_defaults_to_the_training_split_and_its_own_directory(cnn, capsys):
 
 def test_a_compressed_adapter_evaluates_and_num_labels_sizes_a_bare_one(cnn, capsys, tmp_path):
     out = tmp_path / "int8"
-    assert main(["compress", str(cnn / "adapter"), "--codec", "int8", "--min-numel", "100", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                str(cnn / "adapter"),
+                "--codec",
+                "int8",
+                "--min-numel",
+                "100",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert (out / "task.json").is_file() and (out / "base.safetensors").is_file()
-    assert main(["eval", "--adapter", str(out), "--data", "mnist", "--out", str(tmp_path / "ev")]) == 0
+    assert (
+        main(["eval", "--adapter", str(out), "--data", "mnist", "--out", str(tmp_path / "ev")]) == 0
+    )
     trained = json.loads((cnn / "results.json").read_text())["test"]["accuracy"]
-    assert json.loads((tmp_path / "ev" / "results.json").read_text())["accuracy"] == pytest.approx(trained, abs=0.05)
+    assert json.loads((tmp_path / "ev" / "results.json").read_text())["accuracy"] == pytest.approx(
+        trained, abs=0.05
+    )
     # without task.json: --model and --num-labels say what the adapter belongs to
     bare = tmp_path / "bare"
     shutil.copytree(cnn / "adapter", bare)
     (bare / "task.json").unlink()
     capsys.readouterr()
-    assert main(["eval", "--adapter", str(bare), "--data", "mnist", "--out", str(tmp_path / "e2")]) == 2
+    assert (
+        main(["eval", "--adapter", str(bare), "--data", "mnist", "--out", str(tmp_path / "e2")])
+        == 2
+    )
     assert "--num-labels" in _err(capsys)
-    assert main(["eval", "--adapter", str(bare), "--model", "small-cnn", "--num-labels", "10", "--data", "mnist",
-                 "--seed", "3", "--limit", "64", "--out", str(tmp_path / "e3")]) == 0
-    assert json.loads((tmp_path / "e3" / "results.json").read_text())["accuracy"] == pytest.approx(trained)
+    assert (
+        main(
+            [
+                "eval",
+                "--adapter",
+                str(bare),
+                "--model",
+                "small-cnn",
+                "--num-labels",
+                "10",
+                "--data",
+                "mnist",
+                "--seed",
+                "3",
+                "--limit",
+                "64",
+                "--out",
+                str(tmp_path / "e3"),
+            ]
+        )
+        == 0
+    )
+    assert json.loads((tmp_path / "e3" / "results.json").read_text())["accuracy"] == pytest.approx(
+        trained
+    )
     assert main(["eval", "--adapter", str(cnn / "adapter"), "--num-labels", "4", "--data", "mnist",
                  "--out", str(tmp_path / "e4")]) == 2
     assert "contradicts" in _err(capsys)
@@ -218,8 +425,14 @@ def test_model_loading_prints_no_transformers_progress_bar(capfd):
 
 
 def _texts(path, n=24):
-    path.write_text("text,label\n" + "\n".join(f"{'great fun match' if i % 2 else 'rain and wind today'} {i},"
-                                               f"{'sports' if i % 2 else 'weather'}" for i in range(n)))
+    path.write_text(
+        "text,label\n"
+        + "\n".join(
+            f"{'great fun match' if i % 2 else 'rain and wind today'} {i},"
+            f"{'sports' if i % 2 else 'weather'}"
+            for i in range(n)
+        )
+    )
     return path
 
 
@@ -233,14 +446,44 @@ def test_export_of_a_transformers_directory_loads_in_transformers(tmp_path):
     from deltatune.cli.train import load_trained
 
     tiny = tmp_path / "tiny-bert"
-    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, num_labels=2)
+    config = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=2,
+    )
     torch.manual_seed(0)
-    transformers.BertForSequenceClassification(config).save_pretrained(str(tiny), safe_serialization=True)
+    transformers.BertForSequenceClassification(config).save_pretrained(
+        str(tiny), safe_serialization=True
+    )
     transformers.AutoTokenizer.from_pretrained(str(g.get_model_path())).save_pretrained(str(tiny))
     run = tmp_path / "run"
-    assert main(["train", "--model", str(tiny), "--data", str(_texts(tmp_path / "t.csv")), "--method", "lora",
-                 "--rank", "2", "--lr", "5e-2", "--max-steps", "3", "--batch-size", "8", "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(tiny),
+                "--data",
+                str(_texts(tmp_path / "t.csv")),
+                "--method",
+                "lora",
+                "--rank",
+                "2",
+                "--lr",
+                "5e-2",
+                "--max-steps",
+                "3",
+                "--batch-size",
+                "8",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "merged"
     assert main(["export", "--adapter", str(run / "adapter"), "--out", str(out)]) == 0
     assert (out / "config.json").is_file() and (out / "tokenizer_config.json").is_file()
@@ -251,12 +494,16 @@ def test_export_of_a_transformers_directory_loads_in_transformers(tmp_path):
     batch = entry.collate([{"text": "great fun match 3"}, {"text": "rain today"}])
     with torch.no_grad():
         ours = entry.model(**batch)
-        theirs = loaded(**tokenizer(["great fun match 3", "rain today"], padding=True, return_tensors="pt")).logits
+        theirs = loaded(
+            **tokenizer(["great fun match 3", "rain today"], padding=True, return_tensors="pt")
+        ).logits
     assert torch.allclose(ours, theirs, atol=1e-5)
     # the delta changed the model: the export is the merged model, not the base
     base = transformers.AutoModelForSequenceClassification.from_pretrained(str(tiny)).eval()
     with torch.no_grad():
-        assert not torch.allclose(base(**tokenizer(["rain today"], return_tensors="pt")).logits, theirs[1:], atol=1e-4)
+        assert not torch.allclose(
+            base(**tokenizer(["rain today"], return_tensors="pt")).logits, theirs[1:], atol=1e-4
+        )
 
 
 def test_export_of_minilm_loads_its_encoder_in_transformers(tmp_path):
@@ -268,8 +515,28 @@ def test_export_of_minilm_loads_its_encoder_in_transformers(tmp_path):
     from deltatune.cli.train import load_trained
 
     run = tmp_path / "run"
-    assert main(["train", "--model", "minilm", "--data", str(_texts(tmp_path / "t.csv", 16)), "--method", "lora",
-                 "--rank", "2", "--max-steps", "1", "--batch-size", "8", "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "minilm",
+                "--data",
+                str(_texts(tmp_path / "t.csv", 16)),
+                "--method",
+                "lora",
+                "--rank",
+                "2",
+                "--max-steps",
+                "1",
+                "--batch-size",
+                "8",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "merged"
     assert main(["export", "--adapter", str(run / "adapter"), "--out", str(out)]) == 0
     info = json.loads((out / "deltatune_export.json").read_text())
@@ -283,5 +550,7 @@ def test_export_of_minilm_loads_its_encoder_in_transformers(tmp_path):
         mask = batch["attention_mask"].unsqueeze(-1).float()
         theirs = ((hidden * mask).sum(1) / mask.sum(1)) @ head["weight"].T + head["bias"]
         entry, _ = load_trained(None, run / "adapter")
-        ours = entry.model(**entry.collate([{"text": "great fun match"}, {"text": "rain and wind today"}]))
+        ours = entry.model(
+            **entry.collate([{"text": "great fun match"}, {"text": "rain and wind today"}])
+        )
     assert torch.allclose(ours, theirs, atol=1e-5)

@@ -43,7 +43,11 @@ def test_one_class_csv_is_refused_for_training_but_evaluates(tmp_path):
     _refused(path, "1 class ('a')", "at least 2 classes")
     assert load_data(path, "test").label_names == ["a"]  # a one-class evaluation file is fine
     # a split column whose train rows hold one class, though the file holds two
-    fixed = _csv(tmp_path, "text,label,split\n" + "".join(f"t{i},a,train\n" for i in range(5)) + "u,b,test\n", "s.csv")
+    fixed = _csv(
+        tmp_path,
+        "text,label,split\n" + "".join(f"t{i},a,train\n" for i in range(5)) + "u,b,test\n",
+        "s.csv",
+    )
     _refused(fixed, "1 class ('a')")
 
 
@@ -76,13 +80,23 @@ def test_missing_and_nan_labels_are_refused_with_row_line_and_count(tmp_path):
 def test_integral_float_labels_equal_ints_and_mixed_types_are_refused(tmp_path):
     jl = tmp_path / "d.jsonl"
     labels = [1, 1.0, 2, 2.0, 10, 10.0]
-    jl.write_text("".join(json.dumps({"text": f"t{i}", "label": labels[i % 6]}) + "\n" for i in range(30)))
+    jl.write_text(
+        "".join(json.dumps({"text": f"t{i}", "label": labels[i % 6]}) + "\n" for i in range(30))
+    )
     d = load_data(str(jl), "train")
     assert d.label_names == ["1", "2", "10"]  # three classes, sorted numerically
-    csv_path = _csv(tmp_path, "text,label\n" + "".join(f"t{i},{['1', '1.0', '2.0', '2'][i % 4]}\n" for i in range(20)))
-    assert load_data(csv_path, "train").label_names == ["1", "2"]  # pandas writes float columns as 1.0
+    csv_path = _csv(
+        tmp_path,
+        "text,label\n" + "".join(f"t{i},{['1', '1.0', '2.0', '2'][i % 4]}\n" for i in range(20)),
+    )
+    assert load_data(csv_path, "train").label_names == [
+        "1",
+        "2",
+    ]  # pandas writes float columns as 1.0
     mixed = tmp_path / "m.jsonl"
-    mixed.write_text("".join(json.dumps({"text": f"t{i}", "label": [1, "cat"][i % 2]}) + "\n" for i in range(10)))
+    mixed.write_text(
+        "".join(json.dumps({"text": f"t{i}", "label": [1, "cat"][i % 2]}) + "\n" for i in range(10))
+    )
     _refused(str(mixed), "mix JSON types", "number 1 on line 1", "string 'cat' on line 2")
 
 
@@ -111,7 +125,9 @@ def test_quoted_multiline_field_counts_lines_from_its_start(tmp_path):
     _refused(path, "line 5 has 3 fields")
 
 
-@pytest.mark.parametrize("header,column", [("text,label,label", "label"), ("text,text,label", "text")])
+@pytest.mark.parametrize(
+    "header,column", [("text,label,label", "label"), ("text,text,label", "text")]
+)
 def test_duplicated_csv_columns_are_refused(tmp_path, header, column):
     path = _csv(tmp_path, header + "\n" + "".join(f"t{i},a,{'ab'[i % 2]}\n" for i in range(10)))
     _refused(path, f"column {column!r} appears more than once")
@@ -189,14 +205,20 @@ def test_json_array_and_pretty_jsonl_still_read(tmp_path):
     arr.write_text(json.dumps([{"text": f"t{i}", "label": i % 2} for i in range(20)], indent=2))
     assert len(load_data(str(arr), "train")) == 16
     lines = tmp_path / "l.json"  # JSONL under a .json name
-    lines.write_text("".join(json.dumps({"text": f"t{i}", "label": i % 2}) + "\n" for i in range(20)))
+    lines.write_text(
+        "".join(json.dumps({"text": f"t{i}", "label": i % 2}) + "\n" for i in range(20))
+    )
     assert len(load_data(str(lines), "train")) == 16
 
 
 def test_saved_dataset_missing_labels_and_one_class(tmp_path):
     datasets = pytest.importorskip("datasets")
-    feats = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
-    ds = datasets.Dataset.from_dict({"text": [f"t{i}" for i in range(10)], "label": [0] * 9 + [-1]}, features=feats)
+    feats = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])}
+    )
+    ds = datasets.Dataset.from_dict(
+        {"text": [f"t{i}" for i in range(10)], "label": [0] * 9 + [-1]}, features=feats
+    )
     ds.save_to_disk(str(tmp_path / "unlabelled"))
     _refused(str(tmp_path / "unlabelled"), "row 9 has no label")
     ds.select(range(9)).save_to_disk(str(tmp_path / "one"))
@@ -219,7 +241,9 @@ def test_mixed_image_sizes_batch_for_small_cnn(tmp_path):
         (tmp_path / "imgs" / cls).mkdir(parents=True)
         for i in range(8):
             h, w = sizes[(i + c) % 4]
-            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
+                tmp_path / "imgs" / cls / f"{i}.png"
+            )
     data = load_data(str(tmp_path / "imgs"), "train")
     assert len({tuple(e["image"].shape) for e in data.examples}) > 1
     entry = load_model("small-cnn", num_labels=2)
@@ -229,7 +253,9 @@ def test_mixed_image_sizes_batch_for_small_cnn(tmp_path):
     # each image is resized on its own: the same as collating it alone, and the source tensor is untouched
     first = data.examples[0]["image"].clone()
     alone = entry.collate([data.examples[0]])["pixel_values"][0]
-    assert torch.allclose(batch["pixel_values"][0], alone) and torch.equal(data.examples[0]["image"], first)
+    assert torch.allclose(batch["pixel_values"][0], alone) and torch.equal(
+        data.examples[0]["image"], first
+    )
 
 
 def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
@@ -251,7 +277,11 @@ def test_unclosed_quote_and_huge_float_labels(tmp_path):
     path = _csv(tmp_path, 'text,label\n"unterminated,a\nb,b\n')
     _refused(path, "line 2 has 1 fields", "quote opened there may be unclosed")
     jl = tmp_path / "f.jsonl"
-    jl.write_text("".join(json.dumps({"text": f"t{i}", "label": [0.5, 1e300][i % 2]}) + "\n" for i in range(10)))
+    jl.write_text(
+        "".join(
+            json.dumps({"text": f"t{i}", "label": [0.5, 1e300][i % 2]}) + "\n" for i in range(10)
+        )
+    )
     assert load_data(str(jl), "train").label_names == ["0.5", "1e+300"]
 
 
@@ -277,7 +307,12 @@ def test_pickled_transformers_dir_is_refused_without_unpickling(tmp_path):
     with pytest.raises(ModelError) as info:
         load_model(str(model_dir), num_labels=2)
     msg = str(info.value)
-    assert "\n" not in msg and "pytorch_model.bin" in msg and "only safetensors" in msg and "safe_serialization=True" in msg
+    assert (
+        "\n" not in msg
+        and "pytorch_model.bin" in msg
+        and "only safetensors" in msg
+        and "safe_serialization=True" in msg
+    )
     assert not sentinel.exists()
     (model_dir / "pytorch_model.bin").unlink()
     with pytest.raises(ModelError, match="holds no model.safetensors weights"):
@@ -292,7 +327,13 @@ def test_damaged_safetensors_and_config_give_one_line(tmp_path):
 
     src, model_dir = Path(g.get_model_path()), tmp_path / "m"
     model_dir.mkdir()
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+    for name in (
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.txt",
+        "special_tokens_map.json",
+    ):
         if (src / name).is_file():
             shutil.copy(src / name, model_dir / name)
     (model_dir / "model.safetensors").write_bytes(b"\x01\x02")
@@ -313,12 +354,31 @@ def test_cli_encoding_option_and_one_line_errors(tmp_path, capsys):
     rows = "".join(f"caf\u00e9 {i},a\n" for i in range(20))  # latin-1 and one class
     path = _csv(tmp_path, "text,label\n" + rows, encoding="latin-1")
     out = tmp_path / "run"
-    assert main(["train", "--model", "minilm", "--data", path, "--max-steps", "1", "--out", str(out)]) == 2
+    assert (
+        main(["train", "--model", "minilm", "--data", path, "--max-steps", "1", "--out", str(out)])
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "--encoding latin-1" in err
     # with the encoding the file decodes, and the next problem (one class) is what is reported
-    assert main(["train", "--model", "minilm", "--data", path, "--encoding", "latin-1", "--max-steps", "1",
-                 "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "minilm",
+                "--data",
+                path,
+                "--encoding",
+                "latin-1",
+                "--max-steps",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "1 class ('a')" in err and "utf-8" not in err
     assert not out.exists()  # refused before --out is created

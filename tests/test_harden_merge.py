@@ -52,56 +52,156 @@ def nothing_written(root, out="out"):
 
 
 def models(*params):
-    return [{"model": f"m{i + 1}", **({"parameters": p} if p else {})} for i, p in enumerate(params)]
+    return [
+        {"model": f"m{i + 1}", **({"parameters": p} if p else {})} for i, p in enumerate(params)
+    ]
 
 
 # -- 1. parameters are checked when the config is read --------------------------------------------
 BAD = [
-    ({"merge_method": "linear", "models": models({"weight": 1.0}, {"weight": -1.0})},
-     ["weights [1.0, -1.0] sum to 0", "normalize: false"]),
-    ({"merge_method": "ties", "base_model": "base", "parameters": {"normalize": True},
-      "models": models({"weight": 0.5, "density": 0.5}, {"weight": -0.5, "density": 0.5})}, ["sum to 0"]),
-    ({"merge_method": "linear", "models": models({"weight": float("nan")}, None)},
-     ["models[0] (m1)", "'weight' must be a finite number", "nan"]),
-    ({"merge_method": "task_arithmetic", "base_model": "base", "models": models(None, {"weight": float("inf")})},
-     ["models[1] (m2)", "'weight' must be a finite number", "inf"]),
-    ({"merge_method": "task_arithmetic", "base_model": "base", "models": models({"weight": "nan"}, None)},
-     ["'weight' must be a finite number"]),
-    ({"merge_method": "ties", "base_model": "base", "models": models({"density": 7}, None)},
-     ["models[0] (m1)", "'density' must be a finite number in (0, 1], got 7"]),
-    ({"merge_method": "dare_ties", "base_model": "base", "models": models({"density": -1}, None)},
-     ["'density' must be a finite number in (0, 1], got -1"]),
-    ({"merge_method": "ties", "base_model": "base", "parameters": {"density": 0}, "models": models(None, None)},
-     ["parameters:", "'density' must be a finite number in (0, 1]"]),
-    ({"merge_method": "ties", "base_model": "base", "models": models({"density": [0.5, 3]}, None)},  # a gradient
-     ["'density' must be a finite number in (0, 1], got 3"]),
-    ({"merge_method": "ties", "base_model": "base", "parameters": {"lambda": float("inf")}, "models": models(None, None)},
-     ["'lambda' must be a finite number"]),
-    ({"merge_method": "slerp", "base_model": "base", "parameters": {"t": 5}, "models": models(None)},
-     ["'t' must be a finite number in [0, 1], got 5"]),
-    ({"merge_method": "breadcrumbs", "base_model": "base", "models": models({"density": 0.5, "gamma": 3}, None)},
-     ["'gamma' must be a finite number in [0, 1), got 3"]),
-    ({"merge_method": "della", "base_model": "base", "models": models({"density": 0.3, "epsilon": 0.4}, None)},
-     ["density ± epsilon inside (0, 1)"]),
-    ({"merge_method": "della_linear", "base_model": "base", "models": models({"density": 0.5, "epsilon": 0.7}, None)},
-     ["'epsilon' must be a finite number in [0, 0.5), got 0.7"]),
-    ({"merge_method": "regmean", "parameters": {"alpha": 2}, "models": models(None, None)},
-     ["'alpha' must be a finite number in [0, 1], got 2"]),
-    ({"merge_method": "fisher", "parameters": {"floor": -1}, "models": models(None, None)},
-     ["'floor' must be a finite number >= 0"]),
-    ({"merge_method": "dare_linear", "base_model": "base", "parameters": {"seed": 1.5}, "models": models({"density": 0.5})},
-     ["'seed' must be an integer, got 1.5"]),
-    ({"merge_method": "linear", "models": models({"weight": int("1" + "0" * 400)}, None)},
-     ["'weight' must be a finite number"]),
-    ({"merge_method": "ties", "base_model": "base", "models": models({"lamda": 1}, None)},
-     ["has no parameter 'lamda'", "lambda"]),
+    (
+        {"merge_method": "linear", "models": models({"weight": 1.0}, {"weight": -1.0})},
+        ["weights [1.0, -1.0] sum to 0", "normalize: false"],
+    ),
+    (
+        {
+            "merge_method": "ties",
+            "base_model": "base",
+            "parameters": {"normalize": True},
+            "models": models({"weight": 0.5, "density": 0.5}, {"weight": -0.5, "density": 0.5}),
+        },
+        ["sum to 0"],
+    ),
+    (
+        {"merge_method": "linear", "models": models({"weight": float("nan")}, None)},
+        ["models[0] (m1)", "'weight' must be a finite number", "nan"],
+    ),
+    (
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": "base",
+            "models": models(None, {"weight": float("inf")}),
+        },
+        ["models[1] (m2)", "'weight' must be a finite number", "inf"],
+    ),
+    (
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": "base",
+            "models": models({"weight": "nan"}, None),
+        },
+        ["'weight' must be a finite number"],
+    ),
+    (
+        {"merge_method": "ties", "base_model": "base", "models": models({"density": 7}, None)},
+        ["models[0] (m1)", "'density' must be a finite number in (0, 1], got 7"],
+    ),
+    (
+        {
+            "merge_method": "dare_ties",
+            "base_model": "base",
+            "models": models({"density": -1}, None),
+        },
+        ["'density' must be a finite number in (0, 1], got -1"],
+    ),
+    (
+        {
+            "merge_method": "ties",
+            "base_model": "base",
+            "parameters": {"density": 0},
+            "models": models(None, None),
+        },
+        ["parameters:", "'density' must be a finite number in (0, 1]"],
+    ),
+    (
+        {
+            "merge_method": "ties",
+            "base_model": "base",
+            "models": models({"density": [0.5, 3]}, None),
+        },  # a gradient
+        ["'density' must be a finite number in (0, 1], got 3"],
+    ),
+    (
+        {
+            "merge_method": "ties",
+            "base_model": "base",
+            "parameters": {"lambda": float("inf")},
+            "models": models(None, None),
+        },
+        ["'lambda' must be a finite number"],
+    ),
+    (
+        {
+            "merge_method": "slerp",
+            "base_model": "base",
+            "parameters": {"t": 5},
+            "models": models(None),
+        },
+        ["'t' must be a finite number in [0, 1], got 5"],
+    ),
+    (
+        {
+            "merge_method": "breadcrumbs",
+            "base_model": "base",
+            "models": models({"density": 0.5, "gamma": 3}, None),
+        },
+        ["'gamma' must be a finite number in [0, 1), got 3"],
+    ),
+    (
+        {
+            "merge_method": "della",
+            "base_model": "base",
+            "models": models({"density": 0.3, "epsilon": 0.4}, None),
+        },
+        ["density ± epsilon inside (0, 1)"],
+    ),
+    (
+        {
+            "merge_method": "della_linear",
+            "base_model": "base",
+            "models": models({"density": 0.5, "epsilon": 0.7}, None),
+        },
+        ["'epsilon' must be a finite number in [0, 0.5), got 0.7"],
+    ),
+    (
+        {"merge_method": "regmean", "parameters": {"alpha": 2}, "models": models(None, None)},
+        ["'alpha' must be a finite number in [0, 1], got 2"],
+    ),
+    (
+        {"merge_method": "fisher", "parameters": {"floor": -1}, "models": models(None, None)},
+        ["'floor' must be a finite number >= 0"],
+    ),
+    (
+        {
+            "merge_method": "dare_linear",
+            "base_model": "base",
+            "parameters": {"seed": 1.5},
+            "models": models({"density": 0.5}),
+        },
+        ["'seed' must be an integer, got 1.5"],
+    ),
+    (
+        {"merge_method": "linear", "models": models({"weight": int("1" + "0" * 400)}, None)},
+        ["'weight' must be a finite number"],
+    ),
+    (
+        {"merge_method": "ties", "base_model": "base", "models": models({"lamda": 1}, None)},
+        ["has no parameter 'lamda'", "lambda"],
+    ),
     # filters: the sum is zero only for the tensors the filter picks, so the error names one
-    ({"merge_method": "linear", "models": models({"weight": [{"filter": "layers.1", "value": -1}, {"value": 1}]}, None)},
-     ["tensor model.layers.1", "sum to 0"]),
+    (
+        {
+            "merge_method": "linear",
+            "models": models({"weight": [{"filter": "layers.1", "value": -1}, {"value": 1}]}, None),
+        },
+        ["tensor model.layers.1", "sum to 0"],
+    ),
 ]
 
 
-@pytest.mark.parametrize("data,expect", BAD, ids=[f"{d['merge_method']}-{i}" for i, (d, _) in enumerate(BAD)])
+@pytest.mark.parametrize(
+    "data,expect", BAD, ids=[f"{d['merge_method']}-{i}" for i, (d, _) in enumerate(BAD)]
+)
 def test_bad_parameters_exit_2_with_one_line_and_no_output(root, capsys, data, expect):
     assert main(["merge", write(root, data), "--out", "out", "-q"]) == 2
     line = one_line_error(capsys)
@@ -113,12 +213,19 @@ def test_bad_parameters_exit_2_with_one_line_and_no_output(root, capsys, data, e
 def test_parameters_are_checked_when_the_config_is_parsed(root):
     # before any checkpoint is opened: the models need not even hold tensors yet
     with pytest.raises(MergeConfigError, match=r"models\[0\] \(m1\): ties parameter 'density'"):
-        alg.parse_merge_config({"merge_method": "ties", "base_model": "base", "models": models({"density": 7})})
+        alg.parse_merge_config(
+            {"merge_method": "ties", "base_model": "base", "models": models({"density": 7})}
+        )
     with pytest.raises(MergeConfigError, match="unknown merge method"):
         alg.parse_merge_config({"merge_method": "tie", "models": models(None)})
     # weights summing to zero are fine without normalize, and a base listed among models is not counted
-    cfg = alg.parse_merge_config({"merge_method": "task_arithmetic", "base_model": "base",
-                                  "models": [{"model": "base"}, *models({"weight": 1}, {"weight": -1})]})
+    cfg = alg.parse_merge_config(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": "base",
+            "models": [{"model": "base"}, *models({"weight": 1}, {"weight": -1})],
+        }
+    )
     assert [m.parameters for m in cfg.non_base()] == [{"weight": 1}, {"weight": -1}]
     # the in-memory API shares the checks
     with pytest.raises(MergeConfigError, match="'density' must be a finite number in"):
@@ -127,8 +234,12 @@ def test_parameters_are_checked_when_the_config_is_parsed(root):
 
 # -- 1b. a merge whose result is not finite fails and leaves nothing ------------------------------
 def test_non_finite_result_is_refused_and_nothing_is_left(root, capsys):
-    data = {"merge_method": "task_arithmetic", "base_model": "base", "parameters": {"lambda": 1e300},
-            "models": models(None, None)}
+    data = {
+        "merge_method": "task_arithmetic",
+        "base_model": "base",
+        "parameters": {"lambda": 1e300},
+        "models": models(None, None),
+    }
     assert main(["merge", write(root, data), "--out", "out", "-q"]) == 2
     line = one_line_error(capsys)
     assert "merged tensor model.layers.0.bias has NaN or inf values" in line, line
@@ -145,8 +256,15 @@ def test_failed_overwrite_keeps_the_earlier_output(root, capsys):
     good = write(root, {"merge_method": "linear", "models": models(None, None)}, "good.yaml")
     assert main(["merge", good, "--out", "out", "-q"]) == 0
     before = (root / "out" / "model.safetensors").read_bytes()
-    bad = write(root, {"merge_method": "task_arithmetic", "base_model": "base", "parameters": {"lambda": 1e300},
-                       "models": models(None)})
+    bad = write(
+        root,
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": "base",
+            "parameters": {"lambda": 1e300},
+            "models": models(None),
+        },
+    )
     assert main(["merge", bad, "--out", "out", "--overwrite", "-q"]) == 2
     assert "NaN or inf" in one_line_error(capsys)
     assert (root / "out" / "model.safetensors").read_bytes() == before
@@ -190,14 +308,20 @@ def test_shards_are_not_read_through_links_out_of_the_model(root, capsys, tmp_pa
     linked = root / "linked"
     linked.mkdir()
     (linked / "model.safetensors").symlink_to(elsewhere / "model.safetensors")
-    data = {"merge_method": "task_arithmetic", "base_model": "base", "models": [{"model": "linked"}]}
+    data = {
+        "merge_method": "task_arithmetic",
+        "base_model": "base",
+        "models": [{"model": "linked"}],
+    }
     assert main(["merge", write(root, data), "--out", "out", "-q"]) == 2
     assert "linked/model.safetensors resolves to" in one_line_error(capsys)
     nothing_written(root)
     # an index whose weight_map climbs out of the directory
     (linked / "model.safetensors").unlink()
     names = list(load_file(str(root / "m1" / "model.safetensors")))
-    (linked / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: "../m1/model.safetensors" for n in names}}))
+    (linked / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {n: "../m1/model.safetensors" for n in names}})
+    )
     with pytest.raises(MergeError, match="outside the model directory"):
         alg.merge_checkpoints(alg.parse_merge_config(data), root / "out")
     nothing_written(root)
@@ -211,25 +335,36 @@ def test_hugging_face_cache_snapshot_links_are_followed(root):
     snap = repo / "snapshots" / "rev1"
     snap.mkdir(parents=True)
     (snap / "model.safetensors").symlink_to("../../blobs/abc123")
-    data = {"merge_method": "task_arithmetic", "base_model": "base", "models": [{"model": str(snap)}]}
+    data = {
+        "merge_method": "task_arithmetic",
+        "base_model": "base",
+        "models": [{"model": str(snap)}],
+    }
     assert main(["merge", write(root, data), "--out", "out", "-q"]) == 0
     assert (root / "out" / "model.safetensors").is_file()
 
 
 # -- 3. output paths give one line, never a traceback ---------------------------------------------
 def test_out_dot_and_unwritable_out_give_one_line(root, capsys, monkeypatch):
-    data = {"merge_method": "linear", "models": [{"model": str(root / "m1")}, {"model": str(root / "m2")}]}
+    data = {
+        "merge_method": "linear",
+        "models": [{"model": str(root / "m1")}, {"model": str(root / "m2")}],
+    }
     cfg = write(root, data)
     empty = root / "empty"
     empty.mkdir()
     monkeypatch.chdir(empty)
     assert main(["merge", cfg, "--out", ".", "-q"]) == 2
     assert "--out ." in one_line_error(capsys)
-    assert list(empty.iterdir()) == [] and not [p for p in root.iterdir() if p.name.startswith(".empty")]
+    assert list(empty.iterdir()) == [] and not [
+        p for p in root.iterdir() if p.name.startswith(".empty")
+    ]
     # the library call refuses it too (a ValueError, not an OSError from renaming the current directory)
     with pytest.raises(ValueError):
         alg.merge_checkpoints(alg.load_merge_config(cfg), ".")
-    assert list(empty.iterdir()) == [] and not [p for p in root.iterdir() if p.name.startswith(".empty")]
+    assert list(empty.iterdir()) == [] and not [
+        p for p in root.iterdir() if p.name.startswith(".empty")
+    ]
     monkeypatch.chdir(root)
     assert main(["merge", cfg, "--out", "c.yaml/sub", "-q"]) == 2  # under a file
     assert "cannot create the output directory c.yaml/sub" in one_line_error(capsys)
@@ -240,14 +375,19 @@ def test_out_dot_and_unwritable_out_give_one_line(root, capsys, monkeypatch):
 def test_empty_tensors_and_odd_config_json_merge(root):
     for i, name in enumerate(["base", "m1", "m2"]):
         save(root / name, i, empty=torch.zeros(0, 3), scalar=torch.tensor(float(i)))
-    (root / "base" / "config.json").write_text('["torch_dtype"]')  # JSON, not an object: copied as is
+    (root / "base" / "config.json").write_text(
+        '["torch_dtype"]'
+    )  # JSON, not an object: copied as is
     for method in ("della", "della_linear", "ties", "breadcrumbs", "model_stock"):
         params = None if method == "model_stock" else {"density": 0.5}
         data = {"merge_method": method, "base_model": "base", "dtype": "float32", "random_seed": 0,
                 "models": models(params, params)}
         alg.merge_checkpoints(alg.parse_merge_config(data), root / method)
         merged = load_file(str(root / method / "model.safetensors"))
-        assert merged["empty"].shape == (0, 3) and torch.isfinite(merged["model.layers.0.weight"]).all()
+        assert (
+            merged["empty"].shape == (0, 3)
+            and torch.isfinite(merged["model.layers.0.weight"]).all()
+        )
         assert (root / method / "config.json").read_text() == '["torch_dtype"]'
 
 
@@ -255,8 +395,11 @@ def test_mismatched_checkpoints_give_one_line(root, capsys):
     save(root / "wide", 7, **{"model.layers.0.weight": torch.randn(6, 5)})
     save(root / "double", 8, **{"model.layers.0.weight": torch.randn(6, 4, dtype=torch.float64)})
     save(root / "ids", 9, position_ids=torch.arange(6) + 1)
-    for other, expect in [("wide", "is (6, 4) in m1 but (6, 5) in wide"), ("double", "mixed dtypes"),
-                          ("ids", "integer tensor position_ids differs")]:
+    for other, expect in [
+        ("wide", "is (6, 4) in m1 but (6, 5) in wide"),
+        ("double", "mixed dtypes"),
+        ("ids", "integer tensor position_ids differs"),
+    ]:
         data = {"merge_method": "linear", "models": [{"model": "m1"}, {"model": other}]}
         assert main(["merge", write(root, data), "--out", "out", "-q"]) == 2
         assert expect in one_line_error(capsys)

@@ -13,7 +13,10 @@ class M(nn.Module):
 def test_eval_refuses_nonfinite_outputs_and_save_refuses_nonfinite_deltas(tmp_path):
     m = M(); dt.attach(m, dt.LoRA(r=2, targets=["fc"]), name="a")
     data = [{"x": torch.randn(4), "label": i % 3} for i in range(6)]
-    collate = lambda ex: {"x": torch.stack([e["x"] for e in ex]), "labels": torch.tensor([e["label"] for e in ex])}
+    collate = lambda ex: {
+        "x": torch.stack([e["x"] for e in ex]),
+        "labels": torch.tensor([e["label"] for e in ex]),
+    }
     assert 0 <= evaluate(m, data, collate, task="classification")["accuracy"] <= 1
     with torch.no_grad():
         next(p for n, p in m.named_parameters() if "lora_B" in n).fill_(float("nan"))

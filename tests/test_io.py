@@ -16,7 +16,9 @@ def _trained(mlp, **kw):
 
 
 @pytest.mark.parametrize("fmt", ["deltatune", "peft"])
-@pytest.mark.parametrize("kw", [{}, {"dora": True}, {"rslora": True}, {"init": "pissa"}, {"bias": "all"}])
+@pytest.mark.parametrize(
+    "kw", [{}, {"dora": True}, {"rslora": True}, {"init": "pissa"}, {"bias": "all"}]
+)
 def test_round_trip(tmp_path, mlp, fmt, kw):
     x = torch.randn(5, 8)
     base = MLP().eval()
@@ -55,7 +57,9 @@ def test_another_base_is_refused_and_model_unchanged(tmp_path, mlp):
     dt.save_adapter(mlp, tmp_path / "a")
     other = MLP(d_in=8, hidden=32)
     before = {k: v.clone() for k, v in other.state_dict().items()}
-    with pytest.raises(dt.DeltaFileError, match=r"another base model: fc1.weight is \(32, 8\) here but \(16, 8\)"):
+    with pytest.raises(
+        dt.DeltaFileError, match=r"another base model: fc1.weight is \(32, 8\) here but \(16, 8\)"
+    ):
         dt.load_adapter(other, tmp_path / "a")
     assert dt.delta_names(other) == []
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
@@ -67,7 +71,11 @@ def test_corrupt_tensor_file(tmp_path, mlp, damage):
     dt.save_adapter(mlp, tmp_path / "a")
     f = tmp_path / "a" / "delta.safetensors"
     data = f.read_bytes()
-    f.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00" * 64 + data[64:], "empty": b""}[damage])
+    f.write_bytes(
+        {"truncate": data[: len(data) // 2], "garbage": b"\x00" * 64 + data[64:], "empty": b""}[
+            damage
+        ]
+    )
     fresh = MLP()
     with pytest.raises(dt.DeltaFileError, match="corrupt or truncated"):
         dt.load_adapter(fresh, tmp_path / "a")
@@ -118,7 +126,9 @@ def test_nan_tensor_refused(tmp_path, mlp):
     tensors[key][0] = float("nan")
     save_file(tensors, str(f))
     with pytest.raises(dt.DeltaFileError, match="NaN"):
-        dt.load_adapter(MLP(), tmp_path / "a", verify=False)  # past the checksum, which also refuses the edit
+        dt.load_adapter(
+            MLP(), tmp_path / "a", verify=False
+        )  # past the checksum, which also refuses the edit
 
 
 def test_save_needs_name_when_several(tmp_path, mlp):

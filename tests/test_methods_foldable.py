@@ -25,18 +25,32 @@ IDS = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
 def _bert():
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37)
+    cfg = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+    )
     return transformers.BertModel(cfg).eval()
 
 
 def _llama():
-    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, intermediate_size=40)
+    cfg = transformers.LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=40,
+    )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def _gpt2():
-    cfg = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        vocab_size=100, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
+    )
     return transformers.GPT2Model(cfg).eval()
 
 
@@ -60,7 +74,9 @@ def peft_both_ways(tmp_path, make, config):
     torch.manual_seed(0)
     base = make()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # peft BOFT warns that its CUDA kernel is unavailable on CPU
+        warnings.simplefilter(
+            "ignore"
+        )  # peft BOFT warns that its CUDA kernel is unavailable on CPU
         pm = peft.get_peft_model(copy.deepcopy(base), config).eval()
         _nudge(pm)
         y_peft = _out(pm)
@@ -75,19 +91,72 @@ def peft_both_ways(tmp_path, make, config):
 
 
 PEFT_CASES = {
-    "bert-ia3": (_bert, lambda: peft.IA3Config(target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"])),
-    "llama-ia3": (_llama, lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
-    "gpt2-ia3-conv1d": (_gpt2, lambda: peft.IA3Config(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"], fan_in_fan_out=True)),
+    "bert-ia3": (
+        _bert,
+        lambda: peft.IA3Config(
+            target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"]
+        ),
+    ),
+    "llama-ia3": (
+        _llama,
+        lambda: peft.IA3Config(
+            target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]
+        ),
+    ),
+    "gpt2-ia3-conv1d": (
+        _gpt2,
+        lambda: peft.IA3Config(
+            target_modules=["c_attn", "mlp.c_proj"],
+            feedforward_modules=["mlp.c_proj"],
+            fan_in_fan_out=True,
+        ),
+    ),
     "bert-vera": (_bert, lambda: peft.VeraConfig(r=4, target_modules=["query", "value", "dense"])),
-    "bert-vera-regenerated": (_bert, lambda: peft.VeraConfig(r=4, target_modules=["query", "value"], save_projection=False, projection_prng_key=7)),
-    "gpt2-vera-conv1d": (_gpt2, lambda: peft.VeraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True)),
-    "bert-oft-neumann": (_bert, lambda: peft.OFTConfig(oft_block_size=8, target_modules=["query", "value", "dense"])),
-    "bert-oft-exact-shared": (_bert, lambda: peft.OFTConfig(r=4, oft_block_size=0, use_cayley_neumann=False, block_share=True, target_modules=["query", "value"])),
-    "bert-oft-coft": (_bert, lambda: peft.OFTConfig(oft_block_size=8, coft=True, eps=2.0, target_modules=["query", "value"])),
-    "bert-boft": (_bert, lambda: peft.BOFTConfig(boft_block_size=4, target_modules=["query", "value", "attention.output.dense"])),
-    "bert-boft-block-num": (_bert, lambda: peft.BOFTConfig(boft_block_num=4, boft_block_size=0, target_modules=["value"])),
+    "bert-vera-regenerated": (
+        _bert,
+        lambda: peft.VeraConfig(
+            r=4, target_modules=["query", "value"], save_projection=False, projection_prng_key=7
+        ),
+    ),
+    "gpt2-vera-conv1d": (
+        _gpt2,
+        lambda: peft.VeraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True),
+    ),
+    "bert-oft-neumann": (
+        _bert,
+        lambda: peft.OFTConfig(oft_block_size=8, target_modules=["query", "value", "dense"]),
+    ),
+    "bert-oft-exact-shared": (
+        _bert,
+        lambda: peft.OFTConfig(
+            r=4,
+            oft_block_size=0,
+            use_cayley_neumann=False,
+            block_share=True,
+            target_modules=["query", "value"],
+        ),
+    ),
+    "bert-oft-coft": (
+        _bert,
+        lambda: peft.OFTConfig(
+            oft_block_size=8, coft=True, eps=2.0, target_modules=["query", "value"]
+        ),
+    ),
+    "bert-boft": (
+        _bert,
+        lambda: peft.BOFTConfig(
+            boft_block_size=4, target_modules=["query", "value", "attention.output.dense"]
+        ),
+    ),
+    "bert-boft-block-num": (
+        _bert,
+        lambda: peft.BOFTConfig(boft_block_num=4, boft_block_size=0, target_modules=["value"]),
+    ),
     "bert-ln-tuning": (_bert, lambda: peft.LNTuningConfig(target_modules=["LayerNorm"])),
-    "llama-ln-tuning-rmsnorm": (_llama, lambda: peft.LNTuningConfig(target_modules=["input_layernorm", "norm"])),
+    "llama-ln-tuning-rmsnorm": (
+        _llama,
+        lambda: peft.LNTuningConfig(target_modules=["input_layernorm", "norm"]),
+    ),
 }
 
 
@@ -100,10 +169,17 @@ def test_peft_parity(tmp_path, case):
 
 def test_peft_ia3_feedforward_shape_is_checked(tmp_path):
     torch.manual_seed(0)
-    pm = peft.get_peft_model(_bert(), peft.IA3Config(target_modules=["value", "output.dense"], feedforward_modules=["output.dense"]))
+    pm = peft.get_peft_model(
+        _bert(),
+        peft.IA3Config(
+            target_modules=["value", "output.dense"], feedforward_modules=["output.dense"]
+        ),
+    )
     pm.save_pretrained(tmp_path / "p")
     cfg = (tmp_path / "p" / "adapter_config.json")
-    cfg.write_text(cfg.read_text().replace('"output.dense"', '"nothing"'))  # ff vectors now look like output scaling
+    cfg.write_text(
+        cfg.read_text().replace('"output.dense"', '"nothing"')
+    )  # ff vectors now look like output scaling
     with pytest.raises(dt.DeltaFileError, match="feedforward_modules"):
         dt.load_adapter(_bert(), tmp_path / "p")
 
@@ -123,13 +199,19 @@ def test_ia3_weight_forms(mlp):
         dt.merge(mlp)
         assert torch.allclose(mlp(x), mlp.head(h), atol=1e-5)
     # diag(l)·W and l ⊙ b for output scaling; W·diag(l) (bias untouched) for input scaling
-    assert torch.allclose(mlp.fc1.base.weight, l1[:, None] * w1) and torch.allclose(mlp.fc1.base.bias, l1 * b1)
-    assert torch.allclose(mlp.fc2.base.weight, w2 * l2[None, :]) and torch.equal(mlp.fc2.base.bias, b2)
+    assert torch.allclose(mlp.fc1.base.weight, l1[:, None] * w1) and torch.allclose(
+        mlp.fc1.base.bias, l1 * b1
+    )
+    assert torch.allclose(mlp.fc2.base.weight, w2 * l2[None, :]) and torch.equal(
+        mlp.fc2.base.bias, b2
+    )
 
 
 def test_ia3_conv_grouped_input_scaling_folds():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 3, groups=2, padding=1)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 3, groups=2, padding=1)
+    ).eval()
     dt.attach(model, dt.IA3(targets=["0", "1"], feedforward=["1"]))
     randomize(model)
     x = torch.randn(2, 4, 6, 6)
@@ -157,7 +239,9 @@ def test_ssf_creates_and_removes_a_missing_bias():
     delta = model[0].deltas["default"]
     with torch.no_grad():
         y = model(x)
-        assert torch.allclose(y, torch.tanh((x @ lin.weight.t()) * delta.scale + delta.shift), atol=1e-6)
+        assert torch.allclose(
+            y, torch.tanh((x @ lin.weight.t()) * delta.scale + delta.shift), atol=1e-6
+        )
         dt.merge(model)
         assert isinstance(lin.bias, nn.Parameter) and torch.allclose(model(x), y, atol=1e-6)
     dt.detach(model)
@@ -187,9 +271,15 @@ def test_ssf_refuses_a_norm_without_bias():
 def test_bitfit_trains_only_biases_and_merges_into_them():
     torch.manual_seed(0)
     model = _bert()
-    expected = sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias") and not n.startswith("pooler"))
+    expected = sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if n.endswith("bias") and not n.startswith("pooler")
+    )
     dt.attach(model, dt.BitFit(trainable_modules=["pooler"]))
-    trainable = dt.trainable_summary(model).trainable - sum(p.numel() for p in model.pooler.base.parameters())
+    trainable = dt.trainable_summary(model).trainable - sum(
+        p.numel() for p in model.pooler.base.parameters()
+    )
     assert trainable == expected
     _nudge(model)
     y = _out(model)
@@ -213,7 +303,10 @@ def test_ln_tuning_batchnorm_in_training_updates_running_stats_once():
     dt.attach(model, dt.LNTuning())
     x = torch.randn(8, 5)
     plain(x), model(x)
-    assert torch.allclose(plain.running_mean, tuned.running_mean) and plain.num_batches_tracked == tuned.num_batches_tracked
+    assert (
+        torch.allclose(plain.running_mean, tuned.running_mean)
+        and plain.num_batches_tracked == tuned.num_batches_tracked
+    )
 
 
 def test_ln_tuning_on_a_custom_norm_uses_the_generic_path():
@@ -247,7 +340,11 @@ def test_vera_shares_one_projection_and_saves_it_only_when_asked(tmp_path):
     deltas = [h.deltas["default"] for _, h in dt.core.iter_hosts(model)]
     assert len({d.vera_A.untyped_storage().data_ptr() for d in deltas}) == 1
     a, b = vera.projection(8, 32, 37, 0)
-    assert all(torch.equal(d.vera_A, a[:, : d.vera_A.shape[1]]) and torch.equal(d.vera_B, b[: d.vera_B.shape[0]]) for d in deltas)
+    assert all(
+        torch.equal(d.vera_A, a[:, : d.vera_A.shape[1]])
+        and torch.equal(d.vera_B, b[: d.vera_B.shape[0]])
+        for d in deltas
+    )
     dt.save_adapter(model, tmp_path / "lean")
     assert not any("vera_A" in k for k in load_file(tmp_path / "lean" / "delta.safetensors"))
     dt.detach(model)
@@ -258,9 +355,14 @@ def test_vera_shares_one_projection_and_saves_it_only_when_asked(tmp_path):
 
 def test_vera_matches_peft_projection():
     torch.manual_seed(0)
-    pm = peft.get_peft_model(_bert(), peft.VeraConfig(r=6, target_modules=["query", "intermediate.dense"], projection_prng_key=3))
+    pm = peft.get_peft_model(
+        _bert(),
+        peft.VeraConfig(r=6, target_modules=["query", "intermediate.dense"], projection_prng_key=3),
+    )
     a, b = vera.projection(6, 32, 37, 3)
-    assert torch.equal(pm.base_model.vera_A["default"], a) and torch.equal(pm.base_model.vera_B["default"], b)
+    assert torch.equal(pm.base_model.vera_A["default"], a) and torch.equal(
+        pm.base_model.vera_B["default"], b
+    )
 
 
 # -- OFT / BOFT -----------------------------------------------------------------------------------
@@ -287,7 +389,13 @@ def test_oft_unmerge_inverts_exactly_even_with_the_series(mlp):
     assert torch.allclose(mlp.fc2.base.weight, before, atol=1e-5)
 
 
-@pytest.mark.parametrize("spec", [dt.OFT(block_size=8, targets=["conv2", "pw"]), dt.BOFT(block_size=2, butterfly_factor=2, targets=["conv2", "pw"])])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        dt.OFT(block_size=8, targets=["conv2", "pw"]),
+        dt.BOFT(block_size=2, butterfly_factor=2, targets=["conv2", "pw"]),
+    ],
+)
 def test_rotations_on_convolutions(cnn, spec):
     dt.attach(cnn, spec)
     randomize(cnn, std=0.3)
@@ -329,8 +437,12 @@ def test_block_dropout_only_while_training_and_never_in_a_merge(mlp, spec):
         y = mlp(x)
         mlp.train()
         torch.manual_seed(0)
-        assert any(not torch.allclose(mlp(x), y, atol=1e-4) for _ in range(5)), "dropout should act in training"
-        dt.merge(mlp)  # merged in training mode: still the dropout-free weight, so unmerge inverts it
+        assert any(not torch.allclose(mlp(x), y, atol=1e-4) for _ in range(5)), (
+            "dropout should act in training"
+        )
+        dt.merge(
+            mlp
+        )  # merged in training mode: still the dropout-free weight, so unmerge inverts it
         mlp.eval()
         assert torch.allclose(mlp(x), y, atol=1e-5)
         dt.unmerge(mlp)
@@ -356,12 +468,17 @@ def test_fish_mask_picks_the_highest_fisher_entries():
 
 def test_attach_masked_saves_indices_and_values_only(tmp_path, mlp):
     batches = [(torch.randn(4, 8), torch.randint(0, 3, (4,))) for _ in range(2)]
-    masks = sparse.fish_mask(mlp, batches, 0.05, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]))
+    masks = sparse.fish_mask(
+        mlp, batches, 0.05, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])
+    )
     total = sum(p.numel() for n, p in mlp.named_parameters() if n.endswith("weight"))
     assert sum(int(m.sum()) for m in masks.values()) == round(0.05 * total)
     sparse.attach_masked(mlp, dt.SparseFT(selection="fish"), masks, name="fish")
     for path, mask in masks.items():
-        assert torch.equal(dt.core.host.get_module(mlp, path).deltas["fish"].indices, mask.flatten().nonzero().squeeze(1))
+        assert torch.equal(
+            dt.core.host.get_module(mlp, path).deltas["fish"].indices,
+            mask.flatten().nonzero().squeeze(1),
+        )
     randomize(mlp)
     x = torch.randn(3, 8)
     y = mlp(x)
@@ -388,7 +505,9 @@ def test_sparse_corrupt_indices_are_refused(tmp_path, mlp):
     torch.manual_seed(0)
     fresh = MLP()
     with pytest.raises(dt.DeltaFileError, match="out of range"):
-        dt.load_adapter(fresh, tmp_path / "s", verify=False)  # past the checksum, which also refuses the edit
+        dt.load_adapter(
+            fresh, tmp_path / "s", verify=False
+        )  # past the checksum, which also refuses the edit
     assert not dt.delta_names(fresh)
 
 

@@ -37,43 +37,94 @@ def _one_thread():
 
 # (model, deltatune spec, the same adapter as a peft config, std of the random adapter values)
 PARITY = {
-    "bert-hira": (_bert, lambda: dt.HiRA(r=4, targets=("query", "value", "output.dense")),
-                  lambda: peft.HiraConfig(r=4, target_modules=["query", "value", "output.dense"]),
-                  0.3),
-    "llama-hira-gaussian": (_llama, lambda: dt.HiRA(
-        r=2, init="gaussian", targets=("q_proj", "v_proj", "up_proj")),
-        lambda: peft.HiraConfig(r=2, init_weights="gaussian",
-                                target_modules=["q_proj", "v_proj", "up_proj"]), 0.3),
-    "gpt2-hira-conv1d": (_gpt2, lambda: dt.HiRA(r=2, targets=("c_attn", "mlp.c_proj")),
-                         lambda: peft.HiraConfig(r=2, fan_in_fan_out=True,
-                                                 target_modules=["c_attn", "mlp.c_proj"]), 0.3),
-    "bert-waveft": (_bert, lambda: dt.WaveFT(
-        n_frequency=60, scaling=20.0, targets=("query", "value", "output.dense")),
-        lambda: peft.WaveFTConfig(n_frequency=60, scaling=20.0,
-                                  target_modules=["query", "value", "output.dense"]), 1.0),
-    "llama-waveft-db3-pattern": (_llama, lambda: dt.WaveFT(
-        n_frequency=50, scaling=10.0, wavelet_family="db3", random_loc_seed=5,
-        n_frequency_pattern={"layers.0.mlp.down_proj": 200, "v_proj": 16},
-        targets=("q_proj", "v_proj", "down_proj")),
-        lambda: peft.WaveFTConfig(n_frequency=50, scaling=10.0, wavelet_family="db3",
-                                  random_loc_seed=5, target_modules=["q_proj", "v_proj", "down_proj"],
-                                  n_frequency_pattern={"layers.0.mlp.down_proj": 200,
-                                                       "v_proj": 16}), 1.0),
-    "llama-waveft-proportional": (_llama, lambda: dt.WaveFT(
-        n_frequency=40, scaling=10.0, wavelet_family="db2", proportional_parameters=True,
-        targets=("q_proj", "down_proj")),
-        lambda: peft.WaveFTConfig(n_frequency=40, scaling=10.0, wavelet_family="db2",
-                                  proportional_parameters=True,
-                                  target_modules=["q_proj", "down_proj"]), 1.0),
-    "bert-waveft-no-idwt": (_bert, lambda: dt.WaveFT(
-        n_frequency=40, scaling=5.0, use_idwt=False, targets=("query", "value")),
-        lambda: peft.WaveFTConfig(n_frequency=40, scaling=5.0, use_idwt=False,
-                                  target_modules=["query", "value"]), 1.0),
-    "gpt2-waveft-conv1d": (_gpt2, lambda: dt.WaveFT(
-        n_frequency=80, scaling=20.0, wavelet_family="db4", targets=("c_attn", "mlp.c_proj")),
-        lambda: peft.WaveFTConfig(n_frequency=80, scaling=20.0, wavelet_family="db4",
-                                  fan_in_fan_out=True, target_modules=["c_attn", "mlp.c_proj"]),
-        1.0),
+    "bert-hira": (
+        _bert,
+        lambda: dt.HiRA(r=4, targets=("query", "value", "output.dense")),
+        lambda: peft.HiraConfig(r=4, target_modules=["query", "value", "output.dense"]),
+        0.3,
+    ),
+    "llama-hira-gaussian": (
+        _llama,
+        lambda: dt.HiRA(r=2, init="gaussian", targets=("q_proj", "v_proj", "up_proj")),
+        lambda: peft.HiraConfig(
+            r=2, init_weights="gaussian", target_modules=["q_proj", "v_proj", "up_proj"]
+        ),
+        0.3,
+    ),
+    "gpt2-hira-conv1d": (
+        _gpt2,
+        lambda: dt.HiRA(r=2, targets=("c_attn", "mlp.c_proj")),
+        lambda: peft.HiraConfig(r=2, fan_in_fan_out=True, target_modules=["c_attn", "mlp.c_proj"]),
+        0.3,
+    ),
+    "bert-waveft": (
+        _bert,
+        lambda: dt.WaveFT(n_frequency=60, scaling=20.0, targets=("query", "value", "output.dense")),
+        lambda: peft.WaveFTConfig(
+            n_frequency=60, scaling=20.0, target_modules=["query", "value", "output.dense"]
+        ),
+        1.0,
+    ),
+    "llama-waveft-db3-pattern": (
+        _llama,
+        lambda: dt.WaveFT(
+            n_frequency=50,
+            scaling=10.0,
+            wavelet_family="db3",
+            random_loc_seed=5,
+            n_frequency_pattern={"layers.0.mlp.down_proj": 200, "v_proj": 16},
+            targets=("q_proj", "v_proj", "down_proj"),
+        ),
+        lambda: peft.WaveFTConfig(
+            n_frequency=50,
+            scaling=10.0,
+            wavelet_family="db3",
+            random_loc_seed=5,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            n_frequency_pattern={"layers.0.mlp.down_proj": 200, "v_proj": 16},
+        ),
+        1.0,
+    ),
+    "llama-waveft-proportional": (
+        _llama,
+        lambda: dt.WaveFT(
+            n_frequency=40,
+            scaling=10.0,
+            wavelet_family="db2",
+            proportional_parameters=True,
+            targets=("q_proj", "down_proj"),
+        ),
+        lambda: peft.WaveFTConfig(
+            n_frequency=40,
+            scaling=10.0,
+            wavelet_family="db2",
+            proportional_parameters=True,
+            target_modules=["q_proj", "down_proj"],
+        ),
+        1.0,
+    ),
+    "bert-waveft-no-idwt": (
+        _bert,
+        lambda: dt.WaveFT(n_frequency=40, scaling=5.0, use_idwt=False, targets=("query", "value")),
+        lambda: peft.WaveFTConfig(
+            n_frequency=40, scaling=5.0, use_idwt=False, target_modules=["query", "value"]
+        ),
+        1.0,
+    ),
+    "gpt2-waveft-conv1d": (
+        _gpt2,
+        lambda: dt.WaveFT(
+            n_frequency=80, scaling=20.0, wavelet_family="db4", targets=("c_attn", "mlp.c_proj")
+        ),
+        lambda: peft.WaveFTConfig(
+            n_frequency=80,
+            scaling=20.0,
+            wavelet_family="db4",
+            fan_in_fan_out=True,
+            target_modules=["c_attn", "mlp.c_proj"],
+        ),
+        1.0,
+    ),
 }
 
 

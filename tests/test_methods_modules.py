@@ -448,14 +448,23 @@ def small_cnn():
 def test_bottleneck_on_conv_features(style, tmp_path):
     model, x = small_cnn(), torch.randn(2, 3, 8, 8)
     base = model(x)
-    targets = ["0"] if style == "parallel" else None  # parallel needs the spatial size kept (conv 0: stride 1)
-    spec = dt.Bottleneck(style=style, reduction_factor=2, target_types=() if targets else ("Conv2d",),
-                         targets=targets)
+    targets = (
+        ["0"] if style == "parallel" else None
+    )  # parallel needs the spatial size kept (conv 0: stride 1)
+    spec = dt.Bottleneck(
+        style=style,
+        reduction_factor=2,
+        target_types=() if targets else ("Conv2d",),
+        targets=targets,
+    )
     paths = dt.attach(model, spec)
     assert paths == (["0"] if targets else ["0", "3"])
     assert torch.equal(model(x), base)  # the up projection starts at zero
     adapter = model[0].part("default")
-    assert adapter.down.in_features == (3 if style == "parallel" else 8) and adapter.up.out_features == 8
+    assert (
+        adapter.down.in_features == (3 if style == "parallel" else 8)
+        and adapter.up.out_features == 8
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad:

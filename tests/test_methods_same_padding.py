@@ -36,7 +36,9 @@ SPECS = [
 ]
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: type(s).__name__ + ("-dora" if getattr(s, "dora", False) else ""))
+@pytest.mark.parametrize(
+    "spec", SPECS, ids=lambda s: type(s).__name__ + ("-dora" if getattr(s, "dora", False) else "")
+)
 def test_delta_on_a_same_padding_conv_runs_and_merges_exactly(spec):
     model = _net()
     x = torch.randn(2, 3, 16, 16)
@@ -57,7 +59,10 @@ def test_bundled_efficientnet_stem_takes_lora_and_sparse_deltas():
     entry = load_model("efficientnet-lite0", num_labels=10, image_size=32)
     model = entry.model.eval()
     x = torch.randn(2, 3, 32, 32)
-    for spec in (dt.LoRA(r=4, targets=["_conv_stem"]), dt.SparseFT(density=0.01, selection="random")):
+    for spec in (
+        dt.LoRA(r=4, targets=["_conv_stem"]),
+        dt.SparseFT(density=0.01, selection="random"),
+    ):
         m = copy.deepcopy(model)
         dt.attach(m, spec)
         randomize(m, std=0.05)
@@ -67,4 +72,7 @@ def test_bundled_efficientnet_stem_takes_lora_and_sparse_deltas():
             merged = m(x)
         logits = out if torch.is_tensor(out) else out.logits
         merged = merged if torch.is_tensor(merged) else merged.logits
-        assert torch.allclose(logits, merged, atol=1e-4), (type(spec).__name__, (logits - merged).abs().max())
+        assert torch.allclose(logits, merged, atol=1e-4), (
+            type(spec).__name__,
+            (logits - merged).abs().max(),
+        )

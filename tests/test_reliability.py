@@ -15,8 +15,22 @@ import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_reliability.py"
 # the smallest training that still writes several checkpoints
-TRAIN = ["--model", "small-cnn", "--data", "mnist", "--limit", "64", "--max-steps", "8", "--save-every", "2",
-         "--batch-size", "4", "--seed", "0"]
+TRAIN = [
+    "--model",
+    "small-cnn",
+    "--data",
+    "mnist",
+    "--limit",
+    "64",
+    "--max-steps",
+    "8",
+    "--save-every",
+    "2",
+    "--batch-size",
+    "4",
+    "--seed",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +53,9 @@ def setup(rel, tmp_path_factory):
 
 
 def _kill(rel, job, work, out, tag, delay, overwrite=False, resume=False):
-    r = rel.run_job(job.argv(out, overwrite, resume), work, work / "logs" / f"{tag}.log", kill_after=delay)
+    r = rel.run_job(
+        job.argv(out, overwrite, resume), work, work / "logs" / f"{tag}.log", kill_after=delay
+    )
     assert r.rc == 0 or r.killed, r.stderr[-2000:]
     return r
 
@@ -59,7 +75,9 @@ def test_train_killed_three_times_then_resumed(rel, setup):
     r = rel.run_job(job.argv(out, False, True), work, work / "logs" / "chain-final.log")
     assert r.rc == 0, r.stderr[-2000:]
     assert rel.classify(job, out, None)[0] == "new"
-    assert rel.adapter_diff(out / "adapter", work / "trained" / "adapter") == []  # bit-identical tensors
+    assert (
+        rel.adapter_diff(out / "adapter", work / "trained" / "adapter") == []
+    )  # bit-identical tensors
     assert rel.leftovers(out) == []
 
 
@@ -68,7 +86,9 @@ def test_compress_killed_absent_old_or_new(rel, setup):
     job = jobs["compress"]
     rel.clean_run(job, work)
     out = work / "out" / "compress"
-    old_tpl = work / "old-compress"  # the clean output stands for an old one (the same bytes, a record)
+    old_tpl = (
+        work / "old-compress"
+    )  # the clean output stands for an old one (the same bytes, a record)
     shutil.copytree(out, old_tpl)
     for i, (fraction, with_old) in enumerate(((0.6, False), (0.9, True))):
         shutil.rmtree(out, ignore_errors=True)

@@ -14,13 +14,19 @@ def test_bbc_news_twenty_percent_test_split_partitions_the_corpus():
     fr = (0.7, 0.1, 0.2)
     parts = {s: _texts("bbc-news", s, fr, seed=3) for s in ("train", "val", "test")}
     assert sum(len(p) for p in parts.values()) == 2225
-    assert 430 <= len(parts["test"]) <= 470 and 200 <= len(parts["val"]) <= 240  # 20% / 10% of 2,225
-    assert not set(parts["test"]) & set(parts["train"]) and not set(parts["val"]) & set(parts["train"])
+    assert (
+        430 <= len(parts["test"]) <= 470 and 200 <= len(parts["val"]) <= 240
+    )  # 20% / 10% of 2,225
+    assert not set(parts["test"]) & set(parts["train"]) and not set(parts["val"]) & set(
+        parts["train"]
+    )
     # each topic keeps its share in the test split (stratified)
     test = load_data("bbc-news", "test", seed=3, fractions=fr)
     full = [len(load_data("bbc-news", s, seed=3).labels) for s in ("train", "val", "test")]
     shares = [test.labels.count(k) / len(test) for k in range(5)]
-    everything = [lab for s in ("train", "val", "test") for lab in load_data("bbc-news", s, seed=3).labels]
+    everything = [
+        lab for s in ("train", "val", "test") for lab in load_data("bbc-news", s, seed=3).labels
+    ]
     assert all(abs(a - everything.count(k) / sum(full)) < 0.02 for k, a in enumerate(shares))
 
 
@@ -60,7 +66,9 @@ def test_fractions_on_data_with_its_own_split_are_refused():
 def test_digits_and_image_folders_take_fractions(tmp_path):
     from PIL import Image
 
-    assert len(load_data("digits", "test", fractions=(0.6, 0.1, 0.3))) > 2.5 * len(load_data("digits", "test"))
+    assert len(load_data("digits", "test", fractions=(0.6, 0.1, 0.3))) > 2.5 * len(
+        load_data("digits", "test")
+    )
     for c in ("cat", "dog"):
         (tmp_path / c).mkdir()
         for i in range(20):
@@ -71,12 +79,37 @@ def test_digits_and_image_folders_take_fractions(tmp_path):
 
 def test_cli_refuses_bad_fractions_before_writing(capsys, tmp_path):
     out = tmp_path / "run"
-    rc = main(["train", "--model", "minilm", "--data", "bbc-news", "--max-steps", "1", "--limit", "8",
-               "--split-fractions", "0.7,0.1", "--out", str(out)])
+    rc = main(
+        [
+            "train",
+            "--model",
+            "minilm",
+            "--data",
+            "bbc-news",
+            "--max-steps",
+            "1",
+            "--limit",
+            "8",
+            "--split-fractions",
+            "0.7,0.1",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc != 0 and not out.exists()
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error:") and "split fractions" in err
-    rc = main(["eval", "--adapter", str(tmp_path / "none"), "--data", "bbc-news", "--split-fractions", "x,y,z"])
+    rc = main(
+        [
+            "eval",
+            "--adapter",
+            str(tmp_path / "none"),
+            "--data",
+            "bbc-news",
+            "--split-fractions",
+            "x,y,z",
+        ]
+    )
     assert rc != 0
     assert "--split-fractions takes three comma-separated numbers" in capsys.readouterr().err
 
@@ -85,8 +118,28 @@ def test_cli_train_and_eval_with_fractions(capsys, tmp_path):
     import json
 
     out = tmp_path / "run"
-    assert main(["train", "--model", "minilm", "--data", "bbc-news", "--max-steps", "1", "--batch-size", "4", "--limit", "12",
-                 "--split-fractions", "0.7,0.1,0.2", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "minilm",
+                "--data",
+                "bbc-news",
+                "--max-steps",
+                "1",
+                "--batch-size",
+                "4",
+                "--limit",
+                "12",
+                "--split-fractions",
+                "0.7,0.1,0.2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     assert results["split_fractions"] == [0.7, 0.1, 0.2]
     assert main(["eval", "--adapter", str(out / "adapter"), "--data", "bbc-news", "--limit", "12",

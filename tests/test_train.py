@@ -48,10 +48,21 @@ def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # -- config and schedule -----------------------------------------------------------------------------
-@pytest.mark.parametrize("field, value", [
-    ("epochs", 0), ("batch_size", 2.5), ("lr", 0.0), ("lr", float("nan")), ("warmup_ratio", 1.0),
-    ("schedule", "step"), ("grad_accum", True), ("max_grad_norm", -1.0), ("save_every", 0), ("metric", ""),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("epochs", 0),
+        ("batch_size", 2.5),
+        ("lr", 0.0),
+        ("lr", float("nan")),
+        ("warmup_ratio", 1.0),
+        ("schedule", "step"),
+        ("grad_accum", True),
+        ("max_grad_norm", -1.0),
+        ("save_every", 0),
+        ("metric", ""),
+    ],
+)
 def test_config_rejects_bad_field_by_name(field, value):
     with pytest.raises(ValueError, match=f"TrainConfig.{field}="):
         TrainConfig(**{field: value})
@@ -63,7 +74,11 @@ def test_lr_schedules():
     linear = [lr_factor(s, 10, 4, "linear") for s in range(4, 10)]
     assert linear == sorted(linear, reverse=True) and linear[-1] == pytest.approx(1 / 6)
     cosine = [lr_factor(s, 10, 0, "cosine") for s in range(10)]
-    assert cosine[0] == 1.0 and cosine[5] == pytest.approx(0.5) and all(a > b for a, b in zip(cosine, cosine[1:]))
+    assert (
+        cosine[0] == 1.0
+        and cosine[5] == pytest.approx(0.5)
+        and all(a > b for a, b in zip(cosine, cosine[1:]))
+    )
     assert [lr_factor(s, 10, 2, "constant") for s in range(2, 10)] == [1.0] * 8
 
 
@@ -93,10 +108,16 @@ def test_fit_learns_keeps_best_and_reports(tmp_path):
     assert res.best["accuracy"] == best
     # The best evaluated state is what the model holds now (BatchNorm statistics included).
     now = evaluate(model, W.EVAL, W.clean_collate, task=TASK)
-    assert now["accuracy"] == res.best["accuracy"] and now["loss"] == pytest.approx(res.best["loss"], abs=1e-6)
+    assert now["accuracy"] == res.best["accuracy"] and now["loss"] == pytest.approx(
+        res.best["loss"], abs=1e-6
+    )
     metrics = json.loads(Path(res.metrics_path).read_text())
     lrs = [s["lr"] for s in metrics["steps"]]
-    assert len(lrs) == 36 and lrs[:4] == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2]) and lrs[4:] == sorted(lrs[4:], reverse=True)
+    assert (
+        len(lrs) == 36
+        and lrs[:4] == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2])
+        and lrs[4:] == sorted(lrs[4:], reverse=True)
+    )
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3, 4] and metrics["finished"] is True
     assert metrics["throughput"]["samples_per_second"] > 0 and res.peak_rss_mb > 10
     assert all(s["grad_norm"] >= 0 for s in metrics["steps"])
@@ -113,7 +134,13 @@ def test_grad_accum_equals_a_larger_batch():
         model = W.build_model().eval()
         model.drop.p = 0.0  # dropout masks differ by batch split; the arithmetic should not
         model.norm = nn.Identity()  # batch statistics too
-        fit(model, data, W.clean_collate, TrainConfig(batch_size=bs, grad_accum=accum, **cfg), task=TASK)
+        fit(
+            model,
+            data,
+            W.clean_collate,
+            TrainConfig(batch_size=bs, grad_accum=accum, **cfg),
+            task=TASK,
+        )
         runs.append(trainable(model))
     assert runs[0].keys() == runs[1].keys()
     for name in runs[0]:
@@ -125,20 +152,42 @@ def test_grad_accum_equals_a_larger_batch():
 
 def test_max_steps_overrides_epochs_and_evaluates_at_the_end(tmp_path):
     model = W.build_model()
-    res = fit(model, W.TRAIN, W.clean_collate, quick(epochs=1, max_steps=12, keep_best=False), eval_data=W.EVAL,
-              out_dir=tmp_path, task=TASK)
+    res = fit(
+        model,
+        W.TRAIN,
+        W.clean_collate,
+        quick(epochs=1, max_steps=12, keep_best=False),
+        eval_data=W.EVAL,
+        out_dir=tmp_path,
+        task=TASK,
+    )
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert res.steps == 12 and res.epochs_done == 1  # 9 steps per epoch: one full epoch + 3 steps
-    assert [(e["epoch"], e["step"], e.get("partial", False)) for e in metrics["epochs"]] == [(1, 9, False), (2, 12, True)]
+    assert [(e["epoch"], e["step"], e.get("partial", False)) for e in metrics["epochs"]] == [
+        (1, 9, False),
+        (2, 12, True),
+    ]
     assert res.final["step"] == 12
-    assert evaluate(model, W.EVAL, W.clean_collate, task=TASK)["loss"] == pytest.approx(res.final["loss"], abs=1e-6)
+    assert evaluate(model, W.EVAL, W.clean_collate, task=TASK)["loss"] == pytest.approx(
+        res.final["loss"], abs=1e-6
+    )
 
 
 def test_without_per_epoch_evaluation_the_end_is_evaluated_once(tmp_path):
-    res = fit(W.build_model(), W.TRAIN, W.clean_collate, quick(eval_each_epoch=False), eval_data=W.EVAL,
-              out_dir=tmp_path, task=TASK)
+    res = fit(
+        W.build_model(),
+        W.TRAIN,
+        W.clean_collate,
+        quick(eval_each_epoch=False),
+        eval_data=W.EVAL,
+        out_dir=tmp_path,
+        task=TASK,
+    )
     epochs = json.loads((tmp_path / "metrics.json").read_text())["epochs"]
-    assert [("accuracy" in e, e.get("partial", False)) for e in epochs] == [(False, False), (True, False)]
+    assert [("accuracy" in e, e.get("partial", False)) for e in epochs] == [
+        (False, False),
+        (True, False),
+    ]
     assert res.final["epoch"] == 2 and res.best == res.final
 
 
@@ -146,11 +195,25 @@ def test_causal_lm_tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    )
     model.requires_grad_(False)
     for name, p in model.named_parameters():
-        if "q_proj" in name or "v_proj" in name or "lm_head" in name or name.endswith("norm.weight"):
+        if (
+            "q_proj" in name
+            or "v_proj" in name
+            or "lm_head" in name
+            or name.endswith("norm.weight")
+        ):
             p.requires_grad_(True)
     gen = random.Random(0)
     seqs = []
@@ -162,11 +225,17 @@ def test_causal_lm_tiny_llama():
         width = max(len(s) for s in batch)
         ids = torch.tensor([s + [0] * (width - len(s)) for s in batch])
         mask = (ids != 0).long()
-        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": ids.masked_fill(mask == 0, -100),
+        }
 
     before = evaluate(model, seqs[64:], collate, task="causal-lm", batch_size=32)
     frozen = model.model.layers[0].mlp.up_proj.weight.detach().clone()
-    res = fit(model, seqs[:64], collate, quick(epochs=5, lr=2e-2), eval_data=seqs[64:], task="causal-lm")
+    res = fit(
+        model, seqs[:64], collate, quick(epochs=5, lr=2e-2), eval_data=seqs[64:], task="causal-lm"
+    )
     after = evaluate(model, seqs[64:], collate, task="causal-lm", batch_size=32)
     assert before["tokens"] == after["tokens"] == sum(len(s) - 1 for s in seqs[64:])
     assert after["loss"] < before["loss"] - 0.3
@@ -187,16 +256,27 @@ def test_evaluate_matches_hand_computation():
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 3.0], [1.0, 0.0, 0.0], [0.0, 5.0, 0.0]])
     labels = [0, 1, 0, -100]  # the last one is ignored
     data = [{"logits": logits[i], "labels": labels[i]} for i in range(4)]
-    coll = lambda b: {"logits": torch.stack([e["logits"] for e in b]), "labels": torch.tensor([e["labels"] for e in b])}  # noqa: E731
+    coll = lambda b: {
+        "logits": torch.stack([e["logits"] for e in b]),
+        "labels": torch.tensor([e["labels"] for e in b]),
+    }  # noqa: E731
     got = evaluate(Fixed(), data, coll, task="image-classification", batch_size=3)
     expected = F.cross_entropy(logits[:3], torch.tensor(labels[:3]))
-    assert got["accuracy"] == pytest.approx(2 / 3) and got["n"] == 3 and got["loss"] == pytest.approx(float(expected))
+    assert (
+        got["accuracy"] == pytest.approx(2 / 3)
+        and got["n"] == 3
+        and got["loss"] == pytest.approx(float(expected))
+    )
     lm = torch.randn(1, 4, 5, generator=torch.Generator().manual_seed(0))
     seq = torch.tensor([[1, 2, -100, 4]])
     res = evaluate(Fixed(), [0], lambda _: {"logits": lm, "labels": seq}, task="causal-lm")
     # positions 0 and 2 predict tokens 2 and 4; position 1 predicts an ignored label
     manual = (F.cross_entropy(lm[0, [0, 2]], torch.tensor([2, 4]), reduction="sum") / 2).item()
-    assert res["tokens"] == 2 and res["loss"] == pytest.approx(manual) and res["perplexity"] == pytest.approx(math.exp(manual))
+    assert (
+        res["tokens"] == 2
+        and res["loss"] == pytest.approx(manual)
+        and res["perplexity"] == pytest.approx(math.exp(manual))
+    )
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path):
@@ -221,7 +301,14 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
         fit(model, nan, W.clean_collate, quick())
     assert torch.equal(model.head.weight, W.build_model().head.weight)  # no NaN update was applied
     with pytest.warns(UserWarning, match="no checkpoint"):
-        fit(W.build_model(), W.TRAIN[:32], W.clean_collate, quick(epochs=1), out_dir=tmp_path, resume=True)
+        fit(
+            W.build_model(),
+            W.TRAIN[:32],
+            W.clean_collate,
+            quick(epochs=1),
+            out_dir=tmp_path,
+            resume=True,
+        )
 
 
 # -- callbacks ---------------------------------------------------------------------------------------
@@ -260,9 +347,21 @@ def test_callbacks_hooks_return_values(tmp_path):
     plain = W.build_model()
     fit(plain, W.TRAIN, W.clean_collate, quick(grad_accum=2), task=TASK)
     model, rec, duck = W.build_model(), Recorder(strength=5.0), OnlyStepEnd()
-    res = fit(model, W.TRAIN, W.clean_collate, quick(grad_accum=2), eval_data=W.EVAL, out_dir=tmp_path,
-              callbacks=[rec, duck], task=TASK)
-    assert rec.starts == 1 and rec.steps == list(range(1, res.steps + 1)) == list(range(1, 11)) and duck.calls == 10
+    res = fit(
+        model,
+        W.TRAIN,
+        W.clean_collate,
+        quick(grad_accum=2),
+        eval_data=W.EVAL,
+        out_dir=tmp_path,
+        callbacks=[rec, duck],
+        task=TASK,
+    )
+    assert (
+        rec.starts == 1
+        and rec.steps == list(range(1, res.steps + 1)) == list(range(1, 11))
+        and duck.calls == 10
+    )
     assert rec.extras == 2 * 9  # one extra batch per micro-batch (9 per epoch)
     epochs = json.loads((tmp_path / "metrics.json").read_text())["epochs"]
     assert [(e["epoch"], round(e["accuracy"], 6)) for e in epochs] == rec.epochs
@@ -281,8 +380,12 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     fit(reference, W.TRAIN, W.collate, W.CONFIG, eval_data=W.EVAL, out_dir=tmp_path / "ref")
     killed = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "train_worker.py"), "kill", str(killed), "0.08"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "train_worker.py"), "kill", str(killed), "0.08"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.time() + 60
     while not (killed / "checkpoint" / "trainer.json").exists():
         assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
@@ -300,7 +403,10 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
         assert torch.equal(a, b), name  # parameters and BatchNorm statistics, bit for bit
     ref_metrics = json.loads((tmp_path / "ref" / "metrics.json").read_text())
     new_metrics = json.loads((killed / "metrics.json").read_text())
-    assert new_metrics["steps"] == ref_metrics["steps"] and new_metrics["epochs"] == ref_metrics["epochs"]
+    assert (
+        new_metrics["steps"] == ref_metrics["steps"]
+        and new_metrics["epochs"] == ref_metrics["epochs"]
+    )
 
 
 def _short_run(out: Path, **kw) -> None:
@@ -325,7 +431,11 @@ def test_failed_write_keeps_previous_checkpoint_and_old_name_is_found(tmp_path, 
 
     monkeypatch.setattr(safetensors.torch, "save_file", failing)
     with pytest.raises(OSError, match="No space"):
-        ckpt.save(tmp_path, {"model": {"w": torch.ones(2)}, "optimizer": {"m": torch.ones(2)}}, {"state": {}})
+        ckpt.save(
+            tmp_path,
+            {"model": {"w": torch.ones(2)}, "optimizer": {"m": torch.ones(2)}},
+            {"state": {}},
+        )
     monkeypatch.undo()
     files, meta = ckpt.load(tmp_path / "checkpoint")
     assert meta == before and set(files) == {"model", "optimizer", "rng"}
@@ -360,8 +470,15 @@ def test_damaged_or_mismatched_checkpoint_is_a_clear_error(tmp_path, damage, mes
     else:
         batch = 4
     with pytest.raises(TrainError, match=message) as info:
-        fit(W.build_model(), W.TRAIN[:64], W.collate, quick(epochs=1, batch_size=batch, save_every=4),
-            out_dir=tmp_path, task=TASK, resume=True)
+        fit(
+            W.build_model(),
+            W.TRAIN[:64],
+            W.collate,
+            quick(epochs=1, batch_size=batch, save_every=4),
+            out_dir=tmp_path,
+            task=TASK,
+            resume=True,
+        )
     assert "\n" not in str(info.value)
     if damage != "config":
         assert isinstance(info.value, CheckpointError)
@@ -372,8 +489,23 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     from safetensors.torch import load_file
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "tests" / "train_worker.py"), "ddp", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(ROOT / "tests" / "train_worker.py"),
+        "ddp",
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     rank0, rank1 = (load_file(str(tmp_path / f"weights_rank{r}.safetensors")) for r in (0, 1))
@@ -381,9 +513,14 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["steps_per_epoch"] == 11  # 130 / (6 x 2): 11 steps, the last one padded
+    assert (
+        metrics["world_size"] == 2 and metrics["steps_per_epoch"] == 11
+    )  # 130 / (6 x 2): 11 steps, the last one padded
     first, last = metrics["epochs"][0], metrics["epochs"][-1]
-    assert last["train_loss"] < first["train_loss"] - 0.1 and metrics["best"]["loss"] < first["loss"] - 0.1
+    assert (
+        last["train_loss"] < first["train_loss"] - 0.1
+        and metrics["best"]["loss"] < first["loss"] - 0.1
+    )
     assert metrics["final"]["n"] == len(W.EVAL)  # evaluation shards summed over both processes
     _, meta = ckpt.load(tmp_path / "checkpoint")
     assert set(meta["rng"]) == {"rank0", "rank1"} and meta["rng"]["rank0"] != meta["rng"]["rank1"]
@@ -420,17 +557,39 @@ def test_lisa_trains_only_the_drawn_blocks_and_redraws():
     again = LISA(layers=1, interval=2, seed=0)
     again.on_train_start(net)
     again.on_step_end(net, 14)
-    assert again.active == drawn[14], "the draw depends only on seed and step: resume draws the same blocks"
+    assert again.active == drawn[14], (
+        "the draw depends only on seed and step: resume draws the same blocks"
+    )
     again.on_train_end(net)
     cb.on_train_end(net)
     assert all(p.requires_grad for p in net.parameters()), "flags restored at the end"
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
     data = [{"x": x[i], "label": int(y[i])} for i in range(32)]
-    collate = lambda ex: {"x": torch.stack([e["x"] for e in ex]), "labels": torch.tensor([e["label"] for e in ex])}  # noqa: E731
-    fit(net, data, collate, TrainConfig(max_steps=1, batch_size=32, lr=0.1, progress=False, eval_each_epoch=False,
-                                        lisa_layers=2, lisa_interval=5), task="text-classification")
-    moved = {i for i, b in enumerate(net.layers) if not torch.equal(b.weight, before[f"layers.{i}.weight"])}
+    collate = lambda ex: {
+        "x": torch.stack([e["x"] for e in ex]),
+        "labels": torch.tensor([e["label"] for e in ex]),
+    }  # noqa: E731
+    fit(
+        net,
+        data,
+        collate,
+        TrainConfig(
+            max_steps=1,
+            batch_size=32,
+            lr=0.1,
+            progress=False,
+            eval_each_epoch=False,
+            lisa_layers=2,
+            lisa_interval=5,
+        ),
+        task="text-classification",
+    )
+    moved = {
+        i
+        for i, b in enumerate(net.layers)
+        if not torch.equal(b.weight, before[f"layers.{i}.weight"])
+    }
     assert len(moved) == 2 and not torch.equal(net.head.weight, before["head.weight"])
     assert all(p.requires_grad for p in net.parameters()), "fit gives the flags back"
     with pytest.raises(TrainError, match="lisa_layers=9 but layers has only 4 blocks"):
@@ -456,7 +615,10 @@ class _Images(nn.Module):
 
 def _image_data(n=48):
     g = torch.Generator().manual_seed(0)
-    return [{"pixel_values": 3.0 + 2.0 * torch.randn(1, 6, 6, generator=g), "label": i % 3} for i in range(n)]
+    return [
+        {"pixel_values": 3.0 + 2.0 * torch.randn(1, 6, 6, generator=g), "label": i % 3}
+        for i in range(n)
+    ]
 
 
 def _image_collate(examples):
@@ -471,11 +633,20 @@ def test_norm_stats_of_frozen_batchnorm_stay_put_under_a_delta(mode, tmp_path):
     model = _Images(_bn_cnn())
     dt.attach(model, dt.LoRA(r=2, target_types=["Conv2d"], trainable_modules=["net.5"]))
     before = model.net[1].running_mean.clone()
-    cfg = TrainConfig(max_steps=3, batch_size=16, lr=1e-2, progress=False, eval_each_epoch=False, keep_best=False,
-                      norm_stats=mode)
+    cfg = TrainConfig(
+        max_steps=3,
+        batch_size=16,
+        lr=1e-2,
+        progress=False,
+        eval_each_epoch=False,
+        keep_best=False,
+        norm_stats=mode,
+    )
     fit(model, _image_data(), _image_collate, cfg, task="image-classification")
     moved = not torch.equal(model.net[1].running_mean, before)
-    assert moved == (mode == "update")  # inputs have mean 3: train-mode BatchNorm would move its mean
+    assert moved == (
+        mode == "update"
+    )  # inputs have mean 3: train-mode BatchNorm would move its mean
     if mode == "auto":  # the saved delta alone reproduces the trained model
         dt.save_adapter(model, tmp_path / "a")
         fresh = _Images(_bn_cnn())
@@ -487,9 +658,15 @@ def test_norm_stats_of_frozen_batchnorm_stay_put_under_a_delta(mode, tmp_path):
 def test_norm_stats_auto_updates_batchnorm_that_trains():
     model = _Images(_bn_cnn())  # full fine-tuning: every BatchNorm has trainable affine parameters
     before = model.net[1].running_mean.clone()
-    fit(model, _image_data(), _image_collate, TrainConfig(max_steps=2, batch_size=16, progress=False,
-                                                          eval_each_epoch=False, keep_best=False),
-        task="image-classification")
+    fit(
+        model,
+        _image_data(),
+        _image_collate,
+        TrainConfig(
+            max_steps=2, batch_size=16, progress=False, eval_each_epoch=False, keep_best=False
+        ),
+        task="image-classification",
+    )
     assert not torch.equal(model.net[1].running_mean, before)
     with pytest.raises(TrainError, match="norm_stats"):
         TrainConfig(norm_stats="sometimes")

@@ -75,8 +75,13 @@ def test_bad_class_weights_name_the_field(value):
 
 def test_class_weights_errors_in_fit():
     with pytest.raises(TrainError, match="a causal LM has no classes"):
-        fit(W.build_model(), W.make_data(32, 0), W.clean_collate, TrainConfig(epochs=1, progress=False,
-                                                                             class_weights="balanced"), task="causal-lm")
+        fit(
+            W.build_model(),
+            W.make_data(32, 0),
+            W.clean_collate,
+            TrainConfig(epochs=1, progress=False, class_weights="balanced"),
+            task="causal-lm",
+        )
     with pytest.raises(TrainError, match="3 classes; give one weight per class"):
         fit(W.build_model(), W.make_data(32, 0), W.clean_collate,
             TrainConfig(epochs=1, progress=False, class_weights=[1.0, 2.0]), task=TASK)

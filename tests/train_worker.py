@@ -55,13 +55,18 @@ def make_data(n: int, seed: int) -> list[dict]:
 
 
 def clean_collate(examples: list[dict]) -> dict[str, torch.Tensor]:
-    return {"x": torch.stack([e["x"] for e in examples]), "labels": torch.tensor([e["label"] for e in examples])}
+    return {
+        "x": torch.stack([e["x"] for e in examples]),
+        "labels": torch.tensor([e["label"] for e in examples]),
+    }
 
 
 def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
     """Augmenting collate: numpy noise, and python's RNG drops a feature now and then."""
     batch = clean_collate(examples)
-    batch["x"] += torch.from_numpy(np.random.normal(0.0, 0.05, size=tuple(batch["x"].shape))).float()
+    batch["x"] += torch.from_numpy(
+        np.random.normal(0.0, 0.05, size=tuple(batch["x"].shape))
+    ).float()
     if random.random() < 0.5:
         batch["x"][:, random.randrange(D)] = 0.0
     return batch
@@ -69,8 +74,19 @@ def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
 
 TRAIN, EVAL = make_data(130, seed=1), make_data(60, seed=2)
 # 130 examples in micro-batches of 10, two per step: 7 steps per epoch, the last one short.
-CONFIG = TrainConfig(epochs=5, batch_size=10, grad_accum=2, lr=5e-3, schedule="cosine", warmup_ratio=0.1,
-                     weight_decay=0.01, max_grad_norm=0.5, save_every=2, seed=7, progress=False)
+CONFIG = TrainConfig(
+    epochs=5,
+    batch_size=10,
+    grad_accum=2,
+    lr=5e-3,
+    schedule="cosine",
+    warmup_ratio=0.1,
+    weight_decay=0.01,
+    max_grad_norm=0.5,
+    save_every=2,
+    seed=7,
+    progress=False,
+)
 
 
 class Slow(BaseCallback):
@@ -86,12 +102,26 @@ class Slow(BaseCallback):
 def main(argv: list[str]) -> None:
     torch.set_num_threads(1)
     mode, out = argv[0], Path(argv[1])
-    if mode == "kill":  # resumes when a checkpoint is there, so it can be killed and restarted repeatedly
+    if (
+        mode == "kill"
+    ):  # resumes when a checkpoint is there, so it can be killed and restarted repeatedly
         from safetensors.torch import save_file
 
         model = build_model()
-        fit(model, TRAIN, collate, CONFIG, eval_data=EVAL, out_dir=out, resume=True, callbacks=[Slow(float(argv[2]))])
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "final.safetensors"))
+        fit(
+            model,
+            TRAIN,
+            collate,
+            CONFIG,
+            eval_data=EVAL,
+            out_dir=out,
+            resume=True,
+            callbacks=[Slow(float(argv[2]))],
+        )
+        save_file(
+            {k: v.contiguous() for k, v in model.state_dict().items()},
+            str(out / "final.safetensors"),
+        )
     elif mode == "ddp":
         from accelerate import PartialState
         from safetensors.torch import save_file

@@ -35,7 +35,14 @@ from . import compress as _compress  # noqa: F401  registers how io reads compre
 __version__ = "0.1.0"
 
 
-def to_lora(model, name: str = "default", *, rank: int = 8, lora_name: str | None = None, activate: bool = True):
+def to_lora(
+    model,
+    name: str = "default",
+    *,
+    rank: int = 8,
+    lora_name: str | None = None,
+    activate: bool = True,
+):
     """Any foldable delta as a LoRA (truncated SVD of each layer's weight change), with its relative
     error: see :func:`deltatune.algebra.to_lora.to_lora`."""
     from .algebra.to_lora import to_lora as convert

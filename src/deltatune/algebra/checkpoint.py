@@ -30,18 +30,36 @@ _DTYPES = {
 _NAMES = {v: k for k, v in _DTYPES.items()}
 #: small files copied beside merged weights so the output directory loads like its inputs
 METADATA_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
 )
 
 
 def dtype_from_name(name: str) -> torch.dtype:
     """``"float32"``, ``"bfloat16"``, ``"fp16"``... → torch dtype (a one-line error otherwise)."""
-    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32", "fp64": "float64"}
+    aliases = {
+        "fp32": "float32",
+        "fp16": "float16",
+        "half": "float16",
+        "bf16": "bfloat16",
+        "float": "float32",
+        "fp64": "float64",
+    }
     key = aliases.get(str(name).lower(), str(name).lower())
     dtype = getattr(torch, key, None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise MergeError(f"dtype {name!r} is not a floating type; use float32, float16, bfloat16 or float64")
+        raise MergeError(
+            f"dtype {name!r} is not a floating type; use float32, float16, bfloat16 or float64"
+        )
     return dtype
 
 
@@ -58,22 +76,30 @@ class Checkpoint:
                 if wanted is not None and name not in wanted:
                     continue
                 if name in self._where:
-                    raise CheckpointError(f"{self.path}: tensor {name!r} appears in two shards; the checkpoint is inconsistent")
+                    raise CheckpointError(
+                        f"{self.path}: tensor {name!r} appears in two shards; the checkpoint is inconsistent"
+                    )
                 self._where[name] = (file, shape, dtype)
         expected = {n for w in files.values() if w is not None for n in w}
         missing = sorted(expected - set(self._where))
         if missing:
-            raise CheckpointError(f"{self.path}: the index lists {missing[0]!r} but its shard does not hold it; the checkpoint is incomplete")
+            raise CheckpointError(
+                f"{self.path}: the index lists {missing[0]!r} but its shard does not hold it; the checkpoint is incomplete"
+            )
         if not self._where:
             raise CheckpointError(f"{self.path} holds no tensors; point to a model checkpoint")
 
     def _files(self) -> dict[Path, set[str] | None]:
         p = self.path
         if not p.exists():
-            raise CheckpointError(f"{p} does not exist; pass a .safetensors file or a model directory")
+            raise CheckpointError(
+                f"{p} does not exist; pass a .safetensors file or a model directory"
+            )
         if p.is_file():
             if p.suffix != ".safetensors":
-                raise CheckpointError(f"{p} is not a .safetensors file; deltatune never unpickles checkpoints: convert it to safetensors")
+                raise CheckpointError(
+                    f"{p} is not a .safetensors file; deltatune never unpickles checkpoints: convert it to safetensors"
+                )
             return {p: None}
         if (p / INDEX).is_file():
             from ..io.files import read_json
@@ -91,16 +117,22 @@ class Checkpoint:
                 files.setdefault(self._inside(p / str(fname)), set()).add(name)
             for f in files:
                 if not f.is_file():
-                    raise CheckpointError(f"{p / INDEX} lists shard {f.name} but it is missing; copy the checkpoint again")
+                    raise CheckpointError(
+                        f"{p / INDEX} lists shard {f.name} but it is missing; copy the checkpoint again"
+                    )
             return files
         if (p / "model.safetensors").is_file():
             return {self._inside(p / "model.safetensors"): None}
         shards = sorted(p.glob("*.safetensors"))
         if shards:
             return {self._inside(f): None for f in shards}
-        pickles = sorted(f.name for f in p.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        pickles = sorted(
+            f.name for f in p.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt")
+        )
         if pickles:
-            raise CheckpointError(f"{p} holds only pickled weights ({pickles[0]}); deltatune never unpickles: save the model with safetensors")
+            raise CheckpointError(
+                f"{p} holds only pickled weights ({pickles[0]}); deltatune never unpickles: save the model with safetensors"
+            )
         raise CheckpointError(f"{p} holds no .safetensors files; pass a model directory or file")
 
     def _inside(self, path: Path) -> Path:
@@ -108,8 +140,10 @@ class Checkpoint:
         linked shard or tokenizer file would read (and copy into the output) a file from elsewhere."""
         real = path.resolve()
         if real != self.root and self.root not in real.parents:
-            raise CheckpointError(f"{path} resolves to {real}, outside the model directory {self.root}; "
-                                  "keep a checkpoint's files inside its directory (copy them, do not link them)")
+            raise CheckpointError(
+                f"{path} resolves to {real}, outside the model directory {self.root}; "
+                "keep a checkpoint's files inside its directory (copy them, do not link them)"
+            )
         return real
 
     def side_files(self) -> dict[str, Path]:
@@ -186,11 +220,15 @@ class LazyTensor:
                 else:
                     part = fh.get_slice(self.name)[start:stop]
         except (SafetensorError, OSError, RuntimeError) as exc:
-            raise CheckpointError(f"{self.file}: cannot read {self.name} ({str(exc).splitlines()[0]}); the file is corrupt or truncated") from exc
+            raise CheckpointError(
+                f"{self.file}: cannot read {self.name} ({str(exc).splitlines()[0]}); the file is corrupt or truncated"
+            ) from exc
         if part.is_floating_point() and (start, stop) not in self._checked:
             # one reduction: NaN/inf make the sum non-finite (an overflowing sum is re-checked exactly)
             if not bool(torch.isfinite(part.sum())) and not bool(torch.isfinite(part).all()):
-                raise CheckpointError(f"{self.file}: tensor {self.name} holds NaN or inf values; the checkpoint is corrupt, fix or re-save it")
+                raise CheckpointError(
+                    f"{self.file}: tensor {self.name} holds NaN or inf values; the checkpoint is corrupt, fix or re-save it"
+                )
             self._checked.add((start, stop))
         return part if part.dtype == self.dtype else part.to(self.dtype)
 
@@ -215,11 +253,15 @@ def _read_header(file: Path) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
                 sl = fh.get_slice(name)
                 code = sl.get_dtype()
                 if code not in _DTYPES:
-                    raise CheckpointError(f"{file}: tensor {name} has dtype {code}, which deltatune cannot merge")
+                    raise CheckpointError(
+                        f"{file}: tensor {name} has dtype {code}, which deltatune cannot merge"
+                    )
                 out.append((name, tuple(int(s) for s in sl.get_shape()), _DTYPES[code]))
             return out
     except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{file} is not a readable safetensors file ({str(exc).splitlines()[0]}); it is corrupt or truncated") from exc
+        raise CheckpointError(
+            f"{file} is not a readable safetensors file ({str(exc).splitlines()[0]}); it is corrupt or truncated"
+        ) from exc
 
 
 # -- writing ----------------------------------------------------------------------------------------
@@ -231,7 +273,12 @@ class ShardWriter:
     ``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.json``.
     """
 
-    def __init__(self, directory: str | os.PathLike, plan: Sequence[tuple[str, Sequence[int], torch.dtype]], max_shard_bytes: int) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        plan: Sequence[tuple[str, Sequence[int], torch.dtype]],
+        max_shard_bytes: int,
+    ) -> None:
         self.directory = Path(directory)
         self.shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
         size = 0
@@ -243,7 +290,11 @@ class ShardWriter:
             self.shards[-1].append((name, tuple(int(s) for s in shape), dtype))
             size += nbytes
         n = len(self.shards)
-        self.file_names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.file_names = (
+            ["model.safetensors"]
+            if n == 1
+            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
         self._order = [(s, t) for s, shard in enumerate(self.shards) for t in shard]
         self._next = 0
         self._fh = None
@@ -285,7 +336,11 @@ class ShardWriter:
         offset = 0
         for name, shape, dtype in self.shards[shard]:
             n = _nbytes(shape, dtype)
-            header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            header[name] = {
+                "dtype": _NAMES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + n],
+            }
             offset += n
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
@@ -307,8 +362,14 @@ class ShardWriter:
         self._close()
         total = sum(_nbytes(s, d) for shard in self.shards for _, s, d in shard)
         if len(self.shards) > 1:
-            wmap = {name: self.file_names[i] for i, shard in enumerate(self.shards) for name, _, _ in shard}
-            write_json(self.directory / INDEX, {"metadata": {"total_size": total}, "weight_map": wmap})
+            wmap = {
+                name: self.file_names[i]
+                for i, shard in enumerate(self.shards)
+                for name, _, _ in shard
+            }
+            write_json(
+                self.directory / INDEX, {"metadata": {"total_size": total}, "weight_map": wmap}
+            )
         return {"shards": len(self.shards), "files": list(self.file_names), "total_bytes": total}
 
     def abort(self) -> None:

@@ -33,7 +33,9 @@ class WeightedSum:
         known = set(delta_names(model))
         for name in weights:
             if name not in known:
-                raise StateError(f"no delta named {name!r} is attached; attached: {', '.join(sorted(known)) or 'none'}")
+                raise StateError(
+                    f"no delta named {name!r} is attached; attached: {', '.join(sorted(known)) or 'none'}"
+                )
         if any(h.merged for _, h in iter_hosts(model)):
             raise StateError("a weighted sum needs unmerged deltas; call dt.unmerge(model) first")
         self.model, self.weights = model, dict(weights)
@@ -48,7 +50,11 @@ class WeightedSum:
             elif isinstance(host, ModuleCopy):
                 names = [n for n in self.weights if n in host.copies]
                 if names:
-                    self._handles.append(host.register_forward_hook(_mix_copies(host, {n: self.weights[n] for n in names})))
+                    self._handles.append(
+                        host.register_forward_hook(
+                            _mix_copies(host, {n: self.weights[n] for n in names})
+                        )
+                    )
 
     def remove(self) -> None:
         for h in self._handles:
@@ -85,7 +91,9 @@ def _mix_copies(host: ModuleCopy, weights: Mapping[str, float]):
 
 
 # -- factored vectors as LoRA adapters ---------------------------------------------------------
-def attach_lowrank(model: nn.Module, vector: TaskVector, name: str, *, activate: bool = True) -> list[str]:
+def attach_lowrank(
+    model: nn.Module, vector: TaskVector, name: str, *, activate: bool = True
+) -> list[str]:
     """Attach a factored task vector (``LowRank`` weight entries) as a LoRA delta named ``name``.
 
     Each module gets the rank of its entry (``rank_pattern``) and scaling 1. Returns the host paths.
@@ -96,7 +104,9 @@ def attach_lowrank(model: nn.Module, vector: TaskVector, name: str, *, activate:
     for key, entry in vector.items():
         path, _, pname = key.rpartition(".")
         if pname != "weight" or not isinstance(entry, LowRank):
-            raise MergeError(f"entry {key} is not a factored weight change; call vector.to_rank(r) first (LoRA holds weight changes only)")
+            raise MergeError(
+                f"entry {key} is not a factored weight change; call vector.to_rank(r) first (LoRA holds weight changes only)"
+            )
         paths.append(path)
         ranks[path] = entry.rank
     top = max(ranks.values())
@@ -112,7 +122,9 @@ def attach_lowrank(model: nn.Module, vector: TaskVector, name: str, *, activate:
                 delta = host.part(name)
                 want = host.kind == "embedding" or bool(host.fan_in_fan_out)
                 if entry.transposed != want:
-                    raise MergeError(f"entry {key} is stored {'transposed' if entry.transposed else 'untransposed'}, which does not fit {type(host.base).__name__}")
+                    raise MergeError(
+                        f"entry {key} is stored {'transposed' if entry.transposed else 'untransposed'}, which does not fit {type(host.base).__name__}"
+                    )
                 delta.lora_A.copy_(entry.A.to(delta.lora_A.dtype))
                 delta.lora_B.copy_((entry.B * entry.scale).to(delta.lora_B.dtype))
     except Exception:
@@ -142,7 +154,9 @@ def merge_adapters(
         raise MergeError("merge_adapters needs the names of at least one attached adapter")
     factored = method in ("lora_concat", "lora_svd")
     if not factored and rank is None:
-        raise MergeError(f"{method} merges dense weight changes; pass rank=... to store them as a LoRA, or use merge_task_vectors(...).apply_to(model)")
+        raise MergeError(
+            f"{method} merges dense weight changes; pass rank=... to store them as a LoRA, or use merge_task_vectors(...).apply_to(model)"
+        )
     vectors = [TaskVector.from_adapter(model, n, factored=factored, copies=False) for n in names]
     if weights is not None:
         params["weight"] = list(weights)
@@ -165,7 +179,9 @@ def hot_swap(model: nn.Module, name: str, path: str | os.PathLike) -> None:
     from ..io import load_adapter
 
     if name not in delta_names(model):
-        raise StateError(f"no delta named {name!r} is attached; attach it once, then hot-swap its weights")
+        raise StateError(
+            f"no delta named {name!r} is attached; attach it once, then hot-swap its weights"
+        )
     current = get_spec(model, name).to_dict()
     parts = _parts(model, name)
     tmp = "_hotswap_tmp"
@@ -174,7 +190,9 @@ def hot_swap(model: nn.Module, name: str, path: str | os.PathLike) -> None:
         _same_spec(current, get_spec(model, tmp).to_dict(), path)
         new = _parts(model, tmp)
         if sorted(new) != sorted(parts):
-            raise MergeError(f"{path} changes other modules than delta {name!r}; attach it as a new delta instead")
+            raise MergeError(
+                f"{path} changes other modules than delta {name!r}; attach it as a new delta instead"
+            )
         with _unmerged(model), torch.no_grad():
             for p, module in parts.items():
                 module.load_state_dict(new[p].state_dict())

@@ -19,7 +19,16 @@ from typing import Any, Mapping
 from .errors import MergeConfigError
 
 Setting = Any
-_KNOWN = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "random_seed", "name"}
+_KNOWN = {
+    "merge_method",
+    "base_model",
+    "models",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "random_seed",
+    "name",
+}
 _IGNORED = {"tokenizer_source", "tokenizer", "chat_template"}
 _UNSUPPORTED = {"slices": "layer slices", "modules": "per-module definitions"}
 #: mergekit's parameter names that are not Python identifiers
@@ -57,7 +66,14 @@ class MergeConfig:
         return {
             "method": self.method,
             "base_model": None if self.base is None else str(self.base),
-            "models": [{"model": str(m.path), "parameters": m.parameters, **({"stats": str(m.stats)} if m.stats else {})} for m in self.models],
+            "models": [
+                {
+                    "model": str(m.path),
+                    "parameters": m.parameters,
+                    **({"stats": str(m.stats)} if m.stats else {}),
+                }
+                for m in self.models
+            ],
             "parameters": self.parameters,
             "dtype": self.dtype,
             "out_dtype": self.out_dtype,
@@ -76,11 +92,17 @@ def load_merge_config(path: str | Path) -> MergeConfig:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise MergeConfigError(f"{path} is not valid YAML ({str(exc).splitlines()[0]}); fix the syntax") from None
+        raise MergeConfigError(
+            f"{path} is not valid YAML ({str(exc).splitlines()[0]}); fix the syntax"
+        ) from None
     except (UnicodeDecodeError, OSError) as exc:
-        raise MergeConfigError(f"cannot read config {path} ({exc}); pass a UTF-8 YAML merge config") from None
+        raise MergeConfigError(
+            f"cannot read config {path} ({exc}); pass a UTF-8 YAML merge config"
+        ) from None
     except RecursionError:  # the YAML parser recurses per nesting level ([[[[...]]]])
-        raise MergeConfigError(f"{path} nests too deeply to be a merge config; fix the file") from None
+        raise MergeConfigError(
+            f"{path} nests too deeply to be a merge config; fix the file"
+        ) from None
     return parse_merge_config(data, root=path.parent, source=str(path))
 
 
@@ -89,18 +111,27 @@ def parse_merge_config(data: Any, root: str | Path = ".", source: str = "config"
         raise MergeConfigError(f"{source} must be a mapping with merge_method and models")
     for key, what in _UNSUPPORTED.items():
         if key in data:
-            raise MergeConfigError(f"{source}: {key!r} ({what}) is not supported by deltatune merge; list whole models under 'models:'")
+            raise MergeConfigError(
+                f"{source}: {key!r} ({what}) is not supported by deltatune merge; list whole models under 'models:'"
+            )
     unknown = sorted(set(data) - _KNOWN - _IGNORED)
     if unknown:
-        raise MergeConfigError(f"{source}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(_KNOWN))}")
+        raise MergeConfigError(
+            f"{source}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(_KNOWN))}"
+        )
     for key in sorted(set(data) & _IGNORED):
-        warnings.warn(f"{source}: {key!r} is ignored (deltatune merges weights only; copy tokenizers yourself)", stacklevel=2)
+        warnings.warn(
+            f"{source}: {key!r} is ignored (deltatune merges weights only; copy tokenizers yourself)",
+            stacklevel=2,
+        )
     method = data.get("merge_method")
     if not isinstance(method, str) or not method:
         raise MergeConfigError(f"{source}: merge_method is missing; e.g. merge_method: ties")
     models = data.get("models")
     if not isinstance(models, list) or not models:
-        raise MergeConfigError(f"{source}: 'models' must be a non-empty list of {{model: path}} entries")
+        raise MergeConfigError(
+            f"{source}: 'models' must be a non-empty list of {{model: path}} entries"
+        )
     root = Path(root)
     entries = []
     for i, item in enumerate(models):
@@ -110,7 +141,9 @@ def parse_merge_config(data: Any, root: str | Path = ".", source: str = "config"
             raise MergeConfigError(f"{source}: models[{i}] needs a 'model' key with a path")
         extra = sorted(set(item) - {"model", "parameters", "stats"})
         if extra:
-            raise MergeConfigError(f"{source}: models[{i}] has unknown key {extra[0]!r}; use model, parameters, stats")
+            raise MergeConfigError(
+                f"{source}: models[{i}] has unknown key {extra[0]!r}; use model, parameters, stats"
+            )
         stats = item.get("stats")
         entries.append(ModelEntry(
             path=_local(item["model"], root, source),
@@ -145,12 +178,16 @@ def check_parameters(config: MergeConfig, source: str = "config") -> None:
     spec = get_method(config.method)
     known = set(spec.model_params) | set(spec.shared_params)
     scopes = [(f"{source}: parameters: ", config.parameters)]
-    scopes += [(f"{source}: models[{i}] ({e.label}): ", e.parameters) for i, e in enumerate(config.models)]
+    scopes += [
+        (f"{source}: models[{i}] ({e.label}): ", e.parameters) for i, e in enumerate(config.models)
+    ]
     for where, params in scopes:
         for key, setting in params.items():
             if key not in known:
-                raise MergeConfigError(f"{where}merge method {spec.name!r} has no parameter {shown(key)!r}; "
-                                       f"it takes: {', '.join(sorted(map(shown, known))) or 'none'}")
+                raise MergeConfigError(
+                    f"{where}merge method {spec.name!r} has no parameter {shown(key)!r}; "
+                    f"it takes: {', '.join(sorted(map(shown, known))) or 'none'}"
+                )
             try:
                 values = setting_values(setting)
             except MergeConfigError as exc:
@@ -160,9 +197,13 @@ def check_parameters(config: MergeConfig, source: str = "config") -> None:
     entries = config.non_base() if spec.needs_base else config.models
     if entries and all(_plain(v) for _, params in scopes for v in params.values()):
         def given(params: dict[str, Setting]) -> dict[str, Setting]:
-            return {k: v for k, v in params.items() if v is not None}  # null: the default, as per tensor
+            return {
+                k: v for k, v in params.items() if v is not None
+            }  # null: the default, as per tensor
 
-        spec.resolve([given(e.parameters) for e in entries], given(config.parameters), f"{source}: ")
+        spec.resolve(
+            [given(e.parameters) for e in entries], given(config.parameters), f"{source}: "
+        )
 
 
 def _opt_str(value: Any, key: str, source: str) -> str | None:
@@ -186,8 +227,12 @@ def _local(ref: Any, root: Path, source: str) -> Path:
         if candidate.exists():
             return candidate
     if "+" in ref:
-        raise MergeConfigError(f"{source}: {ref!r} not found; 'model+lora' references are not supported: merge the LoRA first (dt.merge)")
-    raise MergeConfigError(f"{source}: model {ref!r} not found locally; deltatune never downloads: pass a local directory or .safetensors file")
+        raise MergeConfigError(
+            f"{source}: {ref!r} not found; 'model+lora' references are not supported: merge the LoRA first (dt.merge)"
+        )
+    raise MergeConfigError(
+        f"{source}: model {ref!r} not found locally; deltatune never downloads: pass a local directory or .safetensors file"
+    )
 
 
 # -- per-tensor parameter values ------------------------------------------------------------------
@@ -212,7 +257,9 @@ def resolve_setting(setting: Setting, tensor: str, t: float) -> Any:
     if isinstance(setting, (bool, int, float, str)) or setting is None:
         return setting
     if not isinstance(setting, list):
-        raise MergeConfigError(f"parameter value {setting!r} must be a number, a list (gradient) or filter entries")
+        raise MergeConfigError(
+            f"parameter value {setting!r} must be a number, a list (gradient) or filter entries"
+        )
     if not setting:
         return None
     if all(isinstance(v, (bool, int, float, str)) for v in setting):
@@ -226,7 +273,9 @@ def resolve_setting(setting: Setting, tensor: str, t: float) -> Any:
         return (1 - frac) * numbers[i0] + frac * numbers[i1]
     for cond in setting:
         if not isinstance(cond, dict) or "value" not in cond:
-            raise MergeConfigError(f"conditional parameter entries need a 'value' (and optional 'filter'); got {cond!r}")
+            raise MergeConfigError(
+                f"conditional parameter entries need a 'value' (and optional 'filter'); got {cond!r}"
+            )
         flt = cond.get("filter")
         if flt is None or flt == "*" or str(flt) in tensor:
             return resolve_setting(cond["value"], tensor, t)
@@ -241,14 +290,18 @@ def setting_values(setting: Setting) -> list[Any]:
     if isinstance(setting, (bool, int, float, str)) or setting is None:
         return [setting]
     if not isinstance(setting, list):
-        raise MergeConfigError(f"parameter value {setting!r} must be a number, a list (gradient) or filter entries")
+        raise MergeConfigError(
+            f"parameter value {setting!r} must be a number, a list (gradient) or filter entries"
+        )
     if all(isinstance(v, (bool, int, float, str)) for v in setting):
         return list(setting)
     values = []
     for cond in setting:
         if not isinstance(cond, dict) or "value" not in cond:
-            raise MergeConfigError(f"conditional parameter entries need a 'value' (and optional 'filter'); "
-                                   f"got {cond!r}")
+            raise MergeConfigError(
+                f"conditional parameter entries need a 'value' (and optional 'filter'); "
+                f"got {cond!r}"
+            )
         values += setting_values(cond["value"])
     return values
 

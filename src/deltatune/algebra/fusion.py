@@ -35,13 +35,23 @@ class _Mixer(nn.Module):
         known = set(delta_names(model))
         missing = [n for n in names if n not in known]
         if len(names) < 2 or missing:
-            raise StateError(f"mixing needs at least two attached adapters; unknown: {missing or 'none'}, attached: {sorted(known)}")
-        hosts = [(p, h) for p, h in iter_hosts(model) if isinstance(h, DeltaHost) and all(n in h.deltas for n in names)]
+            raise StateError(
+                f"mixing needs at least two attached adapters; unknown: {missing or 'none'}, attached: {sorted(known)}"
+            )
+        hosts = [
+            (p, h)
+            for p, h in iter_hosts(model)
+            if isinstance(h, DeltaHost) and all(n in h.deltas for n in names)
+        ]
         if not hosts:
-            raise MergeError(f"no module holds all of {names}; attach the adapters to the same modules")
+            raise MergeError(
+                f"no module holds all of {names}; attach the adapters to the same modules"
+            )
         odd = [p for p, h in hosts if h.kind != "linear"]
         if odd:
-            raise MergeError(f"mixing works on Linear hosts; {odd[0]!r} is a {hosts[0][1].kind} host: exclude it from the adapters")
+            raise MergeError(
+                f"mixing works on Linear hosts; {odd[0]!r} is a {hosts[0][1].kind} host: exclude it from the adapters"
+            )
         self.names = names
         self.paths = [p for p, _ in hosts]
         self._model = (model,)  # a tuple: the model's parameters are not this module's
@@ -54,7 +64,9 @@ class _Mixer(nn.Module):
     def make_layer(self, host: DeltaHost) -> nn.Module:
         raise NotImplementedError
 
-    def mix(self, layer: nn.Module, x: torch.Tensor, h: torch.Tensor, outs: list[torch.Tensor]) -> torch.Tensor:
+    def mix(
+        self, layer: nn.Module, x: torch.Tensor, h: torch.Tensor, outs: list[torch.Tensor]
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def install(self) -> "_Mixer":
@@ -106,7 +118,11 @@ class _Mixer(nn.Module):
     def save(self, path: str | os.PathLike) -> None:
         from ..io.files import save_tensors
 
-        save_tensors(path, self.state_dict(), metadata={"names": ",".join(self.names), "kind": type(self).__name__})
+        save_tensors(
+            path,
+            self.state_dict(),
+            metadata={"names": ",".join(self.names), "kind": type(self).__name__},
+        )
 
     def load(self, path: str | os.PathLike) -> None:
         from ..io.files import load_tensors
@@ -151,7 +167,14 @@ class FusionLayer(nn.Module):
 class AdapterFusion(_Mixer):
     """AdapterFusion over adapters ``names`` (train ``fusion.parameters()``; the adapters stay frozen)."""
 
-    def __init__(self, model: nn.Module, names: Sequence[str], *, key_dim: int | None = None, temperature: float = 1.0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        names: Sequence[str],
+        *,
+        key_dim: int | None = None,
+        temperature: float = 1.0,
+    ) -> None:
         self.key_dim, self.temperature = key_dim, temperature
         super().__init__(model, names)
 
@@ -198,7 +221,9 @@ class LoRAMixture(_Mixer):
 
     def __init__(self, model: nn.Module, names: Sequence[str], *, top_k: int = 1) -> None:
         if not 1 <= top_k <= len(names):
-            raise MergeError(f"top_k must be between 1 and the number of adapters ({len(names)}), got {top_k}")
+            raise MergeError(
+                f"top_k must be between 1 and the number of adapters ({len(names)}), got {top_k}"
+            )
         self.top_k = top_k
         super().__init__(model, names)
 
@@ -212,7 +237,9 @@ class LoRAMixture(_Mixer):
         """Load-balancing loss of the last forward, averaged over hosts (add a small multiple to the loss)."""
         parts = [layer.aux for layer in self.layers.values() if layer.aux is not None]
         if not parts:
-            raise StateError("run a forward pass with the mixture installed before asking for its loss")
+            raise StateError(
+                "run a forward pass with the mixture installed before asking for its loss"
+            )
         return torch.stack(parts).mean()
 
     def usage(self) -> dict[str, torch.Tensor]:

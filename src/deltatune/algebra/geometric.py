@@ -16,7 +16,9 @@ from .registry import UNIT, common_shape, merge_method
 from .tensors import map_rows, read_rows, reduce_rows, work_dtype
 
 
-def slerp_coefficients(norm0: float, norm1: float, dot: float, t: float, threshold: float = 0.9995, eps: float = 1e-8) -> tuple[float, float]:
+def slerp_coefficients(
+    norm0: float, norm1: float, dot: float, t: float, threshold: float = 0.9995, eps: float = 1e-8
+) -> tuple[float, float]:
     """Coefficients (c0, c1) with slerp(v0, v1) = c0·v0 + c1·v1, from the norms and raw dot product.
 
     Nearly collinear (or antipodal) inputs, ``|cos| > threshold``, fall back to linear interpolation.
@@ -31,16 +33,31 @@ def slerp_coefficients(norm0: float, norm1: float, dot: float, t: float, thresho
     return math.sin((1 - t) * theta) / s, math.sin(t * theta) / s
 
 
-@merge_method("slerp", paper="https://dl.acm.org/doi/10.1145/325165.325242", needs_base=True, min_models=1,
-              max_models=1, shared_params={"t": 0.5}, mergekit=True, limits={"t": UNIT})
+@merge_method(
+    "slerp",
+    paper="https://dl.acm.org/doi/10.1145/325165.325242",
+    needs_base=True,
+    min_models=1,
+    max_models=1,
+    shared_params={"t": 0.5},
+    mergekit=True,
+    limits={"t": UNIT},
+)
 def slerp(base, models, *, t=0.5, out=None):
     """Spherical interpolation from the base (t = 0) to the other model (t = 1) (Shoemake, 1985)."""
     shape = common_shape(base, models)
     (other,) = models
     wd = work_dtype(base.dtype, other.dtype)
-    stats = reduce_rows(shape, lambda a, b: _norms_and_dot(read_rows(base, a, b, wd), read_rows(other, a, b, wd)))
+    stats = reduce_rows(
+        shape, lambda a, b: _norms_and_dot(read_rows(base, a, b, wd), read_rows(other, a, b, wd))
+    )
     c0, c1 = slerp_coefficients(math.sqrt(stats[0]), math.sqrt(stats[1]), float(stats[2]), float(t))
-    return map_rows(shape, base.dtype, lambda a, b: c0 * read_rows(base, a, b, wd) + c1 * read_rows(other, a, b, wd), out)
+    return map_rows(
+        shape,
+        base.dtype,
+        lambda a, b: c0 * read_rows(base, a, b, wd) + c1 * read_rows(other, a, b, wd),
+        out,
+    )
 
 
 def _norms_and_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -48,8 +65,14 @@ def _norms_and_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.stack([(x * x).sum(), (y * y).sum(), (x * y).sum()])
 
 
-@merge_method("model_stock", paper="https://arxiv.org/abs/2403.19522", needs_base=True, min_models=2,
-              shared_params={"filter_wise": False}, mergekit=True)
+@merge_method(
+    "model_stock",
+    paper="https://arxiv.org/abs/2403.19522",
+    needs_base=True,
+    min_models=2,
+    shared_params={"filter_wise": False},
+    mergekit=True,
+)
 def model_stock(base, models, *, filter_wise=False, out=None):
     """Model Stock: move the fine-tuned average toward the base by the angle between task vectors (Jang et al.)."""
     shape = common_shape(base, models)
@@ -82,7 +105,11 @@ def model_stock(base, models, *, filter_wise=False, out=None):
 
     g = reduce_rows(shape, gram)
     norms = g.diagonal().sqrt()
-    cos = [(g[i, j] / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1) for i in range(k) for j in range(i + 1, k)]
+    cos = [
+        (g[i, j] / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
+        for i in range(k)
+        for j in range(i + 1, k)
+    ]
     ratio = float(_ratio_from_cos(torch.stack(cos).mean(), k))
 
     def block(a: int, b: int) -> torch.Tensor:
@@ -106,4 +133,8 @@ def _ratio_from_cos(cos: torch.Tensor, k: int) -> torch.Tensor:
     """t = k·cos / (1 + (k−1)·cos); at the singularity keep the base (t = 0)."""
     denom = 1 + (k - 1) * cos
     singular = denom.abs() < 1e-6
-    return torch.where(singular, torch.zeros_like(cos), k * cos / torch.where(singular, torch.ones_like(denom), denom))
+    return torch.where(
+        singular,
+        torch.zeros_like(cos),
+        k * cos / torch.where(singular, torch.ones_like(denom), denom),
+    )

@@ -89,7 +89,9 @@ def learn_merge_coefficients(
     names = list(dict.fromkeys(n for t in taus for n in t))
     unknown = [n for n in names if n not in named]
     if unknown:
-        raise MergeError(f"task vector entry {unknown[0]!r} is not a parameter of the model; build task vectors against this model")
+        raise MergeError(
+            f"task vector entry {unknown[0]!r} is not a parameter of the model; build task vectors against this model"
+        )
     if granularity == "global":
         group = lambda n: "all"  # noqa: E731
     elif granularity == "block":
@@ -110,7 +112,9 @@ def learn_merge_coefficients(
         out = dict(frozen)
         for n in names:
             g = index[n]
-            out[n] = frozen[n] + sum(coeffs[k, g] * tau for k, tau in enumerate(stacked[n]) if tau is not None)
+            out[n] = frozen[n] + sum(
+                coeffs[k, g] * tau for k, tau in enumerate(stacked[n]) if tau is not None
+            )
         return out
 
     losses = []
@@ -119,7 +123,9 @@ def learn_merge_coefficients(
         for _ in range(steps):
             batch = next(source, None)
             if batch is None:
-                raise MergeError("no batches to learn from; pass a non-empty iterable of unlabeled batches")
+                raise MergeError(
+                    "no batches to learn from; pass a non-empty iterable of unlabeled batches"
+                )
             runner.params = merged(lam)
             loss = entropy(forward(runner, batch))
             opt.zero_grad()

@@ -30,7 +30,9 @@ class LowRank:
 
     def __post_init__(self) -> None:
         if self.A.dim() != 2 or self.B.dim() != 2 or self.A.shape[0] != self.B.shape[1]:
-            raise MergeError(f"LowRank needs A (r, in) and B (out, r); got A {tuple(self.A.shape)}, B {tuple(self.B.shape)}")
+            raise MergeError(
+                f"LowRank needs A (r, in) and B (out, r); got A {tuple(self.A.shape)}, B {tuple(self.B.shape)}"
+            )
 
     @property
     def rank(self) -> int:
@@ -68,7 +70,9 @@ def _check_same(factors: Sequence[LowRank]) -> None:
     first = factors[0]
     for f in factors[1:]:
         if f.shape != first.shape or f.transposed != first.transposed:
-            raise MergeError(f"LoRA factors of shapes {tuple(first.shape)} and {tuple(f.shape)} cannot be combined; they target different layers")
+            raise MergeError(
+                f"LoRA factors of shapes {tuple(first.shape)} and {tuple(f.shape)} cannot be combined; they target different layers"
+            )
 
 
 def concat_lora(factors: Sequence[LowRank], weights: Sequence[float] | None = None) -> LowRank:
@@ -80,7 +84,9 @@ def concat_lora(factors: Sequence[LowRank], weights: Sequence[float] | None = No
     return LowRank(a, b, 1.0, factors[0].transposed)
 
 
-def svd_lora(factors: Sequence[LowRank], rank: int, weights: Sequence[float] | None = None) -> LowRank:
+def svd_lora(
+    factors: Sequence[LowRank], rank: int, weights: Sequence[float] | None = None
+) -> LowRank:
     """The best rank-``rank`` approximation (Frobenius) of Σ_k w_k·s_k·B_k·A_k, in factored form.
 
     The singular values are split evenly (√S into each factor), the usual LoRA convention.

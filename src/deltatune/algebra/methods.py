@@ -52,7 +52,9 @@ def generalized_task_arithmetic(
     # The last block of the base and of each task vector is kept: fitting a sparsifier and combining
     # read the same block one after the other (for tensors of one block, each is read only once).
     base_rows = _last_block(lambda a, b: read_rows(base, a, b, wd))
-    deltas = [_last_block(lambda a, b, m=m: read_rows(m, a, b, wd) - base_rows(a, b)) for m in models]
+    deltas = [
+        _last_block(lambda a, b, m=m: read_rows(m, a, b, wd) - base_rows(a, b)) for m in models
+    ]
 
     def delta(i: int):
         return deltas[i]
@@ -128,91 +130,308 @@ _LIMITS = {"weight": FINITE, "density": FRACTION, "lambda_": FINITE, "seed": SEE
 def _check_della(kwargs: Mapping[str, Any]) -> None:
     check_weight_sum(kwargs)
     for density, epsilon in zip(kwargs["density"], kwargs["epsilon"]):
-        if density < 1 and not (0 < density - epsilon and density + epsilon < 1):  # density 1 keeps all
-            raise MergeConfigError(f"della needs density ± epsilon inside (0, 1); got density={density}, "
-                                   f"epsilon={epsilon}: lower epsilon")
+        if density < 1 and not (
+            0 < density - epsilon and density + epsilon < 1
+        ):  # density 1 keeps all
+            raise MergeConfigError(
+                f"della needs density ± epsilon inside (0, 1); got density={density}, "
+                f"epsilon={epsilon}: lower epsilon"
+            )
 
 
 @merge_method("task_arithmetic", paper="https://arxiv.org/abs/2212.04089", needs_base=True,
               model_params={"weight": 1.0}, shared_params=_SHARED, mergekit=True,
               limits=_LIMITS, check=check_weight_sum)
-def task_arithmetic(base, models, *, weight, normalize=False, rescale=False, lambda_=1.0, int8_mask=False, out=None):
+def task_arithmetic(
+    base, models, *, weight, normalize=False, rescale=False, lambda_=1.0, int8_mask=False, out=None
+):
     """Task arithmetic: base + λ Σ w_k τ_k (Ilharco et al., Editing Models with Task Arithmetic)."""
-    return generalized_task_arithmetic(base, models, weight=weight, normalize=normalize, lambda_=lambda_, out=out)
+    return generalized_task_arithmetic(
+        base, models, weight=weight, normalize=normalize, lambda_=lambda_, out=out
+    )
 
 
 @merge_method("ties", paper="https://arxiv.org/abs/2306.01708", needs_base=True, model_params=_GTA,
               shared_params={**_SHARED, "normalize": True}, mergekit=True,
               limits=_LIMITS, check=check_weight_sum)
-def ties(base, models, *, weight, density, normalize=True, rescale=False, lambda_=1.0, int8_mask=False, out=None):
+def ties(
+    base,
+    models,
+    *,
+    weight,
+    density,
+    normalize=True,
+    rescale=False,
+    lambda_=1.0,
+    int8_mask=False,
+    out=None,
+):
     """TIES: trim to the top-density magnitudes, elect signs, disjoint mean (Yadav et al.)."""
-    return generalized_task_arithmetic(base, models, weight=weight, density=density, sparsifier="magnitude",
-                                       consensus="sum", normalize=normalize, rescale=rescale, lambda_=lambda_, out=out)
+    return generalized_task_arithmetic(
+        base,
+        models,
+        weight=weight,
+        density=density,
+        sparsifier="magnitude",
+        consensus="sum",
+        normalize=normalize,
+        rescale=rescale,
+        lambda_=lambda_,
+        out=out,
+    )
 
 
-@merge_method("dare_ties", paper="https://arxiv.org/abs/2311.03099", needs_base=True, model_params=_GTA,
-              shared_params={**_SHARED, "rescale": True, "seed": None}, mergekit=True,
-              limits=_LIMITS, check=check_weight_sum)
-def dare_ties(base, models, *, weight, density, normalize=False, rescale=True, lambda_=1.0, int8_mask=False, seed=None, out=None):
+@merge_method(
+    "dare_ties",
+    paper="https://arxiv.org/abs/2311.03099",
+    needs_base=True,
+    model_params=_GTA,
+    shared_params={**_SHARED, "rescale": True, "seed": None},
+    mergekit=True,
+    limits=_LIMITS,
+    check=check_weight_sum,
+)
+def dare_ties(
+    base,
+    models,
+    *,
+    weight,
+    density,
+    normalize=False,
+    rescale=True,
+    lambda_=1.0,
+    int8_mask=False,
+    seed=None,
+    out=None,
+):
     """DARE + TIES: random drop with rescale, then sign election (Yu et al., Language Models are Super Mario)."""
-    return generalized_task_arithmetic(base, models, weight=weight, density=density, sparsifier="random", consensus="sum",
-                                       normalize=normalize, rescale=rescale, lambda_=lambda_, seed=seed, out=out)
+    return generalized_task_arithmetic(
+        base,
+        models,
+        weight=weight,
+        density=density,
+        sparsifier="random",
+        consensus="sum",
+        normalize=normalize,
+        rescale=rescale,
+        lambda_=lambda_,
+        seed=seed,
+        out=out,
+    )
 
 
-@merge_method("dare_linear", paper="https://arxiv.org/abs/2311.03099", needs_base=True, model_params=_GTA,
-              shared_params={**_SHARED, "rescale": True, "seed": None}, mergekit=True,
-              limits=_LIMITS, check=check_weight_sum)
-def dare_linear(base, models, *, weight, density, normalize=False, rescale=True, lambda_=1.0, int8_mask=False, seed=None, out=None):
+@merge_method(
+    "dare_linear",
+    paper="https://arxiv.org/abs/2311.03099",
+    needs_base=True,
+    model_params=_GTA,
+    shared_params={**_SHARED, "rescale": True, "seed": None},
+    mergekit=True,
+    limits=_LIMITS,
+    check=check_weight_sum,
+)
+def dare_linear(
+    base,
+    models,
+    *,
+    weight,
+    density,
+    normalize=False,
+    rescale=True,
+    lambda_=1.0,
+    int8_mask=False,
+    seed=None,
+    out=None,
+):
     """DARE: drop each task-vector entry with probability 1 − density and rescale the rest (Yu et al.)."""
-    return generalized_task_arithmetic(base, models, weight=weight, density=density, sparsifier="random",
-                                       normalize=normalize, rescale=rescale, lambda_=lambda_, seed=seed, out=out)
+    return generalized_task_arithmetic(
+        base,
+        models,
+        weight=weight,
+        density=density,
+        sparsifier="random",
+        normalize=normalize,
+        rescale=rescale,
+        lambda_=lambda_,
+        seed=seed,
+        out=out,
+    )
 
 
 _CRUMBS = {**_GTA, "gamma": 0.01}
 
 
-@merge_method("breadcrumbs", paper="https://arxiv.org/abs/2312.06795", needs_base=True, model_params=_CRUMBS,
-              shared_params=_SHARED, mergekit=True,
-              limits=_LIMITS, check=check_weight_sum)
-def breadcrumbs(base, models, *, weight, density, gamma, normalize=False, rescale=False, lambda_=1.0, int8_mask=False, out=None):
+@merge_method(
+    "breadcrumbs",
+    paper="https://arxiv.org/abs/2312.06795",
+    needs_base=True,
+    model_params=_CRUMBS,
+    shared_params=_SHARED,
+    mergekit=True,
+    limits=_LIMITS,
+    check=check_weight_sum,
+)
+def breadcrumbs(
+    base,
+    models,
+    *,
+    weight,
+    density,
+    gamma,
+    normalize=False,
+    rescale=False,
+    lambda_=1.0,
+    int8_mask=False,
+    out=None,
+):
     """Model Breadcrumbs: drop the smallest entries and the largest outliers (fraction gamma)."""
-    return generalized_task_arithmetic(base, models, weight=weight, density=density, gamma=gamma, sparsifier="magnitude_outliers",
-                                       normalize=normalize, rescale=rescale, lambda_=lambda_, out=out)
+    return generalized_task_arithmetic(
+        base,
+        models,
+        weight=weight,
+        density=density,
+        gamma=gamma,
+        sparsifier="magnitude_outliers",
+        normalize=normalize,
+        rescale=rescale,
+        lambda_=lambda_,
+        out=out,
+    )
 
 
-@merge_method("breadcrumbs_ties", paper="https://arxiv.org/abs/2312.06795", needs_base=True, model_params=_CRUMBS,
-              shared_params=_SHARED, mergekit=True,
-              limits=_LIMITS, check=check_weight_sum)
-def breadcrumbs_ties(base, models, *, weight, density, gamma, normalize=False, rescale=False, lambda_=1.0, int8_mask=False, out=None):
+@merge_method(
+    "breadcrumbs_ties",
+    paper="https://arxiv.org/abs/2312.06795",
+    needs_base=True,
+    model_params=_CRUMBS,
+    shared_params=_SHARED,
+    mergekit=True,
+    limits=_LIMITS,
+    check=check_weight_sum,
+)
+def breadcrumbs_ties(
+    base,
+    models,
+    *,
+    weight,
+    density,
+    gamma,
+    normalize=False,
+    rescale=False,
+    lambda_=1.0,
+    int8_mask=False,
+    out=None,
+):
     """Model Breadcrumbs sparsification followed by TIES sign election."""
-    return generalized_task_arithmetic(base, models, weight=weight, density=density, gamma=gamma, sparsifier="magnitude_outliers",
-                                       consensus="sum", normalize=normalize, rescale=rescale, lambda_=lambda_, out=out)
+    return generalized_task_arithmetic(
+        base,
+        models,
+        weight=weight,
+        density=density,
+        gamma=gamma,
+        sparsifier="magnitude_outliers",
+        consensus="sum",
+        normalize=normalize,
+        rescale=rescale,
+        lambda_=lambda_,
+        out=out,
+    )
 
 
 _DELLA = {**_GTA, "epsilon": 0.15}
 
 
-@merge_method("della", paper="https://arxiv.org/abs/2406.11617", needs_base=True, model_params=_DELLA,
-              shared_params={**_SHARED, "normalize": True, "rescale": True, "seed": None}, mergekit=True,
-              limits=_LIMITS, check=_check_della)
-def della(base, models, *, weight, density, epsilon, normalize=True, rescale=True, lambda_=1.0, int8_mask=False, seed=None, out=None):
+@merge_method(
+    "della",
+    paper="https://arxiv.org/abs/2406.11617",
+    needs_base=True,
+    model_params=_DELLA,
+    shared_params={**_SHARED, "normalize": True, "rescale": True, "seed": None},
+    mergekit=True,
+    limits=_LIMITS,
+    check=_check_della,
+)
+def della(
+    base,
+    models,
+    *,
+    weight,
+    density,
+    epsilon,
+    normalize=True,
+    rescale=True,
+    lambda_=1.0,
+    int8_mask=False,
+    seed=None,
+    out=None,
+):
     """DELLA: magnitude-ranked random drop (MagPrune), then TIES sign election (Deep et al.)."""
-    return generalized_task_arithmetic(base, models, weight=weight, density=density, epsilon=epsilon, sparsifier="della",
-                                       consensus="sum", normalize=normalize, rescale=rescale, lambda_=lambda_, seed=seed, out=out)
+    return generalized_task_arithmetic(
+        base,
+        models,
+        weight=weight,
+        density=density,
+        epsilon=epsilon,
+        sparsifier="della",
+        consensus="sum",
+        normalize=normalize,
+        rescale=rescale,
+        lambda_=lambda_,
+        seed=seed,
+        out=out,
+    )
 
 
-@merge_method("della_linear", paper="https://arxiv.org/abs/2406.11617", needs_base=True, model_params=_DELLA,
-              shared_params={**_SHARED, "rescale": True, "seed": None}, mergekit=True,
-              limits=_LIMITS, check=_check_della)
-def della_linear(base, models, *, weight, density, epsilon, normalize=False, rescale=True, lambda_=1.0, int8_mask=False, seed=None, out=None):
+@merge_method(
+    "della_linear",
+    paper="https://arxiv.org/abs/2406.11617",
+    needs_base=True,
+    model_params=_DELLA,
+    shared_params={**_SHARED, "rescale": True, "seed": None},
+    mergekit=True,
+    limits=_LIMITS,
+    check=_check_della,
+)
+def della_linear(
+    base,
+    models,
+    *,
+    weight,
+    density,
+    epsilon,
+    normalize=False,
+    rescale=True,
+    lambda_=1.0,
+    int8_mask=False,
+    seed=None,
+    out=None,
+):
     """DELLA's MagPrune without sign election."""
-    return generalized_task_arithmetic(base, models, weight=weight, density=density, epsilon=epsilon, sparsifier="della",
-                                       normalize=normalize, rescale=rescale, lambda_=lambda_, seed=seed, out=out)
+    return generalized_task_arithmetic(
+        base,
+        models,
+        weight=weight,
+        density=density,
+        epsilon=epsilon,
+        sparsifier="della",
+        normalize=normalize,
+        rescale=rescale,
+        lambda_=lambda_,
+        seed=seed,
+        out=out,
+    )
 
 
-@merge_method("linear", paper="https://arxiv.org/abs/2203.05482", needs_base=False, model_params={"weight": 1.0},
-              shared_params={"normalize": True}, mergekit=True,
-              limits=_LIMITS, check=check_weight_sum)
+@merge_method(
+    "linear",
+    paper="https://arxiv.org/abs/2203.05482",
+    needs_base=False,
+    model_params={"weight": 1.0},
+    shared_params={"normalize": True},
+    mergekit=True,
+    limits=_LIMITS,
+    check=check_weight_sum,
+)
 def linear(base, models, *, weight, normalize=True, out=None):
     """Weighted average of the models' weights (model soups, Wortsman et al.); the base is not used."""
     shape = common_shape(None, models)

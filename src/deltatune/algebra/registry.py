@@ -72,8 +72,10 @@ def check_weight_sum(kwargs: Mapping[str, Any]) -> None:
     if not weights or not kwargs.get("normalize", True):
         return
     if abs(math.fsum(weights)) <= 1e-8 * max(1.0, *(abs(w) for w in weights)):
-        raise MergeConfigError(f"the weights {list(weights)} sum to 0 and are normalised by their sum; "
-                               "change a weight or set normalize: false")
+        raise MergeConfigError(
+            f"the weights {list(weights)} sum to 0 and are normalised by their sum; "
+            "change a weight or set normalize: false"
+        )
 
 
 @dataclass(frozen=True)
@@ -102,16 +104,24 @@ class MergeMethod:
         doc = (self.fn.__doc__ or "").strip().splitlines()
         return doc[0] if doc else self.name
 
-    def __call__(self, base: TensorLike | None, models: Sequence[TensorLike], **params: Any) -> torch.Tensor | None:
+    def __call__(
+        self, base: TensorLike | None, models: Sequence[TensorLike], **params: Any
+    ) -> torch.Tensor | None:
         return self.fn(base, models, **params)
 
     def check_inputs(self, n_models: int, has_base: bool) -> None:
         if self.needs_base and not has_base:
-            raise MergeError(f"merge method {self.name!r} needs a base model; set base_model (the model the others were fine-tuned from)")
+            raise MergeError(
+                f"merge method {self.name!r} needs a base model; set base_model (the model the others were fine-tuned from)"
+            )
         if n_models < self.min_models:
-            raise MergeError(f"merge method {self.name!r} needs at least {self.min_models} models besides the base; got {n_models}")
+            raise MergeError(
+                f"merge method {self.name!r} needs at least {self.min_models} models besides the base; got {n_models}"
+            )
         if self.max_models is not None and n_models > self.max_models:
-            raise MergeError(f"merge method {self.name!r} takes at most {self.max_models} models besides the base; got {n_models}")
+            raise MergeError(
+                f"merge method {self.name!r} takes at most {self.max_models} models besides the base; got {n_models}"
+            )
 
     def resolve(self, per_model: Sequence[Mapping[str, Any]], shared: Mapping[str, Any],
                 where: str = "") -> dict[str, Any]:
@@ -127,7 +137,9 @@ class MergeMethod:
                 )
         kwargs: dict[str, Any] = {}
         for key, default in self.model_params.items():
-            kwargs[key] = [self.value(key, m.get(key, shared.get(key, default)), where) for m in per_model]
+            kwargs[key] = [
+                self.value(key, m.get(key, shared.get(key, default)), where) for m in per_model
+            ]
         for key, default in self.shared_params.items():
             kwargs[key] = self.value(key, shared.get(key, default), where)
         if self.check is not None:
@@ -149,7 +161,9 @@ class MergeMethod:
         except MergeConfigError as exc:
             raise MergeConfigError(f"{where}{exc}") from None
         if isinstance(typed, (int, float)) and not isinstance(typed, bool) and typed not in limit:
-            raise MergeConfigError(f"{where}{self.name} parameter {shown(key)!r} must be {limit}, got {_short(value)}")
+            raise MergeConfigError(
+                f"{where}{self.name} parameter {shown(key)!r} must be {limit}, got {_short(value)}"
+            )
         return typed
 
 
@@ -179,7 +193,13 @@ def _typed(method: str, key: str, value: Any, default: Any) -> Any:
                 return int(number)
     else:
         return value
-    kind = "true or false" if isinstance(default, bool) else "a float" if isinstance(default, float) else "an integer"
+    kind = (
+        "true or false"
+        if isinstance(default, bool)
+        else "a float"
+        if isinstance(default, float)
+        else "an integer"
+    )
     raise MergeConfigError(f"{method} parameter {shown(key)!r} must be {kind}, got {_short(value)}")
 
 
@@ -245,5 +265,7 @@ def common_shape(base: TensorLike | None, models: Sequence[TensorLike]) -> torch
     shape = shape_of(inputs[0])
     for i, x in enumerate(inputs[1:], 1):
         if shape_of(x) != shape:
-            raise MergeError(f"input {i} has shape {tuple(shape_of(x))} but input 0 has {tuple(shape)}; merge tensors of one architecture")
+            raise MergeError(
+                f"input {i} has shape {tuple(shape_of(x))} but input 0 has {tuple(shape)}; merge tensors of one architecture"
+            )
     return shape

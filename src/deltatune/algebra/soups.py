@@ -43,13 +43,17 @@ def merge_state_dicts(
     k = len(models)
     per_model = [{p: (params[p][i] if isinstance(params[p], (list, tuple)) else params[p])
                   for p in spec.model_params if p in params} for i in range(k)]
-    kwargs = spec.resolve(per_model, {p: v for p, v in params.items() if p not in spec.model_params})
+    kwargs = spec.resolve(
+        per_model, {p: v for p, v in params.items() if p not in spec.model_params}
+    )
     ref = base if base is not None else models[0]
     out = {}
     for name, t in ref.items():
         missing = [i for i, m in enumerate(models) if name not in m]
         if missing:
-            raise MergeError(f"model {missing[0]} has no {name!r}; merge state dicts of one architecture")
+            raise MergeError(
+                f"model {missing[0]} has no {name!r}; merge state dicts of one architecture"
+            )
         if not t.is_floating_point():
             out[name] = t.clone()
             continue
@@ -57,11 +61,15 @@ def merge_state_dicts(
         if spec.stats:
             have = [s is not None and name in s for s in (stats or [None] * k)]
             extra["stats"] = [s[name] for s in stats] if all(have) else None
-        out[name] = spec(t if spec.needs_base else None, [m[name] for m in models], **kwargs, **extra)
+        out[name] = spec(
+            t if spec.needs_base else None, [m[name] for m in models], **kwargs, **extra
+        )
     return out
 
 
-def uniform_soup(models: Sequence[State], weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+def uniform_soup(
+    models: Sequence[State], weights: Sequence[float] | None = None
+) -> dict[str, torch.Tensor]:
     """The (weighted) average of the models' weights."""
     return merge_state_dicts("linear", models, weight=list(weights) if weights is not None else 1.0)
 
@@ -72,7 +80,9 @@ def loaded(model: nn.Module, state: State) -> Iterator[nn.Module]:
     own = model.state_dict()
     unknown = [k for k in state if k not in own]
     if unknown:
-        raise MergeError(f"the model has no {unknown[0]!r}; load states saved from this architecture")
+        raise MergeError(
+            f"the model has no {unknown[0]!r}; load states saved from this architecture"
+        )
     saved = {k: own[k].detach().clone() for k in state}
     with torch.no_grad():
         for k, v in state.items():
@@ -91,7 +101,9 @@ class SoupResult:
     ingredients: list[int]
     score: float
     individual: list[float]
-    history: list[tuple[int, float, bool]] = field(default_factory=list)  # (candidate, soup score, kept)
+    history: list[tuple[int, float, bool]] = field(
+        default_factory=list
+    )  # (candidate, soup score, kept)
 
 
 def greedy_soup(models: Sequence[State], score: Callable[[State], float]) -> SoupResult:
@@ -119,7 +131,9 @@ def wise_ft(zero_shot: State, fine_tuned: State, alpha: float) -> dict[str, torc
     """(1−α)·θ_zero-shot + α·θ_fine-tuned (floating tensors; others from the zero-shot model)."""
     if not 0.0 <= alpha <= 1.0:
         raise MergeError(f"WiSE-FT alpha must be in [0, 1], got {alpha}")
-    return merge_state_dicts("linear", [zero_shot, fine_tuned], weight=[1.0 - alpha, alpha], normalize=False)
+    return merge_state_dicts(
+        "linear", [zero_shot, fine_tuned], weight=[1.0 - alpha, alpha], normalize=False
+    )
 
 
 def wise_ft_sweep(
@@ -130,11 +144,23 @@ def wise_ft_sweep(
 ) -> list[dict[str, float]]:
     """Evaluate the interpolations; ``evaluate(state)`` returns e.g. ``{"id": acc, "shift": acc}``.
     Returns one row per α: ``{"alpha": α, **scores}``."""
-    return [{"alpha": float(a), **{k: float(v) for k, v in evaluate(wise_ft(zero_shot, fine_tuned, a)).items()}} for a in alphas]
+    return [
+        {
+            "alpha": float(a),
+            **{k: float(v) for k, v in evaluate(wise_ft(zero_shot, fine_tuned, a)).items()},
+        }
+        for a in alphas
+    ]
 
 
-def plot_wise_ft(rows: Sequence[Mapping[str, float]], path: str | os.PathLike, *, x: str = "id", y: str = "shift",
-                 title: str = "WiSE-FT: weight-space interpolation") -> Path:
+def plot_wise_ft(
+    rows: Sequence[Mapping[str, float]],
+    path: str | os.PathLike,
+    *,
+    x: str = "id",
+    y: str = "shift",
+    title: str = "WiSE-FT: weight-space interpolation",
+) -> Path:
     """Accuracy on shifted data against in-distribution accuracy, one point per α (written atomically)."""
     import matplotlib
 
@@ -144,14 +170,24 @@ def plot_wise_ft(rows: Sequence[Mapping[str, float]], path: str | os.PathLike, *
     from ..io.files import save_figure
 
     if not rows or any(x not in r or y not in r for r in rows):
-        raise MergeError(f"every row needs {x!r} and {y!r} scores to plot; got {list(rows[0]) if rows else 'no rows'}")
+        raise MergeError(
+            f"every row needs {x!r} and {y!r} scores to plot; got {list(rows[0]) if rows else 'no rows'}"
+        )
     fig, ax = plt.subplots(figsize=(5, 4))
     xs, ys = [r[x] for r in rows], [r[y] for r in rows]
     ax.plot(xs, ys, "-o", color="tab:blue", label="WiSE-FT (α from 0 to 1)")
     for r in rows:
-        ax.annotate(f"{r['alpha']:.1f}", (r[x], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.annotate(
+            f"{r['alpha']:.1f}", (r[x], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=7
+        )
     ends = [rows[0], rows[-1]]
-    ax.scatter([r[x] for r in ends], [r[y] for r in ends], color="tab:red", zorder=3, label="zero-shot / fine-tuned")
+    ax.scatter(
+        [r[x] for r in ends],
+        [r[y] for r in ends],
+        color="tab:red",
+        zorder=3,
+        label="zero-shot / fine-tuned",
+    )
     ax.set_xlabel(f"{x} accuracy")
     ax.set_ylabel(f"{y} accuracy")
     ax.set_title(title)

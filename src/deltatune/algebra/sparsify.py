@@ -95,12 +95,16 @@ def fit_sparsifier(
             )
         mask = lambda d, a, b: _della_mask(d, density, epsilon, chunk_generator(seed, index, a))  # noqa: E731
     else:
-        raise MergeError(f"unknown sparsifier {name!r}; use magnitude, random, magnitude_outliers or della")
+        raise MergeError(
+            f"unknown sparsifier {name!r}; use magnitude, random, magnitude_outliers or della"
+        )
     scale = 1.0
     if rescale:
         chunk = _chunk_for(name, shape)
         before = float(reduce_rows(shape, lambda a, b: delta(a, b).abs().sum(), chunk))
-        after = float(reduce_rows(shape, lambda a, b: Fitted(mask)(delta(a, b), a, b).abs().sum(), chunk))
+        after = float(
+            reduce_rows(shape, lambda a, b: Fitted(mask)(delta(a, b), a, b).abs().sum(), chunk)
+        )
         if before >= _EPS and after >= _EPS:
             scale = before / after
     return Fitted(mask, scale)
@@ -117,7 +121,9 @@ def chunk_for(name: str | None, shape: Sequence[int]) -> int:
     return _chunk_for(name or "", shape)
 
 
-def _della_mask(delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator) -> torch.Tensor:
+def _della_mask(
+    delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator
+) -> torch.Tensor:
     """Keep probability rises linearly with the magnitude rank inside each row (DELLA's MagPrune)."""
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
     ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(rows.dtype)  # 0 .. n−1 in every row

@@ -23,20 +23,41 @@ from .tensors import TensorLike, map_rows, read_rows, shape_of, work_dtype
 Forward = Callable[[nn.Module, Any], torch.Tensor]
 
 
-@merge_method("fisher", paper="https://arxiv.org/abs/2111.09832", needs_base=False, model_params={"weight": 1.0},
-              shared_params={"floor": 1e-6}, stats="fisher",
-              limits={"floor": Limit(0.0)}, check=check_weight_sum)
-def fisher(base, models, *, weight, stats: Sequence[TensorLike] | None = None, floor: float = 1e-6, out=None):
+@merge_method(
+    "fisher",
+    paper="https://arxiv.org/abs/2111.09832",
+    needs_base=False,
+    model_params={"weight": 1.0},
+    shared_params={"floor": 1e-6},
+    stats="fisher",
+    limits={"floor": Limit(0.0)},
+    check=check_weight_sum,
+)
+def fisher(
+    base,
+    models,
+    *,
+    weight,
+    stats: Sequence[TensorLike] | None = None,
+    floor: float = 1e-6,
+    out=None,
+):
     """Fisher-weighted average: Σ w_k (F_k + floor) θ_k / Σ w_k (F_k + floor); a plain average without F."""
     shape = common_shape(None, models)
     wd = work_dtype(*(m.dtype for m in models))
     if stats is not None and any(shape_of(f) != shape for f in stats):
-        raise MergeError(f"a Fisher tensor's shape differs from the parameter's {tuple(shape)}; compute the Fisher on the same architecture")
+        raise MergeError(
+            f"a Fisher tensor's shape differs from the parameter's {tuple(shape)}; compute the Fisher on the same architecture"
+        )
 
     def block(a: int, b: int) -> torch.Tensor:
         num = den = 0
         for i, m in enumerate(models):
-            f = read_rows(stats[i], a, b, wd) + floor if stats is not None else torch.ones((), dtype=wd)
+            f = (
+                read_rows(stats[i], a, b, wd) + floor
+                if stats is not None
+                else torch.ones((), dtype=wd)
+            )
             num = num + weight[i] * f * read_rows(m, a, b, wd)
             den = den + weight[i] * f
         return num / den
@@ -44,10 +65,19 @@ def fisher(base, models, *, weight, stats: Sequence[TensorLike] | None = None, f
     return map_rows(shape, models[0].dtype, block, out)
 
 
-@merge_method("regmean", paper="https://arxiv.org/abs/2212.09849", needs_base=False, model_params={"weight": 1.0},
-              shared_params={"alpha": 0.9}, stats="gram",
-              limits={"alpha": UNIT}, check=check_weight_sum)
-def regmean(base, models, *, weight, stats: Sequence[TensorLike] | None = None, alpha: float = 0.9, out=None):
+@merge_method(
+    "regmean",
+    paper="https://arxiv.org/abs/2212.09849",
+    needs_base=False,
+    model_params={"weight": 1.0},
+    shared_params={"alpha": 0.9},
+    stats="gram",
+    limits={"alpha": UNIT},
+    check=check_weight_sum,
+)
+def regmean(
+    base, models, *, weight, stats: Sequence[TensorLike] | None = None, alpha: float = 0.9, out=None
+):
     """RegMean: the Linear weight minimising Σ_k ||X_k W − X_k W_k||², from each model's Gram matrix
     G_k = X_kᵀX_k (off-diagonals scaled by ``alpha``); tensors without Gram matrices are averaged."""
     shape = common_shape(None, models)
@@ -60,13 +90,17 @@ def regmean(base, models, *, weight, stats: Sequence[TensorLike] | None = None, 
     for i, g in enumerate(stats):
         g = read_rows(g, 0, shape_of(g)[0], torch.float64)
         if g.shape != (shape[1], shape[1]):
-            raise MergeError(f"Gram matrix {tuple(g.shape)} does not fit a weight of shape {tuple(shape)} (needs in×in)")
+            raise MergeError(
+                f"Gram matrix {tuple(g.shape)} does not fit a weight of shape {tuple(shape)} (needs in×in)"
+            )
         diag = torch.diag_embed(g.diagonal())
         grams.append(weight[i] * (alpha * g + (1 - alpha) * diag))
     factor = _cholesky(sum(grams))
 
     def block(a: int, b: int) -> torch.Tensor:
-        rhs = sum(read_rows(m, a, b, torch.float64) @ grams[i] for i, m in enumerate(models))  # (rows, in)
+        rhs = sum(
+            read_rows(m, a, b, torch.float64) @ grams[i] for i, m in enumerate(models)
+        )  # (rows, in)
         return torch.cholesky_solve(rhs.T, factor).T.to(wd)  # rhs · S⁻¹ (S symmetric)
 
     return map_rows(shape, models[0].dtype, block, out)
@@ -81,7 +115,9 @@ def _cholesky(s: torch.Tensor) -> torch.Tensor:
         if int(info) == 0:
             return factor
         ridge = scale * (1e-8 if ridge == 0 else ridge / scale * 100)
-    raise MergeError("the summed Gram matrix is not positive definite even with a ridge; collect statistics on more data")
+    raise MergeError(
+        "the summed Gram matrix is not positive definite even with a ridge; collect statistics on more data"
+    )
 
 
 # -- statistics from data --------------------------------------------------------------------------
@@ -106,15 +142,22 @@ def _batch_size(batch: Any) -> int:
     for v in values:
         if isinstance(v, torch.Tensor) and v.dim() > 0:
             return v.shape[0]
-    raise MergeError("cannot tell the batch size: a batch must hold at least one tensor with a batch dimension")
+    raise MergeError(
+        "cannot tell the batch size: a batch must hold at least one tensor with a batch dimension"
+    )
 
 
 def _sample(batch: Any, i: int) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch[i : i + 1]
     if isinstance(batch, dict):
-        return {k: v[i : i + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
-    return type(batch)(v[i : i + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for v in batch)
+        return {
+            k: v[i : i + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+            for k, v in batch.items()
+        }
+    return type(batch)(
+        v[i : i + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for v in batch
+    )
 
 
 def diagonal_fisher(
@@ -139,7 +182,9 @@ def diagonal_fisher(
     names = names or [n for n, p in named.items() if p.is_floating_point()]
     unknown = [n for n in names if n not in named]
     if unknown:
-        raise MergeError(f"model has no parameter {unknown[0]!r}; pass names from model.named_parameters()")
+        raise MergeError(
+            f"model has no parameter {unknown[0]!r}; pass names from model.named_parameters()"
+        )
     flags = {n: p.requires_grad for n, p in named.items()}
     for n, p in named.items():
         p.requires_grad_(n in names)
@@ -160,7 +205,9 @@ def diagonal_fisher(
                     else:
                         y = targets[i : i + 1].reshape(-1).to(flat.device).expand(flat.shape[0])
                     loglik = flat.gather(1, y.view(-1, 1)).sum()
-                    grads = torch.autograd.grad(loglik, [named[n] for n in names], allow_unused=True)
+                    grads = torch.autograd.grad(
+                        loglik, [named[n] for n in names], allow_unused=True
+                    )
                     for n, g in zip(names, grads):
                         if g is not None:
                             sums[n] += g.detach().float() ** 2
@@ -169,7 +216,9 @@ def diagonal_fisher(
         for n, p in named.items():
             p.requires_grad_(flags[n])
     if count == 0:
-        raise MergeError("no examples to estimate the Fisher from; pass a non-empty iterable of batches")
+        raise MergeError(
+            "no examples to estimate the Fisher from; pass a non-empty iterable of batches"
+        )
     return {n: s / count for n, s in sums.items()}
 
 
@@ -182,9 +231,15 @@ def gram_matrices(
 ) -> dict[str, torch.Tensor]:
     """RegMean statistics: for every ``nn.Linear`` (or those named in ``modules``), the mean over input
     rows of xᵀx, keyed by the layer's weight name (``"<module>.weight"``). Hooks are removed after."""
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and (modules is None or n in modules)}
+    linears = {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and (modules is None or n in modules)
+    }
     if not linears:
-        raise MergeError("no nn.Linear layer selected: RegMean needs Linear layers (pass modules=[...] by name)")
+        raise MergeError(
+            "no nn.Linear layer selected: RegMean needs Linear layers (pass modules=[...] by name)"
+        )
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
 
@@ -204,5 +259,7 @@ def gram_matrices(
         for h in handles:
             h.remove()
     if not sums:
-        raise MergeError("no batch reached the selected Linear layers; pass a non-empty iterable of batches")
+        raise MergeError(
+            "no batch reached the selected Linear layers; pass a non-empty iterable of batches"
+        )
     return {f"{n}.weight": (sums[n] / rows[n]).float() for n in sums}

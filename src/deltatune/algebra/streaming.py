@@ -54,17 +54,23 @@ class _Prepared:
         self.method: MergeMethod = get_method(config.method)
         entries = config.non_base() if self.method.needs_base else list(config.models)
         if self.method.needs_base and config.base is None:
-            raise MergeError(f"merge method {config.method!r} needs base_model (the model the others were fine-tuned from); add it to the config")
+            raise MergeError(
+                f"merge method {config.method!r} needs base_model (the model the others were fine-tuned from); add it to the config"
+            )
         self.method.check_inputs(len(entries), config.base is not None)
         self.entries = entries
-        self.base = Checkpoint(config.base) if config.base is not None and self.method.needs_base else None
+        self.base = (
+            Checkpoint(config.base) if config.base is not None and self.method.needs_base else None
+        )
         self.models = [Checkpoint(e.path) for e in entries]
         self.reference = self.base or self.models[0]
         self.stats: list[Checkpoint] | None = None
         if self.method.stats:
             missing = [e.label for e in entries if e.stats is None]
             if missing:
-                raise MergeError(f"merge method {config.method!r} needs a {self.method.stats} statistics file per model; add 'stats: PATH' to {missing[0]}")
+                raise MergeError(
+                    f"merge method {config.method!r} needs a {self.method.stats} statistics file per model; add 'stats: PATH' to {missing[0]}"
+                )
             self.stats = [Checkpoint(e.stats) for e in entries]
         self.dtype = dtype_from_name(config.dtype) if config.dtype else None
         self.out_dtype = dtype_from_name(config.out_dtype) if config.out_dtype else None
@@ -72,7 +78,9 @@ class _Prepared:
         self._check()
         self.n_layers = layer_count(self.names)
         # every tensor's parameters, resolved and range-checked before anything is written
-        self.kwargs = {n: self.params_for(n) for n in self.names if self.reference.dtype(n).is_floating_point}
+        self.kwargs = {
+            n: self.params_for(n) for n in self.names if self.reference.dtype(n).is_floating_point
+        }
         self.side_files = self.reference.side_files()
 
     def _label(self, ckpt: Checkpoint) -> str:
@@ -85,8 +93,12 @@ class _Prepared:
             have = set(ck.names())
             if have != wanted:
                 missing, extra = sorted(wanted - have), sorted(have - wanted)
-                what = f"lacks tensor {missing[0]!r}" if missing else f"has extra tensor {extra[0]!r}"
-                raise MergeError(f"{self._label(ck)} {what} that {self._label(ref)} does not; merge checkpoints of one architecture")
+                what = (
+                    f"lacks tensor {missing[0]!r}" if missing else f"has extra tensor {extra[0]!r}"
+                )
+                raise MergeError(
+                    f"{self._label(ck)} {what} that {self._label(ref)} does not; merge checkpoints of one architecture"
+                )
             for name in self.names:
                 if ck.shape(name) != ref.shape(name):
                     raise MergeError(
@@ -94,7 +106,9 @@ class _Prepared:
                         "checkpoints of different architectures or sizes cannot be merged"
                     )
                 a, b = ref.dtype(name), ck.dtype(name)
-                if a != b and (self.dtype is None or not (a.is_floating_point and b.is_floating_point)):
+                if a != b and (
+                    self.dtype is None or not (a.is_floating_point and b.is_floating_point)
+                ):
                     raise MergeError(
                         f"mixed dtypes: {name} is {str(a).replace('torch.', '')} in {self._label(ref)} but "
                         f"{str(b).replace('torch.', '')} in {self._label(ck)}; set 'dtype: float32' (or bfloat16) in the config"
@@ -104,7 +118,9 @@ class _Prepared:
                 present = [name in s for s in self.stats]
                 if any(present) and not all(present):
                     lacking = self.entries[present.index(False)].label
-                    raise MergeError(f"statistics for {name} exist for some models but not for {lacking}; collect them on every model")
+                    raise MergeError(
+                        f"statistics for {name} exist for some models but not for {lacking}; collect them on every model"
+                    )
 
     def out_dtype_of(self, name: str) -> torch.dtype:
         stored = self.reference.dtype(name)
@@ -115,7 +131,11 @@ class _Prepared:
     def params_for(self, name: str) -> dict[str, Any]:
         t = layer_position(name, self.n_layers)
         shared = resolve_all(self.config.parameters, name, t)
-        if self.config.seed is not None and "seed" in self.method.shared_params and "seed" not in shared:
+        if (
+            self.config.seed is not None
+            and "seed" in self.method.shared_params
+            and "seed" not in shared
+        ):
             shared["seed"] = self.config.seed
         per_model = [resolve_all(e.parameters, name, t) for e in self.entries]
         return self.method.resolve(per_model, shared, f"tensor {name}: ")
@@ -144,15 +164,21 @@ def merge_checkpoints(
     from ..io.outdir import check_replace, staging_dir
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise MergeError(f"output {out} exists; pass overwrite=True (--overwrite) or choose another directory")
+        raise MergeError(
+            f"output {out} exists; pass overwrite=True (--overwrite) or choose another directory"
+        )
     # never an input, the current or home directory, or a directory deltatune did not write
     check_replace(out, overwrite, [config.base, *(m.path for m in config.models)])
     start, rss_before = time.perf_counter(), rss_mb()
     prep = plan_merge(config)
     try:
-        tmp = staging_dir(out)  # beside out ("." or ".." resolved); clears what a killed merge left there
+        tmp = staging_dir(
+            out
+        )  # beside out ("." or ".." resolved); clears what a killed merge left there
     except OSError as exc:
-        raise MergeError(f"cannot create the output directory {out} ({exc.strerror or exc}); choose a writable path") from None
+        raise MergeError(
+            f"cannot create the output directory {out} ({exc.strerror or exc}); choose a writable path"
+        ) from None
     plan = [(n, prep.reference.shape(n), prep.out_dtype_of(n)) for n in prep.names]
     writer = ShardWriter(tmp, plan, max_shard_bytes)
     try:
@@ -198,12 +224,18 @@ def _merge_one(prep: _Prepared, name: str, sink: ShardWriter) -> None:
 def _copy_exact(prep: _Prepared, name: str, sink: ShardWriter) -> None:
     """Integer tensors (token ids, position ids) are not merged: they must agree, and are copied."""
     ref = prep.reference.source(name)
-    others = [c.source(name) for c in [prep.base, *prep.models] if c is not None and c is not prep.reference]
+    others = [
+        c.source(name)
+        for c in [prep.base, *prep.models]
+        if c is not None and c is not prep.reference
+    ]
     for a, b in row_ranges(ref.shape):
         rows = ref.rows(a, b)
         for o in others:
             if not torch.equal(rows, o.rows(a, b)):
-                raise MergeError(f"integer tensor {name} differs between {prep.reference.path} and {o.ckpt.path}; they are not one architecture")
+                raise MergeError(
+                    f"integer tensor {name} differs between {prep.reference.path} and {o.ckpt.path}; they are not one architecture"
+                )
         sink.write(rows)
 
 

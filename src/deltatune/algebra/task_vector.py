@@ -34,7 +34,9 @@ class TaskVector(Mapping):
         self._entries: dict[str, Entry] = dict(entries or {})
         for name, value in self._entries.items():
             if not isinstance(value, (torch.Tensor, LowRank)):
-                raise MergeError(f"task vector entry {name!r} must be a tensor or LowRank, got {type(value).__name__}")
+                raise MergeError(
+                    f"task vector entry {name!r} must be a tensor or LowRank, got {type(value).__name__}"
+                )
 
     # -- mapping ------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> Entry:
@@ -48,7 +50,9 @@ class TaskVector(Mapping):
 
     def __repr__(self) -> str:
         factored = sum(isinstance(v, LowRank) for v in self._entries.values())
-        return f"TaskVector({len(self)} tensors, {factored} factored, {self.numel():,} stored numbers)"
+        return (
+            f"TaskVector({len(self)} tensors, {factored} factored, {self.numel():,} stored numbers)"
+        )
 
     def numel(self) -> int:
         return sum(v.numel() for v in self._entries.values())
@@ -59,11 +63,15 @@ class TaskVector(Mapping):
 
     def dense(self) -> "TaskVector":
         """Every factored entry expanded to its dense ΔW."""
-        return TaskVector({k: v.dense() if isinstance(v, LowRank) else v for k, v in self._entries.items()})
+        return TaskVector(
+            {k: v.dense() if isinstance(v, LowRank) else v for k, v in self._entries.items()}
+        )
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
-    def from_state_dicts(cls, base: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor]) -> "TaskVector":
+    def from_state_dicts(
+        cls, base: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor]
+    ) -> "TaskVector":
         """θ_ft − θ_base for every floating tensor both hold (shapes must agree)."""
         out = {}
         for name, t in finetuned.items():
@@ -71,28 +79,38 @@ class TaskVector(Mapping):
                 continue
             b = base[name]
             if b.shape != t.shape:
-                raise MergeError(f"{name} is {tuple(b.shape)} in the base but {tuple(t.shape)} in the fine-tuned model; use the model it was fine-tuned from")
+                raise MergeError(
+                    f"{name} is {tuple(b.shape)} in the base but {tuple(t.shape)} in the fine-tuned model; use the model it was fine-tuned from"
+                )
             diff = t.detach().float() - b.detach().float()
             if not bool(torch.isfinite(diff).all()):
                 raise MergeError(f"{name} holds NaN or inf values; the checkpoint is corrupt")
             out[name] = diff
         if not out:
-            raise MergeError("the base and fine-tuned weights share no floating tensor name; pass matching state dicts")
+            raise MergeError(
+                "the base and fine-tuned weights share no floating tensor name; pass matching state dicts"
+            )
         return cls(out)
 
     @classmethod
-    def from_checkpoints(cls, base: str | os.PathLike, finetuned: str | os.PathLike) -> "TaskVector":
+    def from_checkpoints(
+        cls, base: str | os.PathLike, finetuned: str | os.PathLike
+    ) -> "TaskVector":
         """From two safetensors checkpoints (a file, or a directory of shards), read one tensor at a time."""
         from .checkpoint import Checkpoint
 
         b, f = Checkpoint(base), Checkpoint(finetuned)
         missing = sorted(set(b.names()) ^ set(f.names()))
         if missing:
-            raise MergeError(f"{missing[0]!r} is in only one of {base} and {finetuned}; they are not the same architecture")
+            raise MergeError(
+                f"{missing[0]!r} is in only one of {base} and {finetuned}; they are not the same architecture"
+            )
         out = {}
         for name in b.names():
             if b.dtype(name).is_floating_point:
-                out.update(cls.from_state_dicts({name: b.load(name)}, {name: f.load(name)})._entries)
+                out.update(
+                    cls.from_state_dicts({name: b.load(name)}, {name: f.load(name)})._entries
+                )
         return cls(out)
 
     @classmethod
@@ -101,7 +119,9 @@ class TaskVector(Mapping):
         return cls.from_state_dicts(base, {n: p for n, p in model.named_parameters()})
 
     @classmethod
-    def from_adapter(cls, model: nn.Module, name: str, *, factored: bool = False, copies: bool = True) -> "TaskVector":
+    def from_adapter(
+        cls, model: nn.Module, name: str, *, factored: bool = False, copies: bool = True
+    ) -> "TaskVector":
         """ΔW of attached delta ``name`` for every module it changes, plus (``copies``) the change of
         its trainable module copies (e.g. a new head) relative to the originals.
 
@@ -127,13 +147,21 @@ class TaskVector(Mapping):
                 low = _lowrank_of(delta, host) if factored else None
                 changes = delta.delta_weight(host)
                 for pname, change in changes.items():
-                    out[prefix + pname] = low if (pname == "weight" and low is not None) else change.detach().float().clone()
+                    out[prefix + pname] = (
+                        low
+                        if (pname == "weight" and low is not None)
+                        else change.detach().float().clone()
+                    )
         if not out:
-            raise MergeError(f"no delta named {name!r} is attached to this model; attach or load it first")
+            raise MergeError(
+                f"no delta named {name!r} is attached to this model; attach or load it first"
+            )
         return cls(out)
 
     @classmethod
-    def from_adapter_dir(cls, model: nn.Module, path: str | os.PathLike, *, factored: bool = False) -> "TaskVector":
+    def from_adapter_dir(
+        cls, model: nn.Module, path: str | os.PathLike, *, factored: bool = False
+    ) -> "TaskVector":
         """Load a saved adapter (deltatune or peft layout) onto ``model`` briefly and take its ΔW;
         the model is left as it was."""
         from ..core.model import detach
@@ -166,7 +194,12 @@ class TaskVector(Mapping):
     def __mul__(self, factor: float) -> "TaskVector":
         if not isinstance(factor, (int, float)) or isinstance(factor, bool):
             return NotImplemented
-        return TaskVector({k: v.scaled(factor) if isinstance(v, LowRank) else v * factor for k, v in self._entries.items()})
+        return TaskVector(
+            {
+                k: v.scaled(factor) if isinstance(v, LowRank) else v * factor
+                for k, v in self._entries.items()
+            }
+        )
 
     __rmul__ = __mul__
 
@@ -175,11 +208,20 @@ class TaskVector(Mapping):
 
     def norm(self) -> float:
         """Frobenius norm over all entries."""
-        return math.sqrt(sum(float((v.dense() if isinstance(v, LowRank) else v).double().pow(2).sum()) for v in self._entries.values()))
+        return math.sqrt(
+            sum(
+                float((v.dense() if isinstance(v, LowRank) else v).double().pow(2).sum())
+                for v in self._entries.values()
+            )
+        )
 
     def cosine(self, other: "TaskVector") -> float:
         """Cosine similarity with another task vector (entries missing on one side count as zero)."""
-        dot = sum(float((_dense(v).double() * _dense(other[k]).double()).sum()) for k, v in self.items() if k in other)
+        dot = sum(
+            float((_dense(v).double() * _dense(other[k]).double()).sum())
+            for k, v in self.items()
+            if k in other
+        )
         denom = self.norm() * other.norm()
         return dot / denom if denom > 0 else 0.0
 
@@ -193,7 +235,9 @@ class TaskVector(Mapping):
                 u, s, vh = torch.linalg.svd(v.double(), full_matrices=False)
                 r = min(rank, s.numel())
                 root = s[:r].sqrt()
-                out[k] = LowRank((root[:, None] * vh[:r]).to(v.dtype), (u[:, :r] * root).to(v.dtype))
+                out[k] = LowRank(
+                    (root[:, None] * vh[:r]).to(v.dtype), (u[:, :r] * root).to(v.dtype)
+                )
             else:
                 out[k] = v
         return TaskVector(out)
@@ -211,7 +255,9 @@ class TaskVector(Mapping):
         out = dict(target)
         for name, v in self._entries.items():
             if name not in out:
-                raise MergeError(f"the state dict has no {name!r}; apply the task vector to the model it came from")
+                raise MergeError(
+                    f"the state dict has no {name!r}; apply the task vector to the model it came from"
+                )
             t = out[name]
             out[name] = (t.float() + _dense(v).view(t.shape) * scale).to(t.dtype)
         return out
@@ -229,7 +275,11 @@ class TaskVector(Mapping):
                 factors[k] = {"scale": v.scale, "transposed": v.transposed}
             else:
                 tensors[k] = v
-        save_tensors(path, tensors, metadata={"format": FORMAT, "version": "1", "factored": json.dumps(factors)})
+        save_tensors(
+            path,
+            tensors,
+            metadata={"format": FORMAT, "version": "1", "factored": json.dumps(factors)},
+        )
         return Path(path)
 
     @classmethod
@@ -242,11 +292,18 @@ class TaskVector(Mapping):
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
         if meta.get("format") != FORMAT:
-            raise MergeError(f"{path} is not a deltatune task vector file (format={meta.get('format')!r}); save one with TaskVector.save")
+            raise MergeError(
+                f"{path} is not a deltatune task vector file (format={meta.get('format')!r}); save one with TaskVector.save"
+            )
         factors = json.loads(meta.get("factored", "{}"))
         out: dict[str, Entry] = {}
         for k, info in factors.items():
-            out[k] = LowRank(tensors.pop(f"{k}::A"), tensors.pop(f"{k}::B"), float(info["scale"]), bool(info["transposed"]))
+            out[k] = LowRank(
+                tensors.pop(f"{k}::A"),
+                tensors.pop(f"{k}::B"),
+                float(info["scale"]),
+                bool(info["transposed"]),
+            )
         for k, v in tensors.items():
             if v.is_floating_point() and not bool(torch.isfinite(v).all()):
                 raise MergeError(f"{path}: entry {k} holds NaN or inf values; the file is corrupt")
@@ -271,7 +328,10 @@ def _lowrank_of(delta: Any, host: Any) -> LowRank | None:
     terms = delta.factors(host)
     if not terms:
         return None
-    lows = [LowRank(t.A.float().clone(), t.B.float().clone(), float(t.scale), t.transposed) for t in terms]
+    lows = [
+        LowRank(t.A.float().clone(), t.B.float().clone(), float(t.scale), t.transposed)
+        for t in terms
+    ]
     return lows[0] if len(lows) == 1 else concat_lora(lows)
 
 
@@ -285,17 +345,25 @@ def _base_param(model: nn.Module, name: str) -> torch.Tensor:
             module = module.base
         module = getattr(module, part, None)
         if module is None:
-            raise MergeError(f"the model has no parameter {name!r}; apply the task vector to the model it came from")
+            raise MergeError(
+                f"the model has no parameter {name!r}; apply the task vector to the model it came from"
+            )
     if isinstance(module, Host):
         module = module.base
     p = getattr(module, pname, None)
     if not isinstance(p, torch.Tensor):
-        raise MergeError(f"the model has no parameter {name!r}; apply the task vector to the model it came from")
+        raise MergeError(
+            f"the model has no parameter {name!r}; apply the task vector to the model it came from"
+        )
     return p
 
 
 def merge_task_vectors(
-    vectors: Sequence[TaskVector], method: str = "task_arithmetic", *, rank: int | None = None, **params: Any
+    vectors: Sequence[TaskVector],
+    method: str = "task_arithmetic",
+    *,
+    rank: int | None = None,
+    **params: Any,
 ) -> TaskVector:
     """Merge task vectors with a registered method (the base is zero: every method sees θ_k = τ_k),
     or with ``"lora_concat"`` (exact, rank adds up) / ``"lora_svd"`` (re-factored to ``rank``) on
@@ -308,21 +376,30 @@ def merge_task_vectors(
     if method in ("lora_concat", "lora_svd"):
         weights = _per_model(params.pop("weight", 1.0), k, "weight")
         if params:
-            raise MergeError(f"{method} takes weight (and rank for lora_svd); unexpected {sorted(params)[0]!r}")
+            raise MergeError(
+                f"{method} takes weight (and rank for lora_svd); unexpected {sorted(params)[0]!r}"
+            )
         if method == "lora_svd" and rank is None:
             raise MergeError("lora_svd needs rank=...: the rank of the merged LoRA")
         out: dict[str, Entry] = {}
         for key in keys:
             items = [(v[key], w) for v, w in zip(vectors, weights) if key in v]
             if not all(isinstance(e, LowRank) for e, _ in items):
-                raise MergeError(f"{key} is not factored in every task vector; build them with factored=True or use a dense method")
+                raise MergeError(
+                    f"{key} is not factored in every task vector; build them with factored=True or use a dense method"
+                )
             facs, ws = [e for e, _ in items], [w for _, w in items]
-            out[key] = concat_lora(facs, ws) if method == "lora_concat" else svd_lora(facs, rank, ws)
+            out[key] = (
+                concat_lora(facs, ws) if method == "lora_concat" else svd_lora(facs, rank, ws)
+            )
         return TaskVector(out)
     from .registry import get_method
 
     spec = get_method(method)
-    per_model = [{p: _per_model(params[p], k, p)[i] for p in spec.model_params if p in params} for i in range(k)]
+    per_model = [
+        {p: _per_model(params[p], k, p)[i] for p in spec.model_params if p in params}
+        for i in range(k)
+    ]
     shared = {p: v for p, v in params.items() if p not in spec.model_params}
     kwargs = spec.resolve(per_model, shared)
     out = {}
@@ -339,6 +416,8 @@ def merge_task_vectors(
 def _per_model(value: Any, k: int, name: str) -> list[Any]:
     if isinstance(value, (list, tuple)):
         if len(value) != k:
-            raise MergeError(f"{name} has {len(value)} values for {k} task vectors; give one per vector or a single value")
+            raise MergeError(
+                f"{name} has {len(value)} values for {k} task vectors; give one per vector or a single value"
+            )
         return list(value)
     return [value] * k

@@ -61,7 +61,9 @@ def row_ranges(shape: Sequence[int], chunk: int | None = None) -> Iterator[tuple
         yield start, min(rows, start + step)
 
 
-def read_rows(x: TensorLike, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+def read_rows(
+    x: TensorLike, start: int, stop: int, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Rows ``start:stop`` of a tensor or source, as ``dtype`` (no copy when nothing changes)."""
     if isinstance(x, torch.Tensor):
         part = (x.reshape(1) if x.dim() == 0 else x)[start:stop]
@@ -109,7 +111,9 @@ def map_rows(
     return result
 
 
-def reduce_rows(shape: Sequence[int], fn: Callable[[int, int], torch.Tensor], chunk: int | None = None) -> torch.Tensor:
+def reduce_rows(
+    shape: Sequence[int], fn: Callable[[int, int], torch.Tensor], chunk: int | None = None
+) -> torch.Tensor:
     """Sum of ``fn(start, stop)`` over the row blocks (float64 accumulation)."""
     total: torch.Tensor | None = None
     for start, stop in row_ranges(shape, chunk):
@@ -119,7 +123,12 @@ def reduce_rows(shape: Sequence[int], fn: Callable[[int, int], torch.Tensor], ch
     return total
 
 
-def kth_largest(shape: Sequence[int], values: Callable[[int, int], torch.Tensor], k: int, chunk: int | None = None) -> float:
+def kth_largest(
+    shape: Sequence[int],
+    values: Callable[[int, int], torch.Tensor],
+    k: int,
+    chunk: int | None = None,
+) -> float:
     """The ``k``-th largest of non-negative ``values`` (1-based), read in row blocks.
 
     One block: ``torch.kthvalue``. Several: a few evenly spaced blocks give a sample whose quantiles
@@ -139,14 +148,22 @@ def kth_largest(shape: Sequence[int], values: Callable[[int, int], torch.Tensor]
     return found if found is not None else _radix(blocks, values, k)
 
 
-def _bracketed(blocks: list[tuple[int, int]], values: Callable[[int, int], torch.Tensor], k: int, total: int) -> float | None:
+def _bracketed(
+    blocks: list[tuple[int, int]], values: Callable[[int, int], torch.Tensor], k: int, total: int
+) -> float | None:
     step = max(1, len(blocks) // 4)
-    sample = torch.cat([values(*b).reshape(-1)[::4].float().clone() for b in blocks[step // 2 :: step]])
+    sample = torch.cat(
+        [values(*b).reshape(-1)[::4].float().clone() for b in blocks[step // 2 :: step]]
+    )
     n = sample.numel()
     q = 1.0 - k / total  # the answer's quantile from the bottom
     margin = 0.01 + 4.0 * (q * (1 - q) / n) ** 0.5
     lo = float(torch.kthvalue(sample, int((q - margin) * n) + 1).values) if q - margin > 0 else 0.0
-    hi = float(torch.kthvalue(sample, min(n, int((q + margin) * n) + 1)).values) if q + margin < 1 else float("inf")
+    hi = (
+        float(torch.kthvalue(sample, min(n, int((q + margin) * n) + 1)).values)
+        if q + margin < 1
+        else float("inf")
+    )
     del sample
     above, kept = 0, []
     for start, stop in blocks:
@@ -160,7 +177,9 @@ def _bracketed(blocks: list[tuple[int, int]], values: Callable[[int, int], torch
     return float(torch.kthvalue(inside, inside.numel() - rank + 1).values)
 
 
-def _radix(blocks: list[tuple[int, int]], values: Callable[[int, int], torch.Tensor], k: int) -> float:
+def _radix(
+    blocks: list[tuple[int, int]], values: Callable[[int, int], torch.Tensor], k: int
+) -> float:
     """Exact select by 16-bit histograms of the float32 bit patterns (two passes)."""
 
     def bits(start: int, stop: int) -> torch.Tensor:

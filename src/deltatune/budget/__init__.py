@@ -18,5 +18,17 @@ from .sensitivity import (
            parse_budget,
 )
 
-__all__ = ["AdaLoRASchedule", "Allocation", "BudgetError", "IncreLoRASchedule", "Row", "allocate_sensitivity",
-           "allocation_of", "candidate_paths", "final_ranks", "orthogonality_penalty", "parse_budget", "to_lora"]
+__all__ = [
+    "AdaLoRASchedule",
+    "Allocation",
+    "BudgetError",
+    "IncreLoRASchedule",
+    "Row",
+    "allocate_sensitivity",
+    "allocation_of",
+    "candidate_paths",
+    "final_ranks",
+    "orthogonality_penalty",
+    "parse_budget",
+    "to_lora",
+]

@@ -24,12 +24,19 @@ def final_ranks(model: nn.Module, name: str = "default") -> dict[str, int]:
     return {p: d.rank for p, d in svd_deltas(model, name).items()}
 
 
-def allocation_of(model: nn.Module, name: str = "default", scores: Mapping[str, torch.Tensor] | None = None,
-                  budget: int | None = None) -> Allocation:
+def allocation_of(
+    model: nn.Module,
+    name: str = "default",
+    scores: Mapping[str, torch.Tensor] | None = None,
+    budget: int | None = None,
+) -> Allocation:
     """An :class:`Allocation` (one row per module, LoRA ranks) from a trained AdaLoRA/IncreLoRA delta:
     printable with ``lines()`` and re-attachable as a plain LoRA with ``attach()``."""
     deltas = svd_deltas(model, name)
-    kept = {p: float(scores[p][d.rank_mask].sum()) if scores and p in scores else float(d.rank) for p, d in deltas.items()}
+    kept = {
+        p: float(scores[p][d.rank_mask].sum()) if scores and p in scores else float(d.rank)
+        for p, d in deltas.items()
+    }
     total = sum(kept.values()) or 1.0
     rows = []
     for p, d in deltas.items():
@@ -56,9 +63,19 @@ def to_lora(model: nn.Module, name: str = "default", lora_name: str | None = Non
     lora_name = lora_name or f"{name}-lora"
     spec = get_spec(model, name)
     top = max(ranks.values())
-    attach(model, LoRA(r=top, alpha=float(top), targets=tuple(ranks), rank_pattern=ranks,
-                       alpha_pattern={p: float(r) for p, r in ranks.items()}, trainable_modules=spec.trainable_modules),
-           lora_name, activate=False)
+    attach(
+        model,
+        LoRA(
+            r=top,
+            alpha=float(top),
+            targets=tuple(ranks),
+            rank_pattern=ranks,
+            alpha_pattern={p: float(r) for p, r in ranks.items()},
+            trainable_modules=spec.trainable_modules,
+        ),
+        lora_name,
+        activate=False,
+    )
     new, new_copies = parts_of(model, lora_name)
     for p in ranks:
         d, keep = deltas[p], deltas[p].rank_mask

@@ -46,8 +46,12 @@ class SearchSpace:
     adalora_target_ranks: tuple[int, ...] = (2, 4, 8)  # init_r = 1.5 × target
     bottleneck_factors: tuple[float, ...] = (8.0, 16.0, 32.0, 64.0)
     bottleneck_styles: tuple[str, ...] = ("pfeiffer", "houlsby")
-    custom_targets: tuple[str, ...] = ()  # name suffixes: adds (and only searches) position "custom"
-    lr: dict[str, float] = field(default_factory=lambda: {"lora": 5e-4, "adalora": 1e-3, "ia3": 3e-3, "bottleneck": 5e-4})
+    custom_targets: tuple[
+        str, ...
+    ] = ()  # name suffixes: adds (and only searches) position "custom"
+    lr: dict[str, float] = field(
+        default_factory=lambda: {"lora": 5e-4, "adalora": 1e-3, "ia3": 3e-3, "bottleneck": 5e-4}
+    )
 
 
 @dataclass(frozen=True)
@@ -71,23 +75,54 @@ def _grid(space: SearchSpace) -> list[tuple[str, str, dict[str, Any]]]:
     unknown = [p for p in positions if p != "custom" and p not in POSITIONS]
     if unknown:
         raise BudgetError(f"unknown position {unknown[0]!r}; choose from {', '.join(POSITIONS)}")
-    where = {p: ({"targets": tuple(space.custom_targets)} if p == "custom" else {"target_regex": POSITIONS[p]}) for p in positions}
+    where = {
+        p: (
+            {"targets": tuple(space.custom_targets)}
+            if p == "custom"
+            else {"target_regex": POSITIONS[p]}
+        )
+        for p in positions
+    }
     out = []
     for method in space.methods:
         if method == "lora":
-            out += [(f"lora r={r} alpha={s * r:g} @{p}", "lora", {"r": r, "alpha": s * r, **where[p]})
-                    for p in positions for r in space.lora_ranks for s in space.lora_scales]
+            out += [
+                (f"lora r={r} alpha={s * r:g} @{p}", "lora", {"r": r, "alpha": s * r, **where[p]})
+                for p in positions
+                for r in space.lora_ranks
+                for s in space.lora_scales
+            ]
         elif method == "adalora":
-            out += [(f"adalora target_r={t} init_r={(3 * t + 1) // 2} @{p}", "adalora",
-                     {"target_r": t, "init_r": (3 * t + 1) // 2, "alpha": float((3 * t + 1) // 2), **where[p]})
-                    for p in positions for t in space.adalora_target_ranks]
+            out += [
+                (
+                    f"adalora target_r={t} init_r={(3 * t + 1) // 2} @{p}",
+                    "adalora",
+                    {
+                        "target_r": t,
+                        "init_r": (3 * t + 1) // 2,
+                        "alpha": float((3 * t + 1) // 2),
+                        **where[p],
+                    },
+                )
+                for p in positions
+                for t in space.adalora_target_ranks
+            ]
         elif method == "ia3":
             out.append(("ia3 @key,value,ffn-out", "ia3", {}))  # (IA)³ has one natural position
         elif method == "bottleneck":
-            out += [(f"bottleneck {st} factor={f:g}", "bottleneck", {"style": st, "reduction_factor": f})
-                    for st in space.bottleneck_styles for f in space.bottleneck_factors]
+            out += [
+                (
+                    f"bottleneck {st} factor={f:g}",
+                    "bottleneck",
+                    {"style": st, "reduction_factor": f},
+                )
+                for st in space.bottleneck_styles
+                for f in space.bottleneck_factors
+            ]
         else:
-            raise BudgetError(f"method {method!r} is not searchable; choose from lora, adalora, ia3, bottleneck")
+            raise BudgetError(
+                f"method {method!r} is not searchable; choose from lora, adalora, ia3, bottleneck"
+            )
     return out
 
 
@@ -101,22 +136,31 @@ def delta_parameters(model: nn.Module, name: str) -> int:
                if isinstance(host, DeltaHost) and name in host.delta_names())
 
 
-def candidates(model: nn.Module, space: SearchSpace, budget: int, head: tuple[str, ...] = ()) -> list[Candidate]:
+def candidates(
+    model: nn.Module, space: SearchSpace, budget: int, head: tuple[str, ...] = ()
+) -> list[Candidate]:
     """Every point of ``space`` that fits ``budget`` on ``model`` (parameters counted by attaching it);
     ``head``: modules that are not delta positions (a new classifier)."""
     from ..core.errors import SpecError, TargetError
     from ..core.model import attach, detach
     from .sensitivity import candidate_paths
 
-    linear = [p for p in candidate_paths(model, space.custom_targets or None)  # unknown targets: one-line error
-              if not any(p == h or p.startswith(h + ".") for h in head)]
+    linear = [
+        p
+        for p in candidate_paths(
+            model, space.custom_targets or None
+        )  # unknown targets: one-line error
+        if not any(p == h or p.startswith(h + ".") for h in head)
+    ]
     if not linear:
         raise BudgetError("the search space's positions hold no Linear layer outside the head")
     shapes = dict(model.named_modules())
     smallest = min(sum(shapes[p].weight.shape) for p in linear)
     if budget < smallest:
-        raise BudgetError(f"budget of {budget:,} parameters is smaller than one rank-1 delta here ({smallest:,}); "
-                          "give a larger budget")
+        raise BudgetError(
+            f"budget of {budget:,} parameters is smaller than one rank-1 delta here ({smallest:,}); "
+            "give a larger budget"
+        )
     fits, over = [], []
     for key, method, options in _grid(space):
         cand = Candidate(key, method, options, 0)
@@ -131,11 +175,15 @@ def candidates(model: nn.Module, space: SearchSpace, budget: int, head: tuple[st
         (fits if n <= budget else over).append(Candidate(key, method, options, n))
     if not fits:
         if not over:
-            raise BudgetError("no configuration of the search space can be built on this model (every position "
-                              "matches nothing); check --positions / --targets")
+            raise BudgetError(
+                "no configuration of the search space can be built on this model (every position "
+                "matches nothing); check --positions / --targets"
+            )
         least = min(over, key=lambda c: c.params)
-        raise BudgetError(f"no configuration of the search space fits the budget of {budget:,} parameters (the smallest, "
-                          f"{least.key}, needs {least.params:,}); raise the budget or add smaller options")
+        raise BudgetError(
+            f"no configuration of the search space fits the budget of {budget:,} parameters (the smallest, "
+            f"{least.key}, needs {least.params:,}); raise the budget or add smaller options"
+        )
     return fits
 
 
@@ -194,16 +242,26 @@ class Study:
         if resume and record.is_file():
             differs = setup.same_run(json.loads(record.read_text()))
             if differs:
-                raise BudgetError(f"--resume: {out} holds a search with a different {differs}; use another --out or the same options")
+                raise BudgetError(
+                    f"--resume: {out} holds a search with a different {differs}; use another --out or the same options"
+                )
         write_json(record, asdict(setup))
         self.setup, self.out, self.by_key = setup, out, {c.key: c for c in cands}
         self.State = optuna.trial.TrialState
         sampler = optuna.samplers.TPESampler(seed=setup.seed, n_startup_trials=min(10, len(cands)))
-        self.study = optuna.create_study(study_name="deltatune-search", storage=f"sqlite:///{out / 'study.db'}",
-                                         directions=["maximize", "minimize"], sampler=sampler, load_if_exists=True)
+        self.study = optuna.create_study(
+            study_name="deltatune-search",
+            storage=f"sqlite:///{out / 'study.db'}",
+            directions=["maximize", "minimize"],
+            sampler=sampler,
+            load_if_exists=True,
+        )
         for t in self.study.get_trials(deepcopy=False, states=[self.State.RUNNING]):
             self.study.tell(t.number, state=self.State.FAIL)
-        self.seen = {t.params["config"] for t in self.study.get_trials(deepcopy=False, states=[self.State.COMPLETE])}
+        self.seen = {
+            t.params["config"]
+            for t in self.study.get_trials(deepcopy=False, states=[self.State.COMPLETE])
+        }
         self.pending: dict[int, Any] = {}  # trial number -> optuna trial, asked and not yet told
         self.rng = random.Random(setup.seed + len(self.study.trials))
         self.target = min(setup.trials, len(cands))
@@ -228,7 +286,13 @@ class Study:
             self.study.tell(trial, state=self.State.PRUNED)
             repeats += 1
             if repeats >= 3:
-                self.study.enqueue_trial({"config": self.rng.choice([k for k in self.setup.keys if k not in self._busy()])})
+                self.study.enqueue_trial(
+                    {
+                        "config": self.rng.choice(
+                            [k for k in self.setup.keys if k not in self._busy()]
+                        )
+                    }
+                )
                 repeats = 0
 
     def _busy(self) -> set[str]:
@@ -251,9 +315,17 @@ class Study:
         return summarise(self.study, self.setup, self.out)
 
 
-def run_search(setup: SearchSetup, cands: list[Candidate], train_trial: TrialFn, out: Path, *, resume: bool = False,
-               backend: Literal["optuna", "ray"] = "optuna", workers: int = 2,
-               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_search(
+    setup: SearchSetup,
+    cands: list[Candidate],
+    train_trial: TrialFn,
+    out: Path,
+    *,
+    resume: bool = False,
+    backend: Literal["optuna", "ray"] = "optuna",
+    workers: int = 2,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Run (or continue) the study until ``setup.trials`` distinct configurations are trained (or the
     whole grid, if smaller); return the summary.
 
@@ -281,7 +353,9 @@ def run_search(setup: SearchSetup, cands: list[Candidate], train_trial: TrialFn,
             raise
         study.complete(number, metrics)
         if progress:
-            progress(f"trial {number}: {cand.key}: val accuracy {metrics['val_accuracy']:.4f}, {cand.params:,} parameters")
+            progress(
+                f"trial {number}: {cand.key}: val accuracy {metrics['val_accuracy']:.4f}, {cand.params:,} parameters"
+            )
     return study.summary()
 
 
@@ -298,24 +372,52 @@ def text_trainer(setup: SearchSetup, space: SearchSpace) -> TrialFn:
     from ..train import TrainConfig, evaluate, fit
     from .adalora import final_ranks
 
-    splits = {s: load_data(setup.data, s, seed=setup.seed, limit=setup.limit) for s in ("train", "val", "test")}
+    splits = {
+        s: load_data(setup.data, s, seed=setup.seed, limit=setup.limit)
+        for s in ("train", "val", "test")
+    }
     labels = list(getattr(splits["train"], "label_names", []) or [])
 
     def train_trial(cand: Candidate, trial_dir: Path) -> dict[str, Any]:
-        torch.manual_seed(setup.seed)  # the new head's init must not depend on what ran before this trial
+        torch.manual_seed(
+            setup.seed
+        )  # the new head's init must not depend on what ran before this trial
         entry = load_model(setup.model, num_labels=len(labels) or None)
         attach(entry.model, cand.spec(tuple(entry.head)), "default")
-        cfg = TrainConfig(max_steps=setup.max_steps, batch_size=setup.batch_size, lr=space.lr.get(cand.method, 5e-4),
-                          seed=setup.seed, progress=False)
-        result = fit(entry.model, splits["train"], entry.collate, cfg, eval_data=splits["val"], out_dir=trial_dir,
-                     task=entry.task, spec_callbacks=True)  # AdaLoRA's schedule
+        cfg = TrainConfig(
+            max_steps=setup.max_steps,
+            batch_size=setup.batch_size,
+            lr=space.lr.get(cand.method, 5e-4),
+            seed=setup.seed,
+            progress=False,
+        )
+        result = fit(
+            entry.model,
+            splits["train"],
+            entry.collate,
+            cfg,
+            eval_data=splits["val"],
+            out_dir=trial_dir,
+            task=entry.task,
+            spec_callbacks=True,
+        )  # AdaLoRA's schedule
         val = result.best.get("accuracy", result.final.get("accuracy", 0.0))
         test = evaluate(entry.model, splits["test"], entry.collate, task=entry.task)
-        metrics = {"key": cand.key, "method": cand.method, "options": cand.options, "params": cand.params,
-                   "val_accuracy": float(val), "test_accuracy": float(test.get("accuracy", 0.0)), "steps": result.steps}
+        metrics = {
+            "key": cand.key,
+            "method": cand.method,
+            "options": cand.options,
+            "params": cand.params,
+            "val_accuracy": float(val),
+            "test_accuracy": float(test.get("accuracy", 0.0)),
+            "steps": result.steps,
+        }
         if cand.method == "adalora":
             metrics["ranks"] = final_ranks(entry.model, "default")
-        write_json(trial_dir / "results.json", {"job": "search-trial", "trial": int(trial_dir.name.split("_")[-1]), **metrics})
+        write_json(
+            trial_dir / "results.json",
+            {"job": "search-trial", "trial": int(trial_dir.name.split("_")[-1]), **metrics},
+        )
         return metrics
 
     return train_trial

@@ -25,7 +25,13 @@ from .search import Candidate, Study, TrialFn
 from .sensitivity import BudgetError
 
 
-def _trainable(config: dict[str, Any], train_trial: TrialFn, cands: dict[str, Candidate], out: str, threads: int) -> None:
+def _trainable(
+    config: dict[str, Any],
+    train_trial: TrialFn,
+    cands: dict[str, Candidate],
+    out: str,
+    threads: int,
+) -> None:
     """One trial in a Ray worker: train the proposed candidate in ``OUT/trial_N`` and report its metrics."""
     import torch
     from ray import tune
@@ -59,7 +65,9 @@ def _searcher(study: Study, progress: Callable[[str], None] | None) -> Any:
             self.numbers[trial_id] = number
             return {"config": cand.key, "number": number}
 
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        def on_trial_complete(
+            self, trial_id: str, result: dict | None = None, error: bool = False
+        ) -> None:
             number = self.numbers.pop(trial_id, None)
             if number is None:
                 return
@@ -70,8 +78,10 @@ def _searcher(study: Study, progress: Callable[[str], None] | None) -> Any:
             metrics = json.loads(result["deltatune_metrics"])
             study.complete(number, metrics)
             if progress:
-                progress(f"trial {number}: {metrics.get('key', '?')}: val accuracy {metrics['val_accuracy']:.4f}, "
-                         f"{int(result['params']):,} parameters")
+                progress(
+                    f"trial {number}: {metrics.get('key', '?')}: val accuracy {metrics['val_accuracy']:.4f}, "
+                    f"{int(result['params']):,} parameters"
+                )
 
         # The study is its own checkpoint (study.db): nothing for Ray to save or restore.
         def save(self, checkpoint_path: str) -> None:
@@ -83,7 +93,13 @@ def _searcher(study: Study, progress: Callable[[str], None] | None) -> Any:
     return StudySearcher()
 
 
-def run_ray(study: Study, train_trial: TrialFn, *, workers: int = 2, progress: Callable[[str], None] | None = None) -> None:
+def run_ray(
+    study: Study,
+    train_trial: TrialFn,
+    *,
+    workers: int = 2,
+    progress: Callable[[str], None] | None = None,
+) -> None:
     """Run the rest of ``study`` with Ray Tune, ``workers`` trials at a time on this machine.
 
     Starts a local Ray instance (and shuts it down) unless one is already running in this process;
@@ -95,24 +111,40 @@ def run_ray(study: Study, train_trial: TrialFn, *, workers: int = 2, progress: C
     if study.done():
         return
     cpus = max(workers, os.cpu_count() or 1)
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's older reporter honours verbose=0 (no tables)
+    os.environ.setdefault(
+        "RAY_AIR_NEW_OUTPUT", "0"
+    )  # Tune's older reporter honours verbose=0 (no tables)
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(
+            num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False
+        )
     try:
         per_trial = max(1, int(ray.cluster_resources().get("CPU", cpus)) // workers)
         searcher = _searcher(study, progress)
         trainable = tune.with_resources(
-            tune.with_parameters(_trainable, train_trial=train_trial, cands=dict(study.by_key), out=str(study.out),
-                                 threads=per_trial),
-            {"cpu": per_trial})
+            tune.with_parameters(
+                _trainable,
+                train_trial=train_trial,
+                cands=dict(study.by_key),
+                out=str(study.out),
+                threads=per_trial,
+            ),
+            {"cpu": per_trial},
+        )
         tuner = tune.Tuner(
             trainable,
             # one Ray trial per configuration still to train (repeats the sampler proposes never reach Ray)
-            tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=workers),
-                                        num_samples=study.target - len(study.seen)),
-            run_config=tune.RunConfig(name="deltatune-search", storage_path=str(study.out / "ray"), verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=0)),
+            tune_config=tune.TuneConfig(
+                search_alg=ConcurrencyLimiter(searcher, max_concurrent=workers),
+                num_samples=study.target - len(study.seen),
+            ),
+            run_config=tune.RunConfig(
+                name="deltatune-search",
+                storage_path=str(study.out / "ray"),
+                verbose=0,
+                failure_config=tune.FailureConfig(max_failures=0),
+            ),
         )
         grid = tuner.fit()
     finally:
@@ -121,5 +153,7 @@ def run_ray(study: Study, train_trial: TrialFn, *, workers: int = 2, progress: C
     if searcher.failed:
         errors = [r.error for r in grid if r.error is not None]
         first = str(errors[0]).strip().splitlines()[-1] if errors else "see OUT/ray/ for its log"
-        raise BudgetError(f"search trial {searcher.failed[0]} failed in its Ray worker ({first}); fix it and rerun "
-                          "with --resume")
+        raise BudgetError(
+            f"search trial {searcher.failed[0]} failed in its Ray worker ({first}); fix it and rerun "
+            "with --resume"
+        )

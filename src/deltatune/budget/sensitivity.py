@@ -26,11 +26,15 @@ def parse_budget(budget: str | int | float, model: nn.Module) -> int:
     text = str(budget).strip().lower()
     m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(%|k|m)?", text)
     if not m:
-        raise BudgetError(f"budget {budget!r} is not a number of parameters or a percentage; use e.g. 0.5% or 20000")
+        raise BudgetError(
+            f"budget {budget!r} is not a number of parameters or a percentage; use e.g. 0.5% or 20000"
+        )
     value, unit = float(m.group(1)), m.group(2)
     count = value / 100 * total if unit == "%" else value * {"k": 1e3, "m": 1e6}.get(unit or "", 1)
     if count < 1:
-        raise BudgetError(f"budget {budget!r} is less than one parameter of this {total:,}-parameter model")
+        raise BudgetError(
+            f"budget {budget!r} is less than one parameter of this {total:,}-parameter model"
+        )
     return int(count)
 
 
@@ -62,9 +66,13 @@ class Allocation:
         width = max(len(r.path) for r in self.rows)
         out = []
         for r in self.rows:
-            what = (f"LoRA r={r.rank:<3d}" if r.rank else "          ") + (f"  sparse {r.sparse:>7,d}" if r.sparse else "")
-            out.append(f"{r.path:<{width}}  {r.shape[0]:>5d}x{r.shape[1]:<5d} sensitivity {100 * r.score_share:5.1f}%  "
-                       f"{what.rstrip() or '-'}  ({r.params:,} params)")
+            what = (f"LoRA r={r.rank:<3d}" if r.rank else "          ") + (
+                f"  sparse {r.sparse:>7,d}" if r.sparse else ""
+            )
+            out.append(
+                f"{r.path:<{width}}  {r.shape[0]:>5d}x{r.shape[1]:<5d} sensitivity {100 * r.score_share:5.1f}%  "
+                f"{what.rstrip() or '-'}  ({r.params:,} params)"
+            )
         return out
 
     def attach(self, model: nn.Module, name: str = "budget", **lora_options: Any) -> list[str]:
@@ -78,8 +86,17 @@ class Allocation:
         lora = {r.path: r.rank for r in self.rows if r.rank}
         if lora:
             top = max(lora.values())
-            attach(model, LoRA(r=top, alpha=lora_options.pop("alpha", 2 * top), targets=tuple(lora), rank_pattern=lora,
-                               **lora_options), f"{name}-lora")
+            attach(
+                model,
+                LoRA(
+                    r=top,
+                    alpha=lora_options.pop("alpha", 2 * top),
+                    targets=tuple(lora),
+                    rank_pattern=lora,
+                    **lora_options,
+                ),
+                f"{name}-lora",
+            )
             names.append(f"{name}-lora")
         sparse = {r.path: self.masks[r.path] for r in self.rows if r.sparse}
         if sparse:
@@ -97,14 +114,24 @@ def candidate_paths(model: nn.Module, targets: Iterable[str] | None = None) -> l
         if not chosen:
             import difflib
 
-            close = difflib.get_close_matches(targets[0], [p.rpartition(".")[2] for p in paths], n=3)
-            raise BudgetError(f"no Linear layer matches {targets}; closest names: {', '.join(dict.fromkeys(close)) or 'none'}")
+            close = difflib.get_close_matches(
+                targets[0], [p.rpartition(".")[2] for p in paths], n=3
+            )
+            raise BudgetError(
+                f"no Linear layer matches {targets}; closest names: {', '.join(dict.fromkeys(close)) or 'none'}"
+            )
         return chosen
     return paths
 
 
-def allocate_sensitivity(model: nn.Module, batches: Iterable[Any], budget: int,
-                         loss_fn: Callable[[nn.Module, Any], torch.Tensor], *, paths: list[str]) -> Allocation:
+def allocate_sensitivity(
+    model: nn.Module,
+    batches: Iterable[Any],
+    budget: int,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    *,
+    paths: list[str],
+) -> Allocation:
     """Score, choose the ``budget`` most sensitive entries, and split them into LoRA ranks and sparse entries."""
     from ..methods.sparse import fisher_scores
 
@@ -112,8 +139,10 @@ def allocate_sensitivity(model: nn.Module, batches: Iterable[Any], budget: int,
         raise BudgetError("no candidate matrices to allocate over")
     smallest = min(sum(get_module(model, p).weight.shape) for p in paths)
     if budget < smallest:
-        raise BudgetError(f"budget of {budget:,} parameters is smaller than one rank-1 LoRA here ({smallest:,}); "
-                          "give a larger budget")
+        raise BudgetError(
+            f"budget of {budget:,} parameters is smaller than one rank-1 LoRA here ({smallest:,}); "
+            "give a larger budget"
+        )
     scores = fisher_scores(model, batches, loss_fn, paths)
     flat = torch.cat([s.flatten() for s in scores.values()])
     k = min(budget, flat.numel())

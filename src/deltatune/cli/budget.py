@@ -9,8 +9,18 @@ import typer
 from .common import CLIError
 
 
-def run_allocate(model: str, data: str, budget: str, *, method: str = "sensitivity", targets: Optional[str] = None,
-                 batches: int = 8, batch_size: int = 16, seed: int = 0, steps: int = 50):
+def run_allocate(
+    model: str,
+    data: str,
+    budget: str,
+    *,
+    method: str = "sensitivity",
+    targets: Optional[str] = None,
+    batches: int = 8,
+    batch_size: int = 16,
+    seed: int = 0,
+    steps: int = 50,
+):
     """The allocation; every name is checked first. ``sensitivity`` trains nothing; ``adalora`` allocates
     while training, so it runs a short AdaLoRA warm-up (``steps`` optimizer steps on ``batches`` batches)
     and reports its final ranks."""
@@ -29,24 +39,34 @@ def run_allocate(model: str, data: str, budget: str, *, method: str = "sensitivi
     train = load_data(data, "train", seed=seed, limit=batches * batch_size)
     entry = load_model(model, num_labels=len(train.label_names) or None)
     if len(train):
-        entry.collate([train[0]])  # data the model cannot read (text for an image model): one line, now
+        entry.collate(
+            [train[0]]
+        )  # data the model cannot read (text for an image model): one line, now
     count = parse_budget(budget, entry.model)
     head = tuple(entry.head)
     paths = [p for p in candidate_paths(entry.model, targets.split(",") if targets else None)
              if not any(p == h or p.startswith(h + ".") for h in head)]
     if not paths:
-        raise CLIError(f"{model} has no layer to allocate a budget to outside its head {list(head)}; pass --targets "
-                       "naming Linear layers")
+        raise CLIError(
+            f"{model} has no layer to allocate a budget to outside its head {list(head)}; pass --targets "
+            "naming Linear layers"
+        )
     if method == "adalora":
-        return _adalora_warmup(entry, train, count, paths, steps=steps, batch_size=batch_size, seed=seed)
+        return _adalora_warmup(
+            entry, train, count, paths, steps=steps, batch_size=batch_size, seed=seed
+        )
     kind = task_kind(entry.task)
     torch.manual_seed(seed)
-    chunks = [entry.collate(train.examples[i:i + batch_size]) for i in range(0, len(train), batch_size)]
+    chunks = [
+        entry.collate(train.examples[i : i + batch_size]) for i in range(0, len(train), batch_size)
+    ]
     loss = lambda m, b: compute_loss(forward(m, b), labels_of(b, kind), entry.task)
     return allocate_sensitivity(entry.model, chunks, count, loss, paths=paths)
 
 
-def _adalora_warmup(entry, train, budget: int, paths: list[str], *, steps: int, batch_size: int, seed: int):
+def _adalora_warmup(
+    entry, train, budget: int, paths: list[str], *, steps: int, batch_size: int, seed: int
+):
     """AdaLoRA on every candidate for ``steps`` steps, pruned to the budget's average rank; its ranks."""
     import deltatune as dt
 
@@ -55,13 +75,24 @@ def _adalora_warmup(entry, train, budget: int, paths: list[str], *, steps: int, 
     from ..core.host import get_module
     from ..train import TrainConfig, fit
 
-    per_rank = sum(sum(get_module(entry.model, p).weight.shape) + 1 for p in paths)  # one triplet on every module
+    per_rank = sum(
+        sum(get_module(entry.model, p).weight.shape) + 1 for p in paths
+    )  # one triplet on every module
     target = budget // per_rank
     if target < 1:
-        raise BudgetError(f"budget of {budget:,} parameters is smaller than one AdaLoRA triplet on each of the {len(paths)} "
-                          f"candidates ({per_rank:,}); give a larger budget or fewer --targets")
-    spec = dt.AdaLoRA(init_r=target + max(1, target // 2), target_r=target, total_step=steps, tinit=steps // 10,
-                      tfinal=steps // 5, targets=tuple(paths), trainable_modules=tuple(entry.head))
+        raise BudgetError(
+            f"budget of {budget:,} parameters is smaller than one AdaLoRA triplet on each of the {len(paths)} "
+            f"candidates ({per_rank:,}); give a larger budget or fewer --targets"
+        )
+    spec = dt.AdaLoRA(
+        init_r=target + max(1, target // 2),
+        target_r=target,
+        total_step=steps,
+        tinit=steps // 10,
+        tfinal=steps // 5,
+        targets=tuple(paths),
+        trainable_modules=tuple(entry.head),
+    )
     dt.attach(entry.model, spec, "adalora")
     schedule = AdaLoRASchedule("adalora")
     cfg = TrainConfig(max_steps=steps, batch_size=batch_size, lr=1e-3, seed=seed, progress=False,
@@ -73,19 +104,35 @@ def _adalora_warmup(entry, train, budget: int, paths: list[str], *, steps: int, 
 def register(app: typer.Typer) -> None:
     @app.command(
         "allocate",
-        epilog=("Examples:\n\n  deltatune allocate --model minilm --data tweet-sentiment --budget 0.5%\n\n"
-                "  deltatune allocate --model minilm --data bbc-news --budget 50000 --targets query,key,value,dense\n\n"
-                "  deltatune allocate --model minilm --data tweet-sentiment --budget 0.5% --method adalora --steps 100\n\n"
-                "Prints one line per candidate matrix: its share of the sensitivity (adalora: of the kept triplets' "
-                "importance), and the LoRA rank or the number of sparse entries it gets. sensitivity trains nothing; "
-                "adalora allocates during training, so it runs a short AdaLoRA warm-up of --steps steps."),
+        epilog=(
+            "Examples:\n\n  deltatune allocate --model minilm --data tweet-sentiment --budget 0.5%\n\n"
+            "  deltatune allocate --model minilm --data bbc-news --budget 50000 --targets query,key,value,dense\n\n"
+            "  deltatune allocate --model minilm --data tweet-sentiment --budget 0.5% --method adalora --steps 100\n\n"
+            "Prints one line per candidate matrix: its share of the sensitivity (adalora: of the kept triplets' "
+            "importance), and the LoRA rank or the number of sparse entries it gets. sensitivity trains nothing; "
+            "adalora allocates during training, so it runs a short AdaLoRA warm-up of --steps steps."
+        ),
     )
     def allocate(
-        model: str = typer.Option(..., "--model", "-m", help="bundled model name or a transformers directory"),
-        data: str = typer.Option(..., "--data", "-d", help="data set whose gradients score the weights"),
-        budget: str = typer.Option(..., "--budget", "-b", help="trainable parameters: 0.5% of the model, or a count"),
-        method: str = typer.Option("sensitivity", "--method", help="allocation method: sensitivity (SPT-style) | adalora (short warm-up)"),
-        targets: Optional[str] = typer.Option(None, "--targets", help="comma-separated name suffixes (default: every Linear but the head)"),
+        model: str = typer.Option(
+            ..., "--model", "-m", help="bundled model name or a transformers directory"
+        ),
+        data: str = typer.Option(
+            ..., "--data", "-d", help="data set whose gradients score the weights"
+        ),
+        budget: str = typer.Option(
+            ..., "--budget", "-b", help="trainable parameters: 0.5% of the model, or a count"
+        ),
+        method: str = typer.Option(
+            "sensitivity",
+            "--method",
+            help="allocation method: sensitivity (SPT-style) | adalora (short warm-up)",
+        ),
+        targets: Optional[str] = typer.Option(
+            None,
+            "--targets",
+            help="comma-separated name suffixes (default: every Linear but the head)",
+        ),
         batches: int = typer.Option(8, "--batches", help="batches in the gradient pass"),
         batch_size: int = typer.Option(16, "--batch-size"),
         seed: int = typer.Option(0, "--seed"),

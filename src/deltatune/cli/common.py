@@ -29,7 +29,9 @@ def run_cli(app, argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # a full disk, a file-size limit, no permission: the job rolled its output back
+    except (
+        OSError
+    ) as exc:  # a full disk, a file-size limit, no permission: the job rolled its output back
         print(f"error: {_os_error(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -41,8 +43,13 @@ def run_cli(app, argv: list[str] | None = None) -> int:
             return int(exc.exit_code)
         if type(exc).__name__ == "Abort":
             return 1
-        if type(exc).__name__ == "SafetensorError" and "I/O error" in str(exc):  # safetensors' own write error
-            print(f"error: could not write a safetensors file ({_one_line(exc)}){_DISK_HINT}", file=sys.stderr)
+        if type(exc).__name__ == "SafetensorError" and "I/O error" in str(
+            exc
+        ):  # safetensors' own write error
+            print(
+                f"error: could not write a safetensors file ({_one_line(exc)}){_DISK_HINT}",
+                file=sys.stderr,
+            )
             return 1
         raise
     return 0
@@ -71,7 +78,9 @@ def prepare_out(out: Path, overwrite: bool, *, resume: bool = False, inputs: Ite
     """Claim ``out`` for the running job (see :mod:`deltatune.io.outdir`): refuse the current or home
     directory and any directory holding an input, lock it, and replace only what deltatune wrote there
     (with ``overwrite``); the job's ``@output_job`` finishes it or rolls it back."""
-    return claim(out, overwrite=overwrite, resume=resume, inputs=inputs, keep_on_error=keep_on_error)
+    return claim(
+        out, overwrite=overwrite, resume=resume, inputs=inputs, keep_on_error=keep_on_error
+    )
 
 
 def write_results(out: Path, results: dict[str, Any]) -> Path:

@@ -15,8 +15,16 @@ from .train import BASE_FILE, TASK_FILE
 CODEC_NAMES = ("compeft", "bitdelta", "dare", "int8", "int4", "lowrank")
 
 
-def run_compress(source: Path, codec: str, out: Path, *, base: Optional[Path] = None, overwrite: bool = False,
-                 verify: bool = True, **options: Any) -> dict[str, Any]:
+def run_compress(
+    source: Path,
+    codec: str,
+    out: Path,
+    *,
+    base: Optional[Path] = None,
+    overwrite: bool = False,
+    verify: bool = True,
+    **options: Any,
+) -> dict[str, Any]:
     """The compress job as a plain function: everything is computed before ``out`` is touched, then the
     result is written into a temporary directory beside it and renamed into place."""
     from ..compress import compress_adapter, compress_checkpoint
@@ -27,15 +35,23 @@ def run_compress(source: Path, codec: str, out: Path, *, base: Optional[Path] = 
     if codec not in CODEC_NAMES:
         raise CLIError(f"unknown codec {codec!r}; choose one of: {', '.join(CODEC_NAMES)}")
     if not source.exists():
-        raise CLIError(f"{source} does not exist; pass an adapter directory or a fine-tuned checkpoint")
-    check_replace(out, overwrite, [source, base])  # the source is never replaced, nor a directory holding it
+        raise CLIError(
+            f"{source} does not exist; pass an adapter directory or a fine-tuned checkpoint"
+        )
+    check_replace(
+        out, overwrite, [source, base]
+    )  # the source is never replaced, nor a directory holding it
     if int(options.get("min_numel", 0)) < 0:
-        raise CLIError(f"--min-numel must be 0 or more (tensors with fewer entries stay uncompressed), got "
-                       f"{options['min_numel']}")
+        raise CLIError(
+            f"--min-numel must be 0 or more (tensors with fewer entries stay uncompressed), got "
+            f"{options['min_numel']}"
+        )
     t0 = time.perf_counter()
     if (source / DELTA_JSON).is_file():
         if base is not None:
-            raise CLIError("--base is for full fine-tuned checkpoints; an adapter directory is a delta already")
+            raise CLIError(
+                "--base is for full fine-tuned checkpoints; an adapter directory is a delta already"
+            )
         if verify:  # the sha256 recorded when it was saved (a corrupt copy is not compressed into a new file)
             from ..io.adapter import verify_adapter
 
@@ -43,21 +59,34 @@ def run_compress(source: Path, codec: str, out: Path, *, base: Optional[Path] = 
         compressed = compress_adapter(source, codec, **options)
     else:
         if base is None:
-            raise CLIError(f"{source} is not an adapter directory; for a full fine-tuned checkpoint pass --base BASE "
-                           "(the checkpoint it was fine-tuned from)")
+            raise CLIError(
+                f"{source} is not an adapter directory; for a full fine-tuned checkpoint pass --base BASE "
+                "(the checkpoint it was fine-tuned from)"
+            )
         compressed = compress_checkpoint(source, base, codec, **options)
     _check_keep(options.get("keep") or (), compressed.names())
     seconds = time.perf_counter() - t0
     tmp = staging_dir(out)  # beside out; clears what a killed compress left there
     try:
         compressed.save(tmp)
-        for name in (TASK_FILE, BASE_FILE):  # what eval/export need to rebuild the model it was trained for
+        for name in (
+            TASK_FILE,
+            BASE_FILE,
+        ):  # what eval/export need to rebuild the model it was trained for
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)
         file_bytes = sum(f.stat().st_size for f in tmp.iterdir())
-        results = {"job": "compress", "source": str(source), "base": str(base) if base else None, "out": str(out),
-                   **compressed.summary(), "bytes_before": compressed.original_bytes, "bytes_after": compressed.packed_bytes,
-                   "file_bytes": file_bytes, "seconds": round(seconds, 3)}
+        results = {
+            "job": "compress",
+            "source": str(source),
+            "base": str(base) if base else None,
+            "out": str(out),
+            **compressed.summary(),
+            "bytes_before": compressed.original_bytes,
+            "bytes_after": compressed.packed_bytes,
+            "file_bytes": file_bytes,
+            "seconds": round(seconds, 3),
+        }
         write_results(tmp, results)
         publish(tmp, out, job="compress", overwrite=overwrite)
     except BaseException:
@@ -92,24 +121,58 @@ def register(app: typer.Typer) -> None:
         ),
     )
     def compress(
-        source: Path = typer.Argument(..., help="an adapter directory, or a fine-tuned checkpoint (file or shard dir) with --base"),
+        source: Path = typer.Argument(
+            ...,
+            help="an adapter directory, or a fine-tuned checkpoint (file or shard dir) with --base",
+        ),
         codec: str = typer.Option(..., "--codec", "-c", help=f"one of: {', '.join(CODEC_NAMES)}"),
         out: Path = typer.Option(..., "--out", "-o", help="output directory"),
-        base: Optional[Path] = typer.Option(None, "--base", help="base checkpoint, for a full fine-tuned SOURCE"),
-        density: float = typer.Option(0.1, "--density", help="compeft/dare: fraction of entries kept"),
+        base: Optional[Path] = typer.Option(
+            None, "--base", help="base checkpoint, for a full fine-tuned SOURCE"
+        ),
+        density: float = typer.Option(
+            0.1, "--density", help="compeft/dare: fraction of entries kept"
+        ),
         rank: int = typer.Option(16, "--rank", help="lowrank: rank of each matrix"),
-        scale: str = typer.Option("mean", "--scale", help="compeft: 'mean' (|kept| mean) or 'std' (paper's σ)"),
+        scale: str = typer.Option(
+            "mean", "--scale", help="compeft: 'mean' (|kept| mean) or 'std' (paper's σ)"
+        ),
         alpha: float = typer.Option(1.0, "--alpha", help="compeft: multiplier of the scale"),
         seed: int = typer.Option(0, "--seed", help="dare: random seed"),
-        values: str = typer.Option("float32", "--values", help="dare: dtype of the kept values (float32, float16)"),
-        min_numel: int = typer.Option(1024, "--min-numel", help="smaller tensors and vectors stay uncompressed"),
-        keep: str = typer.Option("", "--keep", help="comma-separated name prefixes kept uncompressed, e.g. classifier"),
-        overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output directory"),
-        no_verify: bool = typer.Option(False, "--no-verify", help="skip the adapter's sha256 check (files edited on purpose)"),
+        values: str = typer.Option(
+            "float32", "--values", help="dare: dtype of the kept values (float32, float16)"
+        ),
+        min_numel: int = typer.Option(
+            1024, "--min-numel", help="smaller tensors and vectors stay uncompressed"
+        ),
+        keep: str = typer.Option(
+            "", "--keep", help="comma-separated name prefixes kept uncompressed, e.g. classifier"
+        ),
+        overwrite: bool = typer.Option(
+            False, "--overwrite", help="replace an existing output directory"
+        ),
+        no_verify: bool = typer.Option(
+            False, "--no-verify", help="skip the adapter's sha256 check (files edited on purpose)"
+        ),
     ) -> None:
         """Compress a delta: ComPEFT, BitDelta, DARE, int8/int4, or low-rank extraction."""
-        r = run_compress(source, codec, out, base=base, overwrite=overwrite, verify=not no_verify, density=density, rank=rank, scale=scale,
-                         alpha=alpha, seed=seed, values=values, min_numel=min_numel,
-                         keep=tuple(k.strip() for k in keep.split(",") if k.strip()))
-        typer.echo(f"{codec}: {r['bytes_before'] / 1024:.1f} KiB -> {r['bytes_after'] / 1024:.1f} KiB "
-                   f"({r['ratio']:.1f}x), {r['tensors']} tensors -> {out}")
+        r = run_compress(
+            source,
+            codec,
+            out,
+            base=base,
+            overwrite=overwrite,
+            verify=not no_verify,
+            density=density,
+            rank=rank,
+            scale=scale,
+            alpha=alpha,
+            seed=seed,
+            values=values,
+            min_numel=min_numel,
+            keep=tuple(k.strip() for k in keep.split(",") if k.strip()),
+        )
+        typer.echo(
+            f"{codec}: {r['bytes_before'] / 1024:.1f} KiB -> {r['bytes_after'] / 1024:.1f} KiB "
+            f"({r['ratio']:.1f}x), {r['tensors']} tensors -> {out}"
+        )

@@ -21,8 +21,12 @@ def run_continual(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
 
     if cfg.get("epochs") is None and cfg.get("max_steps") is None:
         raise CLIError("give --epochs N or --max-steps N (per task)")
-    stream = make_stream(cfg["stream"], limit_train=cfg.get("limit"), limit_test=cfg.get("limit_test"),
-                         seed=cfg.get("seed", 0))
+    stream = make_stream(
+        cfg["stream"],
+        limit_train=cfg.get("limit"),
+        limit_test=cfg.get("limit_test"),
+        seed=cfg.get("seed", 0),
+    )
     strategy = make_strategy(cfg["strategy"], **(cfg.get("strategy_options") or {}))
     entry = load_model(cfg["model"], num_labels=len(stream.label_names))
     spec = None
@@ -34,18 +38,50 @@ def run_continual(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
                 options["targets"] = targets
         spec = build_spec(cfg["method"], options)
     strategy.validate(spec)
-    tc = TrainConfig(epochs=cfg.get("epochs") or 1, max_steps=cfg.get("max_steps"), batch_size=cfg.get("batch_size", 16),
-                     lr=cfg.get("lr", 1e-3), seed=cfg.get("seed", 0), progress=False, eval_each_epoch=False,
-                     keep_best=False)
-    out = prepare_out(Path(cfg["out"]), cfg.get("overwrite", False), inputs=[cfg["model"], *_stream_files(cfg["stream"])])
+    tc = TrainConfig(
+        epochs=cfg.get("epochs") or 1,
+        max_steps=cfg.get("max_steps"),
+        batch_size=cfg.get("batch_size", 16),
+        lr=cfg.get("lr", 1e-3),
+        seed=cfg.get("seed", 0),
+        progress=False,
+        eval_each_epoch=False,
+        keep_best=False,
+    )
+    out = prepare_out(
+        Path(cfg["out"]),
+        cfg.get("overwrite", False),
+        inputs=[cfg["model"], *_stream_files(cfg["stream"])],
+    )
     say = (lambda m: console.print(m)) if console else None
-    result = run_stream(entry.model, entry.collate, stream, strategy, tc, spec=spec, head=entry.head,
-                        task_ids=cfg.get("task_ids", False), log=say)
+    result = run_stream(
+        entry.model,
+        entry.collate,
+        stream,
+        strategy,
+        tc,
+        spec=spec,
+        head=entry.head,
+        task_ids=cfg.get("task_ids", False),
+        log=say,
+    )
     png = plot_matrix(result, out / "accuracy_matrix.png")
-    results = {"job": "continual", "model": cfg["model"], "stream": cfg["stream"], "scenario": stream.scenario,
-               "strategy": cfg["strategy"], "method": cfg["method"], "task_ids": cfg.get("task_ids", False),
-               "train": {k: v for k, v in vars(tc).items() if k in ("epochs", "max_steps", "batch_size", "lr", "seed")},
-               **result.to_dict(), "plot": str(png)}
+    results = {
+        "job": "continual",
+        "model": cfg["model"],
+        "stream": cfg["stream"],
+        "scenario": stream.scenario,
+        "strategy": cfg["strategy"],
+        "method": cfg["method"],
+        "task_ids": cfg.get("task_ids", False),
+        "train": {
+            k: v
+            for k, v in vars(tc).items()
+            if k in ("epochs", "max_steps", "batch_size", "lr", "seed")
+        },
+        **result.to_dict(),
+        "plot": str(png),
+    }
     write_results(out, results)
     return results
 
@@ -75,38 +111,80 @@ def register(app: typer.Typer) -> None:
         ),
     )
     def continual(
-        model: str = typer.Option(..., "--model", "-m", help="bundled model name or a transformers directory"),
+        model: str = typer.Option(
+            ..., "--model", "-m", help="bundled model name or a transformers directory"
+        ),
         stream: str = typer.Option(..., "--stream", "-s", help="task stream (see below)"),
-        strategy: str = typer.Option("sequential", "--strategy", help="continual-learning strategy"),
-        method: str = typer.Option("lora", "--method", help="delta method (any deltatune method), or 'full'"),
+        strategy: str = typer.Option(
+            "sequential", "--strategy", help="continual-learning strategy"
+        ),
+        method: str = typer.Option(
+            "lora", "--method", help="delta method (any deltatune method), or 'full'"
+        ),
         rank: Optional[int] = typer.Option(None, "--rank", help="LoRA-family rank"),
         epochs: Optional[int] = typer.Option(None, "--epochs", help="epochs per task"),
-        max_steps: Optional[int] = typer.Option(None, "--max-steps", help="optimizer steps per task"),
+        max_steps: Optional[int] = typer.Option(
+            None, "--max-steps", help="optimizer steps per task"
+        ),
         batch_size: int = typer.Option(16, "--batch-size"),
         lr: float = typer.Option(1e-3, "--lr"),
-        limit: Optional[int] = typer.Option(None, "--limit", help="training examples drawn per data split (then split by task)"),
-        limit_test: Optional[int] = typer.Option(None, "--limit-test", help="test examples drawn per data split"),
-        task_ids: bool = typer.Option(False, "--task-ids", help="evaluate with the task's classes only (task-incremental)"),
-        buffer_size: Optional[int] = typer.Option(None, "--buffer-size", help="replay: examples kept"),
-        lam: Optional[float] = typer.Option(None, "--lam", help="ewc/lwf/olora/zscl: penalty weight"),
-        opt: list[str] = typer.Option([], "--opt", help="any strategy option as KEY=VALUE (repeatable), e.g. "
-                                      "--opt reference=tweet-sentiment:other (zscl), --opt momentum=0.99 (lae)"),
+        limit: Optional[int] = typer.Option(
+            None, "--limit", help="training examples drawn per data split (then split by task)"
+        ),
+        limit_test: Optional[int] = typer.Option(
+            None, "--limit-test", help="test examples drawn per data split"
+        ),
+        task_ids: bool = typer.Option(
+            False, "--task-ids", help="evaluate with the task's classes only (task-incremental)"
+        ),
+        buffer_size: Optional[int] = typer.Option(
+            None, "--buffer-size", help="replay: examples kept"
+        ),
+        lam: Optional[float] = typer.Option(
+            None, "--lam", help="ewc/lwf/olora/zscl: penalty weight"
+        ),
+        opt: list[str] = typer.Option(
+            [],
+            "--opt",
+            help="any strategy option as KEY=VALUE (repeatable), e.g. "
+            "--opt reference=tweet-sentiment:other (zscl), --opt momentum=0.99 (lae)",
+        ),
         seed: int = typer.Option(0, "--seed"),
         out: Path = typer.Option(..., "--out", "-o", help="output directory"),
-        overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output directory"),
+        overwrite: bool = typer.Option(
+            False, "--overwrite", help="replace an existing output directory"
+        ),
     ) -> None:
         """Adapt to one task after another with a delta, and measure forgetting."""
         from rich.console import Console
 
         from .spec_options import parse_options
 
-        options = {**parse_options(opt), **{k: v for k, v in {"buffer_size": buffer_size, "lam": lam}.items()
-                                            if v is not None}}
-        r = run_continual({"model": model, "stream": stream, "strategy": strategy, "method": method,
-                           "method_options": {"r": rank} if rank else {}, "epochs": epochs, "max_steps": max_steps,
-                           "batch_size": batch_size, "lr": lr, "limit": limit, "limit_test": limit_test,
-                           "task_ids": task_ids, "strategy_options": options, "seed": seed, "out": out,
-                           "overwrite": overwrite}, console=Console(stderr=True))
+        options = {
+            **parse_options(opt),
+            **{k: v for k, v in {"buffer_size": buffer_size, "lam": lam}.items() if v is not None},
+        }
+        r = run_continual(
+            {
+                "model": model,
+                "stream": stream,
+                "strategy": strategy,
+                "method": method,
+                "method_options": {"r": rank} if rank else {},
+                "epochs": epochs,
+                "max_steps": max_steps,
+                "batch_size": batch_size,
+                "lr": lr,
+                "limit": limit,
+                "limit_test": limit_test,
+                "task_ids": task_ids,
+                "strategy_options": options,
+                "seed": seed,
+                "out": out,
+                "overwrite": overwrite,
+            },
+            console=Console(stderr=True),
+        )
         f = r["forgetting"]
         typer.echo(f"{strategy} on {stream}: average accuracy {100 * r['average_accuracy']:.2f}%"
                    + (f", forgetting {100 * f:.2f} pt" if f is not None else "") + f" -> {out}")

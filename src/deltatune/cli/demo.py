@@ -14,7 +14,9 @@ DEFAULT_OUT = Path("runs/demo")
 
 
 @output_job("demo")
-def run_demo(out: Path, epochs: int, limit: Optional[int], seed: int, console, *, overwrite: bool = False) -> dict:
+def run_demo(
+    out: Path, epochs: int, limit: Optional[int], seed: int, console, *, overwrite: bool = False
+) -> dict:
     """The demo job. ``out`` is replaced only with ``overwrite`` — or when it is the default directory and
     holds an earlier demo, so that ``make demo`` can run again — and only what deltatune wrote there."""
     import deltatune as dt
@@ -39,7 +41,9 @@ def run_demo(out: Path, epochs: int, limit: Optional[int], seed: int, console, *
     }
     trained = run_train(cfg, console=console)
     acc = trained["test"]["accuracy"]
-    console.print(f"test accuracy [bold]{acc:.4f}[/] with {trained['trainable_percent']:.3f}% of the parameters trainable")
+    console.print(
+        f"test accuracy [bold]{acc:.4f}[/] with {trained['trainable_percent']:.3f}% of the parameters trainable"
+    )
 
     console.rule("[bold]2. reload the saved adapter into a fresh base model")
     entry, _ = load_trained(None, Path(trained["adapter"]))
@@ -60,27 +64,39 @@ def run_demo(out: Path, epochs: int, limit: Optional[int], seed: int, console, *
         "seconds": time.time() - t0, "adapter": trained["adapter"],
     }
     report = out / "report.md"
-    atomic_write(report, lambda tmp: Path(tmp).write_text(
-        "# deltatune demo: LoRA on MiniLM for BBC News topics\n\n"
-        f"| | value |\n|---|---|\n| test accuracy | {acc:.4f} |\n"
-        f"| trainable parameters | {trained['trainable_params']:,} ({trained['trainable_percent']:.3f}%) |\n"
-        f"| accuracy after save → reload | {reloaded['accuracy']:.4f} |\n"
-        f"| accuracy after merge | {merged['accuracy']:.4f} |\n| wall time | {results['seconds']:.0f} s |\n\n"
-        f"Adapter: `{trained['adapter']}`; learning curve: `learning_curve.png`; metrics: `metrics.json`.\n"
-    ))
+    atomic_write(
+        report,
+        lambda tmp: Path(tmp).write_text(
+            "# deltatune demo: LoRA on MiniLM for BBC News topics\n\n"
+            f"| | value |\n|---|---|\n| test accuracy | {acc:.4f} |\n"
+            f"| trainable parameters | {trained['trainable_params']:,} ({trained['trainable_percent']:.3f}%) |\n"
+            f"| accuracy after save → reload | {reloaded['accuracy']:.4f} |\n"
+            f"| accuracy after merge | {merged['accuracy']:.4f} |\n| wall time | {results['seconds']:.0f} s |\n\n"
+            f"Adapter: `{trained['adapter']}`; learning curve: `learning_curve.png`; metrics: `metrics.json`.\n"
+        ),
+    )
     results.update(trained={k: trained[k] for k in ("train", "test", "spec")})
     write_results(out, results)
     return results
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("demo", epilog="Examples:\n\n  deltatune demo\n\n  deltatune demo --epochs 1 --limit 200 --out demo-quick   # a one-minute smoke run")
+    @app.command(
+        "demo",
+        epilog="Examples:\n\n  deltatune demo\n\n  deltatune demo --epochs 1 --limit 200 --out demo-quick   # a one-minute smoke run",
+    )
     def demo(
-        out: Path = typer.Option(DEFAULT_OUT, help="output directory (the default one is replaced by the next demo)"),
+        out: Path = typer.Option(
+            DEFAULT_OUT, help="output directory (the default one is replaced by the next demo)"
+        ),
         epochs: int = typer.Option(2, help="training epochs"),
-        limit: Optional[int] = typer.Option(None, help="use at most N examples per split (quick runs)"),
+        limit: Optional[int] = typer.Option(
+            None, help="use at most N examples per split (quick runs)"
+        ),
         seed: int = typer.Option(0, help="random seed"),
-        overwrite: bool = typer.Option(False, help="replace a non-empty --out that holds an earlier deltatune output"),
+        overwrite: bool = typer.Option(
+            False, help="replace a non-empty --out that holds an earlier deltatune output"
+        ),
     ) -> None:
         """Train LoRA on MiniLM for BBC News, report test accuracy, save, reload, merge, and check all agree."""
         from rich.console import Console
@@ -88,7 +104,9 @@ def register(app: typer.Typer) -> None:
         console = Console()
         results = run_demo(out, epochs, limit, seed, console, overwrite=overwrite)
         verdict = "[green]consistent[/]" if results["consistent"] else "[red]MISMATCH[/]"
-        console.print(f"{verdict}: trained {results['test_accuracy']:.4f}, reloaded {results['reloaded_accuracy']:.4f}, "
-                      f"merged {results['merged_accuracy']:.4f} in {results['seconds']:.0f} s; report: {out / 'report.md'}")
+        console.print(
+            f"{verdict}: trained {results['test_accuracy']:.4f}, reloaded {results['reloaded_accuracy']:.4f}, "
+            f"merged {results['merged_accuracy']:.4f} in {results['seconds']:.0f} s; report: {out / 'report.md'}"
+        )
         if not results["consistent"]:
             raise typer.Exit(1)

@@ -25,14 +25,22 @@ def read_features(path: Path, key: Optional[str] = None):
         )
     if path.suffix == ".npy":
         try:
-            array = np.load(path, allow_pickle=False)  # never unpickle: an object array is refused here
+            array = np.load(
+                path, allow_pickle=False
+            )  # never unpickle: an object array is refused here
         except (ValueError, OSError, EOFError) as exc:
             reason = str(exc).splitlines()[0]
-            raise CLIError(f"{path} is not a plain numeric .npy array ({reason}); save it with np.save") from None
+            raise CLIError(
+                f"{path} is not a plain numeric .npy array ({reason}); save it with np.save"
+            ) from None
         if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
             kind = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
-            raise CLIError(f"{path} holds {kind} values, not numbers; save a numeric array with np.save")
-        return torch.from_numpy(np.asarray(array, dtype=array.dtype.newbyteorder("=")))  # torch: native order only
+            raise CLIError(
+                f"{path} holds {kind} values, not numbers; save a numeric array with np.save"
+            )
+        return torch.from_numpy(
+            np.asarray(array, dtype=array.dtype.newbyteorder("="))
+        )  # torch: native order only
     from ..io.files import load_tensors
 
     tensors = load_tensors(path)
@@ -48,7 +56,10 @@ def read_features(path: Path, key: Optional[str] = None):
 
 #: below these sample counts a test or estimate is unreliable: a one-line warning on stderr
 MIN_DETECT_SAMPLES = 30  # per side; the two-sample tests have little power below it
-MIN_ESTIMATE_REFERENCE, MIN_ESTIMATE_TARGET = 100, 30  # calibration and thresholds need the reference
+MIN_ESTIMATE_REFERENCE, MIN_ESTIMATE_TARGET = (
+    100,
+    30,
+)  # calibration and thresholds need the reference
 
 
 def warn_few(n_reference: int, n_target: int, minimum: int | tuple[int, int], what: str) -> None:
@@ -56,8 +67,11 @@ def warn_few(n_reference: int, n_target: int, minimum: int | tuple[int, int], wh
     few = [f"{name} has {n} samples (fewer than {low})" for name, n, low in
            (("the reference", n_reference, low_ref), ("the target", n_target, low_tgt)) if n < low]
     if few:
-        print(f"warning: {' and '.join(few)}; {what} is unreliable on so few; use more data (--limit, or "
-              "another --split / --reference-split)", file=sys.stderr)
+        print(
+            f"warning: {' and '.join(few)}; {what} is unreliable on so few; use more data (--limit, or "
+            "another --split / --reference-split)",
+            file=sys.stderr,
+        )
 
 
 def check_features(ref, tgt, reference: str, target: str):
@@ -65,11 +79,15 @@ def check_features(ref, tgt, reference: str, target: str):
     feature per sample."""
     for t, name in ((ref, reference), (tgt, target)):
         if t.dim() == 0 or len(t) == 0:
-            raise CLIError(f"{name} holds an array of shape {tuple(t.shape)}; features must be (samples, features)")
+            raise CLIError(
+                f"{name} holds an array of shape {tuple(t.shape)}; features must be (samples, features)"
+            )
     ref, tgt = (t.reshape(-1, 1) if t.dim() == 1 else t for t in (ref, tgt))
     if ref.shape[1:] != tgt.shape[1:]:
-        raise CLIError(f"reference and target features differ in shape: {tuple(ref.shape)} vs {tuple(tgt.shape)}; "
-                       "compute both with the same model and layer")
+        raise CLIError(
+            f"reference and target features differ in shape: {tuple(ref.shape)} vs {tuple(tgt.shape)}; "
+            "compute both with the same model and layer"
+        )
     return ref, tgt
 
 
@@ -82,9 +100,13 @@ def both_files(reference: str, target: str, model: Optional[str], what: str) -> 
     datasets (which need --model); a one-line error for a mix, or datasets without a model."""
     files = [is_feature_file(v) for v in (reference, target)]
     if any(files) and not all(files):
-        raise CLIError(f"--reference and --target must both be {what} files (.npy/.safetensors) or both datasets")
+        raise CLIError(
+            f"--reference and --target must both be {what} files (.npy/.safetensors) or both datasets"
+        )
     if not all(files) and model is None:
-        raise CLIError(f"datasets need --model to compute {what}s; or pass .npy/.safetensors {what} files")
+        raise CLIError(
+            f"datasets need --model to compute {what}s; or pass .npy/.safetensors {what} files"
+        )
     return all(files)
 
 
@@ -94,7 +116,9 @@ def load_entry(model: str, adapter: Optional[Path], verify: bool = True):
     try:
         from ..models import load_model  # noqa: F401
     except ImportError:
-        raise CLIError("deltatune.models is not available in this installation; pass feature files instead") from None
+        raise CLIError(
+            "deltatune.models is not available in this installation; pass feature files instead"
+        ) from None
     if adapter is not None:
         from .train import load_trained
 
@@ -113,7 +137,9 @@ def data_batches(spec: str, entry, split: str, batch_size: int, limit: Optional[
     try:
         from ..data import load_data
     except ImportError:
-        raise CLIError("deltatune.data is not available in this installation; pass feature files instead") from None
+        raise CLIError(
+            "deltatune.data is not available in this installation; pass feature files instead"
+        ) from None
     from torch.utils.data import DataLoader
 
     dataset = load_data(spec, split, seed=seed, limit=limit, encoding=encoding)

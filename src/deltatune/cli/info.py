@@ -8,7 +8,9 @@ from typing import Any
 
 import typer
 
-TASK_FILE = "task.json"  # written beside the adapter by `deltatune train` (read here, never written)
+TASK_FILE = (
+    "task.json"  # written beside the adapter by `deltatune train` (read here, never written)
+)
 
 
 def read_task_info(path: Path) -> dict[str, Any]:
@@ -46,7 +48,9 @@ def gather(path: Path, verify: bool = True) -> dict[str, Any]:
         raise
     except Exception as exc:  # noqa: BLE001 - a reader tripping over a malformed file: report it, one line
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DeltaFileError(f"{path} holds a malformed delta file ({type(exc).__name__}: {first}); save it again") from None
+        raise DeltaFileError(
+            f"{path} holds a malformed delta file ({type(exc).__name__}: {first}); save it again"
+        ) from None
     task = read_task_info(path)
     if task:
         data["task_info"] = task
@@ -76,17 +80,32 @@ def _rows(data: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("task", task["task"] + (f" on {task['data']}" if task.get("data") else "")))
     if task.get("label_names"):
         labels = task["label_names"]
-        rows.append(("labels", f"{len(labels)}: " + _text(", ".join(labels[:10]) + (" ..." if len(labels) > 10 else ""))))
-    options = {k: v for k, v in spec.items() if k not in ("method",) and v not in (None, [], {}, ())}
+        rows.append(
+            (
+                "labels",
+                f"{len(labels)}: "
+                + _text(", ".join(labels[:10]) + (" ..." if len(labels) > 10 else "")),
+            )
+        )
+    options = {
+        k: v for k, v in spec.items() if k not in ("method",) and v not in (None, [], {}, ())
+    }
     rows.append(("options", _text(", ".join(f"{k}={v}" for k, v in options.items()))))
     hosts = get("hosts")
     if isinstance(hosts, list):
-        rows.append(("modules", f"{len(hosts)}: {', '.join(map(str, hosts[:4]))}{' ...' if len(hosts) > 4 else ''}"))
+        rows.append(
+            (
+                "modules",
+                f"{len(hosts)}: {', '.join(map(str, hosts[:4]))}{' ...' if len(hosts) > 4 else ''}",
+            )
+        )
     if isinstance(get("trainable_modules"), list) and get("trainable_modules"):
         rows.append(("kept trainable", _text(", ".join(map(str, get("trainable_modules"))))))
     if packed:
         codecs = get("tensors_by_codec") if isinstance(get("tensors_by_codec"), dict) else {}
-        rows.append(("tensors", f"{get('tensors')} ({', '.join(f'{n} {c}' for c, n in codecs.items())})"))
+        rows.append(
+            ("tensors", f"{get('tensors')} ({', '.join(f'{n} {c}' for c, n in codecs.items())})")
+        )
         rows.append(("codec", f"{get('codec')} {get('options') or ''}".strip()))
         try:
             rows.append(("compression", f"{get('original_bytes') / 1024:.1f} KiB as float32 -> "
@@ -95,7 +114,14 @@ def _rows(data: dict[str, Any]) -> list[tuple[str, str]]:
             rows.append(("compression", "?"))
     else:
         params = get("num_parameters")
-        rows.append(("tensors", f"{get('num_tensors')} ({params:,} parameters)" if isinstance(params, int) else _text(get("num_tensors"))))
+        rows.append(
+            (
+                "tensors",
+                f"{get('num_tensors')} ({params:,} parameters)"
+                if isinstance(params, int)
+                else _text(get("num_tensors")),
+            )
+        )
     size = get("file_bytes")
     if isinstance(size, (int, float)):
         rows.append(("file size", f"{size / 1024:.1f} KiB"))
@@ -106,7 +132,12 @@ def _rows(data: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("codec", _text(metadata["codec"])))
     fp = get("fingerprint")
     if isinstance(fp, dict):
-        rows.append(("base fingerprint", f"{fp.get('sha256_16')} over {len(fp.get('modules') or {})} modules"))
+        rows.append(
+            (
+                "base fingerprint",
+                f"{fp.get('sha256_16')} over {len(fp.get('modules') or {})} modules",
+            )
+        )
     return rows
 
 
@@ -116,10 +147,16 @@ def register(app: typer.Typer) -> None:
         epilog="Examples:\n\n  deltatune info runs/bbc/adapter\n\n  deltatune info runs/bbc/adapter --json",
     )
     def info(
-        path: Path = typer.Argument(..., help="a delta directory (deltatune or peft layout, or written by `deltatune compress`)"),
+        path: Path = typer.Argument(
+            ...,
+            help="a delta directory (deltatune or peft layout, or written by `deltatune compress`)",
+        ),
         as_json: bool = typer.Option(False, "--json", help="print the raw JSON"),
-        no_verify: bool = typer.Option(False, "--no-verify", help="skip the sha256 check of the tensor file "
-                                       "(for files edited on purpose)"),
+        no_verify: bool = typer.Option(
+            False,
+            "--no-verify",
+            help="skip the sha256 check of the tensor file (for files edited on purpose)",
+        ),
     ) -> None:
         """Show a delta's format, method, base model, labels, targets, sizes and base-model fingerprint."""
         data = gather(path, verify=not no_verify)

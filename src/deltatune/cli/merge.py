@@ -10,22 +10,42 @@ import typer
 
 from .common import CLIError, write_results
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+}
 
 
 def parse_size(text: str) -> int:
     """``"5GB"``, ``"500MiB"``, ``"2e9"`` → bytes."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS:
-        raise CLIError(f"--shard-size {text!r} is not a size; use e.g. 5GB, 500MB or a number of bytes")
+        raise CLIError(
+            f"--shard-size {text!r} is not a size; use e.g. 5GB, 500MB or a number of bytes"
+        )
     size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     if size < 1:
         raise CLIError(f"--shard-size must be positive, got {text!r}")
     return size
 
 
-def run_merge(config: Path, out: Path, *, overwrite: bool = False, shard_size: str = "5GB",
-              seed: Optional[int] = None, threads: Optional[int] = None, console: Any = None) -> dict[str, Any]:
+def run_merge(
+    config: Path,
+    out: Path,
+    *,
+    overwrite: bool = False,
+    shard_size: str = "5GB",
+    seed: Optional[int] = None,
+    threads: Optional[int] = None,
+    console: Any = None,
+) -> dict[str, Any]:
     """The merge job as a plain function (the CLI and the tests call it). ``threads`` sets torch's
     intra-op threads for this process (None: leave them)."""
     from ..algebra import load_merge_config, merge_checkpoints
@@ -37,8 +57,16 @@ def run_merge(config: Path, out: Path, *, overwrite: bool = False, shard_size: s
     if threads is not None and threads < 1:
         raise CLIError(f"--threads must be at least 1, got {threads}")
     cfg = load_merge_config(config)
-    check_replace(out, overwrite, [config, cfg.base, *(m.path for m in cfg.models),
-                                   *(m.stats for m in cfg.models if m.stats)])  # an input is never replaced
+    check_replace(
+        out,
+        overwrite,
+        [
+            config,
+            cfg.base,
+            *(m.path for m in cfg.models),
+            *(m.stats for m in cfg.models if m.stats),
+        ],
+    )  # an input is never replaced
     if seed is not None:
         cfg.seed = seed
 
@@ -52,8 +80,14 @@ def run_merge(config: Path, out: Path, *, overwrite: bool = False, shard_size: s
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or previous)
     try:
-        summary = merge_checkpoints(cfg, out, overwrite=overwrite, max_shard_bytes=max_bytes,
-                                    progress=progress.update if progress else None, finalize=finalize)
+        summary = merge_checkpoints(
+            cfg,
+            out,
+            overwrite=overwrite,
+            max_shard_bytes=max_bytes,
+            progress=progress.update if progress else None,
+            finalize=finalize,
+        )
     finally:
         torch.set_num_threads(previous)
         if progress:
@@ -63,10 +97,23 @@ def run_merge(config: Path, out: Path, *, overwrite: bool = False, shard_size: s
 
 class _Bar:
     def __init__(self, console: Any) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
-        self.bar = Progress(TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            TextColumn("{task.description}"), console=console, transient=True)
+        self.bar = Progress(
+            TextColumn("merging"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.description}"),
+            console=console,
+            transient=True,
+        )
         self.task = None
 
     def update(self, done: int, total: int, name: str) -> None:
@@ -97,20 +144,39 @@ def register(app: typer.Typer) -> None:
     )
     def merge(
         config: Path = typer.Argument(..., help="merge config (mergekit-style YAML)"),
-        out: Path = typer.Option(..., "--out", "-o", help="output directory for the merged safetensors shards"),
-        overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output directory"),
-        shard_size: str = typer.Option("5GB", "--shard-size", help="maximum bytes per output shard (5GB, 500MB, ...)"),
-        seed: Optional[int] = typer.Option(None, "--seed", help="seed for the random methods (DARE, DELLA)"),
-        threads: int = typer.Option(1, "--threads", help="torch threads; the merge streams memory-bound blocks, "
-                                    "so one thread is usually as fast and far steadier on a shared machine"),
+        out: Path = typer.Option(
+            ..., "--out", "-o", help="output directory for the merged safetensors shards"
+        ),
+        overwrite: bool = typer.Option(
+            False, "--overwrite", help="replace an existing output directory"
+        ),
+        shard_size: str = typer.Option(
+            "5GB", "--shard-size", help="maximum bytes per output shard (5GB, 500MB, ...)"
+        ),
+        seed: Optional[int] = typer.Option(
+            None, "--seed", help="seed for the random methods (DARE, DELLA)"
+        ),
+        threads: int = typer.Option(
+            1,
+            "--threads",
+            help="torch threads; the merge streams memory-bound blocks, "
+            "so one thread is usually as fast and far steadier on a shared machine",
+        ),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     ) -> None:
         """Merge model checkpoints (TIES, DARE, task arithmetic, SLERP, ...) one tensor at a time."""
         from rich.console import Console
 
         console = Console(stderr=True)
-        summary = run_merge(config, out, overwrite=overwrite, shard_size=shard_size, seed=seed, threads=threads,
-                            console=False if quiet else console)
+        summary = run_merge(
+            config,
+            out,
+            overwrite=overwrite,
+            shard_size=shard_size,
+            seed=seed,
+            threads=threads,
+            console=False if quiet else console,
+        )
         if not quiet:
             console.print(
                 f"[bold]{summary['method']}[/]: {summary['tensors']} tensors → {out} "

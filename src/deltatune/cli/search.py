@@ -12,10 +12,26 @@ from .common import CLIError, output_job, prepare_out, write_results
 
 
 @output_job("search")
-def run_search_job(model: str, data: str, budget: str, trials: int, out: Path, *, max_steps: int = 100,
-                   limit: Optional[int] = None, methods: Optional[str] = None, positions: Optional[str] = None,
-                   targets: Optional[str] = None, batch_size: int = 16, seed: int = 0, backend: str = "optuna",
-                   workers: int = 2, resume: bool = False, overwrite: bool = False, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_search_job(
+    model: str,
+    data: str,
+    budget: str,
+    trials: int,
+    out: Path,
+    *,
+    max_steps: int = 100,
+    limit: Optional[int] = None,
+    methods: Optional[str] = None,
+    positions: Optional[str] = None,
+    targets: Optional[str] = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    backend: str = "optuna",
+    workers: int = 2,
+    resume: bool = False,
+    overwrite: bool = False,
+    say: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Check everything (names, budget, a non-empty space), then run or continue the study in ``out``."""
     from ..budget import parse_budget
     from ..budget.search import (
@@ -40,22 +56,47 @@ def run_search_job(model: str, data: str, budget: str, trials: int, out: Path, *
     if targets:
         space_args["custom_targets"] = tuple(t.strip() for t in targets.split(",") if t.strip())
     space = SearchSpace(**space_args)
-    labels = list(getattr(load_data(data, "train", seed=seed, limit=limit), "label_names", []) or [])
+    labels = list(
+        getattr(load_data(data, "train", seed=seed, limit=limit), "label_names", []) or []
+    )
     entry = load_model(model, num_labels=len(labels) or None)
     count = parse_budget(budget, entry.model)
-    cands = candidates(entry.model, space, count, tuple(entry.head))  # every candidate over budget: a one-line error here
-    setup = SearchSetup(model=model, data=data, budget=count, trials=trials, max_steps=max_steps, limit=limit,
-                        batch_size=batch_size, seed=seed)
+    cands = candidates(
+        entry.model, space, count, tuple(entry.head)
+    )  # every candidate over budget: a one-line error here
+    setup = SearchSetup(
+        model=model,
+        data=data,
+        budget=count,
+        trials=trials,
+        max_steps=max_steps,
+        limit=limit,
+        batch_size=batch_size,
+        seed=seed,
+    )
     out = prepare_out(Path(out), overwrite, resume=resume, inputs=[data, model],
                       keep_on_error=("study.db", "search.json"))  # what --resume continues
     if say:
         parallel = f", {workers} at a time (Ray Tune)" if backend == "ray" else ""
-        say(f"{len(cands)} configurations fit the budget of {count:,} parameters; {trials} trials{parallel}, "
-            f"{max_steps} steps each; study in {out / 'study.db'}")
-    summary = run_search(setup, cands, text_trainer(setup, space), out, resume=resume, backend=backend,  # type: ignore[arg-type]
-                         workers=workers, progress=say)
-    results = {**summary, "space": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(space).items()},
-               "candidates": len(cands)}
+        say(
+            f"{len(cands)} configurations fit the budget of {count:,} parameters; {trials} trials{parallel}, "
+            f"{max_steps} steps each; study in {out / 'study.db'}"
+        )
+    summary = run_search(
+        setup,
+        cands,
+        text_trainer(setup, space),
+        out,
+        resume=resume,
+        backend=backend,  # type: ignore[arg-type]
+        workers=workers,
+        progress=say,
+    )
+    results = {
+        **summary,
+        "space": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(space).items()},
+        "candidates": len(cands),
+    }
     write_results(out, results)
     return results
 
@@ -63,40 +104,82 @@ def run_search_job(model: str, data: str, budget: str, trials: int, out: Path, *
 def register(app: typer.Typer) -> None:
     @app.command(
         "search",
-        epilog=("Examples:\n\n"
-                "  deltatune search --model minilm --data tweet-sentiment --budget 0.5% --trials 20 --out runs/search\n\n"
-                "  deltatune search --model minilm --data bbc-news --budget 50k --trials 8 --max-steps 50 --limit 400 "
-                "--methods lora,ia3 --out runs/quick\n\n"
-                "  deltatune search ... --out runs/search --resume   (continue an interrupted or longer study)\n\n"
-                "  deltatune search ... --backend ray --workers 4   (trials in parallel, local Ray Tune)\n\n"
-                "Each trial trains in OUT/trial_N/ (results.json, metrics.json); OUT/study.db holds the Optuna study, "
-                "OUT/pareto.png and OUT/pareto.md the Pareto front, OUT/trials.json every trial."),
+        epilog=(
+            "Examples:\n\n"
+            "  deltatune search --model minilm --data tweet-sentiment --budget 0.5% --trials 20 --out runs/search\n\n"
+            "  deltatune search --model minilm --data bbc-news --budget 50k --trials 8 --max-steps 50 --limit 400 "
+            "--methods lora,ia3 --out runs/quick\n\n"
+            "  deltatune search ... --out runs/search --resume   (continue an interrupted or longer study)\n\n"
+            "  deltatune search ... --backend ray --workers 4   (trials in parallel, local Ray Tune)\n\n"
+            "Each trial trains in OUT/trial_N/ (results.json, metrics.json); OUT/study.db holds the Optuna study, "
+            "OUT/pareto.png and OUT/pareto.md the Pareto front, OUT/trials.json every trial."
+        ),
     )
     def search(
-        model: str = typer.Option(..., "--model", "-m", help="bundled model name or a transformers directory"),
+        model: str = typer.Option(
+            ..., "--model", "-m", help="bundled model name or a transformers directory"
+        ),
         data: str = typer.Option(..., "--data", "-d", help="data set (train / val / test splits)"),
-        budget: str = typer.Option(..., "--budget", "-b", help="most trainable delta parameters: 0.5% of the model, or a count"),
-        trials: int = typer.Option(..., "--trials", "-n", help="trials in the study (a resumed study runs up to this many)"),
+        budget: str = typer.Option(
+            ...,
+            "--budget",
+            "-b",
+            help="most trainable delta parameters: 0.5% of the model, or a count",
+        ),
+        trials: int = typer.Option(
+            ..., "--trials", "-n", help="trials in the study (a resumed study runs up to this many)"
+        ),
         out: Path = typer.Option(..., "--out", help="output directory"),
         max_steps: int = typer.Option(100, "--max-steps", help="optimizer steps per trial"),
         limit: Optional[int] = typer.Option(None, "--limit", help="at most N examples per split"),
-        methods: Optional[str] = typer.Option(None, "--methods", help="comma-separated: lora, adalora, ia3, bottleneck (default: all)"),
-        positions: Optional[str] = typer.Option(None, "--positions", help="comma-separated: qv, attn, ffn, all (default: all four)"),
-        targets: Optional[str] = typer.Option(None, "--targets", help="search only this position: comma-separated module name suffixes"),
+        methods: Optional[str] = typer.Option(
+            None, "--methods", help="comma-separated: lora, adalora, ia3, bottleneck (default: all)"
+        ),
+        positions: Optional[str] = typer.Option(
+            None, "--positions", help="comma-separated: qv, attn, ffn, all (default: all four)"
+        ),
+        targets: Optional[str] = typer.Option(
+            None,
+            "--targets",
+            help="search only this position: comma-separated module name suffixes",
+        ),
         batch_size: int = typer.Option(16, "--batch-size"),
         seed: int = typer.Option(0, "--seed"),
-        backend: str = typer.Option("optuna", "--backend", help="optuna: one trial at a time | ray: --workers trials in parallel (local Ray Tune)"),
-        workers: int = typer.Option(2, "--workers", help="trials run at the same time with --backend ray"),
+        backend: str = typer.Option(
+            "optuna",
+            "--backend",
+            help="optuna: one trial at a time | ray: --workers trials in parallel (local Ray Tune)",
+        ),
+        workers: int = typer.Option(
+            2, "--workers", help="trials run at the same time with --backend ray"
+        ),
         resume: bool = typer.Option(False, "--resume", help="continue the study in --out"),
         overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty --out"),
     ) -> None:
         """Search delta configurations under a parameter budget: Pareto front of val accuracy vs parameters."""
-        results = run_search_job(model, data, budget, trials, out, max_steps=max_steps, limit=limit, methods=methods,
-                                 positions=positions, targets=targets, batch_size=batch_size, seed=seed,
-                                 backend=backend, workers=workers, resume=resume, overwrite=overwrite,
-                                 say=typer.echo)
+        results = run_search_job(
+            model,
+            data,
+            budget,
+            trials,
+            out,
+            max_steps=max_steps,
+            limit=limit,
+            methods=methods,
+            positions=positions,
+            targets=targets,
+            batch_size=batch_size,
+            seed=seed,
+            backend=backend,
+            workers=workers,
+            resume=resume,
+            overwrite=overwrite,
+            say=typer.echo,
+        )
         typer.echo(results["table"].rstrip())
         best = results["best"]
         if best:
-            typer.echo(f"best: {best['key']} val accuracy {best['val_accuracy']:.4f} with {best['params']:,} parameters; "
-                       f"plot {results['pareto_png']}")
+            typer.echo(
+                f"best: {best['key']} val accuracy {best['val_accuracy']:.4f} with {best['params']:,} parameters; "
+                f"plot {results['pareto_png']}"
+            )

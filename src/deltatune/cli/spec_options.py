@@ -54,12 +54,18 @@ def build_spec(method: str, options: dict[str, Any], *, head=()) -> DeltaSpec:
         key = key.replace("-", "_")
         key = aliases.get(key, key) if aliases.get(key) in fields else key
         if key not in fields:
-            raise SpecError(f"{cls.__name__} has no option {key!r}; valid options: {', '.join(sorted(fields))}")
-        if key in ("targets", "exclude", "trainable_modules", "target_types") and isinstance(value, str):
+            raise SpecError(
+                f"{cls.__name__} has no option {key!r}; valid options: {', '.join(sorted(fields))}"
+            )
+        if key in ("targets", "exclude", "trainable_modules", "target_types") and isinstance(
+            value, str
+        ):
             value = tuple(v.strip() for v in value.split(",") if v.strip())
         kwargs[key] = value
     if head and "trainable_modules" in fields:
-        kwargs["trainable_modules"] = tuple(dict.fromkeys([*kwargs.get("trainable_modules", ()), *head]))
+        kwargs["trainable_modules"] = tuple(
+            dict.fromkeys([*kwargs.get("trainable_modules", ()), *head])
+        )
     try:
         return cls(**kwargs)
     except TypeError as exc:

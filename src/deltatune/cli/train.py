@@ -49,11 +49,20 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     from .spec_options import build_spec
 
     fmt = cfg.get("format", "deltatune")
-    if fmt not in ADAPTER_FORMATS:  # checked before the data loads and the training runs, not when saving
-        raise CLIError(f"--format {fmt!r} is not an adapter layout; choose one of: {', '.join(ADAPTER_FORMATS)}")
+    if (
+        fmt not in ADAPTER_FORMATS
+    ):  # checked before the data loads and the training runs, not when saving
+        raise CLIError(
+            f"--format {fmt!r} is not an adapter layout; choose one of: {', '.join(ADAPTER_FORMATS)}"
+        )
     seed = int(cfg.get("seed", 0))
     fractions = _parse_fractions(cfg.get("split_fractions"))
-    read = {"seed": seed, "limit": cfg.get("limit"), "fractions": fractions, "encoding": cfg.get("encoding")}
+    read = {
+        "seed": seed,
+        "limit": cfg.get("limit"),
+        "fractions": fractions,
+        "encoding": cfg.get("encoding"),
+    }
     train_data = load_data(cfg["data"], "train", **read)
     val_data = load_data(cfg["data"], "val", **read)
     test_data = load_data(cfg["data"], "test", **read)
@@ -83,24 +92,48 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     if entry.from_scratch and cfg.get("resume", False) and base_file.is_file():
         _load_base(entry, base_file)  # resume on the very base the interrupted run started from
     # a random base has no checkpoint: keep its weights (taken before the delta wraps its modules)
-    base_state = {k: v.detach().clone() for k, v in entry.model.state_dict().items()} if entry.from_scratch else None
+    base_state = (
+        {k: v.detach().clone() for k, v in entry.model.state_dict().items()}
+        if entry.from_scratch
+        else None
+    )
     dt.attach(entry.model, spec, name="default")
     # every name and option is checked before anything is written
     if len(train_data):
-        entry.collate([train_data[0]])  # data the model cannot read (text for an image model): before --out
+        entry.collate(
+            [train_data[0]]
+        )  # data the model cannot read (text for an image model): before --out
     if cfg.get("resume", False):
         _check_resumable(Path(cfg["out"]))
-    out = prepare_out(Path(cfg["out"]), cfg.get("overwrite", False), resume=cfg.get("resume", False),
-                      inputs=[cfg["data"], cfg["model"], cfg.get("from_adapter")],
-                      keep_on_error=(CHECKPOINT, f"{CHECKPOINT}.old", BASE_FILE))  # what --resume continues from
+    out = prepare_out(
+        Path(cfg["out"]),
+        cfg.get("overwrite", False),
+        resume=cfg.get("resume", False),
+        inputs=[cfg["data"], cfg["model"], cfg.get("from_adapter")],
+        keep_on_error=(CHECKPOINT, f"{CHECKPOINT}.old", BASE_FILE),
+    )  # what --resume continues from
     if base_state is not None and not base_file.is_file():
         save_tensors(base_file, base_state)
     summary = dt.trainable_summary(entry.model)
-    _say(console, f"[bold]{cfg['method']}[/] on {entry.name}: {summary.trainable:,} trainable of {summary.total:,} parameters ({summary.percent:.3f}%)")
+    _say(
+        console,
+        f"[bold]{cfg['method']}[/] on {entry.name}: {summary.trainable:,} trainable of {summary.total:,} parameters ({summary.percent:.3f}%)",
+    )
     t0 = time.time()
-    result = fit(entry.model, train_data, entry.collate, tc, eval_data=val_data, out_dir=out,
-                 resume=cfg.get("resume", False), task=entry.task, spec_callbacks=True)  # AdaLoRA / IncreLoRA schedules
-    test = evaluate(entry.model, test_data, entry.collate, task=entry.task, batch_size=tc.eval_batch_size)
+    result = fit(
+        entry.model,
+        train_data,
+        entry.collate,
+        tc,
+        eval_data=val_data,
+        out_dir=out,
+        resume=cfg.get("resume", False),
+        task=entry.task,
+        spec_callbacks=True,
+    )  # AdaLoRA / IncreLoRA schedules
+    test = evaluate(
+        entry.model, test_data, entry.collate, task=entry.task, batch_size=tc.eval_batch_size
+    )
     adapter_dir = out / "adapter"
     # built whole under a temporary name, then swapped in: a kill leaves no adapter, the old one or the new
     # one, never delta files without their task.json and base weights
@@ -109,8 +142,17 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
 
     # the split the delta was trained on: eval draws the same one by default, so its test split never
     # overlaps the training examples
-    task_info = {"model": cfg["model"], "data": cfg["data"], "task": entry.task, "label_names": labels,
-                 "split": {"seed": seed, "limit": cfg.get("limit"), "fractions": list(fractions) if fractions else None}}
+    task_info = {
+        "model": cfg["model"],
+        "data": cfg["data"],
+        "task": entry.task,
+        "label_names": labels,
+        "split": {
+            "seed": seed,
+            "limit": cfg.get("limit"),
+            "fractions": list(fractions) if fractions else None,
+        },
+    }
     if base_state is not None:
         live = entry.model.state_dict()  # the base's BatchNorm statistics as training left them
         save_tensors(staged / BASE_FILE, {k: live.get(k, v) for k, v in base_state.items()})
@@ -118,11 +160,19 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     write_json(staged / TASK_FILE, task_info)
     swap_in(staged, adapter_dir)
     results = {
-        "job": "train", "model": cfg["model"], "data": cfg["data"], "method": cfg["method"],
-        "spec": spec.to_dict(), "seed": seed, **({"split_fractions": list(fractions)} if fractions else {}),
+        "job": "train",
+        "model": cfg["model"],
+        "data": cfg["data"],
+        "method": cfg["method"],
+        "spec": spec.to_dict(),
+        "seed": seed,
+        **({"split_fractions": list(fractions)} if fractions else {}),
         "trainable_params": summary.trainable,
-        "total_params": summary.total, "trainable_percent": summary.percent,
-        "train": _as_dict(result), "test": test, "seconds": time.time() - t0,
+        "total_params": summary.total,
+        "trainable_percent": summary.percent,
+        "train": _as_dict(result),
+        "test": test,
+        "seconds": time.time() - t0,
         "adapter": str(adapter_dir),
     }
     write_results(out, results)
@@ -134,9 +184,15 @@ def _check_resumable(out: Path) -> None:
     and its adapter replaced, so it is refused."""
     from ..train.checkpoint import find
 
-    if find(out) is None and out.is_dir() and any((out / name).exists() for name in ("adapter", "results.json")):
-        raise CLIError(f"--resume: {out} holds a finished run (adapter/, results.json) and no checkpoint to continue; "
-                       "pass --overwrite to train it again, or choose another --out")
+    if (
+        find(out) is None
+        and out.is_dir()
+        and any((out / name).exists() for name in ("adapter", "results.json"))
+    ):
+        raise CLIError(
+            f"--resume: {out} holds a finished run (adapter/, results.json) and no checkpoint to continue; "
+            "pass --overwrite to train it again, or choose another --out"
+        )
 
 
 def _as_dict(obj) -> dict:
@@ -151,7 +207,13 @@ def read_task(adapter: Path) -> dict[str, Any]:
     return json.loads(task_file.read_text()) if task_file.is_file() else {}
 
 
-def load_trained(model_name: Optional[str], adapter: Path, *, num_labels: Optional[int] = None, verify: bool = True):
+def load_trained(
+    model_name: Optional[str],
+    adapter: Path,
+    *,
+    num_labels: Optional[int] = None,
+    verify: bool = True,
+):
     """A model entry with the adapter at ``adapter`` loaded (labels from its task.json; ``num_labels``
     sizes the head of an adapter without one, e.g. a peft adapter trained elsewhere; ``verify=False``
     skips the adapter's sha256 check, for files edited on purpose)."""
@@ -162,18 +224,24 @@ def load_trained(model_name: Optional[str], adapter: Path, *, num_labels: Option
     task = read_task(adapter)
     model_name = model_name or task.get("model")
     if not model_name:
-        raise CLIError(f"{adapter} has no {TASK_FILE}; pass --model to say which base model it belongs to "
-                       "(and --num-labels for a classifier)")
+        raise CLIError(
+            f"{adapter} has no {TASK_FILE}; pass --model to say which base model it belongs to "
+            "(and --num-labels for a classifier)"
+        )
     labels = task.get("label_names") or []
     if num_labels is not None and labels and num_labels != len(labels):
-        raise CLIError(f"--num-labels {num_labels} contradicts {adapter / TASK_FILE}, which lists {len(labels)} "
-                       f"labels ({', '.join(labels[:5])}); drop --num-labels")
+        raise CLIError(
+            f"--num-labels {num_labels} contradicts {adapter / TASK_FILE}, which lists {len(labels)} "
+            f"labels ({', '.join(labels[:5])}); drop --num-labels"
+        )
     entry = load_model(model_name, num_labels=len(labels) or num_labels)
     if entry.from_scratch:
         base_file = Path(adapter) / BASE_FILE
         if not base_file.is_file():
-            raise CLIError(f"{adapter} was trained on a randomly initialised {model_name} but holds no {BASE_FILE} "
-                           "with those base weights (adapters saved before deltatune kept them); train it again")
+            raise CLIError(
+                f"{adapter} was trained on a randomly initialised {model_name} but holds no {BASE_FILE} "
+                "with those base weights (adapters saved before deltatune kept them); train it again"
+            )
         _load_base(entry, base_file)
     dt.load_adapter(entry.model, adapter, verify=verify)
     entry.model.eval()
@@ -187,13 +255,25 @@ def _load_base(entry, path: Path) -> None:
     try:
         entry.model.load_state_dict(state, strict=True)
     except RuntimeError:
-        raise CLIError(f"{path} holds the weights of another model than {entry.name}; load the adapter on the "
-                       "model it was trained for") from None
+        raise CLIError(
+            f"{path} holds the weights of another model than {entry.name}; load the adapter on the "
+            "model it was trained for"
+        ) from None
 
 
-def run_eval(model_name: Optional[str], adapter: Path, data: str, split: str = "test", seed: Optional[int] = None,
-             limit=None, split_fractions: Any = None, *, num_labels: Optional[int] = None,
-             encoding: Optional[str] = None, verify: bool = True) -> dict[str, Any]:
+def run_eval(
+    model_name: Optional[str],
+    adapter: Path,
+    data: str,
+    split: str = "test",
+    seed: Optional[int] = None,
+    limit=None,
+    split_fractions: Any = None,
+    *,
+    num_labels: Optional[int] = None,
+    encoding: Optional[str] = None,
+    verify: bool = True,
+) -> dict[str, Any]:
     """Evaluate the adapter on ``split`` of ``data``. On the data it was trained on, the split is drawn
     with the seed, limit and fractions recorded in its task.json unless given here."""
     from ..data import load_data
@@ -207,15 +287,31 @@ def run_eval(model_name: Optional[str], adapter: Path, data: str, split: str = "
     if labels and names and names != labels:
         unseen = [n for n in names if n not in labels]
         if unseen:
-            raise CLIError(f"labels {unseen} of {data!r} were not seen in training (trained on {labels}); evaluate on data with the training labels")
+            raise CLIError(
+                f"labels {unseen} of {data!r} were not seen in training (trained on {labels}); evaluate on data with the training labels"
+            )
         dataset = _remap(dataset, names, labels)
     metrics = evaluate(entry.model, dataset, entry.collate, task=entry.task)
-    return {"job": "eval", "model": model_name, "adapter": str(adapter), "data": data, "split": split, "seed": seed,
-            "limit": limit, "split_fractions": list(fractions) if fractions else None, **metrics}
+    return {
+        "job": "eval",
+        "model": model_name,
+        "adapter": str(adapter),
+        "data": data,
+        "split": split,
+        "seed": seed,
+        "limit": limit,
+        "split_fractions": list(fractions) if fractions else None,
+        **metrics,
+    }
 
 
-def _training_split(task: dict[str, Any], data: str, seed: Optional[int], limit: Optional[int],
-                    fractions: Optional[list[float]]) -> tuple[int, Optional[int], Optional[list[float]]]:
+def _training_split(
+    task: dict[str, Any],
+    data: str,
+    seed: Optional[int],
+    limit: Optional[int],
+    fractions: Optional[list[float]],
+) -> tuple[int, Optional[int], Optional[list[float]]]:
     """Seed, limit and fractions for evaluating on ``data``: those of the training run (task.json) when it
     is the training data and they were not given; a warning when a given seed or fractions differ (the
     evaluation split may then overlap the examples the delta was trained on)."""
@@ -224,13 +320,21 @@ def _training_split(task: dict[str, Any], data: str, seed: Optional[int], limit:
     recorded = task.get("split") if task.get("data") == data else None
     if not isinstance(recorded, dict):
         return (0 if seed is None else seed), limit, fractions
-    same = {"--seed": seed == recorded.get("seed", 0),
-            "--split-fractions": fractions is None or check_fractions(fractions) == check_fractions(recorded.get("fractions"))}
-    for flag, given, trained in (("--seed", seed, recorded.get("seed", 0)),
-                                 ("--split-fractions", fractions, recorded.get("fractions") or "default")):
+    same = {
+        "--seed": seed == recorded.get("seed", 0),
+        "--split-fractions": fractions is None
+        or check_fractions(fractions) == check_fractions(recorded.get("fractions")),
+    }
+    for flag, given, trained in (
+        ("--seed", seed, recorded.get("seed", 0)),
+        ("--split-fractions", fractions, recorded.get("fractions") or "default"),
+    ):
         if given is not None and not same[flag]:
-            print(f"warning: {flag} {given} differs from the training run's {trained}: the evaluation split may "
-                  f"overlap the examples the delta was trained on", file=sys.stderr)
+            print(
+                f"warning: {flag} {given} differs from the training run's {trained}: the evaluation split may "
+                f"overlap the examples the delta was trained on",
+                file=sys.stderr,
+            )
     return (recorded.get("seed", 0) if seed is None else seed,
             recorded.get("limit") if limit is None else limit,
             recorded.get("fractions") if fractions is None else fractions)
@@ -241,13 +345,17 @@ def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} is a file; give a directory path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise CLIError(f"--out {out} exists and is not empty; pass --overwrite to replace it or choose another directory")
+        raise CLIError(
+            f"--out {out} exists and is not empty; pass --overwrite to replace it or choose another directory"
+        )
 
 
 def _new_eval_dir(adapter: Path, data: str, split: str) -> Path:
     """``ADAPTER/../eval-DATA-SPLIT`` (``-2``, ``-3``, ... when taken): each evaluation keeps its own
     directory, so evaluating on another data set never replaces an earlier result."""
-    name = Path(data).stem if Path(data).exists() else data  # a file path: its name, not its folders
+    name = (
+        Path(data).stem if Path(data).exists() else data
+    )  # a file path: its name, not its folders
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:60] or "data"
     base = adapter.resolve().parent / f"eval-{name}-{split}"
     out, n = base, 1
@@ -258,8 +366,14 @@ def _new_eval_dir(adapter: Path, data: str, split: str) -> Path:
 
 
 @output_job("eval")
-def _save_eval(out: Optional[Path], overwrite: bool, results: dict[str, Any], adapter: Path, data: str,
-               split: str) -> Path:
+def _save_eval(
+    out: Optional[Path],
+    overwrite: bool,
+    results: dict[str, Any],
+    adapter: Path,
+    data: str,
+    split: str,
+) -> Path:
     """Write eval's results.json into ``out``, or into a new directory beside the adapter."""
     out = prepare_out(out if out is not None else _new_eval_dir(adapter, data, split), overwrite,
                       inputs=[adapter, data])
@@ -307,8 +421,10 @@ def _parse_fractions(value: Any) -> list[float] | None:
     try:
         return [float(x) for x in parts]
     except (TypeError, ValueError):
-        raise CLIError(f"--split-fractions takes three comma-separated numbers (train,val,test), e.g. 0.7,0.1,0.2; "
-                       f"got {value!r}") from None
+        raise CLIError(
+            f"--split-fractions takes three comma-separated numbers (train,val,test), e.g. 0.7,0.1,0.2; "
+            f"got {value!r}"
+        ) from None
 
 
 def _parse_class_weights(value: Optional[str]) -> str | list[float] | None:
@@ -317,7 +433,9 @@ def _parse_class_weights(value: Optional[str]) -> str | list[float] | None:
     try:
         return [float(w) for w in value.split(",")]
     except ValueError:
-        raise CLIError(f"--class-weights {value!r}: give 'balanced' or comma-separated numbers, e.g. 1,2,1") from None
+        raise CLIError(
+            f"--class-weights {value!r}: give 'balanced' or comma-separated numbers, e.g. 1,2,1"
+        ) from None
 
 
 def register(app: typer.Typer) -> None:
@@ -333,14 +451,28 @@ def register(app: typer.Typer) -> None:
         ),
     )
     def train(
-        model: Optional[str] = typer.Option(None, help="model name (minilm, smollm2, efficientnet-lite0, small-cnn) or a transformers directory"),
-        data: Optional[str] = typer.Option(None, help="dataset name (bbc-news, tweet-sentiment[:domain], mnist, ...) or a CSV/JSONL/folder path"),
-        method: Optional[str] = typer.Option(None, help="delta method (lora, ia3, bottleneck, ...)"),
+        model: Optional[str] = typer.Option(
+            None,
+            help="model name (minilm, smollm2, efficientnet-lite0, small-cnn) or a transformers directory",
+        ),
+        data: Optional[str] = typer.Option(
+            None,
+            help="dataset name (bbc-news, tweet-sentiment[:domain], mnist, ...) or a CSV/JSONL/folder path",
+        ),
+        method: Optional[str] = typer.Option(
+            None, help="delta method (lora, ia3, bottleneck, ...)"
+        ),
         rank: Optional[int] = typer.Option(None, "--rank", "-r", help="rank (LoRA family)"),
         alpha: Optional[float] = typer.Option(None, help="LoRA alpha (scaling = alpha / rank)"),
         dropout: Optional[float] = typer.Option(None, help="dropout on the delta's input"),
-        targets: Optional[str] = typer.Option(None, help="comma-separated module names/suffixes (default: the model's usual ones)"),
-        opt: list[str] = typer.Option([], "--opt", help="any other method option as KEY=VALUE (repeatable), e.g. --opt dora=true"),
+        targets: Optional[str] = typer.Option(
+            None, help="comma-separated module names/suffixes (default: the model's usual ones)"
+        ),
+        opt: list[str] = typer.Option(
+            [],
+            "--opt",
+            help="any other method option as KEY=VALUE (repeatable), e.g. --opt dora=true",
+        ),
         epochs: Optional[int] = typer.Option(None, help="training epochs (default 3)"),
         max_steps: Optional[int] = typer.Option(None, help="stop after this many optimizer steps"),
         batch_size: Optional[int] = typer.Option(None, help="training batch size (default 16)"),
@@ -348,18 +480,37 @@ def register(app: typer.Typer) -> None:
         grad_accum: Optional[int] = typer.Option(None, help="gradient accumulation steps"),
         schedule: Optional[str] = typer.Option(None, help="linear | cosine | constant"),
         seed: Optional[int] = typer.Option(None, help="random seed (data split, init, order)"),
-        save_every: Optional[int] = typer.Option(None, help="write a resumable checkpoint every N steps"),
-        class_weights: Optional[str] = typer.Option(None, help="loss weight per class: 'balanced' (N / (C * n_c), for "
-                                                    "skewed labels) or comma-separated weights, one per class"),
+        save_every: Optional[int] = typer.Option(
+            None, help="write a resumable checkpoint every N steps"
+        ),
+        class_weights: Optional[str] = typer.Option(
+            None,
+            help="loss weight per class: 'balanced' (N / (C * n_c), for "
+            "skewed labels) or comma-separated weights, one per class",
+        ),
         resume: bool = typer.Option(False, help="continue from --out's checkpoint"),
-        limit: Optional[int] = typer.Option(None, help="use at most N examples per split (quick runs)"),
-        split_fractions: Optional[str] = typer.Option(None, help="train,val,test fractions of the data split "
-                                                      "deltatune draws (default 0.8,0.1,0.1), e.g. 0.7,0.1,0.2"),
-        encoding: Optional[str] = typer.Option(None, help="text encoding of a CSV/JSONL --data file (default "
-                                               "utf-8, read strictly), e.g. latin-1"),
-        fmt: str = typer.Option("deltatune", "--format", help="adapter file layout: deltatune | peft"),
-        config: Optional[Path] = typer.Option(None, help="YAML file with these options; flags override it"),
-        out: Optional[Path] = typer.Option(None, help="output directory (adapter/, metrics.json, results.json)"),
+        limit: Optional[int] = typer.Option(
+            None, help="use at most N examples per split (quick runs)"
+        ),
+        split_fractions: Optional[str] = typer.Option(
+            None,
+            help="train,val,test fractions of the data split "
+            "deltatune draws (default 0.8,0.1,0.1), e.g. 0.7,0.1,0.2",
+        ),
+        encoding: Optional[str] = typer.Option(
+            None,
+            help="text encoding of a CSV/JSONL --data file (default "
+            "utf-8, read strictly), e.g. latin-1",
+        ),
+        fmt: str = typer.Option(
+            "deltatune", "--format", help="adapter file layout: deltatune | peft"
+        ),
+        config: Optional[Path] = typer.Option(
+            None, help="YAML file with these options; flags override it"
+        ),
+        out: Optional[Path] = typer.Option(
+            None, help="output directory (adapter/, metrics.json, results.json)"
+        ),
         overwrite: bool = typer.Option(False, help="replace a non-empty --out"),
     ) -> None:
         """Train a delta on a frozen model; save the adapter, metrics, curve and results.json."""
@@ -369,70 +520,139 @@ def register(app: typer.Typer) -> None:
         from .spec_options import parse_options
 
         method_options = {**(cfg.pop("method_options", {}) or {}), **parse_options(opt)}
-        for key, value in {"r": rank, "alpha": alpha, "dropout": dropout, "targets": targets}.items():
+        for key, value in {
+            "r": rank,
+            "alpha": alpha,
+            "dropout": dropout,
+            "targets": targets,
+        }.items():
             if value is not None:
                 method_options[key] = value
         train_opts = dict(cfg.pop("train", {}) or {})
-        for key, value in {"epochs": epochs, "max_steps": max_steps, "batch_size": batch_size, "lr": lr,
-                           "grad_accum": grad_accum, "schedule": schedule, "save_every": save_every,
-                           "class_weights": _parse_class_weights(class_weights)}.items():
+        for key, value in {
+            "epochs": epochs,
+            "max_steps": max_steps,
+            "batch_size": batch_size,
+            "lr": lr,
+            "grad_accum": grad_accum,
+            "schedule": schedule,
+            "save_every": save_every,
+            "class_weights": _parse_class_weights(class_weights),
+        }.items():
             if value is not None:
                 train_opts[key] = value
-        for key, value in {"model": model, "data": data, "method": method, "seed": seed, "out": out, "limit": limit,
-                           "split_fractions": split_fractions, "encoding": encoding}.items():
+        for key, value in {
+            "model": model,
+            "data": data,
+            "method": method,
+            "seed": seed,
+            "out": out,
+            "limit": limit,
+            "split_fractions": split_fractions,
+            "encoding": encoding,
+        }.items():
             if value is not None:
                 cfg[key] = value
         cfg.setdefault("method", "lora")
         for required in ("model", "data", "out"):
             if not cfg.get(required):
                 raise CLIError(f"--{required} is required (or set `{required}:` in --config)")
-        cfg.update(method_options=method_options, train=train_opts, resume=resume, overwrite=overwrite, format=fmt)
+        cfg.update(
+            method_options=method_options,
+            train=train_opts,
+            resume=resume,
+            overwrite=overwrite,
+            format=fmt,
+        )
         console = Console()
         results = run_train(cfg, console=console)
         test = results["test"]
         shown = ", ".join(f"{k}={v:.4f}" for k, v in test.items() if isinstance(v, float))
         console.print(f"[green]done[/]: test {shown}; adapter in {results['adapter']}")
 
-    @app.command("eval", epilog="Examples:\n\n  deltatune eval --adapter runs/bbc/adapter --data bbc-news\n\n  deltatune eval --model minilm --adapter runs/apple/adapter --data tweet-sentiment:cars --split test")
+    @app.command(
+        "eval",
+        epilog="Examples:\n\n  deltatune eval --adapter runs/bbc/adapter --data bbc-news\n\n  deltatune eval --model minilm --adapter runs/apple/adapter --data tweet-sentiment:cars --split test",
+    )
     def eval_(
-        adapter: Path = typer.Option(..., help="adapter directory written by `deltatune train` (or any delta dir)"),
+        adapter: Path = typer.Option(
+            ..., help="adapter directory written by `deltatune train` (or any delta dir)"
+        ),
         data: str = typer.Option(..., help="dataset name or path"),
-        model: Optional[str] = typer.Option(None, help="base model (default: the one recorded beside the adapter)"),
+        model: Optional[str] = typer.Option(
+            None, help="base model (default: the one recorded beside the adapter)"
+        ),
         split: str = typer.Option("test", help="train | val | test"),
-        seed: Optional[int] = typer.Option(None, help="seed of the data split (default: the training run's, "
-                                           "recorded in the adapter's task.json, else 0)"),
-        limit: Optional[int] = typer.Option(None, help="use at most N examples (default: the training run's)"),
-        split_fractions: Optional[str] = typer.Option(None, help="train,val,test fractions (default: the training "
-                                                      "run's, else 0.8,0.1,0.1)"),
-        num_labels: Optional[int] = typer.Option(None, help="classes of the adapter's head, for an adapter without "
-                                                 "task.json (e.g. a peft adapter; with --model)"),
-        encoding: Optional[str] = typer.Option(None, help="text encoding of a CSV/JSONL --data file (default "
-                                               "utf-8, read strictly), e.g. latin-1"),
-        out: Optional[Path] = typer.Option(None, help="where to write results.json (default: a new "
-                                           "ADAPTER/../eval-DATA-SPLIT directory)"),
+        seed: Optional[int] = typer.Option(
+            None,
+            help="seed of the data split (default: the training run's, "
+            "recorded in the adapter's task.json, else 0)",
+        ),
+        limit: Optional[int] = typer.Option(
+            None, help="use at most N examples (default: the training run's)"
+        ),
+        split_fractions: Optional[str] = typer.Option(
+            None, help="train,val,test fractions (default: the training run's, else 0.8,0.1,0.1)"
+        ),
+        num_labels: Optional[int] = typer.Option(
+            None,
+            help="classes of the adapter's head, for an adapter without "
+            "task.json (e.g. a peft adapter; with --model)",
+        ),
+        encoding: Optional[str] = typer.Option(
+            None,
+            help="text encoding of a CSV/JSONL --data file (default "
+            "utf-8, read strictly), e.g. latin-1",
+        ),
+        out: Optional[Path] = typer.Option(
+            None,
+            help="where to write results.json (default: a new "
+            "ADAPTER/../eval-DATA-SPLIT directory)",
+        ),
         overwrite: bool = typer.Option(False, help="replace a non-empty --out"),
-        no_verify: bool = typer.Option(False, "--no-verify", help="skip the adapter's sha256 check (files edited on purpose)"),
+        no_verify: bool = typer.Option(
+            False, "--no-verify", help="skip the adapter's sha256 check (files edited on purpose)"
+        ),
     ) -> None:
         """Evaluate a trained delta: accuracy and loss (perplexity for language models)."""
         if out is not None:  # checked before the evaluation, which can take long
             _check_out(out, overwrite)
-        results = run_eval(model, adapter, data, split, seed, limit, split_fractions, num_labels=num_labels,
-                           encoding=encoding, verify=not no_verify)
+        results = run_eval(
+            model,
+            adapter,
+            data,
+            split,
+            seed,
+            limit,
+            split_fractions,
+            num_labels=num_labels,
+            encoding=encoding,
+            verify=not no_verify,
+        )
         out = _save_eval(out, overwrite, results, Path(adapter), data, split)
         shown = ", ".join(f"{k}={v:.4f}" for k, v in results.items() if isinstance(v, float))
         print(f"{data} [{split}]: {shown}  (results: {out / 'results.json'})")
 
-    @app.command("export", epilog="Examples:\n\n  deltatune export --adapter runs/bbc/adapter --out runs/bbc/merged")
+    @app.command(
+        "export",
+        epilog="Examples:\n\n  deltatune export --adapter runs/bbc/adapter --out runs/bbc/merged",
+    )
     def export(
         adapter: Path = typer.Option(..., help="adapter directory"),
         out: Path = typer.Option(..., help="directory for the merged model (safetensors)"),
-        model: Optional[str] = typer.Option(None, help="base model (default: the one recorded beside the adapter)"),
+        model: Optional[str] = typer.Option(
+            None, help="base model (default: the one recorded beside the adapter)"
+        ),
         overwrite: bool = typer.Option(False, help="replace a non-empty --out"),
-        no_verify: bool = typer.Option(False, "--no-verify", help="skip the adapter's sha256 check (files edited on purpose)"),
+        no_verify: bool = typer.Option(
+            False, "--no-verify", help="skip the adapter's sha256 check (files edited on purpose)"
+        ),
     ) -> None:
         """Merge a delta into its base model and save the full model as safetensors."""
         results = run_export(model, adapter, out, overwrite, verify=not no_verify)
-        print(f"merged model written to {out} ({results['num_tensors']} tensors, {results['bytes'] / 2**20:.1f} MiB)")
+        print(
+            f"merged model written to {out} ({results['num_tensors']} tensors, {results['bytes'] / 2**20:.1f} MiB)"
+        )
 
 
 def _save_transformers(entry, out: Path, labels: list[str]) -> Optional[dict[str, Any]]:
@@ -446,8 +666,10 @@ def _save_transformers(entry, out: Path, labels: list[str]) -> Optional[dict[str
 
     model = entry.model
     if isinstance(model, MeanPoolClassifier):
-        inner, layout = model.encoder, {"transformers": "AutoModel", "head": "classifier.safetensors",
-                                        "pooling": "mean"}
+        inner, layout = (
+            model.encoder,
+            {"transformers": "AutoModel", "head": "classifier.safetensors", "pooling": "mean"},
+        )
     elif isinstance(model, LogitsOnly):
         inner = getattr(model, model._attr)
         layout = {"transformers": "AutoModelForCausalLM" if entry.task == "causal-lm"
@@ -460,7 +682,9 @@ def _save_transformers(entry, out: Path, labels: list[str]) -> Optional[dict[str
     config = inner.config
     quant = getattr(config, "quantization_config", None)
     try:
-        if quant is not None:  # a GGUF-loaded model is plain float32 by now; save_pretrained refuses the marker
+        if (
+            quant is not None
+        ):  # a GGUF-loaded model is plain float32 by now; save_pretrained refuses the marker
             del config.quantization_config
         inner.save_pretrained(str(out), safe_serialization=True)
     finally:
@@ -490,10 +714,19 @@ def run_export(model_name: Optional[str], adapter: Path, out: Path, overwrite: b
     out = stage(final, overwrite=overwrite, inputs=[adapter, model_name])
     dt.merge(entry.model, unload=True)
     state = {k: v for k, v in entry.model.state_dict().items()}
-    info = {"model": model_name or entry.name, "adapter": str(adapter), "label_names": labels, "task": entry.task}
+    info = {
+        "model": model_name or entry.name,
+        "adapter": str(adapter),
+        "label_names": labels,
+        "task": entry.task,
+    }
     layout = _save_transformers(entry, out, labels)
-    if layout is None:  # not a transformers model (small-cnn, efficientnet): the state dict as it is
-        save_tensors(out / "model.safetensors", state, metadata={"format": "pt", "source": entry.source})
+    if (
+        layout is None
+    ):  # not a transformers model (small-cnn, efficientnet): the state dict as it is
+        save_tensors(
+            out / "model.safetensors", state, metadata={"format": "pt", "source": entry.source}
+        )
     else:
         info.update(layout)
     write_json(out / "deltatune_export.json", info)

@@ -10,10 +10,29 @@ dc.load_compressed("out").to_task_vector().apply_to(base_model)
 """
 
 from .codecs import CODECS, CompressError, decode
-from .container import (CompressedDelta, compress_adapter, compress_checkpoint, compress_task_vector,
-                        compress_tensors, describe, load_compressed)
+from .container import (
+    CompressedDelta,
+    compress_adapter,
+    compress_checkpoint,
+    compress_task_vector,
+    compress_tensors,
+    describe,
+    load_compressed,
+)
 from .tuning import calibrate_scales, extract_lora, search_alpha
 
-__all__ = ["CODECS", "CompressError", "CompressedDelta", "calibrate_scales", "compress_adapter", "compress_checkpoint",
-           "compress_task_vector", "compress_tensors", "decode", "describe", "extract_lora", "load_compressed",
-           "search_alpha"]
+__all__ = [
+    "CODECS",
+    "CompressError",
+    "CompressedDelta",
+    "calibrate_scales",
+    "compress_adapter",
+    "compress_checkpoint",
+    "compress_task_vector",
+    "compress_tensors",
+    "decode",
+    "describe",
+    "extract_lora",
+    "load_compressed",
+    "search_alpha",
+]

@@ -43,8 +43,10 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     if packed.dtype != torch.uint8 or packed.numel() != (n + 7) // 8:
-        raise CompressError(f"packed bit field has {packed.numel()} bytes of {packed.dtype}, expected {(n + 7) // 8} "
-                            "uint8; the compressed file is corrupt")
+        raise CompressError(
+            f"packed bit field has {packed.numel()} bytes of {packed.dtype}, expected {(n + 7) // 8} "
+            "uint8; the compressed file is corrupt"
+        )
     return torch.from_numpy(np.unpackbits(packed.numpy(), count=n).astype(bool))
 
 
@@ -58,7 +60,9 @@ def pack_nibbles(values: torch.Tensor) -> torch.Tensor:
 
 def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
     if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
-        raise CompressError(f"packed 4-bit field has {packed.numel()} bytes, expected {(n + 1) // 2}; the file is corrupt")
+        raise CompressError(
+            f"packed 4-bit field has {packed.numel()} bytes, expected {(n + 1) // 2}; the file is corrupt"
+        )
     out = torch.stack([packed & 0x0F, packed >> 4], dim=1).reshape(-1)
     return out[:n]
 
@@ -82,7 +86,9 @@ def decode_positions(parts: Parts, n: int) -> torch.Tensor:
         return keep
     if "mask" in parts:
         return unpack_bits(parts["mask"], n)
-    raise CompressError("a sparse entry has neither 'mask' nor 'index'; the compressed file is corrupt")
+    raise CompressError(
+        "a sparse entry has neither 'mask' nor 'index'; the compressed file is corrupt"
+    )
 
 
 def _top_k_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -98,7 +104,9 @@ def _scalar(value: float) -> torch.Tensor:
 
 
 # -- codecs ---------------------------------------------------------------------------------------
-def encode_compeft(delta: torch.Tensor, *, density: float = 0.1, scale: str = "mean", alpha: float = 1.0, **_: Any):
+def encode_compeft(
+    delta: torch.Tensor, *, density: float = 0.1, scale: str = "mean", alpha: float = 1.0, **_: Any
+):
     """Top-k magnitudes → signs on a sparse support × one scale.
 
     ``scale="mean"``: the mean |δ| over the kept entries (the least-squares optimum for a fixed support
@@ -109,7 +117,11 @@ def encode_compeft(delta: torch.Tensor, *, density: float = 0.1, scale: str = "m
     flat = d.reshape(-1)
     base = flat[keep].abs().mean() if scale == "mean" else d.std()
     signs = flat[keep] > 0
-    parts = {**encode_positions(keep), "signs": pack_bits(signs), "scale": _scalar(alpha * float(base))}
+    parts = {
+        **encode_positions(keep),
+        "signs": pack_bits(signs),
+        "scale": _scalar(alpha * float(base)),
+    }
     return parts, {"kept": int(keep.sum())}
 
 
@@ -133,12 +145,22 @@ def decode_bitdelta(meta: dict, parts: Parts) -> torch.Tensor:
     return (unpack_bits(parts["signs"], n).to(torch.float32) * 2 - 1) * parts["scale"].float()
 
 
-def encode_dare(delta: torch.Tensor, *, density: float = 0.1, seed: int = 0, values: str = "float32", index: int = 0, **_: Any):
+def encode_dare(
+    delta: torch.Tensor,
+    *,
+    density: float = 0.1,
+    seed: int = 0,
+    values: str = "float32",
+    index: int = 0,
+    **_: Any,
+):
     d = delta.detach().float().cpu()
     g = torch.Generator().manual_seed(seed * 1_000_003 + index)
     keep = torch.rand(d.numel(), generator=g) < density
     kept = d.reshape(-1)[keep] / density
-    return {**encode_positions(keep), "values": kept.to(getattr(torch, values))}, {"kept": int(keep.sum())}
+    return {**encode_positions(keep), "values": kept.to(getattr(torch, values))}, {
+        "kept": int(keep.sum())
+    }
 
 
 def decode_dare(meta: dict, parts: Parts) -> torch.Tensor:
@@ -147,7 +169,9 @@ def decode_dare(meta: dict, parts: Parts) -> torch.Tensor:
     out = torch.zeros(n)
     values = parts["values"].float()
     if values.numel() != int(keep.sum()):
-        raise CompressError("DARE values and positions disagree in count; the compressed file is corrupt")
+        raise CompressError(
+            "DARE values and positions disagree in count; the compressed file is corrupt"
+        )
     out[keep] = values
     return out
 
@@ -166,22 +190,34 @@ def _encode_int(delta: torch.Tensor, bits: int):
 def _decode_int(meta: dict, parts: Parts, bits: int) -> torch.Tensor:
     n = math.prod(meta["shape"])
     scale = parts["scale"].float()
-    q = parts["q"].to(torch.float32) if bits == 8 else unpack_nibbles(parts["q"], n).to(torch.float32) - 8
+    q = (
+        parts["q"].to(torch.float32)
+        if bits == 8
+        else unpack_nibbles(parts["q"], n).to(torch.float32) - 8
+    )
     if q.numel() != n or n % scale.numel():
-        raise CompressError("quantised values do not fit the recorded shape; the compressed file is corrupt")
+        raise CompressError(
+            "quantised values do not fit the recorded shape; the compressed file is corrupt"
+        )
     return (q.reshape(scale.numel(), -1) * scale[:, None]).reshape(-1)
 
 
 def encode_lowrank(delta: torch.Tensor, *, rank: int = 16, **_: Any):
     d = delta.detach().float().cpu()
     if d.dim() != 2:
-        raise CompressError(f"lowrank needs 2-D weight deltas, got shape {tuple(d.shape)}; keep such tensors raw")
+        raise CompressError(
+            f"lowrank needs 2-D weight deltas, got shape {tuple(d.shape)}; keep such tensors raw"
+        )
     if rank > min(d.shape):
-        raise CompressError(f"rank {rank} is larger than the matrix allows (shape {tuple(d.shape)}, at most "
-                            f"{min(d.shape)}); pass a smaller --rank")
+        raise CompressError(
+            f"rank {rank} is larger than the matrix allows (shape {tuple(d.shape)}, at most "
+            f"{min(d.shape)}); pass a smaller --rank"
+        )
     u, s, vh = torch.linalg.svd(d, full_matrices=False)
     kept = float(s[:rank].square().sum() / s.square().sum().clamp(min=1e-30))
-    return {"B": (u[:, :rank] * s[:rank]).contiguous(), "A": vh[:rank].contiguous()}, {"energy": kept}
+    return {"B": (u[:, :rank] * s[:rank]).contiguous(), "A": vh[:rank].contiguous()}, {
+        "energy": kept
+    }
 
 
 def decode_lowrank(meta: dict, parts: Parts) -> torch.Tensor:
@@ -219,11 +255,15 @@ CODECS.register("raw", Codec(encode_raw, decode_raw), internal=True)
 SCALED = ("compeft", "bitdelta")
 
 
-def check_options(codec: str, density: float, rank: int, scale: str, alpha: float, values: str) -> None:
+def check_options(
+    codec: str, density: float, rank: int, scale: str, alpha: float, values: str
+) -> None:
     if codec not in CODECS.names():
         raise CompressError(CODECS.unknown(codec))
     if not (isinstance(density, (int, float)) and 0 < density <= 1):
-        raise CompressError(f"density={density!r} must be in (0, 1], e.g. 0.1 keeps 10% of the entries")
+        raise CompressError(
+            f"density={density!r} must be in (0, 1], e.g. 0.1 keeps 10% of the entries"
+        )
     if not (isinstance(rank, int) and rank >= 1):
         raise CompressError(f"rank={rank!r} must be a positive integer")
     if scale not in ("mean", "std"):
@@ -238,12 +278,18 @@ def decode(meta: dict, parts: Parts) -> torch.Tensor:
     """Rebuild one tensor from its ``meta`` (codec, shape, dtype) and packed ``parts``."""
     codec = meta.get("codec")
     if codec not in CODECS:
-        raise CompressError(f"unknown codec {codec!r} in the compressed file; it was written by a newer deltatune")
+        raise CompressError(
+            f"unknown codec {codec!r} in the compressed file; it was written by a newer deltatune"
+        )
     try:
         flat = CODECS.get(codec).decode(meta, parts)
     except KeyError as exc:
-        raise CompressError(f"a {codec} entry lacks its part {exc}; the compressed file is corrupt") from None
+        raise CompressError(
+            f"a {codec} entry lacks its part {exc}; the compressed file is corrupt"
+        ) from None
     shape = tuple(meta["shape"])
     if flat.numel() != math.prod(shape):
-        raise CompressError(f"a {codec} entry decodes to {flat.numel()} numbers, not {shape}; the file is corrupt")
+        raise CompressError(
+            f"a {codec} entry decodes to {flat.numel()} numbers, not {shape}; the file is corrupt"
+        )
     return flat.reshape(shape).to(getattr(torch, meta.get("dtype", "float32")))

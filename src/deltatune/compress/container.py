@@ -41,7 +41,9 @@ class CompressedDelta:
     options: dict[str, Any]
     metas: dict[str, dict[str, Any]]
     parts: dict[str, dict[str, torch.Tensor]]
-    source: dict[str, Any] = field(default_factory=dict)  # kind, path, and the adapter config for adapters
+    source: dict[str, Any] = field(
+        default_factory=dict
+    )  # kind, path, and the adapter config for adapters
 
     # -- reading --------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -90,9 +92,16 @@ class CompressedDelta:
         by_codec: dict[str, int] = {}
         for m in self.metas.values():
             by_codec[m["codec"]] = by_codec.get(m["codec"], 0) + 1
-        return {"codec": self.codec, "options": self.options, "tensors": len(self.metas), "tensors_by_codec": by_codec,
-                "original_bytes": self.original_bytes, "packed_bytes": self.packed_bytes, "ratio": round(self.ratio, 3),
-                "source": self.source.get("kind")}
+        return {
+            "codec": self.codec,
+            "options": self.options,
+            "tensors": len(self.metas),
+            "tensors_by_codec": by_codec,
+            "original_bytes": self.original_bytes,
+            "packed_bytes": self.packed_bytes,
+            "ratio": round(self.ratio, 3),
+            "source": self.source.get("kind"),
+        }
 
     # -- scales (ComPEFT alpha search, BitDelta calibration) -------------------------------------
     def scales(self) -> dict[str, torch.Tensor]:
@@ -114,22 +123,48 @@ class CompressedDelta:
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise CompressError(f"{path} exists and is not a directory; choose a directory path")
-        flat = {f"{n}{SEP}{k}": v.detach().cpu().contiguous() for n, p in self.parts.items() for k, v in p.items()}
-        config = {"format": FORMAT, "format_version": FORMAT_VERSION, **self.summary(), "entries": self.metas,
-                  "source": {k: v for k, v in self.source.items() if k != "adapter_config"}}
+        flat = {
+            f"{n}{SEP}{k}": v.detach().cpu().contiguous()
+            for n, p in self.parts.items()
+            for k, v in p.items()
+        }
+        config = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            **self.summary(),
+            "entries": self.metas,
+            "source": {k: v for k, v in self.source.items() if k != "adapter_config"},
+        }
         path.mkdir(parents=True, exist_ok=True)
-        atomic_write(path / TENSOR_NAME, lambda tmp: save_file(flat, tmp, metadata={"format": FORMAT}))
+        atomic_write(
+            path / TENSOR_NAME, lambda tmp: save_file(flat, tmp, metadata={"format": FORMAT})
+        )
         write_json(path / JSON_NAME, config)
         if self.source.get("kind") == "adapter":
             adapter = dict(self.source["adapter_config"])
-            adapter["compressed"] = {"file": TENSOR_NAME, "codec": self.codec, "ratio": round(self.ratio, 3)}
+            adapter["compressed"] = {
+                "file": TENSOR_NAME,
+                "codec": self.codec,
+                "ratio": round(self.ratio, 3),
+            }
             write_json(path / DELTA_JSON, adapter)
         return path
 
 
-def compress_tensors(tensors: Mapping[str, torch.Tensor], codec: str, *, density: float = 0.1, rank: int = 16,
-                     scale: str = "mean", alpha: float = 1.0, seed: int = 0, values: str = "float32",
-                     min_numel: int = 1024, keep: Sequence[str] = (), source: dict[str, Any] | None = None) -> CompressedDelta:
+def compress_tensors(
+    tensors: Mapping[str, torch.Tensor],
+    codec: str,
+    *,
+    density: float = 0.1,
+    rank: int = 16,
+    scale: str = "mean",
+    alpha: float = 1.0,
+    seed: int = 0,
+    values: str = "float32",
+    min_numel: int = 1024,
+    keep: Sequence[str] = (),
+    source: dict[str, Any] | None = None,
+) -> CompressedDelta:
     """Encode every eligible tensor of ``tensors`` with ``codec`` (see the module docstring); tensors
     whose names start with one of ``keep`` (e.g. ``"classifier"``, a new head) stay raw."""
     check_options(codec, density, rank, scale, alpha, values)
@@ -143,9 +178,13 @@ def compress_tensors(tensors: Mapping[str, torch.Tensor], codec: str, *, density
     eligible = 0
     for index, (name, t) in enumerate(tensors.items()):
         if SEP in name:
-            raise CompressError(f"tensor name {name!r} contains {SEP!r}, which the container reserves")
+            raise CompressError(
+                f"tensor name {name!r} contains {SEP!r}, which the container reserves"
+            )
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise CompressError(f"tensor {name!r} holds NaN or inf values; fix the delta before compressing it")
+            raise CompressError(
+                f"tensor {name!r} holds NaN or inf values; fix the delta before compressing it"
+            )
         use = t.is_floating_point() and t.dim() >= 2 and t.numel() >= min_numel
         use = use and not any(name == k or name.startswith(k + ".") for k in keep)
         if use and codec == "lowrank" and t.dim() != 2:
@@ -153,13 +192,29 @@ def compress_tensors(tensors: Mapping[str, torch.Tensor], codec: str, *, density
         chosen = codec if use else "raw"
         eligible += use
         encoder = CODECS[chosen][0]
-        p, extra = encoder(t, density=density, rank=rank, scale=scale, alpha=alpha, seed=seed, values=values, index=index)
+        p, extra = encoder(
+            t,
+            density=density,
+            rank=rank,
+            scale=scale,
+            alpha=alpha,
+            seed=seed,
+            values=values,
+            index=index,
+        )
         parts[name] = p
-        metas[name] = {"codec": chosen, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
-                       "original_bytes": t.numel() * (4 if t.is_floating_point() else t.element_size()), **extra}
+        metas[name] = {
+            "codec": chosen,
+            "shape": list(t.shape),
+            "dtype": str(t.dtype).removeprefix("torch."),
+            "original_bytes": t.numel() * (4 if t.is_floating_point() else t.element_size()),
+            **extra,
+        }
     if not eligible:
-        raise CompressError(f"no tensor of this delta can take the {codec} codec (it needs floating tensors with >= 2 "
-                            f"dimensions and >= {min_numel} entries); lower --min-numel or keep the delta as it is")
+        raise CompressError(
+            f"no tensor of this delta can take the {codec} codec (it needs floating tensors with >= 2 "
+            f"dimensions and >= {min_numel} entries); lower --min-numel or keep the delta as it is"
+        )
     return CompressedDelta(codec, options, metas, parts, dict(source or {}))
 
 
@@ -170,19 +225,29 @@ def compress_adapter(path: str | Path, codec: str, **options: Any) -> Compressed
     path = Path(path)
     config = read_json(path / DELTA_JSON)
     if config.get("compressed"):
-        raise CompressError(f"{path} is already compressed ({config['compressed'].get('codec')}); compress the original")
+        raise CompressError(
+            f"{path} is already compressed ({config['compressed'].get('codec')}); compress the original"
+        )
     from ..core.spec import registered_methods
 
     method = registered_methods().get(str(config.get("method")))
     if codec == "lowrank" and method is not None and method.factored:
-        raise CompressError(f"{path} holds a {config['method']} delta, already low-rank factors; lowrank extraction is "
-                            "for full fine-tuning deltas (use compeft, bitdelta, dare, int8 or int4)")
+        raise CompressError(
+            f"{path} holds a {config['method']} delta, already low-rank factors; lowrank extraction is "
+            "for full fine-tuning deltas (use compeft, bitdelta, dare, int8 or int4)"
+        )
     tensors = load_tensors(path / DELTA_TENSORS)
-    return compress_tensors(tensors, codec, source={"kind": "adapter", "method": config.get("method"),
-                                                    "adapter_config": config}, **options)
+    return compress_tensors(
+        tensors,
+        codec,
+        source={"kind": "adapter", "method": config.get("method"), "adapter_config": config},
+        **options,
+    )
 
 
-def compress_checkpoint(finetuned: str | Path, base: str | Path, codec: str, **options: Any) -> CompressedDelta:
+def compress_checkpoint(
+    finetuned: str | Path, base: str | Path, codec: str, **options: Any
+) -> CompressedDelta:
     """Compress the task vector ``finetuned − base`` of two safetensors checkpoints (files or shard dirs)."""
     from ..algebra import TaskVector
 
@@ -201,13 +266,19 @@ def load_compressed(path: str | Path) -> CompressedDelta:
 
     path = Path(path)
     if not (path / JSON_NAME).is_file():
-        raise CompressError(f"{path} holds no {JSON_NAME}; pass a directory written by `deltatune compress`")
+        raise CompressError(
+            f"{path} holds no {JSON_NAME}; pass a directory written by `deltatune compress`"
+        )
     config = read_json(path / JSON_NAME)
     if config.get("format") != FORMAT:
-        raise CompressError(f"{path / JSON_NAME} is not a compressed delta (format={config.get('format')!r})")
+        raise CompressError(
+            f"{path / JSON_NAME} is not a compressed delta (format={config.get('format')!r})"
+        )
     version = config.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CompressError(f"{path} was written by a newer deltatune (format version {version}); upgrade to read it")
+        raise CompressError(
+            f"{path} was written by a newer deltatune (format version {version}); upgrade to read it"
+        )
     metas = config.get("entries")
     if not isinstance(metas, dict) or not metas:
         raise CompressError(f"{path / JSON_NAME} lists no entries; the file is corrupt")
@@ -218,23 +289,33 @@ def load_compressed(path: str | Path) -> CompressedDelta:
             for key in fh.keys():
                 name, _, part = key.rpartition(SEP)
                 if name not in parts:
-                    raise CompressError(f"{tensor_file} holds {key!r}, which {JSON_NAME} does not list; the files "
-                                        "do not belong together")
+                    raise CompressError(
+                        f"{tensor_file} holds {key!r}, which {JSON_NAME} does not list; the files "
+                        "do not belong together"
+                    )
                 parts[name][part] = fh.get_tensor(key)
     except CompressError:
         raise
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for damaged files
-        raise CompressError(f"{tensor_file} is missing, truncated or corrupt ({str(exc).splitlines()[0][:120]}); "
-                            "compress the delta again") from None
+        raise CompressError(
+            f"{tensor_file} is missing, truncated or corrupt ({str(exc).splitlines()[0][:120]}); "
+            "compress the delta again"
+        ) from None
     for name, meta in metas.items():
         if not parts[name] or not isinstance(meta, dict) or "shape" not in meta:
-            raise CompressError(f"entry {name!r} has no packed data in {tensor_file}; the file is corrupt")
+            raise CompressError(
+                f"entry {name!r} has no packed data in {tensor_file}; the file is corrupt"
+            )
         if meta.get("codec") not in CODECS:
-            raise CompressError(f"unknown codec {meta.get('codec')!r} in {path}; it was written by a newer deltatune")
+            raise CompressError(
+                f"unknown codec {meta.get('codec')!r} in {path}; it was written by a newer deltatune"
+            )
     source = dict(config.get("source") or {})
     if (path / DELTA_JSON).is_file():
         source["adapter_config"] = read_json(path / DELTA_JSON)
-    return CompressedDelta(config.get("codec", "?"), config.get("options", {}), metas, parts, source)
+    return CompressedDelta(
+        config.get("codec", "?"), config.get("options", {}), metas, parts, source
+    )
 
 
 def read_adapter_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -20,11 +20,16 @@ from .codecs import CompressError, decode
 from .container import CompressedDelta
 
 
-def search_alpha(compressed: CompressedDelta, evaluate: Callable[[CompressedDelta], float],
-                 grid: Sequence[float] = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)) -> tuple[CompressedDelta, dict[float, float]]:
+def search_alpha(
+    compressed: CompressedDelta,
+    evaluate: Callable[[CompressedDelta], float],
+    grid: Sequence[float] = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0),
+) -> tuple[CompressedDelta, dict[float, float]]:
     """The rescaled copy with the best ``evaluate`` score (higher is better), and every score by factor."""
     if not compressed.scales():
-        raise CompressError(f"search_alpha needs a compeft or bitdelta delta, not {compressed.codec}")
+        raise CompressError(
+            f"search_alpha needs a compeft or bitdelta delta, not {compressed.codec}"
+        )
     if not grid or any(not (a > 0) for a in grid):
         raise CompressError(f"grid={list(grid)} must hold positive factors")
     scores = {float(a): float(evaluate(compressed.rescaled(a))) for a in grid}
@@ -32,9 +37,17 @@ def search_alpha(compressed: CompressedDelta, evaluate: Callable[[CompressedDelt
     return compressed.rescaled(best), scores
 
 
-def calibrate_scales(compressed: CompressedDelta, model: nn.Module, base: dict[str, torch.Tensor],
-                     teacher: Callable[[Any], torch.Tensor], batches: Iterable[Any], *, steps: int = 50,
-                     lr: float = 1e-4, forward: Callable[[nn.Module, Any], torch.Tensor] | None = None) -> CompressedDelta:
+def calibrate_scales(
+    compressed: CompressedDelta,
+    model: nn.Module,
+    base: dict[str, torch.Tensor],
+    teacher: Callable[[Any], torch.Tensor],
+    batches: Iterable[Any],
+    *,
+    steps: int = 50,
+    lr: float = 1e-4,
+    forward: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+) -> CompressedDelta:
     """Distil the per-matrix scales against ``teacher(batch)`` logits; returns a calibrated copy.
 
     ``model`` is the base architecture (its weights are not changed: the compressed weights
@@ -44,14 +57,21 @@ def calibrate_scales(compressed: CompressedDelta, model: nn.Module, base: dict[s
     from torch.func import functional_call
 
     if not compressed.scales():
-        raise CompressError(f"calibrate_scales needs a compeft or bitdelta delta, not {compressed.codec}")
+        raise CompressError(
+            f"calibrate_scales needs a compeft or bitdelta delta, not {compressed.codec}"
+        )
     if steps < 1:
         raise CompressError(f"steps={steps} must be positive")
     names = list(compressed.scales())
     missing = [n for n in names if n not in base]
     if missing:
-        raise CompressError(f"base has no tensor {missing[0]!r}; pass the base values of the compressed tensors")
-    unit = {n: decode(compressed.metas[n], {**compressed.parts[n], "scale": torch.ones(1)}) for n in names}
+        raise CompressError(
+            f"base has no tensor {missing[0]!r}; pass the base values of the compressed tensors"
+        )
+    unit = {
+        n: decode(compressed.metas[n], {**compressed.parts[n], "scale": torch.ones(1)})
+        for n in names
+    }
     fixed = {n: compressed.tensor(n) for n in compressed.names() if n not in unit}
     scales = {n: nn.Parameter(compressed.parts[n]["scale"].float().clone()) for n in names}
     opt = torch.optim.Adam(scales.values(), lr=lr)
@@ -78,8 +98,13 @@ def calibrate_scales(compressed: CompressedDelta, model: nn.Module, base: dict[s
     parts = {n: dict(p) for n, p in compressed.parts.items()}
     for n in names:
         parts[n]["scale"] = scales[n].detach().clone()
-    return CompressedDelta(compressed.codec, {**compressed.options, "calibrated_steps": steps}, compressed.metas, parts,
-                           compressed.source)
+    return CompressedDelta(
+        compressed.codec,
+        {**compressed.options, "calibrated_steps": steps},
+        compressed.metas,
+        parts,
+        compressed.source,
+    )
 
 
 class _Call:
@@ -92,7 +117,9 @@ class _Call:
         return self.fc(self.model, self.params, args, kwargs)
 
 
-def extract_lora(model: nn.Module, task_vector, rank: int, *, name: str = "lowrank") -> dict[str, Any]:
+def extract_lora(
+    model: nn.Module, task_vector, rank: int, *, name: str = "lowrank"
+) -> dict[str, Any]:
     """Attach the 2-D weight changes of ``task_vector`` to ``model`` as a rank-``rank`` LoRA ``name``.
 
     Entries a LoRA cannot hold (biases, norms, conv kernels, modules that are not Linear/Embedding)
@@ -111,17 +138,23 @@ def extract_lora(model: nn.Module, task_vector, rank: int, *, name: str = "lowra
         try:
             module = get_module(model, path)
         except AttributeError:
-            raise CompressError(f"the model has no module {path!r} (from entry {key!r}); use the base the delta "
-                                "came from") from None
+            raise CompressError(
+                f"the model has no module {path!r} (from entry {key!r}); use the base the delta "
+                "came from"
+            ) from None
         shape = tuple(value.shape)
         if leaf == "weight" and len(shape) == 2 and isinstance(module, (nn.Linear, nn.Embedding)):
             if rank > min(shape):
-                raise CompressError(f"rank {rank} is larger than {key} allows (shape {shape}, at most {min(shape)})")
+                raise CompressError(
+                    f"rank {rank} is larger than {key} allows (shape {shape}, at most {min(shape)})"
+                )
             keep[key] = value
         else:
             dropped.append(key)
     if not keep:
-        raise CompressError("the delta holds no Linear/Embedding weight change; a LoRA cannot represent it")
+        raise CompressError(
+            "the delta holds no Linear/Embedding weight change; a LoRA cannot represent it"
+        )
     factored = TaskVector(keep).to_rank(rank)
     hosts = attach_lowrank(model, factored, name)
     return {"name": name, "rank": rank, "hosts": hosts, "dropped": dropped}

@@ -13,5 +13,18 @@ from .runner import ContinualResult, metrics, plot_matrix, run_stream
 from .strategies import STRATEGIES, Reservoir, Strategy, make_strategy
 from .streams import STREAMS, ContinualError, Stream, Task, make_stream
 
-__all__ = ["STRATEGIES", "STREAMS", "ContinualError", "ContinualResult", "Reservoir", "Stream", "Strategy", "Task",
-           "make_strategy", "make_stream", "metrics", "plot_matrix", "run_stream"]
+__all__ = [
+    "STRATEGIES",
+    "STREAMS",
+    "ContinualError",
+    "ContinualResult",
+    "Reservoir",
+    "Stream",
+    "Strategy",
+    "Task",
+    "make_strategy",
+    "make_stream",
+    "metrics",
+    "plot_matrix",
+    "run_stream",
+]

@@ -56,7 +56,9 @@ class Strategy:
             try:
                 get_module(self.model, h).requires_grad_(True)
             except AttributeError:
-                raise ContinualError(f"the model has no head module {h!r}; pass the classifier's name") from None
+                raise ContinualError(
+                    f"the model has no head module {h!r}; pass the classifier's name"
+                ) from None
 
     def before_task(self, t: int, task: Task) -> None:
         pass
@@ -76,11 +78,20 @@ class _Penalty:
         self.penalty = fn
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, old: list[int], temperature: float,
-                      lam: float) -> torch.Tensor:
+def distillation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, old: list[int], temperature: float, lam: float
+) -> torch.Tensor:
     """λ·T²·KL(teacher ‖ student) at temperature T over the classes seen before (``old``; all when empty
     or when the head has no other classes), as in LwF and ZSCL."""
     cols = old if old and student.shape[-1] > len(old) else slice(None)
     T = temperature
-    return lam * T * T * F.kl_div(F.log_softmax(student[:, cols] / T, -1), F.softmax(teacher[:, cols] / T, -1),
-                                  reduction="batchmean")
+    return (
+        lam
+        * T
+        * T
+        * F.kl_div(
+            F.log_softmax(student[:, cols] / T, -1),
+            F.softmax(teacher[:, cols] / T, -1),
+            reduction="batchmean",
+        )
+    )

@@ -15,7 +15,9 @@ class _PerTask(Strategy):
         from ..methods.lora import LoRA
 
         if not isinstance(spec, LoRA):
-            raise ContinualError(f"strategy {self.name!r} keeps one LoRA per task; use --method lora")
+            raise ContinualError(
+                f"strategy {self.name!r} keeps one LoRA per task; use --method lora"
+            )
 
     def setup(self, model, spec, head, collate) -> None:
         self.validate(spec)
@@ -52,9 +54,17 @@ class Merge(_PerTask):
         from ..core.host import DeltaHost
 
         n, spec = len(self.names), self.spec
-        hosts = [(p, h) for p, h in iter_hosts(self.model) if isinstance(h, DeltaHost) and self.names[-1] in h.delta_names()]
+        hosts = [
+            (p, h)
+            for p, h in iter_hosts(self.model)
+            if isinstance(h, DeltaHost) and self.names[-1] in h.delta_names()
+        ]
         ranks = {p: min(n * spec.rank_for(p), h.max_rank or n * spec.rank_for(p)) for p, h in hosts}
-        attach(self.model, dataclasses.replace(spec, r=max(ranks.values()), rank_pattern=ranks), "merged")
+        attach(
+            self.model,
+            dataclasses.replace(spec, r=max(ranks.values()), rank_pattern=ranks),
+            "merged",
+        )
         self._unfreeze_head()
         with torch.no_grad():
             for _, host in iter_hosts(self.model):

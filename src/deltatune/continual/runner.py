@@ -47,10 +47,16 @@ def metrics(matrix: list[list[float]], initial: list[float]) -> dict[str, float 
     if T == 0 or any(len(row) != len(matrix[0]) for row in matrix):
         raise ContinualError("the accuracy matrix must be a non-empty list of equal-length rows")
     last = matrix[-1]
-    out: dict[str, float | None] = {"average_accuracy": sum(last) / len(last),
-                                    "forgetting": None, "backward_transfer": None, "forward_transfer": None}
+    out: dict[str, float | None] = {
+        "average_accuracy": sum(last) / len(last),
+        "forgetting": None,
+        "backward_transfer": None,
+        "forward_transfer": None,
+    }
     if T > 1 and len(last) == T:
-        out["forgetting"] = sum(max(matrix[i][j] for i in range(T - 1)) - last[j] for j in range(T - 1)) / (T - 1)
+        out["forgetting"] = sum(
+            max(matrix[i][j] for i in range(T - 1)) - last[j] for j in range(T - 1)
+        ) / (T - 1)
         out["backward_transfer"] = sum(last[j] - matrix[j][j] for j in range(T - 1)) / (T - 1)
         out["forward_transfer"] = sum(matrix[j - 1][j] - initial[j] for j in range(1, T)) / (T - 1)
     return out
@@ -76,13 +82,25 @@ def _check_head(model: nn.Module, stream: Stream, collate: Callable) -> None:
     with torch.no_grad():
         width = model(**batch).shape[-1]
     if width != len(stream.label_names):
-        raise ContinualError(f"the model's head has {width} outputs but stream {stream.name!r} has "
-                             f"{len(stream.label_names)} classes; build the model with num_labels={len(stream.label_names)}")
+        raise ContinualError(
+            f"the model's head has {width} outputs but stream {stream.name!r} has "
+            f"{len(stream.label_names)} classes; build the model with num_labels={len(stream.label_names)}"
+        )
 
 
-def run_stream(model: nn.Module, collate: Callable, stream: Stream, strategy: Strategy, config, *, spec=None,
-               head: list[str] | None = None, task_ids: bool = False, out_dir: str | Path | None = None,
-               log: Callable[[str], None] | None = None) -> ContinualResult:
+def run_stream(
+    model: nn.Module,
+    collate: Callable,
+    stream: Stream,
+    strategy: Strategy,
+    config,
+    *,
+    spec=None,
+    head: list[str] | None = None,
+    task_ids: bool = False,
+    out_dir: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
+) -> ContinualResult:
     """Train ``strategy`` task by task (``config``: a :class:`~deltatune.train.TrainConfig` per task) and
     evaluate every task after each one. ``task_ids=True`` evaluates with the task's classes only."""
     from ..train import evaluate, fit
@@ -95,23 +113,34 @@ def run_stream(model: nn.Module, collate: Callable, stream: Stream, strategy: St
     def accuracies(predictor: nn.Module) -> list[float]:
         row = []
         for task in stream.tasks:
-            p = _TaskMasked(predictor, task.classes) if task_ids and stream.scenario == "class" else predictor
+            p = (
+                _TaskMasked(predictor, task.classes)
+                if task_ids and stream.scenario == "class"
+                else predictor
+            )
             row.append(evaluate(p, task.test, collate, task=stream.task_kind)["accuracy"])
         return row
 
     if config.max_steps:
         steps = config.max_steps
     else:  # optimizer steps a task takes on average (LAE's EMA, ZSCL's ensemble scale with it)
-        per = [Plan(len(t.train), config.batch_size, 1, config.grad_accum).steps_per_epoch * config.epochs
-               for t in stream.tasks]
+        per = [
+            Plan(len(t.train), config.batch_size, 1, config.grad_accum).steps_per_epoch
+            * config.epochs
+            for t in stream.tasks
+        ]
         steps = max(1, round(sum(per) / len(per)))
     strategy.configure(config, steps)
     strategy.setup(model, spec, head, collate)
     initial = accuracies(strategy.predictor())
     matrix: list[list[float]] = []
     if getattr(strategy, "joint", False):
-        union = Dataset(f"{stream.name}[all]", stream.task_kind, [e for t in stream.tasks for e in t.train.examples],
-                        stream.label_names)
+        union = Dataset(
+            f"{stream.name}[all]",
+            stream.task_kind,
+            [e for t in stream.tasks for e in t.train.examples],
+            stream.label_names,
+        )
         steps = config.max_steps * len(stream.tasks) if config.max_steps else None
         cfg = type(config)(**{**asdict(config), "max_steps": steps})
         fit(model, union, collate, cfg, task=stream.task_kind, out_dir=_sub(out_dir, "joint"))
@@ -120,15 +149,31 @@ def run_stream(model: nn.Module, collate: Callable, stream: Stream, strategy: St
     else:
         for t, task in enumerate(stream.tasks):
             strategy.before_task(t, task)
-            fit(model, task.train, collate, config, task=stream.task_kind, callbacks=strategy.callbacks(t, task),
-                out_dir=_sub(out_dir, f"task{t}"))
+            fit(
+                model,
+                task.train,
+                collate,
+                config,
+                task=stream.task_kind,
+                callbacks=strategy.callbacks(t, task),
+                out_dir=_sub(out_dir, f"task{t}"),
+            )
             strategy.after_task(t, task)
             matrix.append(accuracies(strategy.predictor()))
             say(f"after {task.name}: {['%.3f' % a for a in matrix[-1]]}")
     m = metrics(matrix, initial)
-    result = ContinualResult(stream.name, strategy.name if not getattr(strategy, "joint", False) else "joint",
-                             [t.name for t in stream.tasks], matrix, initial, m["average_accuracy"], m["forgetting"],
-                             m["backward_transfer"], m["forward_transfer"], time.time() - t0)
+    result = ContinualResult(
+        stream.name,
+        strategy.name if not getattr(strategy, "joint", False) else "joint",
+        [t.name for t in stream.tasks],
+        matrix,
+        initial,
+        m["average_accuracy"],
+        m["forgetting"],
+        m["backward_transfer"],
+        m["forward_transfer"],
+        time.time() - t0,
+    )
     return result
 
 
@@ -150,7 +195,15 @@ def plot_matrix(result: ContinualResult, path: str | Path) -> Path:
     im = ax.imshow([[100 * v for v in row] for row in m], vmin=0, vmax=100, cmap="viridis")
     for i, row in enumerate(m):
         for j, v in enumerate(row):
-            ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=8)
+            ax.text(
+                j,
+                i,
+                f"{100 * v:.0f}",
+                ha="center",
+                va="center",
+                color="white" if v < 0.6 else "black",
+                fontsize=8,
+            )
     ax.set_xticks(range(len(result.tasks)), result.tasks, rotation=30, ha="right", fontsize=8)
     rows = ["all tasks"] if len(m) == 1 else [f"after {t}" for t in result.tasks]
     ax.set_yticks(range(len(m)), rows, fontsize=8)

@@ -118,7 +118,11 @@ class EWC(Strategy):
         if not self.fisher:
             return None
         params = _trainable(self.model)
-        total = sum(((params[n] - self.anchor[n]).square() * f).sum() for n, f in self.fisher.items() if n in params)
+        total = sum(
+            ((params[n] - self.anchor[n]).square() * f).sum()
+            for n, f in self.fisher.items()
+            if n in params
+        )
         return 0.5 * self.lam * total
 
     def callbacks(self, t, task):
@@ -132,7 +136,9 @@ class EWC(Strategy):
         batches = [self.collate(ex[i:i + 16]) for i in range(0, len(ex), 16)]
         names = list(_trainable(self.model))
         new = diagonal_fisher(self.model, batches, params=names, labels=lambda b: b["labels"])
-        new = {n: f / (f.mean() + 1e-12) for n, f in new.items()}  # scale-free: λ means the same for any model
+        new = {
+            n: f / (f.mean() + 1e-12) for n, f in new.items()
+        }  # scale-free: λ means the same for any model
         old = self.fisher or {}
         self.fisher = {n: self.decay * old.get(n, 0) + f for n, f in new.items()}
         self.anchor = {n: p.detach().clone() for n, p in _trainable(self.model).items()}
@@ -200,7 +206,9 @@ class LAE(Strategy):
 
     def validate(self, spec) -> None:
         if spec is None:
-            raise ContinualError("LAE needs a parameter-efficient method (--method lora, ...), not full fine-tuning")
+            raise ContinualError(
+                "LAE needs a parameter-efficient method (--method lora, ...), not full fine-tuning"
+            )
         if self.momentum is not None and not 0 <= self.momentum < 1:
             raise ContinualError(f"LAE momentum must be in [0, 1), got {self.momentum}")
 
@@ -239,8 +247,19 @@ class LAE(Strategy):
         return _Ensemble(self.model)
 
 
-__all__ = ["Strategy", "Reservoir", "Replay", "EWC", "LwF", "LAE", "ZSCL", "Merge", "OLoRA", "STRATEGIES",
-           "make_strategy"]
+__all__ = [
+    "Strategy",
+    "Reservoir",
+    "Replay",
+    "EWC",
+    "LwF",
+    "LAE",
+    "ZSCL",
+    "Merge",
+    "OLoRA",
+    "STRATEGIES",
+    "make_strategy",
+]
 
 #: every strategy class by name
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy", ContinualError, key=lambda s: s.name)

@@ -44,14 +44,23 @@ class ZSCL(Strategy):
 
     @classmethod
     def options(cls):
-        return {"lam": 1.0, "temperature": 2.0, "reference": None, "reference_size": 512, "reference_batch": 16,
-                "we_interval": 10, "seed": 0}
+        return {
+            "lam": 1.0,
+            "temperature": 2.0,
+            "reference": None,
+            "reference_size": 512,
+            "reference_batch": 16,
+            "we_interval": 10,
+            "seed": 0,
+        }
 
     teacher: nn.Module | None = None
 
     def validate(self, spec) -> None:
         if not isinstance(self.we_interval, int) or self.we_interval < 1:
-            raise ContinualError(f"zscl we_interval must be a positive number of steps, got {self.we_interval!r}")
+            raise ContinualError(
+                f"zscl we_interval must be a positive number of steps, got {self.we_interval!r}"
+            )
         if self.reference_batch < 1 or self.reference_size < 1:
             raise ContinualError("zscl reference_batch and reference_size must be positive")
 
@@ -67,20 +76,28 @@ class ZSCL(Strategy):
             try:
                 collate(self.pool[:2])
             except Exception as exc:  # noqa: BLE001 - the model's collate names what it needs
-                raise ContinualError(f"zscl reference {self.reference!r} does not fit this model's inputs ({exc}); "
-                                     "use data of the same kind as the stream") from None
+                raise ContinualError(
+                    f"zscl reference {self.reference!r} does not fit this model's inputs ({exc}); "
+                    "use data of the same kind as the stream"
+                ) from None
 
     def before_task(self, t, task) -> None:
         self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False) if t > 0 else None
         self.old = list(self.seen)
-        self._inputs = self.pool or [{k: v for k, v in e.items() if k != "label"} for e in task.train.examples]
+        self._inputs = self.pool or [
+            {k: v for k, v in e.items() if k != "label"} for e in task.train.examples
+        ]
 
     def distillation(self, model, batch=None, outputs=None) -> torch.Tensor | None:
         if self.teacher is None:
             return None
         device = next(model.parameters()).device
-        ref = self.collate(self.rng.sample(self._inputs, min(self.reference_batch, len(self._inputs))))
-        ref = {k: v.to(device) if torch.is_tensor(v) else v for k, v in ref.items() if k != "labels"}
+        ref = self.collate(
+            self.rng.sample(self._inputs, min(self.reference_batch, len(self._inputs)))
+        )
+        ref = {
+            k: v.to(device) if torch.is_tensor(v) else v for k, v in ref.items() if k != "labels"
+        }
         student = model(**ref)
         with torch.no_grad():
             target = self.teacher(**ref)

@@ -91,7 +91,9 @@ class Delta(nn.Module):
         """Tensors as peft stores them, keyed by the suffix after the module path."""
         raise NotImplementedError(f"{type(self).__name__} has no peft layout")
 
-    def from_peft(self, host: "DeltaHost", tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def from_peft(
+        self, host: "DeltaHost", tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         """This delta's ``state_dict`` from peft's tensors (the inverse of :meth:`to_peft`)."""
         raise NotImplementedError(f"{type(self).__name__} has no peft layout")
 

@@ -174,22 +174,30 @@ class DeltaHost(Host):
         return list(self._merged)
 
     def _refresh(self) -> None:
-        self._live = [self.deltas[n] for n in self._active if n in self.deltas and n not in self._merged]
+        self._live = [
+            self.deltas[n] for n in self._active if n in self.deltas and n not in self._merged
+        ]
 
     def set_active(self, names: Sequence[str]) -> None:
         if self._merged and list(names) != self._active:
-            raise StateError("cannot change the active deltas while some are merged; call dt.unmerge(model) first")
+            raise StateError(
+                "cannot change the active deltas while some are merged; call dt.unmerge(model) first"
+            )
         self._active = [n for n in names if n in self.deltas]
         self._refresh()
 
     def add(self, name: str, delta: Delta) -> None:
         if name in self.deltas:
-            raise StateError(f"delta {name!r} is already attached; detach it first or choose another name")
+            raise StateError(
+                f"delta {name!r} is already attached; detach it first or choose another name"
+            )
         self.deltas[name] = delta
 
     def remove(self, name: str) -> None:
         if name in self._merged:
-            raise StateError(f"delta {name!r} is merged; call dt.unmerge(model) before detaching it")
+            raise StateError(
+                f"delta {name!r} is merged; call dt.unmerge(model) before detaching it"
+            )
         self.deltas[name].release(self)
         del self.deltas[name]
         self._active = [n for n in self._active if n != name]
@@ -232,7 +240,9 @@ class DeltaHost(Host):
             self._plan = None
             return
         if self._merged:
-            raise StateError("cannot route per sample while deltas are merged; call dt.unmerge(model) first")
+            raise StateError(
+                "cannot route per sample while deltas are merged; call dt.unmerge(model) first"
+            )
         groups: dict[type[Delta], list[tuple[int, Delta]]] = {}
         for j, name in enumerate(names):
             if name in self.deltas:
@@ -350,11 +360,15 @@ def iter_hosts(model: nn.Module) -> Iterator[tuple[str, Host]]:
             yield name, module
 
 
-def add_delta(model: nn.Module, path: str, name: str, build: Callable[["DeltaHost", str], Delta]) -> Delta:
+def add_delta(
+    model: nn.Module, path: str, name: str, build: Callable[["DeltaHost", str], Delta]
+) -> Delta:
     """Wrap ``model.<path>`` in a host (once) and add the delta ``build(host, path)`` under ``name``."""
     module = get_module(model, path)
     if isinstance(module, ModuleCopy):
-        raise TargetError(f"{path!r} is already kept trainable as a whole module; it cannot also host a delta")
+        raise TargetError(
+            f"{path!r} is already kept trainable as a whole module; it cannot also host a delta"
+        )
     host = module if isinstance(module, DeltaHost) else None
     if host is None:
         host = DeltaHost(module)
@@ -362,7 +376,9 @@ def add_delta(model: nn.Module, path: str, name: str, build: Callable[["DeltaHos
         # reset submodules of the base that are deliberately in the other mode
         host.training = host.deltas.training = module.training
     if name in host.deltas:
-        raise StateError(f"delta {name!r} is already attached to {path!r}; detach it first or choose another name")
+        raise StateError(
+            f"delta {name!r} is already attached to {path!r}; detach it first or choose another name"
+        )
     delta = build(host, path)
     ref = next(iter(module.parameters()), None)
     if ref is not None:
@@ -393,7 +409,9 @@ def add_sites(model: nn.Module, name: str, spec: "DeltaSpec", sites: Sequence["S
     for site in sites:
         module = get_module(model, site.path)
         if site.check and not isinstance(module, ModuleCopy):
-            spec.check_host(module if isinstance(module, DeltaHost) else DeltaHost(module), site.path)
+            spec.check_host(
+                module if isinstance(module, DeltaHost) else DeltaHost(module), site.path
+            )
     paths: list[str] = []
     larger: list[tuple[str, int, int]] = []
     for site in sites:

@@ -54,18 +54,26 @@ def _require(model: nn.Module, names: Sequence[str | None]) -> None:
             raise StateError(_unknown_name(model, n))
 
 
-def attach(model: nn.Module, spec: DeltaSpec, name: str = "default", *, activate: bool = True) -> list[str]:
+def attach(
+    model: nn.Module, spec: DeltaSpec, name: str = "default", *, activate: bool = True
+) -> list[str]:
     """Insert ``spec``'s delta into ``model`` under ``name`` and freeze everything else.
 
     Returns the full names of the modules that host it. With ``activate`` (the default) the new delta
     becomes the only active one. Nothing is changed when an error is raised.
     """
     if not isinstance(spec, DeltaSpec):
-        raise TypeError(f"attach() needs a method spec such as dt.LoRA(...), got {type(spec).__name__}")
+        raise TypeError(
+            f"attach() needs a method spec such as dt.LoRA(...), got {type(spec).__name__}"
+        )
     if not isinstance(name, str) or not _NAME.match(name):
-        raise StateError(f"delta name {name!r} must be letters, digits, '_' or '-' (no dots or spaces)")
+        raise StateError(
+            f"delta name {name!r} must be letters, digits, '_' or '-' (no dots or spaces)"
+        )
     if name in delta_names(model):
-        raise StateError(f"a delta named {name!r} is already attached; dt.detach(model, {name!r}) first or pick another name")
+        raise StateError(
+            f"a delta named {name!r} is already attached; dt.detach(model, {name!r}) first or pick another name"
+        )
     keep = _resolve_modules(model, spec.trainable_modules)
     snapshot = _Snapshot(model)
     try:
@@ -73,7 +81,9 @@ def attach(model: nn.Module, spec: DeltaSpec, name: str = "default", *, activate
         for path in keep:
             module = get_module(model, path)
             if isinstance(module, DeltaHost):
-                raise TargetError(f"{path!r} hosts a delta; it cannot also be kept trainable as a whole module")
+                raise TargetError(
+                    f"{path!r} hosts a delta; it cannot also be kept trainable as a whole module"
+                )
             holder = module if isinstance(module, ModuleCopy) else ModuleCopy(module)
             holder.add(name, spec)
             if holder is not module:
@@ -97,8 +107,13 @@ class _Snapshot:
         self.model = model
         self.children = [(parent, child_name, child) for parent in model.modules()
                          for child_name, child in parent.named_children()]
-        self.hooks = {id(m): (m, {k: dict(v) for k, v in vars(m).items() if "hook" in k and isinstance(v, dict)})
-                      for m in model.modules()}
+        self.hooks = {
+            id(m): (
+                m,
+                {k: dict(v) for k, v in vars(m).items() if "hook" in k and isinstance(v, dict)},
+            )
+            for m in model.modules()
+        }
 
     def restore(self, name: str) -> None:
         for path, host in list(iter_hosts(self.model)):  # existing hosts drop the new delta's parts
@@ -123,7 +138,9 @@ def _resolve_modules(model: nn.Module, wanted: Sequence[str]) -> list[str]:
         if not hits:
             import difflib
 
-            close = difflib.get_close_matches(w, candidates + [n.rsplit(".", 1)[-1] for n in candidates], n=3)
+            close = difflib.get_close_matches(
+                w, candidates + [n.rsplit(".", 1)[-1] for n in candidates], n=3
+            )
             hint = f"; closest: {', '.join(close)}" if close else ""
             raise TargetError(f"trainable module {w!r} matches no module of the model{hint}")
         paths += [h for h in hits if h not in paths]
@@ -187,10 +204,14 @@ def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
     _require(model, names)
     hosts = [h for _, h in iter_hosts(model)]
     if any(h.merged for h in hosts):
-        raise StateError("cannot route per sample while deltas are merged; call dt.unmerge(model) first")
+        raise StateError(
+            "cannot route per sample while deltas are merged; call dt.unmerge(model) first"
+        )
     unique = list(dict.fromkeys(n for n in names if n is not None))
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    slots = torch.tensor([-1 if n is None else unique.index(n) for n in names], dtype=torch.long, device=device)
+    slots = torch.tensor(
+        [-1 if n is None else unique.index(n) for n in names], dtype=torch.long, device=device
+    )
     try:
         for h in hosts:
             h.set_route(slots, unique)
@@ -200,7 +221,9 @@ def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
             h.set_route(None, unique)
 
 
-def merge(model: nn.Module, names: Sequence[str] | None = None, *, unload: bool = False) -> list[str]:
+def merge(
+    model: nn.Module, names: Sequence[str] | None = None, *, unload: bool = False
+) -> list[str]:
     """Fold the active deltas (or ``names``, made active) into the base weights.
 
     With ``unload`` the hosts are removed afterwards, leaving a plain model with merged weights.
@@ -213,8 +236,10 @@ def merge(model: nn.Module, names: Sequence[str] | None = None, *, unload: bool 
             for n in host.active:
                 delta = host.part(n)
                 if n not in host.merged and not delta.foldable:
-                    raise StateError(f"delta {n!r} ({delta.spec.method}) at {path!r} cannot be merged into the "
-                                     "weights; deactivate it before merging or keep it unmerged")
+                    raise StateError(
+                        f"delta {n!r} ({delta.spec.method}) at {path!r} cannot be merged into the "
+                        "weights; deactivate it before merging or keep it unmerged"
+                    )
     merged: list[tuple[Host, list[str]]] = []
     try:
         for _, host in iter_hosts(model):
@@ -284,5 +309,11 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
     rows = []
     for path, host in iter_hosts(model):
         params = list(host.parameters())
-        rows.append((path, sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)))
+        rows.append(
+            (
+                path,
+                sum(p.numel() for p in params if p.requires_grad),
+                sum(p.numel() for p in params),
+            )
+        )
     return TrainableSummary(trainable, total, rows)

@@ -64,7 +64,9 @@ def spec_from_dict(data: dict[str, Any]) -> "DeltaSpec":
     hints = _type_hints(cls)
     for key, value in kwargs.items():
         if key in hints and not _fits(value, hints[key]):
-            raise SpecError(f"{cls.__name__}.{key}={value!r} has the wrong type for this option"[:300])
+            raise SpecError(
+                f"{cls.__name__}.{key}={value!r} has the wrong type for this option"[:300]
+            )
     try:
         return cls(**kwargs)
     except (TypeError, AttributeError, KeyError) as exc:  # a type the check above cannot describe
@@ -158,11 +160,17 @@ class DeltaSpec:
         for key in kwargs:
             if names and key not in names:
                 close = difflib.get_close_matches(key, names, n=3)
-                hint = f"did you mean {', '.join(close)}?" if close else f"valid options: {', '.join(names)}"
+                hint = (
+                    f"did you mean {', '.join(close)}?"
+                    if close
+                    else f"valid options: {', '.join(names)}"
+                )
                 raise SpecError(f"{cls.__name__} has no option {key!r}; {hint}")
         if names and len(args) > len(names):
-            raise SpecError(f"{cls.__name__} takes at most {len(names)} options, got {len(args)} positional values;"
-                            " pass options by name")
+            raise SpecError(
+                f"{cls.__name__} takes at most {len(names)} options, got {len(args)} positional values;"
+                " pass options by name"
+            )
         return super().__new__(cls)
 
     targets: tuple[str, ...] | None = None
@@ -255,7 +263,10 @@ class DeltaSpec:
         shared = self.shared_state(model, paths)
         if shared is None:
             return [Site(p, self.make_delta) for p in paths]
-        return [Site(p, lambda host, path, shared=shared: self.make_delta(host, path, shared)) for p in paths]
+        return [
+            Site(p, lambda host, path, shared=shared: self.make_delta(host, path, shared))
+            for p in paths
+        ]
 
     def inject(self, model: "nn.Module", name: str) -> list[str]:
         """Put this delta into ``model`` under ``name``; return the full names of the hosts used.
@@ -280,7 +291,9 @@ class DeltaSpec:
     # -- peft interop (methods with a peft layout override these) --------------------------------
     def to_peft_config(self, deltas: dict[str, "Delta"]) -> dict[str, Any]:
         """peft's adapter_config.json for this spec, given the built deltas by host path."""
-        raise NotImplementedError(f"{type(self).__name__} has no peft file layout; save with format='deltatune'")
+        raise NotImplementedError(
+            f"{type(self).__name__} has no peft file layout; save with format='deltatune'"
+        )
 
     @classmethod
     def from_peft_config(cls, config: dict[str, Any], targets: list[str]) -> "DeltaSpec":

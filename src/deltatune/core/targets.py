@@ -47,7 +47,13 @@ def _selected(name: str, module: nn.Module, targets, regex, types) -> bool:
 
 #: target groups shared by the methods that go on attention projections by default, tried in order:
 #: BERT-style, LLaMA-style, GPT-2 (fused), timm ViT (fused), T5
-ATTENTION_QV: tuple[tuple[str, ...], ...] = (("query", "value"), ("q_proj", "v_proj"), ("c_attn",), ("qkv",), ("q", "v"))
+ATTENTION_QV: tuple[tuple[str, ...], ...] = (
+    ("query", "value"),
+    ("q_proj", "v_proj"),
+    ("c_attn",),
+    ("qkv",),
+    ("q", "v"),
+)
 
 
 def narrowed(spec: "DeltaSpec") -> bool:
@@ -97,7 +103,10 @@ def _select_every(spec: "DeltaSpec", candidates) -> list[str]:
         path
         for path, module in candidates
         if accept(module)
-        and (not by or _selected(path, module, spec.targets, spec.target_regex, tuple(spec.target_types)))
+        and (
+            not by
+            or _selected(path, module, spec.targets, spec.target_regex, tuple(spec.target_types))
+        )
         and not any(name_matches(path, e) for e in spec.exclude)
         and not any(_within(path, t) for t in spec.trainable_modules)
     ]
@@ -107,7 +116,9 @@ def _select_every(spec: "DeltaSpec", candidates) -> list[str]:
     if not chosen:
         where = "among the selected modules" if by else "in the model"
         what = spec.hosts_what() if by else spec.hosts_what(default=True)
-        raise TargetError(f"{type(spec).__name__} found no {what} {where}; pick targets that include some")
+        raise TargetError(
+            f"{type(spec).__name__} found no {what} {where}; pick targets that include some"
+        )
     return chosen
 
 
@@ -161,10 +172,18 @@ def _no_match_message(spec, targets, regex, types, candidates) -> str:
             for match in difflib.get_close_matches(w, pool, n=3, cutoff=0.5):
                 if match not in close:
                     close.append(match)
-    hint = f"closest existing names: {', '.join(close[:5])}" if close else (
-        f"module names look like: {', '.join(names[-3:])}" if names else "the model has no submodules"
+    hint = (
+        f"closest existing names: {', '.join(close[:5])}"
+        if close
+        else (
+            f"module names look like: {', '.join(names[-3:])}"
+            if names
+            else "the model has no submodules"
+        )
     )
-    return f"{type(spec).__name__} targets {wanted} match no module of {type_name(candidates)}; {hint}"
+    return (
+        f"{type(spec).__name__} targets {wanted} match no module of {type_name(candidates)}; {hint}"
+    )
 
 
 def type_name(candidates) -> str:

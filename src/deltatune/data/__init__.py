@@ -89,7 +89,9 @@ def load_data(spec: str, split: str = "train", *, seed: int = 0, limit: int | No
     path = Path(spec)
     if path.is_file():
         if path.suffix.lower() in _TEXT_SUFFIXES:
-            return user_text(path, split, seed, limit, None if fractions is None else drawn, encoding)
+            return user_text(
+                path, split, seed, limit, None if fractions is None else drawn, encoding
+            )
         raise DataError(f"{path}: unsupported file type; pass a .csv/.jsonl file, an image folder "
                         "or a datasets.save_to_disk directory")
     if path.is_dir():

@@ -49,15 +49,23 @@ def check_fractions(fractions: Sequence[float] | None) -> tuple[float, float, fl
     try:
         out = tuple(float(f) for f in fractions)
     except (TypeError, ValueError):
-        raise DataError(f"split fractions must be three numbers (train, val, test), got {fractions!r}") from None
+        raise DataError(
+            f"split fractions must be three numbers (train, val, test), got {fractions!r}"
+        ) from None
     if len(out) != 3 or any(not 0 < f < 1 for f in out) or abs(sum(out) - 1) > 1e-6:
-        raise DataError(f"split fractions must be three numbers in (0, 1) summing to 1 (train, val, test), "
-                        f"e.g. 0.7,0.1,0.2; got {fractions!r}")
+        raise DataError(
+            f"split fractions must be three numbers in (0, 1) summing to 1 (train, val, test), "
+            f"e.g. 0.7,0.1,0.2; got {fractions!r}"
+        )
     return out  # type: ignore[return-value]
 
 
-def stratified_split(keys: Sequence[Any], seed: int, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
-                     groups: Sequence[Any] | None = None) -> dict[str, list[int]]:
+def stratified_split(
+    keys: Sequence[Any],
+    seed: int,
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+    groups: Sequence[Any] | None = None,
+) -> dict[str, list[int]]:
     """Indices of train/val/test with every stratum (``keys``: label, or domain+label) split in the
     same proportions; depends only on the order of ``keys`` and on ``seed``.
 
@@ -66,7 +74,11 @@ def stratified_split(keys: Sequence[Any], seed: int, fractions: tuple[float, flo
     into test.
     """
     first: dict[Any, int] = {}
-    owner = [first.setdefault(g, i) for i, g in enumerate(groups)] if groups is not None else list(range(len(keys)))
+    owner = (
+        [first.setdefault(g, i) for i, g in enumerate(groups)]
+        if groups is not None
+        else list(range(len(keys)))
+    )
     by_key: dict[Any, list[int]] = {}
     for i, k in enumerate(keys):
         if owner[i] == i:
@@ -111,6 +123,10 @@ def require_classes(where: str, split: str, labels: Sequence[int], names: Sequen
         return
     present = sorted(set(labels))
     if len(present) < 2:
-        found = ", ".join(repr(names[i]) if 0 <= i < len(names) else repr(i) for i in present) or "none"
-        raise DataError(f"{where}: the training data holds {len(present)} class ({found}); a classifier needs "
-                        "at least 2 classes, so add examples of the others")
+        found = (
+            ", ".join(repr(names[i]) if 0 <= i < len(names) else repr(i) for i in present) or "none"
+        )
+        raise DataError(
+            f"{where}: the training data holds {len(present)} class ({found}); a classifier needs "
+            "at least 2 classes, so add examples of the others"
+        )

@@ -39,7 +39,9 @@ BASES: dict[str, Callable[[str, int, int | None], tuple[np.ndarray, np.ndarray, 
     "digits": digits_split,
 }
 
-_CACHE_SIZE = 32  # (base, split, corruption, severity, seed) entries; 10k MNIST images = 7.8 MB each
+_CACHE_SIZE = (
+    32  # (base, split, corruption, severity, seed) entries; 10k MNIST images = 7.8 MB each
+)
 _cache: OrderedDict[tuple, dict[int, np.ndarray]] = OrderedDict()
 
 
@@ -71,7 +73,9 @@ def _seeded_corrupt_tta(seed: int) -> Iterator[None]:
         np.random.set_state(state)
 
 
-def corrupt_images(images: np.ndarray, indices: np.ndarray, name: str, severity: int, seed: int) -> np.ndarray:
+def corrupt_images(
+    images: np.ndarray, indices: np.ndarray, name: str, severity: int, seed: int
+) -> np.ndarray:
     """Corrupt grey uint8 ``(N, H, W)`` images; ``indices`` (their positions in the full split) seed
     each image so a subset gets exactly the corruption the full set would."""
     import corrupt_tta
@@ -93,7 +97,9 @@ def parse_corrupt_spec(spec: str) -> tuple[str, str, int]:
     name, _, severity = rest.partition(":")
     example = f"{head}:fog:3"
     if base not in BASES:
-        raise DataError(f"{spec!r}: corrupted sets are {', '.join(b + '-c' for b in BASES)}, e.g. mnist-c:fog:3")
+        raise DataError(
+            f"{spec!r}: corrupted sets are {', '.join(b + '-c' for b in BASES)}, e.g. mnist-c:fog:3"
+        )
     if not name or not severity:
         raise DataError(f"{spec!r}: write {head}:<corruption>:<severity>, e.g. {example}")
     if name not in corruption_names():
@@ -117,4 +123,9 @@ def corrupted(spec: str, split: str, seed: int, limit: int | None) -> Dataset:
         fresh = corrupt_images(images[todo], indices[todo], name, severity, seed)
         done.update({int(indices[k]): img for k, img in zip(todo, fresh)})
     out = np.stack([done[int(i)] for i in indices]) if len(indices) else images
-    return Dataset(f"{base}-c:{name}:{severity}", "image-classification", image_examples(out, labels), list(DIGITS))
+    return Dataset(
+        f"{base}-c:{name}:{severity}",
+        "image-classification",
+        image_examples(out, labels),
+        list(DIGITS),
+    )

@@ -16,7 +16,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import DEFAULT_FRACTIONS, DataError, Dataset, check_split, require_classes, stratified_split, take
+from .base import (
+    DEFAULT_FRACTIONS,
+    DataError,
+    Dataset,
+    check_split,
+    require_classes,
+    stratified_split,
+    take,
+)
 from .text import _package_dir
 
 DIGITS = [str(i) for i in range(10)]
@@ -47,7 +55,9 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
         allowed = _numpy_allow_list()
         if (module, name) in allowed:
             return allowed[(module, name)]
-        raise DataError(f"refusing to unpickle {module}.{name}: only numpy arrays are allowed in this file")
+        raise DataError(
+            f"refusing to unpickle {module}.{name}: only numpy arrays are allowed in this file"
+        )
 
 
 def restricted_load(data: bytes) -> Any:
@@ -64,7 +74,9 @@ def mnist_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     out = {}
     for split, (x, y) in zip(("train", "val", "test"), parts):
         # the file stores floats in [0, 1], flattened to 784
-        images = (np.asarray(x, dtype=np.float32).reshape(-1, 28, 28) * 255).round().astype(np.uint8)
+        images = (
+            (np.asarray(x, dtype=np.float32).reshape(-1, 28, 28) * 255).round().astype(np.uint8)
+        )
         out[split] = (images, np.asarray(y, dtype=np.int64))
     return out
 
@@ -85,7 +97,9 @@ def sample_indices(n: int, limit: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed + 7).choice(n, limit, replace=False))
 
 
-def mnist_split(split: str, seed: int, limit: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def mnist_split(
+    split: str, seed: int, limit: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Images, labels and their indices in the file's split (a seeded subset when ``limit``)."""
     check_split(split)
     x, y = mnist_arrays()[split]
@@ -105,16 +119,24 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    small = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)  # (N, 1, 8, 8) in [0, 1]
+    small = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(
+        1
+    )  # (N, 1, 8, 8) in [0, 1]
     # MNIST digits are anti-aliased into a 20x20 box with a 4 px margin; bilinear upscaling keeps the
     # strokes smooth instead of showing 8x8 blocks
-    box = torch.nn.functional.interpolate(small, size=(20, 20), mode="bilinear", align_corners=False)
+    box = torch.nn.functional.interpolate(
+        small, size=(20, 20), mode="bilinear", align_corners=False
+    )
     images = torch.nn.functional.pad(box, (4, 4, 4, 4)).squeeze(1)
     return (images * 255).round().clamp(0, 255).to(torch.uint8).numpy(), d.target.astype(np.int64)
 
 
-def digits_split(split: str, seed: int, limit: int | None,
-                 fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def digits_split(
+    split: str,
+    seed: int,
+    limit: int | None,
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     check_split(split)
     x, y = digits_arrays()
     idx = np.asarray(stratified_split(list(y), seed, fractions)[split], dtype=np.int64)
@@ -122,7 +144,12 @@ def digits_split(split: str, seed: int, limit: int | None,
     return x[idx], y[idx], idx
 
 
-def digits(split: str, seed: int, limit: int | None, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> Dataset:
+def digits(
+    split: str,
+    seed: int,
+    limit: int | None,
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+) -> Dataset:
     """sklearn digits as 28x28 MNIST look-alikes (a second digits domain), seeded split (80/10/10 by default)."""
     x, y, _ = digits_split(split, seed, limit, fractions)
     return Dataset("digits", "image-classification", image_examples(x, y), list(DIGITS))
@@ -151,7 +178,9 @@ def image_folder(path: Path, split: str, seed: int, limit: int | None,
 
     classes = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise DataError(f"{path} has no class sub-folders; expected {path.name}/<class>/<image files>")
+        raise DataError(
+            f"{path} has no class sub-folders; expected {path.name}/<class>/<image files>"
+        )
     files = [(f, c) for c, name in enumerate(classes) for f in sorted((path / name).iterdir())
              if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
     kinds = ", ".join(s[1:] for s in IMAGE_SUFFIXES)
@@ -160,7 +189,9 @@ def image_folder(path: Path, split: str, seed: int, limit: int | None,
     present = {c for _, c in files}
     empty = [name for c, name in enumerate(classes) if c not in present]
     if empty:  # an empty class would size the model's head with a class it never sees
-        shown = ", ".join(n if n.isprintable() else repr(n) for n in empty)  # a name may hold a newline
+        shown = ", ".join(
+            n if n.isprintable() else repr(n) for n in empty
+        )  # a name may hold a newline
         raise DataError(f"{path}: class folder(s) {shown} hold no image files ({kinds}); "
                         "add images or remove the folder")
     idx = stratified_split([c for _, c in files], seed, fractions)[split]

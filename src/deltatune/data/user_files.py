@@ -19,7 +19,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .base import DEFAULT_FRACTIONS, DataError, Dataset, check_split, require_classes, stratified_split, take
+from .base import (
+    DEFAULT_FRACTIONS,
+    DataError,
+    Dataset,
+    check_split,
+    require_classes,
+    stratified_split,
+    take,
+)
 
 GROUP_COLUMNS = ("task", "domain")  # a user file's columns kept per example, for task streams
 _VAL_NAMES = {"val", "valid", "validation", "dev"}
@@ -39,25 +47,39 @@ def decode(path: Path, encoding: str | None = None) -> str:
     try:
         info = codecs.lookup(name)
     except LookupError:
-        raise DataError(f"unknown encoding {name!r} for {path}; use e.g. utf-8, latin-1 or cp1252") from None
-    if not getattr(info, "_is_text_encoding", True):  # rot13, hex, base64, zlib: bytes/str transforms
-        raise DataError(f"{name!r} is not a text encoding (read {path}); use e.g. utf-8, latin-1 or cp1252")
+        raise DataError(
+            f"unknown encoding {name!r} for {path}; use e.g. utf-8, latin-1 or cp1252"
+        ) from None
+    if not getattr(
+        info, "_is_text_encoding", True
+    ):  # rot13, hex, base64, zlib: bytes/str transforms
+        raise DataError(
+            f"{name!r} is not a text encoding (read {path}); use e.g. utf-8, latin-1 or cp1252"
+        )
     codec = info.name
     data = path.read_bytes()
     if encoding is None and b"\x00" in data:
         at = data.index(b"\x00")
-        raise DataError(f"{path} holds a NUL byte at offset {at}: a binary file or UTF-16 text, not a UTF-8 "
-                        "CSV/JSONL file; save it as UTF-8 (or pass --encoding utf-16)")
+        raise DataError(
+            f"{path} holds a NUL byte at offset {at}: a binary file or UTF-16 text, not a UTF-8 "
+            "CSV/JSONL file; save it as UTF-8 (or pass --encoding utf-16)"
+        )
     try:
         # utf-8-sig: spreadsheet exports start with a byte-order mark that would rename the first column
         return data.decode("utf-8-sig" if codec == "utf-8" else codec)
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        raise DataError(f"{path} is not valid {name} text: byte 0x{data[exc.start]:02x} at offset {exc.start} "
-                        f"(line {line}); pass --encoding latin-1 (or the file's own encoding)") from None
-    except UnicodeError as exc:  # codecs such as idna/punycode raise the base class, without a position
-        raise DataError(f"{path} is not valid {name} text ({' '.join(str(exc).split())}); "
-                        "pass --encoding latin-1 (or the file's own encoding)") from None
+        raise DataError(
+            f"{path} is not valid {name} text: byte 0x{data[exc.start]:02x} at offset {exc.start} "
+            f"(line {line}); pass --encoding latin-1 (or the file's own encoding)"
+        ) from None
+    except (
+        UnicodeError
+    ) as exc:  # codecs such as idna/punycode raise the base class, without a position
+        raise DataError(
+            f"{path} is not valid {name} text ({' '.join(str(exc).split())}); "
+            "pass --encoding latin-1 (or the file's own encoding)"
+        ) from None
 
 
 def _csv_rows(path: Path, text: str) -> tuple[list[Row], list[str]]:
@@ -65,12 +87,16 @@ def _csv_rows(path: Path, text: str) -> tuple[list[Row], list[str]]:
     # the default limit (128 KiB) rejects long documents; no field can be longer than the file
     csv.field_size_limit(max(old, len(text) + 1))
     try:
-        reader = csv.reader(io.StringIO(text, newline=""))  # newline="": CRLF and quoted newlines intact
+        reader = csv.reader(
+            io.StringIO(text, newline="")
+        )  # newline="": CRLF and quoted newlines intact
         header = [h.strip() for h in next(reader, [])]
         seen: set[str] = set()
         for h in header:
             if h and h in seen:
-                raise DataError(f"{path}: column {h!r} appears more than once in the header; rename or drop one")
+                raise DataError(
+                    f"{path}: column {h!r} appears more than once in the header; rename or drop one"
+                )
             seen.add(h)
         rows: list[Row] = []
         end = reader.line_num
@@ -81,8 +107,10 @@ def _csv_rows(path: Path, text: str) -> tuple[list[Row], list[str]]:
             if len(fields) != len(header):
                 hint = ("a quote opened there may be unclosed" if any("\n" in f for f in fields)
                         else "quote fields that contain commas")
-                raise DataError(f"{path}: line {start} has {len(fields)} fields but the header has {len(header)} "
-                                f"({_shown(header)}); {hint}")
+                raise DataError(
+                    f"{path}: line {start} has {len(fields)} fields but the header has {len(header)} "
+                    f"({_shown(header)}); {hint}"
+                )
             rows.append((f"line {start}", dict(zip(header, fields))))
     except csv.Error as exc:
         raise DataError(f"{path}: line {reader.line_num} is not valid CSV ({exc})") from None
@@ -113,9 +141,13 @@ def _json_rows(path: Path, text: str) -> tuple[list[Row], list[str]]:
             whole = loads(text)
         except json.JSONDecodeError as exc:
             if text.lstrip().startswith(("[", "{")) and "\n{" not in text:
-                raise DataError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); fix the file") from None
+                raise DataError(
+                    f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); fix the file"
+                ) from None
         except _DuplicateKey as exc:
-            raise DataError(f"{path}: key {exc.args[0]!r} appears twice in one object; keep one") from None
+            raise DataError(
+                f"{path}: key {exc.args[0]!r} appears twice in one object; keep one"
+            ) from None
     if whole is not None:
         if not isinstance(whole, list):
             kind = {dict: "object", str: "string", bool: "boolean"}.get(type(whole), "number")
@@ -128,9 +160,13 @@ def _json_rows(path: Path, text: str) -> tuple[list[Row], list[str]]:
                 try:
                     numbered.append((f"line {n}", loads(line)))
                 except json.JSONDecodeError:
-                    raise DataError(f"{path}:{n} is not valid JSON; JSONL needs one object per line") from None
+                    raise DataError(
+                        f"{path}:{n} is not valid JSON; JSONL needs one object per line"
+                    ) from None
                 except _DuplicateKey as exc:
-                    raise DataError(f"{path}: line {n} has the key {exc.args[0]!r} twice; keep one") from None
+                    raise DataError(
+                        f"{path}: line {n} has the key {exc.args[0]!r} twice; keep one"
+                    ) from None
     for where, row in numbered:
         if not isinstance(row, dict):
             raise DataError(f"{path}: {where} is not a JSON object; "
@@ -166,7 +202,13 @@ def label_key(value: Any) -> str | None:
 
 
 def _json_kind(value: Any) -> str:
-    return "boolean" if isinstance(value, bool) else "number" if isinstance(value, (int, float)) else "string"
+    return (
+        "boolean"
+        if isinstance(value, bool)
+        else "number"
+        if isinstance(value, (int, float))
+        else "string"
+    )
 
 
 def label_order(values: set[str]) -> list[str]:
@@ -183,10 +225,14 @@ def _labelled(path: Path, rows: list[Row], typed: bool) -> tuple[list[str], list
     for n, (where, r) in enumerate(rows, 1):
         text, label = r.get("text"), r.get("label")
         if not isinstance(text, str):
-            what = "no text" if text is None else f"a {type(text).__name__} as its text, not a string"
+            what = (
+                "no text" if text is None else f"a {type(text).__name__} as its text, not a string"
+            )
             raise DataError(f"{path}: row {n} ({where}) has {what}; fill it in or remove the row")
         if not text.strip():
-            raise DataError(f"{path}: row {n} ({where}) has an empty text; fill it in or remove the row")
+            raise DataError(
+                f"{path}: row {n} ({where}) has an empty text; fill it in or remove the row"
+            )
         try:
             key = label_key(label)
         except TypeError as exc:
@@ -200,16 +246,26 @@ def _labelled(path: Path, rows: list[Row], typed: bool) -> tuple[list[str], list
         keys.append(key)
     if missing:
         n, where = missing[0]
-        raise DataError(f"{path}: row {n} lacks a label value ({where}; {len(missing)} row(s) in all); "
-                        "fill them in or remove those rows")
+        raise DataError(
+            f"{path}: row {n} lacks a label value ({where}; {len(missing)} row(s) in all); "
+            "fill them in or remove those rows"
+        )
     if len(kinds) > 1:
         shown = ", ".join(f"{k} {v!r} on {w}" for k, (w, v) in kinds.items())
-        raise DataError(f"{path}: the labels mix JSON types ({shown}); write every label as the same type")
+        raise DataError(
+            f"{path}: the labels mix JSON types ({shown}); write every label as the same type"
+        )
     return texts, keys  # type: ignore[return-value]
 
 
-def user_text(path: Path, split: str, seed: int, limit: int | None,
-              fractions: tuple[float, float, float] | None = None, encoding: str | None = None) -> Dataset:
+def user_text(
+    path: Path,
+    split: str,
+    seed: int,
+    limit: int | None,
+    fractions: tuple[float, float, float] | None = None,
+    encoding: str | None = None,
+) -> Dataset:
     """A CSV/JSONL file with ``text`` and ``label`` columns; an optional ``split`` column
     (train/val/test, val also as validation/valid/dev) fixes the split, else a seeded 80/10/10 one.
     Optional ``task`` / ``domain`` columns are kept in each example (continual task streams)."""
@@ -231,18 +287,26 @@ def user_text(path: Path, split: str, seed: int, limit: int | None,
             for e, (_, r) in zip(examples, rows):
                 e[col] = str(r.get(col) if r.get(col) is not None else "").strip()
     if "split" in columns and fractions is not None:
-        raise DataError(f"{path} has a split column, which fixes the split: drop the split fractions")
+        raise DataError(
+            f"{path} has a split column, which fixes the split: drop the split fractions"
+        )
     if "split" in columns:
         given = [str(r.get("split") or "").strip().lower() for _, r in rows]
         given = ["val" if g in _VAL_NAMES else g for g in given]
         bad = sorted(set(given) - {"train", "val", "test"})
         if bad:
-            raise DataError(f"{path}: split column has {bad}; use train, val (or validation/dev) or test")
+            raise DataError(
+                f"{path}: split column has {bad}; use train, val (or validation/dev) or test"
+            )
         chosen = [e for e, g in zip(examples, given) if g == split]
         if not chosen:
-            raise DataError(f"{path} has no rows with split {split!r}; add some or drop the split column")
+            raise DataError(
+                f"{path} has no rows with split {split!r}; add some or drop the split column"
+            )
     else:
-        idx = stratified_split([e["label"] for e in examples], seed, fractions or DEFAULT_FRACTIONS, groups=texts)[split]
+        idx = stratified_split(
+            [e["label"] for e in examples], seed, fractions or DEFAULT_FRACTIONS, groups=texts
+        )[split]
         chosen = [examples[i] for i in idx]
     require_classes(str(path), split, [e["label"] for e in chosen], names)
     return Dataset(path.name, "text-classification", take(chosen, limit, seed), names)

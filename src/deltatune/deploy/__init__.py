@@ -1,20 +1,29 @@
 """After deployment: notice distribution shift, estimate accuracy without labels, adapt at test time.
 
-    import deltatune.deploy as dd
-    dd.detect(clean_features, new_features, test="mmd")          # DetectionResult(p_value, drift, ...)
-    est = dd.fit_accuracy_estimator(val_logits, val_labels)      # temperature scaling + ATC/DoC/COT
-    est.estimate(new_logits)["atc"]
-    tta = dd.adapt(model, "tent", lr=1e-3)                       # any method by name; same call signature
-    preds = tta(x).argmax(-1)
-    tta.reset()                                                  # back to the source model
-    dd.evaluate_stream(dd.adapt(model, "tent"), loader)          # running error: adapted vs source
+import deltatune.deploy as dd
+dd.detect(clean_features, new_features, test="mmd")          # DetectionResult(p_value, drift, ...)
+est = dd.fit_accuracy_estimator(val_logits, val_labels)      # temperature scaling + ATC/DoC/COT
+est.estimate(new_logits)["atc"]
+tta = dd.adapt(model, "tent", lr=1e-3)                       # any method by name; same call signature
+preds = tta(x).argmax(-1)
+tta.reset()                                                  # back to the source model
+dd.evaluate_stream(dd.adapt(model, "tent"), loader)          # running error: adapted vs source
 """
 
 from __future__ import annotations
 
 from . import bn, cotta, entropy, output  # noqa: F401  (register the methods)
 from .accuracy import AccuracyEstimator, fit_accuracy_estimator, fit_temperature
-from .base import METHODS, GradientTTA, TTAWrapper, adapt, method_options, register_method, unwrap, wrapper_of
+from .base import (
+    METHODS,
+    GradientTTA,
+    TTAWrapper,
+    adapt,
+    method_options,
+    register_method,
+    unwrap,
+    wrapper_of,
+)
 from .batch import softmax_entropy
 from .bn import AlphaBN, BNAdapt
 from .cotta import CoTTA, image_augment
@@ -28,9 +37,39 @@ from .stats import TESTS, adjust_pvalues
 from .stream import batch_labels, evaluate_stream
 
 __all__ = [
-    "METHODS", "TESTS", "AccuracyEstimator", "AlphaBN", "BNAdapt", "BatchError", "BatchNormStats", "CoTTA",
-    "DeployError", "DetectionResult", "DriftMonitor", "EATA", "EMPrior", "GradientTTA", "LAME", "SAR", "TTAWrapper",
-    "Tent", "adapt", "adjust_pvalues", "batch_labels", "collect_params", "detect", "em_prior", "embed",
-    "evaluate_stream", "fit_accuracy_estimator", "fit_temperature", "image_augment", "method_options",
-    "norm_param_names", "register_method", "softmax_entropy", "unwrap", "wrapper_of",
+    "METHODS",
+    "TESTS",
+    "AccuracyEstimator",
+    "AlphaBN",
+    "BNAdapt",
+    "BatchError",
+    "BatchNormStats",
+    "CoTTA",
+    "DeployError",
+    "DetectionResult",
+    "DriftMonitor",
+    "EATA",
+    "EMPrior",
+    "GradientTTA",
+    "LAME",
+    "SAR",
+    "TTAWrapper",
+    "Tent",
+    "adapt",
+    "adjust_pvalues",
+    "batch_labels",
+    "collect_params",
+    "detect",
+    "em_prior",
+    "embed",
+    "evaluate_stream",
+    "fit_accuracy_estimator",
+    "fit_temperature",
+    "image_augment",
+    "method_options",
+    "norm_param_names",
+    "register_method",
+    "softmax_entropy",
+    "unwrap",
+    "wrapper_of",
 ]

@@ -57,7 +57,9 @@ ESTIMATES: tuple[str, ...] = ESTIMATORS.names()
 def _logits(value: Any, name: str) -> torch.Tensor:
     t = to_tensor(value).double()
     if t.dim() != 2 or t.shape[0] == 0 or t.shape[1] < 2:
-        raise DeployError(f"{name} must be logits of shape (samples, classes >= 2), got {tuple(t.shape)}")
+        raise DeployError(
+            f"{name} must be logits of shape (samples, classes >= 2), got {tuple(t.shape)}"
+        )
     if not torch.isfinite(t).all():
         raise DeployError(f"{name} holds NaN or inf values; drop those samples first")
     return t
@@ -66,7 +68,9 @@ def _logits(value: Any, name: str) -> torch.Tensor:
 def _labels(value: Any, n: int, classes: int) -> torch.Tensor:
     y = to_tensor(value).long().flatten()
     if y.numel() != n:
-        raise DeployError(f"got {y.numel()} labels for {n} samples; pass one label per row of logits")
+        raise DeployError(
+            f"got {y.numel()} labels for {n} samples; pass one label per row of logits"
+        )
     if (y < 0).any() or (y >= classes).any():
         raise DeployError(f"labels must be class indices in [0, {classes - 1}]")
     return y
@@ -79,7 +83,9 @@ def fit_temperature(logits: Any, labels: Any, *, max_iter: int = 200) -> float:
     """
     z = _logits(logits, "logits")
     y = _labels(labels, len(z), z.shape[1])
-    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)  # optimise log T: T stays positive
+    log_t = torch.zeros(
+        1, dtype=torch.float64, requires_grad=True
+    )  # optimise log T: T stays positive
     opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
@@ -140,8 +146,10 @@ class AccuracyEstimator:
         """COT's estimated accuracy of ``logits`` (see the class docs)."""
         z = _logits(logits, "target logits")
         if len(self.source_prior) != z.shape[1]:
-            raise DeployError(f"the estimator was fitted for {len(self.source_prior)} classes, the logits have "
-                              f"{z.shape[1]}; fit it on this model's validation outputs")
+            raise DeployError(
+                f"the estimator was fitted for {len(self.source_prior)} classes, the logits have "
+                f"{z.shape[1]}; fit it on this model's validation outputs"
+            )
         return 1.0 - transport_cost((z / self.temperature).softmax(-1), self.source_prior)
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,15 +162,19 @@ def transport_cost(probs: torch.Tensor, prior: Sequence[float]) -> float:
     try:
         import ot
     except ImportError as exc:
-        raise DeployError("COT needs the POT package: pip install 'deltatune[stats]' (or leave 'cot' out of "
-                          "methods)") from exc
+        raise DeployError(
+            "COT needs the POT package: pip install 'deltatune[stats]' (or leave 'cot' out of "
+            "methods)"
+        ) from exc
     import numpy as np
 
     p = probs.detach().double().cpu().numpy()
     b = np.asarray(prior, dtype=np.float64)
     b = b / b.sum()
     cost = 1.0 - p
-    plan, log = ot.emd(np.full(len(p), 1.0 / len(p)), b, cost, numItermax=max(100_000, 50 * p.size), log=True)
+    plan, log = ot.emd(
+        np.full(len(p), 1.0 / len(p)), b, cost, numItermax=max(100_000, 50 * p.size), log=True
+    )
     if log.get("warning"):
         raise DeployError(f"the optimal transport for COT did not converge ({log['warning']}); "
                           "estimate on fewer samples at a time")
@@ -174,9 +186,16 @@ def _prior(value: Any, y: torch.Tensor, classes: int) -> tuple[float, ...]:
         counts = torch.bincount(y, minlength=classes).double()
     else:
         counts = to_tensor(value).double().flatten()
-        if counts.numel() != classes or not torch.isfinite(counts).all() or (counts < 0).any() or counts.sum() <= 0:
-            raise DeployError(f"prior must be {classes} non-negative class frequencies (counts or shares), "
-                              f"got {counts.numel()} values")
+        if (
+            counts.numel() != classes
+            or not torch.isfinite(counts).all()
+            or (counts < 0).any()
+            or counts.sum() <= 0
+        ):
+            raise DeployError(
+                f"prior must be {classes} non-negative class frequencies (counts or shares), "
+                f"got {counts.numel()} values"
+            )
     return tuple(float(v) for v in counts / counts.sum())
 
 

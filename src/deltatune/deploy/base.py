@@ -32,7 +32,9 @@ METHODS: Registry[type["TTAWrapper"]] = Registry(
 # long as both). Two wrappers on one model would stack hooks and requires_grad choices, so a second
 # one is refused. A wrapper with BatchNorm hooks is kept alive by them, so unwrap() can still find it.
 _WRAPPED: "weakref.WeakValueDictionary[int, TTAWrapper]" = weakref.WeakValueDictionary()
-_BAD_OPTIMIZER = "optimizer must be 'sgd', 'adam' or a callable params -> torch.optim.Optimizer, not {!r}"
+_BAD_OPTIMIZER = (
+    "optimizer must be 'sgd', 'adam' or a callable params -> torch.optim.Optimizer, not {!r}"
+)
 OptimizerChoice = Literal["sgd", "adam"] | Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -64,7 +66,9 @@ class TTAWrapper(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
-            raise DeployError(f"{self.method}: model must be a torch.nn.Module, not {type(model).__name__}")
+            raise DeployError(
+                f"{self.method}: model must be a torch.nn.Module, not {type(model).__name__}"
+            )
         previous = wrapper_of(model)
         if previous is not None:
             raise DeployError(
@@ -72,7 +76,9 @@ class TTAWrapper(nn.Module):
                 "or dd.unwrap(model) first"
             )
         if small_batch not in ("error", "source"):
-            raise DeployError(f"{self.method}: small_batch must be 'error' or 'source', not {small_batch!r}")
+            raise DeployError(
+                f"{self.method}: small_batch must be 'error' or 'source', not {small_batch!r}"
+            )
         if min_batch is not None and min_batch < 1:
             raise DeployError(f"{self.method}: min_batch must be at least 1, not {min_batch}")
         self.model = model
@@ -92,7 +98,9 @@ class TTAWrapper(nn.Module):
             raise
         _WRAPPED[id(model)] = self
         if self.bn_stats is not None:
-            self.bn_stats.owner = self  # the model's hooks keep the wrapper (and its undo) reachable
+            self.bn_stats.owner = (
+                self  # the model's hooks keep the wrapper (and its undo) reachable
+            )
         batch_stats = self.bn_stats is not None and self.bn_stats.mode == "batch"
         self.min_batch = int(min_batch) if min_batch is not None else (2 if batch_stats else 1)
 
@@ -212,7 +220,12 @@ class GradientTTA(TTAWrapper):
         **common: Any,
     ) -> None:
         self._choice = (params, delta)
-        self._opt_choice, self.lr, self.momentum, self.weight_decay = optimizer, lr, momentum, weight_decay
+        self._opt_choice, self.lr, self.momentum, self.weight_decay = (
+            optimizer,
+            lr,
+            momentum,
+            weight_decay,
+        )
         if not (isinstance(steps, int) and steps >= 1):
             raise DeployError(f"steps must be a positive integer, not {steps!r}")
         if not lr > 0:
@@ -247,9 +260,13 @@ class GradientTTA(TTAWrapper):
         if callable(choice):
             return choice(params)
         if choice == "sgd":
-            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+            return torch.optim.SGD(
+                params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+            )
         if choice == "adam":
-            return torch.optim.Adam(params, lr=self.lr, betas=(0.9, 0.999), weight_decay=self.weight_decay)
+            return torch.optim.Adam(
+                params, lr=self.lr, betas=(0.9, 0.999), weight_decay=self.weight_decay
+            )
         raise DeployError(_BAD_OPTIMIZER.format(choice))
 
     def reset(self) -> None:
@@ -268,7 +285,9 @@ class GradientTTA(TTAWrapper):
         """One forward + update; returns the model output of that forward (before the update)."""
         raise NotImplementedError
 
-    def update(self, loss_fn: Callable[[], torch.Tensor | None], *, rho: float = 0.0) -> torch.Tensor | None:
+    def update(
+        self, loss_fn: Callable[[], torch.Tensor | None], *, rho: float = 0.0
+    ) -> torch.Tensor | None:
         """The one optimizer step every gradient method uses: ``loss_fn()``, backward, step.
 
         ``loss_fn`` returns ``None`` when no sample is fit to learn from; then nothing changes. With
@@ -281,7 +300,11 @@ class GradientTTA(TTAWrapper):
         self._backward(loss)
         if rho > 0:
             grads = [(p, p.grad) for p in self.adapted() if p.grad is not None]
-            norm = torch.norm(torch.stack([g.norm(2) for _, g in grads]), 2) if grads else torch.tensor(0.0)
+            norm = (
+                torch.norm(torch.stack([g.norm(2) for _, g in grads]), 2)
+                if grads
+                else torch.tensor(0.0)
+            )
             shifts = [(p, rho * g / (norm + 1e-12)) for p, g in grads]
             with torch.no_grad():
                 for p, e in shifts:
@@ -348,5 +371,7 @@ def adapt(model: nn.Module, method: str = "tent", **options: Any) -> TTAWrapper:
     accepted = method_options(cls)
     unknown = [k for k in options if k not in accepted]
     if unknown:
-        raise DeployError(f"method {method!r} has no option {unknown[0]!r}; its options: {', '.join(accepted)}")
+        raise DeployError(
+            f"method {method!r} has no option {unknown[0]!r}; its options: {', '.join(accepted)}"
+        )
     return cls(model, **options)

@@ -38,13 +38,19 @@ def check_batch(args: tuple, kwargs: dict, who: str) -> int:
     """Batch size of a model call; empty batches and NaN/inf inputs are refused before any update."""
     x = first_tensor(args, kwargs)
     if x is None:
-        raise BatchError(f"{who}: the model call has no tensor argument to adapt on; pass the batch as a tensor")
+        raise BatchError(
+            f"{who}: the model call has no tensor argument to adapt on; pass the batch as a tensor"
+        )
     if x.dim() == 0 or x.shape[0] == 0:
         raise BatchError(
             f"{who}: empty batch (shape {tuple(x.shape)}); skip empty batches before calling the wrapper"
         )
     for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+        if (
+            isinstance(value, torch.Tensor)
+            and value.is_floating_point()
+            and not torch.isfinite(value).all()
+        ):
             n = value.shape[0] if value.dim() else 1
             bad = (~torch.isfinite(value)).reshape(n, -1).any(1).sum().item()
             raise BatchError(
@@ -71,7 +77,9 @@ def get_logits(output: Any, logits_fn: LogitsFn | None = None) -> torch.Tensor:
             f"cannot find logits in a model output of type {type(output).__name__}; pass logits_fn=lambda out: ..."
         )
     if not isinstance(logits, torch.Tensor) or logits.dim() < 2:
-        raise DeployError("the model's logits must be a tensor of shape (batch, classes); check logits_fn")
+        raise DeployError(
+            "the model's logits must be a tensor of shape (batch, classes); check logits_fn"
+        )
     return logits
 
 
@@ -84,7 +92,9 @@ def with_logits(output: Any, logits: torch.Tensor) -> Any:
     if isinstance(output, list):
         return [logits, *output[1:]]
     new = copy.copy(output)
-    if isinstance(new, dict):  # transformers ModelOutput is a dict whose items mirror its attributes
+    if isinstance(
+        new, dict
+    ):  # transformers ModelOutput is a dict whose items mirror its attributes
         new["logits"] = logits
     if hasattr(new, "logits"):
         setattr(new, "logits", logits)
@@ -121,7 +131,9 @@ def iter_batches(data: Any, batch_size: int) -> Iterator[Any]:
     elif isinstance(data, Iterable):
         yield from data
     else:
-        raise DeployError(f"data must be a tensor or an iterable of batches, not {type(data).__name__}")
+        raise DeployError(
+            f"data must be a tensor or an iterable of batches, not {type(data).__name__}"
+        )
 
 
 def last_linear(model: nn.Module) -> str:
@@ -129,9 +141,15 @@ def last_linear(model: nn.Module) -> str:
 
     Linear layers inside attached deltas (``<host>.deltas.<name>...``) are not heads and are skipped.
     """
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".deltas." not in f".{n}."]
+    names = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and ".deltas." not in f".{n}."
+    ]
     if not names:
-        raise DeployError("the model has no nn.Linear head to take features from; pass layer='module.name'")
+        raise DeployError(
+            "the model has no nn.Linear head to take features from; pass layer='module.name'"
+        )
     return names[-1]
 
 

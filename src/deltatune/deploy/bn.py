@@ -40,7 +40,9 @@ class BNAdapt(_StatsOnly):
 
     def __init__(self, model: nn.Module, *, momentum: float = 1.0, **common: Any) -> None:
         if not 0.0 < momentum <= 1.0:
-            raise DeployError(f"bn: momentum={momentum} must lie in (0, 1]; 1.0 uses each batch's own statistics")
+            raise DeployError(
+                f"bn: momentum={momentum} must lie in (0, 1]; 1.0 uses each batch's own statistics"
+            )
         self.momentum = momentum
         super().__init__(model, **common)
 
@@ -64,7 +66,9 @@ class AlphaBN(_StatsOnly):
 
     def __init__(self, model: nn.Module, *, alpha: float = 0.1, **common: Any) -> None:
         if not 0.0 <= alpha <= 1.0:
-            raise DeployError(f"alpha_bn: alpha={alpha} must lie in [0, 1] (weight of the source statistics)")
+            raise DeployError(
+                f"alpha_bn: alpha={alpha} must lie in [0, 1] (weight of the source statistics)"
+            )
         self.alpha = alpha
         super().__init__(model, **common)
 

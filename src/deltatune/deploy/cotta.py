@@ -30,9 +30,14 @@ def image_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return torch.rand(n, generator=generator).to(x.device, x.dtype) * (high - low) + low
 
     angle, scale = uniform(-math.pi / 12, math.pi / 12), uniform(0.9, 1.1)
-    tx, ty = uniform(-0.125, 0.125), uniform(-0.125, 0.125)  # grid coordinates span 2, so 1/16 of the size
+    tx, ty = (
+        uniform(-0.125, 0.125),
+        uniform(-0.125, 0.125),
+    )  # grid coordinates span 2, so 1/16 of the size
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, tx], -1), torch.stack([sin, cos, ty], -1)], 1)  # (N, 2, 3)
+    theta = torch.stack(
+        [torch.stack([cos, -sin, tx], -1), torch.stack([sin, cos, ty], -1)], 1
+    )  # (N, 2, 3)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     out = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
@@ -72,11 +77,15 @@ class CoTTA(GradientTTA):
         **common: Any,
     ) -> None:
         if not 0 <= ema <= 1:
-            raise DeployError(f"cotta: ema={ema} must lie in [0, 1] (the teacher's weight on its old value)")
+            raise DeployError(
+                f"cotta: ema={ema} must lie in [0, 1] (the teacher's weight on its old value)"
+            )
         if not 0 <= restore_prob <= 1:
             raise DeployError(f"cotta: restore_prob={restore_prob} must lie in [0, 1]")
         if n_augment < 0:
-            raise DeployError(f"cotta: n_augment={n_augment} must be >= 0 (0: no augmentation averaging)")
+            raise DeployError(
+                f"cotta: n_augment={n_augment} must be >= 0 (0: no augmentation averaging)"
+            )
         self.ema, self.restore_prob, self.anchor_threshold = ema, restore_prob, anchor_threshold
         self.n_augment, self.augment, self.seed = n_augment, augment, seed
         super().__init__(model, **common)
@@ -97,7 +106,10 @@ class CoTTA(GradientTTA):
             aug = self.augment or (image_augment if is_image else None)
             unsure = anchor.softmax(-1).max(-1).values.mean() < self.anchor_threshold
             if aug is not None and self.n_augment and unsure:
-                views = [self._teacher_on(aug(x, self.generator), args, kwargs) for _ in range(self.n_augment)]
+                views = [
+                    self._teacher_on(aug(x, self.generator), args, kwargs)
+                    for _ in range(self.n_augment)
+                ]
                 teacher = torch.stack(views).mean(0)
                 teacher_out = with_logits(teacher_out, teacher)
         target = teacher.softmax(-1)
@@ -106,7 +118,10 @@ class CoTTA(GradientTTA):
             for n, p in self.named_adapted():
                 self.teacher[n].mul_(self.ema).add_(p.detach(), alpha=1 - self.ema)
                 if self.restore_prob > 0:
-                    mask = torch.rand(p.shape, generator=self.generator).to(p.device) < self.restore_prob
+                    mask = (
+                        torch.rand(p.shape, generator=self.generator).to(p.device)
+                        < self.restore_prob
+                    )
                     p.copy_(torch.where(mask, self._source[n], p))
         return teacher_out
 
@@ -118,4 +133,6 @@ class CoTTA(GradientTTA):
                 args[i] = x_aug
                 return self.logits(functional_call(self.model, self.teacher, tuple(args), kwargs))
         key = next(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))
-        return self.logits(functional_call(self.model, self.teacher, tuple(args), {**kwargs, key: x_aug}))
+        return self.logits(
+            functional_call(self.model, self.teacher, tuple(args), {**kwargs, key: x_aug})
+        )

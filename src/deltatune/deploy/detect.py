@@ -42,8 +42,16 @@ class DetectionResult:
         return out
 
 
-def embed(model: nn.Module, data: Any, *, outputs: bool = False, layer: str | None = None, batch_size: int = 256,
-          logits_fn: Any = None, softmax: bool = True) -> torch.Tensor:
+def embed(
+    model: nn.Module,
+    data: Any,
+    *,
+    outputs: bool = False,
+    layer: str | None = None,
+    batch_size: int = 256,
+    logits_fn: Any = None,
+    softmax: bool = True,
+) -> torch.Tensor:
     """Features (input of ``layer``, default the last ``nn.Linear``) or softmax outputs of ``model``
     (the raw logits with ``softmax=False``) over ``data`` (a tensor of inputs or an iterable of
     batches), as one (N, d) tensor."""
@@ -72,7 +80,9 @@ def as_samples(value: Any, name: str) -> torch.Tensor:
     try:
         t = to_tensor(value).to(torch.float64)
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise DeployError(f"{name} must be a tensor or array of samples (one row each): {exc}") from exc
+        raise DeployError(
+            f"{name} must be a tensor or array of samples (one row each): {exc}"
+        ) from exc
     if t.dim() == 1:
         t = t[:, None]
     elif t.dim() > 2:
@@ -85,9 +95,19 @@ def as_samples(value: Any, name: str) -> torch.Tensor:
     return t
 
 
-def detect(reference: Any, target: Any, test: str = "mmd", alpha: float = 0.05, *, model: nn.Module | None = None,
-           layer: str | None = None, batch_size: int = 256, max_samples: int = 1000, seed: int = 0,
-           **options: Any) -> DetectionResult:
+def detect(
+    reference: Any,
+    target: Any,
+    test: str = "mmd",
+    alpha: float = 0.05,
+    *,
+    model: nn.Module | None = None,
+    layer: str | None = None,
+    batch_size: int = 256,
+    max_samples: int = 1000,
+    seed: int = 0,
+    **options: Any,
+) -> DetectionResult:
     """Test whether ``target`` comes from the distribution of ``reference``.
 
     ``test``: ``mmd`` (kernel MMD, permutation test), ``ks`` (per-feature KS, ``correction`` =
@@ -109,7 +129,10 @@ def detect(reference: Any, target: Any, test: str = "mmd", alpha: float = 0.05, 
             f"reference has {x.shape[1]} features but target has {y.shape[1]}; compute both the same way"
         )
     gen = torch.Generator().manual_seed(seed)
-    x, y = (v[torch.randperm(len(v), generator=gen)[:max_samples]] if len(v) > max_samples else v for v in (x, y))
+    x, y = (
+        v[torch.randperm(len(v), generator=gen)[:max_samples]] if len(v) > max_samples else v
+        for v in (x, y)
+    )
     stat, p, details = fn(x, y, **options)
     return DetectionResult(test, stat, p, p < alpha, alpha, len(x), len(y), details)
 
@@ -119,10 +142,14 @@ def _resolve_test(test: str, alpha: float, options: dict[str, Any]):
     fn = TESTS.get(test)
     if not 0 < alpha < 1:
         raise DeployError(f"alpha={alpha} must lie in (0, 1) (the significance level, e.g. 0.05)")
-    accepted = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    accepted = [
+        p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY
+    ]
     bad = [k for k in options if k not in accepted]
     if bad:
-        raise DeployError(f"test {test!r} has no option {bad[0]!r}; its options: {', '.join(accepted) or 'none'}")
+        raise DeployError(
+            f"test {test!r} has no option {bad[0]!r}; its options: {', '.join(accepted) or 'none'}"
+        )
     return fn
 
 
@@ -135,16 +162,27 @@ class DriftMonitor:
     many windows some false alarms are expected (about ``alpha`` of the clean windows).
     """
 
-    def __init__(self, reference: Any, test: str = "mmd", alpha: float = 0.05, *, window: int = 200,
-                 stride: int | None = None, model: nn.Module | None = None, layer: str | None = None,
-                 **options: Any) -> None:
+    def __init__(
+        self,
+        reference: Any,
+        test: str = "mmd",
+        alpha: float = 0.05,
+        *,
+        window: int = 200,
+        stride: int | None = None,
+        model: nn.Module | None = None,
+        layer: str | None = None,
+        **options: Any,
+    ) -> None:
         if window < 2:
             raise DeployError(f"window={window} must be at least 2 samples")
         self.stride = stride if stride is not None else window
         if self.stride < 1:
             raise DeployError(f"stride={stride} must be at least 1 sample")
         self.seed = int(options.pop("seed", 0))
-        own = {k: v for k, v in options.items() if k not in ("max_samples", "batch_size")}  # detect()'s own
+        own = {
+            k: v for k, v in options.items() if k not in ("max_samples", "batch_size")
+        }  # detect()'s own
         _resolve_test(test, alpha, own)
         self.test, self.alpha, self.window, self.options = test, alpha, window, options
         self.model, self.layer = model, layer
@@ -168,10 +206,21 @@ class DriftMonitor:
             self._pending += 1
             if self.seen >= self.window and self._pending >= self.stride:
                 end = len(self._buffer) - (len(new) - 1 - i)
-                res = detect(self.reference, self._buffer[end - self.window : end], self.test, self.alpha,
-                             seed=self.seed + self.seen, **self.options)
+                res = detect(
+                    self.reference,
+                    self._buffer[end - self.window : end],
+                    self.test,
+                    self.alpha,
+                    seed=self.seed + self.seen,
+                    **self.options,
+                )
                 self.history.append(
-                    {"position": self.seen, "p_value": res.p_value, "drift": res.drift, "statistic": res.statistic}
+                    {
+                        "position": self.seen,
+                        "p_value": res.p_value,
+                        "drift": res.drift,
+                        "statistic": res.statistic,
+                    }
                 )
                 results.append(res)
                 self._pending = 0

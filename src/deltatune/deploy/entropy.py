@@ -92,7 +92,9 @@ class EATA(GradientTTA):
                 batches += 1
         self.optimizer.zero_grad(set_to_none=True)
         if batches == 0:
-            raise DeployError("eata: fisher_data yielded no batches; pass source-like batches or fisher_data=None")
+            raise DeployError(
+                "eata: fisher_data yielded no batches; pass source-like batches or fisher_data=None"
+            )
         return {n: f / batches for n, f in fisher.items()}
 
     def reset_state(self) -> None:
@@ -153,7 +155,9 @@ class SAR(GradientTTA):
         if not 0 < e_margin <= 1:
             raise DeployError(f"sar: e_margin={e_margin} is a fraction of ln(classes) in (0, 1]")
         if rho < 0:
-            raise DeployError(f"sar: rho={rho} must be >= 0 (0 turns the SAM step into a plain step)")
+            raise DeployError(
+                f"sar: rho={rho} must be >= 0 (0 turns the SAM step into a plain step)"
+            )
         self.e_margin, self.rho, self.reset_constant = e_margin, rho, reset_constant
         super().__init__(model, **common)
         self.ema: float | None = None

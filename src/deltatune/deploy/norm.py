@@ -21,7 +21,9 @@ StatsMode = Literal["batch", "mix", "ema"]
 
 def is_norm(module: nn.Module) -> bool:
     """BatchNorm, LayerNorm, GroupNorm, InstanceNorm and RMSNorm layers (also custom ``*Norm`` classes)."""
-    if isinstance(module, (_BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)):
+    if isinstance(
+        module, (_BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+    ):
         return True
     # transformers' LlamaRMSNorm, T5LayerNorm, ... are plain modules named like norms with a weight
     name = type(module).__name__
@@ -58,14 +60,23 @@ class BatchNormStats:
     """
 
     def __init__(
-        self, model: nn.Module, mode: StatsMode = "batch", *, alpha: float = 0.0, momentum: float = 1.0
+        self,
+        model: nn.Module,
+        mode: StatsMode = "batch",
+        *,
+        alpha: float = 0.0,
+        momentum: float = 1.0,
     ) -> None:
         if mode not in ("batch", "mix", "ema"):
             raise DeployError(f"BatchNorm statistics mode must be batch, mix or ema, not {mode!r}")
         if not 0.0 <= alpha <= 1.0:
-            raise DeployError(f"alpha={alpha} must lie in [0, 1] (the weight of the source statistics)")
+            raise DeployError(
+                f"alpha={alpha} must lie in [0, 1] (the weight of the source statistics)"
+            )
         if not 0.0 < momentum <= 1.0:
-            raise DeployError(f"momentum={momentum} must lie in (0, 1] (the weight of each new batch)")
+            raise DeployError(
+                f"momentum={momentum} must lie in (0, 1] (the weight of each new batch)"
+            )
         self.layers = batchnorm_layers(model)
         self.mode, self.alpha, self.momentum = mode, alpha, momentum
         if mode != "batch":
@@ -81,7 +92,9 @@ class BatchNormStats:
         self._saved = {n: (m.training, m.track_running_stats) for n, m in self.layers}
         if mode == "batch":
             for _, m in self.layers:
-                m.track_running_stats = False  # train-mode forward then neither reads nor writes the buffers
+                m.track_running_stats = (
+                    False  # train-mode forward then neither reads nor writes the buffers
+                )
             self._handles = [m.register_forward_pre_hook(self._pre_hook(n)) for n, m in self.layers]
         else:
             self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self.layers]

@@ -28,7 +28,12 @@ def knn_affinity(features: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def laplacian_adjust(
-    probs: torch.Tensor, affinity: torch.Tensor, *, strength: float = 1.0, max_steps: int = 100, tol: float = 1e-8
+    probs: torch.Tensor,
+    affinity: torch.Tensor,
+    *,
+    strength: float = 1.0,
+    max_steps: int = 100,
+    tol: float = 1e-8,
 ) -> torch.Tensor:
     """LAME's bound optimisation: ``z ∝ p · exp(strength · W z)`` iterated to a fixed point."""
     unary = -torch.log(probs + 1e-10)
@@ -56,12 +61,28 @@ class LAME(TTAWrapper):
 
     method: ClassVar[str] = "lame"
 
-    def __init__(self, model: nn.Module, *, knn: int = 5, strength: float = 1.0, layer: str | None = None,
-                 symmetric: bool = False, max_steps: int = 100, **common: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        knn: int = 5,
+        strength: float = 1.0,
+        layer: str | None = None,
+        symmetric: bool = False,
+        max_steps: int = 100,
+        **common: Any,
+    ) -> None:
         if knn < 1:
             raise DeployError(f"lame: knn={knn} must be at least 1")
-        self.knn, self.strength, self.symmetric, self.max_steps = knn, strength, symmetric, max_steps
-        self.layer = layer if layer is not None else ("logits" if _no_linear(model) else last_linear(model))
+        self.knn, self.strength, self.symmetric, self.max_steps = (
+            knn,
+            strength,
+            symmetric,
+            max_steps,
+        )
+        self.layer = (
+            layer if layer is not None else ("logits" if _no_linear(model) else last_linear(model))
+        )
         super().__init__(model, **common)
 
     def forward_and_adapt(self, *args: Any, **kwargs: Any) -> Any:
@@ -118,8 +139,16 @@ class EMPrior(TTAWrapper):
 
     method: ClassVar[str] = "em"
 
-    def __init__(self, model: nn.Module, *, source_prior: Any = None, window: int = 1024, temperature: float = 1.0,
-                 max_iter: int = 100, **common: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        source_prior: Any = None,
+        window: int = 1024,
+        temperature: float = 1.0,
+        max_iter: int = 100,
+        **common: Any,
+    ) -> None:
         if window < 1:
             raise DeployError(f"em: window={window} must be at least 1 sample")
         if not temperature > 0:
@@ -142,7 +171,9 @@ class EMPrior(TTAWrapper):
         if source is None:
             source = torch.full((c,), 1.0 / c, dtype=torch.float64)
         if source.numel() != c:
-            raise DeployError(f"em: source_prior has {source.numel()} classes but the model predicts {c}")
+            raise DeployError(
+                f"em: source_prior has {source.numel()} classes but the model predicts {c}"
+            )
         source = source.to(probs.device)
         seen = probs if self.buffer is None else torch.cat([self.buffer, probs])
         self.buffer = seen[-self.window :]
@@ -154,8 +185,17 @@ class EMPrior(TTAWrapper):
 
 def _as_prior(value: Any) -> torch.Tensor:
     prior = torch.as_tensor(value, dtype=torch.float64).flatten()
-    if prior.numel() < 2 or (prior < 0).any() or not torch.isfinite(prior).all() or prior.sum() <= 0:
-        raise DeployError("em: source_prior must be non-negative class frequencies (one per class, not all zero)")
+    if (
+        prior.numel() < 2
+        or (prior < 0).any()
+        or not torch.isfinite(prior).all()
+        or prior.sum() <= 0
+    ):
+        raise DeployError(
+            "em: source_prior must be non-negative class frequencies (one per class, not all zero)"
+        )
     if (prior == 0).any():
-        raise DeployError("em: source_prior has a class with frequency 0; its target prior cannot be re-weighed")
+        raise DeployError(
+            "em: source_prior has a class with frequency 0; its target prior cannot be re-weighed"
+        )
     return prior / prior.sum()

@@ -24,7 +24,9 @@ def collect_params(
     """
     if delta is not None:
         if params != "norm":
-            raise DeployError(f"{method}: give either delta={delta!r} or params={params!r}, not both")
+            raise DeployError(
+                f"{method}: give either delta={delta!r} or params={params!r}, not both"
+            )
         known = delta_names(model)
         if delta not in known:
             raise DeployError(
@@ -48,4 +50,6 @@ def collect_params(
         return names
     if params == "all":
         return [n for n, p in model.named_parameters() if p.is_floating_point()]
-    raise DeployError(f"{method}: params must be 'norm' or 'all' (or pass delta=NAME), not {params!r}")
+    raise DeployError(
+        f"{method}: params must be 'norm' or 'all' (or pass delta=NAME), not {params!r}"
+    )

@@ -53,21 +53,30 @@ def _mmd2_many(k: torch.Tensor, is_x: torch.Tensor) -> torch.Tensor:
 
 @TESTS.register("mmd")
 def mmd_test(
-    x: torch.Tensor, y: torch.Tensor, *, n_permutations: int = 500, bandwidth: float | None = None, seed: int = 0
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    n_permutations: int = 500,
+    bandwidth: float | None = None,
+    seed: int = 0,
 ) -> TestOutput:
     """Kernel two-sample test: unbiased MMD² with a Gaussian kernel (median heuristic bandwidth) and a
     permutation test. Gretton et al., "A Kernel Two-Sample Test", JMLR 2012,
     https://jmlr.org/papers/v13/gretton12a.html.
     """
     if n_permutations < 1:
-        raise DeployError(f"mmd: n_permutations={n_permutations} must be at least 1 (use 200 or more)")
+        raise DeployError(
+            f"mmd: n_permutations={n_permutations} must be at least 1 (use 200 or more)"
+        )
     z = torch.cat([x, y])
     k, sigma = rbf_kernel(z, bandwidth)
     n = len(x)
     observed = torch.zeros(1, len(z), dtype=torch.bool)
     observed[0, :n] = True
     gen = torch.Generator().manual_seed(seed)
-    perms = torch.argsort(torch.rand(n_permutations, len(z), generator=gen), dim=1) < n  # n random "x" per row
+    perms = (
+        torch.argsort(torch.rand(n_permutations, len(z), generator=gen), dim=1) < n
+    )  # n random "x" per row
     stats = _mmd2_many(k, torch.cat([observed, perms]))
     stat, null = float(stats[0]), stats[1:]
     p = (1 + int((null >= stats[0]).sum())) / (1 + n_permutations)
@@ -91,7 +100,9 @@ def adjust_pvalues(p: np.ndarray, correction: Correction) -> np.ndarray:
 
 
 @TESTS.register("ks")
-def ks_test(x: torch.Tensor, y: torch.Tensor, *, correction: Correction = "bonferroni") -> TestOutput:
+def ks_test(
+    x: torch.Tensor, y: torch.Tensor, *, correction: Correction = "bonferroni"
+) -> TestOutput:
     """One Kolmogorov-Smirnov test per feature, combined by a multiple-testing correction; the
     p-value is the smallest adjusted one. Rabanser et al., "Failing Loudly", NeurIPS 2019,
     https://arxiv.org/abs/1810.11953.
@@ -108,18 +119,24 @@ def ks_test(x: torch.Tensor, y: torch.Tensor, *, correction: Correction = "bonfe
 def to_probs(outputs: torch.Tensor) -> torch.Tensor:
     """Rows that already are probability vectors stay; anything else is treated as logits."""
     sums = outputs.sum(-1)
-    is_simplex = bool((outputs >= 0).all()) and torch.allclose(sums, torch.ones_like(sums), atol=1e-4)
+    is_simplex = bool((outputs >= 0).all()) and torch.allclose(
+        sums, torch.ones_like(sums), atol=1e-4
+    )
     return outputs if is_simplex else outputs.softmax(-1)
 
 
 @TESTS.register("bbsd")
-def bbsd_test(x: torch.Tensor, y: torch.Tensor, *, correction: Correction = "bonferroni") -> TestOutput:
+def bbsd_test(
+    x: torch.Tensor, y: torch.Tensor, *, correction: Correction = "bonferroni"
+) -> TestOutput:
     """Black-box shift detection: per-class KS tests on the softmax outputs of the model.
     Lipton et al., "Detecting and Correcting for Label Shift with Black Box Predictors", ICML 2018,
     https://arxiv.org/abs/1802.03916 (BBSDs in Rabanser et al. 2019).
     """
     if x.shape[1] < 2:
-        raise DeployError("bbsd needs model outputs with one column per class (logits or probabilities)")
+        raise DeployError(
+            "bbsd needs model outputs with one column per class (logits or probabilities)"
+        )
     return ks_test(to_probs(x), to_probs(y), correction=correction)
 
 
@@ -127,7 +144,9 @@ def _labels(v: torch.Tensor) -> torch.Tensor:
     if v.shape[1] == 1:
         lab = v[:, 0]
         if not torch.equal(lab, lab.round()) or (lab < 0).any():
-            raise DeployError("label test: 1-column input must hold class indices (non-negative integers)")
+            raise DeployError(
+                "label test: 1-column input must hold class indices (non-negative integers)"
+            )
         return lab.long()
     return v.argmax(1)
 
@@ -148,8 +167,15 @@ def label_test(x: torch.Tensor, y: torch.Tensor) -> TestOutput:
 
 
 @TESTS.register("classifier")
-def classifier_test(x: torch.Tensor, y: torch.Tensor, *, seed: int = 0, hidden: int = 0, epochs: int = 200,
-                    weight_decay: float = 1e-3) -> TestOutput:
+def classifier_test(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    seed: int = 0,
+    hidden: int = 0,
+    epochs: int = 200,
+    weight_decay: float = 1e-3,
+) -> TestOutput:
     """Classifier two-sample test: train a classifier (logistic regression, or an MLP with ``hidden``
     units) to tell the samples apart on one half, test its accuracy on the other half; under no shift
     the held-out accuracy is Binomial(n, 1/2). Lopez-Paz & Oquab, "Revisiting Classifier Two-Sample
@@ -169,12 +195,18 @@ def classifier_test(x: torch.Tensor, y: torch.Tensor, *, seed: int = 0, hidden: 
     torch.manual_seed(seed)
     d = z.shape[1]
     nn = torch.nn
-    net = nn.Linear(d, 1) if hidden <= 0 else nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+    net = (
+        nn.Linear(d, 1)
+        if hidden <= 0
+        else nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+    )
     opt = torch.optim.Adam(net.parameters(), lr=1e-2, weight_decay=weight_decay)
     with torch.enable_grad():
         for _ in range(epochs):  # full-batch: the samples are small
             opt.zero_grad()
-            torch.nn.functional.binary_cross_entropy_with_logits(net(z[:half]).squeeze(-1), t[:half]).backward()
+            torch.nn.functional.binary_cross_entropy_with_logits(
+                net(z[:half]).squeeze(-1), t[:half]
+            ).backward()
             opt.step()
     with torch.no_grad():
         correct = int(((net(z[half:]).squeeze(-1) > 0).float() == t[half:]).sum())

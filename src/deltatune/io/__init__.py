@@ -4,6 +4,13 @@ from .adapter import detect_format, load_adapter, read_adapter_info, save_adapte
 from .files import atomic_write, load_tensors, read_json, save_tensors, write_json
 
 __all__ = [
-    "atomic_write", "detect_format", "load_adapter", "load_tensors", "read_adapter_info", "read_json",
-    "save_adapter", "save_tensors", "write_json",
+    "atomic_write",
+    "detect_format",
+    "load_adapter",
+    "load_tensors",
+    "read_adapter_info",
+    "read_json",
+    "save_adapter",
+    "save_tensors",
+    "write_json",
 ]

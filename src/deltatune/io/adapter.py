@@ -22,7 +22,14 @@ from ..core.errors import DeltaFileError, SpecError, StateError
 from ..core.host import ModuleCopy, get_module, iter_hosts
 from ..core.model import attach, delta_names, detach, get_spec
 from ..core.spec import DeltaSpec, spec_from_dict
-from .checks import check_header, check_value, file_sha256, tensor_header, validate_delta_config, verify_file
+from .checks import (
+    check_header,
+    check_value,
+    file_sha256,
+    tensor_header,
+    validate_delta_config,
+    verify_file,
+)
 from .files import load_tensors, read_json, save_tensors, write_json
 
 FORMAT = "deltatune-delta"
@@ -35,10 +42,14 @@ def _pick_name(model: nn.Module, name: str | None) -> str:
     names = delta_names(model)
     if name is None:
         if len(names) != 1:
-            raise StateError(f"the model holds deltas {names or 'none'}; pass name=... to choose which one")
+            raise StateError(
+                f"the model holds deltas {names or 'none'}; pass name=... to choose which one"
+            )
         return names[0]
     if name not in names:
-        raise StateError(f"no delta named {name!r} is attached; attached: {', '.join(names) or 'none'}")
+        raise StateError(
+            f"no delta named {name!r} is attached; attached: {', '.join(names) or 'none'}"
+        )
     return name
 
 
@@ -82,7 +93,9 @@ def check_fingerprint(model: nn.Module, fp: dict[str, Any] | None, source: Path)
                 )
 
 
-def save_adapter(model: nn.Module, path: str | Path, name: str | None = None, format: str = "deltatune") -> Path:
+def save_adapter(
+    model: nn.Module, path: str | Path, name: str | None = None, format: str = "deltatune"
+) -> Path:
     """Write delta ``name`` to directory ``path`` (``format="deltatune"`` or ``"peft"``). A new directory is
     written whole under a temporary name and renamed into place; into an existing one, atomic per file
     (the config, holding the tensors' checksum, last)."""
@@ -142,8 +155,10 @@ def _check_finite(model: nn.Module, name: str) -> None:
     for prefix, module in [*deltas.items(), *copies.items()]:
         for key, value in module.state_dict().items():
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                raise StateError(f"delta {name!r} holds NaN or inf values in {prefix}.{key}; nothing was saved "
-                                 "(training diverged: lower the learning rate, or check the data)")
+                raise StateError(
+                    f"delta {name!r} holds NaN or inf values in {prefix}.{key}; nothing was saved "
+                    "(training diverged: lower the learning rate, or check the data)"
+                )
 
 
 def detect_format(path: str | Path) -> str:
@@ -153,8 +168,12 @@ def detect_format(path: str | Path) -> str:
     if (path / PEFT_JSON).is_file():
         return "peft"
     if not path.exists():
-        raise DeltaFileError(f"{path} does not exist; pass the directory written by dt.save_adapter or peft")
-    raise DeltaFileError(f"{path} holds neither {DELTA_JSON} nor {PEFT_JSON}; pass a saved delta directory")
+        raise DeltaFileError(
+            f"{path} does not exist; pass the directory written by dt.save_adapter or peft"
+        )
+    raise DeltaFileError(
+        f"{path} holds neither {DELTA_JSON} nor {PEFT_JSON}; pass a saved delta directory"
+    )
 
 
 def read_delta_config(path: Path) -> dict[str, Any]:
@@ -172,7 +191,9 @@ def spec_of_config(config: dict[str, Any], file: Path) -> DeltaSpec:
     except DeltaFileError:
         raise
     except ValueError as exc:  # SpecError and friends: the message names the option
-        raise DeltaFileError(f"{file}: field 'spec' is invalid: {exc}; save the delta again") from None
+        raise DeltaFileError(
+            f"{file}: field 'spec' is invalid: {exc}; save the delta again"
+        ) from None
 
 
 def verify_adapter(path: str | Path) -> None:
@@ -182,11 +203,17 @@ def verify_adapter(path: str | Path) -> None:
     if detect_format(path) == "deltatune":
         config = read_delta_config(path)
         if not config.get("compressed"):
-            verify_file(path / DELTA_TENSORS, (config.get("checksums") or {}).get(DELTA_TENSORS), path / DELTA_JSON)
+            verify_file(
+                path / DELTA_TENSORS,
+                (config.get("checksums") or {}).get(DELTA_TENSORS),
+                path / DELTA_JSON,
+            )
     else:
         from .checks import PEFT_CHECKSUMS, peft_checksums
 
-        verify_file(path / PEFT_TENSORS, peft_checksums(path).get(PEFT_TENSORS), path / PEFT_CHECKSUMS)
+        verify_file(
+            path / PEFT_TENSORS, peft_checksums(path).get(PEFT_TENSORS), path / PEFT_CHECKSUMS
+        )
 
 
 def read_adapter_info(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
@@ -211,17 +238,28 @@ def read_adapter_info(path: str | Path, *, verify: bool = True) -> dict[str, Any
 
         return {**packed_reader(path, config).describe(path), **{k: config.get(k) for k in keys}}
     header = tensor_header(tensor_file)
-    info: dict[str, Any] = {"path": str(path), "format": fmt, "file_bytes": tensor_file.stat().st_size,
-                            "num_tensors": len(header), "num_parameters": sum(_prod(s) for _, s in header.values()),
-                            "metadata": _metadata(tensor_file)}
+    info: dict[str, Any] = {
+        "path": str(path),
+        "format": fmt,
+        "file_bytes": tensor_file.stat().st_size,
+        "num_tensors": len(header),
+        "num_parameters": sum(_prod(s) for _, s in header.values()),
+        "metadata": _metadata(tensor_file),
+    }
     if fmt == "deltatune":
         info.update({k: config.get(k) for k in keys})
         info["checksum"] = "recorded" if config.get("checksums") else "none recorded"
     else:
         from .checks import peft_checksums
 
-        info.update({"method": str(config.get("peft_type", "?")).lower(), "spec": config, "hosts": None,
-                     "checksum": "recorded" if peft_checksums(path) else "none recorded"})
+        info.update(
+            {
+                "method": str(config.get("peft_type", "?")).lower(),
+                "spec": config,
+                "hosts": None,
+                "checksum": "recorded" if peft_checksums(path) else "none recorded",
+            }
+        )
     if verify and info["checksum"] == "recorded":
         info["checksum"] = "verified"
     return info
@@ -241,8 +279,14 @@ def _prod(shape) -> int:
     return out
 
 
-def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, *, activate: bool = True,
-                 verify: bool = True) -> str:
+def load_adapter(
+    model: nn.Module,
+    path: str | Path,
+    name: str | None = None,
+    *,
+    activate: bool = True,
+    verify: bool = True,
+) -> str:
     """Load a saved delta (format detected) into ``model`` as ``name``; returns the name used.
 
     Everything is checked before the model changes, and sizes before anything is allocated: the
@@ -264,18 +308,30 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, *,
     if not config.get("compressed"):
         header = tensor_header(tensor_file)  # first: a truncated file is named as such
         if verify:
-            verify_file(tensor_file, (config.get("checksums") or {}).get(DELTA_TENSORS), path / DELTA_JSON)
+            verify_file(
+                tensor_file, (config.get("checksums") or {}).get(DELTA_TENSORS), path / DELTA_JSON
+            )
     name = name or config.get("name") or "default"
     if name in delta_names(model):
-        raise StateError(f"a delta named {name!r} is already attached; pass another name= or detach it first")
+        raise StateError(
+            f"a delta named {name!r} is already attached; pass another name= or detach it first"
+        )
     attach_from_file(model, spec, name, path / DELTA_JSON, activate=activate)
     try:
         deltas, copies = parts_of(model, name)
-        if sorted(deltas) != sorted(config["hosts"]) or sorted(copies) != sorted(config.get("trainable_modules", [])):
-            raise DeltaFileError(f"{path}: its spec selects different modules on this model than it was saved from; load it on the original base")
+        if sorted(deltas) != sorted(config["hosts"]) or sorted(copies) != sorted(
+            config.get("trainable_modules", [])
+        ):
+            raise DeltaFileError(
+                f"{path}: its spec selects different modules on this model than it was saved from; load it on the original base"
+            )
         modules = {**deltas, **copies}
         if header is not None:  # names, shapes, dtypes: before the file's data is read
-            check_header(tensor_file, header, {f"{p}.{k}": v for p, m in modules.items() for k, v in m.state_dict().items()})
+            check_header(
+                tensor_file,
+                header,
+                {f"{p}.{k}": v for p, m in modules.items() for k, v in m.state_dict().items()},
+            )
             tensors = load_tensors(tensor_file)
         else:  # written by `deltatune compress`: decoded by the reader it registered
             from .packed import packed_reader
@@ -291,23 +347,33 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, *,
     return name
 
 
-def attach_from_file(model: nn.Module, spec: DeltaSpec, name: str, file: Path, *, activate: bool) -> None:
+def attach_from_file(
+    model: nn.Module, spec: DeltaSpec, name: str, file: Path, *, activate: bool
+) -> None:
     """``attach`` for a spec read from ``file``: a size that does not fit a layer (checked before any
     tensor is allocated) names the file, since the fix is there."""
     try:
         attach(model, spec, name, activate=activate)
     except SpecError as exc:
-        raise DeltaFileError(f"{file}: field 'spec' is invalid: {exc}; the file was edited or is for another model") from None
+        raise DeltaFileError(
+            f"{file}: field 'spec' is invalid: {exc}; the file was edited or is for another model"
+        ) from None
 
 
-def load_module_states(source: Path, modules: dict[str, nn.Module], tensors: dict[str, torch.Tensor]) -> None:
+def load_module_states(
+    source: Path, modules: dict[str, nn.Module], tensors: dict[str, torch.Tensor]
+) -> None:
     """Load ``<prefix>.<key>`` tensors into each module strictly; clear errors on any mismatch."""
-    expected = {f"{p}.{k}": (m, k, v) for p, m in modules.items() for k, v in m.state_dict().items()}
+    expected = {
+        f"{p}.{k}": (m, k, v) for p, m in modules.items() for k, v in m.state_dict().items()
+    }
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
         what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
-        raise DeltaFileError(f"{source}: tensors do not match the delta ({what}); the file is for another model or method")
+        raise DeltaFileError(
+            f"{source}: tensors do not match the delta ({what}); the file is for another model or method"
+        )
     per_module: dict[int, dict[str, torch.Tensor]] = {}
     for key, (module, local, current) in expected.items():
         value = tensors[key]
@@ -318,8 +384,12 @@ def load_module_states(source: Path, modules: dict[str, nn.Module], tensors: dic
             )
         check_value(source, key, value, current)
         value = value.to(device=current.device, dtype=current.dtype)
-        if value.is_floating_point() and not torch.isfinite(value).all():  # e.g. float64 beyond float32's range
-            raise DeltaFileError(f"{source}: tensor {key} overflows {current.dtype} when loaded; the delta is corrupt")
+        if (
+            value.is_floating_point() and not torch.isfinite(value).all()
+        ):  # e.g. float64 beyond float32's range
+            raise DeltaFileError(
+                f"{source}: tensor {key} overflows {current.dtype} when loaded; the delta is corrupt"
+            )
         per_module.setdefault(id(module), {})[local] = value
     for module in modules.values():
         module.load_state_dict(per_module.get(id(module), {}), strict=True)

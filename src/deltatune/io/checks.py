@@ -63,7 +63,9 @@ def peft_checksums(path: Path) -> dict[str, str]:
     try:
         data = json.loads(side.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DeltaFileError(f"{side} is not valid JSON ({exc}); delete it (it only holds checksums) or save again") from None
+        raise DeltaFileError(
+            f"{side} is not valid JSON ({exc}); delete it (it only holds checksums) or save again"
+        ) from None
     sums = data.get("checksums") if isinstance(data, dict) else None
     _check_checksums(sums, side, "checksums")
     return sums
@@ -78,7 +80,9 @@ def _check_checksums(sums: Any, file: Path, field: str) -> None:
 
 # -- structure -------------------------------------------------------------------------------------
 def _bad(file: Path, field: str, problem: str) -> None:
-    raise DeltaFileError(f"{file}: field {field!r} {problem}; the file is corrupt or was edited by hand: save the delta again")
+    raise DeltaFileError(
+        f"{file}: field {field!r} {problem}; the file is corrupt or was edited by hand: save the delta again"
+    )
 
 
 def _is_int(v: Any) -> bool:
@@ -93,20 +97,30 @@ def _is_str_list(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
 
-def validate_delta_config(config: dict[str, Any], file: Path, *, format: str, max_version: int) -> None:
+def validate_delta_config(
+    config: dict[str, Any], file: Path, *, format: str, max_version: int
+) -> None:
     """Check every field of a ``delta.json`` that loading reads (types and nesting), or raise one line."""
     if config.get("format") != format:
-        raise DeltaFileError(f"{file} is not a deltatune delta config (format={config.get('format')!r}); "
-                             "pass a directory written by dt.save_adapter")
+        raise DeltaFileError(
+            f"{file} is not a deltatune delta config (format={config.get('format')!r}); "
+            "pass a directory written by dt.save_adapter"
+        )
     version = config.get("format_version")
     if not _is_int(version) or version < 1:
         _bad(file, "format_version", f"must be a positive integer, not {version!r}")
     if version > max_version:
-        raise DeltaFileError(f"{file.parent} was written by a newer deltatune (format version {version} > "
-                             f"{max_version}); upgrade deltatune to load it")
+        raise DeltaFileError(
+            f"{file.parent} was written by a newer deltatune (format version {version} > "
+            f"{max_version}); upgrade deltatune to load it"
+        )
     spec = config.get("spec")
     if not isinstance(spec, dict):
-        _bad(file, "spec", "is missing" if spec is None else f"must be an object, not {type(spec).__name__}")
+        _bad(
+            file,
+            "spec",
+            "is missing" if spec is None else f"must be an object, not {type(spec).__name__}",
+        )
     if not isinstance(spec.get("method"), str):
         _bad(file, "spec.method", "must be a method name")
     if config.get("method") is not None and config.get("method") != spec["method"]:
@@ -124,9 +138,14 @@ def validate_delta_config(config: dict[str, Any], file: Path, *, format: str, ma
             _bad(file, "fingerprint", "must be an object with a 'modules' object")
         for path, params in fp.get("modules", {}).items():
             if not isinstance(params, dict) or not all(
-                isinstance(s, list) and all(_is_int(d) and d >= 0 for d in s) for s in params.values()
+                isinstance(s, list) and all(_is_int(d) and d >= 0 for d in s)
+                for s in params.values()
             ):
-                _bad(file, f"fingerprint.modules.{path}", "must map parameter names to shapes (lists of sizes)")
+                _bad(
+                    file,
+                    f"fingerprint.modules.{path}",
+                    "must map parameter names to shapes (lists of sizes)",
+                )
     for field in ("num_tensors", "num_parameters"):
         if field in config and not (_is_int(config[field]) and config[field] >= 0):
             _bad(file, field, "must be a non-negative integer")
@@ -138,20 +157,65 @@ def validate_delta_config(config: dict[str, Any], file: Path, *, format: str, ma
 
 #: types of the peft config fields deltatune reads (all optional; ``None`` allowed where peft writes it)
 _PEFT_FIELDS: dict[str, tuple[str, bool]] = {
-    **{k: ("int", False) for k in ("r", "init_r", "target_r", "tinit", "tfinal", "deltaT", "num_virtual_tokens",
-                                    "oft_block_size", "boft_block_size", "boft_block_num", "boft_n_butterfly_factor",
-                                    "num_cayley_neumann_terms", "projection_prng_key")},
+    **{
+        k: ("int", False)
+        for k in (
+            "r",
+            "init_r",
+            "target_r",
+            "tinit",
+            "tfinal",
+            "deltaT",
+            "num_virtual_tokens",
+            "oft_block_size",
+            "boft_block_size",
+            "boft_block_num",
+            "boft_n_butterfly_factor",
+            "num_cayley_neumann_terms",
+            "projection_prng_key",
+        )
+    },
     **{k: ("int", True) for k in ("total_step", "num_transformer_submodules")},
-    **{k: ("number", False) for k in ("lora_alpha", "lora_dropout", "beta1", "beta2", "orth_reg_weight", "d_initial",
-                                       "vera_dropout", "eps", "module_dropout", "boft_dropout")},
-    **{k: ("bool", False) for k in ("use_dora", "use_rslora", "fan_in_fan_out", "save_projection", "block_share",
-                                     "use_cayley_neumann", "coft")},
-    "bias": ("str", False), "task_type": ("str", True),
+    **{
+        k: ("number", False)
+        for k in (
+            "lora_alpha",
+            "lora_dropout",
+            "beta1",
+            "beta2",
+            "orth_reg_weight",
+            "d_initial",
+            "vera_dropout",
+            "eps",
+            "module_dropout",
+            "boft_dropout",
+        )
+    },
+    **{
+        k: ("bool", False)
+        for k in (
+            "use_dora",
+            "use_rslora",
+            "fan_in_fan_out",
+            "save_projection",
+            "block_share",
+            "use_cayley_neumann",
+            "coft",
+        )
+    },
+    "bias": ("str", False),
+    "task_type": ("str", True),
     **{k: ("names", True) for k in ("target_modules", "modules_to_save", "feedforward_modules")},
     **{k: ("dict", True) for k in ("rank_pattern", "alpha_pattern")},
 }
-_CHECK = {"int": _is_int, "number": _is_num, "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str),
-          "names": lambda v: isinstance(v, str) or _is_str_list(v), "dict": lambda v: isinstance(v, dict)}
+_CHECK = {
+    "int": _is_int,
+    "number": _is_num,
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "names": lambda v: isinstance(v, str) or _is_str_list(v),
+    "dict": lambda v: isinstance(v, dict),
+}
 _WHAT = {"int": "an integer", "number": "a number", "bool": "true or false", "str": "a string",
          "names": "a module name or a list of them", "dict": "an object"}
 
@@ -159,7 +223,11 @@ _WHAT = {"int": "an integer", "number": "a number", "bool": "true or false", "st
 def validate_peft_config(config: dict[str, Any], file: Path) -> None:
     """Check the fields of a peft ``adapter_config.json`` that deltatune reads, or raise one line."""
     if not isinstance(config.get("peft_type"), str):
-        _bad(file, "peft_type", "is missing" if "peft_type" not in config else "must be a string such as 'LORA'")
+        _bad(
+            file,
+            "peft_type",
+            "is missing" if "peft_type" not in config else "must be a string such as 'LORA'",
+        )
     for field, (kind, nullable) in _PEFT_FIELDS.items():
         if field not in config or (nullable and config[field] is None):
             continue
@@ -168,7 +236,11 @@ def validate_peft_config(config: dict[str, Any], file: Path) -> None:
     for field in ("rank_pattern", "alpha_pattern"):
         for key, value in (config.get(field) or {}).items():
             # AdaLoRA's rank_pattern holds each layer's kept-rank mask (a list of booleans)
-            mask = field == "rank_pattern" and isinstance(value, list) and all(isinstance(v, bool) for v in value)
+            mask = (
+                field == "rank_pattern"
+                and isinstance(value, list)
+                and all(isinstance(v, bool) for v in value)
+            )
             if not (mask or (_is_int(value) if field == "rank_pattern" else _is_num(value))):
                 what = "a rank or a list of true/false" if field == "rank_pattern" else "a number"
                 _bad(file, f"{field}.{key}", f"must be {what}, not {value!r}"[:200])
@@ -183,11 +255,16 @@ def tensor_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         raise DeltaFileError(f"{file} does not exist; save the delta first or check the path")
     try:
         with safe_open(str(file), framework="pt") as fh:
-            return {k: (fh.get_slice(k).get_dtype(), tuple(fh.get_slice(k).get_shape())) for k in fh.keys()}
+            return {
+                k: (fh.get_slice(k).get_dtype(), tuple(fh.get_slice(k).get_shape()))
+                for k in fh.keys()
+            }
     except Exception as exc:  # noqa: BLE001 - any reader failure means a corrupt header
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DeltaFileError(f"{file} is not a readable safetensors file ({first}); it is corrupt or truncated: "
-                             "save or copy it again") from None
+        raise DeltaFileError(
+            f"{file} is not a readable safetensors file ({first}); it is corrupt or truncated: "
+            "save or copy it again"
+        ) from None
 
 
 def _kind_of_header_dtype(dtype: str) -> str:
@@ -209,15 +286,21 @@ def check_header(file: Path, header: Mapping[str, tuple[str, tuple[int, ...]]],
     extra = sorted(set(header) - set(expected))
     if missing or extra:
         what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
-        raise DeltaFileError(f"{file}: tensors do not match the delta ({what}); the file is for another model or method")
+        raise DeltaFileError(
+            f"{file}: tensors do not match the delta ({what}); the file is for another model or method"
+        )
     for key, (dtype, shape) in header.items():
         want = expected[key]
         if tuple(shape) != tuple(want.shape):
-            raise DeltaFileError(f"{file}: tensor {key} has shape {tuple(shape)} but the spec builds {tuple(want.shape)}; "
-                                 "the file and its config disagree (edited or for another base model or rank)")
+            raise DeltaFileError(
+                f"{file}: tensor {key} has shape {tuple(shape)} but the spec builds {tuple(want.shape)}; "
+                "the file and its config disagree (edited or for another base model or rank)"
+            )
         if _kind_of_header_dtype(dtype) != _kind(want.dtype):
-            raise DeltaFileError(f"{file}: tensor {key} is {dtype} but must be {str(want.dtype).removeprefix('torch.')}; "
-                                 "the file is corrupt or was edited: save the delta again")
+            raise DeltaFileError(
+                f"{file}: tensor {key} is {dtype} but must be {str(want.dtype).removeprefix('torch.')}; "
+                "the file is corrupt or was edited: save the delta again"
+            )
 
 
 def check_value(source: Path, key: str, value: torch.Tensor, want: torch.Tensor) -> None:
@@ -229,8 +312,12 @@ def check_value(source: Path, key: str, value: torch.Tensor, want: torch.Tensor)
         )
     if value.is_floating_point() and value.numel():
         if not torch.isfinite(value).all():
-            raise DeltaFileError(f"{source}: tensor {key} holds NaN or inf values; the delta is corrupt: save it again")
+            raise DeltaFileError(
+                f"{source}: tensor {key} holds NaN or inf values; the delta is corrupt: save it again"
+            )
         biggest = float(value.abs().max())
         if biggest > MAX_ABS_VALUE:
-            raise DeltaFileError(f"{source}: tensor {key} holds values up to {biggest:.3g} (more than {MAX_ABS_VALUE:.0e}),"
-                                 " which overflow to NaN in the forward pass; the delta is corrupt: save it again")
+            raise DeltaFileError(
+                f"{source}: tensor {key} holds values up to {biggest:.3g} (more than {MAX_ABS_VALUE:.0e}),"
+                " which overflow to NaN in the forward pass; the delta is corrupt: save it again"
+            )

@@ -64,17 +64,25 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 def read_json(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise DeltaFileError(f"{path} does not exist; point to a directory saved by dt.save_adapter or peft")
+        raise DeltaFileError(
+            f"{path} does not exist; point to a directory saved by dt.save_adapter or peft"
+        )
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DeltaFileError(f"{path} is not valid JSON ({exc}); the file is corrupt, save it again") from exc
+        raise DeltaFileError(
+            f"{path} is not valid JSON ({exc}); the file is corrupt, save it again"
+        ) from exc
     if not isinstance(data, dict):
         raise DeltaFileError(f"{path} should hold a JSON object, not {type(data).__name__}")
     return data
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_tensors(
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> None:
     from safetensors.torch import save_file
 
     # Own, contiguous CPU copies: safetensors refuses shared storage, and nothing aliases the model.
@@ -82,7 +90,9 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     atomic_write(path, lambda tmp: save_file(clean, tmp, metadata=metadata))
 
 
-def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def load_tensors(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
     """Read a safetensors file; a missing, truncated or corrupt file gives one clear error."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file

@@ -62,10 +62,14 @@ class _Claim:
 class _Job:
     name: str
     claims: list[_Claim] = field(default_factory=list)
-    staged: list[Path] = field(default_factory=list)  # staging directories (see stage), removed on failure
+    staged: list[Path] = field(
+        default_factory=list
+    )  # staging directories (see stage), removed on failure
 
 
-_CURRENT: contextvars.ContextVar[_Job | None] = contextvars.ContextVar("deltatune_output_job", default=None)
+_CURRENT: contextvars.ContextVar[_Job | None] = contextvars.ContextVar(
+    "deltatune_output_job", default=None
+)
 
 
 def output_job(name: str) -> Callable[[F], F]:
@@ -128,15 +132,21 @@ def claim(out: str | os.PathLike, *, overwrite: bool = False, resume: bool = Fal
         replaced: list[str] = []
         if present and not resume:
             if not overwrite:
-                raise OutputError(f"--out {out} exists and is not empty; pass --overwrite to replace it, --resume "
-                                  "to continue it, or choose another directory")
+                raise OutputError(
+                    f"--out {out} exists and is not empty; pass --overwrite to replace it, --resume "
+                    "to continue it, or choose another directory"
+                )
             if record is None:
-                raise OutputError(f"--out {out} holds files deltatune did not write (no {RECORD} there); "
-                                  "--overwrite replaces only a deltatune output: empty it yourself or choose "
-                                  "another directory")
+                raise OutputError(
+                    f"--out {out} holds files deltatune did not write (no {RECORD} there); "
+                    "--overwrite replaces only a deltatune output: empty it yourself or choose "
+                    "another directory"
+                )
             replaced = [e for e in written if e in present]
             _move_aside(out, replaced)
-        c = _Claim(out, job.name, created, set(_entries(out)), written, replaced, tuple(keep_on_error))
+        c = _Claim(
+            out, job.name, created, set(_entries(out)), written, replaced, tuple(keep_on_error)
+        )
     except BaseException:
         _unlock(out)
         if created:
@@ -154,12 +164,17 @@ def check_out(out: str | os.PathLike, inputs: Iterable[Any] = ()) -> None:
     if out.is_symlink():
         raise OutputError(f"--out {out} is a symbolic link; give the real directory")
     real = _real(out)
-    protected = {Path.cwd().resolve(): "the current directory", Path.home().resolve(): "your home directory",
-                 Path(real.anchor): "the file-system root"}
+    protected = {
+        Path.cwd().resolve(): "the current directory",
+        Path.home().resolve(): "your home directory",
+        Path(real.anchor): "the file-system root",
+    }
     for path, what in protected.items():
         if real == path or _inside(path, real):
             holds = "is" if real == path else "holds"
-            raise OutputError(f"--out {out} {holds} {what}; give a new or dedicated directory, e.g. runs/NAME")
+            raise OutputError(
+                f"--out {out} {holds} {what}; give a new or dedicated directory, e.g. runs/NAME"
+            )
     for item in inputs:
         if item is None or not isinstance(item, (str, os.PathLike)):
             continue
@@ -168,12 +183,18 @@ def check_out(out: str | os.PathLike, inputs: Iterable[Any] = ()) -> None:
             continue
         src = path.resolve()
         if src == real:
-            raise OutputError(f"--out {out} is the input {item}; write the output to another directory")
+            raise OutputError(
+                f"--out {out} is the input {item}; write the output to another directory"
+            )
         if _inside(src, real):
-            raise OutputError(f"--out {out} holds the input {item}; write the output to a directory that holds "
-                              "none of the job's inputs")
+            raise OutputError(
+                f"--out {out} holds the input {item}; write the output to a directory that holds "
+                "none of the job's inputs"
+            )
         if src.is_dir() and _inside(real, src):
-            raise OutputError(f"--out {out} lies inside the input directory {item}; write the output elsewhere")
+            raise OutputError(
+                f"--out {out} lies inside the input directory {item}; write the output elsewhere"
+            )
 
 
 def check_replace(out: str | os.PathLike, overwrite: bool, inputs: Iterable[Any] = ()) -> None:
@@ -183,12 +204,16 @@ def check_replace(out: str | os.PathLike, overwrite: bool, inputs: Iterable[Any]
     check_out(out, inputs)
     if entries(out):
         if not overwrite:
-            raise OutputError(f"--out {out} exists and is not empty; pass --overwrite to replace it or choose "
-                              "another directory")
+            raise OutputError(
+                f"--out {out} exists and is not empty; pass --overwrite to replace it or choose "
+                "another directory"
+            )
         if read_record(out) is None:
-            raise OutputError(f"--out {out} holds files deltatune did not write (no {RECORD} there); "
-                              "--overwrite replaces only a deltatune output: empty it yourself or choose "
-                              "another directory")
+            raise OutputError(
+                f"--out {out} holds files deltatune did not write (no {RECORD} there); "
+                "--overwrite replaces only a deltatune output: empty it yourself or choose "
+                "another directory"
+            )
 
 
 def stage(out: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable[Any] = ()) -> Path:
@@ -275,7 +300,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def publish(tmp: str | os.PathLike, out: str | os.PathLike, *, job: str, overwrite: bool = False) -> Path:
+def publish(
+    tmp: str | os.PathLike, out: str | os.PathLike, *, job: str, overwrite: bool = False
+) -> Path:
     """Move the finished directory ``tmp`` into place as ``out`` in one rename.
 
     An earlier deltatune output there is swapped out and deleted; files in it that deltatune did not
@@ -286,7 +313,9 @@ def publish(tmp: str | os.PathLike, out: str | os.PathLike, *, job: str, overwri
     _lock(lock, out, job)  # the same lock as claim()'s, beside the directory it replaces whole
     try:
         recover(out)  # a publish killed between its renames: the old output back first
-        check_replace(out, overwrite)  # again: another job may have written it since the first check
+        check_replace(
+            out, overwrite
+        )  # again: another job may have written it since the first check
         previous = read_record(out)
         mine = set(previous["written"]) if previous else set()
         new = _entries(tmp)
@@ -322,7 +351,9 @@ def entries(out: str | os.PathLike) -> list[str]:
 def _entries(out: Path) -> list[str]:
     if not out.is_dir():
         return []
-    return sorted(p.name for p in out.iterdir() if p.name not in CONTROL and not p.name.startswith(f"{LOCK}."))
+    return sorted(
+        p.name for p in out.iterdir() if p.name not in CONTROL and not p.name.startswith(f"{LOCK}.")
+    )
 
 
 def _real(path: Path) -> Path:
@@ -339,15 +370,19 @@ def _same(a: Path, b: Path) -> bool:
 
 def _lock(path: Path, out: Path, job: str) -> None:
     """Take the lock file ``path`` for writing ``out`` (its owner's pid, host and job inside)."""
-    body = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "job": job, "since": time.time()})
+    body = json.dumps(
+        {"pid": os.getpid(), "host": socket.gethostname(), "job": job, "since": time.time()}
+    )
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             owner = _owner(path)
             if owner is not None:
-                raise OutputError(f"--out {out} is in use by another deltatune job ({owner}); wait for it to finish "
-                                  "or choose another directory") from None
+                raise OutputError(
+                    f"--out {out} is in use by another deltatune job ({owner}); wait for it to finish "
+                    "or choose another directory"
+                ) from None
             # the owner is gone (killed): take the lock over. Rename first so that two jobs racing for a
             # stale lock cannot both remove it and both create a new one.
             stale = path.with_name(f"{path.name}.{os.getpid()}.stale")
@@ -360,7 +395,9 @@ def _lock(path: Path, out: Path, job: str) -> None:
         with os.fdopen(fd, "w") as fh:
             fh.write(body)
         return
-    raise OutputError(f"--out {out}: could not take the lock {path}; remove it if no deltatune job is running")
+    raise OutputError(
+        f"--out {out}: could not take the lock {path}; remove it if no deltatune job is running"
+    )
 
 
 def _owner(path: Path) -> str | None:
@@ -398,7 +435,9 @@ def _unlock(out: Path) -> None:
 def _move_aside(out: Path, names: list[str]) -> None:
     aside = out / REPLACED
     if aside.exists():
-        shutil.rmtree(aside)  # left by an overwrite that was killed: the output it kept was replaced since
+        shutil.rmtree(
+            aside
+        )  # left by an overwrite that was killed: the output it kept was replaced since
     if not names:
         return
     aside.mkdir()
@@ -427,8 +466,15 @@ def _remove(path: Path) -> None:
 def _write_record(c: _Claim, written: list[str]) -> None:
     from .files import write_json
 
-    write_json(c.path / RECORD, {"format": "deltatune-output", "job": c.job, "written": sorted(set(written)),
-                                 "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    write_json(
+        c.path / RECORD,
+        {
+            "format": "deltatune-output",
+            "job": c.job,
+            "written": sorted(set(written)),
+            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        },
+    )
 
 
 def _finish(c: _Claim) -> None:
@@ -451,7 +497,9 @@ def _roll_back(c: _Claim) -> None:
                 _remove(c.path / name)
         primary = c.keep_on_error[0] if c.keep_on_error else None
         if kept and not any(n == primary or n.startswith(f"{primary}.") for n in kept):
-            for name in kept:  # companions (a random base) without what --resume continues: not kept
+            for (
+                name
+            ) in kept:  # companions (a random base) without what --resume continues: not kept
                 _remove(c.path / name)
             kept = []
         _restore(c.path, kept)

@@ -24,7 +24,14 @@ from ..core.model import delta_names, detach, get_spec
 from ..core.spec import DeltaSpec, registered_methods
 from ..core.targets import iter_candidates
 from .adapter import PEFT_JSON, PEFT_TENSORS, attach_from_file, load_module_states, parts_of
-from .checks import CHECKSUM_FORMAT, PEFT_CHECKSUMS, file_sha256, peft_checksums, validate_peft_config, verify_file
+from .checks import (
+    CHECKSUM_FORMAT,
+    PEFT_CHECKSUMS,
+    file_sha256,
+    peft_checksums,
+    validate_peft_config,
+    verify_file,
+)
 from .files import load_tensors, read_json, save_tensors, write_json
 
 PREFIX = "base_model.model."
@@ -34,7 +41,9 @@ ROOT_PREFIX = "base_model."  # trainable modules of prompt-learning adapters
 def save_peft(model: nn.Module, path: Path, name: str) -> None:
     spec = get_spec(model, name)
     if spec.peft_type is None:
-        raise DeltaFileError(f"{type(spec).__name__} has no peft file layout; save it with format='deltatune'")
+        raise DeltaFileError(
+            f"{type(spec).__name__} has no peft file layout; save it with format='deltatune'"
+        )
     deltas, copies = parts_of(model, name)
     tensors: dict[str, torch.Tensor] = {}
     for hp, delta in deltas.items():
@@ -49,7 +58,10 @@ def save_peft(model: nn.Module, path: Path, name: str) -> None:
     if copies:
         config["modules_to_save"] = sorted(copies)
     save_tensors(path / PEFT_TENSORS, tensors, metadata={"format": "pt"})
-    write_json(path / PEFT_CHECKSUMS, {"format": CHECKSUM_FORMAT, "checksums": {PEFT_TENSORS: file_sha256(path / PEFT_TENSORS)}})
+    write_json(
+        path / PEFT_CHECKSUMS,
+        {"format": CHECKSUM_FORMAT, "checksums": {PEFT_TENSORS: file_sha256(path / PEFT_TENSORS)}},
+    )
     write_json(path / PEFT_JSON, config)
 
 
@@ -59,7 +71,9 @@ def _spec_class(config: dict) -> type[DeltaSpec]:
         if cls.peft_type is not None and cls.peft_type == peft_type:
             return cls
     known = sorted({c.peft_type for c in registered_methods().values() if c.peft_type})
-    raise DeltaFileError(f"peft_type {peft_type!r} is not supported; deltatune reads {', '.join(known)}")
+    raise DeltaFileError(
+        f"peft_type {peft_type!r} is not supported; deltatune reads {', '.join(known)}"
+    )
 
 
 def _align(paths: list[str], model: nn.Module) -> dict[str, str]:
@@ -79,7 +93,9 @@ def _align(paths: list[str], model: nn.Module) -> dict[str, str]:
         if all(p.startswith(pre) and p[len(pre):] in names for p in paths):
             return {p: p[len(pre):] for p in paths}
     missing = next(p for p in paths if p not in names)
-    raise DeltaFileError(f"the peft adapter targets module {missing!r}, which this model lacks; load it on the base model it was made for")
+    raise DeltaFileError(
+        f"the peft adapter targets module {missing!r}, which this model lacks; load it on the base model it was made for"
+    )
 
 
 def _base_of(model: nn.Module, path: str) -> nn.Module | None:
@@ -98,7 +114,11 @@ def _saved_modules(config: dict, keys) -> list[str]:
     """``modules_to_save`` entries that have tensors among ``keys``: peft lists every candidate head of
     its task type (``["classifier", "score"]`` for ``SEQ_CLS``) whether or not the model has it."""
     keys = list(keys)
-    return [m for m in dict.fromkeys(config.get("modules_to_save") or []) if any(_under(m, k) for k in keys)]
+    return [
+        m
+        for m in dict.fromkeys(config.get("modules_to_save") or [])
+        if any(_under(m, k) for k in keys)
+    ]
 
 
 def _from_config(cls: type[DeltaSpec], config: dict, targets: list[str], file: Path) -> DeltaSpec:
@@ -110,26 +130,38 @@ def _from_config(cls: type[DeltaSpec], config: dict, targets: list[str], file: P
     except ValueError as exc:  # SpecError: names the option
         raise DeltaFileError(f"{file}: {exc}; fix the config or save the adapter again") from None
     except (KeyError, TypeError, AttributeError) as exc:
-        what = f"field {exc.args[0]!r} is missing" if isinstance(exc, KeyError) else f"a field has the wrong type ({exc})"
+        what = (
+            f"field {exc.args[0]!r} is missing"
+            if isinstance(exc, KeyError)
+            else f"a field has the wrong type ({exc})"
+        )
         raise DeltaFileError(f"{file}: {what}; fix the config or save the adapter again") from None
 
 
-def load_peft(model: nn.Module, path: Path, name: str, *, activate: bool = True, verify: bool = True) -> str:
+def load_peft(
+    model: nn.Module, path: Path, name: str, *, activate: bool = True, verify: bool = True
+) -> str:
     config = read_json(path / PEFT_JSON)
     validate_peft_config(config, path / PEFT_JSON)
     cls = _spec_class(config)
     if verify:
-        verify_file(path / PEFT_TENSORS, peft_checksums(path).get(PEFT_TENSORS), path / PEFT_CHECKSUMS)
+        verify_file(
+            path / PEFT_TENSORS, peft_checksums(path).get(PEFT_TENSORS), path / PEFT_CHECKSUMS
+        )
     raw = load_tensors(path / PEFT_TENSORS)
     shared = {k: raw.pop(k) for k in cls.peft_shared_keys if k in raw}
     if name in delta_names(model):
-        raise StateError(f"a delta named {name!r} is already attached; pass another name= or detach it first")
+        raise StateError(
+            f"a delta named {name!r} is already attached; pass another name= or detach it first"
+        )
     if cls.peft_root_tensors:
         return _load_root(model, path, name, cls, config, raw, activate=activate)
     body = {}
     for key, value in raw.items():
         if not key.startswith(PREFIX):
-            raise DeltaFileError(f"{path / PEFT_TENSORS}: key {key!r} lacks peft's {PREFIX!r} prefix; not a peft adapter file")
+            raise DeltaFileError(
+                f"{path / PEFT_TENSORS}: key {key!r} lacks peft's {PREFIX!r} prefix; not a peft adapter file"
+            )
         body[key[len(PREFIX):]] = value
     # Split keys into host tensors (known suffixes), module copies and plain bias tensors.
     per_host: dict[str, dict[str, torch.Tensor]] = {}
@@ -145,24 +177,39 @@ def load_peft(model: nn.Module, path: Path, name: str, *, activate: bool = True,
             # peft stores whole embedding matrices beside embedding LoRA ("save_embedding_layers"):
             # a copy of the base weight carries no information; a changed one cannot be a delta here.
             module = _base_of(model, key[: -len(".base_layer.weight")])
-            if module is None or not torch.equal(module.weight.detach().cpu(), rest[key].to(module.weight.dtype)):
+            if module is None or not torch.equal(
+                module.weight.detach().cpu(), rest[key].to(module.weight.dtype)
+            ):
                 raise DeltaFileError(
                     f"{path / PEFT_TENSORS} carries a modified full weight {key!r} (resized or trained "
                     "embeddings); deltatune only loads deltas onto an unchanged base: save the adapter without it"
                 )
             del rest[key]
         elif key.endswith(".base_layer.bias"):
-            per_host.setdefault(key[: -len(".base_layer.bias")], {})["base_layer.bias"] = rest.pop(key)
+            per_host.setdefault(key[: -len(".base_layer.bias")], {})["base_layer.bias"] = rest.pop(
+                key
+            )
     if not per_host:
-        raise DeltaFileError(f"{path / PEFT_TENSORS} holds no {config.get('peft_type')} tensors; the file is empty or for another method")
+        raise DeltaFileError(
+            f"{path / PEFT_TENSORS} holds no {config.get('peft_type')} tensors; the file is empty or for another method"
+        )
     saved_modules = _saved_modules(config, rest)
     copy_keys = {k: v for k, v in rest.items() if any(_under(m, k) for m in saved_modules)}
-    bias_keys = {k[: -len(".bias")]: v for k, v in rest.items() if k not in copy_keys and k.endswith(".bias")}
+    bias_keys = {
+        k[: -len(".bias")]: v for k, v in rest.items() if k not in copy_keys and k.endswith(".bias")
+    }
     unknown = sorted(set(rest) - set(copy_keys) - {k + ".bias" for k in bias_keys})
     if unknown:
-        raise DeltaFileError(f"{path / PEFT_TENSORS}: unexpected tensors {unknown[:3]}; the file is not a {config.get('peft_type')} adapter deltatune can read")
+        raise DeltaFileError(
+            f"{path / PEFT_TENSORS}: unexpected tensors {unknown[:3]}; the file is not a {config.get('peft_type')} adapter deltatune can read"
+        )
     mapping = _align(sorted(per_host) + sorted(bias_keys), model)
-    spec = _from_config(cls, {**config, "modules_to_save": saved_modules}, [mapping[p] for p in sorted(per_host)], path / PEFT_JSON)
+    spec = _from_config(
+        cls,
+        {**config, "modules_to_save": saved_modules},
+        [mapping[p] for p in sorted(per_host)],
+        path / PEFT_JSON,
+    )
     attach_from_file(model, spec, name, path / PEFT_JSON, activate=activate)
     try:
         deltas, copies = parts_of(model, name)
@@ -175,14 +222,18 @@ def load_peft(model: nn.Module, path: Path, name: str, *, activate: bool = True,
         for peft_path, value in bias_keys.items():
             hp = mapping[peft_path]
             if hp not in deltas:
-                raise DeltaFileError(f"{path}: bias of {hp!r} has no place in this model's delta; the adapter is for another model")
+                raise DeltaFileError(
+                    f"{path}: bias of {hp!r} has no place in this model's delta; the adapter is for another model"
+                )
             for k, v in deltas[hp].from_peft(get_module(model, hp), {"bias": value}).items():
                 states[f"{hp}.{k}"] = v
         for cp, module in copies.items():
             for k in module.state_dict():
                 hits = [key for key in copy_keys if key.endswith(f"{cp.rsplit('.', 1)[-1]}.{k}")]
                 if not hits:
-                    raise DeltaFileError(f"{path}: trainable module {cp!r} tensor {k!r} is missing from the file")
+                    raise DeltaFileError(
+                        f"{path}: trainable module {cp!r} tensor {k!r} is missing from the file"
+                    )
                 states[f"{cp}.{k}"] = copy_keys[hits[0]]
         # Hosts the spec created that the file does not fill (e.g. bias="all" on a bias-free module).
         for hp, delta in deltas.items():
@@ -195,7 +246,16 @@ def load_peft(model: nn.Module, path: Path, name: str, *, activate: bool = True,
     return name
 
 
-def _load_root(model: nn.Module, path: Path, name: str, cls: type[DeltaSpec], config: dict, raw: dict, *, activate: bool) -> str:
+def _load_root(
+    model: nn.Module,
+    path: Path,
+    name: str,
+    cls: type[DeltaSpec],
+    config: dict,
+    raw: dict,
+    *,
+    activate: bool,
+) -> str:
     """Prompt-learning layout: root tensors go to the spec's single host, ``base_model.<m>.*`` to copies."""
     own = {k: v for k, v in raw.items() if not k.startswith(ROOT_PREFIX)}
     kept = {k[len(ROOT_PREFIX):]: v for k, v in raw.items() if k.startswith(ROOT_PREFIX)}
@@ -205,14 +265,22 @@ def _load_root(model: nn.Module, path: Path, name: str, cls: type[DeltaSpec], co
     try:
         deltas, copies = parts_of(model, name)
         if len(deltas) != 1:
-            raise DeltaFileError(f"{path}: a {config.get('peft_type')} adapter needs one host, this model gives {sorted(deltas)}")
+            raise DeltaFileError(
+                f"{path}: a {config.get('peft_type')} adapter needs one host, this model gives {sorted(deltas)}"
+            )
         (hp, delta), = deltas.items()
         states = {f"{hp}.{k}": v for k, v in delta.from_peft(get_module(model, hp), own).items()}
         for cp, module in copies.items():
             for k in module.state_dict():
-                hits = [key for key in kept if key == f"{cp}.{k}" or key.endswith(f".{cp.rsplit('.', 1)[-1]}.{k}")]
+                hits = [
+                    key
+                    for key in kept
+                    if key == f"{cp}.{k}" or key.endswith(f".{cp.rsplit('.', 1)[-1]}.{k}")
+                ]
                 if not hits:
-                    raise DeltaFileError(f"{path}: trainable module {cp!r} tensor {k!r} is missing from the file")
+                    raise DeltaFileError(
+                        f"{path}: trainable module {cp!r} tensor {k!r} is missing from the file"
+                    )
                 states[f"{cp}.{k}"] = kept[hits[0]]
         load_module_states(path, {**deltas, **copies}, states)
     except Exception:

@@ -31,7 +31,9 @@ from ..core.host import DeltaHost
 from ..core.spec import DeltaSpec, register
 from ..core.targets import ATTENTION_QV
 
-PEFT_EPS = 1e-5  # peft divides by (ranknum + 1e-5); kept so that outputs match peft's to float precision
+PEFT_EPS = (
+    1e-5  # peft divides by (ranknum + 1e-5); kept so that outputs match peft's to float precision
+)
 
 
 class _SVDSpecMixin:
@@ -42,8 +44,10 @@ class _SVDSpecMixin:
         r, limit = spec.capacity(), host.max_rank
         if limit is not None and r > limit:
             field = "max_r" if hasattr(spec, "max_r") else "init_r"
-            raise SpecError(f"{type(spec).__name__}.{field}: rank {r} on {module_name!r} exceeds that layer's limit "
-                            f"{limit} (min of its input and output sizes); use {field} <= {limit}")
+            raise SpecError(
+                f"{type(spec).__name__}.{field}: rank {r} on {module_name!r} exceeds that layer's limit "
+                f"{limit} (min of its input and output sizes); use {field} <= {limit}"
+            )
 
     def _check_common(self) -> None:
         spec: Any = self
@@ -61,9 +65,14 @@ class _SVDSpecMixin:
             spec.fail("delta_t", "must be a positive integer (steps between two allocations)")
         if not spec.orth_reg_weight >= 0:
             spec.fail("orth_reg_weight", "must be >= 0")
-        if spec.total_step is not None and (not _is_int(spec.total_step) or spec.total_step <= spec.tinit + spec.tfinal):
-            spec.fail("total_step", f"must be an integer > tinit + tfinal = {spec.tinit + spec.tfinal} "
-                                        "(the schedule needs a budgeting phase)")
+        if spec.total_step is not None and (
+            not _is_int(spec.total_step) or spec.total_step <= spec.tinit + spec.tfinal
+        ):
+            spec.fail(
+                "total_step",
+                f"must be an integer > tinit + tfinal = {spec.tinit + spec.tfinal} "
+                "(the schedule needs a budgeting phase)",
+            )
 
 
 def _is_int(value: Any) -> bool:
@@ -103,7 +112,10 @@ class AdaLoRA(_SVDSpecMixin, DeltaSpec):
         if not _is_int(self.init_r) or self.init_r < 1:
             self.fail("init_r", "must be a positive integer (the starting rank of every module)")
         if not _is_int(self.target_r) or not 1 <= self.target_r <= self.init_r:
-            self.fail("target_r", f"must be an integer in [1, init_r={self.init_r}] (the average final rank)")
+            self.fail(
+                "target_r",
+                f"must be an integer in [1, init_r={self.init_r}] (the average final rank)",
+            )
         self._check_common()
 
     # preallocated triplets per module, the ones active at the start, and the scaling
@@ -134,35 +146,62 @@ class AdaLoRA(_SVDSpecMixin, DeltaSpec):
         svd = {p: d for p, d in deltas.items() if isinstance(d, SVDDelta)}
         total = self.total_step or self.tinit + self.tfinal + 1
         return {
-            "peft_type": "ADALORA", "task_type": None, "init_r": self.init_r, "target_r": self.target_r,
-            "lora_alpha": self.alpha, "lora_dropout": self.dropout, "target_modules": sorted(svd),
-            "tinit": self.tinit, "tfinal": self.tfinal, "deltaT": self.delta_t, "beta1": self.beta1,
-            "beta2": self.beta2, "orth_reg_weight": self.orth_reg_weight, "total_step": total,
+            "peft_type": "ADALORA",
+            "task_type": None,
+            "init_r": self.init_r,
+            "target_r": self.target_r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": sorted(svd),
+            "tinit": self.tinit,
+            "tfinal": self.tfinal,
+            "deltaT": self.delta_t,
+            "beta1": self.beta1,
+            "beta2": self.beta2,
+            "orth_reg_weight": self.orth_reg_weight,
+            "total_step": total,
             # peft resizes each module to sum(mask) on loading; its tensors hold only the kept triplets
-            "rank_pattern": {f"{p}.lora_E": [bool(v) for v in d.rank_mask.tolist()] for p, d in svd.items()},
-            "fan_in_fan_out": any(d.fan_in_fan_out for d in svd.values()), "bias": "none",
-            "modules_to_save": list(self.trainable_modules) or None, "inference_mode": True,
-            "init_lora_weights": True, "base_model_name_or_path": None,
+            "rank_pattern": {
+                f"{p}.lora_E": [bool(v) for v in d.rank_mask.tolist()] for p, d in svd.items()
+            },
+            "fan_in_fan_out": any(d.fan_in_fan_out for d in svd.values()),
+            "bias": "none",
+            "modules_to_save": list(self.trainable_modules) or None,
+            "inference_mode": True,
+            "init_lora_weights": True,
+            "base_model_name_or_path": None,
         }
 
     @classmethod
     def from_peft_config(cls, config: dict[str, Any], targets: list[str]) -> AdaLoRA:
         for key in ("layers_to_transform", "layer_replication", "use_dora", "loftq_config"):
             if config.get(key):
-                raise DeltaFileError(f"peft option {key}={config[key]!r} is not supported by deltatune's AdaLoRA")
+                raise DeltaFileError(
+                    f"peft option {key}={config[key]!r} is not supported by deltatune's AdaLoRA"
+                )
         if config.get("bias", "none") != "none":
-            raise DeltaFileError(f"peft AdaLoRA bias={config['bias']!r} is not supported; save the adapter with bias='none'")
+            raise DeltaFileError(
+                f"peft AdaLoRA bias={config['bias']!r} is not supported; save the adapter with bias='none'"
+            )
         alpha = float(config.get("lora_alpha", 8))
         init_r = int(config.get("init_r", 12))
         total = config.get("total_step")
         tinit, tfinal = int(config.get("tinit", 0)), int(config.get("tfinal", 0))
-        return cls(init_r=init_r, target_r=min(int(config.get("target_r", 8)), init_r),
-                   alpha=alpha if alpha > 0 else float(init_r), dropout=float(config.get("lora_dropout", 0.0)),
-                   tinit=tinit, tfinal=tfinal, delta_t=int(config.get("deltaT", 1)),
-                   beta1=float(config.get("beta1", 0.85)), beta2=float(config.get("beta2", 0.85)),
-                   orth_reg_weight=float(config.get("orth_reg_weight", 0.5)),
-                   total_step=int(total) if total and int(total) > tinit + tfinal else None,
-                   targets=tuple(targets), trainable_modules=tuple(config.get("modules_to_save") or ()))
+        return cls(
+            init_r=init_r,
+            target_r=min(int(config.get("target_r", 8)), init_r),
+            alpha=alpha if alpha > 0 else float(init_r),
+            dropout=float(config.get("lora_dropout", 0.0)),
+            tinit=tinit,
+            tfinal=tfinal,
+            delta_t=int(config.get("deltaT", 1)),
+            beta1=float(config.get("beta1", 0.85)),
+            beta2=float(config.get("beta2", 0.85)),
+            orth_reg_weight=float(config.get("orth_reg_weight", 0.5)),
+            total_step=int(total) if total and int(total) > tinit + tfinal else None,
+            targets=tuple(targets),
+            trainable_modules=tuple(config.get("modules_to_save") or ()),
+        )
 
 
 class SVDDelta(Delta):
@@ -184,9 +223,13 @@ class SVDDelta(Delta):
         self._fifo = host.fan_in_fan_out
         self.scaling = spec.scaling()
         # peft's init: λ = 0 (so ΔW = 0 at the start), P and Q ~ N(0, 0.02²)
-        self.lora_A = nn.Parameter(torch.randn(r, host.in_features, dtype=dtype, device=ref.device) * 0.02)  # Q: (r, in)
+        self.lora_A = nn.Parameter(
+            torch.randn(r, host.in_features, dtype=dtype, device=ref.device) * 0.02
+        )  # Q: (r, in)
         self.lora_E = nn.Parameter(torch.zeros(r, 1, dtype=dtype, device=ref.device))  # λ: (r, 1)
-        self.lora_B = nn.Parameter(torch.randn(host.out_features, r, dtype=dtype, device=ref.device) * 0.02)  # P: (out, r)
+        self.lora_B = nn.Parameter(
+            torch.randn(host.out_features, r, dtype=dtype, device=ref.device) * 0.02
+        )  # P: (out, r)
         mask = torch.zeros(r, dtype=torch.bool, device=ref.device)
         mask[: spec.start_rank()] = True
         self.register_buffer("rank_mask", mask)
@@ -228,19 +271,34 @@ class SVDDelta(Delta):
         return {"lora_A": self.lora_A.detach()[keep], "lora_E": self.values().detach()[keep],
                 "lora_B": self.lora_B.detach()[:, keep]}
 
-    def from_peft(self, host: DeltaHost, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def from_peft(
+        self, host: DeltaHost, tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         try:
             a, e, b = tensors["lora_A"], tensors["lora_E"], tensors["lora_B"]
         except KeyError as exc:
-            raise DeltaFileError(f"peft file lacks tensor {exc.args[0]!r} for an AdaLoRA module; the file is incomplete") from exc
+            raise DeltaFileError(
+                f"peft file lacks tensor {exc.args[0]!r} for an AdaLoRA module; the file is incomplete"
+            ) from exc
         r, cap = a.shape[0], self.lora_A.shape[0]
-        if r > cap or e.shape != (r, 1) or b.shape != (self.lora_B.shape[0], r) or a.shape[1] != self.lora_A.shape[1]:
-            raise DeltaFileError(f"peft AdaLoRA tensors of shapes A{tuple(a.shape)} E{tuple(e.shape)} B{tuple(b.shape)} do "
-                                 f"not fit a module of init_r={cap} and weight {self.lora_B.shape[0]}x{self.lora_A.shape[1]}")
+        if (
+            r > cap
+            or e.shape != (r, 1)
+            or b.shape != (self.lora_B.shape[0], r)
+            or a.shape[1] != self.lora_A.shape[1]
+        ):
+            raise DeltaFileError(
+                f"peft AdaLoRA tensors of shapes A{tuple(a.shape)} E{tuple(e.shape)} B{tuple(b.shape)} do "
+                f"not fit a module of init_r={cap} and weight {self.lora_B.shape[0]}x{self.lora_A.shape[1]}"
+            )
         # The kept triplets go to the first r slots (their order does not change ΔW); the rest are off.
         # built on the CPU beside the file's tensors; loading moves them to the delta's device
-        out = {"lora_A": self.lora_A.detach().cpu().clone(), "lora_E": torch.zeros(self.lora_E.shape, dtype=self.lora_E.dtype),
-               "lora_B": self.lora_B.detach().cpu().clone(), "rank_mask": torch.zeros(self.rank_mask.shape, dtype=torch.bool)}
+        out = {
+            "lora_A": self.lora_A.detach().cpu().clone(),
+            "lora_E": torch.zeros(self.lora_E.shape, dtype=self.lora_E.dtype),
+            "lora_B": self.lora_B.detach().cpu().clone(),
+            "rank_mask": torch.zeros(self.rank_mask.shape, dtype=torch.bool),
+        }
         out["lora_A"][:r], out["lora_E"][:r], out["lora_B"][:, :r] = a.cpu(), e.cpu(), b.cpu()
         out["rank_mask"][:r] = True
         return out

@@ -76,7 +76,11 @@ class GradTap:
     def attach(self, params: list[nn.Parameter]) -> None:
         for p in params:
             # the same tensor is later clipped in place, so the clipped gradient is what is read
-            self._handles.append(p.register_post_accumulate_grad_hook(lambda q: self.grads.__setitem__(id(q), q.grad)))
+            self._handles.append(
+                p.register_post_accumulate_grad_hook(
+                    lambda q: self.grads.__setitem__(id(q), q.grad)
+                )
+            )
 
     def get(self, p: torch.Tensor) -> torch.Tensor | None:
         return p.grad if p.grad is not None else self.grads.get(id(p))
@@ -89,9 +93,15 @@ class GradTap:
 
 def svd_deltas(model: nn.Module, name: str, kind: type = SVDDelta) -> dict[str, SVDDelta]:
     """The SVD-form deltas (AdaLoRA / IncreLoRA) of delta ``name``, by host path."""
-    found = {p: h.part(name) for p, h in iter_hosts(model) if name in h.delta_names() and isinstance(h.part(name), kind)}
+    found = {
+        p: h.part(name)
+        for p, h in iter_hosts(model)
+        if name in h.delta_names() and isinstance(h.part(name), kind)
+    }
     if not found:
-        raise BudgetError(f"the model has no {kind.__name__} delta named {name!r}; attach an AdaLoRA/IncreLoRA spec first")
+        raise BudgetError(
+            f"the model has no {kind.__name__} delta named {name!r}; attach an AdaLoRA/IncreLoRA spec first"
+        )
     return found
 
 
@@ -103,7 +113,11 @@ def orthogonality_penalty(deltas: Mapping[str, SVDDelta], live_only: bool = Fals
         if live_only:
             a, b = a[d.rank_mask], b[:, d.rank_mask]
         for cov in (a @ a.T, b.T @ b):
-            terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)))
+            terms.append(
+                torch.linalg.matrix_norm(
+                    cov - torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+                )
+            )
     return torch.stack(terms).mean()
 
 
@@ -127,14 +141,20 @@ class AdaLoRASchedule:
         self.deltas = svd_deltas(model, self.name)
         spec = next(iter(self.deltas.values())).spec
         if not isinstance(spec, AdaLoRA):
-            raise BudgetError(f"delta {self.name!r} is a {type(spec).__name__}, not AdaLoRA; use its own schedule")
+            raise BudgetError(
+                f"delta {self.name!r} is a {type(spec).__name__}, not AdaLoRA; use its own schedule"
+            )
         self.spec: AdaLoRA = spec
         self.total = self._total or spec.total_step
         if self.total is None:
-            raise BudgetError("AdaLoRA needs the run's length: set AdaLoRA(total_step=...) or AdaLoRASchedule(total_step=...)")
+            raise BudgetError(
+                "AdaLoRA needs the run's length: set AdaLoRA(total_step=...) or AdaLoRASchedule(total_step=...)"
+            )
         if spec.tinit >= self.total - spec.tfinal:
-            raise BudgetError(f"AdaLoRA tinit={spec.tinit} and tfinal={spec.tfinal} leave no budgeting phase in "
-                              f"{self.total} steps; lower them or train longer")
+            raise BudgetError(
+                f"AdaLoRA tinit={spec.tinit} and tfinal={spec.tfinal} leave no budgeting phase in "
+                f"{self.total} steps; lower them or train longer"
+            )
         self.init_budget = sum(d.lora_A.shape[0] for d in self.deltas.values())
         self.target_budget = spec.target_r * len(self.deltas)
         self.importance = Importance(spec.beta1, spec.beta2)
@@ -150,7 +170,9 @@ class AdaLoRASchedule:
         if step > self.total - s.tfinal:
             return self.target_budget, True
         left = 1 - (step - s.tinit) / (self.total - s.tfinal - s.tinit)
-        return int((self.init_budget - self.target_budget) * left ** 3 + self.target_budget), step % s.delta_t == 0
+        return int(
+            (self.init_budget - self.target_budget) * left**3 + self.target_budget
+        ), step % s.delta_t == 0
 
     # -- hooks ----------------------------------------------------------------------------------------
     def penalty(self, model: nn.Module, batch: Any, outputs: torch.Tensor) -> torch.Tensor | None:
@@ -175,8 +197,11 @@ class AdaLoRASchedule:
     def on_train_end(self, model: nn.Module) -> None:
         self.tap.close()
         if not self.finalised and hasattr(self, "deltas"):
-            warnings.warn(f"training stopped before AdaLoRA's final allocation (step {self.total - self.spec.tfinal}); "
-                          f"pruning to the target of {self.target_budget} triplets now", stacklevel=2)
+            warnings.warn(
+                f"training stopped before AdaLoRA's final allocation (step {self.total - self.spec.tfinal}); "
+                f"pruning to the target of {self.target_budget} triplets now",
+                stacklevel=2,
+            )
             self._mask_to_budget(self.history[-1][0] + 1 if self.history else 0, self.target_budget)
             self.finalised = True
 
@@ -195,7 +220,9 @@ class AdaLoRASchedule:
         # peft's rule: the k-th smallest score is the threshold, every triplet at or below it is pruned
         threshold = float(torch.kthvalue(flat.cpu(), k).values) if k > 0 else None
         for path, d in self.deltas.items():
-            d.rank_mask.copy_(scores[path] > threshold if threshold is not None else torch.ones_like(d.rank_mask))
+            d.rank_mask.copy_(
+                scores[path] > threshold if threshold is not None else torch.ones_like(d.rank_mask)
+            )
         self.scores = scores
         self._apply_masks()
         self.history.append((step, budget, self.live_rank()))

@@ -12,7 +12,12 @@ from torch import nn
 from ..core.delta import Delta
 from ..core.host import DeltaHost
 
-_CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+_CHANNEL_FIRST = (
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm,
+)
 
 
 def channel_dim(module: nn.Module) -> int:
@@ -36,7 +41,14 @@ class BiasDelta(Delta):
     def __init__(self, spec, host: DeltaHost) -> None:
         super().__init__(spec)
         bias = host.base.bias
-        self.bias = nn.Parameter(torch.zeros(bias.shape, dtype=torch.float32 if not bias.is_floating_point() or bias.dtype in (torch.float16, torch.bfloat16) else bias.dtype))
+        self.bias = nn.Parameter(
+            torch.zeros(
+                bias.shape,
+                dtype=torch.float32
+                if not bias.is_floating_point() or bias.dtype in (torch.float16, torch.bfloat16)
+                else bias.dtype,
+            )
+        )
         self._dim = channel_dim(host.base)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, host: DeltaHost) -> torch.Tensor:
@@ -49,5 +61,11 @@ class BiasDelta(Delta):
         # peft trains the module's own bias in place and stores its full value.
         return {"bias": host.base.bias.detach() + self.bias.detach().to(host.base.bias.dtype)}
 
-    def from_peft(self, host: DeltaHost, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"bias": (tensors["bias"].to(self.bias.dtype) - host.base.bias.detach().to(self.bias.dtype))}
+    def from_peft(
+        self, host: DeltaHost, tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        return {
+            "bias": (
+                tensors["bias"].to(self.bias.dtype) - host.base.bias.detach().to(self.bias.dtype)
+            )
+        }

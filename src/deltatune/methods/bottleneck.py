@@ -195,11 +195,15 @@ class Bottleneck(DeltaSpec):
 
         for path, tap_path in positions:
             d_host_in, d_out = dims(path)
-            d_in = dims(tap_path)[0] if tap_path else d_host_in if self.style == "parallel" else d_out
+            d_in = (
+                dims(tap_path)[0] if tap_path else d_host_in if self.style == "parallel" else d_out
+            )
             width = int(d_in // self.reduction_factor)
             if width > d_in:
-                raise SpecError(f"{type(self).__name__}.reduction_factor={self.reduction_factor!r} makes the adapter on "
-                                f"{path!r} {width} wide, wider than its input ({d_in}); use reduction_factor >= 1")
+                raise SpecError(
+                    f"{type(self).__name__}.reduction_factor={self.reduction_factor!r} makes the adapter on "
+                    f"{path!r} {width} wide, wider than its input ({d_in}); use reduction_factor >= 1"
+                )
 
     def sites(self, model: nn.Module) -> list[Site]:
         """An adapter at each position and, for a sequential adapter that reads another module's input
@@ -213,7 +217,9 @@ class Bottleneck(DeltaSpec):
             if tap_path is not None:
                 slot = _Slot(module_dims(get_module(model, tap_path))[0])
                 sites.append(Site(tap_path, lambda host, p, s=slot: InputTap(self, s), check=False))
-            sites.append(Site(path, lambda host, p, s=slot: AdapterDelta(self, host, s, shared), check=False))
+            sites.append(
+                Site(path, lambda host, p, s=slot: AdapterDelta(self, host, s, shared), check=False)
+            )
         return sites
 
 

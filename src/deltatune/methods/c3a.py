@@ -88,7 +88,9 @@ class C3A(DeltaSpec):
         n_in, n_out = host.in_features, host.out_features
         if n_in % b or n_out % b:
             name = "block_size" if b == self.block_size else "block_size_pattern"
-            divisors = [d for d in range(1, math.gcd(n_in, n_out) + 1) if math.gcd(n_in, n_out) % d == 0]
+            divisors = [
+                d for d in range(1, math.gcd(n_in, n_out) + 1) if math.gcd(n_in, n_out) % d == 0
+            ]
             self.fail(name, f"gives block size {b} on {module_name!r}, which does not divide both "
                       f"its sizes {n_out}x{n_in}; use one of {divisors[-4:]}")
 

@@ -51,9 +51,15 @@ class HiRA(DeltaSpec):
     peft's ``init_weights=False``; for tests)."""
 
     method = "hira"
-    example = Example({"r": 2, "targets": ("fc1", "fc2")}, bad=(
-        ({"r": 0}, "r"), ({"dropout": 1.0}, "dropout"), ({"rank_pattern": {"fc1": 0}}, "rank_pattern"),
-        ({"init": "zeros"}, "init")))
+    example = Example(
+        {"r": 2, "targets": ("fc1", "fc2")},
+        bad=(
+            ({"r": 0}, "r"),
+            ({"dropout": 1.0}, "dropout"),
+            ({"rank_pattern": {"fc1": 0}}, "rank_pattern"),
+            ({"init": "zeros"}, "init"),
+        ),
+    )
     default_targets = ATTENTION_QV
     host_what = "Linear / GPT-2 Conv1D modules"
     peft_type = "HIRA"

@@ -60,7 +60,9 @@ class IA3(DeltaSpec):
     def validate(self) -> None:
         if isinstance(self.feedforward, str):
             object.__setattr__(self, "feedforward", (self.feedforward,))
-        if self.feedforward is not None and not all(isinstance(p, str) and p for p in self.feedforward):
+        if self.feedforward is not None and not all(
+            isinstance(p, str) and p for p in self.feedforward
+        ):
             self.fail("feedforward", "must be a list of module names or suffixes")
 
     def is_feedforward(self, path: str) -> bool:
@@ -93,7 +95,11 @@ class IA3(DeltaSpec):
     def from_peft_config(cls, config: dict[str, Any], targets: list[str]) -> "IA3":
         ff = config.get("feedforward_modules") or ()
         # peft matches a list by plain `endswith` (no dot boundary) and a string as a full regex.
-        chosen = [t for t in targets if (re.fullmatch(ff, t) if isinstance(ff, str) else any(t.endswith(f) for f in ff))]
+        chosen = [
+            t
+            for t in targets
+            if (re.fullmatch(ff, t) if isinstance(ff, str) else any(t.endswith(f) for f in ff))
+        ]
         keep = tuple(config.get("modules_to_save") or ())
         return cls(targets=tuple(targets), feedforward=tuple(chosen), trainable_modules=keep)
 
@@ -135,9 +141,15 @@ class IA3Delta(Delta):
         tail = [1] * (w.dim() - 2)
         if not self.feedforward:
             return vec.view(-1, 1, *tail)
-        groups = host.base.groups  # weight (out, in/groups, k...): input channel of row o is in o's group
+        groups = (
+            host.base.groups
+        )  # weight (out, in/groups, k...): input channel of row o is in o's group
         per_in, per_out = w.shape[1], w.shape[0] // groups
-        return vec.view(groups, 1, per_in).expand(groups, per_out, per_in).reshape(w.shape[0], per_in, *tail)
+        return (
+            vec.view(groups, 1, per_in)
+            .expand(groups, per_out, per_in)
+            .reshape(w.shape[0], per_in, *tail)
+        )
 
     def delta_weight(self, host: DeltaHost) -> dict[str, torch.Tensor]:
         l = self.ia3_l.detach()
@@ -150,8 +162,10 @@ class IA3Delta(Delta):
     @torch.no_grad()
     def merge_into(self, host: DeltaHost) -> None:
         if (self.ia3_l == 0).any():
-            raise StateError("an IA3 vector has entries equal to 0; merging it could not be undone, "
-                             "keep it unmerged")
+            raise StateError(
+                "an IA3 vector has entries equal to 0; merging it could not be undone, "
+                "keep it unmerged"
+            )
         self._scale_base(host, self.ia3_l)
 
     @torch.no_grad()
@@ -175,10 +189,14 @@ class IA3Delta(Delta):
     def to_peft(self, host: DeltaHost) -> dict[str, torch.Tensor]:
         return {"ia3_l": self.ia3_l.detach().reshape(self._peft_shape(host))}
 
-    def from_peft(self, host: DeltaHost, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def from_peft(
+        self, host: DeltaHost, tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         value = tensors.get("ia3_l")
         if value is None:
-            raise DeltaFileError("peft IA3 file lacks an 'ia3_l' tensor for a module; the file is incomplete")
+            raise DeltaFileError(
+                "peft IA3 file lacks an 'ia3_l' tensor for a module; the file is incomplete"
+            )
         if tuple(value.shape) != self._peft_shape(host):
             kind = "input (feedforward)" if self.feedforward else "output"
             raise DeltaFileError(

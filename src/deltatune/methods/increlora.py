@@ -74,11 +74,17 @@ class IncreLoRA(_SVDSpecMixin, DeltaSpec):
         if not _is_int(self.max_r) or self.max_r < 1:
             self.fail("max_r", "must be a positive integer (triplets preallocated per module)")
         if not _is_int(self.init_r) or not 1 <= self.init_r <= self.max_r:
-            self.fail("init_r", f"must be an integer in [1, max_r={self.max_r}] (the starting rank)")
+            self.fail(
+                "init_r", f"must be an integer in [1, max_r={self.max_r}] (the starting rank)"
+            )
         if not _is_int(self.target_r) or not self.init_r <= self.target_r <= self.max_r:
-            self.fail("target_r", f"must be an integer in [init_r={self.init_r}, max_r={self.max_r}]")
+            self.fail(
+                "target_r", f"must be an integer in [init_r={self.init_r}, max_r={self.max_r}]"
+            )
         if self.budget is not None and (not _is_int(self.budget) or self.budget < 1):
-            self.fail("budget", "must be a positive number of parameters, or None for target_r per module")
+            self.fail(
+                "budget", "must be a positive number of parameters, or None for target_r per module"
+            )
         if not _is_int(self.grow_per_step) or self.grow_per_step < 1:
             self.fail("grow_per_step", "must be a positive integer")
         self._check_common()

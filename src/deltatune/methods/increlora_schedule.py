@@ -43,7 +43,9 @@ class IncreLoRASchedule:
         self.costs = {p: triplet_cost(get_module(model, p)) for p in self.deltas}
         self.budget = spec.budget_for(self.costs)
         if self.used() > self.budget:
-            raise BudgetError(f"IncreLoRA's live parameters ({self.used():,}) already exceed its budget ({self.budget:,})")
+            raise BudgetError(
+                f"IncreLoRA's live parameters ({self.used():,}) already exceed its budget ({self.budget:,})"
+            )
         self.importance = Importance(spec.beta1, spec.beta2)
         self.tap.close()
         self.tap.attach([p for d in self.deltas.values() for p in (d.lora_A, d.lora_E, d.lora_B)])

@@ -27,7 +27,11 @@ from ..core.host import DeltaHost
 from ..core.spec import DeltaSpec, register
 
 _TORCH_NORMS = (
-    nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
 )
 # Layers whose output is linear in (weight, bias): f(x; w + Δw, b + Δb) = f(x; w, b) + f(x; Δw, Δb),
 # so the change of the output is one call with the deltas as parameters.
@@ -89,7 +93,9 @@ class LNTuning(DeltaSpec):
 
     @classmethod
     def from_peft_config(cls, config: dict[str, Any], targets: list[str]) -> "LNTuning":
-        return cls(targets=tuple(targets), trainable_modules=tuple(config.get("modules_to_save") or ()))
+        return cls(
+            targets=tuple(targets), trainable_modules=tuple(config.get("modules_to_save") or ())
+        )
 
 
 class NormDelta(Delta):
@@ -100,11 +106,15 @@ class NormDelta(Delta):
     def __init__(self, spec: DeltaSpec, host: DeltaHost) -> None:
         super().__init__(spec)
         base = host.base
-        self._names = [n for n in ("weight", "bias") if isinstance(getattr(base, n, None), nn.Parameter)]
+        self._names = [
+            n for n in ("weight", "bias") if isinstance(getattr(base, n, None), nn.Parameter)
+        ]
         for n in self._names:
             ref = getattr(base, n)
             dtype = ref.dtype if ref.dtype in (torch.float32, torch.float64) else torch.float32
-            self.register_parameter(n, nn.Parameter(torch.zeros(ref.shape, dtype=dtype, device=ref.device)))
+            self.register_parameter(
+                n, nn.Parameter(torch.zeros(ref.shape, dtype=dtype, device=ref.device))
+            )
         self._linear = isinstance(base, _LINEAR_IN_PARAMS) or type(base).__name__ == "Conv1D"
 
     @staticmethod
@@ -133,13 +143,17 @@ class NormDelta(Delta):
             out[f"ln_tuning_layers.{n}"] = base + getattr(self, n).detach().to(base.dtype)
         return out
 
-    def from_peft(self, host: DeltaHost, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def from_peft(
+        self, host: DeltaHost, tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         out = {}
         for n in self._names:
             key = f"ln_tuning_layers.{n}"
             if key not in tensors:
-                raise DeltaFileError(f"peft LN_TUNING file lacks {key!r} for a {type(host.base).__name__}; "
-                                     "the file is incomplete")
+                raise DeltaFileError(
+                    f"peft LN_TUNING file lacks {key!r} for a {type(host.base).__name__}; "
+                    "the file is incomplete"
+                )
             mine = getattr(self, n)
             out[n] = tensors[key].to(mine.dtype) - getattr(host.base, n).detach().to(mine.dtype)
         return out

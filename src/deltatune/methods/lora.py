@@ -70,7 +70,9 @@ class LoRA(DeltaSpec):
             self.fail("dropout", "must be in [0, 1)")
         for key, value in self.rank_pattern.items():
             if not isinstance(value, int) or value < 1:
-                self.fail("rank_pattern", f"gives {key!r} rank {value!r}; ranks must be positive integers")
+                self.fail(
+                    "rank_pattern", f"gives {key!r} rank {value!r}; ranks must be positive integers"
+                )
 
     def rank_for(self, path: str) -> int:
         return _pattern_value(path, self.rank_pattern, self.r)
@@ -84,11 +86,15 @@ class LoRA(DeltaSpec):
         r, limit = self.rank_for(module_name), host.max_rank
         if limit is not None and r > limit:
             field = "r" if r == self.r else "rank_pattern"
-            raise SpecError(f"LoRA.{field}: rank {r} on {module_name!r} exceeds that layer's limit {limit} "
-                            f"(min of its input and output sizes); use a rank <= {limit}")
+            raise SpecError(
+                f"LoRA.{field}: rank {r} on {module_name!r} exceeds that layer's limit {limit} "
+                f"(min of its input and output sizes); use a rank <= {limit}"
+            )
 
     def make_delta(self, host: DeltaHost, module_name: str) -> Delta:
-        if host.fan_in_fan_out != bool(host.fan_in_fan_out if self.fan_in_fan_out is None else self.fan_in_fan_out):
+        if host.fan_in_fan_out != bool(
+            host.fan_in_fan_out if self.fan_in_fan_out is None else self.fan_in_fan_out
+        ):
             raise TargetError(
                 f"LoRA.fan_in_fan_out={self.fan_in_fan_out} does not fit {module_name!r} "
                 f"({type(host.base).__name__}); leave it unset to detect it"
@@ -102,8 +108,15 @@ class LoRA(DeltaSpec):
         if self.bias == "all":
             targets = {s.path for s in sites}
             for path, module in iter_candidates(model):
-                kept_whole = any(name_matches(path, t) or path.startswith(t + ".") for t in self.trainable_modules)
-                if path not in targets and not kept_whole and isinstance(getattr(module, "bias", None), nn.Parameter):
+                kept_whole = any(
+                    name_matches(path, t) or path.startswith(t + ".")
+                    for t in self.trainable_modules
+                )
+                if (
+                    path not in targets
+                    and not kept_whole
+                    and isinstance(getattr(module, "bias", None), nn.Parameter)
+                ):
                     sites.append(Site(path, lambda host, p: BiasDelta(self, host), check=False))
         return sites
 
@@ -127,7 +140,9 @@ class LoRADelta(Delta):
             a_shape, b_shape = (r, host.in_features), (host.out_features, r)
         elif self.kind == "conv":
             if base.groups != 1 or base.padding_mode != "zeros":
-                raise TargetError(f"LoRA on {path!r} needs groups=1 and zero padding (depthwise/grouped convs are not supported); exclude it")
+                raise TargetError(
+                    f"LoRA on {path!r} needs groups=1 and zero padding (depthwise/grouped convs are not supported); exclude it"
+                )
             a_shape = (r, base.in_channels, *base.kernel_size)
             b_shape = (base.out_channels, r) + (1,) * len(base.kernel_size)
         else:  # embedding: A maps token ids (one-hot) to r, B maps r to the embedding
@@ -153,7 +168,15 @@ class LoRADelta(Delta):
             z = host.conv(x, self.lora_A)  # the layer's own stride, padding and dilation
             return conv(z, self.lora_B)
         b = host.base
-        z = F.embedding(x, self.lora_A.t(), b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse)
+        z = F.embedding(
+            x,
+            self.lora_A.t(),
+            b.padding_idx,
+            b.max_norm,
+            b.norm_type,
+            b.scale_grad_by_freq,
+            b.sparse,
+        )
         return z @ self.lora_B.t()
 
     def product(self) -> torch.Tensor:
@@ -196,7 +219,9 @@ class LoRADelta(Delta):
         out = [Factor(self.lora_A.detach(), self.lora_B.detach(), float(self.scaling), transposed)]
         init_a = getattr(self, "init_A", None)
         if init_a is not None:
-            out.append(Factor(init_a.detach(), self.init_B.detach(), -float(self.scaling), transposed))
+            out.append(
+                Factor(init_a.detach(), self.init_B.detach(), -float(self.scaling), transposed)
+            )
         return out
 
     @torch.no_grad()
@@ -207,7 +232,9 @@ class LoRADelta(Delta):
         Plain LoRA only."""
         if bias is not None:
             if self.lora_bias is None:
-                raise SpecError("a bias change needs LoRA(bias='lora_only'); this LoRA has no bias of its own")
+                raise SpecError(
+                    "a bias change needs LoRA(bias='lora_only'); this LoRA has no bias of its own"
+                )
             self.lora_bias.copy_(bias.to(self.lora_bias.dtype))
         if self.variant.name != "plain" or getattr(self, "init_A", None) is not None:
             raise SpecError("set_weight_change needs a plain LoRA (no DoRA, no PiSSA/OLoRA init)")
@@ -252,7 +279,13 @@ class LoRADelta(Delta):
 
     @classmethod
     def routed_forward(cls, deltas: Sequence["LoRADelta"], index, x, h, host):
-        if host.kind != "linear" or any(d.variant.name != "plain" or d.lora_bias is not None or d.training and d.dropout is not None for d in deltas):
+        if host.kind != "linear" or any(
+            d.variant.name != "plain"
+            or d.lora_bias is not None
+            or d.training
+            and d.dropout is not None
+            for d in deltas
+        ):
             return super().routed_forward(deltas, index, x, h, host)
         # One gathered computation for every sample: A_i, B_i of sample i's adapter (zero-padded to
         # the largest rank, which leaves B·A unchanged) and a per-sample scale (0 for the base).

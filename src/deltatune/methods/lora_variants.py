@@ -41,7 +41,9 @@ def _init_gaussian(d: "LoRADelta", host: "DeltaHost") -> None:
 
 def _weight_oi(host: "DeltaHost") -> torch.Tensor:
     if host.kind != "linear":
-        raise TargetError(f"PiSSA/OLoRA inits need Linear-like modules, not {type(host.base).__name__}; use init='default'")
+        raise TargetError(
+            f"PiSSA/OLoRA inits need Linear-like modules, not {type(host.base).__name__}; use init='default'"
+        )
     w = host.weight.detach().float()
     return w.t() if host.fan_in_fan_out else w
 
@@ -95,7 +97,9 @@ class PlainLoRA:
     def setup(self, d: "LoRADelta", host: "DeltaHost") -> None:
         pass
 
-    def combine(self, d: "LoRADelta", x: torch.Tensor, h: torch.Tensor, host: "DeltaHost") -> torch.Tensor:
+    def combine(
+        self, d: "LoRADelta", x: torch.Tensor, h: torch.Tensor, host: "DeltaHost"
+    ) -> torch.Tensor:
         return h + (d.lora_out(x, host) * d.scaling).to(h.dtype)
 
     def weight_change(self, d: "LoRADelta", host: "DeltaHost") -> torch.Tensor:
@@ -129,7 +133,9 @@ class DoRA(PlainLoRA):
 
     def setup(self, d: "LoRADelta", host: "DeltaHost") -> None:
         if d.kind == "embedding":
-            raise TargetError("DoRA is not supported on Embedding modules here; use dora=False for embeddings")
+            raise TargetError(
+                "DoRA is not supported on Embedding modules here; use dora=False for embeddings"
+            )
         with torch.no_grad():
             norm = self._norm(d, host)
         d.lora_magnitude = nn.Parameter(norm.clone())
@@ -146,13 +152,19 @@ class DoRA(PlainLoRA):
         ratio = d.lora_magnitude / self._norm(d, host).detach()
         return ratio.view(1, -1, *([1] * (like.dim() - 2))) if d.kind == "conv" else ratio
 
-    def combine(self, d: "LoRADelta", x: torch.Tensor, h: torch.Tensor, host: "DeltaHost") -> torch.Tensor:
+    def combine(
+        self, d: "LoRADelta", x: torch.Tensor, h: torch.Tensor, host: "DeltaHost"
+    ) -> torch.Tensor:
         scale = self._scale(d, host, h)
         base_bias = getattr(host.base, "bias", None)
         if d.dropout is not None and d.training:
-            base_no_bias = _plain_call(host, x)  # W·dropout(x): the dropped input goes through W too
+            base_no_bias = _plain_call(
+                host, x
+            )  # W·dropout(x): the dropped input goes through W too
         elif base_bias is not None:
-            base_no_bias = h - (base_bias.view(1, -1, *([1] * (h.dim() - 2))) if d.kind == "conv" else base_bias)
+            base_no_bias = h - (
+                base_bias.view(1, -1, *([1] * (h.dim() - 2))) if d.kind == "conv" else base_bias
+            )
         else:
             base_no_bias = h
         lora = d.lora_out(x, host) * d.scaling

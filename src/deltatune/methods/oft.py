@@ -84,8 +84,10 @@ def butterfly_perm(n: int, blocks: int, group: int, enabled: bool) -> torch.Tens
     if not enabled:
         return torch.arange(n)
     if blocks * group * 2 > n:
-        raise TargetError(f"BOFT butterfly of {blocks} blocks of {group * 2} does not fit {n} features; "
-                          "lower butterfly_factor")
+        raise TargetError(
+            f"BOFT butterfly of {blocks} blocks of {group * 2} does not fit {n} features; "
+            "lower butterfly_factor"
+        )
     chunk = n // blocks
     order = [*range(0, chunk // group, 2), *range(1, chunk // group, 2)]
     inner = torch.cat([torch.arange(g * group, (g + 1) * group) for g in order])
@@ -220,9 +222,15 @@ class OFT(DeltaSpec):
 
     def to_peft_config(self, deltas: dict[str, Delta]) -> dict[str, Any]:
         return {
-            **_peft_common(self, deltas), "r": self.r, "oft_block_size": self.block_size,
-            "module_dropout": self.dropout, "coft": self.coft, "eps": self.eps, "block_share": self.block_share,
-            "use_cayley_neumann": self.cayley_neumann, "num_cayley_neumann_terms": self.neumann_terms,
+            **_peft_common(self, deltas),
+            "r": self.r,
+            "oft_block_size": self.block_size,
+            "module_dropout": self.dropout,
+            "coft": self.coft,
+            "eps": self.eps,
+            "block_share": self.block_share,
+            "use_cayley_neumann": self.cayley_neumann,
+            "num_cayley_neumann_terms": self.neumann_terms,
             "peft_version": "0.18.0",  # the Cayley-Neumann series as written here is peft's since 0.18.0
         }
 
@@ -233,10 +241,15 @@ class OFT(DeltaSpec):
                                  "retrain it with a newer peft")
         get = config.get
         return cls(
-            **_from_common(config, targets), block_size=int(config["oft_block_size"]), r=int(get("r", 0)),
-            block_share=bool(get("block_share", False)), cayley_neumann=bool(get("use_cayley_neumann", False)),
-            neumann_terms=int(get("num_cayley_neumann_terms", 5)), coft=bool(get("coft", False)),
-            eps=float(get("eps", 6e-5)), dropout=float(get("module_dropout", 0.0)),
+            **_from_common(config, targets),
+            block_size=int(config["oft_block_size"]),
+            r=int(get("r", 0)),
+            block_share=bool(get("block_share", False)),
+            cayley_neumann=bool(get("use_cayley_neumann", False)),
+            neumann_terms=int(get("num_cayley_neumann_terms", 5)),
+            coft=bool(get("coft", False)),
+            eps=float(get("eps", 6e-5)),
+            dropout=float(get("module_dropout", 0.0)),
         )
 
 
@@ -250,8 +263,10 @@ class OFTDelta(RotationDelta):
         wanted, field = (spec.block_size, "block_size") if spec.block_size else (spec.r, "r")
         got = nearest_divisor(n, wanted) if n % wanted or wanted > n else wanted
         if got != wanted:
-            warnings.warn(f"OFT {field}={wanted} does not divide the {n} features of {path!r}; using {got}",
-                          stacklevel=2)
+            warnings.warn(
+                f"OFT {field}={wanted} does not divide the {n} features of {path!r}; using {got}",
+                stacklevel=2,
+            )
         size = got if spec.block_size else n // got
         self.block_size, self.blocks = size, n // size
         count = 1 if spec.block_share else self.blocks
@@ -262,7 +277,9 @@ class OFTDelta(RotationDelta):
     def _blocks(self, dropout: bool) -> torch.Tensor:
         spec: OFT = self.spec
         vec = self.oft_R
-        if spec.coft:  # constrained OFT: project each Q back into a Frobenius ball (in place, as peft)
+        if (
+            spec.coft
+        ):  # constrained OFT: project each Q back into a Frobenius ball (in place, as peft)
             with torch.no_grad():
                 eps = spec.eps / math.sqrt(vec.shape[0])
                 norm = skew(vec, self.block_size).flatten(1).norm(dim=1, keepdim=True)
@@ -283,7 +300,9 @@ class OFTDelta(RotationDelta):
     def to_peft(self, host: DeltaHost) -> dict[str, torch.Tensor]:
         return {"oft_R.weight": self.oft_R.detach()}
 
-    def from_peft(self, host: DeltaHost, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def from_peft(
+        self, host: DeltaHost, tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         return {"oft_R": _need(tensors, "oft_R.weight")}
 
 
@@ -316,8 +335,11 @@ class BOFT(DeltaSpec):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 self.fail(name, "must be a non-negative integer")
         if (self.block_size == 0) == (self.block_num == 0):
-            self.fail("block_num", f"and block_size={self.block_size} must not both be set or both be 0: "
-                      "give one, e.g. BOFT(block_num=4, block_size=0)")
+            self.fail(
+                "block_num",
+                f"and block_size={self.block_size} must not both be set or both be 0: "
+                "give one, e.g. BOFT(block_num=4, block_size=0)",
+            )
         if self.butterfly_factor < 1:
             self.fail("butterfly_factor", "must be >= 1 (1: a single block-diagonal rotation)")
         if not 0.0 <= self.dropout < 1.0:
@@ -328,16 +350,21 @@ class BOFT(DeltaSpec):
 
     def to_peft_config(self, deltas: dict[str, Delta]) -> dict[str, Any]:
         return {
-            **_peft_common(self, deltas), "boft_block_size": self.block_size, "boft_block_num": self.block_num,
-            "boft_n_butterfly_factor": self.butterfly_factor, "boft_dropout": self.dropout,
+            **_peft_common(self, deltas),
+            "boft_block_size": self.block_size,
+            "boft_block_num": self.block_num,
+            "boft_n_butterfly_factor": self.butterfly_factor,
+            "boft_dropout": self.dropout,
         }
 
     @classmethod
     def from_peft_config(cls, config: dict[str, Any], targets: list[str]) -> "BOFT":
         get = config.get
         return cls(
-            **_from_common(config, targets), block_size=int(get("boft_block_size", 4)),
-            block_num=int(get("boft_block_num", 0)), butterfly_factor=int(get("boft_n_butterfly_factor", 1)),
+            **_from_common(config, targets),
+            block_size=int(get("boft_block_size", 4)),
+            block_num=int(get("boft_block_num", 0)),
+            butterfly_factor=int(get("boft_n_butterfly_factor", 1)),
             dropout=float(get("boft_dropout", 0.0)),
         )
 
@@ -395,9 +422,14 @@ class BOFTDelta(RotationDelta):
     # peft keeps the scale as (out, 1) for Linear and (1, out) for Conv2d
     def to_peft(self, host: DeltaHost) -> dict[str, torch.Tensor]:
         s = self.boft_s.detach()
-        return {"boft_R": self.boft_R.detach(), "boft_s": s.view(1, -1) if self.conv else s.view(-1, 1)}
+        return {
+            "boft_R": self.boft_R.detach(),
+            "boft_s": s.view(1, -1) if self.conv else s.view(-1, 1),
+        }
 
-    def from_peft(self, host: DeltaHost, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def from_peft(
+        self, host: DeltaHost, tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         return {"boft_R": _need(tensors, "boft_R"), "boft_s": _need(tensors, "boft_s").flatten()}
 
 
@@ -410,10 +442,18 @@ def _need(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:
 def _peft_common(spec: DeltaSpec, deltas: dict[str, Delta]) -> dict[str, Any]:
     """The keys OFT and BOFT configs share."""
     return {
-        "peft_type": spec.peft_type, "task_type": None, "target_modules": sorted(deltas), "exclude_modules": None,
-        "fan_in_fan_out": any(d.fan_in_fan_out for d in deltas.values()), "bias": "none", "init_weights": True,
-        "layers_to_transform": None, "layers_pattern": None, "modules_to_save": list(spec.trainable_modules) or None,
-        "inference_mode": True, "base_model_name_or_path": None,
+        "peft_type": spec.peft_type,
+        "task_type": None,
+        "target_modules": sorted(deltas),
+        "exclude_modules": None,
+        "fan_in_fan_out": any(d.fan_in_fan_out for d in deltas.values()),
+        "bias": "none",
+        "init_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "modules_to_save": list(spec.trainable_modules) or None,
+        "inference_mode": True,
+        "base_model_name_or_path": None,
     }
 
 
@@ -423,5 +463,10 @@ def _from_common(config: dict[str, Any], targets: list[str]) -> dict[str, Any]:
         raise DeltaFileError(f"peft option bias={config['bias']!r} is not supported by deltatune; "
                              "save the adapter with bias='none'")
     if config.get("layers_to_transform"):
-        raise DeltaFileError("peft option layers_to_transform is not supported by deltatune; save the adapter without it")
-    return {"targets": tuple(targets), "trainable_modules": tuple(config.get("modules_to_save") or ())}
+        raise DeltaFileError(
+            "peft option layers_to_transform is not supported by deltatune; save the adapter without it"
+        )
+    return {
+        "targets": tuple(targets),
+        "trainable_modules": tuple(config.get("modules_to_save") or ()),
+    }

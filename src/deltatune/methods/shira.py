@@ -75,9 +75,12 @@ class SHiRA(DeltaSpec):
         n_out, n_in = host.out_features, host.in_features
         n, size = self.r * (n_out + n_in), n_out * n_in
         if n > size:
-            self.fail("r", f"gives {module_name!r} {n} = r·({n_out} + {n_in}) trained entries, more "
-                      f"than the {n_out}x{n_in} = {size} of its weight; use r <= "
-                      f"{size // (n_out + n_in)}")
+            self.fail(
+                "r",
+                f"gives {module_name!r} {n} = r·({n_out} + {n_in}) trained entries, more "
+                f"than the {n_out}x{n_in} = {size} of its weight; use r <= "
+                f"{size // (n_out + n_in)}",
+            )
 
     def make_delta(self, host: DeltaHost, module_name: str) -> Delta:
         return SHiRADelta(self, host)

@@ -78,8 +78,11 @@ class SideTuning(DeltaSpec):
         if width < 1:
             self.fail("reduction_factor", f"leaves no side width for hidden width {hidden}")
         if width > hidden:
-            self.fail("reduction_factor", f"makes the side network {width} wide, wider than the backbone's "
-                      f"{hidden} at {paths[0]!r}; use reduction_factor >= 1")
+            self.fail(
+                "reduction_factor",
+                f"makes the side network {width} wide, wider than the backbone's "
+                f"{hidden} at {paths[0]!r}; use reduction_factor >= 1",
+            )
         ladder = _Ladder()
         return [Site(path, lambda host, p, f=i == 0, l=i == len(paths) - 1: SideRung(
                     self, host, ladder, hidden, width, first=f, last=l), check=False)

@@ -74,7 +74,9 @@ class SparseFT(DeltaSpec):
             self.fail("seed", "must be a non-negative integer")
         for key, value in self.counts.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                self.fail("counts", f"gives {key!r} {value!r} entries; counts must be positive integers")
+                self.fail(
+                    "counts", f"gives {key!r} {value!r} entries; counts must be positive integers"
+                )
 
     def paths(self, model: nn.Module) -> list[str]:
         """The layers this spec puts a sparse delta on."""
@@ -101,8 +103,10 @@ class SparseDelta(Delta):
         self.kind, self.fan_in_fan_out, self.shape = host.kind, host.fan_in_fan_out, tuple(w.shape)
         k = spec.counts.get(path) or max(1, round(spec.density * w.numel()))
         if k > w.numel():
-            raise TargetError(f"SparseFT wants {k} entries of {path!r}, which has only {w.numel()}; "
-                              "lower the count")
+            raise TargetError(
+                f"SparseFT wants {k} entries of {path!r}, which has only {w.numel()}; "
+                "lower the count"
+            )
         if spec.selection == "magnitude":
             idx = w.detach().abs().flatten().topk(k).indices
         elif spec.selection == "random":  # a per-layer stream: the same layer gets the same mask
@@ -135,19 +139,28 @@ class SparseDelta(Delta):
     def set_mask(self, mask: torch.Tensor) -> None:
         idx = mask.flatten().nonzero().squeeze(1)
         if idx.numel() != self.indices.numel():
-            raise SpecError(f"mask has {idx.numel()} entries but this delta holds {self.indices.numel()}")
+            raise SpecError(
+                f"mask has {idx.numel()} entries but this delta holds {self.indices.numel()}"
+            )
         self.indices.copy_(idx)
 
     def after_load(self, host: DeltaHost) -> None:
         idx = self.indices
-        in_range = int(idx.min()) >= 0 and int(idx.max()) < math.prod(self.shape) if idx.numel() else True
+        in_range = (
+            int(idx.min()) >= 0 and int(idx.max()) < math.prod(self.shape) if idx.numel() else True
+        )
         if not in_range or bool((idx[1:] <= idx[:-1]).any()):
             raise DeltaFileError("SparseFT indices are out of range or not strictly increasing; "
                                  "the delta file is corrupt")
 
 
 def attach_masked(
-    model: nn.Module, spec: SparseFT, masks: dict[str, torch.Tensor], name: str = "default", *, activate: bool = True
+    model: nn.Module,
+    spec: SparseFT,
+    masks: dict[str, torch.Tensor],
+    name: str = "default",
+    *,
+    activate: bool = True,
 ) -> list[str]:
     """Attach ``spec`` with the given boolean masks (by module path, each of the weight's shape).
 
@@ -155,7 +168,9 @@ def attach_masked(
     delta reloads with plain ``dt.load_adapter``. Nothing changes when an error is raised.
     """
     if not masks:
-        raise SpecError("attach_masked() needs at least one mask; fish_mask() returns them by module path")
+        raise SpecError(
+            "attach_masked() needs at least one mask; fish_mask() returns them by module path"
+        )
     counts, total = {}, 0
     for path, mask in masks.items():
         try:
@@ -165,16 +180,24 @@ def attach_masked(
                               "use the paths fish_mask() returned") from None
         weight = (module.base if isinstance(module, Host) else module).weight
         if mask.dtype != torch.bool or tuple(mask.shape) != tuple(weight.shape):
-            raise SpecError(f"mask for {path!r} must be a bool tensor of shape {tuple(weight.shape)}, "
-                            f"got {mask.dtype} {tuple(mask.shape)}")
+            raise SpecError(
+                f"mask for {path!r} must be a bool tensor of shape {tuple(weight.shape)}, "
+                f"got {mask.dtype} {tuple(mask.shape)}"
+            )
         if not mask.any():
             raise SpecError(f"mask for {path!r} selects no entry; leave the module out instead")
         counts[path] = int(mask.sum())
         total += mask.numel()
     selection = spec.selection if spec.selection in _DATA_MASKS else "given"
     density = sum(counts.values()) / total  # recorded for information: the counts decide
-    spec = spec.replace(targets=tuple(sorted(counts)), target_regex=None, target_types=(), counts=counts,
-                        selection=selection, density=density)
+    spec = spec.replace(
+        targets=tuple(sorted(counts)),
+        target_regex=None,
+        target_types=(),
+        counts=counts,
+        selection=selection,
+        density=density,
+    )
     paths = attach(model, spec, name, activate=activate)
     try:
         for path in paths:
@@ -223,7 +246,11 @@ def fisher_scores(
 
 
 def fish_mask(
-    model: nn.Module, batches: Iterable[Any], density: float, loss_fn: LossFn, spec: SparseFT | None = None
+    model: nn.Module,
+    batches: Iterable[Any],
+    density: float,
+    loss_fn: LossFn,
+    spec: SparseFT | None = None,
 ) -> dict[str, torch.Tensor]:
     """FISH masks: the ``density`` fraction of all chosen weight entries (``spec``'s layers, by default
     every Linear/Conv) with the largest empirical Fisher information, chosen globally across layers.
@@ -231,7 +258,9 @@ def fish_mask(
     ``loss_fn(model, batch)`` returns the task loss of one batch. Use the result with
     :func:`attach_masked`: ``attach_masked(model, SparseFT(selection="fish"), masks, name=...)``.
     """
-    spec = (spec or SparseFT(selection="fish")).replace(density=density, counts={})  # validates density
+    spec = (spec or SparseFT(selection="fish")).replace(
+        density=density, counts={}
+    )  # validates density
     scores = fisher_scores(model, batches, loss_fn, spec.paths(model))
     flat = torch.cat([s.flatten() for s in scores.values()])
     k = max(1, round(density * flat.numel()))

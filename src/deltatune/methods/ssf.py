@@ -105,7 +105,9 @@ class SSFDelta(Delta):
         base = host.base
         base.weight.mul_(self._row_view(self.scale, host).to(base.weight.dtype))
         if base.bias is None:
-            base.bias = nn.Parameter(self.shift.detach().to(base.weight.dtype).clone(), requires_grad=False)
+            base.bias = nn.Parameter(
+                self.shift.detach().to(base.weight.dtype).clone(), requires_grad=False
+            )
             self._created_bias = True
         else:
             base.bias.mul_(self.scale.to(base.bias.dtype)).add_(self.shift.to(base.bias.dtype))

@@ -86,8 +86,11 @@ class TrainableTokens(DeltaSpec):
             self.fail("token_indices", f"has {too_big[0]}, outside {module_name!r} with {n} rows "
                       f"(indices 0..{n - 1}); resize the embedding first")
         if host.base.max_norm is not None:
-            self.fail("targets", f"selects {module_name!r}, an embedding with max_norm (it rewrites "
-                      "its rows when read); pick an embedding without max_norm")
+            self.fail(
+                "targets",
+                f"selects {module_name!r}, an embedding with max_norm (it rewrites "
+                "its rows when read); pick an embedding without max_norm",
+            )
 
     def check_targets(self, model: nn.Module, paths: list[str]) -> None:
         for path in paths:

@@ -151,7 +151,9 @@ def _index_dtype(num_vectors: int) -> torch.dtype:
     """The smallest integer type peft stores top-k indices in."""
     if num_vectors < 2**8:
         return torch.uint8
-    return torch.int16 if num_vectors < 2**15 else torch.int32 if num_vectors < 2**31 else torch.int64
+    return (
+        torch.int16 if num_vectors < 2**15 else torch.int32 if num_vectors < 2**31 else torch.int64
+    )
 
 
 class VBLoRADelta(Delta):
@@ -166,8 +168,12 @@ class VBLoRADelta(Delta):
         length, n = spec.vector_length, spec.num_vectors
         self.bank = bank  # the same module in every delta of this attach
         std = spec.init_logits_std
-        self.vblora_logits_A = nn.Parameter(torch.randn(spec.r, host.in_features // length, n) * std)
-        self.vblora_logits_B = nn.Parameter(torch.randn(host.out_features // length, spec.r, n) * std)
+        self.vblora_logits_A = nn.Parameter(
+            torch.randn(spec.r, host.in_features // length, n) * std
+        )
+        self.vblora_logits_B = nn.Parameter(
+            torch.randn(host.out_features // length, spec.r, n) * std
+        )
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
 
     def _mix(self, logits: torch.Tensor) -> torch.Tensor:

@@ -92,16 +92,23 @@ class VeRA(DeltaSpec):
     def check_targets(self, model: nn.Module, paths: list[str]) -> None:
         sizes = [_in_out(get_module(model, p)) for p in paths]
         # the shared frozen projection is r × (max in + max out): bound it by the layers it serves
-        limit = sum(i * o for i, o in sizes) // (max(s[0] for s in sizes) + max(s[1] for s in sizes))
+        limit = sum(i * o for i, o in sizes) // (
+            max(s[0] for s in sizes) + max(s[1] for s in sizes)
+        )
         if self.r > max(limit, 1):
             k = max(range(len(paths)), key=lambda j: sizes[j][0] * sizes[j][1])
-            self.fail("r", f"makes the shared projection larger than the {len(paths)} layers it adapts together "
-                      f"(largest: {paths[k]!r}, {sizes[k][0]}x{sizes[k][1]}); use r <= {max(limit, 1)}")
+            self.fail(
+                "r",
+                f"makes the shared projection larger than the {len(paths)} layers it adapts together "
+                f"(largest: {paths[k]!r}, {sizes[k][0]}x{sizes[k][1]}); use r <= {max(limit, 1)}",
+            )
 
     def shared_state(self, model: nn.Module, paths: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """The frozen random projection (A, B) every layer slices: drawn once per attach."""
         sizes = [_in_out(get_module(model, p)) for p in paths]
-        return projection(self.r, max(s[0] for s in sizes), max(s[1] for s in sizes), self.projection_seed)
+        return projection(
+            self.r, max(s[0] for s in sizes), max(s[1] for s in sizes), self.projection_seed
+        )
 
     def make_delta(self, host: DeltaHost, module_name: str, shared: Any = None) -> Delta:
         return VeRADelta(self, host, *shared)
@@ -182,27 +189,42 @@ class VeRADelta(Delta):
         return h + (F.linear(z, self.vera_B) * self.vera_lambda_b).to(h.dtype)
 
     def delta_weight(self, host: DeltaHost) -> dict[str, torch.Tensor]:
-        w = (self.vera_lambda_b[:, None] * self.vera_B) @ (self.vera_lambda_d[:, None] * self.vera_A)
+        w = (self.vera_lambda_b[:, None] * self.vera_B) @ (
+            self.vera_lambda_d[:, None] * self.vera_A
+        )
         return {"weight": (w.t() if self.fan_in_fan_out else w).detach()}
 
     def to_peft(self, host: DeltaHost) -> dict[str, torch.Tensor]:
-        return {"vera_lambda_b": self.vera_lambda_b.detach(), "vera_lambda_d": self.vera_lambda_d.detach()}
+        return {
+            "vera_lambda_b": self.vera_lambda_b.detach(),
+            "vera_lambda_d": self.vera_lambda_d.detach(),
+        }
 
-    def from_peft(self, host: DeltaHost, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def from_peft(
+        self, host: DeltaHost, tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         try:
-            out = {"vera_lambda_b": tensors["vera_lambda_b"], "vera_lambda_d": tensors["vera_lambda_d"]}
+            out = {
+                "vera_lambda_b": tensors["vera_lambda_b"],
+                "vera_lambda_d": tensors["vera_lambda_d"],
+            }
         except KeyError as exc:
-            raise DeltaFileError(f"peft VeRA file lacks {exc.args[0]!r} for a module; "
-                                 "the file is incomplete") from exc
+            raise DeltaFileError(
+                f"peft VeRA file lacks {exc.args[0]!r} for a module; the file is incomplete"
+            ) from exc
         if self.spec.save_projection:
             if _SHARED_A not in tensors or _SHARED_B not in tensors:
-                raise DeltaFileError("peft VeRA config says save_projection=true but the file lacks "
-                                     "vera_A/vera_B; the file is incomplete")
+                raise DeltaFileError(
+                    "peft VeRA config says save_projection=true but the file lacks "
+                    "vera_A/vera_B; the file is incomplete"
+                )
             a, b = tensors[_SHARED_A], tensors[_SHARED_B]
             n_out, n_in = self.vera_B.shape[0], self.vera_A.shape[1]
             r = self.spec.r
             if a.shape[0] != r or a.shape[1] < n_in or b.shape[0] < n_out or b.shape[1] != r:
-                raise DeltaFileError(f"peft VeRA projection shapes {tuple(a.shape)}/{tuple(b.shape)} do not "
-                                     f"fit a {n_out}x{n_in} layer at r={r}")
+                raise DeltaFileError(
+                    f"peft VeRA projection shapes {tuple(a.shape)}/{tuple(b.shape)} do not "
+                    f"fit a {n_out}x{n_in} layer at r={r}"
+                )
             out["vera_A"], out["vera_B"] = a[:, :n_in], b[:n_out, :]
         return out

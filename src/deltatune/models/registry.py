@@ -49,7 +49,9 @@ def describe_models() -> dict[str, str]:
     return {name: m.description for name, m in MODELS.items()}
 
 
-def load_model(spec: str, *, num_labels: int | None = None, task: str | None = None, **options: Any) -> ModelEntry:
+def load_model(
+    spec: str, *, num_labels: int | None = None, task: str | None = None, **options: Any
+) -> ModelEntry:
     """A model entry by bundled name or local transformers directory (never downloads).
 
     ``num_labels`` sizes a new classification head; ``task`` picks what a transformers directory
@@ -69,7 +71,9 @@ def load_model(spec: str, *, num_labels: int | None = None, task: str | None = N
         build = getattr(importlib.import_module(f".{module}", __package__), func)
         if not bundled.takes_labels:
             if num_labels:
-                raise ModelError(f"{spec} is a {bundled.task} model and takes no num_labels; drop it")
+                raise ModelError(
+                    f"{spec} is a {bundled.task} model and takes no num_labels; drop it"
+                )
             with _quiet_transformers(module in _TRANSFORMERS_BUILDERS):
                 return build(**options)
         with _quiet_transformers(module in _TRANSFORMERS_BUILDERS):
@@ -79,12 +83,16 @@ def load_model(spec: str, *, num_labels: int | None = None, task: str | None = N
         from .text import transformers_dir
 
         if task == "image-classification":
-            raise ModelError(f"{spec}: only text transformers directories are supported; use a bundled image model")
+            raise ModelError(
+                f"{spec}: only text transformers directories are supported; use a bundled image model"
+            )
         _check_options(spec, options, ("max_length",))
         with _quiet_transformers(True):
             return transformers_dir(path, num_labels, task, **options)
     if "/" in spec or "\\" in spec:
-        raise ModelError(f"{spec} does not exist; pass a local transformers directory or a bundled model name")
+        raise ModelError(
+            f"{spec} does not exist; pass a local transformers directory or a bundled model name"
+        )
     raise ModelError(MODELS.unknown(spec))
 
 
@@ -115,4 +123,6 @@ def _quiet_transformers(active: bool):
 def _check_options(spec: str, options: dict[str, Any], allowed: tuple[str, ...]) -> None:
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ModelError(f"{spec} has no option(s) {unknown}; it takes {', '.join(allowed) or 'none'}")
+        raise ModelError(
+            f"{spec} has no option(s) {unknown}; it takes {', '.join(allowed) or 'none'}"
+        )

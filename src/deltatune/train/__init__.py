@@ -14,5 +14,15 @@ from .losses import compute_loss, evaluate
 from .report import TrainResult
 from .trainer import fit
 
-__all__ = ["BaseCallback", "Callback", "CheckpointError", "TrainConfig", "TrainError", "TrainResult",
-           "callbacks_from_specs", "compute_loss", "evaluate", "fit"]
+__all__ = [
+    "BaseCallback",
+    "Callback",
+    "CheckpointError",
+    "TrainConfig",
+    "TrainError",
+    "TrainResult",
+    "callbacks_from_specs",
+    "compute_loss",
+    "evaluate",
+    "fit",
+]

@@ -33,7 +33,9 @@ class Callback(Protocol):
     def on_train_start(self, model: nn.Module) -> None:
         """Once before the first step (and again when a run resumes): e.g. snapshot anchor weights."""
 
-    def penalty(self, model: nn.Module, batch: Mapping[str, Any], outputs: torch.Tensor) -> torch.Tensor | None:
+    def penalty(
+        self, model: nn.Module, batch: Mapping[str, Any], outputs: torch.Tensor
+    ) -> torch.Tensor | None:
         """A scalar added to each micro-batch's loss (EWC/SI/MAS anchors, distillation), or None.
 
         ``outputs`` are the logits of ``batch`` (labels included in ``batch``)."""
@@ -44,7 +46,9 @@ class Callback(Protocol):
     def on_step_end(self, model: nn.Module, step: int) -> None:
         """After optimizer step ``step`` (1-based)."""
 
-    def on_epoch_end(self, model: nn.Module, epoch: int, metrics: dict[str, float]) -> dict[str, float] | None:
+    def on_epoch_end(
+        self, model: nn.Module, epoch: int, metrics: dict[str, float]
+    ) -> dict[str, float] | None:
         """After epoch ``epoch`` (1-based) with its evaluation ``metrics``; may return extra metrics."""
 
     def on_train_end(self, model: nn.Module) -> None:
@@ -57,7 +61,9 @@ class BaseCallback:
     def on_train_start(self, model: nn.Module) -> None:
         return None
 
-    def penalty(self, model: nn.Module, batch: Mapping[str, Any], outputs: torch.Tensor) -> torch.Tensor | None:
+    def penalty(
+        self, model: nn.Module, batch: Mapping[str, Any], outputs: torch.Tensor
+    ) -> torch.Tensor | None:
         return None
 
     def extra_batch(self) -> dict[str, Any] | None:
@@ -66,7 +72,9 @@ class BaseCallback:
     def on_step_end(self, model: nn.Module, step: int) -> None:
         return None
 
-    def on_epoch_end(self, model: nn.Module, epoch: int, metrics: dict[str, float]) -> dict[str, float] | None:
+    def on_epoch_end(
+        self, model: nn.Module, epoch: int, metrics: dict[str, float]
+    ) -> dict[str, float] | None:
         return None
 
     def on_train_end(self, model: nn.Module) -> None:
@@ -85,7 +93,9 @@ def call(callbacks, hook: str, *args: Any) -> list[Any]:
     return results
 
 
-def callbacks_from_specs(model: nn.Module, total_steps: int, given: Sequence[Any] = ()) -> list[Any]:
+def callbacks_from_specs(
+    model: nn.Module, total_steps: int, given: Sequence[Any] = ()
+) -> list[Any]:
     """The callbacks the specs of ``model``'s active deltas ask for (``DeltaSpec.training_callbacks``)
     in a run of ``total_steps`` optimizer steps, leaving out any a ``given`` callback already provides
     (one of the same class for the same delta ``name``), so nothing runs twice."""

@@ -63,7 +63,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save(out_dir: str | os.PathLike, files: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> Path:
+def save(
+    out_dir: str | os.PathLike, files: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]
+) -> Path:
     """Write ``files`` (name → tensors, saved as ``<name>.safetensors``) and ``meta`` atomically."""
     from safetensors.torch import save_file
 
@@ -79,7 +81,10 @@ def save(out_dir: str | os.PathLike, files: dict[str, dict[str, torch.Tensor]], 
         for name, tensors in files.items():
             path = tmp / f"{name}.safetensors"
             # Own contiguous CPU copies: safetensors refuses shared storage and views.
-            save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(path))
+            save_file(
+                {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
+                str(path),
+            )
             _fsync(path)
             ordinary_mode(path)
             manifest[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
@@ -118,23 +123,31 @@ def load(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.Tensor]], d
     try:
         meta = json.loads((path / META).read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{path} has no {META}: the checkpoint is incomplete; {fix}") from None
+        raise CheckpointError(
+            f"{path} has no {META}: the checkpoint is incomplete; {fix}"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path / META} is corrupt ({exc}); {fix}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path / META} is not a deltatune training checkpoint; {fix}")
     if meta.get("version") != VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {meta.get('version')!r}, this deltatune reads "
-                              f"{VERSION}; {fix}")
+        raise CheckpointError(
+            f"{path} has checkpoint version {meta.get('version')!r}, this deltatune reads "
+            f"{VERSION}; {fix}"
+        )
     files: dict[str, dict[str, torch.Tensor]] = {}
     for fname, info in (meta.get("files") or {}).items():
         fpath = path / fname
         if not fpath.is_file():
             raise CheckpointError(f"{fpath} is missing from the checkpoint; {fix}")
         if fpath.stat().st_size != info.get("bytes") or _sha256(fpath) != info.get("sha256"):
-            raise CheckpointError(f"{fpath} is truncated or corrupt (size/SHA-256 differ from {META}); {fix}")
+            raise CheckpointError(
+                f"{fpath} is truncated or corrupt (size/SHA-256 differ from {META}); {fix}"
+            )
         try:
             files[fname.removesuffix(".safetensors")] = load_file(str(fpath))
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"{fpath} is not readable ({str(exc).splitlines()[0]}); {fix}") from None
+            raise CheckpointError(
+                f"{fpath} is not readable ({str(exc).splitlines()[0]}); {fix}"
+            ) from None
     return files, meta

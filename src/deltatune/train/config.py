@@ -10,9 +10,22 @@ SCHEDULES = ("linear", "cosine", "constant")
 
 # Options that change the optimisation trajectory: a resumed run must use the values it started with,
 # otherwise "resume" would silently train a different model than the interrupted run.
-TRAJECTORY_FIELDS = ("epochs", "max_steps", "batch_size", "lr", "weight_decay", "warmup_ratio",
-                     "schedule", "grad_accum", "max_grad_norm", "seed", "metric", "lisa_layers", "lisa_interval",
-                     "norm_stats")
+TRAJECTORY_FIELDS = (
+    "epochs",
+    "max_steps",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "warmup_ratio",
+    "schedule",
+    "grad_accum",
+    "max_grad_norm",
+    "seed",
+    "metric",
+    "lisa_layers",
+    "lisa_interval",
+    "norm_stats",
+)
 NORM_STATS = ("auto", "update", "freeze")
 
 
@@ -44,7 +57,9 @@ class TrainConfig:
     keep_best: bool = True  # restore the best evaluated trainable tensors at the end
     metric: str = "accuracy"  # model selection; loss/perplexity are minimised, LMs use loss
     progress: bool = True  # rich progress bar with loss and samples/s (main process only)
-    lisa_layers: int | None = None  # LISA: train only this many randomly drawn blocks at a time (see train/lisa.py)
+    lisa_layers: int | None = (
+        None  # LISA: train only this many randomly drawn blocks at a time (see train/lisa.py)
+    )
     lisa_interval: int = 20  # LISA: optimizer steps between draws
     # BatchNorm running statistics while training: "auto" keeps those of norm layers with no trainable
     # parameter fixed (a frozen layer stays frozen, buffers included, so a saved delta reproduces the
@@ -74,16 +89,29 @@ class TrainConfig:
             self._bad("warmup_ratio", "must be in [0, 1)")
         if self.schedule not in SCHEDULES:
             self._bad("schedule", f"must be one of {', '.join(SCHEDULES)}")
-        if self.max_grad_norm is not None and (not _is_real(self.max_grad_norm) or self.max_grad_norm <= 0):
+        if self.max_grad_norm is not None and (
+            not _is_real(self.max_grad_norm) or self.max_grad_norm <= 0
+        ):
             self._bad("max_grad_norm", "must be a number > 0, or None to disable clipping")
         if self.norm_stats not in NORM_STATS:
             self._bad("norm_stats", f"must be one of {', '.join(NORM_STATS)}")
         cw = self.class_weights
         if isinstance(cw, tuple):
             self.class_weights = cw = list(cw)
-        if not (cw is None or cw == "balanced" or (isinstance(cw, list) and cw and all(_is_real(w) and w >= 0 for w in cw)
-                                                   and any(w > 0 for w in cw))):
-            self._bad("class_weights", "must be None, 'balanced' or a list of one weight >= 0 per class (not all 0)")
+        if not (
+            cw is None
+            or cw == "balanced"
+            or (
+                isinstance(cw, list)
+                and cw
+                and all(_is_real(w) and w >= 0 for w in cw)
+                and any(w > 0 for w in cw)
+            )
+        ):
+            self._bad(
+                "class_weights",
+                "must be None, 'balanced' or a list of one weight >= 0 per class (not all 0)",
+            )
         if not isinstance(self.metric, str) or not self.metric:
             self._bad("metric", "must be a metric name such as accuracy or loss")
         for name in ("eval_each_epoch", "keep_best", "progress"):
@@ -111,7 +139,9 @@ def task_kind(task: str) -> Literal["classification", "causal-lm"]:
         return "causal-lm"
     if isinstance(task, str) and task.endswith("classification"):
         return "classification"
-    raise TrainError(f"task={task!r} is not supported; use text-classification, image-classification or causal-lm")
+    raise TrainError(
+        f"task={task!r} is not supported; use text-classification, image-classification or causal-lm"
+    )
 
 
 def selection_metric(metric: str, kind: str) -> tuple[str, bool]:
@@ -121,9 +151,13 @@ def selection_metric(metric: str, kind: str) -> tuple[str, bool]:
             return metric, False
         if metric == "accuracy":  # the default: language models are selected by loss instead
             return "loss", False
-        raise TrainError(f"TrainConfig.metric={metric!r} is not computed for causal-lm; use loss or perplexity")
+        raise TrainError(
+            f"TrainConfig.metric={metric!r} is not computed for causal-lm; use loss or perplexity"
+        )
     if metric == "accuracy":
         return metric, True
     if metric == "loss":
         return metric, False
-    raise TrainError(f"TrainConfig.metric={metric!r} is not computed for classification; use accuracy or loss")
+    raise TrainError(
+        f"TrainConfig.metric={metric!r} is not computed for classification; use accuracy or loss"
+    )

@@ -24,11 +24,17 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The longest ModuleList whose items are all of one type (the model's repeated blocks)."""
     best: tuple[str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
+        if (
+            isinstance(module, nn.ModuleList)
+            and len(module) > 1
+            and len({type(m) for m in module}) == 1
+        ):
             if best is None or len(module) > len(best[1]):
                 best = (name, module)
     if best is None:
-        raise TrainError("LISA needs a model with repeated blocks (an nn.ModuleList of layers); this model has none")
+        raise TrainError(
+            "LISA needs a model with repeated blocks (an nn.ModuleList of layers); this model has none"
+        )
     return best
 
 
@@ -46,9 +52,13 @@ class LISA:
     def on_train_start(self, model: nn.Module) -> None:
         name, self.blocks = find_blocks(model)
         if self.layers > len(self.blocks):
-            raise TrainError(f"lisa_layers={self.layers} but {name or 'the model'} has only {len(self.blocks)} blocks")
+            raise TrainError(
+                f"lisa_layers={self.layers} but {name or 'the model'} has only {len(self.blocks)} blocks"
+            )
         # only the parameters that were trainable to begin with take part (a frozen base stays frozen)
-        self.trainable = {i: [(p, p.requires_grad) for p in b.parameters()] for i, b in enumerate(self.blocks)}
+        self.trainable = {
+            i: [(p, p.requires_grad) for p in b.parameters()] for i, b in enumerate(self.blocks)
+        }
         self._draw(0)
 
     def on_step_end(self, model: nn.Module, step: int) -> None:

@@ -16,8 +16,12 @@ IGNORE_INDEX = -100
 
 def to_device(batch: Any, device: torch.device) -> dict[str, Any]:
     if not isinstance(batch, Mapping):
-        raise TrainError(f"collate must return a dict of tensors (with 'labels'), got {type(batch).__name__}")
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        raise TrainError(
+            f"collate must return a dict of tensors (with 'labels'), got {type(batch).__name__}"
+        )
+    return {
+        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+    }
 
 
 def labels_of(batch: Mapping[str, Any], kind: str) -> torch.Tensor:
@@ -42,15 +46,21 @@ def forward(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
         return out.logits
     if isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
         return out[0]
-    raise TrainError(f"the model returned {type(out).__name__}; it must return logits (a tensor or .logits)")
+    raise TrainError(
+        f"the model returned {type(out).__name__}; it must return logits (a tensor or .logits)"
+    )
 
 
-def _flat(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _flat(
+    logits: torch.Tensor, labels: torch.Tensor, kind: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, C) logits and (N,) targets; for LMs the logits at t predict the token at t + 1."""
     if kind == "causal-lm":
         if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-            raise TrainError(f"causal-lm needs logits (batch, time, vocab) and labels (batch, time); "
-                             f"got {tuple(logits.shape)} and {tuple(labels.shape)}")
+            raise TrainError(
+                f"causal-lm needs logits (batch, time, vocab) and labels (batch, time); "
+                f"got {tuple(logits.shape)} and {tuple(labels.shape)}"
+            )
         return logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
     if logits.dim() != 2 or labels.shape != logits.shape[:1]:
         raise TrainError(f"classification needs logits (batch, classes) and labels (batch,); "
@@ -68,8 +78,10 @@ def compute_loss(logits: torch.Tensor, labels: torch.Tensor, task: str,
     if not bool((target != IGNORE_INDEX).any()):
         return flat.sum() * 0.0  # nothing to predict here: a zero loss that still has a graph
     if weight is not None and weight.numel() != flat.shape[-1]:
-        raise TrainError(f"TrainConfig.class_weights has {weight.numel()} weights but the model predicts "
-                         f"{flat.shape[-1]} classes; give one weight per class")
+        raise TrainError(
+            f"TrainConfig.class_weights has {weight.numel()} weights but the model predicts "
+            f"{flat.shape[-1]} classes; give one weight per class"
+        )
     if weight is None:
         return F.cross_entropy(flat.float(), target, ignore_index=IGNORE_INDEX)
     # the weighted mean of F.cross_entropy(weight=...), but 0 rather than NaN for a batch of zero-weight classes
@@ -78,7 +90,9 @@ def compute_loss(logits: torch.Tensor, labels: torch.Tensor, task: str,
     return (per * w).sum() / w.sum().clamp_min(torch.finfo(per.dtype).tiny)
 
 
-def class_weights(spec: str | list[float] | None, labels: list[int], n_classes: int | None) -> torch.Tensor | None:
+def class_weights(
+    spec: str | list[float] | None, labels: list[int], n_classes: int | None
+) -> torch.Tensor | None:
     """The per-class loss weights of ``TrainConfig.class_weights`` for training labels ``labels``.
 
     ``"balanced"``: class c weighs N / (C * n_c), so every class present adds up to the same total
@@ -88,15 +102,21 @@ def class_weights(spec: str | list[float] | None, labels: list[int], n_classes: 
         return None
     if spec != "balanced":
         if n_classes and len(spec) != n_classes:
-            raise TrainError(f"TrainConfig.class_weights has {len(spec)} weights but the data has {n_classes} "
-                             "classes; give one weight per class")
+            raise TrainError(
+                f"TrainConfig.class_weights has {len(spec)} weights but the data has {n_classes} "
+                "classes; give one weight per class"
+            )
         return torch.tensor([float(w) for w in spec])
     if not labels:
-        raise TrainError("TrainConfig.class_weights='balanced' needs labelled training examples (a 'label' field)")
+        raise TrainError(
+            "TrainConfig.class_weights='balanced' needs labelled training examples (a 'label' field)"
+        )
     c = max(n_classes or 0, max(labels) + 1)
     counts = torch.bincount(torch.tensor(labels), minlength=c).double()
     present = int((counts > 0).sum())
-    weights = torch.where(counts > 0, len(labels) / (present * counts.clamp_min(1)), torch.ones_like(counts))
+    weights = torch.where(
+        counts > 0, len(labels) / (present * counts.clamp_min(1)), torch.ones_like(counts)
+    )
     return weights.float()
 
 
@@ -118,9 +138,17 @@ def metrics_from_sums(sums: torch.Tensor, kind: str) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate_shard(model: nn.Module, data, collate: Callable, kind: str, batch_size: int, device: torch.device,
-                   rank: int = 0, world: int = 1,
-                   reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+def evaluate_shard(
+    model: nn.Module,
+    data,
+    collate: Callable,
+    kind: str,
+    batch_size: int,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, float]:
     """Evaluate examples ``rank::world`` of ``data`` and sum the results over ranks with ``reduce``."""
     was_training = model.training
     model.eval()
@@ -131,9 +159,11 @@ def evaluate_shard(model: nn.Module, data, collate: Callable, kind: str, batch_s
             batch = to_device(collate([data[i] for i in indices[start:start + batch_size]]), device)
             logits = forward(model, batch)
             if not bool(torch.isfinite(logits).all()):  # a broken model must not report an accuracy
-                raise TrainError(f"the model's outputs hold NaN or inf values (examples {indices[start]}-"
-                                 f"{indices[min(start + batch_size, len(indices)) - 1]}); its weights or the "
-                                 "adapter are broken, or the inputs overflow its dtype")
+                raise TrainError(
+                    f"the model's outputs hold NaN or inf values (examples {indices[start]}-"
+                    f"{indices[min(start + batch_size, len(indices)) - 1]}); its weights or the "
+                    "adapter are broken, or the inputs overflow its dtype"
+                )
             sums += eval_sums(logits, labels_of(batch, kind), kind)
     finally:
         model.train(was_training)

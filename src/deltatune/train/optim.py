@@ -15,7 +15,9 @@ from .config import TrainConfig, TrainError
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
-        raise TrainError("the model has no trainable parameters; attach a delta (dt.attach) or set requires_grad")
+        raise TrainError(
+            "the model has no trainable parameters; attach a delta (dt.attach) or set requires_grad"
+        )
     return named
 
 
@@ -47,8 +49,14 @@ def build_optimizer(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> 
     """AdamW over the trainable parameters; group 0 decays, group 1 does not (empty groups dropped)."""
     decay = [p for n, p in named if _decays(n, p)]
     rest = [p for n, p in named if not _decays(n, p)]
-    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0})
-              if g["params"]]
+    groups = [
+        g
+        for g in (
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": rest, "weight_decay": 0.0},
+        )
+        if g["params"]
+    ]
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 

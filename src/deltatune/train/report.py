@@ -42,7 +42,9 @@ def peak_rss_mb() -> float | None:
     except ImportError:  # not on Windows
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
+    return (
+        peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+    )  # bytes on macOS, KiB elsewhere
 
 
 def write_metrics(out_dir: Path, metrics: dict[str, Any]) -> Path:
@@ -52,7 +54,9 @@ def write_metrics(out_dir: Path, metrics: dict[str, Any]) -> Path:
     return path
 
 
-def plot_curve(out_dir: Path, steps: list[dict[str, Any]], evals: list[dict[str, Any]], metric: str) -> Path | None:
+def plot_curve(
+    out_dir: Path, steps: list[dict[str, Any]], evals: list[dict[str, Any]], metric: str
+) -> Path | None:
     """Training loss per step (and its running mean), evaluation loss and ``metric`` per epoch."""
     if not steps:
         return None
@@ -68,7 +72,9 @@ def plot_curve(out_dir: Path, steps: list[dict[str, Any]], evals: list[dict[str,
     window = max(1, len(losses) // 25)
     smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
               for i in range(len(losses))]
-    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    fig, (ax, ax_lr) = plt.subplots(
+        2, 1, figsize=(7, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
     if window > 1:  # noisy per-step losses: show them faintly under their running mean
         ax.plot(xs, losses, lw=0.8, alpha=0.35, color="tab:blue", label="train loss")
         ax.plot(xs, smooth, lw=1.6, color="tab:blue", label=f"train loss (mean of {window})")
@@ -88,7 +94,15 @@ def plot_curve(out_dir: Path, steps: list[dict[str, Any]], evals: list[dict[str,
         h2, l2 = ax_m.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
     # Above the plot: inside it the legend would hide curves of one of the two y-axes.
-    ax.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 1.01), ncol=2, fontsize=8, frameon=False)
+    ax.legend(
+        handles,
+        labels,
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.01),
+        ncol=2,
+        fontsize=8,
+        frameon=False,
+    )
     ax_lr.plot(xs, [s["lr"] for s in steps], color="tab:gray")
     ax_lr.set_ylabel("lr")
     ax_lr.set_xlabel("optimizer step")
@@ -106,18 +120,32 @@ class ProgressBar:
         if not enabled:
             return
         try:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
         except ImportError:
             return
-        self._bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
+        self._bar = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
         self._bar.start()
         self._task = self._bar.add_task("train", total=total, completed=done, info="")
 
     def update(self, step: int, loss: float, rate: float) -> None:
         if self._bar is not None:
-            self._bar.update(self._task, completed=step, info=f"loss {loss:.4f} · {rate:,.1f} samples/s")
+            self._bar.update(
+                self._task, completed=step, info=f"loss {loss:.4f} · {rate:,.1f} samples/s"
+            )
 
     def note(self, text: str) -> None:
         if self._bar is not None:

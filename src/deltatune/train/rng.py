@@ -23,7 +23,9 @@ def capture(device: torch.device) -> dict[str, torch.Tensor]:
     state = {
         "torch_cpu": torch.get_rng_state(),
         "python_words": torch.tensor(list(words), dtype=torch.int64),
-        "python_extra": torch.tensor([version, _NAN if gauss is None else gauss], dtype=torch.float64),
+        "python_extra": torch.tensor(
+            [version, _NAN if gauss is None else gauss], dtype=torch.float64
+        ),
         "numpy_words": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
         "numpy_extra": torch.tensor([pos, has_gauss, cached], dtype=torch.float64),
     }
@@ -42,7 +44,9 @@ def gather(state: dict[str, torch.Tensor], world: int, device: torch.device,
     return [{k: v.view(world, -1)[r].clone() for k, v in joined.items()} for r in range(world)]
 
 
-def to_files(states: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def to_files(
+    states: list[dict[str, torch.Tensor]],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Split per-rank states into safetensors tensors (torch) and JSON (python, numpy)."""
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {}
@@ -53,15 +57,24 @@ def to_files(states: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Ten
         version, gauss = s["python_extra"].tolist()
         pos, has_gauss, cached = s["numpy_extra"].tolist()
         meta[f"rank{rank}"] = {
-            "python": {"version": int(version), "words": s["python_words"].tolist(),
-                       "gauss": None if gauss != gauss else gauss},
-            "numpy": {"keys": s["numpy_words"].tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
-                      "cached_gaussian": cached},
+            "python": {
+                "version": int(version),
+                "words": s["python_words"].tolist(),
+                "gauss": None if gauss != gauss else gauss,
+            },
+            "numpy": {
+                "keys": s["numpy_words"].tolist(),
+                "pos": int(pos),
+                "has_gauss": int(has_gauss),
+                "cached_gaussian": cached,
+            },
         }
     return tensors, meta
 
 
-def restore(tensors: dict[str, torch.Tensor], meta: dict[str, Any], rank: int, device: torch.device) -> None:
+def restore(
+    tensors: dict[str, torch.Tensor], meta: dict[str, Any], rank: int, device: torch.device
+) -> None:
     """Set this process's states from what :func:`to_files` wrote (KeyError/ValueError if malformed)."""
     mine = meta[f"rank{rank}"]
     torch.set_rng_state(tensors[f"rank{rank}/torch_cpu"].to(torch.uint8))

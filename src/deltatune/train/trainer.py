@@ -27,9 +27,19 @@ from .report import ProgressBar, TrainResult, peak_rss_mb, plot_curve, write_met
 from .state import TrainState, check_compatible, restore, snapshot
 
 
-def fit(model: nn.Module, train_data, collate: Callable[[list], dict], config: TrainConfig | None = None, *,
-        eval_data=None, out_dir: str | Path | None = None, resume: bool = False, callbacks: Sequence[Any] = (),
-        spec_callbacks: bool = False, task: str = "text-classification") -> TrainResult:
+def fit(
+    model: nn.Module,
+    train_data,
+    collate: Callable[[list], dict],
+    config: TrainConfig | None = None,
+    *,
+    eval_data=None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    callbacks: Sequence[Any] = (),
+    spec_callbacks: bool = False,
+    task: str = "text-classification",
+) -> TrainResult:
     """Train ``model``'s trainable parameters on ``train_data`` and return what happened.
 
     ``train_data[i]`` are examples; ``collate(list_of_examples)`` makes a dict batch whose
@@ -55,13 +65,17 @@ def fit(model: nn.Module, train_data, collate: Callable[[list], dict], config: T
     trainable_parameters(model)  # fails early when there is nothing to train
     out = Path(out_dir) if out_dir is not None else None
     if out is None and (resume or cfg.save_every):
-        raise TrainError("resume and TrainConfig.save_every need out_dir (where checkpoints are written)")
+        raise TrainError(
+            "resume and TrainConfig.save_every need out_dir (where checkpoints are written)"
+        )
     callbacks = list(callbacks)
     if cfg.lisa_layers:
         from .lisa import LISA
 
         callbacks.insert(0, LISA(cfg.lisa_layers, cfg.lisa_interval, cfg.seed))
-    run = _Run(model, train_data, collate, cfg, eval_data, out, callbacks, task, kind, metric, higher)
+    run = _Run(
+        model, train_data, collate, cfg, eval_data, out, callbacks, task, kind, metric, higher
+    )
     if spec_callbacks:  # after _Run: they need the run's length; run.callbacks is this same list
         callbacks += callbacks_from_specs(model, run.total, callbacks)
     if resume:
@@ -85,7 +99,11 @@ class _Run:
         self.task, self.kind, self.metric, self.higher = task, kind, metric, higher
         # accelerate sets up gloo DDP on CPU only when told cpu=True; on a GPU machine it picks the GPU.
         self.acc = Accelerator(cpu=not _has_accelerator())
-        self.world, self.rank, self.device = self.acc.num_processes, self.acc.process_index, self.acc.device
+        self.world, self.rank, self.device = (
+            self.acc.num_processes,
+            self.acc.process_index,
+            self.acc.device,
+        )
         # Each process gets its own seed (seed + rank): different dropout masks on different data.
         set_seed(cfg.seed, device_specific=True)
         model.to(self.device)
@@ -94,7 +112,9 @@ class _Run:
         self.wrapped: nn.Module = self.acc.prepare_model(model)
         self.named = trainable_parameters(model)
         self.buffers = norm_buffers(model)
-        self.norms = [m for _, m in norm_layers(model)]  # found once; _hold_norm_stats runs every step
+        self.norms = [
+            m for _, m in norm_layers(model)
+        ]  # found once; _hold_norm_stats runs every step
         self.opt = build_optimizer(self.named, cfg)
         self.weight = self._class_weights()
         self.plan = Plan(len(train_data), cfg.batch_size, self.world, cfg.grad_accum)
@@ -104,15 +124,24 @@ class _Run:
         self.best: dict[str, torch.Tensor] = {}
         self.rng_files: tuple[dict, dict] | None = None
         self.resumed_from: int | None = None
-        self.info = {"task": task, "task_kind": kind, "world_size": self.world, "n_train": len(train_data),
-                     "config": cfg.to_dict(), "total_steps": self.total, "warmup_steps": self.warmup}
+        self.info = {
+            "task": task,
+            "task_kind": kind,
+            "world_size": self.world,
+            "n_train": len(train_data),
+            "config": cfg.to_dict(),
+            "total_steps": self.total,
+            "warmup_steps": self.warmup,
+        }
 
     def _class_weights(self) -> torch.Tensor | None:
         spec = self.cfg.class_weights
         if spec is None:
             return None
         if self.kind == "causal-lm":
-            raise TrainError("TrainConfig.class_weights applies to classification; a causal LM has no classes")
+            raise TrainError(
+                "TrainConfig.class_weights applies to classification; a causal LM has no classes"
+            )
         labels = []
         if spec == "balanced":  # Dataset.labels, else the 'label' field of every example
             labels = list(getattr(self.train_data, "labels", None) or [
@@ -125,7 +154,10 @@ class _Run:
     def resume(self) -> None:
         found = checkpoint.find(self.out)
         if found is None:
-            warnings.warn(f"resume=True but {self.out} has no checkpoint; training from the start", stacklevel=3)
+            warnings.warn(
+                f"resume=True but {self.out} has no checkpoint; training from the start",
+                stacklevel=3,
+            )
             return
         files, meta = checkpoint.load(found)
         check_compatible(meta, self.cfg, self.info)
@@ -141,8 +173,10 @@ class _Run:
             try:
                 rng.restore(*self.rng_files, self.rank, self.device)
             except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-                raise CheckpointError(f"the checkpoint's random states are malformed ({exc}); delete it or "
-                                      "train without resume") from None
+                raise CheckpointError(
+                    f"the checkpoint's random states are malformed ({exc}); delete it or "
+                    "train without resume"
+                ) from None
         bar = ProgressBar(cfg.progress and self.acc.is_main_process, self.total, st.step)
         started, self.train_seconds, samples_before = time.perf_counter(), 0.0, st.samples
         try:
@@ -186,21 +220,33 @@ class _Run:
                 with nullcontext() if sync else self.acc.no_sync(self.wrapped):
                     logits = forward(self.wrapped, batch)
                     loss = compute_loss(logits, labels_of(batch, self.kind), self.kind, self.weight)
-                    objective = loss * (sizes[j] / sum(sizes))  # replayed examples count like the others
+                    objective = loss * (
+                        sizes[j] / sum(sizes)
+                    )  # replayed examples count like the others
                     if j == 0:
                         losses.append(loss.detach())
                         for pen in call(self.callbacks, "penalty", self.model, batch, logits):
                             if not torch.is_tensor(pen) or pen.numel() != 1:
-                                raise TrainError("a callback's penalty() must return a scalar tensor or None")
+                                raise TrainError(
+                                    "a callback's penalty() must return a scalar tensor or None"
+                                )
                             objective = objective + pen.reshape(())
                             penalties.append(pen.detach().reshape(()))
                     self.acc.backward(objective / (last - first))
             st.samples += fresh
         st.micro = last
-        record: dict[str, Any] = {"step": st.step + 1, "epoch": st.epoch + 1, "loss": self._mean(losses)}
-        if not math.isfinite(record["loss"]):  # before the update: the model keeps its last good state
-            raise TrainError(f"the training loss became {record['loss']} at step {st.step + 1}; lower the learning "
-                             f"rate (TrainConfig.lr={cfg.lr}) or check the data and labels")
+        record: dict[str, Any] = {
+            "step": st.step + 1,
+            "epoch": st.epoch + 1,
+            "loss": self._mean(losses),
+        }
+        if not math.isfinite(
+            record["loss"]
+        ):  # before the update: the model keeps its last good state
+            raise TrainError(
+                f"the training loss became {record['loss']} at step {st.step + 1}; lower the learning "
+                f"rate (TrainConfig.lr={cfg.lr}) or check the data and labels"
+            )
         if cfg.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.named], cfg.max_grad_norm)
             record["grad_norm"] = float(norm)
@@ -222,7 +268,9 @@ class _Run:
         if mode == "update":
             return
         for module in self.norms:  # requires_grad is read each step: LISA changes it during a run
-            if mode == "freeze" or not any(p.requires_grad for p in module.parameters(recurse=False)):
+            if mode == "freeze" or not any(
+                p.requires_grad for p in module.parameters(recurse=False)
+            ):
                 module.eval()
 
     def _mean(self, values: list[torch.Tensor]) -> float:
@@ -241,7 +289,11 @@ class _Run:
         if losses:
             record["train_loss"] = sum(losses) / len(losses)
         self._sync_buffers()
-        metrics = self._evaluate(record, bar) if self.eval_data is not None and (self.cfg.eval_each_epoch or partial) else {}
+        metrics = (
+            self._evaluate(record, bar)
+            if self.eval_data is not None and (self.cfg.eval_each_epoch or partial)
+            else {}
+        )
         if not partial:
             for extra in call(self.callbacks, "on_epoch_end", self.model, epoch, dict(metrics)):
                 record.update(extra)
@@ -264,18 +316,31 @@ class _Run:
 
     def _evaluate(self, record: dict[str, Any], bar: ProgressBar) -> dict[str, Any]:
         reduce = (lambda t: self.acc.reduce(t, "sum")) if self.world > 1 else None
-        metrics = evaluate_shard(self.model, self.eval_data, self.collate, self.kind, self.cfg.eval_batch_size,
-                                 self.device, self.rank, self.world, reduce)
+        metrics = evaluate_shard(
+            self.model,
+            self.eval_data,
+            self.collate,
+            self.kind,
+            self.cfg.eval_batch_size,
+            self.device,
+            self.rank,
+            self.world,
+            reduce,
+        )
         record.update(metrics)
-        bar.note(f"epoch {record['epoch']}{' (partial)' if record.get('partial') else ''} step {record['step']}: "
-                 + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+        bar.note(
+            f"epoch {record['epoch']}{' (partial)' if record.get('partial') else ''} step {record['step']}: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        )
         return metrics
 
     def _consider_best(self, record: dict[str, Any]) -> None:
         if self.metric in record and self._better(record[self.metric]):
             self.state.best = dict(record)
             if self.cfg.keep_best:
-                self.best = {n: t.detach().to("cpu", copy=True) for n, t in [*self.named, *self.buffers]}
+                self.best = {
+                    n: t.detach().to("cpu", copy=True) for n, t in [*self.named, *self.buffers]
+                }
 
     def _sync_buffers(self) -> None:
         # DDP copies rank 0's buffers to the others at the start of each forward, so after the last
@@ -294,7 +359,9 @@ class _Run:
         # Gathering the RNG states is a collective: every process takes part, only rank 0 writes.
         states = rng.gather(rng.capture(self.device), self.world, self.device, self.acc.gather)
         if self.acc.is_main_process:
-            files, meta = snapshot(self.named, self.buffers, self.opt, self.state, self.best, states, self.info)
+            files, meta = snapshot(
+                self.named, self.buffers, self.opt, self.state, self.best, states, self.info
+            )
             checkpoint.save(self.out, files, meta)
         self.acc.wait_for_everyone()
 
@@ -317,29 +384,47 @@ class _Run:
         )
         if self.out is not None:
             result.metrics_path = str(self.out / "metrics.json")
-            result.checkpoint_path = str(self.out / checkpoint.NAME) if self.cfg.save_every else None
+            result.checkpoint_path = (
+                str(self.out / checkpoint.NAME) if self.cfg.save_every else None
+            )
             curve = self._write_reports(finished=True, plot=True, result=result)
             result.curve_path = str(curve) if curve else None
         self.acc.wait_for_everyone()
         return result
 
-    def _write_reports(self, finished: bool, plot: bool, result: TrainResult | None = None) -> Path | None:
+    def _write_reports(
+        self, finished: bool, plot: bool, result: TrainResult | None = None
+    ) -> Path | None:
         if self.out is None or not self.acc.is_main_process:
             return None
         st = self.state
         metrics = {
-            **{k: v for k, v in self.info.items() if k != "config"}, "metric": self.metric,
+            **{k: v for k, v in self.info.items() if k != "config"},
+            "metric": self.metric,
             "steps_per_epoch": self.plan.steps_per_epoch,
-            "trainable_parameters": sum(p.numel() for _, p in self.named), "finished": finished,
-            "resumed_from_step": self.resumed_from, "config": self.info["config"],
-            "best": st.best, "final": result.final if result else None, "epochs": st.evals, "steps": st.steps,
+            "trainable_parameters": sum(p.numel() for _, p in self.named),
+            "finished": finished,
+            "resumed_from_step": self.resumed_from,
+            "config": self.info["config"],
+            "best": st.best,
+            "final": result.final if result else None,
+            "epochs": st.evals,
+            "steps": st.steps,
         }
         if result is not None:
-            metrics["throughput"] = {"samples": result.samples, "train_seconds": result.train_seconds,
-                                     "samples_per_second": result.samples_per_second, "seconds": result.seconds}
+            metrics["throughput"] = {
+                "samples": result.samples,
+                "train_seconds": result.train_seconds,
+                "samples_per_second": result.samples_per_second,
+                "seconds": result.seconds,
+            }
             metrics["peak_rss_mb"] = result.peak_rss_mb
         write_metrics(self.out, metrics)
-        return plot_curve(self.out, st.steps, [e for e in st.evals if "loss" in e], self.metric) if plot else None
+        return (
+            plot_curve(self.out, st.steps, [e for e in st.evals if "loss" in e], self.metric)
+            if plot
+            else None
+        )
 
 
 def _batch_size(batch: dict[str, Any]) -> int:
