@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import zlib
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_model
@@ -126,6 +127,22 @@ def _write_cache(folder: Path, lm: torch.nn.Module, tokenizer) -> None:
         pass  # another process finished first, or the disk is full: the cache is only a speed-up
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def smollm2_tokenizer(cache: bool = True) -> Any:
+    """SmolLM2's tokenizer (with its chat template) alone: from the cache folder of :func:`smollm2`
+    when an earlier load wrote it, else read from the GGUF file (seconds, no weights)."""
+    tf = offline_transformers()
+    gguf = smollm2_gguf()
+    folder = _cache_dir(gguf, tf.__version__)
+    if cache and _owned(folder.parent) and (folder / "tokenizer_config.json").is_file():
+        tokenizer = tf.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    else:
+        tokenizer = tf.AutoTokenizer.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, local_files_only=True
+        )
+    ensure_pad_token(tokenizer)
+    return tokenizer
 
 
 def smollm2(max_length: int = 256, cache: bool = True) -> ModelEntry:
