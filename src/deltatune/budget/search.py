@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from torch import nn
 
+from ..core.registry import Registry
 from .sensitivity import BudgetError
 
 #: named positions as regular expressions over module paths (BERT-style encoders; Llama-style too)
@@ -69,6 +70,51 @@ class Candidate:
         return registered_methods()[self.method](**self.options, trainable_modules=tuple(head))
 
 
+#: one (key, options) grid builder per searchable method: ``build(space, where)`` where ``where``
+#: maps each searched position to its target options. A method joins the search by registering one.
+Where = dict[str, dict[str, Any]]  # searched position → its target options
+GRIDS: Registry[Callable[[SearchSpace, Where], list[tuple[str, dict]]]] = Registry(
+    "searchable method",
+    BudgetError,
+    message="method {name!r} is not searchable{hint}; choose from {known}",
+)
+
+
+@GRIDS.register("lora")
+def _lora_grid(space: SearchSpace, where: Where) -> list[tuple[str, dict]]:
+    return [
+        (f"lora r={r} alpha={s * r:g} @{p}", {"r": r, "alpha": s * r, **w})
+        for p, w in where.items()
+        for r in space.lora_ranks
+        for s in space.lora_scales
+    ]
+
+
+@GRIDS.register("adalora")
+def _adalora_grid(space: SearchSpace, where: Where) -> list[tuple[str, dict]]:
+    out = []
+    for p, w in where.items():
+        for t in space.adalora_target_ranks:
+            init = (3 * t + 1) // 2  # init_r = 1.5 × target
+            key = f"adalora target_r={t} init_r={init} @{p}"
+            out.append((key, {"target_r": t, "init_r": init, "alpha": float(init), **w}))
+    return out
+
+
+@GRIDS.register("ia3")
+def _ia3_grid(space: SearchSpace, where: Where) -> list[tuple[str, dict]]:
+    return [("ia3 @key,value,ffn-out", {})]  # (IA)³ has one natural position
+
+
+@GRIDS.register("bottleneck")
+def _bottleneck_grid(space: SearchSpace, where: Where) -> list[tuple[str, dict]]:
+    return [
+        (f"bottleneck {st} factor={f:g}", {"style": st, "reduction_factor": f})
+        for st in space.bottleneck_styles
+        for f in space.bottleneck_factors
+    ]
+
+
 def _grid(space: SearchSpace) -> list[tuple[str, str, dict[str, Any]]]:
     """(key, method, options) of every point of the space, before the budget filter."""
     positions = ("custom",) if space.custom_targets else space.positions
@@ -83,47 +129,11 @@ def _grid(space: SearchSpace) -> list[tuple[str, str, dict[str, Any]]]:
         )
         for p in positions
     }
-    out = []
-    for method in space.methods:
-        if method == "lora":
-            out += [
-                (f"lora r={r} alpha={s * r:g} @{p}", "lora", {"r": r, "alpha": s * r, **where[p]})
-                for p in positions
-                for r in space.lora_ranks
-                for s in space.lora_scales
-            ]
-        elif method == "adalora":
-            out += [
-                (
-                    f"adalora target_r={t} init_r={(3 * t + 1) // 2} @{p}",
-                    "adalora",
-                    {
-                        "target_r": t,
-                        "init_r": (3 * t + 1) // 2,
-                        "alpha": float((3 * t + 1) // 2),
-                        **where[p],
-                    },
-                )
-                for p in positions
-                for t in space.adalora_target_ranks
-            ]
-        elif method == "ia3":
-            out.append(("ia3 @key,value,ffn-out", "ia3", {}))  # (IA)³ has one natural position
-        elif method == "bottleneck":
-            out += [
-                (
-                    f"bottleneck {st} factor={f:g}",
-                    "bottleneck",
-                    {"style": st, "reduction_factor": f},
-                )
-                for st in space.bottleneck_styles
-                for f in space.bottleneck_factors
-            ]
-        else:
-            raise BudgetError(
-                f"method {method!r} is not searchable; choose from lora, adalora, ia3, bottleneck"
-            )
-    return out
+    return [
+        (key, method, options)
+        for method in space.methods
+        for key, options in GRIDS.get(method)(space, where)
+    ]
 
 
 def delta_parameters(model: nn.Module, name: str) -> int:
@@ -412,8 +422,10 @@ def text_trainer(setup: SearchSetup, space: SearchSpace) -> TrialFn:
             "test_accuracy": float(test.get("accuracy", 0.0)),
             "steps": result.steps,
         }
-        if cand.method == "adalora":
+        try:  # rank-adaptive deltas (SVD form: AdaLoRA, IncreLoRA) report where their ranks went
             metrics["ranks"] = final_ranks(entry.model, "default")
+        except BudgetError:
+            pass
         write_json(
             trial_dir / "results.json",
             {"job": "search-trial", "trial": int(trial_dir.name.split("_")[-1]), **metrics},
