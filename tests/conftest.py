@@ -66,7 +66,8 @@ def tiny_lm():
 
 
 def randomize(model: nn.Module, std: float = 0.5) -> None:
-    """Give every delta parameter a non-trivial value (B starts at zero, so outputs would not move)."""
+    """Give every delta parameter a non-trivial value (B starts at zero, so outputs would not
+    move)."""
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -74,7 +75,9 @@ def randomize(model: nn.Module, std: float = 0.5) -> None:
                 p.add_(torch.randn(p.shape, generator=g) * std)
 
 
-try:  # fuzzing profiles (tests/test_fuzz.py): `ci` in `make test`, `fuzz` (1,000 cases per loader) in `make fuzz`
+# fuzzing profiles (tests/test_fuzz.py): `ci` in `make test`, `fuzz` (1,000 cases per loader) in
+# `make fuzz`
+try:
     from hypothesis import HealthCheck, settings
 
     _FUZZ_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,

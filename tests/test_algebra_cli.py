@@ -77,8 +77,8 @@ def test_existing_output_and_overwrite(setup, capsys):
     assert main(["merge", write(), "--out", str(out), "-q"]) == 2
     _one_line_error(capsys, "exists and is not empty; pass --overwrite")
     assert (out / "keep.txt").exists()
-    # --overwrite replaces only a deltatune output: the user's own directory is refused, then a merge's
-    # output is replaced with the user's file in it kept
+    # --overwrite replaces only a deltatune output: the user's own directory is refused, then a
+    # merge's output is replaced with the user's file in it kept
     assert main(["merge", write(), "--out", str(out), "--overwrite", "-q"]) == 2
     _one_line_error(capsys, "holds files deltatune did not write")
     (out / "keep.txt").unlink()

@@ -68,7 +68,10 @@ CONFIGS = {
           - model: b
             parameters:
               weight: [0.2, 0.8]
-              density: [{filter: mlp, value: 0.8}, {filter: self_attn, value: [0.2, 0.6]}, {value: 0.5}]
+              density:
+                - {filter: mlp, value: 0.8}
+                - {filter: self_attn, value: [0.2, 0.6]}
+                - {value: 0.5}
           - {model: c, parameters: {weight: 1.0, density: 0.5}}
         parameters: {normalize: true, int8_mask: true}
         dtype: float32
@@ -178,8 +181,9 @@ def test_bfloat16_ties_matches_to_bf16_precision(llamas):
     for key in theirs.names():
         a, b = ours.load(key).float(), theirs.load(key).float()
         assert ours.dtype(key) == theirs.dtype(key) == torch.bfloat16
-        # mergekit trims and elects signs on bfloat16 task vectors (many exact ties at the top-k boundary),
-        # deltatune on float32 ones: all but a few boundary entries agree to bfloat16 rounding
+        # mergekit trims and elects signs on bfloat16 task vectors (many exact ties at the top-k
+        # boundary), deltatune on float32 ones: all but a few boundary entries agree to
+        # bfloat16 rounding
         off += int(((a - b).abs() > 0.01 * b.abs() + 1e-3).sum())
         total += b.numel()
     assert off / total < 0.01, f"{off / total:.3%} of entries differ"

@@ -1,4 +1,5 @@
-"""Streaming checkpoint merges: sharded inputs and outputs, parameters per tensor, bad input, memory."""
+"""Streaming checkpoint merges: sharded inputs and outputs, parameters per tensor, bad input,
+memory."""
 
 import json
 import subprocess
@@ -240,8 +241,8 @@ def test_fisher_merge_from_stats_files(ckpts):
 
 @pytest.mark.slow
 def test_peak_memory_stays_under_twice_the_largest_shard(tmp_path):
-    """Checkpoints in 8 shards of 4 MB: the merge adds less than 2 × 4 MB of resident memory (after a
-    tiny warm-up merge has paged in the interpreter's and torch's code)."""
+    """Checkpoints in 8 shards of 4 MB: the merge adds less than 2 × 4 MB of resident memory (after
+    a tiny warm-up merge has paged in the interpreter's and torch's code)."""
     for i, name in enumerate(["tiny_base", "tiny"]):
         save_ckpt(
             tmp_path / name, {"w": torch.randn(64, 64, generator=torch.Generator().manual_seed(i))}
@@ -260,11 +261,13 @@ def test_peak_memory_stays_under_twice_the_largest_shard(tmp_path):
         from deltatune import algebra as alg
         from deltatune.algebra import tensors
         torch.set_num_threads(1)
-        tensors.CHUNK_ELEMENTS = 1 << 15  # scaled down with the checkpoint (the default is 256K elements)
+        # scaled down with the checkpoint (the default is 256K elements)
+        tensors.CHUNK_ELEMENTS = 1 << 15
         root = Path({str(tmp_path)!r})
         def cfg(base, models):
+            p = {{"weight": 1.0, "density": 0.3}}
             return alg.parse_merge_config({{"merge_method": "ties", "base_model": str(root / base),
-                "models": [{{"model": str(root / m), "parameters": {{"weight": 1.0, "density": 0.3}}}} for m in models]}})
+                "models": [{{"model": str(root / m), "parameters": dict(p)}} for m in models]}})
         tensors.CHUNK_ELEMENTS = 1 << 10
         alg.merge_checkpoints(cfg("tiny_base", ["tiny", "tiny"]), root / "warm")
         tensors.CHUNK_ELEMENTS = 1 << 15
@@ -273,7 +276,8 @@ def test_peak_memory_stays_under_twice_the_largest_shard(tmp_path):
         rss = status("VmRSS")
         alg.merge_checkpoints(cfg("base", ["a", "b"]), root / "out", max_shard_bytes=4 << 20)
         peak = status("VmHWM")
-        print(json.dumps({{"delta_mb": peak - rss, "out_shards": len(list((root / "out").glob("*.safetensors")))}}))
+        out_shards = len(list((root / "out").glob("*.safetensors")))
+        print(json.dumps({{"delta_mb": peak - rss, "out_shards": out_shards}}))
     """)
     proc = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=300

@@ -1,4 +1,5 @@
-"""deltatune.budget: sensitivity allocation spends the budget on the sensitive matrices; bad input."""
+"""deltatune.budget: sensitivity allocation spends the budget on the sensitive matrices; bad
+input."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""AdaLoRA and IncreLoRA: numerical parity with peft (files and the allocation schedule), the schedules'
-invariants, export to plain LoRA, and bad input."""
+"""AdaLoRA and IncreLoRA: numerical parity with peft (files and the allocation schedule), the
+schedules' invariants, export to plain LoRA, and bad input."""
 
 from __future__ import annotations
 
@@ -214,7 +214,8 @@ def test_schedule_matches_peft_update_and_allocate_step_by_step():
             assert torch.allclose(
                 p, theirs[n.replace(".deltas.ada.", ".").replace(".base.", ".")], atol=1e-9
             ), n
-    # the cubic schedule: constant during tinit, never rising, the target (2 × 6 modules) from total − tfinal on
+    # the cubic schedule: constant during tinit, never rising, the target (2 × 6 modules)
+    # from total − tfinal on
     assert (
         budgets[:2] == [24, 24]
         and all(a >= b for a, b in itertools.pairwise(budgets))
@@ -329,7 +330,8 @@ def test_increlora_grows_within_budget_without_output_jumps():
     x = torch.stack([e["x"] for e in _tiny_task(8)])
 
     class Probe:
-        """Runs the schedule's growth inside its own step hook, to see the output on both sides of it."""
+        """Runs the schedule's growth inside its own step hook, to see the output on both sides of
+        it."""
 
         def __init__(self, sched):
             self.sched, self.ranks, self.jumps, self.used = sched, [], [], []
@@ -392,7 +394,8 @@ def test_bad_input_is_one_line_and_names_the_problem():
     model = Net()
     with pytest.raises(
         dt.SpecError,
-        match="IncreLoRA.budget=10 gives a budget of 10 parameters, which is smaller than one rank-1 delta",
+        match="IncreLoRA.budget=10 gives a budget of 10 parameters, which is smaller than one "
+        "rank-1 delta",
     ):
         dt.attach(model, dt.IncreLoRA(budget=10, targets=["fc1"]), "inc")
     assert not dt.delta_names(model), "a failed attach leaves the model unchanged"

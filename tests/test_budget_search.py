@@ -90,7 +90,8 @@ def test_bad_spaces_and_budgets_are_one_line_errors():
 
 
 def _fake_trainer(calls):
-    """Accuracy rises with log(parameters) but LoRA beats the others: a front with several points."""
+    """Accuracy rises with log(parameters) but LoRA beats the others: a front with several
+    points."""
     import math
 
     def train(cand, trial_dir):
