@@ -273,7 +273,7 @@ def test_jsonl_and_file_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_data(str(tmp_path / "missing.csv"))
     with pytest.raises(DataError, match="unsupported file type"):
-        load_data(_write(tmp_path / "notes.txt", "hello"))
+        load_data(_write(tmp_path / "notes.xlsx", "hello"))
 
 
 def test_image_folder(tmp_path):

@@ -4,6 +4,8 @@
 ``tweet-sentiment``, ``tweet-sentiment:apple,cars``, ``mnist``, ``digits``, ``mnist-c:fog:3``,
 ``digits-c:fog:3``) or a path (a ``.csv``/``.jsonl`` file with ``text`` and ``label`` columns, a
 class-per-folder image tree, or a ``datasets.save_to_disk`` directory). See docs/data-and-models.md.
+Chat, preference and plain-text data (``tweet-sentiment-chat``, ``bbc-news-pref``, the user's
+chat/preference/text files and ``.txt`` documents): :mod:`.chat`, docs/language-models.md.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 from ..core.registry import Registry
 from .base import DEFAULT_FRACTIONS, SPLITS, DataError, Dataset, check_fractions, stratified_split
+from .chat import CHAT_SETS, bundled_chat, user_file
 from .corrupt import CORRUPTIONS, EXTRA_CORRUPTIONS, corruption_names
 from .images import digits, image_folder, mnist, restricted_load
 from .text import (
@@ -23,7 +26,6 @@ from .text import (
     tweet_domain,
     tweet_sentiment,
 )
-from .user_files import user_text
 
 #: every bundled dataset by name, with its one-line description
 DATASETS: Registry[str] = Registry(
@@ -33,6 +35,8 @@ DATASETS.register("bbc-news", "BBC News articles, 5 topics (text classification)
 DATASETS.register("bbc-news-text", "BBC News articles as plain text (causal-LM tuning)")
 DATASETS.register("tweet-sentiment", "38k tweets, negative/neutral/positive; "
                   "':airlines,nfl,apple,cars,other' selects domains")
+for _name, _about in CHAT_SETS.items():  # chat and preference tasks: deltatune.data.chat
+    DATASETS.register(_name, _about)
 DATASETS.register("mnist", "MNIST digits 28x28 grey (50k/10k/10k)")
 DATASETS.register("digits", "sklearn 8x8 digits drawn at MNIST size (a second digits domain)")
 DATASETS.register("mnist-c",
@@ -40,7 +44,7 @@ DATASETS.register("mnist-c",
 DATASETS.register("digits-c", "'digits-c:<corruption>:<severity>' sklearn digits "
                   "under a corrupt-tta corruption")
 _SIMPLE = {"bbc-news": bbc_news, "bbc-news-text": bbc_news_text, "mnist": mnist, "digits": digits}
-_TEXT_SUFFIXES = (".csv", ".jsonl", ".json")
+_TEXT_SUFFIXES = (".csv", ".jsonl", ".json", ".txt")
 
 
 def available_datasets() -> list[str]:
@@ -81,6 +85,8 @@ def load_data(spec: str, split: str = "train", *, seed: int = 0, limit: int | No
         return _SIMPLE[name](split, seed, limit, drawn)
     if name == "tweet-sentiment":
         return tweet_sentiment(split, seed, limit, arg or None, drawn)
+    if name in CHAT_SETS:
+        return bundled_chat(name, arg, split, seed, limit, drawn)
     if name.endswith("-c") and name in DATASETS:
         from .corrupt import corrupted
 
@@ -89,11 +95,11 @@ def load_data(spec: str, split: str = "train", *, seed: int = 0, limit: int | No
     path = Path(spec)
     if path.is_file():
         if path.suffix.lower() in _TEXT_SUFFIXES:
-            return user_text(
+            return user_file(
                 path, split, seed, limit, None if fractions is None else drawn, encoding
             )
-        raise DataError(f"{path}: unsupported file type; pass a .csv/.jsonl file, an image folder "
-                        "or a datasets.save_to_disk directory")
+        raise DataError(f"{path}: unsupported file type; pass a .csv/.jsonl/.txt file, an image "
+                        "folder or a datasets.save_to_disk directory")
     if path.is_dir():
         if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
             from .hf_disk import load_saved
