@@ -99,11 +99,16 @@ def _plot_adapt(path: Path, curves: dict, method: str, has_labels: bool) -> None
 def register(app: typer.Typer) -> None:
     @app.command(
         "adapt",
+        help=(
+            "Adapt a model at test time on a data stream; report error (or entropy) over the "
+            "stream."
+        ),
         epilog=(
             "Examples:\n\n"
-            "  deltatune adapt --model small-cnn --adapter runs/mnist/adapter --data mnist-c:zoom_blur:3 --method tent\n\n"
-            "  deltatune adapt --model minilm --adapter runs/airlines/adapter --data tweet-sentiment:apple "
-            "--method lame --opt knn=5"
+            "  deltatune adapt --model small-cnn --adapter runs/mnist/adapter --data "
+            "mnist-c:zoom_blur:3 --method tent\n\n"
+            "  deltatune adapt --model minilm --adapter runs/airlines/adapter --data "
+            "tweet-sentiment:apple --method lame --opt knn=5"
         ),
     )
     def adapt(
@@ -136,7 +141,6 @@ def register(app: typer.Typer) -> None:
             False, "--no-verify", help="skip the adapter's sha256 check (files edited on purpose)"
         ),
     ) -> None:
-        """Adapt a model at test time on a data stream; report error (or entropy) over the stream."""
         from rich.console import Console
 
         from .spec_options import parse_options
@@ -169,5 +173,6 @@ def register(app: typer.Typer) -> None:
             console.print(f"{method}: error {res['error']:.2f}%{src} over {res['batches']} batches")
         else:
             console.print(
-                f"{method}: mean entropy {res['mean_entropy']:.3f} over {res['batches']} batches (no labels)"
+                f"{method}: mean entropy {res['mean_entropy']:.3f} over {res['batches']} batches "
+                "(no labels)"
             )

@@ -38,7 +38,8 @@ def build_app():
     _help_width()
     app = typer.Typer(
         name="deltatune",
-        help="Adapt frozen pretrained models through parameter deltas: train, combine, shrink, deploy.",
+        help="Adapt frozen pretrained models through parameter deltas: train, combine, shrink, "
+        "deploy.",
         no_args_is_help=True,
         add_completion=False,
         pretty_exceptions_enable=False,

@@ -1,4 +1,5 @@
-"""`deltatune allocate`: where a parameter budget should go on a model (one gradient pass, or an AdaLoRA warm-up)."""
+"""`deltatune allocate`: where a parameter budget should go on a model (one gradient pass, or an
+AdaLoRA warm-up)."""
 
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ def run_allocate(
     seed: int = 0,
     steps: int = 50,
 ):
-    """The allocation; every name is checked first. ``sensitivity`` trains nothing; ``adalora`` allocates
-    while training, so it runs a short AdaLoRA warm-up (``steps`` optimizer steps on ``batches`` batches)
-    and reports its final ranks."""
+    """The allocation; every name is checked first. ``sensitivity`` trains nothing; ``adalora``
+    allocates while training, so it runs a short AdaLoRA warm-up (``steps`` optimizer steps on
+    ``batches`` batches) and reports its final ranks."""
     import torch
 
     from ..budget import allocate_sensitivity, candidate_paths, parse_budget
@@ -48,8 +49,8 @@ def run_allocate(
              if not any(p == h or p.startswith(h + ".") for h in head)]
     if not paths:
         raise CLIError(
-            f"{model} has no layer to allocate a budget to outside its head {list(head)}; pass --targets "
-            "naming Linear layers"
+            f"{model} has no layer to allocate a budget to outside its head {list(head)}; pass "
+            "--targets naming Linear layers"
         )
     if method == "adalora":
         return _adalora_warmup(
@@ -60,14 +61,18 @@ def run_allocate(
     chunks = [
         entry.collate(train.examples[i : i + batch_size]) for i in range(0, len(train), batch_size)
     ]
-    loss = lambda m, b: compute_loss(forward(m, b), labels_of(b, kind), entry.task)
+
+    def loss(m, b):
+        return compute_loss(forward(m, b), labels_of(b, kind), entry.task)
+
     return allocate_sensitivity(entry.model, chunks, count, loss, paths=paths)
 
 
 def _adalora_warmup(
     entry, train, budget: int, paths: list[str], *, steps: int, batch_size: int, seed: int
 ):
-    """AdaLoRA on every candidate for ``steps`` steps, pruned to the budget's average rank; its ranks."""
+    """AdaLoRA on every candidate for ``steps`` steps, pruned to the budget's average rank; its
+    ranks."""
     import deltatune as dt
 
     from ..budget import BudgetError
@@ -81,8 +86,8 @@ def _adalora_warmup(
     target = budget // per_rank
     if target < 1:
         raise BudgetError(
-            f"budget of {budget:,} parameters is smaller than one AdaLoRA triplet on each of the {len(paths)} "
-            f"candidates ({per_rank:,}); give a larger budget or fewer --targets"
+            f"budget of {budget:,} parameters is smaller than one AdaLoRA triplet on each of the "
+            f"{len(paths)} candidates ({per_rank:,}); give a larger budget or fewer --targets"
         )
     spec = dt.AdaLoRA(
         init_r=target + max(1, target // 2),
@@ -104,13 +109,21 @@ def _adalora_warmup(
 def register(app: typer.Typer) -> None:
     @app.command(
         "allocate",
+        help=(
+            "Allocate a parameter budget over a model's matrices (LoRA ranks + sparse entries), "
+            "without training."
+        ),
         epilog=(
-            "Examples:\n\n  deltatune allocate --model minilm --data tweet-sentiment --budget 0.5%\n\n"
-            "  deltatune allocate --model minilm --data bbc-news --budget 50000 --targets query,key,value,dense\n\n"
-            "  deltatune allocate --model minilm --data tweet-sentiment --budget 0.5% --method adalora --steps 100\n\n"
-            "Prints one line per candidate matrix: its share of the sensitivity (adalora: of the kept triplets' "
-            "importance), and the LoRA rank or the number of sparse entries it gets. sensitivity trains nothing; "
-            "adalora allocates during training, so it runs a short AdaLoRA warm-up of --steps steps."
+            "Examples:\n\n"
+            "  deltatune allocate --model minilm --data tweet-sentiment --budget 0.5%\n\n"
+            "  deltatune allocate --model minilm --data bbc-news --budget 50000 --targets "
+            "query,key,value,dense\n\n"
+            "  deltatune allocate --model minilm --data tweet-sentiment --budget 0.5% --method "
+            "adalora --steps 100\n\n"
+            "Prints one line per candidate matrix: its share of the sensitivity (adalora: of the "
+            "kept triplets' importance), and the LoRA rank or the number of sparse entries it "
+            "gets. sensitivity trains nothing; adalora allocates during training, so it runs a "
+            "short AdaLoRA warm-up of --steps steps."
         ),
     )
     def allocate(
@@ -138,7 +151,6 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed"),
         steps: int = typer.Option(50, "--steps", help="adalora: optimizer steps of the warm-up"),
     ) -> None:
-        """Allocate a parameter budget over a model's matrices (LoRA ranks + sparse entries), without training."""
         alloc = run_allocate(model, data, budget, method=method, targets=targets, batches=batches,
                              batch_size=batch_size, seed=seed, steps=steps)
         for line in alloc.lines():

@@ -75,9 +75,9 @@ def _one_line(exc: BaseException) -> str:
 
 def prepare_out(out: Path, overwrite: bool, *, resume: bool = False, inputs: Iterable[Any] = (),
                 keep_on_error: Iterable[str] = ()) -> Path:
-    """Claim ``out`` for the running job (see :mod:`deltatune.io.outdir`): refuse the current or home
-    directory and any directory holding an input, lock it, and replace only what deltatune wrote there
-    (with ``overwrite``); the job's ``@output_job`` finishes it or rolls it back."""
+    """Claim ``out`` for the running job (see :mod:`deltatune.io.outdir`): refuse the current or
+    home directory and any directory holding an input, lock it, and replace only what deltatune
+    wrote there (with ``overwrite``); the job's ``@output_job`` finishes it or rolls it back."""
     return claim(
         out, overwrite=overwrite, resume=resume, inputs=inputs, keep_on_error=keep_on_error
     )

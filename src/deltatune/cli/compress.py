@@ -25,8 +25,8 @@ def run_compress(
     verify: bool = True,
     **options: Any,
 ) -> dict[str, Any]:
-    """The compress job as a plain function: everything is computed before ``out`` is touched, then the
-    result is written into a temporary directory beside it and renamed into place."""
+    """The compress job as a plain function: everything is computed before ``out`` is touched, then
+    the result is written into a temporary directory beside it and renamed into place."""
     from ..compress import compress_adapter, compress_checkpoint
     from ..compress.container import DELTA_JSON
     from ..io.outdir import check_replace, publish, staging_dir
@@ -52,7 +52,8 @@ def run_compress(
             raise CLIError(
                 "--base is for full fine-tuned checkpoints; an adapter directory is a delta already"
             )
-        if verify:  # the sha256 recorded when it was saved (a corrupt copy is not compressed into a new file)
+        # the sha256 recorded when it was saved (a corrupt copy is not compressed into a new file)
+        if verify:
             from ..io.adapter import verify_adapter
 
             verify_adapter(source)
@@ -60,8 +61,8 @@ def run_compress(
     else:
         if base is None:
             raise CLIError(
-                f"{source} is not an adapter directory; for a full fine-tuned checkpoint pass --base BASE "
-                "(the checkpoint it was fine-tuned from)"
+                f"{source} is not an adapter directory; for a full fine-tuned checkpoint pass "
+                "--base BASE (the checkpoint it was fine-tuned from)"
             )
         compressed = compress_checkpoint(source, base, codec, **options)
     _check_keep(options.get("keep") or (), compressed.names())
@@ -112,12 +113,16 @@ def register(app: typer.Typer) -> None:
     @app.command(
         "compress",
         epilog=(
-            "Examples:\n\n  deltatune compress runs/bbc/adapter --codec compeft --density 0.1 --out runs/bbc/compeft\n\n"
+            "Examples:\n\n"
+            "  deltatune compress runs/bbc/adapter --codec compeft --density 0.1 --out "
+            "runs/bbc/compeft\n\n"
             "  deltatune compress runs/bbc/adapter --codec bitdelta --out runs/bbc/bitdelta\n\n"
-            "  deltatune compress ft/model.safetensors --base base/model.safetensors --codec lowrank --rank 32 --out tv-r32\n\n"
+            "  deltatune compress ft/model.safetensors --base base/model.safetensors --codec "
+            "lowrank --rank 32 --out tv-r32\n\n"
             "  deltatune info runs/bbc/compeft     # codec and ratio\n\n"
-            "A compressed adapter directory attaches like the original (dt.load_adapter, deltatune eval --adapter). "
-            "A compressed full fine-tuning delta loads with deltatune.compress.load_compressed(DIR).to_task_vector()."
+            "A compressed adapter directory attaches like the original (dt.load_adapter, deltatune "
+            "eval --adapter). A compressed full fine-tuning delta loads with "
+            "deltatune.compress.load_compressed(DIR).to_task_vector()."
         ),
     )
     def compress(

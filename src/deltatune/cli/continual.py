@@ -87,7 +87,8 @@ def run_continual(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
 
 
 def _stream_files(stream: str) -> list[str]:
-    """The user's files a stream spec names (``my.csv@task``, ``a.csv;b.csv``): inputs --out must not hold."""
+    """The user's files a stream spec names (``my.csv@task``, ``a.csv;b.csv``): inputs --out must
+    not hold."""
     import re
 
     return [p for p in re.split(r"[@;,]", stream) if p and Path(p).exists()]
@@ -98,16 +99,20 @@ def register(app: typer.Typer) -> None:
         "continual",
         epilog=(
             "Examples:\n\n"
-            "  deltatune continual --model small-cnn --stream split-mnist --strategy replay --method lora --max-steps 100 --out runs/cl\n\n"
-            "  deltatune continual --model minilm --stream tweet-domains --strategy lae --method lora --epochs 1 --limit 2000 --out runs/lae\n\n"
-            "  deltatune continual --model minilm --stream my.csv@0,1;2,3 --strategy ewc --method lora --max-steps 200 --out runs/mine\n\n"
-            "  deltatune continual --model minilm --stream tweet-domains --strategy zscl --opt reference=tweet-sentiment:other "
-            "--max-steps 40 --out runs/zscl\n\n"
-            "Streams: split-mnist, bbc-news-classinc (class-incremental), tweet-domains, mnist-corruptions "
-            "(domain-incremental), PATH@classes;classes (class-incremental) or PATH@task[=a,b,...] (one task per value "
-            "of a task column). Strategies: sequential, joint, replay, ewc, lwf, lae, zscl, merge, olora "
-            "(options with --opt KEY=VALUE). Writes results.json (accuracy_matrix, average_accuracy, forgetting, backward_transfer, "
-            "forward_transfer) and accuracy_matrix.png."
+            "  deltatune continual --model small-cnn --stream split-mnist --strategy replay "
+            "--method lora --max-steps 100 --out runs/cl\n\n"
+            "  deltatune continual --model minilm --stream tweet-domains --strategy lae --method "
+            "lora --epochs 1 --limit 2000 --out runs/lae\n\n"
+            "  deltatune continual --model minilm --stream my.csv@0,1;2,3 --strategy ewc --method "
+            "lora --max-steps 200 --out runs/mine\n\n"
+            "  deltatune continual --model minilm --stream tweet-domains --strategy zscl --opt "
+            "reference=tweet-sentiment:other --max-steps 40 --out runs/zscl\n\n"
+            "Streams: split-mnist, bbc-news-classinc (class-incremental), tweet-domains, "
+            "mnist-corruptions (domain-incremental), PATH@classes;classes (class-incremental) or "
+            "PATH@task[=a,b,...] (one task per value of a task column). Strategies: sequential, "
+            "joint, replay, ewc, lwf, lae, zscl, merge, olora (options with --opt KEY=VALUE). "
+            "Writes results.json (accuracy_matrix, average_accuracy, forgetting, "
+            "backward_transfer, forward_transfer) and accuracy_matrix.png."
         ),
     )
     def continual(

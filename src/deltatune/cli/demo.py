@@ -17,16 +17,16 @@ DEFAULT_OUT = Path("runs/demo")
 def run_demo(
     out: Path, epochs: int, limit: Optional[int], seed: int, console, *, overwrite: bool = False
 ) -> dict:
-    """The demo job. ``out`` is replaced only with ``overwrite`` — or when it is the default directory and
-    holds an earlier demo, so that ``make demo`` can run again — and only what deltatune wrote there."""
+    """The demo job. ``out`` is replaced only with ``overwrite`` — or when it is the default
+    directory and holds an earlier demo, so that ``make demo`` can run again — and only what
+    deltatune wrote there."""
     import deltatune as dt
 
     from ..data import load_data
     from ..io.files import atomic_write
+    from ..io.outdir import read_record
     from ..train import evaluate
     from .train import load_trained, run_train
-
-    from ..io.outdir import read_record
 
     previous = read_record(out) or {}
     overwrite = overwrite or (Path(out) == DEFAULT_OUT and previous.get("job") == "demo")
@@ -42,7 +42,8 @@ def run_demo(
     trained = run_train(cfg, console=console)
     acc = trained["test"]["accuracy"]
     console.print(
-        f"test accuracy [bold]{acc:.4f}[/] with {trained['trainable_percent']:.3f}% of the parameters trainable"
+        f"test accuracy [bold]{acc:.4f}[/] with {trained['trainable_percent']:.3f}% of the "
+        "parameters trainable"
     )
 
     console.rule("[bold]2. reload the saved adapter into a fresh base model")
@@ -68,11 +69,16 @@ def run_demo(
         report,
         lambda tmp: Path(tmp).write_text(
             "# deltatune demo: LoRA on MiniLM for BBC News topics\n\n"
-            f"| | value |\n|---|---|\n| test accuracy | {acc:.4f} |\n"
-            f"| trainable parameters | {trained['trainable_params']:,} ({trained['trainable_percent']:.3f}%) |\n"
+            "| | value |\n"
+            "|---|---|\n"
+            f"| test accuracy | {acc:.4f} |\n"
+            f"| trainable parameters | {trained['trainable_params']:,} "
+            f"({trained['trainable_percent']:.3f}%) |\n"
             f"| accuracy after save → reload | {reloaded['accuracy']:.4f} |\n"
-            f"| accuracy after merge | {merged['accuracy']:.4f} |\n| wall time | {results['seconds']:.0f} s |\n\n"
-            f"Adapter: `{trained['adapter']}`; learning curve: `learning_curve.png`; metrics: `metrics.json`.\n"
+            f"| accuracy after merge | {merged['accuracy']:.4f} |\n"
+            f"| wall time | {results['seconds']:.0f} s |\n\n"
+            f"Adapter: `{trained['adapter']}`; learning curve: `learning_curve.png`; metrics: "
+            "`metrics.json`.\n"
         ),
     )
     results.update(trained={k: trained[k] for k in ("train", "test", "spec")})
@@ -83,7 +89,13 @@ def run_demo(
 def register(app: typer.Typer) -> None:
     @app.command(
         "demo",
-        epilog="Examples:\n\n  deltatune demo\n\n  deltatune demo --epochs 1 --limit 200 --out demo-quick   # a one-minute smoke run",
+        help=(
+            "Train LoRA on MiniLM for BBC News, report test accuracy, save, reload, merge, and "
+            "check all agree."
+        ),
+        epilog="Examples:\n\n"
+        "  deltatune demo\n\n"
+        "  deltatune demo --epochs 1 --limit 200 --out demo-quick   # a one-minute smoke run",
     )
     def demo(
         out: Path = typer.Option(
@@ -98,15 +110,15 @@ def register(app: typer.Typer) -> None:
             False, help="replace a non-empty --out that holds an earlier deltatune output"
         ),
     ) -> None:
-        """Train LoRA on MiniLM for BBC News, report test accuracy, save, reload, merge, and check all agree."""
         from rich.console import Console
 
         console = Console()
         results = run_demo(out, epochs, limit, seed, console, overwrite=overwrite)
         verdict = "[green]consistent[/]" if results["consistent"] else "[red]MISMATCH[/]"
         console.print(
-            f"{verdict}: trained {results['test_accuracy']:.4f}, reloaded {results['reloaded_accuracy']:.4f}, "
-            f"merged {results['merged_accuracy']:.4f} in {results['seconds']:.0f} s; report: {out / 'report.md'}"
+            f"{verdict}: trained {results['test_accuracy']:.4f}, reloaded "
+            f"{results['reloaded_accuracy']:.4f}, merged {results['merged_accuracy']:.4f} in "
+            f"{results['seconds']:.0f} s; report: {out / 'report.md'}"
         )
         if not results["consistent"]:
             raise typer.Exit(1)

@@ -21,7 +21,8 @@ def read_features(path: Path, key: Optional[str] = None):
 
     if not path.is_file():
         raise CLIError(
-            f"{path} does not exist; give a .npy or .safetensors feature file, or a dataset name with --model"
+            f"{path} does not exist; give a .npy or .safetensors feature file, or a dataset name "
+            "with --model"
         )
     if path.suffix == ".npy":
         try:
@@ -68,25 +69,26 @@ def warn_few(n_reference: int, n_target: int, minimum: int | tuple[int, int], wh
            (("the reference", n_reference, low_ref), ("the target", n_target, low_tgt)) if n < low]
     if few:
         print(
-            f"warning: {' and '.join(few)}; {what} is unreliable on so few; use more data (--limit, or "
-            "another --split / --reference-split)",
+            f"warning: {' and '.join(few)}; {what} is unreliable on so few; use more data "
+            "(--limit, or another --split / --reference-split)",
             file=sys.stderr,
         )
 
 
 def check_features(ref, tgt, reference: str, target: str):
-    """Feature files as (samples, features...) with the same features on both sides; a 1-D array is one
-    feature per sample."""
+    """Feature files as (samples, features...) with the same features on both sides; a 1-D array is
+    one feature per sample."""
     for t, name in ((ref, reference), (tgt, target)):
         if t.dim() == 0 or len(t) == 0:
             raise CLIError(
-                f"{name} holds an array of shape {tuple(t.shape)}; features must be (samples, features)"
+                f"{name} holds an array of shape {tuple(t.shape)}; features must be (samples, "
+                "features)"
             )
     ref, tgt = (t.reshape(-1, 1) if t.dim() == 1 else t for t in (ref, tgt))
     if ref.shape[1:] != tgt.shape[1:]:
         raise CLIError(
-            f"reference and target features differ in shape: {tuple(ref.shape)} vs {tuple(tgt.shape)}; "
-            "compute both with the same model and layer"
+            f"reference and target features differ in shape: {tuple(ref.shape)} vs "
+            f"{tuple(tgt.shape)}; compute both with the same model and layer"
         )
     return ref, tgt
 
@@ -96,12 +98,14 @@ def is_feature_file(value: str) -> bool:
 
 
 def both_files(reference: str, target: str, model: Optional[str], what: str) -> bool:
-    """True when --reference and --target are both ``what`` files (.npy/.safetensors), False when both are
-    datasets (which need --model); a one-line error for a mix, or datasets without a model."""
+    """True when --reference and --target are both ``what`` files (.npy/.safetensors), False when
+    both are datasets (which need --model); a one-line error for a mix, or datasets without a
+    model."""
     files = [is_feature_file(v) for v in (reference, target)]
     if any(files) and not all(files):
         raise CLIError(
-            f"--reference and --target must both be {what} files (.npy/.safetensors) or both datasets"
+            f"--reference and --target must both be {what} files (.npy/.safetensors) or both "
+            "datasets"
         )
     if not all(files) and model is None:
         raise CLIError(
@@ -111,8 +115,8 @@ def both_files(reference: str, target: str, model: Optional[str], what: str) -> 
 
 
 def load_entry(model: str, adapter: Optional[Path], verify: bool = True):
-    """The model entry from ``deltatune.models`` (with ``adapter`` loaded when given; ``verify=False``
-    skips its sha256 check)."""
+    """The model entry from ``deltatune.models`` (with ``adapter`` loaded when given;
+    ``verify=False`` skips its sha256 check)."""
     try:
         from ..models import load_model  # noqa: F401
     except ImportError:
@@ -133,7 +137,8 @@ def load_entry(model: str, adapter: Optional[Path], verify: bool = True):
 
 def data_batches(spec: str, entry, split: str, batch_size: int, limit: Optional[int], seed: int = 0,
                  encoding: Optional[str] = None):
-    """Batches of dataset ``spec`` (``deltatune.data.load_data``) collated for the model, in order."""
+    """Batches of dataset ``spec`` (``deltatune.data.load_data``) collated for the model, in
+    order."""
     try:
         from ..data import load_data
     except ImportError:

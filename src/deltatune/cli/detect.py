@@ -166,10 +166,16 @@ def _plot_result(path: Path, result) -> None:
 def register(app: typer.Typer) -> None:
     @app.command(
         "detect",
+        help=(
+            "Test whether target data drifted from reference data (p-value, decision, PNG, "
+            "results.json)."
+        ),
         epilog=(
             "Examples:\n\n"
-            "  deltatune detect --reference clean.npy --target new.npy --test mmd --out runs/drift\n\n"
-            "  deltatune detect --reference clean.npy --target stream.npy --window 200 --out runs/stream\n\n"
+            "  deltatune detect --reference clean.npy --target new.npy --test mmd --out "
+            "runs/drift\n\n"
+            "  deltatune detect --reference clean.npy --target stream.npy --window 200 --out "
+            "runs/stream\n\n"
             "  deltatune detect --model small-cnn --adapter runs/mnist/adapter --reference mnist "
             "--target mnist-c:brightness:3 --test bbsd"
         ),
@@ -216,7 +222,6 @@ def register(app: typer.Typer) -> None:
             False, "--no-verify", help="skip the adapter's sha256 check (files edited on purpose)"
         ),
     ) -> None:
-        """Test whether target data drifted from reference data (p-value, decision, PNG, results.json)."""
         from rich.console import Console
 
         console = Console(stderr=True)
@@ -248,5 +253,6 @@ def register(app: typer.Typer) -> None:
             )
         else:
             console.print(
-                f"{test}: p = {res['p_value']:.4g} -> {'DRIFT' if res['drift'] else 'no drift'} (alpha {alpha})"
+                f"{test}: p = {res['p_value']:.4g} -> {'DRIFT' if res['drift'] else 'no drift'} "
+                f"(alpha {alpha})"
             )

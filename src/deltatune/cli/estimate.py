@@ -10,13 +10,23 @@ from typing import Any, Optional
 import typer
 
 from .common import CLIError, output_job, prepare_out, write_results
-from .deploy_inputs import (MIN_ESTIMATE_REFERENCE, MIN_ESTIMATE_TARGET, both_files, data_batches,
-                            default_out, load_entry, pyplot, read_features, save_plot, warn_few)
+from .deploy_inputs import (
+    MIN_ESTIMATE_REFERENCE,
+    MIN_ESTIMATE_TARGET,
+    both_files,
+    data_batches,
+    default_out,
+    load_entry,
+    pyplot,
+    read_features,
+    save_plot,
+    warn_few,
+)
 
 
 def model_logits(entry, loader) -> tuple[Any, Any]:
-    """Logits of ``entry.model`` over ``loader`` and the batches' labels (None when the data has none),
-    in one pass over the data."""
+    """Logits of ``entry.model`` over ``loader`` and the batches' labels (None when the data has
+    none), in one pass over the data."""
     import torch
 
     from .. import deploy as dd
@@ -76,7 +86,8 @@ def run_estimate(
     encoding: Optional[str] = None,
     verify: bool = True,
 ) -> dict[str, Any]:
-    """Fit the estimators on labelled reference outputs; estimate the target's accuracy without its labels."""
+    """Fit the estimators on labelled reference outputs; estimate the target's accuracy without its
+    labels."""
     from .. import deploy as dd
     from ..deploy.accuracy import ESTIMATES
 
@@ -91,7 +102,8 @@ def run_estimate(
     if both_files(reference, target, model, "logit"):
         if reference_labels is None:
             raise CLIError(
-                "logit files need --reference-labels (the reference's class indices, .npy/.safetensors)"
+                "logit files need --reference-labels (the reference's class indices, "
+                ".npy/.safetensors)"
             )
         ref_z, tgt_z = read_features(Path(reference), key), read_features(Path(target), key)
         ref_y = _read_labels(reference_labels, len(ref_z), "reference")
@@ -101,7 +113,8 @@ def run_estimate(
 
         if reference_labels is not None or target_labels is not None:
             raise CLIError(
-                "--reference-labels/--target-labels go with logit files; datasets bring their own labels"
+                "--reference-labels/--target-labels go with logit files; datasets bring their own "
+                "labels"
             )
         torch.manual_seed(
             seed
@@ -116,8 +129,8 @@ def run_estimate(
         )
         if ref_y is None:
             raise CLIError(
-                f"the reference {reference!r} ({reference_split} split) has no labels; the estimators are "
-                "fitted on labelled reference data"
+                f"the reference {reference!r} ({reference_split} split) has no labels; the "
+                "estimators are fitted on labelled reference data"
             )
     if ref_z.dim() != 2 or tgt_z.dim() != 2 or ref_z.shape[1] != tgt_z.shape[1]:
         raise CLIError(
@@ -125,12 +138,13 @@ def run_estimate(
             f"{tuple(ref_z.shape)} and {tuple(tgt_z.shape)}"
         )
     classes = int(ref_z.shape[1])
-    # the fit checks the reference labels; the target's are only compared with, so they are checked here
+    # the fit checks the reference labels; the target's are only compared with, so they are checked
+    # here
     if tgt_y is not None and len(tgt_y) and (int(tgt_y.min()) < 0 or int(tgt_y.max()) >= classes):
         bad = int(tgt_y.min()) if int(tgt_y.min()) < 0 else int(tgt_y.max())
         raise CLIError(
-            f"--target-labels must be class indices in [0, {classes - 1}] (the logits have {classes} "
-            f"classes); it holds {bad}"
+            f"--target-labels must be class indices in [0, {classes - 1}] (the logits have "
+            f"{classes} classes); it holds {bad}"
         )
     warn_few(
         len(ref_z), len(tgt_z), (MIN_ESTIMATE_REFERENCE, MIN_ESTIMATE_TARGET), "accuracy estimation"
@@ -189,13 +203,19 @@ def _plot_estimate(path: Path, results: dict) -> None:
 def register(app: typer.Typer) -> None:
     @app.command(
         "estimate",
+        # "\n" where the docstring this help replaced broke its line (`deltatune --help` shows it)
+        help=(
+            "Estimate a model's accuracy on unlabelled data: ATC, COT, DoC and average confidence, "
+            "fitted on\nlabelled reference data (results.json, PNG)."
+        ),
         epilog=(
             "Examples:\n\n"
             "  deltatune estimate --model small-cnn --adapter runs/mnist/adapter --reference mnist "
             "--target mnist-c:contrast:3\n\n"
-            "  deltatune estimate --model minilm --adapter runs/airlines/adapter --reference tweet-sentiment:airlines "
-            "--target tweet-sentiment:apple --methods atc,cot\n\n"
-            "  deltatune estimate --reference val_logits.npy --reference-labels val_labels.npy --target new_logits.npy"
+            "  deltatune estimate --model minilm --adapter runs/airlines/adapter --reference "
+            "tweet-sentiment:airlines --target tweet-sentiment:apple --methods atc,cot\n\n"
+            "  deltatune estimate --reference val_logits.npy --reference-labels val_labels.npy "
+            "--target new_logits.npy"
         ),
     )
     def estimate(
@@ -241,8 +261,6 @@ def register(app: typer.Typer) -> None:
             False, "--no-verify", help="skip the adapter's sha256 check (files edited on purpose)"
         ),
     ) -> None:
-        """Estimate a model's accuracy on unlabelled data: ATC, COT, DoC and average confidence, fitted on
-        labelled reference data (results.json, PNG)."""
         from rich.console import Console
 
         console = Console(stderr=True)

@@ -14,8 +14,8 @@ TASK_FILE = (
 
 
 def read_task_info(path: Path) -> dict[str, Any]:
-    """Base model, task and label names from ``task.json`` beside the adapter ({} when absent); a file
-    that does not parse gives ``{"error": ...}`` instead of stopping the report."""
+    """Base model, task and label names from ``task.json`` beside the adapter ({} when absent); a
+    file that does not parse gives ``{"error": ...}`` instead of stopping the report."""
     task_file = path / TASK_FILE
     if not task_file.is_file():
         return {}
@@ -33,7 +33,8 @@ def read_task_info(path: Path) -> dict[str, Any]:
 
 
 def gather(path: Path, verify: bool = True) -> dict[str, Any]:
-    """Everything `info` shows, as one dict; a malformed file is a one-line DeltaFileError, never a crash."""
+    """Everything `info` shows, as one dict; a malformed file is a one-line DeltaFileError, never a
+    crash."""
     from ..core.errors import DeltaError, DeltaFileError
     from ..io import read_adapter_info
 
@@ -46,7 +47,8 @@ def gather(path: Path, verify: bool = True) -> dict[str, Any]:
             data = read_adapter_info(path, verify=verify)
     except (DeltaError, FileNotFoundError):
         raise
-    except Exception as exc:  # noqa: BLE001 - a reader tripping over a malformed file: report it, one line
+    except Exception as exc:  # noqa: BLE001
+        # a reader tripping over a malformed file: report it, one line
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DeltaFileError(
             f"{path} holds a malformed delta file ({type(exc).__name__}: {first}); save it again"
@@ -144,7 +146,13 @@ def _rows(data: dict[str, Any]) -> list[tuple[str, str]]:
 def register(app: typer.Typer) -> None:
     @app.command(
         "info",
-        epilog="Examples:\n\n  deltatune info runs/bbc/adapter\n\n  deltatune info runs/bbc/adapter --json",
+        help=(
+            "Show a delta's format, method, base model, labels, targets, sizes and base-model "
+            "fingerprint."
+        ),
+        epilog="Examples:\n\n"
+        "  deltatune info runs/bbc/adapter\n\n"
+        "  deltatune info runs/bbc/adapter --json",
     )
     def info(
         path: Path = typer.Argument(
@@ -158,7 +166,6 @@ def register(app: typer.Typer) -> None:
             help="skip the sha256 check of the tensor file (for files edited on purpose)",
         ),
     ) -> None:
-        """Show a delta's format, method, base model, labels, targets, sizes and base-model fingerprint."""
         data = gather(path, verify=not no_verify)
         if as_json:
             print(json.dumps(data, indent=2, default=str))

@@ -1,4 +1,5 @@
-"""`deltatune merge CONFIG --out DIR`: merge checkpoints from a mergekit-style YAML, streamed to disk."""
+"""`deltatune merge CONFIG --out DIR`: merge checkpoints from a mergekit-style YAML, streamed to
+disk."""
 
 from __future__ import annotations
 
@@ -49,7 +50,6 @@ def run_merge(
     """The merge job as a plain function (the CLI and the tests call it). ``threads`` sets torch's
     intra-op threads for this process (None: leave them)."""
     from ..algebra import load_merge_config, merge_checkpoints
-
     from ..io.outdir import check_replace
 
     out = Path(out)
@@ -134,12 +134,17 @@ def _progress(console: Any) -> Optional[_Bar]:
 def register(app: typer.Typer) -> None:
     @app.command(
         "merge",
+        help=(
+            "Merge model checkpoints (TIES, DARE, task arithmetic, SLERP, ...) one tensor at a "
+            "time."
+        ),
         epilog=(
-            "Examples:\n\n  deltatune merge ties.yaml --out merged/\n\n"
+            "Examples:\n\n"
+            "  deltatune merge ties.yaml --out merged/\n\n"
             "  deltatune merge dare.yaml --out merged/ --overwrite --seed 0 --shard-size 2GB\n\n"
-            "The YAML is mergekit's (merge_method, base_model, models with parameters such as weight and "
-            "density, parameters, dtype, out_dtype) plus deltatune's methods (fisher, regmean: add "
-            "'stats: FILE' to each model)."
+            "The YAML is mergekit's (merge_method, base_model, models with parameters such as "
+            "weight and density, parameters, dtype, out_dtype) plus deltatune's methods (fisher, "
+            "regmean: add 'stats: FILE' to each model)."
         ),
     )
     def merge(
@@ -164,7 +169,6 @@ def register(app: typer.Typer) -> None:
         ),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     ) -> None:
-        """Merge model checkpoints (TIES, DARE, task arithmetic, SLERP, ...) one tensor at a time."""
         from rich.console import Console
 
         console = Console(stderr=True)
@@ -180,6 +184,6 @@ def register(app: typer.Typer) -> None:
         if not quiet:
             console.print(
                 f"[bold]{summary['method']}[/]: {summary['tensors']} tensors → {out} "
-                f"({summary['shards']} shard(s), {summary['total_bytes'] / 1e6:.1f} MB) in {summary['seconds']:.1f}s, "
-                f"peak memory {summary['peak_rss_mb']:.0f} MiB"
+                f"({summary['shards']} shard(s), {summary['total_bytes'] / 1e6:.1f} MB) in "
+                f"{summary['seconds']:.1f}s, peak memory {summary['peak_rss_mb']:.0f} MiB"
             )

@@ -1,4 +1,5 @@
-"""`deltatune search`: multi-objective config search (val accuracy up, trainable parameters down)."""
+"""`deltatune search`: multi-objective config search (val accuracy up, trainable parameters
+down)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def run_search_job(
     overwrite: bool = False,
     say: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Check everything (names, budget, a non-empty space), then run or continue the study in ``out``."""
+    """Check everything (names, budget, a non-empty space), then run or continue the study in
+    ``out``."""
     from ..budget import parse_budget
     from ..budget.search import (
         SearchSetup,
@@ -79,8 +81,8 @@ def run_search_job(
     if say:
         parallel = f", {workers} at a time (Ray Tune)" if backend == "ray" else ""
         say(
-            f"{len(cands)} configurations fit the budget of {count:,} parameters; {trials} trials{parallel}, "
-            f"{max_steps} steps each; study in {out / 'study.db'}"
+            f"{len(cands)} configurations fit the budget of {count:,} parameters; {trials} "
+            f"trials{parallel}, {max_steps} steps each; study in {out / 'study.db'}"
         )
     summary = run_search(
         setup,
@@ -104,15 +106,23 @@ def run_search_job(
 def register(app: typer.Typer) -> None:
     @app.command(
         "search",
+        help=(
+            "Search delta configurations under a parameter budget: Pareto front of val accuracy vs "
+            "parameters."
+        ),
         epilog=(
             "Examples:\n\n"
-            "  deltatune search --model minilm --data tweet-sentiment --budget 0.5% --trials 20 --out runs/search\n\n"
-            "  deltatune search --model minilm --data bbc-news --budget 50k --trials 8 --max-steps 50 --limit 400 "
-            "--methods lora,ia3 --out runs/quick\n\n"
-            "  deltatune search ... --out runs/search --resume   (continue an interrupted or longer study)\n\n"
-            "  deltatune search ... --backend ray --workers 4   (trials in parallel, local Ray Tune)\n\n"
-            "Each trial trains in OUT/trial_N/ (results.json, metrics.json); OUT/study.db holds the Optuna study, "
-            "OUT/pareto.png and OUT/pareto.md the Pareto front, OUT/trials.json every trial."
+            "  deltatune search --model minilm --data tweet-sentiment --budget 0.5% --trials 20 "
+            "--out runs/search\n\n"
+            "  deltatune search --model minilm --data bbc-news --budget 50k --trials 8 --max-steps "
+            "50 --limit 400 --methods lora,ia3 --out runs/quick\n\n"
+            "  deltatune search ... --out runs/search --resume   (continue an interrupted or "
+            "longer study)\n\n"
+            "  deltatune search ... --backend ray --workers 4   (trials in parallel, local Ray "
+            "Tune)\n\n"
+            "Each trial trains in OUT/trial_N/ (results.json, metrics.json); OUT/study.db holds "
+            "the Optuna study, OUT/pareto.png and OUT/pareto.md the Pareto front, OUT/trials.json "
+            "every trial."
         ),
     )
     def search(
@@ -156,7 +166,6 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume", help="continue the study in --out"),
         overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty --out"),
     ) -> None:
-        """Search delta configurations under a parameter budget: Pareto front of val accuracy vs parameters."""
         results = run_search_job(
             model,
             data,
@@ -180,6 +189,6 @@ def register(app: typer.Typer) -> None:
         best = results["best"]
         if best:
             typer.echo(
-                f"best: {best['key']} val accuracy {best['val_accuracy']:.4f} with {best['params']:,} parameters; "
-                f"plot {results['pareto_png']}"
+                f"best: {best['key']} val accuracy {best['val_accuracy']:.4f} with "
+                f"{best['params']:,} parameters; plot {results['pareto_png']}"
             )

@@ -25,7 +25,8 @@ def parse_value(text: str) -> Any:
 
 
 def parse_options(items: list[str], flag: str = "--opt") -> dict[str, Any]:
-    """``["lr=1e-3", "reference=tweet-sentiment:other"]`` → ``{"lr": 0.001, "reference": "..."}``."""
+    """``["lr=1e-3", "reference=tweet-sentiment:other"]`` →
+    ``{"lr": 0.001, "reference": "..."}``."""
     from .common import CLIError
 
     options: dict[str, Any] = {}
@@ -38,7 +39,8 @@ def parse_options(items: list[str], flag: str = "--opt") -> dict[str, Any]:
 
 
 def build_spec(method: str, options: dict[str, Any], *, head=()) -> DeltaSpec:
-    """The spec of ``method`` with ``options`` (unknown option → one-line error listing valid ones)."""
+    """The spec of ``method`` with ``options`` (unknown option → one-line error listing valid
+    ones)."""
     import deltatune.methods  # noqa: F401
 
     methods = registered_methods()

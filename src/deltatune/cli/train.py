@@ -15,13 +15,14 @@ from .common import CLIError, output_job, prepare_out, write_results
 
 TASK_FILE = "task.json"  # beside the adapter: which model/labels it was trained for
 # beside the adapter (and in the run directory while training) when the base model is a random
-# initialisation (small-cnn): the frozen base weights the delta was trained on, which no checkpoint holds
+# initialisation (small-cnn): the frozen base weights the delta was trained on, which no checkpoint
+# holds
 BASE_FILE = "base.safetensors"
 CHECKPOINT = "checkpoint"  # train/checkpoint.py's directory name (and CHECKPOINT.old during a save)
 ADAPTER_FORMATS = ("deltatune", "peft")  # dt.save_adapter's layouts
 
 
-# -- the jobs as plain functions (used by the CLI, the demo and the tests) ---------------------------
+# -- the jobs as plain functions (used by the CLI, the demo and the tests) ------------------------
 def resolve_targets(model, method: str, entry_targets) -> Optional[list[str]]:
     """The model entry's usual positions when the method's own defaults match nothing here."""
     from ..core.spec import registered_methods
@@ -29,7 +30,8 @@ def resolve_targets(model, method: str, entry_targets) -> Optional[list[str]]:
 
     cls = registered_methods().get(method)
     if cls is None or not cls.default_targets:
-        return None  # unknown (reported later) or a method that picks its own positions (BitFit, SSF, ...)
+        # unknown (reported later) or a method that picks its own positions (BitFit, SSF, ...)
+        return None
     if default_group(model, cls.default_targets) is not None:
         return None
     return list(entry_targets) or None
@@ -53,7 +55,8 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
         fmt not in ADAPTER_FORMATS
     ):  # checked before the data loads and the training runs, not when saving
         raise CLIError(
-            f"--format {fmt!r} is not an adapter layout; choose one of: {', '.join(ADAPTER_FORMATS)}"
+            f"--format {fmt!r} is not an adapter layout; choose one of: "
+            f"{', '.join(ADAPTER_FORMATS)}"
         )
     seed = int(cfg.get("seed", 0))
     fractions = _parse_fractions(cfg.get("split_fractions"))
@@ -81,9 +84,9 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     spec = build_spec(cfg["method"], options, head=entry.head)
     train_opts = {k: v for k, v in (cfg.get("train") or {}).items() if v is not None}
     if entry.from_scratch:
-        # a random base never saw data: its BatchNorm statistics must follow the training data (they go
-        # into the saved base weights below), or BN-based test-time adaptation starts from a meaningless
-        # source model
+        # a random base never saw data: its BatchNorm statistics must follow the training data (they
+        # go into the saved base weights below), or BN-based test-time adaptation starts from a
+        # meaningless source model
         train_opts.setdefault("norm_stats", "update")
     tc = TrainConfig(**train_opts, seed=seed)
     # a list of class weights must match the data's classes: checked here, before --out is created
@@ -117,7 +120,8 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     summary = dt.trainable_summary(entry.model)
     _say(
         console,
-        f"[bold]{cfg['method']}[/] on {entry.name}: {summary.trainable:,} trainable of {summary.total:,} parameters ({summary.percent:.3f}%)",
+        f"[bold]{cfg['method']}[/] on {entry.name}: {summary.trainable:,} trainable of "
+        f"{summary.total:,} parameters ({summary.percent:.3f}%)",
     )
     t0 = time.time()
     result = fit(
@@ -135,13 +139,13 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
         entry.model, test_data, entry.collate, task=entry.task, batch_size=tc.eval_batch_size
     )
     adapter_dir = out / "adapter"
-    # built whole under a temporary name, then swapped in: a kill leaves no adapter, the old one or the new
-    # one, never delta files without their task.json and base weights
+    # built whole under a temporary name, then swapped in: a kill leaves no adapter, the old one or
+    # the new one, never delta files without their task.json and base weights
     staged = staging_dir(adapter_dir)
     dt.save_adapter(entry.model, staged, name="default", format=cfg.get("format", "deltatune"))
 
-    # the split the delta was trained on: eval draws the same one by default, so its test split never
-    # overlaps the training examples
+    # the split the delta was trained on: eval draws the same one by default, so its test split
+    # never overlaps the training examples
     task_info = {
         "model": cfg["model"],
         "data": cfg["data"],
@@ -180,8 +184,8 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
 
 
 def _check_resumable(out: Path) -> None:
-    """--resume continues a checkpoint; a finished run without one would be trained again from scratch
-    and its adapter replaced, so it is refused."""
+    """--resume continues a checkpoint; a finished run without one would be trained again from
+    scratch and its adapter replaced, so it is refused."""
     from ..train.checkpoint import find
 
     if (
@@ -190,8 +194,8 @@ def _check_resumable(out: Path) -> None:
         and any((out / name).exists() for name in ("adapter", "results.json"))
     ):
         raise CLIError(
-            f"--resume: {out} holds a finished run (adapter/, results.json) and no checkpoint to continue; "
-            "pass --overwrite to train it again, or choose another --out"
+            f"--resume: {out} holds a finished run (adapter/, results.json) and no checkpoint to "
+            "continue; pass --overwrite to train it again, or choose another --out"
         )
 
 
@@ -202,7 +206,8 @@ def _as_dict(obj) -> dict:
 
 
 def read_task(adapter: Path) -> dict[str, Any]:
-    """The adapter's task.json (which model, labels and data split it was trained with), or ``{}``."""
+    """The adapter's task.json (which model, labels and data split it was trained with), or
+    ``{}``."""
     task_file = Path(adapter) / TASK_FILE
     return json.loads(task_file.read_text()) if task_file.is_file() else {}
 
@@ -214,9 +219,9 @@ def load_trained(
     num_labels: Optional[int] = None,
     verify: bool = True,
 ):
-    """A model entry with the adapter at ``adapter`` loaded (labels from its task.json; ``num_labels``
-    sizes the head of an adapter without one, e.g. a peft adapter trained elsewhere; ``verify=False``
-    skips the adapter's sha256 check, for files edited on purpose)."""
+    """A model entry with the adapter at ``adapter`` loaded (labels from its task.json;
+    ``num_labels`` sizes the head of an adapter without one, e.g. a peft adapter trained elsewhere;
+    ``verify=False`` skips the adapter's sha256 check, for files edited on purpose)."""
     import deltatune as dt
 
     from ..models import load_model
@@ -231,16 +236,17 @@ def load_trained(
     labels = task.get("label_names") or []
     if num_labels is not None and labels and num_labels != len(labels):
         raise CLIError(
-            f"--num-labels {num_labels} contradicts {adapter / TASK_FILE}, which lists {len(labels)} "
-            f"labels ({', '.join(labels[:5])}); drop --num-labels"
+            f"--num-labels {num_labels} contradicts {adapter / TASK_FILE}, which lists "
+            f"{len(labels)} labels ({', '.join(labels[:5])}); drop --num-labels"
         )
     entry = load_model(model_name, num_labels=len(labels) or num_labels)
     if entry.from_scratch:
         base_file = Path(adapter) / BASE_FILE
         if not base_file.is_file():
             raise CLIError(
-                f"{adapter} was trained on a randomly initialised {model_name} but holds no {BASE_FILE} "
-                "with those base weights (adapters saved before deltatune kept them); train it again"
+                f"{adapter} was trained on a randomly initialised {model_name} but holds no "
+                f"{BASE_FILE} with those base weights (adapters saved before deltatune kept them); "
+                "train it again"
             )
         _load_base(entry, base_file)
     dt.load_adapter(entry.model, adapter, verify=verify)
@@ -274,8 +280,8 @@ def run_eval(
     encoding: Optional[str] = None,
     verify: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate the adapter on ``split`` of ``data``. On the data it was trained on, the split is drawn
-    with the seed, limit and fractions recorded in its task.json unless given here."""
+    """Evaluate the adapter on ``split`` of ``data``. On the data it was trained on, the split is
+    drawn with the seed, limit and fractions recorded in its task.json unless given here."""
     from ..data import load_data
     from ..train import evaluate
 
@@ -288,7 +294,8 @@ def run_eval(
         unseen = [n for n in names if n not in labels]
         if unseen:
             raise CLIError(
-                f"labels {unseen} of {data!r} were not seen in training (trained on {labels}); evaluate on data with the training labels"
+                f"labels {unseen} of {data!r} were not seen in training (trained on {labels}); "
+                "evaluate on data with the training labels"
             )
         dataset = _remap(dataset, names, labels)
     metrics = evaluate(entry.model, dataset, entry.collate, task=entry.task)
@@ -312,9 +319,9 @@ def _training_split(
     limit: Optional[int],
     fractions: Optional[list[float]],
 ) -> tuple[int, Optional[int], Optional[list[float]]]:
-    """Seed, limit and fractions for evaluating on ``data``: those of the training run (task.json) when it
-    is the training data and they were not given; a warning when a given seed or fractions differ (the
-    evaluation split may then overlap the examples the delta was trained on)."""
+    """Seed, limit and fractions for evaluating on ``data``: those of the training run (task.json)
+    when it is the training data and they were not given; a warning when a given seed or fractions
+    differ (the evaluation split may then overlap the examples the delta was trained on)."""
     from ..data import check_fractions
 
     recorded = task.get("split") if task.get("data") == data else None
@@ -331,8 +338,8 @@ def _training_split(
     ):
         if given is not None and not same[flag]:
             print(
-                f"warning: {flag} {given} differs from the training run's {trained}: the evaluation split may "
-                f"overlap the examples the delta was trained on",
+                f"warning: {flag} {given} differs from the training run's {trained}: the "
+                "evaluation split may overlap the examples the delta was trained on",
                 file=sys.stderr,
             )
     return (recorded.get("seed", 0) if seed is None else seed,
@@ -341,18 +348,20 @@ def _training_split(
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
-    """Refuse an output path that is a file, or a non-empty directory without ``overwrite``; creates nothing."""
+    """Refuse an output path that is a file, or a non-empty directory without ``overwrite``; creates
+    nothing."""
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} is a file; give a directory path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise CLIError(
-            f"--out {out} exists and is not empty; pass --overwrite to replace it or choose another directory"
+            f"--out {out} exists and is not empty; pass --overwrite to replace it or choose "
+            "another directory"
         )
 
 
 def _new_eval_dir(adapter: Path, data: str, split: str) -> Path:
-    """``ADAPTER/../eval-DATA-SPLIT`` (``-2``, ``-3``, ... when taken): each evaluation keeps its own
-    directory, so evaluating on another data set never replaces an earlier result."""
+    """``ADAPTER/../eval-DATA-SPLIT`` (``-2``, ``-3``, ... when taken): each evaluation keeps its
+    own directory, so evaluating on another data set never replaces an earlier result."""
     name = (
         Path(data).stem if Path(data).exists() else data
     )  # a file path: its name, not its folders
@@ -396,7 +405,7 @@ def _say(console, text: str) -> None:
         console.print(text)
 
 
-# -- CLI ----------------------------------------------------------------------------------------------
+# -- CLI ------------------------------------------------------------------------------------------
 def _load_yaml(path: Optional[Path]) -> dict[str, Any]:
     if path is None:
         return {}
@@ -414,7 +423,8 @@ def _load_yaml(path: Optional[Path]) -> dict[str, Any]:
 
 
 def _parse_fractions(value: Any) -> list[float] | None:
-    """``"0.7,0.1,0.2"`` (flag) or ``[0.7, 0.1, 0.2]`` (YAML) → three floats; ``None`` stays ``None``."""
+    """``"0.7,0.1,0.2"`` (flag) or ``[0.7, 0.1, 0.2]`` (YAML) → three floats; ``None`` stays
+    ``None``."""
     if value is None:
         return None
     parts = value.split(",") if isinstance(value, str) else value
@@ -422,8 +432,8 @@ def _parse_fractions(value: Any) -> list[float] | None:
         return [float(x) for x in parts]
     except (TypeError, ValueError):
         raise CLIError(
-            f"--split-fractions takes three comma-separated numbers (train,val,test), e.g. 0.7,0.1,0.2; "
-            f"got {value!r}"
+            "--split-fractions takes three comma-separated numbers (train,val,test), e.g. "
+            f"0.7,0.1,0.2; got {value!r}"
         ) from None
 
 
@@ -443,21 +453,27 @@ def register(app: typer.Typer) -> None:
         "train",
         epilog=(
             "Examples:\n\n"
-            "  deltatune train --model minilm --data bbc-news --method lora --rank 8 --epochs 3 --out runs/bbc\n\n"
-            "  deltatune train --model minilm --data tweet-sentiment:apple --method lora --max-steps 200 --save-every 50 --out runs/apple\n\n"
-            "  deltatune train --model minilm --data tweet-sentiment:cars --class-weights balanced --out runs/cars\n\n"
+            "  deltatune train --model minilm --data bbc-news --method lora --rank 8 --epochs 3 "
+            "--out runs/bbc\n\n"
+            "  deltatune train --model minilm --data tweet-sentiment:apple --method lora "
+            "--max-steps 200 --save-every 50 --out runs/apple\n\n"
+            "  deltatune train --model minilm --data tweet-sentiment:cars --class-weights balanced "
+            "--out runs/cars\n\n"
             "  deltatune train --config run.yaml --resume\n\n"
-            "  deltatune train --model efficientnet-lite0 --data mnist --method lora --targets conv_stem --out runs/mnist"
+            "  deltatune train --model efficientnet-lite0 --data mnist --method lora --targets "
+            "conv_stem --out runs/mnist"
         ),
     )
     def train(
         model: Optional[str] = typer.Option(
             None,
-            help="model name (minilm, smollm2, efficientnet-lite0, small-cnn) or a transformers directory",
+            help="model name (minilm, smollm2, efficientnet-lite0, small-cnn) or a transformers "
+            "directory",
         ),
         data: Optional[str] = typer.Option(
             None,
-            help="dataset name (bbc-news, tweet-sentiment[:domain], mnist, ...) or a CSV/JSONL/folder path",
+            help="dataset name (bbc-news, tweet-sentiment[:domain], mnist, ...) or a "
+            "CSV/JSONL/folder path",
         ),
         method: Optional[str] = typer.Option(
             None, help="delta method (lora, ia3, bottleneck, ...)"
@@ -572,7 +588,10 @@ def register(app: typer.Typer) -> None:
 
     @app.command(
         "eval",
-        epilog="Examples:\n\n  deltatune eval --adapter runs/bbc/adapter --data bbc-news\n\n  deltatune eval --model minilm --adapter runs/apple/adapter --data tweet-sentiment:cars --split test",
+        epilog="Examples:\n\n"
+        "  deltatune eval --adapter runs/bbc/adapter --data bbc-news\n\n"
+        "  deltatune eval --model minilm --adapter runs/apple/adapter --data tweet-sentiment:cars "
+        "--split test",
     )
     def eval_(
         adapter: Path = typer.Option(
@@ -651,16 +670,18 @@ def register(app: typer.Typer) -> None:
         """Merge a delta into its base model and save the full model as safetensors."""
         results = run_export(model, adapter, out, overwrite, verify=not no_verify)
         print(
-            f"merged model written to {out} ({results['num_tensors']} tensors, {results['bytes'] / 2**20:.1f} MiB)"
+            f"merged model written to {out} ({results['num_tensors']} tensors, "
+            f"{results['bytes'] / 2**20:.1f} MiB)"
         )
 
 
 def _save_transformers(entry, out: Path, labels: list[str]) -> Optional[dict[str, Any]]:
-    """Save a merged transformers model so that ``transformers`` loads ``out`` by itself: config.json,
-    model.safetensors (save_pretrained) and the tokenizer. A sequence classifier or causal LM is the whole
-    model (``AutoModelForSequenceClassification`` / ``AutoModelForCausalLM``); MiniLM's encoder loads with
-    ``AutoModel``, and its mean-pooling head is in ``classifier.safetensors`` (logits = classifier(masked
-    mean of last_hidden_state)). ``None`` for a model that is not built on transformers."""
+    """Save a merged transformers model so that ``transformers`` loads ``out`` by itself:
+    config.json, model.safetensors (save_pretrained) and the tokenizer. A sequence classifier or
+    causal LM is the whole model (``AutoModelForSequenceClassification`` /
+    ``AutoModelForCausalLM``); MiniLM's encoder loads with ``AutoModel``, and its mean-pooling head
+    is in ``classifier.safetensors`` (logits = classifier(masked mean of last_hidden_state)).
+    ``None`` for a model that is not built on transformers."""
     from ..io.files import save_tensors
     from ..models.text import LogitsOnly, MeanPoolClassifier
 
@@ -704,13 +725,12 @@ def run_export(model_name: Optional[str], adapter: Path, out: Path, overwrite: b
     import deltatune as dt
 
     from ..io.files import save_tensors, write_json
-
     from ..io.outdir import publish, stage
 
     entry, labels = load_trained(model_name, adapter, verify=verify)
     final = Path(out)
-    # written whole into a staging directory beside --out and published with one rename: a kill or a full
-    # disk leaves no half export (model.safetensors without its config files)
+    # written whole into a staging directory beside --out and published with one rename: a kill or a
+    # full disk leaves no half export (model.safetensors without its config files)
     out = stage(final, overwrite=overwrite, inputs=[adapter, model_name])
     dt.merge(entry.model, unload=True)
     state = {k: v for k, v in entry.model.state_dict().items()}
