@@ -3,9 +3,9 @@
 deltatune format — a directory with
   ``delta.safetensors``  only the delta's tensors, keys ``<module path>.<tensor>``;
   ``delta.json``         format + version, the spec, the base-model fingerprint (the shapes of
-                         every hosting module's parameters), so a delta is never silently loaded onto
-                         another base, and the sha256 of ``delta.safetensors`` (``"checksums"``), so
-                         a corrupt copy is refused (see :mod:`.checks`).
+                         every hosting module's parameters), so a delta is never silently loaded
+                         onto another base, and the sha256 of ``delta.safetensors``
+                         (``"checksums"``), so a corrupt copy is refused (see :mod:`.checks`).
 """
 
 from __future__ import annotations
@@ -88,17 +88,17 @@ def check_fingerprint(model: nn.Module, fp: dict[str, Any] | None, source: Path)
             if have is None or list(have.shape) != list(shape):
                 got = None if have is None else tuple(have.shape)
                 raise DeltaFileError(
-                    f"{source} is for another base model: {path}.{pname} is {got} here but {tuple(shape)} "
-                    "in the file; load it on the model it was trained for"
+                    f"{source} is for another base model: {path}.{pname} is {got} here but "
+                    f"{tuple(shape)} in the file; load it on the model it was trained for"
                 )
 
 
 def save_adapter(
     model: nn.Module, path: str | Path, name: str | None = None, format: str = "deltatune"
 ) -> Path:
-    """Write delta ``name`` to directory ``path`` (``format="deltatune"`` or ``"peft"``). A new directory is
-    written whole under a temporary name and renamed into place; into an existing one, atomic per file
-    (the config, holding the tensors' checksum, last)."""
+    """Write delta ``name`` to directory ``path`` (``format="deltatune"`` or ``"peft"``). A new
+    directory is written whole under a temporary name and renamed into place; into an existing one,
+    atomic per file (the config, holding the tensors' checksum, last)."""
     name = _pick_name(model, name)
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -150,7 +150,8 @@ def save_adapter(
 
 
 def _check_finite(model: nn.Module, name: str) -> None:
-    """A delta with NaN/inf values is never saved: it would load (and evaluate) as a broken model."""
+    """A delta with NaN/inf values is never saved: it would load (and evaluate) as a broken
+    model."""
     deltas, copies = parts_of(model, name)
     for prefix, module in [*deltas.items(), *copies.items()]:
         for key, value in module.state_dict().items():
@@ -177,7 +178,8 @@ def detect_format(path: str | Path) -> str:
 
 
 def read_delta_config(path: Path) -> dict[str, Any]:
-    """``path/delta.json``, its whole structure checked (one-line errors naming the file and the field)."""
+    """``path/delta.json``, its whole structure checked (one-line errors naming the file and the
+    field)."""
     file = path / DELTA_JSON
     config = read_json(file)
     validate_delta_config(config, file, format=FORMAT, max_version=FORMAT_VERSION)
@@ -219,7 +221,8 @@ def verify_adapter(path: str | Path) -> None:
 def read_adapter_info(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
     """What a delta directory holds (format, method, targets, sizes, fingerprint), without a model.
 
-    The config's structure is checked and, with ``verify``, the tensor file against its recorded sha256."""
+    The config's structure is checked and, with ``verify``, the tensor file against its recorded
+    sha256."""
     path = Path(path)
     fmt = detect_format(path)
     keys = ("name", "method", "spec", "hosts", "trainable_modules", "fingerprint", "format_version")
@@ -291,8 +294,9 @@ def load_adapter(
 
     Everything is checked before the model changes, and sizes before anything is allocated: the
     config's structure, the tensor file's sha256 (``verify=False`` skips it, for hand-edited files),
-    the spec's sizes against the layers, the header's tensor names, shapes and dtypes against what the
-    spec builds, then the values (finite, of the right kind). On any failure the model is left as it was.
+    the spec's sizes against the layers, the header's tensor names, shapes and dtypes against what
+    the spec builds, then the values (finite, of the right kind). On any failure the model is left
+    as it was.
     """
     path = Path(path)
     fmt = detect_format(path)
@@ -323,7 +327,8 @@ def load_adapter(
             config.get("trainable_modules", [])
         ):
             raise DeltaFileError(
-                f"{path}: its spec selects different modules on this model than it was saved from; load it on the original base"
+                f"{path}: its spec selects different modules on this model than it was saved from; "
+                "load it on the original base"
             )
         modules = {**deltas, **copies}
         if header is not None:  # names, shapes, dtypes: before the file's data is read
@@ -350,8 +355,8 @@ def load_adapter(
 def attach_from_file(
     model: nn.Module, spec: DeltaSpec, name: str, file: Path, *, activate: bool
 ) -> None:
-    """``attach`` for a spec read from ``file``: a size that does not fit a layer (checked before any
-    tensor is allocated) names the file, since the fix is there."""
+    """``attach`` for a spec read from ``file``: a size that does not fit a layer (checked before
+    any tensor is allocated) names the file, since the fix is there."""
     try:
         attach(model, spec, name, activate=activate)
     except SpecError as exc:
@@ -372,15 +377,16 @@ def load_module_states(
     if missing or extra:
         what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
         raise DeltaFileError(
-            f"{source}: tensors do not match the delta ({what}); the file is for another model or method"
+            f"{source}: tensors do not match the delta ({what}); the file is for another model or "
+            "method"
         )
     per_module: dict[int, dict[str, torch.Tensor]] = {}
     for key, (module, local, current) in expected.items():
         value = tensors[key]
         if tuple(value.shape) != tuple(current.shape):
             raise DeltaFileError(
-                f"{source}: tensor {key} has shape {tuple(value.shape)} but the model needs {tuple(current.shape)}; "
-                "it was saved for another base model or rank"
+                f"{source}: tensor {key} has shape {tuple(value.shape)} but the model needs "
+                f"{tuple(current.shape)}; it was saved for another base model or rank"
             )
         check_value(source, key, value, current)
         value = value.to(device=current.device, dtype=current.dtype)
@@ -388,7 +394,8 @@ def load_module_states(
             value.is_floating_point() and not torch.isfinite(value).all()
         ):  # e.g. float64 beyond float32's range
             raise DeltaFileError(
-                f"{source}: tensor {key} overflows {current.dtype} when loaded; the delta is corrupt"
+                f"{source}: tensor {key} overflows {current.dtype} when loaded; the delta is "
+                "corrupt"
             )
         per_module.setdefault(id(module), {})[local] = value
     for module in modules.values():

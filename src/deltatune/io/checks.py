@@ -7,8 +7,8 @@
   :data:`PEFT_CHECKSUMS` that peft ignores. Directories written without one (older deltatune, peft
   itself) load unverified. ``verify=False`` (CLI ``--no-verify``) skips the comparison, for files
   edited on purpose.
-- **Structure**: every field of ``delta.json`` / ``adapter_config.json`` that deltatune reads has its
-  type checked first, so a malformed file gives one line naming the file and the field, never a
+- **Structure**: every field of ``delta.json`` / ``adapter_config.json`` that deltatune reads has
+  its type checked first, so a malformed file gives one line naming the file and the field, never a
   ``KeyError`` or ``TypeError`` from deep inside.
 - **Tensors**: names, shapes and dtypes from the safetensors header (read without loading the data)
   against what the spec built; values must be finite and of the expected kind (no integer tensor is
@@ -29,7 +29,8 @@ from ..core.errors import DeltaFileError
 PEFT_CHECKSUMS = "adapter_checksums.json"
 CHECKSUM_FORMAT = "deltatune-checksums"
 #: largest |value| accepted in a delta tensor: far above any trained weight, and small enough that a
-#: product of two such values stays finite in float32 (values ×1e30 otherwise load and give NaN losses)
+#: product of two such values stays finite in float32 (values ×1e30 otherwise load and give NaN
+#: losses)
 MAX_ABS_VALUE = 1e15
 
 
@@ -44,14 +45,15 @@ def file_sha256(path: str | Path) -> str:
 
 
 def verify_file(path: Path, expected: str | None, recorded_in: Path) -> None:
-    """Raise if ``path``'s sha256 differs from ``expected`` (``None``: nothing recorded, nothing checked)."""
+    """Raise if ``path``'s sha256 differs from ``expected`` (``None``: nothing recorded, nothing
+    checked)."""
     if expected is None or not path.is_file():
         return  # a missing file gets its own error from the reader
     if file_sha256(path) != expected:
         raise DeltaFileError(
-            f"{path} does not match the sha256 recorded in {recorded_in}: the file changed after saving "
-            "(corrupt copy or edited); copy or save it again, or load with verify=False (CLI: --no-verify) "
-            "if you edited it on purpose"
+            f"{path} does not match the sha256 recorded in {recorded_in}: the file changed after "
+            "saving (corrupt copy or edited); copy or save it again, or load with verify=False "
+            "(CLI: --no-verify) if you edited it on purpose"
         )
 
 
@@ -81,7 +83,8 @@ def _check_checksums(sums: Any, file: Path, field: str) -> None:
 # -- structure -------------------------------------------------------------------------------------
 def _bad(file: Path, field: str, problem: str) -> None:
     raise DeltaFileError(
-        f"{file}: field {field!r} {problem}; the file is corrupt or was edited by hand: save the delta again"
+        f"{file}: field {field!r} {problem}; the file is corrupt or was edited by hand: save the "
+        "delta again"
     )
 
 
@@ -100,7 +103,8 @@ def _is_str_list(v: Any) -> bool:
 def validate_delta_config(
     config: dict[str, Any], file: Path, *, format: str, max_version: int
 ) -> None:
-    """Check every field of a ``delta.json`` that loading reads (types and nesting), or raise one line."""
+    """Check every field of a ``delta.json`` that loading reads (types and nesting), or raise one
+    line."""
     if config.get("format") != format:
         raise DeltaFileError(
             f"{file} is not a deltatune delta config (format={config.get('format')!r}); "
@@ -155,7 +159,8 @@ def validate_delta_config(
         _bad(file, "compressed", "must be an object")
 
 
-#: types of the peft config fields deltatune reads (all optional; ``None`` allowed where peft writes it)
+#: types of the peft config fields deltatune reads (all optional; ``None`` allowed where peft writes
+#: it)
 _PEFT_FIELDS: dict[str, tuple[str, bool]] = {
     **{
         k: ("int", False)
@@ -221,7 +226,8 @@ _WHAT = {"int": "an integer", "number": "a number", "bool": "true or false", "st
 
 
 def validate_peft_config(config: dict[str, Any], file: Path) -> None:
-    """Check the fields of a peft ``adapter_config.json`` that deltatune reads, or raise one line."""
+    """Check the fields of a peft ``adapter_config.json`` that deltatune reads, or raise one
+    line."""
     if not isinstance(config.get("peft_type"), str):
         _bad(
             file,
@@ -248,7 +254,8 @@ def validate_peft_config(config: dict[str, Any], file: Path) -> None:
 
 # -- tensors ---------------------------------------------------------------------------------------
 def tensor_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """``{name: (safetensors dtype, shape)}`` from the file's header; the tensor data is not read."""
+    """``{name: (safetensors dtype, shape)}`` from the file's header; the tensor data is not
+    read."""
     from safetensors import safe_open
 
     if not file.is_file():
@@ -287,37 +294,44 @@ def check_header(file: Path, header: Mapping[str, tuple[str, tuple[int, ...]]],
     if missing or extra:
         what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
         raise DeltaFileError(
-            f"{file}: tensors do not match the delta ({what}); the file is for another model or method"
+            f"{file}: tensors do not match the delta ({what}); the file is for another model or "
+            "method"
         )
     for key, (dtype, shape) in header.items():
         want = expected[key]
         if tuple(shape) != tuple(want.shape):
             raise DeltaFileError(
-                f"{file}: tensor {key} has shape {tuple(shape)} but the spec builds {tuple(want.shape)}; "
-                "the file and its config disagree (edited or for another base model or rank)"
+                f"{file}: tensor {key} has shape {tuple(shape)} but the spec builds "
+                f"{tuple(want.shape)}; the file and its config disagree (edited or for another "
+                "base model or rank)"
             )
         if _kind_of_header_dtype(dtype) != _kind(want.dtype):
             raise DeltaFileError(
-                f"{file}: tensor {key} is {dtype} but must be {str(want.dtype).removeprefix('torch.')}; "
-                "the file is corrupt or was edited: save the delta again"
+                f"{file}: tensor {key} is {dtype} but must be "
+                f"{str(want.dtype).removeprefix('torch.')}; the file is corrupt or was edited: "
+                "save the delta again"
             )
 
 
 def check_value(source: Path, key: str, value: torch.Tensor, want: torch.Tensor) -> None:
-    """A loaded tensor must be of the expected kind (never cast int→float), finite and of sane size."""
+    """A loaded tensor must be of the expected kind (never cast int→float), finite and of sane
+    size."""
     if _kind(value.dtype) != _kind(want.dtype):
         raise DeltaFileError(
             f"{source}: tensor {key} is {str(value.dtype).removeprefix('torch.')} but must be "
-            f"{str(want.dtype).removeprefix('torch.')}; the file is corrupt or was edited: save the delta again"
+            f"{str(want.dtype).removeprefix('torch.')}; the file is corrupt or was edited: save "
+            "the delta again"
         )
     if value.is_floating_point() and value.numel():
         if not torch.isfinite(value).all():
             raise DeltaFileError(
-                f"{source}: tensor {key} holds NaN or inf values; the delta is corrupt: save it again"
+                f"{source}: tensor {key} holds NaN or inf values; the delta is corrupt: save it "
+                "again"
             )
         biggest = float(value.abs().max())
         if biggest > MAX_ABS_VALUE:
             raise DeltaFileError(
-                f"{source}: tensor {key} holds values up to {biggest:.3g} (more than {MAX_ABS_VALUE:.0e}),"
-                " which overflow to NaN in the forward pass; the delta is corrupt: save it again"
+                f"{source}: tensor {key} holds values up to {biggest:.3g} (more than "
+                f"{MAX_ABS_VALUE:.0e}), which overflow to NaN in the forward pass; the delta is "
+                "corrupt: save it again"
             )

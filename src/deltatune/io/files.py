@@ -14,7 +14,8 @@ from ..core.errors import DeltaFileError
 
 
 def ordinary_mode(path: str | os.PathLike) -> None:
-    """Give a file or directory made by ``tempfile`` (0600/0700) the mode a plain open/mkdir would."""
+    """Give a file or directory made by ``tempfile`` (0600/0700) the mode a plain open/mkdir
+    would."""
     umask = os.umask(0)  # the only portable way to read it is to set it
     os.umask(umask)
     os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
@@ -45,8 +46,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write strict JSON: NaN and ±inf become ``null`` (Python's json would write bare ``NaN``, which
-    other JSON readers reject); ``allow_nan=False`` makes sure nothing non-finite slips through."""
+    """Write strict JSON: NaN and ±inf become ``null`` (Python's json would write bare ``NaN``,
+    which other JSON readers reject); ``allow_nan=False`` makes sure nothing non-finite slips
+    through."""
 
     def finite(value: Any) -> Any:
         if isinstance(value, float):
@@ -104,14 +106,15 @@ def load_tensors(
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise DeltaFileError(
-            f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]}); it is corrupt or "
-            "truncated: save or copy it again"
+            f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]}); it is "
+            "corrupt or truncated: save or copy it again"
         ) from exc
 
 
 def save_figure(fig, path: str | os.PathLike, *, dpi: int = 120, **savefig: Any) -> Path:
-    """Write a matplotlib figure atomically, in the format of ``path``'s suffix (PNG without one), and
-    close it (also when writing fails); ``savefig`` goes to ``fig.savefig`` (e.g. ``bbox_inches``)."""
+    """Write a matplotlib figure atomically, in the format of ``path``'s suffix (PNG without one),
+    and close it (also when writing fails); ``savefig`` goes to ``fig.savefig`` (e.g.
+    ``bbox_inches``)."""
     fmt = Path(path).suffix.lstrip(".").lower() or "png"
     try:
         return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi, **savefig))

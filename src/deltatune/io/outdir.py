@@ -1,7 +1,7 @@
 """Output directories that never lose a user's files.
 
-Every job that writes a directory (``--out``) runs inside :func:`output_job` and claims its directory
-with :func:`claim`. The claim:
+Every job that writes a directory (``--out``) runs inside :func:`output_job` and claims its
+directory with :func:`claim`. The claim:
 
 * refuses a directory that is, or holds, the current directory, the home directory, the file-system
   root, or any of the job's inputs (and one that lies inside an input directory);
@@ -133,8 +133,8 @@ def claim(out: str | os.PathLike, *, overwrite: bool = False, resume: bool = Fal
         if present and not resume:
             if not overwrite:
                 raise OutputError(
-                    f"--out {out} exists and is not empty; pass --overwrite to replace it, --resume "
-                    "to continue it, or choose another directory"
+                    f"--out {out} exists and is not empty; pass --overwrite to replace it, "
+                    "--resume to continue it, or choose another directory"
                 )
             if record is None:
                 raise OutputError(
@@ -198,8 +198,8 @@ def check_out(out: str | os.PathLike, inputs: Iterable[Any] = ()) -> None:
 
 
 def check_replace(out: str | os.PathLike, overwrite: bool, inputs: Iterable[Any] = ()) -> None:
-    """For jobs that build their output in a temporary directory and :func:`publish` it whole: refuse,
-    before any work, an output they must not write or replace."""
+    """For jobs that build their output in a temporary directory and :func:`publish` it whole:
+    refuse, before any work, an output they must not write or replace."""
     out = Path(out)
     check_out(out, inputs)
     if entries(out):
@@ -217,9 +217,9 @@ def check_replace(out: str | os.PathLike, overwrite: bool, inputs: Iterable[Any]
 
 
 def stage(out: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable[Any] = ()) -> Path:
-    """For a job that builds its whole output before showing it: refuse ``out`` as :func:`check_replace`
-    does, and return a new staging directory beside it to :func:`publish`; the running :func:`output_job`
-    removes the staging directory if the job fails."""
+    """For a job that builds its whole output before showing it: refuse ``out`` as
+    :func:`check_replace` does, and return a new staging directory beside it to :func:`publish`; the
+    running :func:`output_job` removes the staging directory if the job fails."""
     check_replace(out, overwrite, inputs)
     tmp = staging_dir(out)
     job = _CURRENT.get()
@@ -229,8 +229,8 @@ def stage(out: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable[A
 
 
 def staging_dir(out: str | os.PathLike) -> Path:
-    """A new empty directory beside ``out`` (``.NAME.tmp-PID-RANDOM``) to build it in. What jobs killed
-    while writing ``out`` left beside it is cleared first (see :func:`recover`)."""
+    """A new empty directory beside ``out`` (``.NAME.tmp-PID-RANDOM``) to build it in. What jobs
+    killed while writing ``out`` left beside it is cleared first (see :func:`recover`)."""
     out = Path(os.path.abspath(out))  # "." or "..": the staging directory goes beside the real name
     out.parent.mkdir(parents=True, exist_ok=True)
     recover(out)
@@ -264,9 +264,10 @@ def swap_in(tmp: str | os.PathLike, out: str | os.PathLike,
 
 
 def recover(out: str | os.PathLike) -> None:
-    """Clear what jobs killed while writing ``out`` left beside it: their staging directories, and the
-    earlier output a kill caught between the two renames of :func:`publish` / :func:`swap_in` (put back
-    when ``out`` is missing, deleted otherwise). Entries of live processes are left alone."""
+    """Clear what jobs killed while writing ``out`` left beside it: their staging directories, and
+    the earlier output a kill caught between the two renames of :func:`publish` / :func:`swap_in`
+    (put back when ``out`` is missing, deleted otherwise). Entries of live processes are left
+    alone."""
     out = Path(os.path.abspath(out))
     pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)-[^/]*")
     try:
@@ -306,7 +307,8 @@ def publish(
     """Move the finished directory ``tmp`` into place as ``out`` in one rename.
 
     An earlier deltatune output there is swapped out and deleted; files in it that deltatune did not
-    write are carried over into the new one. A lock beside ``out`` keeps two jobs from publishing at once.
+    write are carried over into the new one. A lock beside ``out`` keeps two jobs from publishing at
+    once.
     """
     tmp, out = Path(tmp), Path(out)
     lock = out.parent / f".{out.name}{LOCK}"
@@ -333,7 +335,8 @@ def _carry_user_files(old: Path, out: Path, mine: set[str]) -> None:
 
 
 def read_record(out: str | os.PathLike) -> dict | None:
-    """What earlier deltatune jobs recorded in ``out`` (None when nothing was recorded or it is unreadable)."""
+    """What earlier deltatune jobs recorded in ``out`` (None when nothing was recorded or it is
+    unreadable)."""
     path = Path(out) / RECORD
     try:
         data = json.loads(path.read_text())
@@ -347,7 +350,7 @@ def entries(out: str | os.PathLike) -> list[str]:
     return _entries(Path(out))
 
 
-# -- internals ---------------------------------------------------------------------------------------
+# -- internals ------------------------------------------------------------------------------------
 def _entries(out: Path) -> list[str]:
     if not out.is_dir():
         return []
@@ -380,11 +383,11 @@ def _lock(path: Path, out: Path, job: str) -> None:
             owner = _owner(path)
             if owner is not None:
                 raise OutputError(
-                    f"--out {out} is in use by another deltatune job ({owner}); wait for it to finish "
-                    "or choose another directory"
+                    f"--out {out} is in use by another deltatune job ({owner}); wait for it to "
+                    "finish or choose another directory"
                 ) from None
-            # the owner is gone (killed): take the lock over. Rename first so that two jobs racing for a
-            # stale lock cannot both remove it and both create a new one.
+            # the owner is gone (killed): take the lock over. Rename first so that two jobs racing
+            # for a stale lock cannot both remove it and both create a new one.
             stale = path.with_name(f"{path.name}.{os.getpid()}.stale")
             try:
                 os.replace(path, stale)
