@@ -52,7 +52,7 @@ def assistant_spans(
         if messages[i]["role"] != "assistant":
             continue
         head = render(tokenizer, messages[:i], template, add_generation_prompt=True)
-        upto = render(tokenizer, messages[: i + 1], template)
+        upto = full if i == len(messages) - 1 else render(tokenizer, messages[: i + 1], template)
         if not (upto.startswith(head) and full.startswith(upto)):
             raise ChatError(
                 "the chat template is not prefix-stable (rendering the conversation turn by "
@@ -79,9 +79,11 @@ def _label_spans(
     except NotImplementedError:  # a slow (Python) tokenizer has no offsets
         raise ChatError("finding the assistant's tokens needs a fast tokenizer (tokenizer.json); "
                         "load the model's tokenizer with use_fast=True") from None
-    ids, labels = list(enc["input_ids"]), []
-    for tok, (a, b) in zip(ids, enc["offset_mapping"]):
-        inside = any(b > s and a < e for s, e in spans)
+    ids, labels, k = list(enc["input_ids"]), [], 0
+    for tok, (a, b) in zip(ids, enc["offset_mapping"]):  # spans and offsets both ascend
+        while k < len(spans) and spans[k][1] <= a:
+            k += 1
+        inside = k < len(spans) and b > spans[k][0] and a < spans[k][1]
         labels.append(tok if inside else IGNORE)
     return Encoded(ids, labels)
 
