@@ -3,8 +3,8 @@
 A checkpoint is one ``.safetensors`` file or a directory of them: shards listed by a
 ``model.safetensors.index.json`` ``weight_map`` (the transformers layout), or a single
 ``model.safetensors``, or any set of ``*.safetensors`` files. Only headers are read up front; tensor
-rows are read on demand, each read opening the file afresh, so no memory map (and none of its resident
-pages) outlives the read. Pickled checkpoints are refused, never loaded.
+rows are read on demand, each read opening the file afresh, so no memory map (and none of its
+resident pages) outlives the read. Pickled checkpoints are refused, never loaded.
 """
 
 from __future__ import annotations
@@ -77,14 +77,16 @@ class Checkpoint:
                     continue
                 if name in self._where:
                     raise CheckpointError(
-                        f"{self.path}: tensor {name!r} appears in two shards; the checkpoint is inconsistent"
+                        f"{self.path}: tensor {name!r} appears in two shards; the checkpoint is "
+                        "inconsistent"
                     )
                 self._where[name] = (file, shape, dtype)
         expected = {n for w in files.values() if w is not None for n in w}
         missing = sorted(expected - set(self._where))
         if missing:
             raise CheckpointError(
-                f"{self.path}: the index lists {missing[0]!r} but its shard does not hold it; the checkpoint is incomplete"
+                f"{self.path}: the index lists {missing[0]!r} but its shard does not hold it; the "
+                "checkpoint is incomplete"
             )
         if not self._where:
             raise CheckpointError(f"{self.path} holds no tensors; point to a model checkpoint")
@@ -98,7 +100,8 @@ class Checkpoint:
         if p.is_file():
             if p.suffix != ".safetensors":
                 raise CheckpointError(
-                    f"{p} is not a .safetensors file; deltatune never unpickles checkpoints: convert it to safetensors"
+                    f"{p} is not a .safetensors file; deltatune never unpickles checkpoints: "
+                    "convert it to safetensors"
                 )
             return {p: None}
         if (p / INDEX).is_file():
@@ -118,7 +121,8 @@ class Checkpoint:
             for f in files:
                 if not f.is_file():
                     raise CheckpointError(
-                        f"{p / INDEX} lists shard {f.name} but it is missing; copy the checkpoint again"
+                        f"{p / INDEX} lists shard {f.name} but it is missing; copy the checkpoint "
+                        "again"
                     )
             return files
         if (p / "model.safetensors").is_file():
@@ -131,13 +135,15 @@ class Checkpoint:
         )
         if pickles:
             raise CheckpointError(
-                f"{p} holds only pickled weights ({pickles[0]}); deltatune never unpickles: save the model with safetensors"
+                f"{p} holds only pickled weights ({pickles[0]}); deltatune never unpickles: save "
+                "the model with safetensors"
             )
         raise CheckpointError(f"{p} holds no .safetensors files; pass a model directory or file")
 
     def _inside(self, path: Path) -> Path:
         """``path`` with its links resolved, refused when that leaves the checkpoint's directory: a
-        linked shard or tokenizer file would read (and copy into the output) a file from elsewhere."""
+        linked shard or tokenizer file would read (and copy into the output) a file from
+        elsewhere."""
         real = path.resolve()
         if real != self.root and self.root not in real.parents:
             raise CheckpointError(
@@ -199,7 +205,8 @@ class Checkpoint:
 
 
 class LazyTensor:
-    """One tensor of a checkpoint, read a block of rows at a time (a :class:`~.tensors.TensorSource`)."""
+    """One tensor of a checkpoint, read a block of rows at a time (a
+    :class:`~.tensors.TensorSource`)."""
 
     def __init__(self, ckpt: Checkpoint, name: str, dtype: torch.dtype | None = None) -> None:
         self.ckpt, self.name = ckpt, name
@@ -221,13 +228,16 @@ class LazyTensor:
                     part = fh.get_slice(self.name)[start:stop]
         except (SafetensorError, OSError, RuntimeError) as exc:
             raise CheckpointError(
-                f"{self.file}: cannot read {self.name} ({str(exc).splitlines()[0]}); the file is corrupt or truncated"
+                f"{self.file}: cannot read {self.name} ({str(exc).splitlines()[0]}); the file is "
+                "corrupt or truncated"
             ) from exc
         if part.is_floating_point() and (start, stop) not in self._checked:
-            # one reduction: NaN/inf make the sum non-finite (an overflowing sum is re-checked exactly)
+            # one reduction: NaN/inf make the sum non-finite (an overflowing sum is re-checked
+            # exactly)
             if not bool(torch.isfinite(part.sum())) and not bool(torch.isfinite(part).all()):
                 raise CheckpointError(
-                    f"{self.file}: tensor {self.name} holds NaN or inf values; the checkpoint is corrupt, fix or re-save it"
+                    f"{self.file}: tensor {self.name} holds NaN or inf values; the checkpoint is "
+                    "corrupt, fix or re-save it"
                 )
             self._checked.add((start, stop))
         return part if part.dtype == self.dtype else part.to(self.dtype)
@@ -260,11 +270,12 @@ def _read_header(file: Path) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
             return out
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(
-            f"{file} is not a readable safetensors file ({str(exc).splitlines()[0]}); it is corrupt or truncated"
+            f"{file} is not a readable safetensors file ({str(exc).splitlines()[0]}); it is "
+            "corrupt or truncated"
         ) from exc
 
 
-# -- writing ----------------------------------------------------------------------------------------
+# -- writing --------------------------------------------------------------------------------------
 class ShardWriter:
     """Writes a planned list of tensors into safetensors shards, streaming each tensor's bytes.
 
@@ -302,7 +313,8 @@ class ShardWriter:
         self._remaining = 0
 
     def tensor(self, name: str) -> "ShardWriter":
-        """Start the next planned tensor (must be ``name``); then :meth:`write` its rows in order."""
+        """Start the next planned tensor (must be ``name``); then :meth:`write` its rows in
+        order."""
         if self._remaining:
             raise MergeError(f"tensor {self._order[self._next - 1][1][0]} was not fully written")
         shard, (planned, shape, dtype) = self._order[self._next]
@@ -321,8 +333,9 @@ class ShardWriter:
         if chunk.is_floating_point() and not bool(torch.isfinite(chunk.sum())) \
                 and not bool(torch.isfinite(chunk).all()):
             raise MergeError(
-                f"merged tensor {self._order[self._next - 1][1][0]} has NaN or inf values, so no output was written; "
-                "check the weights and parameters (or use an out_dtype wide enough for the values)"
+                f"merged tensor {self._order[self._next - 1][1][0]} has NaN or inf values, so no "
+                "output was written; check the weights and parameters (or use an out_dtype wide "
+                "enough for the values)"
             )
         data = chunk.reshape(-1).view(torch.uint8)
         if data.numel() > self._remaining:

@@ -1,10 +1,10 @@
-"""Combining adapters on a live model: weighted sums without merging, merging adapters into one LoRA,
-and hot-swapping an adapter's weights without reloading the base.
+"""Combining adapters on a live model: weighted sums without merging, merging adapters into one
+LoRA, and hot-swapping an adapter's weights without reloading the base.
 
-The weighted sum scales each delta's contribution, ``h + w·(delta(x, h) − h)``, through forward hooks
-on the delta modules (the engine is not changed); a trainable module copy (e.g. a head) contributes
-``w·(copy(x) − base(x))``. Hooks act on ordinary forwards; merged weights and per-sample routing are
-refused or ignore them, as stated where they apply.
+The weighted sum scales each delta's contribution, ``h + w·(delta(x, h) − h)``, through forward
+hooks on the delta modules (the engine is not changed); a trainable module copy (e.g. a head)
+contributes ``w·(copy(x) − base(x))``. Hooks act on ordinary forwards; merged weights and per-sample
+routing are refused or ignore them, as stated where they apply.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ class WeightedSum:
         for name in weights:
             if name not in known:
                 raise StateError(
-                    f"no delta named {name!r} is attached; attached: {', '.join(sorted(known)) or 'none'}"
+                    f"no delta named {name!r} is attached; attached: "
+                    f"{', '.join(sorted(known)) or 'none'}"
                 )
         if any(h.merged for _, h in iter_hosts(model)):
             raise StateError("a weighted sum needs unmerged deltas; call dt.unmerge(model) first")
@@ -46,7 +47,9 @@ class WeightedSum:
             if isinstance(host, DeltaHost):
                 for name, w in self.weights.items():
                     if name in host.deltas and w != 1.0:
-                        self._handles.append(host.deltas[name].register_forward_hook(_scale_contribution(w)))
+                        self._handles.append(
+                            host.deltas[name].register_forward_hook(_scale_contribution(w))
+                        )
             elif isinstance(host, ModuleCopy):
                 names = [n for n in self.weights if n in host.copies]
                 if names:
@@ -70,7 +73,8 @@ class WeightedSum:
 
 
 def weighted(model: nn.Module, weights: Mapping[str, float]) -> WeightedSum:
-    """``with weighted(model, {"news": 0.7, "tweets": 0.3}): model(x)`` — a weighted sum of adapters."""
+    """``with weighted(model, {"news": 0.7, "tweets": 0.3}): model(x)`` — a weighted sum of
+    adapters."""
     return WeightedSum(model, weights)
 
 
@@ -105,7 +109,8 @@ def attach_lowrank(
         path, _, pname = key.rpartition(".")
         if pname != "weight" or not isinstance(entry, LowRank):
             raise MergeError(
-                f"entry {key} is not a factored weight change; call vector.to_rank(r) first (LoRA holds weight changes only)"
+                f"entry {key} is not a factored weight change; call vector.to_rank(r) first (LoRA "
+                "holds weight changes only)"
             )
         paths.append(path)
         ranks[path] = entry.rank
@@ -123,7 +128,9 @@ def attach_lowrank(
                 want = host.kind == "embedding" or bool(host.fan_in_fan_out)
                 if entry.transposed != want:
                     raise MergeError(
-                        f"entry {key} is stored {'transposed' if entry.transposed else 'untransposed'}, which does not fit {type(host.base).__name__}"
+                        f"entry {key} is stored "
+                        f"{'transposed' if entry.transposed else 'untransposed'}, which does not "
+                        f"fit {type(host.base).__name__}"
                     )
                 delta.lora_A.copy_(entry.A.to(delta.lora_A.dtype))
                 delta.lora_B.copy_((entry.B * entry.scale).to(delta.lora_B.dtype))
@@ -147,15 +154,16 @@ def merge_adapters(
     """Merge attached adapters into one new LoRA named ``name`` and return its task vector.
 
     ``lora_concat`` is exact (rank = Σ ranks); ``lora_svd`` re-factors to ``rank``; any registered
-    dense method (``ties``, ``dare_ties``, ...) merges the ΔW's and needs ``rank`` to store the result as
-    a LoRA. Trainable module copies (heads) are not merged: keep one per task.
+    dense method (``ties``, ``dare_ties``, ...) merges the ΔW's and needs ``rank`` to store the
+    result as a LoRA. Trainable module copies (heads) are not merged: keep one per task.
     """
     if not names:
         raise MergeError("merge_adapters needs the names of at least one attached adapter")
     factored = method in ("lora_concat", "lora_svd")
     if not factored and rank is None:
         raise MergeError(
-            f"{method} merges dense weight changes; pass rank=... to store them as a LoRA, or use merge_task_vectors(...).apply_to(model)"
+            f"{method} merges dense weight changes; pass rank=... to store them as a LoRA, or use "
+            "merge_task_vectors(...).apply_to(model)"
         )
     vectors = [TaskVector.from_adapter(model, n, factored=factored, copies=False) for n in names]
     if weights is not None:
@@ -165,7 +173,7 @@ def merge_adapters(
     return merged
 
 
-# -- hot swap ---------------------------------------------------------------------------------------
+# -- hot swap -------------------------------------------------------------------------------------
 def hot_swap(model: nn.Module, name: str, path: str | os.PathLike) -> None:
     """Replace attached delta ``name``'s tensors in place with those saved at ``path``.
 
@@ -191,7 +199,8 @@ def hot_swap(model: nn.Module, name: str, path: str | os.PathLike) -> None:
         new = _parts(model, tmp)
         if sorted(new) != sorted(parts):
             raise MergeError(
-                f"{path} changes other modules than delta {name!r}; attach it as a new delta instead"
+                f"{path} changes other modules than delta {name!r}; attach it as a new delta "
+                "instead"
             )
         with _unmerged(model), torch.no_grad():
             for p, module in parts.items():
@@ -212,13 +221,15 @@ def _same_spec(current: Mapping[str, Any], saved: Mapping[str, Any], path: Any) 
     for key in sorted(set(current) | set(saved)):
         if current.get(key) != saved.get(key):
             raise MergeError(
-                f"{path} has {key}={saved.get(key)!r} but the attached delta has {current.get(key)!r}; "
-                "hot swap needs the same spec: attach it as a new delta instead"
+                f"{path} has {key}={saved.get(key)!r} but the attached delta has "
+                f"{current.get(key)!r}; hot swap needs the same spec: attach it as a new delta "
+                "instead"
             )
 
 
 class _unmerged:
-    """Unmerge for the duration of a block when anything is merged, merge the same set again after."""
+    """Unmerge for the duration of a block when anything is merged, merge the same set again
+    after."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

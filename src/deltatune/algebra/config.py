@@ -2,10 +2,11 @@
 
 Read with :func:`load_merge_config`. Supported keys: ``merge_method``, ``base_model``, ``models``
 (each ``model`` with optional ``parameters`` and, for Fisher/RegMean, ``stats``), ``parameters``,
-``dtype``, ``out_dtype``, and deltatune's ``random_seed``. Parameter values follow mergekit: a scalar,
-a *gradient* (a list interpolated over the layer position, 0 at the first layer and 1 at the last),
-or conditional entries ``{filter: substring, value: ...}`` applied to tensors whose names contain the
-substring. ``slices``/``modules`` (layer surgery) and tokenizer merging are not supported.
+``dtype``, ``out_dtype``, and deltatune's ``random_seed``. Parameter values follow mergekit: a
+scalar, a *gradient* (a list interpolated over the layer position, 0 at the first layer and 1 at the
+last), or conditional entries ``{filter: substring, value: ...}`` applied to tensors whose names
+contain the substring. ``slices``/``modules`` (layer surgery) and tokenizer merging are not
+supported.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class MergeConfig:
     seed: int | None = None
 
     def non_base(self) -> list[ModelEntry]:
-        """The models besides the base (a base listed among ``models`` is the base, as in mergekit)."""
+        """The models besides the base (a base listed among ``models`` is the base, as in
+        mergekit)."""
         if self.base is None:
             return list(self.models)
         return [m for m in self.models if m.path.resolve() != self.base.resolve()]
@@ -112,7 +114,8 @@ def parse_merge_config(data: Any, root: str | Path = ".", source: str = "config"
     for key, what in _UNSUPPORTED.items():
         if key in data:
             raise MergeConfigError(
-                f"{source}: {key!r} ({what}) is not supported by deltatune merge; list whole models under 'models:'"
+                f"{source}: {key!r} ({what}) is not supported by deltatune merge; list whole "
+                "models under 'models:'"
             )
     unknown = sorted(set(data) - _KNOWN - _IGNORED)
     if unknown:
@@ -121,7 +124,8 @@ def parse_merge_config(data: Any, root: str | Path = ".", source: str = "config"
         )
     for key in sorted(set(data) & _IGNORED):
         warnings.warn(
-            f"{source}: {key!r} is ignored (deltatune merges weights only; copy tokenizers yourself)",
+            f"{source}: {key!r} is ignored (deltatune merges weights only; copy tokenizers "
+            "yourself)",
             stacklevel=2,
         )
     method = data.get("merge_method")
@@ -228,10 +232,12 @@ def _local(ref: Any, root: Path, source: str) -> Path:
             return candidate
     if "+" in ref:
         raise MergeConfigError(
-            f"{source}: {ref!r} not found; 'model+lora' references are not supported: merge the LoRA first (dt.merge)"
+            f"{source}: {ref!r} not found; 'model+lora' references are not supported: merge the "
+            "LoRA first (dt.merge)"
         )
     raise MergeConfigError(
-        f"{source}: model {ref!r} not found locally; deltatune never downloads: pass a local directory or .safetensors file"
+        f"{source}: model {ref!r} not found locally; deltatune never downloads: pass a local "
+        "directory or .safetensors file"
     )
 
 
@@ -243,7 +249,8 @@ def layer_count(names: list[str]) -> int:
 
 
 def layer_position(name: str, n_layers: int) -> float:
-    """Where a tensor sits for gradients, as in mergekit: i/(n−1) for layer i, 0 outside the layers."""
+    """Where a tensor sits for gradients, as in mergekit: i/(n−1) for layer i, 0 outside the
+    layers."""
     m = _LAYER.search(name)
     if m is None or n_layers == 0:
         return 0.0
@@ -251,7 +258,8 @@ def layer_position(name: str, n_layers: int) -> float:
 
 
 def resolve_setting(setting: Setting, tensor: str, t: float) -> Any:
-    """A parameter's value for ``tensor`` at layer position ``t`` (None: not set for this tensor)."""
+    """A parameter's value for ``tensor`` at layer position ``t`` (None: not set for this
+    tensor)."""
     if isinstance(setting, dict):
         setting = [setting]
     if isinstance(setting, (bool, int, float, str)) or setting is None:
@@ -274,7 +282,8 @@ def resolve_setting(setting: Setting, tensor: str, t: float) -> Any:
     for cond in setting:
         if not isinstance(cond, dict) or "value" not in cond:
             raise MergeConfigError(
-                f"conditional parameter entries need a 'value' (and optional 'filter'); got {cond!r}"
+                "conditional parameter entries need a 'value' (and optional 'filter'); got "
+                f"{cond!r}"
             )
         flt = cond.get("filter")
         if flt is None or flt == "*" or str(flt) in tensor:
@@ -283,8 +292,9 @@ def resolve_setting(setting: Setting, tensor: str, t: float) -> Any:
 
 
 def setting_values(setting: Setting) -> list[Any]:
-    """Every plain value a setting can take: the scalar, a gradient's points (values between them are
-    interpolated, so they lie inside any interval holding the points) or the filter entries' values."""
+    """Every plain value a setting can take: the scalar, a gradient's points (values between them
+    are interpolated, so they lie inside any interval holding the points) or the filter entries'
+    values."""
     if isinstance(setting, dict):
         setting = [setting]
     if isinstance(setting, (bool, int, float, str)) or setting is None:

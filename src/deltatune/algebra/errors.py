@@ -6,7 +6,8 @@ from ..core.errors import DeltaError
 
 
 class MergeError(DeltaError):
-    """Inputs of a merge do not fit together (shapes, names, dtypes, values) or a parameter is bad."""
+    """Inputs of a merge do not fit together (shapes, names, dtypes, values) or a parameter is
+    bad."""
 
 
 class CheckpointError(MergeError):
@@ -14,4 +15,5 @@ class CheckpointError(MergeError):
 
 
 class MergeConfigError(MergeError):
-    """A merge configuration (mergekit-style YAML or dict) is malformed or asks for something unknown."""
+    """A merge configuration (mergekit-style YAML or dict) is malformed or asks for something
+    unknown."""

@@ -5,8 +5,8 @@ each adapter's output ``o_k = delta_k(x, h)`` is computed, and a small trainable
 The adapters stay frozen; only the mixing layers train. Installed through forward hooks on the hosts
 (the engine is not changed); :meth:`remove` restores the model and the previous active set.
 
-- AdapterFusion — Pfeiffer et al., https://arxiv.org/abs/2005.00247 (attention over adapters' outputs,
-  query from the layer output, value initialised to the identity)
+- AdapterFusion — Pfeiffer et al., https://arxiv.org/abs/2005.00247 (attention over adapters'
+  outputs, query from the layer output, value initialised to the identity)
 - Mixture of LoRA experts with top-k gating — Zadouri et al., https://arxiv.org/abs/2309.05444;
   Shazeer et al., https://arxiv.org/abs/1701.06538 (top-k gate, load-balancing loss)
 """
@@ -36,7 +36,8 @@ class _Mixer(nn.Module):
         missing = [n for n in names if n not in known]
         if len(names) < 2 or missing:
             raise StateError(
-                f"mixing needs at least two attached adapters; unknown: {missing or 'none'}, attached: {sorted(known)}"
+                f"mixing needs at least two attached adapters; unknown: {missing or 'none'}, "
+                f"attached: {sorted(known)}"
             )
         hosts = [
             (p, h)
@@ -50,7 +51,8 @@ class _Mixer(nn.Module):
         odd = [p for p, h in hosts if h.kind != "linear"]
         if odd:
             raise MergeError(
-                f"mixing works on Linear hosts; {odd[0]!r} is a {hosts[0][1].kind} host: exclude it from the adapters"
+                f"mixing works on Linear hosts; {odd[0]!r} is a {hosts[0][1].kind} host: exclude "
+                "it from the adapters"
             )
         self.names = names
         self.paths = [p for p, _ in hosts]
@@ -70,7 +72,8 @@ class _Mixer(nn.Module):
         raise NotImplementedError
 
     def install(self) -> "_Mixer":
-        """Start mixing: the named adapters leave the plain active set and feed the mixing layers."""
+        """Start mixing: the named adapters leave the plain active set and feed the mixing
+        layers."""
         if self._handles:
             return self
         model = self._model[0]
@@ -165,7 +168,8 @@ class FusionLayer(nn.Module):
 
 
 class AdapterFusion(_Mixer):
-    """AdapterFusion over adapters ``names`` (train ``fusion.parameters()``; the adapters stay frozen)."""
+    """AdapterFusion over adapters ``names`` (train ``fusion.parameters()``; the adapters stay
+    frozen)."""
 
     def __init__(
         self,
@@ -207,7 +211,8 @@ class RouterLayer(nn.Module):
         top, idx = logits.topk(self.top_k, dim=-1)
         gates = torch.zeros_like(logits).scatter(-1, idx, top.softmax(dim=-1))
         self.last_gates = gates.detach()
-        # Switch-style balance: K · Σ_k (share of tokens whose top choice is k) · (mean probability of k)
+        # Switch-style balance: K · Σ_k (share of tokens whose top choice is k) · (mean probability
+        # of k)
         k = logits.shape[-1]
         probs = logits.softmax(dim=-1).reshape(-1, k)
         share = F.one_hot(idx[..., 0].reshape(-1), k).float().mean(0)
@@ -234,7 +239,8 @@ class LoRAMixture(_Mixer):
         return layer(x, h, outs)
 
     def aux_loss(self) -> torch.Tensor:
-        """Load-balancing loss of the last forward, averaged over hosts (add a small multiple to the loss)."""
+        """Load-balancing loss of the last forward, averaged over hosts (add a small multiple to the
+        loss)."""
         parts = [layer.aux for layer in self.layers.values() if layer.aux is not None]
         if not parts:
             raise StateError(

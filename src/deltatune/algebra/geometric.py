@@ -21,7 +21,8 @@ def slerp_coefficients(
 ) -> tuple[float, float]:
     """Coefficients (c0, c1) with slerp(v0, v1) = c0·v0 + c1·v1, from the norms and raw dot product.
 
-    Nearly collinear (or antipodal) inputs, ``|cos| > threshold``, fall back to linear interpolation.
+    Nearly collinear (or antipodal) inputs, ``|cos| > threshold``, fall back to linear
+    interpolation.
     """
     n0 = norm0 if norm0 > eps else 1.0
     n1 = norm1 if norm1 > eps else 1.0
@@ -74,7 +75,8 @@ def _norms_and_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     mergekit=True,
 )
 def model_stock(base, models, *, filter_wise=False, out=None):
-    """Model Stock: move the fine-tuned average toward the base by the angle between task vectors (Jang et al.)."""
+    """Model Stock: move the fine-tuned average toward the base by the angle between task vectors
+    (Jang et al.)."""
     shape = common_shape(base, models)
     if len(models) < 2:
         raise MergeError("model_stock needs at least two fine-tuned models besides the base")

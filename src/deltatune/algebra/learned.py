@@ -28,7 +28,8 @@ _BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 
 
 def block_of(name: str) -> str:
-    """The transformer block a parameter belongs to (``layer.3``), else its top-level module name."""
+    """The transformer block a parameter belongs to (``layer.3``), else its top-level module
+    name."""
     m = _BLOCK.search(name)
     return f"layer.{m.group(1)}" if m else name.split(".")[0]
 
@@ -42,7 +43,8 @@ class LearnedMerge:
 
 
 class _Functional(nn.Module):
-    """Calls ``model`` with substituted parameters; lets ``forward(model, batch)`` callables run on θ(λ)."""
+    """Calls ``model`` with substituted parameters; lets ``forward(model, batch)`` callables run on
+    θ(λ)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -77,7 +79,8 @@ def learn_merge_coefficients(
 
     ``base`` defaults to the model's current parameters; task vectors are keyed by parameter names.
     ``granularity``: one coefficient per task (``global``, task-wise AdaMerging), per block
-    (``block``, :func:`block_of` or ``group_of``), or per tensor (``tensor``, layer-wise AdaMerging).
+    (``block``, :func:`block_of` or ``group_of``), or per tensor (``tensor``, layer-wise
+    AdaMerging).
     """
     if not vectors:
         raise MergeError("learned merging needs at least one task vector")
@@ -90,7 +93,8 @@ def learn_merge_coefficients(
     unknown = [n for n in names if n not in named]
     if unknown:
         raise MergeError(
-            f"task vector entry {unknown[0]!r} is not a parameter of the model; build task vectors against this model"
+            f"task vector entry {unknown[0]!r} is not a parameter of the model; build task vectors "
+            "against this model"
         )
     if granularity == "global":
         group = lambda n: "all"  # noqa: E731

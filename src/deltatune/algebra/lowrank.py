@@ -31,7 +31,8 @@ class LowRank:
     def __post_init__(self) -> None:
         if self.A.dim() != 2 or self.B.dim() != 2 or self.A.shape[0] != self.B.shape[1]:
             raise MergeError(
-                f"LowRank needs A (r, in) and B (out, r); got A {tuple(self.A.shape)}, B {tuple(self.B.shape)}"
+                f"LowRank needs A (r, in) and B (out, r); got A {tuple(self.A.shape)}, B "
+                f"{tuple(self.B.shape)}"
             )
 
     @property
@@ -71,12 +72,14 @@ def _check_same(factors: Sequence[LowRank]) -> None:
     for f in factors[1:]:
         if f.shape != first.shape or f.transposed != first.transposed:
             raise MergeError(
-                f"LoRA factors of shapes {tuple(first.shape)} and {tuple(f.shape)} cannot be combined; they target different layers"
+                f"LoRA factors of shapes {tuple(first.shape)} and {tuple(f.shape)} cannot be "
+                "combined; they target different layers"
             )
 
 
 def concat_lora(factors: Sequence[LowRank], weights: Sequence[float] | None = None) -> LowRank:
-    """Exact Σ_k w_k·s_k·B_k·A_k as one LoRA of rank Σ r_k: stack the A's, scale and stack the B's."""
+    """Exact Σ_k w_k·s_k·B_k·A_k as one LoRA of rank Σ r_k: stack the A's, scale and stack the
+    B's."""
     _check_same(factors)
     weights = list(weights) if weights is not None else [1.0] * len(factors)
     a = torch.cat([f.A for f in factors], dim=0)  # (Σr, in)

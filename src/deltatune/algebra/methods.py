@@ -2,9 +2,9 @@
 breadcrumbs, DELLA): one core, ``base + λ · N(Σ_k w_k · consensus_k ⊙ sparsify_k(θ_k − base))``.
 
 Each preset only chooses the sparsifier, whether signs are elected, and the defaults, as in
-mergekit's generalized task arithmetic; its parameters keep mergekit's names (``weight``, ``density``,
-``normalize``, ``rescale``, ``lambda_`` for mergekit's ``lambda``, ``int8_mask``, ``gamma``,
-``epsilon``) so a mergekit YAML maps onto them one to one.
+mergekit's generalized task arithmetic; its parameters keep mergekit's names (``weight``,
+``density``, ``normalize``, ``rescale``, ``lambda_`` for mergekit's ``lambda``, ``int8_mask``,
+``gamma``, ``epsilon``) so a mergekit YAML maps onto them one to one.
 """
 
 from __future__ import annotations
@@ -102,7 +102,8 @@ def generalized_task_arithmetic(
 
 
 def _running_sum(parts: list[torch.Tensor]) -> torch.Tensor:
-    """parts[0] + parts[1] + ... in order (as a sum over a stacked first dimension), in one buffer."""
+    """parts[0] + parts[1] + ... in order (as a sum over a stacked first dimension), in one
+    buffer."""
     total = parts[0].clone()
     for p in parts[1:]:
         total += p
@@ -204,7 +205,8 @@ def dare_ties(
     seed=None,
     out=None,
 ):
-    """DARE + TIES: random drop with rescale, then sign election (Yu et al., Language Models are Super Mario)."""
+    """DARE + TIES: random drop with rescale, then sign election (Yu et al., Language Models are
+    Super Mario)."""
     return generalized_task_arithmetic(
         base,
         models,
@@ -243,7 +245,8 @@ def dare_linear(
     seed=None,
     out=None,
 ):
-    """DARE: drop each task-vector entry with probability 1 − density and rescale the rest (Yu et al.)."""
+    """DARE: drop each task-vector entry with probability 1 − density and rescale the rest (Yu et
+    al.)."""
     return generalized_task_arithmetic(
         base,
         models,
@@ -433,7 +436,8 @@ def della_linear(
     check=check_weight_sum,
 )
 def linear(base, models, *, weight, normalize=True, out=None):
-    """Weighted average of the models' weights (model soups, Wortsman et al.); the base is not used."""
+    """Weighted average of the models' weights (model soups, Wortsman et al.); the base is not
+    used."""
     shape = common_shape(None, models)
     wd = work_dtype(*(m.dtype for m in models))
     w = torch.tensor(list(weight), dtype=wd)

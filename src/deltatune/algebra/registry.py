@@ -4,10 +4,11 @@ Every method has the same call shape::
 
     fn(base, models, *, <per-model params as lists>, <shared params>, out=None) -> Tensor
 
-``base`` and each of ``models`` is a ``torch.Tensor`` or a lazy :class:`~.tensors.TensorSource` of one
-parameter; per-model parameters (``weight``, ``density``, ...) are lists aligned with ``models``. With
-``out`` (a chunk sink) the result is streamed out block by block and ``None`` is returned. The same
-functions serve in-memory merges, the streaming checkpoint merger and the mergekit-compatible CLI.
+``base`` and each of ``models`` is a ``torch.Tensor`` or a lazy :class:`~.tensors.TensorSource` of
+one parameter; per-model parameters (``weight``, ``density``, ...) are lists aligned with
+``models``. With ``out`` (a chunk sink) the result is streamed out block by block and ``None`` is
+returned. The same functions serve in-memory merges, the streaming checkpoint merger and the
+mergekit-compatible CLI.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from .tensors import TensorLike, shape_of
 
 @dataclass(frozen=True)
 class Limit:
-    """The values a numeric parameter accepts: finite, between ``lo`` and ``hi`` (open ends excluded)."""
+    """The values a numeric parameter accepts: finite, between ``lo`` and ``hi`` (open ends
+    excluded)."""
 
     lo: float = -math.inf
     hi: float = math.inf
@@ -52,7 +54,10 @@ class Limit:
             return f"{kind} {'>' if self.lo_open else '>='} {self.lo:g}"
         if self.lo == -math.inf:
             return f"{kind} {'<' if self.hi_open else '<='} {self.hi:g}"
-        return f"{kind} in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        return (
+            f"{kind} in {'(' if self.lo_open else '['}{self.lo:g}, "
+            f"{self.hi:g}{')' if self.hi_open else ']'}"
+        )
 
 
 #: a finite number of any size and sign (every numeric parameter is at least this)
@@ -66,8 +71,8 @@ SEED = Limit(integer=True)
 
 
 def check_weight_sum(kwargs: Mapping[str, Any]) -> None:
-    """Normalising divides by the summed weights: a zero sum would make every merged value inf or NaN
-    (methods without a ``normalize`` switch always normalise)."""
+    """Normalising divides by the summed weights: a zero sum would make every merged value inf or
+    NaN (methods without a ``normalize`` switch always normalise)."""
     weights = kwargs.get("weight")
     if not weights or not kwargs.get("normalize", True):
         return
@@ -112,28 +117,32 @@ class MergeMethod:
     def check_inputs(self, n_models: int, has_base: bool) -> None:
         if self.needs_base and not has_base:
             raise MergeError(
-                f"merge method {self.name!r} needs a base model; set base_model (the model the others were fine-tuned from)"
+                f"merge method {self.name!r} needs a base model; set base_model (the model the "
+                "others were fine-tuned from)"
             )
         if n_models < self.min_models:
             raise MergeError(
-                f"merge method {self.name!r} needs at least {self.min_models} models besides the base; got {n_models}"
+                f"merge method {self.name!r} needs at least {self.min_models} models besides the "
+                f"base; got {n_models}"
             )
         if self.max_models is not None and n_models > self.max_models:
             raise MergeError(
-                f"merge method {self.name!r} takes at most {self.max_models} models besides the base; got {n_models}"
+                f"merge method {self.name!r} takes at most {self.max_models} models besides the "
+                f"base; got {n_models}"
             )
 
     def resolve(self, per_model: Sequence[Mapping[str, Any]], shared: Mapping[str, Any],
                 where: str = "") -> dict[str, Any]:
         """Keyword arguments for :attr:`fn` from per-model and shared settings (defaults filled in),
-        each value checked against its declared range; ``where`` prefixes errors (e.g. the tensor)."""
+        each value checked against its declared range; ``where`` prefixes errors (e.g. the
+        tensor)."""
         known = set(self.model_params) | set(self.shared_params)
         for scope in [shared, *per_model]:
             unknown = sorted(set(scope) - known)
             if unknown:
                 raise MergeConfigError(
-                    f"{where}merge method {self.name!r} has no parameter {shown(unknown[0])!r}; it takes: "
-                    f"{', '.join(sorted(map(shown, known))) or 'none'}"
+                    f"{where}merge method {self.name!r} has no parameter {shown(unknown[0])!r}; it "
+                    f"takes: {', '.join(sorted(map(shown, known))) or 'none'}"
                 )
         kwargs: dict[str, Any] = {}
         for key, default in self.model_params.items():
@@ -236,7 +245,8 @@ def merge_method(
     limits: Mapping[str, Limit] | None = None,
     check: Callable[[Mapping[str, Any]], None] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: register ``fn`` as merge method ``name`` (see the module docstring for the call shape)."""
+    """Decorator: register ``fn`` as merge method ``name`` (see the module docstring for the call
+    shape)."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         MERGE_METHODS.register(name, MergeMethod(
@@ -266,6 +276,7 @@ def common_shape(base: TensorLike | None, models: Sequence[TensorLike]) -> torch
     for i, x in enumerate(inputs[1:], 1):
         if shape_of(x) != shape:
             raise MergeError(
-                f"input {i} has shape {tuple(shape_of(x))} but input 0 has {tuple(shape)}; merge tensors of one architecture"
+                f"input {i} has shape {tuple(shape_of(x))} but input 0 has {tuple(shape)}; merge "
+                "tensors of one architecture"
             )
     return shape

@@ -2,8 +2,9 @@
 
 - Model soups — Wortsman et al., https://arxiv.org/abs/2203.05482 (uniform soup; greedy soup adds
   ingredients in order of held-out score, keeping each only if the soup's score does not drop)
-- WiSE-FT — Wortsman et al., Robust fine-tuning of zero-shot models, https://arxiv.org/abs/2109.01903
-  (θ_α = (1−α)·θ_zero-shot + α·θ_fine-tuned; sweep α, plot in-distribution vs shifted accuracy)
+- WiSE-FT — Wortsman et al., Robust fine-tuning of zero-shot models,
+  https://arxiv.org/abs/2109.01903 (θ_α = (1−α)·θ_zero-shot + α·θ_fine-tuned; sweep α, plot
+  in-distribution vs shifted accuracy)
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def merge_state_dicts(
     """Merge in-memory state dicts with a registered method, tensor by tensor.
 
     Per-model parameters are lists (one per model) or scalars; ``stats`` are per-model Fisher / Gram
-    dicts for the methods that use them. Non-floating tensors are taken from the base (or first model).
+    dicts for the methods that use them. Non-floating tensors are taken from the base (or first
+    model).
     """
     spec = get_method(method)
     if not models:
@@ -107,8 +109,8 @@ class SoupResult:
 
 
 def greedy_soup(models: Sequence[State], score: Callable[[State], float]) -> SoupResult:
-    """Greedy soup: rank ingredients by their own held-out ``score`` (higher is better), start from the
-    best, add each next one if the averaged soup scores at least as well."""
+    """Greedy soup: rank ingredients by their own held-out ``score`` (higher is better), start from
+    the best, add each next one if the averaged soup scores at least as well."""
     if not models:
         raise MergeError("greedy_soup needs at least one model")
     individual = [float(score(m)) for m in models]
@@ -161,7 +163,8 @@ def plot_wise_ft(
     y: str = "shift",
     title: str = "WiSE-FT: weight-space interpolation",
 ) -> Path:
-    """Accuracy on shifted data against in-distribution accuracy, one point per α (written atomically)."""
+    """Accuracy on shifted data against in-distribution accuracy, one point per α (written
+    atomically)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,7 +174,8 @@ def plot_wise_ft(
 
     if not rows or any(x not in r or y not in r for r in rows):
         raise MergeError(
-            f"every row needs {x!r} and {y!r} scores to plot; got {list(rows[0]) if rows else 'no rows'}"
+            f"every row needs {x!r} and {y!r} scores to plot; got "
+            f"{list(rows[0]) if rows else 'no rows'}"
         )
     fig, ax = plt.subplots(figsize=(5, 4))
     xs, ys = [r[x] for r in rows], [r[y] for r in rows]

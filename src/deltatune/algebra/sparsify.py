@@ -7,7 +7,8 @@ signs are elected (mergekit's "generalized task arithmetic" decomposition).
 
 - magnitude (TIES trim) — Yadav et al., https://arxiv.org/abs/2306.01708
 - random drop (DARE) — Yu et al., https://arxiv.org/abs/2311.03099
-- magnitude with outliers removed (Model Breadcrumbs) — Davari & Belilovsky, https://arxiv.org/abs/2312.06795
+- magnitude with outliers removed (Model Breadcrumbs) — Davari & Belilovsky,
+  https://arxiv.org/abs/2312.06795
 - rank-dependent random drop (DELLA MagPrune) — Deep et al., https://arxiv.org/abs/2406.11617
 """
 
@@ -18,8 +19,8 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
-from .errors import MergeError
 from . import tensors
+from .errors import MergeError
 from .tensors import chunk_generator, kth_largest, numel, reduce_rows
 
 RowFn = Callable[[int, int], torch.Tensor]
@@ -91,7 +92,8 @@ def fit_sparsifier(
             return Fitted(None, zero=True)
         if density + epsilon >= 1 or density - epsilon <= 0:
             raise MergeError(
-                f"DELLA needs density ± epsilon inside (0, 1); got density={density}, epsilon={epsilon}: lower epsilon"
+                f"DELLA needs density ± epsilon inside (0, 1); got density={density}, "
+                f"epsilon={epsilon}: lower epsilon"
             )
         mask = lambda d, a, b: _della_mask(d, density, epsilon, chunk_generator(seed, index, a))  # noqa: E731
     else:
@@ -124,7 +126,8 @@ def chunk_for(name: str | None, shape: Sequence[int]) -> int:
 def _della_mask(
     delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator
 ) -> torch.Tensor:
-    """Keep probability rises linearly with the magnitude rank inside each row (DELLA's MagPrune)."""
+    """Keep probability rises linearly with the magnitude rank inside each row (DELLA's
+    MagPrune)."""
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
     ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(rows.dtype)  # 0 .. n−1 in every row
     n = rows.shape[1]
@@ -135,8 +138,8 @@ def _della_mask(
 
 def elect_signs(weighted: torch.Tensor, method: Literal["sum", "count"] = "sum") -> torch.Tensor:
     """TIES sign election over stacked weighted task vectors ``(K, ...)``: a boolean mask of the
-    entries whose sign agrees with the elected one (``sum``: sign of the total mass, TIES; ``count``:
-    majority vote). Zeros never agree, so they are left out of the disjoint mean."""
+    entries whose sign agrees with the elected one (``sum``: sign of the total mass, TIES;
+    ``count``: majority vote). Zeros never agree, so they are left out of the disjoint mean."""
     sign = weighted.sign()
     if method == "sum":
         total = weighted.sum(dim=0)

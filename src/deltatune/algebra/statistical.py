@@ -42,12 +42,14 @@ def fisher(
     floor: float = 1e-6,
     out=None,
 ):
-    """Fisher-weighted average: Σ w_k (F_k + floor) θ_k / Σ w_k (F_k + floor); a plain average without F."""
+    """Fisher-weighted average: Σ w_k (F_k + floor) θ_k / Σ w_k (F_k + floor); a plain average
+    without F."""
     shape = common_shape(None, models)
     wd = work_dtype(*(m.dtype for m in models))
     if stats is not None and any(shape_of(f) != shape for f in stats):
         raise MergeError(
-            f"a Fisher tensor's shape differs from the parameter's {tuple(shape)}; compute the Fisher on the same architecture"
+            f"a Fisher tensor's shape differs from the parameter's {tuple(shape)}; compute the "
+            "Fisher on the same architecture"
         )
 
     def block(a: int, b: int) -> torch.Tensor:
@@ -79,7 +81,8 @@ def regmean(
     base, models, *, weight, stats: Sequence[TensorLike] | None = None, alpha: float = 0.9, out=None
 ):
     """RegMean: the Linear weight minimising Σ_k ||X_k W − X_k W_k||², from each model's Gram matrix
-    G_k = X_kᵀX_k (off-diagonals scaled by ``alpha``); tensors without Gram matrices are averaged."""
+    G_k = X_kᵀX_k (off-diagonals scaled by ``alpha``); tensors without Gram matrices are
+    averaged."""
     shape = common_shape(None, models)
     wd = work_dtype(*(m.dtype for m in models))
     if stats is None or len(shape) != 2:
@@ -91,7 +94,8 @@ def regmean(
         g = read_rows(g, 0, shape_of(g)[0], torch.float64)
         if g.shape != (shape[1], shape[1]):
             raise MergeError(
-                f"Gram matrix {tuple(g.shape)} does not fit a weight of shape {tuple(shape)} (needs in×in)"
+                f"Gram matrix {tuple(g.shape)} does not fit a weight of shape {tuple(shape)} "
+                "(needs in×in)"
             )
         diag = torch.diag_embed(g.diagonal())
         grams.append(weight[i] * (alpha * g + (1 - alpha) * diag))
@@ -107,7 +111,8 @@ def regmean(
 
 
 def _cholesky(s: torch.Tensor) -> torch.Tensor:
-    """Cholesky factor of a Gram sum, with a small ridge when it is singular (unused input features)."""
+    """Cholesky factor of a Gram sum, with a small ridge when it is singular (unused input
+    features)."""
     ridge = 0.0
     scale = float(s.diagonal().abs().mean()) or 1.0
     for _ in range(6):
@@ -116,14 +121,16 @@ def _cholesky(s: torch.Tensor) -> torch.Tensor:
             return factor
         ridge = scale * (1e-8 if ridge == 0 else ridge / scale * 100)
     raise MergeError(
-        "the summed Gram matrix is not positive definite even with a ridge; collect statistics on more data"
+        "the summed Gram matrix is not positive definite even with a ridge; collect statistics on "
+        "more data"
     )
 
 
 # -- statistics from data --------------------------------------------------------------------------
 def default_forward(model: nn.Module, batch: Any) -> torch.Tensor:
-    """``model(**batch)`` for dicts (``labels`` dropped), ``model(batch[0])`` for tuples, else ``model(batch)``;
-    returns the logits (``.logits`` of a transformers output, or the first element of a tuple)."""
+    """``model(**batch)`` for dicts (``labels`` dropped), ``model(batch[0])`` for tuples, else
+    ``model(batch)``; returns the logits (``.logits`` of a transformers output, or the first element
+    of a tuple)."""
     if isinstance(batch, dict):
         out = model(**{k: v for k, v in batch.items() if k != "labels"})
     elif isinstance(batch, (tuple, list)):
@@ -172,10 +179,10 @@ def diagonal_fisher(
 ) -> dict[str, torch.Tensor]:
     """Diagonal Fisher information E[(∂ log p(y|x) / ∂θ)²] per parameter, one example at a time.
 
-    ``y`` is sampled from the model's own prediction (the true Fisher, as in Matena & Raffel), or taken
-    from ``labels(batch)`` (the empirical Fisher). ``params`` chooses parameters by name (default: the
-    trainable ones, or all floating ones if none is trainable). Logits of shape (B, …, C) are treated as
-    independent predictions whose log-likelihoods add up.
+    ``y`` is sampled from the model's own prediction (the true Fisher, as in Matena & Raffel), or
+    taken from ``labels(batch)`` (the empirical Fisher). ``params`` chooses parameters by name
+    (default: the trainable ones, or all floating ones if none is trainable). Logits of shape
+    (B, …, C) are treated as independent predictions whose log-likelihoods add up.
     """
     named = dict(model.named_parameters())
     names = list(params) if params is not None else [n for n, p in named.items() if p.requires_grad]
@@ -229,8 +236,9 @@ def gram_matrices(
     forward: Forward = default_forward,
     modules: Sequence[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """RegMean statistics: for every ``nn.Linear`` (or those named in ``modules``), the mean over input
-    rows of xᵀx, keyed by the layer's weight name (``"<module>.weight"``). Hooks are removed after."""
+    """RegMean statistics: for every ``nn.Linear`` (or those named in ``modules``), the mean over
+    input rows of xᵀx, keyed by the layer's weight name (``"<module>.weight"``). Hooks are removed
+    after."""
     linears = {
         n: m
         for n, m in model.named_modules()

@@ -33,8 +33,8 @@ DEFAULT_SHARD_BYTES = 5 * 10**9
 def rss_mb() -> float:
     """Peak resident memory of this process so far (MiB).
 
-    Linux's ``VmHWM`` where available: ``ru_maxrss`` also counts the image a parent had when it forked
-    this process (before exec), which can exceed anything the process itself used.
+    Linux's ``VmHWM`` where available: ``ru_maxrss`` also counts the image a parent had when it
+    forked this process (before exec), which can exceed anything the process itself used.
     """
     try:
         with open("/proc/self/status") as fh:
@@ -55,7 +55,8 @@ class _Prepared:
         entries = config.non_base() if self.method.needs_base else list(config.models)
         if self.method.needs_base and config.base is None:
             raise MergeError(
-                f"merge method {config.method!r} needs base_model (the model the others were fine-tuned from); add it to the config"
+                f"merge method {config.method!r} needs base_model (the model the others were "
+                "fine-tuned from); add it to the config"
             )
         self.method.check_inputs(len(entries), config.base is not None)
         self.entries = entries
@@ -69,7 +70,8 @@ class _Prepared:
             missing = [e.label for e in entries if e.stats is None]
             if missing:
                 raise MergeError(
-                    f"merge method {config.method!r} needs a {self.method.stats} statistics file per model; add 'stats: PATH' to {missing[0]}"
+                    f"merge method {config.method!r} needs a {self.method.stats} statistics file "
+                    f"per model; add 'stats: PATH' to {missing[0]}"
                 )
             self.stats = [Checkpoint(e.stats) for e in entries]
         self.dtype = dtype_from_name(config.dtype) if config.dtype else None
@@ -97,21 +99,24 @@ class _Prepared:
                     f"lacks tensor {missing[0]!r}" if missing else f"has extra tensor {extra[0]!r}"
                 )
                 raise MergeError(
-                    f"{self._label(ck)} {what} that {self._label(ref)} does not; merge checkpoints of one architecture"
+                    f"{self._label(ck)} {what} that {self._label(ref)} does not; merge checkpoints "
+                    "of one architecture"
                 )
             for name in self.names:
                 if ck.shape(name) != ref.shape(name):
                     raise MergeError(
-                        f"tensor {name} is {ref.shape(name)} in {self._label(ref)} but {ck.shape(name)} in {self._label(ck)}; "
-                        "checkpoints of different architectures or sizes cannot be merged"
+                        f"tensor {name} is {ref.shape(name)} in {self._label(ref)} but "
+                        f"{ck.shape(name)} in {self._label(ck)}; checkpoints of different "
+                        "architectures or sizes cannot be merged"
                     )
                 a, b = ref.dtype(name), ck.dtype(name)
                 if a != b and (
                     self.dtype is None or not (a.is_floating_point and b.is_floating_point)
                 ):
                     raise MergeError(
-                        f"mixed dtypes: {name} is {str(a).replace('torch.', '')} in {self._label(ref)} but "
-                        f"{str(b).replace('torch.', '')} in {self._label(ck)}; set 'dtype: float32' (or bfloat16) in the config"
+                        f"mixed dtypes: {name} is {str(a).replace('torch.', '')} in "
+                        f"{self._label(ref)} but {str(b).replace('torch.', '')} in "
+                        f"{self._label(ck)}; set 'dtype: float32' (or bfloat16) in the config"
                     )
         if self.stats is not None:
             for name in self.names:
@@ -119,7 +124,8 @@ class _Prepared:
                 if any(present) and not all(present):
                     lacking = self.entries[present.index(False)].label
                     raise MergeError(
-                        f"statistics for {name} exist for some models but not for {lacking}; collect them on every model"
+                        f"statistics for {name} exist for some models but not for {lacking}; "
+                        "collect them on every model"
                     )
 
     def out_dtype_of(self, name: str) -> torch.dtype:
@@ -155,10 +161,11 @@ def merge_checkpoints(
     progress: Progress | None = None,
     finalize: Callable[[Path, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Merge the checkpoints of ``config`` into directory ``out`` (safetensors shards + config files).
+    """Merge the checkpoints of ``config`` into directory ``out`` (safetensors shards + config
+    files).
 
-    ``finalize(tmp_dir, summary)`` may add files (e.g. results.json) before the atomic rename. Returns
-    a summary: method, inputs, tensors, shards, bytes, seconds and peak memory.
+    ``finalize(tmp_dir, summary)`` may add files (e.g. results.json) before the atomic rename.
+    Returns a summary: method, inputs, tensors, shards, bytes, seconds and peak memory.
     """
     out = Path(out)
     from ..io.outdir import check_replace, staging_dir
@@ -177,7 +184,8 @@ def merge_checkpoints(
         )  # beside out ("." or ".." resolved); clears what a killed merge left there
     except OSError as exc:
         raise MergeError(
-            f"cannot create the output directory {out} ({exc.strerror or exc}); choose a writable path"
+            f"cannot create the output directory {out} ({exc.strerror or exc}); choose a writable "
+            "path"
         ) from None
     plan = [(n, prep.reference.shape(n), prep.out_dtype_of(n)) for n in prep.names]
     writer = ShardWriter(tmp, plan, max_shard_bytes)
@@ -234,13 +242,15 @@ def _copy_exact(prep: _Prepared, name: str, sink: ShardWriter) -> None:
         for o in others:
             if not torch.equal(rows, o.rows(a, b)):
                 raise MergeError(
-                    f"integer tensor {name} differs between {prep.reference.path} and {o.ckpt.path}; they are not one architecture"
+                    f"integer tensor {name} differs between {prep.reference.path} and "
+                    f"{o.ckpt.path}; they are not one architecture"
                 )
         sink.write(rows)
 
 
 def _copy_metadata(side_files: dict[str, Path], tmp: Path, dtype: torch.dtype | None) -> None:
-    """Copy the reference's config and tokenizer files (already checked to lie inside its directory)."""
+    """Copy the reference's config and tokenizer files (already checked to lie inside its
+    directory)."""
     for fname, src in side_files.items():
         shutil.copyfile(src, tmp / fname)
     cfg = tmp / "config.json"
@@ -259,8 +269,8 @@ def _copy_metadata(side_files: dict[str, Path], tmp: Path, dtype: torch.dtype | 
 
 
 def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Move the finished directory into place (an earlier deltatune output there is swapped out, then
-    deleted; files deltatune did not write in it are kept)."""
+    """Move the finished directory into place (an earlier deltatune output there is swapped out,
+    then deleted; files deltatune did not write in it are kept)."""
     from ..io.outdir import publish
 
     publish(tmp, out, job="merge", overwrite=overwrite)

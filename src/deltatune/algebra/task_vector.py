@@ -2,10 +2,11 @@
 
 Made from full checkpoints or state dicts, from a model's current weights, or from attached/saved
 adapters through the engine (``delta.delta_weight(host)``, the single source of every delta's ΔW);
-plain LoRAs can stay factored. Task vectors add, subtract, negate (forgetting), scale, merge with any
-registered method, and apply to a base model or state dict.
+plain LoRAs can stay factored. Task vectors add, subtract, negate (forgetting), scale, merge with
+any registered method, and apply to a base model or state dict.
 
-Task arithmetic — Ilharco et al., Editing Models with Task Arithmetic, https://arxiv.org/abs/2212.04089
+Task arithmetic — Ilharco et al., Editing Models with Task Arithmetic,
+https://arxiv.org/abs/2212.04089
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class TaskVector(Mapping):
         for name, value in self._entries.items():
             if not isinstance(value, (torch.Tensor, LowRank)):
                 raise MergeError(
-                    f"task vector entry {name!r} must be a tensor or LowRank, got {type(value).__name__}"
+                    f"task vector entry {name!r} must be a tensor or LowRank, got "
+                    f"{type(value).__name__}"
                 )
 
     # -- mapping ------------------------------------------------------------------------------
@@ -67,7 +69,7 @@ class TaskVector(Mapping):
             {k: v.dense() if isinstance(v, LowRank) else v for k, v in self._entries.items()}
         )
 
-    # -- construction -------------------------------------------------------------------------------
+    # -- construction -----------------------------------------------------------------------------
     @classmethod
     def from_state_dicts(
         cls, base: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor]
@@ -80,7 +82,8 @@ class TaskVector(Mapping):
             b = base[name]
             if b.shape != t.shape:
                 raise MergeError(
-                    f"{name} is {tuple(b.shape)} in the base but {tuple(t.shape)} in the fine-tuned model; use the model it was fine-tuned from"
+                    f"{name} is {tuple(b.shape)} in the base but {tuple(t.shape)} in the "
+                    "fine-tuned model; use the model it was fine-tuned from"
                 )
             diff = t.detach().float() - b.detach().float()
             if not bool(torch.isfinite(diff).all()):
@@ -88,7 +91,8 @@ class TaskVector(Mapping):
             out[name] = diff
         if not out:
             raise MergeError(
-                "the base and fine-tuned weights share no floating tensor name; pass matching state dicts"
+                "the base and fine-tuned weights share no floating tensor name; pass matching "
+                "state dicts"
             )
         return cls(out)
 
@@ -96,14 +100,16 @@ class TaskVector(Mapping):
     def from_checkpoints(
         cls, base: str | os.PathLike, finetuned: str | os.PathLike
     ) -> "TaskVector":
-        """From two safetensors checkpoints (a file, or a directory of shards), read one tensor at a time."""
+        """From two safetensors checkpoints (a file, or a directory of shards), read one tensor at a
+        time."""
         from .checkpoint import Checkpoint
 
         b, f = Checkpoint(base), Checkpoint(finetuned)
         missing = sorted(set(b.names()) ^ set(f.names()))
         if missing:
             raise MergeError(
-                f"{missing[0]!r} is in only one of {base} and {finetuned}; they are not the same architecture"
+                f"{missing[0]!r} is in only one of {base} and {finetuned}; they are not the same "
+                "architecture"
             )
         out = {}
         for name in b.names():
@@ -122,8 +128,8 @@ class TaskVector(Mapping):
     def from_adapter(
         cls, model: nn.Module, name: str, *, factored: bool = False, copies: bool = True
     ) -> "TaskVector":
-        """ΔW of attached delta ``name`` for every module it changes, plus (``copies``) the change of
-        its trainable module copies (e.g. a new head) relative to the originals.
+        """ΔW of attached delta ``name`` for every module it changes, plus (``copies``) the change
+        of its trainable module copies (e.g. a new head) relative to the originals.
 
         ``factored=True`` keeps plain LoRA deltas on Linear/Conv1D/Embedding as :class:`LowRank`.
         """
@@ -216,7 +222,8 @@ class TaskVector(Mapping):
         )
 
     def cosine(self, other: "TaskVector") -> float:
-        """Cosine similarity with another task vector (entries missing on one side count as zero)."""
+        """Cosine similarity with another task vector (entries missing on one side count as
+        zero)."""
         dot = sum(
             float((_dense(v).double() * _dense(other[k]).double()).sum())
             for k, v in self.items()
@@ -242,7 +249,7 @@ class TaskVector(Mapping):
                 out[k] = v
         return TaskVector(out)
 
-    # -- applying -------------------------------------------------------------------------------------
+    # -- applying ---------------------------------------------------------------------------------
     def apply_to(self, target: nn.Module | Mapping[str, torch.Tensor], scale: float = 1.0) -> Any:
         """θ + scale·τ. A module is changed in place (its base weights, when hosts wrap them) and
         returned; a state dict gives a new state dict."""
@@ -256,13 +263,14 @@ class TaskVector(Mapping):
         for name, v in self._entries.items():
             if name not in out:
                 raise MergeError(
-                    f"the state dict has no {name!r}; apply the task vector to the model it came from"
+                    f"the state dict has no {name!r}; apply the task vector to the model it came "
+                    "from"
                 )
             t = out[name]
             out[name] = (t.float() + _dense(v).view(t.shape) * scale).to(t.dtype)
         return out
 
-    # -- files ----------------------------------------------------------------------------------------
+    # -- files ------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
         """One safetensors file (atomic); factored entries as ``<name>::A`` / ``<name>::B``."""
         from ..io.files import save_tensors
@@ -293,7 +301,8 @@ class TaskVector(Mapping):
             meta = fh.metadata() or {}
         if meta.get("format") != FORMAT:
             raise MergeError(
-                f"{path} is not a deltatune task vector file (format={meta.get('format')!r}); save one with TaskVector.save"
+                f"{path} is not a deltatune task vector file (format={meta.get('format')!r}); save "
+                "one with TaskVector.save"
             )
         factors = json.loads(meta.get("factored", "{}"))
         out: dict[str, Entry] = {}
@@ -346,7 +355,8 @@ def _base_param(model: nn.Module, name: str) -> torch.Tensor:
         module = getattr(module, part, None)
         if module is None:
             raise MergeError(
-                f"the model has no parameter {name!r}; apply the task vector to the model it came from"
+                f"the model has no parameter {name!r}; apply the task vector to the model it came "
+                "from"
             )
     if isinstance(module, Host):
         module = module.base
@@ -367,8 +377,8 @@ def merge_task_vectors(
 ) -> TaskVector:
     """Merge task vectors with a registered method (the base is zero: every method sees θ_k = τ_k),
     or with ``"lora_concat"`` (exact, rank adds up) / ``"lora_svd"`` (re-factored to ``rank``) on
-    factored entries. Per-model parameters may be lists (one per vector) or scalars; an entry missing
-    from a vector counts as no change."""
+    factored entries. Per-model parameters may be lists (one per vector) or scalars; an entry
+    missing from a vector counts as no change."""
     if not vectors:
         raise MergeError("no task vectors to merge")
     keys = list(dict.fromkeys(k for v in vectors for k in v))
@@ -386,7 +396,8 @@ def merge_task_vectors(
             items = [(v[key], w) for v, w in zip(vectors, weights) if key in v]
             if not all(isinstance(e, LowRank) for e, _ in items):
                 raise MergeError(
-                    f"{key} is not factored in every task vector; build them with factored=True or use a dense method"
+                    f"{key} is not factored in every task vector; build them with factored=True or "
+                    "use a dense method"
                 )
             facs, ws = [e for e, _ in items], [w for _, w in items]
             out[key] = (
@@ -417,7 +428,8 @@ def _per_model(value: Any, k: int, name: str) -> list[Any]:
     if isinstance(value, (list, tuple)):
         if len(value) != k:
             raise MergeError(
-                f"{name} has {len(value)} values for {k} task vectors; give one per vector or a single value"
+                f"{name} has {len(value)} values for {k} task vectors; give one per vector or a "
+                "single value"
             )
         return list(value)
     return [value] * k

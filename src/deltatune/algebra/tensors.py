@@ -2,9 +2,10 @@
 
 Every merge method reads its inputs through :func:`read_rows`, which takes either a resident
 ``torch.Tensor`` (slicing is free) or a lazy :class:`TensorSource` that reads rows from disk (the
-streaming path). Methods whose result depends on a whole-tensor statistic (a top-k threshold, a norm,
-a dot product) compute it first with bounded-memory reductions over the same chunks, then produce the
-output chunk by chunk; for tensors that fit in one chunk this is exactly the plain computation.
+streaming path). Methods whose result depends on a whole-tensor statistic (a top-k threshold, a
+norm, a dot product) compute it first with bounded-memory reductions over the same chunks, then
+produce the output chunk by chunk; for tensors that fit in one chunk this is exactly the plain
+computation.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ class TensorSource(Protocol):
     dtype: torch.dtype
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` along the first dimension (the whole tensor, reshaped to 1 row, if 0-d)."""
+        """Rows ``start:stop`` along the first dimension (the whole tensor, reshaped to 1 row, if
+        0-d)."""
         ...
 
 
@@ -96,8 +98,8 @@ def map_rows(
 ) -> torch.Tensor | None:
     """Build a ``shape``/``dtype`` tensor from ``fn(start, stop)`` row blocks.
 
-    With ``out`` the blocks go to the sink instead and nothing is kept (returns ``None``): peak memory
-    is then one block, whatever the tensor's size.
+    With ``out`` the blocks go to the sink instead and nothing is kept (returns ``None``): peak
+    memory is then one block, whatever the tensor's size.
     """
     shape = torch.Size(shape)
     result = None if out is not None else torch.empty(shape, dtype=dtype)
@@ -208,7 +210,8 @@ def _bucket_of_kth(hist: torch.Tensor, k: int) -> tuple[int, int]:
 
 
 def chunk_generator(seed: int, *keys: object) -> torch.Generator:
-    """A generator seeded from ``seed`` and a chunk's identity, so random masks can be regenerated."""
+    """A generator seeded from ``seed`` and a chunk's identity, so random masks can be
+    regenerated."""
     digest = hashlib.blake2b(repr((seed, *keys)).encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
 
