@@ -295,7 +295,7 @@ def test_sizes_checked_before_anything_is_built(spec, message):
 @pytest.mark.parametrize("config_cls, options, message", [
     ("C3AConfig", {"block_size": 16, "bias": "all"}, "bias='all' is not supported"),
     ("RandLoraConfig", {"r": 4, "layers_to_transform": [0]},
-     "layers_to_transform is not supported"),
+     r"layers_to_transform=\[0\] is not supported"),
 ])
 def test_unsupported_peft_options_are_refused(tmp_path, config_cls, options, message):
     base = _bert()

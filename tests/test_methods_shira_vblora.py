@@ -126,9 +126,11 @@ def test_vblora_topk_file_keeps_the_selection():
                                save_only_topk_weights=True, targets=("0",)))
     delta = model[0].deltas["default"]
     _scramble(model)
-    saved = delta.to_peft(model[0])
+    layout = dt.VBLoRA.peft
+    saved = layout.save(delta, model[0])
     assert saved["vblora_logits_A_topk_indices"].dtype == torch.uint8
-    back = delta.from_peft(model[0], {**saved, vblora_mod._BANK: delta.bank.vblora_vector_bank})
+    (bank,) = layout.shared_keys
+    back = layout.load(delta, model[0], {**saved, bank: delta.bank.vblora_vector_bank})
     for key in ("vblora_logits_A", "vblora_logits_B"):
         assert torch.isfinite(back[key]).all()
         assert torch.allclose(delta._mix(back[key]), delta._mix(getattr(delta, key)), atol=1e-6)

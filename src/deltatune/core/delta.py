@@ -86,17 +86,6 @@ class Delta(nn.Module):
         triplets they keep at the end of their schedule)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
-    # -- peft interop -----------------------------------------------------------------------------
-    def to_peft(self, host: "DeltaHost") -> dict[str, torch.Tensor]:
-        """Tensors as peft stores them, keyed by the suffix after the module path."""
-        raise NotImplementedError(f"{type(self).__name__} has no peft layout")
-
-    def from_peft(
-        self, host: "DeltaHost", tensors: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        """This delta's ``state_dict`` from peft's tensors (the inverse of :meth:`to_peft`)."""
-        raise NotImplementedError(f"{type(self).__name__} has no peft layout")
-
     # -- per-sample routing -------------------------------------------------------------------
     @classmethod
     def routed_forward(

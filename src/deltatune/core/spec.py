@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, get_args, ge
 
 from .errors import SpecError
 from .example import Example
+from .peft_layout import PeftLayout
 from .registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -146,8 +147,9 @@ class DeltaSpec:
     #: them gains nothing
     factored: ClassVar[bool] = False
 
-    #: peft's ``peft_type`` for methods with a peft file layout (None: deltatune format only)
-    peft_type: ClassVar[str | None] = None
+    #: the method's peft file layout (see :mod:`~deltatune.core.peft_layout`); None: deltatune's
+    #: format only
+    peft: ClassVar[PeftLayout | None] = None
 
     #: the method's own test example and tolerance for the shared contract tests (every
     #: registered method declares one; see :class:`~deltatune.core.example.Example`)
@@ -287,33 +289,6 @@ class DeltaSpec:
         ``deltatune.train.fit`` adds them for every attached delta (``spec_callbacks=True``). They follow
         the protocol of :mod:`deltatune.train.callbacks`; core only passes them on, it never imports them."""
         return []
-
-    # -- peft interop (methods with a peft layout override these) --------------------------------
-    def to_peft_config(self, deltas: dict[str, "Delta"]) -> dict[str, Any]:
-        """peft's adapter_config.json for this spec, given the built deltas by host path."""
-        raise NotImplementedError(
-            f"{type(self).__name__} has no peft file layout; save with format='deltatune'"
-        )
-
-    @classmethod
-    def from_peft_config(cls, config: dict[str, Any], targets: list[str]) -> "DeltaSpec":
-        """The spec for a peft config whose tensors sit on the modules ``targets``."""
-        raise NotImplementedError
-
-    #: peft tensor-name suffixes that follow a host's module path (e.g. ``"lora_A.weight"``)
-    peft_suffixes: ClassVar[tuple[str, ...]] = ()
-
-    #: full peft keys of tensors shared by all hosts (VeRA's ``base_model.vera_A``); on loading they
-    #: are passed to every host's ``Delta.from_peft`` beside its own tensors
-    peft_shared_keys: ClassVar[tuple[str, ...]] = ()
-
-    def peft_shared_tensors(self, deltas: dict[str, "Delta"]) -> dict[str, Any]:
-        """Tensors of the peft layout shared by all hosts, by full key (none unless overridden)."""
-        return {}
-
-    #: peft's prompt-learning layout: the delta's tensors sit at the file's root without a module path
-    #: (``prompt_embeddings``), trainable modules under ``base_model.`` (not ``base_model.model.``)
-    peft_root_tensors: ClassVar[bool] = False
 
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """peft's adapter layout: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-Keys are ``base_model.model.<module path>.<suffix>``; the suffixes and the config belong to each
-method (``DeltaSpec.peft_suffixes``, ``to_peft_config``, ``Delta.to_peft/from_peft``), this module
-only does the common part: prefixes, trainable module copies (peft's ``modules_to_save``), aligning
-module paths when peft wrapped a different root, and rollback on failure.
+Keys are ``base_model.model.<module path>.<suffix>``; the suffixes, the config and the tensor
+conversions belong to each method, declared as its spec's ``peft`` layout
+(:class:`~deltatune.core.peft_layout.PeftLayout`), which is all this module asks. It does the
+common part: prefixes, trainable module copies (peft's ``modules_to_save``), aligning module paths
+when peft wrapped a different root, and rollback on failure.
 
 Integrity: ``adapter_config.json`` stays exactly what peft reads, so the sha256 of the tensor file
 goes to a side file, ``adapter_checksums.json`` (peft ignores it), checked on loading. A directory
@@ -21,6 +22,7 @@ from torch import nn
 from ..core.errors import DeltaFileError, StateError
 from ..core.host import get_module
 from ..core.model import delta_names, detach, get_spec
+from ..core.peft_layout import PeftLayout
 from ..core.spec import DeltaSpec, registered_methods
 from ..core.targets import iter_candidates
 from .adapter import PEFT_JSON, PEFT_TENSORS, attach_from_file, load_module_states, parts_of
@@ -40,21 +42,21 @@ ROOT_PREFIX = "base_model."  # trainable modules of prompt-learning adapters
 
 def save_peft(model: nn.Module, path: Path, name: str) -> None:
     spec = get_spec(model, name)
-    if spec.peft_type is None:
+    layout = spec.peft
+    if layout is None:
         raise DeltaFileError(
             f"{type(spec).__name__} has no peft file layout; save it with format='deltatune'"
         )
     deltas, copies = parts_of(model, name)
+    config = layout.config(spec, deltas)  # first: it refuses what peft cannot hold
     tensors: dict[str, torch.Tensor] = {}
     for hp, delta in deltas.items():
-        for suffix, value in delta.to_peft(get_module(model, hp)).items():
-            key = f"{hp}.{suffix}" if suffix not in ("bias",) else f"{hp}.bias"
-            tensors[suffix if spec.peft_root_tensors else PREFIX + key] = value
+        for suffix, value in layout.save(delta, get_module(model, hp)).items():
+            tensors[suffix if layout.root_tensors else f"{PREFIX}{hp}.{suffix}"] = value
     for mp, module in copies.items():
         for key, value in module.state_dict().items():
-            tensors[f"{ROOT_PREFIX if spec.peft_root_tensors else PREFIX}{mp}.{key}"] = value
-    tensors.update(spec.peft_shared_tensors(deltas))
-    config = spec.to_peft_config(deltas)
+            tensors[f"{ROOT_PREFIX if layout.root_tensors else PREFIX}{mp}.{key}"] = value
+    tensors.update(layout.shared_tensors(spec, deltas))
     if copies:
         config["modules_to_save"] = sorted(copies)
     save_tensors(path / PEFT_TENSORS, tensors, metadata={"format": "pt"})
@@ -65,12 +67,12 @@ def save_peft(model: nn.Module, path: Path, name: str) -> None:
     write_json(path / PEFT_JSON, config)
 
 
-def _spec_class(config: dict) -> type[DeltaSpec]:
+def _spec_class(config: dict) -> tuple[type[DeltaSpec], PeftLayout]:
     peft_type = config.get("peft_type")
     for cls in registered_methods().values():
-        if cls.peft_type is not None and cls.peft_type == peft_type:
-            return cls
-    known = sorted({c.peft_type for c in registered_methods().values() if c.peft_type})
+        if cls.peft is not None and cls.peft.peft_type == peft_type:
+            return cls, cls.peft
+    known = sorted({c.peft.peft_type for c in registered_methods().values() if c.peft})
     raise DeltaFileError(
         f"peft_type {peft_type!r} is not supported; deltatune reads {', '.join(known)}"
     )
@@ -122,9 +124,10 @@ def _saved_modules(config: dict, keys) -> list[str]:
 
 
 def _from_config(cls: type[DeltaSpec], config: dict, targets: list[str], file: Path) -> DeltaSpec:
-    """``cls.from_peft_config`` with any failure on a malformed value as one line naming the file."""
+    """The layout's spec for ``config``, any failure on a malformed value as one line naming the
+    file."""
     try:
-        return cls.from_peft_config(config, targets)
+        return cls.peft.spec(cls, config, targets)
     except DeltaFileError:
         raise
     except ValueError as exc:  # SpecError: names the option
@@ -143,18 +146,18 @@ def load_peft(
 ) -> str:
     config = read_json(path / PEFT_JSON)
     validate_peft_config(config, path / PEFT_JSON)
-    cls = _spec_class(config)
+    cls, layout = _spec_class(config)
     if verify:
         verify_file(
             path / PEFT_TENSORS, peft_checksums(path).get(PEFT_TENSORS), path / PEFT_CHECKSUMS
         )
     raw = load_tensors(path / PEFT_TENSORS)
-    shared = {k: raw.pop(k) for k in cls.peft_shared_keys if k in raw}
+    shared = {k: raw.pop(k) for k in layout.shared_keys if k in raw}
     if name in delta_names(model):
         raise StateError(
             f"a delta named {name!r} is already attached; pass another name= or detach it first"
         )
-    if cls.peft_root_tensors:
+    if layout.root_tensors:
         return _load_root(model, path, name, cls, config, raw, activate=activate)
     body = {}
     for key, value in raw.items():
@@ -167,7 +170,7 @@ def load_peft(
     per_host: dict[str, dict[str, torch.Tensor]] = {}
     rest: dict[str, torch.Tensor] = {}
     for key, value in body.items():
-        suffix = next((s for s in cls.peft_suffixes if key.endswith("." + s)), None)
+        suffix = next((s for s in layout.suffixes if key.endswith("." + s)), None)
         if suffix is not None and suffix != "base_layer.bias":
             per_host.setdefault(key[: -len(suffix) - 1], {})[suffix] = value
         else:
@@ -217,7 +220,7 @@ def load_peft(
         for peft_path, tensors in per_host.items():
             hp = mapping[peft_path]
             host = get_module(model, hp)
-            for k, v in deltas[hp].from_peft(host, {**tensors, **shared}).items():
+            for k, v in layout.load(deltas[hp], host, {**tensors, **shared}).items():
                 states[f"{hp}.{k}"] = v
         for peft_path, value in bias_keys.items():
             hp = mapping[peft_path]
@@ -225,7 +228,7 @@ def load_peft(
                 raise DeltaFileError(
                     f"{path}: bias of {hp!r} has no place in this model's delta; the adapter is for another model"
                 )
-            for k, v in deltas[hp].from_peft(get_module(model, hp), {"bias": value}).items():
+            for k, v in layout.load(deltas[hp], get_module(model, hp), {"bias": value}).items():
                 states[f"{hp}.{k}"] = v
         for cp, module in copies.items():
             for k in module.state_dict():
@@ -269,7 +272,8 @@ def _load_root(
                 f"{path}: a {config.get('peft_type')} adapter needs one host, this model gives {sorted(deltas)}"
             )
         (hp, delta), = deltas.items()
-        states = {f"{hp}.{k}": v for k, v in delta.from_peft(get_module(model, hp), own).items()}
+        own_state = cls.peft.load(delta, get_module(model, hp), own)
+        states = {f"{hp}.{k}": v for k, v in own_state.items()}
         for cp, module in copies.items():
             for k in module.state_dict():
                 hits = [

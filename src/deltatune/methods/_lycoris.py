@@ -22,13 +22,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.delta import Delta
-from ..core.errors import DeltaFileError
 from ..core.host import DeltaHost
+from ..core.peft_layout import Option
 from ..core.spec import DeltaSpec
 from ..core.targets import ATTENTION_QV
 
-#: peft options deltatune does not model; a file that sets them is refused with this name
-_UNSUPPORTED = ("layers_to_transform",)
+#: the peft config options LoHa and LoKr share (``init_weights`` is not read back: the file's
+#: tensors are the adapter); the parameter names are peft's tensor suffixes
+PEFT_OPTIONS = (
+    Option("r", default=8), Option("alpha", default=8), Option("rank_dropout", default=0.0),
+    Option("module_dropout", default=0.0), Option("use_effective_conv2d", default=False),
+    Option("rank_pattern", default={}), Option("alpha_pattern", default={}),
+)
+#: what peft writes for what LoHa and LoKr do not model
+PEFT_FIXED = {"exclude_modules": None, "init_weights": True, "layers_to_transform": None,
+              "layers_pattern": None}
 
 
 def pattern_value(path: str, patterns: dict[str, Any], default: Any) -> Any:
@@ -95,41 +103,6 @@ class LycorisSpec(DeltaSpec):
     def scaling_for(self, path: str) -> float:
         return float(pattern_value(path, self.alpha_pattern, self.alpha)) / self.rank_for(path)
 
-    # -- peft layout: the keys both configs share -------------------------------------------------
-    def peft_common(self, deltas: dict[str, Delta]) -> dict[str, Any]:
-        def num(v: float) -> float | int:  # peft types alpha as int: keep integral values integral
-            return int(v) if float(v).is_integer() else float(v)
-
-        return {
-            "peft_type": self.peft_type, "task_type": None, "r": self.r, "alpha": num(self.alpha),
-            "rank_dropout": self.rank_dropout, "module_dropout": self.module_dropout,
-            "use_effective_conv2d": self.use_effective_conv2d, "target_modules": sorted(deltas),
-            "exclude_modules": None, "init_weights": True, "layers_to_transform": None,
-            "layers_pattern": None, "rank_pattern": dict(self.rank_pattern),
-            "alpha_pattern": {k: num(v) for k, v in self.alpha_pattern.items()},
-            "modules_to_save": list(self.trainable_modules) or None, "inference_mode": True,
-            "base_model_name_or_path": None,
-        }
-
-    @staticmethod
-    def from_peft_common(config: dict[str, Any], targets: list[str]) -> dict[str, Any]:
-        """Spec keywords from the keys both configs share; refuses what deltatune does not model.
-        ``init_weights`` is not kept: the file's tensors are the adapter."""
-        for key in _UNSUPPORTED:
-            if config.get(key):
-                raise DeltaFileError(f"peft option {key}={config[key]!r} is not supported by "
-                                     "deltatune; save the adapter without it")
-        get = config.get
-        return {
-            "r": int(get("r", 8)), "alpha": float(get("alpha", 8)),
-            "rank_dropout": float(get("rank_dropout", 0.0)),
-            "module_dropout": float(get("module_dropout", 0.0)),
-            "use_effective_conv2d": bool(get("use_effective_conv2d", False)),
-            "rank_pattern": {k: int(v) for k, v in (get("rank_pattern") or {}).items()},
-            "alpha_pattern": {k: float(v) for k, v in (get("alpha_pattern") or {}).items()},
-            "targets": tuple(targets), "trainable_modules": tuple(get("modules_to_save") or ()),
-        }
-
 
 class LycorisDelta(Delta):
     """``h + x·ΔWᵀ`` (or ``h + conv(x, ΔW)``) with ``ΔW = s·raw_weight()`` reshaped to the base
@@ -191,18 +164,3 @@ class LycorisDelta(Delta):
 
     def delta_weight(self, host: DeltaHost) -> dict[str, torch.Tensor]:
         return {"weight": self.weight_change(host).detach()}
-
-    # -- peft layout: the parameter names are peft's suffixes ------------------------------------
-    def to_peft(self, host: DeltaHost) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self.named_parameters()}
-
-    def from_peft(self, host: DeltaHost, tensors: dict[str, torch.Tensor]
-                  ) -> dict[str, torch.Tensor]:
-        names = [n for n, _ in self.named_parameters()]
-        missing = [n for n in names if n not in tensors]
-        if missing:
-            have = sorted(k for k in tensors if not k.startswith("base_model."))
-            raise DeltaFileError(f"peft {self.spec.peft_type} file lacks {missing[0]!r} for a "
-                                 f"module (it has {have}); the file is incomplete or was saved "
-                                 "with other r/decompose options than its config says")
-        return {n: tensors[n] for n in names}

@@ -18,7 +18,7 @@ https://arxiv.org/abs/2303.10512 · peft's file layout (``lora_A``/``lora_B``/``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,8 @@ from torch import nn
 from ..core.delta import Delta
 from ..core.errors import DeltaFileError, SpecError
 from ..core.example import Example
-from ..core.host import DeltaHost
+from ..core.host import DeltaHost, Host
+from ..core.peft_layout import Option, PeftLayout
 from ..core.spec import DeltaSpec, register
 from ..core.targets import ATTENTION_QV
 
@@ -79,6 +80,62 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+# -- peft's layout --------------------------------------------------------------------------------
+class _AdaLoRALayout(PeftLayout):
+    """peft's AdaLoRA files hold only the kept triplets: peft resizes each module to the
+    ``rank_pattern`` mask when loading."""
+
+    def save(self, delta: Any, host: Host) -> dict[str, torch.Tensor]:
+        keep = delta.rank_mask
+        return {"lora_A": delta.lora_A.detach()[keep], "lora_E": delta.values().detach()[keep],
+                "lora_B": delta.lora_B.detach()[:, keep]}
+
+    def load(self, delta: Any, host: Host, tensors: dict[str, torch.Tensor]
+             ) -> dict[str, torch.Tensor]:
+        try:
+            a, e, b = tensors["lora_A"], tensors["lora_E"], tensors["lora_B"]
+        except KeyError as exc:
+            raise DeltaFileError(f"peft file lacks tensor {exc.args[0]!r} for an AdaLoRA module; "
+                                 "the file is incomplete") from exc
+        r, cap = a.shape[0], delta.lora_A.shape[0]
+        n_out, n_in = delta.lora_B.shape[0], delta.lora_A.shape[1]
+        if r > cap or e.shape != (r, 1) or b.shape != (n_out, r) or a.shape[1] != n_in:
+            raise DeltaFileError(
+                f"peft AdaLoRA tensors of shapes A{tuple(a.shape)} E{tuple(e.shape)} "
+                f"B{tuple(b.shape)} do not fit a module of init_r={cap} and weight {n_out}x{n_in}"
+            )
+        # The kept triplets go to the first r slots (their order does not change ΔW); the rest
+        # are off. Built on the CPU beside the file's tensors; loading moves them to the device.
+        out = {
+            "lora_A": delta.lora_A.detach().cpu().clone(),
+            "lora_E": torch.zeros(delta.lora_E.shape, dtype=delta.lora_E.dtype),
+            "lora_B": delta.lora_B.detach().cpu().clone(),
+            "rank_mask": torch.zeros(delta.rank_mask.shape, dtype=torch.bool),
+        }
+        out["lora_A"][:r], out["lora_E"][:r], out["lora_B"][:, :r] = a.cpu(), e.cpu(), b.cpu()
+        out["rank_mask"][:r] = True
+        return out
+
+
+def _write(spec: Any, deltas: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "total_step": spec.total_step or spec.tinit + spec.tfinal + 1,
+        # the kept triplets of every module, as peft records them
+        "rank_pattern": {
+            f"{p}.lora_E": [bool(v) for v in d.rank_mask.tolist()] for p, d in deltas.items()
+        },
+    }
+
+
+def _read(config: Mapping[str, Any], kw: dict[str, Any]) -> dict[str, Any]:
+    total = config.get("total_step")
+    return {
+        "target_r": min(kw["target_r"], kw["init_r"]),
+        "alpha": kw["alpha"] if kw["alpha"] > 0 else float(kw["init_r"]),
+        "total_step": int(total) if total and int(total) > kw["tinit"] + kw["tfinal"] else None,
+    }
+
+
 @register
 @dataclass(frozen=True)
 class AdaLoRA(_SVDSpecMixin, DeltaSpec):
@@ -95,6 +152,18 @@ class AdaLoRA(_SVDSpecMixin, DeltaSpec):
     host_kinds = ("linear",)
     default_targets = ATTENTION_QV
     factored = True
+    peft = _AdaLoRALayout(
+        "ADALORA", extra_suffixes=("lora_A", "lora_B", "lora_E"),
+        options=(Option("init_r", default=12), Option("target_r", default=8),
+                 Option("lora_alpha", "alpha", 8), Option("lora_dropout", "dropout", 0.0),
+                 Option("tinit", default=0), Option("tfinal", default=0),
+                 Option("deltaT", "delta_t", 1), Option("beta1", default=0.85),
+                 Option("beta2", default=0.85), Option("orth_reg_weight", default=0.5)),
+        write=_write, read=_read, fan_in_fan_out=True,
+        fixed={"bias": "none", "init_lora_weights": True},
+        refuse={"layers_to_transform": None, "layer_replication": None, "use_dora": False,
+                "loftq_config": None, "bias": "none"},
+    )
 
     init_r: int = 12
     target_r: int = 8
@@ -137,71 +206,6 @@ class AdaLoRA(_SVDSpecMixin, DeltaSpec):
         from .adalora_schedule import AdaLoRASchedule
 
         return [AdaLoRASchedule(name, total_step=self.total_step or total_steps)]
-
-    # -- peft's layout ------------------------------------------------------------------------
-    peft_type: ClassVar[str | None] = "ADALORA"
-    peft_suffixes: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "lora_E")
-
-    def to_peft_config(self, deltas: dict[str, Any]) -> dict[str, Any]:
-        svd = {p: d for p, d in deltas.items() if isinstance(d, SVDDelta)}
-        total = self.total_step or self.tinit + self.tfinal + 1
-        return {
-            "peft_type": "ADALORA",
-            "task_type": None,
-            "init_r": self.init_r,
-            "target_r": self.target_r,
-            "lora_alpha": self.alpha,
-            "lora_dropout": self.dropout,
-            "target_modules": sorted(svd),
-            "tinit": self.tinit,
-            "tfinal": self.tfinal,
-            "deltaT": self.delta_t,
-            "beta1": self.beta1,
-            "beta2": self.beta2,
-            "orth_reg_weight": self.orth_reg_weight,
-            "total_step": total,
-            # peft resizes each module to sum(mask) on loading; its tensors hold only the kept triplets
-            "rank_pattern": {
-                f"{p}.lora_E": [bool(v) for v in d.rank_mask.tolist()] for p, d in svd.items()
-            },
-            "fan_in_fan_out": any(d.fan_in_fan_out for d in svd.values()),
-            "bias": "none",
-            "modules_to_save": list(self.trainable_modules) or None,
-            "inference_mode": True,
-            "init_lora_weights": True,
-            "base_model_name_or_path": None,
-        }
-
-    @classmethod
-    def from_peft_config(cls, config: dict[str, Any], targets: list[str]) -> AdaLoRA:
-        for key in ("layers_to_transform", "layer_replication", "use_dora", "loftq_config"):
-            if config.get(key):
-                raise DeltaFileError(
-                    f"peft option {key}={config[key]!r} is not supported by deltatune's AdaLoRA"
-                )
-        if config.get("bias", "none") != "none":
-            raise DeltaFileError(
-                f"peft AdaLoRA bias={config['bias']!r} is not supported; save the adapter with bias='none'"
-            )
-        alpha = float(config.get("lora_alpha", 8))
-        init_r = int(config.get("init_r", 12))
-        total = config.get("total_step")
-        tinit, tfinal = int(config.get("tinit", 0)), int(config.get("tfinal", 0))
-        return cls(
-            init_r=init_r,
-            target_r=min(int(config.get("target_r", 8)), init_r),
-            alpha=alpha if alpha > 0 else float(init_r),
-            dropout=float(config.get("lora_dropout", 0.0)),
-            tinit=tinit,
-            tfinal=tfinal,
-            delta_t=int(config.get("deltaT", 1)),
-            beta1=float(config.get("beta1", 0.85)),
-            beta2=float(config.get("beta2", 0.85)),
-            orth_reg_weight=float(config.get("orth_reg_weight", 0.5)),
-            total_step=int(total) if total and int(total) > tinit + tfinal else None,
-            targets=tuple(targets),
-            trainable_modules=tuple(config.get("modules_to_save") or ()),
-        )
 
 
 class SVDDelta(Delta):
@@ -264,41 +268,3 @@ class SVDDelta(Delta):
     def delta_weight(self, host: DeltaHost) -> dict[str, torch.Tensor]:
         w = (self.lora_B @ (self.lora_A * self.values())) * self.scaling  # (out, in)
         return {"weight": (w.t() if self._fifo else w).detach()}
-
-    # -- peft ----------------------------------------------------------------------------------------
-    def to_peft(self, host: DeltaHost) -> dict[str, torch.Tensor]:
-        keep = self.rank_mask
-        return {"lora_A": self.lora_A.detach()[keep], "lora_E": self.values().detach()[keep],
-                "lora_B": self.lora_B.detach()[:, keep]}
-
-    def from_peft(
-        self, host: DeltaHost, tensors: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        try:
-            a, e, b = tensors["lora_A"], tensors["lora_E"], tensors["lora_B"]
-        except KeyError as exc:
-            raise DeltaFileError(
-                f"peft file lacks tensor {exc.args[0]!r} for an AdaLoRA module; the file is incomplete"
-            ) from exc
-        r, cap = a.shape[0], self.lora_A.shape[0]
-        if (
-            r > cap
-            or e.shape != (r, 1)
-            or b.shape != (self.lora_B.shape[0], r)
-            or a.shape[1] != self.lora_A.shape[1]
-        ):
-            raise DeltaFileError(
-                f"peft AdaLoRA tensors of shapes A{tuple(a.shape)} E{tuple(e.shape)} B{tuple(b.shape)} do "
-                f"not fit a module of init_r={cap} and weight {self.lora_B.shape[0]}x{self.lora_A.shape[1]}"
-            )
-        # The kept triplets go to the first r slots (their order does not change ΔW); the rest are off.
-        # built on the CPU beside the file's tensors; loading moves them to the delta's device
-        out = {
-            "lora_A": self.lora_A.detach().cpu().clone(),
-            "lora_E": torch.zeros(self.lora_E.shape, dtype=self.lora_E.dtype),
-            "lora_B": self.lora_B.detach().cpu().clone(),
-            "rank_mask": torch.zeros(self.rank_mask.shape, dtype=torch.bool),
-        }
-        out["lora_A"][:r], out["lora_E"][:r], out["lora_B"][:, :r] = a.cpu(), e.cpu(), b.cpu()
-        out["rank_mask"][:r] = True
-        return out

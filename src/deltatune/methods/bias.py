@@ -56,16 +56,3 @@ class BiasDelta(Delta):
 
     def delta_weight(self, host: DeltaHost) -> dict[str, torch.Tensor]:
         return {"bias": self.bias.detach()}
-
-    def to_peft(self, host: DeltaHost) -> dict[str, torch.Tensor]:
-        # peft trains the module's own bias in place and stores its full value.
-        return {"bias": host.base.bias.detach() + self.bias.detach().to(host.base.bias.dtype)}
-
-    def from_peft(
-        self, host: DeltaHost, tensors: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        return {
-            "bias": (
-                tensors["bias"].to(self.bias.dtype) - host.base.bias.detach().to(self.bias.dtype)
-            )
-        }

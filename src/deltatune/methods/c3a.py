@@ -28,14 +28,11 @@ import torch
 from torch import nn
 
 from ..core.delta import Delta
-from ..core.errors import DeltaFileError
 from ..core.example import Example
 from ..core.host import DeltaHost
+from ..core.peft_layout import Option, PeftLayout, linear_only
 from ..core.spec import DeltaSpec, register
 from ..core.targets import ATTENTION_QV
-from .miss import _refuse_unsupported
-
-_INITS = ("zeros", "xavier_uniform", "kaiming_uniform", "gaussian")
 
 
 def _positive_int(value: Any) -> bool:
@@ -55,8 +52,14 @@ class C3A(DeltaSpec):
         ({"block_size_pattern": {"fc1": 0}}, "block_size_pattern")))
     default_targets = ATTENTION_QV
     host_what = "Linear / GPT-2 Conv1D modules"
-    peft_type = "C3A"
-    peft_suffixes = ("c3a_kernel",)
+    peft = PeftLayout(
+        "C3A", tensors=("c3a_kernel",), check=linear_only,
+        fixed={"bias": "none", "layers_to_transform": None, "layers_pattern": None},
+        options=(Option("block_size", default=256), Option("block_size_pattern", default={}),
+                 Option("init_weights", "init", "xavier_uniform", choices=(
+                     ("zeros", True), ("xavier_uniform", "xavier_uniform"),
+                     ("kaiming_uniform", "kaiming_uniform"), ("gaussian", "gaussian"),
+                     ("xavier_uniform", False)))))
 
     block_size: int = 256
     block_size_pattern: dict[str, int] = field(default_factory=dict)
@@ -96,33 +99,6 @@ class C3A(DeltaSpec):
 
     def make_delta(self, host: DeltaHost, module_name: str) -> Delta:
         return C3ADelta(self, host, self.block_for(module_name))
-
-    # -- peft layout ------------------------------------------------------------------------------
-    def to_peft_config(self, deltas: dict[str, Delta]) -> dict[str, Any]:
-        return {
-            "peft_type": "C3A", "task_type": None, "block_size": self.block_size,
-            "block_size_pattern": dict(self.block_size_pattern),
-            "target_modules": sorted(deltas), "bias": "none",
-            "init_weights": True if self.init == "zeros" else self.init,
-            "layers_to_transform": None, "layers_pattern": None,
-            "modules_to_save": list(self.trainable_modules) or None, "inference_mode": True,
-            "base_model_name_or_path": None,
-        }
-
-    @classmethod
-    def from_peft_config(cls, config: dict[str, Any], targets: list[str]) -> C3A:
-        _refuse_unsupported(config, "C3A")
-        init = config.get("init_weights", "xavier_uniform")
-        if init not in (True, False, *_INITS[1:]):
-            raise DeltaFileError(f"peft C3A init_weights={init!r} is not one of true, false, "
-                                 f"{', '.join(map(repr, _INITS[1:]))}")
-        pattern = config.get("block_size_pattern") or {}
-        return cls(
-            block_size=int(config.get("block_size", 256)),
-            block_size_pattern={str(k): int(v) for k, v in pattern.items()},
-            init="zeros" if init is True else "xavier_uniform" if init is False else init,
-            targets=tuple(targets), trainable_modules=tuple(config.get("modules_to_save") or ()),
-        )
 
 
 class C3ADelta(Delta):
@@ -169,17 +145,3 @@ class C3ADelta(Delta):
     def delta_weight(self, host: DeltaHost) -> dict[str, torch.Tensor]:
         w = self.weight_change().detach()
         return {"weight": w.t() if self.fan_in_fan_out else w}
-
-    # -- peft layout ------------------------------------------------------------------------------
-    def to_peft(self, host: DeltaHost) -> dict[str, torch.Tensor]:
-        if self.fan_in_fan_out:
-            raise DeltaFileError("peft's C3A hosts nn.Linear only, not GPT-2 Conv1D; "
-                                 "save this adapter with format='deltatune'")
-        return {"c3a_kernel": self.c3a_kernel.detach()}
-
-    def from_peft(self, host: DeltaHost,
-                  tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if "c3a_kernel" not in tensors:
-            raise DeltaFileError("peft C3A file lacks 'c3a_kernel' for a module; "
-                                 "the file is incomplete")
-        return {"c3a_kernel": tensors["c3a_kernel"]}

@@ -22,19 +22,18 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..core.delta import Delta, Factor
-from ..core.errors import DeltaFileError
 from ..core.example import Example
 from ..core.host import DeltaHost
+from ..core.peft_layout import OFF, Option, PeftLayout, init_flag, linear_only
 from ..core.spec import DeltaSpec, register
 from ..core.targets import ATTENTION_QV
-from .miss import _refuse_unsupported
 
 _TENSORS = ("delora_A", "delora_B", "delora_lambda", "delora_w_norm")
 
@@ -64,8 +63,12 @@ class DeLoRA(DeltaSpec):
     host_kinds = ("linear",)
     default_targets = ATTENTION_QV
     factored = True
-    peft_type = "DELORA"
-    peft_suffixes = _TENSORS
+    peft = PeftLayout(
+        "DELORA", tensors=_TENSORS, check=linear_only, fixed={**OFF, "init_weights": True},
+        options=(Option("r", default=8), Option("delora_lambda", default=15),
+                 Option("module_dropout", "dropout", 0.0), Option("rank_pattern", default={}),
+                 Option("lambda_pattern", default={}),
+                 init_flag("identity", "random", write=False)))
 
     r: int = 8
     delora_lambda: float = 15.0
@@ -103,30 +106,6 @@ class DeLoRA(DeltaSpec):
 
     def make_delta(self, host: DeltaHost, module_name: str) -> Delta:
         return DeLoRADelta(self, host, module_name)
-
-    # -- peft layout ------------------------------------------------------------------------------
-    def to_peft_config(self, deltas: dict[str, Delta]) -> dict[str, Any]:
-        return {
-            "peft_type": "DELORA", "task_type": None, "r": self.r,
-            "delora_lambda": self.delora_lambda, "module_dropout": self.dropout,
-            "rank_pattern": dict(self.rank_pattern), "lambda_pattern": dict(self.lambda_pattern),
-            "target_modules": sorted(deltas), "exclude_modules": None, "bias": "none",
-            "init_weights": True, "layers_to_transform": None, "layers_pattern": None,
-            "modules_to_save": list(self.trainable_modules) or None, "inference_mode": True,
-            "base_model_name_or_path": None,
-        }
-
-    @classmethod
-    def from_peft_config(cls, config: dict[str, Any], targets: list[str]) -> DeLoRA:
-        _refuse_unsupported(config, "DeLoRA")
-        return cls(
-            r=int(config.get("r", 8)), delora_lambda=float(config.get("delora_lambda", 15)),
-            dropout=float(config.get("module_dropout", 0.0)),
-            init="identity" if config.get("init_weights", True) else "random",
-            rank_pattern={k: int(v) for k, v in (config.get("rank_pattern") or {}).items()},
-            lambda_pattern={k: float(v) for k, v in (config.get("lambda_pattern") or {}).items()},
-            targets=tuple(targets), trainable_modules=tuple(config.get("modules_to_save") or ()),
-        )
 
 
 class DeLoRADelta(Delta):
@@ -176,18 +155,3 @@ class DeLoRADelta(Delta):
 
     def factors(self, host: DeltaHost) -> list[Factor] | None:
         return [Factor(self._a().detach(), self.delora_B.detach(), 1.0, bool(self.fan_in_fan_out))]
-
-    # -- peft layout ------------------------------------------------------------------------------
-    def to_peft(self, host: DeltaHost) -> dict[str, torch.Tensor]:
-        if self.fan_in_fan_out:
-            raise DeltaFileError("peft's DeLoRA hosts nn.Linear only, not GPT-2 Conv1D; "
-                                 "save this adapter with format='deltatune'")
-        return {k: getattr(self, k).detach() for k in _TENSORS}
-
-    def from_peft(self, host: DeltaHost,
-                  tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        missing = [k for k in _TENSORS if k not in tensors]
-        if missing:
-            raise DeltaFileError(f"peft DeLoRA file lacks {missing[0]!r} for a module; "
-                                 "the file is incomplete")
-        return {k: tensors[k] for k in _TENSORS}

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.delta import Delta
-from ..core.errors import DeltaFileError
 from ..core.example import Example
 from ..core.host import DeltaHost
+from ..core.peft_layout import Option, PeftLayout, init_flag
 from ..core.spec import DeltaSpec, register
 from ..core.targets import ATTENTION_QV
 
@@ -72,8 +72,12 @@ class FourierFT(DeltaSpec):
         ({"n_frequency_pattern": {"fc1": 0}}, "n_frequency_pattern")))
     default_targets = ATTENTION_QV
     host_what = "Linear / GPT-2 Conv1D modules"
-    peft_type = "FOURIERFT"
-    peft_suffixes = ("fourierft_spectrum",)
+    peft = PeftLayout("FOURIERFT", tensors=("fourierft_spectrum",), fan_in_fan_out=True, options=(
+        Option("n_frequency", default=1000), Option("scaling", default=150.0),
+        Option("random_loc_seed", required="its frequency positions cannot be drawn again; "
+               "save it with an integer seed"),
+        Option("n_frequency_pattern", default={}),
+        init_flag("zeros", "normal", default=False)))
 
     n_frequency: int = 1000
     scaling: float = 150.0
@@ -121,41 +125,6 @@ class FourierFT(DeltaSpec):
         positions = shared.positions(host.out_features, host.in_features, n)
         return FourierFTDelta(self, host, n, positions)
 
-    # -- peft layout ------------------------------------------------------------------------------
-    def to_peft_config(self, deltas: dict[str, Delta]) -> dict[str, Any]:
-        return {
-            "peft_type": "FOURIERFT", "task_type": None, "n_frequency": self.n_frequency,
-            "scaling": float(self.scaling), "random_loc_seed": self.random_loc_seed,
-            "fan_in_fan_out": any(d.fan_in_fan_out for d in deltas.values()),
-            "target_modules": sorted(deltas), "exclude_modules": None, "bias": "none",
-            "modules_to_save": list(self.trainable_modules) or None, "layers_to_transform": None,
-            "layers_pattern": None, "n_frequency_pattern": dict(self.n_frequency_pattern),
-            "init_weights": self.init == "zeros", "inference_mode": True,
-            "base_model_name_or_path": None,
-        }
-
-    @classmethod
-    def from_peft_config(cls, config: dict[str, Any], targets: list[str]) -> FourierFT:
-        if config.get("bias", "none") != "none":
-            raise DeltaFileError(f"peft FourierFT with bias={config['bias']!r} is not supported; "
-                                 "save the adapter with bias='none' (or add BitFit beside it)")
-        if config.get("layers_to_transform"):
-            raise DeltaFileError("peft option layers_to_transform is not supported by deltatune; "
-                                 "save the adapter without it")
-        if config.get("random_loc_seed") is None:
-            raise DeltaFileError("peft FourierFT config has random_loc_seed=null: its frequency "
-                                 "positions cannot be drawn again; save it with an integer seed")
-        pattern = config.get("n_frequency_pattern") or {}
-        return cls(
-            n_frequency=int(config.get("n_frequency", 1000)),
-            scaling=float(config.get("scaling", 150.0)),
-            random_loc_seed=int(config["random_loc_seed"]),
-            n_frequency_pattern={str(k): int(v) for k, v in pattern.items()},
-            init="zeros" if config.get("init_weights", False) else "normal",
-            targets=tuple(targets),
-            trainable_modules=tuple(config.get("modules_to_save") or ()),
-        )
-
 
 def _positive_int(value: Any, least: int = 1) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
@@ -188,13 +157,3 @@ class FourierFTDelta(Delta):
     def delta_weight(self, host: DeltaHost) -> dict[str, torch.Tensor]:
         w = self.weight_change().detach()
         return {"weight": w.t() if self.fan_in_fan_out else w}
-
-    def to_peft(self, host: DeltaHost) -> dict[str, torch.Tensor]:
-        return {"fourierft_spectrum": self.fourierft_spectrum.detach()}
-
-    def from_peft(self, host: DeltaHost,
-                  tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if "fourierft_spectrum" not in tensors:
-            raise DeltaFileError("peft FourierFT file lacks 'fourierft_spectrum' for a module; "
-                                 "the file is incomplete")
-        return {"fourierft_spectrum": tensors["fourierft_spectrum"]}

@@ -31,21 +31,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.delta import Delta, Factor
-from ..core.errors import DeltaFileError
 from ..core.example import Example
 from ..core.host import DeltaHost
+from ..core.peft_layout import Option, PeftLayout, PeftTensor, init_flag
 from ..core.spec import DeltaSpec, register
 from ..core.targets import ATTENTION_QV
-from .miss import _refuse_unsupported
 
-#: deltatune's tensor name → peft's suffix
-_PEFT = {"gralora_A": "gralora_A", "gralora_B": "gralora_B",
-         "gralora_A_general": "gralora_A_general.weight",
-         "gralora_B_general": "gralora_B_general.weight"}
+#: the tensors in peft's file (the hybrid LoRA's are nn.Linear weights there)
+_PEFT_TENSORS = ("gralora_A", "gralora_B",
+                 PeftTensor("gralora_A_general", "gralora_A_general.weight"),
+                 PeftTensor("gralora_B_general", "gralora_B_general.weight"))
 
 
 def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _one_flag(spec: DeltaSpec, deltas: dict[str, Delta]) -> str:
+    if len({bool(d.fan_in_fan_out) for d in deltas.values()}) > 1:
+        return ("peft's GraLoRA has one fan_in_fan_out flag per adapter; this one mixes Linear and "
+                "GPT-2 Conv1D layers")
+    return ""
 
 
 @register
@@ -64,8 +70,12 @@ class GraLoRA(DeltaSpec):
         ({"init": "zeros"}, "init")))
     host_kinds = ("linear",)
     default_targets = ATTENTION_QV
-    peft_type = "GRALORA"
-    peft_suffixes = tuple(_PEFT.values())
+    peft = PeftLayout(
+        "GRALORA", tensors=_PEFT_TENSORS, fan_in_fan_out=True, check=_one_flag,
+        options=(Option("r", default=32), Option("hybrid_r", default=0),
+                 Option("alpha", default=64), Option("gralora_dropout", "dropout", 0.0),
+                 Option("gralora_k", "k", 2),
+                 init_flag("identity", "random")))
 
     r: int = 32
     k: int = 2
@@ -101,36 +111,6 @@ class GraLoRA(DeltaSpec):
 
     def make_delta(self, host: DeltaHost, module_name: str) -> Delta:
         return GraLoRADelta(self, host)
-
-    # -- peft layout ------------------------------------------------------------------------------
-    def to_peft_config(self, deltas: dict[str, Delta]) -> dict[str, Any]:
-        conv1d = {bool(d.fan_in_fan_out) for d in deltas.values()}
-        if len(conv1d) > 1:
-            raise DeltaFileError("peft's GraLoRA has one fan_in_fan_out flag per adapter; this one "
-                                 "mixes Linear and GPT-2 Conv1D layers: save with "
-                                 "format='deltatune'")
-        return {
-            "peft_type": "GRALORA", "task_type": None, "r": self.r, "hybrid_r": self.hybrid_r,
-            "alpha": self.alpha, "gralora_dropout": self.dropout, "gralora_k": self.k,
-            "fan_in_fan_out": conv1d == {True}, "bias": "none",
-            "init_weights": self.init == "identity", "target_modules": sorted(deltas),
-            "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None,
-            "modules_to_save": list(self.trainable_modules) or None, "inference_mode": True,
-            "base_model_name_or_path": None,
-        }
-
-    @classmethod
-    def from_peft_config(cls, config: dict[str, Any], targets: list[str]) -> GraLoRA:
-        _refuse_unsupported(config, "GraLoRA")
-        alpha = config.get("alpha", 64)
-        return cls(
-            r=int(config.get("r", 32)), k=int(config.get("gralora_k", 2)),
-            hybrid_r=int(config.get("hybrid_r", 0)),
-            alpha=float(alpha) if isinstance(alpha, (int, float)) else alpha,
-            dropout=float(config.get("gralora_dropout", 0.0)),
-            init="identity" if config.get("init_weights", True) else "random",
-            targets=tuple(targets), trainable_modules=tuple(config.get("modules_to_save") or ()),
-        )
 
 
 class GraLoRADelta(Delta):
@@ -207,17 +187,3 @@ class GraLoRADelta(Delta):
             w = w + self.gralora_B_general @ self.gralora_A_general
         w = self.scale * w
         return {"weight": (w.t() if self.fan_in_fan_out else w).detach()}
-
-    # -- peft layout ------------------------------------------------------------------------------
-    def to_peft(self, host: DeltaHost) -> dict[str, torch.Tensor]:
-        return {_PEFT[k]: v.detach() for k, v in self.named_parameters()}
-
-    def from_peft(self, host: DeltaHost,
-                  tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, _ in self.named_parameters():
-            if _PEFT[name] not in tensors:
-                raise DeltaFileError(f"peft GraLoRA file lacks {_PEFT[name]!r} for a module; "
-                                     "the file is incomplete (or its hybrid_r is wrong)")
-            out[name] = tensors[_PEFT[name]]
-        return out

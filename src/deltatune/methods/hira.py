@@ -21,24 +21,27 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..core.delta import Delta
-from ..core.errors import DeltaFileError, StateError
+from ..core.errors import StateError
 from ..core.example import Example
 from ..core.host import DeltaHost
+from ..core.peft_layout import Option, PeftLayout
 from ..core.spec import DeltaSpec, register
 from ..core.targets import ATTENTION_QV
 from .delora import _pattern_value
-from .miss import _refuse_unsupported
 
-_TENSORS = ("hira_A", "hira_B")
-#: peft's ``init_weights`` for each of our ``init`` values
-_PEFT_INIT: dict[str, bool | str] = {"identity": True, "gaussian": "gaussian", "random": False}
+
+def _one_rank(spec: DeltaSpec, deltas: dict[str, Delta]) -> str:
+    if any(d.r != spec.r for d in deltas.values()):
+        return ("peft 0.21.2's HiRA ignores rank_pattern (every layer gets rank r), so it could "
+                "not load this adapter")
+    return ""
 
 
 @register
@@ -62,8 +65,13 @@ class HiRA(DeltaSpec):
     )
     default_targets = ATTENTION_QV
     host_what = "Linear / GPT-2 Conv1D modules"
-    peft_type = "HIRA"
-    peft_suffixes = _TENSORS
+    peft = PeftLayout(
+        "HIRA", tensors=("hira_A", "hira_B"), fan_in_fan_out=True, check=_one_rank,
+        options=(Option("r", default=32), Option("hira_dropout", "dropout", 0.0),
+                 # peft 0.21.2 builds every layer at rank r whatever its rank_pattern says
+                 Option("rank_pattern", read=False),
+                 Option("init_weights", "init", True, choices=(
+                     ("identity", True), ("gaussian", "gaussian"), ("random", False)))))
 
     r: int = 32
     dropout: float = 0.0
@@ -91,37 +99,6 @@ class HiRA(DeltaSpec):
 
     def make_delta(self, host: DeltaHost, module_name: str) -> Delta:
         return HiRADelta(self, host, self.rank_for(module_name))
-
-    # -- peft layout ------------------------------------------------------------------------------
-    def to_peft_config(self, deltas: dict[str, Delta]) -> dict[str, Any]:
-        if any(d.r != self.r for d in deltas.values()):
-            raise DeltaFileError("peft 0.21.2's HiRA ignores rank_pattern (every layer gets rank "
-                                 "r), so it could not load this adapter; save it with "
-                                 "format='deltatune'")
-        return {
-            "peft_type": "HIRA", "task_type": None, "r": self.r, "hira_dropout": self.dropout,
-            "fan_in_fan_out": any(d.fan_in_fan_out for d in deltas.values()),
-            "rank_pattern": dict(self.rank_pattern), "init_weights": _PEFT_INIT[self.init],
-            "target_modules": sorted(deltas), "exclude_modules": None, "bias": "none",
-            "layers_to_transform": None, "layers_pattern": None,
-            "modules_to_save": list(self.trainable_modules) or None, "inference_mode": True,
-            "base_model_name_or_path": None,
-        }
-
-    @classmethod
-    def from_peft_config(cls, config: dict[str, Any], targets: list[str]) -> HiRA:
-        _refuse_unsupported(config, "HiRA")
-        init = config.get("init_weights", True)
-        names = {repr(v): k for k, v in _PEFT_INIT.items()}
-        if repr(init) not in names:
-            raise DeltaFileError(f"peft HiRA init_weights={init!r} is not one of true, false, "
-                                 "'gaussian'")
-        return cls(
-            r=int(config.get("r", 32)), dropout=float(config.get("hira_dropout", 0.0)),
-            init=names[repr(init)],  # type: ignore[arg-type]
-            # peft 0.21.2 builds every layer at rank r whatever its rank_pattern says
-            targets=tuple(targets), trainable_modules=tuple(config.get("modules_to_save") or ()),
-        )
 
 
 class HiRADelta(Delta):
@@ -180,15 +157,3 @@ class HiRADelta(Delta):
     def unmerge_from(self, host: DeltaHost) -> None:
         w = host.weight
         w.copy_((w.to(self.hira_A.dtype) / self._factor()).to(w.dtype))
-
-    # -- peft layout ------------------------------------------------------------------------------
-    def to_peft(self, host: DeltaHost) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k).detach() for k in _TENSORS}
-
-    def from_peft(self, host: DeltaHost,
-                  tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        missing = [k for k in _TENSORS if k not in tensors]
-        if missing:
-            raise DeltaFileError(f"peft HiRA file lacks {missing[0]!r} for a module; "
-                                 "the file is incomplete")
-        return {k: tensors[k] for k in _TENSORS}

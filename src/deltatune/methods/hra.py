@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..core.delta import Delta
-from ..core.errors import DeltaFileError, TargetError
+from ..core.errors import TargetError
 from ..core.example import Example
 from ..core.host import DeltaHost
+from ..core.peft_layout import Option, PeftLayout, init_flag
 from ..core.spec import DeltaSpec, register
 from ..core.targets import ATTENTION_QV
 
@@ -52,6 +53,17 @@ def gram_schmidt(u: torch.Tensor) -> torch.Tensor:
     return torch.stack(cols, dim=1)
 
 
+def _peft_check(spec: DeltaSpec, deltas: dict[str, Delta]) -> str:
+    refused = [(p, d.peft_refusal) for p, d in deltas.items() if d.peft_refusal]
+    return f"peft's HRA cannot hold {refused[0][0]!r} ({refused[0][1]})" if refused else ""
+
+
+def _read_init(config: Mapping[str, Any], kw: dict[str, Any]) -> dict[str, Any]:
+    # the init only matters before training: the file's tensors replace it
+    symmetric = config.get("init_weights", True) and kw["r"] % 2 == 0 and not kw["gram_schmidt"]
+    return {"init": "symmetric" if symmetric else "random"}
+
+
 @register
 @dataclass(frozen=True)
 class HRA(DeltaSpec):
@@ -67,8 +79,9 @@ class HRA(DeltaSpec):
     host_kinds = ("linear", "conv")
     host_what = "Linear / GPT-2 Conv1D / Conv1d/2d/3d modules"
     default_targets = ATTENTION_QV
-    peft_type = "HRA"
-    peft_suffixes = ("hra_u",)
+    peft = PeftLayout("HRA", tensors=("hra_u",), check=_peft_check, read=_read_init, options=(
+        Option("r", default=8), Option("apply_GS", "gram_schmidt", False),
+        init_flag("symmetric", "random", read=False)))
 
     r: int = 8
     gram_schmidt: bool = False
@@ -96,36 +109,6 @@ class HRA(DeltaSpec):
     def make_delta(self, host: DeltaHost, module_name: str) -> Delta:
         return HRADelta(self, host)
 
-    # -- peft layout ------------------------------------------------------------------------------
-    def to_peft_config(self, deltas: dict[str, Delta]) -> dict[str, Any]:
-        for path, delta in deltas.items():
-            if delta.peft_refusal:
-                raise DeltaFileError(f"peft's HRA cannot hold {path!r} ({delta.peft_refusal}); "
-                                     "save this adapter with format='deltatune'")
-        return {
-            "peft_type": "HRA", "task_type": None, "r": self.r, "apply_GS": self.gram_schmidt,
-            "target_modules": sorted(deltas), "exclude_modules": None,
-            "init_weights": self.init == "symmetric", "layers_to_transform": None,
-            "layers_pattern": None, "bias": "none",
-            "modules_to_save": list(self.trainable_modules) or None, "inference_mode": True,
-            "base_model_name_or_path": None,
-        }
-
-    @classmethod
-    def from_peft_config(cls, config: dict[str, Any], targets: list[str]) -> HRA:
-        if config.get("bias", "none") != "none":
-            raise DeltaFileError(f"peft HRA with bias={config['bias']!r} is not supported; "
-                                 "save the adapter with bias='none' (or add BitFit beside it)")
-        if config.get("layers_to_transform"):
-            raise DeltaFileError("peft option layers_to_transform is not supported by deltatune; "
-                                 "save the adapter without it")
-        r, gs = int(config.get("r", 8)), bool(config.get("apply_GS", False))
-        # the init only matters before training: the file's tensors replace it
-        symmetric = bool(config.get("init_weights", True)) and r % 2 == 0 and not gs
-        return cls(r=r, gram_schmidt=gs, init="symmetric" if symmetric else "random",
-                   targets=tuple(targets),
-                   trainable_modules=tuple(config.get("modules_to_save") or ()))
-
 
 class HRADelta(Delta):
     """``hra_u`` (n, r): the reflection vectors as columns (peft's layout), normalised when used."""
@@ -144,7 +127,7 @@ class HRADelta(Delta):
         else:
             u = nn.init.kaiming_uniform_(torch.empty(n, r), a=math.sqrt(5))
         self.hra_u = nn.Parameter(u)
-        self.peft_refusal = _peft_refusal(host)
+        self.peft_refusal = _peft_refusal(host)  # why peft's HRA could not hold it ("" if it can)
 
     def reflect(self, m: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         """``m·H`` (or ``m·H⁻¹``) for ``m`` of shape (..., n), in float32."""
@@ -187,15 +170,6 @@ class HRADelta(Delta):
     @torch.no_grad()
     def unmerge_from(self, host: DeltaHost) -> None:
         host.weight.copy_(self._layout(self.reflect(self._w(host), inverse=True), host))
-
-    def to_peft(self, host: DeltaHost) -> dict[str, torch.Tensor]:
-        return {"hra_u": self.hra_u.detach()}
-
-    def from_peft(self, host: DeltaHost,
-                  tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if "hra_u" not in tensors:
-            raise DeltaFileError("peft HRA file lacks 'hra_u' for a module; the file is incomplete")
-        return {"hra_u": tensors["hra_u"]}
 
 
 def _peft_refusal(host: DeltaHost) -> str:

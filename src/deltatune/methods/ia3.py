@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import torch
 from torch import nn
@@ -22,12 +22,42 @@ from torch import nn
 from ..core.delta import Delta
 from ..core.errors import DeltaFileError, StateError, TargetError
 from ..core.example import Example
-from ..core.host import DeltaHost
+from ..core.host import DeltaHost, Host
+from ..core.peft_layout import PeftLayout, PeftTensor
 from ..core.spec import DeltaSpec, register
 from ..core.targets import name_matches
 
 #: the second FFN linear of common architectures (BERT, Llama/Mistral, GPT-2, OPT/ViT, T5, GPT-NeoX)
 DEFAULT_FEEDFORWARD = ("output.dense", "down_proj", "mlp.c_proj", "fc2", "wo", "dense_4h_to_h")
+
+
+def _peft_vector(delta: Any, host: Host, vec: torch.Tensor) -> torch.Tensor:
+    return vec.reshape(delta.peft_shape(host))
+
+
+def _vector(delta: Any, host: Host, value: torch.Tensor) -> torch.Tensor:
+    if tuple(value.shape) != delta.peft_shape(host):
+        kind = "input (feedforward)" if delta.feedforward else "output"
+        raise DeltaFileError(
+            f"peft IA3 vector of shape {tuple(value.shape)} does not fit {kind} scaling "
+            f"{delta.peft_shape(host)}; check feedforward_modules in adapter_config.json"
+        )
+    return value.flatten()
+
+
+def _write_feedforward(spec: DeltaSpec, deltas: dict[str, Any]) -> dict[str, Any]:
+    return {"feedforward_modules": sorted(p for p, d in deltas.items() if d.feedforward)}
+
+
+def _read_feedforward(config: Mapping[str, Any], kw: dict[str, Any]) -> dict[str, Any]:
+    ff = config.get("feedforward_modules") or ()
+    # peft matches a list by plain `endswith` (no dot boundary) and a string as a full regex.
+    chosen = [
+        t
+        for t in kw["targets"]
+        if (re.fullmatch(ff, t) if isinstance(ff, str) else any(t.endswith(f) for f in ff))
+    ]
+    return {"feedforward": tuple(chosen)}
 
 
 @register
@@ -51,8 +81,10 @@ class IA3(DeltaSpec):
         ("c_attn", "mlp.c_proj"),
         ("k", "v", "wo"),
     )
-    peft_type = "IA3"
-    peft_suffixes = ("ia3_l",)
+    peft = PeftLayout(
+        "IA3", tensors=(PeftTensor("ia3_l", save=_peft_vector, load=_vector),),
+        write=_write_feedforward, read=_read_feedforward, fan_in_fan_out=True, refuse={},
+        fixed={"exclude_modules": None, "init_ia3_weights": True})
 
     feedforward: tuple[str, ...] | None = None
     init: Literal["identity", "random"] = "identity"
@@ -75,33 +107,6 @@ class IA3(DeltaSpec):
             raise TargetError(f"IA3 cannot scale the input of {module_name!r} (padding_mode="
                               f"{host.base.padding_mode!r}); leave it out of `feedforward`")
         return IA3Delta(self, host, ff)
-
-    # -- peft layout ------------------------------------------------------------------------------
-    def to_peft_config(self, deltas: dict[str, Delta]) -> dict[str, Any]:
-        return {
-            "peft_type": "IA3",
-            "task_type": None,
-            "target_modules": sorted(deltas),
-            "feedforward_modules": sorted(p for p, d in deltas.items() if d.feedforward),
-            "exclude_modules": None,
-            "fan_in_fan_out": any(d.fan_in_fan_out for d in deltas.values()),
-            "init_ia3_weights": True,
-            "modules_to_save": list(self.trainable_modules) or None,
-            "inference_mode": True,
-            "base_model_name_or_path": None,
-        }
-
-    @classmethod
-    def from_peft_config(cls, config: dict[str, Any], targets: list[str]) -> "IA3":
-        ff = config.get("feedforward_modules") or ()
-        # peft matches a list by plain `endswith` (no dot boundary) and a string as a full regex.
-        chosen = [
-            t
-            for t in targets
-            if (re.fullmatch(ff, t) if isinstance(ff, str) else any(t.endswith(f) for f in ff))
-        ]
-        keep = tuple(config.get("modules_to_save") or ())
-        return cls(targets=tuple(targets), feedforward=tuple(chosen), trainable_modules=keep)
 
 
 class IA3Delta(Delta):
@@ -179,32 +184,13 @@ class IA3Delta(Delta):
         if not self.feedforward and bias is not None:
             bias.mul_(vec.to(bias.dtype))
 
-    # -- peft layout: (out, 1) for output scaling, (1, in) for input scaling; convs add 1s ----------
-    def _peft_shape(self, host: DeltaHost) -> tuple[int, ...]:
+    def peft_shape(self, host: DeltaHost) -> tuple[int, ...]:
+        """peft's shape of ``ia3_l``: (out, 1) for output scaling, (1, in) for input scaling;
+        convolutions add 1s."""
         n = self.ia3_l.numel()
         if self.kind == "conv":
             return (1, n) + (1,) * (host.weight.dim() - 2)
         return (1, n) if self.feedforward else (n, 1)
-
-    def to_peft(self, host: DeltaHost) -> dict[str, torch.Tensor]:
-        return {"ia3_l": self.ia3_l.detach().reshape(self._peft_shape(host))}
-
-    def from_peft(
-        self, host: DeltaHost, tensors: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        value = tensors.get("ia3_l")
-        if value is None:
-            raise DeltaFileError(
-                "peft IA3 file lacks an 'ia3_l' tensor for a module; the file is incomplete"
-            )
-        if tuple(value.shape) != self._peft_shape(host):
-            kind = "input (feedforward)" if self.feedforward else "output"
-            raise DeltaFileError(
-                f"peft IA3 vector of shape {tuple(value.shape)} does not fit {kind} scaling "
-                f"{self._peft_shape(host)}; "
-                "check feedforward_modules in adapter_config.json"
-            )
-        return {"ia3_l": value.flatten()}
 
 
 def _weight_only(host: DeltaHost, x: torch.Tensor) -> torch.Tensor:

@@ -14,16 +14,17 @@ parameters, e.g. Frankle et al., https://arxiv.org/abs/2003.00152)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Callable
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from ..core.delta import Delta
-from ..core.errors import DeltaFileError, TargetError
+from ..core.errors import TargetError
 from ..core.example import Example
-from ..core.host import DeltaHost
+from ..core.host import DeltaHost, Host
+from ..core.peft_layout import PeftLayout, PeftTensor
 from ..core.spec import DeltaSpec, register
 
 _TORCH_NORMS = (
@@ -50,6 +51,22 @@ def _has_weight(module: nn.Module) -> bool:
     return isinstance(getattr(module, "weight", None), nn.Parameter)
 
 
+def _full(name: str) -> Callable[[Delta, Host, torch.Tensor], torch.Tensor]:
+    """The trained layer's parameter ``name`` (what peft stores) from the delta's change."""
+    def full(delta: Delta, host: Host, change: torch.Tensor) -> torch.Tensor:
+        base = getattr(host.base, name).detach()
+        return base + change.to(base.dtype)
+    return full
+
+
+def _change(name: str) -> Callable[[Delta, Host, torch.Tensor], torch.Tensor]:
+    """The delta's change of parameter ``name`` from peft's trained copy."""
+    def change(delta: Delta, host: Host, full: torch.Tensor) -> torch.Tensor:
+        mine = getattr(delta, name)
+        return full.to(mine.dtype) - getattr(host.base, name).detach().to(mine.dtype)
+    return change
+
+
 @register
 @dataclass(frozen=True)
 class LNTuning(DeltaSpec):
@@ -59,8 +76,10 @@ class LNTuning(DeltaSpec):
     method = "ln_tuning"
     example = Example(bad=(({"target_regex": "(["}, "target_regex"),))
     host_kinds = ("linear", "conv", "embedding", "other")
-    peft_type = "LN_TUNING"
-    peft_suffixes = ("ln_tuning_layers.weight", "ln_tuning_layers.bias")
+    # peft's LN_TUNING stores a full trained copy of the layer: its tensors are base + delta
+    peft = PeftLayout("LN_TUNING", fixed={"exclude_modules": None}, refuse={}, tensors=tuple(
+        PeftTensor(n, f"ln_tuning_layers.{n}", save=_full(n), load=_change(n))
+        for n in ("weight", "bias")))
 
     def make_delta(self, host: DeltaHost, module_name: str) -> Delta:
         if not _has_weight(host.base):
@@ -79,23 +98,6 @@ class LNTuning(DeltaSpec):
 
     def hosts_what(self, default: bool = False) -> str:
         return "norm layer" if default else "layer with a weight"
-
-    def to_peft_config(self, deltas: dict[str, Delta]) -> dict[str, Any]:
-        return {
-            "peft_type": "LN_TUNING",
-            "task_type": None,
-            "target_modules": sorted(deltas),
-            "exclude_modules": None,
-            "modules_to_save": list(self.trainable_modules) or None,
-            "inference_mode": True,
-            "base_model_name_or_path": None,
-        }
-
-    @classmethod
-    def from_peft_config(cls, config: dict[str, Any], targets: list[str]) -> "LNTuning":
-        return cls(
-            targets=tuple(targets), trainable_modules=tuple(config.get("modules_to_save") or ())
-        )
 
 
 class NormDelta(Delta):
@@ -134,26 +136,3 @@ class NormDelta(Delta):
 
     def delta_weight(self, host: DeltaHost) -> dict[str, torch.Tensor]:
         return {n: getattr(self, n).detach() for n in self._names}
-
-    # peft's LN_TUNING stores a full trained copy of the layer: its tensors are base + delta.
-    def to_peft(self, host: DeltaHost) -> dict[str, torch.Tensor]:
-        out = {}
-        for n in self._names:
-            base = getattr(host.base, n).detach()
-            out[f"ln_tuning_layers.{n}"] = base + getattr(self, n).detach().to(base.dtype)
-        return out
-
-    def from_peft(
-        self, host: DeltaHost, tensors: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        out = {}
-        for n in self._names:
-            key = f"ln_tuning_layers.{n}"
-            if key not in tensors:
-                raise DeltaFileError(
-                    f"peft LN_TUNING file lacks {key!r} for a {type(host.base).__name__}; "
-                    "the file is incomplete"
-                )
-            mine = getattr(self, n)
-            out[n] = tensors[key].to(mine.dtype) - getattr(host.base, n).detach().to(mine.dtype)
-        return out

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -30,8 +30,9 @@ from ..core.delta import Delta
 from ..core.errors import SpecError
 from ..core.example import Example
 from ..core.host import DeltaHost
+from ..core.peft_layout import PeftLayout
 from ..core.spec import register
-from ._lycoris import LycorisDelta, LycorisSpec, kaiming
+from ._lycoris import PEFT_FIXED, PEFT_OPTIONS, LycorisDelta, LycorisSpec, kaiming
 
 
 @register
@@ -46,8 +47,8 @@ class LoHa(LycorisSpec):
         ({"r": 0}, "r"), ({"alpha": 0}, "alpha"), ({"rank_dropout": 1.0}, "rank_dropout"),
         ({"module_dropout": -0.1}, "module_dropout"), ({"init": "zeros"}, "init"),
         ({"rank_pattern": {"fc1": 0}}, "rank_pattern")))
-    peft_type = "LOHA"
-    peft_suffixes = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+    peft = PeftLayout("LOHA", options=PEFT_OPTIONS, fixed=PEFT_FIXED, tensors=(
+        "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"))
 
     init: Literal["identity", "random"] = "identity"
 
@@ -60,13 +61,6 @@ class LoHa(LycorisSpec):
 
     def make_delta(self, host: DeltaHost, module_name: str) -> Delta:
         return LoHaDelta(self, host, module_name)
-
-    def to_peft_config(self, deltas: dict[str, Delta]) -> dict[str, Any]:
-        return self.peft_common(deltas)
-
-    @classmethod
-    def from_peft_config(cls, config: dict[str, Any], targets: list[str]) -> LoHa:
-        return cls(**cls.from_peft_common(config, targets))
 
 
 class LoHaDelta(LycorisDelta):

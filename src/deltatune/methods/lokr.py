@@ -22,17 +22,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
 
 from ..core.delta import Delta
-from ..core.errors import DeltaFileError
 from ..core.example import Example
 from ..core.host import DeltaHost
+from ..core.peft_layout import Option, PeftLayout
 from ..core.spec import register
-from ._lycoris import LycorisDelta, LycorisSpec, kaiming
+from ._lycoris import PEFT_FIXED, PEFT_OPTIONS, LycorisDelta, LycorisSpec, kaiming
 
 
 def factorization(n: int, factor: int = -1) -> tuple[int, int]:
@@ -79,9 +79,11 @@ class LoKr(LycorisSpec):
     example = Example({"r": 2, "targets": ("fc1", "fc2")}, bad=(
         ({"r": 0}, "r"), ({"alpha": -1.0}, "alpha"), ({"rank_dropout": 1.0}, "rank_dropout"),
         ({"decompose_factor": 0}, "decompose_factor"), ({"init": "zeros"}, "init")))
-    peft_type = "LOKR"
-    peft_suffixes = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
-                     "lokr_t2")
+    peft = PeftLayout("LOKR", fixed=PEFT_FIXED, options=(
+        *PEFT_OPTIONS, Option("decompose_both", default=False),
+        Option("decompose_factor", default=-1), Option("rank_dropout_scale", default=False),
+    ), tensors=("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
+                "lokr_t2"))
 
     decompose_both: bool = False
     decompose_factor: int = -1
@@ -97,21 +99,6 @@ class LoKr(LycorisSpec):
 
     def make_delta(self, host: DeltaHost, module_name: str) -> Delta:
         return LoKrDelta(self, host, module_name)
-
-    def to_peft_config(self, deltas: dict[str, Delta]) -> dict[str, Any]:
-        return {**self.peft_common(deltas), "decompose_both": self.decompose_both,
-                "decompose_factor": self.decompose_factor,
-                "rank_dropout_scale": self.rank_dropout_scale}
-
-    @classmethod
-    def from_peft_config(cls, config: dict[str, Any], targets: list[str]) -> LoKr:
-        factor = config.get("decompose_factor", -1)
-        if not isinstance(factor, int) or (factor != -1 and factor < 1):
-            raise DeltaFileError(f"peft LoKr option decompose_factor={factor!r} is not supported; "
-                                 "deltatune reads -1 or a positive integer")
-        return cls(**cls.from_peft_common(config, targets), decompose_factor=factor,
-                   decompose_both=bool(config.get("decompose_both", False)),
-                   rank_dropout_scale=bool(config.get("rank_dropout_scale", False)))
 
 
 class LoKrDelta(LycorisDelta):

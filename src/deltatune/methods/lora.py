@@ -28,6 +28,7 @@ from ..core.host import DeltaHost
 from ..core.spec import DeltaSpec, Site, register
 from ..core.targets import ATTENTION_QV, iter_candidates, name_matches
 from .bias import BiasDelta
+from .lora_peft import LORA_LAYOUT
 from .lora_variants import INITS, variant_for
 
 
@@ -49,6 +50,7 @@ class LoRA(DeltaSpec):
     host_kinds = ("linear", "conv", "embedding")
     default_targets = ATTENTION_QV
     factored = True
+    peft = LORA_LAYOUT
 
     r: int = 8
     alpha: float = 8.0

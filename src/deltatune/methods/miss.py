@@ -24,21 +24,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..core.delta import Delta, Factor
-from ..core.errors import DeltaFileError
 from ..core.example import Example
 from ..core.host import DeltaHost
+from ..core.peft_layout import Option, PeftLayout, linear_only
 from ..core.spec import DeltaSpec, register
 from ..core.targets import ATTENTION_QV
 
-#: peft's ``init_weights`` value for each variant (``False`` there is "balance" with a random start)
-_PEFT_INIT: dict[str, Any] = {"balance": True, "bat": "bat", "mini": "mini"}
+
+def _read_init(config: Mapping[str, Any], kw: dict[str, Any]) -> dict[str, Any]:
+    # peft's init_weights=False is "balance" with a random start; peft ignores miss_dropout with
+    # "bat", where here it would be an error
+    return {"init": "random" if config.get("init_weights", True) is False else "identity",
+            "dropout": 0.0 if kw["variant"] == "bat" else kw["dropout"]}
 
 
 @register
@@ -56,8 +60,11 @@ class MiSS(DeltaSpec):
     host_kinds = ("linear",)
     default_targets = ATTENTION_QV
     factored = True  # the saved block is already the change's low-rank factor (or r x r blocks)
-    peft_type = "MISS"
-    peft_suffixes = ("miss_block",)
+    peft = PeftLayout("MISS", tensors=("miss_block",), check=linear_only, read=_read_init, options=(
+        Option("r", default=64), Option("mini_r", default=1),
+        Option("miss_dropout", "dropout", 0.0),
+        Option("init_weights", "variant", True, choices=(
+            ("balance", True), ("bat", "bat"), ("mini", "mini"), ("balance", False)))))
 
     r: int = 64
     variant: Literal["balance", "bat", "mini"] = "balance"
@@ -87,42 +94,6 @@ class MiSS(DeltaSpec):
 
     def make_delta(self, host: DeltaHost, module_name: str) -> Delta:
         return MiSSDelta(self, host)
-
-    # -- peft layout ------------------------------------------------------------------------------
-    def to_peft_config(self, deltas: dict[str, Delta]) -> dict[str, Any]:
-        return {
-            "peft_type": "MISS", "task_type": None, "r": self.r, "mini_r": self.mini_r,
-            "miss_dropout": self.dropout, "init_weights": _PEFT_INIT[self.variant],
-            "target_modules": sorted(deltas), "exclude_modules": None, "bias": "none",
-            "layers_to_transform": None, "layers_pattern": None,
-            "modules_to_save": list(self.trainable_modules) or None, "inference_mode": True,
-            "base_model_name_or_path": None,
-        }
-
-    @classmethod
-    def from_peft_config(cls, config: dict[str, Any], targets: list[str]) -> MiSS:
-        _refuse_unsupported(config, "MiSS")
-        init = config.get("init_weights", True)
-        if init not in (True, False, "bat", "mini"):
-            raise DeltaFileError(f"peft MiSS init_weights={init!r} is not one of true, false, "
-                                 "'bat', 'mini'")
-        variant = init if isinstance(init, str) else "balance"
-        return cls(
-            r=int(config.get("r", 64)), variant=variant, mini_r=int(config.get("mini_r", 1)),
-            # peft ignores miss_dropout with 'bat'; here it would be an error
-            dropout=0.0 if variant == "bat" else float(config.get("miss_dropout", 0.0)),
-            init="random" if init is False else "identity",
-            targets=tuple(targets), trainable_modules=tuple(config.get("modules_to_save") or ()),
-        )
-
-
-def _refuse_unsupported(config: dict[str, Any], what: str) -> None:
-    if config.get("bias", "none") != "none":
-        raise DeltaFileError(f"peft {what} with bias={config['bias']!r} is not supported; "
-                             "use bias='none' (or BitFit beside it)")
-    if config.get("layers_to_transform") is not None:
-        raise DeltaFileError("peft option layers_to_transform is not supported by deltatune; "
-                             "save the adapter without it")
 
 
 class MiSSDelta(Delta):
@@ -217,17 +188,3 @@ class MiSSDelta(Delta):
         # X·(I + M_a) = W'_ac − M_a, solved per block (exact inverse of the merge)
         orig = torch.linalg.solve((eye + m)[:, None], blocks - m[:, None], left=False)
         host.weight.copy_(self._layout(orig.transpose(1, 2).reshape(self.n_out, self.n_in)))
-
-    # -- peft layout ------------------------------------------------------------------------------
-    def to_peft(self, host: DeltaHost) -> dict[str, torch.Tensor]:
-        if self.fan_in_fan_out:
-            raise DeltaFileError("peft's MiSS hosts nn.Linear only, not GPT-2 Conv1D; "
-                                 "save this adapter with format='deltatune'")
-        return {"miss_block": self.miss_block.detach()}
-
-    def from_peft(self, host: DeltaHost,
-                  tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if "miss_block" not in tensors:
-            raise DeltaFileError("peft MiSS file lacks 'miss_block' for a module; "
-                                 "the file is incomplete")
-        return {"miss_block": tensors["miss_block"]}

@@ -23,16 +23,17 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..core.delta import Delta
-from ..core.errors import DeltaFileError, TargetError
+from ..core.errors import TargetError
 from ..core.example import Example
 from ..core.host import DeltaHost
+from ..core.peft_layout import OFF, Option, PeftLayout, PeftTensor
 from ..core.spec import DeltaSpec, register
 
 _ATTENTION = (("query", "value"), ("q_proj", "v_proj"), ("c_attn",), ("qkv",), ("q", "v"))
@@ -189,8 +190,17 @@ class OFT(DeltaSpec):
         ({"dropout": -0.1}, "dropout")))
     host_kinds = ("linear", "conv")
     default_targets = _ATTENTION
-    peft_type = "OFT"
-    peft_suffixes = ("oft_R.weight",)
+    peft = PeftLayout(
+        "OFT", tensors=(PeftTensor("oft_R", "oft_R.weight"),), fan_in_fan_out=True,
+        # the Cayley-Neumann series as written here is peft's since 0.18.0
+        fixed={**OFF, "init_weights": True, "peft_version": "0.18.0"},
+        options=(Option("r", default=0),
+                 Option("oft_block_size", "block_size", required="the adapter is from before peft "
+                        "0.14; retrain it with a newer peft"),
+                 Option("module_dropout", "dropout", 0.0), Option("coft", default=False),
+                 Option("eps", default=6e-5), Option("block_share", default=False),
+                 Option("use_cayley_neumann", "cayley_neumann", False),
+                 Option("num_cayley_neumann_terms", "neumann_terms", 5)))
 
     block_size: int = 32
     r: int = 0
@@ -219,38 +229,6 @@ class OFT(DeltaSpec):
 
     def make_delta(self, host: DeltaHost, module_name: str) -> Delta:
         return OFTDelta(self, host, module_name)
-
-    def to_peft_config(self, deltas: dict[str, Delta]) -> dict[str, Any]:
-        return {
-            **_peft_common(self, deltas),
-            "r": self.r,
-            "oft_block_size": self.block_size,
-            "module_dropout": self.dropout,
-            "coft": self.coft,
-            "eps": self.eps,
-            "block_share": self.block_share,
-            "use_cayley_neumann": self.cayley_neumann,
-            "num_cayley_neumann_terms": self.neumann_terms,
-            "peft_version": "0.18.0",  # the Cayley-Neumann series as written here is peft's since 0.18.0
-        }
-
-    @classmethod
-    def from_peft_config(cls, config: dict[str, Any], targets: list[str]) -> "OFT":
-        if "oft_block_size" not in config:
-            raise DeltaFileError("peft OFT adapter from before peft 0.14 (no oft_block_size); "
-                                 "retrain it with a newer peft")
-        get = config.get
-        return cls(
-            **_from_common(config, targets),
-            block_size=int(config["oft_block_size"]),
-            r=int(get("r", 0)),
-            block_share=bool(get("block_share", False)),
-            cayley_neumann=bool(get("use_cayley_neumann", False)),
-            neumann_terms=int(get("num_cayley_neumann_terms", 5)),
-            coft=bool(get("coft", False)),
-            eps=float(get("eps", 6e-5)),
-            dropout=float(get("module_dropout", 0.0)),
-        )
 
 
 class OFTDelta(RotationDelta):
@@ -297,13 +275,10 @@ class OFTDelta(RotationDelta):
         blocks = w.view(w.shape[0], self.blocks, self.block_size)  # (out, blocks, b)
         return torch.einsum("ojk,jck->ojc", blocks, r).reshape(w.shape)
 
-    def to_peft(self, host: DeltaHost) -> dict[str, torch.Tensor]:
-        return {"oft_R.weight": self.oft_R.detach()}
 
-    def from_peft(
-        self, host: DeltaHost, tensors: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        return {"oft_R": _need(tensors, "oft_R.weight")}
+def _peft_scale(delta: Delta, host: DeltaHost, s: torch.Tensor) -> torch.Tensor:
+    """BOFT's scale as peft keeps it: (out, 1) for Linear, (1, out) for Conv2d."""
+    return s.view(1, -1) if delta.conv else s.view(-1, 1)
 
 
 # -- BOFT -----------------------------------------------------------------------------------------
@@ -320,8 +295,14 @@ class BOFT(DeltaSpec):
         ({"block_size": -2}, "block_size")))
     host_kinds = ("linear", "conv")
     default_targets = _ATTENTION
-    peft_type = "BOFT"
-    peft_suffixes = ("boft_R", "boft_s")
+    peft = PeftLayout(
+        "BOFT", fan_in_fan_out=True, fixed={**OFF, "init_weights": True},
+        tensors=("boft_R",
+                 PeftTensor("boft_s", save=_peft_scale, load=lambda d, h, t: t.flatten())),
+        options=(Option("boft_block_size", "block_size", 4),
+                 Option("boft_block_num", "block_num", 0),
+                 Option("boft_n_butterfly_factor", "butterfly_factor", 1),
+                 Option("boft_dropout", "dropout", 0.0)))
 
     block_size: int = 4
     block_num: int = 0
@@ -347,26 +328,6 @@ class BOFT(DeltaSpec):
 
     def make_delta(self, host: DeltaHost, module_name: str) -> Delta:
         return BOFTDelta(self, host, module_name)
-
-    def to_peft_config(self, deltas: dict[str, Delta]) -> dict[str, Any]:
-        return {
-            **_peft_common(self, deltas),
-            "boft_block_size": self.block_size,
-            "boft_block_num": self.block_num,
-            "boft_n_butterfly_factor": self.butterfly_factor,
-            "boft_dropout": self.dropout,
-        }
-
-    @classmethod
-    def from_peft_config(cls, config: dict[str, Any], targets: list[str]) -> "BOFT":
-        get = config.get
-        return cls(
-            **_from_common(config, targets),
-            block_size=int(get("boft_block_size", 4)),
-            block_num=int(get("boft_block_num", 0)),
-            butterfly_factor=int(get("boft_n_butterfly_factor", 1)),
-            dropout=float(get("boft_dropout", 0.0)),
-        )
 
 
 class BOFTDelta(RotationDelta):
@@ -418,55 +379,3 @@ class BOFTDelta(RotationDelta):
         for f in factors[1:]:  # R = M_{m−1}···M_0; R⁻¹ = M_0⁻¹···M_{m−1}⁻¹
             rot = rot @ f if inverse else f @ rot
         return w @ rot.t()
-
-    # peft keeps the scale as (out, 1) for Linear and (1, out) for Conv2d
-    def to_peft(self, host: DeltaHost) -> dict[str, torch.Tensor]:
-        s = self.boft_s.detach()
-        return {
-            "boft_R": self.boft_R.detach(),
-            "boft_s": s.view(1, -1) if self.conv else s.view(-1, 1),
-        }
-
-    def from_peft(
-        self, host: DeltaHost, tensors: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        return {"boft_R": _need(tensors, "boft_R"), "boft_s": _need(tensors, "boft_s").flatten()}
-
-
-def _need(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:
-    if key not in tensors:
-        raise DeltaFileError(f"peft file lacks {key!r} for a module; the file is incomplete")
-    return tensors[key]
-
-
-def _peft_common(spec: DeltaSpec, deltas: dict[str, Delta]) -> dict[str, Any]:
-    """The keys OFT and BOFT configs share."""
-    return {
-        "peft_type": spec.peft_type,
-        "task_type": None,
-        "target_modules": sorted(deltas),
-        "exclude_modules": None,
-        "fan_in_fan_out": any(d.fan_in_fan_out for d in deltas.values()),
-        "bias": "none",
-        "init_weights": True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "modules_to_save": list(spec.trainable_modules) or None,
-        "inference_mode": True,
-        "base_model_name_or_path": None,
-    }
-
-
-def _from_common(config: dict[str, Any], targets: list[str]) -> dict[str, Any]:
-    """Spec keywords from the shared config keys; refuses what deltatune does not model."""
-    if config.get("bias", "none") != "none":
-        raise DeltaFileError(f"peft option bias={config['bias']!r} is not supported by deltatune; "
-                             "save the adapter with bias='none'")
-    if config.get("layers_to_transform"):
-        raise DeltaFileError(
-            "peft option layers_to_transform is not supported by deltatune; save the adapter without it"
-        )
-    return {
-        "targets": tuple(targets),
-        "trainable_modules": tuple(config.get("modules_to_save") or ()),
-    }

@@ -20,13 +20,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.errors import DeltaFileError, TargetError
+from ..core.errors import TargetError
 from ..core.example import Example
-from ..core.host import Host, iter_hosts
+from ..core.host import iter_hosts
 from ..core.spec import DeltaSpec, register
 from ..core.virtual import VirtualTokenHost, VirtualTokens
-from .prompt import (EMBEDDING_TARGETS, from_peft_prompt_config, inject_virtual, peft_prompt_config,
-                     root_tensor)
+from .prompt import EMBEDDING_TARGETS, PromptLayout, inject_virtual
+
+
+def _no_gate(spec: DeltaSpec, deltas: dict[str, Any]) -> str:
+    if next(iter(deltas.values())).gate_logits is not None:
+        return "peft's prefix tuning has no per-layer gate"
+    return ""
+
+
+def _prefix_options(spec: Any, deltas: dict[str, Any]) -> dict[str, Any]:
+    """peft's layout: one (n, layers·2·kv_width) tensor of the final key/values."""
+    layers, heads, head_dim = next(iter(deltas.values())).geometry
+    return {"token_dim": heads * head_dim, "num_attention_heads": heads,
+            "encoder_hidden_size": spec.projection_hidden or heads * head_dim,
+            "prefix_projection": spec.projection}
 
 
 @register
@@ -44,8 +57,9 @@ class PrefixTuning(DeltaSpec):
                            ({"init_std": 0.0}, "init_std")))
     host_kinds = ("embedding",)
     default_targets = EMBEDDING_TARGETS
-    peft_type = "PREFIX_TUNING"
-    peft_root_tensors = True
+    # peft saves the key/values themselves (it runs its MLP before saving): they load directly
+    peft = PromptLayout("PREFIX_TUNING", tensors=("prefix",), root_tensors=True,
+                        check=_no_gate, write=_prefix_options, fixed={"init_weights": None})
 
     num_virtual_tokens: int = 20
     projection: bool = False
@@ -94,25 +108,6 @@ class PrefixTuning(DeltaSpec):
             for _, other in iter_hosts(model):
                 if name in other.delta_names() and hasattr(other.part(name), "spec"):
                     other.part(name).spec = spec
-
-    # -- peft layout: one (n, layers·2·kv_width) tensor of the final key/values --------------------
-    def to_peft_config(self, deltas: dict[str, Any]) -> dict[str, Any]:
-        part = next(iter(deltas.values()))
-        if part.gate_logits is not None:
-            raise DeltaFileError(
-                "peft's prefix tuning has no per-layer gate; save a gated prefix with "
-                "format='deltatune'"
-            )
-        layers, heads, head_dim = part.geometry
-        config = peft_prompt_config(part, "PREFIX_TUNING", heads * head_dim, heads)
-        config.update(encoder_hidden_size=self.projection_hidden or heads * head_dim,
-                      prefix_projection=self.projection, init_weights=None)
-        return config
-
-    @classmethod
-    def from_peft_config(cls, config: dict[str, Any], targets: list[str]) -> "PrefixTuning":
-        # peft saves the key/values themselves (it runs its MLP before saving): load them directly.
-        return from_peft_prompt_config(cls, config)  # type: ignore[return-value]
 
 
 def kv_geometry(host: VirtualTokenHost) -> tuple[int, int, int]:
@@ -174,9 +169,3 @@ class PrefixKV(VirtualTokens):
         if self.gate_logits is not None:
             kv = kv * torch.sigmoid(self.gate_logits).repeat_interleave(2).view(-1, 1, 1, 1)
         return kv
-
-    def to_peft(self, host: Host) -> dict[str, torch.Tensor]:
-        return {"prompt_embeddings": self.table().detach()}
-
-    def from_peft(self, host: Host, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"prefix": root_tensor(tensors)}

@@ -17,7 +17,7 @@ Paper: Lester et al., https://arxiv.org/abs/2104.08691
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Mapping
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from torch import nn
 from ..core.errors import DeltaFileError
 from ..core.example import Example
 from ..core.host import Host
+from ..core.peft_layout import PeftLayout
 from ..core.spec import DeltaSpec, register
 from ..core.virtual import VirtualTokenHost, VirtualTokens, add_virtual_tokens
 
@@ -50,33 +51,49 @@ def inject_virtual(
     return add_virtual_tokens(spec, model, name, build_part)
 
 
-def peft_prompt_config(part: VirtualTokens, peft_type: str, width: int, heads: int | None) -> dict:
-    """The fields peft's prompt-learning configs share."""
-    return {
-        "peft_type": peft_type, "task_type": part.peft_task, "num_virtual_tokens": part.num_tokens,
-        "token_dim": width, "num_transformer_submodules": 1, "num_attention_heads": heads,
-        "num_layers": getattr(part, "layers", None), "inference_mode": True,
-        "modules_to_save": None, "base_model_name_or_path": None, "revision": None,
-    }
+class PromptLayout(PeftLayout):
+    """peft's prompt-learning layout (prompt and prefix tuning): the delta's one tensor at the
+    file's root as ``prompt_embeddings`` (its ``table()``: the prompt, or prefix tuning's final
+    key/values), trainable modules under ``base_model.``; the config's shared fields here, each
+    method's (the table's width, its own options) from ``write``."""
+
+    def config(self, spec: DeltaSpec, deltas: dict[str, Any]) -> dict[str, Any]:
+        self.check_saving(spec, deltas)
+        part = next(iter(deltas.values()))
+        return {
+            "peft_type": self.peft_type, "task_type": part.peft_task,
+            "num_virtual_tokens": part.num_tokens, "num_transformer_submodules": 1,
+            "num_layers": getattr(part, "layers", None), **self.write(spec, deltas),
+            "inference_mode": True, "modules_to_save": None, "base_model_name_or_path": None,
+            "revision": None, **self.fixed,
+        }
+
+    def spec(self, cls: type[DeltaSpec], config: Mapping[str, Any], targets: list[str]
+             ) -> DeltaSpec:
+        if (config.get("num_transformer_submodules") or 1) != 1:
+            raise DeltaFileError(
+                "the peft adapter is for an encoder-decoder model (num_transformer_submodules=2); "
+                "deltatune's prompt and prefix tuning support encoder-only and decoder-only models"
+            )
+        saved = tuple(config.get("modules_to_save") or ())
+        return cls(num_virtual_tokens=int(config["num_virtual_tokens"]), trainable_modules=saved)
+
+    def save(self, delta: Any, host: Host) -> dict[str, torch.Tensor]:
+        return {"prompt_embeddings": delta.table().detach()}
+
+    def load(self, delta: Any, host: Host, tensors: dict[str, torch.Tensor]
+             ) -> dict[str, torch.Tensor]:
+        if set(tensors) != {"prompt_embeddings"}:
+            raise DeltaFileError(
+                "a peft prompt-learning file holds one 'prompt_embeddings' tensor, found "
+                f"{sorted(tensors)}"
+            )
+        return {self.tensors[0].name: tensors["prompt_embeddings"]}
 
 
-def from_peft_prompt_config(cls: type, config: dict[str, Any]) -> DeltaSpec:
-    if (config.get("num_transformer_submodules") or 1) != 1:
-        raise DeltaFileError(
-            "the peft adapter is for an encoder-decoder model (num_transformer_submodules=2); "
-            "deltatune's prompt and prefix tuning support encoder-only and decoder-only models"
-        )
-    saved = tuple(config.get("modules_to_save") or ())
-    return cls(num_virtual_tokens=int(config["num_virtual_tokens"]), trainable_modules=saved)
-
-
-def root_tensor(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    if set(tensors) != {"prompt_embeddings"}:
-        raise DeltaFileError(
-            "a peft prompt-learning file holds one 'prompt_embeddings' tensor, found "
-            f"{sorted(tensors)}"
-        )
-    return tensors["prompt_embeddings"]
+def _prompt_width(spec: DeltaSpec, deltas: dict[str, Any]) -> dict[str, Any]:
+    part = next(iter(deltas.values()))
+    return {"token_dim": part.prompt.shape[1], "num_attention_heads": part.heads}
 
 
 # -- prompt tuning --------------------------------------------------------------------------------
@@ -93,8 +110,10 @@ class PromptTuning(DeltaSpec):
                       merges=False, bad=(({"num_virtual_tokens": 0}, "num_virtual_tokens"),))
     host_kinds = ("embedding",)
     default_targets = EMBEDDING_TARGETS
-    peft_type = "PROMPT_TUNING"
-    peft_root_tensors = True
+    peft = PromptLayout(
+        "PROMPT_TUNING", tensors=("prompt",), root_tensors=True, write=_prompt_width,
+        fixed={"prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None,
+               "tokenizer_name_or_path": None, "tokenizer_kwargs": None})
 
     num_virtual_tokens: int = 20
     init: Literal["random", "vocab", "text"] = "random"
@@ -121,17 +140,6 @@ class PromptTuning(DeltaSpec):
         """Virtual input tokens before the embeddings: not a delta on a module's output, so it goes
         through the virtual-token host instead of the engine's DeltaHost surgery."""
         return inject_virtual(self, model, name, lambda host: SoftPrompt(self, host))
-
-    def to_peft_config(self, deltas: dict[str, Any]) -> dict[str, Any]:
-        part = next(iter(deltas.values()))
-        config = peft_prompt_config(part, "PROMPT_TUNING", part.prompt.shape[1], part.heads)
-        config.update(prompt_tuning_init="RANDOM", prompt_tuning_init_text=None,
-                      tokenizer_name_or_path=None, tokenizer_kwargs=None)
-        return config
-
-    @classmethod
-    def from_peft_config(cls, config: dict[str, Any], targets: list[str]) -> "PromptTuning":
-        return from_peft_prompt_config(cls, config)  # type: ignore[return-value]
 
 
 def _tokenize(spec: PromptTuning) -> list[int]:
@@ -182,8 +190,6 @@ class SoftPrompt(VirtualTokens):
     def values(self) -> torch.Tensor:
         return self.prompt
 
-    def to_peft(self, host: Host) -> dict[str, torch.Tensor]:
-        return {"prompt_embeddings": self.prompt.detach()}
-
-    def from_peft(self, host: Host, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"prompt": root_tensor(tensors)}
+    def table(self) -> torch.Tensor:
+        """``(n, hidden)``: the prompt, as peft stores it."""
+        return self.prompt

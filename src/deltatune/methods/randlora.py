@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +37,9 @@ from ..core.delta import Delta
 from ..core.errors import DeltaFileError
 from ..core.example import Example
 from ..core.host import DeltaHost, Host, get_module
+from ..core.peft_layout import Option, PeftLayout, init_flag
 from ..core.spec import DeltaSpec, register
 from ..core.targets import ATTENTION_QV
-from .miss import _refuse_unsupported
 
 _SHARED_A, _SHARED_B = "base_model.randlora_A", "base_model.randlora_B"
 
@@ -86,6 +86,51 @@ def _out_in(module: nn.Module) -> tuple[int, int]:
     return w.shape[0], w.shape[1]
 
 
+# -- peft's layout --------------------------------------------------------------------------------
+class _RandLoRALayout(PeftLayout):
+    """With ``save_projection`` the frozen bases go to the file's root once, in peft's shape;
+    each layer reads its slice back."""
+
+    def shared_tensors(self, spec: Any, deltas: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if not spec.save_projection:
+            return {}
+        parts = list(deltas.values())
+        # peft's shape (that of the largest layer shape), which no single layer's slice may reach
+        a, b = (torch.zeros(shape) for shape in parts[0].shared_shapes)
+        for d in parts:  # every slice starts at 0; parts no layer reads stay 0
+            a[:, :, : d.randlora_A.shape[2]] = d.randlora_A.detach().cpu()
+            b[: d.randlora_B.shape[0], : d.randlora_B.shape[1]] = d.randlora_B.detach().cpu()
+        return {_SHARED_A: a, _SHARED_B: b}
+
+    def load(self, delta: Any, host: Host, tensors: dict[str, torch.Tensor]
+             ) -> dict[str, torch.Tensor]:
+        out = super().load(delta, host, tensors)
+        if not delta.spec.save_projection:
+            return out
+        # peft saves the whole shared bases beside every layer and once at the root
+        a = tensors.get("randlora_A", tensors.get(_SHARED_A))
+        b = tensors.get("randlora_B", tensors.get(_SHARED_B))
+        if a is None or b is None:
+            raise DeltaFileError("peft RandLoRA config says save_projection=true but the file "
+                                 "lacks randlora_A/randlora_B; the file is incomplete")
+        (r, _, small), (large, k, _) = delta.randlora_A.shape, delta.randlora_B.shape
+        if (a.dim() != 3 or b.dim() != 3 or a.shape[0] != r or a.shape[2] < small
+                or b.shape[0] < large or b.shape[1] < k or b.shape[2] != r):
+            raise DeltaFileError(f"peft RandLoRA bases of shapes {tuple(a.shape)}/"
+                                 f"{tuple(b.shape)} do not fit a {large}x{small} layer at r={r}")
+        out["randlora_A"], out["randlora_B"] = a[:, :, :small], b[:large, :k, :]
+        return out
+
+
+def _write_bases(spec: Any, deltas: dict[str, Any]) -> dict[str, Any]:
+    return {"sparse": spec.bases == "sparse", "very_sparse": spec.bases == "very_sparse"}
+
+
+def _read_bases(config: Mapping[str, Any], kw: dict[str, Any]) -> dict[str, Any]:
+    kind = "very_sparse" if config.get("very_sparse") else "sparse" if config.get("sparse") else None
+    return {"bases": kind or "dense"}
+
+
 @register
 @dataclass(frozen=True)
 class RandLoRA(DeltaSpec):
@@ -101,9 +146,17 @@ class RandLoRA(DeltaSpec):
         ({"bases": "dense_"}, "bases"), ({"init": "zeros"}, "init")))
     default_targets = ATTENTION_QV
     host_what = "Linear / GPT-2 Conv1D modules"
-    peft_type = "RANDLORA"
-    peft_suffixes = ("randlora_lambda", "randlora_gamma", "randlora_A", "randlora_B")
-    peft_shared_keys = (_SHARED_A, _SHARED_B)
+    peft = _RandLoRALayout(
+        "RANDLORA", tensors=("randlora_lambda", "randlora_gamma"),
+        extra_suffixes=("randlora_A", "randlora_B"), shared_keys=(_SHARED_A, _SHARED_B),
+        fan_in_fan_out=True, write=_write_bases, read=_read_bases,
+        fixed={"bias": "none", "init_weights": True, "layers_to_transform": None,
+               "layers_pattern": None},
+        options=(Option("r", default=32), Option("randlora_alpha", "alpha", 640),
+                 Option("randlora_dropout", "dropout", 0.0),
+                 Option("projection_prng_key", "projection_seed", 0),
+                 Option("save_projection", default=True),
+                 init_flag("identity", "random", write=False)))
 
     r: int = 32
     alpha: float = 640.0
@@ -137,45 +190,6 @@ class RandLoRA(DeltaSpec):
 
     def make_delta(self, host: DeltaHost, module_name: str, shared: Any = None) -> Delta:
         return RandLoRADelta(self, host, *shared)
-
-    # -- peft layout ------------------------------------------------------------------------------
-    def to_peft_config(self, deltas: dict[str, Delta]) -> dict[str, Any]:
-        return {
-            "peft_type": "RANDLORA", "task_type": None, "r": self.r,
-            "randlora_alpha": self.alpha, "randlora_dropout": self.dropout,
-            "projection_prng_key": self.projection_seed, "save_projection": self.save_projection,
-            "sparse": self.bases == "sparse", "very_sparse": self.bases == "very_sparse",
-            "fan_in_fan_out": any(d.fan_in_fan_out for d in deltas.values()),
-            "target_modules": sorted(deltas), "bias": "none", "init_weights": True,
-            "layers_to_transform": None, "layers_pattern": None,
-            "modules_to_save": list(self.trainable_modules) or None, "inference_mode": True,
-            "base_model_name_or_path": None,
-        }
-
-    @classmethod
-    def from_peft_config(cls, config: dict[str, Any], targets: list[str]) -> RandLoRA:
-        _refuse_unsupported(config, "RandLoRA")
-        kind = ("very_sparse" if config.get("very_sparse") else
-                "sparse" if config.get("sparse") else "dense")
-        return cls(
-            r=int(config.get("r", 32)), alpha=float(config.get("randlora_alpha", 640)),
-            dropout=float(config.get("randlora_dropout", 0.0)),
-            projection_seed=int(config.get("projection_prng_key", 0)),
-            save_projection=bool(config.get("save_projection", True)), bases=kind,
-            init="identity" if config.get("init_weights", True) else "random",
-            targets=tuple(targets), trainable_modules=tuple(config.get("modules_to_save") or ()),
-        )
-
-    def peft_shared_tensors(self, deltas: dict[str, Delta]) -> dict[str, torch.Tensor]:
-        if not self.save_projection:
-            return {}
-        parts = list(deltas.values())
-        # peft's shape (that of the largest layer shape), which no single layer's slice may reach
-        a, b = (torch.zeros(shape) for shape in parts[0].shared_shapes)
-        for d in parts:  # every slice starts at 0; parts no layer reads stay 0
-            a[:, :, : d.randlora_A.shape[2]] = d.randlora_A.detach().cpu()
-            b[: d.randlora_B.shape[0], : d.randlora_B.shape[1]] = d.randlora_B.detach().cpu()
-        return {_SHARED_A: a, _SHARED_B: b}
 
 
 class RandLoRADelta(Delta):
@@ -227,32 +241,3 @@ class RandLoRADelta(Delta):
         if not self.input_is_small:
             w = w.t()  # (out, in)
         return {"weight": (w.t() if self.fan_in_fan_out else w).detach()}
-
-    # -- peft layout ------------------------------------------------------------------------------
-    def to_peft(self, host: DeltaHost) -> dict[str, torch.Tensor]:
-        return {"randlora_lambda": self.randlora_lambda.detach(),
-                "randlora_gamma": self.randlora_gamma.detach()}
-
-    def from_peft(self, host: DeltaHost,
-                  tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        missing = [k for k in ("randlora_lambda", "randlora_gamma") if k not in tensors]
-        if missing:
-            raise DeltaFileError(f"peft RandLoRA file lacks {missing[0]!r} for a module; "
-                                 "the file is incomplete")
-        out = {"randlora_lambda": tensors["randlora_lambda"],
-               "randlora_gamma": tensors["randlora_gamma"]}
-        if not self.spec.save_projection:
-            return out
-        # peft saves the whole shared bases beside every layer and once at the root
-        a = tensors.get("randlora_A", tensors.get(_SHARED_A))
-        b = tensors.get("randlora_B", tensors.get(_SHARED_B))
-        if a is None or b is None:
-            raise DeltaFileError("peft RandLoRA config says save_projection=true but the file "
-                                 "lacks randlora_A/randlora_B; the file is incomplete")
-        (r, _, small), (large, k, _) = self.randlora_A.shape, self.randlora_B.shape
-        if (a.dim() != 3 or b.dim() != 3 or a.shape[0] != r or a.shape[2] < small
-                or b.shape[0] < large or b.shape[1] < k or b.shape[2] != r):
-            raise DeltaFileError(f"peft RandLoRA bases of shapes {tuple(a.shape)}/"
-                                 f"{tuple(b.shape)} do not fit a {large}x{small} layer at r={r}")
-        out["randlora_A"], out["randlora_B"] = a[:, :, :small], b[:large, :k, :]
-        return out

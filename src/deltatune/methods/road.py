@@ -20,18 +20,17 @@ Composability" (RoAd), NeurIPS 2024, https://arxiv.org/abs/2409.00119
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
 
 from ..core.delta import Delta
-from ..core.errors import DeltaFileError
 from ..core.example import Example
 from ..core.host import DeltaHost
+from ..core.peft_layout import Option, PeftLayout, init_flag, linear_only
 from ..core.spec import DeltaSpec, register
 from ..core.targets import ATTENTION_QV
-from .miss import _refuse_unsupported
 
 _TENSORS = ("road_theta", "road_alpha")
 #: parameters per output feature of each variant
@@ -52,8 +51,9 @@ class RoAd(DeltaSpec):
         ({"variant": "road_3"}, "variant"), ({"init": "zeros"}, "init")))
     host_kinds = ("linear",)
     default_targets = ATTENTION_QV
-    peft_type = "ROAD"
-    peft_suffixes = _TENSORS
+    peft = PeftLayout("ROAD", tensors=_TENSORS, check=linear_only, fixed={}, options=(
+        Option("variant", default="road_1"), Option("group_size", default=64),
+        init_flag("identity", "random")))
 
     variant: Literal["road_1", "road_2", "road_4"] = "road_1"
     group_size: int = 64
@@ -73,25 +73,6 @@ class RoAd(DeltaSpec):
 
     def make_delta(self, host: DeltaHost, module_name: str) -> Delta:
         return RoAdDelta(self, host)
-
-    # -- peft layout ------------------------------------------------------------------------------
-    def to_peft_config(self, deltas: dict[str, Delta]) -> dict[str, Any]:
-        return {
-            "peft_type": "ROAD", "task_type": None, "variant": self.variant,
-            "group_size": self.group_size, "init_weights": self.init == "identity",
-            "target_modules": sorted(deltas),
-            "modules_to_save": list(self.trainable_modules) or None, "inference_mode": True,
-            "base_model_name_or_path": None,
-        }
-
-    @classmethod
-    def from_peft_config(cls, config: dict[str, Any], targets: list[str]) -> RoAd:
-        _refuse_unsupported(config, "RoAd")
-        return cls(
-            variant=config.get("variant", "road_1"), group_size=int(config.get("group_size", 64)),
-            init="identity" if config.get("init_weights", True) else "random",
-            targets=tuple(targets), trainable_modules=tuple(config.get("modules_to_save") or ()),
-        )
 
 
 def _swap_halves(v: torch.Tensor, g: int) -> torch.Tensor:
@@ -174,18 +155,3 @@ class RoAdDelta(Delta):
     def unmerge_from(self, host: DeltaHost) -> None:
         for k, v in self._rotated(host, inverse=True).items():
             host.base_param(k).copy_(v)
-
-    # -- peft layout ------------------------------------------------------------------------------
-    def to_peft(self, host: DeltaHost) -> dict[str, torch.Tensor]:
-        if self.fan_in_fan_out:
-            raise DeltaFileError("peft's RoAd hosts nn.Linear only, not GPT-2 Conv1D; "
-                                 "save this adapter with format='deltatune'")
-        return {k: getattr(self, k).detach() for k in _TENSORS}
-
-    def from_peft(self, host: DeltaHost,
-                  tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        missing = [k for k in _TENSORS if k not in tensors]
-        if missing:
-            raise DeltaFileError(f"peft RoAd file lacks {missing[0]!r} for a module; "
-                                 "the file is incomplete")
-        return {k: tensors[k] for k in _TENSORS}

@@ -26,6 +26,7 @@ from ..core.delta import Delta
 from ..core.errors import DeltaFileError
 from ..core.example import Example
 from ..core.host import DeltaHost, Host
+from ..core.peft_layout import Option, PeftLayout, PeftTensor, init_flag
 from ..core.spec import DeltaSpec, register
 from ..core.targets import ATTENTION_QV
 
@@ -37,6 +38,15 @@ def random_positions(n_out: int, n_in: int, n: int, seed: int | None) -> torch.T
         gen.manual_seed(seed)
     flat = torch.randperm(n_out * n_in, generator=gen)[:n].sort().values
     return torch.stack([flat // n_in, flat % n_in])
+
+
+def _load_indices(delta: Delta, host: Host, indices: torch.Tensor) -> torch.Tensor:
+    """peft's positions as ours: int64, checked (peft saves them as float32 on Windows)."""
+    if indices.is_floating_point() and not torch.equal(indices, indices.round()):
+        raise DeltaFileError("peft SHiRA file has non-integer shira_indices")
+    indices = indices.to(torch.int64)
+    _check_positions(indices, delta.shape)
+    return indices
 
 
 @register
@@ -53,8 +63,14 @@ class SHiRA(DeltaSpec):
         ({"init": "ones"}, "init")))
     default_targets = ATTENTION_QV
     host_what = "Linear modules"
-    peft_type = "SHIRA"
-    peft_suffixes = ("shira_weight", "shira_indices")
+    peft = PeftLayout(
+        "SHIRA", fixed={"fan_in_fan_out": False},
+        tensors=("shira_weight", PeftTensor(  # peft keeps the positions as int32
+            "shira_indices", save=lambda d, host, t: t.to(torch.int32), load=_load_indices)),
+        # the file carries the positions, whichever mask drew them: any mask_type reads back
+        options=(Option("r", default=32), Option("mask_type", read=False),
+                 Option("random_seed"),
+                 init_flag("zeros", "normal")))
 
     r: int = 32
     mask_type: Literal["random"] = "random"
@@ -84,29 +100,6 @@ class SHiRA(DeltaSpec):
 
     def make_delta(self, host: DeltaHost, module_name: str) -> Delta:
         return SHiRADelta(self, host)
-
-    # -- peft layout ------------------------------------------------------------------------------
-    def to_peft_config(self, deltas: dict[str, Delta]) -> dict[str, Any]:
-        return {
-            "peft_type": "SHIRA", "task_type": None, "r": self.r, "mask_type": self.mask_type,
-            "random_seed": self.random_seed, "target_modules": sorted(deltas),
-            "fan_in_fan_out": False, "init_weights": self.init == "zeros",
-            "modules_to_save": list(self.trainable_modules) or None, "inference_mode": True,
-            "base_model_name_or_path": None,
-        }
-
-    @classmethod
-    def from_peft_config(cls, config: dict[str, Any], targets: list[str]) -> SHiRA:
-        if config.get("layers_to_transform"):
-            raise DeltaFileError("peft option layers_to_transform is not supported by deltatune; "
-                                 "save the adapter without it")
-        # the file carries the positions, whichever mask drew them: any mask_type reads back
-        seed = config.get("random_seed")
-        return cls(
-            r=int(config.get("r", 32)), random_seed=None if seed is None else int(seed),
-            init="zeros" if config.get("init_weights", True) else "normal",
-            targets=tuple(targets), trainable_modules=tuple(config.get("modules_to_save") or ()),
-        )
 
 
 def _positive_int(value: Any, least: int = 1) -> bool:
@@ -141,25 +134,6 @@ class SHiRADelta(Delta):
 
     def after_load(self, host: DeltaHost) -> None:
         _check_positions(self.shira_indices, self.shape)
-
-    def to_peft(self, host: DeltaHost) -> dict[str, torch.Tensor]:
-        # peft keeps the positions as int32
-        return {"shira_weight": self.shira_weight.detach(),
-                "shira_indices": self.shira_indices.to(torch.int32)}
-
-    def from_peft(self, host: DeltaHost,
-                  tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        missing = [k for k in ("shira_weight", "shira_indices") if k not in tensors]
-        if missing:
-            raise DeltaFileError(f"peft SHiRA file lacks {missing[0]!r} for a module; "
-                                 "the file is incomplete")
-        indices = tensors["shira_indices"]
-        # peft saves them as float32 on Windows
-        if indices.is_floating_point() and not torch.equal(indices, indices.round()):
-            raise DeltaFileError("peft SHiRA file has non-integer shira_indices")
-        indices = indices.to(torch.int64)
-        _check_positions(indices, self.shape)
-        return {"shira_weight": tensors["shira_weight"], "shira_indices": indices}
 
 
 def _check_positions(indices: torch.Tensor, shape: tuple[int, int]) -> None:

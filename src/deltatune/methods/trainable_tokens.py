@@ -30,19 +30,17 @@ Efficient Transfer Learning with Diff Pruning", ACL 2021, https://arxiv.org/abs/
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
 
 from ..core.delta import Delta
-from ..core.errors import DeltaFileError
 from ..core.example import Example
 from ..core.host import DeltaHost, get_module
+from ..core.peft_layout import Option, PeftLayout, init_flag
 from ..core.spec import DeltaSpec, register
 from .prompt import EMBEDDING_TARGETS
-
-_SUFFIX = "trainable_tokens_delta"
 
 
 @register
@@ -58,8 +56,11 @@ class TrainableTokens(DeltaSpec):
     host_kinds = ("embedding",)
     host_what = "plain nn.Embedding modules (input embeddings)"
     default_targets = EMBEDDING_TARGETS
-    peft_type = "TRAINABLE_TOKENS"
-    peft_suffixes = (_SUFFIX,)
+    peft = PeftLayout(
+        "TRAINABLE_TOKENS", tensors=("trainable_tokens_delta",), fixed={"revision": None},
+        refuse={}, modules_to_save=False,
+        options=(Option("token_indices", required="list the embedding rows it trains"),
+                 init_flag("copy", "random")))
 
     token_indices: tuple[int, ...] = ()
     init: Literal["copy", "random"] = "copy"
@@ -104,26 +105,6 @@ class TrainableTokens(DeltaSpec):
 
     def make_delta(self, host: DeltaHost, module_name: str) -> Delta:
         return TrainableTokensDelta(self, host)
-
-    # -- peft layout ------------------------------------------------------------------------------
-    def to_peft_config(self, deltas: dict[str, Delta]) -> dict[str, Any]:
-        return {
-            "peft_type": "TRAINABLE_TOKENS", "task_type": None,
-            "token_indices": list(self.token_indices), "target_modules": sorted(deltas),
-            "init_weights": self.init == "copy", "inference_mode": True,
-            "base_model_name_or_path": None, "revision": None,
-        }
-
-    @classmethod
-    def from_peft_config(cls, config: dict[str, Any], targets: list[str]) -> TrainableTokens:
-        indices = config.get("token_indices")
-        if not isinstance(indices, list):
-            raise DeltaFileError(f"peft TRAINABLE_TOKENS config has token_indices={indices!r}; "
-                                 "expected a list of integers")
-        return cls(token_indices=tuple(indices),
-                   init="copy" if config.get("init_weights", True) else "random",
-                   targets=tuple(targets),
-                   trainable_modules=tuple(config.get("modules_to_save") or ()))
 
 
 class TrainableTokensDelta(Delta):
@@ -174,14 +155,3 @@ class TrainableTokensDelta(Delta):
         w = host.base_param("weight")
         w.index_copy_(0, self._index, self._replaced)
         self._replaced = None
-
-    # -- peft layout ------------------------------------------------------------------------------
-    def to_peft(self, host: DeltaHost) -> dict[str, torch.Tensor]:
-        return {_SUFFIX: self.trainable_tokens_delta.detach()}
-
-    def from_peft(self, host: DeltaHost,
-                  tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if _SUFFIX not in tensors:
-            raise DeltaFileError(f"peft TRAINABLE_TOKENS file lacks {_SUFFIX!r} for a module; "
-                                 "the file is incomplete")
-        return {_SUFFIX: tensors[_SUFFIX]}

@@ -30,12 +30,15 @@ from torch import nn
 from ..core.delta import Delta, Factor
 from ..core.errors import DeltaFileError
 from ..core.example import Example
-from ..core.host import DeltaHost
+from ..core.host import DeltaHost, Host
+from ..core.peft_layout import Option, PeftLayout
 from ..core.spec import DeltaSpec, register
 from ..core.targets import ATTENTION_QV
 
 _BANK = "base_model.vblora_vector_bank"
 _LOGITS = ("vblora_logits_A", "vblora_logits_B")
+#: the compact file's tensors (``save_only_topk_weights``)
+_TOPK = tuple(f"{k}_topk_{w}" for k in _LOGITS for w in ("indices", "weights"))
 
 
 class VectorBank(nn.Module):
@@ -45,6 +48,74 @@ class VectorBank(nn.Module):
         super().__init__()
         bank = torch.empty(num_vectors, vector_length).uniform_(-bound, bound)
         self.vblora_vector_bank = nn.Parameter(bank)
+
+
+# -- peft's layout --------------------------------------------------------------------------------
+class _VBLoRALayout(PeftLayout):
+    """The bank goes to the file's root once; with ``save_only_topk_weights`` each tile keeps only
+    its top-k indices and weights (read back as logits that select and weigh the same vectors)."""
+
+    def shared_tensors(self, spec: Any, deltas: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {_BANK: next(iter(deltas.values())).bank.vblora_vector_bank.detach()}
+
+    def save(self, delta: Any, host: Host) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        spec = delta.spec
+        for key in _LOGITS:
+            logits = getattr(delta, key).detach()
+            if not spec.save_only_topk_weights:
+                out[key] = logits
+                continue
+            top, idx = logits.topk(spec.topk, dim=-1)
+            out[f"{key}_topk_indices"] = idx.to(_index_dtype(spec.num_vectors))
+            # the last weight is 1 - the others: peft leaves it out
+            out[f"{key}_topk_weights"] = F.softmax(top, dim=-1)[..., :-1].contiguous()
+        return out
+
+    def load(self, delta: Any, host: Host, tensors: dict[str, torch.Tensor]
+             ) -> dict[str, torch.Tensor]:
+        if _BANK not in tensors:
+            raise DeltaFileError(f"peft VB-LoRA file lacks {_BANK!r}; the file is incomplete")
+        out = {"bank.vblora_vector_bank": tensors[_BANK]}
+        for key in _LOGITS:
+            if key in tensors:
+                out[key] = tensors[key]
+            elif f"{key}_topk_indices" in tensors and f"{key}_topk_weights" in tensors:
+                out[key] = _logits_from_topk(delta, key, tensors[f"{key}_topk_indices"],
+                                             tensors[f"{key}_topk_weights"])
+            else:
+                raise DeltaFileError(f"peft VB-LoRA file lacks {key!r} (or its top-k form) for a "
+                                     "module; the file is incomplete")
+        return out
+
+
+def _index_dtype(num_vectors: int) -> torch.dtype:
+    """The smallest integer type peft stores top-k indices in."""
+    if num_vectors < 2**8:
+        return torch.uint8
+    return (
+        torch.int16 if num_vectors < 2**15 else torch.int32 if num_vectors < 2**31 else torch.int64
+    )
+
+
+def _logits_from_topk(delta: Any, key: str, idx: torch.Tensor, weights: torch.Tensor
+                      ) -> torch.Tensor:
+    """Finite logits whose top-k are ``idx`` with softmax ``weights`` (the stored k-1 and the
+    remainder): log-weights there, and below them everywhere else."""
+    shape, k = getattr(delta, key).shape, delta.spec.topk
+    if idx.shape != (*shape[:-1], k) or weights.shape != (*shape[:-1], k - 1):
+        raise DeltaFileError(f"peft VB-LoRA top-k tensors of {key} have shapes "
+                             f"{tuple(idx.shape)}/{tuple(weights.shape)}, not fitting "
+                             f"{tuple(shape)} at topk={k}")
+    idx = idx.long()
+    if idx.numel() and (idx.min() < 0 or idx.max() >= shape[-1]):
+        raise DeltaFileError(f"peft VB-LoRA top-k indices of {key} exceed the bank's "
+                             f"{shape[-1]} vectors; the file is damaged")
+    weights = weights.float()
+    full = torch.cat([weights, 1 - weights.sum(-1, keepdim=True)], dim=-1)
+    top = full.clamp_min(1e-30).log()  # a zero weight stays finite (and ~0 after softmax)
+    floor = top.min(-1, keepdim=True).values - 1.0  # any value below the top-k selects them
+    return floor.expand(*shape).clone().scatter(-1, idx, top)
 
 
 @register
@@ -64,9 +135,15 @@ class VBLoRA(DeltaSpec):
         ({"init_logits_std": -1.0}, "init_logits_std")))
     default_targets = ATTENTION_QV
     host_what = "Linear / GPT-2 Conv1D modules"
-    peft_type = "VBLORA"
-    peft_suffixes = (*_LOGITS, *(f"{k}_topk_{w}" for k in _LOGITS for w in ("indices", "weights")))
-    peft_shared_keys = (_BANK,)
+    peft = _VBLoRALayout(
+        "VBLORA", shared_keys=(_BANK,), fan_in_fan_out=True,
+        extra_suffixes=(*_LOGITS, *_TOPK),
+        options=(Option("r", default=4), Option("num_vectors", default=256),
+                 Option("vector_length", default=256), Option("topk", default=2),
+                 Option("save_only_topk_weights", default=False),
+                 Option("vblora_dropout", "dropout", 0.0),
+                 Option("init_vector_bank_bound", default=0.02),
+                 Option("init_logits_std", default=0.1)))
 
     r: int = 4
     num_vectors: int = 256
@@ -108,52 +185,6 @@ class VBLoRA(DeltaSpec):
 
     def make_delta(self, host: DeltaHost, module_name: str, shared: Any = None) -> Delta:
         return VBLoRADelta(self, host, shared)
-
-    # -- peft layout ------------------------------------------------------------------------------
-    def to_peft_config(self, deltas: dict[str, Delta]) -> dict[str, Any]:
-        return {
-            "peft_type": "VBLORA", "task_type": None, "r": self.r,
-            "num_vectors": self.num_vectors, "vector_length": self.vector_length,
-            "topk": self.topk, "target_modules": sorted(deltas), "exclude_modules": None,
-            "save_only_topk_weights": self.save_only_topk_weights,
-            "vblora_dropout": self.dropout,
-            "fan_in_fan_out": any(d.fan_in_fan_out for d in deltas.values()), "bias": "none",
-            "modules_to_save": list(self.trainable_modules) or None,
-            "init_vector_bank_bound": float(self.init_vector_bank_bound),
-            "init_logits_std": float(self.init_logits_std), "layers_to_transform": None,
-            "layers_pattern": None, "inference_mode": True, "base_model_name_or_path": None,
-        }
-
-    @classmethod
-    def from_peft_config(cls, config: dict[str, Any], targets: list[str]) -> VBLoRA:
-        if config.get("bias", "none") != "none":
-            raise DeltaFileError(f"peft VB-LoRA with bias={config['bias']!r} is not supported; "
-                                 "save the adapter with bias='none' (or add BitFit beside it)")
-        if config.get("layers_to_transform"):
-            raise DeltaFileError("peft option layers_to_transform is not supported by deltatune; "
-                                 "save the adapter without it")
-        return cls(
-            r=int(config.get("r", 4)), num_vectors=int(config.get("num_vectors", 256)),
-            vector_length=int(config.get("vector_length", 256)), topk=int(config.get("topk", 2)),
-            dropout=float(config.get("vblora_dropout", 0.0)),
-            init_vector_bank_bound=float(config.get("init_vector_bank_bound", 0.02)),
-            init_logits_std=float(config.get("init_logits_std", 0.1)),
-            save_only_topk_weights=bool(config.get("save_only_topk_weights", False)),
-            targets=tuple(targets), trainable_modules=tuple(config.get("modules_to_save") or ()),
-        )
-
-    def peft_shared_tensors(self, deltas: dict[str, Delta]) -> dict[str, torch.Tensor]:
-        bank = next(iter(deltas.values())).bank.vblora_vector_bank
-        return {_BANK: bank.detach()}
-
-
-def _index_dtype(num_vectors: int) -> torch.dtype:
-    """The smallest integer type peft stores top-k indices in."""
-    if num_vectors < 2**8:
-        return torch.uint8
-    return (
-        torch.int16 if num_vectors < 2**15 else torch.int32 if num_vectors < 2**31 else torch.int64
-    )
 
 
 class VBLoRADelta(Delta):
@@ -201,50 +232,3 @@ class VBLoRADelta(Delta):
     def factors(self, host: DeltaHost) -> list[Factor] | None:
         a, b = self.matrices()
         return [Factor(a.detach(), b.detach(), 1.0, bool(self.fan_in_fan_out))]
-
-    def to_peft(self, host: DeltaHost) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for key in _LOGITS:
-            logits = getattr(self, key).detach()
-            if not self.spec.save_only_topk_weights:
-                out[key] = logits
-                continue
-            top, idx = logits.topk(self.spec.topk, dim=-1)
-            out[f"{key}_topk_indices"] = idx.to(_index_dtype(self.spec.num_vectors))
-            # the last weight is 1 - the others: peft leaves it out
-            out[f"{key}_topk_weights"] = F.softmax(top, dim=-1)[..., :-1].contiguous()
-        return out
-
-    def from_peft(self, host: DeltaHost,
-                  tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if _BANK not in tensors:
-            raise DeltaFileError(f"peft VB-LoRA file lacks {_BANK!r}; the file is incomplete")
-        out = {"bank.vblora_vector_bank": tensors[_BANK]}
-        for key in _LOGITS:
-            if key in tensors:
-                out[key] = tensors[key]
-            elif f"{key}_topk_indices" in tensors and f"{key}_topk_weights" in tensors:
-                out[key] = self._logits_from_topk(key, tensors[f"{key}_topk_indices"],
-                                                  tensors[f"{key}_topk_weights"])
-            else:
-                raise DeltaFileError(f"peft VB-LoRA file lacks {key!r} (or its top-k form) for a "
-                                     "module; the file is incomplete")
-        return out
-
-    def _logits_from_topk(self, key: str, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Finite logits whose top-k are ``idx`` with softmax ``weights`` (the stored k-1 and the
-        remainder): log-weights there, and below them everywhere else."""
-        shape, k = getattr(self, key).shape, self.spec.topk
-        if idx.shape != (*shape[:-1], k) or weights.shape != (*shape[:-1], k - 1):
-            raise DeltaFileError(f"peft VB-LoRA top-k tensors of {key} have shapes "
-                                 f"{tuple(idx.shape)}/{tuple(weights.shape)}, not fitting "
-                                 f"{tuple(shape)} at topk={k}")
-        idx = idx.long()
-        if idx.numel() and (idx.min() < 0 or idx.max() >= shape[-1]):
-            raise DeltaFileError(f"peft VB-LoRA top-k indices of {key} exceed the bank's "
-                                 f"{shape[-1]} vectors; the file is damaged")
-        weights = weights.float()
-        full = torch.cat([weights, 1 - weights.sum(-1, keepdim=True)], dim=-1)
-        top = full.clamp_min(1e-30).log()  # a zero weight stays finite (and ~0 after softmax)
-        floor = top.min(-1, keepdim=True).values - 1.0  # any value below the top-k selects them
-        return floor.expand(*shape).clone().scatter(-1, idx, top)

@@ -27,6 +27,7 @@ from ..core.delta import Delta
 from ..core.errors import DeltaFileError
 from ..core.example import Example
 from ..core.host import DeltaHost, Host, get_module
+from ..core.peft_layout import Option, PeftLayout
 from ..core.spec import DeltaSpec, register
 from ..core.targets import ATTENTION_QV
 
@@ -54,6 +55,39 @@ def _in_out(module: nn.Module) -> tuple[int, int]:
     return w.shape[1], w.shape[0]
 
 
+# -- peft's layout --------------------------------------------------------------------------------
+class _VeRALayout(PeftLayout):
+    """With ``save_projection`` the shared frozen ``A`` and ``B`` go to the file's root once
+    (every layer's slice written into them); each layer reads its slice back."""
+
+    def shared_tensors(self, spec: Any, deltas: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if not spec.save_projection:
+            return {}
+        parts = list(deltas.values())
+        a = torch.zeros(spec.r, max(d.vera_A.shape[1] for d in parts))
+        b = torch.zeros(max(d.vera_B.shape[0] for d in parts), spec.r)
+        for d in parts:  # every slice starts at 0, so together they rebuild the shared matrices
+            a[:, : d.vera_A.shape[1]] = d.vera_A.detach().cpu()
+            b[: d.vera_B.shape[0]] = d.vera_B.detach().cpu()
+        return {_SHARED_A: a, _SHARED_B: b}
+
+    def load(self, delta: Any, host: Host, tensors: dict[str, torch.Tensor]
+             ) -> dict[str, torch.Tensor]:
+        out = super().load(delta, host, tensors)
+        if not delta.spec.save_projection:
+            return out
+        if _SHARED_A not in tensors or _SHARED_B not in tensors:
+            raise DeltaFileError("peft VeRA config says save_projection=true but the file lacks "
+                                 "vera_A/vera_B; the file is incomplete")
+        a, b = tensors[_SHARED_A], tensors[_SHARED_B]
+        n_out, n_in, r = delta.vera_B.shape[0], delta.vera_A.shape[1], delta.spec.r
+        if a.shape[0] != r or a.shape[1] < n_in or b.shape[0] < n_out or b.shape[1] != r:
+            raise DeltaFileError(f"peft VeRA projection shapes {tuple(a.shape)}/{tuple(b.shape)} "
+                                 f"do not fit a {n_out}x{n_in} layer at r={r}")
+        out["vera_A"], out["vera_B"] = a[:, :n_in], b[:n_out, :]
+        return out
+
+
 @register
 @dataclass(frozen=True)
 class VeRA(DeltaSpec):
@@ -68,9 +102,14 @@ class VeRA(DeltaSpec):
         ({"projection_seed": -1}, "projection_seed"), ({"init": "ones"}, "init")))
     default_targets = ATTENTION_QV
     factored = True
-    peft_type = "VERA"
-    peft_suffixes = ("vera_lambda_b", "vera_lambda_d")
-    peft_shared_keys = (_SHARED_A, _SHARED_B)
+    peft = _VeRALayout(
+        "VERA", tensors=("vera_lambda_b", "vera_lambda_d"), shared_keys=(_SHARED_A, _SHARED_B),
+        fan_in_fan_out=True,
+        fixed={"bias": "none", "init_weights": True, "layers_to_transform": None,
+               "layers_pattern": None},
+        options=(Option("r", default=256), Option("projection_prng_key", "projection_seed", 0),
+                 Option("save_projection", default=True), Option("vera_dropout", "dropout", 0.0),
+                 Option("d_initial", default=0.1)))
 
     r: int = 256
     dropout: float = 0.0
@@ -113,56 +152,6 @@ class VeRA(DeltaSpec):
     def make_delta(self, host: DeltaHost, module_name: str, shared: Any = None) -> Delta:
         return VeRADelta(self, host, *shared)
 
-    # -- peft layout ------------------------------------------------------------------------------
-    def to_peft_config(self, deltas: dict[str, Delta]) -> dict[str, Any]:
-        return {
-            "peft_type": "VERA",
-            "task_type": None,
-            "r": self.r,
-            "target_modules": sorted(deltas),
-            "projection_prng_key": self.projection_seed,
-            "save_projection": self.save_projection,
-            "vera_dropout": self.dropout,
-            "d_initial": self.d_initial,
-            "fan_in_fan_out": any(d.fan_in_fan_out for d in deltas.values()),
-            "bias": "none",
-            "init_weights": True,
-            "layers_to_transform": None,
-            "layers_pattern": None,
-            "modules_to_save": list(self.trainable_modules) or None,
-            "inference_mode": True,
-            "base_model_name_or_path": None,
-        }
-
-    @classmethod
-    def from_peft_config(cls, config: dict[str, Any], targets: list[str]) -> "VeRA":
-        if config.get("layers_to_transform"):
-            raise DeltaFileError("peft option layers_to_transform is not supported by deltatune; "
-                                 "save the adapter without it")
-        if config.get("bias", "none") != "none":
-            raise DeltaFileError(f"peft VeRA with bias={config['bias']!r} is not supported; "
-                                 "use bias='none' (or BitFit beside it)")
-        return cls(
-            r=int(config.get("r", 256)),
-            dropout=float(config.get("vera_dropout", 0.0)),
-            d_initial=float(config.get("d_initial", 0.1)),
-            projection_seed=int(config.get("projection_prng_key", 0)),
-            save_projection=bool(config.get("save_projection", True)),
-            targets=tuple(targets),
-            trainable_modules=tuple(config.get("modules_to_save") or ()),
-        )
-
-    def peft_shared_tensors(self, deltas: dict[str, Delta]) -> dict[str, torch.Tensor]:
-        if not self.save_projection:
-            return {}
-        parts = list(deltas.values())
-        a = torch.zeros(self.r, max(d.vera_A.shape[1] for d in parts))
-        b = torch.zeros(max(d.vera_B.shape[0] for d in parts), self.r)
-        for d in parts:  # every slice starts at 0, so together they rebuild the shared matrices
-            a[:, : d.vera_A.shape[1]] = d.vera_A.detach().cpu()
-            b[: d.vera_B.shape[0]] = d.vera_B.detach().cpu()
-        return {_SHARED_A: a, _SHARED_B: b}
-
 
 class VeRADelta(Delta):
     """``h + λ_b ⊙ B·(λ_d ⊙ A·dropout(x))`` with ``A``, ``B`` views of the shared projection."""
@@ -193,38 +182,3 @@ class VeRADelta(Delta):
             self.vera_lambda_d[:, None] * self.vera_A
         )
         return {"weight": (w.t() if self.fan_in_fan_out else w).detach()}
-
-    def to_peft(self, host: DeltaHost) -> dict[str, torch.Tensor]:
-        return {
-            "vera_lambda_b": self.vera_lambda_b.detach(),
-            "vera_lambda_d": self.vera_lambda_d.detach(),
-        }
-
-    def from_peft(
-        self, host: DeltaHost, tensors: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        try:
-            out = {
-                "vera_lambda_b": tensors["vera_lambda_b"],
-                "vera_lambda_d": tensors["vera_lambda_d"],
-            }
-        except KeyError as exc:
-            raise DeltaFileError(
-                f"peft VeRA file lacks {exc.args[0]!r} for a module; the file is incomplete"
-            ) from exc
-        if self.spec.save_projection:
-            if _SHARED_A not in tensors or _SHARED_B not in tensors:
-                raise DeltaFileError(
-                    "peft VeRA config says save_projection=true but the file lacks "
-                    "vera_A/vera_B; the file is incomplete"
-                )
-            a, b = tensors[_SHARED_A], tensors[_SHARED_B]
-            n_out, n_in = self.vera_B.shape[0], self.vera_A.shape[1]
-            r = self.spec.r
-            if a.shape[0] != r or a.shape[1] < n_in or b.shape[0] < n_out or b.shape[1] != r:
-                raise DeltaFileError(
-                    f"peft VeRA projection shapes {tuple(a.shape)}/{tuple(b.shape)} do not "
-                    f"fit a {n_out}x{n_in} layer at r={r}"
-                )
-            out["vera_A"], out["vera_B"] = a[:, :n_in], b[:n_out, :]
-        return out

@@ -28,7 +28,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import numpy as np
 import torch
@@ -39,9 +39,9 @@ from ..core.delta import Delta
 from ..core.errors import DeltaFileError
 from ..core.example import Example
 from ..core.host import DeltaHost, module_kind
+from ..core.peft_layout import Option, PeftLayout, init_flag
 from ..core.spec import DeltaSpec, register
 from ..core.targets import ATTENTION_QV
-from .miss import _refuse_unsupported
 
 FAMILIES = ("haar",) + tuple(f"db{n}" for n in range(1, 11))
 
@@ -123,6 +123,14 @@ def _shape(model: nn.Module, path: str) -> tuple[int, int]:
     return m.weight.shape[1], m.weight.shape[0]  # Conv1D stores (in, out)
 
 
+def _read_family(config: Mapping[str, Any], kw: dict[str, Any]) -> dict[str, Any]:
+    family = str(config.get("wavelet_family", "db1"))
+    if kw["use_idwt"] and family not in FAMILIES:
+        raise DeltaFileError(f"peft WaveFT wavelet_family={family!r} is not supported by "
+                             f"deltatune (it has {', '.join(FAMILIES)})")
+    return {"wavelet_family": family if family in FAMILIES else "db1"}
+
+
 @register
 @dataclass(frozen=True)
 class WaveFT(DeltaSpec):
@@ -146,8 +154,15 @@ class WaveFT(DeltaSpec):
     )
     default_targets = ATTENTION_QV
     host_what = "Linear / GPT-2 Conv1D modules"
-    peft_type = "WAVEFT"
-    peft_suffixes = ("waveft_spectrum",)
+    peft = PeftLayout(
+        "WAVEFT", tensors=("waveft_spectrum",), fan_in_fan_out=True, read=_read_family,
+        options=(Option("n_frequency", default=2592), Option("scaling", default=25.0),
+                 Option("wavelet_family", read=False), Option("use_idwt", default=True),
+                 Option("random_loc_seed", required="its coefficient positions cannot be drawn "
+                        "again; save it with an integer seed"),
+                 Option("n_frequency_pattern", default={}),
+                 Option("proportional_parameters", default=False),
+                 init_flag("zeros", "normal")))
 
     n_frequency: int = 2592
     scaling: float = 25.0
@@ -207,45 +222,6 @@ class WaveFT(DeltaSpec):
         n = shared.counts[module_name]
         return WaveFTDelta(self, host, shared.of(host.out_features, host.in_features, n))
 
-    # -- peft layout ------------------------------------------------------------------------------
-    def to_peft_config(self, deltas: dict[str, Delta]) -> dict[str, Any]:
-        return {
-            "peft_type": "WAVEFT", "task_type": None, "n_frequency": self.n_frequency,
-            "scaling": float(self.scaling), "wavelet_family": self.wavelet_family,
-            "use_idwt": self.use_idwt, "random_loc_seed": self.random_loc_seed,
-            "fan_in_fan_out": any(d.fan_in_fan_out for d in deltas.values()),
-            "target_modules": sorted(deltas), "exclude_modules": None, "bias": "none",
-            "modules_to_save": list(self.trainable_modules) or None, "layers_to_transform": None,
-            "layers_pattern": None, "n_frequency_pattern": dict(self.n_frequency_pattern),
-            "proportional_parameters": self.proportional_parameters,
-            "init_weights": self.init == "zeros", "inference_mode": True,
-            "base_model_name_or_path": None,
-        }
-
-    @classmethod
-    def from_peft_config(cls, config: dict[str, Any], targets: list[str]) -> WaveFT:
-        _refuse_unsupported(config, "WaveFT")
-        family = str(config.get("wavelet_family", "db1"))
-        if config.get("use_idwt", True) and family not in FAMILIES:
-            raise DeltaFileError(f"peft WaveFT wavelet_family={family!r} is not supported by "
-                                 f"deltatune (it has {', '.join(FAMILIES)})")
-        if config.get("random_loc_seed") is None:
-            raise DeltaFileError("peft WaveFT config has random_loc_seed=null: its coefficient "
-                                 "positions cannot be drawn again; save it with an integer seed")
-        pattern = config.get("n_frequency_pattern") or {}
-        return cls(
-            n_frequency=int(config.get("n_frequency", 2592)),
-            scaling=float(config.get("scaling", 25.0)),
-            wavelet_family=family if family in FAMILIES else "db1",
-            use_idwt=bool(config.get("use_idwt", True)),
-            random_loc_seed=int(config["random_loc_seed"]),
-            n_frequency_pattern={str(k): int(v) for k, v in pattern.items()},
-            proportional_parameters=bool(config.get("proportional_parameters", False)),
-            init="zeros" if config.get("init_weights", True) else "normal",
-            targets=tuple(targets),
-            trainable_modules=tuple(config.get("modules_to_save") or ()),
-        )
-
 
 def _positive_int(value: Any, least: int = 1) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
@@ -291,13 +267,3 @@ class WaveFTDelta(Delta):
     def delta_weight(self, host: DeltaHost) -> dict[str, torch.Tensor]:
         w = self.weight_change().detach()
         return {"weight": w.t() if self.fan_in_fan_out else w}
-
-    def to_peft(self, host: DeltaHost) -> dict[str, torch.Tensor]:
-        return {"waveft_spectrum": self.waveft_spectrum.detach()}
-
-    def from_peft(self, host: DeltaHost,
-                  tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if "waveft_spectrum" not in tensors:
-            raise DeltaFileError("peft WaveFT file lacks 'waveft_spectrum' for a module; "
-                                 "the file is incomplete")
-        return {"waveft_spectrum": tensors["waveft_spectrum"]}
