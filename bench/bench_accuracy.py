@@ -1,8 +1,12 @@
-"""Accuracy benchmark (issue 4): LoRA vs full fine-tuning vs peft's LoRA vs a linear probe, MiniLM.
+r"""Accuracy benchmark (issue 4): LoRA vs full fine-tuning vs peft's LoRA vs a linear probe, MiniLM.
 
-    .venv/bin/python bench/bench_accuracy.py                      # BBC News + tweet-sentiment, 3 seeds
-    .venv/bin/python bench/bench_accuracy.py --data bbc-news --seeds 0 --epochs 1 --limit 400   # reduced
-    .venv/bin/python bench/bench_accuracy.py --epochs bbc-news=2 tweet-sentiment=1 --limit tweet-sentiment=4000 --fractions bbc-news=0.7,0.1,0.2 --seeds 0 1 2 3 4   # as in RESULTS.md
+    # BBC News + tweet-sentiment, 3 seeds
+    .venv/bin/python bench/bench_accuracy.py
+    # reduced
+    .venv/bin/python bench/bench_accuracy.py --data bbc-news --seeds 0 --epochs 1 --limit 400
+    # as in RESULTS.md
+    .venv/bin/python bench/bench_accuracy.py --epochs bbc-news=2 tweet-sentiment=1 \
+        --limit tweet-sentiment=4000 --fractions bbc-news=0.7,0.1,0.2 --seeds 0 1 2 3 4
 
 BBC News runs on a 70/10/20 split in RESULTS.md (451 test articles, one is 0.22 pt); the default
 80/10/10 split leaves 223 (0.45 pt each), and its recorded runs are listed under the table.
@@ -42,9 +46,10 @@ VARIANTS = {
 }
 
 
-#: learning rates that differ by data set, picked on the validation split of seed 0 (see RESULTS.md):
-#: on tweet-sentiment LoRA at 1e-3 reached 72.1% validation accuracy after one epoch, at 3e-3 76.1%;
-#: on bbc-news (2 epochs) 98.23% at 1e-3 and 98.67% at 3e-3 (validation loss 0.084 and 0.083)
+#: learning rates that differ by data set, picked on the validation split of seed 0 (see
+#: RESULTS.md): on tweet-sentiment LoRA at 1e-3 reached 72.1% validation accuracy after one epoch,
+#: at 3e-3 76.1%; on bbc-news (2 epochs) 98.23% at 1e-3 and 98.67% at 3e-3 (validation loss
+#: 0.084 and 0.083)
 LR_BY_DATA = {
     ("tweet-sentiment", "lora"): 3e-3,
     ("tweet-sentiment", "peft-lora"): 3e-3,
@@ -152,7 +157,8 @@ def main() -> None:
         "--fractions",
         nargs="*",
         default=[],
-        help="train,val,test split fractions: DATA=0.7,0.1,0.2 for one data set (default 0.8,0.1,0.1)",
+        help="train,val,test split fractions: DATA=0.7,0.1,0.2 for one data set (default "
+        "0.8,0.1,0.1)",
     )
     ap.add_argument("--out", default="bench/accuracy_runs.jsonl")
     ap.add_argument("--no-write", action="store_true")
@@ -176,14 +182,16 @@ def main() -> None:
         name, _, numbers = value.partition("=")
         if name not in fractions or not numbers:
             raise SystemExit(
-                f"--fractions takes DATA=TRAIN,VAL,TEST for a data set in --data {args.data}, not {value!r}"
+                f"--fractions takes DATA=TRAIN,VAL,TEST for a data set in --data {args.data}, "
+                f"not {value!r}"
             )
         fractions[name] = [float(x) for x in numbers.split(",")]
 
     def asked(r: dict, any_split: bool = False) -> bool:
-        """A recorded run of a data set, variant and seed asked for, at the epochs, limit and split fractions
-        asked for (rows recorded before epochs/limit were stored are 1-epoch runs at the limits given now;
-        rows without fractions used the default split). ``any_split``: at any split fractions."""
+        """A recorded run of a data set, variant and seed asked for, at the epochs, limit and split
+        fractions asked for (rows recorded before epochs/limit were stored are 1-epoch runs at the
+        limits given now; rows without fractions used the default split). ``any_split``: at any
+        split fractions."""
         return (
             r["data"] in args.data
             and r["variant"] in args.variants
@@ -259,7 +267,8 @@ def main() -> None:
                 continue
             std = statistics.stdev(accs) if len(accs) > 1 else 0.0
             lines.append(
-                f"| {data} | {epochs[data]} | {variant} | {statistics.mean(accs):.2f} ± {std:.2f} | "
+                f"| {data} | {epochs[data]} | {variant} | {statistics.mean(accs):.2f} ± "
+                f"{std:.2f} | "
                 + " / ".join(f"{a:.2f}" for a in accs)
                 + f" | {mine[0]['trainable_percent']:.3f} | {len(accs)} |"
             )
@@ -291,24 +300,28 @@ def main() -> None:
             from scipy import stats
 
             half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
-            return f"; per-seed 95% CI [{statistics.mean(diffs) - half:+.2f}, {statistics.mean(diffs) + half:+.2f}]"
+            return (
+                f"; per-seed 95% CI [{statistics.mean(diffs) - half:+.2f}, "
+                f"{statistics.mean(diffs) + half:+.2f}]"
+            )
 
         if "full" in mean:
             d = mean["lora"] - mean["full"]
             parts.append(
-                f"LoRA − full fine-tuning {d:+.2f} pt (aim ≥ −0.5: {'met' if d >= -0.5 else 'NOT met'}"
-                f"{paired('full')})"
+                f"LoRA − full fine-tuning {d:+.2f} pt (aim ≥ −0.5: "
+                f"{'met' if d >= -0.5 else 'NOT met'}{paired('full')})"
             )
         if "peft-lora-same-init" in mean:
             d = mean["lora"] - mean["peft-lora-same-init"]
             parts.append(
-                f"LoRA − peft from the same init {d:+.2f} pt (aim |·| ≤ 0.5: {'met' if abs(d) <= 0.5 else 'NOT met'})"
+                f"LoRA − peft from the same init {d:+.2f} pt (aim |·| ≤ 0.5: "
+                f"{'met' if abs(d) <= 0.5 else 'NOT met'})"
             )
         if "peft-lora" in mean:
             d = mean["lora"] - mean["peft-lora"]
             parts.append(
-                f"LoRA − peft with its own draw of A {d:+.2f} pt (|·| ≤ 0.5: {'met' if abs(d) <= 0.5 else 'NOT met'}"
-                f"{paired('peft-lora')})"
+                f"LoRA − peft with its own draw of A {d:+.2f} pt (|·| ≤ 0.5: "
+                f"{'met' if abs(d) <= 0.5 else 'NOT met'}{paired('peft-lora')})"
             )
         if "probe" in mean:
             d = mean["lora"] - mean["probe"]
@@ -327,12 +340,14 @@ def main() -> None:
         if missing:
             lines += [
                 "",
-                "Not recorded yet (the command trains them; this table was rendered from the recorded runs): "
+                "Not recorded yet (the command trains them; this table was rendered from the "
+                "recorded runs): "
                 + ", ".join(missing)
                 + ".",
             ]
     def listing(groups: dict[tuple[str, str, str], dict[int, float]]) -> str:
-        """``data variant what: mean ± std (n seed(s))`` per group of recorded accuracies by seed."""
+        """``data variant what: mean ± std (n seed(s))`` per group of recorded accuracies by
+        seed."""
         return (
             "; ".join(
                 f"{d} {v} {what}: {statistics.mean(acc.values()):.2f}"
@@ -355,7 +370,8 @@ def main() -> None:
         if others:
             lines += [
                 "",
-                "Recorded runs of the same settings at other learning rates (not in the table above): "
+                "Recorded runs of the same settings at other learning rates (not in the "
+                "table above): "
                 + listing({(d, v, f"lr {lr:g}"): acc for (d, v, lr), acc in others.items()}),
             ]
     if args.rows_from:  # the same settings on another split, as recorded (e.g. the default one)
@@ -373,7 +389,8 @@ def main() -> None:
         if splits:
             lines += [
                 "",
-                "Recorded runs of the same settings on another train/val/test split (not in the table above): "
+                "Recorded runs of the same settings on another train/val/test split (not in the "
+                "table above): "
                 + listing({(d, v, f"split {split}"): acc for (d, split, v), acc in splits.items()}),
             ]
     valued, flags = (

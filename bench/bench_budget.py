@@ -1,17 +1,21 @@
-"""Budget benchmark (issue 10): uniform LoRA vs AdaLoRA vs sensitivity allocation vs the best searched
-config, tweet-sentiment, MiniLM, at one parameter budget.
+"""Budget benchmark (issue 10): uniform LoRA vs AdaLoRA vs sensitivity allocation vs the best
+searched config, tweet-sentiment, MiniLM, at one parameter budget.
 
-    .venv/bin/python bench/bench_budget.py                                   # 3 seeds, 1 epoch, 12 search trials
-    .venv/bin/python bench/bench_budget.py --seeds 0 --limit 400 --max-steps 60 --trials 4   # reduced
-    .venv/bin/python bench/bench_budget.py --limit 16 --max-steps 2 --seeds 0 --trials 2 --no-write   # smoke
+    # 3 seeds, 1 epoch, 12 search trials
+    .venv/bin/python bench/bench_budget.py
+    # reduced
+    .venv/bin/python bench/bench_budget.py --seeds 0 --limit 400 --max-steps 60 --trials 4
+    # smoke
+    .venv/bin/python bench/bench_budget.py --limit 16 --max-steps 2 --seeds 0 --trials 2 --no-write
 
 The budget is the delta parameters of uniform LoRA r=4 on every Linear layer of the encoder's blocks
 (36 matrices, 165,888 parameters; the new head trains in every variant and is not counted). AdaLoRA
 starts at rank 6 and is pruned to 4 on average (its λ add one parameter per triplet; alpha 12, so
 its scaling 12 / 6 equals uniform LoRA's 8 / 4); the sensitivity allocation (SPT-style, 8 batches
-of the training split) spends the budget on LoRA ranks and sparse entries; the searched config is the best validation accuracy of a `deltatune.budget.search` study
-over LoRA / AdaLoRA / (IA)³ / bottleneck configurations within the budget (seed 0), then retrained
-on every seed. Same data split, steps, batch size and schedule per seed; test accuracy, mean ± std.
+of the training split) spends the budget on LoRA ranks and sparse entries; the searched config is
+the best validation accuracy of a `deltatune.budget.search` study over LoRA / AdaLoRA / (IA)³ /
+bottleneck configurations within the budget (seed 0), then retrained on every seed. Same data split,
+steps, batch size and schedule per seed; test accuracy, mean ± std.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ def _splits(seed: int, limit: int | None):
 
 
 def _attach(variant: str, entry, splits, budget: int, steps: int, searched=None):
-    """Attach ``variant``'s delta(s); returns (callbacks, learning rate, delta parameters, ranks)."""
+    """Attach ``variant``'s delta(s); returns (callbacks, learning rate, delta parameters,
+    ranks)."""
     import torch
 
     import deltatune as dt
@@ -81,9 +86,10 @@ def _attach(variant: str, entry, splits, budget: int, steps: int, searched=None)
         ]
         examples = splits["train"].examples[: 8 * 16]
         batches = [entry.collate(examples[i:i + 16]) for i in range(0, len(examples), 16)]
-        loss = lambda m, b: compute_loss(
-            forward(m, b), labels_of(b, "classification"), "classification"
-        )
+
+        def loss(m, b):
+            return compute_loss(forward(m, b), labels_of(b, "classification"), "classification")
+
         alloc = allocate_sensitivity(model, batches, budget, loss, paths=paths)
         ranks = {
             r.path: r.rank for r in alloc.rows if r.rank
@@ -172,7 +178,8 @@ def search_best(args, budget: int, out: Path):
 
 
 def plot_ranks(rows: list[dict], path: Path) -> Path:
-    """Per-matrix ranks: AdaLoRA's final ranks and the sensitivity allocation's, against uniform r=4 (seed 0)."""
+    """Per-matrix ranks: AdaLoRA's final ranks and the sensitivity allocation's, against uniform r=4
+    (seed 0)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -211,7 +218,7 @@ def plot_ranks(rows: list[dict], path: Path) -> Path:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--limit", type=int, default=None, help="examples per split (reduced runs)")
     ap.add_argument(
@@ -271,7 +278,8 @@ def main() -> None:
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         name = f"searched: {searched.key}" if variant == "searched" else variant
         lines.append(
-            f"| {name} | {params:,} | {100 * params / budget:.1f} | {statistics.mean(accs):.2f} ± {std:.2f} | {len(accs)} |"
+            f"| {name} | {params:,} | {100 * params / budget:.1f} | {statistics.mean(accs):.2f} ± "
+            f"{std:.2f} | {len(accs)} |"
         )
     png = plot_ranks(rows, (scratch or ROOT / "bench") / "budget_ranks.png")
     cmd = (
@@ -280,10 +288,11 @@ def main() -> None:
         + "`"
     )
     body = (
-        f"Command: {cmd} (MiniLM-L6, {DATA}, batch {args.batch_size}, {rows[0]['steps']} steps per run, examples per "
-        f"split: {args.limit or 'all'}; learning rates: {', '.join(f'{k} {v}' for k, v in LR.items() if v)}, searched: "
-        f"the search's own per method; budget {budget:,} delta parameters = uniform LoRA r=4 on all 36 encoder "
-        "Linear layers; head trained and not counted).\n\n"
+        f"Command: {cmd} (MiniLM-L6, {DATA}, batch {args.batch_size}, {rows[0]['steps']} steps per "
+        f"run, examples per split: {args.limit or 'all'}; learning rates: "
+        f"{', '.join(f'{k} {v}' for k, v in LR.items() if v)}, searched: the search's own per "
+        f"method; budget {budget:,} delta parameters = uniform LoRA r=4 on all 36 encoder Linear "
+        "layers; head trained and not counted).\n\n"
         + "\n".join(lines)
         + (
             f"\n\nSearch: {summary['trials_done']} trials, Pareto front:\n\n{summary['table']}"

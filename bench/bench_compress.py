@@ -1,8 +1,10 @@
-"""Delta compression benchmark (issue 7): every codec on a full fine-tuning delta and a LoRA delta of
-MiniLM trained on BBC News: file size vs the float32 delta, and test accuracy retained.
+"""Delta compression benchmark (issue 7): every codec on a full fine-tuning delta and a LoRA delta
+of MiniLM trained on BBC News: file size vs the float32 delta, and test accuracy retained.
 
-    .venv/bin/python bench/bench_compress.py                 # as in RESULTS.md (trains twice on the first run)
-    .venv/bin/python bench/bench_compress.py --epochs 2      # longer training (new cache entries)
+    # as in RESULTS.md (trains twice on the first run)
+    .venv/bin/python bench/bench_compress.py
+    # longer training (new cache entries)
+    .venv/bin/python bench/bench_compress.py --epochs 2
 
 Training: MiniLM (128 tokens), one epoch over the BBC News training split, seed 0; LoRA r=8 on
 query,value (lr 1e-3) and full fine-tuning (lr 5e-5), the new classification head trained in both.
@@ -51,7 +53,8 @@ def _model():
 
 
 def train(kind: str, epochs: int, limit: int | None = None):
-    """The trained delta (cached): an adapter dir for LoRA, (base, fine-tuned) state files for full."""
+    """The trained delta (cached): an adapter dir for LoRA, (base, fine-tuned) state files for
+    full."""
     import deltatune as dt
     from deltatune.data import load_data
     from deltatune.io import save_tensors
@@ -117,7 +120,7 @@ def score(c, kind: str, data) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument(
         "--calibration-steps", type=int, default=30, help="BitDelta scale distillation steps"
@@ -169,7 +172,8 @@ def main() -> None:
                 )
             if codec.endswith("+calibrated"):
                 if kind == "lora":
-                    continue  # BitDelta calibrates the scales of full weight deltas (the paper's setting)
+                    # BitDelta calibrates the scales of full weight deltas (the paper's setting)
+                    continue
                 base_model = _model().model
                 base_sd = dict(base_model.state_dict())
                 with torch.no_grad():
@@ -207,17 +211,18 @@ def main() -> None:
             "bitdelta": "≥ 16x, ≥ 97%", "bitdelta+calibrated": "≥ 16x, ≥ 97%"}
     for kind, label, ratio, acc, kept in rows:
         lines.append(
-            f"| {'full fine-tuning' if kind == 'full' else 'LoRA r=8'} | {label} | {ratio:.1f}x | {100 * acc:.2f} | "
-            f"{100 * kept:.1f}% | {aims.get(label, '')} |"
+            f"| {'full fine-tuning' if kind == 'full' else 'LoRA r=8'} | {label} | {ratio:.1f}x | "
+            f"{100 * acc:.2f} | {100 * kept:.1f}% | {aims.get(label, '')} |"
         )
     cmd = "`.venv/bin/python bench/bench_compress.py" + "".join(" " + a for a in sys.argv[1:]) + "`"
     body = (
-        f"Command: {cmd} (MiniLM on BBC News, {args.epochs} epoch(s), seed 0, {len(test)} test articles; "
-        f"{time.time() - t0:.0f} s after training). "
+        f"Command: {cmd} (MiniLM on BBC News, {args.epochs} epoch(s), seed 0, {len(test)} test "
+        f"articles; {time.time() - t0:.0f} s after training). "
         + __doc__.split("Training:")[1].strip().replace("\n", " ")
-        + f" BitDelta calibration: {args.calibration_steps} Adam steps distilling the logits of the uncompressed "
-        "model on 64 training articles (only the per-matrix scales move). `compeft+alpha`: the scale multiplier picked from 0.5-3 by "
-        "validation accuracy.\n\n" + "\n".join(lines)
+        + f" BitDelta calibration: {args.calibration_steps} Adam steps distilling the logits of "
+        "the uncompressed model on 64 training articles (only the per-matrix scales move). "
+        "`compeft+alpha`: the scale multiplier picked from 0.5-3 by validation "
+        "accuracy.\n\n" + "\n".join(lines)
     )
     print(body)
     if not args.no_write:

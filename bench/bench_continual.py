@@ -1,15 +1,16 @@
-"""Continual adaptation benchmark (issue 9): every strategy on three streams; average accuracy and forgetting.
+"""Continual adaptation benchmark (issue 9): every strategy on three streams; average accuracy and
+forgetting.
 
-    .venv/bin/python bench/bench_continual.py                         # reduced form, as in RESULTS.md
+    .venv/bin/python bench/bench_continual.py  # reduced form, as in RESULTS.md
     .venv/bin/python bench/bench_continual.py --steps 150 --limit 4000 --max-length 128   # larger
     .venv/bin/python bench/bench_continual.py --streams mnist-corruptions --strategies replay lae
 
 Streams: BBC News topics in 3 class-incremental tasks (MiniLM, task id hidden at test time), tweet
-sentiment over the domains airlines -> nfl -> apple -> cars (MiniLM), MNIST under fog -> zoom blur ->
-contrast -> impulse noise at severity 3 (the small BatchNorm CNN, first trained for 2 epochs on 20,000
-clean MNIST digits, since it has no bundled weights). Every strategy trains LoRA (r=8 on
-query,value for MiniLM; r=4 on the CNN's convolutions) plus the classification head, the same number of
-optimizer steps per task; joint trains once on all tasks with that many steps per task in total.
+sentiment over the domains airlines -> nfl -> apple -> cars (MiniLM), MNIST under fog -> zoom blur
+-> contrast -> impulse noise at severity 3 (the small BatchNorm CNN, first trained for 2 epochs on
+20,000 clean MNIST digits, since it has no bundled weights). Every strategy trains LoRA (r=8 on
+query,value for MiniLM; r=4 on the CNN's convolutions) plus the classification head, the same number
+of optimizer steps per task; joint trains once on all tasks with that many steps per task in total.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ STREAMS = {
     "mnist-corruptions": ("small-cnn", {"r": 4, "alpha": 8, "target_types": ("Conv2d",)}, 3e-3, 32),
 }
 PET = ("replay", "ewc", "lwf", "lae", "zscl", "merge", "olora")
-#: strategy options per stream (ZSCL's reference set: unlabeled data from outside the stream's tasks)
+#: strategy options per stream (ZSCL's reference set: unlabeled data from outside the stream's
+#: tasks)
 OPTIONS = {
     ("mnist-corruptions", "replay"): {"buffer_size": 500, "replay_batch": 32},
     ("tweet-domains", "replay"): {"buffer_size": 500},
@@ -46,7 +48,7 @@ CACHE = ROOT / ".cache" / "bench_continual"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--streams", nargs="+", default=list(STREAMS), choices=list(STREAMS))
     ap.add_argument("--strategies", nargs="+", default=STRATEGIES, choices=STRATEGIES)
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps per task")
@@ -116,7 +118,8 @@ def main() -> None:
                 flush=True,
             )
         lines = [
-            "| strategy | average accuracy % | forgetting (pt) | backward transfer (pt) | final row (%) | time (s) |",
+            "| strategy | average accuracy % | forgetting (pt) | backward transfer (pt) | final "
+            "row (%) | time (s) |",
             "|---|---|---|---|---|---|",
         ]
         for s, r in rows.items():
@@ -140,20 +143,23 @@ def main() -> None:
 
 
 def _write(stream: str, section: str, args, seconds: float) -> None:
-    """One RESULTS.md section per stream, so a run of some streams leaves the others' tables in place."""
+    """One RESULTS.md section per stream, so a run of some streams leaves the others' tables in
+    place."""
     cmd = (
         "`.venv/bin/python bench/bench_continual.py" + "".join(" " + a for a in sys.argv[1:]) + "`"
     )
     body = (
-        f"Command: {cmd} ({args.steps} optimizer steps per task, MiniLM at {args.max_length} tokens, "
-        f"{seconds:.0f} s from the start of the run to the end of this stream, on the shared 2-core machine; cached "
-        "rows of an earlier run with the same settings are reused). "
+        f"Command: {cmd} ({args.steps} optimizer steps per task, MiniLM at {args.max_length} "
+        f"tokens, {seconds:.0f} s from the start of the run to the end of this stream, on the "
+        "shared 2-core machine; cached rows of an earlier run with the same settings are reused). "
         + __doc__.split("Streams:")[1].strip().replace("\n", " ")
         + " Strategy options (the others at their defaults): "
         + "; ".join(f"{st}: {o}" for (name, st), o in OPTIONS.items() if name == stream)
         + "."
-        + ' BatchNorm statistics of the frozen CNN stay fixed (the trainer\'s default `norm_stats="auto"`).'
-        + " Forgetting = mean over earlier tasks of (best accuracy before the last task − final accuracy).\n\n"
+        + ' BatchNorm statistics of the frozen CNN stay fixed (the trainer\'s default '
+        '`norm_stats="auto"`).'
+        + " Forgetting = mean over earlier tasks of (best accuracy before the last task − final "
+        "accuracy).\n\n"
         + section
     )
     print(body, flush=True)
@@ -164,7 +170,8 @@ def _write(stream: str, section: str, args, seconds: float) -> None:
 
 
 def _pretrained_cnn(entry) -> dict:
-    """Weights of the small CNN after 2 epochs on clean MNIST (cached in .cache/bench_continual/)."""
+    """Weights of the small CNN after 2 epochs on clean MNIST (cached in
+    .cache/bench_continual/)."""
     import torch
 
     from deltatune.data import load_data
@@ -206,10 +213,11 @@ def _verdict(rows) -> str:
     )
     ok_a = joint.average_accuracy - r.average_accuracy <= 0.05
     return (
-        f"Best PET strategy by average accuracy: **{best}** — forgetting {100 * r.forgetting:.1f} pt vs sequential "
-        f"{100 * seq.forgetting:.1f} pt ({'≤' if ok_f else '>'} half: aim {'met' if ok_f else 'NOT met'}); "
-        f"average accuracy {100 * r.average_accuracy:.1f}% vs joint {100 * joint.average_accuracy:.1f}% "
-        f"({'within' if ok_a else 'more than'} 5 points: aim {'met' if ok_a else 'NOT met'})."
+        f"Best PET strategy by average accuracy: **{best}** — forgetting {100 * r.forgetting:.1f} "
+        f"pt vs sequential {100 * seq.forgetting:.1f} pt ({'≤' if ok_f else '>'} half: aim "
+        f"{'met' if ok_f else 'NOT met'}); average accuracy {100 * r.average_accuracy:.1f}% vs "
+        f"joint {100 * joint.average_accuracy:.1f}% ({'within' if ok_a else 'more than'} 5 points: "
+        f"aim {'met' if ok_a else 'NOT met'})."
     )
 
 

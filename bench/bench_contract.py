@@ -4,10 +4,12 @@
 
 For each tree (a git revision, exported with ``git archive``):
 
-- specs that override the engine's surgery: method classes defining ``inject`` (and, after, those that
+- specs that override the engine's surgery: method classes defining ``inject`` (and, after, those
+that
   declare ``sites`` — several kinds of site per position — with the first line of its docstring as
   the reason);
-- registries: the nine look-up-by-name tables of the issue, and the type of each (one type = one idiom);
+- registries: the nine look-up-by-name tables of the issue, and the type of each (one type = one
+idiom);
 - package import cycles and layer violations (the walker of tests/test_layers.py: module-level,
   function-local and TYPE_CHECKING imports);
 - lines over 100 columns in src/, tests/ and bench/;

@@ -12,9 +12,9 @@ Cases:
   floor     frozen model: forward + backward down to the input embeddings (no weight gradients)
   dt        deltatune LoRA training step          peft   peft LoRA training step
   full      full fine-tuning step (reference)
-Inference (one process, interleaved): base model vs deltatune merged (hosts still in place) vs merged
-and unloaded; 32 samples routed to 32 different adapters (deltatune route vs peft adapter_names) vs
-the same batch with one adapter.
+Inference (one process, interleaved): base model vs deltatune merged (hosts still in place) vs
+merged and unloaded; 32 samples routed to 32 different adapters (deltatune route vs peft
+adapter_names) vs the same batch with one adapter.
 """
 
 from __future__ import annotations
@@ -117,8 +117,9 @@ def run_inference(rounds: int, reps: int, threads: int, n_adapters: int) -> dict
     import copy
 
     torch, base, ids, mask, _ = _setup(threads)
-    import deltatune as dt
     from peft import LoraConfig, get_peft_model
+
+    import deltatune as dt
 
     base.eval()
     merged = copy.deepcopy(base)
@@ -180,7 +181,10 @@ def run_inference(rounds: int, reps: int, threads: int, n_adapters: int) -> dict
     for _ in range(rounds):
         for k, fn in cases.items():
             res[k].append(_timeit(torch, fn, reps))
-    ratio = lambda a, b: statistics.median(x / y for x, y in zip(res[a], res[b]))  # noqa: E731
+
+    def ratio(a, b):
+        return statistics.median(x / y for x, y in zip(res[a], res[b]))
+
     return {
         "median_s": {k: statistics.median(v) for k, v in res.items()},
         "merged_vs_base": ratio("merged", "base"),
@@ -234,9 +238,16 @@ def main() -> None:
             )
             rows[c].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"round {r} {c}: {rows[c][-1]}", flush=True)
-    med = lambda c, k: statistics.median(x[k] for x in rows[c])  # noqa: E731
-    best = lambda c: min(x["best_s"] for x in rows[c])  # noqa: E731
-    pair = lambda a, b, k: statistics.median(x[k] / y[k] for x, y in zip(rows[a], rows[b]))  # noqa: E731
+
+    def med(c, k):
+        return statistics.median(x[k] for x in rows[c])
+
+    def best(c):
+        return min(x["best_s"] for x in rows[c])
+
+    def pair(a, b, k):
+        return statistics.median(x[k] / y[k] for x, y in zip(rows[a], rows[b]))
+
     inf = run_inference(
         rounds=max(args.rounds, 3), reps=2 if args.quick else 4, threads=args.threads, n_adapters=32
     )
@@ -244,30 +255,47 @@ def main() -> None:
     table = [
         "| figure | deltatune | peer / reference | ratio | aim |",
         "|---|---|---|---|---|",
-        f"| LoRA training step (s, fastest) vs peft | {best('dt'):.3f} | peft {best('peft'):.3f} | {best('dt') / best('peft'):.3f} | ≤ 1.0 |",
-        f"| LoRA training step (s, fastest) vs floor (frozen fwd+bwd to embeddings) | {best('dt'):.3f} | floor {best('floor'):.3f} | {best('dt') / best('floor'):.3f} | ≤ 1.1 |",
-        f"| LoRA training step (s, median; ratio per round) vs peft | {med('dt', 'step_s'):.3f} | peft {med('peft', 'step_s'):.3f} | {pair('dt', 'peft', 'step_s'):.3f} | ≤ 1.0 |",
-        f"| LoRA training step (s, median; ratio per round) vs floor | {med('dt', 'step_s'):.3f} | floor {med('floor', 'step_s'):.3f} | {pair('dt', 'floor', 'step_s'):.3f} | ≤ 1.1 |",
-        f"| LoRA training step, process CPU time (s) vs peft | {med('dt', 'cpu_s'):.3f} | peft {med('peft', 'cpu_s'):.3f} | {pair('dt', 'peft', 'cpu_s'):.3f} | — |",
-        f"| LoRA training step, process CPU time (s) vs floor | {med('dt', 'cpu_s'):.3f} | floor {med('floor', 'cpu_s'):.3f} | {pair('dt', 'floor', 'cpu_s'):.3f} | — |",
-        f"| full fine-tuning step (s, fastest), reference | — | {best('full'):.3f} | {best('dt') / best('full'):.3f} | — |",
-        f"| peak RSS of the training process (MiB) vs peft | {med('dt', 'peak_rss_mb'):.0f} | peft {med('peft', 'peak_rss_mb'):.0f} | {pair('dt', 'peft', 'peak_rss_mb'):.3f} | ≤ 1.0 |",
-        f"| merged inference (hosts in place) vs base model | {inf['median_s']['merged']:.3f} s | base {inf['median_s']['base']:.3f} s | {inf['merged_vs_base']:.3f} | ≤ 1.02 |",
-        f"| merged + unloaded inference vs base model | {inf['median_s']['merged_unloaded']:.3f} s | base {inf['median_s']['base']:.3f} s | {inf['unloaded_vs_base']:.3f} | ≤ 1.02 |",
-        f"| 32 samples → 32 adapters: throughput vs peft adapter_names | {inf['median_s']['route_dt']:.3f} s | peft {inf['median_s']['route_peft']:.3f} s | {inf['route_throughput_vs_peft']:.2f}x | ≥ 1.0 |",
-        f"| 32 samples → 32 adapters: throughput vs same batch, one adapter | {inf['median_s']['route_dt']:.3f} s | single {inf['median_s']['single_dt']:.3f} s | {inf['route_throughput_vs_single']:.3f} | ≥ 0.95 |",
+        f"| LoRA training step (s, fastest) vs peft | {best('dt'):.3f} | peft {best('peft'):.3f} | "
+        f"{best('dt') / best('peft'):.3f} | ≤ 1.0 |",
+        "| LoRA training step (s, fastest) vs floor (frozen fwd+bwd to embeddings) | "
+        f"{best('dt'):.3f} | floor {best('floor'):.3f} | "
+        f"{best('dt') / best('floor'):.3f} | ≤ 1.1 |",
+        f"| LoRA training step (s, median; ratio per round) vs peft | {med('dt', 'step_s'):.3f} | "
+        f"peft {med('peft', 'step_s'):.3f} | {pair('dt', 'peft', 'step_s'):.3f} | ≤ 1.0 |",
+        f"| LoRA training step (s, median; ratio per round) vs floor | {med('dt', 'step_s'):.3f} | "
+        f"floor {med('floor', 'step_s'):.3f} | {pair('dt', 'floor', 'step_s'):.3f} | ≤ 1.1 |",
+        f"| LoRA training step, process CPU time (s) vs peft | {med('dt', 'cpu_s'):.3f} | peft "
+        f"{med('peft', 'cpu_s'):.3f} | {pair('dt', 'peft', 'cpu_s'):.3f} | — |",
+        f"| LoRA training step, process CPU time (s) vs floor | {med('dt', 'cpu_s'):.3f} | floor "
+        f"{med('floor', 'cpu_s'):.3f} | {pair('dt', 'floor', 'cpu_s'):.3f} | — |",
+        f"| full fine-tuning step (s, fastest), reference | — | {best('full'):.3f} | "
+        f"{best('dt') / best('full'):.3f} | — |",
+        f"| peak RSS of the training process (MiB) vs peft | {med('dt', 'peak_rss_mb'):.0f} | peft "
+        f"{med('peft', 'peak_rss_mb'):.0f} | {pair('dt', 'peft', 'peak_rss_mb'):.3f} | ≤ 1.0 |",
+        f"| merged inference (hosts in place) vs base model | {inf['median_s']['merged']:.3f} s | "
+        f"base {inf['median_s']['base']:.3f} s | {inf['merged_vs_base']:.3f} | ≤ 1.02 |",
+        f"| merged + unloaded inference vs base model | {inf['median_s']['merged_unloaded']:.3f} s "
+        f"| base {inf['median_s']['base']:.3f} s | {inf['unloaded_vs_base']:.3f} | ≤ 1.02 |",
+        "| 32 samples → 32 adapters: throughput vs peft adapter_names | "
+        f"{inf['median_s']['route_dt']:.3f} s | peft {inf['median_s']['route_peft']:.3f} s | "
+        f"{inf['route_throughput_vs_peft']:.2f}x | ≥ 1.0 |",
+        "| 32 samples → 32 adapters: throughput vs same batch, one adapter | "
+        f"{inf['median_s']['route_dt']:.3f} s | single {inf['median_s']['single_dt']:.3f} s | "
+        f"{inf['route_throughput_vs_single']:.3f} | ≥ 0.95 |",
     ]
     trainable = rows["dt"][0]["trainable"]
     body = (
-        "Command: `.venv/bin/python bench/bench_engine.py` (MiniLM-L6 from the bundled package, batch "
-        f"{BATCH} x {SEQ} tokens, LoRA r={RANK} alpha={ALPHA} on query,value, {args.threads} CPU threads, "
-        f"{args.rounds} interleaved rounds x {args.steps} timed steps, each training case in its own process). "
-        "The machine is shared, and other processes only ever add time, so the first rows compare each case's "
-        "fastest step over all rounds (as `timeit` does); medians with round-by-round ratios and process CPU "
-        "time follow; inference rows are the fastest of 4 calls, ratios per round.\n\n"
+        "Command: `.venv/bin/python bench/bench_engine.py` (MiniLM-L6 from the bundled package, "
+        f"batch {BATCH} x {SEQ} tokens, LoRA r={RANK} alpha={ALPHA} on query,value, {args.threads} "
+        f"CPU threads, {args.rounds} interleaved rounds x {args.steps} timed steps, each training "
+        "case in its own process). The machine is shared, and other processes only ever add time, "
+        "so the first rows compare each case's fastest step over all rounds (as `timeit` does); "
+        "medians with round-by-round ratios and process CPU time follow; inference rows are the "
+        "fastest of 4 calls, ratios per round.\n\n"
         + "\n".join(table)
-        + f"\n\nLoRA trainable parameters in the encoder: {trainable:,} (peft: {rows['peft'][0]['trainable']:,}). "
-        f"Routed output vs the sample run alone with its adapter: max |diff| {inf['route_max_abs_err']:.2e}.\n"
+        + f"\n\nLoRA trainable parameters in the encoder: {trainable:,} (peft: "
+        f"{rows['peft'][0]['trainable']:,}). Routed output vs the sample run alone with its "
+        f"adapter: max |diff| {inf['route_max_abs_err']:.2e}.\n"
     )
     print(body)
     if not args.no_write:

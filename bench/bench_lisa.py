@@ -2,9 +2,9 @@
 
     .venv/bin/python bench/bench_lisa.py
 
-Each case runs in its own process (peak RSS is its own): MiniLM + new head on BBC News, batch 16 x 128
-tokens, AdamW, 12 optimizer steps (LISA re-draws every 4, so several blocks get optimizer state, as in
-a real run); peak resident memory of the process and median step time.
+Each case runs in its own process (peak RSS is its own): MiniLM + new head on BBC News, batch 16 x
+128 tokens, AdamW, 12 optimizer steps (LISA re-draws every 4, so several blocks get optimizer state,
+as in a real run); peak resident memory of the process and median step time.
 """
 
 from __future__ import annotations
@@ -71,15 +71,15 @@ def main() -> None:
         )
         rows[case] = json.loads(out.stdout.strip().splitlines()[-1])
         print(rows[case], flush=True)
-    f, l = rows["full"], rows["lisa"]
+    full, lisa = rows["full"], rows["lisa"]
     body = (
         "Command: `.venv/bin/python bench/bench_lisa.py` "
         + __doc__.split("\n\n")[2].strip().replace("\n", " ")
         + "\n\n| case | peak RSS (MiB) | step (s, median) |\n|---|---|---|\n"
-        f"| full fine-tuning | {f['peak_rss_mb']:.0f} | {f['step_s']:.2f} |\n"
-        f"| LISA, 2 of 6 layers | {l['peak_rss_mb']:.0f} | {l['step_s']:.2f} |\n\n"
-        f"LISA / full: peak RSS {l['peak_rss_mb'] / f['peak_rss_mb']:.3f}x, step time {l['step_s'] / f['step_s']:.2f}x "
-        "(shared 2-core machine: step times indicative)."
+        f"| full fine-tuning | {full['peak_rss_mb']:.0f} | {full['step_s']:.2f} |\n"
+        f"| LISA, 2 of 6 layers | {lisa['peak_rss_mb']:.0f} | {lisa['step_s']:.2f} |\n\n"
+        f"LISA / full: peak RSS {lisa['peak_rss_mb'] / full['peak_rss_mb']:.3f}x, step time "
+        f"{lisa['step_s'] / full['step_s']:.2f}x (shared 2-core machine: step times indicative)."
     )
     print(body)
     from _results import write_section

@@ -4,9 +4,9 @@
     .venv/bin/python bench/bench_lm.py --steps 20 --limit 40    # quick look
 
 SmolLM2-135M-Instruct comes from the bundled GGUF file (dequantised once, cached); the data are BBC
-News articles as plain text (`bbc-news-text`, the same seeded split as `bbc-news`). Perplexity is the
-token-mean exp(loss) over the held-out test articles, measured before training (base model, delta
-disabled) and after, on the same tokens, so the two figures compare directly.
+News articles as plain text (`bbc-news-text`, the same seeded split as `bbc-news`). Perplexity is
+the token-mean exp(loss) over the held-out test articles, measured before training (base model,
+delta disabled) and after, on the same tokens, so the two figures compare directly.
 """
 
 from __future__ import annotations
@@ -55,14 +55,15 @@ def main() -> None:
 
     cmd = "`.venv/bin/python bench/bench_lm.py" + "".join(" " + a for a in sys.argv[1:]) + "`"
     body = (
-        f"Command: {cmd} (SmolLM2-135M-Instruct from the bundled GGUF, LoRA r={args.rank} alpha={2 * args.rank} "
-        f"on q_proj,v_proj, {args.steps} steps x batch {args.batch_size}, {args.max_length} tokens per article, "
-        f"{len(train)} training articles, lr {args.lr}, CPU).\n\n"
+        f"Command: {cmd} (SmolLM2-135M-Instruct from the bundled GGUF, LoRA r={args.rank} "
+        f"alpha={2 * args.rank} on q_proj,v_proj, {args.steps} steps x batch {args.batch_size}, "
+        f"{args.max_length} tokens per article, {len(train)} training articles, lr "
+        f"{args.lr}, CPU).\n\n"
         "| held-out BBC News text | perplexity | token-mean loss | tokens |\n|---|---|---|---|\n"
         f"| base model | {before['perplexity']:.2f} | {before['loss']:.4f} | {before['tokens']} |\n"
         f"| + LoRA | {after['perplexity']:.2f} | {after['loss']:.4f} | {after['tokens']} |\n\n"
-        f"Trainable: {summary.trainable:,} of {summary.total:,} parameters ({summary.percent:.3f}%); "
-        f"training took {seconds:.0f} s. Perplexity ratio after/before: "
+        f"Trainable: {summary.trainable:,} of {summary.total:,} parameters "
+        f"({summary.percent:.3f}%); training took {seconds:.0f} s. Perplexity ratio after/before: "
         f"{after['perplexity'] / before['perplexity']:.3f}."
     )
     print(body)

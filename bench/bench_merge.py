@@ -264,7 +264,8 @@ def run(work: Path, args: argparse.Namespace) -> None:
             shutil.rmtree(out, ignore_errors=True)
             rows[name].append(timed(cmd(whole, out)))
             print(
-                f"round {r} {name}: {rows[name][-1]['seconds']:.2f} s, {rows[name][-1]['peak_rss_mb']:.0f} MiB",
+                f"round {r} {name}: {rows[name][-1]['seconds']:.2f} s, "
+                f"{rows[name][-1]['peak_rss_mb']:.0f} MiB",
                 flush=True,
             )
     parity = child("compare", str(work / "out_deltatune"), str(work / "out_mergekit"))
@@ -277,32 +278,46 @@ def run(work: Path, args: argparse.Namespace) -> None:
     largest = shard_sizes[0] / 2**20
     shutil.rmtree(work / "out_mk_sharded", ignore_errors=True)
     mk_sharded = timed(mergekit_cmd(sharded, work / "out_mk_sharded"))
-    med = lambda c, k: statistics.median(x[k] for x in rows[c])  # noqa: E731
-    ratio = lambda k: statistics.median(
-        d[k] / m[k] for d, m in zip(rows["deltatune"], rows["mergekit"])
-    )  # noqa: E731
+
+    def med(c, k):
+        return statistics.median(x[k] for x in rows[c])
+
+    def ratio(k):
+        return statistics.median(d[k] / m[k] for d, m in zip(rows["deltatune"], rows["mergekit"]))
+
     ckpt_mb = sum(p.stat().st_size for p in (work / "whole" / "base").glob("*.safetensors")) / 2**20
     table = [
         "| figure | deltatune | mergekit 0.1.5 | ratio | aim |",
         "|---|---|---|---|---|",
-        f"| TIES of 3 checkpoints, wall time of the CLI (s) | {med('deltatune', 'seconds'):.2f} | {med('mergekit', 'seconds'):.2f} | {ratio('seconds'):.3f} | ≤ 0.5 |",
-        f"| TIES of 3 checkpoints, peak RSS of the process (MiB) | {med('deltatune', 'peak_rss_mb'):.0f} | {med('mergekit', 'peak_rss_mb'):.0f} | {ratio('peak_rss_mb'):.3f} | ≤ 1.0 |",
-        f"| same merge over {len(shard_sizes)}-shard inputs: peak RSS of the process (MiB) | {streamed['peak_rss_mb']:.0f} | {mk_sharded['peak_rss_mb']:.0f} | {streamed['peak_rss_mb'] / mk_sharded['peak_rss_mb']:.3f} | — |",
-        f"| …of which the merge's own (peak − RSS after imports, MiB) vs largest input shard ({largest:.1f} MiB) | {own:.0f} | — | {own / largest:.2f} × shard | < 2 × shard |",
+        f"| TIES of 3 checkpoints, wall time of the CLI (s) | {med('deltatune', 'seconds'):.2f} | "
+        f"{med('mergekit', 'seconds'):.2f} | {ratio('seconds'):.3f} | ≤ 0.5 |",
+        "| TIES of 3 checkpoints, peak RSS of the process (MiB) | "
+        f"{med('deltatune', 'peak_rss_mb'):.0f} | {med('mergekit', 'peak_rss_mb'):.0f} | "
+        f"{ratio('peak_rss_mb'):.3f} | ≤ 1.0 |",
+        f"| same merge over {len(shard_sizes)}-shard inputs: peak RSS of the process (MiB) | "
+        f"{streamed['peak_rss_mb']:.0f} | {mk_sharded['peak_rss_mb']:.0f} | "
+        f"{streamed['peak_rss_mb'] / mk_sharded['peak_rss_mb']:.3f} | — |",
+        "| …of which the merge's own (peak − RSS after imports, MiB) vs largest input shard "
+        f"({largest:.1f} MiB) | {own:.0f} | — | {own / largest:.2f} × shard | < 2 × shard |",
     ]
     body = (
-        "Command: `.venv/bin/python bench/bench_merge.py` (the bundled MiniLM-L6 weights in a 6-layer Llama layout, "
-        f"{ckpt_mb:.0f} MiB per float32 checkpoint; three noisy copies merged by TIES, density 0.5, over the base; "
-        f"each tool's own CLI in its own process, {args.rounds} interleaved round(s), medians, ratios taken round by "
-        f"round; peak RSS from wait4 of that process; each CLI with its defaults: deltatune merge runs 1 torch thread, "
-        f"mergekit torch's default of 2 on this 2-core machine; load average {load[0]:.1f} at the start and "
-        f"{os.getloadavg()[0]:.1f} at the end, the machine being shared).\n\n"
+        "Command: `.venv/bin/python bench/bench_merge.py` (the bundled MiniLM-L6 weights in a "
+        f"6-layer Llama layout, {ckpt_mb:.0f} MiB per float32 checkpoint; three noisy copies "
+        "merged by TIES, density 0.5, over the base; each tool's own CLI in its own process, "
+        f"{args.rounds} interleaved round(s), medians, ratios taken round by round; peak RSS from "
+        "wait4 of that process; each CLI with its defaults: deltatune merge runs 1 torch thread, "
+        f"mergekit torch's default of 2 on this 2-core machine; load average {load[0]:.1f} at the "
+        f"start and {os.getloadavg()[0]:.1f} at the end, the machine being shared).\n\n"
         + "\n".join(table)
-        + f"\n\nOutputs compared tensor by tensor: {parity.get('tensors')} tensors, max |deltatune − mergekit| = "
-        f"{parity.get('max_abs_diff', float('nan')):.2e}, fraction of entries differing = {parity.get('fraction_differing', float('nan')):.2e} "
-        "(top-k ties at the density boundary aside, the two agree). Sharded case: inputs in "
-        f"{len(shard_sizes)} shards (largest {largest:.1f} MiB: the embedding table and the lm_head each fill one), output in {streamed['out_shards']} shard(s); the process held {streamed['rss_before_mb']:.0f} MiB after "
-        "importing Python and torch, before the merge started. The real-data merging figures of issue 6 are in the section *Merging on real data* (bench/bench_merge_real.py).\n"
+        + f"\n\nOutputs compared tensor by tensor: {parity.get('tensors')} tensors, max |deltatune "
+        f"− mergekit| = {parity.get('max_abs_diff', float('nan')):.2e}, fraction of entries "
+        f"differing = {parity.get('fraction_differing', float('nan')):.2e} (top-k ties at the "
+        f"density boundary aside, the two agree). Sharded case: inputs in {len(shard_sizes)} "
+        f"shards (largest {largest:.1f} MiB: the embedding table and the lm_head each fill one), "
+        f"output in {streamed['out_shards']} shard(s); the process held "
+        f"{streamed['rss_before_mb']:.0f} MiB after importing Python and torch, before the merge "
+        "started. The real-data merging figures of issue 6 are in the section *Merging on real "
+        "data* (bench/bench_merge_real.py).\n"
     )
     print(body)
     if not args.no_write:

@@ -1,18 +1,21 @@
-"""Merging on real data (issue 6): multi-task (BBC topics + tweet sentiment, each with its own head) and
-multi-domain (one tweet-sentiment LoRA per domain) merges of MiniLM deltas.
+"""Merging on real data (issue 6): multi-task (BBC topics + tweet sentiment, each with its own head)
+and multi-domain (one tweet-sentiment LoRA per domain) merges of MiniLM deltas.
 
-    .venv/bin/python bench/bench_merge_real.py               # reduced form, as in RESULTS.md
-    .venv/bin/python bench/bench_merge_real.py --parts multi-domain   # one part (its own RESULTS section)
+    # reduced form, as in RESULTS.md
+    .venv/bin/python bench/bench_merge_real.py
+    # one part (its own RESULTS section)
+    .venv/bin/python bench/bench_merge_real.py --parts multi-domain
     .venv/bin/python bench/bench_merge_real.py --max-length 128 --epochs 2 --limit 4000
 
 (a) multi-task: one LoRA (r=8, query,value) and one full fine-tuning per task, each with its own new
 head; the encoder changes are merged into one body and every task is evaluated with the merged body
 and its own head. (b) multi-domain: one LoRA + head per domain (airlines, nfl, apple, cars) from the
 same seeded head; the whole deltas (head included) are merged and evaluated on every domain and on
-the held-out `other` domain. Normalised accuracy = merged accuracy / the task's own fine-tuned model's
-accuracy, averaged over the tasks (domains). Hyper-parameters (TA λ, TIES/DARE density, RegMean α) are picked on
-the validation splits; learned merging fits per-block coefficients by entropy minimisation on
-unlabeled validation examples. Trained deltas are cached in `.cache/bench_merge_real/`.
+the held-out `other` domain. Normalised accuracy = merged accuracy / the task's own fine-tuned
+model's accuracy, averaged over the tasks (domains). Hyper-parameters (TA λ, TIES/DARE density,
+RegMean α) are picked on the validation splits; learned merging fits per-block coefficients by
+entropy minimisation on unlabeled validation examples. Trained deltas are cached in
+`.cache/bench_merge_real/`.
 """
 
 from __future__ import annotations
@@ -35,24 +38,34 @@ from torch import nn  # noqa: E402
 DOMAINS = ("airlines", "nfl", "apple", "cars")
 PARTS = ("multi-task", "multi-domain")
 ABOUT = {
-    "multi-task": "(a) one LoRA (r=8, query,value) and one full fine-tuning per task, each with its own new head; the "
-    "encoder changes are merged into one body and every task is evaluated with the merged body and its own head.",
-    "multi-domain": "(b) one LoRA + head per domain (airlines, nfl, apple, cars) from the same seeded head; the whole "
-    "deltas (head included) are merged and evaluated on every domain and on the held-out `other` domain. Fisher and "
-    "RegMean merge the shared head with the body's statistics (each domain's statistics from its own model, "
-    "own head included); the other methods average the head changes. The joint-training row is a "
-    "reference, not a merge: one LoRA trained on the four domains' training examples together.",
-    "common": "Normalised accuracy = merged accuracy / the task's own fine-tuned model's accuracy, averaged over the tasks "
-    "(domains). Hyper-parameters (TA λ, TIES/DARE density, RegMean α) are picked on the validation splits; learned merging "
-    "fits per-block coefficients (init 0.3, Adam) by entropy minimisation on unlabeled validation examples of every task, taken in turn. Trained deltas are "
-    "cached in `.cache/bench_merge_real/`.",
+    "multi-task": (
+        "(a) one LoRA (r=8, query,value) and one full fine-tuning per task, each with its own new "
+        "head; the encoder changes are merged into one body and every task is evaluated with the "
+        "merged body and its own head."
+    ),
+    "multi-domain": (
+        "(b) one LoRA + head per domain (airlines, nfl, apple, cars) from the same seeded head; "
+        "the whole deltas (head included) are merged and evaluated on every domain and on the "
+        "held-out `other` domain. Fisher and RegMean merge the shared head with the body's "
+        "statistics (each domain's statistics from its own model, own head included); the other "
+        "methods average the head changes. The joint-training row is a reference, not a merge: one "
+        "LoRA trained on the four domains' training examples together."
+    ),
+    "common": (
+        "Normalised accuracy = merged accuracy / the task's own fine-tuned model's accuracy, "
+        "averaged over the tasks (domains). Hyper-parameters (TA λ, TIES/DARE density, RegMean α) "
+        "are picked on the validation splits; learned merging fits per-block coefficients (init "
+        "0.3, Adam) by entropy minimisation on unlabeled validation examples of every task, taken "
+        "in turn. Trained deltas are cached in `.cache/bench_merge_real/`."
+    ),
 }
 HEADINGS = {"multi-task": "Merging on real data: multi-task (issue 6)",
             "multi-domain": "Merging on real data: multi-domain (issue 6)"}
 
 
 class MultiHead(nn.Module):
-    """One encoder (attribute ``encoder``, as in MeanPoolClassifier), a head per task; ``task`` picks it."""
+    """One encoder (attribute ``encoder``, as in MeanPoolClassifier), a head per task; ``task``
+    picks it."""
 
     def __init__(self, encoder: nn.Module, heads: dict[str, nn.Linear]) -> None:
         super().__init__()
@@ -82,8 +95,9 @@ def entry(num_labels: int, max_length: int):
 
 def train(name: str, data: str | list[str], kind: str, args, lr: float | None = None,
           class_weights: str | None = None) -> dict:
-    """Train (or load from the cache) one delta: its encoder task vector, head tensors and own accuracy.
-    ``data`` may be several data sets, trained on together (``--limit`` examples of each)."""
+    """Train (or load from the cache) one delta: its encoder task vector, head tensors and own
+    accuracy. ``data`` may be several data sets, trained on together (``--limit`` examples of
+    each)."""
     import deltatune as dt
     from deltatune.algebra import TaskVector
     from deltatune.data import load_data
@@ -144,7 +158,8 @@ def TaskVectorLoad(path):  # noqa: N802 - a loader with the class's name reads b
 
 
 def split_head(tv):
-    """(encoder task vector, head change) of a delta: the head is everything under ``classifier``."""
+    """(encoder task vector, head change) of a delta: the head is everything under
+    ``classifier``."""
     from deltatune.algebra import TaskVector
 
     body = TaskVector({k: v for k, v in tv.items() if not k.startswith("classifier.")})
@@ -155,8 +170,9 @@ def split_head(tv):
 def build(
     tasks: list[dict], body_tv, heads: dict[str, dict], max_length: int
 ) -> tuple[MultiHead, dict]:
-    """A MultiHead on the base encoder + ``body_tv``, one head per task (seeded init + its change)."""
-    mods, collate = {}, None
+    """A MultiHead on the base encoder + ``body_tv``, one head per task (seeded init + its
+    change)."""
+    mods = {}
     base = None
     for t in tasks:
         e = entry(t["labels"], max_length)
@@ -197,8 +213,9 @@ def merges(tasks, base_model_fn, evals_val, evals_test, args, share_head: bool):
         diagonal_fisher,
         gram_matrices,
         learn_merge_coefficients,
+        merge_state_dicts,
+        merge_task_vectors,
     )
-    from deltatune.algebra import merge_state_dicts, merge_task_vectors
 
     bodies, heads = {}, {}
     for t in tasks:
@@ -225,8 +242,8 @@ def merges(tasks, base_model_fn, evals_val, evals_test, args, share_head: bool):
         return accs
 
     def pick(method, grid, merge=None, head_changes=None):
-        """Test accuracies of the grid point best on validation; ``merge(params)`` builds the task vector
-        (default: ``merge_task_vectors`` with ``method``)."""
+        """Test accuracies of the grid point best on validation; ``merge(params)`` builds the task
+        vector (default: ``merge_task_vectors`` with ``method``)."""
         best = None
         for params in grid:
             tv = merge(params) if merge else merge_task_vectors(vectors, method, **params)
@@ -237,7 +254,8 @@ def merges(tasks, base_model_fn, evals_val, evals_test, args, share_head: bool):
         chosen[method] = best[1]
         return score(best[2], evals_test, head_changes)
 
-    # λ = 1/n is the plain average of the deltas (a uniform soup); 0.5 and 1 add them up more strongly
+    # λ = 1/n is the plain average of the deltas (a uniform soup); 0.5 and 1 add them up more
+    # strongly
     lambdas = sorted({round(1 / len(tasks), 4), 0.5, 1.0})
     results["task arithmetic"] = pick(
         "task_arithmetic", [{"lambda_": lam, "weight": 1.0} for lam in lambdas]
@@ -281,7 +299,10 @@ def merges(tasks, base_model_fn, evals_val, evals_test, args, share_head: bool):
         )
         grams.append(gram_matrices(model, batches))
         sds.append({k: v.detach().clone() for k, v in model.state_dict().items() if k in names})
-    to_tv = lambda sd: TaskVector({k: sd[k].float() - base_sd[k].float() for k in names})  # noqa: E731
+
+    def to_tv(sd):
+        return TaskVector({k: sd[k].float() - base_sd[k].float() for k in names})
+
     merged_head = (
         {"shared": {}} if share_head else None
     )  # the merged shared head is in the task vector
@@ -304,7 +325,8 @@ def merges(tasks, base_model_fn, evals_val, evals_test, args, share_head: bool):
         per_task.append(stats_batches(data, meta["collate"], args.stats, head))
         for b in per_task[-1]:
             b.pop("labels", None)
-    # round robin over the tasks: the fit cycles through the batches, and may stop before the end of the list
+    # round robin over the tasks: the fit cycles through the batches, and may stop before the end of
+    # the list
     unlabeled = [b for group in itertools.zip_longest(*per_task) for b in group if b is not None]
     learned = learn_merge_coefficients(
         base_model,
@@ -341,7 +363,7 @@ def table(
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--limit", type=int, default=2000, help="training examples per task / domain")
@@ -368,14 +390,15 @@ def main() -> None:
         "--domain-lr",
         type=float,
         default=3e-3,
-        help="learning rate of the per-domain LoRAs (tweet-sentiment's, picked on validation in bench_accuracy)",
+        help="learning rate of the per-domain LoRAs (tweet-sentiment's, picked on validation in "
+        "bench_accuracy)",
     )
     ap.add_argument(
         "--domain-class-weights",
         choices=["balanced", "none"],
         default="balanced",
-        help="loss weights of the per-domain LoRAs: balanced (the domains' label priors differ, and the "
-        "held-out domain's is unknown) or none",
+        help="loss weights of the per-domain LoRAs: balanced (the domains' label priors differ, "
+        "and the held-out domain's is unknown) or none",
     )
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
@@ -392,14 +415,15 @@ def main() -> None:
             + "`"
         )
         lr = (
-            f", per-domain LoRA learning rate {args.domain_lr:g}, class weights {args.domain_class_weights}"
+            f", per-domain LoRA learning rate {args.domain_lr:g}, class weights "
+            f"{args.domain_class_weights}"
             if part == "multi-domain"
             else ""
         )
         text = (
-            f"Command: {cmd} (MiniLM at {args.max_length} tokens, {args.epochs} epoch(s), {args.limit} training "
-            f"examples per task/domain{lr}, {args.eval_limit} validation/test examples per task; "
-            f"{time.time() - t0:.0f} s). "
+            f"Command: {cmd} (MiniLM at {args.max_length} tokens, {args.epochs} epoch(s), "
+            f"{args.limit} training examples per task/domain{lr}, {args.eval_limit} "
+            f"validation/test examples per task; {time.time() - t0:.0f} s). "
             + ABOUT[part]
             + " "
             + ABOUT["common"]
@@ -438,8 +462,8 @@ def multi_task(args) -> list[str]:
         rows, chosen = merges(tasks, None, val, test, args, share_head=False)
         lines, best = table({"individual": own, **rows}, own, ["bbc", "tweets"])
         sections.append(
-            f"**(a) multi-task, {'LoRA r=8' if kind == 'lora' else 'full fine-tuning'}** (test accuracy %; "
-            f"picked on validation: {chosen})\n\n"
+            f"**(a) multi-task, {'LoRA r=8' if kind == 'lora' else 'full fine-tuning'}** (test "
+            f"accuracy %; picked on validation: {chosen})\n\n"
             + "\n".join(lines)
             + f"\n\nBest normalised accuracy: **{100 * best:.1f}%** (aim ≥ 90%)."
         )
@@ -510,10 +534,12 @@ def multi_domain(args) -> list[str]:
     best_single_other = max(singles[d]["other"] for d in DOMAINS)
     beats = [m for m in rows if rows[m]["other"] > best_single_other]
     return [
-        f"**(b) multi-domain, tweet sentiment, LoRA r=8 per domain** (test accuracy %; picked on validation: "
-        f"{chosen})\n\n" + "\n".join(fixed) + f"\n\nBest single-domain delta on `other`: "
+        "**(b) multi-domain, tweet sentiment, LoRA r=8 per domain** (test accuracy %; picked on "
+        "validation: "
+        f"{chosen})\n\n" + "\n".join(fixed) + "\n\nBest single-domain delta on `other`: "
         f"{100 * best_single_other:.1f}%. Merges above it on `other`: {', '.join(beats) or 'none'} "
-        f"(aim: the domain merge beats every single-domain delta). Best normalised accuracy: {best_method}."
+        "(aim: the domain merge beats every single-domain delta). Best normalised accuracy: "
+        f"{best_method}."
     ]
 
 

@@ -1,8 +1,10 @@
 """Fault injection (issue 25): SIGKILL at random points of train, merge, compress and export, and a
 file-size limit (RLIMIT_FSIZE) standing in for a full disk.
 
-    .venv/bin/python bench/bench_reliability.py            # full: >= 100 kill points, table into bench/RESULTS.md
-    .venv/bin/python bench/bench_reliability.py --quick    # a few cases per job, prints the table only
+    # full: >= 100 kill points, table into bench/RESULTS.md
+    .venv/bin/python bench/bench_reliability.py
+    # a few cases per job, prints the table only
+    .venv/bin/python bench/bench_reliability.py --quick
 
 Every job runs as its own process (``python -m deltatune.cli.app``) on the smallest real inputs:
 
@@ -14,22 +16,22 @@ Every job runs as its own process (``python -m deltatune.cli.app``) on the small
 * export: the trained small-cnn adapter merged into its base.
 
 For each job a clean run first gives its duration and its complete output. Then N runs are killed
-with SIGKILL (the whole process group) at stratified random points: one point drawn uniformly in each
-of N equal slices of the clean duration (seeded). Every other run starts with an old complete output
-in ``--out`` and passes ``--overwrite``. After each kill the invariant is checked: the job's final
-output is either absent, byte-identical to the old one, or complete and new (its files are those of
-the clean run, every JSON file parses, the adapter loads with its base through ``load_trained``, the
-merged shards load with the clean run's tensor names). train's final output is ``adapter/`` and
-``results.json`` (checkpoints, metrics.json and the curve are progress); a new adapter whose
-results.json is not written yet is counted apart ("adapter only"). Then recovery: train runs again
-with ``--resume``, which must finish and give an adapter bit-identical to the clean run's; the other
-jobs run again with ``--overwrite``, which must succeed whatever the kill left (a stale lock, a
-staging directory). Leftovers (staging directories, ``.deltatune-replaced``, locks) are counted after
-the recovery run.
+with SIGKILL (the whole process group) at stratified random points: one point drawn uniformly in
+each of N equal slices of the clean duration (seeded). Every other run starts with an old complete
+output in ``--out`` and passes ``--overwrite``. After each kill the invariant is checked: the job's
+final output is either absent, byte-identical to the old one, or complete and new (its files are
+those of the clean run, every JSON file parses, the adapter loads with its base through
+``load_trained``, the merged shards load with the clean run's tensor names). train's final output is
+``adapter/`` and ``results.json`` (checkpoints, metrics.json and the curve are progress); a new
+adapter whose results.json is not written yet is counted apart ("adapter only"). Then recovery:
+train runs again with ``--resume``, which must finish and give an adapter bit-identical to the clean
+run's; the other jobs run again with ``--overwrite``, which must succeed whatever the kill left (a
+stale lock, a staging directory). Leftovers (staging directories, ``.deltatune-replaced``, locks)
+are counted after the recovery run.
 
 RLIMIT_FSIZE cases run each job with the largest file it may write limited to a few sizes below its
-largest output file (SIGXFSZ ignored, so writes fail with EFBIG as on a full disk): the job must exit
-non-zero with a one-line ``error:`` and no traceback, and leave the output absent or old.
+largest output file (SIGXFSZ ignored, so writes fail with EFBIG as on a full disk): the job must
+exit non-zero with a one-line ``error:`` and no traceback, and leave the output absent or old.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ TRAIN_ARGS = [
 HIDDEN_OK = {".deltatune.json"}  # the output record: bookkeeping, not output
 
 
-# -- running a job ----------------------------------------------------------------------------------
+# -- running a job ---------------------------------------------------------------------------------
 def _preexec(fsize: Optional[int]) -> Callable[[], None]:
     def setup() -> None:
         # a write past RLIMIT_FSIZE raises SIGXFSZ, which kills by default: ignored, the write fails
@@ -234,7 +236,7 @@ def leftovers(out: Path) -> list[str]:
     return found
 
 
-# -- inputs -----------------------------------------------------------------------------------------
+# -- inputs ----------------------------------------------------------------------------------------
 def make_checkpoints(work: Path) -> None:
     import torch
     from safetensors.torch import save_file
@@ -344,7 +346,7 @@ def old_output(job: Job, work: Path) -> Path:
     return tpl
 
 
-# -- the experiment ---------------------------------------------------------------------------------
+# -- the experiment --------------------------------------------------------------------------------
 @dataclass
 class Tally:
     runs: int = 0
@@ -362,7 +364,8 @@ class Tally:
 
 
 def recover(job: Job, out: Path, work: Path, tally: Tally, tag: str) -> None:
-    """--resume (train) or a plain rerun with --overwrite: must finish with a complete new output."""
+    """--resume (train) or a plain rerun with --overwrite: must finish with a complete new
+    output."""
     tally.recoveries += 1
     r = run_job(
         job.argv(out, not job.resumable, job.resumable), work, work / "logs" / f"{tag}-recover.log"
@@ -386,9 +389,10 @@ def recover(job: Job, out: Path, work: Path, tally: Tally, tag: str) -> None:
 
 
 def adapter_diff(a: Path, b: Path) -> list[str]:
-    """Files in which two adapter directories differ: tensors compared bit for bit, JSON by value, other
-    files byte for byte. (Not the files' bytes: safetensors writes its metadata in a random order per
-    process, so two saves of equal tensors differ in the header, and delta.json records that file's hash.)"""
+    """Files in which two adapter directories differ: tensors compared bit for bit, JSON by value,
+    other files byte for byte. (Not the files' bytes: safetensors writes its metadata in a random
+    order per process, so two saves of equal tensors differ in the header, and delta.json records
+    that file's hash.)"""
     import torch
     from safetensors.torch import load_file
 
@@ -554,9 +558,9 @@ def main() -> None:
             limit = max(512, int(job.largest * (i + 1) / (args.fsize + 1)))
             run_case(job, work, tally, i, None, with_old=i % 2 == 1, fsize=limit)
         print(
-            f"{name}: clean {job.seconds:.1f}s, {tally.kills} killed of {tally.runs}, {dict(tally.outcomes)}, "
-            f"recovered {tally.recovered}/{tally.recoveries}, fsize {tally.fsize_ok}/{tally.fsize} "
-            f"[{time.perf_counter() - t0:.0f}s]",
+            f"{name}: clean {job.seconds:.1f}s, {tally.kills} killed of {tally.runs}, "
+            f"{dict(tally.outcomes)}, recovered {tally.recovered}/{tally.recoveries}, fsize "
+            f"{tally.fsize_ok}/{tally.fsize} [{time.perf_counter() - t0:.0f}s]",
             flush=True,
         )
         for v in tally.violations:
@@ -578,8 +582,9 @@ def main() -> None:
 def table(jobs: dict[str, Job], tallies: dict[str, Tally], minutes: float, args) -> str:
     cmd = "    .venv/bin/python bench/bench_reliability.py" + (" --quick" if args.quick else "")
     rows = [
-        "| job | clean run | runs | killed (finished first) | absent | old | new | adapter only | VIOLATION "
-        "| recovered | resume bit-identical | leftovers | RLIMIT_FSIZE: one-line error, no partial output |",
+        "| job | clean run | runs | killed (finished first) | absent | old | new | adapter only | "
+        "VIOLATION | recovered | resume bit-identical | leftovers | RLIMIT_FSIZE: one-line error, "
+        "no partial output |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     total = Counter()
@@ -588,19 +593,21 @@ def table(jobs: dict[str, Job], tallies: dict[str, Tally], minutes: float, args)
         ident = f"{t.identical}/{t.recoveries}" if jobs[name].resumable else "-"
         rows.append(
             f"| {name} | {jobs[name].seconds:.1f} s | {t.runs} | {t.kills} ({t.finished_first}) | "
-            f"{o['absent']} | {o['old']} | {o['new']} | {o['adapter only'] if name == 'train' else '-'} | "
-            f"{o['VIOLATION']} | {t.recovered}/{t.recoveries} | {ident} | {sum(t.leftovers.values())} | "
+            f"{o['absent']} | {o['old']} | {o['new']} | "
+            f"{o['adapter only'] if name == 'train' else '-'} | {o['VIOLATION']} | "
+            f"{t.recovered}/{t.recoveries} | {ident} | {sum(t.leftovers.values())} | "
             f"{t.fsize_ok}/{t.fsize} |"
         )
         total.update(runs=t.runs, kills=t.kills, violations=len(t.violations))
     return (
-        f"{cmd}\n\nSIGKILL of the job's process group at {total['kills']} points (stratified uniform over each "
-        f"job's clean duration, seed {args.seed}; every other run replaces an old output with --overwrite), "
-        f"then recovery (train: --resume; others: the same job again). Outcome of the final output after the "
-        f"kill: absent, byte-identical old, or complete new (adapter only: train's new adapter complete, its "
-        f"results.json not yet written). RLIMIT_FSIZE at k/{args.fsize + 1} (k = 1..{args.fsize}) of the "
-        f"job's largest output file, every other case over an old output. "
-        f"{total['violations']} violations; {minutes:.1f} min on 2 shared CPU cores.\n\n"
+        f"{cmd}\n\nSIGKILL of the job's process group at {total['kills']} points (stratified "
+        f"uniform over each job's clean duration, seed {args.seed}; every other run replaces an "
+        "old output with --overwrite), then recovery (train: --resume; others: the same job "
+        "again). Outcome of the final output after the kill: absent, byte-identical old, or "
+        "complete new (adapter only: train's new adapter complete, its results.json not yet "
+        f"written). RLIMIT_FSIZE at k/{args.fsize + 1} (k = 1..{args.fsize}) of the job's largest "
+        f"output file, every other case over an old output. {total['violations']} violations; "
+        f"{minutes:.1f} min on 2 shared CPU cores.\n\n"
         + "\n".join(rows)
     )
 

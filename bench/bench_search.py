@@ -1,13 +1,15 @@
-"""Config-search benchmark (issue 10): a 20-trial `deltatune search` on the 2-core machine, timed whole.
+"""Config-search benchmark (issue 10): a 20-trial `deltatune search` on the 2-core machine, timed
+whole.
 
     .venv/bin/python bench/bench_search.py                      # the reduced form, as in RESULTS.md
     .venv/bin/python bench/bench_search.py --backend ray        # the same with Ray Tune, 2 workers
     .venv/bin/python bench/bench_search.py --trials 4 --no-write   # smoke
 
-Runs the CLI as its own process (`deltatune search --model minilm --data tweet-sentiment --budget 0.5%
---trials 20 --max-steps 30 --limit 300`, each trial a fresh configuration trained for 30 steps on 300
-examples per split), measures its wall time and the peak resident memory of the process tree, and reports
-the Pareto front the search wrote. Aim: 20 trials within 30 minutes, with a Pareto front.
+Runs the CLI as its own process (`deltatune search --model minilm --data tweet-sentiment --budget
+0.5% --trials 20 --max-steps 30 --limit 300`, each trial a fresh configuration trained for 30 steps
+on 300 examples per split), measures its wall time and the peak resident memory of the process tree,
+and reports the Pareto front the search wrote. Aim: 20 trials within 30 minutes, with a Pareto
+front.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--max-steps", type=int, default=30)
     ap.add_argument("--limit", type=int, default=300)
@@ -67,20 +69,23 @@ def main() -> None:
     results = json.loads((out / "results.json").read_text())
     shown = " ".join(a for a in cmd[1:] if not a.startswith(str(out.parent)))
     body = (
-        f"Command: `.venv/bin/python bench/bench_search.py{''.join(' ' + a for a in sys.argv[1:] if a != '--no-write')}` "
-        f"(runs `deltatune {shown.replace(' --out', '')} --out DIR` as one process; load average {load:.1f} at the "
-        f"start and {os.getloadavg()[0]:.1f} at the end on the shared 2-core machine).\n\n"
-        f"| figure | value | aim |\n|---|---|---|\n"
-        f"| trials completed | {results['trials_done']} of {args.trials} ({results['candidates']} configurations fit the "
-        f"budget of {results['budget']:,} parameters) | {args.trials} |\n"
+        "Command: `.venv/bin/python bench/bench_search.py"
+        f"{''.join(' ' + a for a in sys.argv[1:] if a != '--no-write')}` "
+        f"(runs `deltatune {shown.replace(' --out', '')} --out DIR` as one process; load average "
+        f"{load:.1f} at the start and {os.getloadavg()[0]:.1f} at the end on the shared 2-core "
+        "machine).\n\n"
+        "| figure | value | aim |\n|---|---|---|\n"
+        f"| trials completed | {results['trials_done']} of {args.trials} ({results['candidates']} "
+        f"configurations fit the budget of {results['budget']:,} parameters) | {args.trials} |\n"
         f"| wall time of the whole search | {seconds / 60:.1f} min | ≤ 30 min |\n"
         f"| peak RSS of the largest process | {peak:.0f} MiB | — |\n"
         f"| configurations on the Pareto front | {len(results['pareto'])} | ≥ 1 |\n\n"
         + results["table"].split("\n\n", 1)[1].strip()
         + "\n\n"
-        f"Best validation accuracy: {results['best']['key']} ({results['best']['val_accuracy']:.4f}); with "
-        f"{args.max_steps} steps on {args.limit} examples every accuracy is a short-run estimate: the reduced form shows the search's machinery and cost, "
-        "bench/bench_budget.py compares configurations trained properly."
+        f"Best validation accuracy: {results['best']['key']} "
+        f"({results['best']['val_accuracy']:.4f}); with {args.max_steps} steps on {args.limit} "
+        "examples every accuracy is a short-run estimate: the reduced form shows the search's "
+        "machinery and cost, bench/bench_budget.py compares configurations trained properly."
     )
     print(body)
     if not args.no_write:

@@ -5,16 +5,17 @@
 
 Setting: a small BatchNorm CNN (``--arch maxpool``, the default: two conv-BatchNorm-ReLU-maxpool
 blocks and a BatchNorm hidden layer; or ``--arch gap``: four conv-BatchNorm-ReLU blocks and global
-average pooling) trained for 2 epochs on the bundled MNIST, then evaluated on the 15 standard corrupt-tta corruptions at severities 3 and 5
-(``--n`` random test images, corrupted by ``deltatune.data``), streamed in batches of 64. Every
-method is run (a) reset to the source model at the start of each corruption, (b) continually over
-the 15-corruption sequence at severity 5 without any reset, (c) episodically on the last one, and
-(d) on clean label-shifted streams. Detection: MMD on the classifier's input features, 200-sample
-windows of severity-3 corrupted test images vs. a clean reference (detection rate), and clean vs.
-clean windows (false positives). Accuracy estimation: temperature scaling + ATC / COT / DoC /
-average confidence fitted on clean validation images, against the true accuracy on every corrupted
-set; then the same estimation for source models of both architectures trained from other seeds
-(``--draws``), since how well ATC does here depends on how the trained model fails.
+average pooling) trained for 2 epochs on the bundled MNIST, then evaluated on the 15 standard
+corrupt-tta corruptions at severities 3 and 5 (``--n`` random test images, corrupted by
+``deltatune.data``), streamed in batches of 64. Every method is run (a) reset to the source model at
+the start of each corruption, (b) continually over the 15-corruption sequence at severity 5 without
+any reset, (c) episodically on the last one, and (d) on clean label-shifted streams. Detection: MMD
+on the classifier's input features, 200-sample windows of severity-3 corrupted test images vs. a
+clean reference (detection rate), and clean vs. clean windows (false positives). Accuracy
+estimation: temperature scaling + ATC / COT / DoC / average confidence fitted on clean validation
+images, against the true accuracy on every corrupted set; then the same estimation for source models
+of both architectures trained from other seeds (``--draws``), since how well ATC does here depends
+on how the trained model fails.
 
 The trained weights (safetensors) and the corrupted arrays (.npy) are cached in ``--cache``
 (default: a ``deltatune-bench-tta`` folder in the system temp directory).
@@ -66,7 +67,8 @@ STATELESS = {
     "alpha_bn",
     "lame",
 }  # same predictions in every mode (bn with momentum 1)
-# Method settings for 10 classes and batches of 64 (the papers' CIFAR-10 settings where they give them).
+# Method settings for 10 classes and batches of 64 (the papers' CIFAR-10 settings where they give
+# them).
 METHODS: dict[str, dict] = {
     "source": {},
     "bn": {},
@@ -80,9 +82,10 @@ METHODS: dict[str, dict] = {
 }
 
 
-# --- data ------------------------------------------------------------------------------------------
+# --- data -----------------------------------------------------------------------------------------
 def load_mnist() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """MNIST through ``deltatune.data``: the file's 50k/10k/10k split, uint8 images (N, 28, 28) and labels."""
+    """MNIST through ``deltatune.data``: the file's 50k/10k/10k split, uint8 images (N, 28, 28) and
+    labels."""
     from deltatune.data import load_data
 
     out = {}
@@ -96,14 +99,16 @@ def load_mnist() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def pixels(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, 28, 28) → the model's input (N, 1, 28, 28) in [-1, 1] (the normalisation of deltatune's image collate)."""
+    """uint8 (N, 28, 28) → the model's input (N, 1, 28, 28) in [-1, 1] (the normalisation of
+    deltatune's image collate)."""
     return (torch.from_numpy(images).float()[:, None] / 255.0 - 0.5) / 0.5
 
 
 def corrupted(
     images: np.ndarray, indices: np.ndarray, name: str, severity: int, cache: Path, tag: str
 ) -> np.ndarray:
-    """``deltatune.data``'s seeded corrupt-tta corruption of test images ``indices`` (cached as .npy)."""
+    """``deltatune.data``'s seeded corrupt-tta corruption of test images ``indices`` (cached as
+    .npy)."""
     path = cache / f"mnistc_{tag}_{name}_s{severity}.npy"
     if path.exists():
         return np.load(path)
@@ -116,12 +121,12 @@ def corrupted(
     return out
 
 
-# --- model -----------------------------------------------------------------------------------------
+# --- model ----------------------------------------------------------------------------------------
 class Net(nn.Module):
     """Four 3x3 conv + BatchNorm + ReLU blocks (28 -> 7 px), global average pooling, a linear head.
 
-    About half the compute of ``deltatune.models``' small-cnn, which keeps the whole benchmark (eight
-    methods x 48 streams of 1,000 images) within ~10 minutes on two cores.
+    About half the compute of ``deltatune.models``' small-cnn, which keeps the whole benchmark
+    (eight methods x 48 streams of 1,000 images) within ~10 minutes on two cores.
     """
 
     def __init__(self) -> None:
@@ -179,17 +184,20 @@ class MaxPoolNet(nn.Module):
 ARCHITECTURES = {"gap": Net, "maxpool": MaxPoolNet}
 ABOUT = {
     "gap": "4-block BatchNorm CNN with global average pooling",
-    "maxpool": "max-pooling BatchNorm CNN (two conv-BN-ReLU-maxpool blocks, a 128-unit BatchNorm hidden layer)",
+    "maxpool": (
+        "max-pooling BatchNorm CNN (two conv-BN-ReLU-maxpool blocks, a 128-unit BatchNorm "
+        "hidden layer)"
+    ),
 }
 
 
 def trained_model(
     data: dict, cache: Path, epochs: int, seed: int = 0, arch: str = "gap"
 ) -> nn.Module:
-    """:class:`Net` (or another of ``ARCHITECTURES``) trained on MNIST (Adam, one-cycle schedule) from
-    ``seed``, cached as safetensors. Trained on one CPU thread whatever ``--threads`` says: summed in
-    another order, the floating-point sums differ, and the trained model (and how it fails under
-    corruption) with them."""
+    """:class:`Net` (or another of ``ARCHITECTURES``) trained on MNIST (Adam, one-cycle schedule)
+    from ``seed``, cached as safetensors. Trained on one CPU thread whatever ``--threads`` says:
+    summed in another order, the floating-point sums differ, and the trained model (and how it fails
+    under corruption) with them."""
     from safetensors.torch import load_file, save_file
 
     torch.manual_seed(seed)
@@ -228,7 +236,7 @@ def trained_model(
     return model
 
 
-# --- evaluation ------------------------------------------------------------------------------------
+# --- evaluation -----------------------------------------------------------------------------------
 def stream_error(predict, x: torch.Tensor, y: torch.Tensor) -> float:
     """Error (%) of ``predict`` over ``x`` streamed in batches of 64, in order."""
     wrong = 0
@@ -254,8 +262,8 @@ def make_method(
 
 
 def run_tta(model, sets, label_sets, methods, fisher_batches, prior) -> dict[str, dict]:
-    """Per method: error reset per corruption, continual over the severity-5 sequence, episodic on the
-    last corruption, and on the label-shift streams (reset before each)."""
+    """Per method: error reset per corruption, continual over the severity-5 sequence, episodic on
+    the last corruption, and on the label-shift streams (reset before each)."""
     out: dict[str, dict] = {}
     last = CORRUPTIONS[-1]
     for name in methods:
@@ -296,7 +304,8 @@ def run_tta(model, sets, label_sets, methods, fisher_batches, prior) -> dict[str
 def run_detection(
     model, reference: torch.Tensor, clean_pool: torch.Tensor, sets, trials: int, seed: int = 0
 ):
-    """MMD detection rate on 200-sample windows (severity 3) and the clean-vs-clean false-positive rate."""
+    """MMD detection rate on 200-sample windows (severity 3) and the clean-vs-clean false-positive
+    rate."""
     import deltatune.deploy as dd
 
     ref = dd.embed(model, reference, layer="classifier")
@@ -324,7 +333,8 @@ def run_detection(
 
 
 def run_accuracy_estimation(model, val: tuple[torch.Tensor, torch.Tensor], sets):
-    """Estimated vs. true accuracy on every corrupted set, for the unadapted and the BN-adapted model.
+    """Estimated vs. true accuracy on every corrupted set, for the unadapted and the BN-adapted
+    model.
 
     Each estimator is fitted on the clean validation outputs of the model it is applied to.
     """
@@ -361,9 +371,10 @@ def mean_over_corruptions(rows: dict, sev: int, estimate: str) -> float:
 def run_draws(
     data: dict, args, val: tuple[torch.Tensor, torch.Tensor], sets, main: tuple[float, dict]
 ) -> list[dict]:
-    """How much the estimates depend on the trained model: ATC's mean absolute error (accuracy points)
-    over the 15 corruptions for source models of both architectures trained from several seeds.
-    ``main``: the clean error and estimates of the benchmark's own model (``args.arch``, seed 0), reused."""
+    """How much the estimates depend on the trained model: ATC's mean absolute error (accuracy
+    points) over the 15 corruptions for source models of both architectures trained from several
+    seeds. ``main``: the clean error and estimates of the benchmark's own model (``args.arch``, seed
+    0), reused."""
     x_test, y_test = pixels(data["test"][0]), torch.from_numpy(data["test"][1])
     out = []
     for arch in args.draw_architectures:
@@ -382,9 +393,11 @@ def run_draws(
                     row[name, sev, "atc"] = mean_over_corruptions(rows, sev, "atc")
                     row[name, sev, "cot"] = mean_over_corruptions(rows, sev, "cot")
             print(
-                f"  {arch} seed {seed}: ATC / COT error source {row['source', 3, 'atc']:.1f} / {row['source', 3, 'cot']:.1f} "
-                f"(s3), {row['source', 5, 'atc']:.1f} / {row['source', 5, 'cot']:.1f} (s5); bn {row['bn', 3, 'atc']:.1f} / "
-                f"{row['bn', 3, 'cot']:.1f} (s3), {row['bn', 5, 'atc']:.1f} / {row['bn', 5, 'cot']:.1f} (s5)",
+                f"  {arch} seed {seed}: ATC / COT error source {row['source', 3, 'atc']:.1f} / "
+                f"{row['source', 3, 'cot']:.1f} (s3), {row['source', 5, 'atc']:.1f} / "
+                f"{row['source', 5, 'cot']:.1f} (s5); bn {row['bn', 3, 'atc']:.1f} / "
+                f"{row['bn', 3, 'cot']:.1f} (s3), {row['bn', 5, 'atc']:.1f} / "
+                f"{row['bn', 5, 'cot']:.1f} (s5)",
                 flush=True,
             )
             out.append(row)
@@ -394,7 +407,8 @@ def run_draws(
 def label_shift_sets(
     x: torch.Tensor, y: torch.Tensor, n: int, seed: int = 0
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Clean images under label shift: a long-tailed class prior (i.i.d. order) and a class-ordered stream."""
+    """Clean images under label shift: a long-tailed class prior (i.i.d. order) and a class-ordered
+    stream."""
     gen = np.random.RandomState(seed)
     prior = 0.6 ** np.arange(10)
     prior /= prior.sum()
@@ -412,7 +426,7 @@ def label_shift_sets(
     return {"long-tailed": (x[tail], y[tail]), "class-ordered": (x[ordered], y[ordered])}
 
 
-# --- report ----------------------------------------------------------------------------------------
+# --- report ---------------------------------------------------------------------------------------
 def _table(rows: dict[str, dict], keys: list, label: str, mean: bool = True) -> str:
     head = (
         f"| {label} | "
@@ -446,11 +460,11 @@ def report(
         f"{k} {v}" if v else k for k, v in METHODS.items() if k != "source"
     ).replace("'", "")
     out = [
-        f"Command: `.venv/bin/python bench/bench_tta.py` ({minutes:.1f} min on {args.threads} CPU threads, shared machine). "
-        f"Model: {ABOUT[args.arch]}, {args.epochs} epochs on MNIST, clean test error "
-        f"{clean_err:.2f}%. Each corruption: {args.n} random MNIST test images through corrupt-tta, streamed in batches of "
-        f"{BATCH}. Settings: {settings}. EATA's Fisher from 512 clean validation images; EM's source prior = training "
-        "label frequencies.",
+        f"Command: `.venv/bin/python bench/bench_tta.py` ({minutes:.1f} min on {args.threads} CPU "
+        f"threads, shared machine). Model: {ABOUT[args.arch]}, {args.epochs} epochs on MNIST, "
+        f"clean test error {clean_err:.2f}%. Each corruption: {args.n} random MNIST test images "
+        f"through corrupt-tta, streamed in batches of {BATCH}. Settings: {settings}. EATA's Fisher "
+        "from 512 clean validation images; EM's source prior = training label frequencies.",
     ]
     for sev in (3, 5):
         rows = {m: {c: tta[m]["reset"][(c, sev)] for c in CORRUPTIONS} for m in tta}
@@ -471,49 +485,57 @@ def report(
         }
         out += [
             "",
-            "Relative cut of the mean error vs. the unadapted model, severity 3 / 5 (aim for Tent and BN: >= 25%): "
+            "Relative cut of the mean error vs. the unadapted model, severity 3 / 5 (aim for Tent "
+            "and BN: >= 25%): "
             + ", ".join(f"{m} {cut[m][3]:.0f}% / {cut[m][5]:.0f}%" for m in tta if m != "source")
             + ".",
         ]
     out += [
         "",
-        "**Continual: the 15 corruptions at severity 5 in sequence, no reset** (error %; `reset` = reset at each "
-        "corruption as above, `episodic` = reset before every batch; "
+        "**Continual: the 15 corruptions at severity 5 in sequence, no reset** (error %; `reset` = "
+        "reset at each corruption as above, `episodic` = reset before every batch; "
         + ", ".join(sorted(STATELESS))
         + " carry nothing from batch to batch, so their three modes coincide)",
         "",
-        f"| method | continual mean | reset mean | continual last ({SHORT[last]}) | reset last | episodic last | time (s) |",
+        f"| method | continual mean | reset mean | continual last ({SHORT[last]}) | reset last | "
+        "episodic last | time (s) |",
         "|---|---|---|---|---|---|---|",
     ]
     for m, r in tta.items():
         out.append(
-            f"| {m} | {np.mean(list(r['continual'].values())):.1f} | {np.mean([r['reset'][(c, 5)] for c in CORRUPTIONS]):.1f} | "
-            f"{r['continual'][last]:.1f} | {r['reset'][(last, 5)]:.1f} | {r['episodic_last']:.1f} | {r['seconds']:.0f} |"
+            f"| {m} | {np.mean(list(r['continual'].values())):.1f} | "
+            f"{np.mean([r['reset'][(c, 5)] for c in CORRUPTIONS]):.1f} | "
+            f"{r['continual'][last]:.1f} | {r['reset'][(last, 5)]:.1f} | {r['episodic_last']:.1f} "
+            f"| {r['seconds']:.0f} |"
         )
     label_keys = list(next(iter(tta.values()))["label"])
     out += [
         "",
-        f"**Label shift on clean images** (error %): {args.n} test images with class prior ∝ 0.6^k in random order, "
-        "and 100 per class sorted by class (a non-i.i.d. stream)",
+        f"**Label shift on clean images** (error %): {args.n} test images with class prior ∝ 0.6^k "
+        "in random order, and 100 per class sorted by class (a non-i.i.d. stream)",
         "",
         _table({m: r["label"] for m, r in tta.items()}, label_keys, "method", mean=False),
     ]
     out += [
         "",
-        f"**Shift detection**: MMD (Gaussian kernel, median heuristic, 200 permutations) on the {feature_dim}-d input of the "
-        "classifier head; reference = 500 clean test images (disjoint from the others); 200-sample windows. Detection "
-        f"rate at severity 3 (aim >= 90%) and false-positive rate over {args.trials} clean-vs-clean windows (aim <= 5%):",
+        "**Shift detection**: MMD (Gaussian kernel, median heuristic, 200 permutations) on the "
+        f"{feature_dim}-d input of the classifier head; reference = 500 clean test images "
+        "(disjoint from the others); 200-sample windows. Detection rate at severity 3 (aim >= 90%) "
+        f"and false-positive rate over {args.trials} clean-vs-clean windows (aim <= 5%):",
         "",
         _table({"detected (%)": rates}, CORRUPTIONS, "MMD, alpha 0.05"),
         "",
-        f"Mean detection rate **{np.mean(list(rates.values())):.1f}%**; clean-vs-clean false positives **{fpr:.1f}%**.",
+        f"Mean detection rate **{np.mean(list(rates.values())):.1f}%**; clean-vs-clean false "
+        f"positives **{fpr:.1f}%**.",
     ]
     out += [
         "",
-        f"**Label-free accuracy estimation** (temperature scaling and the ATC threshold fitted on {args.estimator_val:,} clean "
-        "validation images, ATC with negative-entropy scores; COT transports to the validation label distribution), for the "
-        "unadapted model and for the BN-adapted model (prediction-time BN, fitted on its own validation outputs). Mean "
-        "absolute error of the estimate over the 15 corruptions, in accuracy points (aim for ATC: <= 5):",
+        "**Label-free accuracy estimation** (temperature scaling and the ATC threshold fitted on "
+        f"{args.estimator_val:,} clean validation images, ATC with negative-entropy scores; COT "
+        "transports to the validation label distribution), for the unadapted model and for the "
+        "BN-adapted model (prediction-time BN, fitted on its own validation outputs). Mean "
+        "absolute error of the estimate over the 15 corruptions, in accuracy points (aim "
+        "for ATC: <= 5):",
         "",
         "| model | severity | true accuracy (mean) | ATC | COT | DoC | average confidence |",
         "|---|---|---|---|---|---|---|",
@@ -522,8 +544,9 @@ def report(
         for sev in (3, 5):
             mae = {e: mean_over_corruptions(rows, sev, e) for e in ESTIMATES}
             out.append(
-                f"| {name} (T={est.temperature:.2f}) | {sev} | {mean_over_corruptions(rows, sev, 'true'):.1f} | "
-                f"{mae['atc']:.1f} | {mae['cot']:.1f} | {mae['doc']:.1f} | {mae['confidence']:.1f} |"
+                f"| {name} (T={est.temperature:.2f}) | {sev} | "
+                f"{mean_over_corruptions(rows, sev, 'true'):.1f} | {mae['atc']:.1f} | "
+                f"{mae['cot']:.1f} | {mae['doc']:.1f} | {mae['confidence']:.1f} |"
             )
     for name, (_, rows) in estimates.items():
         for sev in (3, 5):
@@ -531,7 +554,8 @@ def report(
                 "",
                 f"{name}, severity {sev}, true / ATC / COT accuracy (%): "
                 + ", ".join(
-                    f"{SHORT[c]} {rows[(c, sev)]['true']:.0f}/{rows[(c, sev)]['atc']:.0f}/{rows[(c, sev)]['cot']:.0f}"
+                    f"{SHORT[c]} {rows[(c, sev)]['true']:.0f}/{rows[(c, sev)]['atc']:.0f}/"
+                    f"{rows[(c, sev)]['cot']:.0f}"
                     for c in CORRUPTIONS
                 )
                 + ".",
@@ -540,11 +564,12 @@ def report(
         cells = [(name, sev) for name in ("source", "bn") for sev in (3, 5)]
         out += [
             "",
-            f"**How much the estimates depend on the trained model**: the same estimation for source models trained from "
-            f"seeds 0-{args.draws - 1} (same data, schedule and epochs; {args.arch} seed 0 is the model above), for "
+            "**How much the estimates depend on the trained model**: the same estimation for "
+            f"source models trained from seeds 0-{args.draws - 1} (same data, schedule and epochs; "
+            f"{args.arch} seed 0 is the model above), for "
             + " and ".join(f"`{a}` ({ABOUT[a]})" for a in args.draw_architectures)
-            + ". Each cell: true accuracy (mean "
-            "over the 15 corruptions) / ATC's / COT's mean absolute error, in points (aim for ATC: <= 5):",
+            + ". Each cell: true accuracy (mean over the 15 corruptions) / ATC's / COT's mean "
+            "absolute error, in points (aim for ATC: <= 5):",
             "",
             "| model | seed | clean error % | "
             + " | ".join(f"{n} s{v}: acc / ATC / COT" for n, v in cells)
@@ -569,10 +594,12 @@ def report(
 
             out += [
                 "",
-                f"`{arch}`, range over the {len(mine)} seeds (points of mean absolute error): ATC on the unadapted model "
-                f"{span('source', 3, 'atc')} (s3) / {span('source', 5, 'atc')} (s5), on the BN-adapted model "
-                f"{span('bn', 3, 'atc')} / {span('bn', 5, 'atc')}; COT on the unadapted model {span('source', 3, 'cot')} / "
-                f"{span('source', 5, 'cot')}, on the BN-adapted model {span('bn', 3, 'cot')} / {span('bn', 5, 'cot')}.",
+                f"`{arch}`, range over the {len(mine)} seeds (points of mean absolute error): ATC "
+                f"on the unadapted model {span('source', 3, 'atc')} (s3) / "
+                f"{span('source', 5, 'atc')} (s5), on the BN-adapted model {span('bn', 3, 'atc')} "
+                f"/ {span('bn', 5, 'atc')}; COT on the unadapted model {span('source', 3, 'cot')} "
+                f"/ {span('source', 5, 'cot')}, on the BN-adapted model {span('bn', 3, 'cot')} / "
+                f"{span('bn', 5, 'cot')}.",
             ]
     return "\n".join(out)
 
@@ -597,7 +624,8 @@ def main() -> None:
         "--estimator-val",
         type=int,
         default=10000,
-        help="clean validation images the temperature and the ATC threshold are fitted on (default: all 10,000)",
+        help="clean validation images the temperature and the ATC threshold are fitted on "
+        "(default: all 10,000)",
     )
     ap.add_argument(
         "--draws",

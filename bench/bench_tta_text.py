@@ -1,12 +1,13 @@
-"""Test-time adaptation and shift detection on text (issue 8): MiniLM across tweet-sentiment domains.
+"""Test-time adaptation and shift detection on text (issue 8): MiniLM across tweet-sentiment
+domains.
 
-    .venv/bin/python bench/bench_tta_text.py              # full: writes its section of bench/RESULTS.md
-    .venv/bin/python bench/bench_tta_text.py --quick      # small model and streams, prints only
+    .venv/bin/python bench/bench_tta_text.py          # full: writes its section of bench/RESULTS.md
+    .venv/bin/python bench/bench_tta_text.py --quick  # small model and streams, prints only
     .venv/bin/python bench/bench_tta_text.py --limit 300 --no-write
 
 Setting: MiniLM-L6 (mean pooling + linear head) fully fine-tuned on ``--n-train`` tweets of the
-airlines domain (one epoch, the recipe of bench_accuracy.py), then deployed on the apple, cars and nfl
-domains: a covariate shift (other topics, vocabulary) and a label shift (airlines tweets are 63%
+airlines domain (one epoch, the recipe of bench_accuracy.py), then deployed on the apple, cars and
+nfl domains: a covariate shift (other topics, vocabulary) and a label shift (airlines tweets are 63%
 negative, cars tweets 88% neutral). Every domain is unseen in training, so each target set is drawn
 from all of that domain's splits. Per domain (airlines test = in-domain control):
 
@@ -16,8 +17,9 @@ from all of that domain's splits. Per domain (airlines test = in-domain control)
   sentence features), BBSD (KS on the softmax outputs) and the chi-squared test on the predicted
   labels, over disjoint ``--window``-tweet windows (detection rate), and on windows of unseen
   airlines training tweets (false-positive rate);
-- label-free accuracy estimation fitted on airlines validation outputs (temperature scaling, ATC with
-  negative-entropy and with max-confidence scores, COT, DoC, average confidence) vs. the true accuracy.
+- label-free accuracy estimation fitted on airlines validation outputs (temperature scaling, ATC
+  with negative-entropy and with max-confidence scores, COT, DoC, average confidence) vs. the true
+  accuracy.
 
 The fine-tuned weights are cached as safetensors in ``--cache`` (default ``.cache/bench_tta_text``),
 so reruns skip training.
@@ -60,20 +62,27 @@ METHODS: dict[str, dict] = {
 }
 ABOUT = {
     "tent": "Tent on the LayerNorm affine parameters (LN-Tent)",
-    "eata": "EATA on LayerNorm, reliable samples only (entropy < 0.4 ln 3); with 3 classes the softmax "
-    "cosine redundancy filter would drop nearly every sample, so d_margin = 1 (off); Fisher from 512 "
-    "airlines validation tweets",
+    "eata": (
+        "EATA on LayerNorm, reliable samples only (entropy < 0.4 ln 3); with 3 classes the softmax "
+        "cosine redundancy filter would drop nearly every sample, so d_margin = 1 (off); Fisher "
+        "from 512 airlines validation tweets"
+    ),
     "sar": "SAR on LayerNorm (SAM step, reliable samples, collapse reset)",
-    "tent-lora": f"Tent on a fresh LoRA r=4 (query, value) attached as {LORA_TTA!r}, the rest frozen",
+    "tent-lora": (
+        f"Tent on a fresh LoRA r=4 (query, value) attached as {LORA_TTA!r}, the rest frozen"
+    ),
     "lame": "LAME, kNN affinity on the pooled features",
-    "em": "EM prior correction (Saerens et al.), source prior = training label frequencies, temperature "
-    "from airlines validation, prior estimated over the domain's stream so far",
+    "em": (
+        "EM prior correction (Saerens et al.), source prior = training label frequencies, "
+        "temperature from airlines validation, prior estimated over the domain's stream so far"
+    ),
 }
 
 
-# --- data ------------------------------------------------------------------------------------------
+# --- data -----------------------------------------------------------------------------------------
 def domain_pool(domain: str, seed: int = 0) -> list[dict]:
-    """Every tweet of an unseen domain (its train, val and test splits), in one seeded random order."""
+    """Every tweet of an unseen domain (its train, val and test splits), in one seeded random
+    order."""
     from deltatune.data import load_data
 
     rows = [
@@ -93,9 +102,10 @@ def priors(labels) -> np.ndarray:
     return np.bincount(np.asarray(labels), minlength=3) / len(labels)
 
 
-# --- model -----------------------------------------------------------------------------------------
+# --- model ----------------------------------------------------------------------------------------
 def trained_model(train: list[dict], val: list[dict], args) -> tuple[object, float]:
-    """MiniLM fully fine-tuned on airlines tweets (cached as safetensors); returns (entry, seconds)."""
+    """MiniLM fully fine-tuned on airlines tweets (cached as safetensors); returns (entry,
+    seconds)."""
     from safetensors.torch import load_file, save_file
 
     from deltatune.data.base import Dataset
@@ -135,7 +145,7 @@ def features(model, stream: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         return feats, model.classifier(feats)
 
 
-# --- test-time adaptation --------------------------------------------------------------------------
+# --- test-time adaptation -------------------------------------------------------------------------
 def make_method(model, name: str, extra: dict):
     import deltatune as dt
     import deltatune.deploy as dd
@@ -152,7 +162,8 @@ def make_method(model, name: str, extra: dict):
 def run_tta(
     model, streams: dict[str, list[dict]], methods: list[str], extra: dict
 ) -> dict[str, dict]:
-    """Error (%) per domain for every method, reset to the source model at the start of each domain."""
+    """Error (%) per domain for every method, reset to the source model at the start of each
+    domain."""
     import deltatune as dt
 
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -184,7 +195,8 @@ def run_tta(
         print(
             f"  {name:9s} "
             + "  ".join(f"{d} {e:5.1f}" for d, e in errors.items())
-            + f"  target mean {np.mean([errors[d] for d in TARGETS]):5.1f}  ({out[name]['seconds']:.0f}s)",
+            + f"  target mean {np.mean([errors[d] for d in TARGETS]):5.1f}  "
+            f"({out[name]['seconds']:.0f}s)",
             flush=True,
         )
     return out
@@ -214,7 +226,8 @@ def window_rates(
 def resampled_rates(
     ref: dict[str, torch.Tensor], pool: dict[str, torch.Tensor], window: int, trials: int
 ) -> dict[str, float]:
-    """Like :func:`window_rates` over ``trials`` random ``window``-subsets of ``pool`` (a finer false-positive rate)."""
+    """Like :func:`window_rates` over ``trials`` random ``window``-subsets of ``pool`` (a finer
+    false-positive rate)."""
     import deltatune.deploy as dd
 
     gen = torch.Generator().manual_seed(0)
@@ -234,7 +247,8 @@ def resampled_rates(
 def estimates(
     val: tuple[torch.Tensor, torch.Tensor], sets: dict[str, tuple[torch.Tensor, torch.Tensor]]
 ):
-    """True accuracy and the label-free estimates on each domain, fitted on airlines validation outputs."""
+    """True accuracy and the label-free estimates on each domain, fitted on airlines validation
+    outputs."""
     import deltatune.deploy as dd
 
     ne = dd.fit_accuracy_estimator(*val, score="entropy")
@@ -253,7 +267,7 @@ def estimates(
     return ne, {d: {k: 100.0 * v for k, v in r.items()} for d, r in rows.items()}
 
 
-# --- report ----------------------------------------------------------------------------------------
+# --- report ---------------------------------------------------------------------------------------
 KEYS = ("atc_ne", "atc_mc", "cot", "doc", "confidence")  # the accuracy estimates, in table order
 
 
@@ -267,15 +281,18 @@ def report(args, info: dict, tta: dict, rates: dict, est, est_rows: dict, minute
     pri = ", ".join(f"{d} " + "/".join(f"{100 * p:.0f}" for p in info["prior"][d]) for d in domains)
     out = [
         (
-            f"Command: {cmd} ({minutes:.1f} min on {args.threads} CPU thread(s), shared machine; training "
-            f"{info['train_s'] / 60:.1f} min of it, 0 when the cached weights were used). Source model: MiniLM-L6 "
-            f"(mean pooling, linear head) fully fine-tuned on {info['n_train']} airlines tweets (1 epoch, batch 16, lr "
-            f"{args.lr:g}, max 128 tokens), airlines test error {100 - est_rows[SOURCE]['true']:.1f}%. Each domain: {info['n_eval']} tweets (airlines: its test split; apple, cars, nfl: unseen domains, "
-            f"drawn from all their splits), streamed in batches of {BATCH}, every method reset at the start of each "
-            f"domain. Label prior negative/neutral/positive (%): {pri}."
+            f"Command: {cmd} ({minutes:.1f} min on {args.threads} CPU thread(s), shared machine; "
+            f"training {info['train_s'] / 60:.1f} min of it, 0 when the cached weights were used). "
+            "Source model: MiniLM-L6 (mean pooling, linear head) fully fine-tuned on "
+            f"{info['n_train']} airlines tweets (1 epoch, batch 16, lr {args.lr:g}, max 128 "
+            f"tokens), airlines test error {100 - est_rows[SOURCE]['true']:.1f}%. Each domain: "
+            f"{info['n_eval']} tweets (airlines: its test split; apple, cars, nfl: unseen domains, "
+            f"drawn from all their splits), streamed in batches of {BATCH}, every method reset at "
+            f"the start of each domain. Label prior negative/neutral/positive (%): {pri}."
         ),
         "",
-        "**Error (%) per domain** (airlines = in-domain control; mean over the three shifted domains)",
+        "**Error (%) per domain** (airlines = in-domain control; mean over the three "
+        "shifted domains)",
         "",
         "| method | " + " | ".join(domains) + " | target mean | time (s) |",
         "|---|" + "---|" * (len(domains) + 2),
@@ -313,12 +330,13 @@ def report(args, info: dict, tta: dict, rates: dict, est, est_rows: dict, minute
     out += [
         "",
         (
-            f"**Shift detection**, airlines validation tweets ({info['n_ref']}, subsampled to 1,000) as the "
-            f"reference, disjoint windows of {args.window} tweets, alpha 0.05: MMD (Gaussian kernel, median heuristic, "
-            "500 permutations) on the 384-d pooled features, BBSD (per-class KS on the softmax, Bonferroni) and the "
-            "chi-squared test on the predicted labels. Airlines = windows of unseen airlines training tweets "
-            f"(false-positive rate; `resampled`: {args.trials} random {args.window}-tweet subsets of those tweets); the "
-            "others are detection rates (%)."
+            f"**Shift detection**, airlines validation tweets ({info['n_ref']}, subsampled to "
+            f"1,000) as the reference, disjoint windows of {args.window} tweets, alpha 0.05: MMD "
+            "(Gaussian kernel, median heuristic, 500 permutations) on the 384-d pooled features, "
+            "BBSD (per-class KS on the softmax, Bonferroni) and the chi-squared test on the "
+            "predicted labels. Airlines = windows of unseen airlines training tweets "
+            f"(false-positive rate; `resampled`: {args.trials} random {args.window}-tweet subsets "
+            "of those tweets); the others are detection rates (%)."
         ),
         "",
         f"| test | airlines, resampled ({args.trials}) | "
@@ -336,9 +354,10 @@ def report(args, info: dict, tta: dict, rates: dict, est, est_rows: dict, minute
     out += [
         "",
         (
-            f"**Label-free accuracy estimation** of the unadapted model (temperature T={est.temperature:.2f} and "
-            "the ATC thresholds fitted on the airlines validation outputs; COT transports to the airlines validation label "
-            "distribution, so it assumes the domains keep that label distribution), accuracy (%):"
+            "**Label-free accuracy estimation** of the unadapted model (temperature "
+            f"T={est.temperature:.2f} and the ATC thresholds fitted on the airlines validation "
+            "outputs; COT transports to the airlines validation label distribution, so it assumes "
+            "the domains keep that label distribution), accuracy (%):"
         ),
         "",
         "| domain | true | ATC (neg. entropy) | ATC (max conf.) | COT | DoC | average confidence |",
@@ -356,7 +375,7 @@ def report(args, info: dict, tta: dict, rates: dict, est, est_rows: dict, minute
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--n-train", type=int, default=4000, help="airlines training tweets")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--lr", type=float, default=5e-5)
