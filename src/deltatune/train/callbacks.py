@@ -1,19 +1,19 @@
 """Narrow training hooks that *return* values (continual-learning strategies plug in here).
 
-Nothing is shared behind the trainer's back (avalanche's ``strategy.loss`` is the anti-pattern): a
-callback returns a penalty to add to the loss, an extra batch to train on, or extra metrics to record,
-and the trainer decides what to do with them. Every hook is optional: implement any subset, or
-subclass :class:`BaseCallback` for no-op defaults.
+Nothing is shared behind the trainer's back (avalanche's ``strategy.loss`` is the anti-pattern):
+a callback returns a penalty to add to the loss, an extra batch to train on, or extra metrics to
+record, and the trainer decides what to do with them. Every hook is optional: implement any
+subset, or subclass :class:`BaseCallback` for no-op defaults.
 
 Order per optimizer step, for each micro-batch: forward on the batch → ``penalty`` added to its loss
 → backward; then ``extra_batch`` (if not None) → its own forward/backward, its loss weighted by its
 share of the examples. After the optimizer step: ``on_step_end``. After each evaluation at an epoch
-end: ``on_epoch_end`` (its returned dict is stored with that epoch's metrics). When ``fit`` returns or
-raises: ``on_train_end`` (e.g. undo what ``on_train_start`` changed).
+end: ``on_epoch_end`` (its returned dict is stored with that epoch's metrics). When ``fit`` returns
+or raises: ``on_train_end`` (e.g. undo what ``on_train_start`` changed).
 
-A method can need callbacks to train as designed (AdaLoRA prunes ranks, IncreLoRA grows them): its spec
-says so in ``DeltaSpec.training_callbacks``, and ``fit(..., spec_callbacks=True)`` (what ``deltatune
-train`` uses) adds them for every active delta through :func:`callbacks_from_specs`.
+A method can need callbacks to train as designed (AdaLoRA prunes ranks, IncreLoRA grows them): its
+spec says so in ``DeltaSpec.training_callbacks``, and ``fit(..., spec_callbacks=True)`` (what
+``deltatune train`` uses) adds them for every active delta through :func:`callbacks_from_specs`.
 
 The ``model`` given to hooks is the user's module (never the DDP wrapper), on the training device.
 Callback state is not part of trainer checkpoints: on ``resume`` ``on_train_start`` is called again.
@@ -31,14 +31,17 @@ from torch import nn
 @runtime_checkable
 class Callback(Protocol):
     def on_train_start(self, model: nn.Module) -> None:
-        """Once before the first step (and again when a run resumes): e.g. snapshot anchor weights."""
+        """Once before the first step (and again when a run resumes): e.g. snapshot anchor
+        weights."""
 
     def penalty(
         self, model: nn.Module, batch: Mapping[str, Any], outputs: torch.Tensor
     ) -> torch.Tensor | None:
         """A scalar added to each micro-batch's loss (EWC/SI/MAS anchors, distillation), or None.
 
-        ``outputs`` are the logits of ``batch`` (labels included in ``batch``)."""
+        ``outputs`` are the logits of ``batch`` (labels included in ``batch``); for a causal LM
+        trained through the chunked loss, its last hidden states (B, T, H): the whole batch's
+        logits are never built."""
 
     def extra_batch(self) -> dict[str, Any] | None:
         """A collated batch to train on beside each micro-batch (replay), or None."""
@@ -49,7 +52,8 @@ class Callback(Protocol):
     def on_epoch_end(
         self, model: nn.Module, epoch: int, metrics: dict[str, float]
     ) -> dict[str, float] | None:
-        """After epoch ``epoch`` (1-based) with its evaluation ``metrics``; may return extra metrics."""
+        """After epoch ``epoch`` (1-based) with its evaluation ``metrics``; may return extra
+        metrics."""
 
     def on_train_end(self, model: nn.Module) -> None:
         """Once when ``fit`` returns or raises."""
@@ -96,9 +100,10 @@ def call(callbacks, hook: str, *args: Any) -> list[Any]:
 def callbacks_from_specs(
     model: nn.Module, total_steps: int, given: Sequence[Any] = ()
 ) -> list[Any]:
-    """The callbacks the specs of ``model``'s active deltas ask for (``DeltaSpec.training_callbacks``)
-    in a run of ``total_steps`` optimizer steps, leaving out any a ``given`` callback already provides
-    (one of the same class for the same delta ``name``), so nothing runs twice."""
+    """The callbacks the specs of ``model``'s active deltas ask for
+    (``DeltaSpec.training_callbacks``) in a run of ``total_steps`` optimizer steps, leaving out any
+    a ``given`` callback already provides (one of the same class for the same delta ``name``), so
+    nothing runs twice."""
     from ..core.model import active, get_spec
 
     found = []

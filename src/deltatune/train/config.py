@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 SCHEDULES = ("linear", "cosine", "constant")
 
-# Options that change the optimisation trajectory: a resumed run must use the values it started with,
-# otherwise "resume" would silently train a different model than the interrupted run.
+# Options that change the optimisation trajectory: a resumed run must use the values it started
+# with, otherwise "resume" would silently train a different model than the interrupted run.
 TRAJECTORY_FIELDS = (
     "epochs",
     "max_steps",
@@ -25,8 +25,12 @@ TRAJECTORY_FIELDS = (
     "lisa_layers",
     "lisa_interval",
     "norm_stats",
+    "objective",
+    "dpo_beta",
+    "dpo_loss",
 )
 NORM_STATS = ("auto", "update", "freeze")
+OBJECTIVES = ("auto", "sft", "dpo")
 
 
 class TrainError(ValueError):
@@ -61,13 +65,20 @@ class TrainConfig:
         None  # LISA: train only this many randomly drawn blocks at a time (see train/lisa.py)
     )
     lisa_interval: int = 20  # LISA: optimizer steps between draws
-    # BatchNorm running statistics while training: "auto" keeps those of norm layers with no trainable
-    # parameter fixed (a frozen layer stays frozen, buffers included, so a saved delta reproduces the
-    # trained model); "update" always updates them (PyTorch's train mode), "freeze" never does.
+    # BatchNorm running statistics while training: "auto" keeps those of norm layers with no
+    # trainable parameter fixed (a frozen layer stays frozen, buffers included, so a saved delta
+    # reproduces the trained model); "update" always updates them (PyTorch's train mode),
+    # "freeze" never does.
     norm_stats: Literal["auto", "update", "freeze"] = "auto"
     # classification loss weights: None (plain mean cross-entropy), "balanced" (class c weighs
-    # N / (C * n_c), from the training labels: every class counts as much in total) or one weight per class
+    # N / (C * n_c), from the training labels: every class counts as much in total) or one weight
+    # per class
     class_weights: str | list[float] | None = None
+    # causal LMs: "sft" (cross-entropy of the labelled tokens) or "dpo" (preference pairs: chosen
+    # rows over rejected rows); "auto" is sft for a causal LM and cross-entropy for a classifier
+    objective: Literal["auto", "sft", "dpo"] = "auto"
+    dpo_beta: float = 0.1  # DPO's β: how far the policy may move from the reference
+    dpo_loss: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge, as trl's DPOConfig.loss_type
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum"):
@@ -112,6 +123,14 @@ class TrainConfig:
                 "class_weights",
                 "must be None, 'balanced' or a list of one weight >= 0 per class (not all 0)",
             )
+        if self.objective not in OBJECTIVES:
+            self._bad("objective", f"must be one of {', '.join(OBJECTIVES)}")
+        if not _is_real(self.dpo_beta) or not self.dpo_beta > 0:
+            self._bad("dpo_beta", "must be a finite number > 0 (e.g. 0.1)")
+        from ..lm.objectives import dpo_losses
+
+        if self.dpo_loss not in dpo_losses():
+            self._bad("dpo_loss", f"must be one of {', '.join(dpo_losses())}")
         if not isinstance(self.metric, str) or not self.metric:
             self._bad("metric", "must be a metric name such as accuracy or loss")
         for name in ("eval_each_epoch", "keep_best", "progress"):
@@ -140,7 +159,8 @@ def task_kind(task: str) -> Literal["classification", "causal-lm"]:
     if isinstance(task, str) and task.endswith("classification"):
         return "classification"
     raise TrainError(
-        f"task={task!r} is not supported; use text-classification, image-classification or causal-lm"
+        f"task={task!r} is not supported; use text-classification, image-classification or "
+        "causal-lm"
     )
 
 

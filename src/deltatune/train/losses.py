@@ -72,7 +72,8 @@ def compute_loss(logits: torch.Tensor, labels: torch.Tensor, task: str,
                  weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy (shifted next-token CE for ``causal-lm``), ignoring label -100.
 
-    ``weight`` (one per class, classification only) gives the weighted mean, as in ``F.cross_entropy``.
+    ``weight`` (one per class, classification only) gives the weighted mean, as in
+    ``F.cross_entropy``.
     """
     flat, target = _flat(logits, labels, task_kind(task))
     if not bool((target != IGNORE_INDEX).any()):
@@ -84,7 +85,8 @@ def compute_loss(logits: torch.Tensor, labels: torch.Tensor, task: str,
         )
     if weight is None:
         return F.cross_entropy(flat.float(), target, ignore_index=IGNORE_INDEX)
-    # the weighted mean of F.cross_entropy(weight=...), but 0 rather than NaN for a batch of zero-weight classes
+    # the weighted mean of F.cross_entropy(weight=...), but 0 rather than NaN for a batch of
+    # zero-weight classes
     per = F.cross_entropy(flat.float(), target, ignore_index=IGNORE_INDEX, reduction="none")
     w = weight.to(per)[target.clamp_min(0)] * (target != IGNORE_INDEX)
     return (per * w).sum() / w.sum().clamp_min(torch.finfo(per.dtype).tiny)
@@ -96,7 +98,8 @@ def class_weights(
     """The per-class loss weights of ``TrainConfig.class_weights`` for training labels ``labels``.
 
     ``"balanced"``: class c weighs N / (C * n_c), so every class present adds up to the same total
-    weight (scikit-learn's ``class_weight="balanced"``); a class absent from the labels gets weight 1.
+    weight (scikit-learn's ``class_weight="balanced"``); a class absent from the labels gets
+    weight 1.
     """
     if spec is None:
         return None
@@ -109,7 +112,8 @@ def class_weights(
         return torch.tensor([float(w) for w in spec])
     if not labels:
         raise TrainError(
-            "TrainConfig.class_weights='balanced' needs labelled training examples (a 'label' field)"
+            "TrainConfig.class_weights='balanced' needs labelled training examples "
+            "(a 'label' field)"
         )
     c = max(n_classes or 0, max(labels) + 1)
     counts = torch.bincount(torch.tensor(labels), minlength=c).double()
@@ -137,6 +141,17 @@ def metrics_from_sums(sums: torch.Tensor, kind: str) -> dict[str, float]:
     return {"accuracy": correct / count if count else float("nan"), "loss": loss, "n": int(count)}
 
 
+def objective_of(cfg: Any, kind: str, reference: Callable | None = None) -> Any:
+    """The causal-LM :class:`~deltatune.lm.objectives.Objective` of a TrainConfig (``auto``:
+    sft); None for classification (cross-entropy on the logits)."""
+    if kind != "causal-lm":
+        return None
+    from ..lm.objectives import make_objective
+
+    name = "sft" if cfg.objective == "auto" else cfg.objective
+    return make_objective(name, beta=cfg.dpo_beta, loss_type=cfg.dpo_loss, reference=reference)
+
+
 @torch.no_grad()
 def evaluate_shard(
     model: nn.Module,
@@ -148,37 +163,65 @@ def evaluate_shard(
     rank: int = 0,
     world: int = 1,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    *,
+    objective: Any = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """Evaluate examples ``rank::world`` of ``data`` and sum the results over ranks with ``reduce``."""
+    """Evaluate examples ``rank::world`` of ``data`` and sum the results over ranks with ``reduce``.
+
+    A causal LM is scored by ``objective`` (:mod:`deltatune.lm.objectives`; chunked, no
+    whole-batch logits); ``progress(n)`` is told of each batch of ``n`` examples done."""
+    from ..lm.loss import LossError
+    from ..lm.objectives import ObjectiveError
+
     was_training = model.training
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    sums = None
     indices = list(range(rank, len(data), world))
     try:
         for start in range(0, len(indices), batch_size):
-            batch = to_device(collate([data[i] for i in indices[start:start + batch_size]]), device)
-            logits = forward(model, batch)
-            if not bool(torch.isfinite(logits).all()):  # a broken model must not report an accuracy
+            chunk = indices[start:start + batch_size]
+            batch = to_device(collate([data[i] for i in chunk]), device)
+            if objective is None:
+                outputs = forward(model, batch)
+                part = None
+            else:
+                batch = {**batch, "labels": labels_of(batch, kind)}
+                try:
+                    outputs = part = objective.sums(model, batch)
+                except (LossError, ObjectiveError) as exc:
+                    raise TrainError(str(exc)) from None
+            if not bool(torch.isfinite(outputs).all()):  # a broken model must not report numbers
                 raise TrainError(
-                    f"the model's outputs hold NaN or inf values (examples {indices[start]}-"
-                    f"{indices[min(start + batch_size, len(indices)) - 1]}); its weights or the "
-                    "adapter are broken, or the inputs overflow its dtype"
+                    f"the model's outputs hold NaN or inf values (examples {chunk[0]}-"
+                    f"{chunk[-1]}); its weights or the adapter are broken, or the inputs overflow "
+                    "its dtype"
                 )
-            sums += eval_sums(logits, labels_of(batch, kind), kind)
+            if part is None:
+                part = eval_sums(outputs, labels_of(batch, kind), kind)
+            sums = part if sums is None else sums + part
+            if progress is not None:
+                progress(len(chunk))
     finally:
         model.train(was_training)
+    if sums is None:  # this process's shard is empty
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
     if reduce is not None:
         sums = reduce(sums)
-    return metrics_from_sums(sums, kind)
+    return objective.metrics(sums) if objective is not None else metrics_from_sums(sums, kind)
 
 
 def evaluate(model: nn.Module, data, collate: Callable, *, task: str, batch_size: int = 64,
-             device: torch.device | str | None = None) -> dict[str, float]:
+             device: torch.device | str | None = None, objective: Any = None,
+             progress: bool = False) -> dict[str, float]:
     """Evaluate ``model`` on ``data`` (examples → ``collate`` → ``model(**batch)``).
 
     Classification: ``accuracy``, mean ``loss`` and ``n``; causal-lm: token-mean ``loss``,
-    ``perplexity`` = exp(loss) and ``tokens`` (labels -100 are not counted). The model's
-    train/eval mode is restored afterwards.
+    ``perplexity`` = exp(loss), ``token_accuracy`` and ``tokens`` (labels -100 are not counted),
+    computed in chunks without the whole batch's logits. ``objective`` (causal-lm): a TrainConfig
+    or an :class:`~deltatune.lm.objectives.Objective` (``dpo``: the mean DPO ``loss``, rewards
+    and ``reward_accuracy`` over ``pairs``); default sft. ``progress``: a progress bar. The
+    model's train/eval mode is restored afterwards.
     """
     kind = task_kind(task)
     if len(data) == 0:
@@ -188,4 +231,15 @@ def evaluate(model: nn.Module, data, collate: Callable, *, task: str, batch_size
     if device is None:
         first = next(iter(model.parameters()), None)
         device = first.device if first is not None else torch.device("cpu")
-    return evaluate_shard(model, data, collate, kind, batch_size, torch.device(device))
+    if objective is None or hasattr(objective, "objective"):  # None or a TrainConfig
+        from .config import TrainConfig
+
+        objective = objective_of(objective or TrainConfig(), kind)
+    from .report import ProgressBar
+
+    bar = ProgressBar(progress, len(data), 0, label="eval")
+    try:
+        return evaluate_shard(model, data, collate, kind, batch_size, torch.device(device),
+                              objective=objective, progress=bar.advance)
+    finally:
+        bar.close()

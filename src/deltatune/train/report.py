@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from ..io.files import atomic_write, save_figure
 
@@ -113,9 +114,10 @@ def plot_curve(
 
 
 class ProgressBar:
-    """A rich progress bar with loss and samples/s; silent when disabled or rich is missing."""
+    """A rich progress bar with loss and samples/s; silent when disabled or rich is missing.
+    ``subtask`` adds a second bar for a while (the evaluation's examples during training)."""
 
-    def __init__(self, enabled: bool, total: int, done: int) -> None:
+    def __init__(self, enabled: bool, total: int, done: int, label: str = "train") -> None:
         self._bar = None
         if not enabled:
             return
@@ -131,7 +133,7 @@ class ProgressBar:
         except ImportError:
             return
         self._bar = Progress(
-            TextColumn("[bold]train"),
+            TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"),
@@ -139,13 +141,30 @@ class ProgressBar:
             TimeRemainingColumn(),
         )
         self._bar.start()
-        self._task = self._bar.add_task("train", total=total, completed=done, info="")
+        self._task = self._bar.add_task(label, total=total, completed=done, info="")
 
     def update(self, step: int, loss: float, rate: float) -> None:
         if self._bar is not None:
             self._bar.update(
                 self._task, completed=step, info=f"loss {loss:.4f} · {rate:,.1f} samples/s"
             )
+
+    def advance(self, n: int) -> None:
+        """``n`` more done (an evaluation's examples)."""
+        if self._bar is not None:
+            self._bar.advance(self._task, n)
+
+    @contextlib.contextmanager
+    def subtask(self, label: str, total: int) -> Iterator[Callable[[int], None]]:
+        """A second bar of ``total`` items while the block runs; yields its ``advance(n)``."""
+        if self._bar is None:
+            yield lambda n: None
+            return
+        task = self._bar.add_task(label, total=total, info="")
+        try:
+            yield lambda n: self._bar.advance(task, n)
+        finally:
+            self._bar.remove_task(task)
 
     def note(self, text: str) -> None:
         if self._bar is not None:

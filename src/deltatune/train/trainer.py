@@ -1,4 +1,5 @@
-"""``fit``: train the parameters that have ``requires_grad`` (the deltas) on any model + dataset + collate.
+"""``fit``: train the parameters that have ``requires_grad`` (the deltas) on any model + dataset
++ collate.
 
 AdamW with warmup + linear/cosine decay, gradient accumulation and clipping, a seeded per-epoch
 permutation (so a resumed run continues mid-epoch on exactly the batches it would have seen),
@@ -18,10 +19,20 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from ..lm.loss import LossError
+from ..lm.objectives import ObjectiveError
 from . import checkpoint, rng
 from .callbacks import call, callbacks_from_specs
 from .config import CheckpointError, TrainConfig, TrainError, selection_metric, task_kind
-from .losses import class_weights, compute_loss, evaluate_shard, forward, labels_of, to_device
+from .losses import (
+    class_weights,
+    compute_loss,
+    evaluate_shard,
+    forward,
+    labels_of,
+    objective_of,
+    to_device,
+)
 from .optim import Plan, build_optimizer, lr_factor, norm_buffers, norm_layers, trainable_parameters
 from .report import ProgressBar, TrainResult, peak_rss_mb, plot_curve, write_metrics
 from .state import TrainState, check_compatible, restore, snapshot
@@ -39,24 +50,34 @@ def fit(
     callbacks: Sequence[Any] = (),
     spec_callbacks: bool = False,
     task: str = "text-classification",
+    reference: Callable[[nn.Module], Any] | None = None,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters on ``train_data`` and return what happened.
 
     ``train_data[i]`` are examples; ``collate(list_of_examples)`` makes a dict batch whose
     ``labels`` are removed before ``model(**batch)``, which returns logits: (batch, classes) for a
     ``*classification`` task, (batch, time, vocab) for ``causal-lm`` (shifted next-token loss,
-    labels -100 ignored). With ``out_dir``: ``metrics.json``, ``learning_curve.png`` and, every
+    labels -100 ignored). A causal LM trains with ``config.objective`` (:mod:`deltatune.lm.
+    objectives`: sft or dpo); one with a separate head (:class:`deltatune.models.text.CausalLM`)
+    through the chunked loss, never building the whole batch's logits. ``reference(model)`` is
+    the context in which the model computes DPO's reference (default: its deltas disabled).
+    With ``out_dir``: ``metrics.json``, ``learning_curve.png`` and, every
     ``config.save_every`` steps, ``checkpoint/``; ``resume=True`` continues from that checkpoint
-    (bit-identical to an uninterrupted run on CPU) or starts fresh, with a warning, if there is none.
-    The model ends on the training device in eval mode, holding the best evaluated tensors when
-    ``config.keep_best`` (else the last ones). See :mod:`deltatune.train.callbacks` for ``callbacks``;
-    ``spec_callbacks=True`` adds the ones the active deltas' specs need (AdaLoRA's pruning, IncreLoRA's
-    growth, over this run's length) unless ``callbacks`` already holds them.
+    (bit-identical to an uninterrupted run on CPU) or starts fresh, with a warning, if there is
+    none. The model ends on the training device in eval mode, holding the best evaluated tensors
+    when ``config.keep_best`` (else the last ones). See :mod:`deltatune.train.callbacks` for
+    ``callbacks``; ``spec_callbacks=True`` adds the ones the active deltas' specs need (AdaLoRA's
+    pruning, IncreLoRA's growth, over this run's length) unless ``callbacks`` already holds them.
     """
     cfg = TrainConfig() if config is None else config
     if not isinstance(cfg, TrainConfig):
         raise TrainError(f"config must be a TrainConfig, not {type(cfg).__name__}")
     kind = task_kind(task)
+    if kind != "causal-lm" and cfg.objective != "auto":
+        raise TrainError(
+            f"TrainConfig.objective={cfg.objective!r} trains causal LMs; a {task} model trains "
+            "with cross-entropy (objective='auto')"
+        )
     metric, higher = selection_metric(cfg.metric, kind)
     if len(train_data) == 0:
         raise TrainError("the training data is empty; check the dataset name, split and limit")
@@ -74,7 +95,8 @@ def fit(
 
         callbacks.insert(0, LISA(cfg.lisa_layers, cfg.lisa_interval, cfg.seed))
     run = _Run(
-        model, train_data, collate, cfg, eval_data, out, callbacks, task, kind, metric, higher
+        model, train_data, collate, cfg, eval_data, out, callbacks, task, kind, metric, higher,
+        reference,
     )
     if spec_callbacks:  # after _Run: they need the run's length; run.callbacks is this same list
         callbacks += callbacks_from_specs(model, run.total, callbacks)
@@ -90,14 +112,16 @@ class _Run:
     """One call of :func:`fit`: the live objects and the loop over optimizer steps."""
 
     def __init__(self, model, train_data, collate, cfg: TrainConfig, eval_data, out: Path | None,
-                 callbacks: list, task: str, kind: str, metric: str, higher: bool) -> None:
+                 callbacks: list, task: str, kind: str, metric: str, higher: bool,
+                 reference: Callable[[nn.Module], Any] | None = None) -> None:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         self.model, self.train_data, self.collate, self.cfg = model, train_data, collate, cfg
         self.eval_data, self.out, self.callbacks = eval_data, out, callbacks
         self.task, self.kind, self.metric, self.higher = task, kind, metric, higher
-        # accelerate sets up gloo DDP on CPU only when told cpu=True; on a GPU machine it picks the GPU.
+        # accelerate sets up gloo DDP on CPU only when told cpu=True; on a GPU machine it picks the
+        # GPU.
         self.acc = Accelerator(cpu=not _has_accelerator())
         self.world, self.rank, self.device = (
             self.acc.num_processes,
@@ -117,6 +141,7 @@ class _Run:
         ]  # found once; _hold_norm_stats runs every step
         self.opt = build_optimizer(self.named, cfg)
         self.weight = self._class_weights()
+        self.objective = objective_of(cfg, kind, reference)
         self.plan = Plan(len(train_data), cfg.batch_size, self.world, cfg.grad_accum)
         self.total = cfg.max_steps or cfg.epochs * self.plan.steps_per_epoch
         self.warmup = math.ceil(cfg.warmup_ratio * self.total)
@@ -150,7 +175,7 @@ class _Run:
         names = getattr(self.train_data, "label_names", None)
         return class_weights(spec, labels, len(names) if names else None).to(self.device)
 
-    # -- resume -------------------------------------------------------------------------------------
+    # -- resume -----------------------------------------------------------------------------------
     def resume(self) -> None:
         found = checkpoint.find(self.out)
         if found is None:
@@ -165,7 +190,7 @@ class _Run:
         self.rng_files = (files.get("rng", {}), meta.get("rng", {}))
         self.resumed_from = self.state.step
 
-    # -- the loop -----------------------------------------------------------------------------------
+    # -- the loop ---------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         cfg, st, plan = self.cfg, self.state, self.plan
         call(self.callbacks, "on_train_start", self.model)
@@ -208,7 +233,7 @@ class _Run:
         self.wrapped.train()
         self._hold_norm_stats()
         self.opt.zero_grad(set_to_none=True)
-        losses, penalties = [], []
+        losses, penalties, extras = [], [], {}
         for micro in range(first, last):
             indices, fresh = self.plan.micro_batch(order, micro, self.rank)
             parts = [to_device(self.collate([self.train_data[i] for i in indices]), self.device)]
@@ -218,14 +243,15 @@ class _Run:
                 # DDP all-reduces gradients only on the very last backward of the step.
                 sync = micro == last - 1 and j == len(parts) - 1
                 with nullcontext() if sync else self.acc.no_sync(self.wrapped):
-                    logits = forward(self.wrapped, batch)
-                    loss = compute_loss(logits, labels_of(batch, self.kind), self.kind, self.weight)
+                    loss, outputs, metrics = self._loss(batch)
                     objective = loss * (
                         sizes[j] / sum(sizes)
                     )  # replayed examples count like the others
                     if j == 0:
                         losses.append(loss.detach())
-                        for pen in call(self.callbacks, "penalty", self.model, batch, logits):
+                        for key, value in metrics.items():
+                            extras.setdefault(key, []).append(value)
+                        for pen in call(self.callbacks, "penalty", self.model, batch, outputs):
                             if not torch.is_tensor(pen) or pen.numel() != 1:
                                 raise TrainError(
                                     "a callback's penalty() must return a scalar tensor or None"
@@ -244,8 +270,8 @@ class _Run:
             record["loss"]
         ):  # before the update: the model keeps its last good state
             raise TrainError(
-                f"the training loss became {record['loss']} at step {st.step + 1}; lower the learning "
-                f"rate (TrainConfig.lr={cfg.lr}) or check the data and labels"
+                f"the training loss became {record['loss']} at step {st.step + 1}; lower the "
+                f"learning rate (TrainConfig.lr={cfg.lr}) or check the data and labels"
             )
         if cfg.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.named], cfg.max_grad_norm)
@@ -257,13 +283,30 @@ class _Run:
         self.opt.zero_grad(set_to_none=True)
         st.step += 1
         record["lr"] = lr
+        for key, values in extras.items():  # e.g. DPO's rewards and reward accuracy
+            record[key] = self._mean(values)
         if penalties:
             record["penalty"] = self._mean(penalties)
         st.steps.append(record)
         return record
 
+    def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Any, dict[str, torch.Tensor]]:
+        """The micro-batch's loss, the outputs penalty callbacks see (logits; a causal LM's last
+        hidden states) and the objective's metrics."""
+        if self.objective is None:
+            logits = forward(self.wrapped, batch)
+            loss = compute_loss(logits, labels_of(batch, self.kind), self.kind, self.weight)
+            return loss, logits, {}
+        batch = {**batch, "labels": labels_of(batch, self.kind)}
+        try:
+            out = self.objective.step(self.wrapped, batch)
+        except (LossError, ObjectiveError) as exc:
+            raise TrainError(str(exc)) from None
+        return out.loss, out.outputs, out.metrics
+
     def _hold_norm_stats(self) -> None:
-        """Put the norm layers whose running statistics must not move into eval mode (see ``norm_stats``)."""
+        """Put the norm layers whose running statistics must not move into eval mode (see
+        ``norm_stats``)."""
         mode = self.cfg.norm_stats
         if mode == "update":
             return
@@ -277,9 +320,10 @@ class _Run:
         mean = torch.stack(values).float().mean()
         return float(self.acc.reduce(mean, "mean") if self.world > 1 else mean)
 
-    # -- evaluation, best state, checkpoints, reports -------------------------------------------------
+    # -- evaluation, best state, checkpoints, reports ---------------------------------------------
     def _end_epoch(self, bar: ProgressBar, partial: bool = False) -> None:
-        """Close an epoch (or, ``partial``, the run in the middle of one): evaluate, record, report."""
+        """Close an epoch (or, ``partial``, the run in the middle of one): evaluate, record,
+        report."""
         st = self.state
         epoch = st.epoch + 1
         losses = [s["loss"] for s in st.steps if s["epoch"] == epoch]
@@ -316,20 +360,25 @@ class _Run:
 
     def _evaluate(self, record: dict[str, Any], bar: ProgressBar) -> dict[str, Any]:
         reduce = (lambda t: self.acc.reduce(t, "sum")) if self.world > 1 else None
-        metrics = evaluate_shard(
-            self.model,
-            self.eval_data,
-            self.collate,
-            self.kind,
-            self.cfg.eval_batch_size,
-            self.device,
-            self.rank,
-            self.world,
-            reduce,
-        )
+        shard = len(range(self.rank, len(self.eval_data), self.world))
+        with bar.subtask("eval", shard) as advance:
+            metrics = evaluate_shard(
+                self.model,
+                self.eval_data,
+                self.collate,
+                self.kind,
+                self.cfg.eval_batch_size,
+                self.device,
+                self.rank,
+                self.world,
+                reduce,
+                objective=self.objective,
+                progress=advance,
+            )
         record.update(metrics)
         bar.note(
-            f"epoch {record['epoch']}{' (partial)' if record.get('partial') else ''} step {record['step']}: "
+            f"epoch {record['epoch']}{' (partial)' if record.get('partial') else ''} "
+            f"step {record['step']}: "
             + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         )
         return metrics
