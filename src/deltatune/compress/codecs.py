@@ -1,20 +1,21 @@
 """Per-tensor delta codecs: encode one tensor into packed parts, decode it back.
 
 A codec turns a floating tensor δ into a few small tensors ("parts", stored in safetensors) plus a
-JSON-able ``meta`` dict; ``decode(meta, parts)`` rebuilds δ (exactly for ``raw``; the lossy codecs are
-exact up to their own quantisation, i.e. decode(encode(δ)) is the codec's δ̂ bit for bit).
+JSON-able ``meta`` dict; ``decode(meta, parts)`` rebuilds δ (exactly for ``raw``; the lossy codecs
+are exact up to their own quantisation, i.e. decode(encode(δ)) is the codec's δ̂ bit for bit).
 
 - ``compeft``: keep the top-``density`` magnitudes, ternary ``{-1, 0, +1}`` × one scale per tensor.
   ComPEFT, Yadav et al. 2023, https://arxiv.org/abs/2311.13171
-- ``bitdelta``: ``sign(δ)`` × one scale per matrix (mean |δ|, optionally calibrated by distillation).
-  BitDelta, Liu et al. 2024, https://arxiv.org/abs/2402.10193
+- ``bitdelta``: ``sign(δ)`` × one scale per matrix (mean |δ|, optionally calibrated by
+  distillation). BitDelta, Liu et al. 2024, https://arxiv.org/abs/2402.10193
 - ``dare``: keep each entry with probability ``density``, rescale by ``1/density``.
   DARE, Yu et al. 2023, https://arxiv.org/abs/2311.03099
 - ``int8`` / ``int4``: symmetric per-output-channel (first dimension) absmax quantisation.
 - ``lowrank``: truncated SVD ``δ ≈ B·A`` at a chosen rank (full fine-tuning delta → LoRA factors).
 
-Packing: sign and mask bits with ``numpy.packbits`` (8 per byte), 4-bit integers two per byte. Sparse
-positions are stored as a bitmask (n/8 bytes) or as int32 indices (4 bytes each), whichever is smaller.
+Packing: sign and mask bits with ``numpy.packbits`` (8 per byte), 4-bit integers two per byte.
+Sparse positions are stored as a bitmask (n/8 bytes) or as int32 indices (4 bytes each), whichever
+is smaller.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
 def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     if packed.dtype != torch.uint8 or packed.numel() != (n + 7) // 8:
         raise CompressError(
-            f"packed bit field has {packed.numel()} bytes of {packed.dtype}, expected {(n + 7) // 8} "
-            "uint8; the compressed file is corrupt"
+            f"packed bit field has {packed.numel()} bytes of {packed.dtype}, expected "
+            f"{(n + 7) // 8} uint8; the compressed file is corrupt"
         )
     return torch.from_numpy(np.unpackbits(packed.numpy(), count=n).astype(bool))
 
@@ -61,7 +62,8 @@ def pack_nibbles(values: torch.Tensor) -> torch.Tensor:
 def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
     if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
         raise CompressError(
-            f"packed 4-bit field has {packed.numel()} bytes, expected {(n + 1) // 2}; the file is corrupt"
+            f"packed 4-bit field has {packed.numel()} bytes, expected {(n + 1) // 2}; the file is "
+            "corrupt"
         )
     out = torch.stack([packed & 0x0F, packed >> 4], dim=1).reshape(-1)
     return out[:n]
@@ -109,9 +111,9 @@ def encode_compeft(
 ):
     """Top-k magnitudes → signs on a sparse support × one scale.
 
-    ``scale="mean"``: the mean |δ| over the kept entries (the least-squares optimum for a fixed support
-    and sign); ``"std"``: the standard deviation of δ, as in the paper. ``alpha`` multiplies either
-    (the paper searches it on held-out data: see :func:`deltatune.compress.search_alpha`)."""
+    ``scale="mean"``: the mean |δ| over the kept entries (the least-squares optimum for a fixed
+    support and sign); ``"std"``: the standard deviation of δ, as in the paper. ``alpha`` multiplies
+    either (the paper searches it on held-out data: see :func:`deltatune.compress.search_alpha`)."""
     d = delta.detach().float().cpu()
     keep = _top_k_mask(d, density)
     flat = d.reshape(-1)

@@ -1,12 +1,14 @@
-"""Compressed deltas on disk: ``compressed.json`` + ``compressed.safetensors`` (packed uint8/int parts).
+"""Compressed deltas on disk: ``compressed.json`` + ``compressed.safetensors`` (packed uint8/int
+parts).
 
 Two kinds of source, one container:
 
-- a deltatune **adapter directory** (LoRA, IA3, any method): its own tensors are compressed and a copy
-  of its ``delta.json`` (marked ``"compressed": true``) is written beside the container, so
+- a deltatune **adapter directory** (LoRA, IA3, any method): its own tensors are compressed and a
+  copy of its ``delta.json`` (marked ``"compressed": true``) is written beside the container, so
   ``dt.load_adapter`` attaches the compressed delta like any other (decoding it on load);
-- a **task vector** (a full fine-tuning delta: fine-tuned checkpoint − base, or a saved task vector):
-  ``load_compressed(dir).to_task_vector()`` gives it back, ``.apply_to(model)`` adds it to a base.
+- a **task vector** (a full fine-tuning delta: fine-tuned checkpoint − base, or a saved task
+  vector): ``load_compressed(dir).to_task_vector()`` gives it back, ``.apply_to(model)`` adds it to
+  a base.
 
 Only floating tensors with at least 2 dimensions and ``min_numel`` entries go through the codec;
 vectors (biases, norms, IA3 scales) and small tensors stay raw: they are a tiny share of the bytes
@@ -61,7 +63,8 @@ class CompressedDelta:
         return iter(self.metas)
 
     def to_task_vector(self, *, factored: bool = True):
-        """A :class:`~deltatune.algebra.TaskVector`; ``lowrank`` entries stay factored unless ``factored=False``."""
+        """A :class:`~deltatune.algebra.TaskVector`; ``lowrank`` entries stay factored unless
+        ``factored=False``."""
         from ..algebra import TaskVector
         from ..algebra.lowrank import LowRank
 
@@ -77,7 +80,8 @@ class CompressedDelta:
     # -- sizes ----------------------------------------------------------------------------------
     @property
     def original_bytes(self) -> int:
-        """Bytes of the same tensors stored uncompressed in float32 (raw tensors at their own size)."""
+        """Bytes of the same tensors stored uncompressed in float32 (raw tensors at their own
+        size)."""
         return sum(m["original_bytes"] for m in self.metas.values())
 
     @property
@@ -105,7 +109,8 @@ class CompressedDelta:
 
     # -- scales (ComPEFT alpha search, BitDelta calibration) -------------------------------------
     def scales(self) -> dict[str, torch.Tensor]:
-        """The per-tensor ``scale`` parts of ComPEFT/BitDelta entries (edit in place, or rescale)."""
+        """The per-tensor ``scale`` parts of ComPEFT/BitDelta entries (edit in place, or
+        rescale)."""
         return {n: self.parts[n]["scale"] for n, m in self.metas.items() if m["codec"] in SCALED}
 
     def rescaled(self, factor: float) -> "CompressedDelta":
@@ -165,8 +170,8 @@ def compress_tensors(
     keep: Sequence[str] = (),
     source: dict[str, Any] | None = None,
 ) -> CompressedDelta:
-    """Encode every eligible tensor of ``tensors`` with ``codec`` (see the module docstring); tensors
-    whose names start with one of ``keep`` (e.g. ``"classifier"``, a new head) stay raw."""
+    """Encode every eligible tensor of ``tensors`` with ``codec`` (see the module docstring);
+    tensors whose names start with one of ``keep`` (e.g. ``"classifier"``, a new head) stay raw."""
     check_options(codec, density, rank, scale, alpha, values)
     if not tensors:
         raise CompressError("nothing to compress: the delta holds no tensors")
@@ -212,8 +217,9 @@ def compress_tensors(
         }
     if not eligible:
         raise CompressError(
-            f"no tensor of this delta can take the {codec} codec (it needs floating tensors with >= 2 "
-            f"dimensions and >= {min_numel} entries); lower --min-numel or keep the delta as it is"
+            f"no tensor of this delta can take the {codec} codec (it needs floating tensors with "
+            f">= 2 dimensions and >= {min_numel} entries); lower --min-numel or keep the delta as "
+            "it is"
         )
     return CompressedDelta(codec, options, metas, parts, dict(source or {}))
 
@@ -226,15 +232,16 @@ def compress_adapter(path: str | Path, codec: str, **options: Any) -> Compressed
     config = read_json(path / DELTA_JSON)
     if config.get("compressed"):
         raise CompressError(
-            f"{path} is already compressed ({config['compressed'].get('codec')}); compress the original"
+            f"{path} is already compressed ({config['compressed'].get('codec')}); compress the "
+            "original"
         )
     from ..core.spec import registered_methods
 
     method = registered_methods().get(str(config.get("method")))
     if codec == "lowrank" and method is not None and method.factored:
         raise CompressError(
-            f"{path} holds a {config['method']} delta, already low-rank factors; lowrank extraction is "
-            "for full fine-tuning deltas (use compeft, bitdelta, dare, int8 or int4)"
+            f"{path} holds a {config['method']} delta, already low-rank factors; lowrank "
+            "extraction is for full fine-tuning deltas (use compeft, bitdelta, dare, int8 or int4)"
         )
     tensors = load_tensors(path / DELTA_TENSORS)
     return compress_tensors(
@@ -248,7 +255,8 @@ def compress_adapter(path: str | Path, codec: str, **options: Any) -> Compressed
 def compress_checkpoint(
     finetuned: str | Path, base: str | Path, codec: str, **options: Any
 ) -> CompressedDelta:
-    """Compress the task vector ``finetuned − base`` of two safetensors checkpoints (files or shard dirs)."""
+    """Compress the task vector ``finetuned − base`` of two safetensors checkpoints (files or shard
+    dirs)."""
     from ..algebra import TaskVector
 
     tv = TaskVector.from_checkpoints(base, finetuned)
@@ -277,7 +285,8 @@ def load_compressed(path: str | Path) -> CompressedDelta:
     version = config.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CompressError(
-            f"{path} was written by a newer deltatune (format version {version}); upgrade to read it"
+            f"{path} was written by a newer deltatune (format version {version}); upgrade to read "
+            "it"
         )
     metas = config.get("entries")
     if not isinstance(metas, dict) or not metas:
@@ -308,7 +317,8 @@ def load_compressed(path: str | Path) -> CompressedDelta:
             )
         if meta.get("codec") not in CODECS:
             raise CompressError(
-                f"unknown codec {meta.get('codec')!r} in {path}; it was written by a newer deltatune"
+                f"unknown codec {meta.get('codec')!r} in {path}; it was written by a newer "
+                "deltatune"
             )
     source = dict(config.get("source") or {})
     if (path / DELTA_JSON).is_file():

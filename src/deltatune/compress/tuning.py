@@ -1,12 +1,13 @@
 """Fitting a compressed delta's scales on data, and turning a full delta into a LoRA adapter.
 
-- :func:`search_alpha` — ComPEFT's scale search: try multipliers of the per-tensor scales, keep the one
-  a held-out ``evaluate`` scores best (Yadav et al., https://arxiv.org/abs/2311.13171, Sec. 3).
+- :func:`search_alpha` — ComPEFT's scale search: try multipliers of the per-tensor scales, keep the
+  one a held-out ``evaluate`` scores best (Yadav et al., https://arxiv.org/abs/2311.13171, Sec. 3).
 - :func:`calibrate_scales` — BitDelta's scale distillation: the per-matrix scales are trained so the
   compressed model's logits match the uncompressed fine-tuned model's on a few batches (Liu et al.,
-  https://arxiv.org/abs/2402.10193, Sec. 3.2). The signs stay fixed; only one number per matrix moves.
-- :func:`extract_lora` — a full fine-tuning delta as LoRA factors (truncated SVD) attached to a model,
-  to be saved with ``dt.save_adapter`` in deltatune's or peft's format.
+  https://arxiv.org/abs/2402.10193, Sec. 3.2). The signs stay fixed; only one number per matrix
+  moves.
+- :func:`extract_lora` — a full fine-tuning delta as LoRA factors (truncated SVD) attached to a
+  model, to be saved with ``dt.save_adapter`` in deltatune's or peft's format.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def search_alpha(
     evaluate: Callable[[CompressedDelta], float],
     grid: Sequence[float] = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0),
 ) -> tuple[CompressedDelta, dict[float, float]]:
-    """The rescaled copy with the best ``evaluate`` score (higher is better), and every score by factor."""
+    """The rescaled copy with the best ``evaluate`` score (higher is better), and every score by
+    factor."""
     if not compressed.scales():
         raise CompressError(
             f"search_alpha needs a compeft or bitdelta delta, not {compressed.codec}"
@@ -51,8 +53,9 @@ def calibrate_scales(
     """Distil the per-matrix scales against ``teacher(batch)`` logits; returns a calibrated copy.
 
     ``model`` is the base architecture (its weights are not changed: the compressed weights
-    ``base[name] + scale·sign`` enter through ``torch.func.functional_call``); ``base`` holds the base
-    values of the compressed tensors by name; ``batches`` are reused cyclically for ``steps`` steps.
+    ``base[name] + scale·sign`` enter through ``torch.func.functional_call``); ``base`` holds the
+    base values of the compressed tensors by name; ``batches`` are reused cyclically for ``steps``
+    steps.
     """
     from torch.func import functional_call
 
@@ -120,7 +123,8 @@ class _Call:
 def extract_lora(
     model: nn.Module, task_vector, rank: int, *, name: str = "lowrank"
 ) -> dict[str, Any]:
-    """Attach the 2-D weight changes of ``task_vector`` to ``model`` as a rank-``rank`` LoRA ``name``.
+    """Attach the 2-D weight changes of ``task_vector`` to ``model`` as a rank-``rank`` LoRA
+    ``name``.
 
     Entries a LoRA cannot hold (biases, norms, conv kernels, modules that are not Linear/Embedding)
     are left out and listed in the returned report (``dropped``); apply them to the base with
