@@ -1,4 +1,5 @@
-"""The strategy base class: sequential fine-tuning, and the small hook objects every strategy uses."""
+"""The strategy base class: sequential fine-tuning, and the small hook objects every strategy
+uses."""
 
 from __future__ import annotations
 
@@ -81,8 +82,8 @@ class _Penalty:
 def distillation_loss(
     student: torch.Tensor, teacher: torch.Tensor, old: list[int], temperature: float, lam: float
 ) -> torch.Tensor:
-    """λ·T²·KL(teacher ‖ student) at temperature T over the classes seen before (``old``; all when empty
-    or when the head has no other classes), as in LwF and ZSCL."""
+    """λ·T²·KL(teacher ‖ student) at temperature T over the classes seen before (``old``; all when
+    empty or when the head has no other classes), as in LwF and ZSCL."""
     cols = old if old and student.shape[-1] > len(old) else slice(None)
     T = temperature
     return (

@@ -1,4 +1,5 @@
-"""Per-task deltas: one LoRA per task, merged after each task (task arithmetic) or kept orthogonal (O-LoRA)."""
+"""Per-task deltas: one LoRA per task, merged after each task (task arithmetic) or kept orthogonal
+(O-LoRA)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ class _PerTask(Strategy):
         name = f"task{t}"
         attach(self.model, self.spec, name)
         self.names.append(name)
-        self._unfreeze_head()  # attach freezes every non-delta parameter; the shared head keeps training
+        # attach freezes every non-delta parameter; the shared head keeps training
+        self._unfreeze_head()
 
 
 class Merge(_PerTask):
@@ -47,7 +49,8 @@ class Merge(_PerTask):
 
     def after_task(self, t, task) -> None:
         """The merged delta: one LoRA holding exactly the average of the task deltas' weight changes
-        (rank n·r, capped at each layer's own rank, where the average is still exact; conv LoRA too)."""
+        (rank n·r, capped at each layer's own rank, where the average is still exact; conv LoRA
+        too)."""
         super().after_task(t, task)
         import dataclasses
 

@@ -1,10 +1,11 @@
 """Run a strategy over a stream with deltatune's trainer, and the continual-learning metrics.
 
 Metrics follow Lopez-Paz & Ranzato (GEM, https://arxiv.org/abs/1706.08840) and Chaudhry et al.
-(https://arxiv.org/abs/1801.10112), with ``R[i][j]`` = test accuracy on task j after training task i:
-average accuracy = mean_j R[T-1][j]; forgetting = mean over j < T-1 of (max_{i<T-1} R[i][j] − R[T-1][j]);
-BWT = mean over j < T-1 of (R[T-1][j] − R[j][j]); FWT = mean over j > 0 of (R[j-1][j] − b_j), b_j being
-the accuracy of the model before any training.
+(https://arxiv.org/abs/1801.10112), with ``R[i][j]`` = test accuracy on task j after training
+task i: average accuracy = mean_j R[T-1][j];
+forgetting = mean over j < T-1 of (max_{i<T-1} R[i][j] − R[T-1][j]);
+BWT = mean over j < T-1 of (R[T-1][j] − R[j][j]);
+FWT = mean over j > 0 of (R[j-1][j] − b_j), b_j being the accuracy of the model before any training.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ class ContinualResult:
 
 
 def metrics(matrix: list[list[float]], initial: list[float]) -> dict[str, float | None]:
-    """Average accuracy, forgetting, BWT and FWT of an accuracy matrix (see the module docstring)."""
+    """Average accuracy, forgetting, BWT and FWT of an accuracy matrix (see the module
+    docstring)."""
     T = len(matrix)
     if T == 0 or any(len(row) != len(matrix[0]) for row in matrix):
         raise ContinualError("the accuracy matrix must be a non-empty list of equal-length rows")
@@ -84,7 +86,8 @@ def _check_head(model: nn.Module, stream: Stream, collate: Callable) -> None:
     if width != len(stream.label_names):
         raise ContinualError(
             f"the model's head has {width} outputs but stream {stream.name!r} has "
-            f"{len(stream.label_names)} classes; build the model with num_labels={len(stream.label_names)}"
+            f"{len(stream.label_names)} classes; build the model with "
+            f"num_labels={len(stream.label_names)}"
         )
 
 
@@ -101,8 +104,9 @@ def run_stream(
     out_dir: str | Path | None = None,
     log: Callable[[str], None] | None = None,
 ) -> ContinualResult:
-    """Train ``strategy`` task by task (``config``: a :class:`~deltatune.train.TrainConfig` per task) and
-    evaluate every task after each one. ``task_ids=True`` evaluates with the task's classes only."""
+    """Train ``strategy`` task by task (``config``: a :class:`~deltatune.train.TrainConfig` per
+    task) and evaluate every task after each one. ``task_ids=True`` evaluates with the task's
+    classes only."""
     from ..train import evaluate, fit
 
     head = list(head or [])

@@ -4,13 +4,18 @@ Every strategy trains a parameter-efficient delta (any deltatune spec; ``None`` 
 plus the model's classification head, task after task:
 
 - ``sequential`` — fine-tune the same delta on each task (the lower bound);
-- ``joint`` — one run on all tasks' data (the upper bound; see :func:`~deltatune.continual.run_stream`);
-- ``replay`` — experience replay from a reservoir buffer (Chaudhry et al., https://arxiv.org/abs/1902.10486);
-- ``ewc`` — elastic weight consolidation, online Fisher (Kirkpatrick et al., https://arxiv.org/abs/1612.00796);
-- ``lwf`` — learning without forgetting: distil the previous model's outputs (Li & Hoiem, https://arxiv.org/abs/1606.09282);
-- ``lae`` — online delta + offline EMA delta, ensembled at inference (Gao et al., https://arxiv.org/abs/2303.10070);
-- ``zscl`` — distil the previous model on a reference set (not the task's labelled data) and average the
-  weights along each task's trajectory (ZSCL, Zheng et al., https://arxiv.org/abs/2303.06628);
+- ``joint`` — one run on all tasks' data (the upper bound; see
+  :func:`~deltatune.continual.run_stream`);
+- ``replay`` — experience replay from a reservoir buffer (Chaudhry et al.,
+  https://arxiv.org/abs/1902.10486);
+- ``ewc`` — elastic weight consolidation, online Fisher (Kirkpatrick et al.,
+  https://arxiv.org/abs/1612.00796);
+- ``lwf`` — learning without forgetting: distil the previous model's outputs (Li & Hoiem,
+  https://arxiv.org/abs/1606.09282);
+- ``lae`` — online delta + offline EMA delta, ensembled at inference (Gao et al.,
+  https://arxiv.org/abs/2303.10070);
+- ``zscl`` — distil the previous model on a reference set (not the task's labelled data) and average
+  the weights along each task's trajectory (ZSCL, Zheng et al., https://arxiv.org/abs/2303.06628);
 - ``merge`` — one delta per task, merged (averaged task vectors) after each task (task arithmetic,
   Ilharco et al., https://arxiv.org/abs/2212.04089);
 - ``olora`` — a new LoRA per task, kept orthogonal to the frozen earlier ones (O-LoRA, Wang et al.,
@@ -200,8 +205,9 @@ class LAE(Strategy):
 
     @classmethod
     def options(cls):
-        # None: 1 − 1/steps per task (clipped to [0.9, 0.9999]), so the offline delta's time constant is one
-        # task whatever the run length; the paper's 0.999 assumes ~1000 steps per task.
+        # None: 1 − 1/steps per task (clipped to [0.9, 0.9999]), so the offline delta's time
+        # constant is one task whatever the run length; the paper's 0.999 assumes ~1000 steps per
+        # task.
         return {"momentum": None}
 
     def validate(self, spec) -> None:

@@ -1,7 +1,8 @@
 """Task streams: a sequence of tasks (train/test data each) built from any labelled data set.
 
-- class-incremental: each task brings new classes (``split-mnist``: 0/1, 2/3, ...; ``bbc-news-classinc``);
-  one head over every class, and at test time the task id is hidden unless asked for;
+- class-incremental: each task brings new classes (``split-mnist``: 0/1, 2/3, ...;
+  ``bbc-news-classinc``); one head over every class, and at test time the task id is hidden unless
+  asked for;
 - domain-incremental: the same classes under a new input distribution each task (``tweet-domains``:
   airlines → nfl → apple → cars; ``mnist-corruptions``: MNIST under a sequence of corruptions).
 
@@ -22,7 +23,8 @@ from ..data import Dataset, load_data
 
 
 class ContinualError(DeltaError):
-    """A stream or strategy setting that cannot work (overlapping classes, empty task, wrong head...)."""
+    """A stream or strategy setting that cannot work (overlapping classes, empty task, wrong
+    head...)."""
 
 
 @dataclass
@@ -65,7 +67,8 @@ class Stream:
 
 STREAMS = {
     "split-mnist": "MNIST digits in 5 class-incremental tasks: 0/1, 2/3, 4/5, 6/7, 8/9 (small-cnn)",
-    "bbc-news-classinc": "BBC News topics in 3 class-incremental tasks: business/entertainment, politics/sport, tech",
+    "bbc-news-classinc": "BBC News topics in 3 class-incremental tasks: business/entertainment, "
+    "politics/sport, tech",
     "tweet-domains": "tweet sentiment, domain-incremental: airlines -> nfl -> apple -> cars",
     "mnist-corruptions": "MNIST digits, domain-incremental over corruptions at severity 3: "
     "fog -> zoom_blur -> contrast -> impulse_noise",
@@ -121,7 +124,8 @@ def _domain_stream(
     names = tasks[0].train.label_names
     if any(t.train.label_names != names for t in tasks):
         raise ContinualError(
-            f"the domains of {name} do not share one label set; a domain stream needs the same classes"
+            f"the domains of {name} do not share one label set; a domain stream needs the same "
+            "classes"
         )
     return Stream(name, "domain", tasks, names, tasks[0].train.task)
 
@@ -129,7 +133,8 @@ def _domain_stream(
 def _column_stream(
     name: str, spec: str, column: str, values: list[str] | None, limit_train, limit_test, seed
 ) -> Stream:
-    """Domain-incremental: one task per value of an example field (a user file's ``task`` column, ...)."""
+    """Domain-incremental: one task per value of an example field (a user file's ``task`` column,
+    ...)."""
     train, test = (
         load_data(spec, "train", seed=seed, limit=limit_train),
         load_data(spec, "test", seed=seed, limit=limit_test),
@@ -141,8 +146,9 @@ def _column_stream(
             if k not in ("text", "label", "image")
         )
         raise ContinualError(
-            f"{spec} has no {column!r} column to split tasks by (it has: {', '.join(have) or 'none'}); "
-            "add a 'task' column to the file, or give a class order like PATH@0,1;2,3"
+            f"{spec} has no {column!r} column to split tasks by (it has: "
+            f"{', '.join(have) or 'none'}); add a 'task' column to the file, or give a class order "
+            "like PATH@0,1;2,3"
         )
     present = sorted(
         {str(e[column]) for e in train.examples}
@@ -200,8 +206,8 @@ def make_stream(
     path, sep, order = spec.rpartition("@")
     if not sep:
         raise ContinualError(
-            f"unknown stream {spec!r}; bundled: {', '.join(STREAMS)}, or PATH@0,1;2,3 for your data "
-            "(classes by label index, tasks separated by ';'), or PATH@task for a task column"
+            f"unknown stream {spec!r}; bundled: {', '.join(STREAMS)}, or PATH@0,1;2,3 for your "
+            "data (classes by label index, tasks separated by ';'), or PATH@task for a task column"
         )
     column, eq, values = order.partition("=")
     if column.strip() and not column.strip()[0].isdigit():

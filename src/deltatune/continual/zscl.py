@@ -34,11 +34,12 @@ class _WeightEnsemble:
 class ZSCL(Strategy):
     """Distillation from the previous model on a *reference* set plus a weight ensemble (ZSCL).
 
-    From the second task on, each step adds λ·T²·KL(teacher ‖ student) on a batch of reference inputs
-    (``reference``: any data spec, e.g. ``tweet-sentiment:other``; its labels are never used; by default
-    the current task's inputs). Every ``we_interval`` steps the trainable tensors are folded into a running
-    mean that starts from the task's initial weights (from the second task on); the mean replaces the
-    weights at the end of the task, so each task moves the model only part of the way."""
+    From the second task on, each step adds λ·T²·KL(teacher ‖ student) on a batch of reference
+    inputs (``reference``: any data spec, e.g. ``tweet-sentiment:other``; its labels are never used;
+    by default the current task's inputs). Every ``we_interval`` steps the trainable tensors are
+    folded into a running mean that starts from the task's initial weights (from the second task
+    on); the mean replaces the weights at the end of the task, so each task moves the model only
+    part of the way."""
 
     name = "zscl"
 
