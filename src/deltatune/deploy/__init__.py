@@ -1,13 +1,14 @@
-"""After deployment: notice distribution shift, estimate accuracy without labels, adapt at test time.
+"""After deployment: notice distribution shift, estimate accuracy without labels, adapt at test
+time.
 
 import deltatune.deploy as dd
-dd.detect(clean_features, new_features, test="mmd")          # DetectionResult(p_value, drift, ...)
-est = dd.fit_accuracy_estimator(val_logits, val_labels)      # temperature scaling + ATC/DoC/COT
+dd.detect(clean_features, new_features, test="mmd")      # DetectionResult(p_value, drift, ...)
+est = dd.fit_accuracy_estimator(val_logits, val_labels)  # temperature scaling + ATC/DoC/COT
 est.estimate(new_logits)["atc"]
-tta = dd.adapt(model, "tent", lr=1e-3)                       # any method by name; same call signature
+tta = dd.adapt(model, "tent", lr=1e-3)                   # any method by name; same call signature
 preds = tta(x).argmax(-1)
-tta.reset()                                                  # back to the source model
-dd.evaluate_stream(dd.adapt(model, "tent"), loader)          # running error: adapted vs source
+tta.reset()                                              # back to the source model
+dd.evaluate_stream(dd.adapt(model, "tent"), loader)      # running error: adapted vs source
 """
 
 from __future__ import annotations

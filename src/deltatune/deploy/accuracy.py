@@ -3,8 +3,8 @@
 Fit once on labelled source validation outputs, then estimate the accuracy on any unlabelled
 target outputs::
 
-    est = fit_accuracy_estimator(val_logits, val_labels)      # temperature, ATC threshold, label prior
-    est.estimate(target_logits)                    # {"confidence": .., "atc": .., "doc": .., "cot": ..}
+    est = fit_accuracy_estimator(val_logits, val_labels)  # temperature, ATC threshold, label prior
+    est.estimate(target_logits)  # {"confidence": .., "atc": .., "doc": .., "cot": ..}
 
 The estimators fail in different ways. Average confidence, DoC and ATC read each sample's
 confidence, so they cannot see errors the model makes with full confidence (a model that maps a
@@ -79,7 +79,8 @@ def _labels(value: Any, n: int, classes: int) -> torch.Tensor:
 def fit_temperature(logits: Any, labels: Any, *, max_iter: int = 200) -> float:
     """Temperature ``T`` minimising the NLL of ``softmax(logits / T)`` on labelled validation data.
 
-    Guo et al., "On Calibration of Modern Neural Networks", ICML 2017, https://arxiv.org/abs/1706.04599.
+    Guo et al., "On Calibration of Modern Neural Networks", ICML 2017,
+    https://arxiv.org/abs/1706.04599.
     """
     z = _logits(logits, "logits")
     y = _labels(labels, len(z), z.shape[1])
@@ -117,15 +118,17 @@ class AccuracyEstimator:
     - ``atc``: Average Thresholded Confidence (Garg et al., ICLR 2022,
       https://arxiv.org/abs/2201.04234): the fraction of target samples whose score exceeds the
       threshold at which the source validation fraction equals the source accuracy.
-    - ``doc``: Difference of Confidences (Guillory et al., ICCV 2021, https://arxiv.org/abs/2107.03315):
-      source accuracy minus the drop in mean confidence from source to target.
-    - ``cot``: Confidence Optimal Transport (Lu et al., NeurIPS 2023, https://arxiv.org/abs/2305.15640):
-      one minus the optimal-transport cost between the target's softmax vectors and the source label
-      distribution (one-hot vectors weighted by ``source_prior``), under the cost ``1 - p_y`` of
-      sending prediction ``p`` to class ``y``. When the predicted classes follow the source prior it
-      equals average confidence; when the model piles its predictions into few classes, the
-      transport has to send them to other classes at a high cost, and the estimate drops. Assumes
-      the target's label distribution is the source's. Needs the POT package (``deltatune[stats]``).
+    - ``doc``: Difference of Confidences (Guillory et al., ICCV 2021,
+      https://arxiv.org/abs/2107.03315): source accuracy minus the drop in mean confidence from
+      source to target.
+    - ``cot``: Confidence Optimal Transport (Lu et al., NeurIPS 2023,
+      https://arxiv.org/abs/2305.15640): one minus the optimal-transport cost between the target's
+      softmax vectors and the source label distribution (one-hot vectors weighted by
+      ``source_prior``), under the cost ``1 - p_y`` of sending prediction ``p`` to class ``y``. When
+      the predicted classes follow the source prior it equals average confidence; when the model
+      piles its predictions into few classes, the transport has to send them to other classes at a
+      high cost, and the estimate drops. Assumes the target's label distribution is the source's.
+      Needs the POT package (``deltatune[stats]``).
     """
 
     temperature: float
@@ -136,7 +139,8 @@ class AccuracyEstimator:
     source_prior: tuple[float, ...] = ()
 
     def estimate(self, logits: Any, methods: Sequence[str] = ESTIMATES) -> dict[str, float]:
-        """Estimated accuracy (a fraction) of the model whose outputs are ``logits``, by each of ``methods``."""
+        """Estimated accuracy (a fraction) of the model whose outputs are ``logits``, by each of
+        ``methods``."""
         methods = (methods,) if isinstance(methods, str) else tuple(methods)
         chosen = {m: ESTIMATORS.get(m) for m in methods}  # every name checked before any work
         z = _logits(logits, "target logits")
@@ -157,8 +161,9 @@ class AccuracyEstimator:
 
 
 def transport_cost(probs: torch.Tensor, prior: Sequence[float]) -> float:
-    """Exact optimal-transport cost between the rows of ``probs`` (softmax vectors, equal weights) and
-    the one-hot class vectors weighted by ``prior``, under the cost ``1 - p_y`` (POT's network simplex)."""
+    """Exact optimal-transport cost between the rows of ``probs`` (softmax vectors, equal weights)
+    and the one-hot class vectors weighted by ``prior``, under the cost ``1 - p_y`` (POT's network
+    simplex)."""
     try:
         import ot
     except ImportError as exc:

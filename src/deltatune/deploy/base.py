@@ -30,7 +30,8 @@ METHODS: Registry[type["TTAWrapper"]] = Registry(
     "test-time method", DeployError, quote=False, key=lambda cls: cls.method)
 # The wrapper currently around each model (by id; the wrapper holds the model, so the entry lives as
 # long as both). Two wrappers on one model would stack hooks and requires_grad choices, so a second
-# one is refused. A wrapper with BatchNorm hooks is kept alive by them, so unwrap() can still find it.
+# one is refused. A wrapper with BatchNorm hooks is kept alive by them, so unwrap() can still find
+# it.
 _WRAPPED: "weakref.WeakValueDictionary[int, TTAWrapper]" = weakref.WeakValueDictionary()
 _BAD_OPTIMIZER = (
     "optimizer must be 'sgd', 'adam' or a callable params -> torch.optim.Optimizer, not {!r}"
@@ -72,8 +73,8 @@ class TTAWrapper(nn.Module):
         previous = wrapper_of(model)
         if previous is not None:
             raise DeployError(
-                f"{self.method}: the model is already wrapped by {previous.method!r}; call .remove() on that wrapper "
-                "or dd.unwrap(model) first"
+                f"{self.method}: the model is already wrapped by {previous.method!r}; call "
+                ".remove() on that wrapper or dd.unwrap(model) first"
             )
         if small_batch not in ("error", "source"):
             raise DeployError(
@@ -106,7 +107,8 @@ class TTAWrapper(nn.Module):
 
     # --- the contract -------------------------------------------------------------------------
     def configure(self) -> None:
-        """Eval mode (no dropout) and BatchNorm hooks; gradient methods also choose trainable params."""
+        """Eval mode (no dropout) and BatchNorm hooks; gradient methods also choose trainable
+        params."""
         self.model.eval()
         if self.bn_mode is not None and batchnorm_layers(self.model):
             self.bn_stats = self.make_bn_stats()
@@ -127,15 +129,16 @@ class TTAWrapper(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._removed:
             raise DeployError(
-                f"{self.method}: this wrapper was removed from its model; make a new one with dd.adapt()"
+                f"{self.method}: this wrapper was removed from its model; make a new one with "
+                "dd.adapt()"
             )
         n = check_batch(args, kwargs, self.method)
         if n < self.min_batch:
             if self.small_batch == "error":
                 raise BatchError(
-                    f"{self.method}: batch of {n} is smaller than min_batch={self.min_batch} (BatchNorm layers "
-                    "normalise with batch statistics); use larger batches, small_batch='source' to predict such "
-                    "batches unadapted, or method 'alpha_bn'"
+                    f"{self.method}: batch of {n} is smaller than min_batch={self.min_batch} "
+                    "(BatchNorm layers normalise with batch statistics); use larger batches, "
+                    "small_batch='source' to predict such batches unadapted, or method 'alpha_bn'"
                 )
             return self.source_forward(*args, **kwargs)
         if self.episodic:
@@ -158,7 +161,8 @@ class TTAWrapper(nn.Module):
         return get_logits(output, self.logits_fn)
 
     def reset(self) -> None:
-        """Back to the source model: parameters, BatchNorm statistics, optimizer and method state."""
+        """Back to the source model: parameters, BatchNorm statistics, optimizer and method
+        state."""
         if self.bn_stats is not None:
             self.bn_stats.reset()
         self.reset_state()
@@ -166,7 +170,8 @@ class TTAWrapper(nn.Module):
     def remove(self, *, reset: bool = True) -> nn.Module:
         """Take the wrapper off: hooks removed, ``requires_grad`` and train/eval mode restored.
 
-        With ``reset`` (default) the source weights come back first; ``reset=False`` keeps the adapted ones.
+        With ``reset`` (default) the source weights come back first; ``reset=False`` keeps the
+        adapted ones.
         """
         if reset:
             self.reset()
@@ -291,8 +296,9 @@ class GradientTTA(TTAWrapper):
         """The one optimizer step every gradient method uses: ``loss_fn()``, backward, step.
 
         ``loss_fn`` returns ``None`` when no sample is fit to learn from; then nothing changes. With
-        ``rho > 0`` the step is sharpness-aware (SAM, Foret et al. 2021, https://arxiv.org/abs/2010.01412):
-        the gradient is taken at ``w + rho * g / ||g||`` and applied at ``w``; ``loss_fn`` is called twice.
+        ``rho > 0`` the step is sharpness-aware (SAM, Foret et al. 2021,
+        https://arxiv.org/abs/2010.01412): the gradient is taken at ``w + rho * g / ||g||`` and
+        applied at ``w``; ``loss_fn`` is called twice.
         """
         loss = loss_fn()
         if loss is None:
@@ -329,8 +335,8 @@ class GradientTTA(TTAWrapper):
         if not torch.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             raise DeployError(
-                f"{self.method}: the adaptation loss is {loss.item()}; the model was not updated. Lower lr, or "
-                "reset() if earlier updates diverged"
+                f"{self.method}: the adaptation loss is {loss.item()}; the model was not updated. "
+                "Lower lr, or reset() if earlier updates diverged"
             )
         loss.backward()
 

@@ -1,8 +1,9 @@
 """What the deployment tools need from a model call: batch checks, logits, features, entropy.
 
-Wrappers keep the wrapped model's call signature, so they see ``*args, **kwargs``; these helpers find
-the batch in them (the first tensor) and the logits in whatever the model returns (a tensor, a tuple
-whose first item is the logits, or an object/dict with ``logits`` such as a transformers output).
+Wrappers keep the wrapped model's call signature, so they see ``*args, **kwargs``; these helpers
+find the batch in them (the first tensor) and the logits in whatever the model returns (a tensor, a
+tuple whose first item is the logits, or an object/dict with ``logits`` such as a transformers
+output).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 
 def check_batch(args: tuple, kwargs: dict, who: str) -> int:
-    """Batch size of a model call; empty batches and NaN/inf inputs are refused before any update."""
+    """Batch size of a model call; empty batches and NaN/inf inputs are refused before any
+    update."""
     x = first_tensor(args, kwargs)
     if x is None:
         raise BatchError(
@@ -43,7 +45,8 @@ def check_batch(args: tuple, kwargs: dict, who: str) -> int:
         )
     if x.dim() == 0 or x.shape[0] == 0:
         raise BatchError(
-            f"{who}: empty batch (shape {tuple(x.shape)}); skip empty batches before calling the wrapper"
+            f"{who}: empty batch (shape {tuple(x.shape)}); skip empty batches before calling the "
+            "wrapper"
         )
     for value in (*args, *kwargs.values()):
         if (
@@ -61,7 +64,8 @@ def check_batch(args: tuple, kwargs: dict, who: str) -> int:
 
 
 def get_logits(output: Any, logits_fn: LogitsFn | None = None) -> torch.Tensor:
-    """The logits in a model output: a tensor, ``output.logits``, ``output["logits"]`` or ``output[0]``."""
+    """The logits in a model output: a tensor, ``output.logits``, ``output["logits"]`` or
+    ``output[0]``."""
     if logits_fn is not None:
         logits = logits_fn(output)
     elif isinstance(output, torch.Tensor):
@@ -74,7 +78,8 @@ def get_logits(output: Any, logits_fn: LogitsFn | None = None) -> torch.Tensor:
         logits = output[0]
     else:
         raise DeployError(
-            f"cannot find logits in a model output of type {type(output).__name__}; pass logits_fn=lambda out: ..."
+            f"cannot find logits in a model output of type {type(output).__name__}; pass "
+            "logits_fn=lambda out: ..."
         )
     if not isinstance(logits, torch.Tensor) or logits.dim() < 2:
         raise DeployError(
@@ -109,8 +114,9 @@ def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
 def call_model(model: nn.Module, batch: Any) -> Any:
     """Call ``model`` on one item of a data iterable.
 
-    A tensor is the input; a dict is keyword arguments (``label``/``labels`` dropped); a tuple or list
-    is ``(inputs, labels, ...)`` as a ``DataLoader`` yields it, so only its first item is passed.
+    A tensor is the input; a dict is keyword arguments (``label``/``labels`` dropped); a tuple or
+    list is ``(inputs, labels, ...)`` as a ``DataLoader`` yields it, so only its first item is
+    passed.
     """
     if isinstance(batch, torch.Tensor):
         return model(batch)
@@ -119,7 +125,8 @@ def call_model(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, (tuple, list)) and batch:
         return call_model(model, batch[0])
     raise DeployError(
-        f"cannot call the model on a batch of type {type(batch).__name__}; yield tensors, dicts or (x, y)"
+        f"cannot call the model on a batch of type {type(batch).__name__}; yield tensors, dicts or "
+        "(x, y)"
     )
 
 
@@ -139,7 +146,8 @@ def iter_batches(data: Any, batch_size: int) -> Iterator[Any]:
 def last_linear(model: nn.Module) -> str:
     """Name of the last ``nn.Linear`` in module order: the classifier head of most models.
 
-    Linear layers inside attached deltas (``<host>.deltas.<name>...``) are not heads and are skipped.
+    Linear layers inside attached deltas (``<host>.deltas.<name>...``) are not heads and are
+    skipped.
     """
     names = [
         n

@@ -15,8 +15,9 @@ class _StatsOnly(TTAWrapper):
     def check(self) -> None:
         if not batchnorm_layers(self.model):
             raise DeployError(
-                f"{self.method}: the model has no BatchNorm layer whose statistics could be re-estimated; use "
-                "'tent' (LayerNorm/GroupNorm affine parameters) or an output-only method ('lame', 'em')"
+                f"{self.method}: the model has no BatchNorm layer whose statistics could be "
+                "re-estimated; use 'tent' (LayerNorm/GroupNorm affine parameters) or an "
+                "output-only method ('lame', 'em')"
             )
 
     def forward_and_adapt(self, *args: Any, **kwargs: Any) -> Any:
@@ -30,9 +31,9 @@ class BNAdapt(_StatsOnly):
     ``momentum=1.0`` (default) normalises each batch with its own statistics: prediction-time BN
     (Nado et al. 2020, https://arxiv.org/abs/2006.10963; Schneider et al. 2020,
     https://arxiv.org/abs/2006.16971). ``momentum < 1`` keeps a running estimate that starts at the
-    source statistics and moves towards the target, ``new = (1 - m) * old + m * batch``; in continual
-    mode it carries across batches, which also serves batches of 1 for conv nets (their statistics are
-    taken over the spatial positions).
+    source statistics and moves towards the target, ``new = (1 - m) * old + m * batch``; in
+    continual mode it carries across batches, which also serves batches of 1 for conv nets (their
+    statistics are taken over the spatial positions).
     """
 
     method: ClassVar[str] = "bn"

@@ -53,13 +53,14 @@ class CoTTA(GradientTTA):
     """CoTTA: a student learns from an exponential-moving-average teacher's (augmentation-averaged)
     predictions; a small random fraction of the adapted weights is restored to the source each step.
 
-    Wang et al., "Continual Test-Time Domain Adaptation", CVPR 2022, https://arxiv.org/abs/2203.13591.
-    The teacher and the anchor (source) models share the frozen weights with the student: only the
-    adapted parameters are kept as extra copies and swapped in with ``torch.func.functional_call``.
-    When the anchor's mean confidence is below ``anchor_threshold`` the teacher prediction is averaged
-    over ``n_augment`` augmented copies (``augment(x, generator)``; default :func:`image_augment` for
-    4-D float inputs; for other inputs without ``augment`` the teacher's plain prediction is used).
-    The paper adapts all parameters (``params="all"``) with Adam at lr 1e-3. Returns the teacher's output.
+    Wang et al., "Continual Test-Time Domain Adaptation", CVPR 2022,
+    https://arxiv.org/abs/2203.13591. The teacher and the anchor (source) models share the frozen
+    weights with the student: only the adapted parameters are kept as extra copies and swapped in
+    with ``torch.func.functional_call``. When the anchor's mean confidence is below
+    ``anchor_threshold`` the teacher prediction is averaged over ``n_augment`` augmented copies
+    (``augment(x, generator)``; default :func:`image_augment` for 4-D float inputs; for other inputs
+    without ``augment`` the teacher's plain prediction is used). The paper adapts all parameters
+    (``params="all"``) with Adam at lr 1e-3. Returns the teacher's output.
     """
 
     method: ClassVar[str] = "cotta"
@@ -126,7 +127,8 @@ class CoTTA(GradientTTA):
         return teacher_out
 
     def _teacher_on(self, x_aug: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        """Teacher logits with the batch tensor (the first tensor argument) replaced by ``x_aug``."""
+        """Teacher logits with the batch tensor (the first tensor argument) replaced by
+        ``x_aug``."""
         args = list(args)
         for i, a in enumerate(args):
             if isinstance(a, torch.Tensor):

@@ -113,8 +113,8 @@ def detect(
     ``test``: ``mmd`` (kernel MMD, permutation test), ``ks`` (per-feature KS, ``correction`` =
     ``bonferroni`` or ``bh``), ``classifier`` (classifier two-sample test), ``bbsd`` (KS on softmax
     outputs), ``label`` (chi-squared on predicted labels). ``options`` go to the test (e.g.
-    ``n_permutations``). Samples beyond ``max_samples`` per side are subsampled (seeded) to bound the
-    cost. Returns a :class:`DetectionResult` with ``p_value`` and ``drift``.
+    ``n_permutations``). Samples beyond ``max_samples`` per side are subsampled (seeded) to bound
+    the cost. Returns a :class:`DetectionResult` with ``p_value`` and ``drift``.
     """
     fn = _resolve_test(test, alpha, options)
     if "seed" in inspect.signature(fn).parameters:
@@ -126,7 +126,8 @@ def detect(
     x, y = as_samples(reference, "reference"), as_samples(target, "target")
     if x.shape[1] != y.shape[1]:
         raise DeployError(
-            f"reference has {x.shape[1]} features but target has {y.shape[1]}; compute both the same way"
+            f"reference has {x.shape[1]} features but target has {y.shape[1]}; compute both the "
+            "same way"
         )
     gen = torch.Generator().manual_seed(seed)
     x, y = (
@@ -155,11 +156,12 @@ def _resolve_test(test: str, alpha: float, options: dict[str, Any]):
 
 class DriftMonitor:
     """Streaming shift detection: a sliding window of the latest ``window`` target samples is tested
-    against the reference every ``stride`` new samples (default: ``window``, non-overlapping windows).
+    against the reference every ``stride`` new samples (default: ``window``, non-overlapping
+    windows).
 
     ``update(batch)`` takes features/outputs (or inputs when ``model`` is given) and returns the
-    results of the tests it ran (usually zero or one). Each window is one test at level ``alpha``: over
-    many windows some false alarms are expected (about ``alpha`` of the clean windows).
+    results of the tests it ran (usually zero or one). Each window is one test at level ``alpha``:
+    over many windows some false alarms are expected (about ``alpha`` of the clean windows).
     """
 
     def __init__(

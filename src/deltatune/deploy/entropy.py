@@ -38,16 +38,17 @@ def margin_for(num_classes: int, fraction: float) -> float:
 
 @register_method
 class EATA(GradientTTA):
-    """EATA: entropy minimisation on reliable, non-redundant samples, with a Fisher anti-forgetting term.
+    """EATA: entropy minimisation on reliable, non-redundant samples, with a Fisher anti-forgetting
+    term.
 
     Niu et al., "Efficient Test-Time Model Adaptation without Forgetting", ICML 2022,
     https://arxiv.org/abs/2204.02610. A sample is learned from when its entropy is below
-    ``e_margin * ln C`` and its softmax has cosine similarity below ``d_margin`` with the running mean of
-    earlier learned samples' softmax (the paper uses 0.05 for 1000 classes and 0.4 for 10 classes);
-    its loss is weighted by ``exp(e0 - entropy)``. With ``fisher_data`` (an iterable of source-like
-    batches, labels not needed) the diagonal Fisher at the source weights is computed once and
-    ``fisher_alpha * sum F (θ - θ0)²`` keeps important weights near the source; without it the
-    method is the paper's ETA.
+    ``e_margin * ln C`` and its softmax has cosine similarity below ``d_margin`` with the running
+    mean of earlier learned samples' softmax (the paper uses 0.05 for 1000 classes and 0.4 for 10
+    classes); its loss is weighted by ``exp(e0 - entropy)``. With ``fisher_data`` (an iterable of
+    source-like batches, labels not needed) the diagonal Fisher at the source weights is computed
+    once and ``fisher_alpha * sum F (θ - θ0)²`` keeps important weights near the source; without it
+    the method is the paper's ETA.
     """
 
     method: ClassVar[str] = "eata"
@@ -77,7 +78,8 @@ class EATA(GradientTTA):
         self.last_selected = 0  # samples learned from in the last batch (for monitoring)
 
     def compute_fisher(self, data: Iterable[Any]) -> dict[str, torch.Tensor]:
-        """Diagonal Fisher of the pseudo-label cross-entropy at the source weights, averaged over batches."""
+        """Diagonal Fisher of the pseudo-label cross-entropy at the source weights, averaged over
+        batches."""
         fisher = {n: torch.zeros_like(p) for n, p in self.named_adapted()}
         batches = 0
         with torch.enable_grad():
@@ -135,10 +137,10 @@ class SAR(GradientTTA):
     """SAR: sharpness-aware entropy minimisation on reliable samples, with model recovery.
 
     Niu et al., "Towards Stable Test-Time Adaptation in Dynamic Wild World", ICLR 2023,
-    https://arxiv.org/abs/2302.12400. Samples with entropy above ``e_margin * ln C`` are dropped, the
-    step is SAM with radius ``rho`` (the filter applied again at the perturbed weights), and when the
-    moving average of the entropy falls below ``reset_constant`` (collapse to trivial confident
-    predictions) the model is reset to the source.
+    https://arxiv.org/abs/2302.12400. Samples with entropy above ``e_margin * ln C`` are dropped,
+    the step is SAM with radius ``rho`` (the filter applied again at the perturbed weights), and
+    when the moving average of the entropy falls below ``reset_constant`` (collapse to trivial
+    confident predictions) the model is reset to the source.
     """
 
     method: ClassVar[str] = "sar"

@@ -10,4 +10,5 @@ class DeployError(DeltaError):
 
 
 class BatchError(DeployError):
-    """A test-time batch that cannot be adapted on: empty, too small for batch statistics, NaN/inf."""
+    """A test-time batch that cannot be adapted on: empty, too small for batch statistics,
+    NaN/inf."""

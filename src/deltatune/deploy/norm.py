@@ -2,7 +2,8 @@
 
 Test-time methods run the model in ``eval()`` mode (dropout off) and change how each BatchNorm layer
 normalises through a forward hook instead of switching it to ``train()``: that way the stored source
-statistics are never overwritten, dropout stays off, and the source behaviour is one ``disable()`` away.
+statistics are never overwritten, dropout stays off, and the source behaviour is one ``disable()``
+away.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ StatsMode = Literal["batch", "mix", "ema"]
 
 
 def is_norm(module: nn.Module) -> bool:
-    """BatchNorm, LayerNorm, GroupNorm, InstanceNorm and RMSNorm layers (also custom ``*Norm`` classes)."""
+    """BatchNorm, LayerNorm, GroupNorm, InstanceNorm and RMSNorm layers (also custom ``*Norm``
+    classes)."""
     if isinstance(
         module, (_BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
     ):
@@ -54,8 +56,8 @@ class BatchNormStats:
     ``track_running_stats=False``, so the stored source statistics are neither used nor updated.
     mode ``mix``: ``alpha * source + (1 - alpha) * batch`` statistics (α-BN).
     mode ``ema``: a running estimate that starts at the source statistics and moves towards the
-    target stream, ``new = (1 - momentum) * old + momentum * batch``; the batch is normalised with the
-    updated estimate. Kept in this object, so :meth:`reset` brings back the source statistics.
+    target stream, ``new = (1 - momentum) * old + momentum * batch``; the batch is normalised with
+    the updated estimate. Kept in this object, so :meth:`reset` brings back the source statistics.
     With ``enabled = False`` the layers use their source statistics (eval behaviour).
     """
 
@@ -83,8 +85,9 @@ class BatchNormStats:
             missing = [n for n, m in self.layers if m.running_mean is None]
             if missing:
                 raise DeployError(
-                    f"BatchNorm layer {missing[0]!r} keeps no running statistics (track_running_stats=False), "
-                    f"so there are no source statistics for mode {mode!r}; use mode 'batch' (method 'bn')"
+                    f"BatchNorm layer {missing[0]!r} keeps no running statistics "
+                    "(track_running_stats=False), so there are no source statistics for mode "
+                    f"{mode!r}; use mode 'batch' (method 'bn')"
                 )
         self.enabled = True
         self.owner: Any = None  # the wrapper that installed these hooks
@@ -113,14 +116,16 @@ class BatchNormStats:
         count = x.numel() // max(x.shape[1], 1) if x.dim() > 1 else 0
         if count < 2 and not (self.mode == "mix" and count == 1):
             raise BatchError(
-                f"BatchNorm layer {name!r} sees {count} value per channel in this batch, so batch statistics "
-                "are undefined; use batches of 2 or more, or method 'alpha_bn' (mixes in the source statistics)"
+                f"BatchNorm layer {name!r} sees {count} value per channel in this batch, so batch "
+                "statistics are undefined; use batches of 2 or more, or method 'alpha_bn' (mixes "
+                "in the source statistics)"
             )
         return count
 
     def _pre_hook(self, name: str):
         def hook(module: _BatchNorm, inputs: tuple) -> None:
-            # training=True: normalise by the batch; False (disabled): by the stored source statistics
+            # training=True: normalise by the batch; False (disabled): by the stored source
+            # statistics
             module.training = self.enabled
             if self.enabled:
                 self._check(name, inputs[0])

@@ -55,8 +55,8 @@ class LAME(TTAWrapper):
 
     Boudiaf et al., "Parameter-free Online Test-time Adaptation", CVPR 2022,
     https://arxiv.org/abs/2201.05718. Features are the (L2-normalised) input of ``layer`` (default:
-    the last ``nn.Linear``, the classifier head's input; ``layer="logits"`` uses the logits). A batch
-    of 1 has no neighbours: its prediction is returned unchanged.
+    the last ``nn.Linear``, the classifier head's input; ``layer="logits"`` uses the logits). A
+    batch of 1 has no neighbours: its prediction is returned unchanged.
     """
 
     method: ClassVar[str] = "lame"
@@ -132,8 +132,8 @@ class EMPrior(TTAWrapper):
     Saerens, Latinne & Decaestecker, "Adjusting the Outputs of a Classifier to New a Priori
     Probabilities: A Simple Procedure", Neural Computation 2002,
     https://doi.org/10.1162/089976602753284446. ``source_prior`` is the training label distribution
-    (uniform when not given); the prior is estimated from the last ``window`` test samples (continual
-    mode) or from the batch alone (episodic). Posteriors should be calibrated first
+    (uniform when not given); the prior is estimated from the last ``window`` test samples
+    (continual mode) or from the batch alone (episodic). Posteriors should be calibrated first
     (``temperature`` from :func:`deltatune.deploy.fit_temperature`).
     """
 

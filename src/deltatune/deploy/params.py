@@ -1,4 +1,5 @@
-"""Which parameters a test-time method updates: normalisation affine parameters, all, or one delta."""
+"""Which parameters a test-time method updates: normalisation affine parameters, all, or one
+delta."""
 
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ def collect_params(
 ) -> list[str]:
     """Names of the parameters to adapt (Tent's ``collect_params``, returning names).
 
-    ``delta="NAME"`` selects the parameters of the delta attached under that name (``dt.attach``), for
-    example only a LoRA; otherwise ``params="norm"`` selects the affine parameters of the normalisation
-    layers and ``params="all"`` every floating-point parameter.
+    ``delta="NAME"`` selects the parameters of the delta attached under that name (``dt.attach``),
+    for example only a LoRA; otherwise ``params="norm"`` selects the affine parameters of the
+    normalisation layers and ``params="all"`` every floating-point parameter.
     """
     if delta is not None:
         if params != "norm":
@@ -30,8 +31,8 @@ def collect_params(
         known = delta_names(model)
         if delta not in known:
             raise DeployError(
-                f"{method}: no delta named {delta!r} is attached (attached: {', '.join(known) or 'none'}); "
-                "dt.attach(model, spec, name=...) first"
+                f"{method}: no delta named {delta!r} is attached (attached: "
+                f"{', '.join(known) or 'none'}); dt.attach(model, spec, name=...) first"
             )
         hosts = [host for _, host in iter_hosts(model) if delta in host.delta_names()]
         ids = {id(p) for host in hosts for p in host.part(delta).parameters()}
@@ -43,9 +44,9 @@ def collect_params(
         names = norm_param_names(model)
         if not names:
             raise DeployError(
-                f"{method}: the model has no normalisation layer with affine parameters (BatchNorm, LayerNorm, "
-                "GroupNorm, RMSNorm) to adapt; pass delta=NAME to adapt an attached delta, params='all', or use "
-                "an output-only method ('lame', 'em')"
+                f"{method}: the model has no normalisation layer with affine parameters "
+                "(BatchNorm, LayerNorm, GroupNorm, RMSNorm) to adapt; pass delta=NAME to adapt an "
+                "attached delta, params='all', or use an output-only method ('lame', 'em')"
             )
         return names
     if params == "all":

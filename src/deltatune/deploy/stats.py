@@ -39,7 +39,8 @@ def rbf_kernel(z: torch.Tensor, bandwidth: float | None = None) -> tuple[torch.T
 
 
 def _mmd2_many(k: torch.Tensor, is_x: torch.Tensor) -> torch.Tensor:
-    """Unbiased MMD² for each row of the 0/1 assignment matrix ``is_x`` (B, n+m) over kernel ``k``."""
+    """Unbiased MMD² for each row of the 0/1 assignment matrix ``is_x`` (B, n+m) over kernel
+    ``k``."""
     a = is_x.to(k.dtype)
     b = 1 - a
     n, m = a.sum(1), b.sum(1)
@@ -60,8 +61,8 @@ def mmd_test(
     bandwidth: float | None = None,
     seed: int = 0,
 ) -> TestOutput:
-    """Kernel two-sample test: unbiased MMD² with a Gaussian kernel (median heuristic bandwidth) and a
-    permutation test. Gretton et al., "A Kernel Two-Sample Test", JMLR 2012,
+    """Kernel two-sample test: unbiased MMD² with a Gaussian kernel (median heuristic bandwidth) and
+    a permutation test. Gretton et al., "A Kernel Two-Sample Test", JMLR 2012,
     https://jmlr.org/papers/v13/gretton12a.html.
     """
     if n_permutations < 1:
@@ -176,10 +177,10 @@ def classifier_test(
     epochs: int = 200,
     weight_decay: float = 1e-3,
 ) -> TestOutput:
-    """Classifier two-sample test: train a classifier (logistic regression, or an MLP with ``hidden``
-    units) to tell the samples apart on one half, test its accuracy on the other half; under no shift
-    the held-out accuracy is Binomial(n, 1/2). Lopez-Paz & Oquab, "Revisiting Classifier Two-Sample
-    Tests", ICLR 2017, https://arxiv.org/abs/1610.06545.
+    """Classifier two-sample test: train a classifier (logistic regression, or an MLP with
+    ``hidden`` units) to tell the samples apart on one half, test its accuracy on the other half;
+    under no shift the held-out accuracy is Binomial(n, 1/2). Lopez-Paz & Oquab, "Revisiting
+    Classifier Two-Sample Tests", ICLR 2017, https://arxiv.org/abs/1610.06545.
     """
     gen = torch.Generator().manual_seed(seed)
     size = min(len(x), len(y))  # balanced: chance accuracy is exactly 1/2
