@@ -4,6 +4,8 @@ each prompt exactly the tokens it gets alone with its adapter."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from tiny_lm import smol_tokenizer, tiny_chat_llama
@@ -183,3 +185,114 @@ def test_raw_prompts_and_bad_calls(tok):
         generate(lm, tok, ["hi"], max_new_tokens=0)
     with pytest.raises(ValueError, match="prompt is a string"):
         generate(lm, tok, [42])
+
+
+# -- deltatune generate ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tok):
+    return build_tiny_dir(tmp_path_factory.mktemp("lm"), tok)
+
+
+def build_tiny_dir(root, tok):
+    """A transformers directory of the tiny chat Llama, and LoRA adapters saved for it (a, b, c;
+    and `wide`, for a wider model)."""
+    from deltatune.models import load_model
+
+    chat_llama().save_pretrained(root / "tiny-chat")
+    tok.save_pretrained(root / "tiny-chat")
+    entry = load_model(str(root / "tiny-chat"))
+    gen = torch.Generator().manual_seed(5)
+    for n in ("a", "b", "c"):
+        dt.attach(entry.model, dt.LoRA(r=4, alpha=8, targets=["q_proj", "v_proj"]), name=n)
+        with torch.no_grad():
+            for pname, p in entry.model.named_parameters():
+                if f"deltas.{n}.lora_B" in pname:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        dt.save_adapter(entry.model, root / f"adapter-{n}", name=n)
+    # an adapter of another base: a wider model, held as .lm as the model entry holds its LM
+    wide = torch.nn.Module()
+    wide.lm = tiny_chat_llama(hidden=48)
+    dt.attach(wide, dt.LoRA(r=2, targets=["q_proj", "v_proj"]), name="w")
+    dt.save_adapter(wide, root / "adapter-wide", name="w")
+    return root
+
+
+def _cli(args, capsys):
+    from deltatune.cli.app import main
+
+    rc = main([str(a) for a in args])
+    return rc, capsys.readouterr()
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_cli_generate_routes_rows_to_their_adapters(tiny_dir, tmp_path, capsys, tok):
+    data = tmp_path / "prompts.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "hi"}], "adapter": "a"},
+            {"prompt": "What is the capital of France?", "adapter": "b"},
+            {"prompt": "ok"},  # no adapter: the base model
+            {"messages": [{"role": "user", "content": "Tell me a story."},
+                          {"role": "assistant", "content": "dropped"}], "adapter": "c"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["generate", "--model", tiny_dir / "tiny-chat", "--data", data,
+            "--max-new-tokens", 6, "--out", tmp_path / "out"]
+    for n in "abc":
+        args += ["--adapter", f"{n}={tiny_dir / f'adapter-{n}'}"]
+    rc, cap = _cli(args, capsys)
+    assert rc == 0, cap.err
+    got = _lines(tmp_path / "out" / "generations.jsonl")
+    assert [g["adapter"] for g in got] == ["a", "b", None, "c"]
+    assert got[3]["prompt"] == [{"role": "user", "content": "Tell me a story."}]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["prompts"] == 4 and results["new_tokens"] == sum(g["new_tokens"] for g in got)
+    # each row alone with its adapter, through --prompt and --route
+    for row, g in zip(rows, got):
+        text = row["messages"][0]["content"] if "messages" in row else row["prompt"]
+        one = tmp_path / f"one-{g['adapter']}"
+        args = ["generate", "--model", tiny_dir / "tiny-chat", "--prompt", text,
+                "--max-new-tokens", 6, "--out", one]
+        if g["adapter"]:
+            args += ["--adapter", tiny_dir / f"adapter-{g['adapter']}"]
+        assert _cli(args, capsys)[0] == 0
+        assert _lines(one / "generations.jsonl")[0]["text"] == g["text"]
+
+
+def test_cli_generate_bad_inputs(tiny_dir, tmp_path, capsys):
+    model = ["--model", tiny_dir / "tiny-chat"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("the user's own file")
+    a, b = f"a={tiny_dir / 'adapter-a'}", f"b={tiny_dir / 'adapter-b'}"
+    cases = [
+        (["--out", tmp_path / "x"], "no prompts"),
+        (["--prompt", "hi", "--adapter", tmp_path / "missing", "--out", tmp_path / "x"],
+         "no such directory"),
+        (["--prompt", "hi", "--adapter", tiny_dir, "--out", tmp_path / "x"], "delta"),
+        (["--prompt", "hi", "--adapter", tiny_dir / "adapter-wide", "--out", tmp_path / "x"],
+         "another base model"),
+        (["--prompt", "hi", "--adapter", a, "--adapter", b, "--route", "zz", "--out",
+          tmp_path / "x"], "route 'zz' names no loaded adapter"),
+        (["--prompt", "hi", "--adapter", a, "--adapter", b, "--out", tmp_path / "x"],
+         "--route"),
+        (["--prompt", "hi", "--prompt", "ho", "--prompt", "x", "--route", "base", "--route",
+          "base", "--out", tmp_path / "x"], "once per prompt"),
+        (["--prompt", "hi", "--out", tmp_path / "mine"], "not empty"),
+        (["--prompt", "hi", "--out", tmp_path / "mine", "--overwrite"], "did not write"),
+        (["--data", tmp_path / "none.jsonl", "--out", tmp_path / "x"], "no such file"),
+    ]
+    for extra, message in cases:
+        rc, cap = _cli(["generate", *model, *extra], capsys)
+        err = cap.err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("error:"), (extra, cap.err)
+        assert message in err[0], (message, err[0])
+        assert not (tmp_path / "x").exists()  # a failed job leaves no output behind
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "the user's own file"
+    rc, cap = _cli(["generate", "--model", "minilm", "--prompt", "hi", "--out", tmp_path / "x"],
+                   capsys)
+    assert rc == 2 and "causal language model" in cap.err
+
+
+def test_cli_generate_help_has_examples(capsys):
+    rc, cap = _cli(["generate", "--help"], capsys)
+    assert rc == 0 and "--adapter" in cap.out and "deltatune generate --model smollm2" in cap.out

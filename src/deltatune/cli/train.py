@@ -269,7 +269,7 @@ def _load_base(entry, path: Path) -> None:
 
 def run_eval(
     model_name: Optional[str],
-    adapter: Path,
+    adapter: Optional[Path],
     data: str,
     split: str = "test",
     seed: Optional[int] = None,
@@ -279,16 +279,39 @@ def run_eval(
     num_labels: Optional[int] = None,
     encoding: Optional[str] = None,
     verify: bool = True,
+    max_new_tokens: int = 64,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate the adapter on ``split`` of ``data``. On the data it was trained on, the split is
-    drawn with the seed, limit and fractions recorded in its task.json unless given here."""
+    """Evaluate the adapter (``None``: the untuned ``model_name``) on ``split`` of ``data``. On the
+    data it was trained on, the split is drawn with the seed, limit and fractions recorded in its
+    task.json unless given here. Chat and preference data are scored by what the model says
+    (:func:`deltatune.cli.generate.evaluate_chat`); the results then hold ``predictions``."""
     from ..data import load_data
     from ..train import evaluate
 
     fractions = _parse_fractions(split_fractions)
-    seed, limit, fractions = _training_split(read_task(adapter), data, seed, limit, fractions)
-    entry, labels = load_trained(model_name, adapter, num_labels=num_labels, verify=verify)
+    task = read_task(adapter) if adapter is not None else {}
+    seed, limit, fractions = _training_split(task, data, seed, limit, fractions)
+    if adapter is None:
+        if not model_name:
+            raise CLIError("pass --adapter DIR, or --model NAME to evaluate the untuned model")
+        from ..models import load_model
+
+        entry, labels = load_model(model_name, num_labels=num_labels), []
+        entry.model.eval()
+    else:
+        entry, labels = load_trained(model_name, adapter, num_labels=num_labels, verify=verify)
     dataset = load_data(data, split, seed=seed, limit=limit, fractions=fractions, encoding=encoding)
+    if dataset.task in ("chat", "preference"):
+        from .generate import evaluate_chat
+
+        metrics, predictions = evaluate_chat(entry, dataset, max_new_tokens=max_new_tokens,
+                                             progress=progress)
+        return {"job": "eval", "model": model_name or task.get("model"),
+                "adapter": None if adapter is None else str(adapter), "data": data,
+                "split": split, "seed": seed, "limit": limit,
+                "split_fractions": list(fractions) if fractions else None, **metrics,
+                "predictions": predictions}
     names = list(getattr(dataset, "label_names", []) or [])
     if labels and names and names != labels:
         unseen = [n for n in names if n not in labels]
@@ -302,7 +325,7 @@ def run_eval(
     return {
         "job": "eval",
         "model": model_name,
-        "adapter": str(adapter),
+        "adapter": None if adapter is None else str(adapter),
         "data": data,
         "split": split,
         "seed": seed,
@@ -379,13 +402,20 @@ def _save_eval(
     out: Optional[Path],
     overwrite: bool,
     results: dict[str, Any],
-    adapter: Path,
+    adapter: Optional[Path],
     data: str,
     split: str,
 ) -> Path:
-    """Write eval's results.json into ``out``, or into a new directory beside the adapter."""
-    out = prepare_out(out if out is not None else _new_eval_dir(adapter, data, split), overwrite,
+    """Write eval's results.json (and predictions.jsonl, for chat data) into ``out``, or into a new
+    directory beside the adapter (``runs/`` for an untuned model)."""
+    near = adapter if adapter is not None else Path("runs") / "untuned"
+    out = prepare_out(out if out is not None else _new_eval_dir(near, data, split), overwrite,
                       inputs=[adapter, data])
+    predictions = results.pop("predictions", None)
+    if predictions is not None:
+        from .generate import write_predictions
+
+        write_predictions(out, predictions)
     write_results(out, results)
     return out
 
@@ -591,11 +621,17 @@ def register(app: typer.Typer) -> None:
         epilog="Examples:\n\n"
         "  deltatune eval --adapter runs/bbc/adapter --data bbc-news\n\n"
         "  deltatune eval --model minilm --adapter runs/apple/adapter --data tweet-sentiment:cars "
-        "--split test",
+        "--split test\n\n"
+        "  deltatune eval --adapter runs/sft/adapter --data tweet-sentiment-chat --split test   "
+        "(chat data: exact match of the generated answers, completion loss; writes "
+        "predictions.jsonl)\n\n"
+        "  deltatune eval --model smollm2 --data bbc-news-pref   (the untuned model; preference "
+        "data: reward accuracy)",
     )
     def eval_(
-        adapter: Path = typer.Option(
-            ..., help="adapter directory written by `deltatune train` (or any delta dir)"
+        adapter: Optional[Path] = typer.Option(
+            None, help="adapter directory written by `deltatune train` (or any delta dir); "
+            "without it, --model is evaluated untuned"
         ),
         data: str = typer.Option(..., help="dataset name or path"),
         model: Optional[str] = typer.Option(
@@ -632,8 +668,17 @@ def register(app: typer.Typer) -> None:
         no_verify: bool = typer.Option(
             False, "--no-verify", help="skip the adapter's sha256 check (files edited on purpose)"
         ),
+        max_new_tokens: int = typer.Option(
+            64, help="chat data: at most this many tokens per generated answer"
+        ),
     ) -> None:
-        """Evaluate a trained delta: accuracy and loss (perplexity for language models)."""
+        """Evaluate a trained delta: accuracy and loss (perplexity for language models); on chat
+        data the exact match of generated answers and the completion loss, on preference data the
+        reward accuracy."""
+        if adapter is None and model is None:
+            raise CLIError("pass --adapter DIR, or --model NAME to evaluate the untuned model")
+        if max_new_tokens < 1:
+            raise CLIError(f"--max-new-tokens must be positive, got {max_new_tokens}")
         if out is not None:  # checked before the evaluation, which can take long
             _check_out(out, overwrite)
         results = run_eval(
@@ -647,8 +692,10 @@ def register(app: typer.Typer) -> None:
             num_labels=num_labels,
             encoding=encoding,
             verify=not no_verify,
+            max_new_tokens=max_new_tokens,
+            progress=sys.stderr.isatty(),
         )
-        out = _save_eval(out, overwrite, results, Path(adapter), data, split)
+        out = _save_eval(out, overwrite, results, adapter, data, split)
         shown = ", ".join(f"{k}={v:.4f}" for k, v in results.items() if isinstance(v, float))
         print(f"{data} [{split}]: {shown}  (results: {out / 'results.json'})")
 

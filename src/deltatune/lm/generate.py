@@ -115,14 +115,28 @@ def left_pad(rows: Sequence[Sequence[int]], pad: int, device: torch.device | str
 
 @contextlib.contextmanager
 def routed(lm: nn.Module, names: Sequence[str | None] | None) -> Iterator[None]:
-    """Route rows to ``names`` (``None``: the model as it is, active deltas applied to all)."""
+    """Row ``i`` on delta ``names[i]`` (``None``: the base model); ``names=None``: the model as it
+    is. One name for every row takes the plain path instead of the gathered one: that delta is
+    made the only active one for the block."""
+    from ..core.model import active, disabled, route, set_active
+
     if names is None:
         yield
         return
-    from ..core.model import route
-
-    with route(lm, list(names)):
-        yield
+    names = list(names)
+    if len(set(names)) > 1:
+        with route(lm, names):
+            yield
+    elif names[0] is None:
+        with disabled(lm):
+            yield
+    else:
+        before = active(lm)
+        set_active(lm, names[0])
+        try:
+            yield
+        finally:
+            set_active(lm, before)
 
 
 def generate(
@@ -223,31 +237,36 @@ def _decode(lm: nn.Module, rows: list[list[int]], names: list[str | None] | None
     tokens: list[list[int]] = [[] for _ in rows]
     finish: list[Finish] = ["length"] * len(rows)
     step_ids = ids
-    for step in range(max_new_tokens):
-        with routed(lm, None if names is None else [names[i] for i in live]):
+    with contextlib.ExitStack() as routing:  # closed on errors too: no route is left set
+        routing.enter_context(routed(lm, names))
+        for step in range(max_new_tokens):
             logits = lm(input_ids=step_ids, attention_mask=mask, position_ids=positions,
                         past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        nxt = _pick(logits.float(), temperature, top_p, generator)  # (B,)
-        ended = torch.isin(nxt, end_ids) & running
-        for i, t, on, e in zip(live, nxt.tolist(), running.tolist(), ended.tolist()):
-            if on:
-                tokens[i].append(t)
-                if e:
-                    finish[i] = "eos"
-        running &= ~ended
-        left = int(running.sum())
-        if left == 0 or step == max_new_tokens - 1:
-            break
-        if 4 * (len(live) - left) >= len(live):  # a quarter is done: drop those rows
-            keep = running.nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
-            mask, positions, nxt = mask[keep], positions[keep], nxt[keep]
-            live = [live[b] for b in keep.tolist()]
-            running = running[keep]
-        # finished rows still in the batch feed padding; what they write is ignored
-        step_ids = nxt.masked_fill(~running, pad)[:, None]
-        mask = torch.cat([mask, running[:, None].long()], dim=1)
-        positions = positions[:, -1:] + 1
+            nxt = _pick(logits.float(), temperature, top_p, generator)  # (B,)
+            ended = torch.isin(nxt, end_ids) & running
+            now = torch.stack([nxt, running.long(), ended.long()]).tolist()  # one device sync
+            for i, t, on, e in zip(live, *now):
+                if on:
+                    tokens[i].append(t)
+                    if e:
+                        finish[i] = "eos"
+            running &= ~ended
+            left = sum(now[1]) - sum(now[2])  # rows still running
+            if left == 0 or step == max_new_tokens - 1:
+                break
+            if 4 * (len(live) - left) >= len(live):  # a quarter is done: drop those rows
+                keep = running.nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                mask, positions, nxt = mask[keep], positions[keep], nxt[keep]
+                live = [live[b] for b in keep.tolist()]
+                running = running[keep]
+                if names is not None:  # the remaining rows keep their adapters
+                    routing.close()
+                    routing.enter_context(routed(lm, [names[i] for i in live]))
+            # finished rows still in the batch feed padding; what they write is ignored
+            step_ids = nxt.masked_fill(~running, pad)[:, None]
+            mask = torch.cat([mask, running[:, None].long()], dim=1)
+            positions = positions[:, -1:] + 1
     return list(zip(tokens, finish))
 
 
