@@ -16,11 +16,13 @@ class TargetError(DeltaError):
 
 
 class StateError(DeltaError):
-    """An operation does not fit the current state (e.g. routing while merged, a name attached twice)."""
+    """An operation does not fit the current state (e.g. routing while merged, a name attached
+    twice)."""
 
 
 class DeltaFileError(DeltaError):
-    """A delta file or directory is missing, corrupt, from a newer format, or for another base model."""
+    """A delta file or directory is missing, corrupt, from a newer format, or for another base
+    model."""
 
 
 class BudgetError(DeltaError):

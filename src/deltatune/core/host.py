@@ -147,8 +147,8 @@ class DeltaHost(Host):
         """The wrapped convolution applied to ``x`` with ``weight`` instead of its own and no bias.
 
         A plain ``nn.ConvNd`` is ``_conv_forward``; a subclass with its own ``forward`` (TensorFlow
-        'SAME' padding in EfficientNet ports, timm's ``Conv2dSame``) runs that forward with the weight
-        swapped in, so a delta sees the input padding the layer really uses.
+        'SAME' padding in EfficientNet ports, timm's ``Conv2dSame``) runs that forward with the
+        weight swapped in, so a delta sees the input padding the layer really uses.
         """
         b = self.base
         if type(b).forward in _PLAIN_CONV_FORWARDS:
@@ -181,7 +181,8 @@ class DeltaHost(Host):
     def set_active(self, names: Sequence[str]) -> None:
         if self._merged and list(names) != self._active:
             raise StateError(
-                "cannot change the active deltas while some are merged; call dt.unmerge(model) first"
+                "cannot change the active deltas while some are merged; call dt.unmerge(model) "
+                "first"
             )
         self._active = [n for n in names if n in self.deltas]
         self._refresh()
@@ -225,7 +226,8 @@ class DeltaHost(Host):
         return done
 
     def unmerge(self, names: Sequence[str] | None = None) -> None:
-        """Undo the merges (of ``names`` only: the last ones merged, which is what can be undone exactly)."""
+        """Undo the merges (of ``names`` only: the last ones merged, which is what can be undone
+        exactly)."""
         # Reverse order: each merge saw the weights left by the previous one.
         todo = [n for n in reversed(self._merged) if names is None or n in names]
         for name in todo:
@@ -235,7 +237,8 @@ class DeltaHost(Host):
 
     # -- routing ----------------------------------------------------------------------------------
     def set_route(self, slots: torch.Tensor | None, names: Sequence[str]) -> None:
-        """``slots[i]`` indexes ``names`` for sample ``i`` (-1: base only); ``None`` ends routing."""
+        """``slots[i]`` indexes ``names`` for sample ``i`` (-1: base only); ``None`` ends
+        routing."""
         if slots is None:
             self._plan = None
             return
@@ -250,7 +253,8 @@ class DeltaHost(Host):
                 groups.setdefault(type(delta), []).append((j, delta))
         plan = []
         for cls, members in groups.items():
-            # lookup[j + 1] = position of names[j] among this class's members (slot -1 → lookup[0] = -1)
+            # lookup[j + 1] = position of names[j] among this class's members
+            # (slot -1 → lookup[0] = -1)
             lookup = torch.full((len(names) + 1,), -1, dtype=torch.long)
             for local, (j, _) in enumerate(members):
                 lookup[j + 1] = local
@@ -265,8 +269,8 @@ class DeltaHost(Host):
         if self._plan is not None:
             if self._plan and self._plan[0][2].shape[0] != x.shape[0]:
                 raise StateError(
-                    f"route() was given {self._plan[0][2].shape[0]} entries but the batch has {x.shape[0]} "
-                    "samples; pass one delta name (or None) per sample"
+                    f"route() was given {self._plan[0][2].shape[0]} entries but the batch has "
+                    f"{x.shape[0]} samples; pass one delta name (or None) per sample"
                 )
             for cls, members, index in self._plan:
                 h = cls.routed_forward(members, index, x, h, self)
@@ -276,12 +280,14 @@ class DeltaHost(Host):
         return h
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, deltas={self.delta_names()}, active={self._active}, merged={self._merged}"
+        return (f"kind={self.kind}, deltas={self.delta_names()}, active={self._active}, "
+                f"merged={self._merged}")
 
 
 class ModuleCopy(Host):
     """Keeps a module trainable per delta (e.g. a new classification head): each delta name owns a
-    full copy, saved with the delta; the original stays frozen and is used when no copy is active."""
+    full copy, saved with the delta; the original stays frozen and is used when no copy is
+    active."""
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
@@ -363,7 +369,8 @@ def iter_hosts(model: nn.Module) -> Iterator[tuple[str, Host]]:
 def add_delta(
     model: nn.Module, path: str, name: str, build: Callable[["DeltaHost", str], Delta]
 ) -> Delta:
-    """Wrap ``model.<path>`` in a host (once) and add the delta ``build(host, path)`` under ``name``."""
+    """Wrap ``model.<path>`` in a host (once) and add the delta ``build(host, path)`` under
+    ``name``."""
     module = get_module(model, path)
     if isinstance(module, ModuleCopy):
         raise TargetError(
@@ -377,7 +384,8 @@ def add_delta(
         host.training = host.deltas.training = module.training
     if name in host.deltas:
         raise StateError(
-            f"delta {name!r} is already attached to {path!r}; detach it first or choose another name"
+            f"delta {name!r} is already attached to {path!r}; detach it first or choose another "
+            "name"
         )
     delta = build(host, path)
     ref = next(iter(module.parameters()), None)
@@ -401,11 +409,12 @@ def remove_delta(model: nn.Module, path: str, name: str) -> None:
 
 
 def add_sites(model: nn.Module, name: str, spec: "DeltaSpec", sites: Sequence["Site"]) -> list[str]:
-    """The engine's surgery for one attach: add each site's part under ``name``; return the paths used.
+    """The engine's surgery for one attach: add each site's part under ``name``; return the paths
+    used.
 
     Sizes are checked at every site (``spec.check_host``) before the first tensor is allocated; a
-    delta with more parameters than the layer it adapts gets one warning for the whole call. A failure
-    part-way is undone by :func:`deltatune.attach`, which restores the model exactly."""
+    delta with more parameters than the layer it adapts gets one warning for the whole call. A
+    failure part-way is undone by :func:`deltatune.attach`, which restores the model exactly."""
     for site in sites:
         module = get_module(model, site.path)
         if site.check and not isinstance(module, ModuleCopy):
@@ -427,9 +436,10 @@ def add_sites(model: nn.Module, name: str, spec: "DeltaSpec", sites: Sequence["S
 
         path, own, base = larger[0]
         warnings.warn(
-            f"delta {name!r} ({spec.method or type(spec).__name__}) is larger than the layer it adapts "
-            f"on {len(larger)} of {len(paths)} modules (e.g. {path}: {own:,} parameters vs {base:,}); a smaller "
-            "rank or width gives the same kind of delta at a fraction of the size",
+            f"delta {name!r} ({spec.method or type(spec).__name__}) is larger than the layer it "
+            f"adapts on {len(larger)} of {len(paths)} modules (e.g. {path}: {own:,} parameters vs "
+            f"{base:,}); a smaller rank or width gives the same kind of delta at a fraction of the "
+            "size",
             stacklevel=4,
         )
     return paths

@@ -59,8 +59,8 @@ def attach(
 ) -> list[str]:
     """Insert ``spec``'s delta into ``model`` under ``name`` and freeze everything else.
 
-    Returns the full names of the modules that host it. With ``activate`` (the default) the new delta
-    becomes the only active one. Nothing is changed when an error is raised.
+    Returns the full names of the modules that host it. With ``activate`` (the default) the new
+    delta becomes the only active one. Nothing is changed when an error is raised.
     """
     if not isinstance(spec, DeltaSpec):
         raise TypeError(
@@ -72,7 +72,8 @@ def attach(
         )
     if name in delta_names(model):
         raise StateError(
-            f"a delta named {name!r} is already attached; dt.detach(model, {name!r}) first or pick another name"
+            f"a delta named {name!r} is already attached; dt.detach(model, {name!r}) first or pick "
+            "another name"
         )
     keep = _resolve_modules(model, spec.trainable_modules)
     snapshot = _Snapshot(model)
@@ -176,7 +177,8 @@ def active(model: nn.Module) -> list[str]:
 
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block the model computes the base model's outputs (merged deltas are taken out)."""
+    """Inside the block the model computes the base model's outputs (merged deltas are taken
+    out)."""
     hosts = [h for _, h in iter_hosts(model)]
     remerge = [h for h in hosts if h.merged]
     for h in remerge:
@@ -194,7 +196,8 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 @contextlib.contextmanager
 def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
-    """Per-sample routing: sample ``i`` of the next forwards uses delta ``names[i]`` (``None``: base).
+    """Per-sample routing: sample ``i`` of the next forwards uses delta ``names[i]`` (``None``:
+    base).
 
     One forward serves many deltas; LoRA computes all of them in one gathered matmul per layer.
     """
@@ -268,7 +271,8 @@ def unmerge(model: nn.Module) -> None:
 
 
 def detach(model: nn.Module, name: str | None = None) -> None:
-    """Remove delta ``name`` (all deltas if ``None``); emptied hosts give back the original modules."""
+    """Remove delta ``name`` (all deltas if ``None``); emptied hosts give back the original
+    modules."""
     if name is not None and name not in delta_names(model):
         raise StateError(_unknown_name(model, name))
     for path, host in list(iter_hosts(model)):
@@ -297,7 +301,8 @@ class TrainableSummary:
         lines = [f"{'module':<{width}}  {'trainable':>12}  {'total':>12}"]
         lines += [f"{n:<{width}}  {t:>12,}  {a:>12,}" for n, t, a in self.rows]
         lines.append(
-            f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
+            f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: "
+            f"{self.percent:.4f}"
         )
         return "\n".join(lines)
 

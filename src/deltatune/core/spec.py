@@ -75,7 +75,8 @@ def spec_from_dict(data: dict[str, Any]) -> "DeltaSpec":
 
 
 def _fits(value: Any, hint: Any) -> bool:
-    """Whether a JSON value can stand for a field annotated ``hint`` (unknown hints: let validate decide)."""
+    """Whether a JSON value can stand for a field annotated ``hint`` (unknown hints: let validate
+    decide)."""
     import types
     from typing import Union
 
@@ -125,10 +126,11 @@ class DeltaSpec:
 
     - ``targets``: module names or name suffixes (``"query"`` matches ``...attention.self.query``).
     - ``target_regex``: a regular expression that must match a module's full name.
-    - ``target_types``: module class names (``"Linear"``, ``"Conv2d"``); alone, selects every such module.
+    - ``target_types``: module class names (``"Linear"``, ``"Conv2d"``); alone, selects every such
+      module.
     - ``exclude``: names/suffixes to leave out.
-    - ``trainable_modules``: modules (e.g. a new classification head) that train beside the delta; each
-      delta gets its own copy, saved with it.
+    - ``trainable_modules``: modules (e.g. a new classification head) that train beside the delta;
+      each delta gets its own copy, saved with it.
     With no selector given, the method's ``default_targets`` are used.
     """
 
@@ -139,7 +141,8 @@ class DeltaSpec:
     default_targets: ClassVar[tuple[tuple[str, ...], ...]] = ()
 
     #: with no selector: ``"defaults"`` takes the first group of ``default_targets`` that matches;
-    #: ``"every"`` takes every module :meth:`hosts_by_default` admits (whole-layer methods: BitFit, SSF)
+    #: ``"every"`` takes every module :meth:`hosts_by_default` admits (whole-layer methods: BitFit,
+    #: SSF)
     default_scope: ClassVar[Literal["defaults", "every"]] = "defaults"
     #: what the method can host, in words, for messages (default: built from ``host_kinds``)
     host_what: ClassVar[str] = ""
@@ -170,8 +173,8 @@ class DeltaSpec:
                 raise SpecError(f"{cls.__name__} has no option {key!r}; {hint}")
         if names and len(args) > len(names):
             raise SpecError(
-                f"{cls.__name__} takes at most {len(names)} options, got {len(args)} positional values;"
-                " pass options by name"
+                f"{cls.__name__} takes at most {len(names)} options, got {len(args)} positional "
+                "values; pass options by name"
             )
         return super().__new__(cls)
 
@@ -217,9 +220,10 @@ class DeltaSpec:
     def validate(self) -> None:
         """Method-specific checks; call :meth:`fail` on a bad value."""
 
-    # -- where it goes and how it is built (the engine does the surgery) -----------------------------
+    # -- where it goes and how it is built (the engine does the surgery) ---------------------------
     def can_host(self, module: "nn.Module") -> bool:
-        """Whether this method can put a delta on ``module`` (default: its kind is in ``host_kinds``)."""
+        """Whether this method can put a delta on ``module`` (default: its kind is in
+        ``host_kinds``)."""
         from .host import module_kind
 
         return module_kind(module) in self.host_kinds
@@ -229,7 +233,8 @@ class DeltaSpec:
         return self.can_host(module)
 
     def hosts_what(self, default: bool = False) -> str:
-        """What the method hosts, in words (``default``: what it takes when no selector is given)."""
+        """What the method hosts, in words (``default``: what it takes when no selector is
+        given)."""
         if self.host_what:
             return self.host_what
         return " / ".join(self.host_kinds) + " modules"
@@ -242,22 +247,25 @@ class DeltaSpec:
         :class:`SpecError` naming the layer, the size and the limit."""
 
     def check_targets(self, model: "nn.Module", paths: list[str]) -> None:
-        """Checks over the whole selection before anything is built (a budget over all the layers, the
-        size of state shared by them); raise :class:`SpecError` with :meth:`fail`."""
+        """Checks over the whole selection before anything is built (a budget over all the layers,
+        the size of state shared by them); raise :class:`SpecError` with :meth:`fail`."""
 
     def shared_state(self, model: "nn.Module", paths: list[str]) -> Any:
-        """State shared by all the hosts of one attach (VeRA's frozen projection), built once and passed
-        to :meth:`make_delta` as its third argument; ``None`` (the default) passes nothing."""
+        """State shared by all the hosts of one attach (VeRA's frozen projection), built once and
+        passed to :meth:`make_delta` as its third argument; ``None`` (the default) passes
+        nothing."""
         return None
 
     def make_delta(self, host: "DeltaHost", module_name: str) -> "Delta":
-        """Build the delta for one host (methods with :meth:`shared_state` take it as a third argument)."""
+        """Build the delta for one host (methods with :meth:`shared_state` take it as a third
+        argument)."""
         raise NotImplementedError
 
     def sites(self, model: "nn.Module") -> list["Site"]:
-        """Where the delta goes and how each part is built: by default the selected modules, each with
-        :meth:`make_delta`. Methods whose delta spans several modules per position (an adapter with an
-        input tap, a side network's rungs, LoRA's extra bias shifts) override this, and only this."""
+        """Where the delta goes and how each part is built: by default the selected modules, each
+        with :meth:`make_delta`. Methods whose delta spans several modules per position (an adapter
+        with an input tap, a side network's rungs, LoRA's extra bias shifts) override this, and only
+        this."""
         from .targets import select_targets
 
         paths = select_targets(model, self)
@@ -273,9 +281,9 @@ class DeltaSpec:
     def inject(self, model: "nn.Module", name: str) -> list[str]:
         """Put this delta into ``model`` under ``name``; return the full names of the hosts used.
 
-        The engine's surgery: wrap every site's module in a :class:`DeltaHost` and add its part. Only
-        deltas that are not host deltas override it (virtual tokens: prompt and prefix tuning; a
-        composition of such members). :func:`deltatune.attach` undoes everything on any failure.
+        The engine's surgery: wrap every site's module in a :class:`DeltaHost` and add its part.
+        Only deltas that are not host deltas override it (virtual tokens: prompt and prefix tuning;
+        a composition of such members). :func:`deltatune.attach` undoes everything on any failure.
         """
         from .host import add_sites
 
@@ -283,11 +291,13 @@ class DeltaSpec:
 
     # -- training ------------------------------------------------------------------------------
     def training_callbacks(self, name: str, total_steps: int) -> list[Any]:
-        """Trainer callbacks this method needs to train as its paper does, for delta ``name`` in a run
-        of ``total_steps`` optimizer steps (AdaLoRA's pruning, IncreLoRA's growth); none for most.
+        """Trainer callbacks this method needs to train as its paper does, for delta ``name`` in a
+        run of ``total_steps`` optimizer steps (AdaLoRA's pruning, IncreLoRA's growth); none for
+        most.
 
-        ``deltatune.train.fit`` adds them for every attached delta (``spec_callbacks=True``). They follow
-        the protocol of :mod:`deltatune.train.callbacks`; core only passes them on, it never imports them."""
+        ``deltatune.train.fit`` adds them for every attached delta (``spec_callbacks=True``). They
+        follow the protocol of :mod:`deltatune.train.callbacks`; core only passes them on, it never
+        imports them."""
         return []
 
     # -- serialisation ------------------------------------------------------------------------
@@ -304,8 +314,9 @@ class DeltaSpec:
 
 @dataclass(frozen=True)
 class Site:
-    """One place a delta goes: a module path and how its part is built there (``build(host, path)``).
-    ``check=False`` skips the spec's :meth:`DeltaSpec.check_host` there (a tap that only records)."""
+    """One place a delta goes: a module path and how its part is built there
+    (``build(host, path)``). ``check=False`` skips the spec's :meth:`DeltaSpec.check_host` there (a
+    tap that only records)."""
 
     path: str
     build: Callable[["DeltaHost", str], "Delta"]

@@ -27,7 +27,8 @@ def iter_candidates(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, n
 
 
 def name_matches(name: str, pattern: str) -> bool:
-    """Exact name or a dotted suffix of it (``"query"`` matches ``"layer.0.attention.self.query"``)."""
+    """Exact name or a dotted suffix of it (``"query"`` matches
+    ``"layer.0.attention.self.query"``)."""
     return name == pattern or name.endswith("." + pattern)
 
 
@@ -57,7 +58,8 @@ ATTENTION_QV: tuple[tuple[str, ...], ...] = (
 
 
 def narrowed(spec: "DeltaSpec") -> bool:
-    """Whether the spec names its targets (names, a regex or module types) instead of using defaults."""
+    """Whether the spec names its targets (names, a regex or module types) instead of using
+    defaults."""
     return spec.targets is not None or spec.target_regex is not None or bool(spec.target_types)
 
 
@@ -67,8 +69,8 @@ def select_targets(model: nn.Module, spec: "DeltaSpec") -> list[str]:
     The one selector of the engine. With no selector, a spec whose ``default_scope`` is ``"every"``
     (whole-layer methods: BitFit, LN tuning, SSF, sparse) takes every module it can host by default;
     the others take the first group of ``default_targets`` that matches. Modules kept trainable as a
-    whole (``trainable_modules``) and everything inside them are never selected by such a whole-layer
-    method.
+    whole (``trainable_modules``) and everything inside them are never selected by such a
+    whole-layer method.
     """
     candidates = list(iter_candidates(model))
     if spec.default_scope == "every":

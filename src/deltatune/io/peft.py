@@ -96,7 +96,8 @@ def _align(paths: list[str], model: nn.Module) -> dict[str, str]:
             return {p: p[len(pre):] for p in paths}
     missing = next(p for p in paths if p not in names)
     raise DeltaFileError(
-        f"the peft adapter targets module {missing!r}, which this model lacks; load it on the base model it was made for"
+        f"the peft adapter targets module {missing!r}, which this model lacks; load it on the base "
+        "model it was made for"
     )
 
 
@@ -113,8 +114,9 @@ def _under(module: str, key: str) -> bool:
 
 
 def _saved_modules(config: dict, keys) -> list[str]:
-    """``modules_to_save`` entries that have tensors among ``keys``: peft lists every candidate head of
-    its task type (``["classifier", "score"]`` for ``SEQ_CLS``) whether or not the model has it."""
+    """``modules_to_save`` entries that have tensors among ``keys``: peft lists every candidate head
+    of its task type (``["classifier", "score"]`` for ``SEQ_CLS``) whether or not the model has
+    it."""
     keys = list(keys)
     return [
         m
@@ -163,7 +165,8 @@ def load_peft(
     for key, value in raw.items():
         if not key.startswith(PREFIX):
             raise DeltaFileError(
-                f"{path / PEFT_TENSORS}: key {key!r} lacks peft's {PREFIX!r} prefix; not a peft adapter file"
+                f"{path / PEFT_TENSORS}: key {key!r} lacks peft's {PREFIX!r} prefix; not a peft "
+                "adapter file"
             )
         body[key[len(PREFIX):]] = value
     # Split keys into host tensors (known suffixes), module copies and plain bias tensors.
@@ -178,14 +181,16 @@ def load_peft(
     for key in list(rest):
         if key.endswith(".base_layer.weight"):
             # peft stores whole embedding matrices beside embedding LoRA ("save_embedding_layers"):
-            # a copy of the base weight carries no information; a changed one cannot be a delta here.
+            # a copy of the base weight carries no information; a changed one cannot be a delta
+            # here.
             module = _base_of(model, key[: -len(".base_layer.weight")])
             if module is None or not torch.equal(
                 module.weight.detach().cpu(), rest[key].to(module.weight.dtype)
             ):
                 raise DeltaFileError(
-                    f"{path / PEFT_TENSORS} carries a modified full weight {key!r} (resized or trained "
-                    "embeddings); deltatune only loads deltas onto an unchanged base: save the adapter without it"
+                    f"{path / PEFT_TENSORS} carries a modified full weight {key!r} (resized or "
+                    "trained embeddings); deltatune only loads deltas onto an unchanged base: "
+                    "save the adapter without it"
                 )
             del rest[key]
         elif key.endswith(".base_layer.bias"):
@@ -194,7 +199,8 @@ def load_peft(
             )
     if not per_host:
         raise DeltaFileError(
-            f"{path / PEFT_TENSORS} holds no {config.get('peft_type')} tensors; the file is empty or for another method"
+            f"{path / PEFT_TENSORS} holds no {config.get('peft_type')} tensors; the file is empty "
+            "or for another method"
         )
     saved_modules = _saved_modules(config, rest)
     copy_keys = {k: v for k, v in rest.items() if any(_under(m, k) for m in saved_modules)}
@@ -204,7 +210,8 @@ def load_peft(
     unknown = sorted(set(rest) - set(copy_keys) - {k + ".bias" for k in bias_keys})
     if unknown:
         raise DeltaFileError(
-            f"{path / PEFT_TENSORS}: unexpected tensors {unknown[:3]}; the file is not a {config.get('peft_type')} adapter deltatune can read"
+            f"{path / PEFT_TENSORS}: unexpected tensors {unknown[:3]}; the file is not a "
+            f"{config.get('peft_type')} adapter deltatune can read"
         )
     mapping = _align(sorted(per_host) + sorted(bias_keys), model)
     spec = _from_config(
@@ -226,7 +233,8 @@ def load_peft(
             hp = mapping[peft_path]
             if hp not in deltas:
                 raise DeltaFileError(
-                    f"{path}: bias of {hp!r} has no place in this model's delta; the adapter is for another model"
+                    f"{path}: bias of {hp!r} has no place in this model's delta; the adapter is "
+                    "for another model"
                 )
             for k, v in layout.load(deltas[hp], get_module(model, hp), {"bias": value}).items():
                 states[f"{hp}.{k}"] = v
@@ -238,7 +246,8 @@ def load_peft(
                         f"{path}: trainable module {cp!r} tensor {k!r} is missing from the file"
                     )
                 states[f"{cp}.{k}"] = copy_keys[hits[0]]
-        # Hosts the spec created that the file does not fill (e.g. bias="all" on a bias-free module).
+        # Hosts the spec created that the file does not fill (e.g. bias="all" on a bias-free
+        # module).
         for hp, delta in deltas.items():
             for k, v in delta.state_dict().items():
                 states.setdefault(f"{hp}.{k}", v)
@@ -259,7 +268,8 @@ def _load_root(
     *,
     activate: bool,
 ) -> str:
-    """Prompt-learning layout: root tensors go to the spec's single host, ``base_model.<m>.*`` to copies."""
+    """Prompt-learning layout: root tensors go to the spec's single host, ``base_model.<m>.*`` to
+    copies."""
     own = {k: v for k, v in raw.items() if not k.startswith(ROOT_PREFIX)}
     kept = {k[len(ROOT_PREFIX):]: v for k, v in raw.items() if k.startswith(ROOT_PREFIX)}
     saved = _saved_modules(config, kept)
@@ -269,7 +279,8 @@ def _load_root(
         deltas, copies = parts_of(model, name)
         if len(deltas) != 1:
             raise DeltaFileError(
-                f"{path}: a {config.get('peft_type')} adapter needs one host, this model gives {sorted(deltas)}"
+                f"{path}: a {config.get('peft_type')} adapter needs one host, this model gives "
+                f"{sorted(deltas)}"
             )
         (hp, delta), = deltas.items()
         own_state = cls.peft.load(delta, get_module(model, hp), own)

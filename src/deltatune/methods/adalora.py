@@ -1,4 +1,5 @@
-"""AdaLoRA: LoRA in SVD form, ``ΔW = s·P·diag(λ)·Q``, whose rank budget is re-allocated during training.
+"""AdaLoRA: LoRA in SVD form, ``ΔW = s·P·diag(λ)·Q``, whose rank budget is re-allocated during
+training.
 
 Function: ``Q`` (``lora_A``, r×in) and ``P`` (``lora_B``, out×r) are the singular vectors, ``λ``
 (``lora_E``, r×1) the singular values; insertion: parallel, ``h + s·P·diag(λ)·Q·x`` with
@@ -46,8 +47,8 @@ class _SVDSpecMixin:
         if limit is not None and r > limit:
             field = "max_r" if hasattr(spec, "max_r") else "init_r"
             raise SpecError(
-                f"{type(spec).__name__}.{field}: rank {r} on {module_name!r} exceeds that layer's limit "
-                f"{limit} (min of its input and output sizes); use {field} <= {limit}"
+                f"{type(spec).__name__}.{field}: rank {r} on {module_name!r} exceeds that layer's "
+                f"limit {limit} (min of its input and output sizes); use {field} <= {limit}"
             )
 
     def _check_common(self) -> None:
@@ -139,11 +140,12 @@ def _read(config: Mapping[str, Any], kw: dict[str, Any]) -> dict[str, Any]:
 @register
 @dataclass(frozen=True)
 class AdaLoRA(_SVDSpecMixin, DeltaSpec):
-    """SVD-form LoRA with adaptive rank allocation (train with :class:`deltatune.budget.AdaLoRASchedule`).
+    """SVD-form LoRA with adaptive rank allocation (train with
+    :class:`deltatune.budget.AdaLoRASchedule`).
 
     ``init_r`` triplets per module, pruned to ``target_r`` per module on average (in total) between
-    step ``tinit`` and ``total_step - tfinal``, every ``delta_t`` steps; ``beta1``/``beta2`` smooth the
-    sensitivity and its uncertainty; ``orth_reg_weight`` weighs the orthogonality penalty."""
+    step ``tinit`` and ``total_step - tfinal``, every ``delta_t`` steps; ``beta1``/``beta2`` smooth
+    the sensitivity and its uncertainty; ``orth_reg_weight`` weighs the orthogonality penalty."""
 
     method = "adalora"
     example = Example(dict(init_r=3, target_r=2, targets=("fc1", "fc2")), bad=(
@@ -209,11 +211,13 @@ class AdaLoRA(_SVDSpecMixin, DeltaSpec):
 
 
 class SVDDelta(Delta):
-    """``h + s·P·diag(λ)·Q·x`` over ``capacity`` preallocated triplets; ``rank_mask`` marks the live ones.
+    """``h + s·P·diag(λ)·Q·x`` over ``capacity`` preallocated triplets; ``rank_mask`` marks the live
+    ones.
 
     ``gated = False`` (AdaLoRA, as peft): pruning zeroes ``λ_i`` in place and the forward uses ``λ``
-    as it is, so a pruned triplet can be revived by a later allocation. ``gated = True`` (IncreLoRA):
-    the forward multiplies ``λ`` by the mask, so inactive triplets are exactly off and get no gradient.
+    as it is, so a pruned triplet can be revived by a later allocation. ``gated = True``
+    (IncreLoRA): the forward multiplies ``λ`` by the mask, so inactive triplets are exactly off and
+    get no gradient.
     """
 
     foldable = True
@@ -249,8 +253,8 @@ class SVDDelta(Delta):
         return int(self.rank_mask.sum())
 
     def budget_parameters(self) -> int:
-        """The triplets kept at the end, ``rank × (in + out + 1)``: AdaLoRA prunes to ``target_r`` per
-        module on average, IncreLoRA (gated) keeps the live ones."""
+        """The triplets kept at the end, ``rank × (in + out + 1)``: AdaLoRA prunes to ``target_r``
+        per module on average, IncreLoRA (gated) keeps the live ones."""
         r = self.rank if self.gated else self.spec.target_r
         return int(r) * (self.lora_A.shape[1] + self.lora_B.shape[0] + 1)
 

@@ -5,10 +5,10 @@ compares the two numerically): after each optimizer step it updates every AdaLoR
 importance ``I = |θ·∇θ|``, smoothed ``Ī ← β₁Ī + (1−β₁)I`` and its uncertainty
 ``Ū ← β₂Ū + (1−β₂)|I − Ī|``; a triplet's score is ``s(λ_i) + mean s(Q_i·) + mean s(P_·i)`` with
 ``s = Ī·Ū``. The total rank budget follows a cubic schedule from ``init_r × modules`` (until step
-``tinit``) down to ``target_r × modules`` (at step ``total_step − tfinal``); every ``delta_t`` steps the
-lowest-scoring triplets beyond the budget get ``λ_i = 0``. After ``total_step − tfinal`` the last
-pattern is frozen. Its ``penalty`` is the orthogonality regulariser ``‖QQᵀ − I‖_F`` / ``‖PᵀP − I‖_F``
-averaged over the matrices (peft's form).
+``tinit``) down to ``target_r × modules`` (at step ``total_step − tfinal``); every ``delta_t`` steps
+the lowest-scoring triplets beyond the budget get ``λ_i = 0``. After ``total_step − tfinal`` the
+last pattern is frozen. Its ``penalty`` is the orthogonality regulariser ``‖QQᵀ − I‖_F`` /
+``‖PᵀP − I‖_F`` averaged over the matrices (peft's form).
 
 Paper: Zhang et al., AdaLoRA, https://arxiv.org/abs/2303.10512
 
@@ -66,8 +66,8 @@ class Importance:
 
 
 class GradTap:
-    """Keeps each parameter's latest accumulated gradient: the trainer zeroes ``.grad`` right after the
-    optimizer step, before ``on_step_end``, so the schedule reads the gradient it saw here."""
+    """Keeps each parameter's latest accumulated gradient: the trainer zeroes ``.grad`` right after
+    the optimizer step, before ``on_step_end``, so the schedule reads the gradient it saw here."""
 
     def __init__(self) -> None:
         self.grads: dict[int, torch.Tensor] = {}
@@ -100,13 +100,15 @@ def svd_deltas(model: nn.Module, name: str, kind: type = SVDDelta) -> dict[str, 
     }
     if not found:
         raise BudgetError(
-            f"the model has no {kind.__name__} delta named {name!r}; attach an AdaLoRA/IncreLoRA spec first"
+            f"the model has no {kind.__name__} delta named {name!r}; attach an AdaLoRA/IncreLoRA "
+            "spec first"
         )
     return found
 
 
 def orthogonality_penalty(deltas: Mapping[str, SVDDelta], live_only: bool = False) -> torch.Tensor:
-    """Mean over the Q and P matrices of ``‖QQᵀ − I‖_F`` and ``‖PᵀP − I‖_F`` (peft's regulariser)."""
+    """Mean over the Q and P matrices of ``‖QQᵀ − I‖_F`` and ``‖PᵀP − I‖_F`` (peft's
+    regulariser)."""
     terms = []
     for d in deltas.values():
         a, b = d.lora_A, d.lora_B
@@ -122,7 +124,8 @@ def orthogonality_penalty(deltas: Mapping[str, SVDDelta], live_only: bool = Fals
 
 
 class AdaLoRASchedule:
-    """Trainer callback: importance scores, cubic budget, masking, orthogonality penalty (see module doc).
+    """Trainer callback: importance scores, cubic budget, masking, orthogonality penalty (see module
+    doc).
 
     ``total_step`` overrides the spec's (one of them must be given: the schedule needs the run's
     length). If training stops before the final allocation, ``on_train_end`` applies it (with a
@@ -136,7 +139,7 @@ class AdaLoRASchedule:
         self.finalised = False
         self.tap = GradTap()
 
-    # -- set up -------------------------------------------------------------------------------------
+    # -- set up ------------------------------------------------------------------------------------
     def on_train_start(self, model: nn.Module) -> None:
         self.deltas = svd_deltas(model, self.name)
         spec = next(iter(self.deltas.values())).spec
@@ -148,7 +151,8 @@ class AdaLoRASchedule:
         self.total = self._total or spec.total_step
         if self.total is None:
             raise BudgetError(
-                "AdaLoRA needs the run's length: set AdaLoRA(total_step=...) or AdaLoRASchedule(total_step=...)"
+                "AdaLoRA needs the run's length: set AdaLoRA(total_step=...) or "
+                "AdaLoRASchedule(total_step=...)"
             )
         if spec.tinit >= self.total - spec.tfinal:
             raise BudgetError(
@@ -174,7 +178,7 @@ class AdaLoRASchedule:
             (self.init_budget - self.target_budget) * left**3 + self.target_budget
         ), step % s.delta_t == 0
 
-    # -- hooks ----------------------------------------------------------------------------------------
+    # -- hooks -------------------------------------------------------------------------------------
     def penalty(self, model: nn.Module, batch: Any, outputs: torch.Tensor) -> torch.Tensor | None:
         if self.spec.orth_reg_weight == 0:
             return None
@@ -198,14 +202,15 @@ class AdaLoRASchedule:
         self.tap.close()
         if not self.finalised and hasattr(self, "deltas"):
             warnings.warn(
-                f"training stopped before AdaLoRA's final allocation (step {self.total - self.spec.tfinal}); "
-                f"pruning to the target of {self.target_budget} triplets now",
+                "training stopped before AdaLoRA's final allocation (step "
+                f"{self.total - self.spec.tfinal}); pruning to the target of {self.target_budget} "
+                "triplets now",
                 stacklevel=2,
             )
             self._mask_to_budget(self.history[-1][0] + 1 if self.history else 0, self.target_budget)
             self.finalised = True
 
-    # -- allocation -----------------------------------------------------------------------------------
+    # -- allocation --------------------------------------------------------------------------------
     def _update_importance(self) -> None:
         for path, d in self.deltas.items():
             for suffix in ("lora_A", "lora_E", "lora_B"):
@@ -217,7 +222,8 @@ class AdaLoRASchedule:
         scores = {p: self.importance.triplets(p, d) for p, d in self.deltas.items()}
         flat = torch.cat(list(scores.values()))
         k = self.init_budget - budget
-        # peft's rule: the k-th smallest score is the threshold, every triplet at or below it is pruned
+        # peft's rule: the k-th smallest score is the threshold, every triplet at or below it is
+        # pruned
         threshold = float(torch.kthvalue(flat.cpu(), k).values) if k > 0 else None
         for path, d in self.deltas.items():
             d.rank_mask.copy_(
@@ -232,7 +238,7 @@ class AdaLoRASchedule:
         for d in self.deltas.values():
             d.lora_E.masked_fill_(~d.rank_mask.unsqueeze(1), 0.0)
 
-    # -- results ----------------------------------------------------------------------------------------
+    # -- results -----------------------------------------------------------------------------------
     def live_rank(self) -> int:
         return sum(d.rank for d in self.deltas.values())
 

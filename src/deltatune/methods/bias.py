@@ -1,7 +1,7 @@
 """Additive bias deltas: Δh = b (broadcast over the output's channel dimension).
 
-Shared by BitFit (:mod:`.bitfit`) and LoRA's ``bias="all"`` mode. Foldable: merging adds ``b`` to the
-module's own bias. Paper (BitFit): https://arxiv.org/abs/2106.10199
+Shared by BitFit (:mod:`.bitfit`) and LoRA's ``bias="all"`` mode. Foldable: merging adds ``b`` to
+the module's own bias. Paper (BitFit): https://arxiv.org/abs/2106.10199
 """
 
 from __future__ import annotations

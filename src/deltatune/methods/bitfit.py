@@ -7,8 +7,8 @@ merging adds ``b`` to the layer's own bias. The original bias tensors are never 
 trained shift lives in the delta (the :class:`~deltatune.methods.bias.BiasDelta` shared with
 ``LoRA(bias="all")``).
 
-Paper: Ben Zaken et al., "BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based Masked
-Language-models", ACL 2022, https://arxiv.org/abs/2106.10199
+Paper: Ben Zaken et al., "BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based
+Masked Language-models", ACL 2022, https://arxiv.org/abs/2106.10199
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ def has_output_bias(module: nn.Module) -> bool:
 @register
 @dataclass(frozen=True)
 class BitFit(DeltaSpec):
-    """Bias-only tuning. With no selector every bias of a Linear / Conv1D / Conv / norm layer trains;
-    ``targets=["query", "intermediate.dense"]`` gives the paper's two-bias variant."""
+    """Bias-only tuning. With no selector every bias of a Linear / Conv1D / Conv / norm layer
+    trains; ``targets=["query", "intermediate.dense"]`` gives the paper's two-bias variant."""
 
     method = "bitfit"
     example = Example(bad=(({"target_regex": "("}, "target_regex"),))

@@ -201,13 +201,15 @@ class Bottleneck(DeltaSpec):
             width = int(d_in // self.reduction_factor)
             if width > d_in:
                 raise SpecError(
-                    f"{type(self).__name__}.reduction_factor={self.reduction_factor!r} makes the adapter on "
-                    f"{path!r} {width} wide, wider than its input ({d_in}); use reduction_factor >= 1"
+                    f"{type(self).__name__}.reduction_factor={self.reduction_factor!r} makes the "
+                    f"adapter on {path!r} {width} wide, wider than its input ({d_in}); use "
+                    "reduction_factor >= 1"
                 )
 
     def sites(self, model: nn.Module) -> list[Site]:
-        """An adapter at each position and, for a sequential adapter that reads another module's input
-        (Houlsby/Pfeiffer on a fused block), a tap there that hands it over: two kinds of site."""
+        """An adapter at each position and, for a sequential adapter that reads another module's
+        input (Houlsby/Pfeiffer on a fused block), a tap there that hands it over: two kinds of
+        site."""
         positions = self.positions(model)
         self.check_widths(model, positions)
         shared = self.shared_state(model, [p for p, _ in positions])
@@ -298,8 +300,9 @@ class AdapterDelta(Delta):
             delta = self.adapter(src.to(dtype).movedim(1, -1)).movedim(-1, 1)
             if delta.shape[2:] != out.shape[2:]:
                 raise StateError(
-                    f"a parallel conv adapter needs the convolution to keep the spatial size "
-                    f"(input {tuple(src.shape[2:])}, output {tuple(out.shape[2:])}); use a sequential style"
+                    "a parallel conv adapter needs the convolution to keep the spatial size "
+                    f"(input {tuple(src.shape[2:])}, output {tuple(out.shape[2:])}); use a "
+                    "sequential style"
                 )
         else:
             delta = self.adapter(src.to(dtype))

@@ -1,15 +1,15 @@
 """GraLoRA: granular low-rank adaptation, a ``k × k`` grid of small low-rank blocks.
 
-Unified view: function = ``ΔW`` split into ``k × k`` blocks of size ``out/k × in/k``; block ``(j, n)``
-(output chunk ``j``, input chunk ``n``) is its own rank-``r/k`` product, so the change has rank up
-to ``k·r`` for the parameters of a rank-``r`` LoRA, and a large input in one chunk no longer moves
-every output (the gradient entanglement of LoRA the paper describes). Input chunk ``n`` has one
-``A_n`` (in/k × r) whose ``r`` columns are ``k`` pieces of ``r/k``, piece ``j`` feeding output
-chunk ``j``; output chunk ``j`` has one ``B_j`` (r × out/k) whose rows are ``k`` pieces, piece ``n``
-reading input chunk ``n``. With ``hybrid_r > 0`` a plain LoRA of that rank is added beside it
-(Hybrid GraLoRA); both are scaled by ``alpha / (r + hybrid_r)``. Position = a Linear layer (attention
-q/v by default); insertion = parallel on the module's input, ``h + s·ΔW·x``. Every ``B`` starts at
-zero, so the model equals the base at init.
+Unified view: function = ``ΔW`` split into ``k × k`` blocks of size ``out/k × in/k``; block
+``(j, n)`` (output chunk ``j``, input chunk ``n``) is its own rank-``r/k`` product, so the change
+has rank up to ``k·r`` for the parameters of a rank-``r`` LoRA, and a large input in one chunk no
+longer moves every output (the gradient entanglement of LoRA the paper describes). Input chunk ``n``
+has one ``A_n`` (in/k × r) whose ``r`` columns are ``k`` pieces of ``r/k``, piece ``j`` feeding
+output chunk ``j``; output chunk ``j`` has one ``B_j`` (r × out/k) whose rows are ``k`` pieces,
+piece ``n`` reading input chunk ``n``. With ``hybrid_r > 0`` a plain LoRA of that rank is added
+beside it (Hybrid GraLoRA); both are scaled by ``alpha / (r + hybrid_r)``. Position = a Linear layer
+(attention q/v by default); insertion = parallel on the module's input, ``h + s·ΔW·x``. Every ``B``
+starts at zero, so the model equals the base at init.
 
 Foldable, and exactly low-rank: :meth:`GraLoRADelta.factors` writes the ``k²`` blocks as one
 rank-``k·r`` term (zero outside each block's chunks) plus the hybrid LoRA. Tensor layout
@@ -60,8 +60,8 @@ class GraLoRA(DeltaSpec):
     """Granular LoRA on Linear / GPT-2 Conv1D layers: rank ``r`` (divisible by ``k``), ``k`` blocks
     per side (peft's ``gralora_k``; ``k`` must divide both layer sizes), ``hybrid_r`` (rank of a
     plain LoRA beside it), ``alpha`` (scale ``alpha / (r + hybrid_r)``), ``dropout`` on the input
-    (peft's ``gralora_dropout``), ``init="random"`` (peft's ``init_weights=False``: ``B`` random too;
-    for tests)."""
+    (peft's ``gralora_dropout``), ``init="random"`` (peft's ``init_weights=False``: ``B`` random
+    too; for tests)."""
 
     method = "gralora"
     example = Example({"r": 4, "k": 2, "targets": ("fc1", "fc2")}, bad=(

@@ -3,8 +3,8 @@
 Unified view: function = a scaling vector ``l``; position = attention keys and values (scaling the
 layer's *output*, ``h' = l ⊙ h``) and the second FFN linear (scaling its *input*,
 ``h' = W·(l ⊙ x) + b``, peft's ``feedforward_modules``); insertion = multiplicative on the weights:
-``diag(l)·W`` (and ``l ⊙ b``) or ``W·diag(l)``. Foldable; unmerge divides by ``l`` again (exact to float
-rounding, so a vector with entries at 0 cannot be unmerged and merging it is refused).
+``diag(l)·W`` (and ``l ⊙ b``) or ``W·diag(l)``. Foldable; unmerge divides by ``l`` again (exact to
+float rounding, so a vector with entries at 0 cannot be unmerged and merging it is refused).
 
 Paper: Liu et al., "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context
 Learning", NeurIPS 2022, https://arxiv.org/abs/2205.05638
@@ -137,7 +137,8 @@ class IA3Delta(Delta):
         return h + _weight_only(host, scaled.to(x.dtype)).to(h.dtype)
 
     def _weight_factor(self, host: DeltaHost, vec: torch.Tensor) -> torch.Tensor:
-        """``vec`` shaped to multiply the base weight (its rows for output, columns for input scaling)."""
+        """``vec`` shaped to multiply the base weight (its rows for output, columns for input
+        scaling)."""
         w = host.weight
         if self.kind == "linear":
             out_axis = 1 if self.fan_in_fan_out else 0
@@ -157,11 +158,11 @@ class IA3Delta(Delta):
         )
 
     def delta_weight(self, host: DeltaHost) -> dict[str, torch.Tensor]:
-        l = self.ia3_l.detach()
-        out = {"weight": host.weight.detach().to(l.dtype) * self._weight_factor(host, l - 1)}
+        vec = self.ia3_l.detach()
+        out = {"weight": host.weight.detach().to(vec.dtype) * self._weight_factor(host, vec - 1)}
         bias = getattr(host.base, "bias", None)
         if not self.feedforward and bias is not None:
-            out["bias"] = bias.detach().to(l.dtype) * (l - 1)
+            out["bias"] = bias.detach().to(vec.dtype) * (vec - 1)
         return out
 
     @torch.no_grad()

@@ -7,9 +7,9 @@ with a *gated* mask ``m``: only live triplets contribute and get gradients. Ever
 modules with the highest importance (smoothed sensitivity × uncertainty, as AdaLoRA) until the
 parameter budget is spent. Preallocating means the optimizer keeps working unchanged when ranks
 grow: a new triplet's parameters were always there (with zero gradients, hence zero Adam moments);
-its ``λ`` is zero when it is switched on, so the output does not jump. Live parameters, not preallocated ones, are what the
-budget counts (``rank × (in + out + 1)`` per module). The scaling ``s = alpha / max_r`` is fixed, so
-growing a rank never rescales the others.
+its ``λ`` is zero when it is switched on, so the output does not jump. Live parameters, not
+preallocated ones, are what the budget counts (``rank × (in + out + 1)`` per module). The scaling
+``s = alpha / max_r`` is fixed, so growing a rank never rescales the others.
 
 Paper: Zhang et al., "IncreLoRA: Incremental Parameter Allocation Method for Parameter-Efficient
 Fine-tuning", https://arxiv.org/abs/2308.12043
@@ -44,9 +44,9 @@ def triplet_cost(host: DeltaHost) -> int:
 class IncreLoRA(_SVDSpecMixin, DeltaSpec):
     """Incrementally grown SVD-form LoRA (train with :class:`deltatune.budget.IncreLoRASchedule`).
 
-    ``budget``: live parameters over all modules (``None``: ``target_r`` triplets' worth per module);
-    ``grow_per_step`` modules gain one triplet at each allocation (every ``delta_t`` steps between
-    ``tinit`` and ``total_step - tfinal``)."""
+    ``budget``: live parameters over all modules (``None``: ``target_r`` triplets' worth per
+    module); ``grow_per_step`` modules gain one triplet at each allocation (every ``delta_t`` steps
+    between ``tinit`` and ``total_step - tfinal``)."""
 
     method = "increlora"
     example = Example(dict(init_r=1, max_r=3, target_r=2, targets=("fc1", "fc2")), bad=(
@@ -119,7 +119,8 @@ class IncreLoRA(_SVDSpecMixin, DeltaSpec):
         if budget < min(costs.values()):
             problem = f"is smaller than one rank-1 delta here ({min(costs.values()):,} parameters)"
         elif budget < start:
-            problem = f"is smaller than the starting ranks (init_r={self.init_r} on {len(paths)} modules: {start:,} parameters)"
+            problem = (f"is smaller than the starting ranks (init_r={self.init_r} on {len(paths)} "
+                       f"modules: {start:,} parameters)")
         if problem:
             field = "budget" if self.budget is not None else "target_r"
             self.fail(field, f"gives a budget of {budget:,} parameters, which " + problem

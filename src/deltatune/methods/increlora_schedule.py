@@ -2,11 +2,12 @@
 
 Every ``delta_t`` steps after ``tinit`` (and up to ``total_step − tfinal`` when the run's length is
 known), the ``grow_per_step`` modules with the highest importance — the mean score of their live
-triplets, scored as in AdaLoRA (smoothed sensitivity × uncertainty, :class:`~.adalora_schedule.Importance`) —
-each switch on one more preallocated triplet, as long as its cost (``in + out + 1`` parameters) fits
-in what is left of the budget and the module has a free slot. A new triplet's ``λ`` is set to zero
-when it is switched on, so the model's output does not change at that step; its ``Q`` and ``P`` keep
-their random initialisation, so ``λ`` gets a gradient from the next step on. Ranks never shrink.
+triplets, scored as in AdaLoRA (smoothed sensitivity × uncertainty,
+:class:`~.adalora_schedule.Importance`) — each switch on one more preallocated triplet, as long as
+its cost (``in + out + 1`` parameters) fits in what is left of the budget and the module has a free
+slot. A new triplet's ``λ`` is set to zero when it is switched on, so the model's output does not
+change at that step; its ``Q`` and ``P`` keep their random initialisation, so ``λ`` gets a gradient
+from the next step on. Ranks never shrink.
 
 Paper: Zhang et al., IncreLoRA, https://arxiv.org/abs/2308.12043
 """
@@ -44,7 +45,8 @@ class IncreLoRASchedule:
         self.budget = spec.budget_for(self.costs)
         if self.used() > self.budget:
             raise BudgetError(
-                f"IncreLoRA's live parameters ({self.used():,}) already exceed its budget ({self.budget:,})"
+                f"IncreLoRA's live parameters ({self.used():,}) already exceed its budget "
+                f"({self.budget:,})"
             )
         self.importance = Importance(spec.beta1, spec.beta2)
         self.tap.close()
@@ -76,7 +78,8 @@ class IncreLoRASchedule:
 
     @torch.no_grad()
     def grow(self, step: int) -> dict[str, int]:
-        """Switch on one triplet in each of the ``grow_per_step`` most important modules that can take it."""
+        """Switch on one triplet in each of the ``grow_per_step`` most important modules that can
+        take it."""
         left = self.budget - self.used()
         scores = {}
         for p, d in self.deltas.items():

@@ -1,8 +1,8 @@
 """LN tuning: train the weight and bias of the normalisation layers (peft's ``LN_TUNING``).
 
 Unified view: function = a change ``(Δw, Δb)`` of a layer's own affine parameters; position = every
-norm layer (LayerNorm, RMSNorm, BatchNorm, GroupNorm, ...) by default, or any layer with a weight the
-selectors pick (peft allows that too: it is then full tuning of that layer); insertion = on the
+norm layer (LayerNorm, RMSNorm, BatchNorm, GroupNorm, ...) by default, or any layer with a weight
+the selectors pick (peft allows that too: it is then full tuning of that layer); insertion = on the
 weights, ``h' = f(x; w + Δw, b + Δb)``. Foldable and exactly additive: merging adds ``Δw``/``Δb``.
 The deltas start at zero, so the model equals the base at init.
 
@@ -40,7 +40,8 @@ _LINEAR_IN_PARAMS = (*_TORCH_NORMS, nn.Linear, nn.modules.conv._ConvNd, nn.Embed
 
 
 def is_norm(module: nn.Module) -> bool:
-    """A normalisation layer with a learnable per-channel weight (torch's, or e.g. ``LlamaRMSNorm``)."""
+    """A normalisation layer with a learnable per-channel weight (torch's, or e.g.
+    ``LlamaRMSNorm``)."""
     weight = getattr(module, "weight", None)
     if not isinstance(weight, nn.Parameter) or weight.dim() != 1:
         return False
@@ -101,7 +102,8 @@ class LNTuning(DeltaSpec):
 
 
 class NormDelta(Delta):
-    """Trainable changes ``weight``/``bias`` of a layer's own parameters (the originals stay untouched)."""
+    """Trainable changes ``weight``/``bias`` of a layer's own parameters (the originals stay
+    untouched)."""
 
     foldable = True
 

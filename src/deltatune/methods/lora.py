@@ -1,9 +1,9 @@
 """LoRA family: LoRA, rsLoRA, DoRA; Linear / GPT-2 Conv1D, Conv1d/2d/3d and Embedding hosts.
 
 Function: low-rank linear map ``B·A`` (rank ``r``); insertion: parallel on the module's input,
-``h + s·B·A·x``; scaling ``s = alpha / r`` (rsLoRA: ``alpha / sqrt(r)``). DoRA re-normalises the merged
-weight per output and learns its magnitude. Variants (init schemes, DoRA) are strategy objects in
-:mod:`deltatune.methods.lora_variants`.
+``h + s·B·A·x``; scaling ``s = alpha / r`` (rsLoRA: ``alpha / sqrt(r)``). DoRA re-normalises the
+merged weight per output and learns its magnitude. Variants (init schemes, DoRA) are strategy
+objects in :mod:`deltatune.methods.lora_variants`.
 
 Papers: LoRA https://arxiv.org/abs/2106.09685 · rsLoRA https://arxiv.org/abs/2312.03732 ·
 DoRA https://arxiv.org/abs/2402.09353 · PiSSA https://arxiv.org/abs/2404.02948 ·
@@ -104,8 +104,8 @@ class LoRA(DeltaSpec):
         return LoRADelta(self, host, module_name)
 
     def sites(self, model: nn.Module) -> list[Site]:
-        """The LoRA layers, and with ``bias="all"`` a bias shift on every other module with a bias (two
-        kinds of site: why LoRA declares its sites)."""
+        """The LoRA layers, and with ``bias="all"`` a bias shift on every other module with a bias
+        (two kinds of site: why LoRA declares its sites)."""
         sites = super().sites(model)
         if self.bias == "all":
             targets = {s.path for s in sites}
@@ -143,7 +143,8 @@ class LoRADelta(Delta):
         elif self.kind == "conv":
             if base.groups != 1 or base.padding_mode != "zeros":
                 raise TargetError(
-                    f"LoRA on {path!r} needs groups=1 and zero padding (depthwise/grouped convs are not supported); exclude it"
+                    f"LoRA on {path!r} needs groups=1 and zero padding (depthwise/grouped convs "
+                    "are not supported); exclude it"
                 )
             a_shape = (r, base.in_channels, *base.kernel_size)
             b_shape = (base.out_channels, r) + (1,) * len(base.kernel_size)
@@ -213,8 +214,9 @@ class LoRADelta(Delta):
         return out
 
     def factors(self, host: DeltaHost) -> list[Factor] | None:
-        """Plain LoRA on a Linear / Conv1D / Embedding: ``s·B·A``, and ``−s·B₀·A₀`` for the PiSSA/OLoRA
-        inits that start from nonzero factors. DoRA (a norm-dependent change) and convolutions: None."""
+        """Plain LoRA on a Linear / Conv1D / Embedding: ``s·B·A``, and ``−s·B₀·A₀`` for the
+        PiSSA/OLoRA inits that start from nonzero factors. DoRA (a norm-dependent change) and
+        convolutions: None."""
         if self.variant.name != "plain" or self.kind not in ("linear", "embedding"):
             return None
         transposed = self.kind == "embedding" or bool(self.fan_in_fan_out)
@@ -228,10 +230,10 @@ class LoRADelta(Delta):
 
     @torch.no_grad()
     def set_weight_change(self, change: torch.Tensor, bias: torch.Tensor | None = None) -> float:
-        """Set the factors so that ``s·B·A`` is the best rank-r approximation of ``change`` (in the base
-        weight's layout, as ``delta_weight`` gives it); exact when its rank is at most r. ``bias``: the
-        bias change (needs ``bias="lora_only"``). Returns the relative Frobenius error of the weight.
-        Plain LoRA only."""
+        """Set the factors so that ``s·B·A`` is the best rank-r approximation of ``change`` (in the
+        base weight's layout, as ``delta_weight`` gives it); exact when its rank is at most r.
+        ``bias``: the bias change (needs ``bias="lora_only"``). Returns the relative Frobenius error
+        of the weight. Plain LoRA only."""
         if bias is not None:
             if self.lora_bias is None:
                 raise SpecError(

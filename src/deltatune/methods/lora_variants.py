@@ -1,8 +1,8 @@
 """LoRA variants as small strategy objects: init schemes and the output combination (plain / DoRA).
 
 Inits set ``lora_A``/``lora_B``; the SVD/QR inits (PiSSA, OLoRA) also move the principal part out of
-the base weight, which they do by giving the base module a *new* residual weight parameter and keeping
-the original parameter object aside, so that detaching puts back exactly the original.
+the base weight, which they do by giving the base module a *new* residual weight parameter and
+keeping the original parameter object aside, so that detaching puts back exactly the original.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def _init_gaussian(d: "LoRADelta", host: "DeltaHost") -> None:
 def _weight_oi(host: "DeltaHost") -> torch.Tensor:
     if host.kind != "linear":
         raise TargetError(
-            f"PiSSA/OLoRA inits need Linear-like modules, not {type(host.base).__name__}; use init='default'"
+            f"PiSSA/OLoRA inits need Linear-like modules, not {type(host.base).__name__}; use "
+            "init='default'"
         )
     w = host.weight.detach().float()
     return w.t() if host.fan_in_fan_out else w

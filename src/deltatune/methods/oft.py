@@ -1,21 +1,22 @@
 """OFT and BOFT: orthogonal rotations of a layer's input space, ``W' = W·Rᵀ``.
 
-Unified view: function = a rotation ``R`` of the weight's input dimension (for a conv, of the flattened
-filter ``in/groups × kernel``) — block-diagonal for OFT, a product of permuted block-diagonal
-"butterfly" factors for BOFT (which also learns a per-output scale ``s``: ``W' = diag(s)·W·Rᵀ``);
-insertion = multiplicative on the weights. Each block is a Cayley transform of a skew-symmetric
-matrix ``Q``, so all-zero parameters give ``R = I`` and the model equals the base at init.
-Foldable; unmerge applies the inverse rotation (block by block), so it is exact to float rounding
-even for the truncated Cayley-Neumann series (which is only approximately orthogonal).
+Unified view: function = a rotation ``R`` of the weight's input dimension (for a conv, of the
+flattened filter ``in/groups × kernel``) — block-diagonal for OFT, a product of permuted
+block-diagonal "butterfly" factors for BOFT (which also learns a per-output scale ``s``:
+``W' = diag(s)·W·Rᵀ``); insertion = multiplicative on the weights. Each block is a Cayley transform
+of a skew-symmetric matrix ``Q``, so all-zero parameters give ``R = I`` and the model equals the
+base at init. Foldable; unmerge applies the inverse rotation (block by block), so it is exact to
+float rounding even for the truncated Cayley-Neumann series (which is only approximately
+orthogonal).
 
 The parameterisations follow peft's (Cayley–Neumann series ``I + 2Q + 2Q² + … + Qᵏ`` or the exact
-``(I − Q)(I + Q)⁻¹`` for OFT; exact Cayley of ``(A − Aᵀ)/2`` for BOFT). The unmerged forward uses the
-rotated weight, i.e. what peft computes when merged (for Linear layers peft's unmerged forward is
-the same; for k×k convolutions peft's OFT rotates unfolded input patches instead, which differs).
+``(I − Q)(I + Q)⁻¹`` for OFT; exact Cayley of ``(A − Aᵀ)/2`` for BOFT). The unmerged forward uses
+the rotated weight, i.e. what peft computes when merged (for Linear layers peft's unmerged forward
+is the same; for k×k convolutions peft's OFT rotates unfolded input patches instead, which differs).
 
-Papers: OFT — Qiu et al., "Controlling Text-to-Image Diffusion by Orthogonal Finetuning", NeurIPS 2023,
-https://arxiv.org/abs/2306.07280 · BOFT — Liu et al., "Parameter-Efficient Orthogonal Finetuning via
-Butterfly Factorization", ICLR 2024, https://arxiv.org/abs/2311.06243
+Papers: OFT — Qiu et al., "Controlling Text-to-Image Diffusion by Orthogonal Finetuning", NeurIPS
+2023, https://arxiv.org/abs/2306.07280 · BOFT — Liu et al., "Parameter-Efficient Orthogonal
+Finetuning via Butterfly Factorization", ICLR 2024, https://arxiv.org/abs/2311.06243
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ def _filter_size(host: DeltaHost) -> int:
 
 # -- the delta both share -------------------------------------------------------------------------
 class RotationDelta(Delta):
-    """``h + x·(W' − W)ᵀ`` with ``W' = diag(s)·W·Rᵀ``; merging writes ``W'``, unmerging inverts it."""
+    """``h + x·(W' − W)ᵀ`` with ``W' = diag(s)·W·Rᵀ``; merging writes ``W'``, unmerging inverts
+    it."""
 
     foldable = True
 
@@ -127,8 +129,8 @@ class RotationDelta(Delta):
         self.fan_in_fan_out = host.fan_in_fan_out
 
     def rotate(self, w: torch.Tensor, inverse: bool = False, dropout: bool = False) -> torch.Tensor:
-        """``w·Rᵀ`` (or ``w·R⁻ᵀ``) for ``w`` of shape (out, features); ``dropout`` while training only,
-        never when merging (the merged weight must be the one unmerge can invert)."""
+        """``w·Rᵀ`` (or ``w·R⁻ᵀ``) for ``w`` of shape (out, features); ``dropout`` while training
+        only, never when merging (the merged weight must be the one unmerge can invert)."""
         raise NotImplementedError
 
     def _w(self, host: DeltaHost) -> torch.Tensor:
@@ -232,7 +234,8 @@ class OFT(DeltaSpec):
 
 
 class OFTDelta(RotationDelta):
-    """Parameters ``oft_R``: (blocks, b·(b−1)/2) upper triangles of the skew-symmetric ``Q`` blocks."""
+    """Parameters ``oft_R``: (blocks, b·(b−1)/2) upper triangles of the skew-symmetric ``Q``
+    blocks."""
 
     def __init__(self, spec: OFT, host: DeltaHost, path: str) -> None:
         super().__init__(spec, host, path)
@@ -331,8 +334,8 @@ class BOFT(DeltaSpec):
 
 
 class BOFTDelta(RotationDelta):
-    """Parameters ``boft_R`` (factors, blocks, b, b) and the scale ``boft_s`` (out,); ``R = M_{m−1}···M_0`` with
-    ``M_i = P_i·blockdiag(cayley(A_i))·P_iᵀ``."""
+    """Parameters ``boft_R`` (factors, blocks, b, b) and the scale ``boft_s`` (out,);
+    ``R = M_{m−1}···M_0`` with ``M_i = P_i·blockdiag(cayley(A_i))·P_iᵀ``."""
 
     def __init__(self, spec: BOFT, host: DeltaHost, path: str) -> None:
         super().__init__(spec, host, path)
@@ -341,8 +344,9 @@ class BOFTDelta(RotationDelta):
         butterfly_fits = m == 1 or not (size % 2 or n % (size * 2 ** (m - 1)) or (n // size) % 2)
         if n % size or size * spec.block_num not in (0, n) or not butterfly_fits:
             raise TargetError(
-                f"BOFT block_size={spec.block_size}, block_num={spec.block_num}, butterfly_factor={m} do not fit the "
-                f"{n} input features of {path!r}; choose sizes that divide it (and even ones for butterfly_factor > 1)"
+                f"BOFT block_size={spec.block_size}, block_num={spec.block_num}, "
+                f"butterfly_factor={m} do not fit the {n} input features of {path!r}; choose sizes "
+                "that divide it (and even ones for butterfly_factor > 1)"
             )
         self.block_size, self.blocks = size, n // size
         perms = [butterfly_perm(n, self.blocks // 2**i, size // 2, m > 1) for i in range(m)]

@@ -127,8 +127,9 @@ def _write_bases(spec: Any, deltas: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read_bases(config: Mapping[str, Any], kw: dict[str, Any]) -> dict[str, Any]:
-    kind = "very_sparse" if config.get("very_sparse") else "sparse" if config.get("sparse") else None
-    return {"bases": kind or "dense"}
+    if config.get("very_sparse"):
+        return {"bases": "very_sparse"}
+    return {"bases": "sparse" if config.get("sparse") else "dense"}
 
 
 @register

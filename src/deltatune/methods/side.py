@@ -70,8 +70,8 @@ class SideTuning(DeltaSpec):
         return [f"{path}.{i}" for i in range(len(lists[path]))]
 
     def sites(self, model: nn.Module) -> list[Site]:
-        """One rung per backbone block, all sharing the ladder that carries the side state from rung to
-        rung (its first rung starts it, its last one merges it back): a chain of sites."""
+        """One rung per backbone block, all sharing the ladder that carries the side state from rung
+        to rung (its first rung starts it, its last one merges it back): a chain of sites."""
         paths = self.block_paths(model)
         hidden = module_dims(get_module(model, paths[0]))[1]
         width = int(hidden // self.reduction_factor)
@@ -84,8 +84,8 @@ class SideTuning(DeltaSpec):
                 f"{hidden} at {paths[0]!r}; use reduction_factor >= 1",
             )
         ladder = _Ladder()
-        return [Site(path, lambda host, p, f=i == 0, l=i == len(paths) - 1: SideRung(
-                    self, host, ladder, hidden, width, first=f, last=l), check=False)
+        return [Site(path, lambda host, p, first=i == 0, last=i == len(paths) - 1: SideRung(
+                    self, host, ladder, hidden, width, first=first, last=last), check=False)
                 for i, path in enumerate(paths)]
 
 

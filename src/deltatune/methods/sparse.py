@@ -1,20 +1,20 @@
 """Sparse fine-tuning: train a fixed small subset of a layer's weights (diff pruning, FISH masks).
 
 Unified view: function = a sparse weight change ``ΔW = scatter(values at indices)``; position = the
-chosen layers' weights; insertion = on the weights (parallel form ``h + ΔW·x``). Foldable and exactly
-additive. The trained entries are chosen once, before training:
+chosen layers' weights; insertion = on the weights (parallel form ``h + ΔW·x``). Foldable and
+exactly additive. The trained entries are chosen once, before training:
 
 - ``selection="magnitude"``: the largest ``|W|`` of each layer (``density`` of its entries);
 - ``"random"``: a seeded random subset of each layer (diff pruning with a fixed random mask);
-- ``"fish"``: the entries with the largest empirical Fisher information over *all* chosen layers, from
-  a few batches of task data — :func:`fish_mask` then :func:`attach_masked`;
+- ``"fish"``: the entries with the largest empirical Fisher information over *all* chosen layers,
+  from a few batches of task data — :func:`fish_mask` then :func:`attach_masked`;
 - ``"given"``: any boolean masks of your own, via :func:`attach_masked`.
 
 Saved sparsely: ``indices`` (int64, flat positions in the weight) and ``values`` per layer.
 
 Papers: FISH — Sung et al., "Training Neural Networks with Fixed Sparse Masks", NeurIPS 2021,
-https://arxiv.org/abs/2111.09839 · diff pruning — Guo et al., "Parameter-Efficient Transfer Learning with
-Diff Pruning", ACL 2021, https://arxiv.org/abs/2012.07463
+https://arxiv.org/abs/2111.09839 · diff pruning — Guo et al., "Parameter-Efficient Transfer Learning
+with Diff Pruning", ACL 2021, https://arxiv.org/abs/2012.07463
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ LossFn = Callable[[nn.Module, Any], torch.Tensor]
 @dataclass(frozen=True)
 class SparseFT(DeltaSpec):
     """A sparse delta on the weights of Linear / GPT-2 Conv1D / Conv layers (and Embeddings when
-    targeted). ``density``: fraction of each layer's entries that train (``magnitude``/``random``) or
-    of all chosen entries (``fish``). ``counts`` is filled by :func:`attach_masked` (entries per layer)."""
+    targeted). ``density``: fraction of each layer's entries that train (``magnitude``/``random``)
+    or of all chosen entries (``fish``). ``counts`` is filled by :func:`attach_masked` (entries per
+    layer)."""
 
     method = "sparse"
     example = Example(dict(density=0.2), bad=(
@@ -85,8 +86,8 @@ class SparseFT(DeltaSpec):
     def make_delta(self, host: DeltaHost, module_name: str) -> Delta:
         if self.selection in _DATA_MASKS and module_name not in self.counts:
             raise TargetError(
-                f"SparseFT(selection={self.selection!r}) takes its masks from data: build them with "
-                "deltatune.methods.sparse.fish_mask(...) and attach with "
+                f"SparseFT(selection={self.selection!r}) takes its masks from data: build them "
+                "with deltatune.methods.sparse.fish_mask(...) and attach with "
                 "deltatune.methods.sparse.attach_masked(...)"
             )
         return SparseDelta(self, host, module_name)
@@ -213,7 +214,8 @@ def fisher_scores(
     model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, paths: list[str]
 ) -> dict[str, torch.Tensor]:
     """Empirical Fisher of the weights at ``paths``: the sum over batches of the squared gradient of
-    ``loss_fn(model, batch)``. Batches of one sample give the per-example Fisher of the FISH paper."""
+    ``loss_fn(model, batch)``. Batches of one sample give the per-example Fisher of the FISH
+    paper."""
     weights = {p: get_module(model, p).weight for p in paths}
     saved = {id(p): p.requires_grad for p in model.parameters()}
     scores = {p: torch.zeros_like(w, dtype=torch.float32) for p, w in weights.items()}
@@ -252,8 +254,9 @@ def fish_mask(
     loss_fn: LossFn,
     spec: SparseFT | None = None,
 ) -> dict[str, torch.Tensor]:
-    """FISH masks: the ``density`` fraction of all chosen weight entries (``spec``'s layers, by default
-    every Linear/Conv) with the largest empirical Fisher information, chosen globally across layers.
+    """FISH masks: the ``density`` fraction of all chosen weight entries (``spec``'s layers, by
+    default every Linear/Conv) with the largest empirical Fisher information, chosen globally across
+    layers.
 
     ``loss_fn(model, batch)`` returns the task loss of one batch. Use the result with
     :func:`attach_masked`: ``attach_masked(model, SparseFT(selection="fish"), masks, name=...)``.

@@ -58,8 +58,8 @@ class SSF(DeltaSpec):
     def make_delta(self, host: DeltaHost, module_name: str) -> Delta:
         if not _foldable_host(host.base):
             raise TargetError(
-                f"SSF cannot fold into {module_name!r} ({type(host.base).__name__}): it needs a Linear, "
-                "Conv or a norm layer with weight and bias; exclude it"
+                f"SSF cannot fold into {module_name!r} ({type(host.base).__name__}): it needs a "
+                "Linear, Conv or a norm layer with weight and bias; exclude it"
             )
         return SSFDelta(self, host)
 

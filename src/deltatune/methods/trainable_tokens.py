@@ -9,18 +9,18 @@ storing, the whole matrix.
 
 Foldable: ``delta_weight`` is ``tᵢ − E[i]`` scattered into a zero ``ΔW``; merging *writes* the rows
 (``index_copy``) and unmerging writes back the rows it replaced, bit-exact (``a + (b − a)`` need not
-equal ``b`` in floating point, so the additive default is not used). Half-precision bases get float32
-rows, cast at the boundary. Several active deltas on one embedding apply in order, a later one's rows
-winning; keep their ``token_indices`` disjoint (peft refuses overlapping ones).
+equal ``b`` in floating point, so the additive default is not used). Half-precision bases get
+float32 rows, cast at the boundary. Several active deltas on one embedding apply in order, a later
+one's rows winning; keep their ``token_indices`` disjoint (peft refuses overlapping ones).
 
 peft: the layout and math of peft 0.21.2's ``TRAINABLE_TOKENS`` tuner (one tensor per embedding,
 ``<path>.trainable_tokens_delta`` of shape (len(token_indices), dim); ``token_indices`` and
-``init_weights`` in the config). Not supported: an embedding whose weight is *tied* to another module
-(an ``lm_head`` with ``tie_word_embeddings``) is refused, because peft then also swaps the output
-projection's rows and changing only the input side would give different logits (untie the weights, or
-use ``trainable_modules`` for the head); embedding subclasses with their own ``forward`` (e.g. Gemma's
-scaled embedding) and ``max_norm`` embeddings are refused; LoRA's ``trainable_token_indices`` option
-(trainable tokens *inside* a LoRA file) is not read.
+``init_weights`` in the config). Not supported: an embedding whose weight is *tied* to another
+module (an ``lm_head`` with ``tie_word_embeddings``) is refused, because peft then also swaps the
+output projection's rows and changing only the input side would give different logits (untie the
+weights, or use ``trainable_modules`` for the head); embedding subclasses with their own ``forward``
+(e.g. Gemma's scaled embedding) and ``max_norm`` embeddings are refused; LoRA's
+``trainable_token_indices`` option (trainable tokens *inside* a LoRA file) is not read.
 
 Method: peft's trainable tokens (Hugging Face, 2025), on the sparse-update idea of training only the
 embedding rows that matter; reference for selective row/parameter updates: Guo et al., "Parameter-

@@ -90,7 +90,8 @@ class _Composite(DeltaSpec):
                 )
 
     def inject(self, model: nn.Module, name: str) -> list[str]:
-        # a composition of members that may not be host deltas (prefix tuning): why it injects itself
+        # a composition of members that may not be host deltas (prefix tuning): why it injects
+        # itself
         paths: list[str] = []
         for member in self.member_specs():
             paths += [p for p in member.inject(model, name) if p not in paths]

@@ -1,7 +1,7 @@
 """VeRA: one pair of frozen random matrices shared by all layers, and two trained vectors per layer.
 
-Unified view: function = low-rank linear map ``Λ_b·B·Λ_d·A`` where ``A`` (r × in) and ``B`` (out × r)
-are random, frozen and shared by every adapted layer (sliced to each layer's size) and only the
+Unified view: function = low-rank linear map ``Λ_b·B·Λ_d·A`` where ``A`` (r × in) and ``B`` (out ×
+r) are random, frozen and shared by every adapted layer (sliced to each layer's size) and only the
 diagonals ``Λ_d`` (r) and ``Λ_b`` (out) train; insertion = parallel, ``h + Λ_b·B·Λ_d·A·x``.
 Foldable (additive: ``ΔW = (λ_b ⊙ B)(λ_d ⊙ A)``). ``Λ_b`` starts at 0, so the model equals the base.
 
@@ -35,8 +35,9 @@ _SHARED_A, _SHARED_B = "base_model.vera_A", "base_model.vera_B"
 
 
 def projection(r: int, max_in: int, max_out: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The shared ``A`` (r × max_in) and ``B`` (max_out × r): Kaiming-uniform (gain √2, fan-in mode),
-    drawn in this order from one CPU generator seeded with ``seed`` (peft's ``projection_prng_key``)."""
+    """The shared ``A`` (r × max_in) and ``B`` (max_out × r): Kaiming-uniform (gain √2, fan-in
+    mode), drawn in this order from one CPU generator seeded with ``seed`` (peft's
+    ``projection_prng_key``)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
     def kaiming(shape: tuple[int, int]) -> torch.Tensor:
@@ -93,8 +94,8 @@ class _VeRALayout(PeftLayout):
 class VeRA(DeltaSpec):
     """Vector-based random matrix adaptation on Linear / GPT-2 Conv1D layers.
 
-    ``init="identity"`` (λ_b = 0, λ_d = d_initial) or ``"random"`` (peft's ``init_weights=False``: λ_b = 1,
-    λ_d ~ N(0, 1); for tests)."""
+    ``init="identity"`` (λ_b = 0, λ_d = d_initial) or ``"random"`` (peft's ``init_weights=False``:
+    λ_b = 1, λ_d ~ N(0, 1); for tests)."""
 
     method = "vera"
     example = Example(dict(r=4, targets=("fc1", "fc2")), bad=(
@@ -138,8 +139,9 @@ class VeRA(DeltaSpec):
             k = max(range(len(paths)), key=lambda j: sizes[j][0] * sizes[j][1])
             self.fail(
                 "r",
-                f"makes the shared projection larger than the {len(paths)} layers it adapts together "
-                f"(largest: {paths[k]!r}, {sizes[k][0]}x{sizes[k][1]}); use r <= {max(limit, 1)}",
+                f"makes the shared projection larger than the {len(paths)} layers it adapts "
+                f"together (largest: {paths[k]!r}, {sizes[k][0]}x{sizes[k][1]}); use r <= "
+                f"{max(limit, 1)}",
             )
 
     def shared_state(self, model: nn.Module, paths: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
