@@ -40,7 +40,8 @@ from torch import nn  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from deltatune.data import CORRUPTIONS  # noqa: E402  (the 15 standard corruptions, in benchmark order)
+# the 15 standard corruptions, in benchmark order
+from deltatune.data import CORRUPTIONS  # noqa: E402
 from deltatune.deploy.accuracy import ESTIMATES  # noqa: E402
 
 SHORT = {
