@@ -20,8 +20,8 @@ def test_root_help_lists_jobs(capsys):
 
 
 def test_every_job_help_shows_its_examples_verbatim(capsys):
-    """rich turns ``:name:`` into an emoji when ``name`` is one (``mnist-c:fog:3`` showed a fog glyph):
-    no job's --help may contain a character rich substituted."""
+    """rich turns ``:name:`` into an emoji when ``name`` is one (``mnist-c:fog:3`` showed a fog
+    glyph): no job's --help may contain a character rich substituted."""
     from deltatune.cli.app import build_app
 
     jobs = [c.name for c in build_app().registered_commands]

@@ -282,13 +282,15 @@ def test_class_weight_count_is_checked_before_anything_is_written(capsys, tmp_pa
 
 
 def test_a_delta_on_a_random_base_keeps_its_base(tmp_path, capsys):
-    """small-cnn has no checkpoint: the adapter holds the random base it was trained on, so eval, export,
-    detect, estimate and adapt see the trained model (before, eval rebuilt another random base: 10%)."""
+    """small-cnn has no checkpoint: the adapter holds the random base it was trained on, so eval,
+    export, detect, estimate and adapt see the trained model (before, eval rebuilt another random
+    base: 10%)."""
     pytest.importorskip("mnist")
     import torch
 
     out = tmp_path / "cnn"
-    # the global RNG is moved on first: the reload must not depend on how the training process drew it
+    # the global RNG is moved on first: the reload must not depend on how the training process
+    # drew it
     torch.manual_seed(1234)
     torch.rand(17)
     assert (
@@ -387,8 +389,8 @@ def test_a_delta_on_a_random_base_keeps_its_base(tmp_path, capsys):
 
 
 def test_the_same_seed_trains_the_same_delta(tmp_path):
-    """--seed fixes the initialisation as well as the data (torch's global generator starts from a random
-    seed in each process, so two unseeded runs differed: 34.6% vs 23.2% after 60 steps)."""
+    """--seed fixes the initialisation as well as the data (torch's global generator starts from a
+    random seed in each process, so two unseeded runs differed: 34.6% vs 23.2% after 60 steps)."""
     pytest.importorskip("mnist")
     from safetensors.torch import load_file
 

@@ -1,4 +1,5 @@
-"""deltatune.compress: codec round trips, packed files, adapters that attach compressed, CLI, bad input."""
+"""deltatune.compress: codec round trips, packed files, adapters that attach compressed, CLI, bad
+input."""
 
 from __future__ import annotations
 
@@ -118,7 +119,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, codec):
     assert back.ratio == pytest.approx(c.ratio) and c.packed_bytes < c.original_bytes
 
 
-# -- adapters and task vectors -----------------------------------------------------------------------
+# -- adapters and task vectors ---------------------------------------------------------------------
 def _mlp() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
@@ -236,7 +237,7 @@ def test_real_minilm_lora_compressed_stays_close(tmp_path):
         )  # int8: ~0.4% of each row max
 
 
-# -- bad input -----------------------------------------------------------------------------------------
+# -- bad input -------------------------------------------------------------------------------------
 def test_bad_input_is_one_clear_error(tmp_path):
     with pytest.raises(dc.CompressError, match="unknown codec 'zip'"):
         dc.compress_tensors({"w": _delta()}, "zip")
@@ -276,7 +277,7 @@ def test_corrupt_or_truncated_packed_files_are_refused(tmp_path):
         dc.load_compressed(tmp_path)
 
 
-# -- CLI ----------------------------------------------------------------------------------------------
+# -- CLI -------------------------------------------------------------------------------------------
 def _cli(*args):
     return subprocess.run(
         [sys.executable, "-m", "deltatune.cli.app", *map(str, args)], capture_output=True, text=True

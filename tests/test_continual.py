@@ -215,7 +215,8 @@ def test_user_stream_from_a_task_column(tmp_path):
     rows = ["text,label,task"]
     for i in range(60):
         rows.append(
-            f"example {i} {'good' if i % 2 else 'bad'},{'pos' if i % 2 else 'neg'},{['b', 'a', 'c'][i % 3]}"
+            f"example {i} "
+            f"{'good' if i % 2 else 'bad'},{'pos' if i % 2 else 'neg'},{['b', 'a', 'c'][i % 3]}"
         )
     csv = tmp_path / "tasks.csv"
     csv.write_text("\n".join(rows) + "\n")

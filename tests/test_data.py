@@ -13,12 +13,19 @@ import pytest
 import torch
 
 from deltatune.data import (
-    CORRUPTIONS, DOMAIN_NAMES, DataError, Dataset, available_datasets, corruption_names, load_data,
-    restricted_load, tweet_domain,
+    CORRUPTIONS,
+    DOMAIN_NAMES,
+    DataError,
+    Dataset,
+    available_datasets,
+    corruption_names,
+    load_data,
+    restricted_load,
+    tweet_domain,
 )
 from deltatune.data.corrupt import corrupt_images
 
-# --- bundled text sets ------------------------------------------------------------------------------
+# --- bundled text sets ----------------------------------------------------------------------------
 
 
 def _sizes(spec: str) -> dict[str, int]:
@@ -108,7 +115,7 @@ def test_tweet_domain_rules(text, domain):
     assert tweet_domain(text) == domain
 
 
-# --- MNIST and the restricted unpickler -------------------------------------------------------------
+# --- MNIST and the restricted unpickler -----------------------------------------------------------
 
 
 class _Evil:
@@ -152,7 +159,7 @@ def test_digits_look_like_mnist():
     assert imgs.max() == 255 and 20 < imgs.mean() < 60  # MNIST's mean is 33
 
 
-# --- corruptions ------------------------------------------------------------------------------------
+# --- corruptions ----------------------------------------------------------------------------------
 
 
 def test_corruption_names_match_corrupt_tta():
@@ -205,7 +212,7 @@ def test_digits_c_and_corruption_errors():
             load_data(spec, "test")
 
 
-# --- user files -------------------------------------------------------------------------------------
+# --- user files -----------------------------------------------------------------------------------
 
 
 def _write(path, text: str):
@@ -328,7 +335,7 @@ def test_datasets_save_to_disk(tmp_path, monkeypatch):
         load_data(str(tmp_path / "single"), "train")
 
 
-# --- names and errors -------------------------------------------------------------------------------
+# --- names and errors -----------------------------------------------------------------------------
 
 
 def test_unknown_names_splits_and_limits():

@@ -176,7 +176,8 @@ def test_adapt_streams_a_real_dataset_and_reports_errors(tmp_path, digits_availa
         and res["options"] == {"lr": 0.01}
     )
     assert 0 <= res["error"] <= 100 and (out / "adapt.png").read_bytes()[:4] == b"\x89PNG"
-    # the unadapted pass is the plain model on the same batches (the job builds small-cnn after seeding 0)
+    # the unadapted pass is the plain model on the same batches (the job builds small-cnn after
+    # seeding 0)
     torch.manual_seed(0)
     entry = load_model("small-cnn")
     batch = entry.collate(load_data("mnist-c:fog:3", "test", limit=96).examples)
@@ -203,8 +204,8 @@ def test_adapt_streams_a_real_dataset_and_reports_errors(tmp_path, digits_availa
 
 @pytest.fixture
 def logits(tmp_path):
-    """Reference logits of a calibrated 5-class model with their labels, and a target the model maps to
-    class 0 with confidence ~1 (true accuracy 20%)."""
+    """Reference logits of a calibrated 5-class model with their labels, and a target the model maps
+    to class 0 with confidence ~1 (true accuracy 20%)."""
     import torch
 
     g = torch.Generator().manual_seed(0)

@@ -1,4 +1,5 @@
-"""Shift detection and label-free accuracy estimation: hand-checked statistics, calibrated behaviour, errors."""
+"""Shift detection and label-free accuracy estimation: hand-checked statistics, calibrated
+behaviour, errors."""
 
 import numpy as np
 import pytest
@@ -153,7 +154,8 @@ def test_temperature_scaling_recovers_an_overconfidence_factor():
 
 
 def mixture(n, easy, seed):
-    """A calibrated model on a mix of easy (confident) and hard samples; ``easy`` is the easy fraction."""
+    """A calibrated model on a mix of easy (confident) and hard samples; ``easy`` is the easy
+    fraction."""
     ze, ye = calibrated(int(n * easy), 4.0, seed)
     zh, yh = calibrated(n - int(n * easy), 1.0, seed + 100)
     return torch.cat([ze, zh]), torch.cat([ye, yh])
@@ -193,7 +195,8 @@ def test_cot_sees_a_confident_collapse_that_atc_cannot():
     pytest.importorskip("ot")
     z, y = mixture(4000, 0.6, 1)
     est = dd.fit_accuracy_estimator(z, y)
-    # a target set with the source's (balanced) labels that the model maps to class 0 with confidence ~1
+    # a target set with the source's (balanced) labels that the model maps to class 0 with
+    # confidence ~1
     g = torch.Generator().manual_seed(3)
     collapsed = torch.randn(2000, 5, generator=g)
     collapsed[:, 0] += 12.0
@@ -206,8 +209,8 @@ def test_cot_sees_a_confident_collapse_that_atc_cannot():
     )  # every confidence-based estimate is fooled
     # COT must send 80% of the mass to classes 1-4, whose probabilities are ~0: about 20% accuracy
     assert got["cot"] == pytest.approx(true, abs=0.02)
-    # predictions that follow the source prior: the transport keeps every sample on its own argmax, so
-    # COT equals the average confidence
+    # predictions that follow the source prior: the transport keeps every sample on its own argmax,
+    # so COT equals the average confidence
     same = mixture(4000, 0.6, 7)[0]
     est_uniform = dd.fit_accuracy_estimator(
         z, y, prior=torch.bincount(same.argmax(-1), minlength=5)

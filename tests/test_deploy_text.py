@@ -1,4 +1,5 @@
-"""Deployment tools on a transformers text classifier fed dict batches (as ``entry.collate`` makes them).
+"""Deployment tools on a transformers text classifier fed dict batches (as ``entry.collate`` makes
+them).
 
 A tiny BERT (2 layers, hidden 32) with deltatune's mean-pooling head stands in for MiniLM: the same
 module names (``LayerNorm``, ``query``/``value``, ``classifier``) and the same call,
@@ -16,7 +17,7 @@ import deltatune.deploy as dd
 
 transformers = pytest.importorskip("transformers")
 
-from deltatune.models.text import MeanPoolClassifier
+from deltatune.models.text import MeanPoolClassifier  # noqa: E402
 
 VOCAB = 64
 
@@ -38,7 +39,8 @@ def textnet() -> MeanPoolClassifier:
 def text_batch(
     n: int = 16, low: int = 1, high: int = VOCAB, seed: int = 0
 ) -> dict[str, torch.Tensor]:
-    """Token ids in [low, high), right padding of random length, labels included (as collate makes them)."""
+    """Token ids in [low, high), right padding of random length, labels included (as collate makes
+    them)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(low, high, (n, 12), generator=g)
     lengths = torch.randint(4, 13, (n,), generator=g)
@@ -177,7 +179,8 @@ def test_lame_on_the_text_model_uses_the_pooled_features(textnet):
 
 
 def gaussian_posteriors(prior: list[float], source_prior: list[float], n: int, seed: int = 0):
-    """Samples x ~ N(mu_y, I) in 2-d with y ~ ``prior``, and the exact log-posteriors under ``source_prior``."""
+    """Samples x ~ N(mu_y, I) in 2-d with y ~ ``prior``, and the exact log-posteriors under
+    ``source_prior``."""
     g = torch.Generator().manual_seed(seed)
     mu = torch.tensor([[2.0, 0.0], [-1.0, 1.7], [-1.0, -1.7]], dtype=torch.float64)
     y = torch.multinomial(
@@ -220,7 +223,8 @@ def test_em_wrapper_streams_batches_and_cuts_the_error():
 
 
 def test_em_with_the_wrong_temperature_misestimates_the_prior():
-    """Why the benchmark calibrates first: over-confident posteriors (T < 1 applied wrongly) bias EM."""
+    """Why the benchmark calibrates first: over-confident posteriors (T < 1 applied wrongly) bias
+    EM."""
     target, source = [0.1, 0.8, 0.1], [1 / 3, 1 / 3, 1 / 3]
     _, _, logits, _ = gaussian_posteriors(target, source, 6000, seed=2)
     good = dd.em_prior(logits.softmax(-1), torch.tensor(source, dtype=torch.float64))

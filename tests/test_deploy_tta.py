@@ -1,4 +1,5 @@
-"""Test-time adaptation wrappers: reference computations, invariants (reset, episodic, what changes), errors."""
+"""Test-time adaptation wrappers: reference computations, invariants (reset, episodic, what
+changes), errors."""
 
 import copy
 
@@ -365,7 +366,8 @@ def test_lame_makes_neighbours_agree_and_leaves_single_samples():
 
 
 def test_em_recovers_a_shifted_class_prior():
-    # two classes, x ~ N(+-1, 1): under a uniform source prior p(y=1|x) = sigmoid(2x), logits (0, 2x)
+    # two classes, x ~ N(+-1, 1): under a uniform source prior p(y=1|x) = sigmoid(2x),
+    # logits (0, 2x)
     g = torch.Generator().manual_seed(0)
     y = (torch.rand(6000, generator=g) < 0.2).long()  # target prior (0.8, 0.2)
     x = torch.randn(6000, generator=g) + torch.where(y == 1, 1.0, -1.0)
@@ -422,7 +424,8 @@ def test_tiny_bert_text_model_keeps_its_output_type():
 
 @pytest.mark.slow
 def test_real_mnist_corruptions_bn_and_tent_cut_the_error():
-    """Reduced bench: a tiny BatchNorm CNN trained briefly on real MNIST, on real corrupt-tta images."""
+    """Reduced bench: a tiny BatchNorm CNN trained briefly on real MNIST, on real corrupt-tta
+    images."""
     pytest.importorskip("corrupt_tta")
     from deltatune.data import load_data
     from deltatune.models import load_model
