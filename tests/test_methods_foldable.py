@@ -61,7 +61,8 @@ def _out(model):
 
 
 def _nudge(model: nn.Module) -> None:
-    """Move every trainable (adapter) parameter, so adapters that start at identity change outputs."""
+    """Move every trainable (adapter) parameter, so adapters that start at identity change
+    outputs."""
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
@@ -460,8 +461,8 @@ def test_fish_mask_picks_the_highest_fisher_entries():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3, bias=False), nn.Linear(3, 2, bias=False))
     x = torch.tensor([[3.0, 0.1, -2.0, 0.01]])
-    # loss = sum of the first layer's outputs: dL/dW1[i, j] = x_j, so its Fisher is x_j² in every row;
-    # the second layer gets no gradient (not in the loss).
+    # loss = sum of the first layer's outputs: dL/dW1[i, j] = x_j, so its Fisher is x_j² in every
+    # row; the second layer gets no gradient (not in the loss).
     masks = sparse.fish_mask(model, [x], 3 / 18, lambda m, b: m[0](b).sum())
     assert set(masks) == {"0"} and masks["0"][:, 0].all() and int(masks["0"].sum()) == 3
 

@@ -1,6 +1,6 @@
 """Weight deltas on convolutions whose module pads the input in its own forward (TensorFlow 'SAME'
-padding, as in the bundled EfficientNet-Lite0): the delta must see the same padded input as the layer,
-so unmerged and merged outputs agree."""
+padding, as in the bundled EfficientNet-Lite0): the delta must see the same padded input as the
+layer, so unmerged and merged outputs agree."""
 
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ def _intact(path, files):
     return all((path / name).read_text() == text for name, text in files.items())
 
 
-# -- the API ---------------------------------------------------------------------------------------------
+# -- the API ---------------------------------------------------------------------------------------
 @output_job("test")
 def _job(out, *, overwrite=False, resume=False, inputs=(), write=("a.txt",), fail=False, keep=()):
     out = claim(out, overwrite=overwrite, resume=resume, inputs=inputs, keep_on_error=keep)
@@ -144,7 +144,8 @@ def test_a_live_lock_refuses_a_second_job_and_a_dead_ones_is_taken_over(tmp_path
 
 
 def test_two_processes_racing_for_one_directory(tmp_path):
-    """Two jobs started together: exactly one gets the directory, the other gets the one-line error."""
+    """Two jobs started together: exactly one gets the directory, the other gets the one-line
+    error."""
     script = (
         "import sys, time\n"
         "from deltatune.io.outdir import claim, output_job\n"
@@ -174,7 +175,7 @@ def test_two_processes_racing_for_one_directory(tmp_path):
     assert (tmp_path / "o" / "result.txt").read_text() == str(winner)
 
 
-# -- the jobs ------------------------------------------------------------------------------------------
+# -- the jobs --------------------------------------------------------------------------------------
 def test_demo_out_does_not_delete_a_users_directory(tmp_path, monkeypatch, capsys):
     files = _user_dir(tmp_path / "mine")
     assert main(["demo", "--out", str(tmp_path / "mine"), "--limit", "8", "--epochs", "1"]) == 2
@@ -383,7 +384,8 @@ def test_merge_refuses_to_replace_an_input_model(tmp_path, capsys):
 
 
 def test_a_failed_job_keeps_companions_only_with_what_resume_continues(tmp_path):
-    """A random base written beside a checkpoint is kept for --resume; without a checkpoint it goes too."""
+    """A random base written beside a checkpoint is kept for --resume; without a checkpoint it goes
+    too."""
     with pytest.raises(ValueError):
         _job(tmp_path / "o", write=("base.safetensors", "metrics.json"), fail=True,
              keep=("checkpoint", "base.safetensors"))

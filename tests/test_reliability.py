@@ -1,8 +1,8 @@
-"""Fault injection in reduced form (bench/bench_reliability.py runs the full one, issue #25): train is
-SIGKILLed three times in a row and resumed each time, compress twice (once over an old output with
---overwrite), and one job runs under a file-size limit. After every kill the final output is absent,
-the old one byte for byte, or complete and new; the last --resume gives the clean run's adapter bit for
-bit; the file-size limit ends in one ``error:`` line with nothing half-written."""
+"""Fault injection in reduced form (bench/bench_reliability.py runs the full one, issue #25): train
+is SIGKILLed three times in a row and resumed each time, compress twice (once over an old output
+with --overwrite), and one job runs under a file-size limit. After every kill the final output is
+absent, the old one byte for byte, or complete and new; the last --resume gives the clean run's
+adapter bit for bit; the file-size limit ends in one ``error:`` line with nothing half-written."""
 
 from __future__ import annotations
 
@@ -111,7 +111,8 @@ def test_file_size_limit_is_one_line_and_leaves_nothing(rel, setup):
     job = jobs["export"]
     out = work / "out" / "export"
     shutil.rmtree(out, ignore_errors=True)
-    # below the exported model.safetensors (about 230 kB): the write fails with EFBIG, as on a full disk
+    # below the exported model.safetensors (about 230 kB): the write fails with EFBIG, as on a full
+    # disk
     r = rel.run_job(job.argv(out, False, False), work, work / "logs" / "fsize.log", fsize=100_000)
     assert r.rc != 0
     assert "Traceback" not in r.stderr

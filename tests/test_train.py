@@ -47,7 +47,7 @@ def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-# -- config and schedule -----------------------------------------------------------------------------
+# -- config and schedule ---------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "field, value",
     [
@@ -94,7 +94,7 @@ def test_optimizer_only_trainable_and_no_decay_on_bias_and_norm():
     assert id(model.embed.weight) not in decay | rest  # frozen
 
 
-# -- training ----------------------------------------------------------------------------------------
+# -- training --------------------------------------------------------------------------------------
 def test_fit_learns_keeps_best_and_reports(tmp_path):
     model = W.build_model()
     frozen = model.embed.weight.detach().clone()
@@ -256,10 +256,12 @@ def test_evaluate_matches_hand_computation():
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 3.0], [1.0, 0.0, 0.0], [0.0, 5.0, 0.0]])
     labels = [0, 1, 0, -100]  # the last one is ignored
     data = [{"logits": logits[i], "labels": labels[i]} for i in range(4)]
-    coll = lambda b: {
-        "logits": torch.stack([e["logits"] for e in b]),
-        "labels": torch.tensor([e["labels"] for e in b]),
-    }  # noqa: E731
+    def coll(b):
+        return {
+            "logits": torch.stack([e["logits"] for e in b]),
+            "labels": torch.tensor([e["labels"] for e in b]),
+        }
+
     got = evaluate(Fixed(), data, coll, task="image-classification", batch_size=3)
     expected = F.cross_entropy(logits[:3], torch.tensor(labels[:3]))
     assert (
@@ -311,7 +313,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
         )
 
 
-# -- callbacks ---------------------------------------------------------------------------------------
+# -- callbacks -------------------------------------------------------------------------------------
 class Recorder(BaseCallback):
     def __init__(self, strength: float) -> None:
         self.strength, self.starts, self.steps, self.epochs, self.extras = strength, 0, [], [], 0
@@ -374,7 +376,7 @@ def test_callbacks_hooks_return_values(tmp_path):
     assert model.head.weight.norm() < start - 0.2 and plain.head.weight.norm() > start
 
 
-# -- checkpoints -------------------------------------------------------------------------------------
+# -- checkpoints -----------------------------------------------------------------------------------
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
     reference = W.build_model()
     fit(reference, W.TRAIN, W.collate, W.CONFIG, eval_data=W.EVAL, out_dir=tmp_path / "ref")
@@ -484,7 +486,7 @@ def test_damaged_or_mismatched_checkpoint_is_a_clear_error(tmp_path, damage, mes
         assert isinstance(info.value, CheckpointError)
 
 
-# -- distributed -------------------------------------------------------------------------------------
+# -- distributed -----------------------------------------------------------------------------------
 def test_ddp_two_processes_on_cpu(tmp_path):
     from safetensors.torch import load_file
 
@@ -566,10 +568,12 @@ def test_lisa_trains_only_the_drawn_blocks_and_redraws():
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
     data = [{"x": x[i], "label": int(y[i])} for i in range(32)]
-    collate = lambda ex: {
-        "x": torch.stack([e["x"] for e in ex]),
-        "labels": torch.tensor([e["label"] for e in ex]),
-    }  # noqa: E731
+    def collate(ex):
+        return {
+            "x": torch.stack([e["x"] for e in ex]),
+            "labels": torch.tensor([e["label"] for e in ex]),
+        }
+
     fit(
         net,
         data,

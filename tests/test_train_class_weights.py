@@ -1,15 +1,15 @@
-"""TrainConfig.class_weights: the balanced formula, the weighted loss, its effect on training, bad values."""
+"""TrainConfig.class_weights: the balanced formula, the weighted loss, its effect on training, bad
+values."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+import train_worker as W  # tests/ is on sys.path
 
 from deltatune.train import TrainConfig, TrainError, evaluate, fit
 from deltatune.train.losses import class_weights, compute_loss
-
-import train_worker as W  # noqa: E402  (tests/ is on sys.path)
 
 TASK = "text-classification"
 

@@ -1,7 +1,9 @@
 """Helper processes for tests/test_train.py (not collected by pytest).
 
-    python tests/train_worker.py kill OUT DELAY   # a run the test SIGKILLs (resumes if OUT has a checkpoint)
-    accelerate launch --multi_gpu --num_processes 2 tests/train_worker.py ddp OUT   # 2-process DDP (gloo on CPU)
+    # a run the test SIGKILLs (resumes if OUT has a checkpoint):
+    python tests/train_worker.py kill OUT DELAY
+    # 2-process DDP (gloo on CPU):
+    accelerate launch --multi_gpu --num_processes 2 tests/train_worker.py ddp OUT
 
 The model, data and config are defined here once and imported by the test for its reference runs.
 The collate draws from numpy's and python's RNGs and the model has dropout and BatchNorm, so an
