@@ -29,12 +29,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..lm.template import ROLES
 from .base import DEFAULT_FRACTIONS, DataError, Dataset, check_split, stratified_split, take
 from .text import SENTIMENTS, bbc_news, tweet_sentiment
 from .user_files import _VAL_NAMES, GROUP_COLUMNS, _shown, decode, read_rows, user_text
 
 Messages = list[dict[str, str]]
+#: the roles a conversation may hold
+ROLES = ("system", "user", "assistant")
 
 #: the accepted shapes by their columns, named by the error of a file that matches none
 ACCEPTED = (

@@ -112,7 +112,7 @@ def dpo_losses() -> list[str]:
 def active_only(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module]:
     """Inside the block only the deltas ``names`` are active (e.g. the frozen starting adapter
     that is DPO's reference); the active set is restored afterwards."""
-    import deltatune as dt
+    from ..core import model as dt
 
     before = dt.active(model)
     dt.set_active(model, list(names))
@@ -130,11 +130,11 @@ def frozen_reference(model: nn.Module, path: Any, name: str = "reference") -> Re
     reference context that makes it the only active delta: DPO after SFT measures the policy
     against the SFT model it started from, as trl does with its ``ref`` adapter. Costs one more
     copy of the adapter's tensors, never of the base."""
-    import deltatune as dt
-    from deltatune.io.adapter import parts_of
+    from ..core import model as dt
+    from ..io.adapter import load_adapter, parts_of
 
     active = dt.active(model)
-    dt.load_adapter(model, path, name=name, activate=False)
+    load_adapter(model, path, name=name, activate=False)
     dt.set_active(model, active)
     deltas, copies = parts_of(model, name)
     for part in [*deltas.values(), *copies.values()]:
@@ -170,9 +170,9 @@ def dpo(
     logps, counts = sequence_logps(hidden, labels, project, chunk_size)
     inner = unwrap(model)
     if reference is None:
-        import deltatune as dt
+        from ..core.model import disabled
 
-        reference = dt.disabled
+        reference = disabled
     with torch.no_grad(), reference(inner):
         ref_hidden, ref_project = states(inner, batch)
         ref_logps, _ = sequence_logps(ref_hidden, labels, ref_project, chunk_size)

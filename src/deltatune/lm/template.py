@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-ROLES = ("system", "user", "assistant")
-
 
 class ChatError(ValueError):
     """Bad chat input: a conversation, template or data shape that cannot be used; names the fix."""
