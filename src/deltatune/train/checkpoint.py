@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from .config import CheckpointError
 from ..io.files import ordinary_mode
+from .config import CheckpointError
 
 NAME = "checkpoint"
 FORMAT = "deltatune-train-checkpoint"

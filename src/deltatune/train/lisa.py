@@ -33,13 +33,15 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
                 best = (name, module)
     if best is None:
         raise TrainError(
-            "LISA needs a model with repeated blocks (an nn.ModuleList of layers); this model has none"
+            "LISA needs a model with repeated blocks (an nn.ModuleList of layers); this model has "
+            "none"
         )
     return best
 
 
 class LISA:
-    """Trainer callback: keeps ``layers`` randomly drawn blocks trainable, re-drawn every ``interval`` steps."""
+    """Trainer callback: keeps ``layers`` randomly drawn blocks trainable, re-drawn every
+    ``interval`` steps."""
 
     def __init__(self, layers: int = 2, interval: int = 20, seed: int = 0) -> None:
         if layers < 1 or interval < 1:
@@ -53,9 +55,11 @@ class LISA:
         name, self.blocks = find_blocks(model)
         if self.layers > len(self.blocks):
             raise TrainError(
-                f"lisa_layers={self.layers} but {name or 'the model'} has only {len(self.blocks)} blocks"
+                f"lisa_layers={self.layers} but {name or 'the model'} has only {len(self.blocks)} "
+                "blocks"
             )
-        # only the parameters that were trainable to begin with take part (a frozen base stays frozen)
+        # only the parameters that were trainable to begin with take part (a frozen base stays
+        # frozen)
         self.trainable = {
             i: [(p, p.requires_grad) for p in b.parameters()] for i, b in enumerate(self.blocks)
         }

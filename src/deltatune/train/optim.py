@@ -1,5 +1,6 @@
 """What is optimised and how fast: trainable tensors, AdamW groups, the warmup + decay schedule,
-and the seeded data order (a pure function of seed and epoch, so a resumed run sees the same batches)."""
+and the seeded data order (a pure function of seed and epoch, so a resumed run sees the same
+batches)."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def _decays(name: str, param: nn.Parameter) -> bool:
 
 
 def build_optimizer(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; group 0 decays, group 1 does not (empty groups dropped)."""
+    """AdamW over the trainable parameters; group 0 decays, group 1 does not (empty groups
+    dropped)."""
     decay = [p for n, p in named if _decays(n, p)]
     rest = [p for n, p in named if not _decays(n, p)]
     groups = [
@@ -103,7 +105,8 @@ class Plan:
         return torch.randperm(self.n, generator=gen)
 
     def micro_batch(self, order: torch.Tensor, micro: int, rank: int) -> tuple[list[int], int]:
-        """Indices of micro-batch ``micro`` for process ``rank``, and the global number of new examples.
+        """Indices of micro-batch ``micro`` for process ``rank``, and the global number of new
+        examples.
 
         A short last batch is padded from the epoch's start so that every process gets the same
         number of examples (as torch's DistributedSampler does); one process never pads.

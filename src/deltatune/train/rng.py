@@ -1,8 +1,8 @@
 """Every random state a training step can touch, captured per process without pickle.
 
-torch's generator states are byte tensors (safetensors); python's and numpy's Mersenne-Twister states
-are plain integers (JSON). Under DDP each process has its own states, so they travel to the main
-process as tensors (one collective per field) and are written there for all ranks.
+torch's generator states are byte tensors (safetensors); python's and numpy's Mersenne-Twister
+states are plain integers (JSON). Under DDP each process has its own states, so they travel to the
+main process as tensors (one collective per field) and are written there for all ranks.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def gather(state: dict[str, torch.Tensor], world: int, device: torch.device,
     """The states of all ``world`` processes (rank order); identity for one process."""
     if world == 1:
         return [state]
-    # Collectives run on the training device (NCCL cannot move CPU tensors); results come back to CPU.
+    # Collectives run on the training device (NCCL cannot move CPU tensors); results come back to
+    # CPU.
     joined = {k: all_gather(v.to(device)).cpu() for k, v in state.items()}
     return [{k: v.view(world, -1)[r].clone() for k, v in joined.items()} for r in range(world)]
 
@@ -75,7 +76,8 @@ def to_files(
 def restore(
     tensors: dict[str, torch.Tensor], meta: dict[str, Any], rank: int, device: torch.device
 ) -> None:
-    """Set this process's states from what :func:`to_files` wrote (KeyError/ValueError if malformed)."""
+    """Set this process's states from what :func:`to_files` wrote (KeyError/ValueError if
+    malformed)."""
     mine = meta[f"rank{rank}"]
     torch.set_rng_state(tensors[f"rank{rank}/torch_cpu"].to(torch.uint8))
     if device.type == "cuda" and f"rank{rank}/cuda" in tensors:

@@ -127,14 +127,16 @@ def check_compatible(meta: dict[str, Any], cfg: TrainConfig, info: dict[str, Any
 def restore(files: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any],
             named: list[tuple[str, nn.Parameter]], buffers: list[tuple[str, torch.Tensor]],
             opt: torch.optim.Optimizer) -> tuple[TrainState, dict[str, torch.Tensor]]:
-    """Load tensors and optimizer state into the live objects; the restored state and best tensors."""
+    """Load tensors and optimizer state into the live objects; the restored state and best
+    tensors."""
     expected = [n for n, _ in named]
     if meta.get("param_names") != expected:
         missing = sorted(set(expected) - set(meta.get("param_names") or []))
         extra = sorted(set(meta.get("param_names") or []) - set(expected))
         raise CheckpointError(
-            f"the checkpoint's trainable parameters differ from the model's (missing {missing[:3]}, "
-            f"unexpected {extra[:3]}); resume with the same model and delta, or start over"
+            "the checkpoint's trainable parameters differ from the model's (missing "
+            f"{missing[:3]}, unexpected {extra[:3]}); resume with the same model and delta, or "
+            "start over"
         )
     model_tensors = files.get("model", {})
     try:
