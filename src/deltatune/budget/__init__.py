@@ -1,9 +1,11 @@
 """Parameter budgets: where deltas go and how big (see docs/budgets.md).
 
-- SPT-style sensitivity allocation without training (:func:`allocate_sensitivity`, `deltatune allocate`);
-- AdaLoRA's pruning schedule (:class:`AdaLoRASchedule`) and IncreLoRA's growth (:class:`IncreLoRASchedule`),
-  trainer callbacks for the ``AdaLoRA`` / ``IncreLoRA`` specs (defined with their methods in
-  ``deltatune.methods``, re-exported here); :func:`to_lora` exports the result;
+- SPT-style sensitivity allocation without training (:func:`allocate_sensitivity`,
+  `deltatune allocate`);
+- AdaLoRA's pruning schedule (:class:`AdaLoRASchedule`) and IncreLoRA's growth
+  (:class:`IncreLoRASchedule`), trainer callbacks for the ``AdaLoRA`` / ``IncreLoRA`` specs (defined
+  with their methods in ``deltatune.methods``, re-exported here); :func:`to_lora` exports the
+  result;
 - multi-objective config search (:mod:`deltatune.budget.search`, `deltatune search`; needs optuna).
 """
 

@@ -11,8 +11,13 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..methods.adalora_schedule import (AdaLoRASchedule, GradTap, Importance, orthogonality_penalty,
-                                        svd_deltas)
+from ..methods.adalora_schedule import (
+    AdaLoRASchedule,
+    GradTap,
+    Importance,
+    orthogonality_penalty,
+    svd_deltas,
+)
 from .sensitivity import Allocation, BudgetError, Row
 
 __all__ = ["AdaLoRASchedule", "GradTap", "Importance", "allocation_of", "final_ranks",
@@ -30,8 +35,8 @@ def allocation_of(
     scores: Mapping[str, torch.Tensor] | None = None,
     budget: int | None = None,
 ) -> Allocation:
-    """An :class:`Allocation` (one row per module, LoRA ranks) from a trained AdaLoRA/IncreLoRA delta:
-    printable with ``lines()`` and re-attachable as a plain LoRA with ``attach()``."""
+    """An :class:`Allocation` (one row per module, LoRA ranks) from a trained AdaLoRA/IncreLoRA
+    delta: printable with ``lines()`` and re-attachable as a plain LoRA with ``attach()``."""
     deltas = svd_deltas(model, name)
     kept = {
         p: float(scores[p][d.rank_mask].sum()) if scores and p in scores else float(d.rank)
@@ -47,11 +52,13 @@ def allocation_of(
 
 @torch.no_grad()
 def to_lora(model: nn.Module, name: str = "default", lora_name: str | None = None) -> str:
-    """Attach a plain LoRA ``lora_name`` (per-module ranks) equal to AdaLoRA/IncreLoRA delta ``name``.
+    """Attach a plain LoRA ``lora_name`` (per-module ranks) equal to AdaLoRA/IncreLoRA delta
+    ``name``.
 
-    The live triplets become ``A = diag(λ)·Q``, ``B = s·P`` with scaling 1 (``alpha_pattern = rank``);
-    modules left with rank 0 get no LoRA. Trainable module copies (a new head) are copied too. The
-    result saves in deltatune's or peft's LoRA layout; detach ``name`` to keep only the LoRA."""
+    The live triplets become ``A = diag(λ)·Q``, ``B = s·P`` with scaling 1
+    (``alpha_pattern = rank``); modules left with rank 0 get no LoRA. Trainable module copies (a new
+    head) are copied too. The result saves in deltatune's or peft's LoRA layout; detach ``name`` to
+    keep only the LoRA."""
     from ..core.model import attach, get_spec, set_active
     from ..io.adapter import parts_of
     from ..methods.lora import LoRA

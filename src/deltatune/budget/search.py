@@ -5,11 +5,11 @@ https://arxiv.org/abs/2110.04366): the method (function + insertion: LoRA, AdaLo
 bottleneck adapters), its position (named groups of modules, e.g. attention q/v or the FFN), its
 size (rank, reduction factor) and its scaling. Every candidate is built on the model once to count
 its trainable parameters, and only those within the budget are searched, so an impossible space
-fails before anything trains. Optuna's multi-objective TPE sampler (https://arxiv.org/abs/2304.11127)
-then picks candidates; each trial trains in its own ``trial_N/`` directory with its own
-``results.json``; the study lives in ``study.db`` (SQLite) beside them, so rerunning with
-``resume=True`` continues where it stopped. See :mod:`deltatune.budget.search_report` for the
-Pareto plot and tables.
+fails before anything trains. Optuna's multi-objective TPE sampler
+(https://arxiv.org/abs/2304.11127) then picks candidates; each trial trains in its own ``trial_N/``
+directory with its own ``results.json``; the study lives in ``study.db`` (SQLite) beside them, so
+rerunning with ``resume=True`` continues where it stopped. See :mod:`deltatune.budget.search_report`
+for the Pareto plot and tables.
 """
 
 from __future__ import annotations
@@ -29,7 +29,10 @@ from .sensitivity import BudgetError
 #: named positions as regular expressions over module paths (BERT-style encoders; Llama-style too)
 POSITIONS: dict[str, str] = {
     "qv": r".*\.(query|value|q_proj|v_proj)",
-    "attn": r".*\.(attention\.self\.(query|key|value)|attention\.output\.dense|self_attn\.[qkvo]_proj)",
+    "attn": (
+        r".*\.(attention\.self\.(query|key|value)|attention\.output\.dense"
+        r"|self_attn\.[qkvo]_proj)"
+    ),
     "ffn": r".*layers?\.\d+\.(intermediate\.dense|output\.dense|mlp\.(gate|up|down)_proj)",
     "all": r".*layers?\.\d+\..*(query|key|value|dense|[qkvo]_proj|(gate|up|down)_proj)",
 }
@@ -57,7 +60,8 @@ class SearchSpace:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One configuration: a method, its spec options (no head), and its trainable delta parameters."""
+    """One configuration: a method, its spec options (no head), and its trainable delta
+    parameters."""
 
     key: str
     method: str
@@ -137,9 +141,9 @@ def _grid(space: SearchSpace) -> list[tuple[str, str, dict[str, Any]]]:
 
 
 def delta_parameters(model: nn.Module, name: str) -> int:
-    """Trainable parameters of delta ``name`` without trainable module copies (a head trains in every
-    configuration). SVD-form deltas count their live triplets at the end (AdaLoRA: ``target_r`` per
-    module on average), ``rank × (in + out + 1)``."""
+    """Trainable parameters of delta ``name`` without trainable module copies (a head trains in
+    every configuration). SVD-form deltas count their live triplets at the end (AdaLoRA:
+    ``target_r`` per module on average), ``rank × (in + out + 1)``."""
     from ..core.host import DeltaHost, iter_hosts
 
     return sum(host.part(name).budget_parameters() for _, host in iter_hosts(model)
@@ -149,8 +153,8 @@ def delta_parameters(model: nn.Module, name: str) -> int:
 def candidates(
     model: nn.Module, space: SearchSpace, budget: int, head: tuple[str, ...] = ()
 ) -> list[Candidate]:
-    """Every point of ``space`` that fits ``budget`` on ``model`` (parameters counted by attaching it);
-    ``head``: modules that are not delta positions (a new classifier)."""
+    """Every point of ``space`` that fits ``budget`` on ``model`` (parameters counted by attaching
+    it); ``head``: modules that are not delta positions (a new classifier)."""
     from ..core.errors import SpecError, TargetError
     from ..core.model import attach, detach
     from .sensitivity import candidate_paths
@@ -168,8 +172,8 @@ def candidates(
     smallest = min(sum(shapes[p].weight.shape) for p in linear)
     if budget < smallest:
         raise BudgetError(
-            f"budget of {budget:,} parameters is smaller than one rank-1 delta here ({smallest:,}); "
-            "give a larger budget"
+            f"budget of {budget:,} parameters is smaller than one rank-1 delta here "
+            f"({smallest:,}); give a larger budget"
         )
     fits, over = [], []
     for key, method, options in _grid(space):
@@ -191,8 +195,9 @@ def candidates(
             )
         least = min(over, key=lambda c: c.params)
         raise BudgetError(
-            f"no configuration of the search space fits the budget of {budget:,} parameters (the smallest, "
-            f"{least.key}, needs {least.params:,}); raise the budget or add smaller options"
+            f"no configuration of the search space fits the budget of {budget:,} parameters (the "
+            f"smallest, {least.key}, needs {least.params:,}); raise the budget or add smaller "
+            "options"
         )
     return fits
 
@@ -233,13 +238,14 @@ def check_backend(backend: str) -> None:
 
 
 class Study:
-    """The search definition both backends share: the Optuna study in ``out/study.db`` (multi-objective
-    TPE over the candidate keys, maximise val accuracy, minimise parameters) and the rule that every
-    trial trains a configuration not trained (or in flight) before.
+    """The search definition both backends share: the Optuna study in ``out/study.db``
+    (multi-objective TPE over the candidate keys, maximise val accuracy, minimise parameters) and
+    the rule that every trial trains a configuration not trained (or in flight) before.
 
-    Ask/tell rather than ``optimize()``: a configuration the sampler proposes again is told PRUNED (the
-    sampler ignores it; its number is skipped in ``trial_N``) and, after a few repeats, an unseen one is
-    enqueued. Trials left RUNNING by a crash or Ctrl-C are marked failed and run again under a new number."""
+    Ask/tell rather than ``optimize()``: a configuration the sampler proposes again is told PRUNED
+    (the sampler ignores it; its number is skipped in ``trial_N``) and, after a few repeats, an
+    unseen one is enqueued. Trials left RUNNING by a crash or Ctrl-C are marked failed and run again
+    under a new number."""
 
     def __init__(self, setup: SearchSetup, cands: list[Candidate], out: Path, resume: bool) -> None:
         import optuna
@@ -253,7 +259,8 @@ class Study:
             differs = setup.same_run(json.loads(record.read_text()))
             if differs:
                 raise BudgetError(
-                    f"--resume: {out} holds a search with a different {differs}; use another --out or the same options"
+                    f"--resume: {out} holds a search with a different {differs}; use another --out "
+                    "or the same options"
                 )
         write_json(record, asdict(setup))
         self.setup, self.out, self.by_key = setup, out, {c.key: c for c in cands}
@@ -284,8 +291,8 @@ class Study:
         return len(self.seen) + len(self.pending) < self.target
 
     def propose(self) -> tuple[int, Candidate]:
-        """Ask the sampler until it gives a configuration neither trained nor in flight (call only when
-        :meth:`room`); returns (trial number, candidate)."""
+        """Ask the sampler until it gives a configuration neither trained nor in flight (call only
+        when :meth:`room`); returns (trial number, candidate)."""
         repeats = 0
         while True:
             trial = self.study.ask()
@@ -336,14 +343,15 @@ def run_search(
     workers: int = 2,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run (or continue) the study until ``setup.trials`` distinct configurations are trained (or the
-    whole grid, if smaller); return the summary.
+    """Run (or continue) the study until ``setup.trials`` distinct configurations are trained (or
+    the whole grid, if smaller); return the summary.
 
     ``train_trial(candidate, trial_dir)`` trains one configuration and returns its metrics (it must
     hold ``val_accuracy``); it writes ``trial_dir/results.json`` and whatever else it wants there.
-    ``backend="optuna"`` runs the trials one after another in this process; ``"ray"`` runs ``workers``
-    of them at a time in local Ray Tune worker processes (:mod:`deltatune.budget.search_ray`), from
-    the same study, so the two backends resume each other's studies and write the same files."""
+    ``backend="optuna"`` runs the trials one after another in this process; ``"ray"`` runs
+    ``workers`` of them at a time in local Ray Tune worker processes
+    (:mod:`deltatune.budget.search_ray`), from the same study, so the two backends resume each
+    other's studies and write the same files."""
     check_backend(backend)
     if backend == "ray" and workers < 1:
         raise BudgetError(f"workers={workers}: the ray backend needs at least 1 worker")
@@ -364,14 +372,15 @@ def run_search(
         study.complete(number, metrics)
         if progress:
             progress(
-                f"trial {number}: {cand.key}: val accuracy {metrics['val_accuracy']:.4f}, {cand.params:,} parameters"
+                f"trial {number}: {cand.key}: val accuracy {metrics['val_accuracy']:.4f}, "
+                f"{cand.params:,} parameters"
             )
     return study.summary()
 
 
 def text_trainer(setup: SearchSetup, space: SearchSpace) -> TrialFn:
-    """The usual trial: a fresh model, the candidate's delta (a new head trains beside it), ``fit`` for
-    ``setup.max_steps`` steps (AdaLoRA with its schedule), validation and test accuracy, and
+    """The usual trial: a fresh model, the candidate's delta (a new head trains beside it), ``fit``
+    for ``setup.max_steps`` steps (AdaLoRA with its schedule), validation and test accuracy, and
     ``trial_dir/results.json``. The data is loaded once, here."""
     import torch
 

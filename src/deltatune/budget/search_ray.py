@@ -1,14 +1,15 @@
 """The Ray Tune backend of :mod:`deltatune.budget.search`: the same study, trials run in parallel.
 
 The search definition does not change with the backend: :class:`~.search.Study` (the Optuna study in
-``study.db``, multi-objective TPE over the candidates, no configuration trained twice) proposes every
-trial, here through a Ray Tune :class:`~ray.tune.search.Searcher`, and Ray Tune runs ``workers``
-trials at a time in local worker processes (``ray.init`` on this machine only: no cluster, no
-dashboard). Each trial writes ``trial_N/results.json`` exactly as with the Optuna backend, and its
-metrics are told to the same study, so the Pareto front, ``trials.json`` and ``results.json`` are
-the Optuna backend's, and a study started with one backend resumes with the other. Resuming reads
-``study.db`` (the completed trials), not Ray's experiment state: a trial interrupted mid-way runs
-again under a new number, as with Optuna. Ray's own files go to ``OUT/ray/``.
+``study.db``, multi-objective TPE over the candidates, no configuration trained twice) proposes
+every trial, here through a Ray Tune :class:`~ray.tune.search.Searcher`, and Ray Tune runs
+``workers`` trials at a time in local worker processes (``ray.init`` on this machine only: no
+cluster, no dashboard). Each trial writes ``trial_N/results.json`` exactly as with the Optuna
+backend, and its metrics are told to the same study, so the Pareto front, ``trials.json`` and
+``results.json`` are the Optuna backend's, and a study started with one backend resumes with the
+other. Resuming reads ``study.db`` (the completed trials), not Ray's experiment state: a trial
+interrupted mid-way runs again under a new number, as with Optuna. Ray's own files go to
+``OUT/ray/``.
 
 Ray Tune: Liaw et al., https://arxiv.org/abs/1807.05118; https://docs.ray.io/en/latest/tune/
 """
@@ -32,14 +33,16 @@ def _trainable(
     out: str,
     threads: int,
 ) -> None:
-    """One trial in a Ray worker: train the proposed candidate in ``OUT/trial_N`` and report its metrics."""
+    """One trial in a Ray worker: train the proposed candidate in ``OUT/trial_N`` and report its
+    metrics."""
     import torch
     from ray import tune
 
     torch.set_num_threads(threads)
     cand = cands[config["config"]]
     metrics = train_trial(cand, Path(out) / f"trial_{config['number']}")
-    # Ray adds its own fields to a result and flattens nested dicts: the metrics travel as one JSON string.
+    # Ray adds its own fields to a result and flattens nested dicts: the metrics travel as one JSON
+    # string.
     tune.report({"val_accuracy": float(metrics["val_accuracy"]), "params": cand.params,
                  "deltatune_metrics": json.dumps(metrics)})
 
@@ -79,8 +82,8 @@ def _searcher(study: Study, progress: Callable[[str], None] | None) -> Any:
             study.complete(number, metrics)
             if progress:
                 progress(
-                    f"trial {number}: {metrics.get('key', '?')}: val accuracy {metrics['val_accuracy']:.4f}, "
-                    f"{int(result['params']):,} parameters"
+                    f"trial {number}: {metrics.get('key', '?')}: val accuracy "
+                    f"{metrics['val_accuracy']:.4f}, {int(result['params']):,} parameters"
                 )
 
         # The study is its own checkpoint (study.db): nothing for Ray to save or restore.
@@ -134,7 +137,8 @@ def run_ray(
         )
         tuner = tune.Tuner(
             trainable,
-            # one Ray trial per configuration still to train (repeats the sampler proposes never reach Ray)
+            # one Ray trial per configuration still to train (repeats the sampler proposes never
+            # reach Ray)
             tune_config=tune.TuneConfig(
                 search_alg=ConcurrencyLimiter(searcher, max_concurrent=workers),
                 num_samples=study.target - len(study.seen),
@@ -154,6 +158,6 @@ def run_ray(
         errors = [r.error for r in grid if r.error is not None]
         first = str(errors[0]).strip().splitlines()[-1] if errors else "see OUT/ray/ for its log"
         raise BudgetError(
-            f"search trial {searcher.failed[0]} failed in its Ray worker ({first}); fix it and rerun "
-            "with --resume"
+            f"search trial {searcher.failed[0]} failed in its Ray worker ({first}); fix it and "
+            "rerun with --resume"
         )

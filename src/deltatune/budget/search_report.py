@@ -9,7 +9,8 @@ from ..io.files import atomic_write, save_figure, write_json
 
 
 def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows not dominated in (higher ``val_accuracy``, fewer ``params``), fewest parameters first."""
+    """Rows not dominated in (higher ``val_accuracy``, fewer ``params``), fewest parameters
+    first."""
     front = [r for r in rows if not any(
         o["val_accuracy"] >= r["val_accuracy"] and o["params"] <= r["params"]
         and (o["val_accuracy"] > r["val_accuracy"] or o["params"] < r["params"]) for o in rows)]
@@ -28,8 +29,8 @@ def markdown_table(rows: list[dict[str, Any]], budget: int) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['key']} | {r['params']:,} | {100 * r['params'] / budget:.1f} | {r['val_accuracy']:.4f} | "
-            f"{r.get('test_accuracy', float('nan')):.4f} | {r['trial']} |"
+            f"| {r['key']} | {r['params']:,} | {100 * r['params'] / budget:.1f} | "
+            f"{r['val_accuracy']:.4f} | {r.get('test_accuracy', float('nan')):.4f} | {r['trial']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -37,7 +38,8 @@ def markdown_table(rows: list[dict[str, Any]], budget: int) -> str:
 def plot_front(
     rows: list[dict[str, Any]], front: list[dict[str, Any]], budget: int, path: Path
 ) -> Path:
-    """All trials (grey) and the Pareto front (line), parameters on a log axis, the budget dashed."""
+    """All trials (grey) and the Pareto front (line), parameters on a log axis, the budget
+    dashed."""
     import matplotlib
 
     matplotlib.use("Agg")

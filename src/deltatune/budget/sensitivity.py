@@ -1,10 +1,11 @@
 """Sensitivity-aware allocation of a parameter budget (SPT-style), without training.
 
 One gradient pass on a few batches scores every weight entry of the candidate matrices by its
-empirical Fisher (squared gradient). The budget's worth of most sensitive entries is chosen globally;
-a matrix holding at least one rank-1 LoRA's worth of them (``out + in``) gets a LoRA whose rank spends
-that share, the others get sparse tuning of exactly those entries.
-SPT: He et al., "Sensitivity-Aware Visual Parameter-Efficient Fine-Tuning", https://arxiv.org/abs/2303.08566
+empirical Fisher (squared gradient). The budget's worth of most sensitive entries is chosen
+globally; a matrix holding at least one rank-1 LoRA's worth of them (``out + in``) gets a LoRA whose
+rank spends that share, the others get sparse tuning of exactly those entries.
+SPT: He et al., "Sensitivity-Aware Visual Parameter-Efficient Fine-Tuning",
+https://arxiv.org/abs/2303.08566
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def parse_budget(budget: str | int | float, model: nn.Module) -> int:
     m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(%|k|m)?", text)
     if not m:
         raise BudgetError(
-            f"budget {budget!r} is not a number of parameters or a percentage; use e.g. 0.5% or 20000"
+            f"budget {budget!r} is not a number of parameters or a percentage; use e.g. 0.5% or "
+            "20000"
         )
     value, unit = float(m.group(1)), m.group(2)
     count = value / 100 * total if unit == "%" else value * {"k": 1e3, "m": 1e6}.get(unit or "", 1)
@@ -70,14 +72,15 @@ class Allocation:
                 f"  sparse {r.sparse:>7,d}" if r.sparse else ""
             )
             out.append(
-                f"{r.path:<{width}}  {r.shape[0]:>5d}x{r.shape[1]:<5d} sensitivity {100 * r.score_share:5.1f}%  "
-                f"{what.rstrip() or '-'}  ({r.params:,} params)"
+                f"{r.path:<{width}}  {r.shape[0]:>5d}x{r.shape[1]:<5d} sensitivity "
+                f"{100 * r.score_share:5.1f}%  {what.rstrip() or '-'}  ({r.params:,} params)"
             )
         return out
 
     def attach(self, model: nn.Module, name: str = "budget", **lora_options: Any) -> list[str]:
-        """Attach the allocation: a LoRA ``<name>-lora`` (per-module ranks) and a SparseFT ``<name>-sparse``
-        with the chosen entries; both train and are active together. Returns the delta names."""
+        """Attach the allocation: a LoRA ``<name>-lora`` (per-module ranks) and a SparseFT
+        ``<name>-sparse`` with the chosen entries; both train and are active together. Returns the
+        delta names."""
         from ..core.model import attach
         from ..methods.lora import LoRA
         from ..methods.sparse import SparseFT, attach_masked
@@ -106,7 +109,8 @@ class Allocation:
 
 
 def candidate_paths(model: nn.Module, targets: Iterable[str] | None = None) -> list[str]:
-    """Linear layers (all, or those whose name ends with one of ``targets``), heads excluded by the caller."""
+    """Linear layers (all, or those whose name ends with one of ``targets``), heads excluded by the
+    caller."""
     paths = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if targets:
         targets = list(targets)
@@ -118,7 +122,8 @@ def candidate_paths(model: nn.Module, targets: Iterable[str] | None = None) -> l
                 targets[0], [p.rpartition(".")[2] for p in paths], n=3
             )
             raise BudgetError(
-                f"no Linear layer matches {targets}; closest names: {', '.join(dict.fromkeys(close)) or 'none'}"
+                f"no Linear layer matches {targets}; closest names: "
+                f"{', '.join(dict.fromkeys(close)) or 'none'}"
             )
         return chosen
     return paths
@@ -132,7 +137,8 @@ def allocate_sensitivity(
     *,
     paths: list[str],
 ) -> Allocation:
-    """Score, choose the ``budget`` most sensitive entries, and split them into LoRA ranks and sparse entries."""
+    """Score, choose the ``budget`` most sensitive entries, and split them into LoRA ranks and
+    sparse entries."""
     from ..methods.sparse import fisher_scores
 
     if not paths:
