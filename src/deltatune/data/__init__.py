@@ -61,11 +61,11 @@ def load_data(spec: str, split: str = "train", *, seed: int = 0, limit: int | No
               fractions: Sequence[float] | None = None, encoding: str | None = None) -> Dataset:
     """A split of a bundled dataset by name, or of the user's data at a path (see module docstring).
 
-    The split depends only on ``seed`` (and ``fractions``); ``limit`` keeps a seeded random subset of
-    that split. ``fractions`` (train, val, test; default 0.8, 0.1, 0.1) are the proportions of the
-    splits deltatune draws itself (everything but mnist, the ``-c`` sets, saved DatasetDicts and
-    CSV/JSONL files with a ``split`` column, which refuse them). ``encoding`` is that of a CSV/JSON(L)
-    file (default UTF-8, decoded strictly; e.g. ``"latin-1"``); other data ignore it.
+    The split depends only on ``seed`` (and ``fractions``); ``limit`` keeps a seeded random subset
+    of that split. ``fractions`` (train, val, test; default 0.8, 0.1, 0.1) are the proportions of
+    the splits deltatune draws itself (everything but mnist, the ``-c`` sets, saved DatasetDicts and
+    CSV/JSONL files with a ``split`` column, which refuse them). ``encoding`` is that of a
+    CSV/JSON(L) file (default UTF-8, decoded strictly; e.g. ``"latin-1"``); other data ignore it.
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")

@@ -17,7 +17,8 @@ class DataError(ValueError):
 
 @dataclass
 class Dataset(_TorchDataset):
-    """A labelled (or plain-text) dataset: ``examples[i]`` is a dict (``text``/``image``, ``label``, ...)."""
+    """A labelled (or plain-text) dataset: ``examples[i]`` is a dict (``text``/``image``, ``label``,
+    ...)."""
 
     name: str
     task: str  # "text-classification" | "image-classification" | "text"

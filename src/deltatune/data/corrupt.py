@@ -6,8 +6,9 @@ Robustness to Common Corruptions and Perturbations", https://arxiv.org/abs/1903.
 
 corrupt-tta works on any ``(H, W, 3)`` array of at least 2x2 pixels, so the 28x28 digits are
 corrupted at their own size (grey repeated to three channels, the result averaged back to grey); no
-upsampling. Corruption is deterministic: image ``i`` of a split always gets the same noise for a given
-seed, corruption and severity, whatever ``limit`` selects. Results are cached in memory per process.
+upsampling. Corruption is deterministic: image ``i`` of a split always gets the same noise for a
+given seed, corruption and severity, whatever ``limit`` selects. Results are cached in memory per
+process.
 """
 
 from __future__ import annotations

@@ -50,13 +50,15 @@ def _read_table(folder: Path):
         except (OSError, pa.ArrowException) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DataError(
-                f"{f} is not a readable Arrow stream ({reason}); save the dataset again with save_to_disk"
+                f"{f} is not a readable Arrow stream ({reason}); save the dataset again with "
+                "save_to_disk"
             ) from None
     try:
         return pa.concat_tables(tables)
     except pa.ArrowException:
         raise DataError(
-            f"{folder}: its .arrow files hold different columns; save the dataset again with save_to_disk"
+            f"{folder}: its .arrow files hold different columns; save the dataset again with "
+            "save_to_disk"
         ) from None
 
 
@@ -83,7 +85,8 @@ def _decode_image(cell: Any, where: Path):
 
 def load_saved(path: Path, split: str, seed: int, limit: int | None,
                fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> Dataset:
-    """One split of a saved Dataset (seeded split, 80/10/10 by default) or DatasetDict (its own splits)."""
+    """One split of a saved Dataset (seeded split, 80/10/10 by default) or DatasetDict (its own
+    splits)."""
     folder, presplit = path, False
     if (path / "dataset_dict.json").is_file():
         splits = _read_json(path / "dataset_dict.json").get("splits", [])
@@ -115,13 +118,15 @@ def load_saved(path: Path, split: str, seed: int, limit: int | None,
     bad = next((v for v in raw if isinstance(v, (dict, list, bytes))), None)
     if bad is not None:
         raise DataError(
-            f"{path}: the label column holds {type(bad).__name__} values; labels are strings or numbers"
+            f"{path}: the label column holds {type(bad).__name__} values; labels are strings or "
+            "numbers"
         )
     if names:
         out_of_range = [v for v in raw if not isinstance(v, int) or not 0 <= v < len(names)]
         if out_of_range:
             raise DataError(
-                f"{path}: label {out_of_range[0]!r} is outside the {len(names)} ClassLabel names; fix the labels"
+                f"{path}: label {out_of_range[0]!r} is outside the {len(names)} ClassLabel names; "
+                "fix the labels"
             )
         labels = list(raw)  # ClassLabel stores indices into names
     else:
@@ -130,8 +135,8 @@ def load_saved(path: Path, split: str, seed: int, limit: int | None,
         keys = [label_key(v) for v in raw]
         if None in keys:  # "" or "nan"
             raise DataError(
-                f"{path}: row {keys.index(None)} has an empty label ({keys.count(None)} row(s) in all); "
-                "label them or filter them out before save_to_disk"
+                f"{path}: row {keys.index(None)} has an empty label ({keys.count(None)} row(s) in "
+                "all); label them or filter them out before save_to_disk"
             )
         names = label_order(set(keys))
         index = {n: i for i, n in enumerate(names)}

@@ -67,7 +67,8 @@ def restricted_load(data: bytes) -> Any:
 
 @functools.lru_cache(maxsize=1)
 def mnist_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """MNIST as uint8 ``(N, 28, 28)`` images and int64 labels per split (loaded once per process)."""
+    """MNIST as uint8 ``(N, 28, 28)`` images and int64 labels per split (loaded once per
+    process)."""
     path = _package_dir("mnist") / "data" / "mnist.pkl.gz"
     with gzip.open(path, "rb") as fh:
         parts = restricted_load(fh.read())
@@ -108,7 +109,8 @@ def mnist_split(
 
 
 def mnist(split: str, seed: int, limit: int | None) -> Dataset:
-    """MNIST with the file's own split: 50k train / 10k val / 10k test, grey ``(1, 28, 28)`` uint8."""
+    """MNIST with the file's own split: 50k train / 10k val / 10k test, grey ``(1, 28, 28)``
+    uint8."""
     x, y, _ = mnist_split(split, seed, limit)
     return Dataset("mnist", "image-classification", image_examples(x, y), list(DIGITS))
 
@@ -122,8 +124,8 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     small = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(
         1
     )  # (N, 1, 8, 8) in [0, 1]
-    # MNIST digits are anti-aliased into a 20x20 box with a 4 px margin; bilinear upscaling keeps the
-    # strokes smooth instead of showing 8x8 blocks
+    # MNIST digits are anti-aliased into a 20x20 box with a 4 px margin; bilinear upscaling keeps
+    # the strokes smooth instead of showing 8x8 blocks
     box = torch.nn.functional.interpolate(
         small, size=(20, 20), mode="bilinear", align_corners=False
     )
@@ -150,7 +152,8 @@ def digits(
     limit: int | None,
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
 ) -> Dataset:
-    """sklearn digits as 28x28 MNIST look-alikes (a second digits domain), seeded split (80/10/10 by default)."""
+    """sklearn digits as 28x28 MNIST look-alikes (a second digits domain), seeded split (80/10/10 by
+    default)."""
     x, y, _ = digits_split(split, seed, limit, fractions)
     return Dataset("digits", "image-classification", image_examples(x, y), list(DIGITS))
 

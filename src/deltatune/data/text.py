@@ -1,4 +1,5 @@
-"""Text data: BBC News topics and tweet sentiment with natural domains (the user's CSV/JSONL: user_files)."""
+"""Text data: BBC News topics and tweet sentiment with natural domains (the user's CSV/JSONL:
+user_files)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def _package_dir(module: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
         raise DataError(
-            f"the data package {module!r} is not installed; run `make setup` (requirements/data.txt)"
+            f"the data package {module!r} is not installed; run `make setup` "
+            "(requirements/data.txt)"
         )
     return Path(spec.origin).parent
 
@@ -86,7 +88,8 @@ _DOMAIN_RULES = [(name, re.compile(pattern)) for name, pattern in TWEET_DOMAINS]
 
 
 def tweet_domain(text: str) -> str:
-    """The tweet corpus domain of ``text`` by the keyword rules above (``other`` when none match)."""
+    """The tweet corpus domain of ``text`` by the keyword rules above (``other`` when none
+    match)."""
     low = text.lower()
     return next((name for name, rule in _DOMAIN_RULES if rule.search(low)), "other")
 

@@ -42,7 +42,8 @@ def _shown(columns: list[str]) -> str:
 
 
 def decode(path: Path, encoding: str | None = None) -> str:
-    """The file's text, decoded strictly (UTF-8 unless ``encoding``), a leading byte-order mark dropped."""
+    """The file's text, decoded strictly (UTF-8 unless ``encoding``), a leading byte-order mark
+    dropped."""
     name = encoding or "utf-8"
     try:
         info = codecs.lookup(name)
@@ -65,7 +66,8 @@ def decode(path: Path, encoding: str | None = None) -> str:
             "CSV/JSONL file; save it as UTF-8 (or pass --encoding utf-16)"
         )
     try:
-        # utf-8-sig: spreadsheet exports start with a byte-order mark that would rename the first column
+        # utf-8-sig: spreadsheet exports start with a byte-order mark that would rename the first
+        # column
         return data.decode("utf-8-sig" if codec == "utf-8" else codec)
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
@@ -108,8 +110,8 @@ def _csv_rows(path: Path, text: str) -> tuple[list[Row], list[str]]:
                 hint = ("a quote opened there may be unclosed" if any("\n" in f for f in fields)
                         else "quote fields that contain commas")
                 raise DataError(
-                    f"{path}: line {start} has {len(fields)} fields but the header has {len(header)} "
-                    f"({_shown(header)}); {hint}"
+                    f"{path}: line {start} has {len(fields)} fields but the header has "
+                    f"{len(header)} ({_shown(header)}); {hint}"
                 )
             rows.append((f"line {start}", dict(zip(header, fields))))
     except csv.Error as exc:
@@ -191,7 +193,8 @@ def label_key(value: Any) -> str | None:
     if isinstance(value, float):
         if math.isnan(value):
             return None
-        # integral floats below 2**53 are exact integers ("1.0" is class "1"); larger ones stay floats
+        # integral floats below 2**53 are exact integers ("1.0" is class "1"); larger ones stay
+        # floats
         return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
     if isinstance(value, str):
         s = value.strip()
@@ -220,7 +223,8 @@ def label_order(values: set[str]) -> list[str]:
 
 
 def _labelled(path: Path, rows: list[Row], typed: bool) -> tuple[list[str], list[str]]:
-    """Texts and class names per row; refuses missing texts or labels, dicts and mixed JSON types."""
+    """Texts and class names per row; refuses missing texts or labels, dicts and mixed JSON
+    types."""
     texts, keys, missing, kinds = [], [], [], {}
     for n, (where, r) in enumerate(rows, 1):
         text, label = r.get("text"), r.get("label")
