@@ -40,5 +40,6 @@ class ModelEntry:
 
     @property
     def from_scratch(self) -> bool:
-        """True when the weights are a random initialisation (no pretrained checkpoint to rebuild them from)."""
+        """True when the weights are a random initialisation (no pretrained checkpoint to rebuild
+        them from)."""
         return self.source == BUILT_IN_CODE

@@ -84,7 +84,8 @@ def load_model(
 
         if task == "image-classification":
             raise ModelError(
-                f"{spec}: only text transformers directories are supported; use a bundled image model"
+                f"{spec}: only text transformers directories are supported; use a bundled image "
+                "model"
             )
         _check_options(spec, options, ("max_length",))
         with _quiet_transformers(True):

@@ -12,11 +12,12 @@ from .entry import BUILT_IN_CODE, ModelEntry, ModelError
 
 
 def image_collate(size: int, channels: int = 3) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
-    """uint8 ``(C, H, W)`` images → a float ``pixel_values`` batch of ``channels`` x ``size`` x ``size``,
-    normalised with mean = std = 0.5 (to [-1, 1]); grey is repeated to RGB, RGB averaged to grey.
+    """uint8 ``(C, H, W)`` images → a float ``pixel_values`` batch of ``channels`` x ``size`` x
+    ``size``, normalised with mean = std = 0.5 (to [-1, 1]); grey is repeated to RGB, RGB averaged
+    to grey.
 
-    Resize rule: each image on its own is resized to ``size`` x ``size`` (bilinear, antialiased), the
-    whole image stretched to the square without cropping, so a folder of mixed sizes and aspect
+    Resize rule: each image on its own is resized to ``size`` x ``size`` (bilinear, antialiased),
+    the whole image stretched to the square without cropping, so a folder of mixed sizes and aspect
     ratios batches; an image already at that size is left as it is.
     """
     if size < 8:
@@ -33,8 +34,8 @@ def image_collate(size: int, channels: int = 3) -> Callable[[list[dict]], dict[s
     def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
         if examples and "image" not in examples[0]:
             raise ModelError(
-                f"this model takes images, but the data holds {_fields(examples[0])}; give an image "
-                "data set (mnist, an image folder) or a text model (minilm)"
+                f"this model takes images, but the data holds {_fields(examples[0])}; give an "
+                "image data set (mnist, an image folder) or a text model (minilm)"
             )
         imgs = torch.stack([fit(e["image"]) for e in examples])  # (B, C, size, size)
         out = {"pixel_values": (imgs - 0.5) / 0.5}
@@ -95,7 +96,8 @@ def efficientnet_lite0(num_labels: int | None, image_size: int = 64) -> ModelEnt
     net.load_state_dict(state)
     if num_labels:
         net._fc = nn.Linear(net._fc.in_features, num_labels)
-    # the 1x1 expand/project convolutions: LoRA-able (groups=1, no padding), unlike the depthwise ones
+    # the 1x1 expand/project convolutions: LoRA-able (groups=1, no padding), unlike the depthwise
+    # ones
     return ModelEntry(
         "efficientnet-lite0",
         "image-classification",
