@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from . import compress as _compress  # noqa: F401  registers how io reads compressed adapters
 from .core import (
     DeltaError,
     DeltaFileError,
@@ -30,7 +31,6 @@ from .core import (
 from .io import load_adapter, read_adapter_info, save_adapter
 from .methods import *  # noqa: F401,F403  (every registered method spec: LoRA, ...)
 from .methods import __all__ as _method_names
-from . import compress as _compress  # noqa: F401  registers how io reads compressed adapters
 
 __version__ = "0.1.0"
 
