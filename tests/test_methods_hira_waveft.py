@@ -19,10 +19,10 @@ from deltatune.methods import waveft as waveft_mod
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
-from test_peft_parity import _bert, _gpt2, _llama  # tiny models built from configs
-from tiny_transformers import dt_to_peft, peft_to_dt
-from tiny_transformers import model_out as _out
-from tiny_transformers import scramble as _scramble
+from test_peft_parity import _bert, _gpt2, _llama  # tiny models built from configs  # noqa: E402
+from tiny_transformers import dt_to_peft, peft_to_dt  # noqa: E402
+from tiny_transformers import model_out as _out  # noqa: E402
+from tiny_transformers import scramble as _scramble  # noqa: E402
 
 IDS = torch.randint(0, 100, (3, 9), generator=torch.Generator().manual_seed(0))
 

@@ -1,5 +1,6 @@
-"""RoAd and GraLoRA: numeric parity with the real peft 0.21.2 (both directions), exact merge/unmerge,
-per-sample routing, save/load in both formats, their defining properties, and bad input."""
+"""RoAd and GraLoRA: numeric parity with the real peft 0.21.2 (both directions), exact
+merge/unmerge, per-sample routing, save/load in both formats, their defining properties, and bad
+input."""
 
 from __future__ import annotations
 

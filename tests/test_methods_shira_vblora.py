@@ -20,8 +20,8 @@ from deltatune.methods import vblora as vblora_mod
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
-from test_methods_spectral import IDS, _out, _scramble, dt_to_peft, peft_to_dt
-from test_peft_parity import _bert, _gpt2, _llama
+from test_methods_spectral import IDS, _out, _scramble, dt_to_peft, peft_to_dt  # noqa: E402
+from test_peft_parity import _bert, _gpt2, _llama  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,5 +1,6 @@
-"""Trainable tokens: numeric parity with the real peft 0.21.2 (both directions), exact merge/unmerge,
-only the chosen rows change and train, per-sample routing, save/load in both formats, bad input."""
+"""Trainable tokens: numeric parity with the real peft 0.21.2 (both directions), exact
+merge/unmerge, only the chosen rows change and train, per-sample routing, save/load in both formats,
+bad input."""
 
 from __future__ import annotations
 

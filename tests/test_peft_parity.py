@@ -1,4 +1,4 @@
-"""Numerical parity with the real peft package: its files load in deltatune and ours load in peft."""
+"""Numerical parity with the real peft package: its files load in deltatune, ours load in peft."""
 
 import copy
 
@@ -127,7 +127,7 @@ def test_minilm_parity(tmp_path):
 
 
 def test_peft_adapter_on_a_wrapped_root_aligns_paths(tmp_path):
-    """peft trained on BertModel; deltatune loads it into a model that holds the BERT as `.encoder`."""
+    """peft trained on BertModel; deltatune loads it into a model holding the BERT as `.encoder`."""
     torch.manual_seed(0)
     bert = _bert()
     pm = peft.get_peft_model(

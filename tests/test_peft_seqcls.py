@@ -1,6 +1,6 @@
 """peft adapters saved for sequence classification (``task_type="SEQ_CLS"``): peft lists both of its
-candidate heads, ``modules_to_save=["classifier", "score"]``, whatever the model has; deltatune keeps
-the ones with tensors in the file, so they load and match peft's logits."""
+candidate heads, ``modules_to_save=["classifier", "score"]``, whatever the model has; deltatune
+keeps the ones with tensors in the file, so they load and match peft's logits."""
 
 from __future__ import annotations
 

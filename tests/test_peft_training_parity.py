@@ -1,5 +1,6 @@
-"""Training parity with the real peft: from the same initial weights, deltatune's LoRA and peft's LoRA,
-trained by the same trainer on the same batches, end with the same weights and the same predictions.
+"""Training parity with the real peft: from the same initial weights, deltatune's LoRA and peft's
+LoRA, trained by the same trainer on the same batches, end with the same weights and the same
+predictions.
 
 This is what makes "deltatune LoRA vs peft LoRA" in ``bench/bench_accuracy.py`` a comparison of the
 implementations: with identical starting ``A`` matrices the two runs are the same computation, so
@@ -22,7 +23,7 @@ transformers = pytest.importorskip("transformers")
 
 
 def _data(n: int, seed: int) -> list[dict]:
-    """Ragged token sequences; the label is which of three token ranges most of the tokens fall in."""
+    """Ragged token sequences; the label is the token range (of three) most tokens fall in."""
     gen = random.Random(seed)
     out = []
     for _ in range(n):
@@ -106,6 +107,7 @@ def test_lora_training_matches_peft_from_the_same_init():
 
 
 def test_independent_draws_differ():
-    """Without the copy the two start from different A matrices: the comparison above is not vacuous."""
+    """Without the copy the two start from different A matrices: the comparison above is not
+    vacuous."""
     _, _, mine, peft_params = _pair()
     assert any(not torch.equal(x, y) for x, y in _matched(mine, peft_params, "lora_A"))
