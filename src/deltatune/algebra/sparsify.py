@@ -95,7 +95,9 @@ def fit_sparsifier(
                 f"DELLA needs density ± epsilon inside (0, 1); got density={density}, "
                 f"epsilon={epsilon}: lower epsilon"
             )
-        mask = lambda d, a, b: _della_mask(d, density, epsilon, chunk_generator(seed, index, a))  # noqa: E731
+        mask = lambda d, a, b: _della_mask(  # noqa: E731
+            d, density, epsilon, chunk_generator(seed, index, a)
+        )
     else:
         raise MergeError(
             f"unknown sparsifier {name!r}; use magnitude, random, magnitude_outliers or della"

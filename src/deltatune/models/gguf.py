@@ -86,7 +86,8 @@ def gguf_info(path: str | os.PathLike) -> dict:
         tensors = {
             t.name: (t.tensor_type.name, tuple(int(d) for d in t.shape)) for t in reader.tensors
         }
-    except Exception as exc:  # noqa: BLE001 - any failure of the third-party parser means a corrupt file
+    except Exception as exc:  # noqa: BLE001
+        # any failure of the third-party parser means a corrupt file
         first = str(exc).splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise ModelError(
             f"{path} is not a readable GGUF file ({first}); it is corrupt or truncated: "

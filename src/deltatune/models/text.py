@@ -33,7 +33,8 @@ def offline_transformers() -> Any:
 
 class MeanPoolClassifier(nn.Module):
     """A transformers encoder, attention-masked mean pooling, and a linear ``classifier``
-    (the pooling all-MiniLM-L6-v2 was trained with, Reimers & Gurevych, https://arxiv.org/abs/1908.10084)."""
+    (the pooling all-MiniLM-L6-v2 was trained with, Reimers & Gurevych,
+    https://arxiv.org/abs/1908.10084)."""
 
     def __init__(self, encoder: nn.Module, num_labels: int) -> None:
         super().__init__()
@@ -198,7 +199,8 @@ def text_collate(tokenizer: Any, max_length: int, *, lm: bool = False) -> Collat
             out["labels"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
         return out
 
-    collate.tokenizer = tokenizer  # type: ignore[attr-defined] - for export (tokenizer.save_pretrained)
+    # for export (tokenizer.save_pretrained)
+    collate.tokenizer = tokenizer  # type: ignore[attr-defined]
     return collate
 
 
