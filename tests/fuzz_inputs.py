@@ -1,6 +1,7 @@
 """Hostile inputs for tests/test_fuzz.py: valid files made by deltatune (or the format's own writer)
-and then mutated — truncated, byte-flipped, fields retyped, huge/negative/NaN numbers, unicode, empty,
-nested junk — plus the bookkeeping every fuzz case shares (case counts, one-line errors, no files left).
+and then mutated — truncated, byte-flipped, fields retyped, huge/negative/NaN numbers, unicode,
+empty, nested junk — plus the bookkeeping every fuzz case shares (case counts, one-line errors, no
+files left).
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ def user_error(exc: BaseException) -> bool:
 
 def run_case(loader: str, call: Callable[[], Any], check: Callable[[Any], None] | None = None,
              on_refusal: Callable[[], None] | None = None) -> Any:
-    """Run one case: the call returns a result that passes ``check``, or raises a deltatune user error
-    whose message is one line. Anything else propagates (hypothesis then shrinks and reports it)."""
+    """Run one case: the call returns a result that passes ``check``, or raises a deltatune user
+    error whose message is one line. Anything else propagates (hypothesis then shrinks and reports
+    it)."""
     counts = COUNTS.setdefault(loader, Counter())
     counts["cases"] += 1
     try:
@@ -152,7 +154,8 @@ def mutate_json(data: st.DataObject, obj: Any) -> Any:
 
 
 def mutate_bytes(data: st.DataObject, raw: bytes) -> bytes:
-    """``raw`` truncated, with bytes flipped, inserted, deleted or spliced; or emptied / replaced."""
+    """``raw`` truncated, with bytes flipped, inserted, deleted or spliced; or emptied /
+    replaced."""
     op = data.draw(
         st.sampled_from(["truncate", "flip", "insert", "delete", "splice", "empty", "random"]),
         label="byte op",
@@ -181,7 +184,7 @@ def mutate_bytes(data: st.DataObject, raw: bytes) -> bytes:
     return data.draw(st.binary(max_size=64))
 
 
-# -- safetensors -------------------------------------------------------------------------------------
+# -- safetensors -----------------------------------------------------------------------------------
 def split_safetensors(raw: bytes) -> tuple[dict, bytes]:
     n = struct.unpack("<Q", raw[:8])[0]
     return json.loads(raw[8: 8 + n]), raw[8 + n:]
@@ -232,8 +235,8 @@ HOSTILE_DIMS = st.one_of(
 
 
 def mutate_safetensors(data: st.DataObject, raw: bytes) -> bytes:
-    """A safetensors file with its header edited (dtype, shape, offsets, metadata, the length prefix)
-    or its bytes mutated."""
+    """A safetensors file with its header edited (dtype, shape, offsets, metadata, the length
+    prefix) or its bytes mutated."""
     kind = data.draw(
         st.sampled_from(["field", "json", "length", "bytes"]), label="safetensors edit"
     )
@@ -289,7 +292,7 @@ def mutate_safetensors(data: st.DataObject, raw: bytes) -> bytes:
     return struct.pack("<Q", length % 2**64) + text + body
 
 
-# -- GGUF ----------------------------------------------------------------------------------------------
+# -- GGUF ------------------------------------------------------------------------------------------
 def gguf_bytes(path: Path) -> bytes:
     """A small valid GGUF file written by the ``gguf`` package's own writer."""
     import gguf
@@ -311,8 +314,8 @@ def gguf_bytes(path: Path) -> bytes:
 
 
 def mutate_gguf(data: st.DataObject, raw: bytes) -> bytes:
-    """A GGUF file with a count, a length, the version or any 8/4 aligned word overwritten by a hostile
-    number, or its bytes mutated."""
+    """A GGUF file with a count, a length, the version or any 8/4 aligned word overwritten by a
+    hostile number, or its bytes mutated."""
     kind = data.draw(st.sampled_from(["word", "bytes"]), label="gguf edit")
     if kind == "bytes":
         return mutate_bytes(data, raw)

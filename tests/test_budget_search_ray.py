@@ -20,13 +20,15 @@ pytest.importorskip("optuna")
 ray = pytest.importorskip("ray")
 transformers = pytest.importorskip("transformers")
 
-# The fake trainer below runs in Ray's worker processes, which cannot import this test module by name.
+# The fake trainer below runs in Ray's worker processes, which cannot import this test module by
+# name.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _local_ray():
-    """One local Ray instance for the module (run_search uses a running one and leaves it running)."""
+    """One local Ray instance for the module (run_search uses a running one and leaves it
+    running)."""
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
@@ -62,8 +64,8 @@ def _fake_train(cand, trial_dir):
 
 
 def _paired_train(cand, trial_dir):
-    """Marks its start and waits (up to a minute) until a second trial has started too: with two workers
-    that happens at once, one trial at a time it never does, whatever the machine's load."""
+    """Marks its start and waits (up to a minute) until a second trial has started too: with two
+    workers that happens at once, one trial at a time it never does, whatever the machine's load."""
     start = time.time()
     marks = trial_dir.parent / "_started"
     marks.mkdir(parents=True, exist_ok=True)
@@ -157,7 +159,8 @@ def test_a_failing_trial_is_a_one_line_error_and_marked_failed(tmp_path):
     cands = _cands()
     with pytest.raises(
         BudgetError,
-        match=r"search trial \d+ failed in its Ray worker \(.*out of memory in the fake trainer.*\); "
+        match=r"search trial \d+ failed in its Ray worker "
+        r"\(.*out of memory in the fake trainer.*\); "
         "fix it and rerun with --resume",
     ):
         run_search(

@@ -1,10 +1,10 @@
 """Fuzzing every loader and CLI option parser with hypothesis (issue #25).
 
-Each property: the loader returns a well-formed result, or raises a deltatune user error (a ValueError
-subclass defined by deltatune) whose message is one line — never another exception, never a hang
-(hypothesis deadline), never a file written (inputs and the current directory are compared before and
-after; a refused command leaves no --out behind). Inputs are valid files from deltatune's own writers
-(or the format's) then mutated, see tests/fuzz_inputs.py.
+Each property: the loader returns a well-formed result, or raises a deltatune user error (a
+ValueError subclass defined by deltatune) whose message is one line — never another exception, never
+a hang (hypothesis deadline), never a file written (inputs and the current directory are compared
+before and after; a refused command leaves no --out behind). Inputs are valid files from deltatune's
+own writers (or the format's) then mutated, see tests/fuzz_inputs.py.
 
 `make test` runs the ``ci`` profile (a few dozen cases per loader); `make fuzz` runs ``fuzz``
 (DELTATUNE_FUZZ=1: 1,000 per loader) and writes the cases per loader to DELTATUNE_FUZZ_REPORT.
@@ -25,11 +25,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import MLP, randomize
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-import deltatune as dt
-from deltatune.data import Dataset
 from fuzz_inputs import (
     COUNTS,
     HOSTILE_JSON,
@@ -43,6 +38,11 @@ from fuzz_inputs import (
     tree,
     writes_nothing,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import deltatune as dt
+from deltatune.data import Dataset
 
 pytestmark = pytest.mark.timeout(3 * 3600 if os.environ.get("DELTATUNE_FUZZ") else 600)
 
@@ -275,7 +275,7 @@ def test_image_folders(data):
     shutil.rmtree(where, ignore_errors=True)
 
 
-# -- delta directories (delta.json, adapter_config.json) ---------------------------------------------
+# -- delta directories (delta.json, adapter_config.json) -------------------------------------------
 _TEMPLATES: dict[str, Path] = {}
 
 
@@ -377,7 +377,7 @@ def test_peft_adapter_config(data):
     _delta_dir_case(data, "peft")
 
 
-# -- safetensors headers -------------------------------------------------------------------------------
+# -- safetensors headers ---------------------------------------------------------------------------
 @given(data=st.data())
 def test_safetensors_headers(data):
     from safetensors.torch import save
@@ -410,10 +410,12 @@ def test_safetensors_headers(data):
     shutil.rmtree(where, ignore_errors=True)
 
 
-# -- merge YAML ------------------------------------------------------------------------------------------
+# -- merge YAML ------------------------------------------------------------------------------------
 _YAML_SNIPPETS = [
     "[" * 5000 + "]" * 5000,
-    "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n"
+    "a: &a [x, x, x, x, x, x, x, x, x]\n"
+    "b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+    "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n"
     "d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]\ne: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]\n"
     "merge_method: linear\nmodels: [*e]\n",
     "merge_method: linear\nmodels: &m [{model: m1.safetensors, parameters: {weight: *m}}]\n",
@@ -426,7 +428,8 @@ _YAML_SNIPPETS = [
     "merge_method: linear\nmodels:\n\t- m1.safetensors\n",
     "---\nmerge_method: linear\n---\nmodels: []\n",
     "? [a, b]\n: c\nmerge_method: linear\nmodels: [m1.safetensors]\n",
-    "merge_method: linear\nmodels: [{model: m1.safetensors, parameters: {weight: {value: {value: {value: 1}}}}}]\n",
+    "merge_method: linear\n"
+    "models: [{model: m1.safetensors, parameters: {weight: {value: {value: {value: 1}}}}}]\n",
 ]
 
 
@@ -523,7 +526,7 @@ def test_merge_yaml(data):
     shutil.rmtree(where, ignore_errors=True)
 
 
-# -- GGUF ------------------------------------------------------------------------------------------------
+# -- GGUF ------------------------------------------------------------------------------------------
 _GGUF: dict[str, bytes] = {}
 
 
@@ -549,7 +552,7 @@ def test_gguf(data):
     shutil.rmtree(where, ignore_errors=True)
 
 
-# -- CLI option parsers ------------------------------------------------------------------------------------
+# -- CLI option parsers ----------------------------------------------------------------------------
 INT = [
     "-1",
     "0",
@@ -1172,7 +1175,8 @@ def _cli_case(job: str, data) -> None:
     shutil.rmtree(where, ignore_errors=True)
 
 
-from deltatune.cli.common import CLIError  # noqa: E402  (one of the user errors the CLI turns into a line)
+# one of the user errors the CLI turns into a line
+from deltatune.cli.common import CLIError  # noqa: E402
 
 assert issubclass(CLIError, ValueError)
 CLI_JOBS = [
