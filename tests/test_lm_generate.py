@@ -122,8 +122,11 @@ def test_stop_strings_cut_the_text(tok):
     lm = chat_llama()
     g = generate(lm, tok, ["hi"], max_new_tokens=8, ignore_eos=True)[0]
     word = g.text[len(g.text) // 2:][:3]
-    cut = generate(lm, tok, ["hi"], max_new_tokens=8, ignore_eos=True, stop=[word])[0]
+    cut = generate(lm, tok, ["hi"], max_new_tokens=8, ignore_eos=True, stop=["zzz", word])[0]
     assert cut.finish == "stop" and cut.text == g.text[: g.text.find(word)]
+    # decoding ended at the token that completed the stop string
+    assert cut.tokens == g.tokens[: len(cut.tokens)] and len(cut.tokens) < len(g.tokens)
+    assert word in tok.decode(cut.tokens) and word not in tok.decode(cut.tokens[:-1])
 
 
 def test_routed_batch_equals_each_prompt_alone(tok):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ from .template import ChatError, render
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
 
 Prompt = str | list[dict[str, str]]
+_STOP_WINDOW = 32  # tokens decoded from a row's end to look for a stop string
 Finish = Literal["eos", "stop", "length"]
 
 
@@ -183,6 +184,12 @@ def generate(
                for p in prompts]
     if any(not e for e in encoded):
         raise ValueError("a prompt encodes to no tokens; give non-empty text")
+    stop = [s for s in stop or () if s]
+
+    def halts(tokens: list[int]) -> bool:  # a stop string written: the row is done
+        text = tokenizer.decode(tokens[-_STOP_WINDOW:], skip_special_tokens=True)
+        return any(s in text for s in stop)
+
     # longest first: batches of similar lengths waste little on padding; answers keep their order
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -198,9 +205,10 @@ def generate(
                     lm, [encoded[i] for i in rows], routes,
                     pad=pad, ends=ends, max_new_tokens=max_new_tokens, temperature=temperature,
                     top_p=top_p, generator=gen, device=device,
+                    halts=halts if stop else None,
                 )
                 for i, (tokens, finish) in zip(rows, out):
-                    results[i] = _finish(tokenizer, tokens, finish, ends, stop, len(encoded[i]),
+                    results[i] = _finish(tokenizer, tokens, finish, stop, len(encoded[i]),
                                          None if names is None else names[i])
                 advance(len(rows))
     finally:
@@ -217,15 +225,17 @@ def _adapter_names(adapters: str | Sequence[str | None] | None, n: int
     names = list(adapters)
     if len(names) != n:
         raise ValueError(
-            f"adapters names {len(names)} deltas for {n} prompts; give one per prompt (or one name)"
+            f"adapters has {len(names)} names for {n} prompts; give one per prompt (or one name)"
         )
     return names
 
 
 def _decode(lm: nn.Module, rows: list[list[int]], names: list[str | None] | None, *, pad: int,
             ends: set[int], max_new_tokens: int, temperature: float, top_p: float,
-            generator: torch.Generator, device: torch.device) -> list[tuple[list[int], Finish]]:
-    """One batch: prefill, then one token per live row per step; finished rows leave the batch."""
+            generator: torch.Generator, device: torch.device,
+            halts: Callable[[list[int]], bool] | None = None) -> list[tuple[list[int], Finish]]:
+    """One batch: prefill, then one token per live row per step; finished rows leave the batch.
+    ``halts(tokens)`` (stop strings) ends a row too."""
     from transformers import DynamicCache
 
     ids, mask = left_pad(rows, pad, device)
@@ -245,13 +255,19 @@ def _decode(lm: nn.Module, rows: list[list[int]], names: list[str | None] | None
             nxt = _pick(logits.float(), temperature, top_p, generator)  # (B,)
             ended = torch.isin(nxt, end_ids) & running
             now = torch.stack([nxt, running.long(), ended.long()]).tolist()  # one device sync
-            for i, t, on, e in zip(live, *now):
+            halted = []
+            for b, (i, t, on, e) in enumerate(zip(live, *now)):
                 if on:
                     tokens[i].append(t)
                     if e:
                         finish[i] = "eos"
+                    elif halts is not None and halts(tokens[i]):
+                        finish[i] = "stop"
+                        halted.append(b)
             running &= ~ended
-            left = sum(now[1]) - sum(now[2])  # rows still running
+            if halted:
+                running[halted] = False
+            left = sum(now[1]) - sum(now[2]) - len(halted)  # rows still running
             if left == 0 or step == max_new_tokens - 1:
                 break
             if 4 * (len(live) - left) >= len(live):  # a quarter is done: drop those rows
@@ -285,15 +301,14 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float,
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def _finish(tokenizer: Any, tokens: list[int], finish: Finish, ends: set[int],
-            stop: Sequence[str] | None, prompt_tokens: int, adapter: str | None) -> Generation:
-    """The answer's text: special tokens dropped, cut at the first stop string."""
+def _finish(tokenizer: Any, tokens: list[int], finish: Finish, stop: Sequence[str],
+            prompt_tokens: int, adapter: str | None) -> Generation:
+    """The answer's text: special tokens dropped, cut before the first stop string."""
     body = tokens[:-1] if finish == "eos" else tokens
     text = tokenizer.decode(body, skip_special_tokens=True)
-    for s in stop or ():
-        at = text.find(s) if s else -1
-        if at >= 0:
-            text, finish = text[:at], "stop"
+    cuts = [at for at in (text.find(s) for s in stop) if at >= 0]
+    if cuts:
+        text, finish = text[: min(cuts)], "stop"
     return Generation(text, tokens, finish, prompt_tokens, adapter)
 
 
