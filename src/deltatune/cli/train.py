@@ -47,8 +47,9 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     from ..io.outdir import staging_dir, swap_in
     from ..models import load_model
     from ..train import TrainConfig, evaluate, fit
-    from ..train.losses import class_weights
+    from ..train.losses import class_weights, objective_of
     from .spec_options import build_spec
+    from .train_lm import LM_BATCH_SIZE, lm_collate, resolve_objective, start_from
 
     fmt = cfg.get("format", "deltatune")
     if (
@@ -75,14 +76,26 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     # --seed fixes the initialisation too (a new head, a random base, the delta's own init): torch's
     # global generator starts from a random seed in every process
     torch.manual_seed(seed)
-    entry = load_model(cfg["model"], num_labels=len(labels) or None)
-    options = dict(cfg.get("method_options") or {})
-    if "targets" not in options and "target_regex" not in options:
-        targets = resolve_targets(entry.model, cfg["method"], entry.default_targets)
-        if targets:
-            options["targets"] = targets
-    spec = build_spec(cfg["method"], options, head=entry.head)
+    length = {"max_length": cfg["max_length"]} if cfg.get("max_length") else {}
+    entry = load_model(cfg["model"], num_labels=len(labels) or None, **length)
     train_opts = {k: v for k, v in (cfg.get("train") or {}).items() if v is not None}
+    data_task = getattr(train_data, "task", "")
+    objective = resolve_objective(entry, data_task, train_opts.get("objective"), cfg["data"])
+    train_opts["objective"] = objective
+    # a causal LM: chat/preference batches, batch 8 x 256 tokens by default
+    collate = lm_collate(entry, data_task, max_length=cfg.get("max_length"),
+                         template_file=cfg.get("chat_template"), packing=bool(cfg.get("packing")))
+    if entry.task == "causal-lm":
+        train_opts.setdefault("batch_size", LM_BATCH_SIZE)
+    options = dict(cfg.get("method_options") or {})
+    if cfg.get("from_adapter"):
+        spec = None  # the adapter's own, once loaded (below)
+    else:
+        if "targets" not in options and "target_regex" not in options:
+            targets = resolve_targets(entry.model, cfg["method"], entry.default_targets)
+            if targets:
+                options["targets"] = targets
+        spec = build_spec(cfg["method"], options, head=entry.head)
     if entry.from_scratch:
         # a random base never saw data: its BatchNorm statistics must follow the training data (they
         # go into the saved base weights below), or BN-based test-time adaptation starts from a
@@ -100,12 +113,18 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
         if entry.from_scratch
         else None
     )
-    dt.attach(entry.model, spec, name="default")
+    reference = None  # DPO's: the deltas disabled, or the --from-adapter starting point
+    if spec is None:
+        reference = start_from(entry, cfg["from_adapter"], objective, bool(options))
+        spec = dt.get_spec(entry.model, "default")
+    else:
+        dt.attach(entry.model, spec, name="default")
     # every name and option is checked before anything is written
     if len(train_data):
-        entry.collate(
-            [train_data[0]]
-        )  # data the model cannot read (text for an image model): before --out
+        # data the model cannot read (text for an image model, chat for a classifier): before --out
+        collate([train_data[0]])
+        if hasattr(collate, "stats"):
+            collate.stats.update(dict.fromkeys(collate.stats, 0))  # count the run's batches only
     if cfg.get("resume", False):
         _check_resumable(Path(cfg["out"]))
     out = prepare_out(
@@ -120,23 +139,28 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     summary = dt.trainable_summary(entry.model)
     _say(
         console,
-        f"[bold]{cfg['method']}[/] on {entry.name}: {summary.trainable:,} trainable of "
+        f"[bold]{spec.to_dict().get('method', cfg['method'])}[/] on {entry.name}: "
+        f"{summary.trainable:,} trainable of "
         f"{summary.total:,} parameters ({summary.percent:.3f}%)",
     )
     t0 = time.time()
     result = fit(
         entry.model,
         train_data,
-        entry.collate,
+        collate,
         tc,
         eval_data=val_data,
         out_dir=out,
         resume=cfg.get("resume", False),
         task=entry.task,
-        spec_callbacks=True,
-    )  # AdaLoRA / IncreLoRA schedules
+        spec_callbacks=True,  # AdaLoRA / IncreLoRA schedules
+        reference=reference,
+    )
+    stats = dict(getattr(collate, "stats", None) or {})  # training + validation batches
     test = evaluate(
-        entry.model, test_data, entry.collate, task=entry.task, batch_size=tc.eval_batch_size
+        entry.model, test_data, collate, task=entry.task, batch_size=tc.eval_batch_size,
+        objective=objective_of(tc, "causal-lm", reference) if entry.task == "causal-lm" else None,
+        progress=console is not None,
     )
     adapter_dir = out / "adapter"
     # built whole under a temporary name, then swapped in: a kill leaves no adapter, the old one or
@@ -157,6 +181,9 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
             "fractions": list(fractions) if fractions else None,
         },
     }
+    if entry.task == "causal-lm":
+        task_info.update(objective=objective, chat_template=cfg.get("chat_template"),
+                         max_length=getattr(collate, "max_length", None))
     if base_state is not None:
         live = entry.model.state_dict()  # the base's BatchNorm statistics as training left them
         save_tensors(staged / BASE_FILE, {k: live.get(k, v) for k, v in base_state.items()})
@@ -167,14 +194,17 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
         "job": "train",
         "model": cfg["model"],
         "data": cfg["data"],
-        "method": cfg["method"],
+        "method": spec.to_dict().get("method", cfg["method"]),
         "spec": spec.to_dict(),
+        **({"objective": objective, "from_adapter": cfg.get("from_adapter")}
+           if entry.task == "causal-lm" else {}),
         "seed": seed,
         **({"split_fractions": list(fractions)} if fractions else {}),
         "trainable_params": summary.trainable,
         "total_params": summary.total,
         "trainable_percent": summary.percent,
         "train": _as_dict(result),
+        **({"collate_stats": stats} if stats else {}),
         "test": test,
         "seconds": time.time() - t0,
         "adapter": str(adapter_dir),
@@ -491,7 +521,11 @@ def register(app: typer.Typer) -> None:
             "--out runs/cars\n\n"
             "  deltatune train --config run.yaml --resume\n\n"
             "  deltatune train --model efficientnet-lite0 --data mnist --method lora --targets "
-            "conv_stem --out runs/mnist"
+            "conv_stem --out runs/mnist\n\n"
+            "  deltatune train --model smollm2 --data bbc-news-chat --max-steps 100 --packing "
+            "--out runs/sft\n\n"
+            "  deltatune train --model smollm2 --data bbc-news-pref --from-adapter "
+            "runs/sft/adapter --beta 0.1 --max-steps 100 --out runs/dpo"
         ),
     )
     def train(
@@ -521,7 +555,9 @@ def register(app: typer.Typer) -> None:
         ),
         epochs: Optional[int] = typer.Option(None, help="training epochs (default 3)"),
         max_steps: Optional[int] = typer.Option(None, help="stop after this many optimizer steps"),
-        batch_size: Optional[int] = typer.Option(None, help="training batch size (default 16)"),
+        batch_size: Optional[int] = typer.Option(
+            None, help="training batch size (default 16; 8 for causal LMs)"
+        ),
         lr: Optional[float] = typer.Option(None, help="learning rate (default 5e-4)"),
         grad_accum: Optional[int] = typer.Option(None, help="gradient accumulation steps"),
         schedule: Optional[str] = typer.Option(None, help="linear | cosine | constant"),
@@ -533,6 +569,34 @@ def register(app: typer.Typer) -> None:
             None,
             help="loss weight per class: 'balanced' (N / (C * n_c), for "
             "skewed labels) or comma-separated weights, one per class",
+        ),
+        objective: Optional[str] = typer.Option(
+            None,
+            help="causal LMs: sft (chat/text data) | dpo (preference data); default: dpo on "
+            "preference data, sft otherwise",
+        ),
+        beta: Optional[float] = typer.Option(None, help="DPO's beta (default 0.1)"),
+        dpo_loss: Optional[str] = typer.Option(
+            None, help="DPO loss: sigmoid (default) | ipo | hinge"
+        ),
+        from_adapter: Optional[Path] = typer.Option(
+            None,
+            help="start from this adapter (it is the delta that trains; e.g. DPO after SFT, "
+            "whose reference is then this adapter)",
+        ),
+        chat_template: Optional[Path] = typer.Option(
+            None, help="Jinja chat template file (default: the model's own)"
+        ),
+        packing: Optional[bool] = typer.Option(
+            None,
+            "--packing/--no-packing",
+            help="causal LMs on chat/text data: pack several examples into each row of "
+            "--max-length tokens (default: off)",
+        ),
+        max_length: Optional[int] = typer.Option(
+            None,
+            help="tokens per example (per row when packing), longer ones truncated (default "
+            "256 for causal LMs, the model's own otherwise)",
         ),
         resume: bool = typer.Option(False, help="continue from --out's checkpoint"),
         limit: Optional[int] = typer.Option(
@@ -584,6 +648,9 @@ def register(app: typer.Typer) -> None:
             "schedule": schedule,
             "save_every": save_every,
             "class_weights": _parse_class_weights(class_weights),
+            "objective": objective,
+            "dpo_beta": beta,
+            "dpo_loss": dpo_loss,
         }.items():
             if value is not None:
                 train_opts[key] = value
@@ -596,6 +663,10 @@ def register(app: typer.Typer) -> None:
             "limit": limit,
             "split_fractions": split_fractions,
             "encoding": encoding,
+            "from_adapter": None if from_adapter is None else str(from_adapter),
+            "chat_template": None if chat_template is None else str(chat_template),
+            "packing": packing,
+            "max_length": max_length,
         }.items():
             if value is not None:
                 cfg[key] = value
