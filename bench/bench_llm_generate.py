@@ -81,9 +81,13 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="timed rounds")
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
     ap.add_argument("--hf", action="store_true", help="also time transformers' generate")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = ap.parse_args()
 
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import deltatune as dt
     from deltatune.lm.generate import causal_lm, generate

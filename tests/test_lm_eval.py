@@ -137,21 +137,24 @@ def test_reward_accuracy_by_hand(tok):
     ]
     beta = 0.5
     got = reward_accuracy(lm, tok, data, beta, batch_size=4)
-    rewards = []
+    rewards, likelier = [], []
     for e in data:
-        pair = []
+        pair, logps = [], []
         for side in ("chosen", "rejected"):
             ids = completion_ids(tok, e["prompt"], e[side])
             policy = _sum_logp(lm, ids)
             with dt.disabled(lm):
                 ref = _sum_logp(lm, ids)
             pair.append(beta * (policy - ref))
+            logps.append(policy)
         rewards.append(pair)
+        likelier.append(logps[0] > logps[1])
     for row, (c, r) in zip(got.predictions, rewards):
         assert row["chosen_reward"] == pytest.approx(c, abs=1e-4)
         assert row["rejected_reward"] == pytest.approx(r, abs=1e-4)
         assert row["correct"] == (c > r)
     assert got.metrics["reward_accuracy"] == pytest.approx(sum(c > r for c, r in rewards) / 3)
+    assert got.metrics["logprob_accuracy"] == pytest.approx(sum(likelier) / 3)
     swapped = [{**e, "chosen": e["rejected"], "rejected": e["chosen"]} for e in data]
     flipped = reward_accuracy(lm, tok, swapped, beta).metrics
     assert flipped["reward_accuracy"] == pytest.approx(1 - got.metrics["reward_accuracy"])

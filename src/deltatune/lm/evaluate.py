@@ -167,8 +167,9 @@ def reward_accuracy(
     accuracy, Rafailov et al., https://arxiv.org/abs/2305.18290): the reward of ``y`` is
     ``β·(log π(y|x) − log π_ref(y|x))``, π the model as it is, π_ref the model with its deltas
     disabled. Ties (as with no delta at all) count as misses. Metrics: ``reward_accuracy``,
-    ``reward_margin`` (mean chosen − rejected), ``chosen_reward``, ``rejected_reward``, ``n``;
-    a row per pair with its two rewards.
+    ``reward_margin`` (mean chosen − rejected), ``chosen_reward``, ``rejected_reward``, ``n``,
+    and ``logprob_accuracy`` (how often log π(chosen|x) > log π(rejected|x): the model's own
+    preference, meaningful for an untuned model too); a row per pair with its two rewards.
     """
     examples = list(data)
     if not examples:
@@ -195,7 +196,9 @@ def reward_accuracy(
     rows = [{"prompt": e["prompt"], "chosen": e["chosen"], "rejected": e["rejected"],
              "chosen_reward": float(c), "rejected_reward": float(r), "correct": bool(c > r)}
             for e, c, r in zip(examples, chosen, rejected)]
+    likelier = policy[0::2] > policy[1::2]  # the model itself finds chosen more likely
     metrics = {"reward_accuracy": float((chosen > rejected).float().mean()),
+               "logprob_accuracy": float(likelier.float().mean()),
                "reward_margin": float((chosen - rejected).mean()),
                "chosen_reward": float(chosen.mean()), "rejected_reward": float(rejected.mean()),
                "n": len(examples)}
