@@ -84,6 +84,25 @@ def test_greedy_equals_cache_free_loop(tok):
         assert g.text == tok.decode(g.tokens, skip_special_tokens=True)
 
 
+def test_matches_transformers_generate(tok):
+    """Greedy answers equal transformers' own generate (left-padded batch, stop at an EOS)."""
+    from deltatune.lm.generate import left_pad
+
+    lm = chat_llama()
+    free = generate(lm, tok, PROMPTS, max_new_tokens=10, ignore_eos=True)
+    eos = free[1].tokens[4]  # written mid-answer by one prompt: its row stops there
+    lm.generation_config.eos_token_id = eos
+    ours = generate(lm, tok, PROMPTS, max_new_tokens=10)
+    rows = [encode(tok, prompt_text(tok, p)) for p in PROMPTS]
+    ids, mask = left_pad(rows, tok.pad_token_id)
+    with torch.no_grad():
+        out = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10,
+                          do_sample=False, eos_token_id=eos, pad_token_id=tok.pad_token_id)
+    for g, row in zip(ours, out[:, ids.shape[1]:].tolist()):
+        assert g.tokens == (row[: row.index(eos) + 1] if eos in row else row)
+    assert ours[1].finish == "eos"
+
+
 def test_active_delta_applies_and_wrapper_is_unwrapped(tok):
     lm = lora_model()
     dt.set_active(lm, "b")
