@@ -146,7 +146,7 @@ def test_cli_sft_then_dpo_from_the_adapter(files, tmp_path):
     assert results["collate_stats"]["examples"] > 0 and "truncated" in results["collate_stats"]
     assert results["test"]["tokens"] > 0 and math.isfinite(results["test"]["loss"])
     config = json.loads((sft / "metrics.json").read_text())["config"]
-    assert config["batch_size"] == 8 and config["objective"] == "sft"  # the causal-LM default
+    assert config["batch_size"] == 8 and config["objective"] == "auto"  # the causal-LM default
     task = json.loads((sft / "adapter" / "task.json").read_text())
     assert task["objective"] == "sft" and task["max_length"] == 48
 

@@ -81,7 +81,8 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     train_opts = {k: v for k, v in (cfg.get("train") or {}).items() if v is not None}
     data_task = getattr(train_data, "task", "")
     objective = resolve_objective(entry, data_task, train_opts.get("objective"), cfg["data"])
-    train_opts["objective"] = objective
+    if objective == "dpo":  # sft is what "auto" trains (checkpoints of earlier runs say "auto")
+        train_opts["objective"] = objective
     # a causal LM: chat/preference batches, batch 8 x 256 tokens by default
     collate = lm_collate(entry, data_task, max_length=cfg.get("max_length"),
                          template_file=cfg.get("chat_template"), packing=bool(cfg.get("packing")))

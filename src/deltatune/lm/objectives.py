@@ -53,15 +53,9 @@ def states(model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, Pr
     if callable(getattr(inner, "project", None)):
         # through the (possibly DDP-wrapped) forward, so DDP sees the call
         return model(**inputs, return_hidden=True), inner.project
-    out = model(**inputs)
-    logits = getattr(out, "logits", None) if not torch.is_tensor(out) else out
-    if logits is None and isinstance(out, Mapping):
-        logits = out.get("logits")
-    if not torch.is_tensor(logits):
-        raise ObjectiveError(
-            f"the model returned {type(out).__name__}; it must return logits (a tensor or .logits)"
-        )
-    return logits, _identity
+    from ..train.losses import forward  # not at the top: deltatune.train imports this module
+
+    return forward(model, inputs), _identity
 
 
 def _labels(batch: Mapping[str, Any]) -> torch.Tensor:
