@@ -241,3 +241,34 @@ def test_cli_eval_needs_an_adapter_or_a_model(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err == ["error: pass --adapter DIR, or --model NAME to evaluate the "
                                "untuned model"]
+
+
+def test_cli_eval_uses_the_adapters_chat_template(tiny_dir, tmp_path, capsys, tok):
+    import shutil
+
+    from deltatune.cli.app import main
+    from deltatune.data import load_data
+    from deltatune.models import load_model
+
+    template = tmp_path / "plain.jinja"  # no default system turn, unlike SmolLM2's own
+    template.write_text("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>"
+                        "assistant\n{% endif %}")
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_dir / "adapter-c", adapter)
+    (adapter / "task.json").write_text(json.dumps(
+        {"model": str(tiny_dir / "tiny-chat"), "chat_template": str(template)}))
+    data = _write_jsonl(tmp_path / "chat.jsonl", [{"messages": [user("2+2?"), bot("4")]},
+                                                  {"messages": [user("Sky?"), bot("blue")]}])
+    rc = main(["eval", "--adapter", str(adapter), "--data", str(data), "--max-new-tokens", "4",
+               "--out", str(tmp_path / "ev")])
+    assert rc == 0, capsys.readouterr().err
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    entry = load_model(str(tiny_dir / "tiny-chat"))
+    dt.load_adapter(entry.model, adapter)
+    examples = load_data(str(data), "test").examples
+    want = evaluate_generation(entry.model, tok, examples, max_new_tokens=4,
+                               template=template.read_text())
+    other = evaluate_generation(entry.model, tok, examples, max_new_tokens=4)
+    assert results["completion_loss"] == pytest.approx(want.metrics["completion_loss"], abs=1e-5)
+    assert want.metrics["completion_loss"] != pytest.approx(other.metrics["completion_loss"])

@@ -200,6 +200,11 @@ def run_generate(
     if temperature < 0 or not 0 < top_p <= 1:
         raise CLIError("--temperature must be >= 0 and --top-p in (0, 1]")
     per_prompt = resolve_routes(prompts, list(routes), list(adapters))
+    if template is None:  # the template the adapters were trained with, if they record one
+        from .train import read_task
+
+        recorded = [read_task(p).get("chat_template") for p in adapters.values()]
+        template = next((Path(t) for t in recorded if t), None)
     chat_template = load_template(template)
     out = prepare_out(out, overwrite, inputs=[data, template, *adapters.values()])
     entry, model = load_lm(model, adapters, verify=verify)
@@ -230,20 +235,23 @@ def run_generate(
 
 
 def evaluate_chat(entry, dataset, *, max_new_tokens: int = 64, batch_size: int = 16,
-                  beta: float = 0.1, progress: bool = False
+                  beta: float = 0.1, progress: bool = False, template: Optional[str] = None
                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """`deltatune eval` on chat data (exact match and completion loss of generated answers) or
-    preference data (reward accuracy): metrics and one prediction row per example."""
+    preference data (reward accuracy): metrics and one prediction row per example. ``template``:
+    a chat template file (the one the adapter was trained with), else the model's own."""
     from ..lm.evaluate import evaluate_generation, reward_accuracy
+    from ..lm.template import load_template
 
     tokenizer = tokenizer_of(entry)
+    chat_template = load_template(template)
     if dataset.task == "preference":
         result = reward_accuracy(entry.model, tokenizer, dataset.examples, beta,
-                                 batch_size=batch_size, progress=progress)
+                                 batch_size=batch_size, progress=progress, template=chat_template)
         return {**result.metrics, "beta": beta}, result.predictions
     result = evaluate_generation(entry.model, tokenizer, dataset.examples,
                                  max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                 progress=progress)
+                                 progress=progress, template=chat_template)
     return {**result.metrics, "max_new_tokens": max_new_tokens}, result.predictions
 
 

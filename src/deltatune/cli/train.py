@@ -337,7 +337,8 @@ def run_eval(
         from .generate import evaluate_chat
 
         metrics, predictions = evaluate_chat(entry, dataset, max_new_tokens=max_new_tokens,
-                                             progress=progress)
+                                             progress=progress,
+                                             template=task.get("chat_template"))
         return {"job": "eval", "model": model_name or task.get("model"),
                 "adapter": None if adapter is None else str(adapter), "data": data,
                 "split": split, "seed": seed, "limit": limit,
