@@ -75,8 +75,9 @@ def test_several_deltas_sum_and_switch(mlp):
     assert dt.delta_names(mlp) == ["a", "b"]
 
 
-def test_route_mixed_batch_equals_each_sample_alone(mlp):
-    x = torch.randn(7, 8)
+@pytest.mark.parametrize("tokens", [None, 1, 40])  # (B, in); decoding (masked path); long rows
+def test_route_mixed_batch_equals_each_sample_alone(mlp, tokens):
+    x = torch.randn(7, 8) if tokens is None else torch.randn(7, tokens, 8)
     for i, (name, r) in enumerate([("a", 2), ("b", 4), ("c", 3)]):
         dt.attach(mlp, dt.LoRA(r=r, alpha=2 * r, targets=["fc1", "fc2"] if i < 2 else ["fc1"],
                                trainable_modules=["head"] if i == 1 else []), name=name)

@@ -291,15 +291,30 @@ class LoRADelta(Delta):
             for d in deltas
         ):
             return super().routed_forward(deltas, index, x, h, host)
-        # all adapters' A stacked (sum r, in), B side by side (out, sum r) with the scale folded in;
-        # each row keeps only its own adapter's slice of z = x·Aᵀ (a 0/1 mask; base rows none)
-        a = torch.cat([d.lora_A for d in deltas])
-        b = torch.cat([d.lora_B * d.scaling for d in deltas], dim=1)
-        owner = torch.cat([torch.full((d.r,), j, dtype=torch.long) for j, d in enumerate(deltas)])
-        keep = (index[:, None] == owner.to(index.device)).to(a.dtype)  # (B, sum r)
-        xs = x.to(a.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
-        z = (xs @ a.T) * keep[:, None, :]  # (B, T, sum r)
-        return h + (z @ b.T).view(h.shape).to(h.dtype)
+        xs = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
+        if xs.shape[1] * len(deltas) <= 64:
+            # few tokens per row (decoding): all adapters' A stacked (sum r, in), B side by side
+            # with the scale folded in, and a 0/1 mask keeping each row's own slice of z = x·Aᵀ
+            # (base rows none): two dense matmuls, no per-row copy of the factors
+            a = torch.cat([d.lora_A for d in deltas])
+            b = torch.cat([d.lora_B * d.scaling for d in deltas], dim=1)
+            owner = torch.cat(
+                [torch.full((d.r,), j, dtype=torch.long) for j, d in enumerate(deltas)]
+            )
+            keep = (index[:, None] == owner.to(index.device)).to(a.dtype)  # (B, sum r)
+            z = (xs.to(a.dtype) @ a.T) * keep[:, None, :]  # (B, T, sum r)
+            return h + (z @ b.T).view(h.shape).to(h.dtype)
+        # many tokens per row: one gathered computation, A_i, B_i of sample i's adapter (zero-padded
+        # to the largest rank, which leaves B·A unchanged) and a per-sample scale (0 for the base)
+        rmax = max(d.r for d in deltas)
+        a = torch.stack([F.pad(d.lora_A, (0, 0, 0, rmax - d.r)) for d in deltas])  # (n, rmax, in)
+        b = torch.stack([F.pad(d.lora_B, (0, rmax - d.r)) for d in deltas])  # (n, out, rmax)
+        scale = torch.tensor([d.scaling for d in deltas] + [0.0], dtype=a.dtype, device=a.device)
+        sel = index.clamp(min=0)
+        z = torch.bmm(xs.to(a.dtype), a[sel].transpose(1, 2))  # (B, T, rmax)
+        y = torch.bmm(z, b[sel].transpose(1, 2))  # (B, T, out)
+        y = y * scale[index].view(-1, 1, 1)  # index -1 → scale[-1] = 0
+        return h + y.view(h.shape).to(h.dtype)
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
