@@ -148,3 +148,32 @@ def test_unsupported_peft_type(tmp_path):
     pm.save_pretrained(tmp_path / "poly")
     with pytest.raises(dt.DeltaFileError, match="peft_type 'POLY' is not supported"):
         dt.load_adapter(_bert(), tmp_path / "poly")
+
+
+def test_causal_lm_wrapper_saves_peft_relative_to_the_transformers_model(tmp_path):
+    """deltatune wraps a causal LM as ``CausalLM`` (modules under ``lm.``); its peft file names the
+    modules as peft does on the bare transformers model, so peft loads it there with equal logits,
+    and deltatune reads it back into the wrapper."""
+    import json
+
+    from tiny_transformers import scramble
+    from tiny_transformers import tiny_llama as _llama  # seeded: every call builds the same weights
+
+    from deltatune.models.text import CausalLM
+
+    wrapped = CausalLM(_llama())
+    dt.attach(wrapped, dt.LoRA(r=4, alpha=8, targets=["q_proj", "v_proj"]))
+    scramble(wrapped)
+    dt.save_adapter(wrapped, tmp_path / "a", format="peft")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert all(not t.startswith("lm.") for t in config["target_modules"])
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = wrapped(input_ids=ids, attention_mask=torch.ones_like(ids))
+        theirs = peft.PeftModel.from_pretrained(_llama(), str(tmp_path / "a"))(input_ids=ids).logits
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    again = CausalLM(_llama())
+    dt.load_adapter(again, tmp_path / "a")
+    with torch.no_grad():
+        back = again(input_ids=ids, attention_mask=torch.ones_like(ids))
+    assert torch.allclose(ours, back, atol=1e-5)

@@ -40,6 +40,17 @@ PREFIX = "base_model.model."
 ROOT_PREFIX = "base_model."  # trainable modules of prompt-learning adapters
 
 
+def _hf_root(model: nn.Module, paths: list[str]) -> str:
+    """The prefix of the transformers model inside a deltatune wrapper (a causal LM's ``lm.``) when
+    everything saved lies inside it: peft names modules relative to the transformers model, so
+    peft loads the file on that model directly. ``""`` when the model is itself one."""
+    heads = {p.split(".", 1)[0] for p in paths}
+    if hasattr(model, "config") or len(heads) != 1 or not all("." in p for p in paths):
+        return ""
+    head = next(iter(heads))
+    return head + "." if hasattr(getattr(model, head, None), "config") else ""
+
+
 def save_peft(model: nn.Module, path: Path, name: str) -> None:
     spec = get_spec(model, name)
     layout = spec.peft
@@ -48,17 +59,20 @@ def save_peft(model: nn.Module, path: Path, name: str) -> None:
             f"{type(spec).__name__} has no peft file layout; save it with format='deltatune'"
         )
     deltas, copies = parts_of(model, name)
-    config = layout.config(spec, deltas)  # first: it refuses what peft cannot hold
+    root = "" if layout.root_tensors else _hf_root(model, [*deltas, *copies])
+    hosts = {hp[len(root):]: hp for hp in deltas}  # peft's module path → this model's
+    config = layout.config(spec, {p: deltas[hp] for p, hp in hosts.items()})  # refuses first
     tensors: dict[str, torch.Tensor] = {}
-    for hp, delta in deltas.items():
-        for suffix, value in layout.save(delta, get_module(model, hp)).items():
-            tensors[suffix if layout.root_tensors else f"{PREFIX}{hp}.{suffix}"] = value
+    for p, hp in hosts.items():
+        for suffix, value in layout.save(deltas[hp], get_module(model, hp)).items():
+            tensors[suffix if layout.root_tensors else f"{PREFIX}{p}.{suffix}"] = value
     for mp, module in copies.items():
         for key, value in module.state_dict().items():
-            tensors[f"{ROOT_PREFIX if layout.root_tensors else PREFIX}{mp}.{key}"] = value
+            prefix = ROOT_PREFIX if layout.root_tensors else PREFIX
+            tensors[f"{prefix}{mp[len(root):]}.{key}"] = value
     tensors.update(layout.shared_tensors(spec, deltas))
     if copies:
-        config["modules_to_save"] = sorted(copies)
+        config["modules_to_save"] = sorted(mp[len(root):] for mp in copies)
     save_tensors(path / PEFT_TENSORS, tensors, metadata={"format": "pt"})
     write_json(
         path / PEFT_CHECKSUMS,
