@@ -108,8 +108,9 @@ def read_json(path: Path) -> dict:
 
 
 def run_cached(rows: dict[str, dict], key: str, make) -> dict | None:
-    """The cached row ``key``, else ``make()``'s row saved under it (None: skipped)."""
-    if key in rows:
+    """The cached row ``key``, else ``make()``'s row saved under it (None: skipped); a cached row
+    that failed (rc != 0) is run again (the later row wins when the cache is read)."""
+    if key in rows and rows[key].get("rc") == 0:
         return rows[key]
     row = make()
     if row is None:
@@ -171,6 +172,7 @@ SETTINGS = {
 }
 LORA = ["--rank", "8", "--alpha", "16", "--targets", "q_proj,v_proj"]
 BATCH = 8
+DATA_EVAL = 40  # val and test examples in a training run's data file (its end-of-run evaluation)
 MAX_NEW = 8  # generated tokens per answer; exact match is the same as with 64
 EPOCH_LIMIT = 160  # the fixed training subset both tools pass over once ("epoch")
 
@@ -195,8 +197,33 @@ def eval_row(adapter: Path | None, data: str, limit: int, out: Path, seed: int =
     return res
 
 
-def train_row(task: str, out: Path, extra: list[str]) -> dict:
-    cmd = [DT, "train", "--model", "smollm2", "--data", task, "--batch-size", str(BATCH),
+def data_file(task: str, limit: int, seed: int = 0) -> Path:
+    """The training examples of ``task`` (``limit`` of its train split, as ``--limit`` draws them)
+    in a JSONL file with a split column, plus DATA_EVAL of val and test (the trainer's own end
+    evaluation; exact match is scored on the bundled test split by ``deltatune eval``).
+
+    Why a file: ``deltatune train --model smollm2 --data tweet-sentiment-chat`` (and every bundled
+    -chat/-pref set) stops with "smollm2 is a causal-lm model and takes no num_labels" at this
+    commit (the sets carry label_names, and cli/train.py passes their count to load_model), so the
+    bench feeds the same examples through a file, which has no label names."""
+    from deltatune.data import load_data
+
+    path = CACHE / "data" / f"{task}-seed{seed}-limit{limit}.jsonl"
+    if path.exists():
+        return path
+    keep = ("messages", "prompt", "chosen", "rejected")
+    lines = []
+    for split, n in (("train", limit), ("val", DATA_EVAL), ("test", DATA_EVAL)):
+        for ex in load_data(task, split, seed=seed, limit=n).examples:
+            lines.append(json.dumps({**{k: ex[k] for k in keep if k in ex}, "split": split}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def train_row(task: str, out: Path, extra: list[str], limit: int, seed: int = 0) -> dict:
+    data = str(data_file(task, limit, seed))
+    cmd = [DT, "train", "--model", "smollm2", "--data", data, "--batch-size", str(BATCH),
            "--out", str(out), "--overwrite", *extra]
     res = measured(cmd, out.with_suffix(".log"))
     res["results"] = read_json(out / "results.json")
@@ -208,12 +235,12 @@ def train_row(task: str, out: Path, extra: list[str]) -> dict:
 
 def sft_args(task: str, seed: int) -> list[str]:
     s = SETTINGS[task]
-    return [*LORA, "--max-steps", str(s["steps"]), "--lr", str(s["lr"]), "--seed", str(seed),
-            "--limit", str(s["limit"])]
+    return [*LORA, "--max-steps", str(s["steps"]), "--lr", str(s["lr"]), "--seed", str(seed)]
 
 
 def sft_key(task: str, seed: int) -> str:
-    return (f"sft|{task}|seed {seed}|" + " ".join(sft_args(task, seed))
+    return (f"sft|{task}|seed {seed}|limit {SETTINGS[task]['limit']} via jsonl|"
+            + " ".join(sft_args(task, seed))
             + f"|eval {SETTINGS[task]['eval_limit']}")
 
 
@@ -231,7 +258,7 @@ def part_sft(rows: dict, args) -> None:
         for task in args.tasks:
             def make() -> dict:
                 out = RUNS / f"sft-{task}-{seed}"
-                res = train_row(task, out, sft_args(task, seed))
+                res = train_row(task, out, sft_args(task, seed), SETTINGS[task]["limit"], seed)
                 if res["rc"] == 0:
                     res["eval"] = eval_row(out / "adapter", task, SETTINGS[task]["eval_limit"],
                                            RUNS / f"sft-{task}-{seed}-eval", seed)
@@ -249,13 +276,12 @@ def part_dpo(rows: dict, args) -> None:
             continue
         adapter = RUNS / f"sft-{task}-0" / "adapter"
         extra = ["--from-adapter", str(adapter), "--objective", "dpo", "--beta", "0.1",
-                 "--max-steps", str(s["dpo_steps"]), "--lr", str(s["dpo_lr"]), "--seed", "0",
-                 "--limit", str(s["dpo_limit"])]
+                 "--max-steps", str(s["dpo_steps"]), "--lr", str(s["dpo_lr"]), "--seed", "0"]
 
         def make() -> dict:
             out = RUNS / f"dpo-{task}"
             before = eval_row(adapter, pref(task), s["pref_limit"], RUNS / f"dpo-{task}-before")
-            res = train_row(pref(task), out, extra)
+            res = train_row(pref(task), out, extra, s["dpo_limit"])
             res["before"] = before
             if res["rc"] == 0:
                 res["after"] = eval_row(out / "adapter", pref(task), s["pref_limit"],
@@ -264,7 +290,8 @@ def part_dpo(rows: dict, args) -> None:
                                        RUNS / f"dpo-{task}-eval")
             return res
 
-        run_cached(rows, f"dpo|{task}|" + " ".join(extra[2:]), make)
+        run_cached(rows, f"dpo|{task}|limit {s['dpo_limit']} via jsonl|" + " ".join(extra[2:]),
+                   make)
 
 
 def trl_cmd(task: str, out: Path, steps: int, lr: float, seed: int, limit: int,
@@ -301,7 +328,7 @@ def part_epoch(rows: dict, args) -> None:
     def deltatune() -> dict:
         out = RUNS / "epoch-deltatune"
         return train_row(task, out, [*LORA, "--epochs", "1", "--lr", str(lr), "--seed", "0",
-                                     "--limit", str(EPOCH_LIMIT), "--packing"])
+                                     "--packing"], EPOCH_LIMIT)
 
     def trl() -> dict:
         out = RUNS / "epoch-trl"
@@ -433,6 +460,16 @@ def trl_worker(args) -> int:
 
 # ---------------------------------------------------------------------------- render
 
+FINDINGS = [
+    "* `deltatune train --model smollm2 --data tweet-sentiment-chat ...` (any bundled -chat or "
+    "-pref set, so also the documented `--data bbc-news-chat` SFT and `--data bbc-news-pref` DPO "
+    "commands) stops at once with `error: smollm2 is a causal-lm model and takes no num_labels; "
+    "drop it` (commit 1f08b9e): those sets carry `label_names` (the answers) and cli/train.py "
+    "passes their count to `load_model`. The bench trains on the same examples written to a "
+    "JSONL file with a split column (no label names), through the same CLI; `deltatune eval` "
+    "on the bundled sets is unaffected.",
+]
+
 def _gb(mb: float | None) -> str:
     return "–" if mb is None else f"{mb / 1024:.2f} GB"
 
@@ -512,6 +549,16 @@ def render(rows: dict[str, dict]) -> str:
             f"{_ok(before / per_wall >= 10)} ({before / per_wall:.1f}×); peak RSS ≤ 2 GB "
             f"{_ok(old['peak_rss_mb'] <= 2048)}.",
         ]
+    elif old and old.get("partial"):
+        out += [
+            f"`{cmd}` did not finish here: {old['note']}. At that point it had run "
+            f"{old['wall_s'] / 60:.0f} min of wall time and {old['cpu_s'] / 60:.1f} min of CPU "
+            f"time (about a fifth of a core: load average 10-13 on 2 cores), and its peak RSS "
+            f"was already {_gb(old['peak_rss_mb'])}, so the aim peak RSS ≤ 2 GB is missed "
+            "whatever the rest of the run does (bench_llm_step.py's chunked step at batch 8 × 256 "
+            "peaks at 4.3 GB on its own, docs/language-models.md). The time per training example "
+            f"was not measured. `{SELF} --only old` reruns it.",
+        ]
     else:
         out.append(not_run(cmd) + (f" (failed: rc {old['rc']})" if old else ""))
     step = next(iter(by("step|")), None)
@@ -525,7 +572,11 @@ def render(rows: dict[str, dict]) -> str:
                        f"{r['cpu_seconds']:.1f} | {_gb(r['rss_loaded_mb'])} | "
                        f"{_gb(r['peak_rss_mb'])} |")
     else:
-        out.append(not_run("bench/bench_llm_step.py --eval"))
+        out.append(not_run(".venv/bin/python bench/bench_llm_step.py --eval") + ". Its figures "
+                   "from earlier today on this machine (docs/language-models.md): training step "
+                   "at batch 8 × 256, peak RSS 4.3 GB chunked vs 5.3 GB whole-batch logits, "
+                   "28.7–32.8 vs 31.5–33.4 CPU s per step; evaluation batch 64 × 256, peak RSS "
+                   "1.4–1.5 GB vs 10.2–10.3 GB.")
     # 2. exact match
     out.append("\n### Exact match on the chat test splits\n")
     out.append(
@@ -633,6 +684,7 @@ def render(rows: dict[str, dict]) -> str:
     else:
         out.append(not_run(f"{SELF} --only merge") + " (needs the seed-0 SFT adapters of both "
                    "tasks)")
+    out += ["\n### Found while measuring\n", *FINDINGS]
     return "\n".join(out)
 
 
