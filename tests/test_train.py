@@ -674,3 +674,21 @@ def test_norm_stats_auto_updates_batchnorm_that_trains():
     assert not torch.equal(model.net[1].running_mean, before)
     with pytest.raises(TrainError, match="norm_stats"):
         TrainConfig(norm_stats="sometimes")
+
+
+def test_a_precision_left_in_accelerate_by_another_library_is_not_inherited():
+    """trl's configs default to bf16 and accelerate keeps one process-wide state: a deltatune run
+    after a trl run in the same process must still train in its own (fp32) precision."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    Accelerator(cpu=True, mixed_precision="bf16")  # what a trl trainer leaves behind
+    try:
+        torch.manual_seed(0)
+        model = W.build_model().eval()
+        cfg = TrainConfig(epochs=1, batch_size=32, progress=False, max_steps=1)
+        fit(model, W.TRAIN[:32], W.clean_collate, cfg, task=TASK)
+        assert AcceleratorState().mixed_precision == "no"
+    finally:
+        AcceleratorState._reset_state()

@@ -16,7 +16,7 @@ logits.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,22 @@ Project = Callable[[torch.Tensor], torch.Tensor]
 
 class LossError(ValueError):
     """Hidden states and labels that do not fit together; the message names the shapes."""
+
+
+def logits_of(out: Any) -> torch.Tensor:
+    """A model's output reduced to its logits: a tensor, ``.logits``, ``["logits"]`` or the first
+    element of a tuple."""
+    if torch.is_tensor(out):
+        return out
+    if isinstance(out, Mapping) and "logits" in out:
+        return out["logits"]
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
+        return out[0]
+    raise LossError(
+        f"the model returned {type(out).__name__}; it must return logits (a tensor or .logits)"
+    )
 
 
 def labelled(

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.registry import Registry
-from .loss import CHUNK_SIZE, Project, eval_sums, lm_loss, sequence_logps
+from .loss import CHUNK_SIZE, Project, eval_sums, lm_loss, logits_of, sequence_logps
 
 
 class ObjectiveError(ValueError):
@@ -53,9 +53,7 @@ def states(model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, Pr
     if callable(getattr(inner, "project", None)):
         # through the (possibly DDP-wrapped) forward, so DDP sees the call
         return model(**inputs, return_hidden=True), inner.project
-    from ..train.losses import forward  # not at the top: deltatune.train imports this module
-
-    return forward(model, inputs), _identity
+    return logits_of(model(**inputs)), _identity
 
 
 def _labels(batch: Mapping[str, Any]) -> torch.Tensor:

@@ -37,18 +37,13 @@ def labels_of(batch: Mapping[str, Any], kind: str) -> torch.Tensor:
 
 def forward(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     """``model(**inputs)`` without the labels, reduced to its logits tensor."""
+    from ..lm.loss import LossError, logits_of
+
     out = model(**{k: v for k, v in batch.items() if k != "labels"})
-    if torch.is_tensor(out):
-        return out
-    if isinstance(out, Mapping) and "logits" in out:
-        return out["logits"]
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
-        return out[0]
-    raise TrainError(
-        f"the model returned {type(out).__name__}; it must return logits (a tensor or .logits)"
-    )
+    try:
+        return logits_of(out)
+    except LossError as exc:
+        raise TrainError(str(exc)) from None
 
 
 def _flat(

@@ -10,6 +10,7 @@ learning curve. It runs on accelerate: one CPU or GPU, or ``accelerate launch`` 
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from contextlib import nullcontext
@@ -122,6 +123,7 @@ class _Run:
         self.task, self.kind, self.metric, self.higher = task, kind, metric, higher
         # accelerate sets up gloo DDP on CPU only when told cpu=True; on a GPU machine it picks the
         # GPU.
+        _forget_foreign_precision()
         self.acc = Accelerator(cpu=not _has_accelerator())
         self.world, self.rank, self.device = (
             self.acc.num_processes,
@@ -481,6 +483,20 @@ def _batch_size(batch: dict[str, Any]) -> int:
         if torch.is_tensor(value) and value.dim() > 0:
             return int(value.shape[0])
     raise TrainError("a batch holds no tensors; collate (or extra_batch) must return tensors")
+
+
+def _forget_foreign_precision() -> None:
+    """accelerate keeps one process-wide state: a trainer of another library run earlier in this
+    process (trl's configs default to bf16) leaves its mixed precision there, and every later
+    ``Accelerator()`` inherits it. deltatune trains in the precision of its own launch (accelerate
+    launch's --mixed_precision / ACCELERATE_MIXED_PRECISION, default fp32), so a precision set by
+    someone else is dropped first."""
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    launch = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if shared and str(shared.get("_mixed_precision", "no")) != launch:
+        AcceleratorState._reset_state()
 
 
 def _has_accelerator() -> bool:
