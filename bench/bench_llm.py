@@ -460,6 +460,20 @@ def trl_worker(args) -> int:
 
 # ---------------------------------------------------------------------------- render
 
+#: what the session of 2026-12-06 09:25-10:25 UTC left unfinished (the shared 2-core machine ran
+#: at load average 10-13, each niced run getting about a fifth of a core)
+SESSION = (
+    "Session of 2026-12-06, 09:25-10:25 UTC: only part of this was measured. Three runs were "
+    "stopped unfinished at 10:25 (figures read from /proc before the kill; peak RSS is the "
+    "high-water mark so far, a lower bound): the untuned model's exact match on 500 "
+    "tweet-sentiment-chat test prompts (42 min wall, 8.6 CPU min, 1.31 GB so far); deltatune's "
+    "SFT run, 20 steps on 160 examples (37 min wall, 7.6 CPU min, 2.71 GB so far); trl + peft's "
+    "run at the same settings, started at the same time (42 min wall, 8.4 CPU min, 3.68 GB so "
+    "far). Neither training run had finished its 20 steps, so no step time, exact match or "
+    "peak-RSS comparison is claimed. Not started: BBC rows, DPO, the packed pass, the merge, "
+    "seeds 1 and 2. `bench/bench_llm.py` (all parts) reruns everything not cached."
+)
+
 FINDINGS = [
     "* `deltatune train --model smollm2 --data tweet-sentiment-chat ...` (any bundled -chat or "
     "-pref set, so also the documented `--data bbc-news-chat` SFT and `--data bbc-news-pref` DPO "
@@ -513,11 +527,14 @@ def render(rows: dict[str, dict]) -> str:
     by = lambda prefix: [r for k, r in rows.items() if k.startswith(prefix)]  # noqa: E731
     out = [
         "SmolLM2-135M-Instruct (float32), LoRA r=8 alpha 16 on q_proj/v_proj, batch 8, CPU on a "
-        "2-core machine shared with other benchmarks (load average 6-9 during these runs: wall "
+        "2-core machine shared with other benchmarks (load average 6-13 during these runs: wall "
         "times are several times the CPU time, and timings of runs that overlapped are only "
         "roughly comparable). Each run is its own process under `nice -n 5`; peak RSS is that "
         f"process's `ru_maxrss`. Rows: .cache/bench_llm/rows.jsonl (`{SELF} --cached-only`).",
     ]
+    if not any(k.startswith(("sft|", "trl|", "untuned|")) and r.get("rc") == 0
+               for k, r in rows.items()):
+        out += ["", SESSION]
     # 1. the old command
     out.append("\n### The issue's command with the new defaults\n")
     old = next(iter(by("old|")), None)
@@ -581,7 +598,8 @@ def render(rows: dict[str, dict]) -> str:
     out.append("\n### Exact match on the chat test splits\n")
     out.append(
         "`deltatune eval --split test --limit N --max-new-tokens 8` on each run (N test prompts; "
-        "greedy; an answer is 1-3 tokens, so 8 new tokens score the same as 64). SFT: "
+        "greedy; an answer is 1-3 tokens, so 8 new tokens score the same as 64; bbc-news-chat's "
+        "test split holds 223 prompts in all, fewer than 500). SFT: "
         "`deltatune train --model smollm2 --data TASK " + " ".join(LORA)
         + " --max-steps S --lr LR --limit L --seed K`, one epoch of L training examples; DPO: "
         "`deltatune train --data TASK-pref --from-adapter SFT/adapter --objective dpo --beta 0.1`;"
