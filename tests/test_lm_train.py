@@ -175,6 +175,7 @@ def test_cli_sft_then_dpo_from_the_adapter(files, tmp_path):
         ("tiny", "pref.jsonl", ["--from-adapter", "nowhere"], "is not an adapter directory"),
         ("tiny", "pref.jsonl", ["--from-adapter", ".", "--rank", "2"], "drop --method/--rank"),
         ("tiny", "labels.jsonl", ["--packing"], "--chat-template and --packing apply"),
+        ("tiny", "chat.jsonl", ["--max-length", "8"], "truncates away the answer of every one"),
     ],
 )
 def test_cli_refuses_before_out_exists(files, tmp_path, capsys, model, data, extra, message):

@@ -22,6 +22,25 @@ CHECKPOINT = "checkpoint"  # train/checkpoint.py's directory name (and CHECKPOIN
 ADAPTER_FORMATS = ("deltatune", "peft")  # dt.save_adapter's layouts
 
 
+def _check_answers_fit(collate, data, sample: int = 64) -> None:
+    """Refuse, before --out exists, a max length that truncates every answer away (the loss would
+    have nothing to learn and the metrics would be NaN)."""
+    encode = getattr(collate, "encode", None)
+    if encode is None or not len(data):
+        return
+    before = dict(collate.stats)
+    rows = []
+    for i in range(min(sample, len(data))):
+        out = encode(data[i])  # one Encoded (chat, text) or a (chosen, rejected) pair
+        rows += [out] if hasattr(out, "labels") else list(out)
+    collate.stats.update(before)  # a look, not a use: the run counts its own batches
+    if rows and all(all(x == -100 for x in e.labels) for e in rows):
+        raise CLIError(
+            f"--max-length {collate.max_length} truncates away the answer of every one of the "
+            f"first {min(sample, len(data))} training examples; raise --max-length"
+        )
+
+
 # -- the jobs as plain functions (used by the CLI, the demo and the tests) ------------------------
 def resolve_targets(model, method: str, entry_targets) -> Optional[list[str]]:
     """The model entry's usual positions when the method's own defaults match nothing here."""
@@ -70,7 +89,9 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     train_data = load_data(cfg["data"], "train", **read)
     val_data = load_data(cfg["data"], "val", **read)
     test_data = load_data(cfg["data"], "test", **read)
-    labels = list(getattr(train_data, "label_names", []) or [])
+    # chat/preference sets name their answers (label_names) for evaluation; they size no head
+    lm_data = getattr(train_data, "task", "") in ("chat", "preference", "text")
+    labels = [] if lm_data else list(getattr(train_data, "label_names", []) or [])
     import torch
 
     # --seed fixes the initialisation too (a new head, a random base, the delta's own init): torch's
@@ -88,6 +109,7 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
                          template_file=cfg.get("chat_template"), packing=bool(cfg.get("packing")))
     if entry.task == "causal-lm":
         train_opts.setdefault("batch_size", LM_BATCH_SIZE)
+        _check_answers_fit(collate, train_data)
     options = dict(cfg.get("method_options") or {})
     if cfg.get("from_adapter"):
         spec = None  # the adapter's own, once loaded (below)
