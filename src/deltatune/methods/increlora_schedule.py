@@ -35,7 +35,8 @@ class IncreLoRASchedule:
         self.tap = GradTap()
 
     def on_train_start(self, model: nn.Module) -> None:
-        self.deltas: dict[str, GatedSVDDelta] = svd_deltas(model, self.name, GatedSVDDelta)  # type: ignore[assignment]
+        found = svd_deltas(model, self.name, GatedSVDDelta)
+        self.deltas: dict[str, GatedSVDDelta] = found  # type: ignore[assignment]
         spec = next(iter(self.deltas.values())).spec
         if not isinstance(spec, IncreLoRA):
             raise BudgetError(f"delta {self.name!r} is a {type(spec).__name__}, not IncreLoRA")
