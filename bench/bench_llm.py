@@ -139,12 +139,12 @@ def part_old(rows: dict, args) -> None:
 
     def step() -> dict:
         cmd = [PY, str(ROOT / "bench" / "bench_llm_step.py"), "--eval",
-               "--json", str(RUNS / "step.json")]
+               "--modes", "chunked,full,chunked+ckpt", "--json", str(RUNS / "step.json")]
         res = measured(cmd, RUNS / "step.log")
         res["rows"] = json.loads((RUNS / "step.json").read_text()) if res["rc"] == 0 else []
         return res
 
-    run_cached(rows, "step|batch 8 x 256|eval", step)
+    run_cached(rows, "step|batch 8 x 256|eval|ckpt|chunk 256", step)
 
 
 def _train_time(out: Path) -> dict:
@@ -202,10 +202,9 @@ def data_file(task: str, limit: int, seed: int = 0) -> Path:
     in a JSONL file with a split column, plus DATA_EVAL of val and test (the trainer's own end
     evaluation; exact match is scored on the bundled test split by ``deltatune eval``).
 
-    Why a file: ``deltatune train --model smollm2 --data tweet-sentiment-chat`` (and every bundled
-    -chat/-pref set) stops with "smollm2 is a causal-lm model and takes no num_labels" at this
-    commit (the sets carry label_names, and cli/train.py passes their count to load_model), so the
-    bench feeds the same examples through a file, which has no label names."""
+    Why a file: ``--limit`` draws as many val and test examples as training ones; the file keeps
+    the trainer's own end-of-run evaluation at DATA_EVAL examples (exact match is scored on the
+    bundled test split by ``deltatune eval``)."""
     from deltatune.data import load_data
 
     path = CACHE / "data" / f"{task}-seed{seed}-limit{limit}.jsonl"
@@ -438,7 +437,7 @@ def trl_worker(args) -> int:
         max_grad_norm=1.0, seed=args.seed, data_seed=args.seed, use_cpu=True, bf16=False,
         fp16=False, report_to="none", eval_strategy="no", save_strategy="no",
         dataloader_num_workers=0, logging_steps=10, max_length=256, packing=args.packing,
-        completion_only_loss=True, gradient_checkpointing=args.epoch,  # trl's default: on
+        completion_only_loss=True, gradient_checkpointing=True,  # trl's and deltatune's default
         **({"num_train_epochs": 1} if args.epoch
                                       else {"max_steps": args.steps}),
     )
@@ -476,12 +475,16 @@ SESSION = (
 
 FINDINGS = [
     "* `deltatune train --model smollm2 --data tweet-sentiment-chat ...` (any bundled -chat or "
-    "-pref set, so also the documented `--data bbc-news-chat` SFT and `--data bbc-news-pref` DPO "
-    "commands) stops at once with `error: smollm2 is a causal-lm model and takes no num_labels; "
-    "drop it` (commit 1f08b9e): those sets carry `label_names` (the answers) and cli/train.py "
-    "passes their count to `load_model`. The bench trains on the same examples written to a "
-    "JSONL file with a split column (no label names), through the same CLI; `deltatune eval` "
-    "on the bundled sets is unaffected.",
+    "-pref set) stopped at once with `error: smollm2 is a causal-lm model and takes no "
+    "num_labels; drop it`: those sets carry `label_names` (the answers) and cli/train.py passed "
+    "their count to `load_model`. Fixed in 3caca3b (tests/test_lm_train.py); the bench still "
+    "trains from a JSONL file of the same examples, which keeps the trainer's own end-of-run "
+    "evaluation at 40 val/test examples.",
+    "* The old command's peak RSS varies between identical runs: the training step alone "
+    "(bench_llm_step.py, chunked + checkpointing, batch 8 × 256) peaked at 1.84, 1.90 and 2.18 GB "
+    "in three runs of the same code. The spread is glibc's heap, not live tensors: with its "
+    "mmap threshold fixed at 4 MiB (`deltatune.train.memory.steady_malloc`) the same step "
+    "peaked at 1.38 GB, but 1.5× slower; at 16 MiB 2.00 GB at the same speed. Not a default.",
 ]
 
 def _gb(mb: float | None) -> str:
@@ -526,11 +529,11 @@ def not_run(cmd: str) -> str:
 def render(rows: dict[str, dict]) -> str:
     by = lambda prefix: [r for k, r in rows.items() if k.startswith(prefix)]  # noqa: E731
     out = [
-        "SmolLM2-135M-Instruct (float32), LoRA r=8 alpha 16 on q_proj/v_proj, batch 8, CPU on a "
-        "2-core machine shared with other benchmarks (load average 6-13 during these runs: wall "
-        "times are several times the CPU time, and timings of runs that overlapped are only "
-        "roughly comparable). Each run is its own process under `nice -n 5`; peak RSS is that "
-        f"process's `ru_maxrss`. Rows: .cache/bench_llm/rows.jsonl (`{SELF} --cached-only`).",
+        "SmolLM2-135M-Instruct (float32), LoRA r=8 alpha 16 on q_proj/v_proj, batch 8, CPU (2 "
+        "cores, 2 torch threads), gradient checkpointing on (deltatune's and trl's default for "
+        "causal LMs). Each run is its own process under `nice -n 5`, one at a time unless a row "
+        "says otherwise; peak RSS is that process's `ru_maxrss`. Rows: "
+        f".cache/bench_llm/rows.jsonl (`{SELF} --cached-only`).",
     ]
     if not any(k.startswith(("sft|", "trl|", "untuned|")) and r.get("rc") == 0
                for k, r in rows.items()):
@@ -540,9 +543,9 @@ def render(rows: dict[str, dict]) -> str:
     old = next(iter(by("old|")), None)
     cmd = "deltatune " + " ".join(OLD_CMD) + " --out DIR"
     if old and old["rc"] == 0:
-        tp = (old.get("metrics_tail") or {}).get("throughput") or {}
-        n = tp.get("samples") or 160
-        per_train = tp.get("train_seconds", 0) / n if tp else None
+        train = (old.get("results") or {}).get("train") or {}
+        n = train.get("samples") or 160
+        per_train = train["train_seconds"] / n if train.get("train_seconds") else None
         per_wall = old["wall_s"] / n
         before = BEFORE["wall_s"] / BEFORE["examples"]
         out += [
@@ -579,8 +582,10 @@ def render(rows: dict[str, dict]) -> str:
     else:
         out.append(not_run(cmd) + (f" (failed: rc {old['rc']})" if old else ""))
     step = next(iter(by("step|")), None)
-    out.append("\nOne training step and one evaluation batch, chunked loss vs whole-batch logits "
-               "(`.venv/bin/python bench/bench_llm_step.py --eval`, same session):\n")
+    out.append("\nOne training step and one evaluation batch, chunked loss vs whole-batch logits, "
+               "and the chunked step with gradient checkpointing (`.venv/bin/python "
+               "bench/bench_llm_step.py --eval --modes chunked,full,chunked+ckpt`, same session; "
+               "loss chunks of 256 positions):\n")
     if step and step.get("rows"):
         out += ["| way | batch × tokens | wall s | CPU s | loaded RSS | peak RSS |",
                 "|---|---|---|---|---|---|"]
@@ -639,7 +644,7 @@ def render(rows: dict[str, dict]) -> str:
         "trl: `SFTTrainer` + `LoraConfig(r=8, lora_alpha=16, q_proj/v_proj)` on the same "
         "training examples as conversational prompt/completion (completion-only loss, "
         "max_length 256, linear schedule with 6% warmup, clip 1.0, `use_cpu=True`, no "
-        "evaluation, `gradient_checkpointing=False` as deltatune's trainer), on "
+        "evaluation, gradient checkpointing on: the default of both tools for causal LMs), on "
         "`load_model('smollm2').model.lm` and `smollm2_tokenizer()`; its adapter saved with "
         "`save_pretrained` (peft layout) and scored by the same `deltatune eval --adapter DIR "
         "--model smollm2`. Step time: training time / optimizer steps (deltatune: "
@@ -688,7 +693,9 @@ def render(rows: dict[str, dict]) -> str:
         out.append(not_run(f"{SELF} --only epoch"))
     # 4. generate
     out.append("\n### Many adapters in one batch\n")
-    gen = next(iter(by("generate|")), None)
+    gens = by("generate|")  # this bench's own run before a row cached from another's output
+    gen = next(iter([g for g in gens if g.get("table") and "|from " not in g.get("key", "")]
+                    + gens), None)
     if gen and gen.get("table"):
         out += [gen.get("note", "`.venv/bin/python bench/bench_llm_generate.py`"), "", "```text",
                 *gen["table"], "```"]

@@ -14,6 +14,10 @@ every position labelled, AdamW; one untimed warm-up step, then ``--steps`` timed
 * full: the model's whole (B, T, 49152) float32 logits and ``train.losses.compute_loss`` (what the
   trainer did before the chunked loss).
 
+Variants of the chunked way (``--modes``): ``+malloc`` fixes glibc's mmap threshold first
+(``deltatune.train.memory.steady_malloc`` at ``--mmap-threshold`` bytes, 1 MiB by default),
+``+ckpt`` trains with gradient checkpointing (``--gradient-checkpointing``).
+
 ``--eval`` adds the evaluation of one batch of ``--eval-batch`` (default 64, the trainer's eval
 batch) under no_grad, chunked against whole-batch logits. Reported: median wall seconds per step,
 CPU seconds per step (user + system of the process: less sensitive than wall time to other work
@@ -31,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-MODES = ("chunked", "full")
+MODES = ("chunked", "full", "chunked+malloc", "chunked+ckpt", "chunked+ckpt+malloc")
 
 
 def _rss_mb() -> float:
@@ -44,7 +48,7 @@ def _cpu_s() -> float:
 
 
 def measure(mode: str, batch: int, length: int, steps: int, chunk: int, threads: int,
-            evaluate: bool = False) -> dict:
+            evaluate: bool = False, mmap_threshold: int = 1 << 20) -> dict:
     """One way in this process: seconds per step and memory (see the module docstring)."""
     import torch
 
@@ -55,6 +59,10 @@ def measure(mode: str, batch: int, length: int, steps: int, chunk: int, threads:
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
+    if "+malloc" in mode:
+        from deltatune.train.memory import steady_malloc
+
+        steady_malloc(mmap_threshold)
     entry = load_model("smollm2")
     model = entry.model
     dt.attach(model, dt.LoRA(r=8, alpha=16, targets=["q_proj", "v_proj"]), name="default")
@@ -66,8 +74,14 @@ def measure(mode: str, batch: int, length: int, steps: int, chunk: int, threads:
     model.train()
     loaded = _rss_mb()  # the model, its delta and the optimizer, before any step
 
+    if "+ckpt" in mode:
+        from deltatune.train.memory import gradient_checkpointing
+
+        keep = gradient_checkpointing(model)  # on for the rest of this process: the context
+        keep.__enter__()  # manager is kept alive (collected, it would switch checkpointing off)
+
     def step() -> None:
-        if mode == "chunked":
+        if mode.startswith("chunked"):
             loss = sft(model, data, chunk_size=chunk).loss
         else:
             logits = model(ids, data["attention_mask"])
@@ -84,7 +98,7 @@ def measure(mode: str, batch: int, length: int, steps: int, chunk: int, threads:
         model.eval()
         cpu, tick = _cpu_s(), time.perf_counter()
         with torch.no_grad():
-            if mode == "chunked":
+            if mode.startswith("chunked"):
                 from deltatune.lm.objectives import make_objective
 
                 make_objective("sft", chunk_size=chunk).sums(model, eval_batch)
@@ -100,6 +114,8 @@ def measure(mode: str, batch: int, length: int, steps: int, chunk: int, threads:
         step()
         walls.append(time.perf_counter() - tick)
         cpus.append(_cpu_s() - cpu)
+    if "+malloc" in mode:
+        mode = f"{mode} {mmap_threshold >> 20} MiB"
     return {"mode": mode, "batch": batch, "length": length, "seconds": statistics.median(walls),
             "cpu_seconds": statistics.median(cpus), "rss_loaded_mb": loaded,
             "peak_rss_mb": _rss_mb()}
@@ -109,7 +125,8 @@ def run_child(mode: str, args: argparse.Namespace, evaluate: bool = False) -> di
     """``measure`` in a fresh process (its own peak RSS); the child prints one JSON line."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode,
            "--batch", str(args.batch), "--length", str(args.length), "--steps", str(args.steps),
-           "--chunk", str(args.chunk), "--threads", str(args.threads)]
+           "--chunk", str(args.chunk), "--threads", str(args.threads),
+           "--mmap-threshold", str(args.mmap_threshold)]
     if evaluate:
         cmd.append("--eval")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -117,10 +134,10 @@ def run_child(mode: str, args: argparse.Namespace, evaluate: bool = False) -> di
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'way':<13} {'batch':>5} {'tokens':>6} {'wall s':>8} {'CPU s':>8} "
+    lines = [f"{'way':<20} {'batch':>5} {'tokens':>6} {'wall s':>8} {'CPU s':>8} "
              f"{'loaded RSS MB':>13} {'peak RSS MB':>11}"]
     for r in rows:
-        lines.append(f"{r['mode']:<13} {r['batch']:>5} {r['length']:>6} {r['seconds']:>8.2f} "
+        lines.append(f"{r['mode']:<20} {r['batch']:>5} {r['length']:>6} {r['seconds']:>8.2f} "
                      f"{r['cpu_seconds']:>8.2f} {r['rss_loaded_mb']:>13.0f} "
                      f"{r['peak_rss_mb']:>11.0f}")
     return "\n".join(lines)
@@ -131,16 +148,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps")
-    parser.add_argument("--chunk", type=int, default=1024, help="positions per loss chunk")
+    parser.add_argument("--chunk", type=int, default=256, help="positions per loss chunk")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--mmap-threshold", type=int, default=1 << 20,
+                        help="bytes: glibc's fixed mmap threshold in the +malloc modes")
     parser.add_argument("--eval", action="store_true", help="also one no-grad eval batch of 64")
-    parser.add_argument("--modes", default=",".join(MODES), help="chunked,full")
+    parser.add_argument("--modes", default="chunked,full", help=f"of {','.join(MODES)}")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
     args = parser.parse_args(argv)
     if args.child:
         row = measure(args.child, args.batch, args.length, args.steps, args.chunk, args.threads,
-                      evaluate=args.eval)
+                      evaluate=args.eval, mmap_threshold=args.mmap_threshold)
         print(json.dumps(row))
         return 0
     rows = []

@@ -146,13 +146,17 @@ def test_cli_sft_then_dpo_from_the_adapter(files, tmp_path):
     assert results["collate_stats"]["examples"] > 0 and "truncated" in results["collate_stats"]
     assert results["test"]["tokens"] > 0 and math.isfinite(results["test"]["loss"])
     config = json.loads((sft / "metrics.json").read_text())["config"]
-    assert config["batch_size"] == 8 and config["objective"] == "auto"  # the causal-LM default
+    assert config["batch_size"] == 8 and config["objective"] == "auto"  # the causal-LM defaults
+    assert config["gradient_checkpointing"] is True
     task = json.loads((sft / "adapter" / "task.json").read_text())
     assert task["objective"] == "sft" and task["max_length"] == 48
 
     dpo = tmp_path / "dpo"
     assert _train(files, dpo, "pref.jsonl", "--from-adapter", str(sft / "adapter"),
-                  "--objective", "dpo", "--beta", "0.2", "--dpo-loss", "ipo") == 0
+                  "--objective", "dpo", "--beta", "0.2", "--dpo-loss", "ipo",
+                  "--no-gradient-checkpointing") == 0
+    config = json.loads((dpo / "metrics.json").read_text())["config"]
+    assert config["gradient_checkpointing"] is False
     results = json.loads((dpo / "results.json").read_text())
     assert results["objective"] == "dpo" and results["from_adapter"] == str(sft / "adapter")
     assert set(results["test"]) >= {"loss", "reward_accuracy", "rewards_chosen", "pairs"}

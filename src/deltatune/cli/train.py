@@ -67,8 +67,15 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     from ..models import load_model
     from ..train import TrainConfig, evaluate, fit
     from ..train.losses import class_weights, objective_of
+    from ..train.memory import can_checkpoint
     from .spec_options import build_spec
-    from .train_lm import LM_BATCH_SIZE, lm_collate, resolve_objective, start_from
+    from .train_lm import (
+        LM_BATCH_SIZE,
+        LM_GRADIENT_CHECKPOINTING,
+        lm_collate,
+        resolve_objective,
+        start_from,
+    )
 
     fmt = cfg.get("format", "deltatune")
     if (
@@ -109,6 +116,8 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
                          template_file=cfg.get("chat_template"), packing=bool(cfg.get("packing")))
     if entry.task == "causal-lm":
         train_opts.setdefault("batch_size", LM_BATCH_SIZE)
+        if can_checkpoint(entry.model):
+            train_opts.setdefault("gradient_checkpointing", LM_GRADIENT_CHECKPOINTING)
         _check_answers_fit(collate, train_data)
     options = dict(cfg.get("method_options") or {})
     if cfg.get("from_adapter"):
@@ -127,6 +136,10 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     tc = TrainConfig(**train_opts, seed=seed)
     # a list of class weights must match the data's classes: checked here, before --out is created
     class_weights(tc.class_weights if isinstance(tc.class_weights, list) else None, [], len(labels))
+    if tc.gradient_checkpointing:
+        from ..train.memory import require_checkpointing
+
+        require_checkpointing(entry.model)
     base_file = Path(cfg["out"]) / BASE_FILE
     if entry.from_scratch and cfg.get("resume", False) and base_file.is_file():
         _load_base(entry, base_file)  # resume on the very base the interrupted run started from
@@ -622,6 +635,13 @@ def register(app: typer.Typer) -> None:
             help="tokens per example (per row when packing), longer ones truncated (default "
             "256 for causal LMs, the model's own otherwise)",
         ),
+        gradient_checkpointing: Optional[bool] = typer.Option(
+            None,
+            "--gradient-checkpointing/--no-gradient-checkpointing",
+            help="recompute each transformer block's activations in backward instead of keeping "
+            "them: less memory, slower steps, the same gradients (transformers and timm models; "
+            "default: on for causal LMs, as trl's, off otherwise)",
+        ),
         resume: bool = typer.Option(False, help="continue from --out's checkpoint"),
         limit: Optional[int] = typer.Option(
             None, help="use at most N examples per split (quick runs)"
@@ -675,6 +695,7 @@ def register(app: typer.Typer) -> None:
             "objective": objective,
             "dpo_beta": beta,
             "dpo_loss": dpo_loss,
+            "gradient_checkpointing": gradient_checkpointing,
         }.items():
             if value is not None:
                 train_opts[key] = value

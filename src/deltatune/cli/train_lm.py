@@ -13,6 +13,9 @@ from .common import CLIError
 #: causal-LM defaults where the user gives none (classification keeps TrainConfig's)
 LM_BATCH_SIZE = 8
 LM_MAX_LENGTH = 256
+#: gradient checkpointing, as trl's SFTConfig/DPOConfig default: SmolLM2's step at 8 x 256 peaks at
+#: 1.9 GB instead of 3.7-4.2 GB, for about 30% more time per step (--no-gradient-checkpointing)
+LM_GRADIENT_CHECKPOINTING = True
 _LM_DATA = ("chat", "text", "preference")
 
 

@@ -79,6 +79,9 @@ class TrainConfig:
     objective: Literal["auto", "sft", "dpo"] = "auto"
     dpo_beta: float = 0.1  # DPO's β: how far the policy may move from the reference
     dpo_loss: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge, as trl's DPOConfig.loss_type
+    # recompute each block's activations in backward instead of keeping them (train/memory.py):
+    # less memory, about one more forward of compute; the same gradients
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum"):
@@ -133,7 +136,7 @@ class TrainConfig:
             self._bad("dpo_loss", f"must be one of {', '.join(dpo_losses())}")
         if not isinstance(self.metric, str) or not self.metric:
             self._bad("metric", "must be a metric name such as accuracy or loss")
-        for name in ("eval_each_epoch", "keep_best", "progress"):
+        for name in ("eval_each_epoch", "keep_best", "progress", "gradient_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 self._bad(name, "must be true or false")
 

@@ -34,6 +34,7 @@ from .losses import (
     objective_of,
     to_device,
 )
+from .memory import gradient_checkpointing, require_checkpointing
 from .optim import Plan, build_optimizer, lr_factor, norm_buffers, norm_layers, trainable_parameters
 from .report import ProgressBar, TrainResult, peak_rss_mb, plot_curve, write_metrics
 from .state import TrainState, check_compatible, restore, snapshot
@@ -85,6 +86,8 @@ def fit(
     if eval_data is not None and len(eval_data) == 0:
         raise TrainError("eval_data is empty; pass None to train without evaluation")
     trainable_parameters(model)  # fails early when there is nothing to train
+    if cfg.gradient_checkpointing:
+        require_checkpointing(model)
     out = Path(out_dir) if out_dir is not None else None
     if out is None and (resume or cfg.save_every):
         raise TrainError(
@@ -104,7 +107,8 @@ def fit(
     if resume:
         run.resume()
     try:
-        return run.train()
+        with gradient_checkpointing(model, cfg.gradient_checkpointing):
+            return run.train()
     finally:
         call(callbacks, "on_train_end", model)
 
