@@ -198,3 +198,27 @@ def test_cli_chat_template_file_for_a_model_without_one(files, tmp_path):
                  "--out", str(out)]) == 0
     task = json.loads((out / "adapter" / "task.json").read_text())
     assert task["chat_template"] == str(files / "template.jinja")
+
+
+def test_cli_export_of_an_lm_adapter_loads_in_transformers_with_the_same_logits(files, tmp_path):
+    """SFT on a tiny Llama, then `deltatune export`: transformers loads the merged directory by
+    itself (AutoModelForCausalLM + its tokenizer and chat template) and gives the logits of the
+    base model with the adapter."""
+    import transformers
+
+    run = tmp_path / "sft"
+    assert _train(files, run, "chat.jsonl", "--max-length", "48") == 0
+    merged = tmp_path / "merged"
+    assert main(["export", "--adapter", str(run / "adapter"), "--out", str(merged)]) == 0
+    lm = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(merged)
+    assert tok.chat_template == smol_tokenizer().chat_template
+    ids = torch.tensor([tok("Question 3: name color number 3.")["input_ids"]])
+
+    model = CausalLM(transformers.AutoModelForCausalLM.from_pretrained(files / "tiny")).eval()
+    dt.load_adapter(model, run / "adapter", name="default")
+    with torch.no_grad():
+        want, got = model(ids), lm(input_ids=ids).logits
+        base = CausalLM(transformers.AutoModelForCausalLM.from_pretrained(files / "tiny"))(ids)
+    assert (want - base).abs().max() > 1e-4  # the adapter moved the outputs
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
