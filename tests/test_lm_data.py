@@ -284,3 +284,20 @@ def test_bundled_preference_pairs(name):
     other_seed = load_data(f"{name}-pref", "test", seed=1).examples
     assert {json.dumps(e["prompt"]) for e in other_seed} != {
         json.dumps(e["prompt"]) for e in pref.examples}
+
+
+@pytest.mark.parametrize("name", ["bbc-news-chat", "tweet-sentiment-chat"])
+def test_bundled_chat_sets_fit_the_default_length(name):
+    """Every bundled conversation, answer included, fits the causal-LM default of 256 tokens with
+    SmolLM2's template: a longer one would train on a truncated (or no) answer. (1,000 characters
+    of a BBC article did not: `deltatune train --data bbc-news-chat` was refused.)"""
+    from tiny_lm import smol_tokenizer
+
+    from deltatune.cli.train_lm import LM_MAX_LENGTH
+    from deltatune.lm.tokenize import chat_collate
+
+    collate = chat_collate(smol_tokenizer(), LM_MAX_LENGTH)
+    examples = load_data(name, "train", seed=0, limit=400).examples
+    for i in range(0, len(examples), 50):
+        collate(examples[i: i + 50])
+    assert collate.stats["examples"] == len(examples) and collate.stats["truncated"] == 0
