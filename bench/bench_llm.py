@@ -177,6 +177,14 @@ MAX_NEW = 8  # generated tokens per answer; exact match is the same as with 64
 EPOCH_LIMIT = 160  # the fixed training subset both tools pass over once ("epoch")
 
 
+def tk(task: str) -> str:
+    """``task`` as cache keys name it: bbc-news-chat with the article length its prompts had
+    (rows of the 1,000-character prompts, which --max-length 256 could not train on, stay apart)."""
+    from deltatune.data.chat import BBC_CHARS
+
+    return f"{task}@{BBC_CHARS}ch" if task.startswith("bbc") else task
+
+
 def pref(task: str) -> str:
     return task.replace("-chat", "-pref")
 
@@ -207,7 +215,7 @@ def data_file(task: str, limit: int, seed: int = 0) -> Path:
     bundled test split by ``deltatune eval``)."""
     from deltatune.data import load_data
 
-    path = CACHE / "data" / f"{task}-seed{seed}-limit{limit}.jsonl"
+    path = CACHE / "data" / f"{tk(task)}-seed{seed}-limit{limit}.jsonl"
     if path.exists():
         return path
     keep = ("messages", "prompt", "chosen", "rejected")
@@ -238,7 +246,7 @@ def sft_args(task: str, seed: int) -> list[str]:
 
 
 def sft_key(task: str, seed: int) -> str:
-    return (f"sft|{task}|seed {seed}|limit {SETTINGS[task]['limit']} via jsonl|"
+    return (f"sft|{tk(task)}|seed {seed}|limit {SETTINGS[task]['limit']} via jsonl|"
             + " ".join(sft_args(task, seed))
             + f"|eval {SETTINGS[task]['eval_limit']}")
 
@@ -248,7 +256,7 @@ def sft_key(task: str, seed: int) -> str:
 def part_untuned(rows: dict, args) -> None:
     for task in args.tasks:
         limit = SETTINGS[task]["eval_limit"]
-        run_cached(rows, f"untuned|{task}|limit {limit}", lambda: eval_row(
+        run_cached(rows, f"untuned|{tk(task)}|limit {limit}", lambda: eval_row(
             None, task, limit, RUNS / f"untuned-{task}", model="smollm2"))
 
 
@@ -289,7 +297,7 @@ def part_dpo(rows: dict, args) -> None:
                                        RUNS / f"dpo-{task}-eval")
             return res
 
-        run_cached(rows, f"dpo|{task}|limit {s['dpo_limit']} via jsonl|" + " ".join(extra[2:]),
+        run_cached(rows, f"dpo|{tk(task)}|limit {s['dpo_limit']} via jsonl|" + " ".join(extra[2:]),
                    make)
 
 
@@ -300,23 +308,31 @@ def trl_cmd(task: str, out: Path, steps: int, lr: float, seed: int, limit: int,
     return cmd + (["--packing"] if packing else []) + (["--epoch"] if epoch else [])
 
 
+def trl_key(task: str, seed: int) -> str:
+    s = SETTINGS[task]
+    return (f"trl|{tk(task)}|steps {s['steps']} lr {s['lr']} seed {seed} limit {s['limit']}"
+            f"|eval {s['eval_limit']}")
+
+
 def part_trl(rows: dict, args) -> None:
-    """trl + peft with deltatune's seed-0 SFT settings, in its own process, then the same eval."""
-    for task in args.tasks:
-        s = SETTINGS[task]
+    """trl + peft with deltatune's SFT settings of each seed (the same training examples, test
+    split and seed), in its own process, then the same eval."""
+    for seed in args.seeds:
+        for task in args.tasks:
+            s = SETTINGS[task]
 
-        def make() -> dict:
-            out = RUNS / f"trl-{task}"
-            res = measured(trl_cmd(task, out, s["steps"], s["lr"], 0, s["limit"]),
-                           out.with_suffix(".log"))
-            res["trl"] = read_json(out / "trl.json")
-            if res["rc"] == 0:
-                res["eval"] = eval_row(out / "adapter", task, s["eval_limit"],
-                                       RUNS / f"trl-{task}-eval", model="smollm2")
-            return res
+            def make() -> dict:
+                out = RUNS / f"trl-{task}-{seed}"
+                res = measured(trl_cmd(task, out, s["steps"], s["lr"], seed, s["limit"]),
+                               out.with_suffix(".log"))
+                res["trl"] = read_json(out / "trl.json")
+                if res["rc"] == 0:
+                    res["eval"] = eval_row(out / "adapter", task, s["eval_limit"],
+                                           RUNS / f"trl-{task}-{seed}-eval", seed,
+                                           model="smollm2")
+                return res
 
-        key = f"trl|{task}|steps {s['steps']} lr {s['lr']} seed 0 limit {s['limit']}"
-        run_cached(rows, key + f"|eval {s['eval_limit']}", make)
+            run_cached(rows, trl_key(task, seed), make)
 
 
 def part_epoch(rows: dict, args) -> None:
@@ -617,11 +633,11 @@ def render(rows: dict[str, dict]) -> str:
     aims = []
     for task in TASKS:
         s = SETTINGS[task]
-        unt = rows.get(f"untuned|{task}|limit {s['eval_limit']}")
+        unt = rows.get(f"untuned|{tk(task)}|limit {s['eval_limit']}")
         u = (unt or {}).get("results", {}).get("exact_match")
         seeds = [(k, _em(rows.get(sft_key(task, k)))) for k in (0, 1, 2)]
         sft = [f"{_pct(v)} (seed {k})" for k, v in seeds if v is not None]
-        dpo = next(iter(by(f"dpo|{task}|")), None)
+        dpo = next(iter(by(f"dpo|{tk(task)}|")), None)
         d = _em(dpo)
         before, lp_before = _pref(dpo, "before")
         after, lp_after = _pref(dpo, "after")
@@ -648,28 +664,33 @@ def render(rows: dict[str, dict]) -> str:
         "`load_model('smollm2').model.lm` and `smollm2_tokenizer()`; its adapter saved with "
         "`save_pretrained` (peft layout) and scored by the same `deltatune eval --adapter DIR "
         "--model smollm2`. Step time: training time / optimizer steps (deltatune: "
-        "metrics.json's train_seconds; trl: `train_runtime`). The two training processes ran "
-        f"at about the same time. `{SELF} --only sft trl`\n")
-    out += ["| task | tool | exact match | s / step | peak RSS (training process) | "
-            "wall (training process) |", "|---|---|---|---|---|---|"]
+        "metrics.json's train_seconds; trl: `train_runtime`). Seed k: both tools train on the "
+        "same examples of split seed k with seed k and are scored on that split's test prompts. "
+        f"`{SELF} --only sft trl --seeds 0 1 2`\n")
+    out += ["| task | tool | exact match (seeds) | mean | s / step (mean) | peak RSS (max) | "
+            "wall per run (mean) |", "|---|---|---|---|---|---|---|"]
     for task in TASKS:
-        s = SETTINGS[task]
-        d = rows.get(sft_key(task, 0))
-        t = next(iter(by(f"trl|{task}|")), None)
-        for name, r in (("deltatune", d), ("trl + peft", t)):
-            if r is None:
-                out.append(f"| {task} | {name} | not run yet | | | |")
-                continue
-            st = _step_s(r)
-            out.append(f"| {task} | {name} | {_pct(_em(r))} | "
-                       f"{'–' if st is None else f'{st:.1f}'} | {_gb(r['peak_rss_mb'])} | "
-                       f"{r['wall_s'] / 60:.1f} min |")
-        if d and t and _step_s(d) and _step_s(t):
-            ratio = _step_s(d) / _step_s(t)
-            em_gap = None if _em(d) is None or _em(t) is None else abs(_em(d) - _em(t))
-            out.append(f"| {task} | deltatune / trl | "
-                       f"{'–' if em_gap is None else f'{100 * em_gap:.1f} points apart'} | "
-                       f"{ratio:.2f}× | {d['peak_rss_mb'] / t['peak_rss_mb']:.2f}× | |")
+        pairs = [(k, rows.get(sft_key(task, k)), rows.get(trl_key(task, k))) for k in (0, 1, 2)]
+        pairs = [(k, d, t) for k, d, t in pairs if _em(d) is not None and _em(t) is not None]
+        if not pairs:
+            out.append(f"| {task} | | not run yet | | | | |")
+            continue
+        means = {}
+        for name, col in (("deltatune", 1), ("trl + peft", 2)):
+            runs = [p[col] for p in pairs]
+            ems = [_em(r) for r in runs]
+            steps = [_step_s(r) for r in runs if _step_s(r)]
+            means[name] = (sum(ems) / len(ems), sum(steps) / len(steps),
+                           max(r["peak_rss_mb"] for r in runs))
+            out.append(
+                f"| {task} | {name} | "
+                + ", ".join(f"{_pct(e)} ({k})" for e, (k, _, _) in zip(ems, pairs))
+                + f" | {_pct(means[name][0])} | {means[name][1]:.1f} | "
+                f"{_gb(means[name][2])} | "
+                f"{sum(r['wall_s'] for r in runs) / len(runs) / 60:.1f} min |")
+        d, t = means["deltatune"], means["trl + peft"]
+        out.append(f"| {task} | deltatune − / ÷ trl | | {100 * (d[0] - t[0]):+.1f} points | "
+                   f"{d[1] / t[1]:.2f}× | {d[2] / t[2]:.2f}× | |")
     out.append("\nAims: exact match within 1 point, s/step ≤ 1.0× trl's, peak RSS ≤ trl's "
                "(read from the ratio rows; a task without one was not run).")
     # epoch
