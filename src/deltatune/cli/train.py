@@ -641,6 +641,8 @@ def register(app: typer.Typer) -> None:
             help="recompute each transformer block's activations in backward instead of keeping "
             "them: less memory, slower steps, the same gradients (transformers and timm models; "
             "default: on for causal LMs, as trl's, off otherwise)",
+            # its own panel: this long flag pair in the main table would narrow every option's help
+            rich_help_panel="Memory",
         ),
         resume: bool = typer.Option(False, help="continue from --out's checkpoint"),
         limit: Optional[int] = typer.Option(
