@@ -496,6 +496,12 @@ FINDINGS = [
     "their count to `load_model`. Fixed in 3caca3b (tests/test_lm_train.py); the bench still "
     "trains from a JSONL file of the same examples, which keeps the trainer's own end-of-run "
     "evaluation at 40 val/test examples.",
+    "* `deltatune train --data bbc-news-chat` was refused: the set showed an article's first "
+    "1,000 characters, about 290 tokens with the instruction and template, so the default "
+    "`--max-length 256` cut the answer off 98% of the conversations (and the trainer refuses "
+    "data whose answers are all truncated away). The set now shows 550 characters (every one of "
+    "the 2,225 conversations fits in 256 tokens, at most 250; d2ecf66); the rows above are of "
+    "the 550-character prompts (cache keys `bbc-news-chat@550ch`).",
     "* The old command's peak RSS varies between identical runs: the training step alone "
     "(bench_llm_step.py, chunked + checkpointing, batch 8 × 256) peaked at 1.84, 1.90 and 2.18 GB "
     "in three runs of the same code. The spread is glibc's heap, not live tensors: with its "
@@ -547,8 +553,9 @@ def render(rows: dict[str, dict]) -> str:
     out = [
         "SmolLM2-135M-Instruct (float32), LoRA r=8 alpha 16 on q_proj/v_proj, batch 8, CPU (2 "
         "cores, 2 torch threads), gradient checkpointing on (deltatune's and trl's default for "
-        "causal LMs). Each run is its own process under `nice -n 5`, one at a time unless a row "
-        "says otherwise; peak RSS is that process's `ru_maxrss`. Rows: "
+        "causal LMs). Each run is its own process under `nice -n 5`, one at a time (the DPO and "
+        "merge runs of 2026-12-06 shared the machine with two test-suite runs: their times are not "
+        "compared with anything); peak RSS is that process's `ru_maxrss`. Rows: "
         f".cache/bench_llm/rows.jsonl (`{SELF} --cached-only`).",
     ]
     if not any(k.startswith(("sft|", "trl|", "untuned|")) and r.get("rc") == 0
