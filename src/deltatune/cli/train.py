@@ -67,7 +67,7 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     from ..models import load_model
     from ..train import TrainConfig, evaluate, fit
     from ..train.losses import class_weights, objective_of
-    from ..train.memory import can_checkpoint
+    from ..train.memory import can_checkpoint, require_checkpointing
     from .spec_options import build_spec
     from .train_lm import (
         LM_BATCH_SIZE,
@@ -137,8 +137,6 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     # a list of class weights must match the data's classes: checked here, before --out is created
     class_weights(tc.class_weights if isinstance(tc.class_weights, list) else None, [], len(labels))
     if tc.gradient_checkpointing:
-        from ..train.memory import require_checkpointing
-
         require_checkpointing(entry.model)
     base_file = Path(cfg["out"]) / BASE_FILE
     if entry.from_scratch and cfg.get("resume", False) and base_file.is_file():

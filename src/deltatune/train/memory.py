@@ -35,9 +35,9 @@ from .config import TrainError
 def _targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The outermost submodules (or the model) that can checkpoint themselves, with their kind."""
     found: list[tuple[str, nn.Module]] = []
-    claimed: list[nn.Module] = []
+    claimed: set[int] = set()  # ids of the modules inside one already found
     for module in model.modules():
-        if any(module is c for c in claimed):
+        if id(module) in claimed:
             continue
         if getattr(module, "supports_gradient_checkpointing", False) and (
             hasattr(module, "activation_checkpointing_enable")
@@ -50,7 +50,7 @@ def _targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
             found.append(("timm", module))
         else:
             continue
-        claimed.extend(module.modules())
+        claimed.update(map(id, module.modules()))
     return found
 
 
