@@ -817,11 +817,22 @@ def register(app: typer.Typer) -> None:
 
     @app.command(
         "export",
-        epilog="Examples:\n\n  deltatune export --adapter runs/bbc/adapter --out runs/bbc/merged",
+        epilog="Examples:\n\n  deltatune export --adapter runs/bbc/adapter --out runs/bbc/merged"
+        "\n\n  deltatune export --adapter runs/chat/adapter --format gguf --quant q4_0 "
+        "--out runs/chat/gguf\n\n  deltatune export --adapter runs/chat/adapter --format gguf-lora "
+        "--out runs/chat/lora-gguf",
     )
     def export(
         adapter: Path = typer.Option(..., help="adapter directory"),
         out: Path = typer.Option(..., help="directory for the merged model (safetensors)"),
+        fmt: str = typer.Option(
+            "safetensors", "--format",
+            help="safetensors (merged, transformers layout), gguf (merged causal LM as one GGUF "
+            "file for llama.cpp) or gguf-lora (the LoRA itself as a llama.cpp adapter GGUF)",
+        ),
+        quant: Optional[str] = typer.Option(
+            None, help="--format gguf: f16, q8_0 (default) or q4_0 weight blocks"
+        ),
         model: Optional[str] = typer.Option(
             None, help="base model (default: the one recorded beside the adapter)"
         ),
@@ -830,8 +841,14 @@ def register(app: typer.Typer) -> None:
             False, "--no-verify", help="skip the adapter's sha256 check (files edited on purpose)"
         ),
     ) -> None:
-        """Merge a delta into its base model and save the full model as safetensors."""
-        results = run_export(model, adapter, out, overwrite, verify=not no_verify)
+        """Merge a delta into its base model and save the full model as safetensors, or as one
+        GGUF file (--format gguf); or write a LoRA as a llama.cpp adapter GGUF (--format
+        gguf-lora)."""
+        results = run_export(model, adapter, out, overwrite, verify=not no_verify, fmt=fmt,
+                             quant=quant)
+        if fmt != "safetensors":
+            print(f"{fmt} written to {out / results['file']} ({results['bytes'] / 2**20:.1f} MiB)")
+            return
         print(
             f"merged model written to {out} ({results['num_tensors']} tensors, "
             f"{results['bytes'] / 2**20:.1f} MiB)"
@@ -884,12 +901,17 @@ def _save_transformers(entry, out: Path, labels: list[str]) -> Optional[dict[str
 
 @output_job("export")
 def run_export(model_name: Optional[str], adapter: Path, out: Path, overwrite: bool = False, *,
-               verify: bool = True) -> dict[str, Any]:
+               verify: bool = True, fmt: str = "safetensors",
+               quant: Optional[str] = None) -> dict[str, Any]:
     import deltatune as dt
 
     from ..io.files import save_tensors, write_json
     from ..io.outdir import publish, stage
 
+    if fmt != "safetensors":
+        return _export_gguf(model_name, adapter, Path(out), overwrite, verify, fmt, quant)
+    if quant is not None:
+        raise CLIError("--quant applies to --format gguf; drop it or add --format gguf")
     entry, labels = load_trained(model_name, adapter, verify=verify)
     final = Path(out)
     # written whole into a staging directory beside --out and published with one rename: a kill or a
@@ -915,6 +937,53 @@ def run_export(model_name: Optional[str], adapter: Path, out: Path, overwrite: b
     write_json(out / "deltatune_export.json", info)
     results = {"job": "export", "adapter": str(adapter), "num_tensors": len(state),
                "bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")), **(layout or {})}
+    write_results(out, results)
+    publish(out, final, job="export", overwrite=overwrite)
+    return results
+
+
+def _export_gguf(model_name: Optional[str], adapter: Path, final: Path, overwrite: bool,
+                 verify: bool, fmt: str, quant: Optional[str]) -> dict[str, Any]:
+    """``export --format gguf | gguf-lora`` (inside run_export's output job): every option and
+    the model are checked before anything is written, and the file is built in a staging directory
+    published whole."""
+    import deltatune as dt
+
+    from ..io import gguf_export as gx
+    from ..io.files import write_json
+    from ..io.outdir import publish, stage
+
+    if fmt not in ("gguf", "gguf-lora"):
+        raise CLIError(f"unknown --format {fmt!r}; use safetensors, gguf or gguf-lora")
+    if fmt == "gguf-lora" and quant is not None:
+        raise CLIError("--quant applies to --format gguf; a gguf-lora file keeps f32 factors")
+    quant = gx.check_quant(quant or "q8_0") if fmt == "gguf" else None
+    entry, _ = load_trained(model_name, adapter, verify=verify)
+    name = model_name or read_task(adapter).get("model") or entry.name
+    if entry.task != "causal-lm":
+        raise CLIError(
+            f"--format {fmt} writes causal language models; {adapter} is a {entry.task} adapter "
+            f"for {name}: export it with --format safetensors"
+        )
+    gx.check_architecture(entry.model)
+    if fmt == "gguf":
+        if name == "smollm2":
+            from ..models.gguf import smollm2_gguf
+
+            tokenizer = smollm2_gguf()  # tokenizer and descriptive keys as in the bundled file
+        else:
+            tokenizer = Path(name)  # a transformers directory: its tokenizer.json
+    out = stage(final, overwrite=overwrite, inputs=[adapter, model_name])
+    if fmt == "gguf":
+        dt.merge(entry.model, unload=True)
+        info = gx.write_gguf(entry.model, out / gx.MODEL_FILE.format(quant=quant), quant=quant,
+                             tokenizer=tokenizer)
+    else:
+        info = gx.write_gguf_lora(entry.model, out / gx.LORA_FILE)
+    write_json(out / "deltatune_export.json",
+               {"model": name, "adapter": str(adapter), "task": entry.task, "format": fmt,
+                **info.summary()})
+    results = {"job": "export", "adapter": str(adapter), "format": fmt, **info.summary()}
     write_results(out, results)
     publish(out, final, job="export", overwrite=overwrite)
     return results
