@@ -31,11 +31,15 @@ from .cotta import CoTTA, image_augment
 from .detect import DetectionResult, DriftMonitor, detect, embed
 from .entropy import EATA, SAR, Tent
 from .errors import BatchError, DeployError
+from .labelshift import LabelShift, estimate_label_shift
 from .norm import BatchNormStats, norm_param_names
+from .online import OnlineDetector, OnlineLSDD, OnlineMMD, online_detector
+from .ood import SCORES, OODScorer, auroc, fit_ood, ood_scores
 from .output import LAME, EMPrior, em_prior
 from .params import collect_params
 from .stats import TESTS, adjust_pvalues
 from .stream import batch_labels, evaluate_stream
+from .twosample import cvm_test, lsdd_test, mmd_rff_test  # registers lsdd, cvm, mmd_rff
 
 __all__ = [
     "METHODS",
@@ -73,4 +77,20 @@ __all__ = [
     "softmax_entropy",
     "unwrap",
     "wrapper_of",
+]
+__all__ += [  # per-input OOD scores, online drift detectors, label-shift estimates (issue 23)
+    "SCORES",
+    "LabelShift",
+    "OODScorer",
+    "OnlineDetector",
+    "OnlineLSDD",
+    "OnlineMMD",
+    "auroc",
+    "cvm_test",
+    "estimate_label_shift",
+    "fit_ood",
+    "lsdd_test",
+    "mmd_rff_test",
+    "online_detector",
+    "ood_scores",
 ]

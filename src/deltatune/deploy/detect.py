@@ -104,7 +104,7 @@ def detect(
     model: nn.Module | None = None,
     layer: str | None = None,
     batch_size: int = 256,
-    max_samples: int = 1000,
+    max_samples: int | None = 1000,
     seed: int = 0,
     **options: Any,
 ) -> DetectionResult:
@@ -112,9 +112,12 @@ def detect(
 
     ``test``: ``mmd`` (kernel MMD, permutation test), ``ks`` (per-feature KS, ``correction`` =
     ``bonferroni`` or ``bh``), ``classifier`` (classifier two-sample test), ``bbsd`` (KS on softmax
-    outputs), ``label`` (chi-squared on predicted labels). ``options`` go to the test (e.g.
-    ``n_permutations``). Samples beyond ``max_samples`` per side are subsampled (seeded) to bound
-    the cost. Returns a :class:`DetectionResult` with ``p_value`` and ``drift``.
+    outputs), ``label`` (chi-squared on predicted labels), ``lsdd`` (least-squares density
+    difference), ``cvm`` (per-feature Cramér-von Mises), ``mmd_rff`` (linear-time MMD on random
+    Fourier features). ``options`` go to the test (e.g. ``n_permutations``). Samples beyond
+    ``max_samples`` per side are subsampled (seeded) to bound the cost (``None``: keep all, for
+    the linear-time ``mmd_rff``). Returns a :class:`DetectionResult` with ``p_value`` and
+    ``drift``.
     """
     fn = _resolve_test(test, alpha, options)
     if "seed" in inspect.signature(fn).parameters:
@@ -131,7 +134,9 @@ def detect(
         )
     gen = torch.Generator().manual_seed(seed)
     x, y = (
-        v[torch.randperm(len(v), generator=gen)[:max_samples]] if len(v) > max_samples else v
+        v[torch.randperm(len(v), generator=gen)[:max_samples]]
+        if max_samples is not None and len(v) > max_samples
+        else v
         for v in (x, y)
     )
     stat, p, details = fn(x, y, **options)

@@ -1,0 +1,419 @@
+"""Per-input out-of-distribution scores: is *this* input like the data the model was fitted on?
+
+    import deltatune.deploy as dd
+    s = dd.ood_scores(model, reference, inputs, method="knn")   # one score per input; higher = OOD
+    scorer = dd.fit_ood(model, reference, method="mahalanobis") # fit once ...
+    scorer.score(model, inputs); scorer.flags(model, inputs)    # ... score any batch, flag outliers
+    scorer.save("runs/ood"); dd.OODScorer.load("runs/ood")       # safetensors + JSON, no pickle
+
+Every score is an *outlier* score: higher means less like the reference. The scores read the
+model's logits (``msp``, ``energy``), its penultimate features (``mahalanobis``, ``knn``: the input
+of ``layer``, by default the last ``nn.Linear``) or both (``vim``, which also reads the head's
+weights). A scorer stores only tensors and JSON, so it can be shipped beside the model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..core.registry import Registry
+from .batch import call_model, get_logits, iter_batches, last_linear, tap_input, to_tensor
+from .errors import DeployError
+
+FORMAT_VERSION = 1
+#: quantile of the reference scores above which ``flags`` calls an input out-of-distribution
+DEFAULT_QUANTILE = 0.95
+
+
+@dataclass(frozen=True)
+class ScoreMethod:
+    """One scoring rule: what it reads, how it fits (tensors to keep) and how it scores."""
+
+    needs: tuple[str, ...]  # "features", "logits", "head"
+    fit: Callable[..., dict[str, torch.Tensor]]
+    score: Callable[..., torch.Tensor]
+    options: dict[str, Any] = field(default_factory=dict)
+    paper: str = ""
+
+
+#: every per-input OOD score by name
+SCORES: Registry[ScoreMethod] = Registry(
+    "OOD score", DeployError, message="unknown {kind} {name!r}{hint}; choose from {known}"
+)
+
+
+# -- the scores -----------------------------------------------------------------------------------
+def _fit_nothing(**_: Any) -> dict[str, torch.Tensor]:
+    return {}
+
+
+def _msp(state: dict, logits: torch.Tensor, temperature: float = 1.0, **_: Any) -> torch.Tensor:
+    return -(logits / temperature).softmax(-1).max(-1).values
+
+
+def _energy(state: dict, logits: torch.Tensor, temperature: float = 1.0, **_: Any) -> torch.Tensor:
+    return -temperature * torch.logsumexp(logits / temperature, -1)
+
+
+SCORES.register("msp", ScoreMethod(
+    ("logits",), _fit_nothing, _msp, {"temperature": 1.0},
+    "Hendrycks & Gimpel 2017, https://arxiv.org/abs/1610.02136"))
+SCORES.register("energy", ScoreMethod(
+    ("logits",), _fit_nothing, _energy, {"temperature": 1.0},
+    "Liu et al. 2020, https://arxiv.org/abs/2010.03759"))
+
+
+def _fit_mahalanobis(features: torch.Tensor, labels: torch.Tensor, shrinkage: float = 1e-6,
+                     **_: Any) -> dict[str, torch.Tensor]:
+    """Class means and one shared (tied) covariance, as in Lee et al.; classes absent from the
+    reference get no Gaussian (an input can only be close to a class that was seen)."""
+    classes = torch.unique(labels)
+    means = torch.stack([features[labels == c].mean(0) for c in classes])  # (C, d)
+    centred = features - means[torch.searchsorted(classes, labels)]
+    cov = centred.T @ centred / len(features)  # (d, d)
+    # shrink towards a scaled identity: a reference smaller than the width is singular otherwise
+    ridge = shrinkage * float(torch.diagonal(cov).mean().clamp_min(1e-12))
+    precision = torch.linalg.pinv(cov + ridge * torch.eye(cov.shape[0], dtype=cov.dtype),
+                                  hermitian=True)
+    return {"means": means, "precision": precision, "classes": classes}
+
+
+def _mahalanobis(state: dict, features: torch.Tensor, **_: Any) -> torch.Tensor:
+    diff = features[:, None, :] - state["means"][None]  # (N, C, d)
+    d2 = torch.einsum("ncd,de,nce->nc", diff, state["precision"], diff)
+    return d2.min(-1).values
+
+
+SCORES.register("mahalanobis", ScoreMethod(
+    ("features", "labels"), _fit_mahalanobis, _mahalanobis, {"shrinkage": 1e-6},
+    "Lee et al. 2018, https://arxiv.org/abs/1807.03888 (without input pre-processing)"))
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _fit_knn(features: torch.Tensor, k: int = 10, max_reference: int = 20000, seed: int = 0,
+             **_: Any) -> dict[str, torch.Tensor]:
+    if len(features) <= k:
+        raise DeployError(f"knn: the reference has {len(features)} samples, not more than k={k}; "
+                          "give more reference samples or a smaller k")
+    if len(features) > max_reference:  # Sun et al. subsample the bank too (their α)
+        gen = torch.Generator().manual_seed(seed)
+        features = features[torch.randperm(len(features), generator=gen)[:max_reference]]
+    return {"bank": _unit(features).float()}
+
+
+def kth_distance(queries: torch.Tensor, bank: torch.Tensor, k: int, *, skip_self: bool = False,
+                 chunk: int = 1024) -> torch.Tensor:
+    """Distance from each (normalised) query to its ``k``-th nearest row of ``bank``, in chunks
+    so that memory is ``chunk × len(bank)``; ``skip_self`` when the queries are the bank itself."""
+    kk = k + 1 if skip_self else k
+    out = []
+    for i in range(0, len(queries), chunk):
+        d = torch.cdist(queries[i : i + chunk].float(), bank)
+        out.append(d.topk(kk, dim=-1, largest=False).values[:, -1])
+    return torch.cat(out).double()
+
+
+def _knn(state: dict, features: torch.Tensor, k: int = 10, **_: Any) -> torch.Tensor:
+    return kth_distance(_unit(features), state["bank"], k)
+
+
+SCORES.register("knn", ScoreMethod(
+    ("features",), _fit_knn, _knn, {"k": 10, "max_reference": 20000, "seed": 0},
+    "Sun et al. 2022, https://arxiv.org/abs/2204.06507"))
+
+
+def _fit_vim(features: torch.Tensor, logits: torch.Tensor, weight: torch.Tensor,
+             bias: torch.Tensor, dim: int | None = None, **_: Any) -> dict[str, torch.Tensor]:
+    """ViM: the origin that makes the head bias-free, the principal subspace of the centred
+    reference features, and the scale α that puts the virtual logit on the logits' scale."""
+    d = features.shape[1]
+    if dim is None:  # the paper's choice for wide features; half the width for narrow ones
+        dim = 1000 if d >= 2048 else 512 if d >= 768 else max(1, d // 2)
+    if not 0 < dim < d:
+        raise DeployError(f"vim: dim={dim} must lie in [1, {d - 1}] (the feature width is {d})")
+    origin = -torch.linalg.pinv(weight) @ bias  # (d,)
+    centred = features - origin
+    _, vecs = torch.linalg.eigh(centred.T @ centred / len(centred))  # ascending eigenvalues
+    residual = vecs[:, : d - dim]  # (d, d - dim): the directions the reference barely uses
+    vlogit = (centred @ residual).norm(dim=-1)
+    alpha = logits.max(-1).values.mean() / vlogit.mean().clamp_min(1e-12)
+    return {"origin": origin, "residual": residual, "alpha": alpha.reshape(1)}
+
+
+def _vim(state: dict, features: torch.Tensor, logits: torch.Tensor, **_: Any) -> torch.Tensor:
+    vlogit = ((features - state["origin"]) @ state["residual"]).norm(dim=-1) * state["alpha"]
+    # the virtual logit joins the class logits; the score is its softmax probability, as a logit
+    return vlogit - torch.logsumexp(logits, -1)
+
+
+SCORES.register("vim", ScoreMethod(
+    ("features", "logits", "head"), _fit_vim, _vim, {"dim": None},
+    "Wang et al. 2022, https://arxiv.org/abs/2203.10807"))
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+def _rows(value: Any, name: str, width: int | None = None) -> torch.Tensor:
+    try:
+        t = to_tensor(value).to(torch.float64)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise DeployError(f"{name} must be a tensor or array (one row per input): {exc}") from exc
+    if t.dim() != 2 or t.shape[0] == 0:
+        raise DeployError(f"{name} must have shape (inputs, columns), got {tuple(t.shape)}")
+    if width is not None and t.shape[1] != width:
+        raise DeployError(f"{name} have {t.shape[1]} columns but the scorer was fitted on {width}; "
+                          "compute them with the same model and layer")
+    if not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).any(1).sum())
+        raise DeployError(f"{name} hold NaN or inf values ({bad} of {len(t)} rows); drop or "
+                          "repair those inputs before scoring")
+    return t
+
+
+def represent(model: nn.Module, data: Any, needs: tuple[str, ...], *, layer: str | None = None,
+              batch_size: int = 256, logits_fn: Any = None
+              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(features, logits) of ``model`` over ``data`` in one pass; each None unless ``needs`` it.
+    Features are the input of ``layer`` (default: the last ``nn.Linear``)."""
+    want_features = "features" in needs
+    if want_features and layer is None:
+        try:
+            layer = last_linear(model)
+        except DeployError:
+            raise DeployError(
+                "this score reads penultimate features and the model has no nn.Linear head; pass "
+                "layer='module.name' (its input is the feature) or use method 'msp' or 'energy'"
+            ) from None
+    feats: list[torch.Tensor] = []
+    logits: list[torch.Tensor] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in iter_batches(data, batch_size):
+                if want_features:
+                    with tap_input(model, layer) as seen:
+                        out = call_model(model, batch)
+                    feats.append(seen[-1].double().cpu())
+                else:
+                    out = call_model(model, batch)
+                if "logits" in needs:
+                    logits.append(get_logits(out, logits_fn).double().cpu())
+    finally:
+        model.train(was_training)
+    if not feats and not logits:
+        raise DeployError("the data yielded no batches; nothing to score")
+    return (torch.cat(feats) if feats else None), (torch.cat(logits) if logits else None)
+
+
+def head_of(model: nn.Module, layer: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of the linear head whose input the features are (for ViM)."""
+    module = dict(model.named_modules()).get(layer or last_linear(model))
+    if not isinstance(module, nn.Linear):
+        raise DeployError("vim needs the features to be the input of an nn.Linear head; pass the "
+                          "head's name as layer=")
+    bias = module.bias if module.bias is not None else torch.zeros(module.out_features)
+    return module.weight.detach().double().cpu(), bias.detach().double().cpu()
+
+
+# -- the scorer -----------------------------------------------------------------------------------
+class OODScorer:
+    """A fitted per-input OOD score (see the module docs); higher scores = more unusual inputs.
+
+    ``threshold`` is the ``quantile`` of the reference's own scores (leave-one-out for ``knn``):
+    ``flags`` marks inputs above it, so about ``1 - quantile`` of in-distribution inputs are
+    flagged by construction.
+    """
+
+    def __init__(self, method: str, state: dict[str, torch.Tensor], options: dict[str, Any], *,
+                 width: int | None, classes: int | None, layer: str | None,
+                 threshold: float, quantile: float) -> None:
+        self.method, self.state, self.options = method, state, options
+        self.width, self.classes, self.layer = width, classes, layer
+        self.threshold, self.quantile = threshold, quantile
+        self.rule = SCORES.get(method)
+
+    # fitting
+    @classmethod
+    def fit_representations(cls, method: str, *, features: Any = None, logits: Any = None,
+                            labels: Any = None, head: tuple[Any, Any] | None = None,
+                            layer: str | None = None, quantile: float = DEFAULT_QUANTILE,
+                            **options: Any) -> "OODScorer":
+        """Fit on reference features/logits already computed (``head`` = (weight, bias) for
+        ``vim``; ``labels`` for ``mahalanobis``, default the argmax of ``logits``)."""
+        rule = SCORES.get(method)
+        bad = [k for k in options if k not in rule.options]
+        if bad:
+            known = ", ".join(rule.options) or "none"
+            raise DeployError(f"{method}: no option {bad[0]!r}; its options: {known}")
+        if not 0 < quantile < 1:
+            raise DeployError(f"quantile={quantile} must lie in (0, 1), e.g. 0.95")
+        opts = {**rule.options, **options}
+        f = _rows(features, "reference features") if "features" in rule.needs else None
+        z = None
+        if "logits" in rule.needs or ("labels" in rule.needs and labels is None):
+            if logits is None:
+                raise DeployError(f"{method} needs the reference logits")
+            z = _rows(logits, "reference logits")
+        n = len(f) if f is not None else len(z)
+        if f is not None and z is not None and len(z) != n:
+            raise DeployError(f"got {len(f)} feature rows and {len(z)} logit rows; one each")
+        if n < 2:
+            raise DeployError(f"the reference has {n} samples; fit a scorer on at least 2")
+        kwargs: dict[str, Any] = {k: v for k, v in opts.items() if v is not None}
+        if "labels" in rule.needs:
+            y = z.argmax(-1) if labels is None else to_tensor(labels).long().flatten()
+            if y.numel() != n:
+                raise DeployError(f"got {y.numel()} labels for {n} reference samples")
+            kwargs["labels"] = y
+        if "head" in rule.needs:
+            if head is None:
+                raise DeployError("vim needs the head's (weight, bias); fit it through fit_ood "
+                                  "with the model, or pass head=")
+            w, b = (to_tensor(v).double() for v in head)
+            if w.shape[1] != f.shape[1]:
+                raise DeployError(f"the head takes {w.shape[1]} features but the reference "
+                                  f"features have {f.shape[1]}; use the head's input as features")
+            kwargs["weight"], kwargs["bias"] = w, b
+        state = rule.fit(features=f, logits=z, **kwargs)
+        scorer = cls(method, state, opts, width=None if f is None else f.shape[1],
+                     classes=None if z is None else z.shape[1], layer=layer, threshold=math.inf,
+                     quantile=quantile)
+        ref = scorer._score(f, z, leave_one_out=True)
+        scorer.threshold = float(torch.quantile(ref, quantile))
+        return scorer
+
+    # scoring
+    def score_representations(self, features: Any = None, logits: Any = None, *,
+                              leave_one_out: bool = False) -> torch.Tensor:
+        """Scores of inputs whose features/logits are already computed (float64, one per row).
+        ``leave_one_out``: the inputs are the reference itself (``knn`` skips each one's own
+        distance 0)."""
+        f = z = None
+        if "features" in self.rule.needs:
+            if features is None:
+                raise DeployError(f"{self.method} scores need features")
+            f = _rows(features, "features", self.width)
+        if "logits" in self.rule.needs:
+            if logits is None:
+                raise DeployError(f"{self.method} scores need logits")
+            z = _rows(logits, "logits", self.classes)
+        if f is not None and z is not None and len(f) != len(z):
+            raise DeployError(f"got {len(f)} feature rows and {len(z)} logit rows; one each")
+        return self._score(f, z, leave_one_out)
+
+    def score(self, model: nn.Module, inputs: Any, *, batch_size: int = 256,
+              logits_fn: Any = None) -> torch.Tensor:
+        """Scores of raw ``inputs`` (a tensor or an iterable of batches) through ``model``."""
+        f, z = represent(model, inputs, self.rule.needs, layer=self.layer, batch_size=batch_size,
+                         logits_fn=logits_fn)
+        return self.score_representations(f, z)
+
+    def flags(self, model: nn.Module, inputs: Any, **kwargs: Any) -> torch.Tensor:
+        """True for each input whose score is above :attr:`threshold`."""
+        return self.score(model, inputs, **kwargs) > self.threshold
+
+    def _score(self, f: torch.Tensor | None, z: torch.Tensor | None,
+               leave_one_out: bool = False) -> torch.Tensor:
+        opts = {k: v for k, v in self.options.items() if v is not None}
+        if leave_one_out and self.method == "knn" and len(f) == len(self.state["bank"]):
+            return kth_distance(_unit(f), self.state["bank"], opts["k"], skip_self=True)
+        s = self.rule.score(self.state, features=f, logits=z, **opts)
+        return s.double()
+
+    # files
+    def save(self, directory: str | Path) -> Path:
+        """``scorer.safetensors`` (the fitted tensors) + ``scorer.json`` (method, options)."""
+        from ..io.files import save_tensors, write_json
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_tensors(directory / "scorer.safetensors",
+                     self.state or {"empty": torch.zeros(0)})
+        write_json(directory / "scorer.json", {
+            "format_version": FORMAT_VERSION, "method": self.method, "options": self.options,
+            "width": self.width, "classes": self.classes, "layer": self.layer,
+            "threshold": self.threshold, "quantile": self.quantile,
+        })
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "OODScorer":
+        from ..io.files import load_tensors, read_json
+
+        directory = Path(directory)
+        if not (directory / "scorer.json").is_file():
+            raise DeployError(f"{directory} holds no scorer.json; save a scorer there with "
+                              "scorer.save(dir) or deltatune score --save-scorer")
+        meta = read_json(directory / "scorer.json")
+        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise DeployError(f"{directory}: scorer format {meta['format_version']} is newer than "
+                              "this deltatune reads; upgrade deltatune")
+        state = load_tensors(directory / "scorer.safetensors")
+        state.pop("empty", None)
+        rule = SCORES.get(meta["method"])
+        options = {**rule.options, **{k: v for k, v in meta.get("options", {}).items()
+                                      if k in rule.options}}
+        return cls(meta["method"], state, options, width=meta.get("width"),
+                   classes=meta.get("classes"), layer=meta.get("layer"),
+                   threshold=float(meta["threshold"]) if meta.get("threshold") is not None
+                   else math.inf, quantile=float(meta.get("quantile", DEFAULT_QUANTILE)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "options": self.options, "width": self.width,
+                "classes": self.classes, "layer": self.layer, "threshold": self.threshold,
+                "quantile": self.quantile}
+
+
+def fit_ood(model: nn.Module, reference: Any, method: str = "energy", *, labels: Any = None,
+            layer: str | None = None, batch_size: int = 256, quantile: float = DEFAULT_QUANTILE,
+            logits_fn: Any = None, **options: Any) -> OODScorer:
+    """Fit an OOD scorer on in-distribution ``reference`` inputs (a tensor or an iterable of
+    batches) through ``model``. ``labels`` (``mahalanobis``'s class Gaussians) default to the
+    model's predictions; ``options`` go to the score (e.g. ``k`` for ``knn``)."""
+    rule = SCORES.get(method)
+    needs = set(rule.needs) | ({"logits"} if "labels" in rule.needs and labels is None else set())
+    if "head" in rule.needs:
+        needs.add("logits")
+    f, z = represent(model, reference, tuple(needs), layer=layer, batch_size=batch_size,
+                     logits_fn=logits_fn)
+    head = head_of(model, layer) if "head" in rule.needs else None
+    return OODScorer.fit_representations(method, features=f, logits=z, labels=labels, head=head,
+                                         layer=layer, quantile=quantile, **options)
+
+
+def ood_scores(model: nn.Module, reference: Any, inputs: Any, method: str = "energy",
+               **kwargs: Any) -> torch.Tensor:
+    """One OOD score per input of ``inputs`` (higher = less like ``reference``): :func:`fit_ood`
+    on ``reference``, then :meth:`OODScorer.score`. ``msp`` and ``energy`` ignore the reference."""
+    batch_size = kwargs.get("batch_size", 256)
+    scorer = fit_ood(model, reference, method, **kwargs)
+    return scorer.score(model, inputs, batch_size=batch_size, logits_fn=kwargs.get("logits_fn"))
+
+
+def auroc(in_scores: Any, out_scores: Any) -> float:
+    """Area under the ROC curve of telling ``out_scores`` (positives) from ``in_scores`` by
+    thresholding the score; ties count half (the Mann-Whitney U statistic)."""
+    a = to_tensor(in_scores).double().flatten()
+    b = to_tensor(out_scores).double().flatten()
+    if a.numel() == 0 or b.numel() == 0:
+        raise DeployError("auroc needs at least one in- and one out-of-distribution score")
+    both = torch.cat([a, b])
+    order = both.argsort()
+    ranks = torch.empty_like(both)
+    ranks[order] = torch.arange(1, len(both) + 1, dtype=both.dtype)
+    # average ranks of ties
+    uniq, inverse = torch.unique(both, return_inverse=True)
+    sums = torch.zeros(len(uniq), dtype=both.dtype).index_add_(0, inverse, ranks)
+    counts = torch.zeros(len(uniq), dtype=both.dtype).index_add_(0, inverse, torch.ones_like(both))
+    ranks = (sums / counts)[inverse]
+    u = float(ranks[len(a):].sum()) - b.numel() * (b.numel() + 1) / 2
+    return u / (a.numel() * b.numel())
