@@ -78,6 +78,9 @@ def _search_run(out: Path) -> None:
     (out / "results.json").write_text(json.dumps({
         "job": "search", "model": "minilm", "data": "tweet-sentiment", "budget": 113571,
         "trials_done": 5, "pareto": pareto, "best": trials[3]}))
+    (out / "trial_0").mkdir()
+    (out / "trial_0" / "results.json").write_text(json.dumps({"job": "search-trial",
+                                                              **trials[0]}))
 
 
 class _Page(HTMLParser):
@@ -284,4 +287,7 @@ def test_python_api_finds_runs_once_and_labels_them_uniquely(runs):
     assert len(names) == len(set(names)) and sorted(names).count("train-r2") == 1
     assert {r.job for r in found} == {"train", "eval", "compress", "continual", "adapt",
                                       "detect", "merge", "search"}
-    assert all(r.job != "search-trial" for r in found)
+    assert all(r.job != "search-trial" for r in found)  # the search shows its trials
+    trial = report_html.find_runs([runs / "search" / "trial_0"])  # given by name: a run
+    assert [r.job for r in trial] == ["search-trial"]
+    assert "lora r=1 @qv" in report_html.render(trial)

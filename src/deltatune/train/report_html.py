@@ -86,8 +86,10 @@ def find_runs(paths: Iterable[str | os.PathLike]) -> list[Run]:
             else:
                 raise ReportError(f"{path} is a file; give the run's directory (the one holding "
                                   f"{RESULTS})")
-        dirs = [path] if (path / RESULTS).is_file() else _run_dirs(path, MAX_DEPTH)
-        runs = [r for r in (_read_run(d) for d in dirs) if r is not None]
+        if (path / RESULTS).is_file():
+            runs = [r for r in [_read_run(path, given=True)] if r is not None]
+        else:
+            runs = [r for r in (_read_run(d) for d in _run_dirs(path, MAX_DEPTH)) if r is not None]
         if not runs:
             raise ReportError(
                 f"{path} holds no deltatune run (no {RESULTS} with a \"job\" field in it or "
@@ -118,8 +120,10 @@ def _run_dirs(root: Path, depth: int) -> list[Path]:
     return out
 
 
-def _read_run(path: Path) -> Run | None:
-    """The run in ``path``; None for a results.json that no job of deltatune wrote (no "job")."""
+def _read_run(path: Path, given: bool = False) -> Run | None:
+    """The run in ``path``; None for a results.json that no job of deltatune wrote (no "job"), and
+    for a search's trial found while searching a directory (its search shows it; a trial directory
+    given by name is reported as a run of its own)."""
     from .report_kinds import validate
 
     file = path / RESULTS
@@ -136,8 +140,8 @@ def _read_run(path: Path) -> Run | None:
                           ) from None
     if not isinstance(data, dict) or not isinstance(data.get("job"), str):
         return None
-    if data["job"] == "search-trial":
-        return None  # one trial of a search: shown by its search
+    if data["job"] == "search-trial" and not given:
+        return None
     run = Run(path=path, job=data["job"], results=data)
     problem = validate(run)
     if problem:
@@ -270,17 +274,19 @@ white-space:pre-wrap}.matrix td{width:48px;text-align:center}.kinds span{margin-
 
 
 def render(runs: list[Run], *, title: str | None = None) -> str:
-    """The report's HTML text for ``runs`` (grouped by job, in the order jobs first appear)."""
+    """The report's HTML text for ``runs``: one section per job (training first, then searches,
+    evaluations, continual, merges, compression, exports, deployment, generation, others)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from .report_kinds import render_group
+    from .report_kinds import TITLES, render_group
 
     try:
         ver = version("deltatune")
     except PackageNotFoundError:
         ver = "unknown"
+    order = list(TITLES)  # known jobs in their usual order, then others as they come
     groups: dict[str, list[Run]] = {}
-    for run in runs:
+    for run in sorted(runs, key=lambda r: order.index(r.job) if r.job in order else len(order)):
         groups.setdefault(run.job, []).append(run)
     title = title or f"deltatune report: {len(runs)} run{'s' * (len(runs) != 1)}"
     nav = " ".join(f'<a href="#job-{esc(job)}">{esc(job)} ({len(rs)})</a>'

@@ -248,6 +248,19 @@ def _search(runs: list[Run]) -> list[str]:
     return out
 
 
+@section("search-trial")
+def _search_trial(runs: list[Run]) -> list[str]:
+    rows = [[r.label, r.get("key"), r.get("method"), r.get("params"), r.get("steps"),
+             r.get("val_accuracy"), r.get("test_accuracy")] for r in runs]
+    out = [table(["run", "config", "method", "delta parameters", "steps", "val accuracy",
+                  "test accuracy"], rows, best={5: "max", 6: "max"})]
+    curves = [(r, r.metrics) for r in runs if r.metrics and r.metrics.get("steps")]
+    if curves:
+        out.append(figs(figure(lambda fig: _loss_curves(fig, curves),
+                               caption="training loss per optimizer step, all trials overlaid")))
+    return out
+
+
 def _pareto(fig, runs: list[Run], trials: dict[str, list[dict]]) -> None:
     ax = fig.add_subplot()
     for i, run in enumerate(runs):

@@ -18,7 +18,7 @@ from .report_html import Run, data_uri, embed_png, esc
 
 Renderer = Callable[[list[Run]], list[str]]
 _RENDERERS: dict[str, Renderer] = {}
-#: job -> (keys results.json must hold, what the job's results are called in the message)
+#: job -> the keys its results.json always holds (a results.json without them is not that job's)
 REQUIRED: dict[str, tuple[str, ...]] = {
     "train": ("train",),
     "demo": ("trained",),
@@ -31,11 +31,12 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "estimate": ("estimated_accuracy",),
     "generate": ("model",),
 }
-TITLES = {
-    "train": "Training runs", "demo": "Demo runs", "eval": "Evaluations", "export": "Exports",
-    "compress": "Compressed deltas", "merge": "Merges", "continual": "Continual adaptation",
-    "search": "Configuration searches", "adapt": "Test-time adaptation",
-    "detect": "Drift detection", "estimate": "Accuracy estimation", "generate": "Generation",
+TITLES = {  # also the order of the report's sections
+    "train": "Training runs", "demo": "Demo runs", "search": "Configuration searches",
+    "search-trial": "Search trials", "eval": "Evaluations", "continual": "Continual adaptation",
+    "merge": "Merges", "compress": "Compressed deltas", "export": "Exports",
+    "adapt": "Test-time adaptation", "detect": "Drift detection",
+    "estimate": "Accuracy estimation", "generate": "Generation",
 }
 #: keys left out of the settings table (shown elsewhere, or too long for a cell)
 BULKY = {"written_at", "curves", "history", "accuracy_matrix", "initial_accuracy", "pareto",
