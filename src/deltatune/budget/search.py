@@ -215,6 +215,8 @@ class SearchSetup:
     batch_size: int = 16
     seed: int = 0
     keys: list[str] = field(default_factory=list)
+    # TrainConfig fields every trial trains with (precision, compile, device, grad_accum, ...)
+    train_options: dict[str, Any] | None = None
 
     def same_run(self, other: dict[str, Any]) -> str | None:
         """The first field (other than ``trials``) in which a recorded setup differs, or None."""
@@ -409,6 +411,7 @@ def text_trainer(setup: SearchSetup, space: SearchSpace) -> TrialFn:
             lr=space.lr.get(cand.method, 5e-4),
             seed=setup.seed,
             progress=False,
+            **(setup.train_options or {}),
         )
         result = fit(
             entry.model,

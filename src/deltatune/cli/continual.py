@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import typer
 
+from . import train_settings
 from .common import CLIError, output_job, prepare_out, write_results
 
 
@@ -47,7 +48,16 @@ def run_continual(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
         progress=False,
         eval_each_epoch=False,
         keep_best=False,
+        **train_settings.settings(**(cfg.get("train_settings") or {})),
     )
+    if tc.gradient_checkpointing:
+        from ..train.memory import require_checkpointing
+
+        require_checkpointing(entry.model)
+    track = train_settings.tracker(cfg.get("report_to"), Path(cfg["out"]), run_name="continual",
+                                   config={"model": cfg["model"], "stream": cfg["stream"],
+                                           "strategy": cfg["strategy"], "method": cfg["method"],
+                                           "train": tc.to_dict()})
     out = prepare_out(
         Path(cfg["out"]),
         cfg.get("overwrite", False),
@@ -65,6 +75,15 @@ def run_continual(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
         task_ids=cfg.get("task_ids", False),
         log=say,
     )
+    if track:  # after task t (step t + 1): its row of the accuracy matrix, then the summary
+        try:
+            for t, row in enumerate(result.accuracy_matrix):
+                track.log({f"accuracy/{name}": a for name, a in zip(result.tasks, row)}, t + 1)
+            track.log({k: v for k, v in result.to_dict().items()
+                       if k in ("average_accuracy", "forgetting", "backward_transfer",
+                                "forward_transfer")}, len(result.accuracy_matrix))
+        finally:
+            track.finish()
     png = plot_matrix(result, out / "accuracy_matrix.png")
     results = {
         "job": "continual",
@@ -107,10 +126,18 @@ def register(app: typer.Typer) -> None:
             "lora --max-steps 200 --out runs/mine\n\n"
             "  deltatune continual --model minilm --stream tweet-domains --strategy zscl --opt "
             "reference=tweet-sentiment:other --max-steps 40 --out runs/zscl\n\n"
+            "  deltatune continual --model minilm --stream bbc-news-classinc --strategy ranpac "
+            "--max-steps 20 --out runs/ranpac\n\n"
+            "  deltatune continual --model minilm --stream bbc-news-classinc --strategy l2p "
+            "--method prompt --opt top_k=2 --max-steps 40 --out runs/l2p\n\n"
+            "  deltatune continual --model minilm --stream tweet-domains --strategy replay "
+            "--max-steps 40 --precision bf16 --report-to tensorboard --out runs/bf16\n\n"
             "Streams: split-mnist, bbc-news-classinc (class-incremental), tweet-domains, "
             "mnist-corruptions (domain-incremental), PATH@classes;classes (class-incremental) or "
             "PATH@task[=a,b,...] (one task per value of a task column). Strategies: sequential, "
-            "joint, replay, ewc, lwf, lae, zscl, merge, olora (options with --opt KEY=VALUE). "
+            "joint, replay, ewc, lwf, lae, zscl, merge, olora, simplecil, aper, ranpac, ease, "
+            "l2p, dualprompt, coda-prompt (the prompt pools need --method prompt; options with "
+            "--opt KEY=VALUE; see docs/continual.md for which to use). "
             "Writes results.json (accuracy_matrix, average_accuracy, forgetting, "
             "backward_transfer, forward_transfer) and accuracy_matrix.png."
         ),
@@ -121,7 +148,8 @@ def register(app: typer.Typer) -> None:
         ),
         stream: str = typer.Option(..., "--stream", "-s", help="task stream (see below)"),
         strategy: str = typer.Option(
-            "sequential", "--strategy", help="continual-learning strategy"
+            "sequential", "--strategy",
+            help="continual-learning strategy (simplecil/ranpac for class-incremental text)"
         ),
         method: str = typer.Option(
             "lora", "--method", help="delta method (any deltatune method), or 'full'"
@@ -152,13 +180,20 @@ def register(app: typer.Typer) -> None:
             [],
             "--opt",
             help="any strategy option as KEY=VALUE (repeatable), e.g. "
-            "--opt reference=tweet-sentiment:other (zscl), --opt momentum=0.99 (lae)",
+            "--opt reference=tweet-sentiment:other (zscl), --opt momentum=0.99 (lae), "
+            "--opt dim=4000 (ranpac)",
         ),
         seed: int = typer.Option(0, "--seed"),
         out: Path = typer.Option(..., "--out", "-o", help="output directory"),
         overwrite: bool = typer.Option(
             False, "--overwrite", help="replace an existing output directory"
         ),
+        grad_accum: Optional[int] = train_settings.grad_accum_option(),
+        gradient_checkpointing: Optional[bool] = train_settings.checkpointing_option(),
+        precision: Optional[str] = train_settings.precision_option(),
+        compile_: Optional[bool] = train_settings.compile_option(),
+        device: Optional[str] = train_settings.device_option(),
+        report_to: Optional[str] = train_settings.report_to_option(),
     ) -> None:
         """Adapt to one task after another with a delta, and measure forgetting."""
         from rich.console import Console
@@ -187,6 +222,10 @@ def register(app: typer.Typer) -> None:
                 "seed": seed,
                 "out": out,
                 "overwrite": overwrite,
+                "train_settings": {"grad_accum": grad_accum, "precision": precision,
+                                   "compile": compile_, "device": device,
+                                   "gradient_checkpointing": gradient_checkpointing},
+                "report_to": report_to,
             },
             console=Console(stderr=True),
         )

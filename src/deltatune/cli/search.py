@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import typer
 
+from . import train_settings
 from .common import CLIError, output_job, prepare_out, write_results
 
 
@@ -32,6 +33,8 @@ def run_search_job(
     resume: bool = False,
     overwrite: bool = False,
     say: Callable[[str], None] | None = None,
+    train_options: Optional[dict[str, Any]] = None,
+    report_to: Optional[str] = None,
 ) -> dict[str, Any]:
     """Check everything (names, budget, a non-empty space), then run or continue the study in
     ``out``."""
@@ -75,7 +78,11 @@ def run_search_job(
         limit=limit,
         batch_size=batch_size,
         seed=seed,
+        train_options=train_settings.settings(**(train_options or {})) or None,
     )
+    track = train_settings.tracker(report_to, Path(out), run_name="search",
+                                   config={"model": model, "data": data, "budget": count,
+                                           "max_steps": max_steps, **(train_options or {})})
     out = prepare_out(Path(out), overwrite, resume=resume, inputs=[data, model],
                       keep_on_error=("study.db", "search.json"))  # what --resume continues
     if say:
@@ -99,6 +106,16 @@ def run_search_job(
         "space": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(space).items()},
         "candidates": len(cands),
     }
+    if track:  # one point per trial (step = trial number), as trials.json holds them
+        import json
+
+        try:
+            rows = json.loads(Path(results["trials_json"]).read_text()).get("trials", [])
+            for row in rows:
+                track.log({f"trial/{k}": v for k, v in row.items() if k != "trial"},
+                          step=int(row["trial"]))
+        finally:
+            track.finish()
     write_results(out, results)
     return results
 
@@ -120,6 +137,8 @@ def register(app: typer.Typer) -> None:
             "longer study)\n\n"
             "  deltatune search ... --backend ray --workers 4   (trials in parallel, local Ray "
             "Tune)\n\n"
+            "  deltatune search ... --precision bf16 --report-to mlflow   (every trial in bf16 "
+            "autocast; one MLflow point per trial under OUT/tracking/)\n\n"
             "Each trial trains in OUT/trial_N/ (results.json, metrics.json); OUT/study.db holds "
             "the Optuna study, OUT/pareto.png and OUT/pareto.md the Pareto front, OUT/trials.json "
             "every trial."
@@ -165,6 +184,12 @@ def register(app: typer.Typer) -> None:
         ),
         resume: bool = typer.Option(False, "--resume", help="continue the study in --out"),
         overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty --out"),
+        grad_accum: Optional[int] = train_settings.grad_accum_option(),
+        gradient_checkpointing: Optional[bool] = train_settings.checkpointing_option(),
+        precision: Optional[str] = train_settings.precision_option(),
+        compile_: Optional[bool] = train_settings.compile_option(),
+        device: Optional[str] = train_settings.device_option(),
+        report_to: Optional[str] = train_settings.report_to_option(),
     ) -> None:
         results = run_search_job(
             model,
@@ -184,6 +209,9 @@ def register(app: typer.Typer) -> None:
             resume=resume,
             overwrite=overwrite,
             say=typer.echo,
+            train_options={"grad_accum": grad_accum, "precision": precision, "compile": compile_,
+                           "device": device, "gradient_checkpointing": gradient_checkpointing},
+            report_to=report_to,
         )
         typer.echo(results["table"].rstrip())
         best = results["best"]

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import typer
 
+from . import train_settings
 from .common import CLIError, output_job, prepare_out, write_results
 
 TASK_FILE = "task.json"  # beside the adapter: which model/labels it was trained for
@@ -138,6 +139,13 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     class_weights(tc.class_weights if isinstance(tc.class_weights, list) else None, [], len(labels))
     if tc.gradient_checkpointing:
         require_checkpointing(entry.model)
+    from .train_settings import check as check_settings
+    from .train_settings import tracker
+
+    check_settings(tc)  # device, precision, compile: before --out exists
+    track = tracker(cfg.get("report_to"), Path(cfg["out"]),
+                    config={"model": cfg["model"], "data": cfg["data"], "method": cfg["method"],
+                            "train": tc.to_dict()}, run_name="train")
     base_file = Path(cfg["out"]) / BASE_FILE
     if entry.from_scratch and cfg.get("resume", False) and base_file.is_file():
         _load_base(entry, base_file)  # resume on the very base the interrupted run started from
@@ -178,24 +186,32 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
         f"{summary.total:,} parameters ({summary.percent:.3f}%)",
     )
     t0 = time.time()
-    result = fit(
-        entry.model,
-        train_data,
-        collate,
-        tc,
-        eval_data=val_data,
-        out_dir=out,
-        resume=cfg.get("resume", False),
-        task=entry.task,
-        spec_callbacks=True,  # AdaLoRA / IncreLoRA schedules
-        reference=reference,
-    )
-    stats = dict(getattr(collate, "stats", None) or {})  # training + validation batches
-    test = evaluate(
-        entry.model, test_data, collate, task=entry.task, batch_size=tc.eval_batch_size,
-        objective=objective_of(tc, "causal-lm", reference) if entry.task == "causal-lm" else None,
-        progress=console is not None,
-    )
+    try:
+        result = fit(
+            entry.model,
+            train_data,
+            collate,
+            tc,
+            eval_data=val_data,
+            out_dir=out,
+            resume=cfg.get("resume", False),
+            task=entry.task,
+            spec_callbacks=True,  # AdaLoRA / IncreLoRA schedules
+            reference=reference,
+            callbacks=[track] if track else [],
+        )
+        stats = dict(getattr(collate, "stats", None) or {})  # training + validation batches
+        test = evaluate(
+            entry.model, test_data, collate, task=entry.task, batch_size=tc.eval_batch_size,
+            objective=(objective_of(tc, "causal-lm", reference) if entry.task == "causal-lm"
+                       else None),
+            progress=console is not None,
+        )
+        if track:
+            track.log({f"test/{k}": v for k, v in test.items()}, step=result.steps)
+    finally:
+        if track:
+            track.finish()
     adapter_dir = out / "adapter"
     # built whole under a temporary name, then swapped in: a kill leaves no adapter, the old one or
     # the new one, never delta files without their task.json and base weights
@@ -560,7 +576,9 @@ def register(app: typer.Typer) -> None:
             "  deltatune train --model smollm2 --data bbc-news-chat --max-steps 100 --packing "
             "--out runs/sft\n\n"
             "  deltatune train --model smollm2 --data bbc-news-pref --from-adapter "
-            "runs/sft/adapter --beta 0.1 --max-steps 100 --out runs/dpo"
+            "runs/sft/adapter --beta 0.1 --max-steps 100 --out runs/dpo\n\n"
+            "  deltatune train --model minilm --data tweet-sentiment --precision bf16 "
+            "--report-to tensorboard,csv --out runs/bf16   (logs in runs/bf16/tracking/)"
         ),
     )
     def train(
@@ -642,6 +660,10 @@ def register(app: typer.Typer) -> None:
             # its own panel: this long flag pair in the main table would narrow every option's help
             rich_help_panel="Memory",
         ),
+        precision: Optional[str] = train_settings.precision_option(),
+        compile_: Optional[bool] = train_settings.compile_option(),
+        device: Optional[str] = train_settings.device_option(),
+        report_to: Optional[str] = train_settings.report_to_option(),
         resume: bool = typer.Option(False, help="continue from --out's checkpoint"),
         limit: Optional[int] = typer.Option(
             None, help="use at most N examples per split (quick runs)"
@@ -696,6 +718,9 @@ def register(app: typer.Typer) -> None:
             "dpo_beta": beta,
             "dpo_loss": dpo_loss,
             "gradient_checkpointing": gradient_checkpointing,
+            "precision": precision,
+            "compile": compile_,
+            "device": device,
         }.items():
             if value is not None:
                 train_opts[key] = value
@@ -712,6 +737,7 @@ def register(app: typer.Typer) -> None:
             "chat_template": None if chat_template is None else str(chat_template),
             "packing": packing,
             "max_length": max_length,
+            "report_to": report_to,
         }.items():
             if value is not None:
                 cfg[key] = value

@@ -9,7 +9,8 @@ Order per optimizer step, for each micro-batch: forward on the batch → ``penal
 → backward; then ``extra_batch`` (if not None) → its own forward/backward, its loss weighted by its
 share of the examples. After the optimizer step: ``on_step_end``. After each evaluation at an epoch
 end: ``on_epoch_end`` (its returned dict is stored with that epoch's metrics). When ``fit`` returns
-or raises: ``on_train_end`` (e.g. undo what ``on_train_start`` changed).
+or raises: ``on_train_end`` (e.g. undo what ``on_train_start`` changed). After every optimizer step
+and every evaluation: ``on_log`` with their numbers (for trackers; it returns nothing).
 
 A method can need callbacks to train as designed (AdaLoRA prunes ranks, IncreLoRA grows them): its
 spec says so in ``DeltaSpec.training_callbacks``, and ``fit(..., spec_callbacks=True)`` (what
@@ -58,6 +59,11 @@ class Callback(Protocol):
     def on_train_end(self, model: nn.Module) -> None:
         """Once when ``fit`` returns or raises."""
 
+    def on_log(self, values: dict[str, float], step: int) -> None:
+        """The numbers of each optimizer step (``train/loss``, ``train/lr``, ``train/grad_norm``,
+        ...) and of each evaluation (``eval/accuracy``, ``eval/loss``, ...) at optimizer step
+        ``step``: what experiment trackers record (:mod:`deltatune.train.trackers`)."""
+
 
 class BaseCallback:
     """No-op defaults for every hook: subclass and override the ones you need."""
@@ -82,6 +88,9 @@ class BaseCallback:
         return None
 
     def on_train_end(self, model: nn.Module) -> None:
+        return None
+
+    def on_log(self, values: dict[str, float], step: int) -> None:
         return None
 
 

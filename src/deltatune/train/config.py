@@ -31,6 +31,8 @@ TRAJECTORY_FIELDS = (
 )
 NORM_STATS = ("auto", "update", "freeze")
 OBJECTIVES = ("auto", "sft", "dpo")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 class TrainError(ValueError):
@@ -82,6 +84,15 @@ class TrainConfig:
     # recompute each block's activations in backward instead of keeping them (train/memory.py):
     # less memory, about one more forward of compute; the same gradients
     gradient_checkpointing: bool = False
+    # accelerator settings (train/accel.py): the autocast dtype of forward and loss ("fp32" = no
+    # autocast; "fp16" scales the loss and needs CUDA), torch.compile of the training forward, the
+    # device ("auto": a GPU when one is visible, else the CPU), and FSDP sharding of parameters,
+    # gradients and optimizer state across the processes of an ``accelerate launch`` (no effect on
+    # one process). None of them changes what is trained, only how.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum"):
@@ -136,7 +147,15 @@ class TrainConfig:
             self._bad("dpo_loss", f"must be one of {', '.join(dpo_losses())}")
         if not isinstance(self.metric, str) or not self.metric:
             self._bad("metric", "must be a metric name such as accuracy or loss")
-        for name in ("eval_each_epoch", "keep_best", "progress", "gradient_checkpointing"):
+        if self.precision not in PRECISIONS:
+            self._bad("precision", f"must be one of {', '.join(PRECISIONS)}")
+        if self.device not in DEVICES:
+            self._bad("device", f"must be one of {', '.join(DEVICES)}")
+        if self.precision == "fp16" and self.device in ("cpu", "mps"):
+            self._bad("precision", f"(fp16 with loss scaling) needs CUDA, not {self.device}; use "
+                      "bf16 on the CPU")
+        for name in ("eval_each_epoch", "keep_best", "progress", "gradient_checkpointing",
+                     "compile", "fsdp"):
             if not isinstance(getattr(self, name), bool):
                 self._bad(name, "must be true or false")
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..lm.loss import LossError
 from ..lm.objectives import ObjectiveError
-from . import checkpoint, rng
+from . import accel, checkpoint, rng
 from .callbacks import call, callbacks_from_specs
 from .config import CheckpointError, TrainConfig, TrainError, selection_metric, task_kind
 from .losses import (
@@ -88,6 +88,7 @@ def fit(
     trainable_parameters(model)  # fails early when there is nothing to train
     if cfg.gradient_checkpointing:
         require_checkpointing(model)
+    accel.check_settings(cfg)  # device, precision and compile: before anything runs
     out = Path(out_dir) if out_dir is not None else None
     if out is None and (resume or cfg.save_every):
         raise TrainError(
@@ -128,24 +129,39 @@ class _Run:
         # accelerate sets up gloo DDP on CPU only when told cpu=True; on a GPU machine it picks the
         # GPU.
         _forget_foreign_precision()
-        self.acc = Accelerator(cpu=not _has_accelerator())
+        self.acc = Accelerator(cpu=accel.wants_cpu(cfg))
         self.world, self.rank, self.device = (
             self.acc.num_processes,
             self.acc.process_index,
             self.acc.device,
         )
+        accel.check_precision(cfg, self.device)
         # Each process gets its own seed (seed + rank): different dropout masks on different data.
         set_seed(cfg.seed, device_specific=True)
         model.to(self.device)
-        # The DDP wrapper under accelerate launch. Wrapping may replace buffer tensors, so every
-        # reference to the model's tensors is taken after it.
-        self.wrapped: nn.Module = self.acc.prepare_model(model)
+        # FSDP shards only across several processes; on one it is the plain loop.
+        self.sharded = bool(cfg.fsdp and self.world > 1)
+        if self.sharded:
+            self._check_eval_shards(cfg)
+            accel.enable_fsdp(self.acc)
+            # accelerate's FSDP2 needs the optimizer with the model: it swaps the optimizer's
+            # parameters for the sharded ones
+            prepared = self.acc.prepare(model, build_optimizer(trainable_parameters(model), cfg))
+            self.wrapped, self.opt = prepared[0], prepared[1].optimizer
+        else:
+            # The DDP wrapper under accelerate launch. Wrapping may replace buffer tensors, so
+            # every reference to the model's tensors is taken after it.
+            self.wrapped = self.acc.prepare_model(model)
         self.named = trainable_parameters(model)
         self.buffers = norm_buffers(model)
         self.norms = [
             m for _, m in norm_layers(model)
         ]  # found once; _hold_norm_stats runs every step
-        self.opt = build_optimizer(self.named, cfg)
+        if not self.sharded:
+            self.opt = build_optimizer(self.named, cfg)
+        self.scaler = accel.grad_scaler(cfg, self.device)
+        # the training forward (compiled with cfg.compile); evaluation runs the plain module
+        self.forward_module = torch.compile(self.wrapped) if cfg.compile else self.wrapped
         self.weight = self._class_weights()
         self.objective = objective_of(cfg, kind, reference)
         self.plan = Plan(len(train_data), cfg.batch_size, self.world, cfg.grad_accum)
@@ -181,6 +197,20 @@ class _Run:
         names = getattr(self.train_data, "label_names", None)
         return class_weights(spec, labels, len(names) if names else None).to(self.device)
 
+    def _check_eval_shards(self, cfg: TrainConfig) -> None:
+        """Under FSDP every forward is a collective: all processes must evaluate the same number
+        of batches, or the run hangs."""
+        if self.eval_data is None:
+            return
+        counts = {math.ceil(len(range(r, len(self.eval_data), self.world)) / cfg.eval_batch_size)
+                  for r in range(self.world)}
+        if len(counts) > 1:
+            raise TrainError(
+                f"under FSDP the {len(self.eval_data)} evaluation examples split into unequal "
+                f"numbers of batches of {cfg.eval_batch_size} over {self.world} processes; change "
+                "TrainConfig.eval_batch_size by one"
+            )
+
     # -- resume -----------------------------------------------------------------------------------
     def resume(self) -> None:
         found = checkpoint.find(self.out)
@@ -192,6 +222,13 @@ class _Run:
             return
         files, meta = checkpoint.load(found)
         check_compatible(meta, self.cfg, self.info)
+        if self.sharded:  # the checkpoint holds whole tensors: cut them like the live shards
+            live = dict(self.named)
+            for part in ("model", "best"):
+                if part in files:
+                    files[part] = accel.shard_like(files[part], live)
+            state_of = {f"{n}/{k}": live[n] for n in live for k in ("exp_avg", "exp_avg_sq")}
+            files["optimizer"] = accel.shard_like(files.get("optimizer", {}), state_of)
         self.state, self.best = restore(files, meta, self.named, self.buffers, self.opt)
         self.rng_files = (files.get("rng", {}), meta.get("rng", {}))
         self.resumed_from = self.state.step
@@ -264,7 +301,10 @@ class _Run:
                                 )
                             objective = objective + pen.reshape(())
                             penalties.append(pen.detach().reshape(()))
-                    self.acc.backward(objective / (last - first))
+                    objective = objective / (last - first)
+                    if self.scaler is not None:  # fp16: scaled so small gradients stay normal
+                        objective = self.scaler.scale(objective)
+                    self.acc.backward(objective)
             st.samples += fresh
         st.micro = last
         record: dict[str, Any] = {
@@ -279,13 +319,21 @@ class _Run:
                 f"the training loss became {record['loss']} at step {st.step + 1}; lower the "
                 f"learning rate (TrainConfig.lr={cfg.lr}) or check the data and labels"
             )
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
         if cfg.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.named], cfg.max_grad_norm)
+            if accel.is_sharded(norm):
+                norm = norm.full_tensor()
             record["grad_norm"] = float(norm)
         lr = cfg.lr * lr_factor(st.step, self.total, self.warmup, cfg.schedule)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        self.opt.step()
+        if self.scaler is not None:  # skips the step when a scaled gradient overflowed
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         st.step += 1
         record["lr"] = lr
@@ -294,21 +342,31 @@ class _Run:
         if penalties:
             record["penalty"] = self._mean(penalties)
         st.steps.append(record)
+        self._log("train", record)
         return record
+
+    def _log(self, prefix: str, record: dict[str, Any]) -> None:
+        """Hand a step's or an evaluation's numbers to the callbacks' ``on_log`` (trackers)."""
+        values = {f"{prefix}/{k}": v for k, v in record.items()
+                  if k not in ("step", "epoch", "partial") and isinstance(v, (int, float))
+                  and not isinstance(v, bool)}
+        if values:
+            call(self.callbacks, "on_log", values, self.state.step)
 
     def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Any, dict[str, torch.Tensor]]:
         """The micro-batch's loss, the outputs penalty callbacks see (logits; a causal LM's last
         hidden states) and the objective's metrics."""
-        if self.objective is None:
-            logits = forward(self.wrapped, batch)
-            loss = compute_loss(logits, labels_of(batch, self.kind), self.kind, self.weight)
-            return loss, logits, {}
-        batch = {**batch, "labels": labels_of(batch, self.kind)}
-        try:
-            out = self.objective.step(self.wrapped, batch)
-        except (LossError, ObjectiveError) as exc:
-            raise TrainError(str(exc)) from None
-        return out.loss, out.outputs, out.metrics
+        with accel.autocast(self.cfg, self.device):
+            if self.objective is None:
+                logits = forward(self.forward_module, batch)
+                loss = compute_loss(logits, labels_of(batch, self.kind), self.kind, self.weight)
+                return loss.float(), logits, {}
+            batch = {**batch, "labels": labels_of(batch, self.kind)}
+            try:
+                out = self.objective.step(self.forward_module, batch)
+            except (LossError, ObjectiveError) as exc:
+                raise TrainError(str(exc)) from None
+            return out.loss.float(), out.outputs, out.metrics
 
     def _hold_norm_stats(self) -> None:
         """Put the norm layers whose running statistics must not move into eval mode (see
@@ -382,6 +440,7 @@ class _Run:
                 progress=advance,
             )
         record.update(metrics)
+        self._log("eval", record)
         bar.note(
             f"epoch {record['epoch']}{' (partial)' if record.get('partial') else ''} "
             f"step {record['step']}: "
@@ -413,7 +472,14 @@ class _Run:
     def _save(self) -> None:
         # Gathering the RNG states is a collective: every process takes part, only rank 0 writes.
         states = rng.gather(rng.capture(self.device), self.world, self.device, self.acc.gather)
-        if self.acc.is_main_process:
+        if self.sharded:  # gathering the shards is a collective too
+            files, meta = snapshot(
+                self.named, self.buffers, self.opt, self.state, self.best, states, self.info
+            )
+            files = {part: accel.gather_full(tensors) for part, tensors in files.items()}
+            if self.acc.is_main_process:
+                checkpoint.save(self.out, files, meta)
+        elif self.acc.is_main_process:
             files, meta = snapshot(
                 self.named, self.buffers, self.opt, self.state, self.best, states, self.info
             )
@@ -427,6 +493,8 @@ class _Run:
             with torch.no_grad():
                 for name, tensor in [*self.named, *self.buffers]:
                     tensor.copy_(self.best[name])
+        if self.sharded:  # whole tensors again: what follows fit saves and evaluates the model
+            accel.unshard(self.model)
         self.model.eval()
         evaluated = [e for e in st.evals if "loss" in e]
         train_losses = [e["train_loss"] for e in st.evals if "train_loss" in e]
@@ -502,9 +570,3 @@ def _forget_foreign_precision() -> None:
     if shared and str(shared.get("_mixed_precision", "no")) != launch:
         AcceleratorState._reset_state()
 
-
-def _has_accelerator() -> bool:
-    mps = getattr(torch.backends, "mps", None)
-    xpu = getattr(torch, "xpu", None)
-    return (torch.cuda.is_available() or bool(mps and mps.is_available())
-            or bool(xpu and xpu.is_available()))
