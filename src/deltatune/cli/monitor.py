@@ -99,7 +99,7 @@ def run_monitor(
     alarms: list[dict[str, Any]] = []
     bounds: list[tuple[str, int]] = []
     errors: list[Optional[float]] = []
-    wrong = seen_labels = 0
+    wrong = wrong_source = seen_labels = 0
     wrapper = None
 
     def consume(feats, name: str) -> None:
@@ -124,28 +124,31 @@ def run_monitor(
                     bar.advance(task)
         else:
             head = layer or last_linear(entry.model)
+            watcher = entry.model  # until adaptation starts, the model itself
             current = None
             for name, batch in _stream_batches(entry, streams, split, batch_size, limit, seed,
                                                encoding):
                 if name != current:
                     bounds.append((name, len(stats)))
                     current = name
-                fn = wrapper if wrapper is not None else entry.model
-                with tap_input(entry.model, head) as seen:
-                    if wrapper is None:
-                        with torch.no_grad():
-                            output = call_model(fn, batch)
-                    else:
-                        output = call_model(fn, batch)
-                logits = get_logits(output).detach()
+                # the detector always sees the *unadapted* model's features (``watcher``): an
+                # adapted model's features are no longer comparable with the reference
+                with tap_input(watcher, head) as seen, torch.no_grad():
+                    source_logits = get_logits(call_model(watcher, batch)).detach()
+                logits = (get_logits(call_model(wrapper, batch)).detach() if wrapper is not None
+                          else source_logits)
                 n_alarms = len(alarms)
                 consume(seen[0].detach(), name)
                 labels = batch_labels(batch)
                 if labels is not None:
                     wrong += int((logits.argmax(-1).cpu() != labels.cpu()).sum())
+                    wrong_source += int((source_logits.argmax(-1).cpu() != labels.cpu()).sum())
                     seen_labels += len(labels)
                     errors.append(100.0 * wrong / seen_labels)
                 if adapt and wrapper is None and len(alarms) > n_alarms:
+                    import copy
+
+                    watcher = copy.deepcopy(entry.model)  # frozen copy for the detector
                     wrapper = dd.adapt(entry.model, adapt, **(adapt_options or {}))
                     alarms[-1]["adapted_from_here"] = True
                 bar.advance(task)
@@ -164,7 +167,8 @@ def run_monitor(
             s["name"]: next((a["t"] for a in alarms if s["start"] < a["t"] <= s["end"]), None)
             for s in segments_out},
         "adapt": adapt, "adapt_options": adapt_options or {},
-        "running_error": errors[-1] if errors else None,
+        "running_error": errors[-1] if errors else None,  # of the predictions served
+        "source_error": 100.0 * wrong_source / seen_labels if seen_labels else None,
         "timeline": {"statistic": stats, "threshold": det.threshold},
         "seconds": time.time() - t0,
     }
