@@ -23,6 +23,7 @@ from .core import (
     disabled,
     get_spec,
     merge,
+    requantization_errors,
     route,
     set_active,
     trainable_summary,
@@ -33,6 +34,15 @@ from .methods import *  # noqa: F401,F403  (every registered method spec: LoRA, 
 from .methods import __all__ as _method_names
 
 __version__ = "0.1.0"
+
+
+def quantize_base(model, scheme: str, *, group_size: int | None = None, exclude=(),
+                  keep_float: bool = False):
+    """Keep the frozen Linear weights quantized (int8, int4, nf4, q8_0, q4_0, q4_1): see
+    :func:`deltatune.quant.quantize_base` and docs/quantization.md."""
+    from .quant import quantize_base as quantize
+
+    return quantize(model, scheme, group_size=group_size, exclude=exclude, keep_float=keep_float)
 
 
 def to_lora(
@@ -53,6 +63,7 @@ def to_lora(
 __all__ = [
     "DeltaError", "DeltaFileError", "DeltaSpec", "SpecError", "StateError", "TargetError",
     "TrainableSummary", "active", "attach", "delta_names", "detach", "disabled", "get_spec",
-    "load_adapter", "merge", "read_adapter_info", "route", "save_adapter", "set_active",
+    "load_adapter", "merge", "quantize_base", "read_adapter_info", "requantization_errors",
+    "route", "save_adapter", "set_active",
     "to_lora", "trainable_summary", "unmerge", *_method_names,
 ]

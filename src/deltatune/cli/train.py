@@ -106,7 +106,11 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     # global generator starts from a random seed in every process
     torch.manual_seed(seed)
     length = {"max_length": cfg["max_length"]} if cfg.get("max_length") else {}
-    entry = load_model(cfg["model"], num_labels=len(labels) or None, **length)
+    quant = {"quantize": cfg["quantize"], "group_size": cfg.get("group_size"),
+             # LoftQ starts from the float weights: kept until the LoRA is attached
+             "keep_float": (cfg.get("method_options") or {}).get("init") == "loftq"
+             } if cfg.get("quantize") else {}
+    entry = load_model(cfg["model"], num_labels=len(labels) or None, **length, **quant)
     train_opts = {k: v for k, v in (cfg.get("train") or {}).items() if v is not None}
     data_task = getattr(train_data, "task", "")
     objective = resolve_objective(entry, data_task, train_opts.get("objective"), cfg["data"])
@@ -161,6 +165,10 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
         spec = dt.get_spec(entry.model, "default")
     else:
         dt.attach(entry.model, spec, name="default")
+    if quant:
+        from ..quant import drop_float_references
+
+        drop_float_references(entry.model)  # LoftQ used them; the rest of the run never does
     # every name and option is checked before anything is written
     if len(train_data):
         # data the model cannot read (text for an image model, chat for a classifier): before --out
@@ -250,6 +258,8 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
            if entry.task == "causal-lm" else {}),
         "seed": seed,
         **({"split_fractions": list(fractions)} if fractions else {}),
+        **({"quantize": cfg["quantize"], "group_size": cfg.get("group_size")}
+           if cfg.get("quantize") else {}),
         "trainable_params": summary.trainable,
         "total_params": summary.total,
         "trainable_percent": summary.percent,
@@ -575,6 +585,10 @@ def register(app: typer.Typer) -> None:
             "conv_stem --out runs/mnist\n\n"
             "  deltatune train --model smollm2 --data bbc-news-chat --max-steps 100 --packing "
             "--out runs/sft\n\n"
+            "  deltatune train --model smollm2 --data tweet-sentiment-chat --quantize gguf "
+            "--max-steps 100 --out runs/qlora   (base kept in its Q4_1 blocks)\n\n"
+            "  deltatune train --model smollm2 --data tweet-sentiment-chat --quantize nf4 "
+            "--opt init=loftq --rank 16 --out runs/loftq\n\n"
             "  deltatune train --model smollm2 --data bbc-news-pref --from-adapter "
             "runs/sft/adapter --beta 0.1 --max-steps 100 --out runs/dpo\n\n"
             "  deltatune train --model minilm --data tweet-sentiment --precision bf16 "
@@ -660,6 +674,17 @@ def register(app: typer.Typer) -> None:
             # its own panel: this long flag pair in the main table would narrow every option's help
             rich_help_panel="Memory",
         ),
+        quantize: Optional[str] = typer.Option(
+            None,
+            help="keep the frozen Linear weights quantized: int8 (torchao), int4, nf4, q8_0, "
+            "q4_0, q4_1, or gguf (smollm2: the file's own Q4_1 blocks, no float copy); "
+            "see docs/quantization.md",
+            rich_help_panel="Memory",
+        ),
+        group_size: Optional[int] = typer.Option(
+            None, help="inputs per quantization group (int4/nf4: 64; int8: per row)",
+            rich_help_panel="Memory",
+        ),
         precision: Optional[str] = train_settings.precision_option(),
         compile_: Optional[bool] = train_settings.compile_option(),
         device: Optional[str] = train_settings.device_option(),
@@ -738,6 +763,8 @@ def register(app: typer.Typer) -> None:
             "packing": packing,
             "max_length": max_length,
             "report_to": report_to,
+            "quantize": quantize,
+            "group_size": group_size,
         }.items():
             if value is not None:
                 cfg[key] = value

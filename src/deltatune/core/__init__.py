@@ -19,13 +19,15 @@ from .model import (
     trainable_summary,
     unmerge,
 )
+from .quantized import QuantizedBase, requantization_errors
 from .spec import DeltaSpec, register, registered_methods, spec_from_dict
 from .targets import select_targets
 
 __all__ = [
     "Delta", "DeltaError", "DeltaFileError", "DeltaHost", "DeltaSpec", "Host", "ModuleCopy",
-    "SpecError", "StateError", "TargetError", "TrainableSummary", "active", "attach", "delta_names",
+    "QuantizedBase", "SpecError", "StateError", "TargetError", "TrainableSummary", "active",
+    "attach", "delta_names",
     "detach", "disabled", "freeze_base", "get_spec", "host_paths", "iter_hosts", "merge",
     "module_kind", "register", "registered_methods", "route", "select_targets", "set_active",
-    "spec_from_dict", "trainable_summary", "unmerge",
+    "spec_from_dict", "trainable_summary", "unmerge", "requantization_errors",
 ]

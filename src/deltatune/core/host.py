@@ -9,6 +9,7 @@ from torch import nn
 
 from .delta import Delta
 from .errors import StateError, TargetError
+from .quantized import QuantizedBase, merge_quantized, unmerge_quantized
 
 if TYPE_CHECKING:  # pragma: no cover
     from .spec import DeltaSpec, Site
@@ -95,6 +96,9 @@ class DeltaHost(Host):
         self._merged: list[str] = []
         self._live: list[Delta] = []
         self._plan: list[tuple[type[Delta], list[Delta], torch.Tensor]] | None = None
+        #: quantized base only: how dt.merge folds deltas in, and the blocks kept for unmerge
+        self.quantized_merge: tuple[bool, str | None, bool] | None = None
+        self.quantized_original: tuple[QuantizedBase | None] | None = None
 
     # -- geometry of the wrapped module ---------------------------------------------------------
     @property
@@ -207,6 +211,8 @@ class DeltaHost(Host):
     # -- merge ------------------------------------------------------------------------------------
     def merge(self) -> list[str]:
         """Fold the active deltas into the base weights (in order); return the names merged."""
+        if isinstance(self.base, QuantizedBase):  # lossy: done one float layer at a time, as asked
+            return merge_quantized(self)
         done = []
         for name in self._active:  # all or nothing: checked before anything is folded in
             delta = self.deltas[name]
@@ -228,6 +234,10 @@ class DeltaHost(Host):
     def unmerge(self, names: Sequence[str] | None = None) -> None:
         """Undo the merges (of ``names`` only: the last ones merged, which is what can be undone
         exactly)."""
+        if self._merged and unmerge_quantized(self):  # the original quantized blocks back
+            self._merged = []
+            self._refresh()
+            return
         # Reverse order: each merge saw the weights left by the previous one.
         todo = [n for n in reversed(self._merged) if names is None or n in names]
         for name in todo:
@@ -428,7 +438,9 @@ def add_sites(model: nn.Module, name: str, spec: "DeltaSpec", sites: Sequence["S
         if site.path not in paths:
             paths.append(site.path)
         own = sum(p.numel() for p in delta.parameters())
-        base = sum(p.numel() for p in get_module(model, site.path).base.parameters())
+        layer = get_module(model, site.path).base
+        base = (layer.in_features * layer.out_features if isinstance(layer, QuantizedBase)
+                else sum(p.numel() for p in layer.parameters()))
         if own > base > 0:
             larger.append((site.path, own, base))
     if larger:

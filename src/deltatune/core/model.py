@@ -12,6 +12,7 @@ from torch import nn
 
 from .errors import StateError, TargetError
 from .host import DeltaHost, Host, ModuleCopy, get_module, iter_hosts, set_module
+from .quantized import check_merge_how, finish_merge
 from .spec import DeltaSpec
 from .targets import iter_candidates, name_matches
 
@@ -225,14 +226,28 @@ def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
 
 
 def merge(
-    model: nn.Module, names: Sequence[str] | None = None, *, unload: bool = False
+    model: nn.Module,
+    names: Sequence[str] | None = None,
+    *,
+    unload: bool = False,
+    requantize: bool = False,
+    dtype: str | None = None,
+    keep_blocks: bool = False,
 ) -> list[str]:
     """Fold the active deltas (or ``names``, made active) into the base weights.
 
     With ``unload`` the hosts are removed afterwards, leaving a plain model with merged weights.
+    A quantized base (:mod:`deltatune.quant`) needs to be told how, since folding in is lossy:
+    ``requantize=True`` quantizes each merged layer again in its own format (the per-layer error:
+    :func:`requantization_errors`; ``keep_blocks`` keeps the original blocks so that
+    :func:`unmerge` stays exact) or ``dtype="float32"`` (or another float type) makes those layers
+    plain float Linears.
     """
     if names is not None:
         set_active(model, names)
+    pending = [(path, host) for path, host in iter_hosts(model)
+               if isinstance(host, DeltaHost) and any(n not in host.merged for n in host.active)]
+    check_merge_how(pending, requantize, dtype, keep_blocks)
     done: dict[str, None] = {}
     for path, host in iter_hosts(model):  # refused before any weight changes
         if isinstance(host, DeltaHost):
@@ -255,6 +270,9 @@ def merge(
         for host, now in reversed(merged):
             host.unmerge(now)
         raise
+    for _, host in iter_hosts(model):
+        if isinstance(host, DeltaHost):
+            finish_merge(host)
     if unload:
         for path, host in list(iter_hosts(model)):
             if isinstance(host, ModuleCopy) and host.active:

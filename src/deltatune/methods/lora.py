@@ -7,7 +7,7 @@ objects in :mod:`deltatune.methods.lora_variants`.
 
 Papers: LoRA https://arxiv.org/abs/2106.09685 · rsLoRA https://arxiv.org/abs/2312.03732 ·
 DoRA https://arxiv.org/abs/2402.09353 · PiSSA https://arxiv.org/abs/2404.02948 ·
-OLoRA https://arxiv.org/abs/2406.01775
+OLoRA https://arxiv.org/abs/2406.01775 · LoftQ https://arxiv.org/abs/2310.08659
 """
 
 from __future__ import annotations
@@ -57,7 +57,9 @@ class LoRA(DeltaSpec):
     dropout: float = 0.0
     rslora: bool = False
     dora: bool = False
-    init: Literal["default", "gaussian", "pissa", "olora"] = "default"
+    init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = "default"
+    #: LoftQ's alternations of quantize / SVD (init="loftq" only; 1 is LoftQ's usual choice)
+    loftq_iters: int = 1
     bias: Literal["none", "lora_only", "all"] = "none"
     fan_in_fan_out: bool | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
@@ -70,6 +72,9 @@ class LoRA(DeltaSpec):
             self.fail("alpha", "must be > 0")
         if not 0.0 <= self.dropout < 1.0:
             self.fail("dropout", "must be in [0, 1)")
+        if isinstance(self.loftq_iters, bool) or not isinstance(self.loftq_iters, int) or \
+                self.loftq_iters < 1:
+            self.fail("loftq_iters", "must be a positive integer (LoftQ's alternations)")
         for key, value in self.rank_pattern.items():
             if not isinstance(value, int) or value < 1:
                 self.fail(

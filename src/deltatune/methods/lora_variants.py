@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..core.errors import TargetError
+from ..core.quantized import QuantizedBase
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.host import DeltaHost
@@ -44,6 +45,11 @@ def _weight_oi(host: "DeltaHost") -> torch.Tensor:
         raise TargetError(
             f"PiSSA/OLoRA inits need Linear-like modules, not {type(host.base).__name__}; use "
             "init='default'"
+        )
+    if isinstance(host.base, QuantizedBase):
+        raise TargetError(
+            f"PiSSA/OLoRA rewrite the base weight, which is quantized here ({host.base.format}); "
+            "use init='loftq' (LoftQ, made for quantized bases) or init='default'"
         )
     w = host.weight.detach().float()
     return w.t() if host.fan_in_fan_out else w
@@ -81,11 +87,50 @@ def _install_residual(d: "LoRADelta", host: "DeltaHost") -> None:
     host.base.weight = nn.Parameter(residual, requires_grad=False)
 
 
+def _init_loftq(d: "LoRADelta", host: "DeltaHost") -> None:
+    """LoftQ (Li et al., https://arxiv.org/abs/2310.08659): on a quantized base, alternate
+    ``Q = quantize(W − s·BA)`` and ``s·BA = SVD_r(W − Q)`` (``spec.loftq_iters`` times), so that
+    the quantized base plus the starting LoRA is closer to the float weight W than the quantized
+    base alone. The base is replaced by the new blocks ``Q`` (the original quantized layer is kept
+    aside and put back on detach); W comes from ``quantize_base(..., keep_float=True)``."""
+    base = host.base
+    if not isinstance(base, QuantizedBase):
+        raise TargetError(
+            f"init='loftq' needs a quantized base, and {type(base).__name__} is not one; "
+            "quantize first (dt.quantize_base(model, 'nf4', keep_float=True)) or use "
+            "init='default'"
+        )
+    kept = getattr(base, "float_reference", None)
+    if not kept:
+        raise TargetError(
+            f"init='loftq' needs the float weights the base was quantized from, and this "
+            f"{base.format} layer has none; quantize with dt.quantize_base(model, ..., "
+            "keep_float=True) (a GGUF file's blocks have no float original: use init='default')"
+        )
+    w = kept[0].detach().float()  # (out, in)
+    scaling, r = d.scaling, d.r
+    low = torch.zeros_like(w)
+    for _ in range(d.spec.loftq_iters):
+        q = base.requantized(w - low)
+        u, s, vh = torch.linalg.svd(w - q.dequantize(), full_matrices=False)
+        sr = s[:r].sqrt()
+        a, b = vh[:r] * sr[:, None], u[:, :r] * sr[None, :]  # b @ a: the rank-r residual
+        low = b @ a
+    with torch.no_grad():
+        d.lora_A.copy_(a / math.sqrt(scaling))
+        d.lora_B.copy_(b / math.sqrt(scaling))
+    d._original_base = (base,)  # a tuple: not a submodule of the delta
+    q.train(base.training)
+    host.base = q
+    base.float_reference = None  # used: the float copy of this layer is no longer held
+
+
 INITS: dict[str, Callable[["LoRADelta", "DeltaHost"], None]] = {
     "default": _init_default,
     "gaussian": _init_gaussian,
     "pissa": _init_pissa,
     "olora": _init_olora,
+    "loftq": _init_loftq,
 }
 
 
@@ -118,6 +163,8 @@ class PlainLoRA:
     def release(self, d: "LoRADelta", host: "DeltaHost") -> None:
         if getattr(d, "_original", None):
             host.base.weight = d._original[0]
+        if getattr(d, "_original_base", None):  # LoftQ: the quantized layer before its init
+            host.base = d._original_base[0]
 
     def after_load(self, d: "LoRADelta", host: "DeltaHost") -> None:
         if getattr(d, "init_A", None) is not None:

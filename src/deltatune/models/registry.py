@@ -50,14 +50,34 @@ def describe_models() -> dict[str, str]:
 
 
 def load_model(
-    spec: str, *, num_labels: int | None = None, task: str | None = None, **options: Any
+    spec: str,
+    *,
+    num_labels: int | None = None,
+    task: str | None = None,
+    quantize: str | None = None,
+    group_size: int | None = None,
+    keep_float: bool = False,
+    **options: Any,
 ) -> ModelEntry:
     """A model entry by bundled name or local transformers directory (never downloads).
 
     ``num_labels`` sizes a new classification head; ``task`` picks what a transformers directory
     becomes (and is checked against a bundled model's task); ``options`` are per model:
-    ``max_length`` (text), ``image_size`` (images), ``cache`` (smollm2).
+    ``max_length`` (text), ``image_size`` (images), ``cache`` (smollm2). ``quantize`` keeps the
+    frozen Linear weights quantized (:func:`deltatune.quant.quantize_base`: int8, int4, nf4, q8_0,
+    q4_0, q4_1, with ``group_size`` and ``keep_float``; a new head stays float), or ``"gguf"`` keeps
+    a GGUF model's own blocks without ever making float weights (smollm2).
     """
+    if quantize is not None:
+        entry = _load_quantized(spec, quantize, group_size, keep_float, num_labels, task, options)
+        if entry is not None:
+            return entry
+        entry = load_model(spec, num_labels=num_labels, task=task, **options)
+        from ..quant import quantize_base
+
+        quantize_base(entry.model, quantize, group_size=group_size, exclude=entry.head,
+                      keep_float=keep_float)
+        return entry
     if num_labels is not None and num_labels < 1:
         raise ModelError(f"num_labels must be positive, got {num_labels}")
     if task is not None and task not in TASKS:
@@ -127,3 +147,32 @@ def _check_options(spec: str, options: dict[str, Any], allowed: tuple[str, ...])
         raise ModelError(
             f"{spec} has no option(s) {unknown}; it takes {', '.join(allowed) or 'none'}"
         )
+
+
+def _load_quantized(spec: str, quantize: str, group_size: int | None, keep_float: bool,
+                    num_labels: int | None, task: str | None, options: dict[str, Any]
+                    ) -> ModelEntry | None:
+    """Checks of a quantized load (before any weight is read); the GGUF-blocks model itself for
+    ``quantize="gguf"``, else None (the float model is loaded, then quantized)."""
+    from ..quant import SCHEMES, QuantizeError
+
+    if quantize != "gguf":
+        SCHEMES.get(quantize)  # an unknown name: one line, before the model loads
+        return None
+    if spec != "smollm2":
+        raise QuantizeError(
+            f"quantize='gguf' keeps a GGUF file's own blocks, and {spec} is not loaded from GGUF "
+            "(only smollm2 is); use int8, int4 or nf4"
+        )
+    if group_size is not None or keep_float:
+        raise QuantizeError("quantize='gguf' keeps the file's blocks as they are: drop "
+                            "group_size / keep_float (LoftQ needs a float original: use nf4)")
+    if num_labels:
+        raise ModelError(f"{spec} is a causal-lm model and takes no num_labels; drop it")
+    if task is not None and task != "causal-lm":
+        raise ModelError(f"{spec} is a causal-lm model, not {task}; pick a {task} model")
+    _check_options(spec, options, ("max_length", "cache"))
+    from .gguf_blocks import smollm2_blocks
+
+    with _quiet_transformers(True):
+        return smollm2_blocks(**options)
