@@ -366,3 +366,22 @@ def test_smollm2_loads_in_its_own_blocks_with_the_float_models_weights():
     out = entry.model(input_ids=ids, attention_mask=torch.ones_like(ids))
     out[0, -1].logsumexp(-1).backward()
     assert lm.model.layers[0].self_attn.q_proj.deltas["default"].lora_B.grad is not None
+
+
+# -- the CLI ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("model, quantize, message", [
+    ("small-cnn", "int3", "unknown quantization 'int3'"),
+    ("small-cnn", "gguf", "small-cnn is not loaded from GGUF"),
+    ("small-cnn", "int8", "no Linear layer to quantize"),  # its one Linear is the new head
+])
+def test_train_quantize_refusals_are_one_line_and_write_nothing(model, quantize, message,
+                                                                capsys, tmp_path):
+    pytest.importorskip("mnist")
+    from deltatune.cli.app import main
+
+    out = tmp_path / "run"
+    rc = main(["train", "--model", model, "--data", "mnist", "--limit", "32", "--max-steps", "1",
+               "--quantize", quantize, "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and err[-1].startswith("error:") and message in err[-1], err
+    assert not out.exists()
