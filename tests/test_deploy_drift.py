@@ -82,6 +82,13 @@ def test_offline_tests_hold_their_level_and_find_shifts(test):
     assert shifted.p_value < 0.01
 
 
+def test_cvm_keeps_its_level_on_features_with_ties():
+    relu = lambda t: t.clamp_min(0)  # noqa: E731 - half the values are exactly 0
+    flagged = sum(dd.detect(relu(_normal(300, seed=s)), relu(_normal(100, seed=50 + s)), "cvm",
+                            seed=s).drift for s in range(20))
+    assert flagged <= 3
+
+
 def test_lsdd_and_cvm_match_direct_computations():
     from scipy.stats import cramervonmises_2samp
 
