@@ -285,9 +285,11 @@ def test_bad_quantization_requests_are_one_line_errors_that_change_nothing():
         quantize_base(model, "int4", group_size=32)
 
 
-def test_drop_float_references_frees_them():
+def test_drop_float_references_frees_them_and_the_summary_counts_quantized_weights():
     model = _mlp()
+    n = sum(p.numel() for p in model.parameters())
     quantize_base(model, "int4", group_size=32, keep_float=True)
+    assert dt.trainable_summary(model).total == n  # blocks count as the values they hold
     assert drop_float_references(model) == 2 and drop_float_references(model) == 0
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from .errors import StateError, TargetError
 from .host import DeltaHost, Host, ModuleCopy, get_module, iter_hosts, set_module
-from .quantized import check_merge_how, finish_merge
+from .quantized import QuantizedBase, check_merge_how, finish_merge
 from .spec import DeltaSpec
 from .targets import iter_candidates, name_matches
 
@@ -327,7 +327,10 @@ class TrainableSummary:
 
 def trainable_summary(model: nn.Module) -> TrainableSummary:
     """Trainable and total parameter counts (deltas included), with one row per host."""
-    total = sum(p.numel() for p in model.parameters())
+    # a quantized base layer's weight is blocks (buffers), not a parameter: counted as its values
+    quantized = sum(m.in_features * m.out_features for m in model.modules()
+                    if isinstance(m, QuantizedBase))
+    total = sum(p.numel() for p in model.parameters()) + quantized
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     rows = []
     for path, host in iter_hosts(model):
