@@ -877,7 +877,7 @@ def register(app: typer.Typer) -> None:
     )
     def export(
         adapter: Path = typer.Option(..., help="adapter directory"),
-        out: Path = typer.Option(..., help="directory for the merged model (safetensors)"),
+        out: Path = typer.Option(..., help="directory for the merged model or the GGUF file"),
         fmt: str = typer.Option(
             "safetensors", "--format",
             help="safetensors (merged, transformers layout), gguf (merged causal LM as one GGUF "
