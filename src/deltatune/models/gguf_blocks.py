@@ -44,10 +44,21 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 
 
 class _Tensor:
-    """One tensor of the file: name, type name, dims (fastest first, as GGUF lists them), data."""
+    """One tensor of the file: name, type name, dims (fastest first, as GGUF lists them), and its
+    bytes as (rows, bytes per row), read from the file when asked (a plain read, not a memory
+    map: mapped pages would count in the process's resident memory beside the copy made of
+    them)."""
 
-    def __init__(self, name: str, kind: str, dims: tuple[int, ...], data: np.ndarray) -> None:
-        self.name, self.kind, self.dims, self.data = name, kind, dims, data
+    def __init__(self, name: str, kind: str, dims: tuple[int, ...], path: Path, offset: int,
+                 rows: int, row_bytes: int) -> None:
+        self.name, self.kind, self.dims = name, kind, dims
+        self._where = (path, offset, rows, row_bytes)
+
+    @property
+    def data(self) -> np.ndarray:
+        path, offset, rows, row_bytes = self._where
+        data = np.fromfile(path, dtype=np.uint8, count=rows * row_bytes, offset=offset)
+        return data.reshape(rows, row_bytes)
 
 
 class _Reader:
@@ -106,8 +117,8 @@ class _Reader:
             block, nbytes = GGML_QUANT_SIZES[kind]
             rows = int(np.prod(dims[1:])) if len(dims) > 1 else 1
             row_bytes = dims[0] // block * nbytes
-            data = buf[start + offset: start + offset + rows * row_bytes].reshape(rows, row_bytes)
-            self.tensors.append(_Tensor(name, kind.name, tuple(int(d) for d in dims), data))
+            self.tensors.append(_Tensor(name, kind.name, tuple(int(d) for d in dims), path,
+                                        start + offset, rows, row_bytes))
 
 
 def _field(reader: _Reader, key: str, default=None):
@@ -122,12 +133,12 @@ def _float(tensor: _Tensor) -> torch.Tensor:
     if kind in GGUF_BLOCKS:
         out = torch.empty(data.shape[0], tensor.dims[0])
         for i in range(0, data.shape[0], 4096):
-            rows = torch.from_numpy(np.array(data[i: i + 4096]))
+            rows = torch.from_numpy(data[i: i + 4096])
             out[i: i + 4096] = dequantize_gguf(rows, kind, torch.float32)
         return out
     flat = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
     if kind in flat:
-        values = torch.from_numpy(np.array(data).view(flat[kind]))
+        values = torch.from_numpy(data.view(flat[kind]))
         values = values.view(torch.bfloat16) if kind == "BF16" else values
         return values.float().reshape(*reversed(tensor.dims))
     raise ModelError(f"tensor {tensor.name} is {kind}, which quantize='gguf' cannot read; "
@@ -236,7 +247,7 @@ def llama_from_gguf_blocks(path: str | os.PathLike) -> nn.Module:
             in_features = tensor.dims[0]  # GGUF lists dimensions fastest first: (in, out)
             kind = tensor.kind
             if kind in GGUF_BLOCKS:
-                rows = torch.from_numpy(np.array(tensor.data))  # (out, bytes per row), a copy
+                rows = torch.from_numpy(tensor.data)  # (out, bytes per row), read from the file
                 if parts[0] == "blk" and parts[2] in heads:
                     rows = rows[_rows_unpermuted(rows.shape[0], heads[parts[2]])]
                 new: nn.Module = GGUFLinear(rows, kind, in_features)
