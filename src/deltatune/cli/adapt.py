@@ -19,7 +19,7 @@ def run_adapt(
     data: str,
     *,
     out: Path,
-    method: str = "tent",
+    method: str = "safe",
     options: Optional[dict] = None,
     adapter: Optional[Path] = None,
     split: str = "test",
@@ -105,6 +105,8 @@ def register(app: typer.Typer) -> None:
         ),
         epilog=(
             "Examples:\n\n"
+            "  deltatune adapt --model minilm --adapter runs/airlines/adapter --data "
+            "tweet-sentiment:cars\n\n"
             "  deltatune adapt --model small-cnn --adapter runs/mnist/adapter --data "
             "mnist-c:zoom_blur:3 --method tent\n\n"
             "  deltatune adapt --model minilm --adapter runs/airlines/adapter --data "
@@ -115,7 +117,9 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(..., help="model name (see deltatune.models)"),
         data: str = typer.Option(..., help="the test stream: a dataset name or path"),
         method: str = typer.Option(
-            "tent", help="bn | alpha_bn | tent | eata | sar | cotta | lame | em"
+            "safe",
+            help="safe (default: label-shift correction + guarded entropy steps) | bn | alpha_bn | "
+            "tent | eata | sar | deyo | roid | shot | cotta | rmt | rotta | t3a | lame | em",
         ),
         opt: list[str] = typer.Option(
             [], "--opt", help="method option as KEY=VALUE (repeatable), e.g. --opt lr=1e-3"

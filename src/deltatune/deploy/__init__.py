@@ -5,7 +5,7 @@ import deltatune.deploy as dd
 dd.detect(clean_features, new_features, test="mmd")      # DetectionResult(p_value, drift, ...)
 est = dd.fit_accuracy_estimator(val_logits, val_labels)  # temperature scaling + ATC/DoC/COT
 est.estimate(new_logits)["atc"]
-tta = dd.adapt(model, "tent", lr=1e-3)                   # any method by name; same call signature
+tta = dd.adapt(model)                                    # "safe" by default; any method by name
 preds = tta(x).argmax(-1)
 tta.reset()                                              # back to the source model
 dd.evaluate_stream(dd.adapt(model, "tent"), loader)      # running error: adapted vs source
@@ -13,7 +13,7 @@ dd.evaluate_stream(dd.adapt(model, "tent"), loader)      # running error: adapte
 
 from __future__ import annotations
 
-from . import bn, cotta, entropy, output  # noqa: F401  (register the methods)
+from . import bn, cotta, deyo, entropy, output, rmt, roid, rotta, safe, shot, t3a  # noqa: F401
 from .accuracy import AccuracyEstimator, fit_accuracy_estimator, fit_temperature
 from .base import (
     METHODS,
@@ -29,6 +29,7 @@ from .batch import softmax_entropy
 from .bn import AlphaBN, BNAdapt
 from .cotta import CoTTA, image_augment
 from .detect import DetectionResult, DriftMonitor, detect, embed
+from .deyo import DeYO
 from .entropy import EATA, SAR, Tent
 from .errors import BatchError, DeployError
 from .labelshift import LabelShift, estimate_label_shift
@@ -37,8 +38,14 @@ from .online import OnlineDetector, OnlineLSDD, OnlineMMD, online_detector
 from .ood import SCORES, OODScorer, auroc, fit_ood, ood_scores
 from .output import LAME, EMPrior, em_prior
 from .params import collect_params
+from .rmt import RMT
+from .roid import ROID
+from .rotta import RoTTA
+from .safe import Safe
+from .shot import SHOT
 from .stats import TESTS, adjust_pvalues
 from .stream import batch_labels, evaluate_stream
+from .t3a import T3A
 from .twosample import cvm_test, lsdd_test, mmd_rff_test  # registers lsdd, cvm, mmd_rff
 
 __all__ = [
@@ -50,6 +57,7 @@ __all__ = [
     "BatchError",
     "BatchNormStats",
     "CoTTA",
+    "DeYO",
     "DeployError",
     "DetectionResult",
     "DriftMonitor",
@@ -57,7 +65,13 @@ __all__ = [
     "EMPrior",
     "GradientTTA",
     "LAME",
+    "RMT",
+    "ROID",
+    "RoTTA",
     "SAR",
+    "SHOT",
+    "Safe",
+    "T3A",
     "TTAWrapper",
     "Tent",
     "adapt",

@@ -57,7 +57,12 @@ class BatchNormStats:
     mode ``mix``: ``alpha * source + (1 - alpha) * batch`` statistics (α-BN).
     mode ``ema``: a running estimate that starts at the source statistics and moves towards the
     target stream, ``new = (1 - momentum) * old + momentum * batch``; the batch is normalised with
-    the updated estimate. Kept in this object, so :meth:`reset` brings back the source statistics.
+    the updated estimate; with ``source_batches=k`` the weight of batch ``t`` is ``max(momentum,
+    1 / (t + k))``, a running mean in which the source statistics count as ``k`` batches, so a short
+    stream moves off the source quickly and a long one settles into the moving average. Kept in this
+    object, so :meth:`reset` brings back the source statistics;
+    with ``track = False`` a forward uses the estimate as it stands and leaves it alone (a second
+    look at the same batch).
     With ``enabled = False`` the layers use their source statistics (eval behaviour).
     """
 
@@ -68,6 +73,7 @@ class BatchNormStats:
         *,
         alpha: float = 0.0,
         momentum: float = 1.0,
+        source_batches: float | None = None,
     ) -> None:
         if mode not in ("batch", "mix", "ema"):
             raise DeployError(f"BatchNorm statistics mode must be batch, mix or ema, not {mode!r}")
@@ -80,7 +86,11 @@ class BatchNormStats:
                 f"momentum={momentum} must lie in (0, 1] (the weight of each new batch)"
             )
         self.layers = batchnorm_layers(model)
+        if source_batches is not None and not source_batches > 0:
+            raise DeployError(f"source_batches={source_batches} must be positive (or None)")
         self.mode, self.alpha, self.momentum = mode, alpha, momentum
+        self.source_batches = source_batches
+        self._count: dict[str, int] = {}
         if mode != "batch":
             missing = [n for n, m in self.layers if m.running_mean is None]
             if missing:
@@ -90,6 +100,7 @@ class BatchNormStats:
                     f"{mode!r}; use mode 'batch' (method 'bn')"
                 )
         self.enabled = True
+        self.track = True  # False: ema mode normalises with its estimate without moving it
         self.owner: Any = None  # the wrapper that installed these hooks
         self._target: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._saved = {n: (m.training, m.track_running_stats) for n, m in self.layers}
@@ -111,6 +122,7 @@ class BatchNormStats:
 
     def reset(self) -> None:
         self._target.clear()
+        self._count.clear()
 
     def _check(self, name: str, x: torch.Tensor) -> int:
         count = x.numel() // max(x.shape[1], 1) if x.dim() > 1 else 0
@@ -149,9 +161,15 @@ class BatchNormStats:
             if self.mode == "mix":
                 mean = self.alpha * bn.running_mean + (1 - self.alpha) * mean_b
                 var = self.alpha * bn.running_var + (1 - self.alpha) * var_b
+            elif not self.track:
+                mean, var = self._target.get(name, (bn.running_mean, bn.running_var))
             else:
                 old_mean, old_var = self._target.get(name, (bn.running_mean, bn.running_var))
-                mean = (1 - self.momentum) * old_mean + self.momentum * mean_b
-                var = (1 - self.momentum) * old_var + self.momentum * var_b
+                m = self.momentum
+                if self.source_batches is not None:  # a running mean until it slows below m
+                    self._count[name] = self._count.get(name, 0) + 1
+                    m = max(m, 1.0 / (self._count[name] + self.source_batches))
+                mean = (1 - m) * old_mean + m * mean_b
+                var = (1 - m) * old_var + m * var_b
                 self._target[name] = (mean, var)
         return F.batch_norm(x, mean, var, bn.weight, bn.bias, False, 0.0, bn.eps)
