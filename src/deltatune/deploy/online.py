@@ -121,9 +121,10 @@ class OnlineDetector:
                   seed: int = 0, prefix: Any = None) -> torch.Tensor:
         """Samples until the first alarm on ``n_streams`` streams drawn from ``pool`` (random
         permutations, concatenated to ``length``, default 4·ert); ``inf`` where none came. With
-        ``prefix`` (samples), each stream starts with those (e.g. one clean window before drift).
-        This is the detector's own statistic, vectorised over streams (the same values as
-        ``update``)."""
+        ``prefix`` (clean samples, at least ``window``), each stream starts with its own random
+        ``window`` of them, so a change comes after a full clean window; subtract ``window`` for
+        the delay. This is the detector's own statistic, vectorised over streams (the same values
+        as ``update``)."""
         data = as_samples(pool, "pool")
         if data.shape[1] != self.width:
             raise DeployError(f"the pool has {data.shape[1]} features, the reference "
@@ -133,8 +134,11 @@ class OnlineDetector:
         streams = self._streams(len(data), n_streams, length, gen)
         if prefix is not None:
             head = as_samples(prefix, "prefix")
-            streams = torch.cat([torch.arange(len(head)).expand(n_streams, -1),
-                                 streams + len(head)], 1)
+            if len(head) < self.window:
+                raise DeployError(f"prefix has {len(head)} samples; give at least one window "
+                                  f"({self.window})")
+            starts = torch.argsort(torch.rand(n_streams, len(head), generator=gen), 1)
+            streams = torch.cat([starts[:, : self.window], streams + len(head)], 1)
             data = torch.cat([head, data])
         with one_thread():
             paths = self._paths(data, streams)
