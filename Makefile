@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast fuzz bench clean
+.PHONY: setup demo test test-fast fuzz bench docs clean
 
 $(STAMP): pyproject.toml requirements/data.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,10 +23,18 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/deltatune demo
 
-# ruff first (pinned in the test extra; rules in pyproject.toml): a finding fails the run before the tests
+# ruff first (pinned in the test extra; rules in pyproject.toml): a finding fails the run before the tests;
+# then the docs site in strict mode (a broken link or API reference fails it)
 test: setup
 	$(VENV)/bin/ruff check src tests bench
+	$(DOCS_BUILD)
 	$(PY) -m pytest -q
+
+# The docs site (mkdocs.yml): mkdocs-material over docs/ plus the API reference from the docstrings, built
+# into site/ (gitignored) with --strict; no network is used. Open site/index.html.
+DOCS_BUILD = NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+docs: setup
+	$(DOCS_BUILD)
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
@@ -50,4 +58,4 @@ bench: setup
 	$(PY) bench/bench_lisa.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache site

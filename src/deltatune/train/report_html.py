@@ -62,6 +62,9 @@ class Run:
 
 @dataclass
 class ReportSummary:
+    """What :func:`write_report` wrote: the file, how many runs of each job, its size in bytes and
+    the seconds it took (finding, reading, drawing and writing)."""
+
     path: Path
     runs: int
     kinds: dict[str, int]

@@ -188,6 +188,8 @@ def _seen_accuracy(fig, runs: list[Run]) -> None:
         matrix = run.results["accuracy_matrix"]
         ys = [sum(row[:i + 1]) / (i + 1) for i, row in enumerate(matrix)]
         ax.plot(range(1, len(ys) + 1), ys, "o-", label=run.label)
+    longest = max(len(r.results["accuracy_matrix"]) for r in runs)
+    ax.set_xticks(range(1, longest + 1))
     ax.set_xlabel("tasks trained")
     ax.set_ylabel("average accuracy (seen tasks)")
     ax.set_ylim(0, 1.02)
