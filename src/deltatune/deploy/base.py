@@ -371,8 +371,8 @@ def adapt(model: nn.Module, method: str = "safe", **options: Any) -> TTAWrapper:
     Methods: see :data:`METHODS` (``safe``, ``bn``, ``alpha_bn``, ``tent``, ``eata``, ``sar``,
     ``deyo``, ``roid``, ``shot``, ``cotta``, ``rmt``, ``rotta``, ``t3a``, ``lame``, ``em``). The
     default, ``safe``, corrects label shift and backs off when its updates drift (see
-    :class:`deltatune.deploy.safe.Safe`): measured, it never raised the error above the unadapted
-    model's, where Tent and its relatives did by 7-15 points on text.
+    :class:`deltatune.deploy.safe.Safe`; measured against the others in docs/deployment.md): on
+    text, Tent and its relatives raised the error above the unadapted model's.
     """
     if not isinstance(model, nn.Module):
         raise DeployError(f"adapt() needs a torch.nn.Module, not {type(model).__name__}")
