@@ -139,7 +139,8 @@ def test_lae_offline_delta_is_the_ema_of_the_online_one():
 def test_lae_momentum_follows_the_steps_per_task_unless_given():
     s = cl.make_strategy("lae")
     s.configure(TrainConfig(**CFG), 200)
-    assert s.ema_momentum == pytest.approx(1 - 1 / 200)
+    assert s.ema_momentum == pytest.approx(1 - 1 / (200 * s.tasks_per_constant))
+    assert cl.make_strategy("lae", tasks_per_constant=1.0).ema_momentum == pytest.approx(0.999)
     s.configure(TrainConfig(**CFG), 3)
     assert s.ema_momentum == pytest.approx(
         0.9

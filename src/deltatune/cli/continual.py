@@ -96,7 +96,8 @@ def run_continual(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
         "train": {
             k: v
             for k, v in vars(tc).items()
-            if k in ("epochs", "max_steps", "batch_size", "lr", "seed")
+            if k in ("epochs", "max_steps", "batch_size", "lr", "seed", "grad_accum", "precision",
+                     "compile", "device", "gradient_checkpointing")
         },
         **result.to_dict(),
         "plot": str(png),

@@ -19,9 +19,18 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 class Strategy:
-    """Sequential fine-tuning; the other strategies override the hooks they need."""
+    """Sequential fine-tuning; the other strategies override the hooks they need.
+
+    ``mask_old_classes``: on a class-incremental stream the training loss sees only the current
+    task's classes (the other logits are masked out of the cross-entropy), as in the papers whose
+    model has one head per task (LwF), a classifier of the current task's class names (ZSCL, O-LoRA)
+    or L2P's training protocol (LAE, the prompt pools). Without it the shared head's new rows
+    out-score every old class and the strategy ends at the last task's classes alone."""
 
     name = "sequential"
+    mask_old_classes = False
+    scenario = "domain"  # set by run_stream from the stream
+    num_tasks = 2
 
     def __init__(self, **options: Any) -> None:
         unknown = set(options) - set(self.options())
@@ -38,10 +47,25 @@ class Strategy:
     def validate(self, spec) -> None:
         """Raise if this strategy cannot work with ``spec`` (None = full fine-tuning)."""
 
-    def configure(self, config, steps_per_task: int) -> None:
+    def configure(self, config, steps_per_task: int, scenario: str = "domain",
+                  num_tasks: int = 2) -> None:
         """Called by :func:`~deltatune.continual.run_stream` before ``setup`` with the per-task
-        :class:`~deltatune.train.TrainConfig` and the optimizer steps each task will take."""
+        :class:`~deltatune.train.TrainConfig`, the optimizer steps each task will take, the
+        stream's scenario (``"class"``/``"domain"``) and its number of tasks."""
         self.config, self.steps_per_task = config, steps_per_task
+        self.scenario, self.num_tasks = scenario, num_tasks
+
+    def trains(self, t: int) -> bool:
+        """Whether task ``t`` is trained with the trainer (prototype strategies only read
+        features)."""
+        return True
+
+    def trainee(self, t: int, task: Task) -> nn.Module:
+        """The module the trainer fits on task ``t``: the model, or the model with the other tasks'
+        classes masked out of the loss (``mask_old_classes`` on a class-incremental stream)."""
+        if self.mask_old_classes and self.scenario == "class":
+            return TaskMasked(self.model, task.classes, self)
+        return self.model
 
     def setup(self, model: nn.Module, spec, head: list[str], collate: Callable) -> None:
         self.validate(spec)
@@ -72,6 +96,54 @@ class Strategy:
 
     def predictor(self) -> nn.Module:
         return self.model
+
+
+class TaskMasked(nn.Module):
+    """Logits outside ``classes`` pushed to -1e4 (the cross-entropy then runs over the task's own
+    classes, with no gradient to the other rows); the unmasked logits are left on ``sink.raw`` for
+    penalties that read old classes (LwF's distillation)."""
+
+    def __init__(self, model: nn.Module, classes: list[int], sink: Any = None) -> None:
+        super().__init__()
+        self.model, self.classes, self.sink = model, list(classes), sink
+
+    def forward(self, **batch):
+        logits = self.model(**batch)
+        if self.sink is not None:
+            self.sink.raw = logits
+        return mask_logits(logits, self.classes)
+
+
+def mask_logits(logits: torch.Tensor, classes: list[int]) -> torch.Tensor:
+    """``logits`` with every class outside ``classes`` at -1e4 (no gradient reaches them)."""
+    keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    keep[classes] = True
+    return logits.masked_fill(~keep, -1e4)
+
+
+def head_rows(model: nn.Module, head: list[str]) -> list[nn.Linear]:
+    """The linear classifier(s) among ``head`` (rows = classes)."""
+    return [m for h in head for m in get_module(model, h).modules() if isinstance(m, nn.Linear)
+            and m.out_features > 1]
+
+
+class KeepRows:
+    """Callback restoring the rows of the head's classes in ``classes`` after every optimizer step:
+    an earlier task's class scores stay exactly as they were (what the frozen classifier of O-LoRA's
+    language model does), whatever the optimizer's moments or weight decay would do to them."""
+
+    def __init__(self, heads: list[nn.Linear], classes: list[int]) -> None:
+        self.classes = list(classes)
+        self.saved = [(m, m.weight.detach()[self.classes].clone(),
+                       None if m.bias is None else m.bias.detach()[self.classes].clone())
+                      for m in heads]
+
+    @torch.no_grad()
+    def on_step_end(self, model, step) -> None:
+        for m, w, b in self.saved:
+            m.weight[self.classes] = w
+            if b is not None:
+                m.bias[self.classes] = b
 
 
 class _Penalty:

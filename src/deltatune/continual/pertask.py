@@ -7,7 +7,7 @@ import torch
 
 from ..core.host import iter_hosts
 from ..core.model import attach, detach, set_active
-from .base import Strategy, _Penalty
+from .base import KeepRows, Strategy, _Penalty, head_rows
 from .streams import ContinualError
 
 
@@ -83,7 +83,13 @@ class Merge(_PerTask):
 
 
 class OLoRA(_PerTask):
+    """A new LoRA per task, the earlier ones frozen, orthogonality penalty on the LoRA A's. The head
+    rows of the classes earlier tasks taught are frozen too (restored after every step): O-LoRA's
+    language model keeps its output layer fixed, and a shared head trained on every task carried
+    the last task's class prior (O-LoRA equalled sequential on tweet-domains to the last digit)."""
+
     name = "olora"
+    mask_old_classes = True
 
     @classmethod
     def options(cls):
@@ -112,4 +118,5 @@ class OLoRA(_PerTask):
         return self.lam * total
 
     def callbacks(self, t, task):
-        return [_Penalty(self.orthogonality)]
+        keep = [KeepRows(head_rows(self.model, self.head), self.seen)] if self.seen else []
+        return [_Penalty(self.orthogonality), *keep]

@@ -134,7 +134,7 @@ def run_stream(
             for t in stream.tasks
         ]
         steps = max(1, round(sum(per) / len(per)))
-    strategy.configure(config, steps)
+    strategy.configure(config, steps, stream.scenario, len(stream.tasks))
     strategy.setup(model, spec, head, collate)
     initial = accuracies(strategy.predictor())
     matrix: list[list[float]] = []
@@ -153,15 +153,16 @@ def run_stream(
     else:
         for t, task in enumerate(stream.tasks):
             strategy.before_task(t, task)
-            fit(
-                model,
-                task.train,
-                collate,
-                config,
-                task=stream.task_kind,
-                callbacks=strategy.callbacks(t, task),
-                out_dir=_sub(out_dir, f"task{t}"),
-            )
+            if strategy.trains(t):
+                fit(
+                    strategy.trainee(t, task),
+                    task.train,
+                    collate,
+                    config,
+                    task=stream.task_kind,
+                    callbacks=strategy.callbacks(t, task),
+                    out_dir=_sub(out_dir, f"task{t}"),
+                )
             strategy.after_task(t, task)
             matrix.append(accuracies(strategy.predictor()))
             say(f"after {task.name}: {['%.3f' % a for a in matrix[-1]]}")

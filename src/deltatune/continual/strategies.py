@@ -24,6 +24,7 @@ plus the model's classification head, task after task:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 from typing import Any, Callable
@@ -35,8 +36,10 @@ from torch import nn
 from ..core.host import iter_hosts
 from ..core.model import attach, set_active
 from ..core.registry import Registry
-from .base import Strategy, _Penalty, _trainable, distillation_loss
+from .base import Strategy, TaskMasked, _Penalty, _trainable, distillation_loss, head_rows
 from .pertask import Merge, OLoRA
+from .prompts import L2P, CODAPrompt, DualPrompt
+from .prototypes import APER, EASE, RanPAC, SimpleCIL
 from .streams import ContinualError
 from .zscl import ZSCL
 
@@ -110,11 +113,17 @@ class Replay(Strategy):
 
 # -- EWC ------------------------------------------------------------------------------------------
 class EWC(Strategy):
+    """λ/2 · Σ F (θ − θ*)² with the raw per-example empirical Fisher F (online: each task's Fisher
+    added to the decayed sum, Schwarz et al., https://arxiv.org/abs/1805.06370). Unnormalised, the
+    penalty is the Laplace estimate of how much the earlier tasks' mean loss rises, so λ = 1 weighs
+    it like the task loss whatever the model's size. (The Fisher used to be divided by its mean,
+    which multiplied λ by 1/mean(F) ≈ 10⁴-10⁶ and froze the delta after the first task.)"""
+
     name = "ewc"
 
     @classmethod
     def options(cls):
-        return {"lam": 100.0, "fisher_batches": 8, "decay": 1.0}
+        return {"lam": 10.0, "fisher_batches": 8, "decay": 1.0}
 
     fisher: dict[str, torch.Tensor] | None = None
 
@@ -141,9 +150,6 @@ class EWC(Strategy):
         batches = [self.collate(ex[i:i + 16]) for i in range(0, len(ex), 16)]
         names = list(_trainable(self.model))
         new = diagonal_fisher(self.model, batches, params=names, labels=lambda b: b["labels"])
-        new = {
-            n: f / (f.mean() + 1e-12) for n, f in new.items()
-        }  # scale-free: λ means the same for any model
         old = self.fisher or {}
         self.fisher = {n: self.decay * old.get(n, 0) + f for n, f in new.items()}
         self.anchor = {n: p.detach().clone() for n, p in _trainable(self.model).items()}
@@ -151,7 +157,11 @@ class EWC(Strategy):
 
 # -- LwF ------------------------------------------------------------------------------------------
 class LwF(Strategy):
+    """The new task's cross-entropy over its own classes (LwF's new-task head) plus λ·T²·KL to the
+    previous model's outputs over the old classes."""
+
     name = "lwf"
+    mask_old_classes = True
 
     @classmethod
     def options(cls):
@@ -169,7 +179,8 @@ class LwF(Strategy):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         with torch.no_grad():
             target = self.teacher(**inputs)
-        return distillation_loss(outputs, target, self.old, self.temperature, self.lam)
+        student = model.sink.raw if isinstance(model, TaskMasked) else outputs
+        return distillation_loss(student, target, self.old, self.temperature, self.lam)
 
     def callbacks(self, t, task):
         return [_Penalty(self._kd)]
@@ -185,30 +196,37 @@ class _EMA:
 
 
 class _Ensemble(nn.Module):
-    """LAE's inference: the online and offline deltas' class probabilities, element-wise max."""
+    """LAE's inference: the online and offline models' class probabilities, element-wise max (the
+    offline model: the offline delta with the offline copy of the head)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, strategy: "LAE") -> None:
         super().__init__()
-        self.model = model
+        self.model, self.s = model, strategy
 
     def forward(self, **batch):
         probs = []
         for name in ("online", "offline"):
             set_active(self.model, [name])
-            probs.append(F.softmax(self.model(**batch), -1))
+            with self.s.offline_head(name == "offline"):
+                probs.append(F.softmax(self.model(**batch), -1))
         set_active(self.model, ["online"])
         return torch.log(torch.maximum(*probs).clamp(min=1e-12))
 
 
 class LAE(Strategy):
+    """Online delta and head trained; the offline delta *and head* are their EMA. (The head used to
+    be shared and trained on each task, so on a domain stream with label shift both ensemble
+    members carried the last task's class prior and LAE equalled sequential to the last digit.)"""
+
     name = "lae"
+    mask_old_classes = True
 
     @classmethod
     def options(cls):
-        # None: 1 − 1/steps per task (clipped to [0.9, 0.9999]), so the offline delta's time
-        # constant is one task whatever the run length; the paper's 0.999 assumes ~1000 steps per
-        # task.
-        return {"momentum": None}
+        # None: 1 − 1/(tasks_per_constant · steps per task), clipped to [0.9, 0.9999]: the offline
+        # model's time constant is ``tasks_per_constant`` tasks whatever the run length (the
+        # paper's 0.999 assumes ~1000 steps per task).
+        return {"momentum": None, "tasks_per_constant": 2.0}
 
     def validate(self, spec) -> None:
         if spec is None:
@@ -223,7 +241,7 @@ class LAE(Strategy):
         if self.momentum is not None:
             return float(self.momentum)
         steps = getattr(self, "steps_per_task", None) or 1000
-        return min(max(1.0 - 1.0 / steps, 0.9), 0.9999)
+        return min(max(1.0 - 1.0 / (steps * float(self.tasks_per_constant)), 0.9), 0.9999)
 
     def setup(self, model, spec, head, collate) -> None:
         self.validate(spec)
@@ -238,6 +256,25 @@ class LAE(Strategy):
                 off.requires_grad_(False)
         set_active(model, ["online"])
         self._unfreeze_head()
+        self._heads = [(p, p.detach().clone()) for m in head_rows(model, head)
+                       for p in m.parameters()]
+
+    @contextlib.contextmanager
+    def offline_head(self, use: bool):
+        """The head's parameters hold the offline copy inside the block (evaluation only)."""
+        if not use:
+            yield
+            return
+        with torch.no_grad():
+            saved = [p.detach().clone() for p, _ in self._heads]
+            for p, off in self._heads:
+                p.copy_(off)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for (p, _), keep in zip(self._heads, saved):
+                    p.copy_(keep)
 
     @torch.no_grad()
     def ema_update(self) -> None:
@@ -245,12 +282,14 @@ class LAE(Strategy):
         for on, off in self._pairs:
             for p_off, p_on in zip(off.parameters(), on.parameters()):
                 p_off.mul_(m).add_(p_on, alpha=1 - m)
+        for p_on, p_off in self._heads:
+            p_off.mul_(m).add_(p_on, alpha=1 - m)
 
     def callbacks(self, t, task):
         return [_EMA(self)]
 
     def predictor(self) -> nn.Module:
-        return _Ensemble(self.model)
+        return _Ensemble(self.model, self)
 
 
 __all__ = [
@@ -263,13 +302,21 @@ __all__ = [
     "ZSCL",
     "Merge",
     "OLoRA",
+    "SimpleCIL",
+    "APER",
+    "RanPAC",
+    "EASE",
+    "L2P",
+    "DualPrompt",
+    "CODAPrompt",
     "STRATEGIES",
     "make_strategy",
 ]
 
 #: every strategy class by name
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy", ContinualError, key=lambda s: s.name)
-for _strategy in (Strategy, Replay, EWC, LwF, LAE, ZSCL, Merge, OLoRA):
+for _strategy in (Strategy, Replay, EWC, LwF, LAE, ZSCL, Merge, OLoRA, SimpleCIL, APER, RanPAC,
+                  EASE, L2P, DualPrompt, CODAPrompt):
     STRATEGIES.register(_strategy)
 STRATEGIES.register("joint", Strategy)  # trained once on all tasks by run_stream
 

@@ -88,11 +88,11 @@ def _subset(data: Dataset, classes: list[int], suffix: str) -> Dataset:
 
 
 def _class_stream(
-    name: str, spec: str, groups: list[list[int]], limit_train, limit_test, seed
+    name: str, spec: str, groups: list[list[int]], limit_train, limit_test, seed, held="test"
 ) -> Stream:
     train, test = (
         load_data(spec, "train", seed=seed, limit=limit_train),
-        load_data(spec, "test", seed=seed, limit=limit_test),
+        load_data(spec, held, seed=seed, limit=limit_test),
     )
     bad = [c for g in groups for c in g if not 0 <= c < len(train.label_names)]
     if bad:
@@ -112,13 +112,13 @@ def _class_stream(
 
 
 def _domain_stream(
-    name: str, specs: list[tuple[str, str]], limit_train, limit_test, seed
+    name: str, specs: list[tuple[str, str]], limit_train, limit_test, seed, held="test"
 ) -> Stream:
     tasks = []
     for label, spec in specs:
         tr, te = (
             load_data(spec, "train", seed=seed, limit=limit_train),
-            load_data(spec, "test", seed=seed, limit=limit_test),
+            load_data(spec, held, seed=seed, limit=limit_test),
         )
         tasks.append(Task(label, tr, te, sorted(set(tr.labels))))
     names = tasks[0].train.label_names
@@ -182,27 +182,27 @@ def _column_stream(
 
 
 def make_stream(
-    spec: str, *, limit_train: int | None = None, limit_test: int | None = None, seed: int = 0
+    spec: str, *, limit_train: int | None = None, limit_test: int | None = None, seed: int = 0,
+    held: Literal["test", "val"] = "test",
 ) -> Stream:
-    """A bundled stream by name (see ``STREAMS``) or ``PATH@c,c;c,c`` for a user's data set."""
+    """A bundled stream by name (see ``STREAMS``) or ``PATH@c,c;c,c`` for a user's data set.
+
+    ``held="val"`` evaluates every task on its validation split instead of the test split: the
+    validation stream strategy options are tuned on (bundled streams)."""
+    if held not in ("test", "val"):
+        raise ContinualError(f"held must be 'test' or 'val', got {held!r}")
     if spec == "split-mnist":
-        return _class_stream(
-            spec, "mnist", [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]], limit_train, limit_test, seed
-        )
+        return _class_stream(spec, "mnist", [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]],
+                             limit_train, limit_test, seed, held)
     if spec == "bbc-news-classinc":
-        return _class_stream(spec, "bbc-news", [[0, 1], [2, 3], [4]], limit_train, limit_test, seed)
+        return _class_stream(spec, "bbc-news", [[0, 1], [2, 3], [4]], limit_train, limit_test,
+                             seed, held)
     if spec == "tweet-domains":
-        return _domain_stream(
-            spec,
-            [(d, f"tweet-sentiment:{d}") for d in TWEET_DOMAINS],
-            limit_train,
-            limit_test,
-            seed,
-        )
+        return _domain_stream(spec, [(d, f"tweet-sentiment:{d}") for d in TWEET_DOMAINS],
+                              limit_train, limit_test, seed, held)
     if spec == "mnist-corruptions":
-        return _domain_stream(
-            spec, [(c, f"mnist-c:{c}:3") for c in CORRUPTIONS], limit_train, limit_test, seed
-        )
+        return _domain_stream(spec, [(c, f"mnist-c:{c}:3") for c in CORRUPTIONS], limit_train,
+                              limit_test, seed, held)
     path, sep, order = spec.rpartition("@")
     if not sep:
         raise ContinualError(

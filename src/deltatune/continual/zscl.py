@@ -42,6 +42,7 @@ class ZSCL(Strategy):
     part of the way."""
 
     name = "zscl"
+    mask_old_classes = True  # the paper's CLIP classifies a task over that task's class names
 
     @classmethod
     def options(cls):
@@ -99,7 +100,7 @@ class ZSCL(Strategy):
         ref = {
             k: v.to(device) if torch.is_tensor(v) else v for k, v in ref.items() if k != "labels"
         }
-        student = model(**ref)
+        student = self.model(**ref)  # unmasked: the old classes are what is distilled
         with torch.no_grad():
             target = self.teacher(**ref)
         return distillation_loss(student, target, self.old, self.temperature, self.lam)
