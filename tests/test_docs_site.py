@@ -29,7 +29,10 @@ def _nav_pages(nav) -> list[str]:
 
 
 def test_every_docs_page_is_in_the_nav():
-    listed = set(_nav_pages(_config()["nav"]))
+    nav = _nav_pages(_config()["nav"])
+    twice = sorted({p for p in nav if nav.count(p) > 1})
+    assert not twice, f"pages listed twice in mkdocs.yml's nav: {twice}; keep one entry each"
+    listed = set(nav)
     pages = {p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs").rglob("*.md")}
     missing = sorted(pages - listed)
     assert not missing, (
