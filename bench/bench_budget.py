@@ -1,21 +1,33 @@
-"""Budget benchmark (issue 10): uniform LoRA vs AdaLoRA vs sensitivity allocation vs the best
+"""Budget benchmark (issues 10, 22): uniform LoRA vs AdaLoRA vs sensitivity allocation vs the best
 searched config, tweet-sentiment, MiniLM, at one parameter budget.
 
-    # 3 seeds, 1 epoch, 12 search trials
-    .venv/bin/python bench/bench_budget.py
-    # reduced
-    .venv/bin/python bench/bench_budget.py --seeds 0 --limit 400 --max-steps 60 --trials 4
+    # the issue-22 form: 500 steps, 2000 examples per split, 3 seeds, a 4-trial reduced search
+    .venv/bin/python bench/bench_budget.py --seeds 0 1 2 --limit 2000 --max-steps 500 --trials 4
     # smoke
     .venv/bin/python bench/bench_budget.py --limit 16 --max-steps 2 --seeds 0 --trials 2 --no-write
 
 The budget is the delta parameters of uniform LoRA r=4 on every Linear layer of the encoder's blocks
-(36 matrices, 165,888 parameters; the new head trains in every variant and is not counted). AdaLoRA
-starts at rank 6 and is pruned to 4 on average (its λ add one parameter per triplet; alpha 12, so
-its scaling 12 / 6 equals uniform LoRA's 8 / 4); the sensitivity allocation (SPT-style, 8 batches
-of the training split) spends the budget on LoRA ranks and sparse entries; the searched config is
-the best validation accuracy of a `deltatune.budget.search` study over LoRA / AdaLoRA / (IA)³ /
-bottleneck configurations within the budget (seed 0), then retrained on every seed. Same data split,
-steps, batch size and schedule per seed; test accuracy, mean ± std.
+(36 matrices, 165,888 parameters; the new head trains in every variant and is not counted).
+
+- AdaLoRA starts at rank 6 and is pruned to 4 on average (its λ add one parameter per triplet;
+  alpha 12, so its scaling 12 / 6 equals uniform LoRA's 8 / 4), on the paper's schedule shape
+  (Zhang et al. 2023, GLUE scripts: warm-up ~12% of the steps, final phase ~44%, a re-allocation
+  every 100 steps, orthogonality weight 0.1), scaled to the run: ``tinit`` 10%, ``tfinal`` 40%,
+  ``delta_t`` = steps / 50, ``orth_reg_weight`` 0.1.
+- The sensitivity allocation (SPT-style, 8 batches of the training split) spends the budget on LoRA
+  ranks (LoRA only, the library's default), each module scaled by ``2·√(r̄/r)`` (rank-stabilised;
+  r̄ = 4 here). ``sensitivity-{sparse,lora}-{rs,constant}`` are the issue-22 diagnosis: with or
+  without SPT's sparse entries, rank-stabilised or constant ``alpha / r = 2`` (sparse-constant is
+  the form before issue 22).
+- The searched config is the best validation accuracy of a reduced ``deltatune.budget.search``
+  study (LoRA only: positions qv/attn/ffn/all × rank 1-16, alpha = 2r, at the same steps, data and
+  learning rate as uniform LoRA, seed 0) that trains uniform LoRA's own configuration first and
+  keeps only configurations with at most the budget's parameters; then it is retrained on every
+  seed.
+
+Same data split, steps, batch size and schedule per seed; validation and test accuracy, mean ± std.
+Every finished run is appended to ``bench/budget_runs.jsonl`` and reused by a rerun with the same
+settings, so a long run can be stopped and continued.
 """
 
 from __future__ import annotations
@@ -33,12 +45,40 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 DATA = "tweet-sentiment"
 LR = {"uniform-lora": 1e-3, "adalora": 2e-3, "sensitivity": 1e-3, "searched": None}
+#: the sensitivity allocation's forms: (sparse entries beside the ranks, scaling of the ranks);
+#: "sensitivity" is the default form, the others are the issue-22 diagnosis (sparse-constant is
+#: the form before it: alpha = 2r everywhere, LoRA + sparse entries)
+SENSITIVITY = {
+    "sensitivity": (False, "rs"),
+    "sensitivity-sparse-rs": (True, "rs"),
+    "sensitivity-lora-rs": (False, "rs"),
+    "sensitivity-sparse-constant": (True, "constant"),
+    "sensitivity-lora-constant": (False, "constant"),
+}
+RUNS = ROOT / "bench" / "budget_runs.jsonl"
 
 
-def _splits(seed: int, limit: int | None):
+def search_space():
+    """The reduced search space: LoRA at four positions, ranks 1-16, alpha = 2r, uniform LoRA's
+    learning rate (so its own configuration trains exactly as the uniform-lora row)."""
+    from deltatune.budget.search import SearchSpace
+
+    return SearchSpace(
+        methods=("lora",),
+        positions=("qv", "attn", "ffn", "all"),
+        lora_ranks=(1, 2, 4, 8, 16),
+        lora_scales=(2.0,),
+        lr={"lora": LR["uniform-lora"]},
+    )
+
+
+def _splits(seed: int, limit: int | None, val_limit: int | None = None):
     from deltatune.data import load_data
 
-    return {s: load_data(DATA, s, seed=seed, limit=limit) for s in ("train", "val", "test")}
+    return {
+        s: load_data(DATA, s, seed=seed, limit=val_limit if s == "val" and val_limit else limit)
+        for s in ("train", "val", "test")
+    }
 
 
 def _attach(variant: str, entry, splits, budget: int, steps: int, searched=None):
@@ -70,13 +110,15 @@ def _attach(variant: str, entry, splits, budget: int, steps: int, searched=None)
                 target_regex=POSITIONS["all"],
                 total_step=steps,
                 tinit=steps // 10,
-                tfinal=steps // 5,
+                tfinal=(2 * steps) // 5,
+                delta_t=max(1, steps // 50),
+                orth_reg_weight=0.1,
                 trainable_modules=head,
             ),
             "default",
         )
         return [AdaLoRASchedule("default")], LR[variant], delta_parameters(model, "default"), None
-    if variant == "sensitivity":
+    if variant in SENSITIVITY:
         import re
 
         paths = [
@@ -90,34 +132,30 @@ def _attach(variant: str, entry, splits, budget: int, steps: int, searched=None)
         def loss(m, b):
             return compute_loss(forward(m, b), labels_of(b, "classification"), "classification")
 
-        alloc = allocate_sensitivity(model, batches, budget, loss, paths=paths)
-        ranks = {
-            r.path: r.rank for r in alloc.rows if r.rank
-        }  # scaling alpha / r = 2 as uniform LoRA's
-        alloc.attach(
-            model,
-            "default",
-            alpha_pattern={p: 2.0 * r for p, r in ranks.items()},
-            trainable_modules=head,
-        )
-        return [], LR[variant], alloc.used, {r.path: r.rank for r in alloc.rows}
+        sparse, scaling = SENSITIVITY[variant]
+        alloc = allocate_sensitivity(model, batches, budget, loss, paths=paths, sparse=sparse)
+        if scaling == "rs":  # each module 2·√(r̄/r): uniform LoRA's alpha / r = 2 at r̄ = 4
+            alloc.attach(model, "default", scale=2.0, trainable_modules=head)
+        else:  # alpha / r = 2 at every rank, as before issue 22
+            ranks = {r.path: r.rank for r in alloc.rows if r.rank}
+            alpha = {p: 2.0 * r for p, r in ranks.items()}
+            alloc.attach(model, "default", alpha_pattern=alpha, trainable_modules=head)
+        return [], LR["sensitivity"], alloc.used, {r.path: r.rank for r in alloc.rows}
     cand = searched
     dt.attach(model, cand.spec(head), "default")
     callbacks = [AdaLoRASchedule("default", total_step=steps)] if cand.method == "adalora" else []
-    from deltatune.budget.search import SearchSpace
-
-    return callbacks, SearchSpace().lr.get(cand.method, 5e-4), cand.params, None
+    return callbacks, search_space().lr.get(cand.method, 5e-4), cand.params, None
 
 
 def run(variant: str, seed: int, args, budget: int, searched=None) -> dict:
     import torch
 
-    from deltatune.budget import final_ranks
+    from deltatune.budget.adalora import enforce_ranks, final_ranks
     from deltatune.models import load_model
     from deltatune.train import TrainConfig, evaluate, fit
 
     torch.manual_seed(seed)
-    splits = _splits(seed, args.limit)
+    splits = _splits(seed, args.limit, args.val_limit)
     entry = load_model("minilm", num_labels=len(splits["train"].label_names))
     steps = args.max_steps or -(-len(splits["train"]) // args.batch_size)  # one epoch by default
     callbacks, lr, params, ranks = _attach(variant, entry, splits, budget, steps, searched)
@@ -132,49 +170,101 @@ def run(variant: str, seed: int, args, budget: int, searched=None) -> dict:
         task=entry.task,
         callbacks=callbacks,
     )
-    test = evaluate(entry.model, splits["test"], entry.collate, task=entry.task)
+    revived = 0
     if variant == "adalora" or (variant == "searched" and searched.method == "adalora"):
+        # keep_best may restore λ from before the final allocation: hold the budget before scoring
+        revived = enforce_ranks(entry.model, "default")
         ranks = final_ranks(entry.model, "default")
+    val = evaluate(entry.model, splits["val"], entry.collate, task=entry.task)
+    test = evaluate(entry.model, splits["test"], entry.collate, task=entry.task)
     return {
         "variant": variant,
         "seed": seed,
         "accuracy": test["accuracy"],
+        "val_accuracy": val["accuracy"],
         "params": params,
+        "lr": lr,
         "steps": steps,
         "ranks": ranks,
+        "revived_triplets": revived,
         "seconds": time.time() - t0,
         "config": searched.key if searched else None,
     }
 
 
-def search_best(args, budget: int, out: Path):
-    """The searched config: the best validation accuracy of a study within the budget (seed 0)."""
-    from deltatune.budget.search import (
-        SearchSetup,
-        SearchSpace,
-        candidates,
-        run_search,
-        text_trainer,
+UNIFORM_KEY = "lora r=4 alpha=8 @all"  # uniform LoRA's configuration as the search names it
+VERSION = {"adalora": "adalora v22"}  # issue 22's schedule
+
+
+def cached_run(variant: str, seed: int, args, budget: int, searched=None, runs: Path = RUNS):
+    """``run`` unless ``runs`` holds the same configuration, seed and settings (variant names do not
+    count: uniform LoRA and the searched configuration "lora r=4 alpha=8 @all" are one run)."""
+    if searched:
+        config = searched.key
+    elif variant in SENSITIVITY:
+        sparse, scaling = SENSITIVITY[variant]
+        config = f"sensitivity {'lora+sparse' if sparse else 'lora'} {scaling}"
+    else:
+        config = UNIFORM_KEY if variant == "uniform-lora" else VERSION[variant]
+    lr = (
+        search_space().lr.get(searched.method, 5e-4)
+        if searched
+        else LR["sensitivity" if variant in SENSITIVITY else variant]
     )
+    key = {"config": config, "seed": seed, "max_steps": args.max_steps, "limit": args.limit,
+           "val_limit": args.val_limit, "batch_size": args.batch_size, "lr": lr}
+    if runs.is_file():
+        for line in runs.read_text().splitlines():
+            row = json.loads(line)
+            if {k: row.get(k) for k in key} == key:
+                return {**row, "variant": variant}
+    row = {**run(variant, seed, args, budget, searched), **key}
+    if not args.no_write:
+        with runs.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    return row
+
+
+def search_best(args, budget: int, out: Path):
+    """The searched config: the best validation accuracy of a reduced study within the budget
+    (seed 0) that trains uniform LoRA's configuration first; every trial is a bench run, cached."""
+    from deltatune.budget.search import SearchSetup, candidates, run_search
+    from deltatune.io.files import write_json
     from deltatune.models import load_model
 
-    splits = _splits(0, args.limit)
+    splits = _splits(0, args.limit, args.val_limit)
     entry = load_model("minilm", num_labels=len(splits["train"].label_names))
-    space = SearchSpace()
-    cands = candidates(entry.model, space, budget, tuple(entry.head))
+    cands = candidates(entry.model, search_space(), budget, tuple(entry.head))
+    assert UNIFORM_KEY in {c.key for c in cands}, "the space must hold uniform LoRA's config"
     setup = SearchSetup(
         model="minilm",
         data=DATA,
         budget=budget,
         trials=args.trials,
-        max_steps=args.max_steps or 200,
+        max_steps=args.max_steps or 0,
         limit=args.limit,
         batch_size=args.batch_size,
         seed=0,
     )
-    summary = run_search(setup, cands, text_trainer(setup, space), out, resume=True, progress=print)
+
+    def trial(cand, trial_dir: Path) -> dict:
+        row = cached_run("searched", 0, args, budget, cand)
+        metrics = {"key": cand.key, "method": cand.method, "params": cand.params,
+                   "val_accuracy": row["val_accuracy"], "test_accuracy": row["accuracy"]}
+        write_json(trial_dir / "results.json", {"job": "search-trial", **metrics})
+        return metrics
+
+    summary = run_search(
+        setup, cands, trial, out, resume=True, progress=print, first=(UNIFORM_KEY,)
+    )
     best = summary["best"]
     return next(c for c in cands if c.key == best["key"]), summary
+
+
+def summary_keys(summary: dict) -> list[str]:
+    """The configurations the search trained."""
+    trials = json.loads(Path(summary["trials_json"]).read_text())["trials"]
+    return [t["key"] for t in trials]
 
 
 def plot_ranks(rows: list[dict], path: Path) -> Path:
@@ -188,7 +278,7 @@ def plot_ranks(rows: list[dict], path: Path) -> Path:
     from deltatune.io.files import save_figure
 
     ada = next((r["ranks"] for r in rows if r["variant"] == "adalora" and r["ranks"]), {})
-    sens = next((r["ranks"] for r in rows if r["variant"] == "sensitivity" and r["ranks"]), {})
+    sens = next((r["ranks"] for r in rows if r["variant"] in SENSITIVITY and r["ranks"]), {})
     paths = list(ada or sens)
     short = [
         p.split("layer.")[-1]
@@ -222,14 +312,20 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--limit", type=int, default=None, help="examples per split (reduced runs)")
     ap.add_argument(
+        "--val-limit", type=int, default=None, help="validation examples (default: --limit)"
+    )
+    ap.add_argument(
         "--max-steps", type=int, default=None, help="optimizer steps per run (default: one epoch)"
     )
     ap.add_argument(
-        "--trials", type=int, default=12, help="search trials (each trains --max-steps, or 200)"
+        "--trials", type=int, default=4, help="search trials (the first is uniform LoRA's config)"
     )
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument(
-        "--variants", nargs="+", default=["uniform-lora", "adalora", "sensitivity", "searched"]
+        "--variants",
+        nargs="+",
+        default=["uniform-lora", "adalora", "sensitivity", "searched"],
+        choices=["uniform-lora", "adalora", *SENSITIVITY, "searched"],
     )
     ap.add_argument(
         "--out",
@@ -239,6 +335,11 @@ def main() -> None:
     )
     ap.add_argument(
         "--no-write", action="store_true", help="print only; leave RESULTS.md and bench/ untouched"
+    )
+    ap.add_argument(
+        "--no-section",
+        action="store_true",
+        help="record the runs in bench/budget_runs.jsonl but leave RESULTS.md alone (partial runs)",
     )
     args = ap.parse_args()
 
@@ -265,21 +366,33 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         for variant in args.variants:
-            row = run(variant, seed, args, budget, searched if variant == "searched" else None)
+            row = cached_run(
+                variant, seed, args, budget, searched if variant == "searched" else None
+            )
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "ranks"}), flush=True)
     lines = [
-        "| variant | delta parameters | % of budget | test accuracy (mean ± std) | seeds |",
-        "|---|---|---|---|---|",
+        "| variant | delta parameters | % of budget | val accuracy | test accuracy (mean ± std) "
+        "| per seed | − uniform LoRA (test) | seeds |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    base = {r["seed"]: r["accuracy"] * 100 for r in rows if r["variant"] == "uniform-lora"}
     for variant in args.variants:
-        accs = [r["accuracy"] * 100 for r in rows if r["variant"] == variant]
-        params = next(r["params"] for r in rows if r["variant"] == variant)
+        mine = [r for r in rows if r["variant"] == variant]
+        accs = [r["accuracy"] * 100 for r in mine]
+        vals = [r["val_accuracy"] * 100 for r in mine]
+        params = mine[0]["params"]
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         name = f"searched: {searched.key}" if variant == "searched" else variant
+        diffs = [r["accuracy"] * 100 - base[r["seed"]] for r in mine if r["seed"] in base]
+        gap = "—"
+        if variant != "uniform-lora" and diffs:
+            mean = statistics.mean(diffs)
+            gap = f"{mean:+.2f} ({'≥ uniform' if mean >= 0 else 'loses'})"
         lines.append(
-            f"| {name} | {params:,} | {100 * params / budget:.1f} | {statistics.mean(accs):.2f} ± "
-            f"{std:.2f} | {len(accs)} |"
+            f"| {name} | {params:,} | {100 * params / budget:.1f} | {statistics.mean(vals):.2f} | "
+            f"{statistics.mean(accs):.2f} ± {std:.2f} | {' / '.join(f'{a:.2f}' for a in accs)} | "
+            f"{gap} | {len(accs)} |"
         )
     png = plot_ranks(rows, (scratch or ROOT / "bench") / "budget_ranks.png")
     cmd = (
@@ -290,19 +403,24 @@ def main() -> None:
     body = (
         f"Command: {cmd} (MiniLM-L6, {DATA}, batch {args.batch_size}, {rows[0]['steps']} steps per "
         f"run, examples per split: {args.limit or 'all'}; learning rates: "
-        f"{', '.join(f'{k} {v}' for k, v in LR.items() if v)}, searched: the search's own per "
-        f"method; budget {budget:,} delta parameters = uniform LoRA r=4 on all 36 encoder Linear "
-        "layers; head trained and not counted).\n\n"
+        f"{', '.join(f'{k} {v}' for k, v in LR.items() if v)}, searched: uniform LoRA's; "
+        f"budget {budget:,} delta parameters = uniform LoRA r=4 on all 36 encoder Linear "
+        "layers; head trained and not counted; AdaLoRA 6 → 4 with tinit / tfinal / delta_t = "
+        f"{rows[0]['steps'] // 10} / {2 * rows[0]['steps'] // 5} / {max(1, rows[0]['steps'] // 50)}"
+        " steps, orthogonality weight 0.1; every run in `bench/budget_runs.jsonl`).\n\n"
         + "\n".join(lines)
         + (
-            f"\n\nSearch: {summary['trials_done']} trials, Pareto front:\n\n{summary['table']}"
+            f"\n\nSearch (reduced: LoRA only, positions qv / attn / ffn / all × rank 1-16, alpha "
+            f"2r, {len(summary_keys(summary))} of the configurations within the budget trained, "
+            f"uniform LoRA's first; picked on validation accuracy): {summary['trials_done']} "
+            f"trials, Pareto front:\n\n{summary['table']}"
             if summary
             else ""
         )
         + f"\n\nPer-matrix ranks (seed 0): `{png.relative_to(ROOT) if not scratch else png}`."
     )
     print(body)
-    if not args.no_write:
+    if not (args.no_write or args.no_section):
         from _results import write_section
 
         write_section(

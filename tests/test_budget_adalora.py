@@ -17,6 +17,7 @@ from deltatune.budget import (
     BudgetError,
     IncreLoRASchedule,
     allocation_of,
+    enforce_ranks,
     final_ranks,
     to_lora,
 )
@@ -317,6 +318,27 @@ def test_adalora_stopped_early_is_pruned_to_the_target_with_a_warning():
     with pytest.warns(UserWarning, match="before AdaLoRA's final allocation"):
         _fit(model, [sched], 5)
     assert sum(final_ranks(model, "ada").values()) == 2
+
+
+def test_enforce_ranks_prunes_triplets_that_a_best_state_restore_revived():
+    """keep_best restores λ saved before the final allocation (issue 22): the pruned triplets would
+    be live again beyond the budget that rank_mask shows; enforce_ranks zeroes them."""
+    from deltatune.budget.adalora import svd_deltas
+
+    model = Net()
+    dt.attach(model, dt.AdaLoRA(init_r=4, target_r=1, total_step=10, targets=["fc1", "fc2"]), "ada")
+    x = torch.stack([e["x"] for e in _tiny_task(4)])
+    with torch.no_grad():
+        for d in svd_deltas(model, "ada").values():  # as restored: every λ non-zero, mask of 1
+            d.lora_E.copy_(torch.tensor([[0.5], [0.4], [0.3], [0.2]]))
+            d.rank_mask.copy_(torch.tensor([True, False, False, False]))
+        before = model(x)
+    assert enforce_ranks(model, "ada") == 2 * 3 and sum(final_ranks(model, "ada").values()) == 2
+    for d in svd_deltas(model, "ada").values():
+        assert d.lora_E.view(-1).tolist() == pytest.approx([0.5, 0.0, 0.0, 0.0])
+    with torch.no_grad():
+        assert not torch.allclose(model(x), before), "the revived triplets were live"
+    assert enforce_ranks(model, "ada") == 0
 
 
 def test_increlora_grows_within_budget_without_output_jumps():

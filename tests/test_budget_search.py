@@ -13,7 +13,14 @@ import pytest
 import torch
 
 from deltatune.budget import BudgetError
-from deltatune.budget.search import SearchSetup, SearchSpace, candidates, check_backend, run_search
+from deltatune.budget.search import (
+    SearchSetup,
+    SearchSpace,
+    candidates,
+    check_backend,
+    run_search,
+    uniform_key,
+)
 from deltatune.budget.search_report import pareto_front
 
 pytest.importorskip("optuna")
@@ -180,6 +187,39 @@ def test_a_small_grid_is_searched_exhaustively_once(tmp_path):
     )
 
 
+def test_the_uniform_default_trains_first_so_the_best_is_never_below_it(tmp_path):
+    """Issue 22: a search that never tried the default could report a config below it."""
+    model = _bert()
+    space = SearchSpace(methods=("lora", "ia3"), lora_ranks=(1, 2, 4), lora_scales=(1.0, 2.0))
+    cands = candidates(model, space, 2_000, head=("classifier",))
+    # one rank on every block Linear of the 2 layers costs 2 × (4 × 64 + 2 × 69) = 788: r=2 fits
+    # 2,000, r=4 does not; of alpha = r and 2r the default's 2r
+    key = uniform_key(cands)
+    assert key == "lora r=2 alpha=4 @all"
+    calls: list[str] = []
+
+    def train(cand, trial_dir):  # the default is the best on validation here
+        calls.append(cand.key)
+        acc = 0.9 if cand.key == key else 0.5
+        return {"key": cand.key, "method": cand.method, "params": cand.params,
+                "val_accuracy": acc, "test_accuracy": acc}
+
+    summary = run_search(
+        SearchSetup(model="tiny", data="fake", budget=2_000, trials=3), cands, train, tmp_path,
+        first=(key,),
+    )
+    assert calls[0] == key and len(set(calls)) == 3 and summary["best"]["key"] == key
+    # resuming does not train it again; an unknown key is refused before anything is written
+    run_search(SearchSetup(model="tiny", data="fake", budget=2_000, trials=4), cands, train,
+               tmp_path, resume=True, first=(key,))
+    assert calls.count(key) == 1 and len(calls) == 4
+    with pytest.raises(BudgetError, match="'lora r=99' to train first is not in the space"):
+        run_search(SearchSetup(model="tiny", data="fake", budget=2_000, trials=4), cands, train,
+                   tmp_path / "x", first=("lora r=99",))
+    assert not (tmp_path / "x").exists()
+    assert uniform_key([c for c in cands if c.method == "ia3"]) is None
+
+
 def test_pareto_front_keeps_only_non_dominated_rows():
     rows = [
         {"trial": 0, "key": "a", "params": 10, "val_accuracy": 0.5},
@@ -256,6 +296,15 @@ def test_cli_search_end_to_end_on_minilm(tmp_path):
     assert (
         bad.stderr.strip().splitlines()[-1].startswith("error: no configuration")
         and not (tmp_path / "b").exists()
+    )
+    tiny = _cli(
+        "search", "--model", "minilm", "--data", "tweet-sentiment", "--budget", "100",
+        "--trials", "2", "--out", str(tmp_path / "t"),
+    )
+    assert tiny.returncode == 2 and not (tmp_path / "t").exists()
+    assert tiny.stderr.strip().splitlines()[-1] == (
+        "error: budget of 100 parameters is smaller than one rank-1 delta here (768); give a "
+        "budget of at least 768"
     )
 
 

@@ -10,7 +10,14 @@
 """
 
 from ..methods.increlora_schedule import IncreLoRASchedule
-from .adalora import AdaLoRASchedule, allocation_of, final_ranks, orthogonality_penalty, to_lora
+from .adalora import (
+    AdaLoRASchedule,
+    allocation_of,
+    enforce_ranks,
+    final_ranks,
+    orthogonality_penalty,
+    to_lora,
+)
 from .sensitivity import (
            Allocation,
            BudgetError,
@@ -29,6 +36,7 @@ __all__ = [
     "allocate_sensitivity",
     "allocation_of",
     "candidate_paths",
+    "enforce_ranks",
     "final_ranks",
     "orthogonality_penalty",
     "parse_budget",

@@ -20,13 +20,32 @@ from ..methods.adalora_schedule import (
 )
 from .sensitivity import Allocation, BudgetError, Row
 
-__all__ = ["AdaLoRASchedule", "GradTap", "Importance", "allocation_of", "final_ranks",
-           "orthogonality_penalty", "svd_deltas", "to_lora"]
+__all__ = ["AdaLoRASchedule", "GradTap", "Importance", "allocation_of", "enforce_ranks",
+           "final_ranks", "orthogonality_penalty", "svd_deltas", "to_lora"]
 
 
 def final_ranks(model: nn.Module, name: str = "default") -> dict[str, int]:
     """Live rank of every module of AdaLoRA/IncreLoRA delta ``name``."""
     return {p: d.rank for p, d in svd_deltas(model, name).items()}
+
+
+@torch.no_grad()
+def enforce_ranks(model: nn.Module, name: str = "default") -> int:
+    """Zero the λ of every triplet outside ``rank_mask``; returns how many were live outside it.
+
+    AdaLoRA's forward uses λ as it is (pruning zeroes it in place), so a trainer that restores its
+    best-evaluated tensors (``TrainConfig.keep_best``) from an evaluation *before* the final
+    allocation brings pruned triplets back: the model then holds more than ``target_r × modules``
+    live triplets while ``rank_mask`` still shows the budget. Call this after ``fit`` to hold the
+    budget (the search and bench/bench_budget.py do)."""
+    revived = 0
+    for d in svd_deltas(model, name).values():
+        if getattr(d, "gated", False):  # IncreLoRA: the forward already multiplies by the mask
+            continue
+        off = ~d.rank_mask
+        revived += int((d.lora_E[off] != 0).any(dim=1).sum()) if off.any() else 0
+        d.lora_E.masked_fill_(off.unsqueeze(1), 0.0)
+    return revived
 
 
 def allocation_of(

@@ -173,7 +173,7 @@ def candidates(
     if budget < smallest:
         raise BudgetError(
             f"budget of {budget:,} parameters is smaller than one rank-1 delta here "
-            f"({smallest:,}); give a larger budget"
+            f"({smallest:,}); give a budget of at least {smallest:,}"
         )
     fits, over = [], []
     for key, method, options in _grid(space):
@@ -200,6 +200,20 @@ def candidates(
             "options"
         )
     return fits
+
+
+def uniform_key(cands: list[Candidate]) -> str | None:
+    """The key of the plain default among ``cands``: uniform LoRA on every block's Linear layers
+    (position ``all``) with the largest rank that fits the budget, ``alpha = 2r`` where the space
+    has it. The search trains it first, so the configuration it reports as best (highest
+    validation accuracy) is never below the default on validation; None when the space has no
+    such LoRA."""
+    lora = [c for c in cands if c.method == "lora" and c.key.endswith(" @all")]
+    if not lora:
+        return None
+    return max(
+        lora, key=lambda c: (c.params, c.options.get("alpha") == 2 * c.options.get("r", 0))
+    ).key
 
 
 @dataclass
@@ -244,18 +258,31 @@ class Study:
     (multi-objective TPE over the candidate keys, maximise val accuracy, minimise parameters) and
     the rule that every trial trains a configuration not trained (or in flight) before.
 
+    ``first``: configuration keys trained before the sampler proposes anything (the default
+    configuration, so that the best one found is never below it on validation).
+
     Ask/tell rather than ``optimize()``: a configuration the sampler proposes again is told PRUNED
     (the sampler ignores it; its number is skipped in ``trial_N``) and, after a few repeats, an
     unseen one is enqueued. Trials left RUNNING by a crash or Ctrl-C are marked failed and run again
     under a new number."""
 
-    def __init__(self, setup: SearchSetup, cands: list[Candidate], out: Path, resume: bool) -> None:
+    def __init__(
+        self,
+        setup: SearchSetup,
+        cands: list[Candidate],
+        out: Path,
+        resume: bool,
+        first: tuple[str, ...] = (),
+    ) -> None:
         import optuna
 
         from ..io.files import write_json
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         setup.keys = [c.key for c in cands]
+        unknown = [k for k in first if k not in setup.keys]
+        if unknown:  # before anything is written
+            raise BudgetError(f"configuration {unknown[0]!r} to train first is not in the space")
         record = out / "search.json"
         if resume and record.is_file():
             differs = setup.same_run(json.loads(record.read_text()))
@@ -281,6 +308,13 @@ class Study:
             t.params["config"]
             for t in self.study.get_trials(deepcopy=False, states=[self.State.COMPLETE])
         }
+        waiting = {  # an enqueued trial holds its parameters as fixed_params until it is asked
+            t.system_attrs.get("fixed_params", {}).get("config")
+            for t in self.study.get_trials(deepcopy=False, states=[self.State.WAITING])
+        }
+        for key in first:  # trained before the sampler proposes anything (e.g. the default)
+            if key not in self.seen | waiting:
+                self.study.enqueue_trial({"config": key})
         self.pending: dict[int, Any] = {}  # trial number -> optuna trial, asked and not yet told
         self.rng = random.Random(setup.seed + len(self.study.trials))
         self.target = min(setup.trials, len(cands))
@@ -344,6 +378,7 @@ def run_search(
     backend: Literal["optuna", "ray"] = "optuna",
     workers: int = 2,
     progress: Callable[[str], None] | None = None,
+    first: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Run (or continue) the study until ``setup.trials`` distinct configurations are trained (or
     the whole grid, if smaller); return the summary.
@@ -353,12 +388,13 @@ def run_search(
     ``backend="optuna"`` runs the trials one after another in this process; ``"ray"`` runs
     ``workers`` of them at a time in local Ray Tune worker processes
     (:mod:`deltatune.budget.search_ray`), from the same study, so the two backends resume each
-    other's studies and write the same files."""
+    other's studies and write the same files. ``first``: configuration keys trained before the
+    sampler proposes any (see :func:`uniform_key`)."""
     check_backend(backend)
     if backend == "ray" and workers < 1:
         raise BudgetError(f"workers={workers}: the ray backend needs at least 1 worker")
     out = Path(out).resolve()
-    study = Study(setup, cands, out, resume)
+    study = Study(setup, cands, out, resume, tuple(first))
     if backend == "ray":
         from .search_ray import run_ray
 
@@ -391,7 +427,7 @@ def text_trainer(setup: SearchSetup, space: SearchSpace) -> TrialFn:
     from ..io.files import write_json
     from ..models import load_model
     from ..train import TrainConfig, evaluate, fit
-    from .adalora import final_ranks
+    from .adalora import enforce_ranks, final_ranks
 
     splits = {
         s: load_data(setup.data, s, seed=setup.seed, limit=setup.limit)
@@ -424,6 +460,13 @@ def text_trainer(setup: SearchSetup, space: SearchSpace) -> TrialFn:
             spec_callbacks=True,
         )  # AdaLoRA's schedule
         val = result.best.get("accuracy", result.final.get("accuracy", 0.0))
+        try:  # the best tensors may predate AdaLoRA's final allocation: hold the budget, re-score
+            if enforce_ranks(entry.model, "default"):
+                val = evaluate(entry.model, splits["val"], entry.collate, task=entry.task).get(
+                    "accuracy", val
+                )
+        except BudgetError:
+            pass  # not an SVD-form delta
         test = evaluate(entry.model, splits["test"], entry.collate, task=entry.task)
         metrics = {
             "key": cand.key,

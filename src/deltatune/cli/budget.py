@@ -21,6 +21,7 @@ def run_allocate(
     batch_size: int = 16,
     seed: int = 0,
     steps: int = 50,
+    sparse: bool = False,
 ):
     """The allocation; every name is checked first. ``sensitivity`` trains nothing; ``adalora``
     allocates while training, so it runs a short AdaLoRA warm-up (``steps`` optimizer steps on
@@ -65,7 +66,9 @@ def run_allocate(
     def loss(m, b):
         return compute_loss(forward(m, b), labels_of(b, kind), entry.task)
 
-    return allocate_sensitivity(entry.model, chunks, count, loss, paths=paths)
+    return allocate_sensitivity(
+        entry.model, chunks, count, loss, paths=paths, sparse=sparse
+    )
 
 
 def _adalora_warmup(
@@ -110,8 +113,8 @@ def register(app: typer.Typer) -> None:
     @app.command(
         "allocate",
         help=(
-            "Allocate a parameter budget over a model's matrices (LoRA ranks + sparse entries), "
-            "without training."
+            "Allocate a parameter budget over a model's matrices (LoRA ranks, optionally sparse "
+            "entries), without training."
         ),
         epilog=(
             "Examples:\n\n"
@@ -120,6 +123,7 @@ def register(app: typer.Typer) -> None:
             "query,key,value,dense\n\n"
             "  deltatune allocate --model minilm --data tweet-sentiment --budget 0.5% --method "
             "adalora --steps 100\n\n"
+            "  deltatune allocate --model minilm --data tweet-sentiment --budget 0.5% --sparse\n\n"
             "Prints one line per candidate matrix: its share of the sensitivity (adalora: of the "
             "kept triplets' importance), and the LoRA rank or the number of sparse entries it "
             "gets. sensitivity trains nothing; adalora allocates during training, so it runs a "
@@ -150,9 +154,15 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(16, "--batch-size"),
         seed: int = typer.Option(0, "--seed"),
         steps: int = typer.Option(50, "--steps", help="adalora: optimizer steps of the warm-up"),
+        sparse: bool = typer.Option(
+            False,
+            "--sparse",
+            help="sensitivity: SPT's split, sparse entries where a matrix has less than a rank-1 "
+            "LoRA's worth (default: LoRA ranks only; train sparse entries at a small lr)",
+        ),
     ) -> None:
         alloc = run_allocate(model, data, budget, method=method, targets=targets, batches=batches,
-                             batch_size=batch_size, seed=seed, steps=steps)
+                             batch_size=batch_size, seed=seed, steps=steps, sparse=sparse)
         for line in alloc.lines():
             typer.echo(line)
         typer.echo(f"budget {alloc.budget:,} parameters, allocated {alloc.used:,}")

@@ -46,6 +46,7 @@ def run_search_job(
         check_backend,
         run_search,
         text_trainer,
+        uniform_key,
     )
     from ..data import load_data
     from ..models import load_model
@@ -83,6 +84,7 @@ def run_search_job(
     track = train_settings.tracker(report_to, Path(out), run_name="search",
                                    config={"model": model, "data": data, "budget": count,
                                            "max_steps": max_steps, **(train_options or {})})
+    baseline = uniform_key(cands)  # trained first: the best found is never below it on validation
     out = prepare_out(Path(out), overwrite, resume=resume, inputs=[data, model],
                       keep_on_error=("study.db", "search.json"))  # what --resume continues
     if say:
@@ -90,6 +92,7 @@ def run_search_job(
         say(
             f"{len(cands)} configurations fit the budget of {count:,} parameters; {trials} "
             f"trials{parallel}, {max_steps} steps each; study in {out / 'study.db'}"
+            + (f"; the first trains the uniform default, {baseline}" if baseline else "")
         )
     summary = run_search(
         setup,
@@ -100,9 +103,11 @@ def run_search_job(
         backend=backend,  # type: ignore[arg-type]
         workers=workers,
         progress=say,
+        first=(baseline,) if baseline else (),
     )
     results = {
         **summary,
+        "baseline": baseline,
         "space": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(space).items()},
         "candidates": len(cands),
     }
