@@ -125,6 +125,21 @@ def test_real_digits_far_shift_is_found_and_scorers_round_trip(digits_model, tmp
     assert one.shape == (5,) and torch.isfinite(one).all()
 
 
+@pytest.mark.parametrize("method", ["mahalanobis", "vim", "knn"])
+def test_thresholds_hold_with_a_reference_barely_wider_than_the_features(method):
+    # 120 samples of 40 features: in-sample Gaussians/subspaces fit the reference's noise, so an
+    # in-sample threshold would flag a large share of new in-distribution inputs
+    g = torch.Generator().manual_seed(0)
+    ref, fresh = torch.randn(120, 40, generator=g), torch.randn(2000, 40, generator=g)
+    head = (torch.randn(3, 40, generator=g), torch.zeros(3))
+    logits = lambda x: x @ head[0].T  # noqa: E731
+    scorer = dd.OODScorer.fit_representations(method, features=ref, logits=logits(ref),
+                                              head=head)
+    flagged = float((scorer.score_representations(fresh, logits(fresh)) > scorer.threshold)
+                    .double().mean())
+    assert flagged < 0.15, flagged
+
+
 def test_bad_inputs_are_one_line_errors(digits_model):
     model, train, test, _ = digits_model
     f, y = _gaussians()

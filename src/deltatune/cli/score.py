@@ -108,8 +108,7 @@ def run_score(
             method, features=ref_f, logits=ref_z, labels=labels, head=head, layer=layer,
             quantile=quantile, **(options or {}))
     scores = scorer.score_representations(x_f, x_z)  # checked before anything is written
-    ref_scores = (scorer.score_representations(ref_f, ref_z, leave_one_out=True)
-                  if ref_f is not None or ref_z is not None else None)
+    ref_scores = scorer.reference_scores  # out-of-sample; None for a loaded scorer
     out = prepare_out(out, overwrite, inputs=[inputs, reference, model, adapter, scorer_dir,
                                               reference_labels])
     scorer.save(out / "scorer")

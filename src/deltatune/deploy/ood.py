@@ -224,13 +224,32 @@ def head_of(model: nn.Module, layer: str | None = None) -> tuple[torch.Tensor, t
     return module.weight.detach().double().cpu(), bias.detach().double().cpu()
 
 
+def _cross_fitted(rule: ScoreMethod, f: torch.Tensor, z: torch.Tensor | None,
+                  kwargs: dict[str, Any], opts: dict[str, Any], folds: int = 5) -> torch.Tensor:
+    """Out-of-sample scores of the reference: each fifth scored by a fit on the other four. A
+    Gaussian or a subspace fitted on the very samples it scores fits their noise too, so in-sample
+    scores run low and a threshold from them flags far more than ``1 - quantile`` of new
+    in-distribution inputs when the reference is not much larger than the feature width."""
+    n = len(f)
+    fold = torch.randperm(n, generator=torch.Generator().manual_seed(0)) % folds
+    out = torch.empty(n, dtype=torch.float64)
+    score_opts = {k: v for k, v in opts.items() if v is not None}
+    for k in range(folds):
+        held, kept = fold == k, fold != k
+        part = {key: (v[kept] if key == "labels" else v) for key, v in kwargs.items()}
+        state = rule.fit(features=f[kept], logits=None if z is None else z[kept], **part)
+        out[held] = rule.score(state, features=f[held], logits=None if z is None else z[held],
+                               **score_opts).double()
+    return out
+
+
 # -- the scorer -----------------------------------------------------------------------------------
 class OODScorer:
     """A fitted per-input OOD score (see the module docs); higher scores = more unusual inputs.
 
-    ``threshold`` is the ``quantile`` of the reference's own scores (leave-one-out for ``knn``):
-    ``flags`` marks inputs above it, so about ``1 - quantile`` of in-distribution inputs are
-    flagged by construction.
+    ``threshold`` is the ``quantile`` of the reference's own out-of-sample scores (leave-one-out
+    for ``knn``, 5-fold cross-fitted for ``mahalanobis`` and ``vim``): ``flags`` marks inputs above
+    it, so about ``1 - quantile`` of in-distribution inputs are flagged by construction.
     """
 
     def __init__(self, method: str, state: dict[str, torch.Tensor], options: dict[str, Any], *,
@@ -240,6 +259,8 @@ class OODScorer:
         self.width, self.classes, self.layer = width, classes, layer
         self.threshold, self.quantile = threshold, quantile
         self.rule = SCORES.get(method)
+        #: out-of-sample scores of the reference after a fit (None after ``load``)
+        self.reference_scores: torch.Tensor | None = None
 
     # fitting
     @classmethod
@@ -287,7 +308,11 @@ class OODScorer:
         scorer = cls(method, state, opts, width=None if f is None else f.shape[1],
                      classes=None if z is None else z.shape[1], layer=layer, threshold=math.inf,
                      quantile=quantile)
-        ref = scorer._score(f, z, leave_one_out=True)
+        if "features" in rule.needs and method != "knn" and n >= 20:
+            ref = _cross_fitted(rule, f, z, kwargs, opts)
+        else:  # nothing fitted (msp, energy) or leave-one-out (knn): already out-of-sample
+            ref = scorer._score(f, z, leave_one_out=True)
+        scorer.reference_scores = ref
         scorer.threshold = float(torch.quantile(ref, quantile))
         return scorer
 
