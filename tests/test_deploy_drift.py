@@ -185,3 +185,21 @@ def test_monitor_cli_writes_a_timeline(tmp_path, capsys):
     assert main(["monitor", "--reference", str(tmp_path / "clean.npy"), "--stream",
                  str(tmp_path / "clean.npy"), "--window", "50", "--out", str(bad)]) == 2
     assert "needs at least 200" in capsys.readouterr().err and not bad.exists()
+
+
+def test_monitor_cli_with_a_model_adapts_on_alarm(tmp_path):
+    """The model path: features from a bundled CNN, digits then MNIST, BatchNorm adaptation
+    switched on at the first alarm while the detector keeps the unadapted model's features."""
+    out = tmp_path / "run"
+    code = main(["monitor", "--model", "small-cnn", "--reference", "digits", "--reference-split",
+                 "train", "--reference-limit", "400", "--stream", "digits", "--stream", "mnist",
+                 "--limit", "100", "--ert", "2000", "--window", "20", "--bootstraps", "100",
+                 "--adapt", "bn", "--out", str(out)])
+    assert code == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["samples"] == 200 and res["adapt"] == "bn"
+    first = res["first_alarm_per_segment"]
+    assert first["mnist"] is not None and 100 < first["mnist"] <= 130
+    assert any(a.get("adapted_from_here") for a in res["alarms"])
+    assert res["running_error"] is not None and res["source_error"] is not None
+    assert (out / "timeline.png").read_bytes()[:4] == b"\x89PNG"
