@@ -148,6 +148,10 @@ def main(argv: list[str]) -> None:
         result = fit(model, TRAIN, collate, config(world, save_every=2), eval_data=EVAL,
                      out_dir=out / "resumed", resume=True, task="text-classification")
         report["resumed_from_step"] = result.resumed_from_step
+        # an unsharded (DDP) fit after the sharded ones, in the same processes
+        ddp = fit(build("lora"), TRAIN, collate, config(world, fsdp=False, max_steps=1),
+                  task="text-classification")
+        report["ddp_after_fsdp_steps"] = ddp.steps
         if rank == 0:
             save(model, "lora", out / "resumed_saved")
     (out / f"report_{world}_rank{rank}.json").write_text(json.dumps(report, indent=1))

@@ -35,6 +35,7 @@ def test_fsdp_two_processes_equal_one_process_and_resume(tmp_path):
         assert info["local_trainable"] <= info["trainable"] * 0.6
         assert sum(r[kind]["local_trainable"] for r in reports) == info["trainable"]
     assert reports[0]["resumed_from_step"] == 2
+    assert reports[0]["ddp_after_fsdp_steps"] == 1  # accelerate's state is handed back
 
     torch.set_num_threads(1)
     for kind, file in (("lora", "delta.safetensors"), ("full", "model.safetensors")):

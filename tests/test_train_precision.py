@@ -122,6 +122,7 @@ def test_cli_continual_trains_with_settings_and_records_them(tmp_path, capsys):
             assert logged[(t + 1, f"accuracy/{name}")] == pytest.approx(acc)
     last = len(results["accuracy_matrix"])
     assert logged[(last, "average_accuracy")] == pytest.approx(results["average_accuracy"])
+    assert results["train"]["precision"] == "bf16" and results["train"]["grad_accum"] == 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

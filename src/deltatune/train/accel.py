@@ -150,9 +150,25 @@ def enable_fsdp(acc: Any) -> None:
         fsdp_version=2, reshard_after_forward=True, cpu_ram_efficient_loading=False
     )
     state = AcceleratorState()
+    _SET_BY_US[id(state)] = state.distributed_type  # what a later unsharded fit returns to
     state.distributed_type = DistributedType.FSDP
     state.fsdp_plugin = plugin
     acc.state.fsdp_plugin = plugin
+
+
+def disable_fsdp(acc: Any) -> None:
+    """Undo :func:`enable_fsdp` for an unsharded run after a sharded one in the same processes
+    (accelerate's state is process-wide); FSDP that accelerate set up itself is left alone."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState()
+    previous = _SET_BY_US.pop(id(state), None)
+    if previous is not None:
+        state.distributed_type = previous
+        state.fsdp_plugin = None
+
+
+_SET_BY_US: dict[int, Any] = {}
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:

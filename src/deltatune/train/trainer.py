@@ -149,6 +149,8 @@ class _Run:
             prepared = self.acc.prepare(model, build_optimizer(trainable_parameters(model), cfg))
             self.wrapped, self.opt = prepared[0], prepared[1].optimizer
         else:
+            if self.world > 1:
+                accel.disable_fsdp(self.acc)  # a sharded fit earlier in these processes
             # The DDP wrapper under accelerate launch. Wrapping may replace buffer tensors, so
             # every reference to the model's tensors is taken after it.
             self.wrapped = self.acc.prepare_model(model)
