@@ -19,8 +19,10 @@ Each configuration runs in its own processes under ``nice -n 5`` (peak RSS = tha
 * ``merge``: the int4 adapter merged with ``dt.merge(model, requantize=True)``: the per-layer
   re-quantization error and exact match after merging vs before.
 
-Reduced for a shared 2-core CPU (run at a load average near 20): STEPS=30 at batch 8 (240
-training examples, one pass), EVAL=100 test prompts, one seed.
+Reduced for a shared 2-core CPU: the session that ran it had the machine at a load average of
+20-25 (about a tenth of a core per process), so STEPS=4 at batch 8 (32 training examples), EVAL=40
+test prompts, one seed: enough for peak RSS (reached in the first steps) and the step-time ratio,
+not for a task figure after training (``--steps 60 --eval 200`` on a free machine; not run).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ CACHE = ROOT / ".cache" / "bench_quant"
 ROWS = CACHE / "rows.jsonl"
 RUNS = CACHE / "runs"
 TASK = "tweet-sentiment-chat"
-STEPS, BATCH, LIMIT, EVAL, LR = 30, 8, 240, 100, 1e-3
+STEPS, BATCH, LIMIT, EVAL, LR = 4, 8, 32, 40, 1e-3
 CONFIGS = ("float32", "int8", "int4", "gguf")  # table order
 RUN_ORDER = ("gguf", "int4", "float32", "int8")  # the 4-bit rows first: the issue's aims
 LORA = ["--rank", "8", "--alpha", "16", "--targets", "q_proj,v_proj"]
@@ -160,8 +162,8 @@ def worker_layers(out: Path) -> None:
 # ------------------------------------------------------------------------------------ parts
 
 def run_worker(args: list[str], out: Path) -> dict:
-    res = measured([PY, str(Path(__file__).resolve()), "--worker", *args, "--out", str(out)],
-                   out.with_suffix(".log"))
+    res = measured([PY, str(Path(__file__).resolve()), "--worker", *args, "--out", str(out),
+                    "--eval", str(EVAL)], out.with_suffix(".log"))
     res.update(read_json(out))
     return res
 
@@ -194,9 +196,11 @@ def eval_run(c: str, name: str, merge: bool = False, loftq: bool = False) -> dic
 def part_train(rows: dict) -> None:
     for c in RUN_ORDER:
         cached(rows, f"train|{c}|{STEPS}x{BATCH}", lambda: train_run(c, [], c))
-        if c == "int4":
-            part_merge(rows)
-        else:
+
+
+def part_eval(rows: dict) -> None:
+    for c in RUN_ORDER:
+        if c != "int4":
             cached(rows, f"eval|{c}|{EVAL}", lambda: eval_run(c, c))
 
 
@@ -205,8 +209,11 @@ def part_merge(rows: dict) -> None:
     cached(rows, f"eval+merge|int4|{EVAL}", lambda: eval_run("int4", "int4", merge=True))
 
 
-def part_loftq(rows: dict) -> None:
+def part_layers(rows: dict) -> None:
     cached(rows, "layers|int4", lambda: run_worker(["layers", "int4"], RUNS / "layers.json"))
+
+
+def part_loftq(rows: dict) -> None:
     cached(rows, f"train|int4-loftq|{STEPS}x{BATCH}",
            lambda: train_run("int4", ["--opt", "init=loftq"], "int4-loftq"))
     cached(rows, f"eval|int4-loftq|{EVAL}", lambda: eval_run("int4", "int4-loftq", loftq=True))
@@ -226,13 +233,14 @@ def render(rows: dict) -> str:
              f"quantized base, greedy, on {EVAL} test prompts; each number from its own process "
              "on a shared 2-core CPU; reduced from the issue's full runs as the script's "
              "docstring says).", "",
-             "| base | load peak RSS | train peak RSS | x float32 | step time x float32 | "
-             "exact match | vs float32 |", "|---|---|---|---|---|---|---|"]
+             "| base | weights in memory | load peak RSS | train peak RSS | x float32 | "
+             "step time x float32 | train CPU s x float32 | exact match | vs float32 |",
+             "|---|---|---|---|---|---|---|---|---|"]
     ref_train = rows.get(f"train|float32|{STEPS}x{BATCH}", {})
     ref_eval = rows.get(f"eval|float32|{EVAL}", {})
 
     def step(row):
-        tp = row.get("throughput")
+        tp = (row.get("throughput") or {}).get("samples_per_second")
         return BATCH / tp if tp else None
 
     for c in CONFIGS:
@@ -242,10 +250,15 @@ def render(rows: dict) -> str:
         ratio = (tr.get("peak_rss_mb") / ref_train["peak_rss_mb"]
                  if tr.get("peak_rss_mb") and ref_train.get("peak_rss_mb") else None)
         st = (step(tr) / step(ref_train) if step(tr) and step(ref_train) else None)
+        cpu = (tr["cpu_s"] / ref_train["cpu_s"] if tr.get("cpu_s") and ref_train.get("cpu_s")
+               else None)  # the whole process's CPU seconds: less sensitive to the machine's load
         em, em0 = ev.get("exact_match"), ref_eval.get("exact_match")
         diff = 100 * (em - em0) if em is not None and em0 is not None else None
-        lines.append(f"| {c} | {_f(load.get('peak_rss_mb'), '{:.0f} MB')} | "
+        held = (load["quantized_mb"] + load["float_mb"]) if "float_mb" in load else None
+        lines.append(f"| {c} | {_f(held, '{:.0f} MB')} | "
+                     f"{_f(load.get('peak_rss_mb'), '{:.0f} MB')} | "
                      f"{_f(tr.get('peak_rss_mb'), '{:.0f} MB')} | {_f(ratio)} | {_f(st)} | "
+                     f"{_f(cpu)} | "
                      f"{_f(None if em is None else 100 * em, '{:.1f}')} | "
                      f"{_f(diff, '{:+.1f}')} |")
     lay = rows.get("layers|int4", {})
@@ -276,15 +289,20 @@ def render(rows: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global STEPS, EVAL, LIMIT
     p = argparse.ArgumentParser()
     p.add_argument("--worker", nargs="+")
     p.add_argument("--out", type=Path)
     p.add_argument("--adapter", type=Path)
     p.add_argument("--merge", action="store_true")
     p.add_argument("--loftq", action="store_true")
-    p.add_argument("--only", nargs="+", default=["load", "train", "loftq"])
+    p.add_argument("--only", nargs="+", default=["load", "train", "layers", "merge", "eval",
+                                                 "loftq"])
+    p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--eval", type=int, default=EVAL)
     p.add_argument("--cached-only", action="store_true")
     args = p.parse_args(argv)
+    STEPS, EVAL, LIMIT = args.steps, args.eval, args.steps * BATCH
     if args.worker:
         kind = args.worker[0]
         if kind == "load":
@@ -297,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = load_rows()
     if not args.cached_only:
         parts = {"load": part_load, "train": part_train, "merge": part_merge,
-                 "loftq": part_loftq}
+                 "eval": part_eval, "layers": part_layers, "loftq": part_loftq}
         for name in args.only:
             parts[name](rows)
     text = render(rows)
