@@ -133,20 +133,24 @@ def main() -> None:
     ap.add_argument("--no-transformers", action="store_true",
                     help="skip transformers' GGUF loader (about a minute per file)")
     ap.add_argument("--no-write", action="store_true", help="do not touch bench/RESULTS.md")
+    ap.add_argument("--llama-cpp-only", action="store_true",
+                    help="run llama.cpp on the files of an earlier run (WORK/raw.json)")
     ap.add_argument("--report-only", action="store_true",
                     help="rebuild the section from WORK/raw.json of an earlier run")
     args = ap.parse_args()
     if args.report_only:
         _report(json.loads((args.work / "raw.json").read_text()), args)
         return
+    if args.llama_cpp_only:
+        _reuse(args)
+        return
 
     import torch
 
     import deltatune as dt
     from deltatune.cli.train import load_trained, run_export
-    from deltatune.io.gguf_export import load_gguf_weights, write_gguf
+    from deltatune.io.gguf_export import load_gguf_weights
     from deltatune.models import load_model
-    from deltatune.models.gguf import smollm2_gguf
     from deltatune.models.text import offline_transformers
 
     torch.manual_seed(0)
@@ -203,28 +207,7 @@ def main() -> None:
         rows[q] = row
         print(q, json.dumps({k: v for k, v in row.items()}), flush=True)
 
-    # llama.cpp, where llama-cpp-python is installed
-    cpp: dict[str, dict] = {}
-    try:
-        import llama_cpp  # noqa: F401
-
-        have_cpp = True
-    except ImportError:
-        have_cpp = False
-    if have_cpp:
-        base_f16 = work / "base-f16.gguf"
-        base = load_model("smollm2").model.lm
-        write_gguf(base, base_f16, quant="f16", tokenizer=smollm2_gguf())
-        del base
-        lora = exports["gguf-lora"]["dir"] / exports["gguf-lora"]["file"]
-        runs = {q: (exports[q]["dir"] / exports[q]["file"], None) for q in QUANTS}
-        runs["lora on base f16"] = (base_f16, lora)
-        runs["lora on bundled Q4_1"] = (smollm2_gguf(), lora)
-        for label, (path, with_lora) in runs.items():
-            logits, text = _llama_cpp(path, prompts, args.new_tokens, with_lora)
-            cpp[label] = {"maxdiff": _maxdiff(logits, ref), "top1": _agree(logits, ref),
-                          "text": text}
-            print("llama.cpp", label, json.dumps(cpp[label]), flush=True)
+    cpp = _run_llama_cpp(work, exports, prompts, ref, args.new_tokens)
 
     raw = {"exports": {k: {**v, "dir": str(v["dir"])} for k, v in exports.items()},
            "rows": rows, "cpp": cpp, "effect": effect, "merged_text": merged_text,
@@ -232,6 +215,48 @@ def main() -> None:
            "argv": sys.argv[1:], "steps": args.steps, "limit": args.limit,
            "new_tokens": args.new_tokens}
     (work / "raw.json").write_text(json.dumps(raw, indent=1))
+    _report(raw, args)
+
+
+def _run_llama_cpp(work: Path, exports: dict, prompts, ref, n_new: int) -> dict[str, dict]:
+    """llama.cpp on the merged files, and on the LoRA file applied to the base's f16 GGUF and to
+    the bundled Q4_1 GGUF; ``{}`` when llama-cpp-python is not importable."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return {}
+    from deltatune.io.gguf_export import write_gguf
+    from deltatune.models import load_model
+    from deltatune.models.gguf import smollm2_gguf
+
+    base_f16 = work / "base-f16.gguf"
+    base = load_model("smollm2").model.lm
+    write_gguf(base, base_f16, quant="f16", tokenizer=smollm2_gguf())
+    del base
+    lora = Path(exports["gguf-lora"]["dir"]) / exports["gguf-lora"]["file"]
+    runs = {q: (Path(exports[q]["dir"]) / exports[q]["file"], None) for q in QUANTS}
+    runs["lora on base f16"] = (base_f16, lora)
+    runs["lora on bundled Q4_1"] = (smollm2_gguf(), lora)
+    cpp = {}
+    for label, (path, with_lora) in runs.items():
+        logits, text = _llama_cpp(path, prompts, n_new, with_lora)
+        cpp[label] = {"maxdiff": _maxdiff(logits, ref), "top1": _agree(logits, ref),
+                      "text": text}
+        print("llama.cpp", label, json.dumps(cpp[label]), flush=True)
+    return cpp
+
+
+def _reuse(args) -> None:
+    """``--llama-cpp-only``: llama.cpp on the files of an earlier run (WORK/raw.json), e.g. once
+    llama-cpp-python has finished building; the section is rewritten with its figures."""
+    from deltatune.cli.train import load_trained
+
+    raw = json.loads((args.work / "raw.json").read_text())
+    entry, _ = load_trained(None, args.work / "run" / "adapter")
+    prompts = _prompts(entry.collate.tokenizer, raw["prompts"])
+    ref = _logits(entry.model.lm, prompts)
+    raw["cpp"] = _run_llama_cpp(args.work, raw["exports"], prompts, ref, raw["new_tokens"])
+    (args.work / "raw.json").write_text(json.dumps(raw, indent=1))
     _report(raw, args)
 
 
