@@ -104,6 +104,7 @@ def test_linear_methods_train_on_a_quantized_base(method):
     with torch.no_grad():
         before = model(x)
     dt.attach(model, spec)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     for _ in range(2):
         opt.zero_grad()
@@ -114,8 +115,10 @@ def test_linear_methods_train_on_a_quantized_base(method):
     assert x.grad is not None and x.grad.abs().sum() > 0  # activations get gradients
     for layer, before_blocks in zip(layers, blocks):  # the blocks never change
         assert all(torch.equal(a, b) for a, b in zip(layer.buffers(), before_blocks))
+    moved = [n for n, p in model.named_parameters() if n in start and not torch.equal(p, start[n])]
+    assert moved  # the delta did train (SVD-form deltas start at E = 0 and move little in 2 steps)
     with torch.no_grad():
-        assert (model(x) - before).abs().max() > 1e-6  # the delta did train
+        assert (model(x) - before).abs().max() > 0
 
 
 def test_backward_keeps_no_float_copy_of_a_quantized_weight():
