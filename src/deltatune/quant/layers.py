@@ -125,7 +125,13 @@ def _torchao_int8(weight: torch.Tensor, group: int | None) -> torch.Tensor:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from torchao.quantization import Int8WeightOnlyConfig, PerGroup, quantize_
+        try:
+            from torchao.quantization import Int8WeightOnlyConfig, PerGroup, quantize_
+        except ImportError:
+            raise ValueError(
+                'int8 needs torchao, which is not installed: pip install "deltatune[quant]" '
+                "(or use int4, nf4 or a GGUF block type, which need nothing more)"
+            ) from None
     holder = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device)
     with torch.no_grad():
         holder.weight.copy_(weight.detach().float())
