@@ -216,7 +216,7 @@ def register(app: typer.Typer) -> None:
             "tweet-sentiment:airlines --stream tweet-sentiment:airlines --stream "
             "tweet-sentiment:nfl --limit 400 --ert 500 --out runs/monitor\n\n"
             "  deltatune monitor --model small-cnn --adapter runs/mnist/adapter --reference mnist "
-            "--stream mnist-c:fog:3 --ert 500 --adapt bn\n\n"
+            "--stream mnist-c:brightness:3 --ert 500 --adapt bn\n\n"
             "  deltatune monitor --reference ref_feats.npy --stream live_feats.npy --ert 1000 "
             "--window 100 --detector lsdd"
         ),
