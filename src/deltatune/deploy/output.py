@@ -109,6 +109,26 @@ def _no_linear(model: nn.Module) -> bool:
     return not any(isinstance(m, nn.Linear) for m in model.modules())
 
 
+def track_prior(owner: Any, probs: torch.Tensor, method: str, **em: Any) -> torch.Tensor:
+    """Add a batch's source posteriors ``probs`` (N, C) to ``owner``'s window of recent ones
+    (``owner.buffer``, at most ``owner.window`` rows), re-estimate the target prior over that window
+    by EM into ``owner.prior``, and return the source prior it is measured against (``owner.
+    source_prior``, uniform when unset) on ``probs``' device."""
+    c = probs.shape[-1]
+    source = owner.source_prior
+    if source is None:
+        source = torch.full((c,), 1.0 / c, dtype=torch.float64)
+    if source.numel() != c:
+        raise DeployError(
+            f"{method}: source_prior has {source.numel()} classes but the model predicts {c}"
+        )
+    source = source.to(probs.device)
+    seen = probs if owner.buffer is None else torch.cat([owner.buffer, probs])
+    owner.buffer = seen[-owner.window :]
+    owner.prior = em_prior(owner.buffer, source, **em)
+    return source
+
+
 def em_prior(
     probs: torch.Tensor, source_prior: torch.Tensor, *, max_iter: int = 100, tol: float = 1e-6
 ) -> torch.Tensor:
@@ -166,18 +186,7 @@ class EMPrior(TTAWrapper):
         output = self.model(*args, **kwargs)
         logits = self.logits(output)
         probs = (logits.double() / self.temperature).softmax(-1)
-        c = probs.shape[-1]
-        source = self.source_prior
-        if source is None:
-            source = torch.full((c,), 1.0 / c, dtype=torch.float64)
-        if source.numel() != c:
-            raise DeployError(
-                f"em: source_prior has {source.numel()} classes but the model predicts {c}"
-            )
-        source = source.to(probs.device)
-        seen = probs if self.buffer is None else torch.cat([self.buffer, probs])
-        self.buffer = seen[-self.window :]
-        self.prior = em_prior(self.buffer, source, max_iter=self.max_iter)
+        source = track_prior(self, probs, "em", max_iter=self.max_iter)
         adjusted = probs * (self.prior / source)
         adjusted = adjusted / adjusted.sum(-1, keepdim=True)
         return with_logits(output, torch.log(adjusted.clamp_min(1e-300)).to(logits.dtype))

@@ -14,7 +14,7 @@ from .base import GradientTTA, OptimizerChoice, TTAWrapper, register_method
 from .batch import with_logits
 from .errors import DeployError
 from .norm import BatchNormStats, StatsMode, norm_param_names
-from .output import _as_prior, em_prior
+from .output import _as_prior, track_prior
 
 
 def _entropy(q: torch.Tensor) -> torch.Tensor:
@@ -146,18 +146,7 @@ class Safe(GradientTTA):
             if self.bn_stats is not None:
                 self.bn_stats.track = True
         p_ref = self._posteriors(ref)
-        c = p_ref.shape[-1]
-        source = self.source_prior
-        if source is None:
-            source = torch.full((c,), 1.0 / c, dtype=torch.float64)
-        if source.numel() != c:
-            raise DeployError(
-                f"safe: source_prior has {source.numel()} classes but the model predicts {c}"
-            )
-        source = source.to(p_ref.device)
-        seen = p_ref if self.buffer is None else torch.cat([self.buffer, p_ref])
-        self.buffer = seen[-self.window :]
-        self.prior = em_prior(self.buffer, source)
+        source = track_prior(self, p_ref, "safe")
         ratio = (self.prior / source).float()
         q_ref = _normalise(p_ref.float() * ratio)
         q = _normalise((logits.float() / self.temperature).softmax(-1) * ratio)  # differentiable
