@@ -8,6 +8,7 @@ one-line reason on bad input (``DeltaError`` and other ``ValueError``s become ``
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import pkgutil
 import sys
@@ -15,6 +16,12 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# transformers imports torchao (the quant extra) whenever it is installed, and torchao then logs a
+# warning per CUDA kernel library it cannot load here, and torch one per Enum it registers:
+# six lines of noise at the top of every job that loads a model, none of them about the user's run.
+for _noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 
 HELP_WIDTH = 120  # columns of --help when stdout is not a terminal
