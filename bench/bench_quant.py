@@ -289,7 +289,7 @@ def render(rows: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global STEPS, EVAL, LIMIT
+    global STEPS, EVAL, LIMIT, RUN_ORDER
     p = argparse.ArgumentParser()
     p.add_argument("--worker", nargs="+")
     p.add_argument("--out", type=Path)
@@ -301,7 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--eval", type=int, default=EVAL)
     p.add_argument("--cached-only", action="store_true")
+    p.add_argument("--configs", nargs="+", choices=CONFIGS, help="only these bases (train, eval)")
     args = p.parse_args(argv)
+    if args.configs:
+        RUN_ORDER = tuple(c for c in RUN_ORDER if c in args.configs)
     STEPS, EVAL, LIMIT = args.steps, args.eval, args.steps * BATCH
     if args.worker:
         kind = args.worker[0]
