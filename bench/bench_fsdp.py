@@ -20,27 +20,14 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
+from _results import StepTimer  # noqa: E402
+
 GLOBAL_BATCH = 16
-
-
-class _Timer:
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self.last: float | None = None
-
-    def on_train_start(self, model) -> None:
-        self.last = time.perf_counter()
-
-    def on_step_end(self, model, step) -> None:
-        now = time.perf_counter()
-        self.times.append(now - self.last)
-        self.last = now
 
 
 def _padded(collate, length: int):
@@ -84,7 +71,7 @@ def worker(out: Path, kind: str, steps: int, pad_to: int = 0) -> None:
                                        trainable_modules=list(entry.head)), name="default")
     else:
         entry.model.requires_grad_(True)
-    timer = _Timer()
+    timer = StepTimer(first_from_start=True)
     cfg = TrainConfig(max_steps=steps, batch_size=GLOBAL_BATCH // world, lr=5e-4 if kind == "lora"
                       else 5e-5, progress=False, eval_each_epoch=False, keep_best=False,
                       fsdp=True, seed=0)

@@ -41,6 +41,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
+from _results import StepTimer  # noqa: E402
+
 CACHE = ROOT / ".cache" / "bench_methods" / "rows.jsonl"
 
 #: method → (spec options, learning rate); "probe" trains the head alone
@@ -142,26 +144,6 @@ def options_of_row(r: dict) -> str:
     today's;
     the one method whose options changed since, MAM, changed its learning rate too)."""
     return json.dumps(r.get("options", PARTS[r["part"]][2][r["method"]][0]), sort_keys=True)
-
-
-class StepTimer:
-    """Trainer callback: wall time between consecutive optimizer steps (the first is warm-up)."""
-
-    def __init__(self) -> None:
-        self.last: float | None = None
-        self.times: list[float] = []
-
-    def on_train_start(self, model) -> None:
-        self.last = None
-
-    def on_step_end(self, model, step: int) -> None:
-        now = time.perf_counter()
-        if self.last is not None:
-            self.times.append(now - self.last)
-        self.last = now
-
-    def median(self) -> float:
-        return statistics.median(self.times) if self.times else float("nan")
 
 
 def run_one(

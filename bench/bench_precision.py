@@ -21,12 +21,12 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
+from _results import StepTimer  # noqa: E402
 
 SETTINGS = {
     "fp32": {},
@@ -35,20 +35,6 @@ SETTINGS = {
     "compile": {"compile": True},
     "bf16+checkpointing": {"precision": "bf16", "gradient_checkpointing": True},
 }
-
-
-class _Timer:
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self.last: float | None = None
-
-    def on_train_start(self, model) -> None:
-        self.last = time.perf_counter()
-
-    def on_step_end(self, model, step) -> None:
-        now = time.perf_counter()
-        self.times.append(now - self.last)
-        self.last = now
 
 
 def run(setting: str, steps: int) -> dict:
@@ -65,7 +51,7 @@ def run(setting: str, steps: int) -> dict:
     entry = load_model("minilm", num_labels=len(data.label_names))
     dt.attach(entry.model, dt.LoRA(r=8, alpha=16, targets=list(entry.default_targets),
                                    trainable_modules=list(entry.head)), name="default")
-    timer = _Timer()
+    timer = StepTimer(first_from_start=True)
     cfg = TrainConfig(max_steps=steps, batch_size=16, lr=5e-4, progress=False,
                       eval_each_epoch=False, keep_best=False, **SETTINGS[setting])
     result = fit(entry.model, data, entry.collate, cfg, task=entry.task, callbacks=[timer])
