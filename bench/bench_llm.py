@@ -59,19 +59,20 @@ TASKS = ("tweet-sentiment-chat", "bbc-news-chat")
 
 # ---------------------------------------------------------------------------- rows and runs
 
-def load_rows() -> dict[str, dict]:
+def load_rows(path: Path = ROWS) -> dict[str, dict]:
+    """The cached rows of ``path`` (one JSON object per line), by key; a later row wins."""
     rows: dict[str, dict] = {}
-    if ROWS.exists():
-        for line in ROWS.read_text().splitlines():
+    if path.exists():
+        for line in path.read_text().splitlines():
             if line.strip():
                 row = json.loads(line)
                 rows[row["key"]] = row
     return rows
 
 
-def save_row(row: dict) -> None:
-    ROWS.parent.mkdir(parents=True, exist_ok=True)
-    with ROWS.open("a") as f:
+def save_row(row: dict, path: Path = ROWS) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
         f.write(json.dumps(row) + "\n")
 
 

@@ -36,7 +36,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_llm import DT, PY, data_file, measured, read_json  # noqa: E402
+from bench_llm import (  # noqa: E402
+    DT,
+    PY,
+    data_file,
+    load_rows,
+    measured,
+    read_json,
+    save_row,
+)
 
 CACHE = ROOT / ".cache" / "bench_quant"
 ROWS = CACHE / "rows.jsonl"
@@ -50,25 +58,13 @@ HEADING = "Quantized bases (issue 21)"
 SELF = "bench/bench_quant.py"
 
 
-def load_rows() -> dict[str, dict]:
-    rows: dict[str, dict] = {}
-    if ROWS.exists():
-        for line in ROWS.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                rows[row["key"]] = row
-    return rows
-
-
 def cached(rows: dict, key: str, make) -> dict:
     if key in rows and rows[key].get("rc", 0) == 0:
         return rows[key]
     row = make()
     row["key"] = key
     rows[key] = row
-    ROWS.parent.mkdir(parents=True, exist_ok=True)
-    with ROWS.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+    save_row(row, ROWS)
     return row
 
 
@@ -315,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             worker_layers(args.out)
         return 0
-    rows = load_rows()
+    rows = load_rows(ROWS)
     if not args.cached_only:
         parts = {"load": part_load, "train": part_train, "merge": part_merge,
                  "eval": part_eval, "layers": part_layers, "loftq": part_loftq}
