@@ -172,7 +172,8 @@ def run(variant: str, seed: int, args, budget: int, searched=None) -> dict:
     )
     revived = 0
     if variant == "adalora" or (variant == "searched" and searched.method == "adalora"):
-        # keep_best may restore λ from before the final allocation: hold the budget before scoring
+        # the trainer restores no state from before the final allocation (AdaLoRASchedule.
+        # keeps_best), so this finds nothing to prune; it is kept as a check, recorded per run
         revived = enforce_ranks(entry.model, "default")
         ranks = final_ranks(entry.model, "default")
     val = evaluate(entry.model, splits["val"], entry.collate, task=entry.task)
@@ -193,7 +194,8 @@ def run(variant: str, seed: int, args, budget: int, searched=None) -> dict:
 
 
 UNIFORM_KEY = "lora r=4 alpha=8 @all"  # uniform LoRA's configuration as the search names it
-VERSION = {"adalora": "adalora v22"}  # issue 22's schedule
+#: issue 22's schedule, with the best state chosen only from the final allocation on
+VERSION = {"adalora": "adalora v22 keeps_best"}
 
 
 def cached_run(variant: str, seed: int, args, budget: int, searched=None, runs: Path = RUNS):

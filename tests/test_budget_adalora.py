@@ -320,6 +320,61 @@ def test_adalora_stopped_early_is_pruned_to_the_target_with_a_warning():
     assert sum(final_ranks(model, "ada").values()) == 2
 
 
+class Saboteur:
+    """Wrecks the head after step ``after``: every later evaluation is worse than the earlier ones,
+    so an unrestricted best-state choice picks one from before AdaLoRA's final allocation."""
+
+    def __init__(self, after, name):
+        self.after, self.name = after, name
+
+    def on_step_end(self, model, step):
+        if step > self.after:
+            with torch.no_grad():
+                w = model.head.part(self.name).weight  # the trained copy of the head
+                w.fill_(-50.0)
+                w[0] = 50.0  # every prediction class 0, confidently
+
+
+def test_keep_best_restores_no_state_from_before_the_final_allocation():
+    """Issue 22's root fix: with keep_best, the trainer restored the best evaluation even when it
+    came before AdaLoRA's final allocation, reviving pruned triplets beyond the budget; now only
+    evaluations from the final allocation on are candidates (AdaLoRASchedule.keeps_best)."""
+    from deltatune.budget.adalora import svd_deltas
+
+    model = Net()
+    dt.attach(model, dt.AdaLoRA(init_r=4, target_r=1, tinit=6, tfinal=10, delta_t=1, total_step=24,
+                                targets=["fc1", "fc2", "fc3"], trainable_modules=["head"]), "ada")
+    cfg = TrainConfig(max_steps=24, batch_size=8, lr=1e-2, progress=False, metric="loss")
+    # 64 examples: evaluations at step 8 (6 triplets live, before the final allocation at 14),
+    # 16 and 24 (3 live, a wrecked head)
+    data = _tiny_task()
+    result = fit(model, data, _collate, cfg, eval_data=data,
+                 callbacks=[AdaLoRASchedule("ada"), Saboteur(14, "ada")])
+    assert result.final["step"] == 24 and result.best, "an evaluation after the allocation is kept"
+    assert result.best["step"] >= 14, "the best state is one from the final allocation on"
+    for d in svd_deltas(model, "ada").values():
+        assert torch.all(d.lora_E[~d.rank_mask] == 0), "a pruned triplet was restored"
+    assert enforce_ranks(model, "ada") == 0 and sum(final_ranks(model, "ada").values()) == 3
+
+
+def test_a_callback_that_vetoes_every_state_leaves_the_last_one():
+    """keeps_best returning False everywhere: no state is restored, the model ends as trained."""
+
+    class Never:
+        def keeps_best(self, model, step):
+            return False
+
+    model = Net()
+    dt.attach(model, dt.LoRA(r=2, targets=["fc1"], trainable_modules=["head"]), "lora")
+    cfg = TrainConfig(max_steps=16, batch_size=8, lr=1e-2, progress=False, metric="loss")
+    data = _tiny_task()
+    result = fit(
+        model, data, _collate, cfg, eval_data=data, callbacks=[Never(), Saboteur(0, "lora")]
+    )
+    assert result.best == {} and result.final["step"] == 16
+    assert torch.all(model.head.part("lora").weight[1:] == -50.0), "the last state is kept"
+
+
 def test_enforce_ranks_prunes_triplets_that_a_best_state_restore_revived():
     """keep_best restores λ saved before the final allocation (issue 22): the pruned triplets would
     be live again beyond the budget that rank_mask shows; enforce_ranks zeroes them."""

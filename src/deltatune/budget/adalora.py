@@ -33,11 +33,12 @@ def final_ranks(model: nn.Module, name: str = "default") -> dict[str, int]:
 def enforce_ranks(model: nn.Module, name: str = "default") -> int:
     """Zero the λ of every triplet outside ``rank_mask``; returns how many were live outside it.
 
-    AdaLoRA's forward uses λ as it is (pruning zeroes it in place), so a trainer that restores its
-    best-evaluated tensors (``TrainConfig.keep_best``) from an evaluation *before* the final
-    allocation brings pruned triplets back: the model then holds more than ``target_r × modules``
-    live triplets while ``rank_mask`` still shows the budget. Call this after ``fit`` to hold the
-    budget (the search and bench/bench_budget.py do)."""
+    AdaLoRA's forward uses λ as it is (pruning zeroes it in place), so tensors from before the
+    final allocation (a state saved elsewhere, or restored by a trainer that does not ask the
+    schedule) hold pruned triplets live: more than ``target_r × modules`` while ``rank_mask``
+    still shows the budget. deltatune's trainer never restores such a state as the best
+    (:meth:`AdaLoRASchedule.keeps_best`), so after ``fit`` this finds nothing; it is the check
+    (0 expected) and the repair for tensors from anywhere else."""
     revived = 0
     for d in svd_deltas(model, name).values():
         if getattr(d, "gated", False):  # IncreLoRA: the forward already multiplies by the mask

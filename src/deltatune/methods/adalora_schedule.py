@@ -7,8 +7,9 @@ importance ``I = |θ·∇θ|``, smoothed ``Ī ← β₁Ī + (1−β₁)I`` and i
 ``s = Ī·Ū``. The total rank budget follows a cubic schedule from ``init_r × modules`` (until step
 ``tinit``) down to ``target_r × modules`` (at step ``total_step − tfinal``); every ``delta_t`` steps
 the lowest-scoring triplets beyond the budget get ``λ_i = 0``. After ``total_step − tfinal`` the
-last pattern is frozen. Its ``penalty`` is the orthogonality regulariser ``‖QQᵀ − I‖_F`` /
-``‖PᵀP − I‖_F`` averaged over the matrices (peft's form).
+last pattern is frozen, and only evaluations from then on may be the best state a trainer
+restores (``keeps_best``; ``TrainConfig.keep_best``). Its ``penalty`` is the orthogonality
+regulariser ``‖QQᵀ − I‖_F`` / ``‖PᵀP − I‖_F`` averaged over the matrices (peft's form).
 
 Paper: Zhang et al., AdaLoRA, https://arxiv.org/abs/2303.10512
 
@@ -197,6 +198,12 @@ class AdaLoRASchedule:
             self.finalised = True
         else:
             self._apply_masks()
+
+    def keeps_best(self, model: nn.Module, step: int) -> bool:
+        """Only states from the final allocation on (step ``total_step − tfinal``) may be restored
+        as the best: one saved before it holds λ of triplets pruned since, and restoring it would
+        bring them back beyond the rank budget while ``rank_mask`` still shows the budget."""
+        return step >= self.total - self.spec.tfinal
 
     def on_train_end(self, model: nn.Module) -> None:
         self.tap.close()

@@ -11,6 +11,8 @@ share of the examples. After the optimizer step: ``on_step_end``. After each eva
 end: ``on_epoch_end`` (its returned dict is stored with that epoch's metrics). When ``fit`` returns
 or raises: ``on_train_end`` (e.g. undo what ``on_train_start`` changed). After every optimizer step
 and every evaluation: ``on_log`` with their numbers (for trackers; it returns nothing).
+``keeps_best`` vetoes an evaluated state as the best one to restore (``TrainConfig.keep_best``): an
+evaluation is a candidate only when no callback returns False for its step.
 
 A method can need callbacks to train as designed (AdaLoRA prunes ranks, IncreLoRA grows them): its
 spec says so in ``DeltaSpec.training_callbacks``, and ``fit(..., spec_callbacks=True)`` (what
@@ -64,6 +66,12 @@ class Callback(Protocol):
         ...) and of each evaluation (``eval/accuracy``, ``eval/loss``, ...) at optimizer step
         ``step``: what experiment trackers record (:mod:`deltatune.train.trackers`)."""
 
+    def keeps_best(self, model: nn.Module, step: int) -> bool:
+        """Whether the state evaluated after optimizer step ``step`` may become the best state
+        (what ``TrainConfig.keep_best`` restores at the end). False for a state the callback has
+        changed since in a way a restore must not undo: AdaLoRA's triplets pruned at its final
+        allocation would be live again in a state saved before it, beyond its rank budget."""
+
 
 class BaseCallback:
     """No-op defaults for every hook: subclass and override the ones you need."""
@@ -92,6 +100,9 @@ class BaseCallback:
 
     def on_log(self, values: dict[str, float], step: int) -> None:
         return None
+
+    def keeps_best(self, model: nn.Module, step: int) -> bool:
+        return True
 
 
 def call(callbacks, hook: str, *args: Any) -> list[Any]:

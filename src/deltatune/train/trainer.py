@@ -451,6 +451,10 @@ class _Run:
         return metrics
 
     def _consider_best(self, record: dict[str, Any]) -> None:
+        # a callback may veto a state as the one to restore (AdaLoRA before its final allocation):
+        # the best is the best of the states the model may end in, not of every evaluation
+        if False in call(self.callbacks, "keeps_best", self.model, record["step"]):
+            return
         if self.metric in record and self._better(record[self.metric]):
             self.state.best = dict(record)
             if self.cfg.keep_best:
