@@ -1,7 +1,7 @@
 """DPO (deltatune.lm.objectives) against trl 1.16's own DPOTrainer on the same tiny Llama, batch
-and LoRA weights: loss (sigmoid, ipo, hinge), rewards, reward accuracy and gradients; the reference
-is the same network with the trained adapter off (or, after SFT, the frozen starting adapter, as
-trl's ``ref`` adapter)."""
+and LoRA weights: loss (sigmoid, ipo, hinge, and each with RPO's NLL term, trl's "sft" loss type),
+rewards, reward accuracy and gradients; the reference is the same network with the trained adapter
+off (or, after SFT, the frozen starting adapter, as trl's ``ref`` adapter)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from deltatune.lm.objectives import (
     dpo,
     frozen_reference,
     make_objective,
+    sft,
 )
 from deltatune.models.text import CausalLM
 
@@ -73,8 +74,11 @@ def _batch(seed: int = 0):
     return trl_inputs, {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def _trl_loss(trainer, inputs, loss_type):
+def _trl_loss(trainer, inputs, loss_type, rpo_alpha: float = 0.0):
+    """trl's loss; RPO is trl 1.16's loss_type [loss_type, "sft"], loss_weights [1, alpha]."""
     trainer.loss_types, trainer.loss_weights = [loss_type], [1.0]
+    if rpo_alpha:
+        trainer.loss_types, trainer.loss_weights = [loss_type, "sft"], [1.0, rpo_alpha]
     return trainer._compute_loss(trainer.model, inputs, False)
 
 
@@ -121,6 +125,40 @@ def test_dpo_equals_trl(pair, loss_type):
     assert len(trl_params) == len(our_params) == 8
     torch.testing.assert_close(_grad_norms(our_params), _grad_norms(trl_params),
                                rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss_type, rpo_alpha", [("sigmoid", 1.0), ("sigmoid", 0.3),
+                                                   ("ipo", 0.5)])
+def test_rpo_equals_trl(pair, loss_type, rpo_alpha):
+    """RPO (DPO + alpha x the chosen answers' NLL) equals trl's DPOTrainer with the "sft" loss
+    type weighted alpha: loss and gradients."""
+    ours, trainer = pair
+    trl_inputs, batch = _batch(3)
+    ours.zero_grad(set_to_none=True)
+    trainer.model.zero_grad(set_to_none=True)
+    expected = _trl_loss(trainer, trl_inputs, loss_type, rpo_alpha)
+    got = dpo(ours, batch, beta=BETA, loss_type=loss_type, rpo_alpha=rpo_alpha)
+    plain = dpo(ours, batch, beta=BETA, loss_type=loss_type)
+    assert float(got.loss.detach() - plain.loss) > 0.01  # the NLL term is there
+    torch.testing.assert_close(got.loss.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
+    expected.backward()
+    got.loss.backward()
+    trl_params = [p for p in trainer.model.parameters() if p.requires_grad]
+    our_params = [p for p in ours.parameters() if p.requires_grad]
+    torch.testing.assert_close(_grad_norms(our_params), _grad_norms(trl_params),
+                               rtol=1e-4, atol=1e-7)
+
+
+def test_rpo_term_is_the_sft_loss_of_the_chosen_answers(pair):
+    """The NLL term is the SFT loss of the chosen rows alone (token mean over the batch)."""
+    ours, _ = pair
+    _, batch = _batch(4)
+    with torch.no_grad():
+        got = dpo(ours, batch, beta=BETA, rpo_alpha=2.0)
+        plain = dpo(ours, batch, beta=BETA)
+        chosen = sft(ours, {k: v[:2] for k, v in batch.items()})
+    assert float(got.metrics["nll_chosen"]) == pytest.approx(float(chosen.loss), abs=1e-5)
+    assert float(got.loss) == pytest.approx(float(plain.loss + 2.0 * chosen.loss), abs=1e-5)
 
 
 def test_reference_is_the_base_with_the_adapter_off(pair):
@@ -182,6 +220,11 @@ def test_bad_preference_batches_and_options():
         make_objective("dpo", loss_type="kto")
     with pytest.raises(ObjectiveError, match="unknown objective 'ppo'"):
         make_objective("ppo")
+    for bad in (-0.5, float("nan"), float("inf"), "1", True):
+        with pytest.raises(ObjectiveError, match="rpo_alpha .*: use a finite number >= 0"):
+            dpo(model, batch, rpo_alpha=bad)
+        with pytest.raises(ObjectiveError, match="rpo_alpha"):
+            make_objective("dpo", rpo_alpha=bad)
     sums = make_objective("dpo").sums(model, batch)
     metrics = make_objective("dpo").metrics(sums)
     assert metrics["pairs"] == 2 and metrics["loss"] == pytest.approx(math.log(2), abs=1e-6)

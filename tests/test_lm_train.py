@@ -102,6 +102,9 @@ def test_objective_options_are_checked():
         TrainConfig(dpo_loss="kto")
     with pytest.raises(TrainError, match="TrainConfig.dpo_beta"):
         TrainConfig(dpo_beta=-1.0)
+    for bad in (-1.0, float("nan"), "1"):
+        with pytest.raises(TrainError, match="TrainConfig.rpo_alpha=.* must be a finite number"):
+            TrainConfig(rpo_alpha=bad)
     with pytest.raises(TrainError, match="objective='sft' trains causal LMs"):
         fit(torch.nn.Linear(2, 2), [0], lambda b: {}, TrainConfig(objective="sft"))
 
@@ -168,6 +171,20 @@ def test_cli_sft_then_dpo_from_the_adapter(files, tmp_path):
     assert steps[0]["reward_margin"] == pytest.approx(0.0, abs=1e-5)
 
 
+def test_cli_dpo_with_rpo_alpha(files, tmp_path):
+    """--rpo-alpha adds the chosen answers' NLL: at the first step the policy is the reference
+    (a new adapter), so the loss is log 2 + alpha x nll_chosen."""
+    out = tmp_path / "rpo"
+    assert _train(files, out, "pref.jsonl", "--rpo-alpha", "0.5") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["rpo_alpha"] == 0.5
+    first = metrics["steps"][0]
+    assert first["nll_chosen"] > 0.1
+    assert first["loss"] == pytest.approx(math.log(2) + 0.5 * first["nll_chosen"], rel=1e-4)
+    test = json.loads((out / "results.json").read_text())["test"]
+    assert test["nll_chosen"] > 0 and math.isfinite(test["loss"])
+
+
 @pytest.mark.parametrize(
     "model, data, extra, message",
     [
@@ -176,6 +193,7 @@ def test_cli_sft_then_dpo_from_the_adapter(files, tmp_path):
         ("tiny", "labels.jsonl", ["--objective", "sft"], "trains causal language models"),
         ("bare", "chat.jsonl", [], "has no chat template; pass one with --chat-template"),
         ("tiny", "chat.jsonl", ["--dpo-loss", "kto"], "TrainConfig.dpo_loss='kto'"),
+        ("tiny", "pref.jsonl", ["--rpo-alpha", "-1"], "TrainConfig.rpo_alpha=-1.0 must be"),
         ("tiny", "pref.jsonl", ["--from-adapter", "nowhere"], "is not an adapter directory"),
         ("tiny", "pref.jsonl", ["--from-adapter", ".", "--rank", "2"], "drop --method/--rank"),
         ("tiny", "labels.jsonl", ["--packing"], "--chat-template and --packing apply"),

@@ -646,6 +646,11 @@ def register(app: typer.Typer) -> None:
         dpo_loss: Optional[str] = typer.Option(
             None, help="DPO loss: sigmoid (default) | ipo | hinge"
         ),
+        rpo_alpha: Optional[float] = typer.Option(
+            None,
+            help="DPO: weight of the chosen answers' NLL added to the loss (RPO; 0 = plain DPO; "
+            "default 0)",
+        ),
         from_adapter: Optional[Path] = typer.Option(
             None,
             help="start from this adapter (it is the delta that trains; e.g. DPO after SFT, "
@@ -742,6 +747,7 @@ def register(app: typer.Typer) -> None:
             "objective": objective,
             "dpo_beta": beta,
             "dpo_loss": dpo_loss,
+            "rpo_alpha": rpo_alpha,
             "gradient_checkpointing": gradient_checkpointing,
             "precision": precision,
             "compile": compile_,

@@ -100,6 +100,16 @@ def dpo_losses() -> list[str]:
     return list(DPO_LOSSES.names())
 
 
+def check_rpo_alpha(rpo_alpha: Any) -> None:
+    """Refuse an RPO weight that is not a finite number >= 0 (0: plain DPO)."""
+    if (isinstance(rpo_alpha, bool) or not isinstance(rpo_alpha, (int, float))
+            or not math.isfinite(rpo_alpha) or rpo_alpha < 0):
+        raise ObjectiveError(
+            f"rpo_alpha {rpo_alpha!r}: use a finite number >= 0 (0 = plain DPO, 1 = RPO's weight "
+            "of the chosen answers' NLL)"
+        )
+
+
 @contextlib.contextmanager
 def active_only(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module]:
     """Inside the block only the deltas ``names`` are active (e.g. the frozen starting adapter
@@ -143,15 +153,25 @@ def dpo(
     loss_type: str = "sigmoid",
     reference: Reference | None = None,
     chunk_size: int = CHUNK_SIZE,
+    rpo_alpha: float = 0.0,
 ) -> StepLoss:
     """The DPO loss of a preference batch: chosen rows ``[0, B)`` over rejected rows ``[B, 2B)``,
     labels -100 outside the answers. ``reference(model)`` is the context in which ``model``
     computes the reference policy (default :func:`deltatune.disabled`: the base model).
 
+    ``rpo_alpha`` > 0 adds ``rpo_alpha`` times the chosen answers' negative log-likelihood (mean
+    over their tokens): RPO (Pang et al., https://arxiv.org/abs/2404.19733), trl's
+    ``loss_type=[..., "sft"]`` with ``loss_weights=[1, rpo_alpha]``. Why: the DPO loss only sees
+    the margin, so it is as happy to lower both answers' likelihood as to raise the chosen one
+    ("likelihood displacement", ``rewards_chosen`` < 0); with short answers that share their
+    end-of-turn token, mass then leaves the right answer too. The NLL term holds chosen up.
+
     Metrics, as trl reports them: ``rewards_chosen``/``rewards_rejected`` (β times the log-ratio,
-    batch means), ``reward_accuracy`` (chosen reward > rejected), ``reward_margin``.
+    batch means), ``reward_accuracy`` (chosen reward > rejected), ``reward_margin``, and
+    ``nll_chosen`` (the chosen tokens' mean negative log-likelihood, the RPO term).
     """
     loss_fn = DPO_LOSSES.get(loss_type)
+    check_rpo_alpha(rpo_alpha)
     labels = _labels(batch)
     if labels.shape[0] % 2:
         raise ObjectiveError(
@@ -172,12 +192,17 @@ def dpo(
     chosen, rejected = ratios.chunk(2)
     n_chosen, n_rejected = counts.to(ratios.dtype).chunk(2)
     loss = loss_fn(chosen, rejected, n_chosen, n_rejected, beta).mean()
+    # RPO's term, as trl's "sft" loss type: the chosen rows' token-mean NLL over the whole batch
+    nll = -logps.chunk(2)[0].sum() / n_chosen.sum().clamp(min=1)
+    if rpo_alpha:
+        loss = loss + rpo_alpha * nll
     r_chosen, r_rejected = beta * chosen.detach(), beta * rejected.detach()
     metrics = {
         "rewards_chosen": r_chosen.mean(),
         "rewards_rejected": r_rejected.mean(),
         "reward_accuracy": (r_chosen > r_rejected).float().mean(),
         "reward_margin": (r_chosen - r_rejected).mean(),
+        "nll_chosen": nll.detach(),
     }
     return StepLoss(loss, hidden, metrics)
 
@@ -207,7 +232,8 @@ def _sft_metrics(sums: torch.Tensor) -> dict[str, float]:
             "token_accuracy": correct / count if count else float("nan"), "tokens": int(count)}
 
 
-_DPO_KEYS = ("rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin")
+_DPO_KEYS = ("rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin",
+             "nll_chosen")
 
 
 def _dpo_sums(model: nn.Module, batch: Mapping[str, Any], **options: Any) -> torch.Tensor:
@@ -237,8 +263,10 @@ def make_objective(
     loss_type: str = "sigmoid",
     reference: Reference | None = None,
     chunk_size: int = CHUNK_SIZE,
+    rpo_alpha: float = 0.0,
 ) -> Objective:
-    """``sft`` or ``dpo`` (with its β, loss type and reference context) as an :class:`Objective`."""
+    """``sft`` or ``dpo`` (with its β, loss type, RPO weight and reference context) as an
+    :class:`Objective`."""
     if name == "sft":
         return Objective(
             "sft",
@@ -248,8 +276,9 @@ def make_objective(
         )
     if name == "dpo":
         DPO_LOSSES.get(loss_type)  # a misspelt loss type fails here, not at the first step
+        check_rpo_alpha(rpo_alpha)
         options = {"beta": beta, "loss_type": loss_type, "reference": reference,
-                   "chunk_size": chunk_size}
+                   "chunk_size": chunk_size, "rpo_alpha": rpo_alpha}
         return Objective(
             "dpo",
             lambda model, batch: dpo(model, batch, **options),

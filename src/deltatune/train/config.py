@@ -28,6 +28,7 @@ TRAJECTORY_FIELDS = (
     "objective",
     "dpo_beta",
     "dpo_loss",
+    "rpo_alpha",
 )
 NORM_STATS = ("auto", "update", "freeze")
 OBJECTIVES = ("auto", "sft", "dpo")
@@ -81,6 +82,9 @@ class TrainConfig:
     objective: Literal["auto", "sft", "dpo"] = "auto"
     dpo_beta: float = 0.1  # DPO's β: how far the policy may move from the reference
     dpo_loss: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge, as trl's DPOConfig.loss_type
+    # DPO: weight of the chosen answers' NLL added to the loss (RPO; trl's "sft" loss type); 0 =
+    # plain DPO. It keeps DPO from lowering the chosen answer's likelihood (docs/language-models.md)
+    rpo_alpha: float = 0.0
     # recompute each block's activations in backward instead of keeping them (train/memory.py):
     # less memory, about one more forward of compute; the same gradients
     gradient_checkpointing: bool = False
@@ -145,6 +149,9 @@ class TrainConfig:
 
         if self.dpo_loss not in dpo_losses():
             self._bad("dpo_loss", f"must be one of {', '.join(dpo_losses())}")
+        if (isinstance(self.rpo_alpha, bool) or not _is_real(self.rpo_alpha)
+                or not self.rpo_alpha >= 0):
+            self._bad("rpo_alpha", "must be a finite number >= 0 (0 = plain DPO, e.g. 1.0)")
         if not isinstance(self.metric, str) or not self.metric:
             self._bad("metric", "must be a metric name such as accuracy or loss")
         if self.precision not in PRECISIONS:

@@ -144,7 +144,8 @@ def objective_of(cfg: Any, kind: str, reference: Callable | None = None) -> Any:
     from ..lm.objectives import make_objective
 
     name = "sft" if cfg.objective == "auto" else cfg.objective
-    return make_objective(name, beta=cfg.dpo_beta, loss_type=cfg.dpo_loss, reference=reference)
+    return make_objective(name, beta=cfg.dpo_beta, loss_type=cfg.dpo_loss, reference=reference,
+                          rpo_alpha=getattr(cfg, "rpo_alpha", 0.0))
 
 
 @torch.no_grad()
