@@ -427,7 +427,7 @@ def text_trainer(setup: SearchSetup, space: SearchSpace) -> TrialFn:
     from ..io.files import write_json
     from ..models import load_model
     from ..train import TrainConfig, evaluate, fit
-    from .adalora import enforce_ranks, final_ranks
+    from .adalora import final_ranks
 
     splits = {
         s: load_data(setup.data, s, seed=setup.seed, limit=setup.limit)
@@ -458,15 +458,8 @@ def text_trainer(setup: SearchSetup, space: SearchSpace) -> TrialFn:
             out_dir=trial_dir,
             task=entry.task,
             spec_callbacks=True,
-        )  # AdaLoRA's schedule
+        )  # AdaLoRA's schedule; it keeps the best state from its final allocation on
         val = result.best.get("accuracy", result.final.get("accuracy", 0.0))
-        try:  # the best tensors may predate AdaLoRA's final allocation: hold the budget, re-score
-            if enforce_ranks(entry.model, "default"):
-                val = evaluate(entry.model, splits["val"], entry.collate, task=entry.task).get(
-                    "accuracy", val
-                )
-        except BudgetError:
-            pass  # not an SVD-form delta
         test = evaluate(entry.model, splits["test"], entry.collate, task=entry.task)
         metrics = {
             "key": cand.key,
