@@ -17,7 +17,9 @@ Each configuration runs in its own processes under ``nice -n 5`` (peak RSS = tha
   the q/v layers' weights (base + starting LoRA vs the float weight; the layer-output error for
   isotropic inputs) at r=8 and r=16, and exact match after the same training;
 * ``merge``: the int4 adapter merged with ``dt.merge(model, requantize=True)``: the per-layer
-  re-quantization error and exact match after merging vs before.
+  re-quantization error and exact match after merging vs before;
+* ``qalora``: the same for QA-LoRA (``--method qalora``), whose change merges into the int4
+  groups' minima without re-rounding a code.
 
 Reduced for a shared 2-core CPU: the session that ran it had the machine at a load average of
 20-25 (about a tenth of a core per process), so STEPS=4 at batch 8 (32 training examples), EVAL=40
@@ -205,6 +207,15 @@ def part_merge(rows: dict) -> None:
     cached(rows, f"eval+merge|int4|{EVAL}", lambda: eval_run("int4", "int4", merge=True))
 
 
+def part_qalora(rows: dict) -> None:
+    """QA-LoRA (r=8 alpha 16, the base's group 64) on int4, then the same exact re-quantizing
+    merge as ``merge``: its change folds into the groups' minima."""
+    cached(rows, f"train|int4-qalora|{STEPS}x{BATCH}",
+           lambda: train_run("int4", ["--method", "qalora"], "int4-qalora"))
+    cached(rows, f"eval+merge|int4-qalora|{EVAL}",
+           lambda: eval_run("int4", "int4-qalora", merge=True))
+
+
 def part_layers(rows: dict) -> None:
     cached(rows, "layers|int4", lambda: run_worker(["layers", "int4"], RUNS / "layers.json"))
 
@@ -281,6 +292,14 @@ def render(rows: dict) -> str:
                   f"{sum(errs) / len(errs):.4f}, max {max(errs):.4f}; exact match "
                   f"{pct(mg.get('exact_match'))} before the merge, "
                   f"{pct(mg.get('exact_match_merged'))} after."]
+    qa = rows.get(f"eval+merge|int4-qalora|{EVAL}", {})
+    qa_errs = list((qa.get("requant_error") or {}).values())
+    if qa_errs:
+        lines += ["", "QA-LoRA (`--method qalora`, r=8 alpha 16, group 64 = the base's) on the "
+                  "same int4 base and the same merge: error per layer mean "
+                  f"{sum(qa_errs) / len(qa_errs):.6f}, max {max(qa_errs):.6f}; exact match "
+                  f"{pct(qa.get('exact_match'))} before the merge, "
+                  f"{pct(qa.get('exact_match_merged'))} after."]
     return "\n".join(lines) + "\n"
 
 
@@ -293,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--merge", action="store_true")
     p.add_argument("--loftq", action="store_true")
     p.add_argument("--only", nargs="+", default=["load", "train", "layers", "merge", "eval",
-                                                 "loftq"])
+                                                 "loftq", "qalora"])
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--eval", type=int, default=EVAL)
     p.add_argument("--cached-only", action="store_true")
@@ -313,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = load_rows(ROWS)
     if not args.cached_only:
-        parts = {"load": part_load, "train": part_train, "merge": part_merge,
+        parts = {"load": part_load, "train": part_train, "merge": part_merge, "qalora": part_qalora,
                  "eval": part_eval, "layers": part_layers, "loftq": part_loftq}
         for name in args.only:
             parts[name](rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections import OrderedDict
 
 import numpy as np
@@ -97,6 +98,8 @@ def test_linear_methods_train_on_a_quantized_base(method):
     blocks = [[b.clone() for b in m.buffers()] for m in layers]
     if method == "dora":
         spec = dt.LoRA(r=4, targets=("fc1", "fc2"), dora=True)
+    elif method == "qalora":  # its group follows the base's (32 here), not the float example's 4
+        spec = dt.QALoRA(r=2, targets=("fc1", "fc2"))
     else:
         cls = registered_methods()[method]
         spec = cls(**cls.example.options)
@@ -384,6 +387,25 @@ def test_smollm2_loads_in_its_own_blocks_with_the_float_models_weights():
     assert lm.model.layers[0].self_attn.q_proj.deltas["default"].lora_B.grad is not None
 
 
+def test_smollm2_int4_is_re_quantized_from_its_blocks_like_the_float_path():
+    """load_model("smollm2", quantize="int4") converts the file's blocks layer by layer (no float
+    model in between) and holds the same int4 codes as quantizing the float model."""
+    from deltatune.models import load_model
+    from deltatune.quant.layers import GroupQuantLinear
+
+    direct = load_model("smollm2", quantize="int4")
+    assert "re-quantized to int4" in direct.source
+    layers = dict(direct.model.named_modules())
+    name = "lm.model.layers.3.mlp.down_proj"
+    assert isinstance(layers[name], GroupQuantLinear)
+    assert not any(type(m) is nn.Linear for n, m in layers.items() if ".layers." in n)
+    via_float = load_model("smollm2")
+    quantize_base(via_float.model, "int4", exclude=via_float.head)
+    ref = via_float.model.get_submodule(name)
+    assert torch.equal(layers[name].packed, ref.packed)
+    assert torch.equal(layers[name].minimum, ref.minimum)
+
+
 # -- the CLI ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("model, quantize, message", [
     ("small-cnn", "int3", "unknown quantization 'int3'"),
@@ -401,3 +423,99 @@ def test_train_quantize_refusals_are_one_line_and_write_nothing(model, quantize,
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and err[-1].startswith("error:") and message in err[-1], err
     assert not out.exists()
+
+
+def _quantized_mlp(fmt: str) -> nn.Module:
+    from deltatune.quant.layers import GGUFLinear
+
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(fc1=nn.Linear(128, 96), act=nn.ReLU(),
+                                      fc2=nn.Linear(96, 32))).eval()
+    if fmt == "int4":
+        quantize_base(model, "int4", group_size=32)
+    else:  # GGUF Q4_1 blocks of 32
+        for name in ("fc1", "fc2"):
+            layer = getattr(model, name)
+            setattr(model, name, GGUFLinear.from_weight(layer.weight.detach(), layer.bias, "Q4_1"))
+    return model
+
+
+def _trained(model: nn.Module, spec) -> nn.Module:
+    dt.attach(model, spec)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)  # a delta the size of a trained one, not zero
+    return model
+
+
+@pytest.mark.parametrize("fmt", ["int4", "Q4_1"])
+def test_qalora_merges_into_a_four_bit_base_without_re_rounding(fmt):
+    """QA-LoRA's change is constant over each quantization group, so a re-quantizing merge moves
+    only the groups' offsets: no code changes, outputs equal to float16 rounding of the offsets,
+    no warning; a plain LoRA of the same size on the same base is re-rounded (and warned about)."""
+    x = torch.randn(8, 128)
+    model = _trained(_quantized_mlp(fmt), dt.QALoRA(r=2, targets=("fc1", "fc2")))
+    codes = {n: (m.base.packed if fmt == "int4" else m.base.blocks).clone()
+             for n, m in [("fc1", model.fc1), ("fc2", model.fc2)]}
+    with torch.no_grad():
+        before = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no re-rounding warning
+        dt.merge(model, requantize=True, keep_blocks=True)
+    with torch.no_grad():
+        after = model(x)
+    qa_gap = float((after - before).abs().max())
+    assert qa_gap < 2e-3 * float(before.abs().max()), qa_gap
+    for name in ("fc1", "fc2"):
+        base = getattr(model, name).base
+        assert base.merge_kind == "offset"
+        if fmt == "int4":  # the same codes and scales, new minima
+            assert torch.equal(base.packed, codes[name])
+        else:  # Q4_1 rows: per 20-byte block, d (2 bytes) and the codes (16) are unchanged
+            old, new = codes[name].view(-1, 20), base.blocks.view(-1, 20)
+            assert torch.equal(old[:, :2], new[:, :2]) and torch.equal(old[:, 4:], new[:, 4:])
+            assert not torch.equal(old[:, 2:4], new[:, 2:4])
+    dt.unmerge(model)  # keep_blocks: the original blocks come back exactly
+    with torch.no_grad():
+        assert torch.allclose(model(x), before, atol=1e-5)
+
+    lora = _trained(_quantized_mlp(fmt), dt.LoRA(r=2, targets=("fc1", "fc2")))
+    with torch.no_grad():
+        lora_before = lora(x)
+    with pytest.warns(UserWarning, match="re-rounded .*dt.QALoRA"):
+        dt.merge(lora, requantize=True)
+    with torch.no_grad():
+        lora_gap = float((lora(x) - lora_before).abs().max())
+    assert lora.fc1.base.merge_kind == "requantized"
+    assert lora_gap > 10 * qa_gap, (lora_gap, qa_gap)
+
+
+def test_qalora_equals_its_weight_change_and_pools_like_peft():
+    """The forward is ``h + s·B·A·pool(x)`` with peft's pooling (group mean × groups), and equals
+    the base plus its dense ``delta_weight`` (what merges and task vectors use)."""
+    torch.manual_seed(1)
+    model = _trained(nn.Sequential(OrderedDict(fc=nn.Linear(64, 8))),
+                     dt.QALoRA(r=2, alpha=4, group_size=16, targets=("fc",)))
+    delta = model.fc.part("default")
+    x = torch.randn(3, 64)
+    pooled = x.view(3, 4, 16).mean(-1) * 4
+    expected = model.fc.base(x) + (pooled @ delta.lora_A.T @ delta.lora_B.T) * 2.0
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected, atol=1e-6)
+        change = delta.delta_weight(model.fc)["weight"]
+        assert torch.allclose(model(x), model.fc.base(x) + x @ change.T, atol=1e-5)
+        assert torch.equal(change[:, :16], change[:, :1].expand(-1, 16))  # constant per group
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(group_size=24), "does not divide"),
+    (dict(group_size=16), "not a multiple of .*quantization group 32"),
+    (dict(r=5, group_size=32), "r=5 exceeds"),
+    (dict(group_size=0), "group_size=0 must be a positive integer"),
+])
+def test_qalora_bad_groups_are_one_line_errors(options, match):
+    model = _quantized_mlp("int4")
+    with pytest.raises(dt.SpecError, match=match):
+        dt.attach(model, dt.QALoRA(**{"r": 2, "targets": ("fc1", "fc2"), **options}))
+    assert not dt.delta_names(model)  # attach rolled back

@@ -12,7 +12,7 @@ from torch import nn
 
 from .errors import StateError, TargetError
 from .host import DeltaHost, Host, ModuleCopy, get_module, iter_hosts, set_module
-from .quantized import QuantizedBase, check_merge_how, finish_merge
+from .quantized import QuantizedBase, check_merge_how, finish_merge, warn_rerounded
 from .spec import DeltaSpec
 from .targets import iter_candidates, name_matches
 
@@ -270,6 +270,7 @@ def merge(
         for host, now in reversed(merged):
             host.unmerge(now)
         raise
+    warn_rerounded([h for h, now in merged if now and isinstance(h, DeltaHost)])
     for _, host in iter_hosts(model):
         if isinstance(host, DeltaHost):
             finish_merge(host)

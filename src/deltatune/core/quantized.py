@@ -48,6 +48,13 @@ class QuantizedBase(nn.Linear):
     #: a short name of the storage format, used in messages ("int4 (group 64)", "gguf Q4_1")
     format: str = "quantized"
     merge_error: float | None = None
+    #: how the last merge into this layer was stored: "offset" (exact, see :meth:`shifted`) or
+    #: "requantized" (re-rounded)
+    merge_kind: str | None = None
+    #: formats that store ``w = scale·q + offset`` per group of this many inputs (int4, GGUF Q4_1)
+    #: can take a change that is constant over each group into the offsets, exactly (QA-LoRA);
+    #: None for symmetric formats (nf4, Q4_0, Q8_0, int8)
+    offset_group: int | None = None
 
     def __init__(self) -> None:
         nn.Module.__init__(self)  # not nn.Linear's: it would allocate a float weight
@@ -56,6 +63,12 @@ class QuantizedBase(nn.Linear):
         raise NotImplementedError
 
     def requantized(self, weight: torch.Tensor) -> "QuantizedBase":
+        raise NotImplementedError
+
+    def shifted(self, offsets: torch.Tensor) -> "QuantizedBase":
+        """A new layer of the same codes and scales whose per-group offsets are moved by
+        ``offsets`` (out, in / offset_group): the weight plus a group-constant change, with no
+        re-rounding of any code. Only formats with an ``offset_group``."""
         raise NotImplementedError
 
     @property
@@ -98,17 +111,8 @@ def check_merge_how(hosts: list[tuple[str, "DeltaHost"]], requantize: bool,
             f"{len(quantized)} layer(s) to merge have a quantized base (e.g. {path!r}: "
             f"{host.base.format}); say how to merge: dt.merge(model, dtype='float32') to make "
             "those layers float (exact), or dt.merge(model, requantize=True) to quantize the "
-            "merged weights again (lossy, error reported per layer; not advised for 4-bit layers)"
-        )
-    four_bit = [h.base.format for _, h in quantized if _is_four_bit(h.base.format)]
-    if requantize and four_bit:
-        warnings.warn(
-            f"re-quantizing a merge into {len(four_bit)} 4-bit layer(s) ({four_bit[0]}) re-rounds "
-            "their weights by about as much as a trained delta (on SmolLM2 a LoRA's exact match "
-            "fell from 60% to 0%); prefer dt.merge(model, dtype='float32') or keep the adapter "
-            "unmerged (docs/quantization.md)",
-            UserWarning,
-            stacklevel=3,
+            "merged weights again (lossy for a plain LoRA on 4-bit layers: train dt.QALoRA for an "
+            "exact 4-bit merge)"
         )
     for _, host in quantized:
         host.quantized_merge = (requantize, dtype, keep_blocks)
@@ -151,7 +155,11 @@ def merge_quantized(host: "DeltaHost") -> list[str]:
         return done
     if requantize:
         merged = host.base.weight.detach()
-        new = original.requantized(merged)
+        offsets = _group_constant(merged - original.dequantize(), original.offset_group)
+        if offsets is not None:  # QA-LoRA's case: fold into the offsets, no code changes
+            new, new.merge_kind = original.shifted(offsets), "offset"
+        else:
+            new, new.merge_kind = original.requantized(merged), "requantized"
         err = (new.dequantize() - merged).norm() / merged.norm().clamp(min=1e-30)
         new.merge_error = float(err)
         if original.bias is not None:
@@ -162,6 +170,34 @@ def merge_quantized(host: "DeltaHost") -> list[str]:
         host.base = host.base.to(FLOAT_DTYPES[dtype or "float32"])
     host.quantized_original = (original,)  # a tuple: kept out of the module tree and state dict
     return done
+
+
+def _group_constant(change: torch.Tensor, group: int | None) -> torch.Tensor | None:
+    """The per-group values (out, in / group) of ``change`` when it is constant over every group
+    of ``group`` inputs (to float32 rounding of the merge), else None."""
+    if not group or change.shape[-1] % group:
+        return None
+    g = change.reshape(change.shape[0], -1, group)
+    mean = g.mean(-1)
+    spread = float((g - mean[..., None]).abs().max()) if g.numel() else 0.0
+    return mean if spread <= 1e-6 * max(float(change.abs().max()), 1e-12) + 1e-9 else None
+
+
+def warn_rerounded(hosts: list["DeltaHost"]) -> None:
+    """After a re-quantizing merge: warn when 4-bit layers had to be re-rounded (the change was
+    not constant over their groups, as a plain LoRA's is not)."""
+    four_bit = [h.base.format for h in hosts if isinstance(h.base, QuantizedBase)
+                and h.base.merge_kind == "requantized" and _is_four_bit(h.base.format)]
+    if four_bit:
+        warnings.warn(
+            f"re-quantizing a merge into {len(four_bit)} 4-bit layer(s) ({four_bit[0]}) re-rounded "
+            "their weights by about as much as a trained delta (on SmolLM2 a LoRA's exact match "
+            "fell from 60% to 0%); train dt.QALoRA for an exact 4-bit merge, or use "
+            "dt.merge(model, dtype='float32'), or keep the adapter unmerged "
+            "(docs/quantization.md)",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def finish_merge(host: "DeltaHost") -> None:

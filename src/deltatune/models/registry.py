@@ -153,12 +153,27 @@ def _load_quantized(spec: str, quantize: str, group_size: int | None, keep_float
                     num_labels: int | None, task: str | None, options: dict[str, Any]
                     ) -> ModelEntry | None:
     """Checks of a quantized load (before any weight is read); the GGUF-blocks model itself for
-    ``quantize="gguf"``, else None (the float model is loaded, then quantized)."""
+    ``quantize="gguf"``, smollm2 re-quantized layer by layer from its blocks for the other schemes
+    (unless ``keep_float``: LoftQ needs the float weights), else None (the float model is loaded,
+    then quantized)."""
     from ..quant import SCHEMES, QuantizeError
 
     if quantize != "gguf":
         SCHEMES.get(quantize)  # an unknown name: one line, before the model loads
-        return None
+        if spec != "smollm2" or keep_float or num_labels or task not in (None, "causal-lm"):
+            return None
+        # the GGUF file's blocks, re-quantized one layer at a time: no float copy of the whole
+        # model exists (the float path holds all 540 MB, and malloc keeps it after quantizing)
+        _check_options(spec, options, ("max_length", "cache"))
+        from ..quant import quantize_base
+        from .gguf_blocks import smollm2_blocks
+
+        with _quiet_transformers(True):
+            entry = smollm2_blocks(**options)
+        quantize_base(entry.model, quantize, group_size=group_size, exclude=entry.head,
+                      from_blocks=True)
+        entry.source = entry.source.replace("kept as Q4_1 blocks", f"re-quantized to {quantize}")
+        return entry
     if spec != "smollm2":
         raise QuantizeError(
             f"quantize='gguf' keeps a GGUF file's own blocks, and {spec} is not loaded from GGUF "

@@ -89,6 +89,7 @@ def quantize_base(
     group_size: int | None = None,
     exclude: tuple[str, ...] | list[str] = (),
     keep_float: bool = False,
+    from_blocks: bool = False,
 ) -> QuantizeReport:
     """Replace every frozen ``nn.Linear`` of ``model`` by a quantized layer, in place.
 
@@ -97,6 +98,8 @@ def quantize_base(
     tied to an embedding always stay float. ``keep_float`` keeps each layer's float weight beside
     its blocks until a LoftQ LoRA (``dt.LoRA(init="loftq")``) uses it, then it is dropped. Quantize
     before attaching deltas. Everything is checked before the first layer changes.
+    ``from_blocks`` also converts layers already in GGUF blocks (a ``quantize="gguf"`` model), one
+    dequantized layer at a time, so no float copy of the whole model is ever made.
     """
     spec = SCHEMES.get(scheme) if isinstance(scheme, str) else SCHEMES.get(str(scheme))
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
@@ -112,9 +115,10 @@ def quantize_base(
     todo: list[tuple[str, nn.Linear]] = []
     skipped: list[str] = []
     for name, module in model.named_modules():
-        if type(module) is not nn.Linear:
+        blocks = from_blocks and isinstance(module, GGUFLinear)
+        if type(module) is not nn.Linear and not blocks:
             continue
-        if id(module.weight) in tied or any(
+        if (not blocks and id(module.weight) in tied) or any(
                 name == e or name.endswith("." + e) for e in exclude):
             skipped.append(name)
             continue
@@ -136,7 +140,7 @@ def quantize_base(
                 f"({len(bad)} layer(s)); use a group size that does ({hint})")
     report = QuantizeReport(scheme, group, 0, 0, 0, skipped)
     for name, linear in todo:
-        w, b = linear.weight.detach(), linear.bias
+        w, b = linear.weight.detach(), linear.bias  # a GGUF layer: its blocks dequantized now
         if scheme == "int8":
             q: QuantizedBase = Int8Linear(w, b, group_size)
         elif scheme in ("int4", "nf4"):

@@ -77,6 +77,7 @@ class GroupQuantLinear(_Frozen):
         super().__init__(n, out, bias)
         self.scheme, self.group = scheme, group
         self.format = f"{scheme} (group {group})"
+        self.offset_group = group if scheme == "int4" else None  # int4 is affine, nf4 symmetric
         parts = (quantize_int4 if scheme == "int4" else quantize_nf4)(weight, group)
         for name, tensor in parts.items():
             self.register_buffer(name, tensor.to(weight.device))
@@ -89,6 +90,19 @@ class GroupQuantLinear(_Frozen):
 
     def requantized(self, weight: torch.Tensor) -> "GroupQuantLinear":
         return GroupQuantLinear(weight, self.bias, self.scheme, self.group)
+
+    def shifted(self, offsets: torch.Tensor) -> "GroupQuantLinear":
+        if self.offset_group is None:
+            raise NotImplementedError(f"{self.format} has no per-group offset")
+        new = GroupQuantLinear.__new__(GroupQuantLinear)
+        _Frozen.__init__(new, self.in_features, self.out_features, self.bias)
+        new.scheme, new.group, new.format = self.scheme, self.group, self.format
+        new.offset_group = self.offset_group
+        new.register_buffer("packed", self.packed)  # the codes and scales are shared, unchanged
+        new.register_buffer("scale", self.scale)
+        minimum = self.minimum.float() + offsets.to(self.minimum.device).float()
+        new.register_buffer("minimum", minimum.to(self.minimum.dtype))
+        return new
 
 
 class Int8Linear(_Frozen):
@@ -148,6 +162,7 @@ class GGUFLinear(_Frozen):
         super().__init__(in_features, blocks.shape[0], bias)
         self.qtype = qtype
         self.format = f"gguf {qtype}"
+        self.offset_group = 32 if qtype == "Q4_1" else None  # Q4_1: w = d·q + m per block
         self.register_buffer("blocks", blocks)  # (out, in / 32 · bytes per block) uint8
 
     @classmethod
@@ -160,6 +175,17 @@ class GGUFLinear(_Frozen):
 
     def requantized(self, weight: torch.Tensor) -> "GGUFLinear":
         return GGUFLinear.from_weight(weight, self.bias, self.qtype)
+
+    def shifted(self, offsets: torch.Tensor) -> "GGUFLinear":
+        if self.offset_group is None:
+            raise NotImplementedError(f"{self.format} has no per-block offset")
+        nb = GGUF_BLOCKS[self.qtype][1]
+        blocks = self.blocks.clone()
+        b = blocks.view(blocks.shape[0], -1, nb)  # (out, blocks, 20): d, m (float16), codes
+        m = b[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float()
+        m = (m + offsets.to(m.device).float()).to(torch.float16)
+        b[..., 2:4] = m.unsqueeze(-1).view(torch.uint8)
+        return GGUFLinear(blocks, self.qtype, self.in_features, self.bias)
 
 
 __all__ = ["GGUF_BLOCKS", "GGUFLinear", "GroupQuantLinear", "Int8Linear"]
