@@ -17,8 +17,9 @@ Parts (``--only``):
   its adapter saved in peft's layout and scored by the same ``deltatune eval``;
 * ``epoch``: one pass over the same fixed training subset with each tool's recommended settings
   (packing: trl ``packing=True``, deltatune ``--packing``);
-* ``dpo``: DPO on the ``-pref`` set from the SFT adapter (``--from-adapter``), reward accuracy on
-  the preference test split before and after, exact match after;
+* ``dpo``: DPO on the ``-pref`` set from the SFT adapter (``--from-adapter``), plain and with
+  RPO's NLL term (``--rpo-alpha 1``), reward accuracy on the preference test split before and
+  after, exact match after;
 * ``merge``: the two seed-0 SFT LoRAs merged, exact match on both tasks.
 
 Every run is its own process under ``nice -n 5`` (peak RSS = that process's ``ru_maxrss``); rows
@@ -275,6 +276,20 @@ def part_sft(rows: dict, args) -> None:
             run_cached(rows, sft_key(task, seed), make)
 
 
+#: DPO variants after SFT: plain DPO and RPO (DPO + RPO_ALPHA x the chosen answers' NLL,
+#: ``--rpo-alpha``), each from the same seed-0 SFT adapter with the same pairs, steps, lr and β
+RPO_ALPHA = 1.0
+DPO_VARIANTS = {"dpo": 0.0, "rpo": RPO_ALPHA}
+
+
+def dpo_key(task: str, rpo_alpha: float) -> str:
+    s = SETTINGS[task]
+    key = (f"dpo|{tk(task)}|limit {s['dpo_limit']} via jsonl|--objective dpo --beta 0.1 "
+           f"--max-steps {s['dpo_steps']} --lr {s['dpo_lr']} --seed 0")
+    # plain DPO keeps the key of the rows measured before --rpo-alpha existed
+    return key + (f" --rpo-alpha {rpo_alpha:g}" if rpo_alpha else "")
+
+
 def part_dpo(rows: dict, args) -> None:
     for task in args.tasks:
         s = SETTINGS[task]
@@ -283,23 +298,29 @@ def part_dpo(rows: dict, args) -> None:
             print(f"dpo {task}: no seed-0 SFT row yet (run --only sft first)")
             continue
         adapter = RUNS / f"sft-{task}-0" / "adapter"
-        extra = ["--from-adapter", str(adapter), "--objective", "dpo", "--beta", "0.1",
-                 "--max-steps", str(s["dpo_steps"]), "--lr", str(s["dpo_lr"]), "--seed", "0"]
+        for variant, alpha in DPO_VARIANTS.items():
+            extra = ["--from-adapter", str(adapter), "--objective", "dpo", "--beta", "0.1",
+                     "--max-steps", str(s["dpo_steps"]), "--lr", str(s["dpo_lr"]), "--seed", "0",
+                     "--rpo-alpha", f"{alpha:g}"]
+            name = f"dpo-{task}" if variant == "dpo" else f"{variant}-{task}"
 
-        def make() -> dict:
-            out = RUNS / f"dpo-{task}"
-            before = eval_row(adapter, pref(task), s["pref_limit"], RUNS / f"dpo-{task}-before")
-            res = train_row(pref(task), out, extra, s["dpo_limit"])
-            res["before"] = before
-            if res["rc"] == 0:
-                res["after"] = eval_row(out / "adapter", pref(task), s["pref_limit"],
-                                        RUNS / f"dpo-{task}-after")
-                res["eval"] = eval_row(out / "adapter", task, s["eval_limit"],
-                                       RUNS / f"dpo-{task}-eval")
-            return res
+            def make(extra=extra, name=name) -> dict:
+                out = RUNS / name
+                # the SFT adapter's reward accuracy: the same for every variant, measured once
+                done = [r for r in (rows.get(dpo_key(task, a)) for a in DPO_VARIANTS.values())
+                        if r and r.get("before", {}).get("rc") == 0]
+                before = done[0]["before"] if done else eval_row(
+                    adapter, pref(task), s["pref_limit"], RUNS / f"{name}-before")
+                res = train_row(pref(task), out, extra, s["dpo_limit"])
+                res["before"] = before
+                if res["rc"] == 0:
+                    res["after"] = eval_row(out / "adapter", pref(task), s["pref_limit"],
+                                            RUNS / f"{name}-after")
+                    res["eval"] = eval_row(out / "adapter", task, s["eval_limit"],
+                                           RUNS / f"{name}-eval")
+                return res
 
-        run_cached(rows, f"dpo|{tk(task)}|limit {s['dpo_limit']} via jsonl|" + " ".join(extra[2:]),
-                   make)
+            run_cached(rows, dpo_key(task, alpha), make)
 
 
 def trl_cmd(task: str, out: Path, steps: int, lr: float, seed: int, limit: int,
@@ -631,37 +652,64 @@ def render(rows: dict[str, dict]) -> str:
         "test split holds 223 prompts in all, fewer than 500). SFT: "
         "`deltatune train --model smollm2 --data TASK " + " ".join(LORA)
         + " --max-steps S --lr LR --limit L --seed K`, one epoch of L training examples; DPO: "
-        "`deltatune train --data TASK-pref --from-adapter SFT/adapter --objective dpo --beta 0.1`;"
-        " reward accuracy by `deltatune eval` on the -pref test split (the model with its adapter"
-        " against the same model with the adapter disabled, β 0.1), before DPO (the SFT "
-        "adapter) and after; in brackets the log-prob accuracy (chosen more likely than "
-        "rejected under the model itself).\n")
-    out += ["| task | test prompts | untuned | LoRA SFT (seeds) | SFT → DPO | DPO reward acc. "
-            "before → after | settings |", "|---|---|---|---|---|---|---|"]
-    aims = []
+        "`deltatune train --data TASK-pref --from-adapter SFT/adapter --objective dpo --beta 0.1"
+        " --rpo-alpha A` (A = 0: plain DPO; RPO: A = " + f"{RPO_ALPHA:g}" + ", the chosen "
+        "answers' NLL added, Pang et al. 2024, picked on the validation split by "
+        "bench/bench_llm_dpo_val.py); reward accuracy by `deltatune eval` on the -pref test split"
+        " (the model with its adapter against the same model with the adapter disabled, β 0.1), "
+        "before DPO (the SFT adapter) and after; in brackets the log-prob accuracy (chosen more "
+        "likely than rejected under the model itself).\n")
+    out += ["| task | test prompts | untuned | LoRA SFT (seeds) | SFT → DPO | SFT → RPO | "
+            "settings |", "|---|---|---|---|---|---|---|"]
+    aims, detail = [], []
     for task in TASKS:
         s = SETTINGS[task]
         unt = rows.get(f"untuned|{tk(task)}|limit {s['eval_limit']}")
         u = (unt or {}).get("results", {}).get("exact_match")
         seeds = [(k, _em(rows.get(sft_key(task, k)))) for k in (0, 1, 2)]
         sft = [f"{_pct(v)} (seed {k})" for k, v in seeds if v is not None]
-        dpo = next(iter(by(f"dpo|{tk(task)}|")), None)
-        d = _em(dpo)
-        before, lp_before = _pref(dpo, "before")
-        after, lp_after = _pref(dpo, "after")
+        s0 = seeds[0][1]
+        sft_loss = ((rows.get(sft_key(task, 0)) or {}).get("eval") or {}).get(
+            "results", {}).get("completion_loss")
+        ems, first = {}, len(aims)
+        for variant, alpha in DPO_VARIANTS.items():
+            row = rows.get(dpo_key(task, alpha))
+            d = _em(row)
+            ems[variant] = d
+            before, lp_before = _pref(row, "before")
+            after, lp_after = _pref(row, "after")
+            loss = ((row or {}).get("eval") or {}).get("results", {}).get("completion_loss")
+            val = (((row or {}).get("results") or {}).get("train") or {}).get("final") or {}
+            chosen = val.get("rewards_chosen")
+            detail.append(
+                f"| {task} | {variant.upper()} (α {alpha:g}) | "
+                f"{_pct(s0)} → {_pct(d)} | {_pct(before)} ({_pct(lp_before)}) → {_pct(after)} "
+                f"({_pct(lp_after)}) | "
+                + ("–" if sft_loss is None or loss is None else f"{sft_loss:.3f} → {loss:.3f}")
+                + " | " + ("–" if chosen is None else f"{chosen:+.3f}") + " |")
+            if row is not None:
+                aims.append(
+                    f"{task}, {variant.upper()}: raises reward accuracy "
+                    f"{_ok(None if after is None else after > (before or 0))}, keeps exact "
+                    f"match {_ok(None if d is None or s0 is None else d >= s0)}")
         settings = (f"SFT {s['steps']} steps lr {s['lr']:g} on {s['limit']} examples; DPO "
                     f"{s['dpo_steps']} steps lr {s['dpo_lr']:g} on {s['dpo_limit']} pairs, "
                     f"{s['pref_limit']} test pairs")
         out.append(f"| {task} | {s['eval_limit']} | {_pct(u) if u is not None else 'not run'} "
                    f"| {', '.join(sft) or 'not run yet'} | "
-                   f"{_pct(d) if d is not None else 'not run yet'} | {_pct(before)} "
-                   f"({_pct(lp_before)}) → {_pct(after)} ({_pct(lp_after)}) | {settings} |")
-        s0 = seeds[0][1]
-        aims.append(f"{task}: SFT ≥ untuned + 20 points "
-                    f"{_ok(None if u is None or s0 is None else s0 - u >= 0.2)}; DPO raises reward"
-                    f" accuracy {_ok(None if after is None else after > (before or 0))}, keeps "
-                    f"exact match {_ok(None if d is None or s0 is None else d >= s0)}")
+                   + " | ".join(_pct(ems[v]) if ems[v] is not None else "not run yet"
+                                for v in DPO_VARIANTS)
+                   + f" | {settings} |")
+        aims.insert(first, f"{task}: SFT ≥ untuned + 20 points "
+                    f"{_ok(None if u is None or s0 is None else s0 - u >= 0.2)}")
     out += ["", "Aims: " + "; ".join(aims) + "."]
+    out += ["", "DPO in detail: exact match and reward accuracy as above; completion loss = the "
+            "test answers' mean token NLL under the model (`deltatune eval`'s completion_loss; "
+            "higher = the right answer became less likely); rewards_chosen = β × (log π − log "
+            "π_SFT) of the chosen answers on the training run's 40 validation pairs at its end "
+            "(below 0: the chosen answer's likelihood fell, likelihood displacement).", "",
+            "| task | variant | exact match SFT → after | reward acc. SFT → after | completion "
+            "loss SFT → after | rewards_chosen (val) |", "|---|---|---|---|---|---|", *detail]
     # 3. trl
     out.append("\n### Against trl 1.16 + peft 0.21 (same data, steps, batch, lr, LoRA, seed)\n")
     out.append(
