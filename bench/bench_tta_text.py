@@ -179,7 +179,7 @@ def make_method(model, name: str, extra: dict):
 
     if name == "source":
         return None
-    options = {**METHODS[name], **extra.get(name.split(":")[0], {})}
+    options = {**METHODS[name.split(":")[0]], **extra.get(name.split(":")[0], {})}
     if ":" in name:  # a validation variant, "safe:lr=1e-3"
         key, value = name.split(":")[1].split("=")
         options[key] = float(value)

@@ -234,3 +234,54 @@ def test_em_with_the_wrong_temperature_misestimates_the_prior():
     truth = torch.tensor(target, dtype=torch.float64)
     assert (good - truth).abs().max() < 0.02 < (bad - truth).abs().max()
     assert math.isclose(float(good.sum()), 1.0, abs_tol=1e-9)
+
+
+def _generating_model(source: list[float]) -> nn.Linear:
+    _, _, _, mu = gaussian_posteriors(source, source, 1)
+    model = nn.Linear(2, 3).double()
+    with torch.no_grad():  # exactly the source-prior posterior of the generating model
+        model.weight.copy_(mu)
+        model.bias.copy_(-0.5 * (mu**2).sum(-1) + torch.tensor(source, dtype=torch.float64).log())
+    return model
+
+
+def test_prior_shift_test_is_calibrated_on_unshifted_data_and_finds_a_real_shift():
+    """The likelihood-ratio test behind EM's gate: on data drawn from the source prior its p-value
+    is roughly uniform (about 5% of draws below 0.05), a real shift gives p near 0."""
+    source = [0.6, 0.2, 0.2]
+    ps = torch.tensor(source, dtype=torch.float64)
+    pvalues = []
+    for seed in range(200):
+        _, _, logits, _ = gaussian_posteriors(source, source, 256, seed=seed)
+        probs = logits.softmax(-1)
+        pvalues.append(dd.prior_shift_pvalue(probs, ps, dd.em_prior(probs, ps)))
+    below = sum(p < 0.05 for p in pvalues) / len(pvalues)
+    assert 0.01 <= below <= 0.10, below
+    _, _, logits, _ = gaussian_posteriors([0.2, 0.6, 0.2], source, 256, seed=0)
+    probs = logits.softmax(-1)
+    assert dd.prior_shift_pvalue(probs, ps, dd.em_prior(probs, ps)) < 1e-6
+
+
+def test_em_keeps_the_source_prior_without_evidence_of_a_shift():
+    source = [0.6, 0.2, 0.2]
+    model = _generating_model(source)
+    x, _, _, _ = gaussian_posteriors(source, source, 64, seed=3)
+    gated = dd.adapt(model, "em", source_prior=source)
+    always = dd.adapt(_generating_model(source), "em", source_prior=source, shift_alpha=0)
+    out_gated, out_always = gated(x), always(x)
+    assert gated.shift_p > 0.01
+    assert torch.equal(gated.prior, torch.tensor(source, dtype=torch.float64))
+    with torch.no_grad():  # no correction: the source model's own predictions
+        expected = model(x).log_softmax(-1)
+    assert torch.allclose(out_gated, expected, atol=1e-9)
+    assert not torch.equal(always.prior, gated.prior)  # EM's estimate is sampling noise here
+    assert out_always.shape == out_gated.shape
+    gated.remove()
+    always.remove()
+
+
+@pytest.mark.parametrize("method", ["em", "safe"])
+@pytest.mark.parametrize("alpha", [-0.1, 1.0, 2.0])
+def test_a_bad_shift_alpha_is_one_line(method: str, alpha: float):
+    with pytest.raises(dd.DeployError, match="shift_alpha=.*significance level"):
+        dd.adapt(nn.Linear(2, 3), method, shift_alpha=alpha)

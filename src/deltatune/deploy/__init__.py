@@ -36,7 +36,7 @@ from .labelshift import LabelShift, estimate_label_shift
 from .norm import BatchNormStats, norm_param_names
 from .online import OnlineDetector, OnlineLSDD, OnlineMMD, online_detector
 from .ood import SCORES, OODScorer, auroc, fit_ood, ood_scores
-from .output import LAME, EMPrior, em_prior
+from .output import LAME, EMPrior, em_prior, prior_shift_pvalue
 from .params import collect_params
 from .rmt import RMT
 from .roid import ROID
@@ -80,6 +80,7 @@ __all__ = [
     "collect_params",
     "detect",
     "em_prior",
+    "prior_shift_pvalue",
     "embed",
     "evaluate_stream",
     "fit_accuracy_estimator",

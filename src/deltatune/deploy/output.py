@@ -109,11 +109,28 @@ def _no_linear(model: nn.Module) -> bool:
     return not any(isinstance(m, nn.Linear) for m in model.modules())
 
 
+SHIFT_ALPHA = 0.01
+"""Default significance level of the prior-shift test that gates EM's correction."""
+
+
+def check_shift_alpha(value: float, method: str) -> None:
+    if not 0 <= value < 1:
+        raise DeployError(
+            f"{method}: shift_alpha={value} is a significance level in [0, 1) (0 always corrects)"
+        )
+
+
 def track_prior(owner: Any, probs: torch.Tensor, method: str, **em: Any) -> torch.Tensor:
     """Add a batch's source posteriors ``probs`` (N, C) to ``owner``'s window of recent ones
     (``owner.buffer``, at most ``owner.window`` rows), re-estimate the target prior over that window
     by EM into ``owner.prior``, and return the source prior it is measured against (``owner.
-    source_prior``, uniform when unset) on ``probs``' device."""
+    source_prior``, uniform when unset) on ``probs``' device.
+
+    The estimate replaces the source prior only where the likelihood-ratio test of
+    :func:`prior_shift_pvalue` rejects "no prior change" at ``owner.shift_alpha`` (0: always):
+    on in-domain data, or a window too small to tell, EM's estimate is sampling noise, and
+    correcting by it turns right predictions near the decision boundary into wrong ones (measured
+    on the airlines control of bench_tta_text.py). ``owner.shift_p`` keeps the test's p-value."""
     c = probs.shape[-1]
     source = owner.source_prior
     if source is None:
@@ -125,8 +142,29 @@ def track_prior(owner: Any, probs: torch.Tensor, method: str, **em: Any) -> torc
     source = source.to(probs.device)
     seen = probs if owner.buffer is None else torch.cat([owner.buffer, probs])
     owner.buffer = seen[-owner.window :]
-    owner.prior = em_prior(owner.buffer, source, **em)
+    prior = em_prior(owner.buffer, source, **em)
+    alpha = getattr(owner, "shift_alpha", 0.0)
+    owner.shift_p = prior_shift_pvalue(owner.buffer, source, prior)
+    # no significant evidence of a prior change: keep the source prior, so that sampling noise in a
+    # small window (or on in-domain data) is not "corrected" into errors
+    owner.prior = prior if owner.shift_p <= alpha or alpha <= 0 else source.to(prior.dtype)
     return source
+
+
+def prior_shift_pvalue(
+    probs: torch.Tensor, source_prior: torch.Tensor, prior: torch.Tensor
+) -> float:
+    """p-value of the likelihood-ratio test "the target prior is the source prior" against the EM
+    estimate ``prior`` (Saerens et al. 2002, section 2.3): twice the log-likelihood gain of the
+    mixture ``sum_y p(y|x) prior_y / source_y`` over the samples, against a chi-square with C-1
+    degrees of freedom. Small values: the class prior has changed; large: what EM found is within
+    the sampling noise of ``len(probs)`` samples."""
+    weights = prior.to(probs) / source_prior.to(probs)
+    gain = torch.log((probs * weights).sum(-1).clamp_min(1e-300)).sum()
+    stat = max(2.0 * float(gain), 0.0)
+    dof = probs.shape[-1] - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64),
+                                         torch.tensor(stat / 2.0, dtype=torch.float64)))
 
 
 def em_prior(
@@ -167,10 +205,13 @@ class EMPrior(TTAWrapper):
         window: int = 1024,
         temperature: float = 1.0,
         max_iter: int = 100,
+        shift_alpha: float = SHIFT_ALPHA,
         **common: Any,
     ) -> None:
         if window < 1:
             raise DeployError(f"em: window={window} must be at least 1 sample")
+        check_shift_alpha(shift_alpha, "em")
+        self.shift_alpha = shift_alpha
         if not temperature > 0:
             raise DeployError(f"em: temperature={temperature} must be positive")
         self.source_prior = None if source_prior is None else _as_prior(source_prior)
@@ -181,6 +222,7 @@ class EMPrior(TTAWrapper):
     def reset_state(self) -> None:
         self.buffer: torch.Tensor | None = None
         self.prior: torch.Tensor | None = None
+        self.shift_p = 1.0
 
     def forward_and_adapt(self, *args: Any, **kwargs: Any) -> Any:
         output = self.model(*args, **kwargs)

@@ -14,7 +14,7 @@ from .base import GradientTTA, OptimizerChoice, TTAWrapper, register_method
 from .batch import with_logits
 from .errors import DeployError
 from .norm import BatchNormStats, StatsMode, norm_param_names
-from .output import _as_prior, track_prior
+from .output import SHIFT_ALPHA, _as_prior, check_shift_alpha, track_prior
 
 
 def _entropy(q: torch.Tensor) -> torch.Tensor:
@@ -37,7 +37,9 @@ class Safe(GradientTTA):
        estimate of the test statistics that starts at the source ones (worth ``source_batches``
        batches), averages the batches seen, then moves with momentum ``bn_momentum``: robust to
        batches of one class, as in RoTTA) gives calibrated posteriors (``temperature``); EM over the
-       last ``window`` of them estimates the target prior ``π`` against ``source_prior``;
+       last ``window`` of them estimates the target prior ``π`` against ``source_prior``, used
+       only where a likelihood-ratio test finds the prior changed (p ≤ ``shift_alpha``; otherwise
+       ``π`` = ``source_prior``: no correction of in-domain sampling noise);
     2. the adapted model's posteriors are corrected by ``π / source_prior``; their entropy is
        minimised (weights: ``params``/``delta``, default the norm layers' affine parameters) only on
        samples that are confident (corrected entropy < ``e_margin * ln C``) and agree with the
@@ -74,8 +76,11 @@ class Safe(GradientTTA):
         source_batches: float = 0.25,
         optimizer: OptimizerChoice = "adam",
         lr: float = 1e-4,
+        shift_alpha: float = SHIFT_ALPHA,
         **common: Any,
     ) -> None:
+        check_shift_alpha(shift_alpha, "safe")
+        self.shift_alpha = shift_alpha
         if window < 1:
             raise DeployError(f"safe: window={window} must be at least 1 sample")
         if not temperature > 0:
@@ -124,6 +129,7 @@ class Safe(GradientTTA):
     def reset_state(self) -> None:
         self.buffer: torch.Tensor | None = None
         self.prior: torch.Tensor | None = None
+        self.shift_p = 1.0
         self.drift = 0.0
         self.backoffs = 0
         self.frozen = not self.param_names
