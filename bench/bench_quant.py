@@ -60,8 +60,11 @@ HEADING = "Quantized bases (issue 21)"
 SELF = "bench/bench_quant.py"
 
 
+RERUN = False  # --rerun: measure again, the new row replacing the cached one
+
+
 def cached(rows: dict, key: str, make) -> dict:
-    if key in rows and rows[key].get("rc", 0) == 0:
+    if not RERUN and key in rows and rows[key].get("rc", 0) == 0:
         return rows[key]
     row = make()
     row["key"] = key
@@ -304,7 +307,7 @@ def render(rows: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global STEPS, EVAL, LIMIT, RUN_ORDER
+    global STEPS, EVAL, LIMIT, RUN_ORDER, RERUN
     p = argparse.ArgumentParser()
     p.add_argument("--worker", nargs="+")
     p.add_argument("--out", type=Path)
@@ -316,11 +319,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--eval", type=int, default=EVAL)
     p.add_argument("--cached-only", action="store_true")
+    p.add_argument("--rerun", action="store_true",
+                   help="measure the chosen parts and configs again instead of using cached rows")
     p.add_argument("--configs", nargs="+", choices=CONFIGS, help="only these bases (train, eval)")
     args = p.parse_args(argv)
     if args.configs:
         RUN_ORDER = tuple(c for c in RUN_ORDER if c in args.configs)
-    STEPS, EVAL, LIMIT = args.steps, args.eval, args.steps * BATCH
+    STEPS, EVAL, LIMIT, RERUN = args.steps, args.eval, args.steps * BATCH, args.rerun
     if args.worker:
         kind = args.worker[0]
         if kind == "load":
