@@ -158,14 +158,19 @@ class EWC(Strategy):
 # -- LwF ------------------------------------------------------------------------------------------
 class LwF(Strategy):
     """The new task's cross-entropy over its own classes (LwF's new-task head) plus λ·T²·KL to the
-    previous model's outputs over the old classes."""
+    previous model's outputs over the old classes.
+
+    λ = 0.1 was chosen on the mnist-corruptions validation stream (issue 22: λ = 1, 0.3, 0.1 gave
+    31.3%, 39.1%, 40.0% average accuracy, sequential 38.5%): at the paper's λ = 1 with T² = 4 the
+    distillation outweighs the task loss and the model barely learns a new domain (24% on zoom
+    blur right after training on it, sequential 92%)."""
 
     name = "lwf"
     mask_old_classes = True
 
     @classmethod
     def options(cls):
-        return {"lam": 1.0, "temperature": 2.0}
+        return {"lam": 0.1, "temperature": 2.0}
 
     teacher: nn.Module | None = None
 

@@ -39,7 +39,11 @@ class ZSCL(Strategy):
     by default the current task's inputs). Every ``we_interval`` steps the trainable tensors are
     folded into a running mean that starts from the task's initial weights (from the second task
     on); the mean replaces the weights at the end of the task, so each task moves the model only
-    part of the way."""
+    part of the way.
+
+    λ = 0.3 was chosen on the mnist-corruptions validation stream (issue 22: λ = 1, 0.3, 0.1 gave
+    32.9%, 43.8%, 43.5% average accuracy, sequential 38.5%): at λ = 1 the distillation, on top of
+    the weight ensemble's halving of each task's move, kept the model from learning a new domain."""
 
     name = "zscl"
     mask_old_classes = True  # the paper's CLIP classifies a task over that task's class names
@@ -47,7 +51,7 @@ class ZSCL(Strategy):
     @classmethod
     def options(cls):
         return {
-            "lam": 1.0,
+            "lam": 0.3,
             "temperature": 2.0,
             "reference": None,
             "reference_size": 512,
