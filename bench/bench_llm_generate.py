@@ -9,7 +9,11 @@ non-zero B so every adapter answers differently), with KV-cached greedy decoding
 
 * routed: one batch of 32, row i on its prompt's adapter (``deltatune.route``);
 * one adapter: the same batch of 32 on a single active adapter (the fastest case, no routing);
-* in turn: each adapter's 4 prompts as their own batch, switching with ``dt.set_active``.
+* in turn: each adapter's 4 prompts as their own batch, switching with ``dt.set_active``;
+* one adapter, 4 prompts: one of those small batches alone. It bounds what routing can gain over
+  "in turn": even free routing is at most 8 × t(4 prompts) / t(32 prompts) faster than taking the
+  adapters in turn, so on hardware where a batch of 32 costs much more than a batch of 4 (a CPU,
+  where decoding is compute-bound already at small batches) the aim of 4× is out of reach.
 
 Tokens/s is generated tokens over wall time: the median of ``--repeat`` rounds after a warm-up
 round, each round running every way once (in a rotated order, so a busy machine slows all alike).
@@ -120,8 +124,14 @@ def main() -> None:
             total += sum(len(g.tokens) for g in generate(model, tokenizer, mine, **common))
         return total
 
+    def one_small() -> int:
+        dt.set_active(model, names[0])
+        out = generate(model, tokenizer, prompts[:per], **common)
+        return sum(len(g.tokens) for g in out)
+
     ways = {"routed (1 batch, 8 adapters)": routed, "one adapter (1 batch)": one_adapter,
-            "in turn (8 batches, set_active)": in_turn}
+            "in turn (8 batches, set_active)": in_turn,
+            f"one adapter, {per} prompts (1 batch)": one_small}
     if args.hf:
         ways["one adapter, transformers generate"] = lambda: _hf_generate(
             model, tokenizer, prompts, names[0], args.new_tokens)
@@ -130,9 +140,11 @@ def main() -> None:
         rates[label] = tokens / seconds
         print(f"{label:<38} {tokens:>6} tokens  {seconds:7.3f} s  {rates[label]:9.1f} tokens/s",
               flush=True)
-    r, one, turn = (rates[k] for k in list(ways)[:3])
+    r, one, turn, small = (rates[k] for k in list(ways)[:4])
     print(f"\nrouted / one adapter: {r / one:.3f}   (aim >= 0.9)")
     print(f"routed / in turn:     {r / turn:.3f}   (aim >= 4)")
+    print(f"one adapter / in turn: {one / turn:.3f}   (the most routing can reach; batch "
+          f"{args.prompts} writes {one / small:.2f}x the tokens/s of batch {per})")
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"device: {device}, torch threads {torch.get_num_threads()}")
 

@@ -96,6 +96,8 @@ class DeltaHost(Host):
         self._merged: list[str] = []
         self._live: list[Delta] = []
         self._plan: list[tuple[type[Delta], list[Delta], torch.Tensor]] | None = None
+        #: what a method's routed_forward keeps for the current route (emptied by set_route)
+        self.route_cache: dict[str, object] = {}
         #: quantized base only: how dt.merge folds deltas in, and the blocks kept for unmerge
         self.quantized_merge: tuple[bool, str | None, bool] | None = None
         self.quantized_original: tuple[QuantizedBase | None] | None = None
@@ -249,6 +251,7 @@ class DeltaHost(Host):
     def set_route(self, slots: torch.Tensor | None, names: Sequence[str]) -> None:
         """``slots[i]`` indexes ``names`` for sample ``i`` (-1: base only); ``None`` ends
         routing."""
+        self.route_cache = {}
         if slots is None:
             self._plan = None
             return
