@@ -210,7 +210,8 @@ def _write(stream: str, section: str, args, seconds: float) -> None:
         "under that load). "
         + __doc__.split("Streams:")[1].strip().replace("\n", " ")
         + f" Learning rate {STREAMS[stream][2]:g}, batch size {STREAMS[stream][3]}."
-        + " Strategy options (the others at their defaults): "
+        + " Strategy options (the others at their defaults, chosen on the validation streams,"
+        " `--held val`: see docs/continual.md): "
         + "; ".join(f"{st}: {o}" for (name, st), o in OPTIONS.items() if name == stream)
         + "."
         + ' BatchNorm statistics of the frozen CNN stay fixed (the trainer\'s default '
