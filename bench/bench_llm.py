@@ -20,7 +20,9 @@ Parts (``--only``):
 * ``dpo``: DPO on the ``-pref`` set from the SFT adapter (``--from-adapter``), plain and with
   RPO's NLL term (``--rpo-alpha 1``), reward accuracy on the preference test split before and
   after, exact match after;
-* ``merge``: the two seed-0 SFT LoRAs merged, exact match on both tasks.
+* ``merge``: the two seed-0 SFT LoRAs merged into one adapter, the merge chosen among task
+  arithmetic weights, TIES, DARE-TIES and RegMean on validation prompts (bench_llm_merge.py),
+  exact match of the chosen one on both tasks' test prompts.
 
 Every run is its own process under ``nice -n 5`` (peak RSS = that process's ``ru_maxrss``); rows
 go to .cache/bench_llm/rows.jsonl keyed by their settings, and a rerun skips the rows it has
@@ -378,61 +380,91 @@ def part_epoch(rows: dict, args) -> None:
     run_cached(rows, f"epoch|trl|{task}|limit {EPOCH_LIMIT}|packing", trl)
 
 
+GENERATE_ARGS = ["--threads", "1", "--new-tokens", "16", "--repeat", "2"]
+
+
 def part_generate(rows: dict, args) -> None:
     def make() -> dict:
         log = RUNS / "generate.out"
-        res = measured([PY, str(ROOT / "bench" / "bench_llm_generate.py")], RUNS / "generate.log")
-        res["table"] = (RUNS / "generate.log").read_text().strip().splitlines()[-8:]
+        res = measured([PY, str(ROOT / "bench" / "bench_llm_generate.py"), *GENERATE_ARGS],
+                       RUNS / "generate.log")
+        lines = (RUNS / "generate.log").read_text().strip().splitlines()
+        first = next((i for i, x in enumerate(lines) if x.startswith("routed (")), 0)
+        res["table"] = lines[first:]
+        res["note"] = (f"`.venv/bin/python bench/bench_llm_generate.py {' '.join(GENERATE_ARGS)}`"
+                       " (32 prompts × 16 new tokens, 1 torch thread, 2 interleaved rounds after "
+                       "a warm-up; run by `bench/bench_llm.py --only generate`)")
         log.write_text("\n".join(res["table"]) + "\n")
         return res
 
-    run_cached(rows, "generate|32 prompts 8 adapters|defaults", make)
+    run_cached(rows, "generate|32 prompts 8 adapters|" + " ".join(GENERATE_ARGS), make)
 
 
-def merge_worker(a: Path, b: Path, out: Path) -> int:
-    """Task arithmetic of two LoRAs (λ = 1 each; lora_concat: exact, rank 16), saved in peft's
-    layout for ``deltatune eval --adapter OUT --model smollm2``."""
-    import deltatune as dt
-    from deltatune import algebra as alg
-    from deltatune.models import load_model
-
-    model = load_model("smollm2").model
-    dt.load_adapter(model, a, name="a")
-    dt.load_adapter(model, b, name="b")
-    alg.merge_adapters(model, ["a", "b"], "lora_concat", weights=[1.0, 1.0], name="merged")
-    dt.save_adapter(model, out, name="merged", format="peft")
-    return 0
+MERGE_VAL = 100  # validation prompts per task on which bench_llm_merge.py picks the merge
 
 
 def part_merge(rows: dict, args) -> None:
-    """The seed-0 SFT LoRAs of both tasks merged; exact match on each task's test prompts."""
+    """The seed-0 SFT LoRAs of both tasks merged into one adapter: bench/bench_llm_merge.py scores
+    every candidate merge on MERGE_VAL validation prompts per task and saves the one with the best
+    worst-task ratio merged / alone; that one is scored on each task's test prompts."""
     if any(rows.get(sft_key(t, 0), {}).get("rc") != 0 for t in TASKS):
         print("merge: needs the seed-0 SFT rows of both tasks (run --only sft first)")
         return
     adapters = [RUNS / f"sft-{t}-0" / "adapter" for t in TASKS]
 
     def make() -> dict:
-        out = RUNS / "merged"
-        cmd = [PY, str(Path(__file__).resolve()), "--merge-worker", *map(str, adapters), str(out)]
-        res = measured(cmd, RUNS / "merged.log")
-        lines = ["Task arithmetic (λ = 1 for each; `deltatune.algebra.merge_adapters(..., "
-                 "'lora_concat')`, exact) of the two seed-0 SFT LoRAs; exact match by "
-                 f"`deltatune eval --adapter MERGED --model smollm2`. `{SELF} --only merge`", "",
-                 "| task | adapter alone | merged | merged / alone |", "|---|---|---|---|"]
+        out, val = RUNS / "merged-chosen", CACHE / "merge" / "val.json"
+        cmd = [PY, str(ROOT / "bench" / "bench_llm_merge.py"), *map(str, adapters), str(out),
+               "--json", str(val), "--val", str(MERGE_VAL), "--max-new-tokens", str(MAX_NEW),
+               "--resume"]
+        res = measured(cmd, RUNS / "merged-chosen.log")
+        if res["rc"] != 0:
+            return res
+        res["val"] = read_json(val)
         for task in TASKS:
-            if res["rc"] != 0:
-                break
-            ev = eval_row(out, task, SETTINGS[task]["eval_limit"], RUNS / f"merged-{task}",
-                          model="smollm2")
-            res[task] = ev
-            alone = _em(rows[sft_key(task, 0)])
-            em = ev["results"].get("exact_match")
-            ratio = "–" if not alone or em is None else f"{em / alone:.2f}"
-            lines.append(f"| {task} | {_pct(alone)} | {_pct(em)} | {ratio} |")
-        res["table"] = lines + ["", "Aim: merged ≥ 0.90 × each adapter alone."]
+            res[task] = eval_row(out, task, SETTINGS[task]["eval_limit"],
+                                 RUNS / f"merged-chosen-{task}", model="smollm2")
+        res["table"] = merge_table(rows, res)
         return res
 
-    run_cached(rows, "merge|lora_concat|" + ",".join(TASKS), make)
+    run_cached(rows, f"merge|val-chosen|val {MERGE_VAL}|" + ",".join(TASKS), make)
+
+
+def merge_table(rows: dict, res: dict) -> list[str]:
+    """RESULTS.md lines: every candidate on validation, the chosen one on test."""
+    val = res["val"]
+    t, b = TASKS
+    n = val["val_prompts"]
+    lines = [
+        f"The two seed-0 SFT LoRAs merged into one adapter; `{SELF} --only merge` runs "
+        f"bench/bench_llm_merge.py, which scores each candidate merge on {n[t]} tweet and {n[b]} "
+        "BBC validation prompts (greedy, 8 new tokens; the test prompts are never looked at) "
+        "against each adapter alone on the same prompts, and keeps the one with the best worst-"
+        "task ratio merged / alone; that one is scored by `deltatune eval --adapter MERGED "
+        "--model smollm2` on the test prompts.", "",
+        "| candidate (validation) | tweet EM | BBC EM | tweet merged / alone | BBC merged / alone "
+        "|",
+        "|---|---|---|---|---|",
+        f"| each adapter alone | {_pct(val['alone'][t])} | {_pct(val['alone'][b])} | | |"]
+    for c in val["candidates"]:
+        mark = " **(chosen)**" if c["label"] == val.get("chosen") else ""
+        lines.append(f"| {c['label']}{mark} | {_pct(c['val'][t])} | {_pct(c['val'][b])} | "
+                     f"{c['ratio'][t]:.2f} | {c['ratio'][b]:.2f} |")
+    lines += ["", f"The chosen merge ({val.get('chosen')}) on the test prompts:", "",
+              "| task | test prompts | adapter alone | merged | merged / alone |",
+              "|---|---|---|---|---|"]
+    ratios = []
+    for task in TASKS:
+        alone = _em(rows[sft_key(task, 0)])
+        got = (res.get(task) or {}).get("results", {})
+        em = got.get("exact_match")
+        ratio = None if not alone or em is None else em / alone
+        ratios.append(ratio)
+        lines.append(f"| {task} | {got.get('n', '–')} | {_pct(alone)} | {_pct(em)} | "
+                     f"{'–' if ratio is None else f'{ratio:.2f}'} |")
+    met = all(r is not None and r >= 0.9 for r in ratios)
+    lines += ["", f"Aim: merged ≥ 0.90 × each adapter alone on both tasks: {_ok(met)}."]
+    return lines
 
 
 # ---------------------------------------------------------------------------- trl worker
@@ -770,7 +802,9 @@ def render(rows: dict[str, dict]) -> str:
         out.append(not_run(f"{SELF} --only epoch"))
     # 4. generate
     out.append("\n### Many adapters in one batch\n")
-    gens = by("generate|")  # this bench's own run before a row cached from another's output
+    # this bench's own run (at GENERATE_ARGS first) before a row cached from another's output
+    gens = sorted(by("generate|"), key=lambda g: not g.get("key", "").endswith(
+        " ".join(GENERATE_ARGS)))
     gen = next(iter([g for g in gens if g.get("table") and "|from " not in g.get("key", "")]
                     + gens), None)
     if gen and gen.get("table"):
@@ -780,7 +814,7 @@ def render(rows: dict[str, dict]) -> str:
         out.append(not_run(".venv/bin/python bench/bench_llm_generate.py"))
     # 5. merge
     out.append("\n### Merged tweet + BBC chat model\n")
-    merged = next(iter(by("merge|")), None)
+    merged = next(iter(by("merge|val-chosen|")), None) or next(iter(by("merge|")), None)
     if merged and merged.get("table"):
         out += merged["table"]
     else:
@@ -809,8 +843,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:2] == ["--measure", "--"]:
         return _measure_main(argv[2:])
-    if argv[:1] == ["--merge-worker"]:
-        return merge_worker(*map(Path, argv[1:4]))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", choices=list(PARTS), help="run these parts")
     parser.add_argument("--cached-only", action="store_true", help="render the cached rows")
