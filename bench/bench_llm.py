@@ -686,8 +686,8 @@ def render(rows: dict[str, dict]) -> str:
         + " --max-steps S --lr LR --limit L --seed K`, one epoch of L training examples; DPO: "
         "`deltatune train --data TASK-pref --from-adapter SFT/adapter --objective dpo --beta 0.1"
         " --rpo-alpha A` (A = 0: plain DPO; RPO: A = " + f"{RPO_ALPHA:g}" + ", the chosen "
-        "answers' NLL added, Pang et al. 2024, picked on the validation split by "
-        "bench/bench_llm_dpo_val.py); reward accuracy by `deltatune eval` on the -pref test split"
+        "answers' NLL added, Pang et al. 2024: the paper's value, not tuned on any split); "
+        "reward accuracy by `deltatune eval` on the -pref test split"
         " (the model with its adapter against the same model with the adapter disabled, β 0.1), "
         "before DPO (the SFT adapter) and after; in brackets the log-prob accuracy (chosen more "
         "likely than rejected under the model itself).\n")
