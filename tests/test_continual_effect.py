@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from continual_toys import ToyNet, vector_collate
 
 import deltatune as dt
 from deltatune import continual as cl
@@ -24,22 +24,6 @@ KIND = "text-classification"
 CFG = dict(max_steps=12, batch_size=16, lr=3e-2, progress=False, eval_each_epoch=False,
            keep_best=False, seed=0)
 LORA = dt.LoRA(r=2, targets=["body"])
-
-
-def _collate(examples):
-    batch = {"x": torch.stack([e["x"] for e in examples])}
-    if "label" in examples[0]:
-        batch["labels"] = torch.tensor([e["label"] for e in examples])
-    return batch
-
-
-class _Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body, self.head = nn.Linear(8, 16), nn.Linear(16, 3)
-
-    def forward(self, x, **_):
-        return self.head(torch.tanh(self.body(x)))
 
 
 def _shift_stream() -> cl.Stream:
@@ -76,19 +60,19 @@ def _run(name: str, spec=LORA, **options):
     """The stream run by hand (as run_stream does), recording each task's penalties; returns the
     final predictor's logits on the first domain's test inputs and the penalties of task 2."""
     torch.manual_seed(0)
-    model, stream = _Net(), _shift_stream()
+    model, stream = ToyNet(3), _shift_stream()
     s = cl.make_strategy(name, **options)
     s.configure(TrainConfig(**CFG), CFG["max_steps"], stream.scenario, len(stream.tasks))
-    s.setup(model, spec, ["head"], _collate)
+    s.setup(model, spec, ["head"], vector_collate)
     log = _Log()
     for t, task in enumerate(stream.tasks):
         s.before_task(t, task)
         if t == 1:
             log.penalties.clear()
-        fit(s.trainee(t, task), task.train, _collate, TrainConfig(**CFG), task=KIND,
+        fit(s.trainee(t, task), task.train, vector_collate, TrainConfig(**CFG), task=KIND,
             callbacks=[*s.callbacks(t, task), log])
         s.after_task(t, task)
-    x = _collate(stream.tasks[0].test.examples)["x"]
+    x = vector_collate(stream.tasks[0].test.examples)["x"]
     with torch.no_grad():
         out = s.predictor()(x=x)
     return out, log.penalties
@@ -112,15 +96,15 @@ def test_lwf_distillation_changes_the_gradient():
     must reach the trainable parameters (a detached student or a teacher that follows the student
     would give no gradient)."""
     torch.manual_seed(0)
-    model, stream = _Net(), _shift_stream()
+    model, stream = ToyNet(3), _shift_stream()
     s = cl.make_strategy("lwf", lam=1.0)
     s.configure(TrainConfig(**CFG), 4, "domain", 2)
-    s.setup(model, LORA, ["head"], _collate)
+    s.setup(model, LORA, ["head"], vector_collate)
     s.after_task(0, stream.tasks[0])
     s.before_task(1, stream.tasks[1])
     with torch.no_grad():
         model.head.bias.add_(torch.tensor([0.0, 0.0, 3.0]))  # the student drifts to class 2
-    batch = _collate(stream.tasks[1].train.examples[:16])
+    batch = vector_collate(stream.tasks[1].train.examples[:16])
     kd = s.callbacks(1, stream.tasks[1])[0].penalty(model, batch, model(x=batch["x"]))
     kd.backward()
     assert kd.item() > 1e-3 and model.head.bias.grad[2] > 0  # pushes class 2's score back down
@@ -136,9 +120,9 @@ def test_lwf_weight_scales_its_term():
 def test_lae_evaluates_the_offline_member():
     """Where the offline (EMA) model is the more confident one, the ensemble's prediction is its."""
     torch.manual_seed(0)
-    model = _Net()
+    model = ToyNet(3)
     s = cl.make_strategy("lae", momentum=0.9)
-    s.setup(model, LORA, ["head"], _collate)
+    s.setup(model, LORA, ["head"], vector_collate)
     x = torch.randn(5, 8)
     with torch.no_grad():
         online = model(x=x).argmax(-1)
@@ -156,38 +140,38 @@ def test_lae_offline_member_lags_and_changes_the_prediction():
     """After a stream the offline delta and head are an EMA behind the online ones, and the
     ensemble's output is not the online model's alone."""
     torch.manual_seed(0)
-    model, stream = _Net(), _shift_stream()
+    model, stream = ToyNet(3), _shift_stream()
     s = cl.make_strategy("lae", momentum=0.9)
     s.configure(TrainConfig(**CFG), CFG["max_steps"], "domain", 2)
-    s.setup(model, LORA, ["head"], _collate)
+    s.setup(model, LORA, ["head"], vector_collate)
     for t, task in enumerate(stream.tasks):
         s.before_task(t, task)
-        fit(s.trainee(t, task), task.train, _collate, TrainConfig(**CFG), task=KIND,
+        fit(s.trainee(t, task), task.train, vector_collate, TrainConfig(**CFG), task=KIND,
             callbacks=s.callbacks(t, task))
         s.after_task(t, task)
     host = dict(iter_hosts(model))["body"]
     assert not torch.allclose(host.part("online").lora_B, host.part("offline").lora_B)
     assert all(not torch.allclose(p, off) for p, off in s._heads)
-    x = _collate(stream.tasks[0].test.examples)["x"]
+    x = vector_collate(stream.tasks[0].test.examples)["x"]
     with torch.no_grad():
         assert not torch.allclose(s.predictor()(x=x), torch.log_softmax(model(x=x), -1))
 
 
 def test_olora_old_subspace_and_rows_stay_fixed_through_training():
     torch.manual_seed(0)
-    model, stream = _Net(), _shift_stream()
+    model, stream = ToyNet(3), _shift_stream()
     s = cl.make_strategy("olora")
     s.configure(TrainConfig(**CFG), CFG["max_steps"], "domain", 2)
-    s.setup(model, LORA, ["head"], _collate)
+    s.setup(model, LORA, ["head"], vector_collate)
     s.before_task(0, stream.tasks[0])
-    fit(s.trainee(0, stream.tasks[0]), stream.tasks[0].train, _collate, TrainConfig(**CFG),
+    fit(s.trainee(0, stream.tasks[0]), stream.tasks[0].train, vector_collate, TrainConfig(**CFG),
         task=KIND, callbacks=s.callbacks(0, stream.tasks[0]))
     s.after_task(0, stream.tasks[0])
     host = dict(iter_hosts(model))["body"]
     a0 = host.part("task0").lora_A.detach().clone()
     s.before_task(1, stream.tasks[1])
     log = _Log()
-    fit(s.trainee(1, stream.tasks[1]), stream.tasks[1].train, _collate, TrainConfig(**CFG),
+    fit(s.trainee(1, stream.tasks[1]), stream.tasks[1].train, vector_collate, TrainConfig(**CFG),
         task=KIND, callbacks=[*s.callbacks(1, stream.tasks[1]), log])
     assert torch.equal(host.part("task0").lora_A, a0)
     assert log.penalties and max(log.penalties) > 0  # the orthogonality term was in the loss

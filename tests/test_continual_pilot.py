@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from continual_toys import ToyNet, vector_collate
 
 import deltatune as dt
 from deltatune import continual as cl
@@ -17,24 +17,6 @@ from deltatune.train import TrainConfig
 CFG = dict(max_steps=4, batch_size=16, lr=1e-2, progress=False, eval_each_epoch=False,
            keep_best=False)
 KIND = "text-classification"
-
-
-def _collate(examples):
-    batch = {"x": torch.stack([e["x"] for e in examples])}
-    if "label" in examples[0]:
-        batch["labels"] = torch.tensor([e["label"] for e in examples])
-    return batch
-
-
-class _Net(nn.Module):
-    """A frozen random feature map (body) and a linear head over 6 classes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body, self.head = nn.Linear(8, 16), nn.Linear(16, 6)
-
-    def forward(self, x, **_):
-        return self.head(torch.tanh(self.body(x)))
 
 
 def _clusters(seed: int = 0, n: int = 40):
@@ -59,8 +41,8 @@ def _clusters(seed: int = 0, n: int = 40):
 
 def _run(name, spec=None, **options):
     torch.manual_seed(0)
-    model = _Net()
-    result = cl.run_stream(model, _collate, _clusters(), cl.make_strategy(name, **options),
+    model = ToyNet(6)
+    result = cl.run_stream(model, vector_collate, _clusters(), cl.make_strategy(name, **options),
                            TrainConfig(**CFG), spec=spec, head=["head"])
     return model, result
 
@@ -79,10 +61,10 @@ def test_simplecil_is_the_nearest_class_mean_and_does_not_forget():
 
 def test_simplecil_prototypes_are_class_means():
     torch.manual_seed(0)
-    model = _Net()
+    model = ToyNet(6)
     s = cl.make_strategy("simplecil")
     stream = _clusters()
-    s.setup(model, None, ["head"], _collate)
+    s.setup(model, None, ["head"], vector_collate)
     s.after_task(0, stream.tasks[0])
     xs = torch.stack([e["x"] for e in stream.tasks[0].train.examples if e["label"] == 1])
     with torch.no_grad():
@@ -93,10 +75,10 @@ def test_simplecil_prototypes_are_class_means():
 
 def test_ranpac_is_the_ridge_solution_of_the_projected_features():
     torch.manual_seed(0)
-    model = _Net()
+    model = ToyNet(6)
     s = cl.make_strategy("ranpac", dim=64, ridge=0.5)
     stream = _clusters()
-    s.setup(model, None, ["head"], _collate)
+    s.setup(model, None, ["head"], vector_collate)
     for t, task in enumerate(stream.tasks[:2]):
         s.after_task(t, task)
     ex = stream.tasks[0].train.examples + stream.tasks[1].train.examples
@@ -111,7 +93,7 @@ def test_ranpac_is_the_ridge_solution_of_the_projected_features():
 
 def test_aper_trains_only_on_the_first_task_then_keeps_the_delta():
     torch.manual_seed(0)
-    model = _Net()
+    model = ToyNet(6)
     s = cl.make_strategy("aper")
     stream = _clusters()
     states = []
@@ -121,7 +103,8 @@ def test_aper_trains_only_on_the_first_task_then_keeps_the_delta():
             states.append(1)
 
     s.callbacks = lambda t, task: [Spy()]
-    r = cl.run_stream(model, _collate, stream, s, TrainConfig(**CFG), spec=LORA, head=["head"])
+    r = cl.run_stream(model, vector_collate, stream, s, TrainConfig(**CFG), spec=LORA,
+                      head=["head"])
     assert states == [1] and [s.trains(t) for t in range(3)] == [True, False, False]
     lora_b = dict(iter_hosts(model))["body"].part("adapted").lora_B
     assert lora_b.abs().sum() > 0 and not lora_b.requires_grad
@@ -138,11 +121,11 @@ def test_ease_keeps_one_frozen_delta_per_task_and_synthesises_old_prototypes():
 
 def test_ease_synthesised_prototype_is_a_convex_mix_of_new_ones():
     torch.manual_seed(0)
-    model = _Net()
+    model = ToyNet(6)
     s = cl.make_strategy("ease")
     stream = _clusters()
     s.configure(TrainConfig(**CFG), 4, "class", 3)
-    s.setup(model, LORA, ["head"], _collate)
+    s.setup(model, LORA, ["head"], vector_collate)
     for t in range(2):
         s.before_task(t, stream.tasks[t])
         s.after_task(t, stream.tasks[t])
@@ -155,9 +138,9 @@ def test_ease_synthesised_prototype_is_a_convex_mix_of_new_ones():
 
 def test_feature_strategies_need_a_head_to_read_and_a_delta_where_they_adapt():
     with pytest.raises(cl.ContinualError, match="no head module was named; pass head="):
-        cl.make_strategy("simplecil").setup(_Net(), None, [], _collate)
+        cl.make_strategy("simplecil").setup(ToyNet(6), None, [], vector_collate)
     with pytest.raises(cl.ContinualError, match="has no head module 'fc'"):
-        cl.make_strategy("ranpac").setup(_Net(), None, ["fc"], _collate)
+        cl.make_strategy("ranpac").setup(ToyNet(6), None, ["fc"], vector_collate)
     with pytest.raises(cl.ContinualError, match="aper.*give a delta method"):
         cl.make_strategy("aper").validate(None)
     with pytest.raises(cl.ContinualError, match="has no option 'lam'"):
@@ -167,11 +150,11 @@ def test_feature_strategies_need_a_head_to_read_and_a_delta_where_they_adapt():
 
 
 def test_lwf_trains_on_its_own_classes_and_distils_the_raw_old_logits():
-    model = _Net()
+    model = ToyNet(6)
     s = cl.make_strategy("lwf")
     stream = _clusters()
     s.configure(TrainConfig(**CFG), 4, "class", 3)
-    s.setup(model, LORA, ["head"], _collate)
+    s.setup(model, LORA, ["head"], vector_collate)
     trainee = s.trainee(1, stream.tasks[1])
     assert isinstance(trainee, cl.base.TaskMasked)
     out = trainee(x=torch.randn(3, 8))
@@ -181,9 +164,9 @@ def test_lwf_trains_on_its_own_classes_and_distils_the_raw_old_logits():
 
 
 def test_olora_restores_the_old_classes_head_rows():
-    model = _Net()
+    model = ToyNet(6)
     s = cl.make_strategy("olora")
-    s.setup(model, LORA, ["head"], _collate)
+    s.setup(model, LORA, ["head"], vector_collate)
     s.seen = [0, 1]
     keep = [c for c in s.callbacks(1, None) if isinstance(c, cl.base.KeepRows)][0]
     before = model.head.weight.detach().clone()
@@ -195,9 +178,9 @@ def test_olora_restores_the_old_classes_head_rows():
 
 
 def test_lae_offline_head_is_an_ema_used_only_by_the_offline_member():
-    model = _Net()
+    model = ToyNet(6)
     s = cl.make_strategy("lae", momentum=0.5)
-    s.setup(model, LORA, ["head"], _collate)
+    s.setup(model, LORA, ["head"], vector_collate)
     start = model.head.weight.detach().clone()
     with torch.no_grad():
         model.head.weight.add_(2.0)
@@ -211,14 +194,14 @@ def test_lae_offline_head_is_an_ema_used_only_by_the_offline_member():
 
 def test_ewc_fisher_is_not_rescaled():
     torch.manual_seed(0)
-    model = _Net()
+    model = ToyNet(6)
     s = cl.make_strategy("ewc", lam=1.0, fisher_batches=1)
     stream = _clusters()
-    s.setup(model, LORA, ["head"], _collate)
+    s.setup(model, LORA, ["head"], vector_collate)
     s.after_task(0, stream.tasks[0])
     from deltatune.algebra import diagonal_fisher
 
-    batch = _collate(stream.tasks[0].train.examples[:16])
+    batch = vector_collate(stream.tasks[0].train.examples[:16])
     raw = diagonal_fisher(model, [batch], params=list(s.fisher), labels=lambda b: b["labels"])
     assert all(torch.allclose(s.fisher[n], raw[n]) for n in raw)
 
@@ -252,7 +235,7 @@ def _text_stream():
     return cl.Stream("text", "class", tasks, names, KIND)
 
 
-def _text_collate(examples):
+def _textvector_collate(examples):
     batch = {k: torch.stack([e[k] for e in examples]) for k in ("input_ids", "attention_mask")}
     if "label" in examples[0]:
         batch["labels"] = torch.tensor([e["label"] for e in examples])
@@ -274,14 +257,14 @@ def test_prompt_pools_train_the_pool_and_head_only(name):
     frozen = {n: p.detach().clone() for n, p in model.encoder.named_parameters()}
     s = cl.make_strategy(name)
     head = model.classifier.weight.detach().clone()
-    r = cl.run_stream(model, _text_collate, _text_stream(), s, TrainConfig(**CFG),
+    r = cl.run_stream(model, _textvector_collate, _text_stream(), s, TrainConfig(**CFG),
                       spec=dt.PromptTuning(num_virtual_tokens=2), head=["classifier"])
     pool = s.pool
     assert any(p.requires_grad for p in pool.parameters())
     assert all(torch.equal(p, frozen[n]) for n, p in model.encoder.named_parameters()
                if n in frozen)
     assert len(r.accuracy_matrix) == 2 and not torch.equal(model.classifier.weight, head)
-    batch = _text_collate(_text_stream().tasks[0].test.examples[:4])
+    batch = _textvector_collate(_text_stream().tasks[0].test.examples[:4])
     batch.pop("labels")
     q = s.query(batch)
     prompts, _ = s.compose(q, False)
@@ -297,7 +280,7 @@ def test_l2p_picks_prompts_per_sample_and_needs_a_prompt_spec():
     model = _tiny_classifier()
     s = cl.make_strategy("l2p", pool_size=6, top_k=2)
     s.configure(TrainConfig(**CFG), 4, "class", 2)
-    s.setup(model, dt.PromptTuning(num_virtual_tokens=3), ["classifier"], _text_collate)
+    s.setup(model, dt.PromptTuning(num_virtual_tokens=3), ["classifier"], _textvector_collate)
     q = torch.randn(5, 32)
     with torch.no_grad():
         s.pool.keys.copy_(torch.eye(32)[:6])
@@ -308,8 +291,8 @@ def test_l2p_picks_prompts_per_sample_and_needs_a_prompt_spec():
     with pytest.raises(cl.ContinualError, match="use --method prompt"):
         cl.make_strategy("dualprompt").validate(LORA)
     with pytest.raises(cl.ContinualError, match="has none to prompt.*use simplecil"):
-        cl.make_strategy("coda-prompt").setup(_Net(), dt.PromptTuning(num_virtual_tokens=2),
-                                              ["head"], _collate)
+        cl.make_strategy("coda-prompt").setup(ToyNet(6), dt.PromptTuning(num_virtual_tokens=2),
+                                              ["head"], vector_collate)
 
 
 def test_real_bbc_simplecil_reduced():

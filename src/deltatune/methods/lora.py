@@ -39,6 +39,17 @@ def _pattern_value(path: str, patterns: dict, default):
     return default
 
 
+def check_rank_alpha_dropout(spec: DeltaSpec) -> None:
+    """The fields every LoRA-shaped spec shares (``r``, ``alpha``, ``dropout``), checked alike."""
+    r = getattr(spec, "r")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        spec.fail("r", "must be a positive integer (the rank)")
+    if not getattr(spec, "alpha") > 0:
+        spec.fail("alpha", "must be > 0")
+    if not 0.0 <= getattr(spec, "dropout") < 1.0:
+        spec.fail("dropout", "must be in [0, 1)")
+
+
 @register
 @dataclass(frozen=True)
 class LoRA(DeltaSpec):
@@ -66,12 +77,7 @@ class LoRA(DeltaSpec):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            self.fail("r", "must be a positive integer (the rank)")
-        if not self.alpha > 0:
-            self.fail("alpha", "must be > 0")
-        if not 0.0 <= self.dropout < 1.0:
-            self.fail("dropout", "must be in [0, 1)")
+        check_rank_alpha_dropout(self)
         if isinstance(self.loftq_iters, bool) or not isinstance(self.loftq_iters, int) or \
                 self.loftq_iters < 1:
             self.fail("loftq_iters", "must be a positive integer (LoftQ's alternations)")

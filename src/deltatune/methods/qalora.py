@@ -33,6 +33,7 @@ from ..core.host import DeltaHost
 from ..core.quantized import QuantizedBase
 from ..core.spec import DeltaSpec, register
 from ..core.targets import ATTENTION_QV
+from .lora import check_rank_alpha_dropout
 
 #: the group when neither the spec nor a quantized base says (deltatune's int4 default)
 DEFAULT_GROUP = 64
@@ -57,12 +58,7 @@ class QALoRA(DeltaSpec):
     group_size: int | None = None
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            self.fail("r", "must be a positive integer (the rank)")
-        if not self.alpha > 0:
-            self.fail("alpha", "must be > 0")
-        if not 0.0 <= self.dropout < 1.0:
-            self.fail("dropout", "must be in [0, 1)")
+        check_rank_alpha_dropout(self)
         g = self.group_size
         if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
             self.fail("group_size", "must be a positive integer (inputs pooled together), or "
