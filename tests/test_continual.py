@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from continual_toys import vector_collate
 from torch import nn
 
 import deltatune as dt
@@ -150,13 +151,6 @@ def test_lae_momentum_follows_the_steps_per_task_unless_given():
         cl.make_strategy("lae", momentum=1.5).validate(dt.LoRA(r=2))
 
 
-def _batch_collate(examples):
-    batch = {"x": torch.stack([e["x"] for e in examples])}
-    if "label" in examples[0]:
-        batch["labels"] = torch.tensor([e["label"] for e in examples])
-    return batch
-
-
 class _XModel(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -170,7 +164,7 @@ def test_zscl_distils_only_from_the_second_task_and_is_zero_at_the_teacher():
     torch.manual_seed(0)
     model = _XModel()
     s = cl.make_strategy("zscl", reference_batch=8)
-    s.setup(model, None, ["head"], _batch_collate)
+    s.setup(model, None, ["head"], vector_collate)
     data = Dataset(
         "d", "x", [{"x": torch.randn(4), "label": i % 3} for i in range(32)], ["a", "b", "c"]
     )
@@ -189,7 +183,7 @@ def test_zscl_distils_only_from_the_second_task_and_is_zero_at_the_teacher():
 def test_zscl_weight_ensemble_is_the_mean_of_the_trajectory():
     model = _XModel()
     s = cl.make_strategy("zscl", we_interval=1)
-    s.setup(model, None, ["head"], _batch_collate)
+    s.setup(model, None, ["head"], vector_collate)
     start = model.head.weight.detach().clone()
     s.we_start(include_start=True)
     seen = [start]

@@ -77,8 +77,8 @@ class QALoRA(DeltaSpec):
         if n % g:
             self.fail("group_size", f"(group {g}) does not divide {module_name!r}'s {n} inputs; "
                       f"use a divisor of {n} (the base's quantization group for an exact merge)")
-        if self.r > min(n // g, host.out_features):
-            limit = min(n // g, host.out_features)
+        limit = min(n // g, host.out_features)
+        if self.r > limit:
             self.fail("r", f"exceeds {module_name!r}'s limit {limit} ({n} inputs pooled in groups "
                       f"of {g}); use a rank <= {limit} or a smaller group")
         base = host.base

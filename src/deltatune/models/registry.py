@@ -156,38 +156,34 @@ def _load_quantized(spec: str, quantize: str, group_size: int | None, keep_float
     ``quantize="gguf"``, smollm2 re-quantized layer by layer from its blocks for the other schemes
     (unless ``keep_float``: LoftQ needs the float weights), else None (the float model is loaded,
     then quantized)."""
-    from ..quant import SCHEMES, QuantizeError
+    from ..quant import SCHEMES, QuantizeError, quantize_base
 
     if quantize != "gguf":
         SCHEMES.get(quantize)  # an unknown name: one line, before the model loads
         if spec != "smollm2" or keep_float or num_labels or task not in (None, "causal-lm"):
             return None
-        # the GGUF file's blocks, re-quantized one layer at a time: no float copy of the whole
-        # model exists (the float path holds all 540 MB, and malloc keeps it after quantizing)
-        _check_options(spec, options, ("max_length", "cache"))
-        from ..quant import quantize_base
-        from .gguf_blocks import smollm2_blocks
-
-        with _quiet_transformers(True):
-            entry = smollm2_blocks(**options)
-        quantize_base(entry.model, quantize, group_size=group_size, exclude=entry.head,
-                      from_blocks=True)
-        entry.source = entry.source.replace("kept as Q4_1 blocks", f"re-quantized to {quantize}")
-        return entry
-    if spec != "smollm2":
-        raise QuantizeError(
-            f"quantize='gguf' keeps a GGUF file's own blocks, and {spec} is not loaded from GGUF "
-            "(only smollm2 is); use int8, int4 or nf4"
-        )
-    if group_size is not None or keep_float:
-        raise QuantizeError("quantize='gguf' keeps the file's blocks as they are: drop "
-                            "group_size / keep_float (LoftQ needs a float original: use nf4)")
-    if num_labels:
-        raise ModelError(f"{spec} is a causal-lm model and takes no num_labels; drop it")
-    if task is not None and task != "causal-lm":
-        raise ModelError(f"{spec} is a causal-lm model, not {task}; pick a {task} model")
+        # below: the GGUF file's blocks, re-quantized one layer at a time, so no float copy of the
+        # whole model exists (the float path holds all 540 MB, and malloc keeps it after quantizing)
+    else:
+        if spec != "smollm2":
+            raise QuantizeError(
+                f"quantize='gguf' keeps a GGUF file's own blocks, and {spec} is not loaded from "
+                "GGUF (only smollm2 is); use int8, int4 or nf4"
+            )
+        if group_size is not None or keep_float:
+            raise QuantizeError("quantize='gguf' keeps the file's blocks as they are: drop "
+                                "group_size / keep_float (LoftQ needs a float original: use nf4)")
+        if num_labels:
+            raise ModelError(f"{spec} is a causal-lm model and takes no num_labels; drop it")
+        if task is not None and task != "causal-lm":
+            raise ModelError(f"{spec} is a causal-lm model, not {task}; pick a {task} model")
     _check_options(spec, options, ("max_length", "cache"))
     from .gguf_blocks import smollm2_blocks
 
     with _quiet_transformers(True):
-        return smollm2_blocks(**options)
+        entry = smollm2_blocks(**options)
+    if quantize != "gguf":
+        quantize_base(entry.model, quantize, group_size=group_size, exclude=entry.head,
+                      from_blocks=True)
+        entry.source = entry.source.replace("kept as Q4_1 blocks", f"re-quantized to {quantize}")
+    return entry
