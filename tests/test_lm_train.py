@@ -150,6 +150,7 @@ def test_cli_sft_then_dpo_from_the_adapter(files, tmp_path):
     assert results["test"]["tokens"] > 0 and math.isfinite(results["test"]["loss"])
     config = json.loads((sft / "metrics.json").read_text())["config"]
     assert config["batch_size"] == 8 and config["objective"] == "auto"  # the causal-LM defaults
+    assert config["eval_batch_size"] == 16
     assert config["gradient_checkpointing"] is True
     task = json.loads((sft / "adapter" / "task.json").read_text())
     assert task["objective"] == "sft" and task["max_length"] == 48

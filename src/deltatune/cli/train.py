@@ -68,10 +68,11 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     from ..models import load_model
     from ..train import TrainConfig, evaluate, fit
     from ..train.losses import class_weights, objective_of
-    from ..train.memory import can_checkpoint, require_checkpointing
+    from ..train.memory import can_checkpoint, release_memory, require_checkpointing
     from .spec_options import build_spec
     from .train_lm import (
         LM_BATCH_SIZE,
+        LM_EVAL_BATCH_SIZE,
         LM_GRADIENT_CHECKPOINTING,
         lm_collate,
         resolve_objective,
@@ -121,6 +122,7 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
                          template_file=cfg.get("chat_template"), packing=bool(cfg.get("packing")))
     if entry.task == "causal-lm":
         train_opts.setdefault("batch_size", LM_BATCH_SIZE)
+        train_opts.setdefault("eval_batch_size", LM_EVAL_BATCH_SIZE)
         if can_checkpoint(entry.model):
             train_opts.setdefault("gradient_checkpointing", LM_GRADIENT_CHECKPOINTING)
         _check_answers_fit(collate, train_data)
@@ -209,6 +211,7 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
             callbacks=[track] if track else [],
         )
         stats = dict(getattr(collate, "stats", None) or {})  # training + validation batches
+        release_memory()  # the training steps' freed blocks, before the test batches come
         test = evaluate(
             entry.model, test_data, collate, task=entry.task, batch_size=tc.eval_batch_size,
             objective=(objective_of(tc, "causal-lm", reference) if entry.task == "causal-lm"

@@ -1,7 +1,8 @@
 """What ``deltatune train`` adds for causal language models: the objective that fits the data
 (sft on chat/text, dpo on preference pairs), the chat or preference collate, the defaults (batch 8,
-256 tokens) and starting from an existing adapter (``--from-adapter``; DPO after SFT). Everything
-here runs before ``--out`` is created, so a bad combination leaves nothing behind."""
+256 tokens, evaluation batch 16) and starting from an existing adapter (``--from-adapter``; DPO
+after SFT). Everything here runs before ``--out`` is created, so a bad combination leaves nothing
+behind."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ from .common import CLIError
 
 #: causal-LM defaults where the user gives none (classification keeps TrainConfig's)
 LM_BATCH_SIZE = 8
+#: evaluation batch: 16 x 256 tokens hold about a quarter of the activations of TrainConfig's 64
+#: (SmolLM2: the attention scores and MLP of 64 x 256 tokens add ~0.95 GB to the process), at the
+#: same time per example on a CPU, whose matmuls are already large at 16 rows of 256 tokens
+LM_EVAL_BATCH_SIZE = 16
 LM_MAX_LENGTH = 256
 #: gradient checkpointing, as trl's SFTConfig/DPOConfig default: SmolLM2's step at 8 x 256 peaks at
 #: 1.9 GB instead of 3.7-4.2 GB, for about 30% more time per step (--no-gradient-checkpointing)
