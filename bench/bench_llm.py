@@ -129,6 +129,9 @@ def run_cached(rows: dict[str, dict], key: str, make) -> dict | None:
 
 OLD_CMD = ["train", "--model", "smollm2", "--data", "bbc-news-text", "--max-steps", "20",
            "--limit", "200"]
+#: the cache key of the current measurement: since the causal-LM evaluation batch of 16 and the heap
+#: handed back before each evaluation (the row of the key without the suffix is the one before)
+OLD_KEY = "old|" + " ".join(OLD_CMD) + "|eval batch 16, heap released"
 
 
 def part_old(rows: dict, args) -> None:
@@ -139,7 +142,7 @@ def part_old(rows: dict, args) -> None:
         res["metrics_tail"] = _train_time(out)
         return res
 
-    run_cached(rows, "old|" + " ".join(OLD_CMD), old)
+    run_cached(rows, OLD_KEY, old)
 
     def step() -> dict:
         cmd = [PY, str(ROOT / "bench" / "bench_llm_step.py"), "--eval",
@@ -149,6 +152,21 @@ def part_old(rows: dict, args) -> None:
         return res
 
     run_cached(rows, "step|batch 8 x 256|eval|ckpt|chunk 256", step)
+
+
+#: the SFT seeds shown in the tables (a seed without rows is left out)
+SEEDS_SHOWN = range(5)
+
+
+def _paired(diffs: list[float]) -> str:
+    """Per-seed differences, their mean and its 95% t-interval (n - 1 degrees of freedom)."""
+    from scipy import stats
+
+    n, mean = len(diffs), sum(diffs) / len(diffs)
+    sd = (sum((x - mean) ** 2 for x in diffs) / (n - 1)) ** 0.5
+    half = stats.t.ppf(0.975, n - 1) * sd / n**0.5
+    return (", ".join(f"{x:+.1f}" for x in diffs) + f"; mean {mean:+.1f}, 95% interval "
+            f"[{mean - half:+.1f}, {mean + half:+.1f}] (t, {n - 1} d.f.)")
 
 
 def _train_time(out: Path) -> dict:
@@ -278,18 +296,27 @@ def part_sft(rows: dict, args) -> None:
             run_cached(rows, sft_key(task, seed), make)
 
 
-#: DPO variants after SFT: plain DPO and RPO (DPO + RPO_ALPHA x the chosen answers' NLL,
-#: ``--rpo-alpha``), each from the same seed-0 SFT adapter with the same pairs, steps, lr and β
+#: DPO variants after SFT: variant -> (rpo_alpha, lr; None = the task's dpo_lr). Plain DPO and RPO
+#: (DPO + RPO_ALPHA x the chosen answers' NLL, ``--rpo-alpha``) at the task's dpo_lr, and RPO at
+#: the lr that bench/bench_llm_dpo_val.py chose on tweet-sentiment-chat's validation split
+#: (RPO_VAL_LR: the best validation exact match of lr 5e-5 / 1e-4 / 5e-4 with α 0 and 1); each
+#: from the same seed-0 SFT adapter with the same pairs, steps and β
 RPO_ALPHA = 1.0
-DPO_VARIANTS = {"dpo": 0.0, "rpo": RPO_ALPHA}
+RPO_VAL_LR = 1e-4
+DPO_VARIANTS = {"dpo": (0.0, None), "rpo": (RPO_ALPHA, None), "rpo-val": (RPO_ALPHA, RPO_VAL_LR)}
 
 
-def dpo_key(task: str, rpo_alpha: float) -> str:
-    s = SETTINGS[task]
+def dpo_lr(task: str, variant: str) -> float:
+    lr = DPO_VARIANTS[variant][1]
+    return SETTINGS[task]["dpo_lr"] if lr is None else lr
+
+
+def dpo_key(task: str, variant: str) -> str:
+    s, alpha = SETTINGS[task], DPO_VARIANTS[variant][0]
     key = (f"dpo|{tk(task)}|limit {s['dpo_limit']} via jsonl|--objective dpo --beta 0.1 "
-           f"--max-steps {s['dpo_steps']} --lr {s['dpo_lr']} --seed 0")
+           f"--max-steps {s['dpo_steps']} --lr {dpo_lr(task, variant)} --seed 0")
     # plain DPO keeps the key of the rows measured before --rpo-alpha existed
-    return key + (f" --rpo-alpha {rpo_alpha:g}" if rpo_alpha else "")
+    return key + (f" --rpo-alpha {alpha:g}" if alpha else "")
 
 
 def part_dpo(rows: dict, args) -> None:
@@ -300,16 +327,18 @@ def part_dpo(rows: dict, args) -> None:
             print(f"dpo {task}: no seed-0 SFT row yet (run --only sft first)")
             continue
         adapter = RUNS / f"sft-{task}-0" / "adapter"
-        for variant, alpha in DPO_VARIANTS.items():
+        for variant, (alpha, _) in DPO_VARIANTS.items():
+            if args.dpo_variants and variant not in args.dpo_variants:
+                continue
             extra = ["--from-adapter", str(adapter), "--objective", "dpo", "--beta", "0.1",
-                     "--max-steps", str(s["dpo_steps"]), "--lr", str(s["dpo_lr"]), "--seed", "0",
-                     "--rpo-alpha", f"{alpha:g}"]
+                     "--max-steps", str(s["dpo_steps"]), "--lr", str(dpo_lr(task, variant)),
+                     "--seed", "0", "--rpo-alpha", f"{alpha:g}"]
             name = f"dpo-{task}" if variant == "dpo" else f"{variant}-{task}"
 
             def make(extra=extra, name=name) -> dict:
                 out = RUNS / name
                 # the SFT adapter's reward accuracy: the same for every variant, measured once
-                done = [r for r in (rows.get(dpo_key(task, a)) for a in DPO_VARIANTS.values())
+                done = [r for r in (rows.get(dpo_key(task, v)) for v in DPO_VARIANTS)
                         if r and r.get("before", {}).get("rc") == 0]
                 before = done[0]["before"] if done else eval_row(
                     adapter, pref(task), s["pref_limit"], RUNS / f"{name}-before")
@@ -322,7 +351,7 @@ def part_dpo(rows: dict, args) -> None:
                                            RUNS / f"{name}-eval")
                 return res
 
-            run_cached(rows, dpo_key(task, alpha), make)
+            run_cached(rows, dpo_key(task, variant), make)
 
 
 def trl_cmd(task: str, out: Path, steps: int, lr: float, seed: int, limit: int,
@@ -617,7 +646,8 @@ def render(rows: dict[str, dict]) -> str:
         out += ["", SESSION]
     # 1. the old command
     out.append("\n### The issue's command with the new defaults\n")
-    old = next(iter(by("old|")), None)
+    olds = by("old|")
+    old, first = rows.get(OLD_KEY) or next(iter(olds), None), next(iter(olds), None)
     cmd = "deltatune " + " ".join(OLD_CMD) + " --out DIR"
     if old and old["rc"] == 0:
         train = (old.get("results") or {}).get("train") or {}
@@ -646,6 +676,11 @@ def render(rows: dict[str, dict]) -> str:
             f"{_ok(before / per_wall >= 10)} ({before / per_wall:.1f}×); peak RSS ≤ 2 GB "
             f"{_ok(old['peak_rss_mb'] <= 2048)}.",
         ]
+        if first is not old and first and first.get("rc") == 0:
+            out += ["", "Before the causal-LM evaluation batch of 16 and the heap handed back "
+                    "before each evaluation (`deltatune.train.memory.release_memory`), the same "
+                    f"command took {first['wall_s'] / 60:.1f} min with a peak RSS of "
+                    f"{_gb(first['peak_rss_mb'])}."]
     elif old and old.get("partial"):
         out += [
             f"`{cmd}` did not finish here: {old['note']}. At that point it had run "
@@ -686,26 +721,28 @@ def render(rows: dict[str, dict]) -> str:
         + " --max-steps S --lr LR --limit L --seed K`, one epoch of L training examples; DPO: "
         "`deltatune train --data TASK-pref --from-adapter SFT/adapter --objective dpo --beta 0.1"
         " --rpo-alpha A` (A = 0: plain DPO; RPO: A = " + f"{RPO_ALPHA:g}" + ", the chosen "
-        "answers' NLL added, Pang et al. 2024: the paper's value, not tuned on any split); "
+        "answers' NLL added, Pang et al. 2024: the paper's value, not tuned on any split), at "
+        "the task's DPO lr and (RPO, val lr) at lr " + f"{RPO_VAL_LR:g}" + ", the best exact "
+        "match on tweet-sentiment-chat's validation split (`bench/bench_llm_dpo_val.py`); "
         "reward accuracy by `deltatune eval` on the -pref test split"
         " (the model with its adapter against the same model with the adapter disabled, β 0.1), "
         "before DPO (the SFT adapter) and after; in brackets the log-prob accuracy (chosen more "
         "likely than rejected under the model itself).\n")
     out += ["| task | test prompts | untuned | LoRA SFT (seeds) | SFT → DPO | SFT → RPO | "
-            "settings |", "|---|---|---|---|---|---|---|"]
+            f"SFT → RPO, lr {RPO_VAL_LR:g} (val) | settings |", "|---|---|---|---|---|---|---|---|"]
     aims, detail = [], []
     for task in TASKS:
         s = SETTINGS[task]
         unt = rows.get(f"untuned|{tk(task)}|limit {s['eval_limit']}")
         u = (unt or {}).get("results", {}).get("exact_match")
-        seeds = [(k, _em(rows.get(sft_key(task, k)))) for k in (0, 1, 2)]
+        seeds = [(k, _em(rows.get(sft_key(task, k)))) for k in SEEDS_SHOWN]
         sft = [f"{_pct(v)} (seed {k})" for k, v in seeds if v is not None]
         s0 = seeds[0][1]
         sft_loss = ((rows.get(sft_key(task, 0)) or {}).get("eval") or {}).get(
             "results", {}).get("completion_loss")
         ems, first = {}, len(aims)
-        for variant, alpha in DPO_VARIANTS.items():
-            row = rows.get(dpo_key(task, alpha))
+        for variant, (alpha, _) in DPO_VARIANTS.items():
+            row = rows.get(dpo_key(task, variant))
             d = _em(row)
             ems[variant] = d
             before, lp_before = _pref(row, "before")
@@ -714,7 +751,7 @@ def render(rows: dict[str, dict]) -> str:
             val = (((row or {}).get("results") or {}).get("train") or {}).get("final") or {}
             chosen = val.get("rewards_chosen")
             detail.append(
-                f"| {task} | {variant.upper()} (α {alpha:g}) | "
+                f"| {task} | {variant.upper()} (α {alpha:g}, lr {dpo_lr(task, variant):g}) | "
                 f"{_pct(s0)} → {_pct(d)} | {_pct(before)} ({_pct(lp_before)}) → {_pct(after)} "
                 f"({_pct(lp_after)}) | "
                 + ("–" if sft_loss is None or loss is None else f"{sft_loss:.3f} → {loss:.3f}")
@@ -754,11 +791,13 @@ def render(rows: dict[str, dict]) -> str:
         "--model smollm2`. Step time: training time / optimizer steps (deltatune: "
         "metrics.json's train_seconds; trl: `train_runtime`). Seed k: both tools train on the "
         "same examples of split seed k with seed k and are scored on that split's test prompts. "
-        f"`{SELF} --only sft trl --seeds 0 1 2`\n")
+        f"`{SELF} --only sft trl --seeds 0 1 2 3 4`\n")
     out += ["| task | tool | exact match (seeds) | mean | s / step (mean) | peak RSS (max) | "
             "wall per run (mean) |", "|---|---|---|---|---|---|---|"]
+    paired: list[str] = []
     for task in TASKS:
-        pairs = [(k, rows.get(sft_key(task, k)), rows.get(trl_key(task, k))) for k in (0, 1, 2)]
+        pairs = [(k, rows.get(sft_key(task, k)), rows.get(trl_key(task, k)))
+                 for k in SEEDS_SHOWN]
         pairs = [(k, d, t) for k, d, t in pairs if _em(d) is not None and _em(t) is not None]
         if not pairs:
             out.append(f"| {task} | | not run yet | | | | |")
@@ -779,8 +818,13 @@ def render(rows: dict[str, dict]) -> str:
         d, t = means["deltatune"], means["trl + peft"]
         out.append(f"| {task} | deltatune − / ÷ trl | | {100 * (d[0] - t[0]):+.1f} points | "
                    f"{d[1] / t[1]:.2f}× | {d[2] / t[2]:.2f}× | |")
+        if len(pairs) > 2:
+            paired.append(f"{task}: " + _paired([100 * (_em(a) - _em(b)) for _, a, b in pairs]))
     out.append("\nAims: exact match within 1 point, s/step ≤ 1.0× trl's, peak RSS ≤ trl's "
                "(read from the ratio rows; a task without one was not run).")
+    if paired:
+        out.append("\nExact match, deltatune − trl per seed (the same training examples and seed "
+                   "for both; points): " + "; ".join(paired) + ".")
     # epoch
     out.append("\n### One pass over a fixed training subset, each tool's recommended settings\n")
     de = next(iter(by("epoch|deltatune|")), None)
@@ -852,6 +896,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generate-note", default="", help="how that output was made")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--dpo-variants", nargs="+", choices=list(DPO_VARIANTS),
+                        help="dpo part: only these variants (default: all)")
     # the trl worker (run by part trl/epoch in its own process)
     parser.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--task", help=argparse.SUPPRESS)
