@@ -51,11 +51,15 @@ def run_merge(
     intra-op threads for this process (None: leave them)."""
     from ..algebra import load_merge_config, merge_checkpoints
     from ..io.outdir import check_replace
+    from .merge_adapters import is_adapter_config, run_adapter_merge
 
     out = Path(out)
     max_bytes = parse_size(shard_size)
     if threads is not None and threads < 1:
         raise CLIError(f"--threads must be at least 1, got {threads}")
+    raw = _read_yaml(config)
+    if is_adapter_config(raw):  # `- adapter: DIR` entries: one merged adapter, not checkpoints
+        return run_adapter_merge(config, raw, out, overwrite=overwrite, seed=seed)
     cfg = load_merge_config(config)
     check_replace(
         out,
@@ -93,6 +97,17 @@ def run_merge(
         if progress:
             progress.close()
     return {**summary, "threads": threads or previous}
+
+
+def _read_yaml(config: Path) -> Any:
+    """The config as YAML data, or None where it does not read (load_merge_config then names the
+    problem)."""
+    try:
+        import yaml
+
+        return yaml.safe_load(Path(config).read_text())
+    except Exception:  # noqa: BLE001 - reported by load_merge_config with its own message
+        return None
 
 
 class _Bar:
@@ -142,15 +157,19 @@ def register(app: typer.Typer) -> None:
             "Examples:\n\n"
             "  deltatune merge ties.yaml --out merged/\n\n"
             "  deltatune merge dare.yaml --out merged/ --overwrite --seed 0 --shard-size 2GB\n\n"
+            "  deltatune merge adapters.yaml --out runs/both   # '- adapter: DIR' entries\n\n"
             "The YAML is mergekit's (merge_method, base_model, models with parameters such as "
             "weight and density, parameters, dtype, out_dtype) plus deltatune's methods (fisher, "
-            "regmean: add 'stats: FILE' to each model)."
+            "regmean: add 'stats: FILE' to each model). Entries '- adapter: DIR' (adapters of "
+            "one base model; task_arithmetic, ties, dare_*, breadcrumbs*, della*) merge into one "
+            "adapter that eval, generate and export take with --adapter."
         ),
     )
     def merge(
         config: Path = typer.Argument(..., help="merge config (mergekit-style YAML)"),
         out: Path = typer.Option(
-            ..., "--out", "-o", help="output directory for the merged safetensors shards"
+            ..., "--out", "-o",
+            help="output directory: the merged safetensors shards, or the merged adapter",
         ),
         overwrite: bool = typer.Option(
             False, "--overwrite", help="replace an existing output directory"
@@ -181,7 +200,13 @@ def register(app: typer.Typer) -> None:
             threads=threads,
             console=False if quiet else console,
         )
-        if not quiet:
+        if not quiet and summary.get("kind") == "adapters":
+            console.print(
+                f"[bold]{summary['method']}[/]: {len(summary['adapters'])} adapters of "
+                f"{summary['model']} → one adapter in {out} (rank {summary['rank']}, "
+                f"{summary['bytes'] / 1e6:.1f} MB) in {summary['seconds']:.1f}s"
+            )
+        elif not quiet:
             console.print(
                 f"[bold]{summary['method']}[/]: {summary['tensors']} tensors → {out} "
                 f"({summary['shards']} shard(s), {summary['total_bytes'] / 1e6:.1f} MB) in "
