@@ -154,6 +154,32 @@ def part_old(rows: dict, args) -> None:
     run_cached(rows, "step|batch 8 x 256|eval|ckpt|chunk 256", step)
 
 
+def _dpo_validation() -> list[str]:
+    """RESULTS lines: bench_llm_dpo_val.py's rows (the DPO settings on the validation split)."""
+    path = CACHE / "dpo_val.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    if not rows:
+        return []
+    out = ["", "How RPO_VAL_LR was chosen: `.venv/bin/python bench/bench_llm_dpo_val.py --task "
+           "tweet-sentiment-chat --configs 0.1,5e-5,0 0.1,1e-4,1 0.1,5e-4,0 0.1,5e-4,1` (each "
+           "config from the same seed-0 SFT adapter, the bench's 10 steps on 80 pairs; scored on "
+           f"{rows[0]['val']} validation prompts and pairs, never on test):", "",
+           "| config | exact match | completion loss | reward acc. (log-prob acc.) | answers |",
+           "|---|---|---|---|---|"]
+    for r in rows:
+        answers = ", ".join(f"{k} {v}" for k, v in r["answers"].items())
+        out.append(f"| {r['config']} | {_pct(r['exact_match'])} | {r['completion_loss']:.3f} | "
+                   f"{_pct(r['reward_accuracy'])} ({_pct(r['logprob_accuracy'])}) | {answers} |")
+    out += ["", "Why the tweets' reward accuracy does not move: the implicit reward against the "
+            "untuned model is almost a function of the answer label (on 40 pairs of the SFT "
+            "adapter: about +0.6 for neutral, +0.2 for negative, −0.15 for positive, whatever "
+            "the tweet), so reward accuracy counts the pairs whose chosen label ranks above the "
+            "rejected one in that order: 63 of the 100 validation and 69 of the 100 test pairs, "
+            "exactly the accuracies above before and after every variant. Ten steps on 80 pairs "
+            "do not reorder the labels."]
+    return out
+
+
 #: the SFT seeds shown in the tables (a seed without rows is left out)
 SEEDS_SHOWN = range(5)
 
@@ -638,7 +664,10 @@ def render(rows: dict[str, dict]) -> str:
         "cores, 2 torch threads), gradient checkpointing on (deltatune's and trl's default for "
         "causal LMs). Each run is its own process under `nice -n 5`, one at a time (the DPO and "
         "merge runs of 2026-12-06 shared the machine with two test-suite runs: their times are not "
-        "compared with anything); peak RSS is that process's `ru_maxrss`. Rows: "
+        "compared with anything; the RPO runs at lr 1e-4, seeds 3 and 4, the merge search and "
+        "the re-measured issue command of 20:50-21:45 UTC ran one at a time on an otherwise idle "
+        "machine, seed 3 beside a few seconds of tests); peak RSS is that process's `ru_maxrss`. "
+        "Rows: "
         f".cache/bench_llm/rows.jsonl (`{SELF} --cached-only`).",
     ]
     if not any(k.startswith(("sft|", "trl|", "untuned|")) and r.get("rc") == 0
@@ -676,6 +705,31 @@ def render(rows: dict[str, dict]) -> str:
             f"{_ok(before / per_wall >= 10)} ({before / per_wall:.1f}×); peak RSS ≤ 2 GB "
             f"{_ok(old['peak_rss_mb'] <= 2048)}.",
         ]
+        flops = read_json(CACHE / "flops.json")
+        if flops:
+            rates = ", ".join(f"{k} {v:.0f}" for k, v in flops["matmul_gflops"].items())
+            out += ["", "Why 10× is out of this CPU's reach (`.venv/bin/python "
+                    "bench/bench_llm_flops.py --json .cache/bench_llm/flops.json`, 2 threads, "
+                    "the machine otherwise idle): a training example of 256 tokens costs "
+                    f"{flops['train_gflop_per_example']:.0f} GFLOP (forward "
+                    f"{flops['forward_gflop_per_example']:.0f}, backward through the activations "
+                    "about as much, the checkpointed blocks' forward again), and the command also "
+                    "evaluates 400 examples, so it does "
+                    f"{flops['command_gflop_per_train_example']:.0f} GFLOP per training example. "
+                    f"The CPU's float32 matmuls on SmolLM2's own largest shapes run at {rates} "
+                    "GFLOP/s; even at the best of them every FLOP of the command would take "
+                    f"{flops['floor_s_per_train_example']:.2f} s per training example, and the "
+                    f"aim ({BEFORE['wall_s'] / BEFORE['examples']:.2f} s / 10 = "
+                    f"{flops['aim_s_per_train_example']:.3f} s) needs "
+                    f"{flops['needed_gflops_for_aim']:.0f} GFLOP/s, "
+                    f"{flops['needed_gflops_for_aim'] / flops['best_gflops']:.1f}× that. Without "
+                    "checkpointing (one forward less) it would still need about twice the best "
+                    "rate. The training steps already run at "
+                    + (f"{flops['train_gflop_per_example'] / per_train:.0f} GFLOP/s "
+                       f"({flops['train_gflop_per_example'] / per_train / flops['best_gflops']:.0%}"
+                       " of the best matmul rate)" if per_train else "–")
+                    + "; what is left is elementwise work, attention and the LoRA matmuls, "
+                    "which the count leaves out."]
         if first is not old and first and first.get("rc") == 0:
             out += ["", "Before the causal-LM evaluation batch of 16 and the heap handed back "
                     "before each evaluation (`deltatune.train.memory.release_memory`), the same "
@@ -779,6 +833,7 @@ def render(rows: dict[str, dict]) -> str:
             "(below 0: the chosen answer's likelihood fell, likelihood displacement).", "",
             "| task | variant | exact match SFT → after | reward acc. SFT → after | completion "
             "loss SFT → after | rewards_chosen (val) |", "|---|---|---|---|---|---|", *detail]
+    out += _dpo_validation()
     # 3. trl
     out.append("\n### Against trl 1.16 + peft 0.21 (same data, steps, batch, lr, LoRA, seed)\n")
     out.append(
