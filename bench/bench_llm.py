@@ -665,7 +665,8 @@ def render(rows: dict[str, dict]) -> str:
         "causal LMs). Each run is its own process under `nice -n 5`, one at a time (the DPO and "
         "merge runs of 2026-12-06 shared the machine with two test-suite runs: their times are not "
         "compared with anything; the RPO runs at lr 1e-4, seeds 3 and 4, the merge search and "
-        "the re-measured issue command of 20:50-21:45 UTC ran one at a time on an otherwise idle "
+        "the re-measured issue command of 20:50-21:45 UTC, and BBC's RPO at lr 5e-4 and seeds "
+        "1-2 of 22:06-22:37 UTC, ran one at a time on an otherwise idle "
         "machine, seed 3 beside a few seconds of tests); peak RSS is that process's `ru_maxrss`. "
         "Rows: "
         f".cache/bench_llm/rows.jsonl (`{SELF} --cached-only`).",
