@@ -68,7 +68,7 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
     from ..models import load_model
     from ..train import TrainConfig, evaluate, fit
     from ..train.losses import class_weights, objective_of
-    from ..train.memory import can_checkpoint, release_memory, require_checkpointing
+    from ..train.memory import can_checkpoint, require_checkpointing
     from .spec_options import build_spec
     from .train_lm import (
         LM_BATCH_SIZE,
@@ -211,7 +211,6 @@ def run_train(cfg: dict[str, Any], *, console=None) -> dict[str, Any]:
             callbacks=[track] if track else [],
         )
         stats = dict(getattr(collate, "stats", None) or {})  # training + validation batches
-        release_memory()  # the training steps' freed blocks, before the test batches come
         test = evaluate(
             entry.model, test_data, collate, task=entry.task, batch_size=tc.eval_batch_size,
             objective=(objective_of(tc, "causal-lm", reference) if entry.task == "causal-lm"

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TrainError, task_kind
+from .memory import release_memory
 
 IGNORE_INDEX = -100
 
@@ -166,10 +167,12 @@ def evaluate_shard(
     """Evaluate examples ``rank::world`` of ``data`` and sum the results over ranks with ``reduce``.
 
     A causal LM is scored by ``objective`` (:mod:`deltatune.lm.objectives`; chunked, no
-    whole-batch logits); ``progress(n)`` is told of each batch of ``n`` examples done."""
+    whole-batch logits); ``progress(n)`` is told of each batch of ``n`` examples done. Freed heap
+    blocks (a training step's activations) go back to the system first (:func:`release_memory`)."""
     from ..lm.loss import LossError
     from ..lm.objectives import ObjectiveError
 
+    release_memory()
     was_training = model.training
     model.eval()
     sums = None

@@ -34,7 +34,7 @@ from .losses import (
     objective_of,
     to_device,
 )
-from .memory import gradient_checkpointing, release_memory, require_checkpointing
+from .memory import gradient_checkpointing, require_checkpointing
 from .optim import Plan, build_optimizer, lr_factor, norm_buffers, norm_layers, trainable_parameters
 from .report import ProgressBar, TrainResult, peak_rss_mb, plot_curve, write_metrics
 from .state import TrainState, check_compatible, restore, snapshot
@@ -425,7 +425,6 @@ class _Run:
             self._end_epoch(bar, partial=True)
 
     def _evaluate(self, record: dict[str, Any], bar: ProgressBar) -> dict[str, Any]:
-        release_memory()  # the training steps' freed blocks, before the evaluation's batches
         reduce = (lambda t: self.acc.reduce(t, "sum")) if self.world > 1 else None
         shard = len(range(self.rank, len(self.eval_data), self.world))
         with bar.subtask("eval", shard) as advance:
