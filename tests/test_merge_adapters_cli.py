@@ -106,6 +106,7 @@ def test_ties_stores_the_dense_merge_as_a_lora_of_the_summed_rank(adapters, tmp_
         ({"base_model": "smollm2"}, "is not the model the adapters were trained on"),
         ({"other_base": True}, "belong to different base models"),
         ({"classifier": True}, "classifier adapters carry one head per task"),
+        ({"params_list": True}, "'parameters' must be a mapping"),
     ],
 )
 def test_bad_adapter_merges_are_refused_in_one_line_and_write_nothing(
@@ -122,6 +123,8 @@ def test_bad_adapter_merges_are_refused_in_one_line_and_write_nothing(
         b = str(copy)
     entries = [(a, {"weight": change.get("weight", 1.0)}),
                (tmp_path / "nowhere" if change.get("missing") else b, None)]
+    if change.get("params_list"):
+        entries[0] = (a, [0.5])
     top = {k: change[k] for k in ("merge_method", "base_model") if k in change}
     if "rank" in change:
         top["parameters"] = {"rank": change["rank"]}

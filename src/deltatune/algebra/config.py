@@ -271,7 +271,7 @@ def resolve_setting(setting: Setting, tensor: str, t: float) -> Any:
     if not setting:
         return None
     if all(isinstance(v, (bool, int, float, str)) for v in setting):
-        numbers = [_number(v) for v in setting]
+        numbers = [yaml_number(v) for v in setting]
         if any(n is None for n in numbers):
             return setting[int(t * (len(setting) - 1))]
         scaled = t * (len(numbers) - 1)
@@ -320,7 +320,9 @@ def _plain(setting: Setting) -> bool:
     return isinstance(setting, (bool, int, float, str)) or setting is None
 
 
-def _number(value: Any) -> float | None:
+def yaml_number(value: Any) -> float | None:
+    """A merge config's value as a number (YAML may give "1e-3" as a string), or None where it is
+    none (a bool, a word, a list)."""
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):

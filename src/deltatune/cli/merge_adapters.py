@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from ..algebra.config import yaml_number
+from ..algebra.registry import FINITE
 from ..io.outdir import output_job
 from .common import CLIError, write_results
 
@@ -55,11 +57,8 @@ def _path(ref: Any, root: Path, source: str) -> Path:
 
 
 def _number(value: Any, what: str, source: str) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = float("nan")
-    if isinstance(value, bool) or number != number or number in (float("inf"), float("-inf")):
+    number = yaml_number(value)  # read as checkpoint merge configs read their numbers
+    if number is None or number not in FINITE:
         raise CLIError(f"{source}: {what} must be a finite number, got {value!r}")
     return number
 
@@ -90,9 +89,9 @@ def plan(config: Path, raw: dict[str, Any]) -> dict[str, Any]:
             raise CLIError(f"{where}: unknown key {extra[0]!r}; an adapter entry takes adapter "
                            "and parameters")
         paths.append(_path(m["adapter"], root, where))
-        params = dict(m.get("parameters") or {})
         if not isinstance(m.get("parameters") or {}, dict):
             raise CLIError(f"{where}: 'parameters' must be a mapping such as {{weight: 0.5}}")
+        params = dict(m.get("parameters") or {})
         weights.append(_number(params.pop("weight", 1.0), "weight", where))
         per_model.append(params)
     shared = dict(raw.get("parameters") or {})
